@@ -1,0 +1,51 @@
+# damage: two commands on a fresh machine.
+#   make demo   install into .venv (first time) and run the whole nightly pipeline on synthetic data
+#   make test   install into .venv (first time) and run the test suite
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# All state (MLflow DB + artifacts, Prefect home, runs, caches, temp files) lives here.
+export DAMAGE_STATE_DIR ?= $(CURDIR)/.state
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := 0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow lint ui-mlflow ui-prefect clean-state
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -e '.[dev]'
+	@# opencv-python-headless beside opencv-python breaks cv2 silently: refuse it.
+	@! $(BIN)/python -m pip show -q opencv-python-headless 2>/dev/null || \
+	  { echo "opencv-python-headless is installed next to opencv-python; uninstall it"; exit 1; }
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/damage run --demo
+
+test: install
+	mkdir -p $(DAMAGE_STATE_DIR)
+	DAMAGE_TEST_STATE=$(DAMAGE_STATE_DIR)/test-$$$$ $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+ui-mlflow: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(DAMAGE_STATE_DIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+ui-prefect: install
+	PREFECT_HOME=$(DAMAGE_STATE_DIR)/prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+clean-state:
+	rm -rf $(DAMAGE_STATE_DIR)

@@ -1,0 +1,33 @@
+"""The ``damage`` command line. Each feature registers its commands from ``flows/commands/``."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from flows.commands import COMMAND_MODULES
+
+app = typer.Typer(
+    name="damage",
+    help="Vehicle-damage segmentation model factory: data gate, training, sweeps, compression, "
+    "ONNX, MLflow registry and Prefect nightly flows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for _mod in COMMAND_MODULES:
+    try:
+        importlib.import_module(_mod).register(app)
+    except ModuleNotFoundError as e:  # a feature module not written yet
+        if e.name != _mod:
+            raise
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

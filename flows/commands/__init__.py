@@ -1,0 +1,16 @@
+"""CLI command modules. Each module has ``register(app)`` and owns its commands.
+
+Heavy imports (torch, ultralytics, prefect, mlflow) happen inside command bodies, after
+``flows.common.setup`` has pointed every library at the state directory.
+"""
+
+COMMAND_MODULES = [
+    "flows.commands.pipeline",  # run, train, schedule
+    "flows.commands.data",  # data synth, data import
+    "flows.commands.validate",  # validate (data gate)
+    "flows.commands.evaluate",  # evaluate, sweep
+    "flows.commands.export",  # export, predict
+    "flows.commands.compress",  # distill, prune, quantize, compress
+    "flows.commands.registry",  # registry list/approve/reject/rollback/history
+    "flows.commands.explain",  # explain
+]

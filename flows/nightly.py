@@ -1,0 +1,73 @@
+"""The ``nightly`` flow: data gate -> train -> evaluate -> sweep -> export -> explain ->
+(compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
+``model_registry/``; this file passes results on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.pipeline import (
+    close_pipeline_run,
+    open_pipeline_run,
+    prepare_dataset,
+    prepare_state,
+    summarise,
+)
+
+_opts = {"cache_policy": NO_CACHE}
+
+
+def _t(fn, name: str, retries: int = 0):
+    """Wrap a plain step function as a Prefect task (no caching: steps pass live objects)."""
+    return task(fn, name=name, retries=retries, retry_delay_seconds=[10, 60, 300][:retries] or 0, **_opts)
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
+    from model_registry.steps import gate_step, register_step
+    from tasks.data_check import check_data_step
+    from tasks.evaluate import evaluate_step, sweep_step
+    from tasks.explain import explain_step, pick_explain_samples
+    from tasks.export import export_step
+    from tasks.train import train_step
+
+    cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
+    run = _t(open_pipeline_run, "open-mlflow-run", retries=2)(cfg)
+    try:
+        data_yaml = _t(prepare_dataset, "prepare-dataset", retries=2)(cfg, paths)
+        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id)
+        trained = _t(train_step, "train")(data.data_yaml, cfg.train, run.train_dir, run.run_id, seed=cfg.seed,
+                                          full_config=cfg.to_dict(), dataset_fingerprint=data.fingerprint)
+        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id)
+        sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.train.imgsz, run.run_id) \
+            if cfg.sweep.enabled else None
+        samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
+                                                                              cfg.export.parity_images), cfg.seed)
+        exported = _t(export_step, "export")(trained.best, cfg.export, cfg.train.imgsz,
+                                             sweep.thresholds if sweep else {}, run.lineage(data.fingerprint),
+                                             samples[: cfg.export.parity_images], run.run_id)
+        if cfg.explain.enabled and cfg.explain.samples:
+            _t(explain_step, "explain")(trained.best, samples[: cfg.explain.samples], cfg.explain,
+                                        cfg.train.imgsz, run.run_id)
+        candidate = {"weights": trained.best, "onnx": exported.onnx_path, "metrics": metrics.metrics,
+                     "kind": "trained", "parent": None}
+        if cfg.compress.enabled:
+            from flows.compress import compress_flow
+
+            chosen = compress_flow(str(trained.best), str(exported.onnx_path), str(data.data_yaml),
+                                   cfg.to_dict(), run.run_id)
+            candidate = chosen or candidate
+        version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
+                                                            data.fingerprint)
+        decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
+        summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
+    except BaseException as e:
+        _t(close_pipeline_run, "close-mlflow-run")(run, ok=False, error=repr(e))
+        raise
+    _t(close_pipeline_run, "close-mlflow-run")(run, ok=True, summary=summary)
+    return summary

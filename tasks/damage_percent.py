@@ -1,0 +1,169 @@
+"""Per-vehicle damage percentage: the one definition used by the predictor, the evaluator and the tests.
+
+Definition (issue 5, item 4):
+
+* Instances whose class is ``vehicle_class`` are vehicles; every other instance is damage.
+* Each damage instance is assigned to the vehicle whose mask it overlaps most (pixel count;
+  ties go to the vehicle listed first). Damage that overlaps no vehicle is not assigned and
+  is reported separately (``DamageReport.outside``).
+* For each vehicle ``v`` with assigned damage ``D_v``:
+  ``damage_percent = 100 * |union(D_v) & v| / |v|``; the per-class breakdown applies the
+  same formula to the assigned damage of one class. Overlapping damage instances are counted
+  once (union), so the classes of a breakdown may sum to more than the total when two
+  classes cover the same pixels.
+* Image level: the same over the union of all vehicles,
+  ``100 * |union(assigned damage) & union(vehicles)| / |union(vehicles)|``.
+* No vehicle: the percentage is ``None`` and ``note`` says why.
+
+Only numpy is imported, so the ONNX predictor can use this module without torch.
+
+Example:
+    >>> car = np.zeros((4, 4), bool); car[:, :2] = True
+    >>> dent = np.zeros((4, 4), bool); dent[0, :] = True
+    >>> damage_report([car, dent], ["vehicle", "dent"]).damage_percent
+    25.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DamageReport", "damage_report"]
+
+
+@dataclass
+class DamageReport:
+    """Damage percentages of one image.
+
+    Attributes:
+        vehicles: one dict per vehicle instance, in instance order: ``id`` (the vehicle's
+            instance index), ``area_px``, ``damage_px``, ``damage_percent`` and ``by_class``
+            (class name -> percent of the vehicle covered by that class's damage).
+        damage_percent: image-level percentage over the union of all vehicles; None when no
+            vehicle was found.
+        note: why ``damage_percent`` is None, or a remark about damage outside every vehicle;
+            None when there is nothing to say.
+        assignment: instance index -> the instance index of its vehicle (a vehicle maps to
+            itself), or None for damage that overlaps no vehicle.
+        outside: damage overlapping no vehicle: dicts ``id``, ``class``, ``area_px``.
+        vehicle_area_px: pixels of the union of all vehicles.
+        damage_px: pixels of that union covered by assigned damage.
+    """
+
+    vehicles: list[dict[str, Any]] = field(default_factory=list)
+    damage_percent: float | None = None
+    note: str | None = None
+    assignment: dict[int, int | None] = field(default_factory=dict)
+    outside: list[dict[str, Any]] = field(default_factory=list)
+    vehicle_area_px: int = 0
+    damage_px: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (keys as strings for ``assignment``)."""
+        return {
+            "vehicles": [dict(v, by_class=dict(v["by_class"])) for v in self.vehicles],
+            "damage_percent": self.damage_percent,
+            "note": self.note,
+            "assignment": {str(k): v for k, v in self.assignment.items()},
+            "outside": [dict(o) for o in self.outside],
+            "vehicle_area_px": self.vehicle_area_px,
+            "damage_px": self.damage_px,
+        }
+
+
+def _percent(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole > 0 else 0.0
+
+
+def _check(masks: Sequence[np.ndarray], classes: Sequence[str]) -> list[np.ndarray]:
+    if len(masks) != len(classes):
+        raise ValueError(f"damage_report: {len(masks)} masks but {len(classes)} class names")
+    out = [np.asarray(m).astype(bool, copy=False) for m in masks]
+    shapes = {m.shape for m in out}
+    if len(shapes) > 1:
+        raise ValueError(f"damage_report: masks differ in size: {sorted(shapes)}")
+    if out and out[0].ndim != 2:
+        raise ValueError(f"damage_report: masks must be HxW, got shape {out[0].shape}")
+    return out
+
+
+def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str],
+                  vehicle_class: str = "vehicle") -> DamageReport:
+    """Damage percentage per vehicle and for the whole image (definition in the module docstring).
+
+    Args:
+        masks: one boolean HxW mask per instance, all the same size.
+        classes: the class name of each instance.
+        vehicle_class: the class name that marks vehicles.
+
+    Returns:
+        The report; ``damage_percent`` is None (with ``note``) when no vehicle is present.
+
+    Raises:
+        ValueError: masks and classes differ in length, or masks differ in size.
+    """
+    ms = _check(masks, classes)
+    veh = [i for i, c in enumerate(classes) if c == vehicle_class]
+    dmg = [i for i, c in enumerate(classes) if c != vehicle_class]
+    rep = DamageReport()
+    for i in veh:
+        rep.assignment[i] = i
+
+    # Assignment: overlap counts of every damage mask with every vehicle mask.
+    if veh and dmg:
+        vstack = np.stack([ms[i] for i in veh]).reshape(len(veh), -1)
+        for j in dmg:
+            ov = np.count_nonzero(vstack & ms[j].reshape(1, -1), axis=1)
+            k = int(np.argmax(ov))  # first maximum: ties go to the vehicle listed first
+            rep.assignment[j] = veh[k] if ov[k] > 0 else None
+    else:
+        for j in dmg:
+            rep.assignment[j] = None
+
+    for j in dmg:
+        if rep.assignment[j] is None:
+            rep.outside.append({"id": j, "class": str(classes[j]), "area_px": int(np.count_nonzero(ms[j]))})
+
+    for i in veh:
+        v = ms[i]
+        area = int(np.count_nonzero(v))
+        mine = [j for j in dmg if rep.assignment[j] == i]
+        union = np.zeros_like(v)
+        by_cls_union: dict[str, np.ndarray] = {}
+        for j in mine:
+            union |= ms[j]
+            c = str(classes[j])
+            by_cls_union[c] = by_cls_union[c] | ms[j] if c in by_cls_union else ms[j].copy()
+        dpx = int(np.count_nonzero(union & v))
+        rep.vehicles.append({
+            "id": i,
+            "area_px": area,
+            "damage_px": dpx,
+            "damage_percent": _percent(dpx, area),
+            "by_class": {c: _percent(int(np.count_nonzero(u & v)), area) for c, u in sorted(by_cls_union.items())},
+        })
+
+    if not veh:
+        rep.note = ("no vehicle detected: damage percentage undefined"
+                    + (f" ({len(dmg)} damage instance(s) found)" if dmg else ""))
+        return rep
+
+    all_v = np.zeros_like(ms[veh[0]])
+    for i in veh:
+        all_v |= ms[i]
+    all_d = np.zeros_like(all_v)
+    for j in dmg:
+        if rep.assignment[j] is not None:
+            all_d |= ms[j]
+    rep.vehicle_area_px = int(np.count_nonzero(all_v))
+    rep.damage_px = int(np.count_nonzero(all_d & all_v))
+    rep.damage_percent = _percent(rep.damage_px, rep.vehicle_area_px)
+    if rep.outside:
+        px = sum(o["area_px"] for o in rep.outside)
+        names = ", ".join(sorted({o["class"] for o in rep.outside}))
+        rep.note = f"{len(rep.outside)} damage instance(s) ({names}, {px} px) overlap no vehicle: not counted"
+    return rep
