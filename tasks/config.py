@@ -57,6 +57,8 @@ class ValidateConfig(_Section):
     max_pixels: int = Field(178956970, ge=1)
     severity: dict[str, Literal["error", "warning"]] = {}
     workers: int = Field(0, ge=0)
+    min_polygon_area: float = Field(1e-6, ge=0, lt=1)
+    chunk_size: int = Field(32, ge=1)
 
 
 class TrainConfig(_Section):
@@ -148,6 +150,9 @@ class RegistryConfig(_Section):
     floor_mask_map: float = Field(0.05, ge=0, le=1)
     wait_for_approval: bool = False
     approval_timeout_s: int = Field(86400, ge=1)
+    approval_poll_s: int = Field(10, ge=1)
+    approvers: list[str] = []
+    lock_timeout_s: float = Field(60.0, gt=0)
 
 
 class ExplainConfig(_Section):
@@ -247,12 +252,21 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flatten_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     msgs = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
         if e["type"] == "extra_forbidden":
-            msgs.append(f"unknown config key '{key}'{_suggest(key)}")
+            inp = e.get("input")
+            leaves = [f"{key}.{k}" for k in _flatten_keys(inp)] if isinstance(inp, dict) and inp else [key]
+            msgs += [f"unknown config key '{k}'{_suggest(k)}" for k in leaves]
         else:
             msgs.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
     return f"{source}: " + "; ".join(msgs)

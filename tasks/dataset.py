@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -504,7 +505,9 @@ def _rle_to_polygons(seg, h: int, w: int) -> list[np.ndarray]:
     else:
         counts = seg["counts"]
         rle = {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-    m = mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 "copy keyword" deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = mask_utils.decode(rle)
     if m.ndim == 3:
         m = m.max(axis=2)
     cnts, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -132,3 +132,28 @@ def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, e
     c = tracking.client(run.tracking_uri)
     tracking.log_metrics(c, run.run_id, {k: v for k, v in summary["metrics"].items() if v is not None})
     return summary
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before any run is opened, on inputs that cannot work.
+
+    Raises:
+        DatasetError / DamageError: naming the missing dataset, weights or bad model spec.
+    """
+    from tasks.errors import DatasetError
+    from tasks.train import model_source
+
+    src = cfg.data.source
+    if src != "synth" and not src.startswith("s3://"):
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise DatasetError(f"{p}: dataset path does not exist (data.source)")
+        if p.is_dir() or p.suffix in {".yaml", ".yml"}:
+            from tasks.dataset import check_structure
+
+            check_structure(p)
+    model_source(cfg.train.model)
+    if cfg.train.weights and not Path(cfg.train.weights).expanduser().is_file():
+        from tasks.errors import DamageError
+
+        raise DamageError(f"{cfg.train.weights}: weights file not found (train.weights)")

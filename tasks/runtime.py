@@ -157,7 +157,6 @@ def configure_ultralytics(paths: StatePaths) -> None:
         "clearml": False,
         "comet": False,
         "dvc": False,
-        "neptune": False,
         "raytune": False,
         "hub": False,
         "sync": False,
@@ -165,6 +164,7 @@ def configure_ultralytics(paths: StatePaths) -> None:
         "datasets_dir": str(paths.datasets),
         "weights_dir": str(paths.cache / "weights"),
     }
+    want = {k: v for k, v in want.items() if k in settings}  # keys vary across Ultralytics versions
     current = {k: settings.get(k) for k in want}
     if current != want:
         settings.update(want)

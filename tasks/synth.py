@@ -400,10 +400,11 @@ def _flat_tyre(cx, cy, r) -> np.ndarray:
     """A tyre squashed at the bottom: flat contact patch, sidewalls bulging outwards."""
     pts = _ellipse((cx, cy), (r, r), 0, 48)
     dy = pts[:, 1] - cy
-    low = dy > 0.35 * r
-    pts[low, 1] = cy + 0.35 * r + (dy[low] - 0.35 * r) * 0.25
+    low = dy > 0.3 * r
+    pts[low, 1] = cy + 0.3 * r + (dy[low] - 0.3 * r) * 0.35
     bulge = np.clip(dy / r, 0, None)
-    pts[:, 0] = cx + (pts[:, 0] - cx) * (1 + 0.22 * bulge)
+    pts[:, 0] = cx + (pts[:, 0] - cx) * (1 + 0.45 * bulge)
+    pts[:, 1] += 0.455 * r  # the rim sinks while the squashed tread stays on the ground
     return pts
 
 
@@ -500,8 +501,9 @@ def _vehicle_plan(rng, shape, s, pad, n_vehicles, slot):
 def _choose_damage(rng, view: str) -> list[str]:
     k = int(rng.choice([0, 1, 2, 3], p=[0.12, 0.3, 0.33, 0.25]))
     pool = [d for d in DAMAGE_TYPES if not (d == "tire_flat" and view != "side")]
-    # the front/rear views lack flat tyres; give them more lamps so class frequencies stay level
-    return list(rng.choice(pool, size=min(k, len(pool)), replace=False))
+    # only side views show flat tyres (and some are lost at the border): weight them up there
+    w = np.array([1.6 if d == "tire_flat" else 1.0 for d in pool])
+    return list(rng.choice(pool, size=min(k, len(pool)), replace=False, p=w / w.sum()))
 
 
 def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
@@ -516,7 +518,7 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
         damage's ``parent`` pointing at its vehicle) and the low-light flag.
     """
     s = int(imgsz)
-    pad = s // 2
+    pad = s // 4  # vehicles stick out of the frame by at most ~0.25 s: the padding keeps them whole
     shape = (s + 2 * pad, s + 2 * pad)
     unit = s / 160.0  # stroke widths scale with the image so 96 px sets stay learnable
     bg, _ = _background(rng, s)
@@ -555,9 +557,25 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
         taken |= cv2.dilate(sil.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
         records.append((_CLS["vehicle"], vis, None))
         v_index = len(records) - 1
+        # ground shadow: outside the silhouette, part of the background
+        ys, xs = np.nonzero(sil)
+        shadow = _fill(shape, [_ellipse(((xs.min() + xs.max()) / 2, ys.max()),
+                                        ((np.ptp(xs) + 2) * 0.55, 3 + length * 0.03), 0)])
+        canvas[shadow.astype(bool) & ~taken] *= 0.55  # never darken a vehicle already placed
 
-        # --- paint the vehicle into its own layer, composited through the silhouette only
-        layer = canvas.copy()
+        # --- paint the vehicle into its own layer, composited through the silhouette only;
+        # work inside the vehicle's bounding box (the costly mask ops scale with its area)
+        box = (slice(max(0, ys.min() - 2), ys.max() + 3), slice(max(0, xs.min() - 2), xs.max() + 3))
+        parts = _crop_parts(parts, box)
+        sil = sil[box]
+        vshape = sil.shape
+
+        def to_image(m_box: np.ndarray, box=box) -> np.ndarray:
+            full = np.zeros(shape, bool)
+            full[box] = m_box
+            return full[crop]
+
+        layer = canvas[box].copy()
         paint = _PAINTS[int(rng.integers(len(_PAINTS)))] * rng.uniform(0.85, 1.1, 3).astype(np.float32)
         paint = np.clip(paint, 0, 255)
         _shade(layer, sil, paint)
@@ -571,27 +589,28 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
         for i, t in enumerate(parts.tyres):
             if parts.wheels:
                 cx, cy, r = parts.wheels[i]
-                _paint_wheel(layer, cx, cy, r, t, rim_dy=0.12 * r if i == flat else 0.0)
+                _paint_wheel(layer, cx, cy, r, t, rim_dy=0.3 * r if i == flat else 0.0)
             else:
                 layer[t.astype(bool)] = (28, 28, 30)
 
         # panel = painted metal, where dents and scratches belong
         panel = parts.body.astype(bool) & ~_not_panel(parts)
-        occupied = np.zeros(shape, bool)
+        occupied = np.zeros(vshape, bool)
         lamp_damaged: set[int] = set()
         for dmg in damages:
-            region, info = None, None
+            region, info, vis_d = None, None, None
             for _try in range(6):
                 if dmg == "dent":
-                    got = _dent_shape(rng, shape, panel, length)
+                    got = _dent_shape(rng, vshape, panel, length)
                 elif dmg == "scratch":
-                    got = _scratch_shape(rng, shape, panel, length, unit)
+                    got = _scratch_shape(rng, vshape, panel, length, unit)
                 elif dmg in ("crack", "glass_shatter"):
                     panes = [g for g in parts.glass if g.sum() >= 12]
                     if not panes:
                         break
                     pane = panes[int(rng.integers(len(panes)))]
-                    got = _crack_shape(rng, shape, pane, unit) if dmg == "crack" else _shatter_shape(rng, shape, pane)
+                    got = (_crack_shape(rng, vshape, pane, unit) if dmg == "crack"
+                           else _shatter_shape(rng, vshape, pane))
                 elif dmg == "lamp_broken":
                     free = [i for i in range(len(parts.lamps)) if i not in lamp_damaged]
                     if not free:
@@ -607,7 +626,7 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
                 cand = _solid(got[0].astype(bool))
                 if cand is None or (cand & occupied).any():
                     continue
-                vis_d = cand[crop]
+                vis_d = to_image(cand)
                 # hidden (cut by the border) or too small to see: not rendered, so not labelled
                 if vis_d.sum() < min_area or vis_d.sum() < 0.95 * cand.sum():
                     continue
@@ -617,7 +636,7 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
                 if dmg == "tire_flat" and flat is not None:
                     # cannot label it (cut off): render a normal wheel instead
                     cx, cy, r = parts.wheels[flat]
-                    _paint_wheel(layer, cx, cy, r, _fill(shape, [_ellipse((cx, cy), (r, r), 0)]))
+                    _paint_wheel(layer, cx, cy, r, _fill(vshape, [_ellipse((cx, cy), (r, r), 0)]))
                 continue
             occupied |= cv2.dilate(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             if dmg == "dent":
@@ -630,15 +649,10 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
                 _paint_shatter(rng, layer, region, info)
             elif dmg == "lamp_broken":
                 lamp_damaged.add(info["lamp"])
-            records.append((_CLS[dmg], region[crop], v_index))
+            records.append((_CLS[dmg], vis_d, v_index))
         for i, (m, kind) in enumerate(parts.lamps):
             _paint_lamp(rng, layer, m.astype(bool), kind, broken=i in lamp_damaged)
-        # ground shadow: outside the silhouette, part of the background
-        ys, xs = np.nonzero(sil)
-        shadow = _fill(shape, [_ellipse(((xs.min() + xs.max()) / 2, ys.max()), ((np.ptp(xs) + 2) * 0.55, 3 + length * 0.03), 0)])
-        sh = shadow.astype(bool) & ~taken  # never darken a vehicle already placed
-        canvas[sh] *= 0.55
-        canvas[sil] = layer[sil]
+        canvas[box][sil] = layer[sil]
 
     # --- lighting: exposure, colour cast, a directional falloff and sensor noise
     img = canvas[crop]
@@ -657,14 +671,25 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
             img += 32 - m
     image = np.clip(img, 0, 255).astype(np.uint8)
 
-    instances = []
-    for cls, m, parent in records:
+    instances: list[Instance] = []
+    index: dict[int, int] = {}  # record -> instance index, so ``parent`` stays valid if one is dropped
+    for r, (cls, m, parent) in enumerate(records):
         m = m.astype(bool)
         poly = _outer(m)
-        if poly is None:
+        if poly is None or (parent is not None and parent not in index):
             continue
-        instances.append(Instance(cls, poly.astype(np.int32), m, parent))
+        index[r] = len(instances)
+        instances.append(Instance(cls, poly.astype(np.int32), m, None if parent is None else index[parent]))
     return Sample(image, instances, low)
+
+
+def _crop_parts(parts: _Parts, box: tuple[slice, slice]) -> _Parts:
+    """The same parts cut to a bounding box (wheel centres shifted into its coordinates)."""
+    dy, dx = box[0].start, box[1].start
+    return _Parts(
+        body=parts.body[box], glass=[g[box] for g in parts.glass], lamps=[(m[box], k) for m, k in parts.lamps],
+        wheels=[(cx - dx, cy - dy, r) for cx, cy, r in parts.wheels], tyres=[t[box] for t in parts.tyres],
+        deco=[(n, d[box]) for n, d in parts.deco])
 
 
 def _not_panel(parts: _Parts) -> np.ndarray:

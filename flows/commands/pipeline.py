@@ -1,0 +1,106 @@
+"""``damage run`` (the nightly flow, now) and ``damage train`` (training alone)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+
+
+def _print_summary(summary: dict, seconds: float) -> None:
+    from rich.table import Table
+
+    t = Table(title="nightly run", show_header=False)
+    m = summary.get("metrics", {})
+    for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
+        v = m.get(k)
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    op = summary.get("operating_point") or {}
+    if op:
+        t.add_row("operating point", f"conf={op.get('conf')} iou={op.get('iou')} ({op.get('objective')})")
+    t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
+    promo = summary.get("promotion") or {}
+    if promo:
+        t.add_row("promotion gate", f"{promo.get('decision', promo)}")
+    t.add_row("epochs / imgsz", f"{summary.get('epochs_run')} / {summary.get('imgsz')}")
+    t.add_row("wall time", f"{seconds / 60:.1f} min")
+    t.add_row("MLflow run", summary.get("mlflow_run_id", ""))
+    t.add_row("state dir", summary.get("state_dir", ""))
+    console.print(t)
+    per_class = summary.get("per_class") or []
+    if per_class:
+        pc = Table(title="per class (val)")
+        cols = [k for k in per_class[0].keys()]
+        for c in cols:
+            pc.add_column(str(c))
+        for row in per_class:
+            pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
+        console.print(pc)
+    state = summary.get("state_dir", ".state")
+    console.print(
+        "\nLook at it:\n"
+        f"  MLflow UI : .venv/bin/mlflow ui --backend-store-uri {summary.get('tracking_uri')} --port 5000"
+        "   (or: make ui-mlflow)\n"
+        f"  Prefect UI: PREFECT_HOME={state}/prefect .venv/bin/prefect server start --port 4200"
+        "   (or: make ui-prefect)\n"
+        f"  summary   : {state}/last_run.json"
+    )
+
+
+def run(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+    force: Annotated[bool, typer.Option(help="Run even if data, config and code are unchanged.")] = False,
+    demo: Annotated[bool, typer.Option(help="Demo mode: built-in synthetic data (data.source=synth).")] = False,
+) -> None:
+    """Run the nightly pipeline now: data gate, train, evaluate, sweep, export, register."""
+    overrides = list(sets or [])
+    if demo:
+        overrides.insert(0, "data.source=synth")
+    cfg, paths = setup(config, overrides, state_dir)
+    from tasks.pipeline import preflight
+
+    run_guarded(preflight, cfg)
+    from flows.nightly import nightly
+
+    t0 = time.time()
+    summary = run_guarded(nightly, config_path=str(config) if config else None, overrides=overrides, force=force)
+    seconds = time.time() - t0
+    summary = {**summary, "wall_time_s": round(seconds, 1)}
+    out = paths.root / "last_run.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(out)
+    _print_summary(summary, seconds)
+
+
+def train(
+    data: Annotated[Path, typer.Argument(help="data.yaml (or its folder) of a YOLO-seg dataset.")],
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <state>/runs/train).")] = None,
+    name: Annotated[str, typer.Option(help="Run folder name (resume=auto looks here).")] = "train",
+) -> None:
+    """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
+    cfg, paths = setup(config, sets, state_dir)
+    from tasks.dataset import find_data_yaml
+    from tasks.train import train_model
+
+    data_yaml = run_guarded(find_data_yaml, data)
+    res = run_guarded(train_model, data_yaml, cfg.train, out or paths.runs / "train", seed=cfg.seed, name=name)
+    console.print(f"trained {res.epochs_run} epochs -> best: {res.best}")
+    for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
+        if k in res.metrics:
+            console.print(f"  {k}: {res.metrics[k]:.4f}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("train")(train)

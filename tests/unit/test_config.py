@@ -1,0 +1,61 @@
+"""The one config: defaults load, overrides apply, unknown keys name the closest valid key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, load_config
+
+
+def test_default_yaml_matches_model_defaults():
+    """Every key of the YAML is a field (and vice versa): the YAML documents the model exactly."""
+    cfg = load_config()
+    assert cfg.to_dict() == Config().to_dict() | {"state_dir": cfg.state_dir}
+
+
+def test_every_yaml_key_is_commented():
+    lines = DEFAULT_CONFIG.read_text().splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if not s or s.startswith("#") or s.endswith(":"):
+            continue  # comments and section headers
+        assert lines[i - 1].strip().startswith("#"), f"key without a comment above it: {s!r}"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(overrides=["train.epochs=5", "sweep.conf=[0.2, 0.3]", "train.weights=null",
+                                 "validate.on_error=clean"])
+    assert cfg.train.epochs == 5
+    assert cfg.sweep.conf == [0.2, 0.3]
+    assert cfg.train.weights is None
+    assert cfg.validation.on_error == "clean"
+
+
+@pytest.mark.parametrize("key,suggestion", [("trian.epochs", "train.epochs"), ("train.epoch", "train.epochs"),
+                                            ("sweep.objectiv", "sweep.objective")])
+def test_unknown_key_names_closest(key, suggestion):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"{key}=3"])
+    msg = str(e.value)
+    assert f"unknown config key '{key}'" in msg
+    assert f"did you mean '{suggestion}'" in msg
+    assert "\n" not in msg
+
+
+def test_bad_value_is_one_line_error():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(overrides=["train.epochs=-1"])
+    with pytest.raises(ConfigError, match="augment"):
+        load_config(overrides=["train.augment=heavy"])
+
+
+def test_round_trip_and_hash_is_stable():
+    cfg = load_config(overrides=["train.epochs=7"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and again.hash() == cfg.hash()
+    assert load_config().hash() != cfg.hash()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
