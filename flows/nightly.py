@@ -31,9 +31,10 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
     from model_registry.steps import gate_step, register_step
     from tasks.data_check import check_data_step
-    from tasks.evaluate import evaluate_step, sweep_step
+    from tasks.evaluate import evaluate_step
     from tasks.explain import explain_step, pick_explain_samples
     from tasks.export import export_step
+    from tasks.sweep import sweep_step
     from tasks.train import train_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)

@@ -96,6 +96,8 @@ class SweepConfig(_Section):
     iou: list[float] = [0.45, 0.50, 0.55, 0.60]
     objective: Literal["mask_f1", "fitness", "recall_at_precision", "damage_mae"] = "mask_f1"
     min_precision: float = Field(0.8, ge=0, le=1)
+    split: str = "val"
+    max_det: int = Field(300, ge=1)
 
 
 class ExportConfig(_Section):
@@ -115,6 +117,7 @@ class DistillConfig(_Section):
     temperature: float = Field(4.0, gt=0)
     hinton_weight: float = Field(1.0, ge=0)
     epochs: int = Field(10, ge=1)
+    compare_scratch: bool = True
 
 
 class PruneConfig(_Section):
@@ -122,12 +125,16 @@ class PruneConfig(_Section):
     finetune_epochs: int = Field(10, ge=0)
     sparsity: float = Field(0.5, gt=0, lt=1)
     scope: Literal["global", "layer"] = "global"
+    importance: Literal["l1", "l2"] = "l2"
 
 
 class QuantizeConfig(_Section):
     calib_images: int = Field(64, ge=1)
     max_retries: int = Field(3, ge=0)
     nodes_per_retry: int = Field(8, ge=1)
+    per_channel: bool = True
+    sensitivity_images: int = Field(4, ge=1)
+    also_parent: bool = True
 
 
 class CompressConfig(_Section):
@@ -160,6 +167,9 @@ class ExplainConfig(_Section):
     samples: int = Field(4, ge=0)
     method: Literal["gradcam", "eigencam"] = "gradcam"
     layer: str | None = None
+    conf: float = Field(0.25, ge=0, le=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_instances: int = Field(20, ge=1)
 
 
 class ScheduleConfig(_Section):

@@ -140,7 +140,7 @@ def _parse_names(raw, yaml_path: Path) -> list[str]:
         except (TypeError, ValueError):
             raise DatasetError(f"{yaml_path}: 'names' keys must be class ids 0..N-1") from None
         if ids != list(range(len(ids))):
-            raise DatasetError(f"{yaml_path}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {ids}")
+            raise DatasetError(f"{yaml_path}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {', '.join(map(str, ids))}")
         return [str(raw[k] if k in raw else raw[str(k)]) for k in ids]
     raise DatasetError(f"{yaml_path}: 'names' must be a list or a mapping id -> name")
 
@@ -372,11 +372,11 @@ def _resolve_mapping(source_names: list[str], class_map: dict[str, str] | None,
         elif normalize_name(v) in target:
             explicit[normalize_name(k)] = target[normalize_name(v)]
         else:
-            raise DatasetError(f"class map '{k}={v}': target '{v}' is not one of the classes {classes}")
+            raise DatasetError(f"class map '{k}={v}': target '{v}' is not one of the classes ({', '.join(classes)})")
     unused = set(explicit) - {normalize_name(n) for n in source_names}
     if unused:
-        raise DatasetError(f"class map names source class(es) {sorted(unused)} that the dataset does not have "
-                           f"(it has {sorted(set(source_names))})")
+        raise DatasetError(f"class map names source class(es) {', '.join(sorted(unused))} that the dataset does "
+                           f"not have (it has: {', '.join(sorted(set(source_names)))})")
     out: dict[str, int | None | str] = {}
     for n in source_names:
         key = normalize_name(n)
@@ -679,6 +679,8 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: output folder exists and is not empty (choose a new folder or --overwrite)")
     is_coco = src.is_file() and src.suffix.lower() == ".json"
+    if src.is_dir() and not any((src / n).is_file() for n in DATA_YAML_NAMES):
+        raise DatasetError(f"{src}: no data.yaml in this folder (for COCO data pass the annotations .json file)")
     fmt = "coco" if is_coco else "yolo"
     report = ImportReport(out=out, data_yaml=out / "data.yaml", format=fmt)
 

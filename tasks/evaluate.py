@@ -141,7 +141,13 @@ class EvalResult:
 # ----------------------------------------------------------------------------- metric core (numpy)
 
 
-def box_iou_np(a: np.ndarray, b: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    # No epsilon in the denominator: with integer pixel areas an IoU of exactly 0.5 is common,
+    # and COCO counts it as a match (an eps would push it just below the threshold).
+    return np.divide(num, den, out=np.zeros(np.broadcast_shapes(num.shape, den.shape)), where=den > 0)
+
+
+def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of xyxy boxes ``a`` (n, 4) and ``b`` (m, 4) -> (n, m)."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
@@ -150,15 +156,16 @@ def box_iou_np(a: np.ndarray, b: np.ndarray, eps: float = 1e-9) -> np.ndarray:
     inter = np.clip(rb - lt, 0, None).prod(2)
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter + eps)
+    return _safe_div(inter, area_a[:, None] + area_b[None, :] - inter)
 
 
-def mask_iou_np(a: np.ndarray, b: np.ndarray, eps: float = 1e-9) -> np.ndarray:
+def mask_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of binary masks ``a`` (n, h, w) and ``b`` (m, h, w) -> (n, m)."""
+    # float32 matmul counts pixels exactly up to 2**24 per mask (4096 x 4096)
     fa = np.asarray(a).reshape(len(a), -1).astype(np.float32)
     fb = np.asarray(b).reshape(len(b), -1).astype(np.float32)
-    inter = fa @ fb.T
-    return inter / (fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter + eps)
+    inter = (fa @ fb.T).astype(np.float64)
+    return _safe_div(inter, fa.sum(1, dtype=np.float64)[:, None] + fb.sum(1, dtype=np.float64)[None, :] - inter)
 
 
 def match_detections(pred_cls: np.ndarray, true_cls: np.ndarray, iou: np.ndarray,
@@ -303,7 +310,7 @@ def damage_mae(scores: Sequence[ImageScore], truths: Sequence[ImageTruth], conf:
         (MAE, or NaN when no image has a labelled vehicle; number of images counted)
     """
     errs = []
-    for s, t in zip(scores, truths):
+    for s, t in zip(scores, truths, strict=True):
         if t.damage_percent is None:
             continue
         pred = s.damage.get(conf)
@@ -573,6 +580,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
     t_pre = t_inf = t_post = 0.0
     first_iou = float(ious[0])
     with torch.inference_mode():
+        m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up (lazy init of kernels), not timed
         for start in range(0, len(ds), batch):
             t0 = time.perf_counter()
             items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
@@ -677,8 +685,17 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-# The sweep lives in tasks/sweep.py; re-exported so the flows import both steps from one place.
-from tasks.sweep import SweepResult, sweep_step, sweep_thresholds  # noqa: E402
+_FROM_SWEEP = ("SweepResult", "sweep_step", "sweep_thresholds")
 
-__all__ = ["CONF_FLOOR", "EvalResult", "SweepResult", "collect", "evaluate_model", "evaluate_step",
-           "sweep_step", "sweep_thresholds"]
+
+def __getattr__(name: str) -> Any:
+    """The sweep lives in tasks/sweep.py; re-exported lazily (no import cycle) so the flows can
+    import both steps from here."""
+    if name in _FROM_SWEEP:
+        from tasks import sweep
+
+        return getattr(sweep, name)
+    raise AttributeError(f"module 'tasks.evaluate' has no attribute '{name}'")
+
+
+__all__ = ["CONF_FLOOR", "EvalResult", "collect", "evaluate_model", "evaluate_step"]  # + _FROM_SWEEP, lazily

@@ -198,16 +198,23 @@ def read_image(src: ImageLike) -> np.ndarray:
     return im
 
 
-def letterbox(im: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, tuple[float, float, int, int]]:
-    """Ultralytics ``LetterBox(auto=False, center=True)``: resize to fit ``shape`` (h, w), pad 114.
+def letterbox(im: np.ndarray, new_shape: tuple[int, int], auto: bool = False,
+              stride: int = 32) -> tuple[np.ndarray, tuple[float, float, int, int]]:
+    """Ultralytics ``LetterBox(new_shape, auto, center=True, stride)``: resize to fit, pad grey 114.
+
+    With ``auto`` the padding is only what makes each side a multiple of ``stride`` (the
+    "minimum rectangle" Ultralytics' predictor uses with dynamic-shape models).
 
     Returns:
         The padded BGR image and ``(gain_y, gain_x, pad_top, pad_left)``.
     """
     h0, w0 = im.shape[:2]
-    r = min(shape[0] / h0, shape[1] / w0)
+    r = min(new_shape[0] / h0, new_shape[1] / w0)
     new_w, new_h = max(round(w0 * r), 1), max(round(h0 * r), 1)
-    dw, dh = (shape[1] - new_w) / 2, (shape[0] - new_h) / 2
+    dw, dh = new_shape[1] - new_w, new_shape[0] - new_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
     if (w0, h0) != (new_w, new_h):
         im = cv2.resize(im, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = round(dh - 0.1), round(dh + 0.1)
@@ -318,6 +325,18 @@ def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[list[int]]:
     return (c.reshape(-1, 2) + np.array([x0, y0])).astype(int).tolist()
 
 
+def _scale_boxes(boxes: np.ndarray, input_hw: tuple[int, int], shape0: tuple[int, int]) -> np.ndarray:
+    """Ultralytics ``scale_boxes``: letterboxed-input pixels -> original pixels, clipped."""
+    h0, w0 = shape0
+    ih, iw = input_hw
+    gain = min(ih / h0, iw / w0)
+    new_h, new_w = max(round(h0 * gain), 1), max(round(w0 * gain), 1)
+    pad_x, pad_y = round((iw - new_w) / 2 - 0.1), round((ih - new_h) / 2 - 0.1)
+    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - pad_x) / (new_w / w0)).clip(0, w0)
+    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - pad_y) / (new_h / h0)).clip(0, h0)
+    return boxes
+
+
 # ----------------------------------------------------------------------------- predictor
 
 
@@ -332,6 +351,9 @@ class Predictor:
         providers: ORT execution providers (default CPU).
         threads: intra-op threads (default: every core).
         vehicle_class: class name of vehicles for the damage percentage.
+        rect: with a dynamic-size model, pad each batch of same-sized images only to a multiple
+            of the stride (Ultralytics' predict default: less padding, faster); False = always
+            the full square ``imgsz``.
 
     Raises:
         DamageError: the file is missing or not a segmentation model with two outputs.
@@ -339,7 +361,7 @@ class Predictor:
 
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
                  max_det: int = 300, providers: Sequence[str] | None = None, threads: int | None = None,
-                 vehicle_class: str = "vehicle"):
+                 vehicle_class: str = "vehicle", rect: bool = True):
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise DamageError(f"{self.path}: model not found")
@@ -359,6 +381,7 @@ class Predictor:
         shape = inputs[0].shape
         self.dynamic_batch = not isinstance(shape[0], int)
         fixed_hw = [d for d in shape[2:] if isinstance(d, int)]
+        self.rect = bool(rect) and len(fixed_hw) < 2
         if len(fixed_hw) == 2:
             self.imgsz = (int(fixed_hw[0]), int(fixed_hw[1]))
         elif self.metadata.get("imgsz"):
@@ -380,16 +403,15 @@ class Predictor:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[tuple[float, float, int, int]]]:
-        """Letterboxed NCHW float32 batch (RGB, 0-1) and each image's (gain_y, gain_x, top, left)."""
-        batch = np.empty((len(images), 3, *self.imgsz), np.float32)
-        metas = []
-        for k, im in enumerate(images):
-            lb, meta = letterbox(im, self.imgsz)
-            # BGR->RGB and HWC->CHW in one strided copy, then scale in place
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Letterboxed NCHW float32 batch (RGB, 0-1), as Ultralytics' predictor builds it."""
+        auto = self.rect and len({im.shape for im in images}) == 1  # Ultralytics: same shapes only
+        lbs = [letterbox(im, self.imgsz, auto, self.stride)[0] for im in images]
+        batch = np.empty((len(lbs), 3, *lbs[0].shape[:2]), np.float32)
+        for k, lb in enumerate(lbs):
+            # BGR->RGB and HWC->CHW in one strided copy, /255 as Ultralytics does
             np.divide(lb[..., ::-1].transpose(2, 0, 1), np.float32(255), out=batch[k], casting="unsafe")
-            metas.append(meta)
-        return batch, metas
+        return batch
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bare ``session.run``: (detections (N, 4+nc+nm, A), prototypes (N, nm, mh, mw))."""
@@ -399,17 +421,27 @@ class Predictor:
         outs = [self.session.run(self.output_names, {self.input_name: batch[i:i + 1]}) for i in range(len(batch))]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
-    def postprocess(self, det: np.ndarray, proto: np.ndarray, shape: tuple[int, int]) -> Prediction:
-        """NMS, masks at the original size, polygons and the damage report for one image."""
+    def postprocess(self, det: np.ndarray, proto: np.ndarray, shape: tuple[int, int],
+                    input_hw: tuple[int, int], conf: float | None = None, iou: float | None = None) -> Prediction:
+        """NMS, masks at the original size, polygons and the damage report for one image.
+
+        Args:
+            det: (4 + nc + nm, anchors) raw detections of this image.
+            proto: (nm, mh, mw) mask prototypes of this image.
+            shape: original image (h, w).
+            input_hw: the letterboxed input size the outputs belong to.
+            conf: confidence threshold for this call (default ``self.conf``).
+            iou: NMS IoU threshold for this call (default ``self.iou``).
+        """
         h, w = shape
         nm, mh, mw = proto.shape
         nc = det.shape[0] - 4 - nm
-        rows = _select(det, nc, self.conf, self.iou, self.max_det)
+        rows = _select(det, nc, self.conf if conf is None else conf, self.iou if iou is None else iou, self.max_det)
         pred = Prediction(width=w, height=h)
         if not len(rows):
             pred.damage = damage_report([], [], self.vehicle_class)
             return pred
-        boxes = self._scale_boxes(rows[:, :4].copy(), (h, w))
+        boxes = _scale_boxes(rows[:, :4].copy(), input_hw, (h, w))
         key = (mh, mw, h, w)
         if key not in self._axes:
             self._axes[key] = _native_axes(mh, mw, h, w)
@@ -449,26 +481,18 @@ class Predictor:
         pred.instances, pred.damage = instances, rep
         return pred
 
-    def _scale_boxes(self, boxes: np.ndarray, shape0: tuple[int, int]) -> np.ndarray:
-        """Ultralytics ``scale_boxes``: input-letterbox pixels -> original pixels, clipped."""
-        h0, w0 = shape0
-        ih, iw = self.imgsz
-        gain = min(ih / h0, iw / w0)
-        new_h, new_w = max(round(h0 * gain), 1), max(round(w0 * gain), 1)
-        pad_x, pad_y = round((iw - new_w) / 2 - 0.1), round((ih - new_h) / 2 - 0.1)
-        boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - pad_x) / (new_w / w0)).clip(0, w0)
-        boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - pad_y) / (new_h / h0)).clip(0, h0)
-        return boxes
-
     # -- public ----------------------------------------------------------------------------
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int | None = None) -> list[Prediction]:
+    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int | None = None,
+                conf: float | None = None, iou: float | None = None) -> list[Prediction]:
         """Predict a list of images (paths or BGR arrays); one ``Prediction`` per image, in order.
 
         Args:
             images: one image or a list of them.
             batch_size: images per ``session.run`` (default: all at once with a dynamic-batch
                 model, else 1).
+            conf: confidence threshold for this call only (default ``self.conf``).
+            iou: NMS IoU threshold for this call only (default ``self.iou``).
 
         Raises:
             DamageError: an image cannot be read (``read_image``).
@@ -484,11 +508,12 @@ class Predictor:
         for i in range(0, len(ims), max(bs, 1)):
             chunk = ims[i:i + bs]
             t0 = time.perf_counter()
-            batch, _ = self.preprocess(chunk)
+            batch = self.preprocess(chunk)
             t1 = time.perf_counter()
             det, proto = self.infer(batch)
             t2 = time.perf_counter()
-            results += [self.postprocess(det[k], proto[k], im.shape[:2]) for k, im in enumerate(chunk)]
+            hw = batch.shape[2:]
+            results += [self.postprocess(det[k], proto[k], im.shape[:2], hw, conf, iou) for k, im in enumerate(chunk)]
             t3 = time.perf_counter()
             t_pre, t_inf, t_post = t_pre + t1 - t0, t_inf + t2 - t1, t_post + t3 - t2
         self.timings = {"read": t_read, "preprocess": t_pre, "inference": t_inf, "postprocess": t_post}

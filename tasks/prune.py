@@ -28,7 +28,7 @@ import copy
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ def _half_conv(conv_block: nn.Module, sl: slice) -> nn.Module:
     new.bn.running_var.data.copy_(src_bn.running_var[sl])
     new.bn.num_batches_tracked.data.copy_(src_bn.num_batches_tracked)
     new.act = copy.deepcopy(conv_block.act)
+    new.train(conv_block.training)  # a fresh BN is in training mode: match the source
     return new.to(device=src_conv.weight.device, dtype=src_conv.weight.dtype)
 
 
@@ -200,7 +201,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path | None
         "updates": None,
         "optimizer": None,
         "train_args": train_args,
-        "date": datetime.now(timezone.utc).isoformat(),
+        "date": datetime.now(UTC).isoformat(),
         "version": __version__,
         "damage": dict(meta or {}),
     }

@@ -130,12 +130,18 @@ def activate(state_dir: str | os.PathLike | None = None, tracking_uri: str | Non
     import tempfile
 
     tempfile.tempdir = None  # re-read TMPDIR
+    # Ultralytics looks for its fonts in $YOLO_CONFIG_DIR/Ultralytics and otherwise asks GitHub
+    # for them on every train and val: put a bundled TTF there under the names it wants.
     font = _bundled_font()
     if font:
+        ucfg = paths.yolo_config / "Ultralytics"
+        ucfg.mkdir(parents=True, exist_ok=True)
         for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-            dst = paths.yolo_config / name
+            dst = ucfg / name
             if not dst.exists():
-                shutil.copyfile(font, dst)
+                tmp = dst.with_suffix(f".tmp{os.getpid()}")
+                shutil.copyfile(font, tmp)
+                os.replace(tmp, dst)
     return paths
 
 

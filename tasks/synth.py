@@ -348,7 +348,7 @@ def _scratch_shape(rng, shape, panel, length, unit):
     cxs = c[0] + t * math.cos(th)
     cys = c[1] + t * math.sin(th) + rng.normal(0, 0.06 * ln, n).cumsum() * 0.3
     nx, ny = -math.sin(th), math.cos(th)
-    half = max(1.2, unit * rng.uniform(1.4, 2.8)) * (0.6 + 0.4 * rng.random(n))
+    half = max(1.2, unit * rng.uniform(2.0, 3.2)) * (0.6 + 0.4 * rng.random(n))
     half[0] = half[-1] = max(0.8, half.min() * 0.5)  # tapered ends
     left = np.stack([cxs + nx * half, cys + ny * half], 1)
     right = np.stack([cxs - nx * half, cys - ny * half], 1)[::-1]
@@ -362,7 +362,8 @@ def _crack_shape(rng, shape, pane, unit):
     ys, xs = np.nonzero(pane)
     size = max(np.ptp(xs), np.ptp(ys))
     lines = np.zeros(shape, np.uint8)
-    thick = max(2, int(round(unit * rng.uniform(1.6, 2.4))))
+    # 3-4 px at 160 px: still a thin line, but wide enough to survive the 1/4-scale mask prototypes
+    thick = max(2, int(round(unit * rng.uniform(2.6, 3.6))))
     segs = []
 
     def branch(p, ang, ln, depth):
@@ -437,9 +438,13 @@ def _paint_scratch(rng, layer, region, info, body_colour):
 
 
 def _paint_crack(rng, layer, region, info):
+    # bright chipped halo around a dark fracture line
     layer[region] = (215, 222, 225)
     ys, xs = np.nonzero(region)
     layer[ys, xs] -= np.float32(rng.uniform(0, 35, (len(ys), 1)))
+    core = np.zeros(region.shape, np.uint8)
+    cv2.polylines(core, [np.round(sg).astype(np.int32) for sg in info["segs"]], False, 1, 1)
+    layer[core.astype(bool) & region] = (70, 70, 75)
 
 
 def _paint_shatter(rng, layer, region, info):
@@ -535,8 +540,11 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
             parts, view, length = _vehicle_plan(rng, shape, s, pad, n_vehicles, slot)
             damages = _choose_damage(rng, view)
             flat = None
-            if "tire_flat" in damages and parts.wheels:
-                flat = int(rng.integers(len(parts.wheels)))
+            # a flat tyre goes on a wheel that is fully in frame (a cut one could not be labelled)
+            inside = [i for i, (cx, cy, r) in enumerate(parts.wheels)
+                      if pad + 1.5 * r <= cx <= pad + s - 1 - 1.5 * r and cy + r <= pad + s - 1]
+            if "tire_flat" in damages and inside:
+                flat = inside[int(rng.integers(len(inside)))]
                 cx, cy, r = parts.wheels[flat]
                 parts.tyres[flat] = _fill(shape, [_flat_tyre(cx, cy, r)])
             union = parts.body.copy()
@@ -749,6 +757,8 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         raise DatasetError(f"{out}: val_fraction must be in (0, 1), got {val_fraction}")
     if imgsz < 32:
         raise DatasetError(f"{out}: imgsz must be >= 32, got {imgsz}")
+    if seed < 0:
+        raise DatasetError(f"{out}: seed must be >= 0, got {seed}")
     out = Path(out).expanduser().resolve()
     n_val = min(images - 1, max(1, round(images * val_fraction)))
     val_idx = set(np.random.default_rng([seed, 7919]).permutation(images)[:n_val].tolist())

@@ -105,6 +105,10 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
         "val": True,
         "verbose": False,
         "amp": cfg.device != "cpu",
+        # One mask per instance. Ultralytics' default overlap_mask=True merges the ground-truth
+        # masks so smaller ones punch holes into larger ones: every damage would be cut out of its
+        # vehicle, and damage-inside-vehicle percentages would collapse to ~0.
+        "overlap_mask": False,
     }
     if cfg.freeze:
         args["freeze"] = cfg.freeze

@@ -138,6 +138,7 @@ def write_json_atomic(path: Path, obj: Any) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)  # ensure_ascii: odd file names survive as \\u escapes
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -166,17 +167,18 @@ def build_report(dataset: str, fingerprint: str, images: int, annotations: int,
     }
 
 
-def _check_outputs(root: Path, *outs: Path | None) -> None:
-    """Outputs must not land inside the dataset: the input is never modified."""
+def _check_outputs(root: Path, outs: list[Path | None], clean_out: Path | None) -> None:
+    """Outputs must not land inside the dataset (the input is never modified), and the cleaned
+    copy, which replaces its folder, must not contain the dataset either."""
     root_real = Path(os.path.realpath(root))
-    for out in outs:
+    for out in [*outs, clean_out]:
         if out is None:
             continue
         real = Path(os.path.realpath(out))
         if real == root_real or root_real in real.parents:
             raise DatasetError(f"{out}: output inside the dataset {root}; the input must stay untouched")
-        if real in root_real.parents:
-            raise DatasetError(f"{out}: output directory contains the dataset {root}")
+    if clean_out is not None and Path(os.path.realpath(clean_out)) in root_real.parents:
+        raise DatasetError(f"{clean_out}: the cleaned copy's folder contains the dataset {root}")
 
 
 def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None = None,
@@ -208,7 +210,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     t0 = time.perf_counter()
     layout = resolve_layout(data)
     sev = severities(cfg)
-    _check_outputs(layout.root, report_path.parent if report_path else None, html_dir, clean_out)
+    _check_outputs(layout.root, [Path(report_path).parent if report_path else None, html_dir], clean_out)
     inv = enumerate_samples(layout)
     builder = TableBuilder(inv.samples)
     with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size) as scanner:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import multiprocessing as mp
 import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +46,7 @@ MAX_SELF_INTERSECT_POINTS = 2000
 
 # Fields of one image row as returned by a worker (the parent adds path, split, label info).
 IMAGE_FIELDS = ("decodes", "error", "format", "width", "height", "channels", "bytes", "sha256",
-                "phash", "blur", "brightness", "contrast")
+                "phash", "blur", "brightness", "contrast", "mtime_ns")
 # Fields of one annotation row (one line of a label file).
 ANNOTATION_FIELDS = ("line", "parse_ok", "error", "class_id", "n_points", "coord_min", "coord_max",
                      "xmin", "ymin", "xmax", "ymax", "area", "self_intersects")
@@ -302,9 +305,13 @@ def enumerate_samples(layout: Layout) -> Inventory:
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, with_stat: bool = False):
     """Read a regular file without following it into a FIFO/device and, where allowed, without
-    updating its access time (the input dataset must not change, not even its timestamps)."""
+    updating its access time (the input dataset must not change, not even its timestamps).
+
+    Returns:
+        The bytes, or (bytes, os.stat_result) with ``with_stat``.
+    """
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise OSError(f"not a regular file (mode {stat.filemode(st.st_mode)})")
@@ -314,7 +321,8 @@ def read_bytes(path: str) -> bytes:
     except PermissionError:  # O_NOATIME needs file ownership
         fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        data = f.read()
+    return (data, st) if with_stat else data
 
 
 def _png_header(data: bytes) -> tuple[int, int, int] | None:
@@ -421,14 +429,14 @@ def measure_image(path: str, max_pixels: int) -> tuple:
 
     fmt, w, h, c = "", math.nan, math.nan, math.nan
     try:
-        data = read_bytes(path)
+        data, st = read_bytes(path, with_stat=True)
     except OSError as e:
-        return (False, f"unreadable: {e.strerror or e}", fmt, w, h, c, 0, "", "", math.nan, math.nan, math.nan)
+        return (False, f"unreadable: {e.strerror or e}", fmt, w, h, c, 0, "", "", math.nan, math.nan, math.nan, 0)
     sha = hashlib.sha256(data).hexdigest()
     nbytes = len(data)
 
     def bad(msg: str) -> tuple:
-        return (False, msg, fmt, w, h, c, nbytes, sha, "", math.nan, math.nan, math.nan)
+        return (False, msg, fmt, w, h, c, nbytes, sha, "", math.nan, math.nan, math.nan, st.st_mtime_ns)
 
     if not data:
         return bad("empty file (0 bytes)")
@@ -458,7 +466,8 @@ def measure_image(path: str, max_pixels: int) -> tuple:
     mean, std = cv2.meanStdDev(grey)
     _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
     return (True, "", fmt, w, h, c, nbytes, sha, f"{dhash(grey):016x}",
-            round(float(lap_std[0, 0]) ** 2, 3), round(float(mean[0, 0]), 3), round(float(std[0, 0]), 3))
+            round(float(lap_std[0, 0]) ** 2, 3), round(float(mean[0, 0]), 3), round(float(std[0, 0]), 3),
+            st.st_mtime_ns)
 
 
 def _self_intersects(pts: np.ndarray) -> bool:
@@ -483,9 +492,10 @@ def _self_intersects(pts: np.ndarray) -> bool:
     return bool(np.any((d1 * d2 < 0) & (d3 * d4 < 0)))
 
 
-def _nan_row(line: int, error: str, class_id: float = math.nan, n_points: int = 0) -> tuple:
+def _nan_row(line: int, error: str, class_id: float = math.nan) -> tuple:
+    """An unparseable line: geometry is unknown (NaN), so only ``parse_ok`` fails on it."""
     nan = math.nan
-    return (line, False, error, class_id, n_points, nan, nan, nan, nan, nan, nan, nan, False)
+    return (line, False, error, class_id, nan, nan, nan, nan, nan, nan, nan, nan, False)
 
 
 def parse_label_line(line_no: int, text: str) -> tuple:
@@ -500,8 +510,7 @@ def parse_label_line(line_no: int, text: str) -> tuple:
         return _nan_row(line_no, f"line {line_no}: non-finite value (NaN/inf)")
     class_id, coords = values[0], values[1:]
     if len(coords) % 2:
-        return _nan_row(line_no, f"line {line_no}: odd number of coordinates ({len(coords)})", class_id,
-                        len(coords) // 2)
+        return _nan_row(line_no, f"line {line_no}: odd number of coordinates ({len(coords)})", class_id)
     if not coords:
         return (line_no, True, "", class_id, 0) + (math.nan,) * 7 + (False,)
     pts = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
@@ -564,46 +573,88 @@ def worker_count(requested: int) -> int:
         return os.cpu_count() or 1
 
 
+def _init_worker() -> None:
+    """Worker processes decode one image at a time each; OpenCV's own thread pool would only
+    oversubscribe the cores (and must not be touched after a fork)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _start_method() -> str:
+    """A fork server: workers fork from a small clean process (this module, cv2, numpy), never
+    from the caller. Forking the caller directly is unsafe: native threads (OpenCV's pool after
+    any cv2.resize, jemalloc, Prefect's runners) leave locks held in the child, which then hangs.
+    As with any non-fork start method, a script that calls this must guard its entry point
+    with ``if __name__ == "__main__":`` (if not, the pool breaks and the scan runs in-process)."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
 class Scanner:
     """Scan samples in worker processes, started before the caller does other setup.
 
     ``start()`` submits all chunks and returns at once, so the parent can import Great
     Expectations while the workers read and decode; ``results()`` then yields rows as they
-    arrive. Workers come from a fork server (a clean, single-threaded parent), which is safe
-    inside a Prefect task whose process runs threads, and cheap to fork repeatedly.
+    arrive. If the pool breaks (a worker killed, or a script without an
+    ``if __name__ == "__main__":`` guard under a fork server) or makes no progress for
+    ``stall_timeout_s``, the remaining chunks are scanned in this process instead of waiting
+    forever.
     """
 
-    def __init__(self, samples: list[Sample], max_pixels: int, workers: int, chunk_size: int = 32):
-        self.items = [(i, s.image, s.label) for i, s in enumerate(samples)]
-        self.max_pixels = max_pixels
-        self.workers = worker_count(workers)
-        self.chunk_size = chunk_size
-        self._pool = None
-        self._iter: Iterable | None = None
+    def __init__(self, samples: list[Sample], max_pixels: int, workers: int, chunk_size: int = 32,
+                 stall_timeout_s: float = 300.0):
+        items = [(i, s.image, s.label) for i, s in enumerate(samples)]
+        self.chunks = [(items[i:i + chunk_size], max_pixels) for i in range(0, len(items), chunk_size)]
+        self.workers = min(worker_count(workers), max(1, len(self.chunks)))
+        self.broken: str | None = None
+        self.stall_timeout_s = stall_timeout_s
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: dict = {}
 
     def start(self) -> Scanner:
-        chunks = [(self.items[i:i + self.chunk_size], self.max_pixels)
-                  for i in range(0, len(self.items), self.chunk_size)]
-        # Pool start-up costs ~0.3 s; below a few chunks per worker it does not pay off.
-        if self.workers > 1 and len(chunks) >= 2 * self.workers:
-            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-            if ctx.get_start_method() == "forkserver":
+        # Pool start-up costs ~0.1-0.5 s; below a few chunks per worker it does not pay off.
+        if self.workers > 1 and len(self.chunks) >= 2 * self.workers:
+            method = _start_method()
+            ctx = mp.get_context(method)
+            if method == "forkserver":
                 ctx.set_forkserver_preload(["tasks.validate_scan", "cv2", "numpy"])
-            self._pool = ctx.Pool(self.workers)
-            self._iter = self._pool.imap_unordered(scan_chunk, chunks)
-        else:
-            self._iter = map(scan_chunk, chunks)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+            self._futures = {self._pool.submit(scan_chunk, c): n for n, c in enumerate(self.chunks)}
         return self
 
     def results(self) -> Iterator[tuple[int, tuple, list[tuple]]]:
-        assert self._iter is not None, "call start() first"
-        for chunk in self._iter:
-            yield from chunk
+        done: set[int] = set()
+        if self._pool is not None:
+            pending = set(self._futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=self.stall_timeout_s, return_when=FIRST_COMPLETED)
+                    if not finished:
+                        raise TimeoutError(f"no scan progress for {self.stall_timeout_s:.0f} s")
+                    for fut in finished:
+                        rows = fut.result()
+                        done.add(self._futures[fut])
+                        yield from rows
+            except (BrokenProcessPool, TimeoutError) as e:
+                self.broken = str(e) or "worker process died"
+                logging.getLogger(__name__).warning(
+                    "validation scan: worker pool failed (%s); scanning the rest in this process", self.broken)
+                self._kill()
+        for n, chunk in enumerate(self.chunks):
+            if n not in done:
+                yield from scan_chunk(chunk)
+
+    def _kill(self) -> None:
+        """Stop a stuck or broken pool without waiting for its workers."""
+        if self._pool is not None:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> Scanner:

@@ -13,4 +13,5 @@ COMMAND_MODULES = [
     "flows.commands.compress",  # distill, prune, quantize, compress
     "flows.commands.registry",  # registry list/approve/reject/rollback/history
     "flows.commands.explain",  # explain
+    "flows.commands.schedule",  # schedule (serve / register the Prefect deployments)
 ]

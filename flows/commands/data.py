@@ -64,9 +64,9 @@ def synth(
     n_train = len(list((root / "images" / "train").iterdir()))
     n_val = len(list((root / "images" / "val").iterdir()))
     console.print(f"wrote {images} synthetic images ({imgsz}px, seed {seed}) in {time.perf_counter() - t0:.1f}s: "
-                  f"train={n_train} val={n_val}", highlight=False)
-    console.print(f"dataset: {root}", highlight=False)
-    console.print(f"data.yaml: {data_yaml}", highlight=False)
+                  f"train={n_train} val={n_val}", highlight=False, soft_wrap=True)
+    console.print(f"dataset: {root}", highlight=False, soft_wrap=True)
+    console.print(f"data.yaml: {data_yaml}", highlight=False, soft_wrap=True)
 
 
 @data_app.command("import")
@@ -107,7 +107,7 @@ def import_(
     except DamageError as e:
         fail(str(e))
     for line in report.summary():
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

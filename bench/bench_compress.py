@@ -1,0 +1,197 @@
+"""Benchmark: compression speed-ups at 640 px, batch 1, every CPU core, ratios measured in one run.
+
+Per model size (default n and s), built from the YOLOv8-seg YAML with 7 classes and random
+weights (latency does not depend on weight values; nothing is downloaded):
+
+* ``torch fp32``: PyTorch eager, Conv+BN fused (what Ultralytics predicts with), ``no_grad``;
+* ``ort fp32``: the exported ONNX (``tasks.export.export_onnx``, opset 13, dynamic, simplified);
+* ``ort int8``: static INT8 QDQ per-channel (``tasks.quantize.quantize_onnx``) calibrated on
+  synthetic images, head decode in float;
+* ``ort pruned``: structured pruning at ``--ratio`` (``tasks.prune.prune_structured``), exported.
+
+Rounds are interleaved (every variant once per round) and the median is reported, so a load
+change on a shared machine hits all variants alike. Printed ratios: torch fp32 / ort int8
+(goal >= 2.5x for n, >= 3x for s) and ort fp32 / ort pruned (goal >= 1.3x).
+
+With ``--demo-weights best.pt --data data.yaml`` it also reports mask mAP50 of the trained
+model in FP32 ONNX vs INT8 (goal: drop <= 0.02), same evaluator (``tasks.evaluate``).
+
+Usage:
+    python bench/bench_compress.py [--sizes n s] [--imgsz 640] [--rounds 10] [--ratio 0.3]
+        [--demo-weights .state/.../best.pt --data .state/.../data.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _build(size: str, work: Path, imgsz: int) -> tuple[Path, Path]:
+    import yaml
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from tasks.config import CLASSES
+    from tasks.export import export_onnx
+
+    pt, onnx = work / f"yolov8{size}-seg-rand.pt", work / f"yolov8{size}-seg-rand-{imgsz}.onnx"
+    if not pt.exists():
+        d = yaml_model_load(f"yolov8{size}-seg.yaml")
+        d["nc"] = len(CLASSES)
+        d.pop("yaml_file", None)
+        y = work / f"yolov8{size}-seg-7.yaml"
+        y.write_text(yaml.safe_dump(d))
+        m = YOLO(str(y), task="segment")
+        m.model.names = dict(enumerate(CLASSES))
+        m.save(str(pt))
+    if not onnx.exists():
+        export_onnx(pt, onnx, imgsz)
+    return pt, onnx
+
+
+def _images(work: Path, n: int, imgsz: int) -> list[Path]:
+    import cv2
+    import numpy as np
+
+    from tasks.synth import render_sample
+
+    out = []
+    for i in range(n):
+        p = work / f"calib{i}.jpg"
+        if not p.exists():
+            cv2.imwrite(str(p), render_sample(np.random.default_rng([7, i]), imgsz).image)
+        out.append(p)
+    return out
+
+
+def _torch_runner(pt: Path, imgsz: int):
+    import torch
+
+    from tasks.prune import load_model
+
+    m = load_model(pt).fuse(verbose=False).eval()
+    x = torch.rand(1, 3, imgsz, imgsz)
+
+    def run():
+        with torch.no_grad():
+            m(x)
+
+    return run
+
+
+THREADS = os.cpu_count() or 1  # --threads overrides: torch and ORT always get the same count
+
+
+def _ort_runner(onnx: Path, imgsz: int):
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    s = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
+    feed = {s.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
+    return lambda: s.run(None, feed)
+
+
+def _interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+    for r in runners.values():
+        for _ in range(warmup):
+            r()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, r in runners.items():
+            t = time.perf_counter()
+            r()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, calib: list[Path]) -> dict[str, float]:
+    import torch
+
+    from tasks.export import export_onnx
+    from tasks.prune import prune_structured
+    from tasks.quantize import quantize_onnx
+
+    torch.set_num_threads(THREADS)
+    pt, onnx = _build(size, work, imgsz)
+    int8 = work / f"{onnx.stem}.int8.onnx"
+    if not int8.exists():
+        quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz)
+    pruned_pt = work / f"yolov8{size}-seg-rand-pruned{int(ratio * 100)}.pt"
+    pruned_onnx = pruned_pt.with_suffix(f".{imgsz}.onnx")
+    if not pruned_onnx.exists():
+        _, rep = prune_structured(pt, pruned_pt, ratio, imgsz=imgsz)
+        print(f"[{size}] pruned {ratio:.0%}: params {rep.params_before:,} -> {rep.params_after:,}, "
+              f"GFLOPs {rep.gflops_before:.1f} -> {rep.gflops_after:.1f}", flush=True)
+        export_onnx(pruned_pt, pruned_onnx, imgsz)
+    ms = _interleaved({"torch fp32": _torch_runner(pt, imgsz), "ort fp32": _ort_runner(onnx, imgsz),
+                       "ort int8": _ort_runner(int8, imgsz), "ort pruned": _ort_runner(pruned_onnx, imgsz)}, rounds)
+    ms["int8 speed-up vs torch"] = ms["torch fp32"] / ms["ort int8"]
+    ms["int8 speed-up vs ort fp32"] = ms["ort fp32"] / ms["ort int8"]
+    ms["pruned speed-up vs ort fp32"] = ms["ort fp32"] / ms["ort pruned"]
+    return ms
+
+
+def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> dict[str, float]:
+    from tasks.evaluate import evaluate_model, open_model
+    from tasks.export import export_onnx
+    from tasks.quantize import calibration_images, quantize_accuracy_aware
+
+    imgsz = int(open_model(weights, data).imgsz)
+    onnx = export_onnx(weights, work / "demo.onnx", imgsz)
+    fm = evaluate_model(onnx, data, imgsz=imgsz).metrics
+    res = quantize_accuracy_aware(onnx, work / "demo.int8.onnx", data, calibration_images(data, calib_n),
+                                  tolerance=0.02, imgsz=imgsz, float_metrics=fm)
+    return {"imgsz": imgsz, "fp32 mask mAP50": fm["mask/mAP50"], "int8 mask mAP50": res.metrics["mask/mAP50"],
+            "delta": res.metrics["mask/mAP50"] - fm["mask/mAP50"], "float nodes added": len(res.attempts[-1].float_nodes)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["n", "s"])
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--calib", type=int, default=8, help="calibration images (synthetic) for the latency models")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="threads for torch and ORT (default: every core)")
+    ap.add_argument("--demo-weights", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=None)
+    args = ap.parse_args()
+
+    global THREADS
+    THREADS = args.threads or THREADS
+    from tasks.runtime import activate, configure_ultralytics
+
+    paths = activate(os.environ.get("DAMAGE_STATE_DIR") or ROOT / ".state")
+    configure_ultralytics(paths)
+    work = args.work or paths.cache / "bench_compress"
+    work.mkdir(parents=True, exist_ok=True)
+    calib = _images(work, args.calib, args.imgsz)
+    import torch
+
+    torch.set_num_threads(THREADS)  # configure_ultralytics set every core
+    print(f"cpu cores: {os.cpu_count()}, threads {THREADS}, imgsz {args.imgsz}, rounds {args.rounds} (median, interleaved)")
+    for size in args.sizes:
+        r = bench_size(size, work, args.imgsz, args.rounds, args.ratio, calib)
+        print(f"[{size}] " + "  ".join(f"{k}: {v:.1f} ms" for k, v in r.items() if "speed-up" not in k))
+        print(f"[{size}] INT8 static vs torch eager FP32: {r['int8 speed-up vs torch']:.2f}x "
+              f"(goal {'2.5' if size == 'n' else '3'}x); vs ORT FP32: {r['int8 speed-up vs ort fp32']:.2f}x; "
+              f"pruned {args.ratio:.0%} vs ORT FP32: {r['pruned speed-up vs ort fp32']:.2f}x (goal 1.3x)", flush=True)
+    if args.demo_weights and args.data:
+        a = demo_accuracy(args.demo_weights, args.data, work)
+        print("demo model: " + "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                                        for k, v in a.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""``damage evaluate`` (mAP, per-class AP, speed) and ``damage sweep`` (operating thresholds).
+
+Each stand-alone call opens a top-level MLflow run (``evaluate-<model>`` / ``sweep-<model>``)
+with the step run nested under it, as in the nightly flow.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+
+ModelArg = Annotated[Path, typer.Argument(help="Model to evaluate: .pt or .onnx (FP32, FP16 or INT8).")]
+DataOpt = Annotated[Path, typer.Option("--data", "-d", help="data.yaml (or its folder) of a YOLO-seg dataset.")]
+SplitOpt = Annotated[str | None, typer.Option(help="Split to use (default: evaluate.split / sweep.split).")]
+ImgszOpt = Annotated[int | None, typer.Option(help="Letterbox size (default: the model's own).")]
+RunOpt = Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log to MLflow (a top-level run).")]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "-" if not math.isfinite(v) else f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _open_run(cfg, kind: str, model: Path) -> tuple[str, str]:
+    from tasks import tracking
+
+    c = tracking.client(cfg.mlflow.tracking_uri)
+    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
+    run_id = tracking.start_run(c, exp, f"{kind}-{model.stem}", tags={"damage.flow": kind})
+    return run_id, c.tracking_uri
+
+
+def _close_run(cfg, run_id: str, ok: bool) -> None:
+    from tasks import tracking
+
+    tracking.end_run(tracking.client(cfg.mlflow.tracking_uri), run_id, ok)
+
+
+def _run_logged(cfg, kind: str, model: Path, log_to_mlflow: bool, step, plain):
+    """Run ``step(parent_run_id)`` inside a new top-level MLflow run, or ``plain()`` without MLflow."""
+    if not log_to_mlflow:
+        return run_guarded(plain), None, None
+    run_id, uri = _open_run(cfg, kind, model)
+    ok = False
+    try:
+        res = run_guarded(step, run_id)
+        ok = True
+    finally:
+        _close_run(cfg, run_id, ok)
+    return res, run_id, uri
+
+
+def _where(run_id: str | None, uri: str | None) -> None:
+    if run_id:
+        console.print(f"MLflow run: {run_id}  ({uri})\n"
+                      f"  look at it: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+
+
+def evaluate(
+    model: ModelArg,
+    data: DataOpt,
+    split: SplitOpt = None,
+    imgsz: ImgszOpt = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+    mlflow: RunOpt = True,
+) -> None:
+    """Evaluate a model: box and mask P, R, mAP50, mAP50-95 (conf floor 0.001), per-class AP, speed."""
+    cfg, paths = setup(config, sets, state_dir)
+    from rich.table import Table
+
+    from tasks.dataset import find_data_yaml
+    from tasks.evaluate import evaluate_model, evaluate_step
+    from tasks.runtime import configure_ultralytics
+
+    configure_ultralytics(paths)
+    data_yaml = run_guarded(find_data_yaml, data)
+    ecfg = cfg.evaluate.model_copy(update={"split": split} if split else {})
+    t0 = time.time()
+    res, run_id, uri = _run_logged(
+        cfg, "evaluate", model, mlflow,
+        lambda parent: evaluate_step(model, data_yaml, ecfg, imgsz, parent),
+        lambda: evaluate_model(model, data_yaml, ecfg.split, imgsz, ecfg.conf, ecfg.iou, ecfg.max_det))
+    t = Table(title=f"{model.name} on {data_yaml} [{ecfg.split}] @ {res.imgsz}px ({res.model_format}), "
+                    f"{int(res.metrics['images'])} images", show_header=True)
+    t.add_column("metric")
+    t.add_column("box", justify="right")
+    t.add_column("mask", justify="right")
+    for k in ("precision", "recall", "mAP50", "mAP50-95"):
+        t.add_row(k, _fmt(res.metrics[f"box/{k}"]), _fmt(res.metrics[f"mask/{k}"]))
+    console.print(t)
+    pc = Table(title="per class")
+    cols = ["class", "images", "instances", "box/AP50", "box/AP50-95", "mask/AP50", "mask/AP50-95"]
+    for c in cols:
+        pc.add_column(c, justify="left" if c == "class" else "right")
+    for row in res.per_class:
+        pc.add_row(*[_fmt(row[c]) for c in cols])
+    console.print(pc)
+    m = res.metrics
+    console.print(f"fitness {m['fitness']:.4f} | ms/image: pre {m['speed/preprocess_ms']:.1f}, "
+                  f"inference {m['speed/inference_ms']:.1f}, post {m['speed/postprocess_ms']:.1f}, "
+                  f"total {m['latency_ms']:.1f} | mAP at conf floor {ecfg.conf}, NMS IoU {ecfg.iou} "
+                  f"| {time.time() - t0:.1f} s")
+    _where(run_id, uri)
+
+
+def sweep(
+    model: ModelArg,
+    data: DataOpt,
+    split: SplitOpt = None,
+    imgsz: ImgszOpt = None,
+    conf: Annotated[list[float] | None, typer.Option(
+        "--conf", help="Confidence grid value (repeatable; default: sweep.conf).")] = None,
+    iou: Annotated[list[float] | None, typer.Option(
+        "--iou", help="NMS IoU grid value (repeatable; default: sweep.iou).")] = None,
+    objective: Annotated[str | None, typer.Option(
+        help="mask_f1 | fitness | recall_at_precision | damage_mae (default: sweep.objective).")] = None,
+    min_precision: Annotated[float | None, typer.Option(
+        help="Precision floor of recall_at_precision (default: sweep.min_precision).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for sweep.csv and the plots (default: <state>/reports/sweep-<run>).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+    mlflow: RunOpt = True,
+) -> None:
+    """Sweep confidence x NMS IoU with one inference pass and choose the operating point."""
+    cfg, paths = setup(config, sets, state_dir)
+    from rich.table import Table
+
+    from tasks.dataset import find_data_yaml
+    from tasks.runtime import configure_ultralytics
+    from tasks.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
+
+    update = {k: v for k, v in {"split": split, "conf": conf, "iou": iou, "objective": objective,
+                                "min_precision": min_precision}.items() if v}
+    if objective and objective not in OBJECTIVES:
+        run_guarded(get_objective, objective)
+    try:
+        scfg = type(cfg.sweep).model_validate({**cfg.sweep.model_dump(), **update})
+    except ValueError as e:  # pydantic ValidationError: a bad grid value or precision floor
+        fail(f"sweep options: {e}".replace("\n", " "))
+    configure_ultralytics(paths)
+    data_yaml = run_guarded(find_data_yaml, data)
+    res, run_id, uri = _run_logged(
+        cfg, "sweep", model, mlflow,
+        lambda parent: sweep_step(model, data_yaml, scfg, imgsz, parent, out_dir=out),
+        lambda: sweep_thresholds(model, data_yaml, scfg.split, imgsz, scfg.conf, scfg.iou, scfg.objective,
+                                 scfg.min_precision, out or paths.reports / "sweep", scfg.max_det))
+    obj = OBJECTIVES[res.objective]
+    t = Table(title=f"threshold sweep: {model.name} on {data_yaml} [{scfg.split}], {res.images} images "
+                    f"(mAP at conf floor 0.001)")
+    cols = {"conf": "conf", "iou": "iou", "mask/precision": "mask P", "mask/recall": "mask R", "mask/f1": "mask F1",
+            "box/f1": "box F1", "mask/mAP50-95": "mask mAP", "box/mAP50-95": "box mAP",
+            "dets_per_image": "dets/img", "damage_mae": "dmg MAE"}
+    for head in cols.values():
+        t.add_column(head, justify="right")
+    for r in res.rows:
+        chosen = r["conf"] == res.best["conf"] and r["iou"] == res.best["iou"]
+        t.add_row(*[f"{r[c]:.2f}" if c in ("conf", "iou", "damage_mae", "dets_per_image")
+                    and math.isfinite(r[c]) else _fmt(r[c])[:5] for c in cols],
+                  style="bold green" if chosen else None)
+    t.caption = "mAP = mAP50-95 at the row's NMS IoU; P/R/F1 micro-averaged at IoU 0.5; dmg MAE in % points"
+    console.print(t)
+    th = res.thresholds
+    feas = "" if res.best.get("feasible", True) else f" [red](no point reaches precision {res.min_precision})[/]"
+    console.print(f"operating point: conf={th['conf']:.2f} iou={th['iou']:.2f}  "
+                  f"({res.objective}: {obj.key} = {_fmt(th['value'])}){feas}")
+    console.print(f"files: {res.csv_path}\n       {res.heatmap_path}\n       {res.pr_plot_path}")
+    _where(run_id, uri)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)
+    app.command("sweep")(sweep)

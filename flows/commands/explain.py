@@ -1,0 +1,69 @@
+"""``damage explain``: Grad-CAM / EigenCAM heatmaps for every detected instance of an image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+
+
+def explain(
+    image: Annotated[Path, typer.Argument(help="Image file, or a folder of images (each is explained).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Segmentation model checkpoint (.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <out>/<image stem>/*.png + explanations.json.")],
+    method: Annotated[str | None, typer.Option("--method", help="gradcam (per instance) or eigencam (default: explain.method).")] = None,
+    layer: Annotated[str | None, typer.Option("--layer", help="Layer to explain, e.g. model.21 or 21 (default: the neck layer feeding the head at each instance's stride).")] = None,
+    conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold of explained detections (default: explain.conf).")] = None,
+    iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: explain.iou).")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Letterbox size (default: the model's training size).")] = None,
+    max_instances: Annotated[int | None, typer.Option("--max-instances", help="Most instances explained per image (default: explain.max_instances).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Explain what the model looked at: one heatmap overlay per detected instance and a grid per image."""
+    cfg, _ = setup(config, sets, state_dir)
+    e = cfg.explain
+    method = method or e.method
+    if method not in ("gradcam", "eigencam"):
+        fail(f"--method must be gradcam or eigencam, got '{method}'")
+    if not image.exists():
+        fail(f"{image}: image not found")
+    if not model.is_file():
+        fail(f"{model}: model file not found")
+
+    from tasks.explain import IMAGE_SUFFIXES, explain_to_dir
+
+    images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if image.is_dir() else [image]
+    if not images:
+        fail(f"{image}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    files = run_guarded(explain_to_dir, model, images, out, method, layer or e.layer,
+                        e.conf if conf is None else conf, e.iou if iou is None else iou, imgsz,
+                        e.max_instances if max_instances is None else max_instances)
+    _report(files)
+
+
+def _report(files: list[Path]) -> None:
+    import json
+
+    for js in (f for f in files if f.name == "explanations.json"):
+        info = json.loads(js.read_text())
+        inst = info["instances"]
+        console.print(f"{Path(info['image']).name}: {len(inst)} instance(s) explained with {info['method']}",
+                      highlight=False, soft_wrap=True, markup=False)
+        for k, i in enumerate(inst):
+            console.print(f"  {k:02d} {i['class']:<14} score {i['score']:.2f}  layer {i['layer']} (stride {i['stride']})"
+                          f"  heat in box {i['heat_in_box']:.0%} vs box area {i['box_area_share']:.0%}",
+                          highlight=False, soft_wrap=True, markup=False)
+        console.print(f"  grid: {js.parent / 'grid.png'}", highlight=False, soft_wrap=True, markup=False)
+    pngs = [f for f in files if f.suffix == ".png"]
+    out = files[0].parent.parent if files else None
+    console.print(f"wrote {len(pngs)} PNG(s) under {out}", highlight=False, soft_wrap=True, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``damage explain`` to the CLI."""
+    app.command("explain")(explain)

@@ -1,0 +1,169 @@
+"""``damage export`` (ONNX + parity gate) and ``damage predict`` (ONNX Runtime, JSON + overlay per image)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.common import ConfigOpt, SetOpt, StateOpt, console, err_console, fail, run_guarded, setup
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _checkpoint_imgsz(weights: Path) -> int | None:
+    """The image size the checkpoint was trained at (its saved train args), if any."""
+    try:
+        from ultralytics import YOLO
+
+        sz = (YOLO(str(weights)).ckpt or {}).get("train_args", {}).get("imgsz")
+        return int(sz if isinstance(sz, int) else max(sz)) if sz else None
+    except Exception:
+        return None
+
+
+def export_cmd(
+    weights: Annotated[Path, typer.Argument(help="Trained Ultralytics checkpoint (.pt).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file to write (default: beside the .pt).")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Input size (default: export.imgsz, else the checkpoint's train size).")] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: export.opset; 12 works for FP32).")] = None,
+    dynamic: Annotated[bool | None, typer.Option("--dynamic/--no-dynamic", help="Dynamic batch and image size (default: export.dynamic).")] = None,
+    simplify: Annotated[bool | None, typer.Option("--simplify/--no-simplify", help="Simplify with onnxslim (default: export.simplify).")] = None,
+    conf: Annotated[float | None, typer.Option("--conf", help="Operating confidence to store in the metadata.")] = None,
+    iou: Annotated[float | None, typer.Option("--iou", help="Operating NMS IoU to store in the metadata.")] = None,
+    images: Annotated[list[Path] | None, typer.Option("--image", help="Parity-gate image (repeatable; default: generated images).")] = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Export a checkpoint to ONNX with metadata, then run the PyTorch-vs-ONNX-Runtime parity gate."""
+    cfg, paths = setup(config, sets, state_dir)
+    if not weights.is_file():
+        fail(f"{weights}: checkpoint not found")
+    from tasks.runtime import configure_ultralytics
+
+    configure_ultralytics(paths)
+    from tasks.export import export_onnx, parity_check, read_onnx_metadata
+
+    e = cfg.export
+    size = imgsz or e.imgsz or _checkpoint_imgsz(weights) or cfg.train.imgsz
+    target = (out or weights.with_suffix(".onnx")).resolve()
+    meta: dict[str, Any] = {"source_weights": str(weights.resolve())}
+    if conf is not None:
+        meta["conf"] = conf
+    if iou is not None:
+        meta["iou"] = iou
+    opset_ = opset or e.opset
+    run_guarded(export_onnx, weights, target, size, opset_, e.dynamic if dynamic is None else dynamic,
+                e.simplify if simplify is None else simplify, meta)
+    console.print(f"exported {weights} -> {target} (imgsz {size}, opset {opset_}, "
+                  f"{target.stat().st_size / 2**20:.1f} MB)", highlight=False, soft_wrap=True)
+    res = run_guarded(parity_check, weights, target, list(images) if images else e.parity_images, size, e.parity_atol)
+    f = res.figures
+    console.print(f"parity gate passed on {res.images} image(s), atol {res.atol:g}: detections max abs "
+                  f"{f['det_max_abs']:.3g} (mean {f['det_mean_abs']:.3g}; boxes {f['box_max_abs_px']:.3g} px, scores "
+                  f"{f['score_max_abs']:.3g}), prototypes max abs {f['proto_max_abs']:.3g} (mean {f['proto_mean_abs']:.3g})",
+                  highlight=False, soft_wrap=True)
+    md = read_onnx_metadata(target)
+    console.print(f"metadata: names={md.get('names')} imgsz={md.get('imgsz')} stride={md.get('stride')} "
+                  f"conf={md.get('conf')} iou={md.get('iou')}", highlight=False, soft_wrap=True)
+
+
+def _list_images(src: Path) -> list[Path]:
+    from tasks.fingerprint import IMAGE_EXTS
+
+    if src.is_dir():
+        return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return [src]
+
+
+def _out_names(images: list[Path]) -> dict[Path, str]:
+    """NAME for each image: its stem, or stem_ext where two images share a stem."""
+    stems: dict[str, int] = {}
+    for p in images:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    return {p: p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in images}
+
+
+def predict_cmd(
+    source: Annotated[Path, typer.Argument(help="An image or a folder of images.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model (.onnx).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for NAME.json and NAME.png.")],
+    conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold (default: the model's metadata).")] = None,
+    iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: the model's metadata).")] = None,
+    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Write NAME.png overlays.")] = True,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Segment damage with ONNX Runtime; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
+    setup(config, sets, state_dir)
+    if not source.exists():
+        fail(f"{source}: no such image or folder")
+    if not model.is_file():
+        fail(f"{model}: model not found")
+    images = _list_images(source)
+    if not images:
+        fail(f"{source}: no images (extensions: jpg, jpeg, png, bmp, tif, tiff, webp)")
+    import cv2
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tasks.draw import draw_prediction
+    from tasks.errors import DamageError
+    from tasks.predictor import Predictor, read_image
+
+    pred = run_guarded(Predictor, model, conf=conf, iou=iou)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _out_names(images)
+    index, failed = [], 0
+    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, disable=len(images) == 1, transient=True) as bar:
+        task = bar.add_task("predict", total=len(images))
+        for p in images:
+            name = names[p]
+            try:
+                im = read_image(p)
+                res = pred.predict(im)[0]
+                doc = res.to_dict(str(p), str(model), pred.conf, pred.iou)
+                if overlay:
+                    ok, buf = cv2.imencode(".png", draw_prediction(im, res))
+                    if not ok:
+                        raise DamageError(f"{p}: could not encode the overlay")
+                    _atomic_write(out / f"{name}.png", buf.tobytes())
+                index.append({"image": str(p), "json": f"{name}.json", "instances": len(res.instances),
+                              "damage_percent": doc["damage_percent"]})
+            except (DamageError, cv2.error) as e:
+                failed += 1
+                doc = {"image": str(p), "model": str(model), "error": str(e)}
+                index.append({"image": str(p), "json": f"{name}.json", "error": str(e)})
+                err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _atomic_write(out / f"{name}.json", (json.dumps(doc, indent=1) + "\n").encode())
+            bar.advance(task)
+    _atomic_write(out / "index.json", (json.dumps(index, indent=1) + "\n").encode())
+    if len(images) == 1 and not failed:
+        d = index[0]
+        pct = "n/a" if d["damage_percent"] is None else f"{d['damage_percent']:.1f}%"
+        console.print(f"{images[0]}: {d['instances']} instance(s), damage {pct}", highlight=False, soft_wrap=True)
+    console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}) "
+                  f"-> {out}", highlight=False, soft_wrap=True)
+    if failed:
+        err_console.print(f"{failed} image(s) failed; see their JSON files", highlight=False)
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)
+    app.command("predict")(predict_cmd)

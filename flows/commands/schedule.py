@@ -1,0 +1,52 @@
+"""``damage schedule``: serve the nightly, promote and compress deployments (or register them with a pool)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+
+
+def schedule(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="Default dataset URI of nightly runs (default: data.source).")]
+    = None,
+    model_size: Annotated[str | None, typer.Option(help="Default model size n|s|m|l|x or .pt (default: train.model).")]
+    = None,
+    work_pool: Annotated[str | None, typer.Option(
+        help="Register the deployments with this work pool and exit (run them with `prefect worker start "
+             "--pool NAME`); default: serve them from this process.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Max concurrent runs served by this process.")] = None,
+) -> None:
+    """Serve the nightly retraining deployment on its cron schedule (plus promote/compress on demand)."""
+    import os
+
+    cfg, _ = setup(config, sets, state_dir)
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
+                      "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
+    from flows.deploy import build_deployments, register_with_pool, serve_all
+
+    deployments = run_guarded(build_deployments, cfg, config, overrides=list(sets or []), dataset=dataset,
+                              model_size=model_size, work_pool=work_pool)
+    for d in deployments:
+        sched = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in (d.schedules or [])
+                          if hasattr(s.schedule, "cron")) or "on demand"
+        console.print(f"deployment [bold]{d.flow_name}/{d.name}[/]: {sched}")
+    if work_pool:
+        try:
+            ids = register_with_pool(deployments, work_pool)
+        except ValueError as e:  # e.g. work pool missing
+            fail(f"{e} (create it: prefect work-pool create {work_pool} --type process)")
+        console.print(f"registered {len(ids)} deployments with work pool '{work_pool}'. "
+                      f"Start a worker: prefect worker start --pool {work_pool}")
+        return
+    serve_all(deployments, limit=limit)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("schedule")(schedule)

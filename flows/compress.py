@@ -1,0 +1,56 @@
+"""The ``compress`` flow: measure the parent, run the configured chain, gate, choose.
+
+Wiring only: every step is a function of ``tasks/compress.py`` wrapped as a Prefect task.
+The nightly flow calls :func:`compress_flow` as a subflow when ``compress.enabled``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import compress as C
+from tasks.config import config_from_dict
+
+_opts = {"cache_policy": NO_CACHE}
+
+root_task = task(C.root_variant, name="compress-parent", **_opts)
+measure_task = task(C.measure_variant, name="compress-measure", **_opts)
+step_task = task(C.apply_step, name="compress-step", **_opts)
+finalize_task = task(C.finalize, name="compress-gate-and-choose", **_opts)
+plan_task = task(C.plan_steps, name="compress-plan", **_opts)
+
+
+@flow(name="compress", log_prints=True)
+def compress_flow(parent_weights: str, parent_onnx: str, data_yaml: str, config: dict[str, Any],
+                  parent_run_id: str | None = None, out_dir: str | None = None) -> dict[str, Any]:
+    """Run the compression chain on a trained model and return the chosen variant.
+
+    Args:
+        parent_weights: the trained ``.pt``.
+        parent_onnx: its FP32 ONNX export.
+        data_yaml: dataset (fine-tuning, calibration, evaluation).
+        config: ``Config.to_dict()``.
+        parent_run_id: MLflow run the ``compress`` run nests under (None: no MLflow logging).
+        out_dir: where variants go (default: ``<state_dir>/models/compress/<parent stem>``).
+
+    Returns:
+        ``{"name", "path", "onnx", "weights", "kind", "parent", "metrics", "compressed", "table",
+        "plot", "run_id"}`` of the chosen variant.
+    """
+    cfg = config_from_dict(config)
+    imgsz = cfg.export.imgsz or cfg.train.imgsz
+    out = Path(out_dir) if out_dir else C.default_out_dir(cfg, parent_weights)
+    steps = plan_task(cfg.compress.steps)
+    root = measure_task(root_task(parent_weights, parent_onnx, imgsz), data_yaml, imgsz, cfg.evaluate)
+    variants, head = [root], root
+    for step in steps:
+        res = step_task(step, head, root, data_yaml, cfg, out / step, imgsz)
+        measured = [measure_task(v, data_yaml, imgsz, cfg.evaluate, root_metrics=root.metrics)
+                    for v in res.variants]
+        variants += measured
+        head = next((v for v in measured if v.name == res.head.name), head)
+    return finalize_task(variants, root, cfg, out, parent_run_id)

@@ -1,0 +1,132 @@
+"""Prefect deployments of the project's flows, built from the config.
+
+* ``nightly``: the retraining flow on the ``schedule.cron`` / ``schedule.timezone`` schedule
+  (default 02:00 UTC), deployment concurrency limit 1 so two runs never overlap (a run that
+  would overlap waits in the queue), parameters ``dataset`` (URI) and ``model_size``.
+  Flow runs retry on failure (``FLOW_RETRIES``); training then resumes from the previous
+  attempt's ``last.pt`` (see ``tasks/skip.py``).
+* ``promote``: the promotion flow (gate + human approval), run on demand with a version.
+* ``compress``: the compression flow, run on demand (when ``flows/compress.py`` exists).
+
+Two ways to run them, same definitions:
+
+* ``damage schedule`` serves every deployment from one process (``prefect.serve``): simplest,
+  no work pool. Runs execute as subprocesses of that process.
+* ``damage schedule --work-pool damage-process`` registers them with a work pool (entrypoints
+  are module paths, so any worker with this package installed can run them) and returns; a
+  ``prefect worker start --pool damage-process`` executes the runs. ``infra/prefect.yaml`` is
+  the same thing for ``prefect deploy``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Config
+
+# A nightly run that fails (server hiccup, node lost) is retried as a whole after these seconds;
+# the skip check then short-circuits nothing (no success recorded) and training resumes.
+FLOW_RETRIES = 2
+FLOW_RETRY_DELAY_S = 300
+NIGHTLY_TAGS = ["damage", "nightly"]
+
+
+def nightly_parameters(flow_fn: Any, config_path: str | None, dataset: str | None = None,
+                       model_size: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Default parameters of the nightly deployment.
+
+    Uses the flow's own ``dataset`` / ``model_size`` parameters when it has them (so they show as
+    separate fields in the Prefect UI), else folds them into ``overrides``.
+    """
+    params: dict[str, Any] = {"config_path": config_path, "force": False}
+    accepted = inspect.signature(getattr(flow_fn, "fn", flow_fn)).parameters
+    overrides = list(overrides or [])
+    for name, key, value in (("dataset", "data.source", dataset), ("model_size", "train.model", model_size)):
+        if name in accepted:
+            params[name] = value
+        elif value is not None:
+            overrides.append(f"{key}={value}")
+    params["overrides"] = overrides
+    return params
+
+
+def build_deployments(cfg: Config, config_path: str | Path | None = None, *, overrides: list[str] | None = None,
+                      dataset: str | None = None, model_size: str | None = None, work_pool: str | None = None,
+                      schedule: bool = True) -> list[Any]:
+    """RunnerDeployments for nightly, promote and (if present) compress.
+
+    Args:
+        cfg: resolved config (schedule, registry and MLflow sections are read).
+        config_path: YAML the flows load at run time (absolute path recommended); None = default.
+        overrides: ``key=value`` overrides every nightly run applies (the ``--set`` of ``damage schedule``):
+            the flow reloads the config at run time, so they must travel as a parameter.
+        dataset: default ``data.source`` of the nightly runs (``s3://...``, a folder, ``synth``).
+        model_size: default ``train.model`` (n|s|m|l|x or a .pt path).
+        work_pool: work pool name when deploying to workers (entrypoints become module paths).
+        schedule: attach the cron schedule (tests pass False and trigger runs by hand).
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    from flows.nightly import nightly
+
+    cp = str(Path(config_path).resolve()) if config_path else None
+    common: dict[str, Any] = {"work_pool_name": work_pool}
+    if work_pool:  # a worker imports the flow from the installed package, no code storage needed
+        common["entrypoint_type"] = EntrypointType.MODULE_PATH
+    flow = nightly.with_options(retries=FLOW_RETRIES, retry_delay_seconds=FLOW_RETRY_DELAY_S)
+    deployments = [flow.to_deployment(
+        "nightly",
+        schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)] if schedule else None,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        parameters=nightly_parameters(nightly, cp, dataset or cfg.data.source, model_size or cfg.train.model,
+                                      overrides),
+        description="Nightly retraining: data gate, train, evaluate, sweep, export, register, promotion gate. "
+                    "Skips when data, config and code are unchanged (force=true to run anyway).",
+        tags=NIGHTLY_TAGS,
+        **common,
+    )]
+    try:
+        from flows.promote import promote
+    except ImportError:
+        promote = None
+    if promote is not None:
+        deployments.append(promote.to_deployment(
+            "promote",
+            parameters={"model_name": cfg.registry.model_name, "tracking_uri": cfg.mlflow.tracking_uri or "",
+                        "registry": cfg.registry.model_dump(mode="json"),
+                        "wait_for_approval": cfg.registry.wait_for_approval},
+            description="Gate a registered version against production, then pause for approval. "
+                        "Run with parameters version=<N> and evaluator='module:function'.",
+            tags=["damage", "registry"],
+            enforce_parameter_schema=False,  # `version` is supplied per run
+            **common,
+        ))
+    try:
+        from flows.compress import compress_flow
+    except ImportError:  # compression engineer's flow not there yet
+        compress_flow = None
+    if compress_flow is not None:
+        deployments.append(compress_flow.to_deployment(
+            "compress", description="Compression chain on a trained model (distill, prune, quantize).",
+            tags=["damage", "compress"], enforce_parameter_schema=False, **common))
+    return deployments
+
+
+def register_with_pool(deployments: list[Any], work_pool: str) -> list[str]:
+    """Create/update the deployments on the server for ``work_pool``; returns their ids."""
+    from prefect.deployments.runner import deploy
+
+    ids = deploy(*deployments, work_pool_name=work_pool, build=False, push=False, print_next_steps_message=False,
+                 ignore_warnings=True)
+    return [str(i) for i in ids]
+
+
+def serve_all(deployments: list[Any], limit: int | None = None) -> None:
+    """Serve the deployments from this process until interrupted (runs execute as subprocesses)."""
+    from prefect import serve
+
+    serve(*deployments, limit=limit, print_starting_message=True)

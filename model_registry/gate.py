@@ -1,0 +1,170 @@
+"""The automatic promotion gate: candidate vs. current production, same data, same call.
+
+``gate_candidate`` downloads the candidate's ONNX and the production version's ONNX, scores
+both with the one ``evaluate_fn`` it is given (so both see the same validation data, the same
+evaluator settings and the same machine for latency), compares them with ``compare`` and, on
+a pass, moves ``staging`` to the candidate. The decision and both sides' figures are stored
+as ``gate.*`` tags on the candidate version and returned for logging to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from model_registry.errors import PromotionRefused, RegistryError
+from model_registry.registry import (
+    PRODUCTION,
+    T_VALIDATION,
+    _now,
+    _set_tags,
+    _version,
+    alias_version,
+    download_onnx,
+    get_client,
+    set_staging,
+)
+from tasks.config import RegistryConfig
+from tasks.errors import GateFailed
+
+MASK = "mask/mAP50-95"
+BOX = "box/mAP50-95"
+LATENCY = "latency_ms"
+GATE_KEYS = (MASK, BOX, LATENCY)
+
+EvaluateFn = Callable[[Path], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Outcome of the gate for one candidate version."""
+
+    model_name: str
+    version: str
+    passed: bool
+    reasons: list[str]
+    candidate: dict[str, float]
+    production: dict[str, float] | None = None
+    production_version: str | None = None
+    tolerance: float = 0.0
+    latency_budget_ms: float | None = None
+    floor_mask_map: float = 0.0
+    at: str = field(default_factory=_now)
+
+    def figures(self) -> dict[str, float]:
+        """Flat numbers for ``log_metrics``: ``gate.candidate.*``, ``gate.production.*``, ``gate.passed``."""
+        out = {f"gate.candidate.{k}": v for k, v in self.candidate.items()}
+        out.update({f"gate.production.{k}": v for k, v in (self.production or {}).items()})
+        out["gate.passed"] = 1.0 if self.passed else 0.0
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def raise_if_failed(self) -> None:
+        """Raise ``GateFailed`` with the reasons when the candidate did not pass."""
+        if not self.passed:
+            raise GateFailed(f"'{self.model_name}' version {self.version} failed the promotion gate: "
+                             + "; ".join(self.reasons))
+
+
+def compare(candidate: Mapping[str, float], production: Mapping[str, float] | None, *, tolerance: float,
+            latency_budget_ms: float | None, floor_mask_map: float) -> tuple[bool, list[str]]:
+    """The gate rule as a pure function: ``(passed, reasons)``; reasons explain every check.
+
+    With a production version: candidate mask and box mAP50-95 may each be at most ``tolerance``
+    below production's. Without one: candidate mask mAP50-95 must reach ``floor_mask_map``.
+    Always: candidate latency must not exceed ``latency_budget_ms`` (when set).
+
+    Example:
+        >>> compare({"mask/mAP50-95": .30, "box/mAP50-95": .35, "latency_ms": 9}, None,
+        ...         tolerance=.01, latency_budget_ms=None, floor_mask_map=.05)
+        (True, ['mask/mAP50-95 0.3000 >= floor 0.0500 (no production version)'])
+    """
+    ok, reasons = True, []
+    if production is None:
+        good = candidate[MASK] >= floor_mask_map
+        ok &= good
+        reasons.append(f"{MASK} {candidate[MASK]:.4f} {'>=' if good else '<'} floor {floor_mask_map:.4f} "
+                       f"(no production version)")
+    else:
+        for key in (MASK, BOX):
+            limit = production[key] - tolerance
+            good = candidate[key] >= limit
+            ok &= good
+            reasons.append(f"{key} {candidate[key]:.4f} vs production {production[key]:.4f}: "
+                           f"{'within' if good else 'worse than'} tolerance {tolerance:g}")
+    if latency_budget_ms is not None:
+        good = candidate[LATENCY] <= latency_budget_ms
+        ok &= good
+        reasons.append(f"{LATENCY} {candidate[LATENCY]:.2f} {'<=' if good else '>'} budget {latency_budget_ms:g}")
+    return bool(ok), reasons
+
+
+def _checked(metrics: Mapping[str, float], side: str, onnx: Path) -> dict[str, float]:
+    missing = [k for k in GATE_KEYS if k not in metrics]
+    if missing:
+        raise RegistryError(f"evaluator returned no {', '.join(missing)} for the {side} model {onnx.name}")
+    out = {k: float(metrics[k]) for k in GATE_KEYS}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise RegistryError(f"evaluator returned non-finite {', '.join(bad)} for the {side} model {onnx.name}")
+    return out
+
+
+def gate_candidate(client: MlflowClient | str, model_name: str, version: str | int, evaluate_fn: EvaluateFn,
+                   cfg: RegistryConfig, *, by: str = "gate", work_dir: str | Path | None = None) -> GateDecision:
+    """Evaluate the candidate and production on the same data now; stage the candidate on a pass.
+
+    Args:
+        client: client or tracking URI.
+        model_name: registered model name.
+        version: candidate version (``approval`` must still be ``pending``).
+        evaluate_fn: ``onnx_path -> {"mask/mAP50-95", "box/mAP50-95", "latency_ms", ...}``; called
+            for the candidate and then the production version.
+        cfg: ``registry:`` section (tolerance, latency budget, floor, lock timeout).
+        by: recorded as the mover of ``staging`` in the history.
+        work_dir: where to download the ONNX files (default: a temporary directory).
+
+    Returns:
+        The decision; ``validation_status`` and ``gate.*`` tags are set on the version either way.
+
+    Raises:
+        PromotionRefused: the version was already approved or rejected.
+    """
+    c = get_client(client)
+    version = str(version)
+    info = _version(c, model_name, version)
+    if info.approval != "pending":
+        raise PromotionRefused(f"'{model_name}' version {version} is already {info.approval}; the gate only "
+                               f"judges pending versions")
+    prod_version = alias_version(c, model_name, PRODUCTION)
+    if prod_version == version:
+        prod_version = None
+    with tempfile.TemporaryDirectory(prefix="gate-", dir=work_dir) as d:
+        cand_onnx = download_onnx(c, model_name, version, Path(d, "candidate"))
+        cand = _checked(evaluate_fn(cand_onnx), "candidate", cand_onnx)
+        prod = None
+        if prod_version is not None:
+            prod_onnx = download_onnx(c, model_name, prod_version, Path(d, "production"))
+            prod = _checked(evaluate_fn(prod_onnx), "production", prod_onnx)
+    passed, reasons = compare(cand, prod, tolerance=cfg.tolerance, latency_budget_ms=cfg.latency_budget_ms,
+                              floor_mask_map=cfg.floor_mask_map)
+    decision = GateDecision(model_name, version, passed, reasons, cand, prod, prod_version, cfg.tolerance,
+                            cfg.latency_budget_ms, cfg.floor_mask_map)
+    tags: dict[str, object] = {f"gate.candidate.{k}": repr(v) for k, v in cand.items()}
+    tags.update({f"gate.production.{k}": repr(v) for k, v in (prod or {}).items()})
+    tags.update({"gate.decision": "passed" if passed else "failed", "gate.reasons": "; ".join(reasons)[:5000],
+                 "gate.production_version": prod_version or "none", "gate.tolerance": cfg.tolerance,
+                 "gate.latency_budget_ms": "none" if cfg.latency_budget_ms is None else cfg.latency_budget_ms,
+                 "gate.floor_mask_map": cfg.floor_mask_map,
+                 "gate.at": decision.at, T_VALIDATION: "passed" if passed else "failed"})
+    _set_tags(c, model_name, version, tags)
+    if passed:
+        set_staging(c, model_name, version, by=by, reason="; ".join(reasons), lock_timeout_s=cfg.lock_timeout_s)
+    return decision

@@ -1,0 +1,567 @@
+"""Versions, aliases, approvals, rollback and the alias-move history of one registered model.
+
+Every function takes an ``MlflowClient`` or a tracking URI (``get_client``): nothing here reads
+a global tracking URI. Alias moves happen under ``registry_lock`` and re-read the state they
+depend on inside the lock, so racing processes serialise and see each other's moves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from model_registry.errors import AccessDenied, PromotionRefused, RegistryError
+from model_registry.lock import LOCK_SUFFIX, registry_lock
+
+STAGING = "staging"
+PRODUCTION = "production"
+
+# Version tags (see the package docstring for the full schema).
+T_VALIDATION = "validation_status"  # pending | passed | failed
+T_APPROVAL = "approval"  # pending | approved | rejected
+T_APPROVED_BY = "approved_by"
+T_APPROVED_AT = "approved_at"
+T_APPROVED_VIA = "approved_via"  # the MLflow account that made the move
+T_APPROVAL_SEQ = "approval_seq"  # history sequence number of the approval (orders approvals)
+T_REJECTED_BY = "rejected_by"
+T_REJECTED_AT = "rejected_at"
+T_REASON = "reason"
+T_ROLLED_BACK_AT = "rolled_back_at"
+T_ROLLED_BACK_BY = "rolled_back_by"
+T_ARTIFACT_ONNX = "artifact.onnx"
+T_ARTIFACT_PT = "artifact.pt"
+METRIC_PREFIX = "metric."
+THRESHOLD_PREFIX = "threshold."
+LINEAGE_REQUIRED = ("dataset_fingerprint", "config_hash", "code_version")
+LINEAGE_KEYS = (*LINEAGE_REQUIRED, "source_run_id", "parent_version")
+
+# Registered-model tags: one tag per alias move. One JSON list in one tag would hit the
+# 5000-character column of registered_model_tags in the SQL stores after ~30 moves; one tag
+# per move keeps each write small and atomic, and the lock makes sequence numbers unique.
+HISTORY_PREFIX = "alias_history."
+HISTORY_LIMIT = 500
+REASON_MAX = 2000
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One move of an alias: ``version_from`` -> ``version_to`` (None = unset)."""
+
+    seq: int
+    alias: str
+    version_from: str | None
+    version_to: str | None
+    action: str  # gate | approve | reject | rollback
+    by: str
+    identity: str | None
+    at: str
+    reason: str
+
+    def to_json(self) -> str:
+        return json.dumps({"seq": self.seq, "alias": self.alias, "from": self.version_from,
+                           "to": self.version_to, "action": self.action, "by": self.by,
+                           "identity": self.identity, "at": self.at, "reason": self.reason},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AliasMove:
+        d = json.loads(text)
+        return cls(int(d["seq"]), d["alias"], d.get("from"), d.get("to"), d.get("action", ""),
+                   d.get("by", ""), d.get("identity"), d.get("at", ""), d.get("reason", ""))
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A registered model version as this package sees it."""
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def approval(self) -> str:
+        return self.tags.get(T_APPROVAL, "pending")
+
+    @property
+    def validation_status(self) -> str:
+        return self.tags.get(T_VALIDATION, "pending")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for k, v in self.tags.items():
+            if k.startswith(METRIC_PREFIX):
+                try:
+                    out[k[len(METRIC_PREFIX):]] = float(v)
+                except ValueError:
+                    pass
+        return out
+
+
+def get_client(client_or_uri: MlflowClient | str | None) -> MlflowClient:
+    """An ``MlflowClient`` with tracking and registry URI both set explicitly.
+
+    Args:
+        client_or_uri: an existing client (returned as is) or a tracking URI
+            (``sqlite:///...``, ``postgresql://...``, ``http://host:5000``).
+    """
+    if isinstance(client_or_uri, MlflowClient):
+        return client_or_uri
+    if not client_or_uri:
+        raise RegistryError("no MLflow tracking URI given (set mlflow.tracking_uri or MLFLOW_TRACKING_URI)")
+    return MlflowClient(tracking_uri=client_or_uri, registry_uri=client_or_uri)
+
+
+def current_identity() -> str | None:
+    """The MLflow account this process authenticates as (basic auth), or None when anonymous.
+
+    MLflow's REST client reads the credentials per request from ``MLFLOW_TRACKING_USERNAME``/
+    ``MLFLOW_TRACKING_PASSWORD`` or ``~/.mlflow/credentials``; this reads the same source.
+    """
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    return read_mlflow_creds().username or None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _code(e: MlflowException) -> str:
+    return str(getattr(e, "error_code", ""))
+
+
+def _denied(e: MlflowException) -> bool:
+    code = _code(e)
+    return "PERMISSION_DENIED" in code or "UNAUTHENTICATED" in code or e.get_http_status_code() in (401, 403)
+
+
+@contextmanager
+def _mlflow_errors(client: MlflowClient, what: str) -> Iterator[None]:
+    """Turn the server's 401/403 into an ``AccessDenied`` that names the user and the action."""
+    try:
+        yield
+    except MlflowException as e:
+        if _denied(e):
+            who = current_identity() or "(anonymous)"
+            raise AccessDenied(
+                f"MLflow server {client.tracking_uri} refused to let user '{who}' {what} "
+                f"({_code(e) or e.get_http_status_code()}); ask an MLflow admin for the permission "
+                f"(see infra/mlflow-auth/README.md)"
+            ) from None
+        raise
+
+
+def check_approver(model_name: str, approvers: Sequence[str] | None, action: str) -> str | None:
+    """Refuse a ``production`` move unless the current MLflow user is a configured approver.
+
+    MLflow's permissions are per registered model, not per alias: the pipeline account needs
+    EDIT to set ``staging`` and EDIT also allows ``production``. This is the client-side half of
+    the policy (see infra/mlflow-auth/README.md for what the server enforces).
+
+    Args:
+        model_name: the model whose production alias would move.
+        approvers: allowed MLflow user names; empty/None = no client-side check (local use).
+        action: verb for the message.
+
+    Returns:
+        The MLflow identity in use (None when anonymous).
+    """
+    who = current_identity()
+    if approvers and who not in approvers:
+        raise AccessDenied(
+            f"MLflow user '{who or '(anonymous)'}' may not {action} '{model_name}': only "
+            f"{', '.join(approvers)} may move the '{PRODUCTION}' alias (registry.approvers); "
+            f"set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD to an approver account"
+        )
+    return who
+
+
+def _version(client: MlflowClient, name: str, version: str | int) -> VersionInfo:
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+            raise RegistryError(f"registered model '{name}' has no version {version}") from None
+        with _mlflow_errors(client, f"read '{name}' version {version}"):
+            raise
+    return _info(mv)
+
+
+def _info(mv) -> VersionInfo:
+    created = ""
+    if getattr(mv, "creation_timestamp", None):
+        created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds")
+    return VersionInfo(name=mv.name, version=str(mv.version), run_id=mv.run_id, source=mv.source,
+                       aliases=tuple(getattr(mv, "aliases", None) or ()), tags=dict(mv.tags or {}),
+                       created_at=created)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """Version number the alias points to, or None if unset (or the model does not exist)."""
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+            return None
+        raise
+    aliases = rm.aliases or {}
+    v = aliases.get(alias)
+    return str(v) if v is not None else None
+
+
+def _set_tags(client: MlflowClient, name: str, version: str, tags: Mapping[str, object]) -> None:
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def _history_tags(client: MlflowClient, name: str) -> dict[int, str]:
+    tags = client.get_registered_model(name).tags or {}
+    out = {}
+    for k, v in tags.items():
+        if k.startswith(HISTORY_PREFIX):
+            try:
+                out[int(k[len(HISTORY_PREFIX):])] = v
+            except ValueError:
+                pass
+    return out
+
+
+def _append_history(client: MlflowClient, name: str, moves: Sequence[dict], limit: int = HISTORY_LIMIT) -> list[AliasMove]:
+    """Record alias moves (call with the registry lock held: sequence numbers come from a read)."""
+    existing = _history_tags(client, name)
+    seq = max(existing, default=0)
+    written = []
+    for m in moves:
+        seq += 1
+        move = AliasMove(seq=seq, at=_now(), identity=current_identity(),
+                         reason=(m.get("reason") or "")[:REASON_MAX],
+                         **{k: v for k, v in m.items() if k != "reason"})
+        client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{seq:06d}", move.to_json())
+        written.append(move)
+    # Bound the history: drop the oldest entries beyond the limit.
+    for old in sorted(existing)[: max(0, len(existing) + len(written) - limit)]:
+        client.delete_registered_model_tag(name, f"{HISTORY_PREFIX}{old:06d}")
+    return written
+
+
+def _move_alias(client: MlflowClient, name: str, alias: str, to: str | None, what: str) -> str | None:
+    """Point ``alias`` at ``to`` (None = delete it); returns where it pointed before."""
+    before = alias_version(client, name, alias)
+    with _mlflow_errors(client, what):
+        if to is None:
+            if before is not None:
+                client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, to)
+    return before
+
+
+def _copy_as(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src)  # no copy of large weights when on the same filesystem
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model if it does not exist yet (concurrency-safe)."""
+    if name.endswith(LOCK_SUFFIX):
+        raise RegistryError(f"model name '{name}' ends with '{LOCK_SUFFIX}', reserved for registry locks")
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" not in _code(e):
+            raise
+    try:
+        with _mlflow_errors(client, f"create registered model '{name}'"):
+            client.create_registered_model(name, description="vehicle-damage segmentation (damage pipeline)")
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in _code(e):
+            raise
+
+
+LogModelFn = Callable[[str, Path, Path | None], tuple[str, str]]
+
+
+def register_candidate(client_or_uri: MlflowClient | str, model_name: str, run_id: str, onnx_path: str | Path,
+                       pt_path: str | Path | None, metrics: Mapping[str, float], thresholds: Mapping[str, float],
+                       lineage: Mapping[str, str], *, log_model_fn: LogModelFn | None = None,
+                       description: str | None = None) -> VersionInfo:
+    """Log the candidate's files to its run and create a registry version with its tags.
+
+    The files are logged as ``model/model.onnx`` and ``model/model.pt`` artifacts of ``run_id``
+    and the version's source is that ``model/`` directory. Tags: ``metric.<key>``,
+    ``threshold.<key>``, the lineage keys, ``validation_status=pending``, ``approval=pending``,
+    ``artifact.onnx``/``artifact.pt`` (full URIs).
+
+    Args:
+        client_or_uri: client or tracking URI.
+        model_name: registered model name (created if missing).
+        run_id: MLflow run that produced the candidate.
+        onnx_path: exported ONNX file.
+        pt_path: PyTorch checkpoint (None for variants that only exist as ONNX).
+        metrics: evaluation metrics, e.g. ``{"mask/mAP50-95": 0.41}``.
+        thresholds: chosen operating point, e.g. ``{"conf": 0.4, "iou": 0.5}``.
+        lineage: ``dataset_fingerprint``, ``config_hash``, ``code_version`` (required),
+            ``source_run_id`` (default: ``run_id``), ``parent_version`` (compressed variants).
+        log_model_fn: optional hook ``(run_id, onnx, pt) -> (source_uri, onnx_relpath)`` that logs
+            the model its own way (e.g. an MLflow pyfunc); replaces the plain artifact logging.
+        description: version description.
+
+    Returns:
+        The new version.
+
+    Example:
+        >>> v = register_candidate("http://127.0.0.1:5000", "damage-seg", run_id, "best.onnx", "best.pt",
+        ...                        {"mask/mAP50-95": 0.4}, {"conf": 0.4}, {"dataset_fingerprint": "ab",
+        ...                        "config_hash": "cd", "code_version": "ef"})
+    """
+    onnx_path = Path(onnx_path)
+    pt = Path(pt_path) if pt_path is not None else None
+    for p in (onnx_path, pt):
+        if p is not None and not p.is_file():
+            raise RegistryError(f"{p}: model file not found, cannot register it")
+    missing = [k for k in LINEAGE_REQUIRED if not lineage.get(k)]
+    if missing:
+        raise RegistryError(f"lineage for '{model_name}' lacks {', '.join(missing)} (needed on every version)")
+    c = get_client(client_or_uri)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as e:
+        raise RegistryError(f"MLflow run {run_id} not found at {c.tracking_uri}: {e.message}") from None
+
+    with _mlflow_errors(c, f"log model files to run {run_id}"):
+        if log_model_fn is not None:
+            source, onnx_rel = log_model_fn(run_id, onnx_path, pt)
+            pt_rel = None
+        else:
+            with tempfile.TemporaryDirectory(prefix="register-") as d:
+                _copy_as(onnx_path, Path(d, "model.onnx"))
+                if pt is not None:
+                    _copy_as(pt, Path(d, "model.pt"))
+                c.log_artifacts(run_id, d, "model")
+            source, onnx_rel, pt_rel = f"{run.info.artifact_uri.rstrip('/')}/model", "model.onnx", "model.pt"
+
+    tags: dict[str, str] = {f"{METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}
+    tags.update({f"{THRESHOLD_PREFIX}{k}": str(v) for k, v in thresholds.items()})
+    tags.update({k: str(v) for k, v in lineage.items() if v not in (None, "")})
+    tags.setdefault("source_run_id", run_id)
+    tags.update({T_VALIDATION: "pending", T_APPROVAL: "pending", T_ARTIFACT_ONNX: f"{source}/{onnx_rel}"})
+    if pt is not None and pt_rel:
+        tags[T_ARTIFACT_PT] = f"{source}/{pt_rel}"
+
+    ensure_registered_model(c, model_name)
+    with _mlflow_errors(c, f"create a version of '{model_name}'"):
+        mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=description)
+    return _info(mv)
+
+
+def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
+    """Download the version's ONNX file into ``dst_dir``; returns its local path."""
+    import mlflow.artifacts
+
+    info = _version(client, name, version)
+    uri = info.tags.get(T_ARTIFACT_ONNX) or f"{info.source.rstrip('/')}/model.onnx"
+    with _mlflow_errors(client, f"download {uri}"):
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir),
+                                                        tracking_uri=client.tracking_uri)
+        except MlflowException as e:
+            if _denied(e):
+                raise
+            raise RegistryError(f"'{name}' version {version}: cannot download {uri}: {e.message}") from None
+    return Path(local)
+
+
+def list_versions(client_or_uri: MlflowClient | str, name: str) -> list[VersionInfo]:
+    """All versions of ``name`` (newest first) with aliases and tags."""
+    c = get_client(client_or_uri)
+    safe = name.replace("'", "\\'")
+    with _mlflow_errors(c, f"list versions of '{name}'"):
+        versions = c.search_model_versions(f"name='{safe}'", max_results=10000)
+    aliases: dict[str, list[str]] = {}
+    try:
+        for alias, v in (c.get_registered_model(name).aliases or {}).items():
+            aliases.setdefault(str(v), []).append(alias)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+            raise RegistryError(f"no registered model named '{name}' at {c.tracking_uri}") from None
+        raise
+    out = []
+    for mv in versions:
+        info = _info(mv)
+        # search results may omit aliases; the registered model's alias map is authoritative
+        out.append(VersionInfo(**{**info.__dict__, "aliases": tuple(sorted(aliases.get(info.version, [])))}))
+    return sorted(out, key=lambda i: int(i.version), reverse=True)
+
+
+def history(client_or_uri: MlflowClient | str, name: str) -> list[AliasMove]:
+    """Every recorded alias move of ``name``, oldest first (bounded to the last ``HISTORY_LIMIT``)."""
+    c = get_client(client_or_uri)
+    try:
+        with _mlflow_errors(c, f"read '{name}'"):
+            tags = _history_tags(c, name)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+            raise RegistryError(f"no registered model named '{name}' at {c.tracking_uri}") from None
+        raise
+    return [AliasMove.from_json(tags[s]) for s in sorted(tags)]
+
+
+def _need(value: str, what: str) -> str:
+    if not value or not value.strip():
+        raise RegistryError(f"{what} is required")
+    return value.strip()
+
+
+def set_staging(client: MlflowClient, name: str, version: str | int, by: str, reason: str,
+                *, lock_timeout_s: float = 60.0) -> AliasMove:
+    """Move ``staging`` to a version that passed the gate (used by ``gate_candidate``)."""
+    version = str(version)
+    with registry_lock(client, name, holder=by, timeout_s=lock_timeout_s):
+        info = _version(client, name, version)
+        if info.validation_status != "passed":
+            raise PromotionRefused(f"'{name}' version {version} did not pass the gate "
+                                   f"(validation_status={info.validation_status}); it cannot go to {STAGING}")
+        if info.approval == "rejected":
+            raise PromotionRefused(f"'{name}' version {version} was rejected; it cannot go to {STAGING}")
+        before = _move_alias(client, name, STAGING, version, f"set alias '{STAGING}' of '{name}'")
+        return _append_history(client, name, [dict(alias=STAGING, version_from=before, version_to=version,
+                                                   action="gate", by=by, reason=reason)])[0]
+
+
+def approve(client: MlflowClient | str, name: str, version: str | int, by: str, reason: str, *,
+            approvers: Sequence[str] | None = None, lock_timeout_s: float = 60.0) -> VersionInfo:
+    """Move ``production`` to ``version``: the only way a version reaches production here.
+
+    The version must currently hold ``staging`` and carry ``validation_status=passed``; it must
+    not have been rejected. ``staging`` is cleared (the version left staging for production).
+    Checks and moves run under the registry lock, so two racing approvals serialise and the
+    second sees the first one's result.
+
+    Args:
+        client: client or tracking URI.
+        name: registered model name.
+        version: version number.
+        by: the human approving (recorded in ``approved_by`` and the history).
+        reason: why (recorded in ``reason`` and the history).
+        approvers: MLflow accounts allowed to move production (``registry.approvers``).
+        lock_timeout_s: wait for the registry lock at most this long.
+
+    Raises:
+        PromotionRefused: not at staging, not gated, or rejected.
+        AccessDenied: the MLflow user is not an approver, or the server refused the move.
+    """
+    c = get_client(client)
+    by, reason, version = _need(by, "approver name (--by)"), _need(reason, "reason (--reason)"), str(version)
+    identity = check_approver(name, approvers, f"approve version {version} of")
+    with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
+        info = _version(c, name, version)
+        if info.approval == "rejected":
+            raise PromotionRefused(f"'{name}' version {version} was rejected by {info.tags.get(T_REJECTED_BY)} "
+                                   f"and cannot be approved")
+        if info.validation_status != "passed":
+            raise PromotionRefused(f"'{name}' version {version} has not passed the gate "
+                                   f"(validation_status={info.validation_status}) and cannot be approved")
+        staged = alias_version(c, name, STAGING)
+        if staged != version:
+            where = f"version {staged}" if staged else "no version"
+            raise PromotionRefused(f"'{name}' version {version} is not at '{STAGING}' ({STAGING} is {where}); "
+                                   f"only the staged version can be approved")
+        what = f"move alias '{PRODUCTION}' of '{name}'"
+        before = _move_alias(c, name, PRODUCTION, version, what)
+        _move_alias(c, name, STAGING, None, f"clear alias '{STAGING}' of '{name}'")
+        moves = _append_history(c, name, [
+            dict(alias=PRODUCTION, version_from=before, version_to=version, action="approve", by=by, reason=reason),
+            dict(alias=STAGING, version_from=version, version_to=None, action="approve", by=by, reason=reason),
+        ])
+        _set_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: moves[0].at,
+                                     T_APPROVED_VIA: identity or "", T_APPROVAL_SEQ: moves[0].seq,
+                                     T_REASON: reason[:REASON_MAX]})
+        return _version(c, name, version)
+
+
+def reject(client: MlflowClient | str, name: str, version: str | int, by: str, reason: str, *,
+           lock_timeout_s: float = 60.0) -> VersionInfo:
+    """Mark a version ``approval=rejected`` (it can never be approved) and take it off ``staging``.
+
+    Raises:
+        PromotionRefused: the version is in production (use ``rollback``) or already approved.
+    """
+    c = get_client(client)
+    by, reason, version = _need(by, "name (--by)"), _need(reason, "reason (--reason)"), str(version)
+    with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
+        info = _version(c, name, version)
+        if alias_version(c, name, PRODUCTION) == version:
+            raise PromotionRefused(f"'{name}' version {version} is in production; use rollback instead of reject")
+        if info.approval == "approved":
+            raise PromotionRefused(f"'{name}' version {version} was already approved; it cannot be rejected")
+        with _mlflow_errors(c, f"tag '{name}' version {version}"):
+            _set_tags(c, name, version, {T_APPROVAL: "rejected", T_REJECTED_BY: by, T_REJECTED_AT: _now(),
+                                         T_REASON: reason[:REASON_MAX]})
+        if alias_version(c, name, STAGING) == version:
+            _move_alias(c, name, STAGING, None, f"clear alias '{STAGING}' of '{name}'")
+            _append_history(c, name, [dict(alias=STAGING, version_from=version, version_to=None,
+                                           action="reject", by=by, reason=reason)])
+        return _version(c, name, version)
+
+
+def rollback(client: MlflowClient | str, name: str, by: str, reason: str = "rollback", *,
+             to: str | int | None = None, approvers: Sequence[str] | None = None,
+             lock_timeout_s: float = 60.0) -> AliasMove:
+    """Move ``production`` back to the previously approved version.
+
+    The current production version is tagged ``rolled_back_at``/``rolled_back_by`` and is no
+    longer a rollback target, so repeated rollbacks walk back through earlier approvals.
+
+    Args:
+        to: explicit target version (must have been approved); default: the most recently
+            approved version other than the current one that was not rolled back itself.
+
+    Raises:
+        RegistryError: nothing in production, or no earlier approved version.
+    """
+    c = get_client(client)
+    by = _need(by, "name (--by)")
+    identity = check_approver(name, approvers, "roll back")
+    del identity  # recorded by _append_history
+    with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
+        current = alias_version(c, name, PRODUCTION)
+        if current is None:
+            raise RegistryError(f"'{name}' has no '{PRODUCTION}' version to roll back")
+        if to is not None:
+            target = _version(c, name, to)
+            if target.approval != "approved":
+                raise PromotionRefused(f"'{name}' version {to} was never approved; cannot roll back to it")
+        else:
+            candidates = [v for v in list_versions(c, name)
+                          if v.approval == "approved" and v.version != current and T_ROLLED_BACK_AT not in v.tags]
+            if not candidates:
+                raise RegistryError(f"'{name}' has no earlier approved version to roll back to "
+                                    f"(production is version {current})")
+            target = max(candidates, key=lambda v: (int(v.tags.get(T_APPROVAL_SEQ, 0) or 0), int(v.version)))
+        if target.version == current:
+            raise PromotionRefused(f"'{name}' version {current} is already in production")
+        _move_alias(c, name, PRODUCTION, target.version, f"move alias '{PRODUCTION}' of '{name}'")
+        move = _append_history(c, name, [dict(alias=PRODUCTION, version_from=current, version_to=target.version,
+                                              action="rollback", by=by, reason=reason)])[0]
+        _set_tags(c, name, current, {T_ROLLED_BACK_AT: move.at, T_ROLLED_BACK_BY: by})
+        for key in (T_ROLLED_BACK_AT, T_ROLLED_BACK_BY):  # back in production: a rollback target again
+            if key in target.tags:
+                c.delete_model_version_tag(name, target.version, key)
+        return move

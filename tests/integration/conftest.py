@@ -1,0 +1,338 @@
+"""Real servers on loopback for integration tests.
+
+``mlflow_server(backend_store_uri, ...)`` starts ``mlflow server`` as a subprocess on a free
+127.0.0.1 port with proxied artifacts under a temp dir, waits for ``/health`` and returns the
+URI; every server started is terminated at the end of the session. ``postgres_uri`` gives a
+fresh PostgreSQL database on 127.0.0.1:5432 (skips when no server is reachable) and drops it
+afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PG_HOST = os.environ.get("DAMAGE_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("DAMAGE_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("DAMAGE_TEST_PG_USER", "postgres")
+PG_PASSWORD = os.environ.get("DAMAGE_TEST_PG_PASSWORD", "")
+PG_ADMIN_DB = os.environ.get("DAMAGE_TEST_PG_DB", "test")
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(uri: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)  # the server forks workers: stop its whole group
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def run_mlflow_server(backend_store_uri: str, workdir: Path, *, app_name: str | None = None,
+                      env: dict[str, str] | None = None, workers: int = 1,
+                      timeout_s: float = 300.0) -> Iterator[str]:
+    """Run ``mlflow server`` on a free loopback port; yields ``http://127.0.0.1:<port>``.
+
+    Args:
+        backend_store_uri: tracking + registry store (``sqlite:///...``, ``postgresql://...``).
+        workdir: artifacts (``--artifacts-destination``) and the server log go here.
+        app_name: e.g. ``basic-auth`` (then pass ``MLFLOW_AUTH_CONFIG_PATH`` in ``env``).
+        env: extra environment for the server process.
+        workers: server worker processes.
+        timeout_s: how long to wait for ``/health``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+           "--serve-artifacts", "--artifacts-destination", (workdir / "artifacts").as_uri()]
+    if app_name:
+        cmd += ["--app-name", app_name]
+    penv = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    # No background job runner (huey): tests need none and it costs a process and startup time.
+    penv["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    penv.update(env or {})
+    log = workdir / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=penv, cwd=workdir,
+                                start_new_session=True)
+    try:
+        _wait_healthy(uri, proc, log, timeout_s)
+        yield uri
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[Callable[..., str]]:
+    """Factory: ``mlflow_server(backend_store_uri, **kw) -> uri``; servers live until session end.
+
+    Keyword arguments are those of ``run_mlflow_server`` (``app_name``, ``env``, ``workers``).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def start(backend_store_uri: str, **kw) -> str:
+            workdir = tmp_path_factory.mktemp("mlflow-server")
+            return stack.enter_context(run_mlflow_server(backend_store_uri, workdir, **kw))
+
+        yield start
+
+
+def _pg_connect(dbname: str):
+    import psycopg2
+
+    return psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD or None,
+                            dbname=dbname, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def postgres_uri() -> Iterator[str]:
+    """SQLAlchemy URI of a fresh database ``damage_reg_<random>`` (dropped at session end)."""
+    try:
+        conn = _pg_connect(PG_ADMIN_DB)
+    except Exception as e:  # no server, no psycopg2, wrong credentials: nothing to test against
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} ({type(e).__name__}: {e})".strip())
+    conn.autocommit = True
+    name = f"damage_reg_{uuid.uuid4().hex[:10]}"
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    auth = f"{PG_USER}:{PG_PASSWORD}@" if PG_PASSWORD else f"{PG_USER}@"
+    try:
+        yield f"postgresql+psycopg2://{auth}{PG_HOST}:{PG_PORT}/{name}"  # psycopg2-binary is what is installed
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def sqlite_mlflow_server(mlflow_server, tmp_path_factory) -> str:
+    """One ``mlflow server`` on a SQLite store for the whole session."""
+    db = tmp_path_factory.mktemp("mlflow-sqlite") / "mlflow.db"
+    return mlflow_server(f"sqlite:///{db}")
+
+
+@pytest.fixture(scope="session")
+def postgresql_mlflow_server(mlflow_server, postgres_uri) -> str:
+    """One ``mlflow server`` on a fresh PostgreSQL database (skipped without PostgreSQL)."""
+    return mlflow_server(postgres_uri, workers=2)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def registry_server(request) -> str:
+    """URI of a real ``mlflow server``: once on SQLite, once on PostgreSQL (when reachable)."""
+    return request.getfixturevalue(f"{request.param}_mlflow_server")
+
+
+# --- model registry helpers ----------------------------------------------------------------
+
+
+def fake_evaluate(onnx_path: Path) -> dict[str, float]:
+    """Evaluator for registry tests: the fake "ONNX" file holds its own scores as JSON, so a
+    result proves which version's artifact the gate actually downloaded."""
+    import json
+
+    return json.loads(Path(onnx_path).read_text())
+
+
+@pytest.fixture
+def make_candidate(tmp_path) -> Callable[..., str]:
+    """Factory: ``make_candidate(client, model_name, mask, box, latency_ms=5.0) -> version``.
+
+    Creates an MLflow run and registers a candidate whose files carry the given scores.
+    """
+    import json
+
+    from model_registry import register_candidate
+
+    counter = iter(range(10**6))
+
+    def make(client, model_name: str, mask: float, box: float, latency_ms: float = 5.0, **kw) -> str:
+        i = next(counter)
+        exp = client.get_experiment_by_name("registry-tests")
+        eid = exp.experiment_id if exp else client.create_experiment("registry-tests")
+        run = client.create_run(eid, run_name=f"candidate-{i}")
+        d = tmp_path / f"cand{i}"
+        d.mkdir()
+        scores = {"mask/mAP50-95": mask, "box/mAP50-95": box, "latency_ms": latency_ms}
+        (d / "best.onnx").write_text(json.dumps(scores))
+        (d / "best.pt").write_bytes(b"pt-%d" % i)
+        lineage = {"dataset_fingerprint": f"ds{i}", "config_hash": "cfg", "code_version": "abc123",
+                   **kw.pop("lineage", {})}
+        v = register_candidate(client, model_name, run.info.run_id, d / "best.onnx", d / "best.pt",
+                               metrics=scores, thresholds={"conf": 0.4, "iou": 0.5}, lineage=lineage, **kw)
+        client.set_terminated(run.info.run_id)
+        return v.version
+
+    return make
+
+
+# --- production stack (issue 8: S3 on moto_server, MLflow on PostgreSQL + S3, Prefect server) -----
+# Same commands, variable names and roles as infra/docker-compose.yml, on loopback ports.
+
+S3_BUCKET = "damage"
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} at {url} not up after {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def run_process(cmd: list[str], log: Path, url: str | None, what: str, env: dict[str, str] | None = None,
+                cwd: Path | None = None, timeout_s: float = 180.0) -> Iterator[subprocess.Popen]:
+    """Start ``cmd`` in its own process group, wait until ``url`` answers, stop the group on exit."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        if url:
+            _wait_http(url, proc, log, what, timeout_s)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment minus the test session's MLflow/Prefect/AWS pointers, plus ``extra``."""
+    drop = ("MLFLOW_", "PREFECT_", "AWS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update({"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def fresh_postgres() -> Iterator[Callable[[str], str | None]]:
+    """Factory ``fresh_postgres(prefix) -> "user@host:port/dbname"`` of a new database, or None without
+    PostgreSQL; every database created is dropped at session end."""
+    try:
+        conn = _pg_connect(PG_ADMIN_DB)
+    except Exception:
+        conn = None
+    made: list[str] = []
+
+    def make(prefix: str) -> str | None:
+        if conn is None:
+            return None
+        conn.autocommit = True
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        auth = f"{PG_USER}:{PG_PASSWORD}@" if PG_PASSWORD else f"{PG_USER}@"
+        return f"{auth}{PG_HOST}:{PG_PORT}/{name}"
+
+    try:
+        yield make
+    finally:
+        if conn is not None:
+            with conn.cursor() as cur:
+                for name in made:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.close()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory) -> Iterator[str]:
+    """``moto_server`` on a loopback port with bucket ``damage``; yields the endpoint URL (role of MinIO)."""
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    exe = Path(sys.executable).with_name("moto_server")
+    with run_process([str(exe), "-H", "127.0.0.1", "-p", str(port)], log, f"{url}/moto-api/", "moto_server",
+                     env=clean_env(**S3_ENV)):
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket=S3_BUCKET)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_server(moto_s3, fresh_postgres, tmp_path_factory) -> Iterator[str]:
+    """``mlflow server`` with a PostgreSQL backend (SQLite without PostgreSQL) and artifacts proxied to
+    ``s3://damage/mlartifacts`` on moto; yields its URI."""
+    work = tmp_path_factory.mktemp("mlflow-s3")
+    pg = fresh_postgres("damage_mlflow")
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2-binary
+    store = f"postgresql+psycopg2://{pg}" if pg else f"sqlite:///{work / 'mlflow.db'}"
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1", "--serve-artifacts",
+           "--artifacts-destination", f"s3://{S3_BUCKET}/mlartifacts"]
+    env = clean_env(**S3_ENV, MLFLOW_S3_ENDPOINT_URL=moto_s3, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with run_process(cmd, work / "server.log", f"{uri}/health", "mlflow server", env=env, cwd=work, timeout_s=300):
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def prefect_server(fresh_postgres, tmp_path_factory) -> Iterator[str]:
+    """``prefect server start`` on a loopback port, PostgreSQL-backed when available (else SQLite);
+    yields the API URL (``http://127.0.0.1:<port>/api``)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    pg = fresh_postgres("damage_prefect")
+    db = f"postgresql+asyncpg://{pg}" if pg else f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=db, PREFECT_SERVER_UI_ENABLED="false",
+                    PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))
+    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port",
+           str(port), "--no-ui", "--analytics-off"]
+    with run_process(cmd, home / "server.log", f"{api}/health", "prefect server", env=env, timeout_s=300):
+        yield api

@@ -1,0 +1,219 @@
+"""Production mode on loopback: Prefect server (PostgreSQL), MLflow server (PostgreSQL + S3 artifacts
+on moto_server), the nightly deployment served by ``damage schedule``, a run triggered through the
+Prefect API on a tiny dataset that lives in the bucket.
+
+Same roles, commands and variable names as ``infra/docker-compose.yml`` (checked below too).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import S3_BUCKET, S3_ENV, clean_env, run_process  # tests/integration/conftest.py
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "infra" / "docker-compose.yml"
+DATASET_URI = f"s3://{S3_BUCKET}/datasets/tiny"
+EXPERIMENT = "production-test"
+TINY = ["train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]",
+        "explain.enabled=false", "explain.samples=0", "export.parity_images=1", "compress.enabled=false",
+        "registry.floor_mask_map=0.0", "validate.workers=1", f"mlflow.experiment={EXPERIMENT}"]
+
+
+def _s3(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(moto_s3, state_paths, tmp_path_factory) -> str:
+    """16 synthetic images at 64 px uploaded to the bucket (data.yaml without ``path:``)."""
+    from tasks.storage import upload_dir
+    from tasks.synth import generate_dataset
+
+    data_yaml = generate_dataset(tmp_path_factory.mktemp("s3-ds") / "ds", images=16, seed=1, imgsz=64,
+                                 val_fraction=0.25)
+    meta = yaml.safe_load(data_yaml.read_text())
+    # An uploaded dataset must not point at the uploader's disk. No `path:` = the yaml's folder for both
+    # the data gate and Ultralytics (a relative `path:` means the cwd to Ultralytics).
+    meta.pop("path", None)
+    data_yaml.write_text(yaml.safe_dump(meta))
+    n = upload_dir(data_yaml.parent, DATASET_URI, client=_s3(moto_s3))
+    assert n >= 16 * 2
+    return DATASET_URI
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, mlflow_s3_server, moto_s3, s3_dataset, tmp_path_factory):
+    """``damage schedule`` serving the deployments (what the compose ``worker`` service runs)."""
+    state = tmp_path_factory.mktemp("worker-state")
+    env = clean_env(**S3_ENV, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=mlflow_s3_server,
+                    AWS_ENDPOINT_URL_S3=moto_s3, DAMAGE_STATE_DIR=str(state), PREFECT_RUNNER_POLL_FREQUENCY="2",
+                    PYTHONPATH=str(REPO))
+    env.pop("TMPDIR", None)
+    cmd = [str(Path(sys.executable).with_name("damage")), "schedule", "--dataset", s3_dataset, "--model-size", "n"]
+    for s in TINY:
+        cmd += ["--set", s]
+    log = state / "schedule.log"
+    with run_process(cmd, log, None, "damage schedule", env=env, cwd=REPO) as proc:
+        yield proc, log
+
+
+def _wait_deployment(api: str, name: str, proc: subprocess.Popen, log: Path, timeout_s: float = 240):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout_s
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"damage schedule exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                return c.read_deployment_by_name(name)
+            except Exception:
+                time.sleep(1)
+    raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.integration
+def test_nightly_deployment_end_to_end(prefect_server, mlflow_s3_server, moto_s3, served):
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    proc, log = served
+    dep = _wait_deployment(prefect_server, "nightly/nightly", proc, log)
+    # the deployment as configured: cron + timezone from the config, never two runs at once
+    cron = dep.schedules[0].schedule
+    assert (cron.cron, cron.timezone) == ("0 2 * * *", "UTC")
+    limit = dep.global_concurrency_limit.limit if dep.global_concurrency_limit else dep.concurrency_limit
+    assert limit == 1
+    assert f"data.source={DATASET_URI}" in dep.parameters["overrides"] or dep.parameters.get("dataset") == DATASET_URI
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        run = run_deployment("nightly/nightly", timeout=600, poll_interval=3)
+    assert run.state is not None and run.state.is_completed(), (
+        f"flow run {run.id} ended {run.state and run.state.type}: {run.state and run.state.message}\n"
+        f"{log.read_text()[-6000:]}")
+
+    c = MlflowClient(mlflow_s3_server)
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    parents = c.search_runs([exp.experiment_id], "tags.`damage.flow` = 'nightly'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags.get("prefect.flow_run_id") == str(run.id)  # the two systems point at each other
+    assert parent.data.params["data.source"] == DATASET_URI
+    versions = c.search_model_versions("name = 'damage-seg'")
+    assert versions, "no registered model version on the server"
+
+    keys = [o["Key"] for page in _s3(moto_s3).get_paginator("list_objects_v2").paginate(
+        Bucket=S3_BUCKET, Prefix="mlartifacts/") for o in page.get("Contents", [])]
+    assert any(k.endswith(".onnx") for k in keys), keys[:20]
+    assert any(k.endswith(".pt") for k in keys), keys[:20]
+    assert any(parent.info.run_id in k for k in keys)  # the parent run's own artifacts (config, summary)
+
+
+@pytest.mark.integration
+def test_work_pool_registration(prefect_server, tmp_path):
+    """`damage schedule --work-pool` and `prefect deploy --prefect-file infra/prefect.yaml` both register
+    the nightly deployment with a process work pool (execution by a worker is the serve test's path)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    bindir = Path(sys.executable).parent
+    env = clean_env(PREFECT_API_URL=prefect_server, DAMAGE_STATE_DIR=str(tmp_path / "state"),
+                    DAMAGE_REPO_DIR=str(REPO), PREFECT_HOME=str(tmp_path / "prefect"))
+
+    def sh(*cmd: str) -> str:
+        r = subprocess.run(list(cmd), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{' '.join(cmd)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+
+    sh(str(bindir / "prefect"), "--no-prompt", "work-pool", "create", "damage-process", "--type", "process")
+    out = sh(str(bindir / "damage"), "schedule", "--work-pool", "damage-process", "--set", "schedule.cron=15 3 * * *")
+    assert "registered" in out
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name("nightly/nightly")
+        assert dep.work_pool_name == "damage-process" and dep.entrypoint == "flows.nightly.nightly"
+        assert dep.schedules[0].schedule.cron == "15 3 * * *"
+    sh(str(bindir / "prefect"), "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
+        dep = c.read_deployment_by_name("nightly/nightly")
+        assert dep.entrypoint == "flows/nightly.py:nightly" and dep.work_pool_name == "damage-process"
+        assert dep.schedules[0].schedule.cron == "0 2 * * *"
+
+
+def test_compose_matches_the_test_stack():
+    """infra/docker-compose.yml loads and wires the same roles, commands and variables as this test."""
+    spec = yaml.safe_load(COMPOSE.read_text())
+    svc = spec["services"]
+    assert {"postgres", "minio", "prefect-server", "mlflow", "worker"} <= set(svc)
+    mlflow_cmd = " ".join(svc["mlflow"]["command"])
+    assert "--backend-store-uri postgresql+psycopg2://" in mlflow_cmd and "--artifacts-destination s3://" in mlflow_cmd
+    assert "MLFLOW_S3_ENDPOINT_URL" in svc["mlflow"]["environment"]
+    assert "PREFECT_API_DATABASE_CONNECTION_URL" in svc["prefect-server"]["environment"]
+    assert svc["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
+        "postgresql+asyncpg://")
+    worker_env = svc["worker"]["environment"]
+    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "DAMAGE_STATE_DIR"):
+        assert k in worker_env, k
+    worker_cmd = " ".join(svc["worker"]["command"]) if isinstance(svc["worker"]["command"], list) \
+        else svc["worker"]["command"]
+    assert "damage schedule" in worker_cmd or "prefect worker start" in worker_cmd
+    env_example = (REPO / "infra" / ".env.example").read_text()
+    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "DATASET_URI"):
+        assert f"{var}=" in env_example, var
+    for name, s in svc.items():  # every ${VAR} the compose file uses is documented in .env.example
+        for var in _vars(s):
+            assert f"{var}=" in env_example, f"{name}: ${{{var}}} not in infra/.env.example"
+
+
+def _vars(obj) -> set[str]:
+    import re
+
+    text = yaml.safe_dump(obj)
+    return {m for m in re.findall(r"\$\{([A-Z0-9_]+)(?::?-[^}]*)?\}", text)}
+
+
+def test_deployments_built_from_config(tmp_path, state_paths):
+    """Deployment objects (no server): cron/timezone/limit from the config, --set overrides carried."""
+    from flows.deploy import build_deployments
+    from tasks.config import load_config
+
+    cfg = load_config(overrides=["schedule.cron=30 1 * * 1-5", "schedule.timezone=Europe/Paris"])
+    deps = {d.name: d for d in build_deployments(cfg, overrides=["train.epochs=3"], dataset="s3://b/ds",
+                                                 model_size="s")}
+    nightly = deps["nightly"]
+    sched = nightly.schedules[0].schedule
+    assert (sched.cron, sched.timezone) == ("30 1 * * 1-5", "Europe/Paris")
+    limit = nightly.concurrency_limit
+    assert getattr(limit, "limit", limit) == 1
+    assert nightly.concurrency_options.collision_strategy.value == "ENQUEUE"
+    params = nightly.parameters
+    flat = params["overrides"] + [f"data.source={params.get('dataset')}", f"train.model={params.get('model_size')}"]
+    assert "train.epochs=3" in flat and "data.source=s3://b/ds" in flat and "train.model=s" in flat
+    assert "promote" in deps
+    assert os.environ.get("PREFECT_API_URL") is None  # building needs no server
+
+
+def test_prefect_yaml_mirrors_default_config():
+    """infra/prefect.yaml (for `prefect deploy`) has the default config's schedule and entrypoints that exist."""
+    from tasks.config import load_config
+
+    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in spec["deployments"]}
+    cfg = load_config()
+    sched = deps["nightly"]["schedules"][0]
+    assert (sched["cron"], sched["timezone"]) == (cfg.schedule.cron, cfg.schedule.timezone)
+    assert deps["nightly"]["concurrency_limit"]["limit"] == 1
+    for d in deps.values():
+        path, _, fn = d["entrypoint"].partition(":")
+        assert (REPO / path).is_file() and f"def {fn}(" in (REPO / path).read_text(), d["entrypoint"]

@@ -1,0 +1,116 @@
+"""Access control with MLflow's basic-auth app: only approvers move ``production``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import fake_evaluate  # tests/integration/conftest.py
+
+import model_registry as mr
+from tasks.config import RegistryConfig
+
+pytestmark = pytest.mark.integration
+# the basic-auth app needs mlflow[auth] (Flask-WTF)
+pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (pip install 'mlflow[auth]')")
+
+INI = Path(__file__).resolve().parents[2] / "infra" / "mlflow-auth" / "basic_auth.ini"
+ADMIN = ("admin", "admin-" + uuid.uuid4().hex[:12])
+PIPELINE = ("pipeline", "pipe-" + uuid.uuid4().hex[:12])
+APPROVER = ("approver", "appr-" + uuid.uuid4().hex[:12])
+VIEWER = ("viewer", "view-" + uuid.uuid4().hex[:12])
+NAME = "damage-seg-auth"
+
+
+@contextmanager
+def as_user(user: tuple[str, str]):
+    """Authenticate as ``user`` (MLflow's REST client reads these variables per request)."""
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def auth_server(mlflow_server, tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("mlflow-auth")
+    ini = d / "basic_auth.ini"  # the shipped config, with the user DB moved into the temp dir
+    # PBKDF2 per request costs seconds on a busy CI box: cache verified credentials (one worker)
+    ini.write_text(INI.read_text().replace("sqlite:///basic_auth.db", f"sqlite:///{d / 'auth.db'}")
+                   + "auth_cache_ttl_seconds = 600\n")
+    uri = mlflow_server(f"sqlite:///{d / 'mlflow.db'}", app_name="basic-auth",
+                        env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+                             "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})
+    with as_user(ADMIN):
+        from model_registry.auth import provision
+
+        provision(uri, NAME, pipeline=PIPELINE, approvers=[APPROVER], readers=[VIEWER])
+    return uri
+
+
+def test_only_approver_moves_production(auth_server, make_candidate):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=auth_server, registry_uri=auth_server)
+    approvers = [APPROVER[0]]
+    with as_user(PIPELINE):  # the nightly pipeline registers, gates and stages
+        v = make_candidate(c, NAME, mask=0.3, box=0.3)
+        assert mr.gate_candidate(c, NAME, v, fake_evaluate, RegistryConfig(approvers=approvers)).passed
+        assert mr.alias_version(c, NAME, mr.STAGING) == v
+        with pytest.raises(mr.AccessDenied, match="'pipeline' may not approve .*'production'"):
+            mr.approve(c, NAME, v, by="pipeline", reason="self-approval", approvers=approvers)
+
+    with as_user(VIEWER):  # no client-side list: the server itself refuses (403)
+        with pytest.raises(mr.AccessDenied, match="refused to let user 'viewer' move alias 'production'"):
+            mr.approve(c, NAME, v, by="viewer", reason="try", approvers=None)
+    with as_user(APPROVER):
+        assert mr.alias_version(c, NAME, mr.PRODUCTION) is None
+        with pytest.raises(Exception, match="RESOURCE_DOES_NOT_EXIST"):  # the refused mover released the lock
+            c.get_registered_model(f"{NAME}.lock")
+        info = mr.approve(c, NAME, v, by="Approver Person", reason="reviewed", approvers=approvers)
+        assert info.tags["approved_via"] == "approver" and info.tags["approved_by"] == "Approver Person"
+        assert mr.alias_version(c, NAME, mr.PRODUCTION) == v
+        assert mr.history(c, NAME)[-2].identity == "approver"
+
+
+def test_cli_reports_denial_as_one_line(auth_server, make_candidate):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    c = MlflowClient(tracking_uri=auth_server, registry_uri=auth_server)
+    with as_user(PIPELINE):
+        v = make_candidate(c, NAME, mask=0.35, box=0.35)
+        mr.gate_candidate(c, NAME, v, fake_evaluate, RegistryConfig())
+        res = CliRunner().invoke(app, ["registry", "approve", NAME, v, "--by", "pipeline", "--reason", "x",
+                                       "--tracking-uri", auth_server, "--set", "registry.approvers=[approver]"])
+    text = res.output + (getattr(res, "stderr", "") or "")
+    assert res.exit_code == 2, text
+    assert "error:" in text and "may not approve" in text and "Traceback" not in text
+
+
+def test_server_side_limit_is_per_model_not_per_alias(auth_server):
+    """Documented limitation: MLflow's EDIT on a model covers every alias, production included.
+
+    This is why ``model_registry`` adds the ``registry.approvers`` check; if a future MLflow
+    enforces aliases separately this test fails and infra/mlflow-auth/README.md needs an update.
+    """
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=auth_server, registry_uri=auth_server)
+    with as_user(PIPELINE):
+        current = mr.alias_version(c, NAME, mr.PRODUCTION)
+        if current is None:
+            pytest.skip("needs the production version set by test_only_approver_moves_production")
+        # re-pointing production at the version it already has: allowed by the server for EDIT
+        c.set_registered_model_alias(NAME, mr.PRODUCTION, current)

@@ -1,0 +1,76 @@
+"""The promotion flow pauses after the gate and completes when the approval input arrives."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from conftest import fake_evaluate  # tests/integration/conftest.py
+
+import model_registry as mr
+
+pytestmark = pytest.mark.integration
+
+
+def _paused_run_id(run_name: str, timeout_s: float = 120):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
+            if runs and runs[0].state and runs[0].state.is_paused():
+                return runs[0].id
+            time.sleep(0.5)
+    raise AssertionError(f"flow run {run_name} never paused")
+
+
+@pytest.fixture(scope="module")
+def local_registry(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('promote-mlflow') / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registry, make_candidate, approve):
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.promote import promote
+
+    c = local_registry
+    name = f"promote-{uuid.uuid4().hex[:8]}"
+    version = make_candidate(c, name, mask=0.3, box=0.3)
+    run_name = f"promote-{name}"
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(promote.with_options(flow_run_name=run_name)(
+                name, version, c.tracking_uri, registry={"approval_poll_s": 1, "approval_timeout_s": 300},
+                evaluate_fn=fake_evaluate))
+        except BaseException as e:  # surfaced in the main thread below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    flow_run_id = _paused_run_id(run_name)
+    # while paused: gated and staged, nothing in production yet
+    assert mr.alias_version(c, name, mr.STAGING) == version
+    assert mr.alias_version(c, name, mr.PRODUCTION) is None
+    resume_flow_run(flow_run_id, run_input={"approve": approve, "approver": "erin", "reason": "checked samples"})
+    t.join(timeout=120)
+    assert not errors, errors
+    out = results[0]
+    assert out["gate"]["passed"] is True
+    info = {v.version: v for v in mr.list_versions(c, name)}[version]
+    if approve:
+        assert out["decision"] == "approved" and mr.alias_version(c, name, mr.PRODUCTION) == version
+        assert (info.tags["approved_by"], info.tags["reason"]) == ("erin", "checked samples")
+    else:
+        assert out["decision"] == "rejected" and mr.alias_version(c, name, mr.PRODUCTION) is None
+        assert info.tags["rejected_by"] == "erin" and mr.alias_version(c, name, mr.STAGING) is None

@@ -1,0 +1,76 @@
+"""Distillation: the Hinton term's maths, and a KD run that logs its loss terms and the scratch comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_hinton_loss_zero_on_agreement_positive_otherwise():
+    from tasks.distill import hinton_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 7, 50, generator=g)
+    fg = torch.zeros(2, 50, dtype=torch.bool)
+    fg[:, :10] = True
+    assert hinton_kd_loss(t.clone(), t, fg, 4.0).abs() < 1e-6
+    s = torch.randn(2, 7, 50, generator=g, requires_grad=True)
+    loss = hinton_kd_loss(s, t, fg, 4.0)
+    assert loss > 0
+    loss.backward()
+    assert s.grad[:, :, 10:].abs().sum() == 0  # only anchors matched to ground truth are distilled
+    assert s.grad[:, :, :10].abs().sum() > 0
+    # gradient pushes the student's logits toward the teacher's
+    assert (torch.sign(-s.grad[:, :, :10]) == torch.sign(t - s.detach())[:, :, :10]).float().mean() > 0.99
+
+
+def test_hinton_loss_t_squared_keeps_scale_and_empty_foreground():
+    from tasks.distill import hinton_kd_loss
+
+    g = torch.Generator().manual_seed(1)
+    t, s = torch.randn(1, 7, 40, generator=g), torch.randn(1, 7, 40, generator=g)
+    fg = torch.ones(1, 40, dtype=torch.bool)
+    hi = [hinton_kd_loss(s, t, fg, T).item() for T in (20.0, 40.0)]
+    assert abs(hi[0] - hi[1]) / hi[1] < 0.05  # T^2 factor: loss scale independent of T at high T
+    sg = s.clone().requires_grad_(True)
+    empty = hinton_kd_loss(sg, t, torch.zeros(1, 40, dtype=torch.bool), 4.0)
+    assert empty.item() == 0 and empty.requires_grad
+
+
+def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, tiny_dataset, tmp_path):
+    from tasks import tracking
+    from tasks.config import DistillConfig, TrainConfig
+    from tasks.distill import distill_vs_scratch
+    from tasks.prune import count_params, load_model
+
+    c = tracking.client()
+    exp = tracking.ensure_experiment(c, "test-distill")
+    parent = tracking.start_run(c, exp, "pytest-distill")
+    dcfg = DistillConfig(student="n", epochs=1, hinton=True, temperature=4.0, hinton_weight=1.0)
+    res = distill_vs_scratch(tiny_model, tiny_dataset, TrainConfig(imgsz=96, batch=8, patience=0), dcfg, tmp_path,
+                             parent_run_id=parent)
+    tracking.end_run(c, parent)
+    assert {"train/dis_loss", "train/kd_loss"} <= set(res["kd_loss_terms"])
+    student = load_model(res["kd_weights"])  # the saved student is a bare model, not the teacher wrapper
+    assert type(student).__name__ == "SegmentationModel"
+    assert count_params(student) == count_params(load_model(res["scratch_weights"]))
+    runs = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    cmp_run = next(r for r in runs if r.info.run_name == "distill/compare")
+    assert "kd_minus_scratch/mask/mAP50-95" in cmp_run.data.metrics
+    assert {"kd/mask/mAP50-95", "scratch/mask/mAP50-95"} <= set(cmp_run.data.metrics)
+    arms = {r.info.run_name: r for r in c.search_runs([exp], f"tags.mlflow.parentRunId = '{cmp_run.info.run_id}'")}
+    assert set(arms) == {"distill/kd", "distill/scratch"}
+    kd_hist = c.get_metric_history(arms["distill/kd"].info.run_id, "train/kd_loss")
+    assert kd_hist and kd_hist[-1].value > 0
+    assert c.get_metric_history(arms["distill/kd"].info.run_id, "train/dis_loss")
+    assert "train/kd_loss" not in arms["distill/scratch"].data.metrics
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_hinton_loss_rejects_bad_temperature(bad):
+    from tasks.distill import hinton_kd_loss
+    from tasks.errors import DamageError
+
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(DamageError):
+        hinton_kd_loss(x, x, torch.ones(1, 3, dtype=torch.bool), bad)

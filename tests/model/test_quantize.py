@@ -1,0 +1,163 @@
+"""Quantization: mode table, head decode kept float, INT8 scores alive, FP16/dynamic run, accuracy-aware loop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def float_onnx(tiny_model, tmp_path_factory):
+    from tasks.export import export_onnx
+
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("q") / "model.onnx", 96)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny_dataset):
+    from tasks.quantize import calibration_images
+
+    return calibration_images(tiny_dataset, 4, seed=0)
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})
+
+
+def _nc(path) -> int:
+    import onnx
+
+    names = next(p.value for p in onnx.load(str(path)).metadata_props if p.key == "names")
+    return names.count(":")
+
+
+def test_head_postprocess_nodes_found_by_traversal(float_onnx):
+    import onnx
+
+    from tasks.quantize import DECODE_OPS, _ensure_node_names, head_postprocess_nodes
+
+    m = onnx.load(str(float_onnx))
+    _ensure_node_names(m)
+    head = set(head_postprocess_nodes(m))
+    by_name = {n.name: n for n in m.graph.node}
+    producer = {o: n.name for n in m.graph.node for o in n.output}
+    for out in m.graph.output:  # output-producing nodes are float
+        assert producer[out.name] in head
+    ops = {by_name[n].op_type for n in head}
+    assert {"Concat", "Sigmoid", "Softmax"} <= ops
+    convs = [n for n in head if by_name[n].op_type == "Conv"]
+    assert len(convs) == 1  # only the DFL expectation conv; learned branch convs stay quantizable
+    assert ops - {"Conv"} <= DECODE_OPS
+    n_conv = sum(n.op_type == "Conv" for n in m.graph.node)
+    assert n_conv > 50  # the walk stopped at the branch convs, it did not swallow the network
+
+
+def test_int8_static_keeps_scores_alive(float_onnx, calib, tmp_path):
+    import onnx
+
+    from tasks.quantize import preprocess_image, quantize_onnx
+
+    q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
+    qm = onnx.load(str(q))
+    assert sum(n.op_type == "QuantizeLinear" for n in qm.graph.node) > 20
+    meta = {p.key: p.value for p in qm.metadata_props}
+    assert "names" in meta and "imgsz" in meta  # metadata carried over
+    assert json.loads(meta["damage.quantization"])["per_channel"] is True
+    x = preprocess_image(calib[0], 96)
+    f, i8 = _run(float_onnx, x), _run(q, x)
+    assert [a.shape for a in f] == [a.shape for a in i8]
+    nc = _nc(float_onnx)
+    fs, qs = f[0][:, 4:4 + nc], i8[0][:, 4:4 + nc]
+    assert fs.max() > 0 and qs.max() > 0  # not zeroed by a shared box/score scale
+    assert np.corrcoef(fs.ravel(), qs.ravel())[0, 1] > 0.9
+    # the trap the exclusion avoids: with the decode quantized, scores lose far more
+    naive = _run(quantize_onnx(float_onnx, tmp_path / "naive.onnx", "int8-static", calib_images=calib, imgsz=96,
+                               exclude_head=False), x)[0][:, 4:4 + nc]
+    assert np.abs(naive - fs).max() > np.abs(qs - fs).max()
+
+
+def test_fp16_and_dynamic_keep_float32_io(float_onnx, calib, tmp_path):
+    from tasks.quantize import preprocess_image, quantize_onnx
+
+    x = preprocess_image(calib[0], 96)
+    f = _run(float_onnx, x)
+    for mode in ("fp16", "int8-dynamic"):
+        q = quantize_onnx(float_onnx, tmp_path / f"{mode}.onnx", mode)
+        out = _run(q, x)
+        assert [a.shape for a in out] == [a.shape for a in f]
+        assert all(a.dtype == np.float32 for a in out)
+        assert q.stat().st_size < 0.6 * float_onnx.stat().st_size
+
+
+def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
+    import onnx
+
+    from tasks.errors import DamageError
+    from tasks.quantize import quantize_onnx
+
+    with pytest.raises(DamageError, match="does not accept"):
+        quantize_onnx(float_onnx, tmp_path / "x.onnx", "int8-dynamic", calib_images=calib)
+    with pytest.raises(DamageError, match="does not accept"):
+        quantize_onnx(float_onnx, tmp_path / "x.onnx", "fp16", per_channel=True)
+    with pytest.raises(DamageError, match="unknown quantization mode"):
+        quantize_onnx(float_onnx, tmp_path / "x.onnx", "int4")
+    with pytest.raises(DamageError, match="calibration images"):
+        quantize_onnx(float_onnx, tmp_path / "x.onnx", "int8-static")
+    m = onnx.load(str(float_onnx))
+    for imp in m.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 12
+    old = tmp_path / "opset12.onnx"
+    onnx.save(m, str(old))
+    with pytest.raises(DamageError, match="opset >= 13"):
+        quantize_onnx(old, tmp_path / "x.onnx", "int8-static", calib_images=calib, imgsz=96)
+
+
+def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, tmp_path):
+    import onnx
+
+    from tasks.quantize import quantize_accuracy_aware
+
+    def fake_eval(path):
+        # Stand-in evaluator: accuracy recovers with each node kept in float (reads the file's metadata).
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        if "damage.quantization" not in meta:
+            return {"mask/mAP50": 0.50}
+        extra = len(json.loads(meta["damage.quantization"])["extra_float_nodes"])
+        return {"mask/mAP50": 0.40 + 0.05 * extra}
+
+    res = quantize_accuracy_aware(float_onnx, tmp_path / "aa.onnx", None, calib, tolerance=0.02, max_retries=3,
+                                  nodes_per_retry=1, evaluate_fn=fake_eval, imgsz=96, sensitivity_images=2)
+    assert [len(a.float_nodes) for a in res.attempts] == [0, 1, 2]
+    assert res.within_tolerance and res.path.is_file()
+    assert res.attempts[-1].float_nodes == [n for n, _ in res.ranking[:2]]  # most sensitive first
+    sqnr = [v for _, v in res.ranking]
+    assert sqnr == sorted(sqnr)
+    res2 = quantize_accuracy_aware(float_onnx, tmp_path / "aa2.onnx", None, calib, tolerance=0.0, max_retries=1,
+                                   nodes_per_retry=1, evaluate_fn=lambda p: {"mask/mAP50": 0.5 if p == float_onnx
+                                                                             else 0.1}, imgsz=96)
+    assert not res2.within_tolerance and len(res2.attempts) == 2  # reports the best reached
+
+
+@pytest.mark.slow
+def test_int8_evaluates_nonzero_where_float_does(state_paths, tiny_dataset, tmp_path):
+    from tasks.config import TrainConfig
+    from tasks.evaluate import evaluate_model
+    from tasks.export import export_onnx
+    from tasks.quantize import calibration_images, quantize_onnx
+    from tasks.train import train_model
+
+    best = train_model(tiny_dataset, TrainConfig(epochs=30, imgsz=96, batch=8, patience=0, augment="light"),
+                       tmp_path, seed=0).best
+    f = export_onnx(best, tmp_path / "m.onnx", 96)
+    q = quantize_onnx(f, tmp_path / "q.onnx", "int8-static", calib_images=calibration_images(tiny_dataset, 8),
+                      imgsz=96)
+    fm = evaluate_model(f, tiny_dataset, imgsz=96).metrics
+    qm = evaluate_model(q, tiny_dataset, imgsz=96).metrics
+    assert fm["mask/mAP50"] > 0
+    assert qm["mask/mAP50"] > 0

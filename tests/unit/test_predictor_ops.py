@@ -1,0 +1,93 @@
+"""The predictor's numpy ops against Ultralytics' torch ops on random inputs (no model needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.predictor import _native_axes, _scale_boxes, _select, letterbox
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_predictor_imports_no_torch_ultralytics_prefect():
+    code = ("import tasks.predictor, sys; bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (75, 201), (201, 75), (480, 640), (37, 53), (1, 300)])
+@pytest.mark.parametrize("auto", [False, True])
+def test_letterbox_matches_ultralytics(shape, auto):
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(sum(shape))
+    im = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours, _ = letterbox(im, (160, 160), auto=auto, stride=32)
+    ref = LetterBox((160, 160), auto=auto, stride=32)(image=im.copy())
+    assert ours.shape == ref.shape
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("orig,inp", [((96, 96), (96, 96)), ((75, 201), (64, 160)), ((480, 640), (160, 160)),
+                                      ((201, 75), (160, 64)), ((333, 517), (128, 192))])
+def test_mask_decode_matches_process_mask_native(orig, inp):
+    import torch
+    from ultralytics.utils import ops
+
+    rng = np.random.default_rng(orig[0] * 7 + inp[1])
+    h, w = orig
+    mh, mw = inp[0] // 4, inp[1] // 4
+    protos = rng.normal(0, 1, (32, mh, mw)).astype(np.float32)
+    coefs = rng.normal(0, 0.5, (6, 32)).astype(np.float32)
+    x1 = rng.uniform(0, w * 0.6, 6)
+    y1 = rng.uniform(0, h * 0.6, 6)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(2, w * 0.5, 6), y1 + rng.uniform(2, h * 0.5, 6)], 1).astype(np.float32)
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+    ref = ops.process_mask_native(torch.from_numpy(protos), torch.from_numpy(coefs), torch.from_numpy(boxes),
+                                  (h, w)).numpy().astype(bool)
+    ay, ax = _native_axes(mh, mw, h, w)
+    logits = np.einsum("hp,npq,wq->nhw", ay, (coefs @ protos.reshape(32, -1)).reshape(-1, mh, mw), ax)
+    ours = logits > 0
+    cols, rows = np.arange(w)[None, None, :], np.arange(h)[None, :, None]
+    b = boxes[:, :, None, None]
+    ours &= (cols >= b[:, 0]) & (cols < b[:, 2]) & (rows >= b[:, 1]) & (rows < b[:, 3])
+    for k in range(len(boxes)):
+        union = (ours[k] | ref[k]).sum()
+        iou = (ours[k] & ref[k]).sum() / union if union else 1.0
+        assert iou >= 0.995, (k, iou)
+        assert (ours[k] ^ ref[k]).sum() <= max(3, 0.002 * union)
+
+
+def test_nms_matches_ultralytics():
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+
+    rng = np.random.default_rng(0)
+    nc, nm, n = 7, 32, 600
+    xy = rng.uniform(0, 160, (2, n))
+    wh = rng.uniform(4, 60, (2, n))
+    scores = rng.uniform(0, 1, (nc, n)) ** 3
+    coefs = rng.normal(0, 1, (nm, n))
+    pred = np.concatenate([xy, wh, scores, coefs]).astype(np.float32)
+    for conf, iou in [(0.25, 0.7), (0.1, 0.45), (0.5, 0.5)]:
+        ref = non_max_suppression(torch.from_numpy(pred[None]), conf, iou, nc=nc, max_det=300)[0].numpy()
+        ours = _select(pred, nc, conf, iou, 300)
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_nms_empty_and_scale_boxes_roundtrip():
+    pred = np.zeros((4 + 3 + 32, 50), np.float32)
+    assert _select(pred, 3, 0.25, 0.7, 300).shape == (0, 4 + 2 + 32)
+    from ultralytics.utils import ops
+
+    boxes = np.array([[10.0, 20.0, 100.0, 60.0], [0.0, 0.0, 160.0, 96.0]], np.float32)
+    ref = ops.scale_boxes((96, 160), boxes.copy(), (75, 201))
+    np.testing.assert_allclose(_scale_boxes(boxes.copy(), (96, 160), (75, 201)), ref, rtol=1e-6)

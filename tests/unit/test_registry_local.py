@@ -1,0 +1,71 @@
+"""Registry functions against a local SQLite store (no server): input errors and the lock."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+import model_registry as mr
+from model_registry.lock import TAG_EXPIRES, TAG_HOLDER, TAG_OWNER, lock_name
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('reg-unit') / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def run_id(client):
+    return client.create_run(client.create_experiment("unit")).info.run_id
+
+
+LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
+
+
+def test_register_names_missing_file(client, run_id, tmp_path):
+    with pytest.raises(mr.RegistryError, match=r"missing\.onnx: model file not found"):
+        mr.register_candidate(client, "unit-m", run_id, tmp_path / "missing.onnx", None, {}, {}, LINEAGE)
+
+
+def test_register_requires_lineage(client, run_id, tmp_path):
+    f = tmp_path / "a.onnx"
+    f.write_bytes(b"x")
+    with pytest.raises(mr.RegistryError, match="lacks config_hash, code_version"):
+        mr.register_candidate(client, "unit-m", run_id, f, None, {}, {}, {"dataset_fingerprint": "d"})
+
+
+def test_register_sets_pending_tags_and_parent(client, run_id, tmp_path):
+    f = tmp_path / "a.onnx"
+    f.write_bytes(b"x")
+    v = mr.register_candidate(client, "unit-m", run_id, f, None, {"mask/mAP50-95": 0.25}, {"conf": 0.3},
+                              {**LINEAGE, "parent_version": "4"})
+    assert (v.approval, v.validation_status, v.tags["parent_version"]) == ("pending", "pending", "4")
+    assert v.tags["source_run_id"] == run_id and "artifact.pt" not in v.tags
+    assert v.metrics == {"mask/mAP50-95": 0.25}
+    with pytest.raises(mr.PromotionRefused, match="not at 'staging'|has not passed the gate"):
+        mr.approve(client, "unit-m", v.version, by="a", reason="r")
+    with pytest.raises(mr.RegistryError, match="approver name"):
+        mr.approve(client, "unit-m", v.version, by=" ", reason="r")
+    with pytest.raises(mr.RegistryError, match="has no version 999"):
+        mr.approve(client, "unit-m", "999", by="a", reason="r")
+
+
+def test_lock_times_out_naming_holder_and_breaks_stale(client):
+    client.create_registered_model("unit-lock")
+    with mr.registry_lock(client, "unit-lock", holder="first"):
+        with pytest.raises(mr.RegistryLockTimeout, match="held by 'first'"):
+            with mr.registry_lock(client, "unit-lock", holder="second", timeout_s=0.3):
+                pass
+    # a holder that died: its lease ran out, so the next caller breaks the lock
+    client.create_registered_model(lock_name("unit-lock"), tags={TAG_OWNER: "dead", TAG_HOLDER: "dead",
+                                                                 TAG_EXPIRES: f"{time.time() - 1:.3f}"})
+    with mr.registry_lock(client, "unit-lock", holder="third", timeout_s=5):
+        assert client.get_registered_model(lock_name("unit-lock")).tags[TAG_HOLDER] == "third"
+    with pytest.raises(MlflowException) as gone:  # released
+        client.get_registered_model(lock_name("unit-lock"))
+    assert gone.value.error_code == "RESOURCE_DOES_NOT_EXIST"

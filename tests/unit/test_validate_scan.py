@@ -1,0 +1,106 @@
+"""Data gate building blocks: header parsing, bomb guard, label parsing, near-duplicate search."""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from expectations import SUITE_NAMES, load_suite_json, suite_codes
+from expectations.tables import near_pairs
+from tasks.validate import DEFAULT_SEVERITY, severities
+from tasks.validate_scan import image_header, measure_image, parse_label_line, truncation_error
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG that declares w x h pixels but carries one tiny IDAT (decompression-bomb header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _encode(ext: str, w: int, h: int) -> bytes:
+    img = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return cv2.imencode(ext, img)[1].tobytes()
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp", ".webp"])
+def test_header_size_without_decoding(ext):
+    fmt, w, h, c = image_header(_encode(ext, 70, 40))
+    assert (w, h) == (70, 40) and c in (3, 4)
+
+
+def test_bomb_refused_fast_without_decode(tmp_path):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(png_header_only(20000, 20000))
+    t = time.perf_counter()
+    row = measure_image(str(p), max_pixels=178956970)
+    assert time.perf_counter() - t < 1.0
+    assert row[0] is False and "max_pixels" in row[1]
+
+
+def test_truncation_detected():
+    jpg, png = _encode(".jpg", 64, 64), _encode(".png", 64, 64)
+    assert truncation_error("jpeg", jpg) is None and truncation_error("png", png) is None
+    assert "JPEG" in truncation_error("jpeg", jpg[:-10])
+    assert "PNG" in truncation_error("png", png[: len(png) // 2])
+
+
+def test_measure_good_image(tmp_path):
+    p = tmp_path / "ok ü.jpg"
+    p.write_bytes(_encode(".jpg", 640, 480))
+    row = measure_image(str(p), max_pixels=10**9)
+    decodes, err, fmt, w, h, c, nbytes, sha, phash, blur, bright, contrast, mtime = row
+    assert decodes and not err and fmt == "jpeg" and (w, h, c) == (640, 480, 3)
+    assert len(sha) == 64 and len(phash) == 16 and blur > 100 and 50 < bright < 200
+
+
+@pytest.mark.parametrize(("line", "ok", "n_points", "self_int"), [
+    ("0 0.1 0.1 0.9 0.1 0.5 0.9", True, 3, False),
+    ("1 0.1 0.1 0.9 0.9 0.9 0.1 0.1 0.9", True, 4, True),  # bow-tie
+    ("0 0.1 0.1 0.9 0.1 0.9 0.9 0.1 0.9", True, 4, False),  # square
+    ("0 0.1 nan 0.9 0.1 0.5 0.9", False, None, False),
+    ("0 0.1 0.1 0.9", False, None, False),  # odd coordinate count
+    ("x 0.1 0.1 0.9 0.1 0.5 0.9", False, None, False),
+])
+def test_parse_label_line(line, ok, n_points, self_int):
+    row = parse_label_line(1, line)
+    assert row[1] is ok
+    if ok:
+        assert row[4] == n_points and row[12] is self_int
+        assert 0 <= row[11] <= 1 and (self_int or row[11] > 0)  # area fraction (bow-tie: signed halves cancel)
+
+
+def test_near_pairs_match_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, 300).astype(np.uint64)
+    hashes = np.unique(np.concatenate([base, base[:100] ^ flips[:100], base[:50] ^ flips[:50] ^ (flips[50:100])]))
+    for d in (0, 1, 3, 6):
+        got = {(i, j) for i, j, _ in near_pairs(hashes, d)}
+        x = hashes[:, None] ^ hashes[None, :]
+        dist = np.bitwise_count(x)
+        want = {(i, j) for i, j in zip(*np.nonzero(dist <= d), strict=True) if i < j} if d > 0 else set()
+        assert got == want
+
+
+def test_suites_are_ge_json_with_codes():
+    for name in SUITE_NAMES:
+        raw = load_suite_json(name)
+        assert raw["name"] == name and raw["expectations"]
+        for e in raw["expectations"]:
+            assert e["type"].startswith("expect_") and e["meta"]["code"] in DEFAULT_SEVERITY
+    assert suite_codes() == set(DEFAULT_SEVERITY)
+
+
+def test_unknown_severity_code_is_config_error():
+    from tasks.config import ConfigError, ValidateConfig
+
+    with pytest.raises(ConfigError, match="did you mean 'blurry'"):
+        severities(ValidateConfig(severity={"blury": "error"}))
