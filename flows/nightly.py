@@ -66,6 +66,11 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
+        if cfg.registry.wait_for_approval and decision.passed:
+            from flows.promote import await_approval
+
+            await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
+                           decision.reasons)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
     except BaseException as e:
         _t(close_pipeline_run, "close-mlflow-run")(run, ok=False, error=repr(e))

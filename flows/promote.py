@@ -65,14 +65,23 @@ def promote(model_name: str, version: str, tracking_uri: str, registry: dict[str
     result: dict[str, Any] = {"gate": decision.to_dict(), "decision": None, "by": None, "reason": None}
     if not (decision.passed and wait_for_approval):
         return result
+    result.update(await_approval(model_name, version, tracking_uri, cfg, decision.reasons))
+    return result
+
+
+def await_approval(model_name: str, version: str, tracking_uri: str, cfg: RegistryConfig,
+                   reasons: list[str]) -> dict[str, Any]:
+    """Pause the current flow run for a human decision and apply it (approve or reject).
+
+    Used by ``promote`` and by ``nightly`` when ``registry.wait_for_approval`` is on.
+    """
     form = ApprovalInput.with_initial_data(
         description=f"**{model_name} version {version}** passed the gate and is at `staging`.\n\n"
-                    + "\n".join(f"- {r}" for r in decision.reasons)
+                    + "\n".join(f"- {r}" for r in reasons)
                     + "\n\nApprove to move `production` to it, or reject it.",
         approve=False, approver="", reason="")
     answer = pause_flow_run(wait_for_input=form, timeout=cfg.approval_timeout_s, poll_interval=cfg.approval_poll_s,
                             key=f"approve-{model_name}-{version}")
     info = decide_task(tracking_uri, model_name, version, answer.approve, answer.approver, answer.reason,
                        approvers=cfg.approvers, lock_timeout_s=cfg.lock_timeout_s)
-    result.update(decision=info.approval, by=answer.approver, reason=answer.reason)
-    return result
+    return {"decision": info.approval, "by": answer.approver, "reason": answer.reason}

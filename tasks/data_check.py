@@ -38,10 +38,12 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
             counts per code and where the report is.
     """
     from tasks import tracking
-    from tasks.dataset import check_structure
+    from tasks.dataset import check_structure, load_data_yaml
     from tasks.fingerprint import dataset_fingerprint
 
-    info = check_structure(data_yaml)
+    # With the gate on, only the data.yaml must load here: label problems become findings in
+    # the report (logged either way) instead of an exception before any report exists.
+    info = load_data_yaml(data_yaml) if cfg.enabled else check_structure(data_yaml)
     with tracking.step_run(parent_run_id, "validate") as (c, run_id):
         tracking.log_metrics(c, run_id, {f"images/{k}": v for k, v in info.images.items()})
         tracking.log_metrics(c, run_id, {f"instances/{k}": v for k, v in info.instances.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,10 +11,23 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 _CHUNK = 1 << 20
 
 
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_noatime(path: Path):
+    """Open for reading without updating the access time where allowed (inputs stay untouched)."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | _NOATIME)
+    except PermissionError:  # O_NOATIME needs file ownership
+        fd = os.open(path, flags)
+    return os.fdopen(fd, "rb")
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, streamed."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_noatime(path) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()

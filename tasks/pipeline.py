@@ -149,9 +149,13 @@ def preflight(cfg: Config) -> None:
         if not p.exists():
             raise DatasetError(f"{p}: dataset path does not exist (data.source)")
         if p.is_dir() or p.suffix in {".yaml", ".yml"}:
-            from tasks.dataset import check_structure
+            from tasks.dataset import check_structure, load_data_yaml
 
-            check_structure(p)
+            # With validate.on_error=clean broken labels are quarantined by the gate, not fatal.
+            if cfg.validation.enabled and cfg.validation.on_error == "clean":
+                load_data_yaml(p)
+            else:
+                check_structure(p)
     model_source(cfg.train.model)
     if cfg.train.weights and not Path(cfg.train.weights).expanduser().is_file():
         from tasks.errors import DamageError
