@@ -17,6 +17,7 @@ from tasks.pipeline import (
     prepare_state,
     summarise,
 )
+from tasks.skip import check_unchanged, record_skip, record_success, resumable_train_config, train_dir_for
 
 _opts = {"cache_policy": NO_CACHE}
 
@@ -38,12 +39,21 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from tasks.train import train_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
-    run = _t(open_pipeline_run, "open-mlflow-run", retries=2)(cfg)
+    run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
     try:
-        data_yaml = _t(prepare_dataset, "prepare-dataset", retries=2)(cfg, paths)
+        data_yaml = _t(prepare_dataset, "prepare-dataset", retries=3)(cfg, paths)
+        unchanged = _t(check_unchanged, "check-unchanged", retries=3)(data_yaml, cfg, run.tracking_uri, force)
+        if unchanged.skip:  # same data + config + code as the last successful run: record it and stop
+            print(unchanged.reason)
+            skipped = _t(record_skip, "record-skip", retries=3)(run.tracking_uri, run.run_id, unchanged)
+            _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=skipped)
+            return skipped
         data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id)
-        trained = _t(train_step, "train")(data.data_yaml, cfg.train, run.train_dir, run.run_id, seed=cfg.seed,
-                                          full_config=cfg.to_dict(), dataset_fingerprint=data.fingerprint)
+        # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.
+        trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
+                                                     train_dir_for(paths.runs, unchanged.key), run.run_id,
+                                                     seed=cfg.seed, full_config=cfg.to_dict(),
+                                                     dataset_fingerprint=data.fingerprint)
         metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id)
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.train.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
@@ -72,8 +82,10 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
                            decision.reasons)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
+        summary["pipeline_key"] = unchanged.key
+        _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)
     except BaseException as e:
-        _t(close_pipeline_run, "close-mlflow-run")(run, ok=False, error=repr(e))
+        _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=False, error=repr(e))
         raise
-    _t(close_pipeline_run, "close-mlflow-run")(run, ok=True, summary=summary)
+    _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=summary)
     return summary

@@ -91,14 +91,30 @@ def _check(masks: Sequence[np.ndarray], classes: Sequence[str]) -> list[np.ndarr
     return out
 
 
-def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str],
-                  vehicle_class: str = "vehicle") -> DamageReport:
+def _extent(m: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the True pixels (end-exclusive); an empty mask gives an empty box."""
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    if not rows.size:
+        return 0, 0, 0, 0
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[slice, slice] | None:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return (slice(y0, y1), slice(x0, x1)) if x1 > x0 and y1 > y0 else None
+
+
+def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_class: str = "vehicle",
+                  boxes: Sequence[tuple[int, int, int, int]] | None = None) -> DamageReport:
     """Damage percentage per vehicle and for the whole image (definition in the module docstring).
 
     Args:
         masks: one boolean HxW mask per instance, all the same size.
         classes: the class name of each instance.
         vehicle_class: the class name that marks vehicles.
+        boxes: optional integer extents ``(x0, y0, x1, y1)`` (end-exclusive) that contain each
+            mask's pixels; they only speed things up (work is limited to box intersections) and
+            are computed from the masks when omitted.
 
     Returns:
         The report; ``damage_percent`` is None (with ``note``) when no vehicle is present.
@@ -107,37 +123,40 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str],
         ValueError: masks and classes differ in length, or masks differ in size.
     """
     ms = _check(masks, classes)
+    ext = [tuple(int(v) for v in b) for b in boxes] if boxes is not None else [_extent(m) for m in ms]
+    if len(ext) != len(ms):
+        raise ValueError(f"damage_report: {len(ms)} masks but {len(ext)} boxes")
     veh = [i for i, c in enumerate(classes) if c == vehicle_class]
     dmg = [i for i, c in enumerate(classes) if c != vehicle_class]
     rep = DamageReport()
     for i in veh:
         rep.assignment[i] = i
 
-    # Assignment: overlap counts of every damage mask with every vehicle mask.
-    if veh and dmg:
-        vstack = np.stack([ms[i] for i in veh]).reshape(len(veh), -1)
-        for j in dmg:
-            ov = np.count_nonzero(vstack & ms[j].reshape(1, -1), axis=1)
-            k = int(np.argmax(ov))  # first maximum: ties go to the vehicle listed first
-            rep.assignment[j] = veh[k] if ov[k] > 0 else None
-    else:
-        for j in dmg:
-            rep.assignment[j] = None
-
+    # Assignment: overlap of every damage mask with every vehicle mask (only where boxes meet).
     for j in dmg:
-        if rep.assignment[j] is None:
+        best, best_ov = None, 0
+        for i in veh:
+            sl = _meet(ext[i], ext[j])
+            ov = int(np.count_nonzero(ms[i][sl] & ms[j][sl])) if sl else 0
+            if ov > best_ov:  # strict: ties go to the vehicle listed first
+                best, best_ov = i, ov
+        rep.assignment[j] = best
+        if best is None:
             rep.outside.append({"id": j, "class": str(classes[j]), "area_px": int(np.count_nonzero(ms[j]))})
 
     for i in veh:
-        v = ms[i]
+        x0, y0, x1, y1 = ext[i]
+        v = ms[i][y0:y1, x0:x1]
         area = int(np.count_nonzero(v))
-        mine = [j for j in dmg if rep.assignment[j] == i]
         union = np.zeros_like(v)
         by_cls_union: dict[str, np.ndarray] = {}
-        for j in mine:
-            union |= ms[j]
+        for j in dmg:
+            if rep.assignment[j] != i:
+                continue
+            d = ms[j][y0:y1, x0:x1]
+            union |= d
             c = str(classes[j])
-            by_cls_union[c] = by_cls_union[c] | ms[j] if c in by_cls_union else ms[j].copy()
+            by_cls_union[c] = by_cls_union[c] | d if c in by_cls_union else d.copy()
         dpx = int(np.count_nonzero(union & v))
         rep.vehicles.append({
             "id": i,
@@ -152,13 +171,16 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str],
                     + (f" ({len(dmg)} damage instance(s) found)" if dmg else ""))
         return rep
 
-    all_v = np.zeros_like(ms[veh[0]])
+    # image level, inside the box around all vehicles (nothing outside it can count)
+    x0, y0 = min(ext[i][0] for i in veh), min(ext[i][1] for i in veh)
+    x1, y1 = max(ext[i][2] for i in veh), max(ext[i][3] for i in veh)
+    all_v = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), bool)
     for i in veh:
-        all_v |= ms[i]
+        all_v |= ms[i][y0:y1, x0:x1]
     all_d = np.zeros_like(all_v)
     for j in dmg:
         if rep.assignment[j] is not None:
-            all_d |= ms[j]
+            all_d |= ms[j][y0:y1, x0:x1]
     rep.vehicle_area_px = int(np.count_nonzero(all_v))
     rep.damage_px = int(np.count_nonzero(all_d & all_v))
     rep.damage_percent = _percent(rep.damage_px, rep.vehicle_area_px)

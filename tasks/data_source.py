@@ -19,6 +19,34 @@ def synth_dir(datasets_root: Path, cfg: DataConfig) -> Path:
     return datasets_root / f"synth-n{s.images}-px{s.imgsz}-v{int(s.val_fraction * 100)}-s{s.seed}"
 
 
+def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
+    """A data.yaml whose ``path:`` is absolute, so every reader resolves the same root.
+
+    Ultralytics resolves a relative ``path:`` against the working directory (or its datasets
+    dir), while the data gate resolves it against the yaml's folder. The user's file is never
+    modified: when its ``path:`` is missing or relative, an equivalent copy with the absolute
+    root is written under the state dir and returned.
+    """
+    import hashlib
+
+    import yaml
+
+    raw = yaml.safe_load(data_yaml.read_text()) or {}
+    root = raw.get("path")
+    if isinstance(root, str) and Path(root).is_absolute():
+        return data_yaml
+    base = data_yaml.parent.resolve()
+    raw["path"] = str((base / root).resolve() if root else base)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    out = datasets_root / "resolved" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{id(out)}")
+        tmp.write_text(text)
+        tmp.replace(out)
+    return out
+
+
 def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Path:
     """Return the data.yaml of a local YOLO-seg dataset for ``cfg.source``.
 
@@ -50,11 +78,11 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
             import_dataset(p, out, classes=cfg.classes)
         return out / "data.yaml"
     if p.is_file() and p.suffix in {".yaml", ".yml"}:
-        return p
+        return absolute_data_yaml(p, datasets_root)
     if p.is_dir():
         for name in ("data.yaml", "dataset.yaml"):
             if (p / name).is_file():
-                return p / name
+                return absolute_data_yaml(p / name, datasets_root)
         jsons = sorted(p.glob("*.json")) + sorted(p.glob("annotations/*.json"))
         if len(jsons) == 1:
             return resolve_source(cfg.model_copy(update={"source": str(jsons[0])}), datasets_root, cache_root)

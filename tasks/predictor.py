@@ -450,8 +450,8 @@ class Predictor:
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
         coefs = rows[:, 6:]
-        protos = proto.reshape(nm, -1)
-        instances, masks, names = [], [], []
+        protos3 = np.ascontiguousarray(proto, dtype=np.float32)
+        instances, masks, names, extents = [], [], [], []
         for k in range(len(rows)):
             x0, y0 = min(max(lo[k, 0], 0), w), min(max(lo[k, 1], 0), h)
             x1, y1 = min(max(hi[k, 0], 0), w), min(max(hi[k, 1], 0), h)
@@ -460,8 +460,9 @@ class Predictor:
             by, bx = ay[y0:y1], ax[x0:x1]
             py0, py1 = _span(by)
             px0, px1 = _span(bx)
-            sub = (coefs[k] @ protos.reshape(nm, mh, mw)[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
-            crop = (by[:, py0:py1] @ sub @ bx[:, px0:px1].T) > 0
+            sub = (coefs[k] @ protos3[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
+            # contiguous operands: numpy only hands contiguous arrays to BLAS (else a slow loop)
+            crop = (np.ascontiguousarray(by[:, py0:py1]) @ sub @ np.ascontiguousarray(bx[:, px0:px1].T)) > 0
             area = int(np.count_nonzero(crop))
             if area == 0:
                 continue
@@ -474,8 +475,8 @@ class Predictor:
                                       polygon=_polygon(crop, x0, y0)))
             masks.append(full)
             names.append(name)
-        del protos
-        rep = damage_report(masks, names, self.vehicle_class)
+            extents.append((x0, y0, x1, y1))
+        rep = damage_report(masks, names, self.vehicle_class, boxes=extents)
         for inst in instances:
             inst.vehicle_id = rep.assignment.get(inst.id)
         pred.instances, pred.damage = instances, rep

@@ -166,6 +166,25 @@ def _resume_checkpoint(cfg: TrainConfig, project: Path, name: str) -> Path | Non
     return p.resolve()
 
 
+def _trim_results(ckpt: Path) -> None:
+    """Cut results.csv back to the epochs the checkpoint holds.
+
+    A run killed between writing results.csv and last.pt would otherwise repeat a row on resume.
+    """
+    import torch
+
+    csv_path = ckpt.parent.parent / "results.csv"
+    if not csv_path.is_file():
+        return
+    epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", -1))
+    lines = csv_path.read_text().splitlines(keepends=True)
+    keep = lines[: 1 + epoch + 1]  # header + epochs 0..epoch
+    if len(keep) < len(lines):
+        tmp = csv_path.with_suffix(".csv.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(csv_path)
+
+
 def _resumable(ckpt: Path) -> bool:
     """A last.pt of an unfinished run still holds its optimizer state (epoch >= 0)."""
     import torch
@@ -221,8 +240,9 @@ def train_model(
 
     resume_from = _resume_checkpoint(cfg, project, name)
     if resume_from is not None:
+        _trim_results(resume_from)
         model = YOLO(str(resume_from))
-        train_kwargs: dict[str, Any] = {"resume": True}
+        train_kwargs: dict[str, Any] = {"resume": True, "data": str(data_yaml)}
     else:
         src = model_source(cfg.model)
         model = YOLO(src, task="segment")
@@ -236,9 +256,14 @@ def train_model(
         train_kwargs = build_train_args(cfg, data_yaml, project, name, seed)
     train_kwargs.update(extra_args or {})
 
+    seen: set[int] = set()
+
     def _epoch_end(trainer) -> None:
-        if on_epoch is None:
+        # Ultralytics fires this once more after the final validation of best.pt; the final
+        # figures are returned in TrainResult.metrics, so each epoch is reported once.
+        if on_epoch is None or int(trainer.epoch) in seen:
             return
+        seen.add(int(trainer.epoch))
         metrics = {}
         metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
         metrics.update({f"lr/{k}": float(v) for k, v in trainer.lr.items()})

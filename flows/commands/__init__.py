@@ -5,7 +5,7 @@ Heavy imports (torch, ultralytics, prefect, mlflow) happen inside command bodies
 """
 
 COMMAND_MODULES = [
-    "flows.commands.pipeline",  # run, train, schedule
+    "flows.commands.pipeline",  # run, train
     "flows.commands.data",  # data synth, data import
     "flows.commands.validate",  # validate (data gate)
     "flows.commands.evaluate",  # evaluate, sweep

@@ -15,6 +15,11 @@ from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setu
 def _print_summary(summary: dict, seconds: float) -> None:
     from rich.table import Table
 
+    if summary.get("skipped"):
+        console.print(f"[yellow]{summary.get('reason')}[/]\n(use --force to run anyway; "
+                      f"MLflow run {summary.get('mlflow_run_id')})")
+        return
+
     t = Table(title="nightly run", show_header=False)
     m = summary.get("metrics", {})
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):

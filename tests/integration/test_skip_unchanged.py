@@ -131,10 +131,11 @@ def _flow_missing() -> str | None:
 
 
 @pytest.mark.integration
-def test_nightly_twice_second_skips(prefect_harness, state_paths):
+def test_nightly_twice_second_skips(request, state_paths):
     why = _flow_missing()
     if why:
         pytest.skip(why)
+    request.getfixturevalue("prefect_harness")  # only once the flow can run (the harness costs ~40 s)
     from flows.nightly import nightly
 
     first = nightly(overrides=TINY)
