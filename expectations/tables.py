@@ -17,7 +17,7 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from tasks.validate_scan import ANNOTATION_FIELDS, Inventory, Layout, Sample
+from tasks.validate_scan import ANNOTATION_FIELDS, THUMB_SIDE, Inventory, Layout, Sample
 
 SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 _ANN_DTYPE = np.dtype([
@@ -41,6 +41,7 @@ class TableBuilder:
         self.nbytes = np.zeros(n, np.int64)
         self.sha = np.zeros(n, "S32")
         self.phash = np.zeros(n, np.uint64)
+        self.thumb = np.zeros((n, THUMB_SIDE * THUMB_SIDE), np.uint8)
         self.stats = np.full((n, 3), np.nan, np.float32)  # blur, brightness, contrast
         self.instances = np.zeros(n, np.int32)
         self.mtime = np.zeros(n, np.int64)
@@ -50,7 +51,7 @@ class TableBuilder:
 
     def add(self, idx: int, row: tuple, anns: list[tuple]) -> None:
         """Store one image row (``IMAGE_FIELDS`` order) and its annotation rows."""
-        decodes, error, fmt, w, h, c, nbytes, sha, phash, blur, bright, contrast, mtime = row
+        decodes, error, fmt, w, h, c, nbytes, sha, phash, blur, bright, contrast, mtime, thumb = row
         self.mtime[idx] = mtime
         self.seen[idx] = True
         self.decodes[idx] = decodes
@@ -59,6 +60,8 @@ class TableBuilder:
         if decodes:  # sizes of undecodable files would only add secondary findings
             self.size[idx] = (w, h, c)
             self.phash[idx] = int(phash, 16)
+            if thumb:
+                self.thumb[idx] = np.frombuffer(thumb, np.uint8)
         self.nbytes[idx] = nbytes
         if sha:
             self.sha[idx] = bytes.fromhex(sha)
@@ -178,13 +181,23 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, in
     return out
 
 
-def duplicate_rows(images: pd.DataFrame, max_distance: int) -> list[dict]:
+# A hash match is a near duplicate only if the grey thumbnails also agree within this mean
+# absolute difference (0-255 levels): flat and smoothly shaded images share dHashes.
+NEAR_DUP_THUMB_TOL = 10.0
+
+
+def _thumbs_close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) <= NEAR_DUP_THUMB_TOL
+
+
+def duplicate_rows(images: pd.DataFrame, max_distance: int, thumbs: np.ndarray | None = None) -> list[dict]:
     """Dataset-table rows for images that duplicate an earlier one.
 
     "Earlier" means train before val before test, then older before newer (the copy is the
     newer file), then path order.
 
-    Exact duplicates (same SHA-256) and near duplicates (dHash distance <= ``max_distance``)
+    Exact duplicates (same SHA-256) and near duplicates (dHash distance <= ``max_distance``,
+    confirmed by ``thumbs``, the per-image grey thumbnails indexed like ``images``, when given)
     within a split get ``dup_of`` / ``near_dup_of``; a twin in another split gets ``leak_of``.
     The first image of each group is the one kept; every other member names its twin.
     """
@@ -213,22 +226,36 @@ def duplicate_rows(images: pd.DataFrame, max_distance: int) -> list[dict]:
         return rows
     kept = images.loc[keepers]
     hashes = np.array([int(h, 16) for h in kept["phash"]], dtype=np.uint64)
-    # Identical perceptual hashes collapse to one search key (distance 0 to each other).
+    tk = thumbs[kept.index.to_numpy()] if thumbs is not None else None
+
+    def close(a: int, b: int) -> bool:
+        return tk is None or _thumbs_close(tk[a], tk[b])
+
+    # Identical perceptual hashes collapse to one search key (distance 0 to each other); inside
+    # a key, members are clustered by thumbnail so unrelated flat images are not merged.
     uniq, inverse = np.unique(hashes, return_inverse=True)
     members = defaultdict(list)
     for pos, u in enumerate(inverse):
         members[int(u)].append(pos)
-    # Star edges (member -> first member of its hash group, first <-> first across groups)
-    # keep the graph linear in size even when thousands of images share one hash (blank frames).
+    # Star edges (member -> its cluster representative, representatives <-> representatives
+    # across keys) keep the graph linear in size even when thousands of images share one hash.
     nbrs: dict[int, dict[int, int]] = defaultdict(dict)
-    for group in members.values():
-        for b in group[1:]:
-            nbrs[b][group[0]] = 0
-            nbrs[group[0]][b] = 0
+    reps: dict[int, list[int]] = {}
+    for key, group in members.items():
+        reps[key] = []
+        for b in group:
+            r = next((r for r in reps[key] if close(r, b)), None)
+            if r is None:
+                reps[key].append(b)
+            else:
+                nbrs[b][r] = 0
+                nbrs[r][b] = 0
     for ui, uj, d in near_pairs(uniq, max_distance):
-        a, b = members[ui][0], members[uj][0]
-        nbrs[a][b] = d
-        nbrs[b][a] = d
+        for a in reps[ui]:
+            for b in reps[uj]:
+                if close(a, b):
+                    nbrs[a][b] = d
+                    nbrs[b][a] = d
     if not nbrs:
         return rows
     # Union-find over the neighbour graph: one image per connected group is kept (the first
@@ -282,7 +309,7 @@ def class_counts(annotations: pd.DataFrame, num_classes: int) -> list[int]:
 
 
 def dataset_frame(layout: Layout, inv: Inventory, images: pd.DataFrame, annotations: pd.DataFrame,
-                  near_duplicate_distance: int) -> pd.DataFrame:
+                  near_duplicate_distance: int, thumbs: np.ndarray | None = None) -> pd.DataFrame:
     """Dataset-level table: one row per class, split, duplicate image, orphan label, outside link."""
     rows: list[dict] = []
     yaml_rel = layout.rel(layout.yaml_path)
@@ -297,7 +324,7 @@ def dataset_frame(layout: Layout, inv: Inventory, images: pd.DataFrame, annotati
         rel = ", ".join(layout.rel(d) for d in split.image_dirs)
         rows.append({"entity": "split", "file": rel, "split": split.name, "declared": split.declared,
                      "images": inv.split_images.get(split.name, 0)})
-    rows += duplicate_rows(images, near_duplicate_distance)
+    rows += duplicate_rows(images, near_duplicate_distance, thumbs)
     for split, rel in inv.orphan_labels:
         rows.append({"entity": "label", "file": rel, "split": split, "has_image": False})
     for link in inv.outside_links:

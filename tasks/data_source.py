@@ -15,8 +15,12 @@ from tasks.fingerprint import file_sha256
 
 
 def synth_dir(datasets_root: Path, cfg: DataConfig) -> Path:
+    """Cache folder of a synthetic dataset: keyed by its parameters and the generator version."""
+    from tasks.synth import GENERATOR_VERSION
+
     s = cfg.synth
-    return datasets_root / f"synth-n{s.images}-px{s.imgsz}-v{int(s.val_fraction * 100)}-s{s.seed}"
+    return datasets_root / (f"synth-g{GENERATOR_VERSION}-n{s.images}-px{s.imgsz}"
+                            f"-v{int(s.val_fraction * 100)}-s{s.seed}")
 
 
 def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:

@@ -310,10 +310,42 @@ def _native_axes(mh: int, mw: int, h: int, w: int) -> tuple[np.ndarray, np.ndarr
     return ay, ax
 
 
-def _span(m: np.ndarray) -> tuple[int, int]:
-    """First and one-past-last columns with a non-zero weight in a (k, n) interpolation block."""
-    nz = np.flatnonzero(np.abs(m).sum(0) > 0)
-    return (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse form of an interpolation matrix: per output row, source indices and weights (n_out, T).
+
+    Rows with fewer than T taps are padded with their first tap and weight 0, so every index
+    stays inside the row's own source span.
+    """
+    nz = m != 0
+    t = max(int(nz.sum(1).max()), 1)
+    order = np.argsort(~nz, axis=1, kind="stable")[:, :t]
+    w = np.take_along_axis(m, order, 1).astype(np.float32)
+    pad = w == 0
+    order[pad] = np.broadcast_to(order[:, :1], order.shape)[pad]
+    return order.astype(np.intp), w
+
+
+def mask_crop(coef: np.ndarray, protos: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray],
+              taps_x: tuple[np.ndarray, np.ndarray], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """Bool mask of one instance over original-image rows y0:y1 and columns x0:x1.
+
+    Args:
+        coef: (nm,) mask coefficients; protos: (nm, mh, mw) prototypes.
+        taps_y, taps_x: ``_taps`` of the ``_native_axes`` matrices of this image size.
+        x0, y0, x1, y1: the box region in original pixels (end-exclusive), non-empty.
+
+    Only the prototype rows and columns the region's interpolation taps touch are multiplied
+    by the coefficients, and the two bilinear passes are gathers of 2-4 taps per pixel: no
+    full-size logits and no dense matmuls.
+    """
+    iy, wy = taps_y[0][y0:y1], taps_y[1][y0:y1]
+    ix, wx = taps_x[0][x0:x1], taps_x[1][x0:x1]
+    py0, py1 = int(iy.min()), int(iy.max()) + 1
+    px0, px1 = int(ix.min()), int(ix.max()) + 1
+    nm = protos.shape[0]
+    sub = (coef @ protos[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
+    rows = np.einsum("kt,ktq->kq", wy, sub[iy - py0])  # (y1-y0, q)
+    return np.einsum("jt,kjt->kj", wx, rows[:, ix - px0]) > 0
 
 
 def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[list[int]]:
@@ -398,7 +430,7 @@ class Predictor:
         self.iou = float(iou if iou is not None else self.metadata.get("damage.iou") or DEFAULT_IOU)
         self.max_det = int(max_det)
         self.vehicle_class = vehicle_class
-        self._axes: dict[tuple[int, int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._axes: dict[tuple[int, int, int, int], tuple] = {}
         self.timings: dict[str, float] = {}
 
     # -- steps ---------------------------------------------------------------------------
@@ -444,25 +476,21 @@ class Predictor:
         boxes = _scale_boxes(rows[:, :4].copy(), input_hw, (h, w))
         key = (mh, mw, h, w)
         if key not in self._axes:
-            self._axes[key] = _native_axes(mh, mw, h, w)
-        ay, ax = self._axes[key]
+            ay, ax = _native_axes(mh, mw, h, w)
+            self._axes[key] = (_taps(ay), _taps(ax))
+        taps_y, taps_x = self._axes[key]
         # cols/rows kept by Ultralytics' crop_mask: r >= x1 and r < x2 (float box edges)
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
         coefs = rows[:, 6:]
-        protos3 = np.ascontiguousarray(proto, dtype=np.float32)
+        protos = np.ascontiguousarray(proto, dtype=np.float32)
         instances, masks, names, extents = [], [], [], []
         for k in range(len(rows)):
             x0, y0 = min(max(lo[k, 0], 0), w), min(max(lo[k, 1], 0), h)
             x1, y1 = min(max(hi[k, 0], 0), w), min(max(hi[k, 1], 0), h)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
-            by, bx = ay[y0:y1], ax[x0:x1]
-            py0, py1 = _span(by)
-            px0, px1 = _span(bx)
-            sub = (coefs[k] @ protos3[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
-            # contiguous operands: numpy only hands contiguous arrays to BLAS (else a slow loop)
-            crop = (np.ascontiguousarray(by[:, py0:py1]) @ sub @ np.ascontiguousarray(bx[:, px0:px1].T)) > 0
+            crop = mask_crop(coefs[k], protos, taps_y, taps_x, x0, y0, x1, y1)
             area = int(np.count_nonzero(crop))
             if area == 0:
                 continue

@@ -422,7 +422,7 @@ def node_sensitivity(onnx_qdq: str | Path, images: Sequence[Path], imgsz: int) -
     """
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
+        compute_signal_to_quantization_noice_ratio,
         create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -435,11 +435,12 @@ def node_sensitivity(onnx_qdq: str | Path, images: Sequence[Path], imgsz: int) -
         modify_model_output_intermediate_tensors(str(onnx_qdq), str(aug))
         reader = ImageReader(images, imgsz, _input_name(qmodel))
         acts = collect_activations(str(aug), reader)
-    errs = compute_activation_error(create_activation_matching(acts))
+    # local error of each quantized activation: before vs after its own Q/DQ pair
+    matching = create_activation_matching(acts)
     ranked = []
-    for tensor, e in errs.items():
+    for tensor, match in matching.items():
         node = producer.get(tensor)
-        v = e.get("qdq_err")
+        v = compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"])
         if node and v is not None and np.isfinite(v):
             ranked.append((node, float(v)))
     # one entry per node (a node can have several quantized outputs): keep its worst SQNR

@@ -27,6 +27,8 @@ OFFLINE_ENV = {
     # Prefect: a flow started with no API URL spins up a local server backed by the
     # SQLite DB in PREFECT_HOME; the UI started later on the same home shows its runs.
     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
+    # The first start migrates a fresh SQLite DB; 20 s (the default) is too short on 2 busy cores.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_TO_API_ENABLED": "true",
     "PREFECT_UI_ENABLED": "true",
 }

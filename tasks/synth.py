@@ -30,6 +30,8 @@ import yaml
 from tasks.config import CLASSES
 from tasks.dataset import atomic_output_dir
 
+# Bump when the rendering changes: cached synthetic datasets are keyed by it.
+GENERATOR_VERSION = 2
 SYNTH_MARKER = ".synth.json"  # marks a folder as synth output, so it may be replaced
 _CLS = {name: i for i, name in enumerate(CLASSES)}
 DAMAGE_TYPES = ["dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
@@ -119,12 +121,27 @@ def _fill(shape: tuple[int, int], polys, value: int = 1) -> np.ndarray:
 
 
 def _outer(mask: np.ndarray) -> np.ndarray | None:
-    """Largest outer contour of a mask as an (N, 2) int32 polygon, or None if degenerate."""
-    cnts, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not cnts:
-        return None
-    c = max(cnts, key=lambda c: (cv2.contourArea(c), len(c)))
-    return c.reshape(-1, 2) if len(c) >= 3 else None
+    """Largest outer contour of a mask as a simple (N, 2) int32 polygon, or None if degenerate.
+
+    Pixel contours cross themselves where two pixels touch only diagonally; the data gate
+    (rightly) calls such polygons degenerate. Closing the mask with a 3x3 kernel joins those
+    pinches, so the label stays a simple polygon covering the painted region.
+    """
+    from tasks.validate_scan import polygon_self_intersects
+
+    m = mask.astype(np.uint8)
+    for _ in range(4):
+        cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not cnts:
+            return None
+        c = max(cnts, key=lambda c: (cv2.contourArea(c), len(c)))
+        if len(c) < 3:
+            return None
+        poly = c.reshape(-1, 2)
+        if not polygon_self_intersects(poly.astype(np.float64)):
+            return poly
+        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    return None
 
 
 def _solid(mask: np.ndarray) -> np.ndarray | None:

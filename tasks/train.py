@@ -266,7 +266,7 @@ def train_model(
         seen.add(int(trainer.epoch))
         metrics = {}
         metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
-        metrics.update({f"lr/{k}": float(v) for k, v in trainer.lr.items()})
+        metrics.update({(k if k.startswith("lr/") else f"lr/{k}"): float(v) for k, v in trainer.lr.items()})
         metrics.update(normalise_metrics(trainer.metrics or {}))
         on_epoch(int(trainer.epoch), metrics)
 
@@ -313,6 +313,9 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_metrics(c, run_id, metrics, step=epoch)
+            shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95")
+                     if k in metrics}
+            print(f"epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
 
         result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)
         tracking.log_metrics(c, run_id, {f"final/{k}": v for k, v in result.metrics.items()})

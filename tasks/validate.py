@@ -225,7 +225,8 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     images = builder.images_frame()
     annotations = builder.annotations_frame()
     frames = {"images": images, "annotations": annotations,
-              "dataset": dataset_frame(layout, inv, images, annotations, cfg.near_duplicate_distance)}
+              "dataset": dataset_frame(layout, inv, images, annotations, cfg.near_duplicate_distance,
+                                       builder.thumb)}
     params = suite_parameters(cfg, len(layout.names))
     results = runner.validate(frames, params)
     findings = [dict(f, severity=sev[f["code"]]) for f in findings_from_results(results, frames, params)]

@@ -46,7 +46,9 @@ MAX_SELF_INTERSECT_POINTS = 2000
 
 # Fields of one image row as returned by a worker (the parent adds path, split, label info).
 IMAGE_FIELDS = ("decodes", "error", "format", "width", "height", "channels", "bytes", "sha256",
-                "phash", "blur", "brightness", "contrast", "mtime_ns")
+                "phash", "blur", "brightness", "contrast", "mtime_ns", "thumb")
+# Side of the grey thumbnail that confirms a near-duplicate hash match (THUMB_SIDE**2 bytes/image).
+THUMB_SIDE = 8
 # Fields of one annotation row (one line of a label file).
 ANNOTATION_FIELDS = ("line", "parse_ok", "error", "class_id", "n_points", "coord_min", "coord_max",
                      "xmin", "ymin", "xmax", "ymax", "area", "self_intersects")
@@ -419,6 +421,17 @@ def dhash(grey: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
+def thumbnail(grey: np.ndarray) -> bytes:
+    """THUMB_SIDE x THUMB_SIDE area-averaged grey copy: confirms hash matches.
+
+    dHash encodes only the signs of horizontal gradients, so all flat or smoothly shaded images
+    (plain backgrounds, gradients) share nearly the same hash; the thumbnail tells them apart.
+    """
+    import cv2
+
+    return cv2.resize(grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.uint8).tobytes()
+
+
 def measure_image(path: str, max_pixels: int) -> tuple:
     """Read, hash, header-check, decode and measure one image. Never raises.
 
@@ -431,12 +444,13 @@ def measure_image(path: str, max_pixels: int) -> tuple:
     try:
         data, st = read_bytes(path, with_stat=True)
     except OSError as e:
-        return (False, f"unreadable: {e.strerror or e}", fmt, w, h, c, 0, "", "", math.nan, math.nan, math.nan, 0)
+        return (False, f"unreadable: {e.strerror or e}", fmt, w, h, c, 0, "", "", math.nan, math.nan, math.nan, 0,
+                b"")
     sha = hashlib.sha256(data).hexdigest()
     nbytes = len(data)
 
     def bad(msg: str) -> tuple:
-        return (False, msg, fmt, w, h, c, nbytes, sha, "", math.nan, math.nan, math.nan, st.st_mtime_ns)
+        return (False, msg, fmt, w, h, c, nbytes, sha, "", math.nan, math.nan, math.nan, st.st_mtime_ns, b"")
 
     if not data:
         return bad("empty file (0 bytes)")
@@ -467,10 +481,10 @@ def measure_image(path: str, max_pixels: int) -> tuple:
     _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
     return (True, "", fmt, w, h, c, nbytes, sha, f"{dhash(grey):016x}",
             round(float(lap_std[0, 0]) ** 2, 3), round(float(mean[0, 0]), 3), round(float(std[0, 0]), 3),
-            st.st_mtime_ns)
+            st.st_mtime_ns, thumbnail(grey))
 
 
-def _self_intersects(pts: np.ndarray) -> bool:
+def polygon_self_intersects(pts: np.ndarray) -> bool:
     """True if two non-adjacent edges of the closed polygon cross properly (bow-tie)."""
     k = len(pts)
     if k < 4 or k > MAX_SELF_INTERSECT_POINTS:
@@ -517,7 +531,7 @@ def parse_label_line(line_no: int, text: str) -> tuple:
     x, y = pts[:, 0], pts[:, 1]
     area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
     return (line_no, True, "", class_id, len(pts), float(pts.min()), float(pts.max()),
-            float(x.min()), float(y.min()), float(x.max()), float(y.max()), area, _self_intersects(pts))
+            float(x.min()), float(y.min()), float(x.max()), float(y.max()), area, polygon_self_intersects(pts))
 
 
 def _is_float(t: str) -> bool:

@@ -56,8 +56,9 @@ def test_measure_good_image(tmp_path):
     p = tmp_path / "ok ü.jpg"
     p.write_bytes(_encode(".jpg", 640, 480))
     row = measure_image(str(p), max_pixels=10**9)
-    decodes, err, fmt, w, h, c, nbytes, sha, phash, blur, bright, contrast, mtime = row
+    decodes, err, fmt, w, h, c, nbytes, sha, phash, blur, bright, contrast, mtime, thumb = row
     assert decodes and not err and fmt == "jpeg" and (w, h, c) == (640, 480, 3)
+    assert len(thumb) == 64
     assert len(sha) == 64 and len(phash) == 16 and blur > 100 and 50 < bright < 200
 
 
@@ -104,3 +105,37 @@ def test_unknown_severity_code_is_config_error():
 
     with pytest.raises(ConfigError, match="did you mean 'blurry'"):
         severities(ValidateConfig(severity={"blury": "error"}))
+
+
+def test_flat_images_are_not_near_duplicates_but_recompressed_copies_are(tmp_path):
+    """dHash collapses for flat/gradient images; the thumbnail check keeps them apart."""
+    import cv2
+    import pandas as pd
+
+    from expectations.tables import duplicate_rows
+
+    h, w = 120, 160
+    grad_lr = np.tile(np.linspace(220, 90, w, dtype=np.float32), (h, 1))  # bright -> dark, left to right
+    grad_tb = np.tile(np.linspace(110, 70, h, dtype=np.float32)[:, None], (1, w))  # dark, top to bottom
+    rng = np.random.default_rng(0)
+    textured = rng.integers(0, 255, (h, w), dtype=np.uint8)
+    textured = cv2.GaussianBlur(textured, (0, 0), 3)
+    imgs = {"a.png": grad_lr, "b.png": grad_tb, "c.png": textured}
+    rows = []
+    for name, g in imgs.items():
+        p = tmp_path / name
+        cv2.imwrite(str(p), np.dstack([g.astype(np.uint8)] * 3))
+        rows.append(measure_image(str(p), max_pixels=10**9))
+    p = tmp_path / "c_copy.jpg"  # the textured image again, re-encoded as JPEG
+    cv2.imwrite(str(p), np.dstack([textured] * 3), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    rows.append(measure_image(str(p), max_pixels=10**9))
+    names = [*imgs, "c_copy.jpg"]
+    frame = pd.DataFrame({"file": names, "split": ["train", "val", "train", "train"],
+                          "decodes": [r[0] for r in rows], "sha256": [r[7] for r in rows],
+                          "phash": [r[8] for r in rows], "mtime_ns": [0, 0, 0, 1]})
+    thumbs = np.stack([np.frombuffer(r[13], np.uint8) for r in rows])
+    assert bin(int(rows[0][8], 16) ^ int(rows[1][8], 16)).count("1") <= 4  # the hashes alone collide
+    found = duplicate_rows(frame, 4, thumbs)
+    files = {r["file"] for r in found}
+    assert "b.png" not in files and "a.png" not in files  # different flat images: no leakage finding
+    assert files == {"c_copy.jpg"}
