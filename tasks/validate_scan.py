@@ -503,7 +503,15 @@ def polygon_self_intersects(pts: np.ndarray) -> bool:
     a1, b1, a2, b2 = a[i], b[i], a[j], b[j]
     d1, d2 = orient(a1, b1, a2), orient(a1, b1, b2)
     d3, d4 = orient(a2, b2, a1), orient(a2, b2, b1)
-    return bool(np.any((d1 * d2 < 0) & (d3 * d4 < 0)))
+    # Touching is not crossing: pixel contours touch themselves at pinches, and after
+    # normalisation (x / width) float rounding turns those exact zeros into tiny +-values.
+    span = float(np.ptp(pts, axis=0).max()) or 1.0
+    tol = 1e-9 * span * span
+
+    def opposite(u, v):
+        return ((u > tol) & (v < -tol)) | ((u < -tol) & (v > tol))
+
+    return bool(np.any(opposite(d1, d2) & opposite(d3, d4)))
 
 
 def _nan_row(line: int, error: str, class_id: float = math.nan) -> tuple:
