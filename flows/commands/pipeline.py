@@ -31,7 +31,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
     t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
     promo = summary.get("promotion") or {}
     if promo:
-        t.add_row("promotion gate", f"{promo.get('decision', promo)}")
+        verdict = "passed -> staging" if promo.get("passed") else "failed (stays pending)"
+        t.add_row("promotion gate", f"{verdict}: {'; '.join(promo.get('reasons', []))}")
     t.add_row("epochs / imgsz", f"{summary.get('epochs_run')} / {summary.get('imgsz')}")
     t.add_row("wall time", f"{seconds / 60:.1f} min")
     t.add_row("MLflow run", summary.get("mlflow_run_id", ""))
@@ -62,12 +63,15 @@ def run(
     sets: SetOpt = None,
     state_dir: StateOpt = None,
     force: Annotated[bool, typer.Option(help="Run even if data, config and code are unchanged.")] = False,
-    demo: Annotated[bool, typer.Option(help="Demo mode: built-in synthetic data (data.source=synth).")] = False,
+    demo: Annotated[bool, typer.Option(help="Demo mode: configs/demo.yaml (built-in synthetic data, "
+                                             "sized for ~10-15 min on 2 CPU cores).")] = False,
 ) -> None:
     """Run the nightly pipeline now: data gate, train, evaluate, sweep, export, register."""
     overrides = list(sets or [])
-    if demo:
-        overrides.insert(0, "data.source=synth")
+    if demo and config is None:
+        from tasks.config import DEFAULT_CONFIG
+
+        config = DEFAULT_CONFIG.parent / "demo.yaml"
     cfg, paths = setup(config, overrides, state_dir)
     from tasks.pipeline import preflight
 

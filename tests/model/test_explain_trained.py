@@ -8,7 +8,9 @@ concentrates where the detection is. Damage instances are used when the model fi
 learns vehicles first).
 
 Knobs (environment): ``DAMAGE_TEST_EXPLAIN_EPOCHS`` (default 60), ``DAMAGE_TEST_EXPLAIN_IMAGES``
-(default 16), ``DAMAGE_TEST_EXPLAIN_CONF`` (default 0.1).
+(default 16), ``DAMAGE_TEST_EXPLAIN_CONF`` (default 0.1). ``DAMAGE_TEST_EXPLAIN_MODEL`` +
+``DAMAGE_TEST_EXPLAIN_DATA`` (+ ``DAMAGE_TEST_EXPLAIN_IMGSZ``) use an already trained model instead,
+e.g. the demo's: ``best_weights`` and ``dataset`` from ``.state/last_run.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.slow
 EPOCHS = int(os.environ.get("DAMAGE_TEST_EXPLAIN_EPOCHS", "60"))
 IMAGES = int(os.environ.get("DAMAGE_TEST_EXPLAIN_IMAGES", "16"))
 CONF = float(os.environ.get("DAMAGE_TEST_EXPLAIN_CONF", "0.1"))
-IMGSZ = 96
+IMGSZ = int(os.environ.get("DAMAGE_TEST_EXPLAIN_IMGSZ", "96"))
 MIN_INSTANCES = 3
 MAX_AREA = 0.8  # dilated box share of the image above which an instance says nothing about concentration
 
@@ -33,10 +35,14 @@ MAX_AREA = 0.8  # dilated box share of the image above which an instance says no
 @pytest.fixture(scope="module")
 def trained(state_paths, tmp_path_factory):
     """(best.pt, data.yaml) of a small model over-fitted on a few synthetic images."""
+    from pathlib import Path
+
     from tasks.config import TrainConfig
     from tasks.synth import generate_dataset
     from tasks.train import train_model
 
+    if os.environ.get("DAMAGE_TEST_EXPLAIN_MODEL"):
+        return Path(os.environ["DAMAGE_TEST_EXPLAIN_MODEL"]), Path(os.environ["DAMAGE_TEST_EXPLAIN_DATA"])
     root = tmp_path_factory.mktemp("explain_trained")
     data = generate_dataset(root / "ds", images=IMAGES, seed=3, imgsz=IMGSZ, val_fraction=0.25)
     # Few images, no mosaic, AdamW without warm-up: the fastest way to a model that detects.

@@ -59,3 +59,11 @@ def test_round_trip_and_hash_is_stable():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_demo_config_only_changes_what_it_lists():
+    demo = load_config(DEFAULT_CONFIG.parent / "demo.yaml").to_dict()
+    base = load_config().to_dict()
+    changed = {k for k in base if base[k] != demo[k]}
+    assert changed == {"train"}  # data.source is synth in both
+    assert {k for k in base["train"] if base["train"][k] != demo["train"][k]} == {"epochs", "batch", "augment"}
