@@ -256,14 +256,14 @@ def train_model(
         train_kwargs = build_train_args(cfg, data_yaml, project, name, seed)
     train_kwargs.update(extra_args or {})
 
-    seen: set[int] = set()
+    loop_done = [False]
 
     def _epoch_end(trainer) -> None:
-        # Ultralytics fires this once more after the final validation of best.pt; the final
-        # figures are returned in TrainResult.metrics, so each epoch is reported once.
-        if on_epoch is None or int(trainer.epoch) in seen:
+        # Ultralytics fires this once more after the loop, for its final validation of best.pt
+        # (at epoch + 1); those figures are TrainResult.metrics, so each epoch is reported once.
+        if on_epoch is None or loop_done[0]:
             return
-        seen.add(int(trainer.epoch))
+        loop_done[0] = bool(trainer.stop)
         metrics = {}
         metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
         metrics.update({(k if k.startswith("lr/") else f"lr/{k}"): float(v) for k, v in trainer.lr.items()})

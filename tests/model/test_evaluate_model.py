@@ -87,6 +87,7 @@ def test_sweep_step_in_a_flow_logs_runs_files_and_table(prefect_harness, tiny_mo
     from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from tasks import tracking
     from tasks.config import SweepConfig
@@ -121,7 +122,9 @@ def test_sweep_step_in_a_flow_logs_runs_files_and_table(prefect_harness, tiny_mo
         assert tags["operating.objective"] == "mask_f1"
     assert res.csv_path.is_file() and res.heatmap_path.is_file() and res.pr_plot_path.is_file()
     with get_client(sync_client=True) as pc:
-        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["threshold-sweep"])))
+        # newest first: other tests in the session-scoped harness publish sweeps under the same key
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["threshold-sweep"])),
+                                 sort=ArtifactSort.CREATED_DESC)
     assert arts and arts[0].type == "table"
     table = json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
     assert len(table) == 20 and sum(row["chosen"] for row in table) == 1
