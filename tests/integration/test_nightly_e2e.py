@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,7 @@ def nightly_summary(prefect_harness, state_paths):
     _AUDIT["attempts"].clear()
     _AUDIT["on"] = True
     try:
-        summary = nightly(overrides=TINY + ["registry.floor_mask_map=0.0"])
+        summary = nightly(overrides=TINY + ["registry.floor_mask_map=0.0"], force=True)
     finally:
         _AUDIT["on"] = False
     return summary
@@ -79,7 +80,10 @@ def test_nightly_logs_runs_metrics_and_version(nightly_summary):
     name, version = nightly_summary["registered_model"], nightly_summary["registered_version"]
     mv = c.get_model_version(name, str(version))
     assert mv.run_id
-    files = [a.path for a in c.list_artifacts(mv.run_id, "model")]
-    assert any(f.endswith(".onnx") for f in files)
+    assert mv.tags["artifact.onnx"].endswith(".onnx") and mv.tags["validation_status"] in {"passed", "failed"}
+    files = {a.path for a in c.list_artifacts(mv.run_id, "model")}
+    assert {"model/MLmodel", "model/model.pt"} <= files  # the version is a pyfunc with the .pt beside it
+    onnx_rel = mv.tags["artifact.onnx"].split("/model/", 1)[1]
+    assert any(a.path.endswith(".onnx") for a in c.list_artifacts(mv.run_id, f"model/{Path(onnx_rel).parent}"))
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         assert 0.0 <= nightly_summary["metrics"][k] <= 1.0
