@@ -33,28 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import build_random_model  # noqa: E402
 
-def _build(size: str, work: Path, imgsz: int) -> tuple[Path, Path]:
-    import yaml
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import yaml_model_load
-
-    from tasks.config import CLASSES
-    from tasks.export import export_onnx
-
-    pt, onnx = work / f"yolov8{size}-seg-rand.pt", work / f"yolov8{size}-seg-rand-{imgsz}.onnx"
-    if not pt.exists():
-        d = yaml_model_load(f"yolov8{size}-seg.yaml")
-        d["nc"] = len(CLASSES)
-        d.pop("yaml_file", None)
-        y = work / f"yolov8{size}-seg-7.yaml"
-        y.write_text(yaml.safe_dump(d))
-        m = YOLO(str(y), task="segment")
-        m.model.names = dict(enumerate(CLASSES))
-        m.save(str(pt))
-    if not onnx.exists():
-        export_onnx(pt, onnx, imgsz)
-    return pt, onnx
 
 
 def _images(work: Path, n: int, imgsz: int) -> list[Path]:
@@ -122,7 +102,7 @@ def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, cal
     from tasks.quantize import quantize_onnx
 
     torch.set_num_threads(THREADS)
-    pt, onnx = _build(size, work, imgsz)
+    pt, onnx = build_random_model(size, work, imgsz)
     int8 = work / f"{onnx.stem}.int8.onnx"
     if not int8.exists():
         quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz)

@@ -32,28 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import build_random_model  # noqa: E402
 
-def _build(size: str, work: Path, imgsz: int) -> tuple[Path, Path]:
-    import yaml
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import yaml_model_load
-
-    from tasks.config import CLASSES
-    from tasks.export import export_onnx
-
-    pt, onnx = work / f"yolov8{size}-seg-rand.pt", work / f"yolov8{size}-seg-rand-{imgsz}.onnx"
-    if not pt.exists():
-        d = yaml_model_load(f"yolov8{size}-seg.yaml")
-        d["nc"] = len(CLASSES)
-        d.pop("yaml_file", None)
-        y = work / f"yolov8{size}-seg-7.yaml"
-        y.write_text(yaml.safe_dump(d))
-        m = YOLO(str(y), task="segment")
-        m.model.names = dict(enumerate(CLASSES))
-        m.save(str(pt))
-    if not onnx.exists():
-        export_onnx(pt, onnx, imgsz)
-    return pt, onnx
 
 
 def _images(work: Path, n: int) -> list[Path]:
@@ -113,7 +93,7 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
 
     from tasks.predictor import Predictor
 
-    pt, onnx = _build(size, work, imgsz)
+    pt, onnx = build_random_model(size, work, imgsz)
     pred = Predictor(onnx)  # conf/iou from metadata defaults (0.25 / 0.7)
     ul = YOLO(str(pt), task="segment")
     kw = dict(conf=pred.conf, iou=pred.iou, imgsz=imgsz, verbose=False, device="cpu")
