@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 from bench.common import build_random_model  # noqa: E402
 
 
-
 def _images(work: Path, n: int, imgsz: int) -> list[Path]:
     import cv2
     import numpy as np

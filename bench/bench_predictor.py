@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 from bench.common import build_random_model  # noqa: E402
 
 
-
 def _images(work: Path, n: int) -> list[Path]:
     import cv2
     import numpy as np
