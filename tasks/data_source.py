@@ -44,10 +44,9 @@ def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
     text = yaml.safe_dump(raw, sort_keys=False)
     out = datasets_root / "resolved" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{id(out)}")
-        tmp.write_text(text)
-        tmp.replace(out)
+        from tasks.atomic import atomic_write_text
+
+        atomic_write_text(out, text)
     return out
 
 

@@ -25,8 +25,6 @@ compression and as a baseline, and its masks are made permanent before saving/ex
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -205,17 +203,9 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path | None
         "version": __version__,
         "damage": dict(meta or {}),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".pt.tmp")
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    from tasks.atomic import atomic_write
+
+    return atomic_write(out, lambda tmp: torch.save(ckpt, tmp), suffix=".pt.tmp")
 
 
 # --------------------------------------------------------------------------- structured

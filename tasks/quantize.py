@@ -180,16 +180,9 @@ def _copy_metadata(src, dst, extra: dict[str, Any]) -> None:
 def _atomic_save(model, out: Path) -> Path:
     import onnx
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    from tasks.atomic import atomic_write
+
+    return atomic_write(out, lambda tmp: onnx.save(model, tmp), suffix=".onnx.tmp")
 
 
 # ----------------------------------------------------------------------------- calibration data

@@ -180,9 +180,9 @@ def _trim_results(ckpt: Path) -> None:
     lines = csv_path.read_text().splitlines(keepends=True)
     keep = lines[: 1 + epoch + 1]  # header + epochs 0..epoch
     if len(keep) < len(lines):
-        tmp = csv_path.with_suffix(".csv.tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(csv_path)
+        from tasks.atomic import atomic_write_text
+
+        atomic_write_text(csv_path, "".join(keep))
 
 
 def _resumable(ckpt: Path) -> bool:

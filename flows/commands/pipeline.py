@@ -82,10 +82,9 @@ def run(
     summary = run_guarded(nightly, config_path=str(config) if config else None, overrides=overrides, force=force)
     seconds = time.time() - t0
     summary = {**summary, "wall_time_s": round(seconds, 1)}
-    out = paths.root / "last_run.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out)
+    from tasks.atomic import atomic_write_text
+
+    atomic_write_text(paths.root / "last_run.json", json.dumps(summary, indent=2, default=str))
     _print_summary(summary, seconds)
 
 
