@@ -21,12 +21,12 @@ import csv
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.atomic import atomic_write
 from tasks.errors import DamageError
 
 log = logging.getLogger(__name__)
@@ -285,16 +285,7 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
 
 # ----------------------------------------------------------------------------- outputs
 def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix + ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, write, suffix=path.suffix + ".tmp")
 
 
 def write_table(variants: list[Variant], out: str | Path) -> Path:
