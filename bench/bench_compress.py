@@ -4,17 +4,17 @@ Per model size (default n and s), built from the YOLOv8-seg YAML with 7 classes 
 weights (latency does not depend on weight values; nothing is downloaded):
 
 * ``torch fp32``: PyTorch eager, Conv+BN fused (what Ultralytics predicts with), ``no_grad``;
-* ``ort fp32``: the exported ONNX (``tasks.export.export_onnx``, opset 13, dynamic, simplified);
-* ``ort int8``: static INT8 QDQ per-channel (``tasks.quantize.quantize_onnx``) calibrated on
+* ``ort fp32``: the exported ONNX (``tasks.export.onnx.export_onnx``, opset 13, dynamic, simplified);
+* ``ort int8``: static INT8 QDQ per-channel (``tasks.export.quantize.quantize_onnx``) calibrated on
   synthetic images, head decode in float;
-* ``ort pruned``: structured pruning at ``--ratio`` (``tasks.prune.prune_structured``), exported.
+* ``ort pruned``: structured pruning at ``--ratio`` (``tasks.training.prune.prune_structured``), exported.
 
 Rounds are interleaved (every variant once per round) and the median is reported, so a load
 change on a shared machine hits all variants alike. Printed ratios: torch fp32 / ort int8
 (goal >= 2.5x for n, >= 3x for s) and ort fp32 / ort pruned (goal >= 1.3x).
 
 With ``--demo-weights best.pt --data data.yaml`` it also reports mask mAP50 of the trained
-model in FP32 ONNX vs INT8 (goal: drop <= 0.02), same evaluator (``tasks.evaluate``).
+model in FP32 ONNX vs INT8 (goal: drop <= 0.02), same evaluator (``tasks.evaluation.evaluate``).
 
 Usage:
     python bench/bench_compress.py [--sizes n s] [--imgsz 640] [--rounds 10] [--ratio 0.3]
@@ -40,7 +40,7 @@ def _images(work: Path, n: int, imgsz: int) -> list[Path]:
     import cv2
     import numpy as np
 
-    from tasks.synth import render_sample
+    from tasks.data.synth import render_sample
 
     out = []
     for i in range(n):
@@ -54,7 +54,7 @@ def _images(work: Path, n: int, imgsz: int) -> list[Path]:
 def _torch_runner(pt: Path, imgsz: int):
     import torch
 
-    from tasks.prune import load_model
+    from tasks.training.prune import load_model
 
     m = load_model(pt).fuse(verbose=False).eval()
     x = torch.rand(1, 3, imgsz, imgsz)
@@ -96,9 +96,9 @@ def _interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, float
 def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, calib: list[Path]) -> dict[str, float]:
     import torch
 
-    from tasks.export import export_onnx
-    from tasks.prune import prune_structured
-    from tasks.quantize import quantize_onnx
+    from tasks.export.onnx import export_onnx
+    from tasks.export.quantize import quantize_onnx
+    from tasks.training.prune import prune_structured
 
     torch.set_num_threads(THREADS)
     pt, onnx = build_random_model(size, work, imgsz)
@@ -121,9 +121,9 @@ def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, cal
 
 
 def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> dict[str, float]:
-    from tasks.evaluate import evaluate_model, open_model
-    from tasks.export import export_onnx
-    from tasks.quantize import calibration_images, quantize_accuracy_aware
+    from tasks.evaluation.evaluate import evaluate_model, open_model
+    from tasks.export.onnx import export_onnx
+    from tasks.export.quantize import calibration_images, quantize_accuracy_aware
 
     imgsz = int(open_model(weights, data).imgsz)
     onnx = export_onnx(weights, work / "demo.onnx", imgsz)
@@ -149,7 +149,7 @@ def main() -> None:
 
     global THREADS
     THREADS = args.threads or THREADS
-    from tasks.runtime import activate, configure_ultralytics
+    from tasks.core.runtime import activate, configure_ultralytics
 
     paths = activate(os.environ.get("DAMAGE_STATE_DIR") or ROOT / ".state")
     configure_ultralytics(paths)

@@ -39,7 +39,7 @@ def _images(work: Path, n: int) -> list[Path]:
     import cv2
     import numpy as np
 
-    from tasks.synth import render_sample
+    from tasks.data.synth import render_sample
 
     out = []
     for i in range(n):
@@ -90,7 +90,7 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
     import cv2
     from ultralytics import YOLO
 
-    from tasks.predictor import Predictor
+    from tasks.serving.predictor import Predictor
 
     pt, onnx = build_random_model(size, work, imgsz)
     pred = Predictor(onnx)  # conf/iou from metadata defaults (0.25 / 0.7)
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--state-dir", default=os.environ.get("DAMAGE_STATE_DIR", "/tmp/damage-bench-state"))
     args = ap.parse_args()
 
-    from tasks.runtime import activate, configure_ultralytics
+    from tasks.core.runtime import activate, configure_ultralytics
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)  # torch on every core, like ORT's default here

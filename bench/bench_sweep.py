@@ -28,8 +28,8 @@ def _demo_inputs(root: Path, imgsz: int) -> tuple[Path, Path]:
     import torch
     from ultralytics.nn.tasks import SegmentationModel
 
-    from tasks.config import CLASSES
-    from tasks.synth import generate_dataset
+    from tasks.core.config import CLASSES
+    from tasks.data.synth import generate_dataset
 
     data = generate_dataset(root / "data", images=60, seed=0, imgsz=imgsz, val_fraction=0.4)
     torch.manual_seed(0)
@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.demo and not (args.model and args.data):
         ap.error("give --model and --data, or --demo")
 
-    from tasks.runtime import activate, configure_ultralytics
+    from tasks.core.runtime import activate, configure_ultralytics
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)
-    from tasks.evaluate import collect, evaluate_model
-    from tasks.sweep import DEFAULT_CONF_GRID, DEFAULT_IOU_GRID, sweep_thresholds
+    from tasks.evaluation.evaluate import collect, evaluate_model
+    from tasks.evaluation.sweep import DEFAULT_CONF_GRID, DEFAULT_IOU_GRID, sweep_thresholds
 
     model, data = (args.model, args.data) if not args.demo else _demo_inputs(paths.root / "bench", args.imgsz)
     n_points = len(DEFAULT_CONF_GRID) * len(DEFAULT_IOU_GRID)

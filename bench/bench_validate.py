@@ -75,10 +75,10 @@ _CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from tasks.runtime import activate
+from tasks.core.runtime import activate
 activate(sys.argv[2])
-from tasks.config import ValidateConfig
-from tasks.validate import validate_dataset
+from tasks.core.config import ValidateConfig
+from tasks.validation.validate import validate_dataset
 res = validate_dataset(Path(sys.argv[1]), ValidateConfig(workers=int(sys.argv[3])))
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "timings": res.timings, "images": res.report["summary"]["images"],
@@ -102,11 +102,11 @@ def main() -> None:
     ap.add_argument("--state-dir", default=str(REPO / ".state" / "bench"), help="state dir")
     args = ap.parse_args()
 
-    from tasks.runtime import activate
+    from tasks.core.runtime import activate
 
     paths = activate(args.state_dir)
-    from tasks.config import ValidateConfig
-    from tasks.validate_scan import worker_count
+    from tasks.core.config import ValidateConfig
+    from tasks.validation.scan import worker_count
 
     print(f"cpus used by the gate: {worker_count(args.workers)}")
     if args.images:
@@ -117,7 +117,7 @@ def main() -> None:
             Path(f).read_bytes()
         base = time_imread(files)
         print(f"baseline cv2.imread, 1 process: {base:.2f} s  ({len(files) / base:.0f} images/s)")
-        from tasks.validate import validate_dataset
+        from tasks.validation.validate import validate_dataset
 
         cfg = ValidateConfig(workers=args.workers)
         for label in ("validate_dataset (first call, GE import included)", "validate_dataset (warm)"):

@@ -11,8 +11,8 @@ def build_random_model(size: str, work: Path, imgsz: int) -> tuple[Path, Path]:
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
 
-    from tasks.config import CLASSES
-    from tasks.export import export_onnx
+    from tasks.core.config import CLASSES
+    from tasks.export.onnx import export_onnx
 
     pt, onnx = work / f"yolov8{size}-seg-rand.pt", work / f"yolov8{size}-seg-rand-{imgsz}.onnx"
     if not pt.exists():

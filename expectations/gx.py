@@ -7,7 +7,7 @@ Results use ``result_format=COMPLETE`` so every failing row comes back in
 ``meta.code``. With ``docs_dir`` the results also render as GE Data Docs (a file-based site).
 
 Importing Great Expectations takes several seconds, so ``GxRunner()`` is built while the
-scan's worker processes are busy (see ``tasks.validate``).
+scan's worker processes are busy (see ``tasks.validation.validate``).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from tasks.config import Config, ConfigError, load_config
-from tasks.runtime import StatePaths, activate
+from tasks.core.config import Config, ConfigError, load_config
+from tasks.core.runtime import StatePaths, activate
 
 console = Console()
 err_console = Console(stderr=True)
@@ -57,7 +57,7 @@ def setup(config: Path | None = None, sets: list[str] | None = None,
 
 def run_guarded(fn, *args, **kwargs):
     """Run ``fn``; turn known user-input errors into one-line messages with exit code 2."""
-    from tasks.errors import DamageError
+    from tasks.core.errors import DamageError
 
     try:
         return fn(*args, **kwargs)

@@ -1,6 +1,6 @@
 """The ``compress`` flow: measure the parent, run the configured chain, gate, choose.
 
-Wiring only: every step is a function of ``tasks/compress.py`` wrapped as a Prefect task.
+Wiring only: every step is a function of ``tasks/export/compress.py`` wrapped as a Prefect task.
 The nightly flow calls :func:`compress_flow` as a subflow when ``compress.enabled``.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import compress as C
-from tasks.config import config_from_dict
+from tasks.core.config import config_from_dict
+from tasks.export import compress as C
 
 _opts = {"cache_policy": NO_CACHE}
 

@@ -4,7 +4,7 @@
   (default 02:00 UTC), deployment concurrency limit 1 so two runs never overlap (a run that
   would overlap waits in the queue), parameters ``dataset`` (URI) and ``model_size``.
   Flow runs retry on failure (``FLOW_RETRIES``); training then resumes from the previous
-  attempt's ``last.pt`` (see ``tasks/skip.py``).
+  attempt's ``last.pt`` (see ``tasks/core/skip.py``).
 * ``promote``: the promotion flow (gate + human approval), run on demand with a version.
 * ``compress``: the compression flow, run on demand (when ``flows/compress.py`` exists).
 
@@ -24,7 +24,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Config
+from tasks.core.config import Config
 
 # A nightly run that fails (server hiccup, node lost) is retried as a whole after these seconds;
 # the skip check then short-circuits nothing (no success recorded) and training resumes.

@@ -10,14 +10,20 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.pipeline import (
+from tasks.core.pipeline import (
     close_pipeline_run,
     open_pipeline_run,
     prepare_dataset,
     prepare_state,
     summarise,
 )
-from tasks.skip import check_unchanged, record_skip, record_success, resumable_train_config, train_dir_for
+from tasks.core.skip import (
+    check_unchanged,
+    record_skip,
+    record_success,
+    resumable_train_config,
+    train_dir_for,
+)
 
 _opts = {"cache_policy": NO_CACHE}
 
@@ -31,12 +37,12 @@ def _t(fn, name: str, retries: int = 0):
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
     from model_registry.steps import gate_step, register_step
-    from tasks.data_check import check_data_step
-    from tasks.evaluate import evaluate_step
-    from tasks.explain import explain_step, pick_explain_samples
-    from tasks.export import export_step
-    from tasks.sweep import sweep_step
-    from tasks.train import train_step
+    from tasks.evaluation.evaluate import evaluate_step
+    from tasks.evaluation.explain import explain_step, pick_explain_samples
+    from tasks.evaluation.sweep import sweep_step
+    from tasks.export.onnx import export_step
+    from tasks.training.train import train_step
+    from tasks.validation.data_check import check_data_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)

@@ -22,7 +22,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from model_registry.tasks import decide_task, gate_task
-from tasks.config import RegistryConfig
+from tasks.core.config import RegistryConfig
 
 
 class ApprovalInput(RunInput):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.errors import DamageError
+from tasks.core.errors import DamageError
 
 
 class RegistryError(DamageError):

@@ -29,8 +29,8 @@ from model_registry.registry import (
     get_client,
     set_staging,
 )
-from tasks.config import RegistryConfig
-from tasks.errors import GateFailed
+from tasks.core.config import RegistryConfig
+from tasks.core.errors import GateFailed
 
 MASK = "mask/mAP50-95"
 BOX = "box/mAP50-95"

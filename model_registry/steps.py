@@ -20,7 +20,7 @@ def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str,
     import shutil
     import tempfile
 
-    from tasks.serving import save_pyfunc
+    from tasks.serving.pyfunc import save_pyfunc
 
     with tempfile.TemporaryDirectory(prefix="pyfunc-") as d:
         folder = save_pyfunc(Path(onnx), Path(d) / "model")
@@ -33,8 +33,7 @@ def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str,
 
 def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any], dataset_fingerprint: str) -> VersionInfo:
     """Register ``candidate`` (weights, onnx, metrics, kind, parent) as a new version with lineage tags."""
-    from tasks import tracking
-
+    from tasks.core import tracking
     lineage = run.lineage(dataset_fingerprint)
     if candidate.get("parent"):
         lineage["parent_version"] = str(candidate["parent"])
@@ -56,8 +55,8 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
     A failed gate does not fail the nightly run: the version stays registered with
     ``validation_status=failed`` and the reasons, and nothing moves.
     """
-    from tasks import tracking
-    from tasks.evaluate import evaluate_model
+    from tasks.core import tracking
+    from tasks.evaluation.evaluate import evaluate_model
 
     def evaluate_fn(onnx: Path) -> dict[str, float]:
         return evaluate_model(onnx, data_yaml, split=cfg.evaluate.split, imgsz=cfg.train.imgsz,

@@ -14,7 +14,7 @@ os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
 os.environ.pop("PREFECT_API_URL", None)
 
-from tasks.runtime import activate, configure_ultralytics  # noqa: E402
+from tasks.core.runtime import activate, configure_ultralytics  # noqa: E402
 
 PATHS = activate(_STATE)
 
@@ -38,7 +38,7 @@ def prefect_harness(state_paths):
 @pytest.fixture(scope="session")
 def tiny_dataset(state_paths, tmp_path_factory) -> Path:
     """24-image synthetic YOLO-seg dataset at 96 px; returns the data.yaml path."""
-    from tasks.synth import generate_dataset
+    from tasks.data.synth import generate_dataset
 
     out = tmp_path_factory.mktemp("tiny_synth")
     return generate_dataset(out / "ds", images=24, seed=0, imgsz=96, val_fraction=0.25)
@@ -47,8 +47,8 @@ def tiny_dataset(state_paths, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(state_paths, tiny_dataset, tmp_path_factory) -> Path:
     """A yolov8n-seg trained 1 epoch on the tiny dataset (from scratch); returns best.pt."""
-    from tasks.config import TrainConfig
-    from tasks.train import train_model
+    from tasks.core.config import TrainConfig
+    from tasks.training.train import train_model
 
     out = tmp_path_factory.mktemp("tiny_train")
     cfg = TrainConfig(model="n", epochs=1, imgsz=96, batch=8, patience=0)

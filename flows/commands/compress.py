@@ -22,16 +22,14 @@ def _need(path: Path | None, what: str) -> Path:
 
 
 def _open_run(cfg, name: str) -> str:
-    from tasks import tracking
-
+    from tasks.core import tracking
     c = tracking.client()
     exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
     return tracking.start_run(c, exp, name, tags={"damage.entry": f"cli:{name}"})
 
 
 def _close_run(run_id: str, ok: bool) -> None:
-    from tasks import tracking
-
+    from tasks.core import tracking
     tracking.end_run(tracking.client(), run_id, ok)
 
 
@@ -64,8 +62,8 @@ def _print_table(result: dict) -> None:
 
 
 def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path | None, name: str) -> dict:
-    from tasks import compress as C
-    from tasks.runtime import configure_ultralytics
+    from tasks.core.runtime import configure_ultralytics
+    from tasks.export import compress as C
 
     configure_ultralytics(paths)
     imgsz = cfg.export.imgsz or cfg.train.imgsz
@@ -97,10 +95,10 @@ def distill_cmd(
     cfg, paths = setup(config, sets, state_dir)
     _need(teacher, "teacher checkpoint")
     data = _need(data, "--data data.yaml")
-    from tasks.runtime import configure_ultralytics
+    from tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
-    from tasks.distill import distill, distill_vs_scratch
+    from tasks.training.distill import distill, distill_vs_scratch
 
     upd = {k: v for k, v in {"student": student, "epochs": epochs, "hinton": hinton}.items() if v is not None}
     dcfg = cfg.compress.distill.model_copy(update=upd)
@@ -168,8 +166,8 @@ def quantize_cmd(
     """Quantize an ONNX model (static INT8 QDQ per-channel, dynamic INT8 or FP16) and report accuracy and size."""
     cfg, paths = setup(config, sets, state_dir)
     _need(model, "ONNX model")
-    from tasks import quantize as Q
-    from tasks.runtime import configure_ultralytics
+    from tasks.core.runtime import configure_ultralytics
+    from tasks.export import quantize as Q
 
     if mode not in Q.QUANT_MODES:
         fail(f"--mode must be one of {', '.join(Q.QUANT_MODES)}, got '{mode}'")
@@ -196,7 +194,7 @@ def quantize_cmd(
         run_guarded(Q.quantize_onnx, model, target, mode,
                     per_channel=qc.per_channel if mode == "int8-dynamic" else None)
         if data is not None:
-            from tasks.evaluate import evaluate_model
+            from tasks.evaluation.evaluate import evaluate_model
 
             for p in (model, target):
                 m = run_guarded(evaluate_model, p, data, imgsz=imgsz).metrics

@@ -52,8 +52,8 @@ def synth(
 
     import time
 
-    from tasks.errors import DamageError
-    from tasks.synth import generate_dataset
+    from tasks.core.errors import DamageError
+    from tasks.data.synth import generate_dataset
 
     t0 = time.perf_counter()
     try:
@@ -95,8 +95,8 @@ def import_(
     class_map = _parse_maps(maps)
     cfg, _ = setup(config, sets, state_dir)
 
-    from tasks.dataset import UnknownClassesError, import_dataset
-    from tasks.errors import DamageError
+    from tasks.core.errors import DamageError
+    from tasks.data.dataset import UnknownClassesError, import_dataset
 
     try:
         report = import_dataset(src, out, class_map=class_map, classes=cfg.data.classes, val_fraction=val_fraction,

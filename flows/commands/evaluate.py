@@ -29,8 +29,7 @@ def _fmt(v) -> str:
 
 
 def _open_run(cfg, kind: str, model: Path) -> tuple[str, str]:
-    from tasks import tracking
-
+    from tasks.core import tracking
     c = tracking.client(cfg.mlflow.tracking_uri)
     exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
     run_id = tracking.start_run(c, exp, f"{kind}-{model.stem}", tags={"damage.flow": kind})
@@ -38,8 +37,7 @@ def _open_run(cfg, kind: str, model: Path) -> tuple[str, str]:
 
 
 def _close_run(cfg, run_id: str, ok: bool) -> None:
-    from tasks import tracking
-
+    from tasks.core import tracking
     tracking.end_run(tracking.client(cfg.mlflow.tracking_uri), run_id, ok)
 
 
@@ -77,9 +75,9 @@ def evaluate(
     cfg, paths = setup(config, sets, state_dir)
     from rich.table import Table
 
-    from tasks.dataset import find_data_yaml
-    from tasks.evaluate import evaluate_model, evaluate_step
-    from tasks.runtime import configure_ultralytics
+    from tasks.core.runtime import configure_ultralytics
+    from tasks.data.dataset import find_data_yaml
+    from tasks.evaluation.evaluate import evaluate_model, evaluate_step
 
     configure_ultralytics(paths)
     data_yaml = run_guarded(find_data_yaml, data)
@@ -136,9 +134,9 @@ def sweep(
     cfg, paths = setup(config, sets, state_dir)
     from rich.table import Table
 
-    from tasks.dataset import find_data_yaml
-    from tasks.runtime import configure_ultralytics
-    from tasks.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
+    from tasks.core.runtime import configure_ultralytics
+    from tasks.data.dataset import find_data_yaml
+    from tasks.evaluation.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
 
     update = {k: v for k, v in {"split": split, "conf": conf, "iou": iou, "objective": objective,
                                 "min_precision": min_precision}.items() if v}

@@ -35,7 +35,7 @@ def explain(
     if not model.is_file():
         fail(f"{model}: model file not found")
 
-    from tasks.explain import IMAGE_SUFFIXES, explain_to_dir
+    from tasks.evaluation.explain import IMAGE_SUFFIXES, explain_to_dir
 
     images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if image.is_dir() else [image]
     if not images:

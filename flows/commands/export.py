@@ -53,10 +53,10 @@ def export_cmd(
     cfg, paths = setup(config, sets, state_dir)
     if not weights.is_file():
         fail(f"{weights}: checkpoint not found")
-    from tasks.runtime import configure_ultralytics
+    from tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
-    from tasks.export import export_onnx, parity_check, read_onnx_metadata
+    from tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata
 
     e = cfg.export
     size = imgsz or e.imgsz or _checkpoint_imgsz(weights) or cfg.train.imgsz
@@ -83,7 +83,7 @@ def export_cmd(
 
 
 def _list_images(src: Path) -> list[Path]:
-    from tasks.fingerprint import IMAGE_EXTS
+    from tasks.data.fingerprint import IMAGE_EXTS
 
     if src.is_dir():
         return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
@@ -121,9 +121,9 @@ def predict_cmd(
     import cv2
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tasks.draw import draw_prediction
-    from tasks.errors import DamageError
-    from tasks.predictor import Predictor, read_image
+    from tasks.core.errors import DamageError
+    from tasks.serving.draw import draw_prediction
+    from tasks.serving.predictor import Predictor, read_image
 
     pred = run_guarded(Predictor, model, conf=conf, iou=iou)
     out.mkdir(parents=True, exist_ok=True)

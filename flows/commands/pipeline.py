@@ -69,11 +69,11 @@ def run(
     """Run the nightly pipeline now: data gate, train, evaluate, sweep, export, register."""
     overrides = list(sets or [])
     if demo and config is None:
-        from tasks.config import DEFAULT_CONFIG
+        from tasks.core.config import DEFAULT_CONFIG
 
         config = DEFAULT_CONFIG.parent / "demo.yaml"
     cfg, paths = setup(config, overrides, state_dir)
-    from tasks.pipeline import preflight
+    from tasks.core.pipeline import preflight
 
     run_guarded(preflight, cfg)
     from flows.nightly import nightly
@@ -82,7 +82,7 @@ def run(
     summary = run_guarded(nightly, config_path=str(config) if config else None, overrides=overrides, force=force)
     seconds = time.time() - t0
     summary = {**summary, "wall_time_s": round(seconds, 1)}
-    from tasks.atomic import atomic_write_text
+    from tasks.core.atomic import atomic_write_text
 
     atomic_write_text(paths.root / "last_run.json", json.dumps(summary, indent=2, default=str))
     _print_summary(summary, seconds)
@@ -98,8 +98,8 @@ def train(
 ) -> None:
     """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
     cfg, paths = setup(config, sets, state_dir)
-    from tasks.dataset import find_data_yaml
-    from tasks.train import train_model
+    from tasks.data.dataset import find_data_yaml
+    from tasks.training.train import train_model
 
     data_yaml = run_guarded(find_data_yaml, data)
     res = run_guarded(train_model, data_yaml, cfg.train, out or paths.runs / "train", seed=cfg.seed, name=name)

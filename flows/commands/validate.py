@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         cfg, paths = setup(config, sets, state_dir)
         from rich.table import Table
 
-        from tasks.validate import validate_dataset
+        from tasks.validation.validate import validate_dataset
 
         report = report or paths.reports / "validate" / "report.json"
         result = run_guarded(validate_dataset, data, cfg.validation, report_path=report, html_dir=html,

@@ -15,9 +15,9 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from flows.commands import data as data_cmd
-from tasks.config import CLASSES
-from tasks.dataset import UnknownClassesError, check_structure, import_dataset
-from tasks.errors import DatasetError
+from tasks.core.config import CLASSES
+from tasks.core.errors import DatasetError
+from tasks.data.dataset import UnknownClassesError, check_structure, import_dataset
 
 W, H = 100, 80
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.config import CLASSES
-from tasks.dataset import check_structure
-from tasks.errors import DatasetError
-from tasks.synth import generate_dataset, label_lines, render_sample
+from tasks.core.config import CLASSES
+from tasks.core.errors import DatasetError
+from tasks.data.dataset import check_structure
+from tasks.data.synth import generate_dataset, label_lines, render_sample
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -13,8 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.config import ValidateConfig
-from tasks.validate import validate_dataset
+from tasks.core.config import ValidateConfig
+from tasks.validation.validate import validate_dataset
 
 TRI = "0.2 0.2 0.8 0.2 0.5 0.8"
 
@@ -79,7 +79,7 @@ def test_synthetic_dataset_passes(tiny_dataset):
 
 @pytest.mark.slow  # imports Prefect (seconds)
 def test_validate_task_wraps_the_function():
-    import tasks.validate as v
+    import tasks.validation.validate as v
 
     assert v.validate_task.fn is v.validate_dataset
     assert os.environ.get("DAMAGE_STATE_DIR")

@@ -36,8 +36,8 @@ def _s3(endpoint: str):
 @pytest.fixture(scope="module")
 def s3_dataset(moto_s3, state_paths, tmp_path_factory) -> str:
     """16 synthetic images at 64 px uploaded to the bucket (data.yaml without ``path:``)."""
-    from tasks.storage import upload_dir
-    from tasks.synth import generate_dataset
+    from tasks.data.storage import upload_dir
+    from tasks.data.synth import generate_dataset
 
     data_yaml = generate_dataset(tmp_path_factory.mktemp("s3-ds") / "ds", images=16, seed=1, imgsz=64,
                                  val_fraction=0.25)
@@ -186,7 +186,7 @@ def _vars(obj) -> set[str]:
 def test_deployments_built_from_config(tmp_path, state_paths):
     """Deployment objects (no server): cron/timezone/limit from the config, --set overrides carried."""
     from flows.deploy import build_deployments
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     cfg = load_config(overrides=["schedule.cron=30 1 * * 1-5", "schedule.timezone=Europe/Paris"])
     deps = {d.name: d for d in build_deployments(cfg, overrides=["train.epochs=3"], dataset="s3://b/ds",
@@ -206,7 +206,7 @@ def test_deployments_built_from_config(tmp_path, state_paths):
 
 def test_prefect_yaml_mirrors_default_config():
     """infra/prefect.yaml (for `prefect deploy`) has the default config's schedule and entrypoints that exist."""
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}

@@ -11,7 +11,7 @@ import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py
 
 import model_registry as mr
-from tasks.config import RegistryConfig
+from tasks.core.config import RegistryConfig
 
 pytestmark = pytest.mark.integration
 # the basic-auth app needs mlflow[auth] (Flask-WTF)

@@ -8,7 +8,7 @@ import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py (first on sys.path here)
 
 import model_registry as mr
-from tasks.config import RegistryConfig
+from tasks.core.config import RegistryConfig
 
 pytestmark = pytest.mark.integration
 

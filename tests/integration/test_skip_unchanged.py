@@ -1,4 +1,4 @@
-"""Skip-when-unchanged: tasks/skip.py against a real MLflow store, and the nightly flow twice."""
+"""Skip-when-unchanged: tasks/core/skip.py against a real MLflow store, and the nightly flow twice."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
-from tasks.skip import (
+from tasks.core.config import load_config
+from tasks.core.skip import (
     check_unchanged,
     pipeline_key,
     record_skip,
@@ -38,8 +38,7 @@ def store(tmp_path_factory):
 
 
 def _finish(uri: str, experiment: str, decision, ok: bool = True) -> str:
-    from tasks import tracking
-
+    from tasks.core import tracking
     c = tracking.client(uri)
     exp = tracking.ensure_experiment(c, experiment, (Path(uri[10:]).parent / "art").as_uri())
     run_id = tracking.start_run(c, exp, "nightly-test", tags={"damage.flow": "nightly"})
@@ -80,8 +79,7 @@ def test_second_run_on_unchanged_data_skips_and_says_why(tmp_path, store):
 
 
 def test_record_skip_tags_the_run(tmp_path, store):
-    from tasks import tracking
-
+    from tasks.core import tracking
     data = _fake_dataset(tmp_path / "ds")
     cfg = load_config(overrides=["mlflow.experiment=skip-tags"])
     d = check_unchanged(data, cfg, store, code_version="abc")
@@ -118,15 +116,15 @@ TINY = ["data.synth.images=16", "data.synth.imgsz=64", "data.synth.val_fraction=
 
 def _flow_missing() -> str | None:
     """Why the full nightly flow cannot run yet (a step module not written / skip not wired), or None."""
-    for mod, name in (("model_registry.steps", "register_step"), ("tasks.explain", "explain_step"),
-                      ("tasks.evaluate", "sweep_step"), ("tasks.export", "export_step")):
+    for mod, name in (("model_registry.steps", "register_step"), ("tasks.evaluation.explain", "explain_step"),
+                      ("tasks.evaluation.evaluate", "sweep_step"), ("tasks.export.onnx", "export_step")):
         try:
             getattr(importlib.import_module(mod), name)
         except (ImportError, AttributeError) as e:
             return f"nightly flow not runnable yet: {mod}.{name} missing ({e})"
     src = inspect.getsource(importlib.import_module("flows.nightly"))
     if "check_unchanged" not in src:
-        return "flows/nightly.py does not call tasks.skip.check_unchanged yet (see issue 8 report)"
+        return "flows/nightly.py does not call tasks.core.skip.check_unchanged yet (see issue 8 report)"
     return None
 
 

@@ -8,7 +8,7 @@ import pytest
 
 
 def _v(name, kind, m50, m5095, lat, parent="parent"):
-    from tasks.compress import Variant
+    from tasks.export.compress import Variant
 
     return Variant(name, kind, f"/x/{name}.onnx", None if kind == "parent" else parent, params=100, gflops=1.0,
                    metrics={"mask/mAP50": m50, "mask/mAP50-95": m5095, "latency_ms": lat, "box/mAP50": m50,
@@ -16,8 +16,8 @@ def _v(name, kind, m50, m5095, lat, parent="parent"):
 
 
 def test_plan_rejects_bad_chains():
-    from tasks.compress import plan_steps
-    from tasks.errors import DamageError
+    from tasks.core.errors import DamageError
+    from tasks.export.compress import plan_steps
 
     assert plan_steps(["distill", "prune", "int8-static"]) == ["distill", "prune", "int8-static"]
     with pytest.raises(DamageError, match="unknown step"):
@@ -29,7 +29,7 @@ def test_plan_rejects_bad_chains():
 
 
 def test_gate_and_choice():
-    from tasks.compress import gate_and_choose, pareto_front
+    from tasks.export.compress import gate_and_choose, pareto_front
 
     root = _v("parent", "parent", 0.60, 0.40, 100.0)
     ok_fast = _v("pruned-ft", "finetuned", 0.59, 0.38, 60.0)
@@ -48,7 +48,7 @@ def test_gate_and_choice():
 
 
 def test_table_and_plot_files(tmp_path):
-    from tasks.compress import gate_and_choose, plot_pareto, write_table
+    from tasks.export.compress import gate_and_choose, plot_pareto, write_table
 
     root = _v("parent", "parent", 0.6, 0.4, 100.0)
     vs = [root, _v("int8-static", "int8-static", 0.59, 0.39, 40.0)]
@@ -63,9 +63,9 @@ def test_table_and_plot_files(tmp_path):
 
 def test_compress_flow_logs_every_variant(prefect_harness, state_paths, tiny_model, tiny_dataset, tmp_path):
     from flows.compress import compress_flow
-    from tasks import tracking
-    from tasks.config import Config
-    from tasks.export import export_onnx
+    from tasks.core import tracking
+    from tasks.core.config import Config
+    from tasks.export.onnx import export_onnx
 
     onnx = export_onnx(tiny_model, tmp_path / "parent.onnx", 96)
     cfg = Config()

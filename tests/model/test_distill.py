@@ -7,7 +7,7 @@ import torch
 
 
 def test_hinton_loss_zero_on_agreement_positive_otherwise():
-    from tasks.distill import hinton_kd_loss
+    from tasks.training.distill import hinton_kd_loss
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 7, 50, generator=g)
@@ -25,7 +25,7 @@ def test_hinton_loss_zero_on_agreement_positive_otherwise():
 
 
 def test_hinton_loss_t_squared_keeps_scale_and_empty_foreground():
-    from tasks.distill import hinton_kd_loss
+    from tasks.training.distill import hinton_kd_loss
 
     g = torch.Generator().manual_seed(1)
     t, s = torch.randn(1, 7, 40, generator=g), torch.randn(1, 7, 40, generator=g)
@@ -38,10 +38,10 @@ def test_hinton_loss_t_squared_keeps_scale_and_empty_foreground():
 
 
 def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, tiny_dataset, tmp_path):
-    from tasks import tracking
-    from tasks.config import DistillConfig, TrainConfig
-    from tasks.distill import distill_vs_scratch
-    from tasks.prune import count_params, load_model
+    from tasks.core import tracking
+    from tasks.core.config import DistillConfig, TrainConfig
+    from tasks.training.distill import distill_vs_scratch
+    from tasks.training.prune import count_params, load_model
 
     c = tracking.client()
     exp = tracking.ensure_experiment(c, "test-distill")
@@ -68,8 +68,8 @@ def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0])
 def test_hinton_loss_rejects_bad_temperature(bad):
-    from tasks.distill import hinton_kd_loss
-    from tasks.errors import DamageError
+    from tasks.core.errors import DamageError
+    from tasks.training.distill import hinton_kd_loss
 
     x = torch.zeros(1, 2, 3)
     with pytest.raises(DamageError):

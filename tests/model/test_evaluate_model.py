@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.errors import DamageError
-from tasks.evaluate import METRIC_KEYS, collect, evaluate_model
+from tasks.core.errors import DamageError
+from tasks.evaluation.evaluate import METRIC_KEYS, collect, evaluate_model
 
 IMGSZ = 96
 
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
-    """Static 96 px, opset 13 ONNX export of the tiny model (until tasks/export.py is shared)."""
+    """Static 96 px, opset 13 ONNX export of the tiny model (until tasks/export/onnx.py is shared)."""
     from ultralytics import YOLO
 
     pt = tmp_path_factory.mktemp("tiny_onnx") / "tiny.pt"
@@ -72,7 +72,7 @@ def test_static_onnx_refuses_another_imgsz(tiny_onnx, tiny_dataset):
 
 
 def test_bad_inputs_name_the_file(tiny_model, tiny_dataset, tmp_path):
-    from tasks.errors import DatasetError
+    from tasks.core.errors import DatasetError
 
     with pytest.raises(DamageError, match="model file not found"):
         evaluate_model(tmp_path / "nope.pt", tiny_dataset)
@@ -89,9 +89,9 @@ def test_sweep_step_in_a_flow_logs_runs_files_and_table(prefect_harness, tiny_mo
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from tasks import tracking
-    from tasks.config import SweepConfig
-    from tasks.evaluate import sweep_step
+    from tasks.core import tracking
+    from tasks.core.config import SweepConfig
+    from tasks.evaluation.evaluate import sweep_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     c = tracking.client()

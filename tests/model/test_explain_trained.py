@@ -20,7 +20,7 @@ import os
 import numpy as np
 import pytest
 
-from tasks.explain import box_mass_share, explain_image, load_model, pick_explain_samples
+from tasks.evaluation.explain import box_mass_share, explain_image, load_model, pick_explain_samples
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +37,9 @@ def trained(state_paths, tmp_path_factory):
     """(best.pt, data.yaml) of a small model over-fitted on a few synthetic images."""
     from pathlib import Path
 
-    from tasks.config import TrainConfig
-    from tasks.synth import generate_dataset
-    from tasks.train import train_model
+    from tasks.core.config import TrainConfig
+    from tasks.data.synth import generate_dataset
+    from tasks.training.train import train_model
 
     if os.environ.get("DAMAGE_TEST_EXPLAIN_MODEL"):
         return Path(os.environ["DAMAGE_TEST_EXPLAIN_MODEL"]), Path(os.environ["DAMAGE_TEST_EXPLAIN_DATA"])

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import CLASSES, ExplainConfig
-from tasks.errors import DamageError
-from tasks.explain import (
+from tasks.core.config import CLASSES, ExplainConfig
+from tasks.core.errors import DamageError
+from tasks.evaluation.explain import (
     box_mass_share,
     eigencam_map,
     explain_image,
@@ -172,8 +172,8 @@ def test_pick_explain_samples_is_fixed(tiny_dataset):
 
 
 def test_explain_step_logs_to_mlflow(raw_model, image, tmp_path, state_paths):
-    from tasks import tracking
-    from tasks.explain import explain_step
+    from tasks.core import tracking
+    from tasks.evaluation.explain import explain_step
 
     src = tmp_path / "val_0001.png"
     cv2.imwrite(str(src), image)

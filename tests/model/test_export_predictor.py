@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.config import CLASSES
+from tasks.core.config import CLASSES
 
 IMGSZ = 96
 SCHEMA_TOP = {"image", "width", "height", "model", "conf", "iou", "instances", "vehicles", "damage_percent", "note"}
@@ -20,9 +20,9 @@ SCHEMA_VEH = {"id", "area_px", "damage_px", "damage_percent", "by_class"}
 @pytest.fixture(scope="module")
 def exported(tiny_model, state_paths):
     """``export_step`` (export + parity gate + MLflow) on the tiny model; its ONNX is reused below."""
-    from tasks import tracking
-    from tasks.config import ExportConfig
-    from tasks.export import export_step
+    from tasks.core import tracking
+    from tasks.core.config import ExportConfig
+    from tasks.export.onnx import export_step
 
     c = tracking.client()
     parent = tracking.start_run(c, tracking.ensure_experiment(c, "export-test"), "parent")
@@ -41,8 +41,7 @@ def onnx_model(exported) -> Path:
 def test_export_step_logs_nested_run(exported, tiny_model):
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from tasks import tracking
-
+    from tasks.core import tracking
     res, parent = exported
     assert res.onnx_path == tiny_model.with_suffix(".onnx") and res.parity.passed
     c = tracking.client()
@@ -69,8 +68,8 @@ def images(tiny_dataset, tmp_path_factory) -> list[Path]:
 
 
 def test_export_metadata_and_no_leftovers(onnx_model, tiny_model):
-    from tasks.export import read_onnx_metadata
-    from tasks.predictor import read_metadata
+    from tasks.export.onnx import read_onnx_metadata
+    from tasks.serving.predictor import read_metadata
 
     md = read_onnx_metadata(onnx_model)
     assert md["names"] == CLASSES
@@ -87,8 +86,8 @@ def test_parity_gate_passes_then_fails_on_tampered_model(onnx_model, tiny_model,
     import onnx
     from onnx import numpy_helper
 
-    from tasks.errors import GateFailed
-    from tasks.export import parity_check
+    from tasks.core.errors import GateFailed
+    from tasks.export.onnx import parity_check
 
     res = parity_check(tiny_model, onnx_model, 3, IMGSZ, atol=1e-3)
     assert res.passed and res.images == 3
@@ -122,7 +121,7 @@ def _conf_with_instances(pred, paths: list[Path], k: int = 40) -> float:
 def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images):
     from ultralytics import YOLO
 
-    from tasks.predictor import Predictor
+    from tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx_model, iou=0.7)
     conf = _conf_with_instances(pred, images)
@@ -151,7 +150,7 @@ def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images):
 
 
 def test_batch_is_one_run_and_equals_single(onnx_model, images):
-    from tasks.predictor import Predictor
+    from tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx_model)
     assert pred.dynamic_batch
@@ -171,7 +170,7 @@ def test_batch_is_one_run_and_equals_single(onnx_model, images):
 
 
 def test_no_detection_and_json_schema(onnx_model, images):
-    from tasks.predictor import Predictor
+    from tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx_model, conf=0.999999)
     assert (pred.iou, pred.imgsz) == (0.55, (IMGSZ, IMGSZ))  # iou from the metadata
@@ -219,7 +218,7 @@ def test_cli_export_opset12_static_and_parity(tiny_model, tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from tasks.predictor import Predictor
+    from tasks.serving.predictor import Predictor
 
     out = tmp_path / "m12.onnx"
     r = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(out), "--imgsz", "64", "--opset", "12",

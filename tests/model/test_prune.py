@@ -25,7 +25,7 @@ def _yaml_model():
 def test_c2f_v2_swap_has_identical_outputs(state_paths):
     from ultralytics.nn.modules.block import C2f
 
-    from tasks.prune import C2f_v2, replace_c2f
+    from tasks.training.prune import C2f_v2, replace_c2f
 
     m = _yaml_model()
     twin = copy.deepcopy(m)
@@ -46,7 +46,7 @@ def test_c2f_v2_swap_has_identical_outputs(state_paths):
 
 
 def test_unstructured_reaches_sparsity_and_masks_are_permanent(state_paths):
-    from tasks.prune import head_protected_layers, prune_unstructured_model
+    from tasks.training.prune import head_protected_layers, prune_unstructured_model
 
     m = _yaml_model()
     keys = set(m.state_dict())
@@ -69,8 +69,8 @@ def test_unstructured_reaches_sparsity_and_masks_are_permanent(state_paths):
 
 
 def test_method_table_refuses_unknown_arguments():
-    from tasks.errors import DamageError
-    from tasks.prune import check_method_args
+    from tasks.core.errors import DamageError
+    from tasks.training.prune import check_method_args
 
     check_method_args("structured", ratio=0.3)
     with pytest.raises(DamageError, match="does not accept"):
@@ -81,7 +81,7 @@ def test_method_table_refuses_unknown_arguments():
 
 @pytest.fixture(scope="module")
 def pruned(tiny_model, tmp_path_factory):
-    from tasks.prune import prune_structured
+    from tasks.training.prune import prune_structured
 
     out = tmp_path_factory.mktemp("pruned")
     path, rep = prune_structured(tiny_model, out / "pruned.pt", ratio=0.3, imgsz=96)
@@ -91,8 +91,8 @@ def pruned(tiny_model, tmp_path_factory):
 def test_structured_pruned_model_runs_and_exports(tiny_model, pruned, tmp_path):
     import onnxruntime as ort
 
-    from tasks.export import export_onnx
-    from tasks.prune import count_params, load_model
+    from tasks.export.onnx import export_onnx
+    from tasks.training.prune import count_params, load_model
 
     path, rep = pruned
     assert rep.params_after < 0.8 * rep.params_before
@@ -112,8 +112,8 @@ def test_structured_pruned_model_runs_and_exports(tiny_model, pruned, tmp_path):
 
 
 def test_finetuned_pruned_checkpoint_keeps_pruned_param_count(pruned, tiny_dataset, tmp_path):
-    from tasks.config import TrainConfig
-    from tasks.prune import C2f_v2, count_params, finetune_pruned, load_model
+    from tasks.core.config import TrainConfig
+    from tasks.training.prune import C2f_v2, count_params, finetune_pruned, load_model
 
     path, rep = pruned
     res = finetune_pruned(path, tiny_dataset, TrainConfig(epochs=1, imgsz=96, batch=8, patience=0), tmp_path)

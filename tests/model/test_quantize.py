@@ -10,14 +10,14 @@ import pytest
 
 @pytest.fixture(scope="module")
 def float_onnx(tiny_model, tmp_path_factory):
-    from tasks.export import export_onnx
+    from tasks.export.onnx import export_onnx
 
     return export_onnx(tiny_model, tmp_path_factory.mktemp("q") / "model.onnx", 96)
 
 
 @pytest.fixture(scope="module")
 def calib(tiny_dataset):
-    from tasks.quantize import calibration_images
+    from tasks.export.quantize import calibration_images
 
     return calibration_images(tiny_dataset, 4, seed=0)
 
@@ -39,7 +39,7 @@ def _nc(path) -> int:
 def test_head_postprocess_nodes_found_by_traversal(float_onnx):
     import onnx
 
-    from tasks.quantize import DECODE_OPS, _ensure_node_names, head_postprocess_nodes
+    from tasks.export.quantize import DECODE_OPS, _ensure_node_names, head_postprocess_nodes
 
     m = onnx.load(str(float_onnx))
     _ensure_node_names(m)
@@ -60,7 +60,7 @@ def test_head_postprocess_nodes_found_by_traversal(float_onnx):
 def test_int8_static_keeps_scores_alive(float_onnx, calib, tmp_path):
     import onnx
 
-    from tasks.quantize import preprocess_image, quantize_onnx
+    from tasks.export.quantize import preprocess_image, quantize_onnx
 
     q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
     qm = onnx.load(str(q))
@@ -82,7 +82,7 @@ def test_int8_static_keeps_scores_alive(float_onnx, calib, tmp_path):
 
 
 def test_fp16_and_dynamic_keep_float32_io(float_onnx, calib, tmp_path):
-    from tasks.quantize import preprocess_image, quantize_onnx
+    from tasks.export.quantize import preprocess_image, quantize_onnx
 
     x = preprocess_image(calib[0], 96)
     f = _run(float_onnx, x)
@@ -97,8 +97,8 @@ def test_fp16_and_dynamic_keep_float32_io(float_onnx, calib, tmp_path):
 def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
     import onnx
 
-    from tasks.errors import DamageError
-    from tasks.quantize import quantize_onnx
+    from tasks.core.errors import DamageError
+    from tasks.export.quantize import quantize_onnx
 
     with pytest.raises(DamageError, match="does not accept"):
         quantize_onnx(float_onnx, tmp_path / "x.onnx", "int8-dynamic", calib_images=calib)
@@ -121,7 +121,7 @@ def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
 def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, tmp_path):
     import onnx
 
-    from tasks.quantize import quantize_accuracy_aware
+    from tasks.export.quantize import quantize_accuracy_aware
 
     def fake_eval(path):
         # Stand-in evaluator: accuracy recovers with each node kept in float (reads the file's metadata).
@@ -146,11 +146,11 @@ def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, t
 
 @pytest.mark.slow
 def test_int8_evaluates_nonzero_where_float_does(state_paths, tiny_dataset, tmp_path):
-    from tasks.config import TrainConfig
-    from tasks.evaluate import evaluate_model
-    from tasks.export import export_onnx
-    from tasks.quantize import calibration_images, quantize_onnx
-    from tasks.train import train_model
+    from tasks.core.config import TrainConfig
+    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.export.onnx import export_onnx
+    from tasks.export.quantize import calibration_images, quantize_onnx
+    from tasks.training.train import train_model
 
     best = train_model(tiny_dataset, TrainConfig(epochs=30, imgsz=96, batch=8, patience=0, augment="light"),
                        tmp_path, seed=0).best

@@ -41,7 +41,7 @@ def test_missing_dataset_path(tmp_path):
 
 
 def test_data_yaml_classes_do_not_match_labels(tmp_path):
-    from tasks.synth import generate_dataset
+    from tasks.data.synth import generate_dataset
 
     data_yaml = generate_dataset(tmp_path / "ds", images=6, seed=1, imgsz=64)
     spec = yaml.safe_load(data_yaml.read_text())

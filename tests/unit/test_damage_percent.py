@@ -1,11 +1,11 @@
-"""Hand-built cases for the damage-percentage definition (tasks/damage_percent.py)."""
+"""Hand-built cases for the damage-percentage definition (tasks/evaluation/damage_percent.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tasks.damage_percent import damage_report
+from tasks.evaluation.damage_percent import damage_report
 
 H, W = 20, 40
 

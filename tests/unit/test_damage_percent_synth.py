@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.damage_percent import damage_report
+from tasks.evaluation.damage_percent import damage_report
 
-synth = pytest.importorskip("tasks.synth")
+synth = pytest.importorskip("tasks.data.synth")
 
 
 def _label_mask(poly: np.ndarray, size: int) -> np.ndarray:

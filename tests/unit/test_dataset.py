@@ -1,4 +1,4 @@
-"""tasks.dataset: data.yaml reading, the basic structure check, polygon merging, atomic output."""
+"""tasks.data.dataset: data.yaml reading, the basic structure check, polygon merging, atomic output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.dataset import (
+from tasks.core.errors import DatasetError
+from tasks.data.dataset import (
     atomic_output_dir,
     check_structure,
     label_path,
@@ -17,7 +18,6 @@ from tasks.dataset import (
     merge_segments,
     normalize_name,
 )
-from tasks.errors import DatasetError
 
 POLY = "0.1 0.1 0.5 0.1 0.5 0.5"
 

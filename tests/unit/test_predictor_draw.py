@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from tasks.damage_percent import damage_report
-from tasks.draw import draw_prediction
-from tasks.predictor import Instance, Prediction
+from tasks.evaluation.damage_percent import damage_report
+from tasks.serving.draw import draw_prediction
+from tasks.serving.predictor import Instance, Prediction
 
 
 def _pred() -> Prediction:

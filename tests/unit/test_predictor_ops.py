@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.predictor import _native_axes, _scale_boxes, _select, _taps, letterbox, mask_crop
+from tasks.serving.predictor import _native_axes, _scale_boxes, _select, _taps, letterbox, mask_crop
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_predictor_imports_no_torch_ultralytics_prefect():
-    code = ("import tasks.predictor, sys; bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); "
+    code = ("import tasks.serving.predictor, sys; bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

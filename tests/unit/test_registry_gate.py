@@ -7,7 +7,7 @@ import pytest
 import model_registry as mr
 from model_registry.gate import BOX, LATENCY, MASK
 from model_registry.registry import AliasMove, check_approver
-from tasks.errors import GateFailed
+from tasks.core.errors import GateFailed
 
 
 def m(mask, box, lat=10.0):

@@ -1,4 +1,4 @@
-"""S3 dataset sync (tasks/storage.py) against moto's in-process S3 mock."""
+"""S3 dataset sync (tasks/data/storage.py) against moto's in-process S3 mock."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 moto = pytest.importorskip("moto")
 
-from tasks.errors import DatasetError  # noqa: E402
-from tasks.storage import (  # noqa: E402
+from tasks.core.errors import DatasetError  # noqa: E402
+from tasks.data.storage import (  # noqa: E402
     MANIFEST,
     SyncStats,
     endpoint_from_env,

@@ -16,9 +16,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.errors import DamageError
-from tasks.evaluate import Collected, ImageDets, ImageTruth, score_image
-from tasks.sweep import OBJECTIVES, choose_operating_point, grid_rows, plot_heatmap, plot_pr, write_csv
+from tasks.core.errors import DamageError
+from tasks.evaluation.evaluate import Collected, ImageDets, ImageTruth, score_image
+from tasks.evaluation.sweep import (
+    OBJECTIVES,
+    choose_operating_point,
+    grid_rows,
+    plot_heatmap,
+    plot_pr,
+    write_csv,
+)
 
 S = 32
 CONFS = [0.3, 0.4, 0.5, 0.7]
@@ -119,7 +126,7 @@ def test_unknown_objective_is_a_loud_error(collected):
 
 
 def test_bad_grid_is_refused_before_inference(tmp_path):
-    from tasks.sweep import sweep_thresholds
+    from tasks.evaluation.sweep import sweep_thresholds
 
     with pytest.raises(DamageError, match="conf thresholds must be in"):
         sweep_thresholds(tmp_path / "missing.pt", tmp_path / "data.yaml", conf_grid=[0.3, 1.5])

@@ -12,8 +12,8 @@ import pytest
 
 from expectations import SUITE_NAMES, load_suite_json, suite_codes
 from expectations.tables import near_pairs
-from tasks.validate import DEFAULT_SEVERITY, severities
-from tasks.validate_scan import image_header, measure_image, parse_label_line, truncation_error
+from tasks.validation.scan import image_header, measure_image, parse_label_line, truncation_error
+from tasks.validation.validate import DEFAULT_SEVERITY, severities
 
 
 def png_header_only(w: int, h: int) -> bytes:
@@ -101,7 +101,7 @@ def test_suites_are_ge_json_with_codes():
 
 
 def test_unknown_severity_code_is_config_error():
-    from tasks.config import ConfigError, ValidateConfig
+    from tasks.core.config import ConfigError, ValidateConfig
 
     with pytest.raises(ConfigError, match="did you mean 'blurry'"):
         severities(ValidateConfig(severity={"blury": "error"}))

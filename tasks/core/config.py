@@ -1,0 +1,318 @@
+"""One configuration object, loaded from one commented YAML (``configs/default.yaml``).
+
+Types and ranges live here; the YAML says what each key means. Unknown keys are an error
+that names the key and the closest valid one. Nothing happens at import time.
+
+Example:
+    >>> cfg = load_config(overrides=["train.epochs=5"])
+    >>> cfg.train.epochs
+    5
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for a one-line CLI error."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Section):
+    images: int = Field(240, ge=2)
+    imgsz: int = Field(160, ge=32, le=4096)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    source: str = "synth"
+    classes: list[str] | None = None
+    synth: SynthConfig = SynthConfig()
+
+
+class ValidateConfig(_Section):
+    enabled: bool = True
+    on_error: Literal["fail", "clean"] = "fail"
+    min_width: int = Field(32, ge=1)
+    min_height: int = Field(32, ge=1)
+    blur_threshold: float = Field(15.0, ge=0)
+    dark_threshold: float = Field(25.0, ge=0, le=255)
+    imbalance_ratio: float = Field(20.0, ge=1)
+    near_duplicate_distance: int = Field(4, ge=0, le=64)
+    max_pixels: int = Field(178956970, ge=1)
+    severity: dict[str, Literal["error", "warning"]] = {}
+    workers: int = Field(0, ge=0)
+    min_polygon_area: float = Field(1e-6, ge=0, lt=1)
+    chunk_size: int = Field(32, ge=1)
+
+
+class TrainConfig(_Section):
+    model: str = "n"
+    weights: str | None = None
+    epochs: int = Field(30, ge=1)
+    imgsz: int = Field(160, ge=32)
+    batch: int = Field(16, ge=1)
+    optimizer: Literal["SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSProp", "auto"] = "SGD"
+    lr0: float = Field(0.01, gt=0)
+    lrf: float = Field(0.01, gt=0, le=1)
+    cos_lr: bool = True
+    warmup_epochs: float = Field(1.0, ge=0)
+    patience: int = Field(50, ge=0)
+    augment: Literal["default", "light"] = "default"
+    freeze: int = Field(0, ge=0)
+    finetune: bool = False
+    finetune_lr_scale: float = Field(0.1, gt=0, le=1)
+    resume: str | None = None
+    workers: int = Field(0, ge=0)
+    device: str = "cpu"
+    cache: bool = False
+
+
+class EvaluateConfig(_Section):
+    split: str = "val"
+    conf: float = Field(0.001, ge=0, le=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_det: int = Field(300, ge=1)
+
+
+class SweepConfig(_Section):
+    enabled: bool = True
+    conf: list[float] = [0.30, 0.35, 0.40, 0.45, 0.50]
+    iou: list[float] = [0.45, 0.50, 0.55, 0.60]
+    objective: Literal["mask_f1", "fitness", "recall_at_precision", "damage_mae"] = "mask_f1"
+    min_precision: float = Field(0.8, ge=0, le=1)
+    split: str = "val"
+    max_det: int = Field(300, ge=1)
+
+
+class ExportConfig(_Section):
+    opset: int = Field(13, ge=11, le=21)
+    dynamic: bool = True
+    simplify: bool = True
+    imgsz: int = Field(0, ge=0)
+    parity_atol: float = Field(1e-3, gt=0)
+    parity_images: int = Field(4, ge=1)
+
+
+class DistillConfig(_Section):
+    student: str = "n"
+    teacher: str | None = None
+    dis: float = Field(6.0, ge=0)
+    hinton: bool = True
+    temperature: float = Field(4.0, gt=0)
+    hinton_weight: float = Field(1.0, ge=0)
+    epochs: int = Field(10, ge=1)
+    compare_scratch: bool = True
+
+
+class PruneConfig(_Section):
+    ratio: float = Field(0.3, gt=0, lt=1)
+    finetune_epochs: int = Field(10, ge=0)
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    scope: Literal["global", "layer"] = "global"
+    importance: Literal["l1", "l2"] = "l2"
+
+
+class QuantizeConfig(_Section):
+    calib_images: int = Field(64, ge=1)
+    max_retries: int = Field(3, ge=0)
+    nodes_per_retry: int = Field(8, ge=1)
+    per_channel: bool = True
+    sensitivity_images: int = Field(4, ge=1)
+    also_parent: bool = True
+
+
+class CompressConfig(_Section):
+    enabled: bool = False
+    tolerance: float = Field(0.02, ge=0)
+    latency_budget_ms: float | None = None
+    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16"]] = [
+        "prune",
+        "int8-static",
+    ]
+    distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+
+
+class RegistryConfig(_Section):
+    model_name: str = "damage-seg"
+    tolerance: float = Field(0.01, ge=0)
+    latency_budget_ms: float | None = None
+    floor_mask_map: float = Field(0.05, ge=0, le=1)
+    wait_for_approval: bool = False
+    approval_timeout_s: int = Field(86400, ge=1)
+    approval_poll_s: int = Field(10, ge=1)
+    approvers: list[str] = []
+    lock_timeout_s: float = Field(60.0, gt=0)
+
+
+class ExplainConfig(_Section):
+    enabled: bool = True
+    samples: int = Field(4, ge=0)
+    method: Literal["gradcam", "eigencam"] = "gradcam"
+    layer: str | None = None
+    conf: float = Field(0.25, ge=0, le=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_instances: int = Field(20, ge=1)
+
+
+class ScheduleConfig(_Section):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    skip_unchanged: bool = True
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "damage"
+
+
+class Config(_Section):
+    """The whole pipeline configuration (see ``configs/default.yaml`` for meanings)."""
+
+    state_dir: str = ".state"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    sweep: SweepConfig = SweepConfig()
+    export: ExportConfig = ExportConfig()
+    compress: CompressConfig = CompressConfig()
+    registry: RegistryConfig = RegistryConfig()
+    explain: ExplainConfig = ExplainConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @property
+    def validation(self) -> ValidateConfig:
+        """The ``validate:`` section (``validate`` is a pydantic method name)."""
+        return self.validate_
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with YAML key names, suitable for logging and hashing."""
+        return self.model_dump(by_alias=True, mode="json")
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved config (lineage, cache keys)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, key + ".")
+    return keys
+
+
+def _suggest(key: str) -> str:
+    valid = _valid_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try the last component alone: "trian.epochs" -> "train.epochs"
+        leaf = key.split(".")[-1]
+        close = [k for k in valid if k.split(".")[-1] == leaf][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``a.b=value`` (value is YAML: ``5``, ``true``, ``[0.3, 0.4]``, ``null``)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _flatten_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    msgs = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            inp = e.get("input")
+            leaves = [f"{key}.{k}" for k in _flatten_keys(inp)] if isinstance(inp, dict) and inp else [key]
+            msgs += [f"unknown config key '{k}'{_suggest(k)}" for k in leaves]
+        else:
+            msgs.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: " + "; ".join(msgs)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load the YAML config, apply ``key=value`` overrides and validate.
+
+    Args:
+        path: YAML file; None = ``configs/default.yaml`` of this checkout.
+        overrides: ``dotted.key=value`` strings applied on top of the file.
+
+    Raises:
+        ConfigError: unreadable file, unknown key (with the closest valid key), or bad value.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, str(path))) from None
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (flow parameters, checkpoints)."""
+    try:
+        return Config.model_validate(d)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, "config")) from None

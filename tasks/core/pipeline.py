@@ -1,0 +1,161 @@
+"""Pipeline-level steps of the nightly flow: config + state, the parent MLflow run, dataset, summary."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import Config, load_config
+from tasks.core.runtime import StatePaths
+
+
+@dataclass
+class PipelineRun:
+    """The parent MLflow run of one pipeline run, and where its steps write."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    root: Path
+    config_hash: str
+    code_version: str
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "validation"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / "export"
+
+    def lineage(self, dataset_fingerprint: str) -> dict[str, str]:
+        """Lineage tags every artifact of this run carries."""
+        return {
+            "dataset_fingerprint": dataset_fingerprint,
+            "config_hash": self.config_hash,
+            "code_version": self.code_version,
+            "source_run_id": self.run_id,
+        }
+
+
+def prepare_state(config_path: str | None = None, overrides: list[str] | None = None) -> tuple[Config, StatePaths]:
+    """Load the config and activate its state directory (env vars, Ultralytics settings)."""
+    from tasks.core.runtime import activate, configure_ultralytics
+
+    cfg = load_config(config_path, overrides)
+    paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
+    configure_ultralytics(paths)
+    return cfg, paths
+
+
+def open_pipeline_run(cfg: Config) -> PipelineRun:
+    """Create the parent MLflow run with the full resolved config as params."""
+    from tasks.core import tracking
+    from tasks.core.runtime import resolve_state_dir
+    from tasks.data.fingerprint import code_version
+
+    c = tracking.client(cfg.mlflow.tracking_uri)
+    exp_id = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    code = code_version()
+    run_id = tracking.start_run(c, exp_id, f"nightly-{stamp}", tags={
+        "damage.flow": "nightly", "config_hash": cfg.hash(), "code_version": code,
+        "data.source": cfg.data.source, "train.model": cfg.train.model,
+    })
+    tracking.log_params(c, run_id, cfg.to_dict())
+    tracking.log_dict(c, run_id, cfg.to_dict(), "config/resolved.yaml")
+    try:  # link the MLflow run to the Prefect flow run, both ways, when running inside Prefect
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            tracking.set_tags(c, run_id, {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
+    except Exception:
+        pass
+    root = resolve_state_dir(cfg.state_dir) / "runs" / f"nightly-{stamp}-{run_id[:8]}"
+    root.mkdir(parents=True, exist_ok=True)
+    return PipelineRun(run_id, exp_id, c.tracking_uri, root, cfg.hash(), code)
+
+
+def prepare_dataset(cfg: Config, paths: StatePaths) -> Path:
+    """Resolve ``data.source`` into a local data.yaml (synth, local folder, COCO JSON, s3://)."""
+    from tasks.data.source import resolve_source
+
+    return resolve_source(cfg.data, paths.datasets, paths.cache)
+
+
+def close_pipeline_run(run: PipelineRun, ok: bool, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
+    """Finish the parent run (FAILED with the error message as a tag when ``ok`` is false)."""
+    from tasks.core import tracking
+    c = tracking.client(run.tracking_uri)
+    if summary is not None:
+        tracking.log_dict(c, run.run_id, summary, "summary.json")
+    if error:
+        tracking.set_tags(c, run.run_id, {"error": error[:4000]})
+    tracking.end_run(c, run.run_id, ok)
+
+
+def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, evaluation, sweep, exported,
+              version, decision) -> dict[str, Any]:
+    """A JSON-able summary of the run: what was produced, the figures, and where everything is."""
+    from tasks.core import tracking
+    m = evaluation.metrics
+    summary = {
+        "mlflow_run_id": run.run_id,
+        "tracking_uri": run.tracking_uri,
+        "state_dir": str(paths.root),
+        "prefect_home": str(paths.prefect_home),
+        "dataset": str(data.data_yaml),
+        "dataset_fingerprint": data.fingerprint,
+        "trained_on_cleaned_copy": data.cleaned,
+        "epochs_run": trained.epochs_run,
+        "imgsz": cfg.train.imgsz,
+        "model": cfg.train.model,
+        "best_weights": str(trained.best),
+        "onnx": str(exported.onnx_path),
+        "metrics": {k: m.get(k) for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95",
+                                          "box/precision", "box/recall", "mask/precision", "mask/recall",
+                                          "fitness", "latency_ms")},
+        "per_class": getattr(evaluation, "per_class", []),
+        "operating_point": sweep.thresholds if sweep is not None else None,
+        "registered_model": getattr(version, "name", None),
+        "registered_version": getattr(version, "version", None),
+        "promotion": decision.to_dict() if hasattr(decision, "to_dict") else decision,
+    }
+    c = tracking.client(run.tracking_uri)
+    tracking.log_metrics(c, run.run_id, {k: v for k, v in summary["metrics"].items() if v is not None})
+    return summary
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, before any run is opened, on inputs that cannot work.
+
+    Raises:
+        DatasetError / DamageError: naming the missing dataset, weights or bad model spec.
+    """
+    from tasks.core.errors import DatasetError
+    from tasks.training.train import model_source
+
+    src = cfg.data.source
+    if src != "synth" and not src.startswith("s3://"):
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise DatasetError(f"{p}: dataset path does not exist (data.source)")
+        if p.is_dir() or p.suffix in {".yaml", ".yml"}:
+            from tasks.data.dataset import check_structure, load_data_yaml
+
+            # With validate.on_error=clean broken labels are quarantined by the gate, not fatal.
+            if cfg.validation.enabled and cfg.validation.on_error == "clean":
+                load_data_yaml(p)
+            else:
+                check_structure(p)
+    model_source(cfg.train.model)
+    if cfg.train.weights and not Path(cfg.train.weights).expanduser().is_file():
+        from tasks.core.errors import DamageError
+
+        raise DamageError(f"{cfg.train.weights}: weights file not found (train.weights)")

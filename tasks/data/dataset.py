@@ -1,0 +1,712 @@
+"""Reading, checking and importing YOLO-seg datasets.
+
+* ``load_data_yaml`` / ``check_structure``: what the nightly flow's data step calls before
+  training (data.yaml readable, splits present and non-empty, labels consistent with names).
+* ``import_dataset``: an Ultralytics YOLO-seg folder or a COCO instance-segmentation JSON
+  (polygons, compressed or uncompressed RLE) -> the YOLO-seg layout the pipeline reads, with an
+  explicit class-name mapping. Unknown source classes are reported, never dropped silently.
+
+Everything writes atomically (temp folder beside the output, then rename); sources are only read.
+No torch, prefect or ultralytics imports here.
+
+Example:
+    >>> report = import_dataset(Path("CarDD_COCO/annotations/instances_train2017.json"), Path("data/cardd"))
+    >>> print(report.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tasks.core.config import CLASSES
+from tasks.core.errors import DatasetError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+DATA_YAML_NAMES = ("data.yaml", "dataset.yaml")
+IGNORE = "-"  # class_map target meaning "drop this source class on purpose"
+
+
+# ----------------------------------------------------------------------------- atomic output
+
+
+@contextmanager
+def atomic_output_dir(out: Path, replace_if: Callable[[Path], bool] | None = None,
+                      overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``out``; on success it becomes ``out``, on error it is removed.
+
+    Args:
+        out: final folder. If it exists and is non-empty it is refused, unless ``overwrite``
+            or ``replace_if(out)`` is true, in which case it is replaced only after success.
+        replace_if: predicate saying an existing folder may be replaced (e.g. earlier synth output).
+        overwrite: replace any existing folder.
+
+    Raises:
+        DatasetError: ``out`` is a file, or a non-empty folder that may not be replaced.
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise DatasetError(f"{out}: output exists and is not a folder")
+        if any(out.iterdir()) and not overwrite and not (replace_if and replace_if(out)):
+            raise DatasetError(f"{out}: output folder exists and is not empty (choose a new folder)")
+    created = []  # parents we create, removed again if the write fails
+    p = out.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result is an ordinary folder
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class DatasetInfo:
+    """A YOLO dataset as described by its data.yaml.
+
+    Attributes:
+        yaml_path: the data.yaml file.
+        root: dataset root (``path:`` resolved; default the yaml's folder).
+        names: class names in id order.
+        splits: split name -> image sources (folders, list files or image files).
+        images: split -> number of images (filled by ``check_structure``).
+        instances: class name -> number of labelled instances (filled by ``check_structure``).
+    """
+
+    yaml_path: Path
+    root: Path
+    names: list[str]
+    splits: dict[str, list[Path]]
+    images: dict[str, int] = field(default_factory=dict)
+    instances: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+
+def find_data_yaml(path: Path) -> Path:
+    """``path`` itself if it is a file, else ``data.yaml`` / ``dataset.yaml`` inside the folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for n in DATA_YAML_NAMES:
+            if (path / n).is_file():
+                return path / n
+        raise DatasetError(f"{path}: no data.yaml in this folder")
+    if not path.exists():
+        raise DatasetError(f"{path}: not found")
+    return path
+
+
+def _parse_names(raw, yaml_path: Path) -> list[str]:
+    if isinstance(raw, list):
+        return [str(n) for n in raw]
+    if isinstance(raw, dict):
+        try:
+            ids = sorted(int(k) for k in raw)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{yaml_path}: 'names' keys must be class ids 0..N-1") from None
+        if ids != list(range(len(ids))):
+            raise DatasetError(f"{yaml_path}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {', '.join(map(str, ids))}")
+        return [str(raw[k] if k in raw else raw[str(k)]) for k in ids]
+    raise DatasetError(f"{yaml_path}: 'names' must be a list or a mapping id -> name")
+
+
+def load_data_yaml(path: str | Path) -> DatasetInfo:
+    """Read an Ultralytics data.yaml (file or the folder holding it).
+
+    Relative ``path:`` is resolved against the yaml's folder; without ``path:`` the root is the
+    yaml's folder. Splits may be a folder, a ``.txt`` list of images, or a list of either.
+
+    Raises:
+        DatasetError: missing file, invalid YAML, missing ``names``/``train``/``val``.
+    """
+    yaml_path = find_data_yaml(Path(path)).resolve()
+    try:
+        raw = yaml.safe_load(yaml_path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{yaml_path}: cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{yaml_path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{yaml_path}: top level must be a mapping with path/train/val/names")
+    if "names" not in raw:
+        raise DatasetError(f"{yaml_path}: no 'names' key (class names)")
+    names = _parse_names(raw["names"], yaml_path)
+    if not names:
+        raise DatasetError(f"{yaml_path}: 'names' is empty")
+    if "nc" in raw and int(raw["nc"]) != len(names):
+        raise DatasetError(f"{yaml_path}: nc={raw['nc']} but {len(names)} names")
+    root = Path(str(raw.get("path") or "")).expanduser()
+    if not root.is_absolute():
+        root = (yaml_path.parent / root).resolve()
+    splits: dict[str, list[Path]] = {}
+    for split in ("train", "val", "test"):
+        entry = raw.get(split)
+        if entry in (None, ""):
+            if split != "test":
+                raise DatasetError(f"{yaml_path}: no '{split}' split")
+            continue
+        entries = entry if isinstance(entry, list) else [entry]
+        splits[split] = [p if p.is_absolute() else root / p for p in (Path(str(e)) for e in entries)]
+    return DatasetInfo(yaml_path, root, names, splits)
+
+
+def list_images(source: Path) -> list[Path]:
+    """Images of one split source: a folder (recursive), a ``.txt`` list, or one image file."""
+    source = Path(source)
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if source.suffix == ".txt" and source.is_file():
+        base = source.parent
+        lines = [ln.strip() for ln in source.read_text().splitlines() if ln.strip()]
+        return [p if p.is_absolute() else (base / p).resolve() for p in map(Path, lines)]
+    if source.suffix.lower() in IMAGE_EXTS and source.is_file():
+        return [source]
+    return []
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last ``/images/`` in the path becomes ``/labels/``, suffix ``.txt``."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    s = str(image)
+    if sa in s:
+        s = sb.join(s.rsplit(sa, 1))
+    return Path(s).with_suffix(".txt")
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _check_label(lbl: Path, nc: int, root: Path, counts: Counter) -> str | None:
+    """First problem of one label file (None if fine); counts instances per class id."""
+    try:
+        text = lbl.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{_rel(lbl, root)}: cannot read: {e}"
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            vals = [float(v) for v in parts]
+        except ValueError:
+            return f"{_rel(lbl, root)} line {n}: not numbers"
+        cls = vals[0]
+        if cls != int(cls) or cls < 0:
+            return f"{_rel(lbl, root)} line {n}: class id {parts[0]} is not a non-negative integer"
+        if int(cls) >= nc:
+            return f"{_rel(lbl, root)}: class id {int(cls)} not in data.yaml names ({nc} classes)"
+        coords = vals[1:]
+        if not (len(coords) == 4 or (len(coords) >= 6 and len(coords) % 2 == 0)):
+            return f"{_rel(lbl, root)} line {n}: expected 4 box values or >= 3 polygon points, got {len(coords)} values"
+        if min(coords) < -1e-6 or max(coords) > 1 + 1e-6:
+            return f"{_rel(lbl, root)} line {n}: coordinates outside [0, 1] (labels must be normalised)"
+        counts[int(cls)] += 1
+    return None
+
+
+def check_structure(data_yaml: str | Path, splits: tuple[str, ...] = ("train", "val")) -> DatasetInfo:
+    """Basic structure check: data.yaml readable, splits exist and hold images, labels valid.
+
+    Args:
+        data_yaml: the data.yaml (or its folder).
+        splits: splits that must exist and be non-empty.
+
+    Returns:
+        DatasetInfo with per-split image counts and per-class instance counts filled in.
+
+    Raises:
+        DatasetError: naming the file and the problem, e.g.
+            ``labels/train/x.txt: class id 5 not in data.yaml names (3 classes)``.
+    """
+    info = load_data_yaml(data_yaml)
+    counts: Counter = Counter()
+    problems: list[str] = []
+    for split in splits:
+        sources = info.splits.get(split)
+        if not sources:
+            raise DatasetError(f"{info.yaml_path}: no '{split}' split")
+        imgs: list[Path] = []
+        for src in sources:
+            if not src.exists():
+                raise DatasetError(f"{info.yaml_path}: {split} split {_rel(src, info.root)} not found ({src})")
+            imgs += list_images(src)
+        if not imgs:
+            raise DatasetError(f"{info.yaml_path}: {split} split has no images ({', '.join(map(str, sources))})")
+        info.images[split] = len(imgs)
+        labelled = 0
+        for img in imgs:
+            lbl = label_path(img)
+            if not lbl.is_file():
+                continue  # Ultralytics reads a missing label as a background image
+            labelled += 1
+            problem = _check_label(lbl, info.nc, info.root, counts)
+            if problem:
+                problems.append(problem)
+        if labelled == 0:
+            raise DatasetError(f"{info.yaml_path}: {split} split has no label files "
+                               f"(expected e.g. {label_path(imgs[0])})")
+    if problems:
+        more = f" (and {len(problems) - 1} more label problems)" if len(problems) > 1 else ""
+        raise DatasetError(problems[0] + more)
+    info.instances = {info.names[i]: counts.get(i, 0) for i in range(info.nc)}
+    return info
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def normalize_name(name: str) -> str:
+    """Class-name key for matching: lower case, spaces/hyphens/underscores -> one underscore."""
+    return re.sub(r"[\s_\-]+", "_", str(name).strip().lower())
+
+
+@dataclass
+class ImportReport:
+    """What ``import_dataset`` wrote (or would have written) and what it could not map.
+
+    Attributes:
+        out: output folder. data_yaml: its data.yaml. format: "yolo" or "coco".
+        images: split -> images written. instances: target class -> instances written.
+        unknown: source class name -> instances with no target class (skipped if allowed).
+        ignored: source class name -> instances dropped on purpose (class_map target "-").
+        rle_converted: RLE masks converted to polygons. merged_segments: instances whose
+        several polygons were joined into one. dropped_empty: annotations with no usable shape.
+        mapping: source class name -> target class name (or "-").
+    """
+
+    out: Path
+    data_yaml: Path
+    format: str
+    images: dict[str, int] = field(default_factory=dict)
+    instances: dict[str, int] = field(default_factory=dict)
+    unknown: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
+    rle_converted: int = 0
+    merged_segments: int = 0
+    dropped_empty: int = 0
+    mapping: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        """Human-readable lines for the CLI."""
+        lines = [f"imported {self.format} dataset -> {self.out}",
+                 "images: " + ", ".join(f"{k}={v}" for k, v in self.images.items()),
+                 "instances: " + (", ".join(f"{k}={v}" for k, v in self.instances.items() if v) or "none"),
+                 "class mapping: " + ", ".join(f"{k} -> {v}" for k, v in self.mapping.items())]
+        if self.rle_converted:
+            lines.append(f"RLE masks converted to polygons: {self.rle_converted}")
+        if self.merged_segments:
+            lines.append(f"multi-part instances joined into one polygon: {self.merged_segments}")
+        if self.dropped_empty:
+            lines.append(f"annotations without a usable shape dropped: {self.dropped_empty}")
+        if self.ignored:
+            lines.append("ignored (mapped to '-'): " + _fmt_counts(self.ignored))
+        if self.unknown:
+            lines.append("unknown classes SKIPPED: " + _fmt_counts(self.unknown))
+        lines.append(f"data.yaml: {self.data_yaml}")
+        return lines
+
+
+class UnknownClassesError(DatasetError):
+    """Source classes with no target class; ``report`` holds the counts. Nothing was written."""
+
+    def __init__(self, src: Path, report: ImportReport):
+        self.report = report
+        super().__init__(
+            f"{src}: {len(report.unknown)} source class(es) not in the target classes: "
+            f"{_fmt_counts(report.unknown)}; map them with --map SRC=DST (or SRC=- to drop) "
+            "or pass --allow-unknown to skip them")
+
+
+def _fmt_counts(d: dict[str, int]) -> str:
+    return ", ".join(f"'{k}' ({v} instances)" for k, v in d.items())
+
+
+def _resolve_mapping(source_names: list[str], class_map: dict[str, str] | None,
+                     classes: list[str]) -> dict[str, int | None | str]:
+    """Source name -> target id, IGNORE, or None (unknown). Explicit map first, then same name."""
+    target = {normalize_name(c): i for i, c in enumerate(classes)}
+    explicit = {}
+    for k, v in (class_map or {}).items():
+        v = str(v).strip()
+        if v in (IGNORE, ""):
+            explicit[normalize_name(k)] = IGNORE
+        elif normalize_name(v) in target:
+            explicit[normalize_name(k)] = target[normalize_name(v)]
+        else:
+            raise DatasetError(f"class map '{k}={v}': target '{v}' is not one of the classes ({', '.join(classes)})")
+    unused = set(explicit) - {normalize_name(n) for n in source_names}
+    if unused:
+        raise DatasetError(f"class map names source class(es) {', '.join(sorted(unused))} that the dataset does "
+                           f"not have (it has: {', '.join(sorted(set(source_names)))})")
+    out: dict[str, int | None | str] = {}
+    for n in source_names:
+        key = normalize_name(n)
+        out[n] = explicit[key] if key in explicit else target.get(key)
+    return out
+
+
+def _split_indices(n: int, val_fraction: float, seed: int) -> set[int]:
+    """Indices that go to val: a seeded permutation, at least one each side when n >= 2."""
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if n < 2:
+        return set()
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return set(np.random.default_rng([seed, 104729]).permutation(n)[:n_val].tolist())
+
+
+def _fmt_poly(cls: int, xy: np.ndarray) -> str:
+    return f"{cls} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0.0, 1.0).reshape(-1))
+
+
+def _unique_name(name: str, used: set[str]) -> str:
+    stem, suf = os.path.splitext(name)
+    cand, k = name, 1
+    while cand.lower() in used:
+        cand, k = f"{stem}_{k}{suf}", k + 1
+    used.add(cand.lower())
+    return cand
+
+
+# --- YOLO source
+
+
+def _import_yolo(src_yaml: Path, tmp: Path | None, classes: list[str], class_map, val_fraction, seed,
+                 report: ImportReport) -> None:
+    """Plan (tmp=None: count only) or write the import of a YOLO dataset."""
+    info = load_data_yaml(src_yaml)
+    mapping = _resolve_mapping(info.names, class_map, classes)
+    report.mapping = {n: (classes[t] if isinstance(t, int) else (IGNORE if t == IGNORE else "?")) for n, t in mapping.items()}
+    by_id = [mapping[n] for n in info.names]
+    items: list[tuple[str, Path]] = []
+    for split, sources in info.splits.items():
+        for s in sources:
+            if not s.exists():
+                raise DatasetError(f"{info.yaml_path}: {split} split {s} not found")
+            items += [(split, p) for p in list_images(s)]
+    if not items:
+        raise DatasetError(f"{info.yaml_path}: no images found in any split")
+    # same image listed for train and val (a common quick-start yaml): split it ourselves
+    if {p for sp, p in items if sp == "train"} == {p for sp, p in items if sp == "val"}:
+        imgs = sorted({p for _, p in items})
+        val = _split_indices(len(imgs), val_fraction, seed)
+        items = [("val" if i in val else "train", p) for i, p in enumerate(imgs)]
+    counts: Counter = Counter()
+    unknown: Counter = Counter()
+    ignored: Counter = Counter()
+    used: dict[str, set[str]] = {}
+    images: Counter = Counter()
+    for split, img in items:
+        lines = []
+        lbl = label_path(img)
+        if lbl.is_file():
+            for n, line in enumerate(lbl.read_text().splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    cid = int(float(parts[0]))
+                    vals = [float(v) for v in parts[1:]]
+                except ValueError:
+                    raise DatasetError(f"{lbl} line {n}: not numbers") from None
+                if not 0 <= cid < len(by_id):
+                    raise DatasetError(f"{lbl}: class id {cid} not in data.yaml names ({len(by_id)} classes)")
+                t = by_id[cid]
+                if t is None:
+                    unknown[info.names[cid]] += 1
+                    continue
+                if t == IGNORE:
+                    ignored[info.names[cid]] += 1
+                    continue
+                counts[t] += 1
+                lines.append(f"{t} " + " ".join(parts[1:]) if vals else f"{t}")
+        images[split] += 1
+        if tmp is not None:
+            name = _unique_name(img.name, used.setdefault(split, set()))
+            shutil.copyfile(img, tmp / "images" / split / name)
+            (tmp / "labels" / split / Path(name).with_suffix(".txt")).write_text(
+                "\n".join(lines) + ("\n" if lines else ""))
+    report.images = dict(images)
+    report.instances = {c: counts.get(i, 0) for i, c in enumerate(classes)}
+    report.unknown = dict(unknown)
+    report.ignored = dict(ignored)
+
+
+# --- COCO source
+
+
+def _find_images_dir(js: Path, first_file: str | None, images_dir: Path | None) -> Path:
+    if images_dir is not None:
+        images_dir = Path(images_dir).expanduser()
+        if not images_dir.is_dir():
+            raise DatasetError(f"{images_dir}: images folder not found")
+        return images_dir
+    cands = [js.parent, js.parent / "images", js.parent.parent / "images"]
+    stem = js.stem
+    if stem.startswith("instances_"):  # COCO/CarDD: annotations/instances_train2017.json + train2017/
+        split_dir = stem[len("instances_"):]
+        cands += [js.parent.parent / split_dir, js.parent.parent / "images" / split_dir, js.parent / split_dir]
+    cands.append(js.parent.parent)
+    if first_file is None:
+        return js.parent
+    for c in cands:
+        if (c / first_file).is_file():
+            return c
+    raise DatasetError(f"{js}: cannot find the image folder for '{first_file}' "
+                       f"(looked in {', '.join(str(c) for c in cands)}); pass --images-dir")
+
+
+def _rle_to_polygons(seg, h: int, w: int) -> list[np.ndarray]:
+    """RLE (compressed or uncompressed) -> outer contours in pixel coordinates."""
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg.get("counts"), list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        counts = seg["counts"]
+        rle = {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    with warnings.catch_warnings():  # pycocotools' numpy-2 "copy keyword" deprecation notice
+        warnings.simplefilter("ignore", DeprecationWarning)
+        m = mask_utils.decode(rle)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    cnts, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1, 2).astype(np.float64) for c in cnts if len(c) >= 3]
+
+
+def merge_segments(segments: list[np.ndarray]) -> np.ndarray:
+    """Join several polygons of one instance into one by thin two-way bridges between nearest points.
+
+    The same idea as Ultralytics' ``merge_multi_segment`` (YOLO-seg has one polygon per
+    instance); ``cv2.fillPoly`` of the result covers every part, the bridges are zero-width.
+    """
+    segs = [np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in segments]
+    if len(segs) == 1:
+        return segs[0]
+    # link each segment to the next by their closest pair of points
+    links = []
+    for a, b in zip(segs[:-1], segs[1:], strict=True):
+        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        links.append(np.unravel_index(np.argmin(d), d.shape))
+    out: list[np.ndarray] = []
+    # forward pass: enter each segment at its incoming link point, leave at its outgoing one
+    for i, s in enumerate(segs):
+        start = links[i - 1][1] if i > 0 else 0
+        s = np.roll(s, -start, axis=0)
+        s = np.concatenate([s, s[:1]])  # closed, starting and ending at the entry point
+        if i == len(segs) - 1:
+            out.append(s)
+            break
+        leave = (links[i][0] - start) % (len(s) - 1)
+        out.append(s[: leave + 1])
+    # backward pass: walk back from the last to the first along the rest of each ring
+    for i in range(len(segs) - 2, -1, -1):
+        s = segs[i]
+        start = links[i - 1][1] if i > 0 else 0
+        s = np.roll(s, -start, axis=0)
+        s = np.concatenate([s, s[:1]])
+        leave = (links[i][0] - start) % (len(s) - 1)
+        out.append(s[leave:])
+    return np.concatenate(out)
+
+
+def _coco_instance(ann: dict, h: int, w: int, report: ImportReport) -> np.ndarray | None:
+    """One COCO annotation -> one normalised (N, 2) polygon, or None if it has no usable shape."""
+    seg = ann.get("segmentation")
+    polys: list[np.ndarray] = []
+    if isinstance(seg, list):
+        polys = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in seg
+                 if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    elif isinstance(seg, dict) and "counts" in seg:
+        polys = _rle_to_polygons(seg, h, w)
+        report.rle_converted += 1
+    if not polys:
+        return None
+    if len(polys) > 1:
+        report.merged_segments += 1
+    xy = merge_segments(polys)
+    return xy / np.array([w, h], dtype=np.float64)
+
+
+def _load_coco(js: Path) -> dict:
+    try:
+        data = json.loads(js.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{js}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{js}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        raise DatasetError(f"{js}: not a COCO instances file (needs 'images', 'annotations', 'categories')")
+    return data
+
+
+def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: list[str], class_map,
+                 val_fraction, seed, report: ImportReport) -> None:
+    """Plan (tmp=None: count and check only) or write the import of a COCO instances JSON."""
+    data = _load_coco(js)
+    cats = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+    mapping = _resolve_mapping(sorted(set(cats.values()), key=list(cats.values()).index), class_map, classes)
+    report.mapping = {n: (classes[t] if isinstance(t, int) else (IGNORE if t == IGNORE else "?")) for n, t in mapping.items()}
+    imgs = sorted(data["images"], key=lambda im: (str(im["file_name"]), int(im["id"])))
+    img_dir = _find_images_dir(js, str(imgs[0]["file_name"]) if imgs else None, images_dir)
+    anns: dict[int, list[dict]] = {}
+    for a in data["annotations"]:
+        anns.setdefault(int(a["image_id"]), []).append(a)
+    val = _split_indices(len(imgs), val_fraction, seed)
+    counts: Counter = Counter()
+    unknown: Counter = Counter()
+    ignored: Counter = Counter()
+    images: Counter = Counter()
+    used: dict[str, set[str]] = {}
+    for i, im in enumerate(imgs):
+        split = "val" if i in val else "train"
+        path = img_dir / str(im["file_name"])
+        if not path.is_file():
+            raise DatasetError(f"{js}: image '{im['file_name']}' not found in {img_dir}")
+        h, w = int(im["height"]), int(im["width"])
+        lines = []
+        for a in anns.get(int(im["id"]), []):
+            name = cats.get(int(a["category_id"]))
+            if name is None:
+                raise DatasetError(f"{js}: annotation {a.get('id')} has category_id {a['category_id']} "
+                                   "not in 'categories'")
+            t = mapping[name]
+            if t is None:
+                unknown[name] += 1
+                continue
+            if t == IGNORE:
+                ignored[name] += 1
+                continue
+            xy = _coco_instance(a, h, w, report)
+            if xy is None:
+                report.dropped_empty += 1
+                continue
+            counts[t] += 1
+            lines.append(_fmt_poly(t, xy))
+        images[split] += 1
+        if tmp is not None:
+            name = _unique_name(Path(str(im["file_name"])).name, used.setdefault(split, set()))
+            shutil.copyfile(path, tmp / "images" / split / name)
+            (tmp / "labels" / split / Path(name).with_suffix(".txt")).write_text(
+                "\n".join(lines) + ("\n" if lines else ""))
+    if not imgs:
+        raise DatasetError(f"{js}: no images listed")
+    report.images = dict(images)
+    report.instances = {c: counts.get(i, 0) for i, c in enumerate(classes)}
+    report.unknown = dict(unknown)
+    report.ignored = dict(ignored)
+
+
+def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None,
+                   classes: list[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
+                   images_dir: Path | None = None, allow_unknown: bool = False,
+                   overwrite: bool = False) -> ImportReport:
+    """Import a YOLO-seg folder or a COCO instance-segmentation JSON into ``out`` (YOLO-seg).
+
+    Source class names are matched to ``classes`` by normalised name (case, spaces, hyphens and
+    underscores do not matter: CarDD's "glass shatter" -> ``glass_shatter``); ``class_map``
+    renames first (``{"car": "vehicle", "person": "-"}``, "-" drops a class on purpose).
+    COCO polygons are kept (several parts joined into one polygon), RLE masks are converted to
+    polygons. A COCO JSON is split into train/val by ``val_fraction`` with ``seed``; a YOLO
+    folder keeps its splits.
+
+    Args:
+        src: YOLO dataset folder or data.yaml, or a COCO ``instances*.json``.
+        out: output folder (must not exist or be empty unless ``overwrite``).
+        class_map: source name -> target name (or "-").
+        classes: target class names in id order; None = ``tasks.core.config.CLASSES``.
+        val_fraction: val share when the import makes the split.
+        seed: split seed.
+        images_dir: COCO image folder; None = search beside the JSON (``images/``, CarDD's
+            ``train2017/`` next to ``annotations/`` ...).
+        allow_unknown: skip (and report) unknown source classes instead of refusing.
+        overwrite: replace a non-empty ``out``.
+
+    Returns:
+        ImportReport (counts per split and class, unknown/ignored classes, conversions).
+
+    Raises:
+        UnknownClassesError: unknown classes and not ``allow_unknown`` (nothing written).
+        DatasetError: missing or invalid source, bad class map, ``out`` not empty.
+    """
+    src = Path(src).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
+    classes = list(classes or CLASSES)
+    if not src.exists():
+        raise DatasetError(f"{src}: source not found")
+    if out == src or src in out.parents:
+        raise DatasetError(f"{out}: output must not be inside the source {src} (the source is never modified)")
+    if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DatasetError(f"{out}: output folder exists and is not empty (choose a new folder or --overwrite)")
+    is_coco = src.is_file() and src.suffix.lower() == ".json"
+    if src.is_dir() and not any((src / n).is_file() for n in DATA_YAML_NAMES):
+        raise DatasetError(f"{src}: no data.yaml in this folder (for COCO data pass the annotations .json file)")
+    fmt = "coco" if is_coco else "yolo"
+    report = ImportReport(out=out, data_yaml=out / "data.yaml", format=fmt)
+
+    def run(tmp: Path | None) -> None:
+        report.rle_converted = report.merged_segments = report.dropped_empty = 0
+        if is_coco:
+            _import_coco(src, images_dir, tmp, classes, class_map, val_fraction, seed, report)
+        else:
+            _import_yolo(find_data_yaml(src), tmp, classes, class_map, val_fraction, seed, report)
+
+    run(None)  # dry pass: every check and the unknown-class count before anything is written
+    if report.unknown and not allow_unknown:
+        raise UnknownClassesError(src, report)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        for split in report.images:
+            (tmp / "images" / split).mkdir(parents=True)
+            (tmp / "labels" / split).mkdir(parents=True)
+        run(tmp)
+        splits = {s: f"images/{s}" for s in report.images}
+        if "val" not in splits:  # Ultralytics needs a val split; a train-only source validates on train
+            splits["val"] = splits["train"]
+        data = {"path": str(out), **splits, "names": dict(enumerate(classes))}
+        (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        (tmp / "import_report.json").write_text(json.dumps(
+            {"source": str(src), "format": fmt, "images": report.images, "instances": report.instances,
+             "unknown": report.unknown, "ignored": report.ignored, "mapping": report.mapping,
+             "rle_converted": report.rle_converted, "merged_segments": report.merged_segments,
+             "dropped_empty": report.dropped_empty}, indent=2) + "\n")
+    return report

@@ -1,0 +1,430 @@
+"""Threshold sweep: choose the operating confidence and NMS IoU from one inference pass.
+
+The network runs once per image (``tasks.evaluation.evaluate.collect``). For each NMS IoU of the grid the
+raw output is re-used: NMS at the 0.001 confidence floor gives the mAP at that IoU; NMS as the
+deployed predictor does it (one class per box) above the lowest grid confidence gives the
+operating-point figures, and each grid confidence filters those detections. Per grid point:
+box and mask precision, recall and F1 (micro-averaged, IoU >= 0.5, see ``tasks.evaluation.evaluate.prf_at``),
+box and mask mAP50 / mAP50-95 at that NMS IoU (always at the 0.001 floor), Ultralytics fitness,
+detections per image, and the mean absolute error of the image-level damage percentage
+(``tasks.evaluation.damage_percent``) against the labels.
+
+The operating point is chosen by an objective from ``OBJECTIVES`` (a table, not branches).
+
+Example:
+    >>> res = sweep_thresholds("best.pt", "data.yaml", imgsz=160, out_dir=Path("/tmp/sweep"))
+    >>> res.thresholds
+    {'conf': 0.35, 'iou': 0.5, 'objective': 'mask_f1', 'value': 0.71}
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tasks.core.errors import DamageError
+from tasks.evaluation.evaluate import (
+    CONF_FLOOR,
+    Collected,
+    _json_safe,
+    collect,
+    damage_mae,
+    map_metrics,
+    prf_at,
+)
+
+if TYPE_CHECKING:
+    from tasks.core.config import SweepConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONF_GRID = (0.30, 0.35, 0.40, 0.45, 0.50)
+DEFAULT_IOU_GRID = (0.45, 0.50, 0.55, 0.60)
+ROW_KEYS = (
+    "conf", "iou",
+    "box/precision", "box/recall", "box/f1", "mask/precision", "mask/recall", "mask/f1",
+    "box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "fitness",
+    "dets_per_image", "damage_mae", "damage_images",
+)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """How one objective ranks grid rows.
+
+    Attributes:
+        key: the row value optimised.
+        maximize: True to maximise ``key``, False to minimise it.
+        tie_breaks: row keys compared next (all maximised), in order.
+        min_precision: rows must have ``mask/precision >= min_precision`` to be eligible.
+        help: one line for ``--help`` and docs.
+    """
+
+    key: str
+    maximize: bool
+    tie_breaks: tuple[str, ...]
+    min_precision: bool = False
+    help: str = ""
+
+
+# Ties end on the higher confidence (fewer false positives), then the lower NMS IoU.
+OBJECTIVES: dict[str, Objective] = {
+    "mask_f1": Objective("mask/f1", True, ("mask/precision", "conf"),
+                         help="max mask F1 at IoU 0.5 (ties: higher precision)"),
+    "fitness": Objective("fitness", True, ("mask/f1", "conf"),
+                         help="max Ultralytics fitness (box + mask mAP, conf floor 0.001; ties: mask F1)"),
+    "recall_at_precision": Objective("mask/recall", True, ("mask/precision", "conf"), min_precision=True,
+                                     help="max mask recall with mask precision >= min_precision "
+                                          "(ties: higher precision)"),
+    "damage_mae": Objective("damage_mae", False, ("mask/f1", "conf"),
+                            help="min mean absolute error of the image damage percentage (ties: mask F1)"),
+}
+
+
+@dataclass
+class SweepResult:
+    """The grid, the chosen row and the files written.
+
+    Attributes:
+        rows: one dict per grid point (keys ``ROW_KEYS``), IoU-major order.
+        best: the chosen row, plus ``feasible`` (False when no row met ``min_precision``).
+        objective: objective name (key of ``OBJECTIVES``).
+        min_precision: precision floor of ``recall_at_precision``.
+        csv_path, heatmap_path, pr_plot_path: files in ``out_dir`` (None without ``out_dir``).
+        images: images in the split.
+        seconds: wall time of the sweep.
+    """
+
+    rows: list[dict[str, float]]
+    best: dict[str, Any]
+    objective: str
+    min_precision: float
+    csv_path: Path | None = None
+    heatmap_path: Path | None = None
+    pr_plot_path: Path | None = None
+    images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def thresholds(self) -> dict[str, Any]:
+        """The operating point: ``{"conf", "iou", "objective", "value"}`` (export metadata, tags)."""
+        value = self.best.get(OBJECTIVES[self.objective].key)
+        return {"conf": float(self.best["conf"]), "iou": float(self.best["iou"]), "objective": self.objective,
+                "value": None if value is None or not math.isfinite(value) else float(value)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return _json_safe({
+            "rows": self.rows, "best": self.best, "objective": self.objective, "min_precision": self.min_precision,
+            "thresholds": self.thresholds, "images": self.images, "seconds": self.seconds,
+            "csv_path": str(self.csv_path) if self.csv_path else None,
+            "heatmap_path": str(self.heatmap_path) if self.heatmap_path else None,
+            "pr_plot_path": str(self.pr_plot_path) if self.pr_plot_path else None,
+        })
+
+
+def get_objective(name: str) -> Objective:
+    """The ``OBJECTIVES`` row for ``name``.
+
+    Raises:
+        DamageError: unknown objective (the message lists the valid ones).
+    """
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise DamageError(f"unknown sweep objective '{name}' (choose one of: {', '.join(OBJECTIVES)})") from None
+
+
+def _check_grid(name: str, values: Sequence[float]) -> list[float]:
+    vals = [round(float(v), 6) for v in values]
+    if not vals:
+        raise DamageError(f"sweep: the {name} grid is empty")
+    bad = [v for v in vals if not 0 < v < 1]
+    if bad:
+        raise DamageError(f"sweep: {name} thresholds must be in (0, 1), got {bad}")
+    if len(set(vals)) != len(vals):
+        raise DamageError(f"sweep: the {name} grid has duplicates: {vals}")
+    return sorted(vals)
+
+
+def grid_rows(col: Collected, conf_grid: Sequence[float], iou_grid: Sequence[float]) -> list[dict[str, float]]:
+    """One row per (iou, conf) from a ``collect`` pass run with ``ious=iou_grid, op_confs=conf_grid``."""
+    rows = []
+    n_truth = sum(len(t.cls) for t in col.truths)
+    for iou in iou_grid:
+        maps, _ = map_metrics(col.map_scores[iou], col.truths)
+        map_part = {k: maps[k] for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "fitness")}
+        for conf in conf_grid:
+            mae, n_img = damage_mae(col.op_scores[iou], col.truths, conf)
+            row = {"conf": conf, "iou": iou, **prf_at(col.op_scores[iou], n_truth, conf), **map_part,
+                   "damage_mae": mae, "damage_images": float(n_img)}
+            rows.append({k: float(row[k]) for k in ROW_KEYS})
+    return rows
+
+
+def _rank_value(v: float, maximize: bool) -> float:
+    """Sort key where larger is better; NaN ranks last."""
+    if v is None or not math.isfinite(v):
+        return -math.inf
+    return v if maximize else -v
+
+
+def choose_operating_point(rows: Sequence[dict[str, float]], objective: str,
+                           min_precision: float = 0.8) -> dict[str, Any]:
+    """The best row for ``objective`` (see ``OBJECTIVES``), with ``feasible`` added.
+
+    For ``recall_at_precision``, rows with ``mask/precision < min_precision`` are ineligible; if
+    none is eligible, the row with the highest mask precision is returned with
+    ``feasible=False`` (and a warning), so the pipeline still has an operating point.
+
+    Raises:
+        DamageError: unknown objective or no rows.
+    """
+    obj = get_objective(objective)
+    if not rows:
+        raise DamageError("sweep: no grid rows to choose from")
+
+    def key(r: dict[str, float]) -> tuple:
+        return (_rank_value(r[obj.key], obj.maximize), *(_rank_value(r[k], True) for k in obj.tie_breaks),
+                -r["iou"])
+
+    pool = list(rows)
+    feasible = True
+    if obj.min_precision:
+        pool = [r for r in rows if r["mask/precision"] >= min_precision]
+        if not pool:
+            feasible = False
+            best = max(rows, key=lambda r: (_rank_value(r["mask/precision"], True), _rank_value(r["mask/recall"], True),
+                                            r["conf"], -r["iou"]))
+            log.warning("sweep: no grid point reaches mask precision %.2f; using the most precise one "
+                        "(conf=%s, iou=%s, precision=%.3f)", min_precision, best["conf"], best["iou"],
+                        best["mask/precision"])
+            return {**best, "feasible": False}
+    return {**max(pool, key=key), "feasible": feasible}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _atomic_path(final: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write the grid as CSV (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(path)
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else list(ROW_KEYS))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_path(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def plot_heatmap(rows: Sequence[dict[str, Any]], best: dict[str, Any], objective: str, min_precision: float,
+                 path: Path) -> Path:
+    """Heatmap of the objective over (NMS IoU x conf); the chosen point is starred."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    obj = get_objective(objective)
+    confs = sorted({r["conf"] for r in rows})
+    ious = sorted({r["iou"] for r in rows})
+    z = np.full((len(ious), len(confs)), np.nan)
+    for r in rows:
+        z[ious.index(r["iou"]), confs.index(r["conf"])] = r[obj.key]
+    fig, ax = plt.subplots(figsize=(1.3 * len(confs) + 2.5, 0.8 * len(ious) + 2))
+    im = ax.imshow(z, cmap="viridis" if obj.maximize else "viridis_r", aspect="auto", origin="lower")
+    fig.colorbar(im, ax=ax, label=obj.key)
+    ax.set_xticks(range(len(confs)), [f"{c:.2f}" for c in confs])
+    ax.set_yticks(range(len(ious)), [f"{v:.2f}" for v in ious])
+    ax.set_xlabel("confidence threshold")
+    ax.set_ylabel("NMS IoU")
+    for r in rows:
+        i, j = ious.index(r["iou"]), confs.index(r["conf"])
+        txt = "nan" if not math.isfinite(r[obj.key]) else f"{r[obj.key]:.3f}"
+        if obj.min_precision and r["mask/precision"] < min_precision:
+            txt += "\n(P<min)"
+        ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white")
+    ax.plot(confs.index(best["conf"]), ious.index(best["iou"]), marker="*", markersize=22, color="red",
+            markeredgecolor="white", linestyle="none", label="chosen")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"sweep objective: {objective}")
+    return _save_fig(fig, path)
+
+
+def plot_pr(rows: Sequence[dict[str, Any]], best: dict[str, Any], path: Path) -> Path:
+    """Precision vs recall (box and mask) over the confidence grid, one line per NMS IoU."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    ious = sorted({r["iou"] for r in rows})
+    for ax, kind in zip(axes, ("box", "mask"), strict=True):
+        for v in ious:
+            rs = sorted((r for r in rows if r["iou"] == v), key=lambda r: r["conf"])
+            ax.plot([r[f"{kind}/recall"] for r in rs], [r[f"{kind}/precision"] for r in rs], marker="o",
+                    label=f"NMS IoU {v:.2f}")
+            if v == ious[0]:
+                for r in rs:
+                    ax.annotate(f"{r['conf']:.2f}", (r[f"{kind}/recall"], r[f"{kind}/precision"]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3))
+        ax.plot(best[f"{kind}/recall"], best[f"{kind}/precision"], marker="*", markersize=18, color="red",
+                linestyle="none", label=f"chosen (conf {best['conf']:.2f}, IoU {best['iou']:.2f})")
+        ax.set_xlabel("recall")
+        ax.set_title(f"{kind}: precision-recall over conf (labels)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("precision")
+    axes[1].legend(fontsize=8, loc="lower left")
+    return _save_fig(fig, path)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
+                     conf_grid: Sequence[float] = DEFAULT_CONF_GRID, iou_grid: Sequence[float] = DEFAULT_IOU_GRID,
+                     objective: str = "mask_f1", min_precision: float = 0.8, out_dir: Path | None = None,
+                     max_det: int = 300, batch: int = 1) -> SweepResult:
+    """Sweep confidence x NMS IoU with one inference pass and choose the operating point.
+
+    mAP in every row is computed at the 0.001 confidence floor (at that row's NMS IoU), never at
+    the row's confidence; precision, recall, F1, detections per image and damage-percentage MAE
+    are measured at the row's confidence.
+
+    Args:
+        model: ``.pt`` or ``.onnx``.
+        data_yaml: YOLO-seg data.yaml.
+        split: split to sweep on.
+        imgsz: letterbox size; None = the model's own.
+        conf_grid: confidence thresholds, each in (0, 1).
+        iou_grid: NMS IoU thresholds, each in (0, 1).
+        objective: a key of ``OBJECTIVES``.
+        min_precision: precision floor of ``recall_at_precision``.
+        out_dir: where ``sweep.csv``, ``sweep_heatmap.png`` and ``sweep_pr.png`` go; None = no files.
+        max_det: max detections per image.
+        batch: images per forward pass.
+
+    Raises:
+        DamageError: unknown objective, bad grid, bad model or data.
+    """
+    get_objective(objective)  # fail before the inference pass
+    confs, ious = _check_grid("conf", conf_grid), _check_grid("iou", iou_grid)
+    col = collect(model, data_yaml, split, imgsz, ious=ious, op_confs=confs, max_det=max_det, batch=batch,
+                  conf_floor=CONF_FLOOR)
+    rows = grid_rows(col, confs, ious)
+    best = choose_operating_point(rows, objective, min_precision)
+    res = SweepResult(rows, best, objective, min_precision, images=len(col.truths), seconds=col.seconds)
+    if out_dir is not None:
+        out = Path(out_dir)
+        res.csv_path = write_csv(rows, out / "sweep.csv")
+        res.heatmap_path = plot_heatmap(rows, best, objective, min_precision, out / "sweep_heatmap.png")
+        res.pr_plot_path = plot_pr(rows, best, out / "sweep_pr.png")
+    return res
+
+
+def _in_prefect_run() -> bool:
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    except Exception:  # prefect missing or broken: no artifact
+        return False
+
+
+def publish_table_artifact(res: SweepResult) -> str | None:
+    """Prefect table artifact with the grid (only inside a flow or task run); returns its id."""
+    if not _in_prefect_run():
+        return None
+    from prefect.artifacts import create_table_artifact
+
+    keys = ("conf", "iou", "mask/f1", "mask/precision", "mask/recall", "box/f1", "mask/mAP50-95",
+            "box/mAP50-95", "dets_per_image", "damage_mae")
+    table = [{**{k: _json_safe(round(r[k], 4)) for k in keys},
+              "chosen": r["conf"] == res.best["conf"] and r["iou"] == res.best["iou"]} for r in res.rows]
+    t = res.thresholds
+    desc = (f"Threshold sweep ({len(res.rows)} points, objective {res.objective}): chosen conf={t['conf']}, "
+            f"iou={t['iou']} ({t['objective']} = {t['value']}). mAP at conf floor 0.001.")
+    return str(create_table_artifact(table=table, key="threshold-sweep", description=desc))
+
+
+def _default_out_dir(run_id: str) -> Path:
+    from tasks.core.runtime import resolve_state_dir
+
+    return resolve_state_dir() / "reports" / f"sweep-{run_id[:8]}"
+
+
+def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz: int, parent_run_id: str,
+               out_dir: Path | None = None) -> SweepResult:
+    """``sweep_thresholds`` in a nested MLflow run ``sweep`` under ``parent_run_id`` (for the flows).
+
+    Logs one nested run per grid point (params conf/iou, the row as metrics), the CSV, the
+    heatmap and the PR plot as artifacts, the chosen row as ``operating/...`` metrics, sets the
+    tags ``operating.conf``, ``operating.iou``, ``operating.objective`` on the sweep run and on
+    the parent run, and publishes a Prefect table artifact when inside a flow/task run.
+
+    Args:
+        out_dir: where the files go; None = ``<state>/reports/sweep-<run id>``.
+    """
+    from tasks.core import tracking
+    with tracking.step_run(parent_run_id, "sweep") as (c, run_id):
+        res = sweep_thresholds(model, data_yaml, split=cfg.split, imgsz=imgsz, conf_grid=cfg.conf,
+                               iou_grid=cfg.iou, objective=cfg.objective, min_precision=cfg.min_precision,
+                               out_dir=out_dir or _default_out_dir(run_id), max_det=cfg.max_det)
+        tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml), "split": cfg.split,
+                                        "imgsz": imgsz, "conf_grid": list(cfg.conf), "iou_grid": list(cfg.iou),
+                                        "objective": cfg.objective, "min_precision": cfg.min_precision,
+                                        "map_conf_floor": CONF_FLOOR})
+        exp_id = c.get_run(run_id).info.experiment_id
+        for r in res.rows:
+            child = tracking.start_run(c, exp_id, f"conf={r['conf']:.2f} iou={r['iou']:.2f}", run_id,
+                                       {"damage.step": "sweep-point"})
+            tracking.log_params(c, child, {"conf": r["conf"], "iou": r["iou"]})
+            tracking.log_metrics(c, child, r)
+            tracking.end_run(c, child)
+        tracking.log_metrics(c, run_id, {f"operating/{k}": v for k, v in res.best.items() if k != "feasible"})
+        for p in (res.csv_path, res.heatmap_path, res.pr_plot_path):
+            tracking.log_artifact(c, run_id, p, "sweep")
+        tracking.log_dict(c, run_id, res.to_dict(), "sweep/sweep.json")
+        t = res.thresholds
+        tags = {"operating.conf": t["conf"], "operating.iou": t["iou"], "operating.objective": t["objective"],
+                "operating.value": t["value"], "operating.feasible": res.best.get("feasible", True)}
+        tracking.set_tags(c, run_id, tags)
+        tracking.set_tags(c, parent_run_id, tags)
+        publish_table_artifact(res)
+    return res

@@ -1,0 +1,459 @@
+"""Compression chain bookkeeping: build variants, measure each the same way, gate, choose.
+
+A *variant* is a deployable ONNX file plus where it came from. Steps (``compress.steps``) run
+in order on the current chain head: ``distill``, ``prune`` (structured, then fine-tuned),
+``unstructured`` change the PyTorch model (each result is exported to ONNX), and
+``int8-static`` / ``int8-dynamic`` / ``fp16`` quantize the head's ONNX (and, with
+``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
+costs). Every variant, the parent included, is measured by the same evaluator
+(``tasks.evaluation.evaluate.evaluate_model`` on the val split) and the same ONNX Runtime latency probe.
+
+Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
+the *original* parent's (the model it would replace; chaining relative to an intermediate
+step would let losses compound). Choice: the candidate with the best mask mAP50-95 whose
+latency is within ``compress.latency_budget_ms`` (ties: lower latency). With no candidate the
+parent stays the choice (``compressed=False``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.atomic import atomic_write
+from tasks.core.errors import DamageError
+
+log = logging.getLogger(__name__)
+
+PT_STEPS = ("distill", "prune", "unstructured")
+QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16")
+TABLE_COLUMNS = ("name", "kind", "parent", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
+                 "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
+
+
+@dataclass
+class Variant:
+    """One model in the comparison table."""
+
+    name: str
+    kind: str
+    onnx: str
+    parent: str | None = None
+    weights: str | None = None  # the .pt it came from (None for quantized files)
+    params: int | None = None
+    gflops: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    candidate: bool = False
+    chosen: bool = False
+
+    def row(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "name": self.name, "kind": self.kind, "parent": self.parent or "",
+            "mask/mAP50": m.get("mask/mAP50"), "mask/mAP50-95": m.get("mask/mAP50-95"),
+            "box/mAP50": m.get("box/mAP50"), "box/mAP50-95": m.get("box/mAP50-95"),
+            "latency_ms": m.get("latency_ms"), "size_mb": m.get("size_mb"), "params": self.params,
+            "gflops": self.gflops, "delta_mask_mAP50": m.get("delta_mask_mAP50"),
+            "candidate": self.candidate, "chosen": self.chosen, "onnx": self.onnx,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_steps(steps: list[str]) -> list[str]:
+    """Validate the configured chain: known steps, PyTorch steps before quantization, no repeats.
+
+    Raises:
+        DamageError: unknown/repeated step or a PyTorch step after a quantization step.
+    """
+    seen: set[str] = set()
+    quantized = False
+    for s in steps:
+        if s not in PT_STEPS + QUANT_STEPS:
+            raise DamageError(f"compress.steps: unknown step '{s}' (choose from {', '.join(PT_STEPS + QUANT_STEPS)})")
+        if s in seen:
+            raise DamageError(f"compress.steps: step '{s}' appears twice")
+        if s in PT_STEPS and quantized:
+            raise DamageError(f"compress.steps: '{s}' after a quantization step (PyTorch steps must come first)")
+        quantized |= s in QUANT_STEPS
+        seen.add(s)
+    return list(steps)
+
+
+# ----------------------------------------------------------------------------- measurement
+def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: int = 3,
+                   threads: int | None = None) -> float:
+    """Median ONNX Runtime CPU latency (ms) of one 1x3ximgszximgsz inference, ``threads`` intra-op threads.
+
+    ``threads=None`` uses every core (``os.cpu_count()``).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {inp.name: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def measure_variant(v: Variant, data_yaml: str | Path, imgsz: int, eval_cfg, latency_runs: int = 20,
+                    root_metrics: dict[str, float] | None = None) -> Variant:
+    """Fill ``v.metrics``: evaluator metrics on val, ORT latency, file size, delta to the root."""
+    from tasks.evaluation.evaluate import evaluate_model
+
+    res = evaluate_model(v.onnx, data_yaml, split=eval_cfg.split, imgsz=imgsz, conf=eval_cfg.conf,
+                         iou=eval_cfg.iou, max_det=eval_cfg.max_det)
+    m = dict(res.metrics)
+    m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
+    m["latency_ms"] = ort_latency_ms(v.onnx, imgsz, runs=latency_runs)
+    m["size_mb"] = Path(v.onnx).stat().st_size / 1e6
+    if v.params is not None:
+        m["params"] = float(v.params)
+    if v.gflops is not None:
+        m["gflops"] = float(v.gflops)
+    if root_metrics is not None:
+        m["delta_mask_mAP50"] = m["mask/mAP50"] - root_metrics["mask/mAP50"]
+        m["delta_mask_mAP50-95"] = m["mask/mAP50-95"] - root_metrics["mask/mAP50-95"]
+    v.metrics = m
+    return v
+
+
+def pt_stats(weights: str | Path, imgsz: int) -> tuple[int, float]:
+    """(params, GFLOPs at ``imgsz``) of a .pt."""
+    from tasks.training.prune import count_params, gflops, load_model
+
+    m = load_model(weights)
+    return count_params(m), gflops(m, imgsz)
+
+
+# ----------------------------------------------------------------------------- steps
+@dataclass
+class StepOutput:
+    """Variants a step made and the new chain head (PyTorch steps move it; quantization does not)."""
+
+    variants: list[Variant]
+    head: Variant
+
+
+def export_variant(weights: str | Path, out: str | Path, cfg, imgsz: int, meta: dict[str, Any]) -> Path:
+    """Export a variant's .pt to ONNX with the pipeline's export settings and variant metadata."""
+    from tasks.export.onnx import export_onnx
+
+    return export_onnx(weights, out, imgsz, opset=cfg.export.opset, dynamic=cfg.export.dynamic,
+                       simplify=cfg.export.simplify, metadata=meta)
+
+
+def _pt_variant(name: str, kind: str, weights: Path, parent: Variant, cfg, imgsz: int, work: Path,
+                info: dict[str, Any]) -> Variant:
+    onnx = export_variant(weights, work / f"{name}.onnx", cfg, imgsz, {"variant": name, "variant_kind": kind,
+                                                                "variant_parent": parent.name})
+    params, gf = pt_stats(weights, imgsz)
+    return Variant(name, kind, str(onnx), parent.name, str(weights), params, gf, info=info)
+
+
+def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, cfg, work_dir: str | Path,
+               imgsz: int, on_epoch=None) -> StepOutput:
+    """Run one chain step on ``head`` (``root`` is the original parent).
+
+    Args:
+        step: one of ``PT_STEPS + QUANT_STEPS``.
+        head: current chain head (must have ``weights`` for PyTorch steps).
+        root: the original parent (teacher for ``distill`` unless ``compress.distill.teacher``).
+        data_yaml: dataset (training, calibration).
+        cfg: full ``Config``.
+        work_dir: where the step writes its files.
+        imgsz: model/ONNX/evaluation size.
+        on_epoch: per-epoch callback for training steps ``(step_name, epoch, metrics)``.
+    """
+    from tasks.training import prune as P
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cc = cfg.compress
+    tcfg = cfg.train.model_copy(update={"imgsz": imgsz})
+    name = head.name if head.kind != "parent" else ""
+    prefix = (name + "-") if name else ""
+
+    def cb(tag):
+        return (lambda e, m: on_epoch(tag, e, m)) if on_epoch else None
+
+    if step in PT_STEPS and not head.weights:
+        raise DamageError(f"compress step '{step}': chain head '{head.name}' has no PyTorch weights")
+    if step == "distill":
+        from tasks.training.distill import distill
+
+        teacher = Path(cc.distill.teacher or root.weights)
+        res = distill(teacher, data_yaml, tcfg, cc.distill, work / "runs", seed=cfg.seed,
+                      name=f"{prefix}distilled", on_epoch=cb("distill"))
+        v = _pt_variant(f"{prefix}distilled", "distilled", res.best, head, cfg, imgsz, work,
+                        {"teacher": str(teacher), "student": cc.distill.student, "epochs": cc.distill.epochs,
+                         "hinton": cc.distill.hinton, "temperature": cc.distill.temperature})
+        out = [v]
+        if cc.distill.compare_scratch:
+            from tasks.training.distill import train_scratch
+
+            s = train_scratch(data_yaml, tcfg, cc.distill, work / "runs", seed=cfg.seed,
+                              name=f"{prefix}scratch", on_epoch=cb("scratch"))
+            out.insert(0, _pt_variant(f"{prefix}scratch", "scratch-baseline", s.best, head, cfg, imgsz, work,
+                                      {"student": cc.distill.student, "epochs": cc.distill.epochs}))
+        return StepOutput(out, v)
+    if step == "prune":
+        pruned, rep = P.prune_structured(head.weights, work / f"{prefix}pruned.pt", cc.prune.ratio, imgsz=imgsz,
+                                         importance=cc.prune.importance)
+        v = _pt_variant(f"{prefix}pruned", "pruned", pruned, head, cfg, imgsz, work, rep.as_dict())
+        out = [v]
+        if cc.prune.finetune_epochs > 0:
+            ft_cfg = tcfg.model_copy(update={"epochs": cc.prune.finetune_epochs})
+            res = P.finetune_pruned(pruned, data_yaml, ft_cfg, work / "runs", seed=cfg.seed,
+                                    name=f"{prefix}pruned-ft", on_epoch=cb("finetune"))
+            v = _pt_variant(f"{prefix}pruned-ft", "finetuned", res.best, v, cfg, imgsz, work,
+                            {"epochs": cc.prune.finetune_epochs})
+            out.append(v)
+        return StepOutput(out, v)
+    if step == "unstructured":
+        path, rep = P.prune_unstructured(head.weights, work / f"{prefix}sparse.pt", cc.prune.sparsity,
+                                         scope=cc.prune.scope, imgsz=imgsz)
+        v = _pt_variant(f"{prefix}sparse", "unstructured", path, head, cfg, imgsz, work,
+                        {**rep.as_dict(), "note": "zeros are still multiplied: no speed-up on dense kernels"})
+        return StepOutput([v], v)
+    if step in QUANT_STEPS:
+        targets = [head] + ([root] if cc.quantize.also_parent and head.name != root.name else [])
+        out = [quantize_variant(step, t, data_yaml, cfg, work, imgsz) for t in targets]
+        return StepOutput(out, head)
+    raise DamageError(f"compress step '{step}' not implemented")
+
+
+def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: Path, imgsz: int) -> Variant:
+    """Quantize ``src.onnx`` with ``mode``; INT8 static runs the accuracy-aware loop."""
+    from tasks.export import quantize as Q
+    qc = cfg.compress.quantize
+    name = f"{src.name}-{mode}" if src.kind != "parent" else mode
+    out = work / f"{name}.onnx"
+    info: dict[str, Any] = {"mode": mode, "source": src.onnx, "source_weights": src.weights}
+    if mode == "int8-static":
+        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
+        float_metrics = src.metrics or None
+        res = Q.quantize_accuracy_aware(src.onnx, out, data_yaml, calib, tolerance=cfg.compress.tolerance,
+                                        max_retries=qc.max_retries, nodes_per_retry=qc.nodes_per_retry,
+                                        imgsz=imgsz, per_channel=qc.per_channel,
+                                        sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics)
+        info.update(res.summary())
+    else:
+        Q.quantize_onnx(src.onnx, out, mode, per_channel=qc.per_channel if mode == "int8-dynamic" else None)
+    return Variant(name, mode, str(out), src.name, None, src.params, src.gflops, info=info)
+
+
+# ----------------------------------------------------------------------------- gate + choice
+def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
+                    latency_budget_ms: float | None) -> Variant:
+    """Mark candidates (mask mAP50 within ``tolerance`` of ``root``) and the chosen variant.
+
+    Returns:
+        The chosen variant (``root`` when no compressed variant qualifies).
+    """
+    base = root.metrics["mask/mAP50"]
+    for v in variants:
+        v.candidate = (v.name != root.name and v.kind != "scratch-baseline"
+                       and v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12)
+        v.chosen = False
+    pool = [v for v in variants if v.candidate and (latency_budget_ms is None
+                                                     or v.metrics.get("latency_ms", float("inf")) <= latency_budget_ms)]
+    chosen = max(pool, key=lambda v: (v.metrics["mask/mAP50-95"], -v.metrics["latency_ms"])) if pool else root
+    for v in variants:  # by name: Prefect may hand tasks copies of these objects
+        v.chosen = v.name == chosen.name
+    chosen.chosen = True
+    return chosen
+
+
+# ----------------------------------------------------------------------------- outputs
+def _atomic_write(path: Path, write) -> Path:
+    return atomic_write(path, write, suffix=path.suffix + ".tmp")
+
+
+def write_table(variants: list[Variant], out: str | Path) -> Path:
+    """Comparison table as CSV (one row per variant, ``TABLE_COLUMNS``)."""
+    def w(tmp):
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+            wr.writeheader()
+            for v in variants:
+                wr.writerow(v.row())
+
+    return _atomic_write(Path(out), w)
+
+
+def pareto_front(variants: list[Variant]) -> list[Variant]:
+    """Variants no other variant beats on both latency (lower) and mask mAP50-95 (higher)."""
+    pts = [v for v in variants if "latency_ms" in v.metrics and "mask/mAP50-95" in v.metrics]
+    front = []
+    for v in pts:
+        lv, av = v.metrics["latency_ms"], v.metrics["mask/mAP50-95"]
+        dominated = any(o is not v and o.metrics["latency_ms"] <= lv and o.metrics["mask/mAP50-95"] >= av
+                        and (o.metrics["latency_ms"] < lv or o.metrics["mask/mAP50-95"] > av) for o in pts)
+        if not dominated:
+            front.append(v)
+    return sorted(front, key=lambda v: v.metrics["latency_ms"])
+
+
+def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: float | None = None) -> Path:
+    """Latency (ms/image, ORT) vs mask mAP50-95 scatter with the Pareto front and the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for v in variants:
+        x, y = v.metrics.get("latency_ms"), v.metrics.get("mask/mAP50-95")
+        if x is None or y is None:
+            continue
+        colour = "tab:green" if v.chosen else ("tab:blue" if v.candidate else "tab:grey")
+        marker = "*" if v.chosen else ("s" if v.kind == "parent" else "o")
+        ax.scatter([x], [y], c=colour, marker=marker, s=120 if v.chosen else 50, zorder=3)
+        ax.annotate(v.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto_front(variants)
+    if len(front) > 1:
+        ax.plot([v.metrics["latency_ms"] for v in front], [v.metrics["mask/mAP50-95"] for v in front],
+                "--", c="tab:orange", label="Pareto front", zorder=2)
+    if latency_budget_ms is not None:
+        ax.axvline(latency_budget_ms, c="tab:red", ls=":", label=f"budget {latency_budget_ms:g} ms")
+    ax.set_xlabel("latency (ms/image, ONNX Runtime CPU)")
+    ax.set_ylabel("mask mAP50-95 (val)")
+    ax.set_title("Compression variants (green star: chosen; blue: within tolerance)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+
+    def w(tmp):
+        fig.savefig(tmp, format="png", dpi=110)
+
+    try:
+        return _atomic_write(Path(out), w)
+    finally:
+        plt.close(fig)
+
+
+def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, plot_png: Path,
+                 chosen: Variant, settings: dict[str, Any]) -> str:
+    """One nested MLflow run ``compress`` with the table, plot and choice; one nested run per variant.
+
+    Returns:
+        The ``compress`` run id.
+    """
+    from tasks.core import tracking
+    with tracking.step_run(parent_run_id, "compress") as (c, run_id):
+        tracking.log_params(c, run_id, settings)
+        for v in variants:
+            with tracking.step_run(run_id, f"variant/{v.name}", tags={"damage.variant.kind": v.kind}) as (_, vid):
+                tracking.log_params(c, vid, {"kind": v.kind, "parent": v.parent or "", "onnx": v.onnx,
+                                             "weights": v.weights or "",
+                                             **{f"info.{k}": val for k, val in _flat_info(v.info).items()}})
+                tracking.log_metrics(c, vid, {**v.metrics, "candidate": float(v.candidate),
+                                              "chosen": float(v.chosen)})
+        tracking.log_artifact(c, run_id, table_csv)
+        tracking.log_artifact(c, run_id, plot_png)
+        tracking.log_dict(c, run_id, chosen.to_dict(), "chosen.json")
+        tracking.log_metrics(c, run_id, {f"chosen/{k}": val for k, val in chosen.metrics.items()})
+        tracking.set_tags(c, run_id, {"damage.compress.chosen": chosen.name,
+                                      "damage.compress.chosen_kind": chosen.kind})
+    return run_id
+
+
+def _flat_info(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in info.items()}
+
+
+def table_markdown(variants: list[Variant]) -> list[dict[str, Any]]:
+    """Rows for a Prefect table artifact (numbers rounded for reading)."""
+    rows = []
+    for v in variants:
+        r = v.row()
+        rows.append({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items() if k != "onnx"})
+    return rows
+
+
+def publish_table_artifact(variants: list[Variant], key: str = "compress-variants") -> None:
+    """Prefect table artifact of the variants (only inside a flow/task run)."""
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return
+    create_table_artifact(table_markdown(variants), key=key,
+                          description="Compression variants: accuracy, latency, size; gate and choice")
+
+
+def finalize(variants: list[Variant], root: Variant, cfg, out_dir: str | Path,
+             parent_run_id: str | None) -> dict[str, Any]:
+    """Gate, choose, write table + Pareto plot, log to MLflow (when ``parent_run_id``), Prefect artifact.
+
+    Returns:
+        The chosen variant as a dict: ``path`` (= ``onnx``), ``weights`` (the .pt it derives from),
+        ``kind``, ``parent``, ``metrics``, ``name``,
+        ``compressed`` (False when the parent stays), ``table``, ``plot``, ``run_id``.
+    """
+    out = Path(out_dir)
+    chosen = gate_and_choose(variants, root, cfg.compress.tolerance, cfg.compress.latency_budget_ms)
+    table = write_table(variants, out / "variants.csv")
+    plot = plot_pareto(variants, out / "pareto.png", cfg.compress.latency_budget_ms)
+    run_id = None
+    if parent_run_id:
+        settings = {"steps": cfg.compress.steps, "tolerance": cfg.compress.tolerance,
+                    "latency_budget_ms": cfg.compress.latency_budget_ms}
+        run_id = log_variants(variants, parent_run_id, table, plot, chosen, settings)
+    publish_table_artifact(variants)
+    weights = chosen.weights or chosen.info.get("source_weights")
+    return {"name": chosen.name, "path": chosen.onnx, "onnx": chosen.onnx, "weights": weights, "kind": chosen.kind,
+            "parent": chosen.parent, "metrics": chosen.metrics, "compressed": chosen.name != root.name,
+            "table": str(table), "plot": str(plot), "run_id": run_id}
+
+
+def root_variant(parent_weights: str | Path, parent_onnx: str | Path, imgsz: int) -> Variant:
+    """The parent as a table row (params/FLOPs from its .pt)."""
+    for p in (parent_weights, parent_onnx):
+        if not Path(p).is_file():
+            raise DamageError(f"{p}: parent model file not found")
+    params, gf = pt_stats(parent_weights, imgsz)
+    return Variant("parent", "parent", str(parent_onnx), None, str(parent_weights), params, gf)
+
+
+def default_out_dir(cfg, parent_weights: str | Path) -> Path:
+    """``<state_dir>/models/compress/<run folder of the parent>``: one folder per parent model."""
+    from tasks.core.runtime import resolve_state_dir
+
+    p = Path(parent_weights).resolve()
+    tag = p.parent.parent.name if p.parent.name == "weights" else p.stem
+    return resolve_state_dir(cfg.state_dir) / "models" / "compress" / tag
+
+
+def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: str | Path, cfg,
+              out_dir: str | Path, parent_run_id: str | None = None, on_epoch=None) -> dict[str, Any]:
+    """The whole chain as one plain function (CLI/tests); the Prefect flow wires the same pieces."""
+    imgsz = cfg.export.imgsz or cfg.train.imgsz
+    steps = plan_steps(cfg.compress.steps)
+    root = measure_variant(root_variant(parent_weights, parent_onnx, imgsz), data_yaml, imgsz, cfg.evaluate)
+    variants, head = [root], root
+    for step in steps:
+        res = apply_step(step, head, root, data_yaml, cfg, Path(out_dir) / step, imgsz, on_epoch)
+        for v in res.variants:
+            measure_variant(v, data_yaml, imgsz, cfg.evaluate, root_metrics=root.metrics)
+        variants += res.variants
+        head = res.head
+    return finalize(variants, root, cfg, out_dir, parent_run_id)

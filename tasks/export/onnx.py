@@ -1,0 +1,325 @@
+"""ONNX export with self-describing metadata, and the PyTorch-vs-ONNX-Runtime parity gate.
+
+``export_onnx`` runs Ultralytics' exporter on a private copy of the weights (so nothing is
+written next to the source checkpoint), adds the pipeline's metadata and moves the file into
+place atomically. ``parity_check`` runs the PyTorch model and ONNX Runtime on the same
+letterboxed inputs and compares the raw outputs; ``export_step`` does both inside a nested
+MLflow run "export" and fails the step when the figures exceed the tolerance.
+
+Metadata keys written (``onnx.ModelProto.metadata_props``, all strings):
+
+* Ultralytics' own: ``names`` (dict repr), ``imgsz`` ([h, w]), ``stride``, ``task``, ``batch``,
+  ``args``, ``version``, ... (read by ``YOLO(model.onnx)``);
+* the pipeline's, JSON-encoded under ``damage.``: ``damage.names`` (list), ``damage.imgsz``,
+  ``damage.stride``, ``damage.task``, ``damage.conf``, ``damage.iou``, ``damage.objective``
+  (operating point chosen by the sweep), ``damage.dataset_fingerprint``,
+  ``damage.source_run_id``, plus every other key of ``metadata``. The prefix keeps them from
+  clashing with Ultralytics' keys (which it sets as attributes on its backend).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.core.config import ExportConfig
+from tasks.core.errors import DamageError, GateFailed
+
+META_PREFIX = "damage."
+
+
+@dataclass
+class ParityResult:
+    """PyTorch vs ONNX Runtime on the same inputs.
+
+    Attributes:
+        figures: ``det_max_abs``/``det_mean_abs`` (detections tensor with box coordinates divided by
+            the image size, so boxes, scores and mask coefficients share one scale),
+            ``box_max_abs_px`` (boxes in pixels), ``score_max_abs``, ``proto_max_abs``/``proto_mean_abs``.
+        atol: the tolerance applied to ``det_max_abs`` and ``proto_max_abs``.
+        images: number of images compared.
+        passed: both maxima within ``atol``.
+    """
+
+    figures: dict[str, float]
+    atol: float
+    images: int
+    imgsz: int
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_step`` produced."""
+
+    onnx_path: Path
+    parity: ParityResult
+    run_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_yolo(weights: Path):
+    from ultralytics import YOLO
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise DamageError(f"{weights}: weights not found")
+    try:
+        model = YOLO(str(weights))
+    except Exception as e:
+        raise DamageError(f"{weights}: cannot load as an Ultralytics model: {e}") from e
+    if model.task != "segment":
+        raise DamageError(f"{weights}: task is '{model.task}', expected a segmentation model")
+    return model
+
+
+def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: bool = True,
+                simplify: bool = True, metadata: dict[str, Any] | None = None) -> Path:
+    """Export a YOLOv8-seg checkpoint to ONNX (FP32) with the pipeline's metadata, atomically.
+
+    Args:
+        weights: Ultralytics ``.pt`` checkpoint.
+        out: the ``.onnx`` file to write (replaced atomically if it exists).
+        imgsz: square input size the model is exported (and described) at.
+        opset: ONNX opset (>= 12).
+        dynamic: dynamic batch and image size.
+        simplify: simplify the graph with onnxslim.
+        metadata: extra keys (thresholds ``conf``/``iou``/``objective``, ``dataset_fingerprint``,
+            ``source_run_id``...), written JSON-encoded as ``damage.<key>``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        DamageError: missing/unloadable weights, not a segmentation model, or the export failed.
+
+    Example:
+        >>> export_onnx(Path("best.pt"), Path("model.onnx"), 160, metadata={"conf": 0.4, "iou": 0.5})
+    """
+    import onnx
+
+    weights, out = Path(weights), Path(out)
+    if opset < 12:
+        raise DamageError(f"{out}: opset {opset} not supported (>= 12)")
+    model = _load_yolo(weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        # Export a private copy: Ultralytics writes "<weights>.onnx" beside its input.
+        src = work / "model.pt"
+        shutil.copyfile(weights, src)
+        del model
+        from ultralytics import YOLO
+
+        try:
+            produced = YOLO(str(src)).export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic,
+                                             simplify=simplify, device="cpu", half=False, batch=1, verbose=False)
+        except Exception as e:
+            raise DamageError(f"{weights}: ONNX export failed (opset {opset}): {e}") from e
+        proto = onnx.load(str(produced))
+        meta = _pipeline_metadata(proto, metadata or {})
+        existing = {p.key for p in proto.metadata_props}
+        for k, v in meta.items():
+            if k in existing:
+                for p in proto.metadata_props:
+                    if p.key == k:
+                        p.value = v
+            else:
+                prop = proto.metadata_props.add()
+                prop.key, prop.value = k, v
+        tmp = work / "final.onnx"
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)  # work/ is inside out.parent: same filesystem, so the rename is atomic
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _pipeline_metadata(proto, metadata: dict[str, Any]) -> dict[str, str]:
+    """``damage.*`` keys: the model's own description (JSON) plus the caller's ``metadata``."""
+    import ast
+
+    ul = {p.key: p.value for p in proto.metadata_props}
+    names = ast.literal_eval(ul["names"]) if "names" in ul else {}
+    meta: dict[str, Any] = {
+        "names": [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names),
+        "imgsz": ast.literal_eval(ul["imgsz"]) if "imgsz" in ul else None,
+        "stride": int(ul["stride"]) if "stride" in ul else None,
+        "task": ul.get("task"),
+    }
+    for k, v in metadata.items():
+        meta[k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k] = v
+    return {META_PREFIX + k: json.dumps(v, default=str) for k, v in meta.items()}
+
+
+def read_onnx_metadata(onnx_path: Path) -> dict[str, Any]:
+    """The ``damage.*`` metadata of an exported file, decoded (prefix removed)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        if p.key.startswith(META_PREFIX):
+            try:
+                out[p.key[len(META_PREFIX):]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                out[p.key[len(META_PREFIX):]] = p.value
+    return out
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+def sample_images(n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` deterministic BGR test images of varied sizes and aspect ratios (smooth noise + shapes)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    sizes = [(96, 160), (160, 96), (128, 128), (75, 201), (240, 180)]
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        small = rng.uniform(0, 255, (6, 6, 3)).astype(np.float32)
+        im = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        for _ in range(4):
+            c = tuple(int(v) for v in rng.integers(0, 256, 3))
+            x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+            cv2.rectangle(im, (x, y), (x + int(rng.integers(8, w // 2 + 9)), y + int(rng.integers(8, h // 2 + 9))), c, -1)
+        out.append(np.clip(im, 0, 255).astype(np.uint8))
+    return out
+
+
+def parity_figures(weights: Path, onnx: Path, images: list[Path] | int, imgsz: int, atol: float) -> ParityResult:
+    """Like ``parity_check`` but returns a failing result instead of raising."""
+    return _parity(weights, onnx, images, imgsz, atol)
+
+
+def parity_check(weights: Path, onnx: Path, images: list[Path] | int, imgsz: int, atol: float) -> ParityResult:
+    """Compare PyTorch and ONNX Runtime raw outputs on the same letterboxed inputs.
+
+    Args:
+        weights: the ``.pt`` the ONNX was exported from.
+        onnx: the exported file.
+        images: image files, or a number of generated test images (``sample_images``).
+        imgsz: square input size fed to both.
+        atol: maximum allowed absolute difference (detections with boxes / imgsz, and prototypes).
+
+    Returns:
+        The figures (also when they pass).
+
+    Raises:
+        GateFailed: a maximum exceeds ``atol`` or output shapes differ (message names the figures).
+        DamageError: an image cannot be read or a model cannot be loaded.
+    """
+    res = _parity(weights, onnx, images, imgsz, atol)
+    _raise_if_failed(res, onnx)
+    return res
+
+
+def _raise_if_failed(res: ParityResult, onnx: Path) -> None:
+    if res.passed:
+        return
+    f = res.figures
+    raise GateFailed(
+        f"{onnx}: parity gate failed (atol {res.atol:g}): detections max abs {f['det_max_abs']:.3g} "
+        f"(boxes {f['box_max_abs_px']:.3g} px, scores {f['score_max_abs']:.3g}), "
+        f"prototypes max abs {f['proto_max_abs']:.3g} over {res.images} image(s)")
+
+
+def _parity(weights: Path, onnx: Path, images: list[Path] | int, imgsz: int, atol: float) -> ParityResult:
+    import torch
+
+    from tasks.serving.predictor import Predictor, letterbox, read_image
+
+    ims = sample_images(images) if isinstance(images, int) else [read_image(p) for p in images]
+    if not ims:
+        raise DamageError(f"{onnx}: parity check needs at least one image")
+    batch = np.stack([
+        np.ascontiguousarray(letterbox(im, (imgsz, imgsz))[0][..., ::-1].transpose(2, 0, 1)) for im in ims
+    ]).astype(np.float32) / np.float32(255)
+
+    model = _load_yolo(weights).model.float().eval()
+    model = model.fuse() if hasattr(model, "fuse") else model  # the exporter fuses Conv+BN too
+    with torch.no_grad():
+        y = model(torch.from_numpy(batch))
+    (t_det, t_proto) = (y[0][0], y[0][1]) if isinstance(y[0], (tuple, list)) else (y[0], y[1])
+    t_det, t_proto = t_det.numpy(), t_proto.numpy()
+
+    pred = Predictor(onnx, threads=os.cpu_count())
+    o_det, o_proto = pred.infer(batch)
+    if o_det.shape != t_det.shape or o_proto.shape != t_proto.shape:
+        raise GateFailed(f"{onnx}: output shapes differ: ONNX {o_det.shape}/{o_proto.shape} vs "
+                         f"PyTorch {t_det.shape}/{t_proto.shape}")
+    scale = np.ones((t_det.shape[1], 1), np.float32)
+    scale[:4] = 1.0 / imgsz
+    d = np.abs(o_det - t_det)
+    dn = d * scale
+    nc = len(pred.names) if pred.names else t_det.shape[1] - 4 - t_proto.shape[1]
+    dp = np.abs(o_proto - t_proto)
+    figures = {
+        "det_max_abs": float(dn.max()),
+        "det_mean_abs": float(dn.mean()),
+        "box_max_abs_px": float(d[:, :4].max()),
+        "score_max_abs": float(d[:, 4:4 + nc].max()),
+        "coef_max_abs": float(d[:, 4 + nc:].max()) if d.shape[1] > 4 + nc else 0.0,
+        "proto_max_abs": float(dp.max()),
+        "proto_mean_abs": float(dp.mean()),
+    }
+    passed = figures["det_max_abs"] <= atol and figures["proto_max_abs"] <= atol
+    return ParityResult(figures=figures, atol=atol, images=len(ims), imgsz=imgsz, passed=passed)
+
+
+# ----------------------------------------------------------------------------- pipeline step
+
+
+def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[str, Any], metadata: dict[str, Any],
+                sample_images: list[Path], parent_run_id: str) -> ExportResult:
+    """Export + parity gate inside a nested MLflow run "export".
+
+    Logs the export settings as params, the parity figures as metrics (``parity/<figure>``), the
+    ONNX file as artifact ``onnx/`` and its metadata as ``onnx/metadata.json``. The run is
+    marked FAILED (and ``GateFailed`` raised) when the parity figures exceed
+    ``cfg.parity_atol``; the figures are logged before that.
+
+    Args:
+        weights: trained ``.pt``; the ONNX is written beside it (``best.pt`` -> ``best.onnx``).
+        cfg: the ``export:`` config section.
+        imgsz: training image size, used when ``cfg.imgsz`` is 0.
+        thresholds: the sweep's operating point (``conf``, ``iou``, ``objective``); may be empty.
+        metadata: lineage (``dataset_fingerprint``, ``source_run_id``, ``config_hash``, ...).
+        sample_images: images for the parity gate; empty = ``cfg.parity_images`` generated images.
+        parent_run_id: MLflow run the nested "export" run belongs to.
+    """
+    from tasks.core import tracking
+    size = cfg.imgsz or imgsz
+    weights = Path(weights)
+    out = weights.with_suffix(".onnx")
+    meta = {**{k: v for k, v in thresholds.items() if v is not None}, **metadata}
+    with tracking.step_run(parent_run_id, "export") as (c, run_id):
+        tracking.log_params(c, run_id, {"export": cfg.model_dump(), "export.imgsz_used": size,
+                                        "weights": str(weights)})
+        export_onnx(weights, out, size, cfg.opset, cfg.dynamic, cfg.simplify, meta)
+        imgs: list[Path] | int = list(sample_images)[: cfg.parity_images] or cfg.parity_images
+        parity = parity_figures(weights, out, imgs, size, cfg.parity_atol)
+        # figures first, so a failed gate still shows by how much in MLflow
+        tracking.log_metrics(c, run_id, {f"parity/{k}": v for k, v in parity.figures.items()})
+        tracking.log_metrics(c, run_id, {"parity/passed": float(parity.passed)})
+        if not parity.passed:
+            tracking.set_tags(c, run_id, {"parity": "failed"})
+            _raise_if_failed(parity, out)
+        tracking.log_metrics(c, run_id, {"onnx_size_mb": out.stat().st_size / 2**20})
+        tracking.log_artifact(c, run_id, out, "onnx")
+        full_meta = read_onnx_metadata(out)
+        tracking.log_dict(c, run_id, full_meta, "onnx/metadata.json")
+        tracking.set_tags(c, run_id, {"onnx_path": str(out), "parity": "passed"})
+    return ExportResult(onnx_path=out, parity=parity, run_id=run_id, metadata=full_meta)

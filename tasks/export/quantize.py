@@ -1,0 +1,552 @@
+"""Quantization of the exported ONNX model: static INT8 (QDQ), dynamic INT8, FP16.
+
+Modes are rows of :data:`QUANT_MODES` with the arguments each accepts; an argument a mode
+does not take is a loud error, never a silently dropped flag.
+
+Static INT8 is QDQ, per-channel weights (needs opset >= 13), calibrated on letterboxed
+images from the training split, with the detect head's post-processing kept in float:
+boxes (pixels, 0..imgsz) and scores (0..1) meet in one Concat, and one uint8 scale shared
+by both rounds every score to zero. :func:`head_postprocess_nodes` finds those nodes by
+walking back from the graph outputs to the last Conv of each branch (no hard-coded names).
+
+:func:`quantize_accuracy_aware` evaluates the INT8 model and, while mask mAP50 is more than
+``tolerance`` below the float model, keeps further nodes in float, ranked by a per-node
+sensitivity measure (:func:`node_sensitivity`: the signal-to-quantization-noise ratio of
+each node's output inside the QDQ model, from ORT's ``qdq_loss_debug``).
+
+FP16 uses ``onnxruntime.transformers.float16`` (shipped with onnxruntime; no
+onnxconverter-common needed) with float32 inputs/outputs kept via Cast nodes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.core.errors import DamageError, DatasetError
+
+log = logging.getLogger(__name__)
+
+IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+MIN_PER_CHANNEL_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear arrived in opset 13
+
+# Quantization modes: the arguments each accepts (besides onnx_in/onnx_out) and what it needs.
+QUANT_MODES: dict[str, dict[str, Any]] = {
+    "int8-static": {
+        "args": {"calib_images", "imgsz", "per_channel", "exclude_nodes", "calibrate_method"},
+        "needs_calibration": True,
+        "doc": "QDQ, U8 activations / S8 weights, calibrated on training images; head decode in float",
+    },
+    "int8-dynamic": {
+        "args": {"per_channel", "exclude_nodes"},
+        "needs_calibration": False,
+        "doc": "weights INT8 offline, activation scales computed at run time (ConvInteger)",
+    },
+    "fp16": {
+        "args": {"exclude_nodes"},
+        "needs_calibration": False,
+        "doc": "float16 weights and compute, float32 inputs/outputs (Cast nodes)",
+    },
+}
+
+# Ops that are decode / post-processing when they lie between the last Conv and an output.
+DECODE_OPS = {"Concat", "Sigmoid", "Mul", "Add", "Sub", "Div", "Split", "Softmax", "Reshape", "Transpose",
+              "Slice", "Gather", "Shape", "Unsqueeze", "Squeeze", "Cast", "Expand", "Range", "ConstantOfShape",
+              "Tile", "Identity", "Constant", "Flatten", "Resize", "Sqrt", "Pow", "Equal", "Where"}
+
+
+def _explicit(args: dict[str, Any], defaults: dict[str, Any]) -> set[str]:
+    """Names of arguments the caller set to something other than their default."""
+    return {k for k, v in args.items() if v is not None and v != defaults.get(k)}
+
+
+def check_mode_args(mode: str, **kwargs: Any) -> None:
+    """Raise when ``mode`` is unknown or an argument it does not accept was given.
+
+    Raises:
+        DamageError: unknown mode or unsupported argument for the mode.
+    """
+    if mode not in QUANT_MODES:
+        raise DamageError(f"unknown quantization mode '{mode}' (choose from {', '.join(QUANT_MODES)})")
+    bad = set(kwargs) - QUANT_MODES[mode]["args"]
+    if bad:
+        raise DamageError(f"quantization mode '{mode}' does not accept {sorted(bad)} "
+                          f"(it accepts {sorted(QUANT_MODES[mode]['args'])})")
+
+
+# ----------------------------------------------------------------------------- graph helpers
+def _load(path: Path):
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise DamageError(f"{path}: ONNX file not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise DamageError(f"{path}: not a readable ONNX model: {e}") from e
+
+
+def model_opset(model) -> int:
+    """The default-domain opset of an ONNX ModelProto."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def head_postprocess_nodes(model) -> list[str]:
+    """Names of the nodes between the last Conv of each head branch and the graph outputs.
+
+    Walks producers backwards from every graph output; a Conv ends the walk (it stays
+    quantizable) except the DFL expectation Conv (fed by a Softmax, fixed 0..reg_max-1
+    weights), which is part of the box decode. Every node reached is decode/post-processing
+    and must stay float: boxes in pixels and scores in 0..1 share Concats, and one uint8 scale
+    for both zeroes the scores.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    names: list[str] = []
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        t = stack.pop()
+        n = producer.get(t)
+        if n is None:
+            continue
+        key = n.name or f"{n.op_type}:{n.output[0]}"
+        if key in seen:
+            continue
+        seen.add(key)
+        if n.op_type == "Conv":
+            src = producer.get(n.input[0])
+            if src is None or src.op_type not in ("Softmax", "Transpose", "Reshape"):
+                continue  # last Conv of a learned branch: the walk stops here
+            # DFL conv: Softmax -> (Transpose) -> Conv; keep walking through it
+            if not _reaches_softmax(src, producer, depth=3):
+                continue
+        names.append(n.name)
+        if n.op_type == "Shape":  # depends on the input's shape only, not its values
+            continue
+        stack.extend(i for i in n.input if i)
+    return [n for n in names if n]
+
+
+def _reaches_softmax(node, producer: dict, depth: int) -> bool:
+    cur = node
+    for _ in range(depth):
+        if cur is None:
+            return False
+        if cur.op_type == "Softmax":
+            return True
+        cur = producer.get(cur.input[0]) if cur.input else None
+    return False
+
+
+def _ensure_node_names(model) -> None:
+    """Give every unnamed node a stable name (exclusion lists refer to nodes by name)."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in used:
+                name += "_"
+            n.name = name
+            used.add(name)
+
+
+def _copy_metadata(src, dst, extra: dict[str, Any]) -> None:
+    """Copy metadata_props (names, imgsz, stride, thresholds) and add ``extra`` as JSON."""
+    have = {p.key: p for p in dst.metadata_props}
+    items = [(p.key, p.value) for p in src.metadata_props] + [(k, json.dumps(v)) for k, v in extra.items()]
+    for k, v in items:
+        if k in have:
+            have[k].value = v
+        else:
+            prop = dst.metadata_props.add()
+            prop.key, prop.value = k, v
+            have[k] = prop
+
+
+def _atomic_save(model, out: Path) -> Path:
+    import onnx
+
+    from tasks.core.atomic import atomic_write
+
+    return atomic_write(out, lambda tmp: onnx.save(model, tmp), suffix=".onnx.tmp")
+
+
+# ----------------------------------------------------------------------------- calibration data
+def calibration_images(data_yaml: str | Path, n: int, seed: int = 0, split: str = "train") -> list[Path]:
+    """``n`` images (seeded sample) of ``split`` of a YOLO data.yaml.
+
+    Raises:
+        DatasetError: unreadable data.yaml, missing split, or no images.
+    """
+    import yaml
+
+    data_yaml = Path(data_yaml)
+    if not data_yaml.is_file():
+        raise DatasetError(f"{data_yaml}: data.yaml not found")
+    d = yaml.safe_load(data_yaml.read_text()) or {}
+    if split not in d:
+        raise DatasetError(f"{data_yaml}: no '{split}' split")
+    root = Path(d.get("path") or data_yaml.parent)
+    if not root.is_absolute():
+        root = (data_yaml.parent / root).resolve()
+    entries = d[split] if isinstance(d[split], list) else [d[split]]
+    files: list[Path] = []
+    for e in entries:
+        p = Path(e) if Path(e).is_absolute() else root / e
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_SUFFIXES)
+        elif p.suffix == ".txt" and p.is_file():
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    q = Path(line.strip())
+                    files.append(q if q.is_absolute() else root / q)
+    if not files:
+        raise DatasetError(f"{data_yaml}: split '{split}' has no images")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(files))[: max(1, n)]
+    return [files[i] for i in sorted(idx)]
+
+
+def preprocess_image(path: Path, imgsz: int) -> np.ndarray:
+    """Ultralytics val pre-processing: letterbox to ``imgsz`` (pad 114), RGB, CHW, 0..1, batch of 1."""
+    import cv2
+    from ultralytics.data.augment import LetterBox
+
+    im = cv2.imread(str(path))
+    if im is None:
+        raise DatasetError(f"{path}: cannot read image")
+    im = LetterBox((imgsz, imgsz), auto=False, stride=32)(image=im)
+    im = im[..., ::-1].transpose(2, 0, 1)
+    return np.ascontiguousarray(im, dtype=np.float32)[None] / 255.0
+
+
+class ImageReader:
+    """ORT ``CalibrationDataReader`` over letterboxed images (re-iterable via ``rewind``)."""
+
+    def __init__(self, images: Sequence[Path], imgsz: int, input_name: str):
+        self.images, self.imgsz, self.input_name = list(images), imgsz, input_name
+        self._it: Iterable | None = None
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = iter(self.images)
+        p = next(self._it, None)
+        return None if p is None else {self.input_name: preprocess_image(p, self.imgsz)}
+
+    def rewind(self) -> None:
+        self._it = None
+
+    def __iter__(self):
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
+
+def _input_name(model) -> str:
+    inits = {i.name for i in model.graph.initializer}
+    return next(i.name for i in model.graph.input if i.name not in inits)
+
+
+def _imgsz_from_meta(model, default: int | None) -> int:
+    if default:
+        return int(default)
+    for p in model.metadata_props:
+        if p.key == "imgsz":
+            try:
+                v = ast.literal_eval(p.value)  # Ultralytics writes str([h, w])
+                return int(max(v) if isinstance(v, (list, tuple)) else v)
+            except (ValueError, SyntaxError, TypeError):
+                pass
+    raise DamageError("imgsz not given and not found in the ONNX metadata")
+
+
+# ----------------------------------------------------------------------------- quantize
+def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, mode: str, calib_images: Sequence[Path] | None = None,
+                  imgsz: int | None = None, per_channel: bool | None = None, exclude_nodes: Sequence[str] | None = None,
+                  calibrate_method: str | None = None, exclude_head: bool = True) -> Path:
+    """Quantize an ONNX model; metadata (class names, imgsz, stride, thresholds) is carried over.
+
+    Args:
+        onnx_in: FP32 ONNX (from ``tasks.export.onnx.export_onnx``).
+        onnx_out: file to write (atomic).
+        mode: ``int8-static`` | ``int8-dynamic`` | ``fp16`` (see :data:`QUANT_MODES`).
+        calib_images: images from the training split (``int8-static`` only, required there).
+        imgsz: calibration letterbox size (``int8-static``; default: ONNX metadata ``imgsz``).
+        per_channel: per-channel weight scales (INT8 modes; default True; needs opset >= 13).
+        exclude_nodes: extra node names kept in float (all modes).
+        calibrate_method: ``minmax`` (default), ``entropy`` or ``percentile`` (``int8-static``).
+        exclude_head: keep the head's post-processing nodes in float (INT8 static; never turn this
+            off except to demonstrate why it exists).
+
+    Returns:
+        ``onnx_out``.
+
+    Raises:
+        DamageError: unknown mode, an argument the mode does not take, per-channel on opset < 13,
+            missing calibration images, or an ORT failure (message names the file).
+
+    Example:
+        >>> quantize_onnx("m.onnx", "m.int8.onnx", "int8-static", calib_images=imgs, imgsz=160)
+    """
+    given = {"calib_images": calib_images, "imgsz": imgsz, "per_channel": per_channel,
+             "exclude_nodes": exclude_nodes, "calibrate_method": calibrate_method}
+    check_mode_args(mode, **{k: v for k, v in given.items() if v is not None})
+    onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
+    src = _load(onnx_in)
+    per_channel = True if per_channel is None else per_channel
+    if mode.startswith("int8") and per_channel and model_opset(src) < MIN_PER_CHANNEL_OPSET:
+        raise DamageError(f"{onnx_in}: per-channel INT8 needs opset >= {MIN_PER_CHANNEL_OPSET}, the model has opset "
+                          f"{model_opset(src)} (re-export with export.opset=13 or pass per_channel=False)")
+    fn = {"int8-static": _static, "int8-dynamic": _dynamic, "fp16": _fp16}[mode]
+    work = Path(tempfile.mkdtemp(prefix=".quant-", dir=onnx_out.parent if onnx_out.parent.exists() else None))
+    try:
+        _ensure_node_names(src)
+        named = work / "named.onnx"
+        import onnx
+
+        onnx.save(src, str(named))
+        exclude = list(exclude_nodes or [])
+        model, info = fn(named, work, src, exclude=exclude, calib_images=calib_images, imgsz=imgsz,
+                         per_channel=per_channel, calibrate_method=calibrate_method or "minmax",
+                         exclude_head=exclude_head)
+        _copy_metadata(src, model, {"damage.quantization": {"mode": mode, **info}})
+        return _atomic_save(model, onnx_out)
+    except DamageError:
+        raise
+    except Exception as e:
+        raise DamageError(f"{onnx_in}: {mode} quantization failed: {e}") from e
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _preprocessed(named: Path, work: Path) -> Path:
+    """ORT's recommended pre-processing (shape inference + graph optimisation) when it works."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / "pre.onnx"
+    try:
+        quant_pre_process(str(named), str(out), skip_symbolic_shape=True)
+        return out
+    except Exception as e:  # pre-processing is an optimisation, not a requirement
+        log.warning("quant_pre_process failed (%s); quantizing the model as exported", e)
+        return named
+
+
+def _static(named: Path, work: Path, src, *, exclude, calib_images, imgsz, per_channel, calibrate_method,
+            exclude_head):
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calib_images:
+        raise DamageError(f"{named.name}: int8-static needs calibration images (calib_images)")
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if calibrate_method not in methods:
+        raise DamageError(f"unknown calibrate_method '{calibrate_method}' (choose from {', '.join(methods)})")
+    pre = _preprocessed(named, work)
+    pre_model = onnx.load(str(pre))
+    _ensure_node_names(pre_model)
+    onnx.save(pre_model, str(pre))
+    head = head_postprocess_nodes(pre_model) if exclude_head else []
+    present = {n.name for n in pre_model.graph.node}
+    missing = sorted(set(exclude) - present)
+    if missing:
+        log.warning("nodes to keep in float not in the graph (ignored): %s", missing[:10])
+    excluded = sorted(set(head) | (set(exclude) & present))
+    size = _imgsz_from_meta(src, imgsz)
+    reader = ImageReader(calib_images, size, _input_name(pre_model))
+    out = work / "int8.onnx"
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded, calibrate_method=methods[calibrate_method],
+                    extra_options={"CalibTensorRangeSymmetric": False})
+    info = {"per_channel": per_channel, "calib_images": len(calib_images), "imgsz": size,
+            "calibrate_method": calibrate_method, "excluded_nodes": len(excluded), "head_nodes": len(head),
+            "extra_float_nodes": sorted(set(exclude) & present)}
+    return onnx.load(str(out)), info
+
+
+def _dynamic(named: Path, work: Path, src, *, exclude, per_channel, **_):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = work / "dyn.onnx"
+    # ConvInteger on the CPU provider takes uint8 weights and activations.
+    quantize_dynamic(str(named), str(out), per_channel=per_channel, weight_type=QuantType.QUInt8,
+                     nodes_to_exclude=list(exclude))
+    return onnx.load(str(out)), {"per_channel": per_channel, "excluded_nodes": len(exclude)}
+
+
+def _fp16(named: Path, work: Path, src, *, exclude, **_):
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(named))
+    # keep_io_types: callers (predictor, evaluator) keep feeding and reading float32.
+    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=list(exclude) or None)
+    return half, {"excluded_nodes": len(exclude), "keep_io_types": True}
+
+
+# ----------------------------------------------------------------------------- sensitivity
+def node_sensitivity(onnx_qdq: str | Path, images: Sequence[Path], imgsz: int) -> list[tuple[str, float]]:
+    """Rank the nodes of a QDQ model by how much quantizing their output hurts.
+
+    The measure is the signal-to-quantization-noise ratio (dB) of each activation, before vs
+    after its QuantizeLinear/DequantizeLinear pair (ORT ``qdq_loss_debug``), over ``images``;
+    lower SQNR = more sensitive. Each activation is attributed to the node that produces it
+    (a float node of the quantized graph, so its name is valid for ``nodes_to_exclude``).
+
+    Returns:
+        ``[(node_name, sqnr_db), ...]`` most sensitive first.
+    """
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_signal_to_quantization_noice_ratio,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    qmodel = _load(Path(onnx_qdq))
+    producer = {o: n.name for n in qmodel.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                for o in n.output}
+    with tempfile.TemporaryDirectory() as td:
+        aug = Path(td) / "aug.onnx"
+        modify_model_output_intermediate_tensors(str(onnx_qdq), str(aug))
+        reader = ImageReader(images, imgsz, _input_name(qmodel))
+        acts = collect_activations(str(aug), reader)
+    # local error of each quantized activation: before vs after its own Q/DQ pair
+    matching = create_activation_matching(acts)
+    ranked = []
+    for tensor, match in matching.items():
+        node = producer.get(tensor)
+        v = compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"])
+        if node and v is not None and np.isfinite(v):
+            ranked.append((node, float(v)))
+    # one entry per node (a node can have several quantized outputs): keep its worst SQNR
+    worst: dict[str, float] = {}
+    for n, v in ranked:
+        worst[n] = min(v, worst.get(n, np.inf))
+    return sorted(worst.items(), key=lambda kv: kv[1])
+
+
+@dataclass
+class QuantAttempt:
+    """One INT8 candidate of the accuracy-aware loop."""
+
+    path: Path
+    float_nodes: list[str]
+    metrics: dict[str, float]
+
+
+@dataclass
+class AccuracyAwareResult:
+    """Outcome of :func:`quantize_accuracy_aware`."""
+
+    path: Path
+    metrics: dict[str, float]
+    float_metrics: dict[str, float]
+    within_tolerance: bool
+    attempts: list[QuantAttempt] = field(default_factory=list)
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "within_tolerance": self.within_tolerance,
+            "attempts": [{"float_nodes": len(a.float_nodes), "mask/mAP50": a.metrics.get("mask/mAP50")}
+                         for a in self.attempts],
+            "float_mask/mAP50": self.float_metrics.get("mask/mAP50"),
+            "mask/mAP50": self.metrics.get("mask/mAP50"),
+        }
+
+
+EvaluateFn = Callable[[Path], dict[str, float]]
+
+
+def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str | Path | None,
+                            calib_images: Sequence[Path], tolerance: float = 0.02, max_retries: int = 3,
+                            nodes_per_retry: int = 8, evaluate_fn: EvaluateFn | None = None,
+                            imgsz: int | None = None, per_channel: bool = True, sensitivity_images: int = 4,
+                            metric: str = "mask/mAP50", float_metrics: dict[str, float] | None = None,
+                            ) -> AccuracyAwareResult:
+    """Static INT8 that keeps the most sensitive nodes in float until accuracy is within tolerance.
+
+    1. Quantize (head decode in float), evaluate ``metric`` on val. 2. If it is more than
+    ``tolerance`` below the float model, rank nodes with :func:`node_sensitivity` and keep
+    the next ``nodes_per_retry`` worst in float; retry up to ``max_retries`` times. The best
+    attempt (highest ``metric``) ends up at ``out``; ``within_tolerance`` says whether it met
+    the gate.
+
+    Args:
+        onnx_in: FP32 ONNX.
+        out: INT8 ONNX to write.
+        data_yaml: dataset (used by the default ``evaluate_fn``).
+        calib_images: calibration images (training split).
+        tolerance: allowed absolute drop of ``metric``.
+        max_retries: retries after the first attempt.
+        nodes_per_retry: nodes moved back to float per retry.
+        evaluate_fn: ``path -> metrics``; default ``tasks.evaluation.evaluate.evaluate_model`` on val.
+        imgsz: calibration/evaluation size (default: ONNX metadata).
+        per_channel: per-channel weights.
+        sensitivity_images: calibration images used for the sensitivity ranking.
+        metric: metric the gate reads.
+        float_metrics: the float model's metrics if already measured (saves one evaluation).
+    """
+    onnx_in, out = Path(onnx_in), Path(out)
+    size = _imgsz_from_meta(_load(onnx_in), imgsz)
+    if evaluate_fn is None:
+        if data_yaml is None:
+            raise DamageError("quantize_accuracy_aware needs data_yaml or evaluate_fn")
+        from tasks.evaluation.evaluate import evaluate_model
+
+        def evaluate_fn(p: Path) -> dict[str, float]:
+            return evaluate_model(p, data_yaml, split="val", imgsz=size).metrics
+
+    base = float_metrics or evaluate_fn(onnx_in)
+    target = base[metric] - tolerance
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".aaq-", dir=out.parent))
+    attempts: list[QuantAttempt] = []
+    ranking: list[tuple[str, float]] = []
+    try:
+        float_nodes: list[str] = []
+        for attempt in range(max_retries + 1):
+            cand = work / f"attempt{attempt}.onnx"
+            quantize_onnx(onnx_in, cand, "int8-static", calib_images=calib_images, imgsz=size,
+                          per_channel=per_channel, exclude_nodes=float_nodes or None)
+            m = evaluate_fn(cand)
+            attempts.append(QuantAttempt(cand, list(float_nodes), m))
+            log.info("INT8 attempt %d: %s=%.4f (float %.4f, %d extra float nodes)", attempt, metric, m[metric],
+                     base[metric], len(float_nodes))
+            if m[metric] >= target or attempt == max_retries:
+                break
+            if not ranking:
+                ranking = node_sensitivity(cand, list(calib_images)[:sensitivity_images], size)
+            remaining = [n for n, _ in ranking if n not in float_nodes]
+            if not remaining:
+                break
+            float_nodes = float_nodes + remaining[:nodes_per_retry]
+        # best accuracy; on a tie, the one with fewer float nodes (faster)
+        best = max(attempts, key=lambda a: (a.metrics[metric], -len(a.float_nodes)))
+        os.replace(best.path, out)
+        best_path = out
+        for a in attempts:
+            if a is best:
+                a.path = out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return AccuracyAwareResult(best_path, best.metrics, base, best.metrics[metric] >= target, attempts, ranking)

@@ -1,0 +1,149 @@
+"""MLflow pyfunc wrapper: the ONNX file as an artifact, the torch-free predictor as code.
+
+``mlflow models serve -m models:/damage-seg@production --env-manager local`` then answers
+``POST /invocations`` with a DataFrame of images, one column of:
+
+* ``image``: the encoded image file (JPEG/PNG...) as base64, or
+* ``path``: a path readable by the server,
+
+optionally with ``"params": {"conf": C, "iou": I}`` (negative or absent = the thresholds in the
+ONNX metadata), and returns one JSON document per row, the schema of ``damage predict`` (issue 5, item 5); a
+row that cannot be decoded gets ``{"image": ..., "error": "..."}`` instead.
+
+Example request::
+
+    {"dataframe_split": {"columns": ["image"], "data": [["iVBORw0KGgo..."]]}}
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+# The predictor and what it imports: shipped with the model so serving needs only these files.
+CODE_FILES = ("__init__.py", "core/__init__.py", "core/errors.py", "evaluation/__init__.py",
+              "evaluation/damage_percent.py", "serving/__init__.py", "serving/predictor.py", "serving/pyfunc.py")
+_TASKS = Path(__file__).resolve().parents[1]
+
+
+class DamageSegModel(mlflow.pyfunc.PythonModel):
+    """Pyfunc model around ``tasks.serving.predictor.Predictor`` (thresholds from the ONNX metadata)."""
+
+    def load_context(self, context) -> None:
+        from tasks.serving.predictor import Predictor
+
+        self.onnx_name = Path(context.artifacts["onnx"]).name
+        self.predictor = Predictor(context.artifacts["onnx"])
+
+    def _decode(self, row: dict[str, Any]):
+        import cv2
+        import numpy as np
+
+        from tasks.core.errors import DamageError
+        from tasks.serving.predictor import read_image
+
+        b64 = row.get("image")
+        if isinstance(b64, str) and b64:
+            try:
+                data = np.frombuffer(base64.b64decode(b64, validate=False), np.uint8)
+            except (ValueError, TypeError) as e:
+                raise DamageError(f"row image: not base64: {e}") from e
+            im = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+            if im is None:
+                raise DamageError("row image: not a decodable image")
+            return "<base64>", im
+        path = row.get("path")
+        if isinstance(path, str) and path:
+            return path, read_image(path)
+        raise DamageError("row has neither an 'image' (base64) nor a 'path' value")
+
+    def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
+        """One JSON-ready dict per input row (see the module docstring)."""
+        from tasks.core.errors import DamageError
+
+        rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
+        p = self.predictor
+        params = params or {}
+        conf = float(params["conf"]) if params.get("conf") is not None and float(params["conf"]) >= 0 else p.conf
+        iou = float(params["iou"]) if params.get("iou") is not None and float(params["iou"]) >= 0 else p.iou
+        out = []
+        for row in rows:
+            name = row["path"] if isinstance(row.get("path"), str) else "<base64>"
+            try:
+                name, im = self._decode(row)
+                res = p.predict(im, conf=conf, iou=iou)[0]
+                out.append(res.to_dict(name, self.onnx_name, conf, iou))
+            except DamageError as e:
+                out.append({"image": str(name), "error": str(e)})
+        return out
+
+
+def _stage_code(dst: Path) -> Path:
+    pkg = dst / "tasks"
+    pkg.mkdir(parents=True)
+    for name in CODE_FILES:
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_TASKS / name, pkg / name)
+    return pkg
+
+
+def save_pyfunc(onnx_path: Path, path: Path) -> Path:
+    """Write the pyfunc model directory (MLmodel, the ONNX artifact, the predictor code) to ``path``."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        from tasks.core.errors import DamageError
+
+        raise DamageError(f"{onnx_path}: ONNX model not found")
+    sig = ModelSignature(inputs=Schema([ColSpec("string", "image", required=False),
+                                        ColSpec("string", "path", required=False)]),
+                         params=ParamSchema([ParamSpec("conf", "double", -1.0), ParamSpec("iou", "double", -1.0)]))
+    with tempfile.TemporaryDirectory() as tmp:
+        code = _stage_code(Path(tmp))
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=DamageSegModel(),
+            artifacts={"onnx": str(onnx_path)},
+            code_paths=[str(code)],
+            signature=sig,
+            pip_requirements=["numpy", "opencv-python", "onnxruntime", "pandas", f"mlflow=={mlflow.__version__}"],
+        )
+    return Path(path)
+
+
+def log_pyfunc(client_or_run_id, onnx_path: Path, artifact_path: str = "pyfunc", run_id: str | None = None) -> str:
+    """Log the pyfunc model into an existing run without making it the active run.
+
+    Args:
+        client_or_run_id: a run id (uses ``tasks.core.tracking.client()``), or an ``MlflowClient``
+            together with ``run_id``.
+        onnx_path: the exported model.
+        artifact_path: folder of the model inside the run's artifacts.
+        run_id: the run, when the first argument is a client.
+
+    Returns:
+        The model URI ``runs:/<run_id>/<artifact_path>`` (for ``mlflow.register_model`` or
+        ``mlflow models serve -m``).
+
+    Example:
+        >>> uri = log_pyfunc(run_id, Path("best.onnx"))
+        >>> mlflow.register_model(uri, "damage-seg")
+    """
+    from tasks.core import tracking
+    if isinstance(client_or_run_id, str):
+        c, rid = tracking.client(), client_or_run_id
+    else:
+        c, rid = client_or_run_id, run_id
+        if not rid:
+            raise ValueError("log_pyfunc: pass run_id together with a client")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = save_pyfunc(Path(onnx_path), Path(tmp) / artifact_path)
+        c.log_artifacts(rid, str(local), artifact_path)
+    return f"runs:/{rid}/{artifact_path}"

@@ -1,0 +1,329 @@
+"""YOLOv8 instance-segmentation training (Ultralytics), offline, on every CPU core.
+
+``train_model`` is a plain typed function (callable in tests); ``flows`` wrap it as a Prefect
+task. Per-epoch metrics reach MLflow through the ``on_epoch`` callback, because Ultralytics'
+own MLflow callback is disabled (it would open competing runs).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import TrainConfig
+from tasks.core.errors import DamageError, DatasetError
+
+SIZES = ("n", "s", "m", "l", "x")
+
+# Augmentation profiles: rows of Ultralytics train arguments. "light" is for small or
+# fine-grained datasets where mosaic/mixup destroy context: flips and small rotations only.
+AUGMENT_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "light": {
+        "mosaic": 0.0,
+        "mixup": 0.0,
+        "copy_paste": 0.0,
+        "close_mosaic": 0,
+        "degrees": 5.0,
+        "fliplr": 0.5,
+        "flipud": 0.0,
+        "scale": 0.1,
+        "translate": 0.05,
+        "shear": 0.0,
+        "perspective": 0.0,
+        "hsv_h": 0.01,
+        "hsv_s": 0.3,
+        "hsv_v": 0.2,
+    },
+}
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced. Paths are absolute."""
+
+    best: Path
+    last: Path
+    run_dir: Path
+    metrics: dict[str, float]
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def results_csv(self) -> Path:
+        return self.run_dir / "results.csv"
+
+
+def model_source(model: str) -> str:
+    """Map ``n|s|m|l|x`` to the YOLOv8-seg YAML; check that a path exists.
+
+    Raises:
+        DamageError: unknown size and no such file.
+    """
+    if model in SIZES:
+        return f"yolov8{model}-seg.yaml"
+    if model.startswith("yolov8") and model.endswith("-seg.yaml"):
+        return model
+    p = Path(model).expanduser()
+    if p.suffix not in {".pt", ".yaml", ".yml"}:
+        raise DamageError(f"train.model '{model}': expected one of {', '.join(SIZES)} or a .pt/.yaml path")
+    if not p.is_file():
+        raise DamageError(f"train.model '{model}': file not found")
+    return str(p.resolve())
+
+
+def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str, seed: int) -> dict[str, Any]:
+    """Ultralytics ``train()`` keyword arguments for a config (pure function, tested)."""
+    lr0 = cfg.lr0 * (cfg.finetune_lr_scale if cfg.finetune else 1.0)
+    args: dict[str, Any] = {
+        "data": str(data_yaml),
+        "epochs": cfg.epochs,
+        "imgsz": cfg.imgsz,
+        "batch": cfg.batch,
+        "optimizer": cfg.optimizer,
+        "lr0": lr0,
+        "lrf": cfg.lrf,
+        "cos_lr": cfg.cos_lr,
+        "warmup_epochs": cfg.warmup_epochs,
+        "patience": cfg.patience if cfg.patience > 0 else 10**6,
+        "workers": cfg.workers,
+        "device": cfg.device,
+        "cache": cfg.cache,
+        "seed": seed,
+        "deterministic": True,
+        "project": str(project),
+        "name": name,
+        "exist_ok": True,
+        "plots": True,
+        "val": True,
+        "verbose": False,
+        "amp": cfg.device != "cpu",
+        # One mask per instance. Ultralytics' default overlap_mask=True merges the ground-truth
+        # masks so smaller ones punch holes into larger ones: every damage would be cut out of its
+        # vehicle, and damage-inside-vehicle percentages would collapse to ~0.
+        "overlap_mask": False,
+    }
+    if cfg.freeze:
+        args["freeze"] = cfg.freeze
+    args.update(AUGMENT_PROFILES[cfg.augment])
+    return args
+
+
+def _read_history(results_csv: Path) -> list[dict[str, float]]:
+    if not results_csv.is_file():
+        return []
+    with open(results_csv, newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            clean = {}
+            for k, v in row.items():
+                try:
+                    clean[k.strip()] = float(v)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(clean)
+        return rows
+
+
+def normalise_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """Ultralytics metric names -> ours: ``metrics/mAP50-95(M)`` -> ``mask/mAP50-95``."""
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        try:
+            fv = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isnan(fv):
+            continue
+        key = k.strip()
+        if key.startswith("metrics/"):
+            base = key[len("metrics/"):]
+            kind = "mask" if base.endswith("(M)") else "box"
+            base = base.replace("(M)", "").replace("(B)", "")
+            base = {"precision": "precision", "recall": "recall"}.get(base, base)
+            key = f"{kind}/{base}"
+        key = key.replace("(", "_").replace(")", "")
+        out[key] = fv
+    return out
+
+
+def _resume_checkpoint(cfg: TrainConfig, project: Path, name: str) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        last = project / name / "weights" / "last.pt"
+        return last if last.is_file() and _resumable(last) else None
+    p = Path(cfg.resume).expanduser()
+    if not p.is_file():
+        raise DamageError(f"train.resume '{cfg.resume}': checkpoint not found")
+    return p.resolve()
+
+
+def _trim_results(ckpt: Path) -> None:
+    """Cut results.csv back to the epochs the checkpoint holds.
+
+    A run killed between writing results.csv and last.pt would otherwise repeat a row on resume.
+    """
+    import torch
+
+    csv_path = ckpt.parent.parent / "results.csv"
+    if not csv_path.is_file():
+        return
+    epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", -1))
+    lines = csv_path.read_text().splitlines(keepends=True)
+    keep = lines[: 1 + epoch + 1]  # header + epochs 0..epoch
+    if len(keep) < len(lines):
+        from tasks.core.atomic import atomic_write_text
+
+        atomic_write_text(csv_path, "".join(keep))
+
+
+def _resumable(ckpt: Path) -> bool:
+    """A last.pt of an unfinished run still holds its optimizer state (epoch >= 0)."""
+    import torch
+
+    try:
+        d = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception:
+        return False
+    return d.get("epoch", -1) >= 0 and d.get("optimizer") is not None
+
+
+def train_model(
+    data_yaml: str | Path,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    name: str = "train",
+    on_epoch: EpochCallback | None = None,
+    trainer_cls: type | None = None,
+    extra_args: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train a YOLOv8-seg model and return its best/last checkpoints and metrics.
+
+    Args:
+        data_yaml: dataset's data.yaml (YOLO-seg layout).
+        cfg: training section of the config (size or weights, LR schedule, augmentation...).
+        out_dir: Ultralytics ``project`` directory; the run lands in ``out_dir/name``.
+        seed: training seed (deterministic mode on).
+        name: run folder name. With ``cfg.resume == "auto"`` an unfinished run there is resumed.
+        on_epoch: called after every epoch's validation with ``(epoch, metrics)``; metrics use
+            our names (``train/box_loss``, ``lr/pg0``, ``mask/mAP50-95`` ...).
+        trainer_cls: custom trainer (e.g. one whose ``get_model`` keeps a pruned architecture).
+        extra_args: further Ultralytics train arguments (e.g. ``distill_model``); they win.
+
+    Returns:
+        TrainResult with absolute paths to best.pt and last.pt.
+
+    Example:
+        >>> res = train_model("ds/data.yaml", TrainConfig(model="n", epochs=1, imgsz=96), "runs")
+        >>> res.best.name
+        'best.pt'
+    """
+    from ultralytics import YOLO
+
+    from tasks.core.runtime import activate, configure_ultralytics
+
+    data_yaml = Path(data_yaml).resolve()
+    if not data_yaml.is_file():
+        raise DatasetError(f"{data_yaml}: data.yaml not found")
+    project = Path(out_dir).resolve()
+    project.mkdir(parents=True, exist_ok=True)
+    configure_ultralytics(activate())
+
+    resume_from = _resume_checkpoint(cfg, project, name)
+    if resume_from is not None:
+        _trim_results(resume_from)
+        model = YOLO(str(resume_from))
+        train_kwargs: dict[str, Any] = {"resume": True, "data": str(data_yaml)}
+    else:
+        src = model_source(cfg.model)
+        model = YOLO(src, task="segment")
+        if cfg.weights:
+            w = Path(cfg.weights).expanduser()
+            if not w.is_file():
+                raise DamageError(f"train.weights '{cfg.weights}': file not found")
+            model = model.load(str(w))
+        elif cfg.finetune and not src.endswith(".pt"):
+            raise DamageError("train.finetune needs train.weights or a .pt train.model to start from")
+        train_kwargs = build_train_args(cfg, data_yaml, project, name, seed)
+    train_kwargs.update(extra_args or {})
+
+    loop_done = [False]
+
+    def _epoch_end(trainer) -> None:
+        # Ultralytics fires this once more after the loop, for its final validation of best.pt
+        # (at epoch + 1); those figures are TrainResult.metrics, so each epoch is reported once.
+        if on_epoch is None or loop_done[0]:
+            return
+        loop_done[0] = bool(trainer.stop)
+        metrics = {}
+        metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
+        metrics.update({(k if k.startswith("lr/") else f"lr/{k}"): float(v) for k, v in trainer.lr.items()})
+        metrics.update(normalise_metrics(trainer.metrics or {}))
+        on_epoch(int(trainer.epoch), metrics)
+
+    model.add_callback("on_fit_epoch_end", _epoch_end)
+    if trainer_cls is not None:
+        train_kwargs["trainer"] = trainer_cls
+    model.train(**train_kwargs)
+
+    trainer = model.trainer
+    run_dir = Path(trainer.save_dir).resolve()
+    best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
+    if not best.is_file():  # training without validation improvements still leaves last.pt
+        best = last
+    history = _read_history(run_dir / "results.csv")
+    final = normalise_metrics(history[-1]) if history else {}
+    # Ultralytics validates best.pt after training; its figures are the run's result.
+    final.update(normalise_metrics(getattr(trainer, "metrics", {}) or {}))
+    return TrainResult(
+        best=best,
+        last=last,
+        run_dir=run_dir,
+        metrics=final,
+        epochs_run=len(history),
+        history=history,
+        args={k: v for k, v in train_kwargs.items() if k != "trainer"},
+    )
+
+
+def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: str, seed: int = 0,
+               name: str = "train", full_config: dict[str, Any] | None = None,
+               dataset_fingerprint: str | None = None) -> TrainResult:
+    """Train inside a nested MLflow run "train": params, per-epoch metrics, plots, weights.
+
+    The nested run gets the training arguments as params, every epoch's losses, learning
+    rates and box/mask P/R/mAP as metrics (step = epoch), and results.csv, the plots, best.pt
+    and the resolved config as artifacts.
+    """
+    from tasks.core import tracking
+    with tracking.step_run(parent_run_id, name) as (c, run_id):
+        tracking.log_params(c, run_id, {"train": cfg.model_dump(), "seed": seed})
+        if dataset_fingerprint:
+            tracking.set_tags(c, run_id, {"dataset_fingerprint": dataset_fingerprint})
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            tracking.log_metrics(c, run_id, metrics, step=epoch)
+            shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95")
+                     if k in metrics}
+            print(f"epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+
+        result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)
+        tracking.log_metrics(c, run_id, {f"final/{k}": v for k, v in result.metrics.items()})
+        tracking.log_metrics(c, run_id, {"epochs_run": result.epochs_run})
+        for f in sorted(result.run_dir.glob("*")):
+            if f.suffix in {".csv", ".png", ".jpg", ".yaml"}:
+                tracking.log_artifact(c, run_id, f, "results")
+        tracking.log_artifact(c, run_id, result.best, "weights")
+        if full_config is not None:
+            tracking.log_dict(c, run_id, full_config, "config/resolved.yaml")
+        tracking.set_tags(c, run_id, {"best_weights": str(result.best)})
+    return result

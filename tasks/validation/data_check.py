@@ -1,0 +1,78 @@
+"""The nightly flow's data step: structure check, then the Great Expectations gate.
+
+The report and HTML are logged to MLflow whatever the outcome. On error-level findings the
+step either fails (``validate.on_error: fail``; training never starts) or hands the cleaned
+copy on (``on_error: clean``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.core.config import ValidateConfig
+from tasks.core.errors import GateFailed
+
+
+@dataclass
+class DataCheck:
+    """Which dataset training should use, and why."""
+
+    data_yaml: Path
+    fingerprint: str
+    passed: bool
+    cleaned: bool = False
+    images: dict[str, int] = field(default_factory=dict)
+    instances: dict[str, int] = field(default_factory=dict)
+    report_path: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, parent_run_id: str) -> DataCheck:
+    """Structure check + GE validation inside a nested MLflow run "validate".
+
+    Raises:
+        DatasetError: the dataset is structurally broken (missing split, bad data.yaml...).
+        GateFailed: error-level findings and ``on_error == "fail"``; the message names the
+            counts per code and where the report is.
+    """
+    from tasks.core import tracking
+    from tasks.data.dataset import check_structure, load_data_yaml
+    from tasks.data.fingerprint import dataset_fingerprint
+
+    # With the gate on, only the data.yaml must load here: label problems become findings in
+    # the report (logged either way) instead of an exception before any report exists.
+    info = load_data_yaml(data_yaml) if cfg.enabled else check_structure(data_yaml)
+    with tracking.step_run(parent_run_id, "validate") as (c, run_id):
+        tracking.log_metrics(c, run_id, {f"images/{k}": v for k, v in info.images.items()})
+        tracking.log_metrics(c, run_id, {f"instances/{k}": v for k, v in info.instances.items()})
+        if not cfg.enabled:
+            fp = dataset_fingerprint(info.root)
+            tracking.set_tags(c, run_id, {"dataset_fingerprint": fp, "validation": "skipped"})
+            return DataCheck(Path(data_yaml), fp, True, images=info.images, instances=info.instances)
+
+        from tasks.validation.validate import validate_dataset
+
+        report_dir.mkdir(parents=True, exist_ok=True)
+        clean_out = report_dir / "cleaned" if cfg.on_error == "clean" else None
+        res = validate_dataset(Path(data_yaml), cfg, report_path=report_dir / "report.json",
+                               html_dir=report_dir / "html", clean_out=clean_out)
+        summary = res.report["summary"]
+        tracking.log_metrics(c, run_id, {"errors": summary["errors"], "warnings": summary["warnings"],
+                                         **{f"findings/{k}": v for k, v in summary["by_code"].items()}})
+        tracking.set_tags(c, run_id, {"dataset_fingerprint": res.fingerprint, "validation": str(res.passed)})
+        tracking.log_artifact(c, run_id, res.report_path, "validation")
+        if res.html_path is not None:
+            tracking.log_artifact(c, run_id, Path(res.html_path).parent if Path(res.html_path).is_file()
+                                  else res.html_path, "validation/html")
+        check = DataCheck(Path(data_yaml), res.fingerprint, res.passed, images=info.images,
+                          instances=info.instances, report_path=res.report_path, summary=summary)
+        if res.passed:
+            return check
+        if cfg.on_error == "clean" and res.clean_data_yaml is not None:
+            tracking.set_tags(c, run_id, {"trained_on": "cleaned copy"})
+            check.data_yaml, check.cleaned = Path(res.clean_data_yaml), True
+            check.fingerprint = dataset_fingerprint(Path(res.clean_data_yaml).parent)
+            return check
+        raise GateFailed(f"data gate failed: {res.summary_line()}")

@@ -1,0 +1,686 @@
+"""The streaming part of the data gate: find a dataset's files and measure each one once.
+
+Layout discovery (``resolve_layout``) reads ``data.yaml`` and maps every split to its image and
+label directories, for both Ultralytics layouts (``images/{split}`` + ``labels/{split}`` and
+``{split}/images`` + ``{split}/labels``). ``enumerate_samples`` walks those directories without
+following symlinks out of the dataset. ``scan_samples`` measures every image (and parses its
+label file) in a pool of worker processes and yields compact rows: no pixel data leaves a worker,
+so 100k images cost a few tens of MB in the parent.
+
+Each file is read exactly once: the same bytes give the SHA-256, the header-only size check
+(PNG IHDR, JPEG SOF, else Pillow's lazy header read) that refuses decompression bombs without
+decoding, and the ``cv2.imdecode`` call. Nothing here imports Great Expectations or Prefect, so
+worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import multiprocessing as mp
+import os
+import stat
+import struct
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tasks.core.errors import DatasetError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+YAML_NAMES = ("data.yaml", "dataset.yaml")
+SPLITS = ("train", "val", "test")
+# Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
+GREY_SIDE = 256
+# Polygons with more vertices than this skip the O(k^2) self-intersection test (mask contours
+# from real tools rarely exceed a few hundred points; the cap bounds the worst case).
+MAX_SELF_INTERSECT_POINTS = 2000
+
+# Fields of one image row as returned by a worker (the parent adds path, split, label info).
+IMAGE_FIELDS = ("decodes", "error", "format", "width", "height", "channels", "bytes", "sha256",
+                "phash", "blur", "brightness", "contrast", "mtime_ns", "thumb")
+# Side of the grey thumbnail that confirms a near-duplicate hash match (THUMB_SIDE**2 bytes/image).
+THUMB_SIDE = 8
+# Fields of one annotation row (one line of a label file).
+ANNOTATION_FIELDS = ("line", "parse_ok", "error", "class_id", "n_points", "coord_min", "coord_max",
+                     "xmin", "ymin", "xmax", "ymax", "area", "self_intersects")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """One split: where its images and labels live (absolute), and how data.yaml named it."""
+
+    name: str
+    image_dirs: list[Path]
+    label_dirs: list[Path]
+    declared: str
+
+
+@dataclass
+class Layout:
+    """A dataset on disk as described by its data.yaml."""
+
+    root: Path
+    yaml_path: Path
+    yaml: dict
+    names: list[str]
+    splits: list[Split] = field(default_factory=list)
+
+    def rel(self, path: str | os.PathLike) -> str:
+        """Path relative to the dataset root, POSIX style (the report's ``file`` field)."""
+        try:
+            return Path(os.path.relpath(path, self.root)).as_posix()
+        except ValueError:  # other drive (Windows) - keep absolute
+            return Path(path).as_posix()
+
+
+def _names(raw: dict, yaml_path: Path) -> list[str]:
+    names = raw.get("names")
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{yaml_path}: 'names' keys must be integers") from None
+        if keys != list(range(len(keys))):
+            raise DatasetError(f"{yaml_path}: 'names' ids must be 0..{len(keys) - 1}, got {keys}")
+        return [str(names[k] if k in names else names[str(k)]) for k in keys]
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    nc = raw.get("nc")
+    if isinstance(nc, int) and nc > 0:
+        return [str(i) for i in range(nc)]
+    raise DatasetError(f"{yaml_path}: no class 'names' (list or {{id: name}} mapping)")
+
+
+def _label_dir_for(image_dir: Path) -> Path:
+    """Ultralytics' rule: the last path component named 'images' becomes 'labels'."""
+    parts = list(image_dir.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts)
+    return image_dir  # labels next to images (Ultralytics does the same)
+
+
+def find_yaml(data: Path) -> Path:
+    """The data.yaml of ``data`` (a dataset root or the YAML itself)."""
+    if not data.exists() and not data.is_symlink():
+        raise DatasetError(f"{data}: no such file or directory")
+    if data.is_file():
+        if data.suffix.lower() not in {".yaml", ".yml"}:
+            raise DatasetError(f"{data}: not a dataset (expected a directory or its data.yaml)")
+        return data
+    for name in YAML_NAMES:
+        if (data / name).is_file():
+            return data / name
+    yamls = sorted(data.glob("*.yaml")) + sorted(data.glob("*.yml"))
+    if len(yamls) == 1:
+        return yamls[0]
+    raise DatasetError(f"{data}: not a dataset (no data.yaml in this directory)")
+
+
+def resolve_layout(data: str | os.PathLike) -> Layout:
+    """Read ``data.yaml`` and map each declared split to image and label directories.
+
+    Args:
+        data: dataset root (containing data.yaml) or the data.yaml file.
+
+    Raises:
+        DatasetError: missing path, no data.yaml, unreadable YAML, no class names, no splits.
+    """
+    yaml_path = find_yaml(Path(data).expanduser()).resolve()
+    try:
+        raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DatasetError(f"{yaml_path}: unreadable data.yaml: {e}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{yaml_path}: top level must be a mapping")
+    base = yaml_path.parent
+    root = base
+    if raw.get("path"):
+        p = Path(str(raw["path"])).expanduser()
+        cand = p if p.is_absolute() else base / p
+        # Ultralytics resolves a relative 'path' against its datasets dir; for a dataset handed to
+        # us directly the YAML's own directory is the only sensible anchor if that does not exist.
+        if cand.is_dir():
+            root = cand.resolve()
+    layout = Layout(root=root, yaml_path=yaml_path, yaml=raw, names=_names(raw, yaml_path))
+    for split in SPLITS:
+        value = raw.get(split)
+        if value in (None, ""):
+            continue
+        entries = value if isinstance(value, list) else [value]
+        image_dirs = []
+        for entry in entries:
+            p = Path(str(entry))
+            p = p if p.is_absolute() else root / p
+            if p.suffix.lower() == ".txt" and p.is_file():
+                raise DatasetError(f"{yaml_path}: split '{split}' is an image list file ({p.name}); "
+                                   "only image directories are supported")
+            image_dirs.append(Path(os.path.abspath(p)))
+        layout.splits.append(Split(split, image_dirs, [_label_dir_for(d) for d in image_dirs],
+                                   ", ".join(str(e) for e in entries)))
+    if not layout.splits:
+        raise DatasetError(f"{yaml_path}: declares no split (train/val/test)")
+    return layout
+
+
+# --------------------------------------------------------------------------------------------
+# Enumeration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One image (maybe with a label) to scan. Paths are absolute strings; rel ones for reports."""
+
+    split: str
+    image: str
+    image_rel: str
+    label: str | None  # file to parse; None: no label file, or a label link out of the dataset
+    label_rel: str  # the label's path relative to the root (where Ultralytics looks for it)
+    label_exists: bool
+
+
+@dataclass
+class Inventory:
+    """Everything found on disk before any file is read."""
+
+    samples: list[Sample] = field(default_factory=list)
+    orphan_labels: list[tuple[str, str]] = field(default_factory=list)  # (split, rel)
+    # Symlinks out of the dataset: {"split", "file", "target", "kind" (image|label|dir), "label"}
+    outside_links: list[dict] = field(default_factory=list)
+    split_images: dict[str, int] = field(default_factory=dict)
+    missing_dirs: list[tuple[str, str]] = field(default_factory=list)  # (split, rel dir)
+
+
+def _inside(path: str, root_real: str) -> bool:
+    return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def _link(split: str, rel: str, path: str | os.PathLike, kind: str, label: str | None = None) -> dict:
+    return {"split": split, "file": rel, "target": os.path.realpath(path), "kind": kind, "label": label}
+
+
+def _walk(top: Path, exts: set[str] | None) -> Iterator[tuple[str, bool]]:
+    """Yield (path, is_symlink) of files under ``top``; never descends into symlinked dirs."""
+    stack = [str(top)]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue  # .cache files, editor swap files, macOS metadata
+            link = e.is_symlink()
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.path)
+            elif link and os.path.isdir(e.path):
+                yield e.path, True  # symlinked directory: reported if it leaves the dataset
+            elif exts is None or os.path.splitext(e.name)[1].lower() in exts:
+                yield e.path, link
+        stack.extend(reversed(subdirs))
+
+
+def enumerate_samples(layout: Layout) -> Inventory:
+    """List images and labels per split, pairing them by relative stem. Reads no file contents.
+
+    Symlinks whose target lies outside the dataset root are recorded in ``outside_links`` and
+    never read; symlinks inside the dataset are followed like regular files.
+    """
+    inv = Inventory()
+    root_real = os.path.realpath(layout.root)
+    seen_images: set[str] = set()
+    for split in layout.splits:
+        count = 0
+        for img_dir, lbl_dir in zip(split.image_dirs, split.label_dirs, strict=True):
+            if os.path.islink(img_dir) and not _inside(os.path.realpath(img_dir), root_real):
+                inv.outside_links.append(_link(split.name, layout.rel(img_dir), img_dir, "dir"))
+                continue
+            if not img_dir.is_dir():
+                inv.missing_dirs.append((split.name, layout.rel(img_dir)))
+                continue
+            labels: dict[str, tuple[str, bool]] = {}
+            if lbl_dir != img_dir and lbl_dir.is_dir():
+                for p, link in _walk(lbl_dir, {".txt"}):
+                    key = os.path.splitext(os.path.relpath(p, lbl_dir))[0]
+                    labels[key] = (p, link)
+            same_dir = lbl_dir == img_dir
+            for p, link in _walk(img_dir, IMAGE_EXTS):
+                rel = layout.rel(p)
+                if link and not _inside(os.path.realpath(p), root_real):
+                    lbl = labels.pop(os.path.splitext(os.path.relpath(p, img_dir))[0], None)
+                    kind = "dir" if os.path.isdir(p) else "image"
+                    inv.outside_links.append(_link(split.name, rel, p, kind, layout.rel(lbl[0]) if lbl else None))
+                    continue
+                if link and os.path.isdir(p):
+                    continue  # symlinked dir inside the dataset: not followed (loops)
+                if p in seen_images:
+                    continue  # two splits pointing at the same directory
+                seen_images.add(p)
+                key = os.path.splitext(os.path.relpath(p, img_dir))[0]
+                lbl = labels.pop(key, None)
+                if same_dir and lbl is None:
+                    cand = os.path.splitext(p)[0] + ".txt"
+                    lbl = (cand, os.path.islink(cand)) if os.path.lexists(cand) else None
+                label = None
+                if lbl is not None:
+                    label_rel = layout.rel(lbl[0])
+                    if lbl[1] and not _inside(os.path.realpath(lbl[0]), root_real):
+                        inv.outside_links.append(_link(split.name, label_rel, lbl[0], "label"))
+                    else:
+                        label = lbl[0]
+                else:
+                    label_rel = layout.rel(os.path.join(lbl_dir, key + ".txt"))
+                inv.samples.append(Sample(split.name, p, rel, label, label_rel, lbl is not None))
+                count += 1
+            for p, link in labels.values():
+                if link and not _inside(os.path.realpath(p), root_real):
+                    inv.outside_links.append(_link(split.name, layout.rel(p), p, "label"))
+                else:
+                    inv.orphan_labels.append((split.name, layout.rel(p)))
+        inv.split_images[split.name] = inv.split_images.get(split.name, 0) + count
+    return inv
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and measuring one file
+# --------------------------------------------------------------------------------------------
+
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def read_bytes(path: str, with_stat: bool = False):
+    """Read a regular file without following it into a FIFO/device and, where allowed, without
+    updating its access time (the input dataset must not change, not even its timestamps).
+
+    Returns:
+        The bytes, or (bytes, os.stat_result) with ``with_stat``.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(f"not a regular file (mode {stat.filemode(st.st_mode)})")
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | _NOATIME)
+    except PermissionError:  # O_NOATIME needs file ownership
+        fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    return (data, st) if with_stat else data
+
+
+def _png_header(data: bytes) -> tuple[int, int, int] | None:
+    if len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(data[25], 0)
+    return w, h, channels
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """Walk JPEG marker segments up to the first SOF (frame header) without decoding."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD8:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI / start of scan before any frame header
+            return None
+        (seg_len,) = struct.unpack(">H", data[i + 2:i + 4])
+        if marker in _SOF:
+            if i + 10 > n:
+                return None
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h, data[i + 9]
+        i += 2 + seg_len
+    return None
+
+
+def image_header(data: bytes) -> tuple[str, int, int, int]:
+    """(format, width, height, channels) from the header only; raises ValueError if not an image."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        hdr = _png_header(data)
+        if hdr is None:
+            raise ValueError("PNG without a valid IHDR header")
+        return ("png", *hdr)
+    if data[:3] == b"\xff\xd8\xff":
+        hdr = _jpeg_header(data)
+        if hdr is None:
+            raise ValueError("JPEG without a frame header (SOF)")
+        return ("jpeg", *hdr)
+    from PIL import Image  # other formats: Pillow reads just the header until .load()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                return ((im.format or "unknown").lower(), w, h, len(im.getbands()))
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"refused by Pillow's decompression-bomb guard: {e}") from None
+        except Exception:
+            raise ValueError("not an image (unrecognised format)") from None
+
+
+def truncation_error(fmt: str, data: bytes) -> str | None:
+    """JPEG must end with EOI (FFD9), PNG must contain IEND: cv2 silently decodes truncated
+    files into partially grey images, so the end marker is the reliable signal."""
+    if fmt == "jpeg" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "png" and data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def _reduce_flag(w: int, h: int) -> int:
+    """Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT domain, still decoding
+    every coefficient, so corruption is still caught) while keeping the long side >= GREY_SIDE."""
+    import cv2
+
+    side = max(w, h)
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_GRAYSCALE_8), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                         (2, cv2.IMREAD_REDUCED_GRAYSCALE_2)):
+        if side // factor >= GREY_SIDE:
+            return flag
+    return cv2.IMREAD_GRAYSCALE
+
+
+def dhash(grey: np.ndarray) -> int:
+    """64-bit difference hash: sign of horizontal gradients on a 9x8 area-resampled copy."""
+    import cv2
+
+    small = cv2.resize(grey, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def thumbnail(grey: np.ndarray) -> bytes:
+    """THUMB_SIDE x THUMB_SIDE area-averaged grey copy: confirms hash matches.
+
+    dHash encodes only the signs of horizontal gradients, so all flat or smoothly shaded images
+    (plain backgrounds, gradients) share nearly the same hash; the thumbnail tells them apart.
+    """
+    import cv2
+
+    return cv2.resize(grey, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.uint8).tobytes()
+
+
+def measure_image(path: str, max_pixels: int) -> tuple:
+    """Read, hash, header-check, decode and measure one image. Never raises.
+
+    Returns:
+        A tuple in ``IMAGE_FIELDS`` order. On failure ``decodes`` is False and ``error`` says why.
+    """
+    import cv2
+
+    fmt, w, h, c = "", math.nan, math.nan, math.nan
+    try:
+        data, st = read_bytes(path, with_stat=True)
+    except OSError as e:
+        return (False, f"unreadable: {e.strerror or e}", fmt, w, h, c, 0, "", "", math.nan, math.nan, math.nan, 0,
+                b"")
+    sha = hashlib.sha256(data).hexdigest()
+    nbytes = len(data)
+
+    def bad(msg: str) -> tuple:
+        return (False, msg, fmt, w, h, c, nbytes, sha, "", math.nan, math.nan, math.nan, st.st_mtime_ns, b"")
+
+    if not data:
+        return bad("empty file (0 bytes)")
+    try:
+        fmt, w, h, c = image_header(data)
+    except ValueError as e:
+        return bad(str(e))
+    if w <= 0 or h <= 0:
+        return bad(f"invalid size {w}x{h} in header")
+    if w * h > max_pixels:
+        return bad(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (not decoded)")
+    trunc = truncation_error(fmt, data)
+    if trunc:
+        return bad(trunc)
+    flag = (_reduce_flag(w, h) if fmt == "jpeg" else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        grey = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as e:
+        return bad(f"decoder error: {str(e).strip().splitlines()[-1][:200]}")
+    if grey is None or grey.size == 0:
+        return bad(f"{fmt.upper()} data does not decode")
+    side = max(grey.shape[:2])
+    if side > GREY_SIDE:
+        s = GREY_SIDE / side
+        grey = cv2.resize(grey, (max(1, round(grey.shape[1] * s)), max(1, round(grey.shape[0] * s))),
+                          interpolation=cv2.INTER_AREA)
+    mean, std = cv2.meanStdDev(grey)
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
+    return (True, "", fmt, w, h, c, nbytes, sha, f"{dhash(grey):016x}",
+            round(float(lap_std[0, 0]) ** 2, 3), round(float(mean[0, 0]), 3), round(float(std[0, 0]), 3),
+            st.st_mtime_ns, thumbnail(grey))
+
+
+def polygon_self_intersects(pts: np.ndarray) -> bool:
+    """True if two non-adjacent edges of the closed polygon cross properly (bow-tie)."""
+    k = len(pts)
+    if k < 4 or k > MAX_SELF_INTERSECT_POINTS:
+        return False
+    a = pts
+    b = np.roll(pts, -1, axis=0)
+    i, j = np.triu_indices(k, 2)
+    keep = ~((i == 0) & (j == k - 1))  # first and last edge share a vertex
+    i, j = i[keep], j[keep]
+    if i.size == 0:
+        return False
+
+    def orient(p, q, r):
+        return (q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0])
+
+    a1, b1, a2, b2 = a[i], b[i], a[j], b[j]
+    d1, d2 = orient(a1, b1, a2), orient(a1, b1, b2)
+    d3, d4 = orient(a2, b2, a1), orient(a2, b2, b1)
+    # Touching is not crossing: pixel contours touch themselves at pinches, and after
+    # normalisation (x / width) float rounding turns those exact zeros into tiny +-values.
+    span = float(np.ptp(pts, axis=0).max()) or 1.0
+    tol = 1e-9 * span * span
+
+    def opposite(u, v):
+        return ((u > tol) & (v < -tol)) | ((u < -tol) & (v > tol))
+
+    return bool(np.any(opposite(d1, d2) & opposite(d3, d4)))
+
+
+def _nan_row(line: int, error: str, class_id: float = math.nan) -> tuple:
+    """An unparseable line: geometry is unknown (NaN), so only ``parse_ok`` fails on it."""
+    nan = math.nan
+    return (line, False, error, class_id, nan, nan, nan, nan, nan, nan, nan, nan, False)
+
+
+def parse_label_line(line_no: int, text: str) -> tuple:
+    """One ``class x1 y1 x2 y2 ...`` line -> a row in ``ANNOTATION_FIELDS`` order. Never raises."""
+    tokens = text.split()
+    try:
+        values = [float(t) for t in tokens]
+    except ValueError:
+        bad = next(t for t in tokens if not _is_float(t))
+        return _nan_row(line_no, f"line {line_no}: not a number: {bad[:40]!r}")
+    if not all(math.isfinite(v) for v in values):
+        return _nan_row(line_no, f"line {line_no}: non-finite value (NaN/inf)")
+    class_id, coords = values[0], values[1:]
+    if len(coords) % 2:
+        return _nan_row(line_no, f"line {line_no}: odd number of coordinates ({len(coords)})", class_id)
+    if not coords:
+        return (line_no, True, "", class_id, 0) + (math.nan,) * 7 + (False,)
+    pts = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    x, y = pts[:, 0], pts[:, 1]
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return (line_no, True, "", class_id, len(pts), float(pts.min()), float(pts.max()),
+            float(x.min()), float(y.min()), float(x.max()), float(y.max()), area, polygon_self_intersects(pts))
+
+
+def _is_float(t: str) -> bool:
+    try:
+        float(t)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_label(path: str) -> list[tuple]:
+    """Parse a YOLO-seg label file (CRLF, BOM and trailing blanks tolerated). Never raises."""
+    try:
+        data = read_bytes(path)
+    except OSError as e:
+        return [_nan_row(0, f"unreadable: {e.strerror or e}")]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return [_nan_row(0, "not UTF-8 text")]
+    if "\x00" in text:
+        return [_nan_row(0, "binary data (NUL bytes) in a label file")]
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            rows.append(parse_label_line(n, line))
+    return rows
+
+
+def scan_chunk(args: tuple[list[tuple[int, str, str | None]], int]) -> list[tuple[int, tuple, list[tuple]]]:
+    """Worker entry point: measure a chunk of (index, image path, label path) items."""
+    items, max_pixels = args
+    out = []
+    for idx, image, label in items:
+        row = measure_image(image, max_pixels)
+        anns = parse_label(label) if label else []
+        out.append((idx, row, anns))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pool
+# --------------------------------------------------------------------------------------------
+
+
+def worker_count(requested: int) -> int:
+    """0 = every CPU this process may use."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    """Worker processes decode one image at a time each; OpenCV's own thread pool would only
+    oversubscribe the cores (and must not be touched after a fork)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _start_method() -> str:
+    """A fork server: workers fork from a small clean process (this module, cv2, numpy), never
+    from the caller. Forking the caller directly is unsafe: native threads (OpenCV's pool after
+    any cv2.resize, jemalloc, Prefect's runners) leave locks held in the child, which then hangs.
+    As with any non-fork start method, a script that calls this must guard its entry point
+    with ``if __name__ == "__main__":`` (if not, the pool breaks and the scan runs in-process)."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+class Scanner:
+    """Scan samples in worker processes, started before the caller does other setup.
+
+    ``start()`` submits all chunks and returns at once, so the parent can import Great
+    Expectations while the workers read and decode; ``results()`` then yields rows as they
+    arrive. If the pool breaks (a worker killed, or a script without an
+    ``if __name__ == "__main__":`` guard under a fork server) or makes no progress for
+    ``stall_timeout_s``, the remaining chunks are scanned in this process instead of waiting
+    forever.
+    """
+
+    def __init__(self, samples: list[Sample], max_pixels: int, workers: int, chunk_size: int = 32,
+                 stall_timeout_s: float = 300.0):
+        items = [(i, s.image, s.label) for i, s in enumerate(samples)]
+        self.chunks = [(items[i:i + chunk_size], max_pixels) for i in range(0, len(items), chunk_size)]
+        self.workers = min(worker_count(workers), max(1, len(self.chunks)))
+        self.broken: str | None = None
+        self.stall_timeout_s = stall_timeout_s
+        self._pool: ProcessPoolExecutor | None = None
+        self._futures: dict = {}
+
+    def start(self) -> Scanner:
+        # Pool start-up costs ~0.1-0.5 s; below a few chunks per worker it does not pay off.
+        if self.workers > 1 and len(self.chunks) >= 2 * self.workers:
+            method = _start_method()
+            ctx = mp.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload(["tasks.validation.scan", "cv2", "numpy"])
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+            self._futures = {self._pool.submit(scan_chunk, c): n for n, c in enumerate(self.chunks)}
+        return self
+
+    def results(self) -> Iterator[tuple[int, tuple, list[tuple]]]:
+        done: set[int] = set()
+        if self._pool is not None:
+            pending = set(self._futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=self.stall_timeout_s, return_when=FIRST_COMPLETED)
+                    if not finished:
+                        raise TimeoutError(f"no scan progress for {self.stall_timeout_s:.0f} s")
+                    for fut in finished:
+                        rows = fut.result()
+                        done.add(self._futures[fut])
+                        yield from rows
+            except (BrokenProcessPool, TimeoutError) as e:
+                self.broken = str(e) or "worker process died"
+                logging.getLogger(__name__).warning(
+                    "validation scan: worker pool failed (%s); scanning the rest in this process", self.broken)
+                self._kill()
+        for n, chunk in enumerate(self.chunks):
+            if n not in done:
+                yield from scan_chunk(chunk)
+
+    def _kill(self) -> None:
+        """Stop a stuck or broken pool without waiting for its workers."""
+        if self._pool is not None:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Scanner:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
