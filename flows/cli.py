@@ -18,11 +18,7 @@ app = typer.Typer(
 )
 
 for _mod in COMMAND_MODULES:
-    try:
-        importlib.import_module(_mod).register(app)
-    except ModuleNotFoundError as e:  # a feature module not written yet
-        if e.name != _mod:
-            raise
+    importlib.import_module(_mod).register(app)
 
 
 def main() -> None:

@@ -27,10 +27,6 @@ StateOpt = Annotated[
 ]
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
 def fail(msg: str, code: int = 2) -> NoReturn:
     """Print a one-line error and exit non-zero."""
     err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
@@ -61,7 +57,7 @@ def run_guarded(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (DamageError, ConfigError, UsageError) as e:
+    except DamageError as e:  # ConfigError included
         fail(str(e))
     except KeyboardInterrupt:
         err_console.print("interrupted")

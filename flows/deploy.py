@@ -6,7 +6,7 @@
   Flow runs retry on failure (``FLOW_RETRIES``); training then resumes from the previous
   attempt's ``last.pt`` (see ``tasks/core/skip.py``).
 * ``promote``: the promotion flow (gate + human approval), run on demand with a version.
-* ``compress``: the compression flow, run on demand (when ``flows/compress.py`` exists).
+* ``compress``: the compression flow, run on demand.
 
 Two ways to run them, same definitions:
 
@@ -55,7 +55,7 @@ def nightly_parameters(flow_fn: Any, config_path: str | None, dataset: str | Non
 def build_deployments(cfg: Config, config_path: str | Path | None = None, *, overrides: list[str] | None = None,
                       dataset: str | None = None, model_size: str | None = None, work_pool: str | None = None,
                       schedule: bool = True) -> list[Any]:
-    """RunnerDeployments for nightly, promote and (if present) compress.
+    """RunnerDeployments for nightly, promote and compress.
 
     Args:
         cfg: resolved config (schedule, registry and MLflow sections are read).
@@ -71,7 +71,9 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
+    from flows.compress import compress_flow
     from flows.nightly import nightly
+    from flows.promote import promote
 
     cp = str(Path(config_path).resolve()) if config_path else None
     common: dict[str, Any] = {"work_pool_name": work_pool}
@@ -89,30 +91,20 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
         tags=NIGHTLY_TAGS,
         **common,
     )]
-    try:
-        from flows.promote import promote
-    except ImportError:
-        promote = None
-    if promote is not None:
-        deployments.append(promote.to_deployment(
-            "promote",
-            parameters={"model_name": cfg.registry.model_name, "tracking_uri": cfg.mlflow.tracking_uri or "",
-                        "registry": cfg.registry.model_dump(mode="json"),
-                        "wait_for_approval": cfg.registry.wait_for_approval},
-            description="Gate a registered version against production, then pause for approval. "
-                        "Run with parameters version=<N> and evaluator='module:function'.",
-            tags=["damage", "registry"],
-            enforce_parameter_schema=False,  # `version` is supplied per run
-            **common,
-        ))
-    try:
-        from flows.compress import compress_flow
-    except ImportError:  # compression engineer's flow not there yet
-        compress_flow = None
-    if compress_flow is not None:
-        deployments.append(compress_flow.to_deployment(
-            "compress", description="Compression chain on a trained model (distill, prune, quantize).",
-            tags=["damage", "compress"], enforce_parameter_schema=False, **common))
+    deployments.append(promote.to_deployment(
+        "promote",
+        parameters={"model_name": cfg.registry.model_name, "tracking_uri": cfg.mlflow.tracking_uri or "",
+                    "registry": cfg.registry.model_dump(mode="json"),
+                    "wait_for_approval": cfg.registry.wait_for_approval},
+        description="Gate a registered version against production, then pause for approval. "
+                    "Run with parameters version=<N> and evaluator='module:function'.",
+        tags=["damage", "registry"],
+        enforce_parameter_schema=False,  # `version` is supplied per run
+        **common,
+    ))
+    deployments.append(compress_flow.to_deployment(
+        "compress", description="Compression chain on a trained model (distill, prune, quantize).",
+        tags=["damage", "compress"], enforce_parameter_schema=False, **common))
     return deployments
 
 

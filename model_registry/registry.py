@@ -42,7 +42,6 @@ T_ARTIFACT_PT = "artifact.pt"
 METRIC_PREFIX = "metric."
 THRESHOLD_PREFIX = "threshold."
 LINEAGE_REQUIRED = ("dataset_fingerprint", "config_hash", "code_version")
-LINEAGE_KEYS = (*LINEAGE_REQUIRED, "source_run_id", "parent_version")
 
 # Registered-model tags: one tag per alias move. One JSON list in one tag would hit the
 # 5000-character column of registered_model_tags in the SQL stores after ~30 moves; one tag

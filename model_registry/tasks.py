@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model_registry.gate import gate_candidate
-from model_registry.registry import VersionInfo, approve, register_candidate, reject
+from model_registry.registry import VersionInfo, approve, reject
 
 
 def decide(client, name: str, version: str | int, approved: bool, by: str, reason: str, *,
@@ -22,6 +22,5 @@ def decide(client, name: str, version: str | int, approved: bool, by: str, reaso
     return reject(client, name, version, by, reason, lock_timeout_s=lock_timeout_s)
 
 
-register_task = task(register_candidate, name="registry-register", cache_policy=NO_CACHE)
 gate_task = task(gate_candidate, name="registry-gate", cache_policy=NO_CACHE)
 decide_task = task(decide, name="registry-decide", cache_policy=NO_CACHE)

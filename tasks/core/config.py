@@ -20,12 +20,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.core.errors import DamageError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
 
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased for a one-line CLI error."""
+class ConfigError(DamageError, ValueError):
+    """A configuration problem, phrased for a one-line CLI error (a ``DamageError``: callers catch one type)."""
 
 
 class _Section(BaseModel):

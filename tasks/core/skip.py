@@ -25,7 +25,6 @@ from tasks.core.config import Config, TrainConfig
 
 KEY_TAG = "pipeline_key"
 OUTCOME_TAG = "damage.outcome"
-FLOW_TAG = "damage.flow"
 # Dotted config keys that change where or how fast things run, never what the model is.
 VOLATILE_KEYS = (
     "state_dir",

@@ -20,74 +20,21 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
 from tasks.core.errors import DatasetError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_YAML_NAMES = ("data.yaml", "dataset.yaml")
 IGNORE = "-"  # class_map target meaning "drop this source class on purpose"
-
-
-# ----------------------------------------------------------------------------- atomic output
-
-
-@contextmanager
-def atomic_output_dir(out: Path, replace_if: Callable[[Path], bool] | None = None,
-                      overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside ``out``; on success it becomes ``out``, on error it is removed.
-
-    Args:
-        out: final folder. If it exists and is non-empty it is refused, unless ``overwrite``
-            or ``replace_if(out)`` is true, in which case it is replaced only after success.
-        replace_if: predicate saying an existing folder may be replaced (e.g. earlier synth output).
-        overwrite: replace any existing folder.
-
-    Raises:
-        DatasetError: ``out`` is a file, or a non-empty folder that may not be replaced.
-    """
-    out = Path(out).expanduser().resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise DatasetError(f"{out}: output exists and is not a folder")
-        if any(out.iterdir()) and not overwrite and not (replace_if and replace_if(out)):
-            raise DatasetError(f"{out}: output folder exists and is not empty (choose a new folder)")
-    created = []  # parents we create, removed again if the write fails
-    p = out.parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the result is an ordinary folder
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
 
 
 # ----------------------------------------------------------------------------- reading

@@ -27,8 +27,8 @@ import cv2
 import numpy as np
 import yaml
 
+from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
-from tasks.data.dataset import atomic_output_dir
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
 GENERATOR_VERSION = 2

@@ -1,6 +1,6 @@
 """Per-vehicle damage percentage: the one definition used by the predictor, the evaluator and the tests.
 
-Definition (issue 5, item 4):
+Definition (one for the predictor, the evaluator and the tests, so their figures agree):
 
 * Instances whose class is ``vehicle_class`` are vehicles; every other instance is damage.
 * Each damage instance is assigned to the vehicle whose mask it overlaps most (pixel count;

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.core.errors import DamageError, DatasetError
+from tasks.core.jsonsafe import json_safe
 
 if TYPE_CHECKING:
     from tasks.core.config import EvaluateConfig
@@ -666,34 +666,9 @@ def evaluate_step(model: str | Path, data_yaml: str | Path, cfg: EvaluateConfig,
                                         "max_det": cfg.max_det})
         tracking.log_metrics(c, run_id, res.metrics)
         tracking.set_tags(c, run_id, {"model.format": res.model_format, "model.path": str(model)})
-        tracking.log_dict(c, run_id, _json_safe(res.per_class), "per_class.json")
-        tracking.log_dict(c, run_id, _json_safe(res.to_dict()), "evaluation.json")
+        tracking.log_dict(c, run_id, json_safe(res.per_class), "per_class.json")
+        tracking.log_dict(c, run_id, json_safe(res.to_dict()), "evaluation.json")
     return res
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, recursively (JSON and Prefect artifacts)."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-_FROM_SWEEP = ("SweepResult", "sweep_step", "sweep_thresholds")
-
-
-def __getattr__(name: str) -> Any:
-    """The sweep lives in tasks/evaluation/sweep.py; re-exported lazily (no import cycle) so the flows can
-    import both steps from here."""
-    if name in _FROM_SWEEP:
-        from tasks.evaluation import sweep
-        return getattr(sweep, name)
-    raise AttributeError(f"module 'tasks.evaluation.evaluate' has no attribute '{name}'")
-
-
-__all__ = ["CONF_FLOOR", "EvalResult", "collect", "evaluate_model", "evaluate_step"]  # + _FROM_SWEEP, lazily
+__all__ = ["CONF_FLOOR", "EvalResult", "collect", "evaluate_model", "evaluate_step"]

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.core.errors import DamageError
+from tasks.core.jsonsafe import json_safe
 from tasks.evaluation.evaluate import (
     CONF_FLOOR,
     Collected,
-    _json_safe,
     collect,
     damage_mae,
     map_metrics,
@@ -123,7 +123,7 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return _json_safe({
+        return json_safe({
             "rows": self.rows, "best": self.best, "objective": self.objective, "min_precision": self.min_precision,
             "thresholds": self.thresholds, "images": self.images, "seconds": self.seconds,
             "csv_path": str(self.csv_path) if self.csv_path else None,
@@ -375,7 +375,7 @@ def publish_table_artifact(res: SweepResult) -> str | None:
 
     keys = ("conf", "iou", "mask/f1", "mask/precision", "mask/recall", "box/f1", "mask/mAP50-95",
             "box/mAP50-95", "dets_per_image", "damage_mae")
-    table = [{**{k: _json_safe(round(r[k], 4)) for k in keys},
+    table = [{**{k: json_safe(round(r[k], 4)) for k in keys},
               "chosen": r["conf"] == res.best["conf"] and r["iou"] == res.best["iou"]} for r in res.rows]
     t = res.thresholds
     desc = (f"Threshold sweep ({len(res.rows)} points, objective {res.objective}): chosen conf={t['conf']}, "

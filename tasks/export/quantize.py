@@ -65,11 +65,6 @@ DECODE_OPS = {"Concat", "Sigmoid", "Mul", "Add", "Sub", "Div", "Split", "Softmax
               "Tile", "Identity", "Constant", "Flatten", "Resize", "Sqrt", "Pow", "Equal", "Where"}
 
 
-def _explicit(args: dict[str, Any], defaults: dict[str, Any]) -> set[str]:
-    """Names of arguments the caller set to something other than their default."""
-    return {k for k, v in args.items() if v is not None and v != defaults.get(k)}
-
-
 def check_mode_args(mode: str, **kwargs: Any) -> None:
     """Raise when ``mode`` is unknown or an argument it does not accept was given.
 

@@ -103,7 +103,7 @@ class Prediction:
     damage: DamageReport = field(default_factory=DamageReport)
 
     def to_dict(self, image: str = "", model: str = "", conf: float = 0.0, iou: float = 0.0) -> dict[str, Any]:
-        """The JSON document of ``damage predict`` (schema in issue 5, item 5)."""
+        """The JSON document of ``damage predict`` (also what the MLflow pyfunc returns per row)."""
         return {
             "image": str(image),
             "width": int(self.width),

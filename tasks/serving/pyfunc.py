@@ -7,8 +7,9 @@
 * ``path``: a path readable by the server,
 
 optionally with ``"params": {"conf": C, "iou": I}`` (negative or absent = the thresholds in the
-ONNX metadata), and returns one JSON document per row, the schema of ``damage predict`` (issue 5, item 5); a
-row that cannot be decoded gets ``{"image": ..., "error": "..."}`` instead.
+ONNX metadata), and returns one JSON document per row, the schema of ``damage predict``
+(``Prediction.to_dict`` in ``tasks/serving/predictor.py``); a row that cannot be decoded gets
+``{"image": ..., "error": "..."}`` instead.
 
 Example request::
 

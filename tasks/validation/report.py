@@ -19,6 +19,9 @@ from tasks.core.errors import DatasetError
 from tasks.validation.scan import Inventory, Layout, Sample, read_bytes
 
 QUARANTINE = "quarantine.json"
+# Codes whose file is the second member of a duplicate group: the cleaned copy leaves it out
+# whatever its severity ("keep one of each duplicate group").
+DUPLICATE_CODES = ("duplicate_image", "near_duplicate", "split_leakage")
 
 
 def _copy(src: str, dst: Path) -> None:
@@ -44,7 +47,7 @@ def plan_clean(inv: Inventory, report: dict[str, Any]) -> tuple[list[Sample], di
         if rel is None:
             return []
         return [f for f in by_file.get(rel, []) if f["severity"] == "error"
-                or f["code"] in ("duplicate_image", "near_duplicate", "split_leakage")]
+                or f["code"] in DUPLICATE_CODES]
 
     kept: list[Sample] = []
     left_out: dict[str, dict] = {}
@@ -92,9 +95,8 @@ def write_clean_copy(layout: Layout, inv: Inventory, report: dict[str, Any], out
     Raises:
         DatasetError: ``out`` exists and is not an earlier cleaned copy (or empty).
     """
-    from tasks.data.dataset import atomic_output_dir
+    from tasks.core.atomic import atomic_output_dir, atomic_write_json
     from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.validation.validate import write_json_atomic
 
     out = Path(os.path.abspath(out))
     kept, left_out = plan_clean(inv, report)
@@ -120,5 +122,5 @@ def write_clean_copy(layout: Layout, inv: Inventory, report: dict[str, Any], out
             "kept": {"images": len(kept), "labels": labels},
             "left_out": [dict(file=f, **v) for f, v in sorted(left_out.items())],
         }
-        write_json_atomic(tmp / QUARANTINE, quarantine)
+        atomic_write_json(tmp / QUARANTINE, quarantine)
     return out / "data.yaml", out / QUARANTINE

@@ -22,15 +22,14 @@ Example:
 from __future__ import annotations
 
 import difflib
-import json
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.core.atomic import atomic_write_json
 from tasks.core.config import ConfigError, ValidateConfig
 from tasks.core.errors import DatasetError
 
@@ -53,9 +52,6 @@ DEFAULT_SEVERITY: dict[str, str] = {
     "too_small": "warning",
     "class_imbalance": "warning",
 }
-# Codes whose file is the second member of a duplicate group: the cleaned copy leaves it out
-# whatever its severity ("keep one of each duplicate group").
-DUPLICATE_CODES = ("duplicate_image", "near_duplicate", "split_leakage")
 
 
 @dataclass
@@ -127,23 +123,6 @@ def suite_parameters(cfg: ValidateConfig, num_classes: int) -> dict[str, Any]:
         "num_classes": num_classes,
         "max_class_id": num_classes - 1,
     }
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """Write JSON via a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)  # ensure_ascii: odd file names survive as \\u escapes
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _sort_key(f: dict[str, str]) -> tuple:
@@ -237,7 +216,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
 
     result = ValidationResult(passed=report["passed"], report=report, fingerprint=fingerprint)
     if report_path is not None:
-        result.report_path = write_json_atomic(Path(report_path), report)
+        result.report_path = atomic_write_json(Path(report_path), report)
     if html_dir is not None:
         from tasks.validation.html import write_summary_page
 

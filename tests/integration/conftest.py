@@ -207,7 +207,7 @@ def make_candidate(tmp_path) -> Callable[..., str]:
     return make
 
 
-# --- production stack (issue 8: S3 on moto_server, MLflow on PostgreSQL + S3, Prefect server) -----
+# --- production stack (S3 on moto_server, MLflow on PostgreSQL + S3, Prefect server) -----
 # Same commands, variable names and roles as infra/docker-compose.yml, on loopback ports.
 
 S3_BUCKET = "damage"

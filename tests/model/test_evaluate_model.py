@@ -91,7 +91,7 @@ def test_sweep_step_in_a_flow_logs_runs_files_and_table(prefect_harness, tiny_mo
 
     from tasks.core import tracking
     from tasks.core.config import SweepConfig
-    from tasks.evaluation.evaluate import sweep_step
+    from tasks.evaluation.sweep import sweep_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     c = tracking.client()

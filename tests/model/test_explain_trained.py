@@ -1,4 +1,4 @@
-"""Sanity of Grad-CAM on a model that actually detects (issue 9, "Checked by").
+"""Sanity of Grad-CAM on a model that actually detects (a heatmap on an untrained model proves nothing).
 
 A YOLOv8n-seg is trained from scratch on a small synthetic set (module-scoped). For the
 instances it detects, the Grad-CAM mass inside the instance's box (dilated 10 % per side) must

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
+from tasks.core.atomic import atomic_output_dir
 from tasks.core.errors import DatasetError
 from tasks.data.dataset import (
-    atomic_output_dir,
     check_structure,
     label_path,
     load_data_yaml,
