@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from flows.common import ConfigOpt, SetOpt, StateOpt, console, err_console, fail, run_guarded, setup
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _checkpoint_imgsz(weights: Path) -> int | None:
@@ -121,6 +107,7 @@ def predict_cmd(
     import cv2
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from tasks.core.atomic import atomic_write_bytes, atomic_write_json
     from tasks.core.errors import DamageError
     from tasks.serving.draw import draw_prediction
     from tasks.serving.predictor import Predictor, read_image
@@ -142,7 +129,7 @@ def predict_cmd(
                     ok, buf = cv2.imencode(".png", draw_prediction(im, res))
                     if not ok:
                         raise DamageError(f"{p}: could not encode the overlay")
-                    _atomic_write(out / f"{name}.png", buf.tobytes())
+                    atomic_write_bytes(out / f"{name}.png", buf.tobytes())
                 index.append({"image": str(p), "json": f"{name}.json", "instances": len(res.instances),
                               "damage_percent": doc["damage_percent"]})
             except (DamageError, cv2.error) as e:
@@ -150,9 +137,9 @@ def predict_cmd(
                 doc = {"image": str(p), "model": str(model), "error": str(e)}
                 index.append({"image": str(p), "json": f"{name}.json", "error": str(e)})
                 err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-            _atomic_write(out / f"{name}.json", (json.dumps(doc, indent=1) + "\n").encode())
+            atomic_write_json(out / f"{name}.json", doc, indent=1)
             bar.advance(task)
-    _atomic_write(out / "index.json", (json.dumps(index, indent=1) + "\n").encode())
+    atomic_write_json(out / "index.json", index, indent=1)
     if len(images) == 1 and not failed:
         d = index[0]
         pct = "n/a" if d["damage_percent"] is None else f"{d['damage_percent']:.1f}%"

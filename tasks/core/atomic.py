@@ -54,9 +54,9 @@ def atomic_write(out: str | Path, write: Callable[[str], object], suffix: str | 
     return out
 
 
-def atomic_write_text(out: str | Path, text: str) -> Path:
-    """Text file (UTF-8) written atomically."""
-    return atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def atomic_write_text(out: str | Path, text: str, suffix: str | None = None) -> Path:
+    """Text file (UTF-8) written atomically (``suffix``: as for ``atomic_write``)."""
+    return atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), suffix)
 
 
 def atomic_write_bytes(out: str | Path, data: bytes) -> Path:
@@ -64,12 +64,13 @@ def atomic_write_bytes(out: str | Path, data: bytes) -> Path:
     return atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def atomic_write_json(out: str | Path, obj: Any, indent: int | None = 2, sort_keys: bool = False) -> Path:
+def atomic_write_json(out: str | Path, obj: Any, indent: int | None = 2, sort_keys: bool = False,
+                      suffix: str | None = None) -> Path:
     """JSON file (trailing newline) written atomically.
 
     ``ensure_ascii`` stays on, so odd file names survive as ``\\u`` escapes.
     """
-    return atomic_write_text(out, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+    return atomic_write_text(out, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n", suffix)
 
 
 @contextmanager

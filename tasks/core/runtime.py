@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.core.atomic import atomic_write
+
 # Variables that keep every library offline and quiet (no telemetry, no downloads).
 OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
@@ -141,9 +143,7 @@ def activate(state_dir: str | os.PathLike | None = None, tracking_uri: str | Non
         for name in ("Arial.ttf", "Arial.Unicode.ttf"):
             dst = ucfg / name
             if not dst.exists():
-                tmp = dst.with_suffix(f".tmp{os.getpid()}")
-                shutil.copyfile(font, tmp)
-                os.replace(tmp, dst)
+                atomic_write(dst, lambda tmp: shutil.copyfile(font, tmp))
     return paths
 
 

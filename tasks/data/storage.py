@@ -30,13 +30,13 @@ import os
 import posixpath
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from tasks.core.atomic import atomic_write, atomic_write_json
 from tasks.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_U
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 1 << 20
 _PART = ".part-"
+_TMP = f"{_PART}tmp"  # temp-file suffix: a killed sync's leftovers are found and skipped by _PART
 
 
 @dataclass
@@ -143,12 +144,6 @@ def _load_manifest(path: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}{_PART}{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _list_objects(client: Any, bucket: str, prefix: str, page_size: int = 1000) -> Iterator[dict[str, Any]]:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
@@ -180,11 +175,10 @@ def _local_ok(path: Path, entry: dict[str, Any] | None, etag: str, size: int) ->
 
 def _download(client: Any, bucket: str, key: str, dest: Path, etag: str, size: int) -> dict[str, Any]:
     """Stream one object to a temp file beside ``dest``, verify it, then rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}{_PART}{uuid.uuid4().hex[:8]}")
     md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    n = 0
-    try:
+
+    def fetch(tmp: str) -> None:
+        n = 0
         # IfMatch: the bytes must be the version that was listed (a concurrent overwrite -> 412)
         extra = {"IfMatch": f'"{etag}"'} if etag else {}
         resp = client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **extra)
@@ -205,9 +199,8 @@ def _download(client: Any, bucket: str, key: str, dest: Path, etag: str, size: i
         want = resp.get("ChecksumSHA256")
         if want and "-" not in want and base64.b64encode(sha.digest()).decode() != want:
             raise ChecksumMismatch("SHA-256 differs from the object's checksum")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(dest, fetch, suffix=_TMP)
     return {"etag": etag, "size": size, "sha256": sha.hexdigest(), "mtime_ns": dest.stat().st_mtime_ns}
 
 
@@ -319,7 +312,7 @@ def sync_s3_dataset(uri: str, cache_root: Path, endpoint_url: str | None = None,
     finally:
         # Record what is verified so far even on failure: the next sync resumes, not restarts.
         keep = {**{k: v for k, v in old.items() if (root / k).is_file()}, **new}
-        _write_json_atomic(manifest_path, {"uri": uri, "objects": keep})
+        atomic_write_json(manifest_path, {"uri": uri, "objects": keep}, indent=1, sort_keys=True, suffix=_TMP)
 
     listed = {rel.as_posix() for rel, _ in plan}
     for rel in set(old) - listed:  # deleted upstream: keep the cache a mirror
@@ -328,7 +321,7 @@ def sync_s3_dataset(uri: str, cache_root: Path, endpoint_url: str | None = None,
     for part in root.rglob(f".*{_PART}*"):  # temp files of a killed earlier sync
         if part.name != MANIFEST:
             part.unlink(missing_ok=True)
-    _write_json_atomic(manifest_path, {"uri": uri, "objects": new})
+    atomic_write_json(manifest_path, {"uri": uri, "objects": new}, indent=1, sort_keys=True, suffix=_TMP)
     log.info("%s -> %s: %d objects, %d downloaded (%d bytes), %d unchanged, %d deleted",
              uri, root, stats.listed, stats.downloaded, stats.bytes, stats.unchanged, stats.deleted)
     return root

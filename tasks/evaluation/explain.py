@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from tasks.core.atomic import atomic_write_bytes, atomic_write_json
 from tasks.core.errors import DamageError, DatasetError
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module stays cheap
@@ -469,21 +469,11 @@ def make_grid(tiles: Sequence[np.ndarray], cols: int | None = None, gap: int = 4
     return grid
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_png(path: Path, img: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", img)
     if not ok:
         raise DamageError(f"{path}: could not encode PNG")
-    _write_atomic(path, buf.tobytes())
+    atomic_write_bytes(path, buf.tobytes())
     return path
 
 
@@ -537,7 +527,7 @@ def explain_to_dir(
         info = {"image": str(p), "method": method, "conf": conf, "iou": iou,
                 "instances": [e.summary() for e in exps]}
         js = d / "explanations.json"
-        _write_atomic(js, (json.dumps(info, indent=2) + "\n").encode())
+        atomic_write_json(js, info)
         written.append(js)
     return written
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.core.atomic import atomic_write
 from tasks.core.errors import DamageError
 from tasks.core.jsonsafe import json_safe
 from tasks.evaluation.evaluate import (
@@ -215,39 +214,24 @@ def choose_operating_point(rows: Sequence[dict[str, float]], objective: str,
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_path(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Write the grid as CSV (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
-    try:
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else list(ROW_KEYS))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    def w(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else list(ROW_KEYS))
+            wr.writeheader()
+            wr.writerows(rows)
+
+    return atomic_write(path, w)
 
 
 def _save_fig(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def plot_heatmap(rows: Sequence[dict[str, Any]], best: dict[str, Any], objective: str, min_precision: float,

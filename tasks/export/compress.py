@@ -282,10 +282,6 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
 
 
 # ----------------------------------------------------------------------------- outputs
-def _atomic_write(path: Path, write) -> Path:
-    return atomic_write(path, write, suffix=path.suffix + ".tmp")
-
-
 def write_table(variants: list[Variant], out: str | Path) -> Path:
     """Comparison table as CSV (one row per variant, ``TABLE_COLUMNS``)."""
     def w(tmp):
@@ -295,7 +291,7 @@ def write_table(variants: list[Variant], out: str | Path) -> Path:
             for v in variants:
                 wr.writerow(v.row())
 
-    return _atomic_write(Path(out), w)
+    return atomic_write(Path(out), w)
 
 
 def pareto_front(variants: list[Variant]) -> list[Variant]:
@@ -345,7 +341,7 @@ def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: flo
         fig.savefig(tmp, format="png", dpi=110)
 
     try:
-        return _atomic_write(Path(out), w)
+        return atomic_write(Path(out), w)
     finally:
         plt.close(fig)
 

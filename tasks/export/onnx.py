@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.atomic import atomic_write
 from tasks.core.config import ExportConfig
 from tasks.core.errors import DamageError, GateFailed
 
@@ -137,9 +138,7 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
             else:
                 prop = proto.metadata_props.add()
                 prop.key, prop.value = k, v
-        tmp = work / "final.onnx"
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)  # work/ is inside out.parent: same filesystem, so the rename is atomic
+        atomic_write(out, lambda tmp: onnx.save(proto, tmp))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

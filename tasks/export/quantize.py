@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.atomic import atomic_write
 from tasks.core.errors import DamageError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -175,9 +176,7 @@ def _copy_metadata(src, dst, extra: dict[str, Any]) -> None:
 def _atomic_save(model, out: Path) -> Path:
     import onnx
 
-    from tasks.core.atomic import atomic_write
-
-    return atomic_write(out, lambda tmp: onnx.save(model, tmp), suffix=".onnx.tmp")
+    return atomic_write(out, lambda tmp: onnx.save(model, tmp))
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -537,7 +536,7 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
             float_nodes = float_nodes + remaining[:nodes_per_retry]
         # best accuracy; on a tie, the one with fewer float nodes (faster)
         best = max(attempts, key=lambda a: (a.metrics[metric], -len(a.float_nodes)))
-        os.replace(best.path, out)
+        atomic_write(out, lambda tmp: os.replace(best.path, tmp))  # work/ is beside out: a rename
         best_path = out
         for a in attempts:
             if a is best:

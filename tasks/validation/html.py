@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from tasks.core.atomic import atomic_write_text
 from tasks.validation.scan import Layout, read_bytes
 
 MAX_THUMBS = 24
@@ -146,8 +147,4 @@ def write_summary_page(html_dir: Path, report: dict[str, Any], layout: Layout, i
     html_dir.mkdir(parents=True, exist_ok=True)
     link = os.path.relpath(docs_index, html_dir) if docs_index else None
     page = render_summary(report, layout, images, dataset, link)
-    path = html_dir / "index.html"
-    tmp = html_dir / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(html_dir / "index.html", page)
