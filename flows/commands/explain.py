@@ -35,11 +35,12 @@ def explain(
     if not model.is_file():
         fail(f"{model}: model file not found")
 
-    from tasks.evaluation.explain import IMAGE_SUFFIXES, explain_to_dir
+    from tasks.data.dataset import IMAGE_EXTS
+    from tasks.evaluation.explain import explain_to_dir
 
-    images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if image.is_dir() else [image]
+    images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXTS) if image.is_dir() else [image]
     if not images:
-        fail(f"{image}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+        fail(f"{image}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
     files = run_guarded(explain_to_dir, model, images, out, method, layer or e.layer,
                         e.conf if conf is None else conf, e.iou if iou is None else iou, imgsz,
                         e.max_instances if max_instances is None else max_instances)

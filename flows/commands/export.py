@@ -69,7 +69,7 @@ def export_cmd(
 
 
 def _list_images(src: Path) -> list[Path]:
-    from tasks.data.fingerprint import IMAGE_EXTS
+    from tasks.data.dataset import IMAGE_EXTS
 
     if src.is_dir():
         return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

@@ -7,7 +7,7 @@
   explicit class-name mapping. Unknown source classes are reported, never dropped silently.
 
 Everything writes atomically (temp folder beside the output, then rename); sources are only read.
-No torch, prefect or ultralytics imports here.
+No torch or prefect imports here (Ultralytics only to merge multi-part polygons).
 
 Example:
     >>> report = import_dataset(Path("CarDD_COCO/annotations/instances_train2017.json"), Path("data/cardd"))
@@ -32,8 +32,10 @@ from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
 from tasks.core.errors import DatasetError
 
+# The image suffixes every reader of the project accepts (Ultralytics' common ones).
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DATA_YAML_NAMES = ("data.yaml", "dataset.yaml")
+SPLITS = ("train", "val", "test")
 IGNORE = "-"  # class_map target meaning "drop this source class on purpose"
 
 
@@ -51,6 +53,7 @@ class DatasetInfo:
         splits: split name -> image sources (folders, list files or image files).
         images: split -> number of images (filled by ``check_structure``).
         instances: class name -> number of labelled instances (filled by ``check_structure``).
+        raw: the parsed YAML as written.
     """
 
     yaml_path: Path
@@ -59,6 +62,7 @@ class DatasetInfo:
     splits: dict[str, list[Path]]
     images: dict[str, int] = field(default_factory=dict)
     instances: dict[str, int] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def nc(self) -> int:
@@ -66,84 +70,133 @@ class DatasetInfo:
 
 
 def find_data_yaml(path: Path) -> Path:
-    """``path`` itself if it is a file, else ``data.yaml`` / ``dataset.yaml`` inside the folder."""
+    """The data.yaml of ``path``: the file itself, else ``data.yaml`` / ``dataset.yaml`` (or the
+    only ``*.yaml``) inside the folder.
+
+    Raises:
+        DatasetError: no such path, a file that is not YAML, or a folder without a data.yaml.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         for n in DATA_YAML_NAMES:
             if (path / n).is_file():
                 return path / n
+        yamls = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+        if len(yamls) == 1:
+            return yamls[0]
         raise DatasetError(f"{path}: no data.yaml in this folder")
     if not path.exists():
         raise DatasetError(f"{path}: not found")
+    if path.suffix.lower() not in {".yaml", ".yml"}:
+        raise DatasetError(f"{path}: not a dataset (expected a folder or its data.yaml)")
     return path
 
 
-def _parse_names(raw, yaml_path: Path) -> list[str]:
-    if isinstance(raw, list):
-        return [str(n) for n in raw]
-    if isinstance(raw, dict):
+def _parse_names(raw: dict, yaml_path: Path) -> list[str]:
+    if "names" not in raw:
+        nc = raw.get("nc")
+        if isinstance(nc, int) and nc > 0:  # Ultralytics accepts nc alone: classes are named by id
+            return [str(i) for i in range(nc)]
+        raise DatasetError(f"{yaml_path}: no 'names' key (class names)")
+    names = raw["names"]
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(names, dict):
         try:
-            ids = sorted(int(k) for k in raw)
+            ids = sorted(int(k) for k in names)
         except (TypeError, ValueError):
             raise DatasetError(f"{yaml_path}: 'names' keys must be class ids 0..N-1") from None
         if ids != list(range(len(ids))):
             raise DatasetError(f"{yaml_path}: 'names' ids must be 0..{len(ids) - 1} without gaps, got {', '.join(map(str, ids))}")
-        return [str(raw[k] if k in raw else raw[str(k)]) for k in ids]
+        return [str(names[k] if k in names else names[str(k)]) for k in ids]
     raise DatasetError(f"{yaml_path}: 'names' must be a list or a mapping id -> name")
 
 
-def load_data_yaml(path: str | Path) -> DatasetInfo:
-    """Read an Ultralytics data.yaml (file or the folder holding it).
+def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val")) -> DatasetInfo:
+    """Read an Ultralytics data.yaml (file or the folder holding it): the project's one reader.
 
-    Relative ``path:`` is resolved against the yaml's folder; without ``path:`` the root is the
-    yaml's folder. Splits may be a folder, a ``.txt`` list of images, or a list of either.
+    Rules (the same for every caller: training, the data gate, quantization, explain, import):
+
+    * Root: ``path:`` if absolute; a relative ``path:`` is resolved against the yaml's folder,
+      and if no such folder exists the yaml's folder is the root (Ultralytics would look in its
+      own datasets dir, which a dataset handed to us directly does not use). No ``path:``: the
+      yaml's folder.
+    * Splits (``train``/``val``/``test``): a folder, a ``.txt`` list of images, or a list of
+      either, relative to the root. A list file's relative lines are relative to the list's own
+      folder (Ultralytics' rule for ``./`` lines); see ``list_images``.
+    * Classes: ``names`` as a list or an ``{id: name}`` mapping with ids 0..N-1; ``nc`` alone
+      names the classes by id.
+
+    Args:
+        path: the data.yaml or its folder.
+        required: splits that must be declared.
 
     Raises:
-        DatasetError: missing file, invalid YAML, missing ``names``/``train``/``val``.
+        DatasetError: missing file, invalid YAML, missing ``names`` or a required split.
     """
     yaml_path = find_data_yaml(Path(path)).resolve()
     try:
-        raw = yaml.safe_load(yaml_path.read_text())
+        raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{yaml_path}: cannot read: {e}") from None
     except yaml.YAMLError as e:
         raise DatasetError(f"{yaml_path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise DatasetError(f"{yaml_path}: top level must be a mapping with path/train/val/names")
-    if "names" not in raw:
-        raise DatasetError(f"{yaml_path}: no 'names' key (class names)")
-    names = _parse_names(raw["names"], yaml_path)
+    names = _parse_names(raw, yaml_path)
     if not names:
         raise DatasetError(f"{yaml_path}: 'names' is empty")
     if "nc" in raw and int(raw["nc"]) != len(names):
         raise DatasetError(f"{yaml_path}: nc={raw['nc']} but {len(names)} names")
-    root = Path(str(raw.get("path") or "")).expanduser()
-    if not root.is_absolute():
-        root = (yaml_path.parent / root).resolve()
+    root = yaml_path.parent
+    if raw.get("path"):
+        p = Path(str(raw["path"])).expanduser()
+        cand = p if p.is_absolute() else (yaml_path.parent / p).resolve()
+        if p.is_absolute() or cand.is_dir():
+            root = cand
     splits: dict[str, list[Path]] = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         entry = raw.get(split)
         if entry in (None, ""):
-            if split != "test":
+            if split in required:
                 raise DatasetError(f"{yaml_path}: no '{split}' split")
             continue
         entries = entry if isinstance(entry, list) else [entry]
         splits[split] = [p if p.is_absolute() else root / p for p in (Path(str(e)) for e in entries)]
-    return DatasetInfo(yaml_path, root, names, splits)
+    return DatasetInfo(yaml_path, root, names, splits, raw=raw)
 
 
 def list_images(source: Path) -> list[Path]:
-    """Images of one split source: a folder (recursive), a ``.txt`` list, or one image file."""
+    """Images of one split source: a folder (recursive, sorted), a ``.txt`` list, or one image file.
+
+    A list file names one image per line; a relative line is relative to the list file's folder
+    (``./images/a.jpg`` and ``images/a.jpg`` alike), an absolute line is taken as is.
+    """
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if source.suffix == ".txt" and source.is_file():
         base = source.parent
-        lines = [ln.strip() for ln in source.read_text().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in source.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
         return [p if p.is_absolute() else (base / p).resolve() for p in map(Path, lines)]
     if source.suffix.lower() in IMAGE_EXTS and source.is_file():
         return [source]
     return []
+
+
+def split_images(data_yaml: str | Path, split: str) -> list[Path]:
+    """Every image of ``split`` (all its sources, ``list_images`` rule), sorted and de-duplicated.
+
+    Raises:
+        DatasetError: unreadable data.yaml, no such split, or a source that does not exist.
+    """
+    info = load_data_yaml(data_yaml, required=(split,))
+    files: set[Path] = set()
+    for src in info.splits[split]:
+        if not src.exists():
+            raise DatasetError(f"{info.yaml_path}: {split} images not found at {src}")
+        files.update(list_images(src))
+    return sorted(files)
 
 
 def label_path(image: Path) -> Path:
@@ -462,39 +515,18 @@ def _rle_to_polygons(seg, h: int, w: int) -> list[np.ndarray]:
 
 
 def merge_segments(segments: list[np.ndarray]) -> np.ndarray:
-    """Join several polygons of one instance into one by thin two-way bridges between nearest points.
+    """Join several polygons of one instance into one (YOLO-seg has one polygon per instance).
 
-    The same idea as Ultralytics' ``merge_multi_segment`` (YOLO-seg has one polygon per
-    instance); ``cv2.fillPoly`` of the result covers every part, the bridges are zero-width.
+    Ultralytics' own ``merge_multi_segment`` (thin two-way bridges between nearest points), so
+    imported COCO labels match what Ultralytics' converter writes; ``cv2.fillPoly`` of the result
+    covers every part. Ultralytics is imported only for multi-part instances.
     """
     segs = [np.asarray(s, dtype=np.float64).reshape(-1, 2) for s in segments]
-    if len(segs) == 1:
+    if len(segs) == 1:  # merge_multi_segment needs two or more
         return segs[0]
-    # link each segment to the next by their closest pair of points
-    links = []
-    for a, b in zip(segs[:-1], segs[1:], strict=True):
-        d = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
-        links.append(np.unravel_index(np.argmin(d), d.shape))
-    out: list[np.ndarray] = []
-    # forward pass: enter each segment at its incoming link point, leave at its outgoing one
-    for i, s in enumerate(segs):
-        start = links[i - 1][1] if i > 0 else 0
-        s = np.roll(s, -start, axis=0)
-        s = np.concatenate([s, s[:1]])  # closed, starting and ending at the entry point
-        if i == len(segs) - 1:
-            out.append(s)
-            break
-        leave = (links[i][0] - start) % (len(s) - 1)
-        out.append(s[: leave + 1])
-    # backward pass: walk back from the last to the first along the rest of each ring
-    for i in range(len(segs) - 2, -1, -1):
-        s = segs[i]
-        start = links[i - 1][1] if i > 0 else 0
-        s = np.roll(s, -start, axis=0)
-        s = np.concatenate([s, s[:1]])
-        leave = (links[i][0] - start) % (len(s) - 1)
-        out.append(s[leave:])
-    return np.concatenate(out)
+    from ultralytics.data.converter import merge_multi_segment
+
+    return np.concatenate(merge_multi_segment(segs), axis=0)
 
 
 def _coco_instance(ann: dict, h: int, w: int, report: ImportReport) -> np.ndarray | None:

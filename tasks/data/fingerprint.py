@@ -7,7 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+from tasks.data.dataset import DATA_YAML_NAMES, IMAGE_EXTS
+
 _CHUNK = 1 << 20
 
 
@@ -44,7 +45,7 @@ def dataset_fingerprint(root: str | Path) -> str:
     files = sorted(
         p for p in root.rglob("*")
         if (p.is_file() or p.is_symlink())
-        and (p.suffix.lower() in IMAGE_EXTS or p.suffix.lower() == ".txt" or p.name in {"data.yaml", "dataset.yaml"})
+        and (p.suffix.lower() in IMAGE_EXTS or p.suffix.lower() == ".txt" or p.name in DATA_YAML_NAMES)
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     for p in files:

@@ -27,7 +27,7 @@ def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
     """A data.yaml whose ``path:`` is absolute, so every reader resolves the same root.
 
     Ultralytics resolves a relative ``path:`` against the working directory (or its datasets
-    dir), while the data gate resolves it against the yaml's folder. The user's file is never
+    dir), while this project resolves it by ``load_data_yaml``'s rule. The user's file is never
     modified: when its ``path:`` is missing or relative, an equivalent copy with the absolute
     root is written under the state dir and returned.
     """
@@ -35,12 +35,14 @@ def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
 
     import yaml
 
-    raw = yaml.safe_load(data_yaml.read_text()) or {}
+    from tasks.data.dataset import load_data_yaml
+
+    info = load_data_yaml(data_yaml, required=())
+    raw = dict(info.raw)
     root = raw.get("path")
     if isinstance(root, str) and Path(root).is_absolute():
         return data_yaml
-    base = data_yaml.parent.resolve()
-    raw["path"] = str((base / root).resolve() if root else base)
+    raw["path"] = str(info.root)
     text = yaml.safe_dump(raw, sort_keys=False)
     out = datasets_root / "resolved" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not out.is_file():

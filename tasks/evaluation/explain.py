@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # torch is imported lazily: importing this module stays cheap
     from tasks.core.config import ExplainConfig
 
 METHODS = ("gradcam", "eigencam")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -544,31 +543,12 @@ def pick_explain_samples(data_yaml: str | Path, n: int, seed: int = 0, split: st
     Raises:
         DatasetError: data.yaml or the split's image folder is missing.
     """
-    import yaml
+    from tasks.data.dataset import split_images
 
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
         raise DatasetError(f"{data_yaml}: data.yaml not found")
-    meta = yaml.safe_load(data_yaml.read_text()) or {}
-    if split not in meta:
-        raise DatasetError(f"{data_yaml}: no '{split}' split")
-    root = Path(meta.get("path") or data_yaml.parent)
-    if not root.is_absolute():
-        root = (data_yaml.parent / root).resolve()
-    entries = meta[split] if isinstance(meta[split], list) else [meta[split]]
-    files: list[Path] = []
-    for entry in entries:
-        src = Path(entry) if Path(entry).is_absolute() else root / entry
-        if src.is_dir():
-            files += [f for f in src.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
-        elif src.is_file() and src.suffix == ".txt":  # a list of image paths
-            for line in src.read_text().splitlines():
-                if line.strip():
-                    f = Path(line.strip())
-                    files.append(f if f.is_absolute() else root / f)
-        else:
-            raise DatasetError(f"{data_yaml}: {split} images not found at {src}")
-    files = sorted(set(files))
+    files = split_images(data_yaml, split)
     if n <= 0 or not files:
         return []
     order = np.random.default_rng(seed).permutation(len(files))

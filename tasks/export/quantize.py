@@ -38,7 +38,6 @@ from tasks.core.errors import DamageError, DatasetError
 
 log = logging.getLogger(__name__)
 
-IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MIN_PER_CHANNEL_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear arrived in opset 13
 
 # Quantization modes: the arguments each accepts (besides onnx_in/onnx_out) and what it needs.
@@ -186,28 +185,12 @@ def calibration_images(data_yaml: str | Path, n: int, seed: int = 0, split: str 
     Raises:
         DatasetError: unreadable data.yaml, missing split, or no images.
     """
-    import yaml
+    from tasks.data.dataset import split_images
 
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
         raise DatasetError(f"{data_yaml}: data.yaml not found")
-    d = yaml.safe_load(data_yaml.read_text()) or {}
-    if split not in d:
-        raise DatasetError(f"{data_yaml}: no '{split}' split")
-    root = Path(d.get("path") or data_yaml.parent)
-    if not root.is_absolute():
-        root = (data_yaml.parent / root).resolve()
-    entries = d[split] if isinstance(d[split], list) else [d[split]]
-    files: list[Path] = []
-    for e in entries:
-        p = Path(e) if Path(e).is_absolute() else root / e
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_SUFFIXES)
-        elif p.suffix == ".txt" and p.is_file():
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    q = Path(line.strip())
-                    files.append(q if q.is_absolute() else root / q)
+    files = split_images(data_yaml, split)
     if not files:
         raise DatasetError(f"{data_yaml}: split '{split}' has no images")
     rng = np.random.default_rng(seed)

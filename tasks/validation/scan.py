@@ -31,13 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from tasks.core.errors import DatasetError
+from tasks.data.dataset import IMAGE_EXTS, load_data_yaml
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-YAML_NAMES = ("data.yaml", "dataset.yaml")
-SPLITS = ("train", "val", "test")
 # Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
 GREY_SIDE = 256
 # Polygons with more vertices than this skip the O(k^2) self-intersection test (mask contours
@@ -87,24 +84,6 @@ class Layout:
             return Path(path).as_posix()
 
 
-def _names(raw: dict, yaml_path: Path) -> list[str]:
-    names = raw.get("names")
-    if isinstance(names, dict):
-        try:
-            keys = sorted(int(k) for k in names)
-        except (TypeError, ValueError):
-            raise DatasetError(f"{yaml_path}: 'names' keys must be integers") from None
-        if keys != list(range(len(keys))):
-            raise DatasetError(f"{yaml_path}: 'names' ids must be 0..{len(keys) - 1}, got {keys}")
-        return [str(names[k] if k in names else names[str(k)]) for k in keys]
-    if isinstance(names, list) and names:
-        return [str(n) for n in names]
-    nc = raw.get("nc")
-    if isinstance(nc, int) and nc > 0:
-        return [str(i) for i in range(nc)]
-    raise DatasetError(f"{yaml_path}: no class 'names' (list or {{id: name}} mapping)")
-
-
 def _label_dir_for(image_dir: Path) -> Path:
     """Ultralytics' rule: the last path component named 'images' becomes 'labels'."""
     parts = list(image_dir.parts)
@@ -113,23 +92,6 @@ def _label_dir_for(image_dir: Path) -> Path:
             parts[i] = "labels"
             return Path(*parts)
     return image_dir  # labels next to images (Ultralytics does the same)
-
-
-def find_yaml(data: Path) -> Path:
-    """The data.yaml of ``data`` (a dataset root or the YAML itself)."""
-    if not data.exists() and not data.is_symlink():
-        raise DatasetError(f"{data}: no such file or directory")
-    if data.is_file():
-        if data.suffix.lower() not in {".yaml", ".yml"}:
-            raise DatasetError(f"{data}: not a dataset (expected a directory or its data.yaml)")
-        return data
-    for name in YAML_NAMES:
-        if (data / name).is_file():
-            return data / name
-    yamls = sorted(data.glob("*.yaml")) + sorted(data.glob("*.yml"))
-    if len(yamls) == 1:
-        return yamls[0]
-    raise DatasetError(f"{data}: not a dataset (no data.yaml in this directory)")
 
 
 def resolve_layout(data: str | os.PathLike) -> Layout:
@@ -141,40 +103,20 @@ def resolve_layout(data: str | os.PathLike) -> Layout:
     Raises:
         DatasetError: missing path, no data.yaml, unreadable YAML, no class names, no splits.
     """
-    yaml_path = find_yaml(Path(data).expanduser()).resolve()
-    try:
-        raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise DatasetError(f"{yaml_path}: unreadable data.yaml: {e}") from None
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{yaml_path}: top level must be a mapping")
-    base = yaml_path.parent
-    root = base
-    if raw.get("path"):
-        p = Path(str(raw["path"])).expanduser()
-        cand = p if p.is_absolute() else base / p
-        # Ultralytics resolves a relative 'path' against its datasets dir; for a dataset handed to
-        # us directly the YAML's own directory is the only sensible anchor if that does not exist.
-        if cand.is_dir():
-            root = cand.resolve()
-    layout = Layout(root=root, yaml_path=yaml_path, yaml=raw, names=_names(raw, yaml_path))
-    for split in SPLITS:
-        value = raw.get(split)
-        if value in (None, ""):
-            continue
-        entries = value if isinstance(value, list) else [value]
+    info = load_data_yaml(data, required=())
+    layout = Layout(root=info.root, yaml_path=info.yaml_path, yaml=info.raw, names=info.names)
+    for split, sources in info.splits.items():
         image_dirs = []
-        for entry in entries:
-            p = Path(str(entry))
-            p = p if p.is_absolute() else root / p
+        for p in sources:
             if p.suffix.lower() == ".txt" and p.is_file():
-                raise DatasetError(f"{yaml_path}: split '{split}' is an image list file ({p.name}); "
-                                   "only image directories are supported")
+                raise DatasetError(f"{info.yaml_path}: split '{split}' is an image list file ({p.name}); "
+                                   "the data gate reads image directories only")
             image_dirs.append(Path(os.path.abspath(p)))
+        declared = info.raw[split]
         layout.splits.append(Split(split, image_dirs, [_label_dir_for(d) for d in image_dirs],
-                                   ", ".join(str(e) for e in entries)))
+                                   ", ".join(str(e) for e in (declared if isinstance(declared, list) else [declared]))))
     if not layout.splits:
-        raise DatasetError(f"{yaml_path}: declares no split (train/val/test)")
+        raise DatasetError(f"{info.yaml_path}: declares no split (train/val/test)")
     return layout
 
 

@@ -17,6 +17,7 @@ from tasks.data.dataset import (
     load_data_yaml,
     merge_segments,
     normalize_name,
+    split_images,
 )
 
 POLY = "0.1 0.1 0.5 0.1 0.5 0.5"
@@ -125,6 +126,9 @@ def test_merge_segments_covers_every_part():
     cv2.fillPoly(got, [np.round(merged).astype(np.int32)], 1)
     assert (got & want).sum() / (got | want).sum() >= 0.95
     assert merge_segments(parts[:1]).shape == (4, 2)
+    from ultralytics.data.converter import merge_multi_segment  # the library's rule, not a copy
+
+    assert np.array_equal(merged, np.concatenate(merge_multi_segment([p.copy() for p in parts])))
 
 
 def test_atomic_output_dir_leaves_nothing_on_error(tmp_path):
@@ -142,3 +146,40 @@ def test_atomic_output_dir_leaves_nothing_on_error(tmp_path):
     with atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "g.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["g.txt"]
+
+
+def test_one_rule_for_txt_image_lists(tmp_path):
+    """A list file's relative lines are relative to the list's folder, for every reader."""
+    from tasks.evaluation.explain import pick_explain_samples
+    from tasks.export.quantize import calibration_images
+
+    ds = tmp_path / "ds"
+    for stem in ("a", "b", "c"):
+        img = ds / "images" / f"{stem}.png"
+        img.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(img), np.zeros((8, 8, 3), np.uint8))
+        (ds / "labels").mkdir(exist_ok=True)
+        (ds / "labels" / f"{stem}.txt").write_text(f"0 {POLY}\n")
+    (ds / "lists").mkdir()
+    # relative to lists/ (the list's folder), not to the dataset root: "images/a.png" from the
+    # root would point at ds/images/a.png too, so the lines climb out of lists/ to tell them apart
+    (ds / "lists" / "train.txt").write_text("../images/a.png\n./../images/b.png\n\n")
+    (ds / "lists" / "val.txt").write_text(f"{(ds / 'images' / 'c.png').resolve()}\n")
+    y = ds / "data.yaml"
+    y.write_text(yaml.safe_dump({"train": "lists/train.txt", "val": "lists/val.txt", "names": ["a"]}))
+    want = [(ds / "images" / "a.png").resolve(), (ds / "images" / "b.png").resolve()]
+    assert split_images(y, "train") == want
+    assert sorted(calibration_images(y, 5, split="train")) == want
+    assert sorted(pick_explain_samples(y, 5, split="train")) == want
+    assert split_images(y, "val") == [(ds / "images" / "c.png").resolve()]
+    assert check_structure(y).images == {"train": 2, "val": 1}
+
+
+def test_nc_alone_names_classes_by_id_and_missing_split_source_is_named(tmp_path):
+    y = tmp_path / "data.yaml"
+    y.write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "nc": 2}))
+    assert load_data_yaml(y).names == ["0", "1"]
+    with pytest.raises(DatasetError, match=r"data.yaml: train images not found at .*images/train"):
+        split_images(y, "train")
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        split_images(y, "test")
