@@ -1,0 +1,144 @@
+"""The package's shape: no import cycles, and the README's Layout section matches the tree.
+
+Both read the source as text (``ast``), nothing is imported, so they run in well under a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("flows", "tasks", "model_registry", "expectations")
+
+
+# ----------------------------------------------------------------------------- import cycles
+
+
+def module_files(root: Path, packages=PACKAGES) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under the project's packages."""
+    mods = {}
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = f.relative_to(root).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return mods
+
+
+def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> project modules it imports anywhere in its body (function-level imports too:
+    a lazy import hides a cycle from Python but not from a reader)."""
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        pkg_parts = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg_parts[: len(pkg_parts) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            edges[m].update(n for n in names if n in mods and n != m)
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on: set[str] = set()
+    stack: list[str] = []
+    found: list[list[str]] = []
+    for start in sorted(edges):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on.add(start)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(edges[w]))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return found
+
+
+def test_cycle_finder_finds_a_planted_cycle(tmp_path):
+    pkg = tmp_path / "tasks"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from tasks.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import x\n")  # lazy and relative
+    (pkg / "c.py").write_text("import tasks.a\nx = 1\n")
+    (pkg / "d.py").write_text("from tasks import a\n")  # imports into the cycle, not part of it
+    assert cycles(import_graph(module_files(tmp_path, ("tasks",)))) == [["tasks.a", "tasks.c", "tasks.sub.b"]]
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph(module_files(ROOT)))
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+# ----------------------------------------------------------------------------- README layout
+
+
+def layout_folders(readme: str) -> list[str]:
+    """Folders named in the README's Layout block: lines ``name/  meaning`` (nested by indent)."""
+    section = readme.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    folders, parents = [], []  # parents: (indent, path) of the enclosing folders
+    for line in block.splitlines():
+        m = re.match(r"^( *)(\S+/)\s", line + " ")
+        if not m:
+            continue
+        indent, name = len(m.group(1)), m.group(2).rstrip("/")
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = f"{parents[-1][1]}/{name}" if parents else name
+        folders.append(path)
+        parents.append((indent, path))
+    return folders
+
+
+def package_folders(root: Path) -> list[str]:
+    """Every folder with an ``__init__.py`` under the project's packages."""
+    return sorted(p.parent.relative_to(root).as_posix() for pkg in PACKAGES for p in (root / pkg).rglob("__init__.py"))
+
+
+def test_layout_parser_nests_by_indent():
+    readme = "x\n## Layout\n\n```\nfoo/   a\n  bar/ b\n  baz.py  c\nqux/  d\n```\n## Next\n"
+    assert layout_folders(readme) == ["foo", "foo/bar", "qux"]
+
+
+def test_readme_layout_matches_the_tree():
+    named = layout_folders((ROOT / "README.md").read_text())
+    missing = [f for f in named if not (ROOT / f).is_dir()]
+    assert not missing, f"README Layout names folders that do not exist: {missing}"
+    unnamed = [p for p in package_folders(ROOT) if p not in named]
+    assert not unnamed, f"package folders missing from the README Layout: {unnamed}"
