@@ -9,19 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from tasks.core.config import config_from_dict
+from tasks.core.prefect_tasks import as_task
 from tasks.export import compress as C
 
-_opts = {"cache_policy": NO_CACHE}
-
-root_task = task(C.root_variant, name="compress-parent", **_opts)
-measure_task = task(C.measure_variant, name="compress-measure", **_opts)
-step_task = task(C.apply_step, name="compress-step", **_opts)
-finalize_task = task(C.finalize, name="compress-gate-and-choose", **_opts)
-plan_task = task(C.plan_steps, name="compress-plan", **_opts)
+root_task = as_task(C.root_variant, "compress-parent")
+measure_task = as_task(C.measure_variant, "compress-measure")
+step_task = as_task(C.apply_step, "compress-step")
+finalize_task = as_task(C.finalize, "compress-gate-and-choose")
+plan_task = as_task(C.plan_steps, "compress-plan")
 
 
 @flow(name="compress", log_prints=True)

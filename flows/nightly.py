@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from tasks.core.pipeline import (
     close_pipeline_run,
@@ -17,6 +16,7 @@ from tasks.core.pipeline import (
     prepare_state,
     summarise,
 )
+from tasks.core.prefect_tasks import as_task as _t
 from tasks.core.skip import (
     check_unchanged,
     record_skip,
@@ -24,13 +24,6 @@ from tasks.core.skip import (
     resumable_train_config,
     train_dir_for,
 )
-
-_opts = {"cache_policy": NO_CACHE}
-
-
-def _t(fn, name: str, retries: int = 0):
-    """Wrap a plain step function as a Prefect task (no caching: steps pass live objects)."""
-    return task(fn, name=name, retries=retries, retry_delay_seconds=[10, 60, 300][:retries] or 0, **_opts)
 
 
 @flow(name="nightly", log_prints=True)

@@ -1,17 +1,15 @@
 """Prefect task wrappers around the registry functions (the plain functions stay Prefect-free).
 
-Caching is off: every call reads or moves live registry state.
+Made by ``tasks.core.prefect_tasks.as_task``; caching is off: every call reads or moves live registry state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from model_registry.gate import gate_candidate
 from model_registry.registry import VersionInfo, approve, reject
+from tasks.core.prefect_tasks import as_task
 
 
 def decide(client, name: str, version: str | int, approved: bool, by: str, reason: str, *,
@@ -22,5 +20,5 @@ def decide(client, name: str, version: str | int, approved: bool, by: str, reaso
     return reject(client, name, version, by, reason, lock_timeout_s=lock_timeout_s)
 
 
-gate_task = task(gate_candidate, name="registry-gate", cache_policy=NO_CACHE)
-decide_task = task(decide, name="registry-decide", cache_policy=NO_CACHE)
+gate_task = as_task(gate_candidate, "registry-gate")
+decide_task = as_task(decide, "registry-decide")

@@ -237,9 +237,9 @@ def __getattr__(name: str):
     """``validate_task``: the Prefect task wrapper, created on first use so that importing this
     module (the CLI, tests) does not import Prefect."""
     if name == "validate_task":
-        from prefect import task
+        from tasks.core.prefect_tasks import as_task
 
-        wrapped = task(name="validate-data", task_run_name="validate-data", retries=0)(validate_dataset)
+        wrapped = as_task(validate_dataset, "validate-data", task_run_name="validate-data")
         globals()["validate_task"] = wrapped
         return wrapped
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

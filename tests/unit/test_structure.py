@@ -142,3 +142,37 @@ def test_readme_layout_matches_the_tree():
     assert not missing, f"README Layout names folders that do not exist: {missing}"
     unnamed = [p for p in package_folders(ROOT) if p not in named]
     assert not unnamed, f"package folders missing from the README Layout: {unnamed}"
+
+
+# ----------------------------------------------------------------------------- Prefect task wrappers
+
+
+def test_prefect_tasks_are_made_in_one_place():
+    """Only tasks/core/prefect_tasks.py imports Prefect's ``task``; everything else uses ``as_task``."""
+    home = ROOT / "tasks" / "core" / "prefect_tasks.py"
+    offenders = []
+    for f in module_files(ROOT).values():
+        if f == home:
+            continue
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "prefect" \
+                    and any(a.name in {"task", "Task"} for a in node.names):
+                offenders.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"Prefect tasks made outside tasks/core/prefect_tasks.py: {offenders}"
+
+
+def test_as_task_rules():
+    import pytest
+    from prefect.cache_policies import NO_CACHE
+
+    from tasks.core.prefect_tasks import RETRY_DELAYS_S, as_task
+
+    def step(x: int) -> int:
+        return x + 1
+
+    t = as_task(step, "step", retries=2)
+    assert t.fn is step and t.name == "step" and t.retries == 2
+    assert t.retry_delay_seconds == list(RETRY_DELAYS_S[:2]) and t.cache_policy is NO_CACHE
+    assert as_task(step, "once").retries == 0
+    with pytest.raises(ValueError, match="retries must be 0..3"):
+        as_task(step, "greedy", retries=4)

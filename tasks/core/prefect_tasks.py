@@ -1,0 +1,34 @@
+"""The one place that makes Prefect tasks from the project's plain step functions.
+
+Every flow and every ``*_task`` attribute wraps its function here, so the same rules hold for
+all of them: caching is off (steps pass live objects: configs, open runs, paths whose content
+changes between nights) and a task with retries waits ``RETRY_DELAYS_S`` between attempts.
+Prefect is imported on the first call, so importing a step module (the CLI, tests) does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+# Seconds before the 1st, 2nd and 3rd retry of a task (server hiccups, S3 throttling).
+RETRY_DELAYS_S = (10, 60, 300)
+
+
+def as_task(fn: Callable[..., Any], name: str, retries: int = 0, **options: Any) -> Any:
+    """``fn`` as a Prefect task named ``name`` (no caching; ``retries`` with ``RETRY_DELAYS_S``).
+
+    The plain function stays reachable as ``.fn``, so tests call it without an engine.
+
+    Example:
+        >>> train = as_task(train_step, "train", retries=1)
+        >>> train.fn is train_step
+        True
+    """
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    if not 0 <= retries <= len(RETRY_DELAYS_S):
+        raise ValueError(f"task '{name}': retries must be 0..{len(RETRY_DELAYS_S)}, got {retries}")
+    return task(fn, name=name, retries=retries, retry_delay_seconds=list(RETRY_DELAYS_S[:retries]) or 0,
+                cache_policy=NO_CACHE, **options)
