@@ -13,6 +13,7 @@ from prefect import flow
 
 from tasks.core.config import config_from_dict
 from tasks.core.prefect_tasks import as_task
+from tasks.evaluation.evaluate import Evaluator
 from tasks.export import compress as C
 
 root_task = as_task(C.root_variant, "compress-parent")
@@ -40,15 +41,11 @@ def compress_flow(parent_weights: str, parent_onnx: str, data_yaml: str, config:
         "plot", "run_id"}`` of the chosen variant.
     """
     cfg = config_from_dict(config)
-    imgsz = cfg.export.imgsz or cfg.train.imgsz
+    evaluator = Evaluator.from_config(cfg)
     out = Path(out_dir) if out_dir else C.default_out_dir(cfg, parent_weights)
     steps = plan_task(cfg.compress.steps)
-    root = measure_task(root_task(parent_weights, parent_onnx, imgsz), data_yaml, imgsz, cfg.evaluate)
-    variants, head = [root], root
-    for step in steps:
-        res = step_task(step, head, root, data_yaml, cfg, out / step, imgsz)
-        measured = [measure_task(v, data_yaml, imgsz, cfg.evaluate, root_metrics=root.metrics)
-                    for v in res.variants]
-        variants += measured
-        head = next((v for v in measured if v.name == res.head.name), head)
+    root = measure_task(root_task(parent_weights, parent_onnx, cfg.imgsz), data_yaml, evaluator)
+    variants = C.chain(steps, root,
+                       lambda step, head: step_task(step, head, root, data_yaml, cfg, out / step, evaluator),
+                       lambda v: measure_task(v, data_yaml, evaluator, root_metrics=root.metrics))
     return finalize_task(variants, root, cfg, out, parent_run_id)

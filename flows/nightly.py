@@ -30,7 +30,7 @@ from tasks.core.skip import (
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
     from model_registry.steps import gate_step, register_step
-    from tasks.evaluation.evaluate import evaluate_step
+    from tasks.evaluation.evaluate import Evaluator, evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
     from tasks.evaluation.sweep import sweep_step
     from tasks.export.onnx import export_step
@@ -53,17 +53,17 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
                                                      dataset_fingerprint=data.fingerprint)
-        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id)
-        sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.train.imgsz, run.run_id) \
+        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, Evaluator.from_config(cfg), run.run_id)
+        sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
                                                                               cfg.export.parity_images), cfg.seed)
-        exported = _t(export_step, "export")(trained.best, cfg.export, cfg.train.imgsz,
+        exported = _t(export_step, "export")(trained.best, cfg.export, cfg.imgsz,
                                              sweep.thresholds if sweep else {}, run.lineage(data.fingerprint),
                                              samples[: cfg.export.parity_images], run.run_id)
         if cfg.explain.enabled and cfg.explain.samples:
             _t(explain_step, "explain")(trained.best, samples[: cfg.explain.samples], cfg.explain,
-                                        cfg.train.imgsz, run.run_id)
+                                        cfg.imgsz, run.run_id)
         candidate = {"weights": trained.best, "onnx": exported.onnx_path, "metrics": metrics.metrics,
                      "kind": "trained", "parent": None}
         if cfg.compress.enabled:

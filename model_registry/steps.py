@@ -56,11 +56,9 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
     ``validation_status=failed`` and the reasons, and nothing moves.
     """
     from tasks.core import tracking
-    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.evaluation.evaluate import Evaluator
 
-    def evaluate_fn(onnx: Path) -> dict[str, float]:
-        return evaluate_model(onnx, data_yaml, split=cfg.evaluate.split, imgsz=cfg.train.imgsz,
-                              conf=cfg.evaluate.conf, iou=cfg.evaluate.iou, max_det=cfg.evaluate.max_det).metrics
+    evaluate_fn = Evaluator.from_config(cfg).metrics_fn(data_yaml)
 
     with tracking.step_run(run.run_id, "promotion-gate") as (c, run_id):
         decision = gate_candidate(run.tracking_uri, cfg.registry.model_name, version.version, evaluate_fn,

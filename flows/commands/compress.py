@@ -66,7 +66,7 @@ def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path |
     from tasks.export import compress as C
 
     configure_ultralytics(paths)
-    imgsz = cfg.export.imgsz or cfg.train.imgsz
+    imgsz = cfg.imgsz
     out = out or C.default_out_dir(cfg, weights)
     if onnx is None:
         onnx = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
@@ -98,6 +98,7 @@ def distill_cmd(
     from tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
+    from tasks.evaluation.evaluate import Evaluator
     from tasks.training.distill import distill, distill_vs_scratch
 
     upd = {k: v for k, v in {"student": student, "epochs": epochs, "hinton": hinton}.items() if v is not None}
@@ -108,7 +109,7 @@ def distill_cmd(
         ok = False
         try:
             res = run_guarded(distill_vs_scratch, teacher, data, cfg.train, dcfg, out, seed=cfg.seed,
-                              parent_run_id=run_id, eval_cfg=cfg.evaluate)
+                              parent_run_id=run_id, evaluator=Evaluator.from_config(cfg))
             ok = True
         finally:
             _close_run(run_id, ok)
@@ -167,8 +168,11 @@ def quantize_cmd(
     cfg, paths = setup(config, sets, state_dir)
     _need(model, "ONNX model")
     from tasks.core.runtime import configure_ultralytics
+    from tasks.evaluation.evaluate import Evaluator
     from tasks.export import quantize as Q
 
+    # --imgsz unset: the ONNX's own size (its metadata), for calibration and evaluation alike
+    evaluator = Evaluator.from_config(cfg, imgsz=imgsz)
     if mode not in Q.QUANT_MODES:
         fail(f"--mode must be one of {', '.join(Q.QUANT_MODES)}, got '{mode}'")
     configure_ultralytics(paths)
@@ -179,8 +183,8 @@ def quantize_cmd(
         calib = run_guarded(Q.calibration_images, data, qc.calib_images, cfg.seed)
         if accuracy_aware:
             res = run_guarded(Q.quantize_accuracy_aware, model, target, data, calib, cfg.compress.tolerance,
-                              qc.max_retries, qc.nodes_per_retry, imgsz=imgsz, per_channel=qc.per_channel,
-                              sensitivity_images=qc.sensitivity_images)
+                              qc.max_retries, qc.nodes_per_retry, evaluate_fn=evaluator.metrics_fn(data),
+                              imgsz=imgsz, per_channel=qc.per_channel, sensitivity_images=qc.sensitivity_images)
             for i, a in enumerate(res.attempts):
                 console.print(f"attempt {i}: {len(a.float_nodes)} extra float node(s), mask mAP50 "
                               f"{a.metrics['mask/mAP50']:.4f}", highlight=False)
@@ -194,10 +198,8 @@ def quantize_cmd(
         run_guarded(Q.quantize_onnx, model, target, mode,
                     per_channel=qc.per_channel if mode == "int8-dynamic" else None)
         if data is not None:
-            from tasks.evaluation.evaluate import evaluate_model
-
             for p in (model, target):
-                m = run_guarded(evaluate_model, p, data, imgsz=imgsz).metrics
+                m = run_guarded(evaluator, p, data).metrics
                 console.print(f"{p.name}: mask mAP50 {m['mask/mAP50']:.4f}  mask mAP50-95 {m['mask/mAP50-95']:.4f}",
                               highlight=False)
     console.print(f"{mode}: {model} ({model.stat().st_size / 1e6:.1f} MB) -> {target} "

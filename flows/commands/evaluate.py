@@ -77,16 +77,17 @@ def evaluate(
 
     from tasks.core.runtime import configure_ultralytics
     from tasks.data.dataset import find_data_yaml
-    from tasks.evaluation.evaluate import evaluate_model, evaluate_step
+    from tasks.evaluation.evaluate import Evaluator, evaluate_step
 
     configure_ultralytics(paths)
     data_yaml = run_guarded(find_data_yaml, data)
-    ecfg = cfg.evaluate.model_copy(update={"split": split} if split else {})
+    # --imgsz unset: the model's own size (any model file can be evaluated, not only this config's)
+    ecfg = Evaluator.from_config(cfg, imgsz=imgsz, **({"split": split} if split else {}))
     t0 = time.time()
     res, run_id, uri = _run_logged(
         cfg, "evaluate", model, mlflow,
-        lambda parent: evaluate_step(model, data_yaml, ecfg, imgsz, parent),
-        lambda: evaluate_model(model, data_yaml, ecfg.split, imgsz, ecfg.conf, ecfg.iou, ecfg.max_det))
+        lambda parent: evaluate_step(model, data_yaml, ecfg, parent),
+        lambda: ecfg(model, data_yaml))
     t = Table(title=f"{model.name} on {data_yaml} [{ecfg.split}] @ {res.imgsz}px ({res.model_format}), "
                     f"{int(res.metrics['images'])} images", show_header=True)
     t.add_column("metric")

@@ -206,6 +206,15 @@ class Config(_Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     @property
+    def imgsz(self) -> int:
+        """The one image-size rule for a trained model: ``export.imgsz``, else ``train.imgsz``.
+
+        Evaluation, the sweep, export, explain, the promotion gate and compression all use it, so
+        a model is measured at the size it is exported and served at.
+        """
+        return self.export.imgsz or self.train.imgsz
+
+    @property
     def validation(self) -> ValidateConfig:
         """The ``validate:`` section (``validate`` is a pydantic method name)."""
         return self.validate_

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from tasks.core.errors import DamageError, DatasetError
 from tasks.core.jsonsafe import json_safe
 
 if TYPE_CHECKING:
-    from tasks.core.config import EvaluateConfig
+    from tasks.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -650,20 +650,58 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
                       split, col.imgsz, conf, iou, col.model_format)
 
 
-def evaluate_step(model: str | Path, data_yaml: str | Path, cfg: EvaluateConfig, imgsz: int, parent_run_id: str,
+@dataclass(frozen=True)
+class Evaluator:
+    """The evaluation settings, built once from config and passed to every caller of ``evaluate_model``.
+
+    The nightly flow, the CLI, the promotion gate, compression, quantization and distillation
+    all measure models through one of these, so a candidate, its parent and production are
+    compared on the same split, size and thresholds.
+
+    Example:
+        >>> ev = Evaluator.from_config(cfg)          # cfg.evaluate + the one image-size rule
+        >>> ev("best.onnx", "data.yaml").metrics["mask/mAP50"]
+        >>> gate_candidate(..., evaluate_fn=ev.metrics_fn("data.yaml"))
+    """
+
+    split: str = "val"
+    imgsz: int | None = None  # None: the model's own size
+    conf: float = CONF_FLOOR
+    iou: float = 0.7
+    max_det: int = 300
+
+    @classmethod
+    def from_config(cls, cfg: Config, **changes: Any) -> Evaluator:
+        """``cfg.evaluate`` at ``cfg.imgsz`` (``export.imgsz``, else ``train.imgsz``); ``changes`` override."""
+        e = cfg.evaluate
+        return cls(**{"split": e.split, "imgsz": cfg.imgsz, "conf": e.conf, "iou": e.iou, "max_det": e.max_det,
+                      **changes})
+
+    def __call__(self, model: str | Path, data_yaml: str | Path) -> EvalResult:
+        """``evaluate_model`` with these settings."""
+        return evaluate_model(model, data_yaml, self.split, self.imgsz, self.conf, self.iou, self.max_det)
+
+    def metrics_fn(self, data_yaml: str | Path) -> Callable[[Path], dict[str, float]]:
+        """``model -> metrics`` on ``data_yaml`` (the ``evaluate_fn`` of the gate and of quantization)."""
+        return lambda model: self(model, data_yaml).metrics
+
+    def params(self) -> dict[str, Any]:
+        """The settings as MLflow parameters."""
+        return asdict(self)
+
+
+def evaluate_step(model: str | Path, data_yaml: str | Path, evaluator: Evaluator, parent_run_id: str,
                   name: str = "evaluate") -> EvalResult:
-    """``evaluate_model`` in a nested MLflow run ``name`` under ``parent_run_id`` (for the flows).
+    """``evaluator(model, data_yaml)`` in a nested MLflow run ``name`` under ``parent_run_id`` (for the flows).
 
     Logs the parameters, every metric, the per-class table (``per_class.json``) and the full
     result (``evaluation.json``), and tags the run with the model path and format.
     """
     from tasks.core import tracking
     with tracking.step_run(parent_run_id, name) as (c, run_id):
-        res = evaluate_model(model, data_yaml, split=cfg.split, imgsz=imgsz, conf=cfg.conf, iou=cfg.iou,
-                             max_det=cfg.max_det)
-        tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml), "split": cfg.split,
-                                        "imgsz": res.imgsz, "conf": cfg.conf, "iou": cfg.iou,
-                                        "max_det": cfg.max_det})
+        res = evaluator(model, data_yaml)
+        tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml),
+                                        **evaluator.params(), "imgsz": res.imgsz})
         tracking.log_metrics(c, run_id, res.metrics)
         tracking.set_tags(c, run_id, {"model.format": res.model_format, "model.path": str(model)})
         tracking.log_dict(c, run_id, json_safe(res.per_class), "per_class.json")
@@ -671,4 +709,4 @@ def evaluate_step(model: str | Path, data_yaml: str | Path, cfg: EvaluateConfig,
     return res
 
 
-__all__ = ["CONF_FLOOR", "EvalResult", "collect", "evaluate_model", "evaluate_step"]
+__all__ = ["CONF_FLOOR", "EvalResult", "Evaluator", "collect", "evaluate_model", "evaluate_step"]

@@ -22,12 +22,16 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.atomic import atomic_write
 from tasks.core.errors import DamageError
+
+if TYPE_CHECKING:
+    from tasks.evaluation.evaluate import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +117,13 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
     return float(np.median(times) * 1e3)
 
 
-def measure_variant(v: Variant, data_yaml: str | Path, imgsz: int, eval_cfg, latency_runs: int = 20,
+def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, latency_runs: int = 20,
                     root_metrics: dict[str, float] | None = None) -> Variant:
-    """Fill ``v.metrics``: evaluator metrics on val, ORT latency, file size, delta to the root."""
-    from tasks.evaluation.evaluate import evaluate_model
-
-    res = evaluate_model(v.onnx, data_yaml, split=eval_cfg.split, imgsz=imgsz, conf=eval_cfg.conf,
-                         iou=eval_cfg.iou, max_det=eval_cfg.max_det)
+    """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root."""
+    res = evaluator(v.onnx, data_yaml)
     m = dict(res.metrics)
     m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
-    m["latency_ms"] = ort_latency_ms(v.onnx, imgsz, runs=latency_runs)
+    m["latency_ms"] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)
     m["size_mb"] = Path(v.onnx).stat().st_size / 1e6
     if v.params is not None:
         m["params"] = float(v.params)
@@ -169,7 +170,7 @@ def _pt_variant(name: str, kind: str, weights: Path, parent: Variant, cfg, imgsz
 
 
 def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, cfg, work_dir: str | Path,
-               imgsz: int, on_epoch=None) -> StepOutput:
+               evaluator: Evaluator, on_epoch=None) -> StepOutput:
     """Run one chain step on ``head`` (``root`` is the original parent).
 
     Args:
@@ -179,10 +180,12 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
         data_yaml: dataset (training, calibration).
         cfg: full ``Config``.
         work_dir: where the step writes its files.
-        imgsz: model/ONNX/evaluation size.
+        evaluator: how every variant is measured; its ``imgsz`` is the training, export and
+            calibration size too (``Evaluator.from_config``: the one image-size rule).
         on_epoch: per-epoch callback for training steps ``(step_name, epoch, metrics)``.
     """
     from tasks.training import prune as P
+    imgsz = int(evaluator.imgsz or cfg.imgsz)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     cc = cfg.compress
@@ -234,13 +237,14 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
         return StepOutput([v], v)
     if step in QUANT_STEPS:
         targets = [head] + ([root] if cc.quantize.also_parent and head.name != root.name else [])
-        out = [quantize_variant(step, t, data_yaml, cfg, work, imgsz) for t in targets]
+        out = [quantize_variant(step, t, data_yaml, cfg, work, evaluator) for t in targets]
         return StepOutput(out, head)
     raise DamageError(f"compress step '{step}' not implemented")
 
 
-def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: Path, imgsz: int) -> Variant:
-    """Quantize ``src.onnx`` with ``mode``; INT8 static runs the accuracy-aware loop."""
+def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator) -> Variant:
+    """Quantize ``src.onnx`` with ``mode``; INT8 static runs the accuracy-aware loop, measured by
+    ``evaluator`` (the one that measured ``src``, so the float baseline and the attempts compare)."""
     from tasks.export import quantize as Q
     qc = cfg.compress.quantize
     name = f"{src.name}-{mode}" if src.kind != "parent" else mode
@@ -251,7 +255,8 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
         float_metrics = src.metrics or None
         res = Q.quantize_accuracy_aware(src.onnx, out, data_yaml, calib, tolerance=cfg.compress.tolerance,
                                         max_retries=qc.max_retries, nodes_per_retry=qc.nodes_per_retry,
-                                        imgsz=imgsz, per_channel=qc.per_channel,
+                                        evaluate_fn=evaluator.metrics_fn(data_yaml),
+                                        imgsz=evaluator.imgsz, per_channel=qc.per_channel,
                                         sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics)
         info.update(res.summary())
     else:
@@ -439,17 +444,32 @@ def default_out_dir(cfg, parent_weights: str | Path) -> Path:
     return resolve_state_dir(cfg.state_dir) / "models" / "compress" / tag
 
 
+def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepOutput],
+          measure: Callable[[Variant], Variant]) -> list[Variant]:
+    """The chain loop: each step works on the current head, its variants are measured, and the
+    step's head (measured) becomes the next head. Returns the root and every measured variant.
+
+    ``apply(step, head)`` and ``measure(variant)`` are injected so that the plain function
+    (``run_chain``) and the Prefect flow (each call a task) share this one loop.
+    """
+    variants, head = [root], root
+    for step in steps:
+        res = apply(step, head)
+        measured = [measure(v) for v in res.variants]
+        variants += measured
+        head = next((v for v in measured if v.name == res.head.name), head)
+    return variants
+
+
 def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: str | Path, cfg,
               out_dir: str | Path, parent_run_id: str | None = None, on_epoch=None) -> dict[str, Any]:
     """The whole chain as one plain function (CLI/tests); the Prefect flow wires the same pieces."""
-    imgsz = cfg.export.imgsz or cfg.train.imgsz
-    steps = plan_steps(cfg.compress.steps)
-    root = measure_variant(root_variant(parent_weights, parent_onnx, imgsz), data_yaml, imgsz, cfg.evaluate)
-    variants, head = [root], root
-    for step in steps:
-        res = apply_step(step, head, root, data_yaml, cfg, Path(out_dir) / step, imgsz, on_epoch)
-        for v in res.variants:
-            measure_variant(v, data_yaml, imgsz, cfg.evaluate, root_metrics=root.metrics)
-        variants += res.variants
-        head = res.head
+    from tasks.evaluation.evaluate import Evaluator
+
+    evaluator = Evaluator.from_config(cfg)
+    root = measure_variant(root_variant(parent_weights, parent_onnx, cfg.imgsz), data_yaml, evaluator)
+    variants = chain(plan_steps(cfg.compress.steps), root,
+                     lambda step, head: apply_step(step, head, root, data_yaml, cfg, Path(out_dir) / step,
+                                                   evaluator, on_epoch),
+                     lambda v: measure_variant(v, data_yaml, evaluator, root_metrics=root.metrics))
     return finalize(variants, root, cfg, out_dir, parent_run_id)

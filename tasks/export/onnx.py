@@ -293,14 +293,14 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
     Args:
         weights: trained ``.pt``; the ONNX is written beside it (``best.pt`` -> ``best.onnx``).
         cfg: the ``export:`` config section.
-        imgsz: training image size, used when ``cfg.imgsz`` is 0.
+        imgsz: export size (``Config.imgsz``: ``export.imgsz``, else ``train.imgsz``).
         thresholds: the sweep's operating point (``conf``, ``iou``, ``objective``); may be empty.
         metadata: lineage (``dataset_fingerprint``, ``source_run_id``, ``config_hash``, ...).
         sample_images: images for the parity gate; empty = ``cfg.parity_images`` generated images.
         parent_run_id: MLflow run the nested "export" run belongs to.
     """
     from tasks.core import tracking
-    size = cfg.imgsz or imgsz
+    size = imgsz
     weights = Path(weights)
     out = weights.with_suffix(".onnx")
     meta = {**{k: v for k, v in thresholds.items() if v is not None}, **metadata}

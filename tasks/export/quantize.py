@@ -476,7 +476,8 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
         tolerance: allowed absolute drop of ``metric``.
         max_retries: retries after the first attempt.
         nodes_per_retry: nodes moved back to float per retry.
-        evaluate_fn: ``path -> metrics``; default ``tasks.evaluation.evaluate.evaluate_model`` on val.
+        evaluate_fn: ``path -> metrics``, the same evaluator that measured ``float_metrics``
+            (``Evaluator.metrics_fn``); default: ``Evaluator`` defaults at ``imgsz``.
         imgsz: calibration/evaluation size (default: ONNX metadata).
         per_channel: per-channel weights.
         sensitivity_images: calibration images used for the sensitivity ranking.
@@ -488,10 +489,9 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
     if evaluate_fn is None:
         if data_yaml is None:
             raise DamageError("quantize_accuracy_aware needs data_yaml or evaluate_fn")
-        from tasks.evaluation.evaluate import evaluate_model
+        from tasks.evaluation.evaluate import Evaluator
 
-        def evaluate_fn(p: Path) -> dict[str, float]:
-            return evaluate_model(p, data_yaml, split="val", imgsz=size).metrics
+        evaluate_fn = Evaluator(imgsz=size).metrics_fn(data_yaml)
 
     base = float_metrics or evaluate_fn(onnx_in)
     target = base[metric] - tolerance

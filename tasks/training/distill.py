@@ -171,10 +171,11 @@ def train_scratch(data_yaml: str | Path, train_cfg, dcfg, out_dir: str | Path, s
 
 
 def distill_vs_scratch(teacher: str | Path, data_yaml: str | Path, train_cfg, dcfg, out_dir: str | Path,
-                       seed: int = 0, parent_run_id: str | None = None, eval_cfg=None) -> dict[str, Any]:
+                       seed: int = 0, parent_run_id: str | None = None, evaluator=None) -> dict[str, Any]:
     """Train the student with KD and from scratch (same epochs, data, seed); compare them side by side.
 
-    Both students are evaluated by ``tasks.evaluation.evaluate.evaluate_model`` on val. With
+    Both students are measured by ``evaluator`` (a ``tasks.evaluation.evaluate.Evaluator``;
+    default: its defaults at ``train_cfg.imgsz``). With
     ``parent_run_id`` each training is a nested MLflow run (``distill/kd``, ``distill/scratch``)
     with its per-epoch history (``train/dis_loss`` and ``train/kd_loss`` for KD), and a
     ``distill/compare`` run holds both final figures and ``kd_minus_scratch/*`` differences.
@@ -182,7 +183,7 @@ def distill_vs_scratch(teacher: str | Path, data_yaml: str | Path, train_cfg, dc
     Returns:
         ``{"kd": {...}, "scratch": {...}, "diff": {...}, "kd_weights", "scratch_weights"}``.
     """
-    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.evaluation.evaluate import Evaluator
 
     out_dir = Path(out_dir)
     histories: dict[str, list[tuple[int, dict[str, float]]]] = {"kd": [], "scratch": []}
@@ -190,11 +191,8 @@ def distill_vs_scratch(teacher: str | Path, data_yaml: str | Path, train_cfg, dc
                  on_epoch=lambda e, m: histories["kd"].append((e, m)))
     sc = train_scratch(data_yaml, train_cfg, dcfg, out_dir, seed=seed, name="scratch",
                        on_epoch=lambda e, m: histories["scratch"].append((e, m)))
-    kw = {} if eval_cfg is None else {"split": eval_cfg.split, "conf": eval_cfg.conf, "iou": eval_cfg.iou,
-                                      "max_det": eval_cfg.max_det}
-    res = {}
-    for tag, tr in (("kd", kd), ("scratch", sc)):
-        res[tag] = evaluate_model(tr.best, data_yaml, imgsz=train_cfg.imgsz, **kw).metrics
+    evaluator = evaluator or Evaluator(imgsz=train_cfg.imgsz)
+    res = {tag: evaluator(tr.best, data_yaml).metrics for tag, tr in (("kd", kd), ("scratch", sc))}
     keys = ("mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95")
     diff = {f"kd_minus_scratch/{k}": res["kd"][k] - res["scratch"][k] for k in keys}
     if parent_run_id:

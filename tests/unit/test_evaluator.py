@@ -1,0 +1,94 @@
+"""One evaluator built from config, one image-size rule, and no caller that unpacks the settings by hand."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tasks.core.config import Config, config_from_dict
+from tasks.evaluation import evaluate as E
+from tasks.evaluation.evaluate import EvalResult, Evaluator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_image_size_rule_and_settings_from_config():
+    cfg = config_from_dict({"train": {"imgsz": 96}, "evaluate": {"split": "test", "conf": 0.01, "iou": 0.6,
+                                                                   "max_det": 50}})
+    assert cfg.imgsz == 96  # export.imgsz 0: the training size
+    assert Evaluator.from_config(cfg) == Evaluator(split="test", imgsz=96, conf=0.01, iou=0.6, max_det=50)
+    cfg.export.imgsz = 128
+    assert cfg.imgsz == 128 and Evaluator.from_config(cfg).imgsz == 128  # exported size wins everywhere
+    assert Evaluator.from_config(cfg, imgsz=None, split="val") == Evaluator(split="val", imgsz=None, conf=0.01,
+                                                                            iou=0.6, max_det=50)
+    d = Config()
+    assert Evaluator.from_config(d) == Evaluator(imgsz=d.train.imgsz)  # config defaults = evaluator defaults
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = []
+
+    def fake(model, data_yaml, split="val", imgsz=None, conf=0.001, iou=0.7, max_det=300, batch=1):
+        calls.append((str(model), str(data_yaml), split, imgsz, conf, iou, max_det))
+        return EvalResult({"mask/mAP50": 0.5, "mask/mAP50-95": 0.3, "latency_ms": 1.0}, [], str(model),
+                          str(data_yaml), split, imgsz or 64, conf, iou, "onnx")
+
+    monkeypatch.setattr(E, "evaluate_model", fake)
+    return calls
+
+
+def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypatch, tmp_path):
+    from tasks.export import compress as C
+
+    lat = []
+    monkeypatch.setattr(C, "ort_latency_ms", lambda path, imgsz, runs=20: lat.append(imgsz) or 2.0)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"x" * 1000)
+    ev = Evaluator(split="test", imgsz=96, conf=0.01, iou=0.6, max_det=50)
+    root = C.measure_variant(C.Variant("parent", "parent", str(onnx)), "d.yaml", ev)
+    child = C.measure_variant(C.Variant("int8", "int8-static", str(onnx)), "d.yaml", ev, root_metrics=root.metrics)
+    assert recorded == [(str(onnx), "d.yaml", "test", 96, 0.01, 0.6, 50)] * 2
+    assert lat == [96, 96] and child.metrics["delta_mask_mAP50"] == 0.0
+    assert ev.metrics_fn("d.yaml")(onnx)["mask/mAP50"] == 0.5 and recorded[-1][2:] == ("test", 96, 0.01, 0.6, 50)
+
+
+def test_the_chain_loop_measures_every_variant_and_follows_the_head():
+    from tasks.export.compress import StepOutput, Variant, chain
+
+    root = Variant("parent", "parent", "p.onnx")
+    made = {"distill": ["distilled"], "prune": ["pruned", "pruned-ft"], "int8-static": ["int8"]}
+    heads = {"distill": "distilled", "prune": "pruned-ft", "int8-static": None}  # quantizing keeps the head
+    seen = []
+
+    def apply(step, head):
+        seen.append((step, head.name, head.metrics.get("measured")))
+        out = [Variant(n, step, f"{n}.onnx", head.name) for n in made[step]]
+        return StepOutput(out, next((v for v in out if v.name == heads[step]), head))
+
+    def measure(v):
+        return Variant(v.name, v.kind, v.onnx, v.parent, metrics={"measured": True})
+
+    variants = chain(["distill", "prune", "int8-static"], root, apply, measure)
+    assert [v.name for v in variants] == ["parent", "distilled", "pruned", "pruned-ft", "int8"]
+    assert all(v.metrics.get("measured") for v in variants[1:])
+    # each step sees the previous step's *measured* head
+    assert seen == [("distill", "parent", None), ("prune", "distilled", True), ("int8-static", "pruned-ft", True)]
+
+
+def test_only_the_evaluator_calls_evaluate_model():
+    """Callers get an ``Evaluator`` (built from config) instead of unpacking its settings by hand."""
+    offenders = []
+    for pkg in ("flows", "tasks", "model_registry"):
+        for f in (ROOT / pkg).rglob("*.py"):
+            if f == ROOT / "tasks" / "evaluation" / "evaluate.py":
+                continue
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                if isinstance(node, ast.Call):
+                    fn = node.func
+                    name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+                    if name == "evaluate_model":
+                        offenders.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"evaluate_model called outside Evaluator: {offenders}"
