@@ -15,7 +15,7 @@ export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := 0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint ui-mlflow ui-prefect clean-state
+.PHONY: install demo test test-slow lint ui-mlflow ui-prefect clean-state prefect-yaml
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ ui-mlflow: install
 
 ui-prefect: install
 	PREFECT_HOME=$(DAMAGE_STATE_DIR)/prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# infra/prefect.yaml is generated from flows/deploy.py (a test fails when they differ)
+prefect-yaml: install
+	$(BIN)/python -m flows.deploy infra/prefect.yaml
 
 clean-state:
 	rm -rf $(DAMAGE_STATE_DIR)

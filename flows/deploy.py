@@ -14,8 +14,10 @@ Two ways to run them, same definitions:
   no work pool. Runs execute as subprocesses of that process.
 * ``damage schedule --work-pool damage-process`` registers them with a work pool (entrypoints
   are module paths, so any worker with this package installed can run them) and returns; a
-  ``prefect worker start --pool damage-process`` executes the runs. ``infra/prefect.yaml`` is
-  the same thing for ``prefect deploy``.
+  ``prefect worker start --pool damage-process`` executes the runs.
+* ``prefect deploy --prefect-file infra/prefect.yaml --all``: the same deployments for the
+  default config. The file is generated from this module (``python -m flows.deploy
+  infra/prefect.yaml``); a test fails when it differs from what this module builds.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from typing import Any
 
 from tasks.core.config import Config
 
-# A nightly run that fails (server hiccup, node lost) is retried as a whole after these seconds;
-# the skip check then short-circuits nothing (no success recorded) and training resumes.
-FLOW_RETRIES = 2
-FLOW_RETRY_DELAY_S = 300
 NIGHTLY_TAGS = ["damage", "nightly"]
+WORK_POOL = "damage-process"  # the pool infra/prefect.yaml and the compose worker use
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml"
+# What each deployment runs: (module, attribute). The nightly one is the flow object with retries
+# (flows/nightly.py), so that a worker or a served subprocess loading it gets them too.
+ENTRYPOINTS = {"nightly": ("flows.nightly", "scheduled_nightly"), "promote": ("flows.promote", "promote"),
+               "compress": ("flows.compress", "compress_flow")}
 
 
 def nightly_parameters(flow_fn: Any, config_path: str | None, dataset: str | None = None,
@@ -72,15 +76,14 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     from prefect.schedules import Cron
 
     from flows.compress import compress_flow
-    from flows.nightly import nightly
+    from flows.nightly import nightly, scheduled_nightly
     from flows.promote import promote
 
     cp = str(Path(config_path).resolve()) if config_path else None
     common: dict[str, Any] = {"work_pool_name": work_pool}
     if work_pool:  # a worker imports the flow from the installed package, no code storage needed
         common["entrypoint_type"] = EntrypointType.MODULE_PATH
-    flow = nightly.with_options(retries=FLOW_RETRIES, retry_delay_seconds=FLOW_RETRY_DELAY_S)
-    deployments = [flow.to_deployment(
+    deployments = [scheduled_nightly.to_deployment(
         "nightly",
         schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)] if schedule else None,
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
@@ -105,7 +108,65 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     deployments.append(compress_flow.to_deployment(
         "compress", description="Compression chain on a trained model (distill, prune, quantize).",
         tags=["damage", "compress"], enforce_parameter_schema=False, **common))
+    for d in deployments:  # Prefect derives the entrypoint from the function's name, not the flow object's
+        module, attr = ENTRYPOINTS[d.name]
+        d.entrypoint = f"{module}.{attr}" if work_pool else f"{module.replace('.', '/')}.py:{attr}"
     return deployments
+
+
+_YAML_HEADER = """\
+# GENERATED from flows/deploy.py by `python -m flows.deploy infra/prefect.yaml`; do not edit by hand
+# (tests/unit/test_deploy.py fails when this file and flows/deploy.py differ).
+#
+# Prefect deployments for `prefect deploy` (work-pool mode), built from configs/default.yaml.
+# Run from the repository root:
+#
+#   prefect work-pool create damage-process --type process
+#   prefect deploy --prefect-file infra/prefect.yaml --all
+#   prefect worker start --pool damage-process
+#
+# `damage schedule --work-pool damage-process` registers the same deployments from whatever
+# config you pass, and is the recommended way.
+"""
+
+
+def prefect_yaml(cfg: Config, work_pool: str = WORK_POOL) -> str:
+    """The ``prefect.yaml`` text of ``build_deployments(cfg)`` for ``prefect deploy`` (file-path entrypoints,
+    run from the checkout the worker's ``DAMAGE_REPO_DIR`` names)."""
+    import yaml
+    from prefect import __version__
+
+    entries = []
+    for d in build_deployments(cfg, work_pool=None):
+        entry: dict[str, Any] = {"name": d.name, "entrypoint": d.entrypoint, "description": d.description,
+                                 "tags": list(d.tags), "work_pool": {"name": work_pool}}
+        if d.schedules:
+            entry["schedules"] = [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in d.schedules]
+        if d.concurrency_limit:
+            entry["concurrency_limit"] = {"limit": d.concurrency_limit,
+                                          "collision_strategy": d.concurrency_options.collision_strategy.value}
+        if d.enforce_parameter_schema is False:
+            entry["enforce_parameter_schema"] = False
+        entry["parameters"] = d.parameters
+        entries.append(entry)
+    spec = {"name": "damage", "prefect-version": ".".join(__version__.split(".")[:2]), "build": None, "push": None,
+            "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $DAMAGE_REPO_DIR }}"}}],
+            "deployments": entries}
+    return _YAML_HEADER + yaml.safe_dump(spec, sort_keys=False, default_flow_style=False, width=110)
+
+
+if __name__ == "__main__":  # python -m flows.deploy [OUT]: write (or print) infra/prefect.yaml's text
+    import sys
+
+    from tasks.core.config import load_config
+
+    text = prefect_yaml(load_config())
+    if len(sys.argv) > 1:
+        from tasks.core.atomic import atomic_write_text
+
+        atomic_write_text(sys.argv[1], text)
+    else:
+        print(text, end="")
 
 
 def register_with_pool(deployments: list[Any], work_pool: str) -> list[str]:

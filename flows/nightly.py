@@ -88,3 +88,12 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         raise
     _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=summary)
     return summary
+
+
+# A nightly run that fails (server hiccup, node lost) is retried as a whole after these seconds;
+# the skip check then short-circuits nothing (no success recorded) and training resumes from
+# last.pt. Only the deployments run this object (flows/deploy.py); `damage run` calls `nightly`
+# and fails at once.
+FLOW_RETRIES = 2
+FLOW_RETRY_DELAY_S = 300
+scheduled_nightly = nightly.with_options(retries=FLOW_RETRIES, retry_delay_seconds=FLOW_RETRY_DELAY_S)

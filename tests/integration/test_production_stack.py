@@ -142,12 +142,12 @@ def test_work_pool_registration(prefect_server, tmp_path):
     assert "registered" in out
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
         dep = c.read_deployment_by_name("nightly/nightly")
-        assert dep.work_pool_name == "damage-process" and dep.entrypoint == "flows.nightly.nightly"
+        assert dep.work_pool_name == "damage-process" and dep.entrypoint == "flows.nightly.scheduled_nightly"
         assert dep.schedules[0].schedule.cron == "15 3 * * *"
     sh(str(bindir / "prefect"), "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all")
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
         dep = c.read_deployment_by_name("nightly/nightly")
-        assert dep.entrypoint == "flows/nightly.py:nightly" and dep.work_pool_name == "damage-process"
+        assert dep.entrypoint == "flows/nightly.py:scheduled_nightly" and dep.work_pool_name == "damage-process"
         assert dep.schedules[0].schedule.cron == "0 2 * * *"
 
 
@@ -202,18 +202,3 @@ def test_deployments_built_from_config(tmp_path, state_paths):
     assert "train.epochs=3" in flat and "data.source=s3://b/ds" in flat and "train.model=s" in flat
     assert "promote" in deps
     assert os.environ.get("PREFECT_API_URL") is None  # building needs no server
-
-
-def test_prefect_yaml_mirrors_default_config():
-    """infra/prefect.yaml (for `prefect deploy`) has the default config's schedule and entrypoints that exist."""
-    from tasks.core.config import load_config
-
-    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
-    deps = {d["name"]: d for d in spec["deployments"]}
-    cfg = load_config()
-    sched = deps["nightly"]["schedules"][0]
-    assert (sched["cron"], sched["timezone"]) == (cfg.schedule.cron, cfg.schedule.timezone)
-    assert deps["nightly"]["concurrency_limit"]["limit"] == 1
-    for d in deps.values():
-        path, _, fn = d["entrypoint"].partition(":")
-        assert (REPO / path).is_file() and f"def {fn}(" in (REPO / path).read_text(), d["entrypoint"]
