@@ -47,7 +47,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             skipped = _t(record_skip, "record-skip", retries=3)(run.tracking_uri, run.run_id, unchanged)
             _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=skipped)
             return skipped
-        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id)
+        # the skip check hashed the dataset: the gate reuses that fingerprint instead of reading it again
+        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id,
+                                                 fingerprint=unchanged.dataset_fingerprint)
         # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.
         trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,

@@ -7,6 +7,7 @@ copy on (``on_error: clean``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,12 @@ class DataCheck:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, parent_run_id: str) -> DataCheck:
+def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, parent_run_id: str,
+                    fingerprint: str | None = None) -> DataCheck:
     """Structure check + GE validation inside a nested MLflow run "validate".
+
+    ``fingerprint`` is the dataset's content fingerprint when the flow already computed it (the
+    skip check does, so a nightly run hashes the dataset once); None = computed here.
 
     Raises:
         DatasetError: the dataset is structurally broken (missing split, bad data.yaml...).
@@ -48,7 +53,7 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
         tracking.log_metrics(c, run_id, {f"images/{k}": v for k, v in info.images.items()})
         tracking.log_metrics(c, run_id, {f"instances/{k}": v for k, v in info.instances.items()})
         if not cfg.enabled:
-            fp = dataset_fingerprint(info.root)
+            fp = fingerprint or dataset_fingerprint(info.root)
             tracking.set_tags(c, run_id, {"dataset_fingerprint": fp, "validation": "skipped"})
             return DataCheck(Path(data_yaml), fp, True, images=info.images, instances=info.instances)
 
@@ -57,7 +62,7 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
         report_dir.mkdir(parents=True, exist_ok=True)
         clean_out = report_dir / "cleaned" if cfg.on_error == "clean" else None
         res = validate_dataset(Path(data_yaml), cfg, report_path=report_dir / "report.json",
-                               html_dir=report_dir / "html", clean_out=clean_out)
+                               html_dir=report_dir / "html", clean_out=clean_out, fingerprint=fingerprint)
         summary = res.report["summary"]
         tracking.log_metrics(c, run_id, {"errors": summary["errors"], "warnings": summary["warnings"],
                                          **{f"findings/{k}": v for k, v in summary["by_code"].items()}})
@@ -73,6 +78,7 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
         if cfg.on_error == "clean" and res.clean_data_yaml is not None:
             tracking.set_tags(c, run_id, {"trained_on": "cleaned copy"})
             check.data_yaml, check.cleaned = Path(res.clean_data_yaml), True
-            check.fingerprint = dataset_fingerprint(Path(res.clean_data_yaml).parent)
+            # the copy was hashed when it was written (quarantine.json): not read again here
+            check.fingerprint = json.loads(Path(res.quarantine_path).read_text())["fingerprint"]
             return check
         raise GateFailed(f"data gate failed: {res.summary_line()}")

@@ -161,7 +161,8 @@ def _check_outputs(root: Path, outs: list[Path | None], clean_out: Path | None) 
 
 
 def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None = None,
-                     html_dir: Path | None = None, clean_out: Path | None = None) -> ValidationResult:
+                     html_dir: Path | None = None, clean_out: Path | None = None,
+                     fingerprint: str | None = None) -> ValidationResult:
     """Run the data gate on a YOLO-seg dataset.
 
     Args:
@@ -173,6 +174,8 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
             (Great Expectations Data Docs); None = no HTML.
         clean_out: where to write a cleaned copy (samples with errors and the second member
             of every duplicate group left out) plus ``quarantine.json``; None = no copy.
+        fingerprint: the dataset's content fingerprint when the caller already has it (the
+            nightly flow hashes the dataset once, in its skip check); None = computed here.
 
     Returns:
         ValidationResult with ``passed``, the report dict and the paths written.
@@ -209,7 +212,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     params = suite_parameters(cfg, len(layout.names))
     results = runner.validate(frames, params)
     findings = [dict(f, severity=sev[f["code"]]) for f in findings_from_results(results, frames, params)]
-    fingerprint = dataset_fingerprint(layout.root)
+    fingerprint = fingerprint or dataset_fingerprint(layout.root)
     report = build_report(str(layout.root), fingerprint, len(inv.samples) + sum(
         1 for link in inv.outside_links if link["kind"] == "image"), int(builder.annotation_count), findings)
     t_checks = time.perf_counter()
