@@ -15,14 +15,15 @@ export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := 0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint ui-mlflow ui-prefect clean-state prefect-yaml
+.PHONY: install demo test test-slow lint ui-mlflow ui-prefect clean-state prefect-yaml constraints
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -e '.[dev]'
+	@# [server]: psycopg2 and MLflow basic auth, which the integration tests start servers with
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,server]'
 	@# opencv-python-headless beside opencv-python breaks cv2 silently: refuse it.
 	@! $(BIN)/python -m pip show -q opencv-python-headless 2>/dev/null || \
 	  { echo "opencv-python-headless is installed next to opencv-python; uninstall it"; exit 1; }
@@ -50,6 +51,16 @@ ui-prefect: install
 # infra/prefect.yaml is generated from flows/deploy.py (a test fails when they differ)
 prefect-yaml: install
 	$(BIN)/python -m flows.deploy infra/prefect.yaml
+
+# constraints.txt: the installed version of every direct dependency in pyproject.toml (run it in a
+# tested environment after changing pyproject.toml; a test checks the pins against the ranges)
+constraints: install
+	@$(BIN)/python -c 'import re, tomllib; from importlib.metadata import version; \
+	p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	reqs = p["dependencies"] + [r for v in p["optional-dependencies"].values() for r in v]; \
+	names = sorted({re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in reqs}, key=str.lower); \
+	print("\n".join(f"{n}=={version(n)}" for n in names))' > constraints.txt.new
+	{ grep '^#' constraints.txt; cat constraints.txt.new; } > constraints.txt.tmp && rm constraints.txt.new && mv constraints.txt.tmp constraints.txt
 
 clean-state:
 	rm -rf $(DAMAGE_STATE_DIR)
