@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
@@ -182,6 +182,15 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = None
     artifact_location: str | None = None
     experiment: str = "damage"
+    system_metrics_interval_s: float = Field(10.0, ge=0)
+    ui_url: str | None = None
+
+
+class NotifyConfig(_Section):
+    # Apprise URLs carry tokens: SecretStr keeps them out of to_dict() (params, hashes, logs).
+    urls: list[SecretStr] = []
+    events: list[Literal["failure", "approval", "promotion"]] = ["failure", "approval", "promotion"]
+    timeout_s: float = Field(10.0, gt=0)
 
 
 class Config(_Section):
@@ -200,6 +209,7 @@ class Config(_Section):
     explain: ExplainConfig = ExplainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
