@@ -115,11 +115,18 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
 
 def measure_variant(v: Variant, data_yaml: str | Path, imgsz: int, eval_cfg, latency_runs: int = 20,
                     root_metrics: dict[str, float] | None = None) -> Variant:
-    """Fill ``v.metrics``: evaluator metrics on val, ORT latency, file size, delta to the root."""
+    """Fill ``v.metrics``: evaluator metrics on val, ORT latency, file size, delta to the root.
+
+    The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
+    (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
+    """
     from tasks.evaluation.evaluate import evaluate_model
 
+    plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
     res = evaluate_model(v.onnx, data_yaml, split=eval_cfg.split, imgsz=imgsz, conf=eval_cfg.conf,
-                         iou=eval_cfg.iou, max_det=eval_cfg.max_det)
+                         iou=eval_cfg.iou, max_det=eval_cfg.max_det, plots_dir=plots_dir)
+    v.info["plots_dir"] = str(plots_dir)
+    v.info["data_yaml"] = str(data_yaml)
     m = dict(res.metrics)
     m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
     m["latency_ms"] = ort_latency_ms(v.onnx, imgsz, runs=latency_runs)
@@ -367,6 +374,7 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
                                              **{f"info.{k}": val for k, val in _flat_info(v.info).items()}})
                 tracking.log_metrics(c, vid, {**v.metrics, "candidate": float(v.candidate),
                                               "chosen": float(v.chosen)})
+                _log_variant_inputs(c, vid, v)
         tracking.log_artifact(c, run_id, table_csv)
         tracking.log_artifact(c, run_id, plot_png)
         tracking.log_dict(c, run_id, chosen.to_dict(), "chosen.json")
@@ -374,6 +382,20 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
         tracking.set_tags(c, run_id, {"damage.compress.chosen": chosen.name,
                                       "damage.compress.chosen_kind": chosen.kind})
     return run_id
+
+
+def _log_variant_inputs(c, run_id: str, v: Variant) -> None:
+    """The variant's evaluation dataset (MLflow input) and its curves / confusion matrix (``plots/``)."""
+    from tasks.core import tracking
+
+    if v.info.get("data_yaml"):
+        from tasks.data.mlflow_input import log_dataset_input
+
+        log_dataset_input(c, run_id, v.info["data_yaml"], None, "evaluation")
+    plots = Path(v.info.get("plots_dir") or "")
+    if v.info.get("plots_dir") and plots.is_dir():
+        for f in sorted(plots.glob("*.png")):
+            tracking.log_artifact(c, run_id, f, "plots")
 
 
 def _flat_info(info: dict[str, Any]) -> dict[str, Any]:
