@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from tasks.core.pipeline import (
     close_pipeline_run,
@@ -30,13 +31,16 @@ _opts = {"cache_policy": NO_CACHE}
 
 def _t(fn, name: str, retries: int = 0):
     """Wrap a plain step function as a Prefect task (no caching: steps pass live objects)."""
-    return task(fn, name=name, retries=retries, retry_delay_seconds=[10, 60, 300][:retries] or 0, **_opts)
+    return task(fn, name=name, task_run_name=name, retries=retries,  # readable run names: "train", not "train-2a2"
+                retry_delay_seconds=[10, 60, 300][:retries] or 0, **_opts)
 
 
 @flow(name="nightly", log_prints=True)
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
+    from model_registry.card import card_step
     from model_registry.steps import gate_step, register_step
+    from tasks.core import reporting
     from tasks.evaluation.evaluate import evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
     from tasks.evaluation.sweep import sweep_step
@@ -46,6 +50,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
+    links = _t(reporting.link_runs, "link-runs")(cfg, run)
     try:
         data_yaml = _t(prepare_dataset, "prepare-dataset", retries=3)(cfg, paths)
         unchanged = _t(check_unchanged, "check-unchanged", retries=3)(data_yaml, cfg, run.tracking_uri, force)
@@ -53,14 +58,20 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             print(unchanged.reason)
             skipped = _t(record_skip, "record-skip", retries=3)(run.tracking_uri, run.run_id, unchanged)
             _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=skipped)
-            return skipped
+            _t(reporting.mark_skipped, "mark-skipped")(run, unchanged.reason)
+            return Completed(name="Skipped", message=unchanged.reason, data=skipped)  # shown as skipped
         data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id)
         # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.
         trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
-                                                     dataset_fingerprint=data.fingerprint)
-        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id)
+                                                     dataset_fingerprint=data.fingerprint,
+                                                     system_metrics_s=cfg.mlflow.system_metrics_interval_s,
+                                                     dataset_source=cfg.data.source)
+        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id,
+                                                dataset_fingerprint=data.fingerprint,
+                                                system_metrics_s=cfg.mlflow.system_metrics_interval_s,
+                                                dataset_source=cfg.data.source)
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.train.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
@@ -82,6 +93,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
+        _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links)
+        _t(reporting.notify_approval, "notify-approval")(cfg, run, version, candidate["metrics"], decision)
         if cfg.registry.wait_for_approval and decision.passed:
             from flows.promote import await_approval
 
@@ -89,9 +102,12 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                            decision.reasons)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
+        summary.update({k: v for k, v in links.items() if v})
+        _t(reporting.publish_summary, "publish-summary")(summary, links)
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)
     except BaseException as e:
         _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=False, error=repr(e))
+        _t(reporting.notify_failure, "notify-failure")(cfg, run, repr(e))
         raise
     _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=summary)
     return summary
