@@ -98,8 +98,12 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         if cfg.registry.wait_for_approval and decision.passed:
             from flows.promote import await_approval
 
-            await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
-                           decision.reasons)
+            answer = await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
+                                    decision.reasons)
+            if answer.get("decision") == "approved":
+                _t(reporting.notify_promotion, "notify-promotion")(cfg, version.name, version.version,
+                                                                   answer.get("by", ""), answer.get("reason", ""),
+                                                                   run.tracking_uri)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
         summary.update({k: v for k, v in links.items() if v})

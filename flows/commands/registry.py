@@ -72,6 +72,9 @@ def approve_(
                     lock_timeout_s=cfg.registry.lock_timeout_s)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
+    from tasks.core.reporting import notify_promotion
+
+    notify_promotion(cfg, name, v.version, by, reason, uri)  # best effort: never fails the approval
 
 
 @registry_app.command("reject")

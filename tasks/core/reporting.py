@@ -143,3 +143,15 @@ def notify_approval(cfg: Config, run: PipelineRun, version, metrics: dict[str, A
     link = mlflow_version_url(version.name, version.version, mlflow_base(cfg.mlflow.ui_url, run.tracking_uri))
     title, body = approval_message(version.name, version.version, metrics, link, list(decision.reasons))
     return send(cfg.notify, "approval", title, body)
+
+
+def notify_promotion(cfg: Config, name: str, version: str | int, by: str, reason: str,
+                     tracking_uri: str | None = None) -> bool:
+    """Tell ``notify.urls`` that ``version`` of ``name`` is now production."""
+    from tasks.core.links import mlflow_base, mlflow_version_url
+    from tasks.core.notify import promotion_message, send
+
+    if not cfg.notify.urls:
+        return False
+    link = mlflow_version_url(name, version, mlflow_base(cfg.mlflow.ui_url, tracking_uri))
+    return send(cfg.notify, "promotion", *promotion_message(name, version, by, reason, link))
