@@ -545,7 +545,8 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
 
 def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
             ious: Sequence[float] = (0.7,), op_confs: Sequence[float] = (), max_det: int = 300,
-            batch: int = 1, conf_floor: float = CONF_FLOOR, confusion: Any = None) -> Collected:
+            batch: int = 1, conf_floor: float = CONF_FLOOR, confusion: Any = None,
+            progress: str | None = None) -> Collected:
     """Run the network once per image and score its output at every NMS IoU of ``ious``.
 
     Args:
@@ -561,6 +562,8 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
         conf_floor: confidence floor of the mAP detections (keep 0.001).
         confusion: True = fill a confusion matrix (``tasks.evaluation.plots``) at the first IoU of
             ``ious``, returned as ``Collected.confusion``; None = none.
+        progress: a label (e.g. ``"sweep"``): show a progress bar / Prefect progress artifact
+            over the images; None = silent.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments.
@@ -587,7 +590,12 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
     op_scores: dict[float, list[ImageScore]] = {float(v): [] for v in ious} if op_confs else {}
     t_pre = t_inf = t_post = 0.0
     first_iou = float(ious[0])
-    with torch.inference_mode():
+    from contextlib import nullcontext
+
+    from tasks.core.progress import track
+
+    bar_cm = track(progress, f"{progress}: images", len(ds), artifact_every=16) if progress else nullcontext()
+    with torch.inference_mode(), bar_cm as bar:
         m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up (lazy init of kernels), not timed
         for start in range(0, len(ds), batch):
             t0 = time.perf_counter()
@@ -616,6 +624,8 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
                 for v in op_scores:
                     op_scores[v].append(_op_scores(preds[i], protos[i], truth, truth_full, v, op_confs,
                                                    m.names, max_det, hw))
+            if bar is not None:
+                bar.advance(len(items))
     n = len(truths)
     speed = {"preprocess": 1e3 * t_pre / n, "inference": 1e3 * t_inf / n, "postprocess": 1e3 * t_post / n}
     return Collected(m.names, m.imgsz, m.fmt, truths, map_scores, op_scores, speed,
@@ -666,8 +676,9 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
     if plots_dir is not None:
         from tasks.evaluation.plots import write_eval_plots
 
-        plots = [str(p) for p in write_eval_plots(col.map_scores[float(iou)], col.truths, col.names, plots_dir,
-                                                    col.confusion)]
+        target = np.concatenate([t.cls for t in col.truths]).astype(int) if col.truths else np.zeros(0, int)
+        plots = [str(p) for p in write_eval_plots(*_concat(col.map_scores[float(iou)]), target, col.names,
+                                                    plots_dir, col.confusion)]
     return EvalResult(metrics, per_class_table(summaries, col.truths, col.names), str(model), str(data_yaml),
                       split, col.imgsz, conf, iou, col.model_format, plots)
 

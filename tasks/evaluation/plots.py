@@ -48,12 +48,15 @@ def confusion_update(cm, pred, truth, nms_iou: float, nc: int, max_det: int) -> 
                      conf=CM_CONF, iou_thres=CM_IOU)
 
 
-def write_eval_plots(scores, truths, names: dict[int, str], out_dir: str | Path, confusion: Any = None) -> list[Path]:
+def write_eval_plots(conf: np.ndarray, cls: np.ndarray, tp_box: np.ndarray, tp_mask: np.ndarray,
+                     target: np.ndarray, names: dict[int, str], out_dir: str | Path,
+                     confusion: Any = None) -> list[Path]:
     """Box and mask PR / F1 / P / R curves per class, and the confusion matrix, as PNGs.
 
     Args:
-        scores: per-image ``ImageScore`` at the conf floor (one NMS IoU).
-        truths: per-image ``ImageTruth``.
+        conf, cls: (k,) scores and classes of every detection of the split (conf floor, one NMS IoU).
+        tp_box, tp_mask: (k, 10) true-positive flags at IoU 0.5:0.95 (box and mask matching).
+        target: classes of every ground-truth instance.
         names: class id -> name.
         out_dir: created if missing; files use the names in the module docstring.
         confusion: a filled ``new_confusion`` matrix, or None for curves only.
@@ -66,14 +69,11 @@ def write_eval_plots(scores, truths, names: dict[int, str], out_dir: str | Path,
     matplotlib.use("Agg")  # headless: flows run without a display
     from ultralytics.utils.metrics import ap_per_class
 
-    from tasks.evaluation.evaluate import _concat
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    conf, cls, tp_b, tp_m = _concat(scores)
-    target = np.concatenate([t.cls for t in truths]).astype(int) if truths else np.zeros(0, int)
+    target = np.asarray(target, int)
     if len(target):
-        for kind, tp in (("box", tp_b), ("mask", tp_m)):
+        for kind, tp in (("box", tp_box), ("mask", tp_mask)):
             ap_per_class(np.asarray(tp, bool), np.asarray(conf, float), np.asarray(cls, int), target, plot=True,
                          save_dir=out, names=dict(names), prefix=f"{kind}_")
     if confusion is not None:
