@@ -371,7 +371,7 @@ def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val
     get_objective(objective)  # fail before the inference pass
     confs, ious = _check_grid("conf", conf_grid), _check_grid("iou", iou_grid)
     col = collect(model, data_yaml, split, imgsz, ious=ious, op_confs=confs, max_det=max_det, batch=batch,
-                  conf_floor=CONF_FLOOR)
+                  conf_floor=CONF_FLOOR, progress="sweep")
     rows = grid_rows(col, confs, ious)
     best = choose_operating_point(rows, objective, min_precision)
     res = SweepResult(rows, best, objective, min_precision, images=len(col.truths), seconds=col.seconds)

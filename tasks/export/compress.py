@@ -472,10 +472,14 @@ def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: st
     steps = plan_steps(cfg.compress.steps)
     root = measure_variant(root_variant(parent_weights, parent_onnx, imgsz), data_yaml, imgsz, cfg.evaluate)
     variants, head = [root], root
-    for step in steps:
-        res = apply_step(step, head, root, data_yaml, cfg, Path(out_dir) / step, imgsz, on_epoch)
-        for v in res.variants:
-            measure_variant(v, data_yaml, imgsz, cfg.evaluate, root_metrics=root.metrics)
-        variants += res.variants
-        head = res.head
+    from tasks.core.progress import track
+
+    with track("compress", f"compress: {len(steps)} steps", len(steps)) as bar:
+        for step in steps:
+            res = apply_step(step, head, root, data_yaml, cfg, Path(out_dir) / step, imgsz, on_epoch)
+            for v in res.variants:
+                measure_variant(v, data_yaml, imgsz, cfg.evaluate, root_metrics=root.metrics)
+            variants += res.variants
+            head = res.head
+            bar.advance()
     return finalize(variants, root, cfg, out_dir, parent_run_id)
