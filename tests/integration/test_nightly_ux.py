@@ -131,8 +131,8 @@ def test_flow_run_has_summary_progress_link_and_project_logs(ux_run):
     md = by_key["nightly-summary"]
     assert md.type == "markdown" and "| mask/mAP50 |" in md.data and "Promotion gate" in md.data
     assert f"versions/{s['registered_version']}" in md.data
-    prog = by_key["train-epochs"]
-    assert prog.type == "progress" and float(prog.data) == 100.0
+    for key in ("train-epochs", "validate-scan", "sweep"):  # per epoch, per scan chunk, per sweep image
+        assert by_key[key].type == "progress" and float(by_key[key].data) == 100.0, key
     link = by_key["mlflow-run"]
     assert link.type == "markdown" or link.type == "link"
     assert f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning" in str(link.data)
