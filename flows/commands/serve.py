@@ -120,8 +120,10 @@ def ui(
     if tracking_uri.startswith(("http://", "https://")):
         fail(f"MLflow tracking URI is a server ({tracking_uri}): open its UI there; `damage ui` serves local stores")
     logs = [paths.root / "logs" / "ui-mlflow.log", paths.root / "logs" / "ui-prefect.log"]
+    # One worker: a UI for one person, and uvicorn's multi-worker supervisor kills workers that miss
+    # its 5 s health ping, which happens on a busy 2-core machine (workers restarting forever).
     mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-                  "--host", host, "--port", str(mlflow_port)]
+                  "--host", host, "--port", str(mlflow_port), "--workers", "1"]
     prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)]
     prefect_env = {"PREFECT_HOME": str(paths.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}

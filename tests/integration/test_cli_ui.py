@@ -53,5 +53,9 @@ def test_damage_ui_starts_both_and_ctrl_c_stops_both(tmp_path):
         time.sleep(1)
         assert not _listening(mp) and not _listening(pp)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # stop it the way a user would, so it stops its servers too
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
