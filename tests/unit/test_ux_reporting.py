@@ -116,3 +116,14 @@ def test_summary_markdown_has_figures_gate_and_links():
     assert "| mask/mAP50 | 0.333 |" in md and "| dent | 2 |" in md and "passed: staging" in md
     assert "(http://m:5000/#/models/damage-seg/versions/2)" in md
     assert "[MLflow run r1](http://m:5000/#/experiments/1/runs/r1?workflowType=machine_learning)" in md
+
+
+def test_reporting_keys_do_not_change_the_pipeline_key():
+    from tasks.core.config import load_config
+    from tasks.core.skip import skip_config_hash
+
+    base = skip_config_hash(load_config())
+    for o in ('notify.urls=["json://h/x"]', "notify.events=[failure]", "mlflow.system_metrics_interval_s=0",
+              "mlflow.ui_url=http://m:5000"):
+        assert skip_config_hash(load_config(overrides=[o])) == base, o
+    assert skip_config_hash(load_config(overrides=["train.epochs=3"])) != base
