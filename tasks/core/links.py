@@ -35,9 +35,14 @@ def mlflow_run_url(experiment_id: str, run_id: str, base: str | None = None) -> 
     return f"{mlflow_base(base)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
 
 
+# Oldest first: the nested step runs under a pipeline run then read top to bottom (validate, train,
+# evaluate ... promotion-gate) instead of the UI's default newest-first order.
+PIPELINE_ORDER = "orderByKey=attributes.start_time&orderByAsc=true"
+
+
 def mlflow_experiment_url(experiment_id: str, base: str | None = None) -> str:
-    """Experiment runs table in the model-training view."""
-    return f"{mlflow_base(base)}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
+    """Experiment runs table in the model-training view, steps in pipeline order."""
+    return f"{mlflow_base(base)}/#/experiments/{experiment_id}/runs?{ML_VIEW}&{PIPELINE_ORDER}"
 
 
 def mlflow_version_url(model_name: str, version: str | int, base: str | None = None) -> str:

@@ -440,7 +440,8 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
                                         "map_conf_floor": CONF_FLOOR})
         exp_id = c.get_run(run_id).info.experiment_id
         for r in res.rows:
-            child = tracking.start_run(c, exp_id, f"conf={r['conf']:.2f} iou={r['iou']:.2f}", run_id,
+            # short enough for the UI's run-name column ("conf=0.50 i..." was cut)
+            child = tracking.start_run(c, exp_id, f"c{r['conf']:.2f} i{r['iou']:.2f}", run_id,
                                        {"damage.step": "sweep-point"})
             tracking.log_params(c, child, {"conf": r["conf"], "iou": r["iou"]})
             tracking.log_metrics(c, child, r)

@@ -77,7 +77,8 @@ def test_links_open_the_model_training_view():
 
     assert links.mlflow_run_url("3", "abc", "http://h:5000/") == \
         "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
-    assert links.mlflow_experiment_url("3", "http://h:5000").endswith("/#/experiments/3/runs?workflowType=machine_learning")
+    assert links.mlflow_experiment_url("3", "http://h:5000").endswith(
+        "/#/experiments/3/runs?workflowType=machine_learning&orderByKey=attributes.start_time&orderByAsc=true")
     assert links.mlflow_base(None, "http://srv:8080/") == "http://srv:8080"
     assert links.mlflow_base(None, "sqlite:///x.db") == links.DEFAULT_MLFLOW_UI
     assert links.mlflow_version_url("damage seg", 2, "http://h").endswith("/#/models/damage%20seg/versions/2")
