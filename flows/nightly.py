@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.states import Completed
 
 from tasks.core.pipeline import (
     close_pipeline_run,
@@ -29,7 +30,9 @@ from tasks.core.skip import (
 @flow(name="nightly", log_prints=True)
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
+    from model_registry.card import card_step
     from model_registry.steps import gate_step, register_step
+    from tasks.core import reporting
     from tasks.evaluation.evaluate import Evaluator, evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
     from tasks.evaluation.sweep import sweep_step
@@ -39,6 +42,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
+    links = _t(reporting.link_runs, "link-runs")(cfg, run)
     try:
         data_yaml = _t(prepare_dataset, "prepare-dataset", retries=3)(cfg, paths)
         unchanged = _t(check_unchanged, "check-unchanged", retries=3)(data_yaml, cfg, run.tracking_uri, force)
@@ -46,7 +50,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             print(unchanged.reason)
             skipped = _t(record_skip, "record-skip", retries=3)(run.tracking_uri, run.run_id, unchanged)
             _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=skipped)
-            return skipped
+            _t(reporting.mark_skipped, "mark-skipped")(run, unchanged.reason)
+            return Completed(name="Skipped", message=unchanged.reason, data=skipped)  # shown as skipped
         # the skip check hashed the dataset: the gate reuses that fingerprint instead of reading it again
         data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id,
                                                  fingerprint=unchanged.dataset_fingerprint)
@@ -54,8 +59,13 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
-                                                     dataset_fingerprint=data.fingerprint)
-        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, Evaluator.from_config(cfg), run.run_id)
+                                                     dataset_fingerprint=data.fingerprint,
+                                                     system_metrics_s=cfg.mlflow.system_metrics_interval_s,
+                                                     dataset_source=cfg.data.source)
+        metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, Evaluator.from_config(cfg), run.run_id,
+                                                dataset_fingerprint=data.fingerprint,
+                                                system_metrics_s=cfg.mlflow.system_metrics_interval_s,
+                                                dataset_source=cfg.data.source)
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
@@ -77,16 +87,25 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
+        _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links)
+        _t(reporting.notify_approval, "notify-approval")(cfg, run, version, candidate["metrics"], decision)
         if cfg.registry.wait_for_approval and decision.passed:
             from flows.promote import await_approval
 
-            await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
-                           decision.reasons)
+            answer = await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
+                                    decision.reasons)
+            if answer.get("decision") == "approved":
+                _t(reporting.notify_promotion, "notify-promotion")(cfg, version.name, version.version,
+                                                                   answer.get("by", ""), answer.get("reason", ""),
+                                                                   run.tracking_uri)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
+        summary.update({k: v for k, v in links.items() if v})
+        _t(reporting.publish_summary, "publish-summary")(summary, links)
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)
     except BaseException as e:
         _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=False, error=repr(e))
+        _t(reporting.notify_failure, "notify-failure")(cfg, run, repr(e))
         raise
     _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=summary)
     return summary

@@ -14,4 +14,5 @@ COMMAND_MODULES = [
     "flows.commands.registry",  # registry list/approve/reject/rollback/history
     "flows.commands.explain",  # explain
     "flows.commands.schedule",  # schedule (serve / register the Prefect deployments)
+    "flows.commands.serve",  # serve (MLflow scoring server), ui (MLflow + Prefect UIs)
 ]

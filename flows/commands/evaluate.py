@@ -14,12 +14,14 @@ from typing import Annotated
 import typer
 
 from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+from flows.tables import JsonOpt_help, json_output
 
 ModelArg = Annotated[Path, typer.Argument(help="Model to evaluate: .pt or .onnx (FP32, FP16 or INT8).")]
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="data.yaml (or its folder) of a YOLO-seg dataset.")]
 SplitOpt = Annotated[str | None, typer.Option(help="Split to use (default: evaluate.split / sweep.split).")]
 ImgszOpt = Annotated[int | None, typer.Option(help="Letterbox size (default: the model's own).")]
 RunOpt = Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log to MLflow (a top-level run).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
 
 def _fmt(v) -> str:
@@ -55,10 +57,20 @@ def _run_logged(cfg, kind: str, model: Path, log_to_mlflow: bool, step, plain):
     return res, run_id, uri
 
 
+def _run_url(run_id: str | None, uri: str | None) -> str | None:
+    if not run_id:
+        return None
+    from tasks.core import links, tracking
+
+    exp = tracking.client(uri).get_run(run_id).info.experiment_id
+    return links.mlflow_run_url(exp, run_id, links.mlflow_base(None, uri))
+
+
 def _where(run_id: str | None, uri: str | None) -> None:
     if run_id:
         console.print(f"MLflow run: {run_id}  ({uri})\n"
-                      f"  look at it: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+                      f"  open: {_run_url(run_id, uri)}   (start the UIs with: damage ui)", highlight=False,
+                      soft_wrap=True)
 
 
 def evaluate(
@@ -70,24 +82,31 @@ def evaluate(
     sets: SetOpt = None,
     state_dir: StateOpt = None,
     mlflow: RunOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model: box and mask P, R, mAP50, mAP50-95 (conf floor 0.001), per-class AP, speed."""
-    cfg, paths = setup(config, sets, state_dir)
+    with json_output(as_json) as out:
+        cfg, paths = setup(config, sets, state_dir)
+        from tasks.core.runtime import configure_ultralytics
+        from tasks.data.dataset import find_data_yaml
+        from tasks.evaluation.evaluate import Evaluator, evaluate_step
+
+        configure_ultralytics(paths)
+        data_yaml = run_guarded(find_data_yaml, data)
+        # --imgsz unset: the model's own size (any model file can be evaluated, not only this config's)
+        ecfg = Evaluator.from_config(cfg, imgsz=imgsz, **({"split": split} if split else {}))
+        t0 = time.time()
+        res, run_id, uri = _run_logged(
+            cfg, "evaluate", model, mlflow,
+            lambda parent: evaluate_step(model, data_yaml, ecfg, parent,
+                                         system_metrics_s=cfg.mlflow.system_metrics_interval_s),
+            lambda: ecfg(model, data_yaml))
+        out.append({**res.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+                    "mlflow_run_url": _run_url(run_id, uri)})
+    if as_json:
+        return
     from rich.table import Table
 
-    from tasks.core.runtime import configure_ultralytics
-    from tasks.data.dataset import find_data_yaml
-    from tasks.evaluation.evaluate import Evaluator, evaluate_step
-
-    configure_ultralytics(paths)
-    data_yaml = run_guarded(find_data_yaml, data)
-    # --imgsz unset: the model's own size (any model file can be evaluated, not only this config's)
-    ecfg = Evaluator.from_config(cfg, imgsz=imgsz, **({"split": split} if split else {}))
-    t0 = time.time()
-    res, run_id, uri = _run_logged(
-        cfg, "evaluate", model, mlflow,
-        lambda parent: evaluate_step(model, data_yaml, ecfg, parent),
-        lambda: ecfg(model, data_yaml))
     t = Table(title=f"{model.name} on {data_yaml} [{ecfg.split}] @ {res.imgsz}px ({res.model_format}), "
                     f"{int(res.metrics['images'])} images", show_header=True)
     t.add_column("metric")
@@ -130,30 +149,36 @@ def sweep(
     sets: SetOpt = None,
     state_dir: StateOpt = None,
     mlflow: RunOpt = True,
+    as_json: JsonOpt = False,
 ) -> None:
     """Sweep confidence x NMS IoU with one inference pass and choose the operating point."""
-    cfg, paths = setup(config, sets, state_dir)
+    with json_output(as_json) as doc:
+        cfg, paths = setup(config, sets, state_dir)
+        from tasks.core.runtime import configure_ultralytics
+        from tasks.data.dataset import find_data_yaml
+        from tasks.evaluation.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
+
+        update = {k: v for k, v in {"split": split, "conf": conf, "iou": iou, "objective": objective,
+                                    "min_precision": min_precision}.items() if v}
+        if objective and objective not in OBJECTIVES:
+            run_guarded(get_objective, objective)
+        try:
+            scfg = type(cfg.sweep).model_validate({**cfg.sweep.model_dump(), **update})
+        except ValueError as e:  # pydantic ValidationError: a bad grid value or precision floor
+            fail(f"sweep options: {e}".replace("\n", " "))
+        configure_ultralytics(paths)
+        data_yaml = run_guarded(find_data_yaml, data)
+        res, run_id, uri = _run_logged(
+            cfg, "sweep", model, mlflow,
+            lambda parent: sweep_step(model, data_yaml, scfg, imgsz, parent, out_dir=out),
+            lambda: sweep_thresholds(model, data_yaml, scfg.split, imgsz, scfg.conf, scfg.iou, scfg.objective,
+                                     scfg.min_precision, out or paths.reports / "sweep", scfg.max_det))
+        doc.append({**res.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
+                    "mlflow_run_url": _run_url(run_id, uri)})
+    if as_json:
+        return
     from rich.table import Table
 
-    from tasks.core.runtime import configure_ultralytics
-    from tasks.data.dataset import find_data_yaml
-    from tasks.evaluation.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
-
-    update = {k: v for k, v in {"split": split, "conf": conf, "iou": iou, "objective": objective,
-                                "min_precision": min_precision}.items() if v}
-    if objective and objective not in OBJECTIVES:
-        run_guarded(get_objective, objective)
-    try:
-        scfg = type(cfg.sweep).model_validate({**cfg.sweep.model_dump(), **update})
-    except ValueError as e:  # pydantic ValidationError: a bad grid value or precision floor
-        fail(f"sweep options: {e}".replace("\n", " "))
-    configure_ultralytics(paths)
-    data_yaml = run_guarded(find_data_yaml, data)
-    res, run_id, uri = _run_logged(
-        cfg, "sweep", model, mlflow,
-        lambda parent: sweep_step(model, data_yaml, scfg, imgsz, parent, out_dir=out),
-        lambda: sweep_thresholds(model, data_yaml, scfg.split, imgsz, scfg.conf, scfg.iou, scfg.objective,
-                                 scfg.min_precision, out or paths.reports / "sweep", scfg.max_det))
     obj = OBJECTIVES[res.objective]
     t = Table(title=f"threshold sweep: {model.name} on {data_yaml} [{scfg.split}], {res.images} images "
                     f"(mAP at conf floor 0.001)")

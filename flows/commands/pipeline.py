@@ -48,6 +48,11 @@ def _print_summary(summary: dict, seconds: float) -> None:
             pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
         console.print(pc)
     state = summary.get("state_dir", ".state")
+    if summary.get("mlflow_run_url"):
+        console.print(f"\nMLflow run : {summary['mlflow_run_url']}", highlight=False, soft_wrap=True)
+    if summary.get("prefect_flow_run_url"):
+        console.print(f"Prefect run: {summary['prefect_flow_run_url']}", highlight=False, soft_wrap=True)
+    console.print("(both UIs on this state dir: damage ui)", highlight=False)
     console.print(
         "\nLook at it:\n"
         f"  MLflow UI : .venv/bin/mlflow ui --backend-store-uri {summary.get('tracking_uri')} --port 5000"

@@ -14,6 +14,9 @@ from typing import Annotated
 import typer
 
 from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+from flows.tables import JsonOpt_help
+
+JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
 registry_app = typer.Typer(help="Model registry: versions, approval of the staged version, rollback, history.",
                            no_args_is_help=True)
@@ -34,26 +37,35 @@ def _fmt_metric(v: float | None) -> str:
 
 @registry_app.command("list")
 def list_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None,
-          state_dir: StateOpt = None) -> None:
+          state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
     """Show every version with its aliases, gate result, approval state and key metrics."""
-    _, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
-    from rich.table import Table
+    from flows.tables import Col, json_output, print_table
 
-    from model_registry import list_versions
+    with json_output(as_json) as out:
+        _, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+        from model_registry import list_versions
 
-    versions = run_guarded(list_versions, uri, name)
-    table = Table(title=f"{name} @ {uri}")
-    for col in ("version", "aliases", "gate", "approval", "by", "mask mAP50-95", "box mAP50-95", "created", "run"):
-        table.add_column(col)
+        versions = run_guarded(list_versions, uri, name)
+        out.append([{"name": name, "version": v.version, "aliases": list(v.aliases), "gate": v.validation_status,
+                     "approval": v.approval, "rolled_back": "rolled_back_at" in v.tags,
+                     "by": v.tags.get("approved_by") or v.tags.get("rejected_by"), "metrics": v.metrics,
+                     "created": v.created_at, "run_id": v.run_id, "tags": v.tags} for v in versions])
+    if as_json:
+        return
+    rows = []
     for v in versions:
         m = v.metrics
-        by = v.tags.get("approved_by") or v.tags.get("rejected_by") or ""
-        state = v.approval + (" (rolled back)" if "rolled_back_at" in v.tags else "")
-        table.add_row(v.version, ",".join(v.aliases), v.validation_status, state, by,
-                      _fmt_metric(m.get("mask/mAP50-95")), _fmt_metric(m.get("box/mAP50-95")), v.created_at,
-                      (v.run_id or "")[:12])
-    console.print(table)
-    console.print(f"{len(versions)} version(s) of '{name}'", highlight=False)
+        rows.append({"version": v.version, "aliases": ",".join(v.aliases) or "-", "gate": v.validation_status,
+                     "approval": v.approval + (" (rolled back)" if "rolled_back_at" in v.tags else ""),
+                     "by": v.tags.get("approved_by") or v.tags.get("rejected_by") or "",
+                     "mask": _fmt_metric(m.get("mask/mAP50-95")), "box": _fmt_metric(m.get("box/mAP50-95")),
+                     "created": v.created_at[:16].replace("T", " "), "run": (v.run_id or "")[:8]})
+    # Priority 1 columns are always shown in full; higher numbers are dropped first on a narrow terminal.
+    cols = [Col("version", "ver", 1, "right"), Col("aliases", "aliases", 1), Col("gate", "gate", 1),
+            Col("approval", "approval", 1), Col("mask", "mask mAP", 2, "right"), Col("box", "box mAP", 3, "right"),
+            Col("by", "by", 4), Col("created", "created", 5), Col("run", "run", 6)]
+    print_table(console, f"{name} @ {uri}", cols, rows)
+    console.print(f"{len(versions)} version(s) of '{name}'  (mAP = mAP50-95)", highlight=False)
 
 
 @registry_app.command("approve")
@@ -72,6 +84,9 @@ def approve_(
                     lock_timeout_s=cfg.registry.lock_timeout_s)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
+    from tasks.core.reporting import notify_promotion
+
+    notify_promotion(cfg, name, v.version, by, reason, uri)  # best effort: never fails the approval
 
 
 @registry_app.command("reject")
@@ -112,21 +127,27 @@ def rollback_(
 
 @registry_app.command("history")
 def history_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None,
-             state_dir: StateOpt = None) -> None:
+             state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
     """Print every alias move: when, which alias, from -> to, who and why."""
-    _, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
-    from rich.table import Table
+    from dataclasses import asdict
 
-    from model_registry import history
+    from flows.tables import Col, json_output, print_table
 
-    moves = run_guarded(history, uri, name)
-    table = Table(title=f"alias history of {name} @ {uri}")
-    for col in ("#", "when (UTC)", "alias", "from", "to", "action", "by", "MLflow user", "reason"):
-        table.add_column(col, overflow="fold")
-    for m in moves:
-        table.add_row(str(m.seq), m.at[:19].replace("T", " "), m.alias, m.version_from or "-", m.version_to or "-",
-                      m.action, m.by, m.identity or "-", m.reason)
-    console.print(table)
+    with json_output(as_json) as out:
+        _, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+        from model_registry import history
+
+        moves = run_guarded(history, uri, name)
+        out.append([asdict(m) for m in moves])
+    if as_json:
+        return
+    rows = [{"seq": str(m.seq), "at": m.at[:16].replace("T", " "), "alias": m.alias, "from": m.version_from or "-",
+             "to": m.version_to or "-", "action": m.action, "by": m.by, "identity": m.identity or "-",
+             "reason": m.reason} for m in moves]
+    cols = [Col("seq", "#", 2, "right"), Col("at", "when (UTC)", 3), Col("alias", "alias", 1),
+            Col("from", "from", 1, "right"), Col("to", "to", 1, "right"), Col("action", "action", 1),
+            Col("by", "by", 2), Col("identity", "MLflow user", 4), Col("reason", "reason", 1, wrap=True)]
+    print_table(console, f"alias history of {name} @ {uri}", cols, rows)
     console.print(f"{len(moves)} move(s)", highlight=False)
 
 

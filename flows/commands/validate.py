@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+from flows.tables import JsonOpt_help, json_output
 
 
 def register(app: typer.Typer) -> None:
@@ -29,16 +30,23 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         sets: SetOpt = None,
         state_dir: StateOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help=JsonOpt_help)] = False,
     ) -> None:
         """Check a dataset (images, labels, duplicates, leakage) before training. Exit 1 on errors."""
-        cfg, paths = setup(config, sets, state_dir)
+        with json_output(as_json) as doc:
+            cfg, paths = setup(config, sets, state_dir)
+            from tasks.validation.validate import validate_dataset
+
+            report = report or paths.reports / "validate" / "report.json"
+            result = run_guarded(validate_dataset, data, cfg.validation, report_path=report, html_dir=html,
+                                 clean_out=clean)
+            doc.append({"passed": result.passed, "fingerprint": result.fingerprint,
+                        "report_path": result.report_path, "html_path": result.html_path,
+                        "clean_data_yaml": result.clean_data_yaml, **result.report})
+        if as_json:
+            raise typer.Exit(0 if result.passed else 1)
         from rich.table import Table
 
-        from tasks.validation.validate import validate_dataset
-
-        report = report or paths.reports / "validate" / "report.json"
-        result = run_guarded(validate_dataset, data, cfg.validation, report_path=report, html_dir=html,
-                             clean_out=clean)
         s = result.report["summary"]
         sev = {f["code"]: f["severity"] for f in result.report["findings"]}
         table = Table(title=f"Data gate: {result.report['dataset']}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from tasks.core.errors import DamageError
 
@@ -184,6 +184,15 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = None
     artifact_location: str | None = None
     experiment: str = "damage"
+    system_metrics_interval_s: float = Field(10.0, ge=0)
+    ui_url: str | None = None
+
+
+class NotifyConfig(_Section):
+    # Apprise URLs carry tokens: SecretStr keeps them out of to_dict() (params, hashes, logs).
+    urls: list[SecretStr] = []
+    events: list[Literal["failure", "approval", "promotion"]] = ["failure", "approval", "promotion"]
+    timeout_s: float = Field(10.0, gt=0)
 
 
 class Config(_Section):
@@ -202,6 +211,7 @@ class Config(_Section):
     explain: ExplainConfig = ExplainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

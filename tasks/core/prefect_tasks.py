@@ -30,5 +30,6 @@ def as_task(fn: Callable[..., Any], name: str, retries: int = 0, **options: Any)
 
     if not 0 <= retries <= len(RETRY_DELAYS_S):
         raise ValueError(f"task '{name}': retries must be 0..{len(RETRY_DELAYS_S)}, got {retries}")
+    options.setdefault("task_run_name", name)  # readable run names in the UI: "train", not "train-2a2"
     return task(fn, name=name, retries=retries, retry_delay_seconds=list(RETRY_DELAYS_S[:retries]) or 0,
                 cache_policy=NO_CACHE, **options)

@@ -37,6 +37,9 @@ VOLATILE_KEYS = (
     "registry.approval_poll_s",
     "registry.approval_timeout_s",
     "registry.lock_timeout_s",
+    "mlflow.system_metrics_interval_s",
+    "mlflow.ui_url",
+    "notify",
 )
 
 

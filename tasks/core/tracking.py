@@ -30,12 +30,28 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI (traces) view; this value makes the
+# UI open the model-training view (runs table, charts) that this project fills.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _mark_model_training(c: MlflowClient, exp) -> None:
+    if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) is None:
+        try:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception:  # a read-only account may not tag the experiment: the UI toggle still works
+            pass
+
+
 def ensure_experiment(c: MlflowClient, name: str, artifact_location: str | None = None) -> str:
-    """Experiment id for ``name``, created (with ``artifact_location``) if missing."""
+    """Experiment id for ``name``, created (with ``artifact_location``) if missing, tagged so the
+    MLflow UI opens it in the model-training view."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        _mark_model_training(c, exp)
         return exp.experiment_id
     if artifact_location is None:
         state = os.environ.get("DAMAGE_STATE_DIR")
@@ -43,7 +59,8 @@ def ensure_experiment(c: MlflowClient, name: str, artifact_location: str | None 
         if state and (uri.startswith("sqlite") or uri.startswith("file") or "://" not in uri):
             artifact_location = Path(state, "mlartifacts").as_uri()
     try:
-        return c.create_experiment(name, artifact_location=artifact_location)
+        return c.create_experiment(name, artifact_location=artifact_location,
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -435,7 +435,9 @@ def _import_yolo(src_yaml: Path, tmp: Path | None, classes: list[str], class_map
     ignored: Counter = Counter()
     used: dict[str, set[str]] = {}
     images: Counter = Counter()
-    for split, img in items:
+    from tasks.core.progress import iterate
+
+    for split, img in iterate(items, "import", "import: images", artifact_every=64):
         lines = []
         lbl = label_path(img)
         if lbl.is_file():
@@ -577,7 +579,9 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
     ignored: Counter = Counter()
     images: Counter = Counter()
     used: dict[str, set[str]] = {}
-    for i, im in enumerate(imgs):
+    from tasks.core.progress import iterate
+
+    for i, im in iterate(list(enumerate(imgs)), "import", "import: images", artifact_every=64):
         split = "val" if i in val else "train"
         path = img_dir / str(im["file_name"])
         if not path.is_file():

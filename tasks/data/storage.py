@@ -303,12 +303,16 @@ def sync_s3_dataset(uri: str, cache_root: Path, endpoint_url: str | None = None,
                              f"s3://{bucket}/{key}", attempts, backoff_s)
         return rel.as_posix(), entry
 
+    from tasks.core.progress import track
+
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo) or 1))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo) or 1))) as pool, \
+                track("s3-sync", f"S3 sync: {len(todo)} files", len(todo), artifact_every=64) as bar:
             for rel, entry in pool.map(fetch, todo):
                 new[rel] = entry
                 stats.downloaded += 1
                 stats.bytes += entry["size"]
+                bar.advance()
     finally:
         # Record what is verified so far even on failure: the next sync resumes, not restarts.
         keep = {**{k: v for k, v in old.items() if (root / k).is_file()}, **new}

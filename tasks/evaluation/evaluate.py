@@ -132,6 +132,7 @@ class EvalResult:
     conf: float
     iou: float
     model_format: str
+    plots: list[str] = field(default_factory=list)  # PNGs of ``tasks.evaluation.plots`` (when asked for)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -468,6 +469,7 @@ class Collected:
     op_scores: dict[float, list[ImageScore]]
     speed: dict[str, float]
     seconds: float
+    confusion: Any = None  # Ultralytics ConfusionMatrix when ``collect(confusion=True)``
 
 
 def _split_outputs(out: Any):
@@ -543,7 +545,8 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
 
 def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
             ious: Sequence[float] = (0.7,), op_confs: Sequence[float] = (), max_det: int = 300,
-            batch: int = 1, conf_floor: float = CONF_FLOOR) -> Collected:
+            batch: int = 1, conf_floor: float = CONF_FLOOR, confusion: Any = None,
+            progress: str | None = None) -> Collected:
     """Run the network once per image and score its output at every NMS IoU of ``ious``.
 
     Args:
@@ -557,6 +560,10 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
         max_det: max detections per image after NMS.
         batch: images per forward pass.
         conf_floor: confidence floor of the mAP detections (keep 0.001).
+        confusion: True = fill a confusion matrix (``tasks.evaluation.plots``) at the first IoU of
+            ``ious``, returned as ``Collected.confusion``; None = none.
+        progress: a label (e.g. ``"sweep"``): show a progress bar / Prefect progress artifact
+            over the images; None = silent.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments.
@@ -570,6 +577,10 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
             raise DamageError(f"thresholds must be in [0, 1], got {v}")
     t_start = time.perf_counter()
     m = open_model(model, data_yaml, imgsz)
+    if confusion is True:
+        from tasks.evaluation.plots import new_confusion
+
+        confusion = new_confusion(m.names)
     ds, _ = load_split(data_yaml, split, m.imgsz, m.stride)
     data_nc = len(ds.data["names"])
     if data_nc != len(m.names):
@@ -579,7 +590,12 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
     op_scores: dict[float, list[ImageScore]] = {float(v): [] for v in ious} if op_confs else {}
     t_pre = t_inf = t_post = 0.0
     first_iou = float(ious[0])
-    with torch.inference_mode():
+    from contextlib import nullcontext
+
+    from tasks.core.progress import track
+
+    bar_cm = track(progress, f"{progress}: images", len(ds), artifact_every=16) if progress else nullcontext()
+    with torch.inference_mode(), bar_cm as bar:
         m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up (lazy init of kernels), not timed
         for start in range(0, len(ds), batch):
             t0 = time.perf_counter()
@@ -601,20 +617,27 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
                                                      conf_floor, hw))
                     if v == first_iou:
                         t_post += time.perf_counter() - tp
+                if confusion is not None:
+                    from tasks.evaluation.plots import confusion_update
+
+                    confusion_update(confusion, preds[i], truth, first_iou, len(m.names), max_det)
                 for v in op_scores:
                     op_scores[v].append(_op_scores(preds[i], protos[i], truth, truth_full, v, op_confs,
                                                    m.names, max_det, hw))
+            if bar is not None:
+                bar.advance(len(items))
     n = len(truths)
     speed = {"preprocess": 1e3 * t_pre / n, "inference": 1e3 * t_inf / n, "postprocess": 1e3 * t_post / n}
     return Collected(m.names, m.imgsz, m.fmt, truths, map_scores, op_scores, speed,
-                     time.perf_counter() - t_start)
+                     time.perf_counter() - t_start, confusion)
 
 
 # ----------------------------------------------------------------------------- evaluate
 
 
 def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
-                   conf: float = CONF_FLOOR, iou: float = 0.7, max_det: int = 300, batch: int = 1) -> EvalResult:
+                   conf: float = CONF_FLOOR, iou: float = 0.7, max_det: int = 300, batch: int = 1,
+                   plots_dir: str | Path | None = None) -> EvalResult:
     """Box and mask precision, recall, mAP50, mAP50-95, per-class AP, fitness and speed.
 
     mAP is computed from detections down to ``conf`` = 0.001, the standard floor, whatever the
@@ -634,11 +657,14 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
         iou: NMS IoU.
         max_det: max detections per image.
         batch: images per forward pass.
+        plots_dir: when given, box/mask PR and F1 curves per class and the confusion matrix are
+            drawn there (``tasks.evaluation.plots``) and listed in ``EvalResult.plots``.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments (message names the file).
     """
-    col = collect(model, data_yaml, split, imgsz, ious=(iou,), max_det=max_det, batch=batch, conf_floor=conf)
+    col = collect(model, data_yaml, split, imgsz, ious=(iou,), max_det=max_det, batch=batch, conf_floor=conf,
+                  confusion=True if plots_dir is not None else None)
     metrics, summaries = map_metrics(col.map_scores[float(iou)], col.truths)
     metrics["speed/preprocess_ms"] = col.speed["preprocess"]
     metrics["speed/inference_ms"] = col.speed["inference"]
@@ -646,8 +672,15 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
     metrics["latency_ms"] = sum(col.speed.values())
     metrics["images"] = float(len(col.truths))
     metrics["instances"] = float(sum(len(t.cls) for t in col.truths))
+    plots: list[str] = []
+    if plots_dir is not None:
+        from tasks.evaluation.plots import write_eval_plots
+
+        target = np.concatenate([t.cls for t in col.truths]).astype(int) if col.truths else np.zeros(0, int)
+        plots = [str(p) for p in write_eval_plots(*_concat(col.map_scores[float(iou)]), target, col.names,
+                                                    plots_dir, col.confusion)]
     return EvalResult(metrics, per_class_table(summaries, col.truths, col.names), str(model), str(data_yaml),
-                      split, col.imgsz, conf, iou, col.model_format)
+                      split, col.imgsz, conf, iou, col.model_format, plots)
 
 
 @dataclass(frozen=True)
@@ -677,9 +710,10 @@ class Evaluator:
         return cls(**{"split": e.split, "imgsz": cfg.imgsz, "conf": e.conf, "iou": e.iou, "max_det": e.max_det,
                       **changes})
 
-    def __call__(self, model: str | Path, data_yaml: str | Path) -> EvalResult:
-        """``evaluate_model`` with these settings."""
-        return evaluate_model(model, data_yaml, self.split, self.imgsz, self.conf, self.iou, self.max_det)
+    def __call__(self, model: str | Path, data_yaml: str | Path, plots_dir: str | Path | None = None) -> EvalResult:
+        """``evaluate_model`` with these settings (curves and confusion matrix into ``plots_dir`` if given)."""
+        return evaluate_model(model, data_yaml, self.split, self.imgsz, self.conf, self.iou, self.max_det,
+                              plots_dir=plots_dir)
 
     def metrics_fn(self, data_yaml: str | Path) -> Callable[[Path], dict[str, float]]:
         """``model -> metrics`` on ``data_yaml`` (the ``evaluate_fn`` of the gate and of quantization)."""
@@ -691,15 +725,28 @@ class Evaluator:
 
 
 def evaluate_step(model: str | Path, data_yaml: str | Path, evaluator: Evaluator, parent_run_id: str,
-                  name: str = "evaluate") -> EvalResult:
+                  name: str = "evaluate", dataset_fingerprint: str | None = None, system_metrics_s: float = 0.0,
+                  dataset_source: str | None = None) -> EvalResult:
     """``evaluator(model, data_yaml)`` in a nested MLflow run ``name`` under ``parent_run_id`` (for the flows).
 
-    Logs the parameters, every metric, the per-class table (``per_class.json``) and the full
-    result (``evaluation.json``), and tags the run with the model path and format.
+    Logs the parameters, every metric, the per-class table (``per_class.json``), the full
+    result (``evaluation.json``), the curves and confusion matrix (``plots/``), the dataset as
+    the run's input (digest = fingerprint) and system metrics every ``system_metrics_s`` seconds
+    (0 = off), and tags the run with the model path and format.
     """
+    import tempfile
+
     from tasks.core import tracking
-    with tracking.step_run(parent_run_id, name) as (c, run_id):
-        res = evaluator(model, data_yaml)
+    from tasks.core.sysmetrics import system_metrics
+    from tasks.data.mlflow_input import log_dataset_input
+
+    with tracking.step_run(parent_run_id, name) as (c, run_id), tempfile.TemporaryDirectory(prefix="plots-") as tmp:
+        log_dataset_input(c, run_id, data_yaml, dataset_fingerprint, "evaluation", dataset_source)
+        with system_metrics(run_id, system_metrics_s, c.tracking_uri):
+            res = evaluator(model, data_yaml, plots_dir=tmp)
+        for p in res.plots:
+            tracking.log_artifact(c, run_id, p, "plots")
+        res.plots = [f"plots/{Path(p).name}" for p in res.plots]  # the temp files are gone: artifact paths
         tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml),
                                         **evaluator.params(), "imgsz": res.imgsz})
         tracking.log_metrics(c, run_id, res.metrics)

@@ -506,28 +506,40 @@ def explain_to_dir(
     out_dir = Path(out_dir)
     written: list[Path] = []
     used: set[str] = set()
-    for image in images:
-        p = Path(image)
-        stem = _safe(p.stem)
-        while stem in used:  # same stem from two folders: keep both
-            stem += "_"
-        used.add(stem)
-        img = read_image(p)
-        exps = explain_image(net, img, method, layer, conf, iou, imgsz, max_instances)
-        d = out_dir / stem
-        tiles = [render_summary(img, exps, min_side)]
-        for k, e in enumerate(exps):
-            tile = render_overlay(img, e, min_side=min_side)
-            tiles.append(tile)
-            written.append(_write_png(d / f"{k:02d}_{_safe(e.name)}.png", tile))
-        written.append(_write_png(d / "grid.png", make_grid(tiles)))
-        for stale in set(d.glob("[0-9][0-9]_*.png")) - set(written):  # an earlier run's extra instances
-            stale.unlink()
-        info = {"image": str(p), "method": method, "conf": conf, "iou": iou,
-                "instances": [e.summary() for e in exps]}
-        js = d / "explanations.json"
-        atomic_write_json(js, info)
-        written.append(js)
+    from tasks.core.progress import track
+
+    with track("explain", "explain: images", len(images)) as bar:
+        for image in images:
+            written += _explain_one(net, Path(image), out_dir, used, method, layer, conf, iou, imgsz,
+                                    max_instances, min_side)
+            bar.advance()
+    return written
+
+
+def _explain_one(net, p: Path, out_dir: Path, used: set[str], method, layer, conf, iou, imgsz, max_instances,
+                 min_side) -> list[Path]:
+    """Overlays, grid and explanations.json of one image (``explain_to_dir``'s loop body)."""
+    written: list[Path] = []
+    stem = _safe(p.stem)
+    while stem in used:  # same stem from two folders: keep both
+        stem += "_"
+    used.add(stem)
+    img = read_image(p)
+    exps = explain_image(net, img, method, layer, conf, iou, imgsz, max_instances)
+    d = out_dir / stem
+    tiles = [render_summary(img, exps, min_side)]
+    for k, e in enumerate(exps):
+        tile = render_overlay(img, e, min_side=min_side)
+        tiles.append(tile)
+        written.append(_write_png(d / f"{k:02d}_{_safe(e.name)}.png", tile))
+    written.append(_write_png(d / "grid.png", make_grid(tiles)))
+    for stale in set(d.glob("[0-9][0-9]_*.png")) - set(written):  # an earlier run's extra instances
+        stale.unlink()
+    info = {"image": str(p), "method": method, "conf": conf, "iou": iou,
+            "instances": [e.summary() for e in exps]}
+    js = d / "explanations.json"
+    atomic_write_json(js, info)
+    written.append(js)
     return written
 
 

@@ -177,6 +177,24 @@ def _rank_value(v: float, maximize: bool) -> float:
     return v if maximize else -v
 
 
+FLAT_TOLERANCE = 1e-3  # objective values this close across the whole grid are a tie ("flat")
+
+
+def objective_is_flat(rows: Sequence[dict[str, float]], objective: str, tol: float = FLAT_TOLERANCE) -> bool:
+    """True when the objective varies by at most ``tol`` over ``rows`` (more than one row).
+
+    Then the objective chose nothing: the point comes from the tie-breaks of ``OBJECTIVES``
+    (then higher conf, then lower NMS IoU), and the sweep says so (tag, artifact, heatmap title).
+
+    Example:
+        >>> objective_is_flat([{"mask/f1": 0.535}, {"mask/f1": 0.5352}], "mask_f1")
+        True
+    """
+    key = get_objective(objective).key
+    vals = [float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
+    return len(rows) > 1 and (not vals or max(vals) - min(vals) <= tol)
+
+
 def choose_operating_point(rows: Sequence[dict[str, float]], objective: str,
                            min_precision: float = 0.8) -> dict[str, Any]:
     """The best row for ``objective`` (see ``OBJECTIVES``), with ``feasible`` added.
@@ -207,8 +225,14 @@ def choose_operating_point(rows: Sequence[dict[str, float]], objective: str,
             log.warning("sweep: no grid point reaches mask precision %.2f; using the most precise one "
                         "(conf=%s, iou=%s, precision=%.3f)", min_precision, best["conf"], best["iou"],
                         best["mask/precision"])
-            return {**best, "feasible": False}
-    return {**max(pool, key=key), "feasible": feasible}
+            return {**best, "feasible": False, "flat": False}
+    flat = objective_is_flat(pool, objective)
+    if flat:  # differences below the tolerance are noise: the documented tie-break decides
+        log.warning("sweep: objective %s is flat across the %d grid points (within %g); chosen by the "
+                    "tie-break (%s, then higher conf, then lower NMS IoU)", objective, len(pool), FLAT_TOLERANCE,
+                    ", ".join(obj.tie_breaks))
+        return {**max(pool, key=lambda r: key(r)[1:]), "feasible": feasible, "flat": True}
+    return {**max(pool, key=key), "feasible": feasible, "flat": False}
 
 
 # ----------------------------------------------------------------------------- files
@@ -264,7 +288,8 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], best: dict[str, Any], objective
     ax.plot(confs.index(best["conf"]), ious.index(best["iou"]), marker="*", markersize=22, color="red",
             markeredgecolor="white", linestyle="none", label="chosen")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"sweep objective: {objective}")
+    flat = "  (FLAT across the grid: chosen by tie-break)" if best.get("flat") else ""
+    ax.set_title(f"sweep objective: {objective}{flat}")
     return _save_fig(fig, path)
 
 
@@ -330,7 +355,7 @@ def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val
     get_objective(objective)  # fail before the inference pass
     confs, ious = _check_grid("conf", conf_grid), _check_grid("iou", iou_grid)
     col = collect(model, data_yaml, split, imgsz, ious=ious, op_confs=confs, max_det=max_det, batch=batch,
-                  conf_floor=CONF_FLOOR)
+                  conf_floor=CONF_FLOOR, progress="sweep")
     rows = grid_rows(col, confs, ious)
     best = choose_operating_point(rows, objective, min_precision)
     res = SweepResult(rows, best, objective, min_precision, images=len(col.truths), seconds=col.seconds)
@@ -364,6 +389,9 @@ def publish_table_artifact(res: SweepResult) -> str | None:
     t = res.thresholds
     desc = (f"Threshold sweep ({len(res.rows)} points, objective {res.objective}): chosen conf={t['conf']}, "
             f"iou={t['iou']} ({t['objective']} = {t['value']}). mAP at conf floor 0.001.")
+    if res.best.get("flat"):
+        desc += (f" WARNING: the objective is flat across the grid (within {FLAT_TOLERANCE}); the point was "
+                 f"chosen by the tie-break: {OBJECTIVES[res.objective].help}, then higher conf, lower IoU.")
     return str(create_table_artifact(table=table, key="threshold-sweep", description=desc))
 
 
@@ -396,7 +424,8 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
                                         "map_conf_floor": CONF_FLOOR})
         exp_id = c.get_run(run_id).info.experiment_id
         for r in res.rows:
-            child = tracking.start_run(c, exp_id, f"conf={r['conf']:.2f} iou={r['iou']:.2f}", run_id,
+            # short enough for the UI's run-name column ("conf=0.50 i..." was cut)
+            child = tracking.start_run(c, exp_id, f"c{r['conf']:.2f} i{r['iou']:.2f}", run_id,
                                        {"damage.step": "sweep-point"})
             tracking.log_params(c, child, {"conf": r["conf"], "iou": r["iou"]})
             tracking.log_metrics(c, child, r)
@@ -407,7 +436,8 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
         tracking.log_dict(c, run_id, res.to_dict(), "sweep/sweep.json")
         t = res.thresholds
         tags = {"operating.conf": t["conf"], "operating.iou": t["iou"], "operating.objective": t["objective"],
-                "operating.value": t["value"], "operating.feasible": res.best.get("feasible", True)}
+                "operating.value": t["value"], "operating.feasible": res.best.get("feasible", True),
+                "operating.flat": res.best.get("flat", False)}
         tracking.set_tags(c, run_id, tags)
         tracking.set_tags(c, parent_run_id, tags)
         publish_table_artifact(res)

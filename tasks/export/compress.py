@@ -119,8 +119,15 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
 
 def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, latency_runs: int = 20,
                     root_metrics: dict[str, float] | None = None) -> Variant:
-    """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root."""
-    res = evaluator(v.onnx, data_yaml)
+    """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root.
+
+    The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
+    (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
+    """
+    plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
+    res = evaluator(v.onnx, data_yaml, plots_dir=plots_dir)
+    v.info["plots_dir"] = str(plots_dir)
+    v.info["data_yaml"] = str(data_yaml)
     m = dict(res.metrics)
     m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
     m["latency_ms"] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)
@@ -368,6 +375,7 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
                                              **{f"info.{k}": val for k, val in _flat_info(v.info).items()}})
                 tracking.log_metrics(c, vid, {**v.metrics, "candidate": float(v.candidate),
                                               "chosen": float(v.chosen)})
+                _log_variant_inputs(c, vid, v)
         tracking.log_artifact(c, run_id, table_csv)
         tracking.log_artifact(c, run_id, plot_png)
         tracking.log_dict(c, run_id, chosen.to_dict(), "chosen.json")
@@ -375,6 +383,20 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
         tracking.set_tags(c, run_id, {"damage.compress.chosen": chosen.name,
                                       "damage.compress.chosen_kind": chosen.kind})
     return run_id
+
+
+def _log_variant_inputs(c, run_id: str, v: Variant) -> None:
+    """The variant's evaluation dataset (MLflow input) and its curves / confusion matrix (``plots/``)."""
+    from tasks.core import tracking
+
+    if v.info.get("data_yaml"):
+        from tasks.data.mlflow_input import log_dataset_input
+
+        log_dataset_input(c, run_id, v.info["data_yaml"], None, "evaluation")
+    plots = Path(v.info.get("plots_dir") or "")
+    if v.info.get("plots_dir") and plots.is_dir():
+        for f in sorted(plots.glob("*.png")):
+            tracking.log_artifact(c, run_id, f, "plots")
 
 
 def _flat_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -452,12 +474,16 @@ def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepO
     ``apply(step, head)`` and ``measure(variant)`` are injected so that the plain function
     (``run_chain``) and the Prefect flow (each call a task) share this one loop.
     """
+    from tasks.core.progress import track
+
     variants, head = [root], root
-    for step in steps:
-        res = apply(step, head)
-        measured = [measure(v) for v in res.variants]
-        variants += measured
-        head = next((v for v in measured if v.name == res.head.name), head)
+    with track("compress", f"compress: {len(steps)} steps", len(steps)) as bar:
+        for step in steps:
+            res = apply(step, head)
+            measured = [measure(v) for v in res.variants]
+            variants += measured
+            head = next((v for v in measured if v.name == res.head.name), head)
+            bar.advance()
     return variants
 
 

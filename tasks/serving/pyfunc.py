@@ -30,6 +30,17 @@ import mlflow.pyfunc
 CODE_FILES = ("__init__.py", "core/__init__.py", "core/errors.py", "evaluation/__init__.py",
               "evaluation/damage_percent.py", "serving/__init__.py", "serving/predictor.py", "serving/pyfunc.py")
 _TASKS = Path(__file__).resolve().parents[1]
+MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")  # models-from-code: no pickled Python object
+
+
+def input_example():
+    """One row with a tiny encoded PNG: ``mlflow models serve`` and the UI show it as the request."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    ok, png = cv2.imencode(".png", np.full((32, 32, 3), 127, np.uint8))
+    return pd.DataFrame({"image": [base64.b64encode(png.tobytes()).decode()]})
 
 
 class DamageSegModel(mlflow.pyfunc.PythonModel):
@@ -110,10 +121,11 @@ def save_pyfunc(onnx_path: Path, path: Path) -> Path:
         code = _stage_code(Path(tmp))
         mlflow.pyfunc.save_model(
             path=str(path),
-            python_model=DamageSegModel(),
+            python_model=str(MODEL_CODE),
             artifacts={"onnx": str(onnx_path)},
             code_paths=[str(code)],
             signature=sig,
+            input_example=input_example(),
             pip_requirements=["numpy", "opencv-python", "onnxruntime", "pandas", f"mlflow=={mlflow.__version__}"],
         )
     return Path(path)

@@ -297,26 +297,38 @@ def train_model(
 
 def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: str, seed: int = 0,
                name: str = "train", full_config: dict[str, Any] | None = None,
-               dataset_fingerprint: str | None = None) -> TrainResult:
+               dataset_fingerprint: str | None = None, system_metrics_s: float = 0.0,
+               dataset_source: str | None = None) -> TrainResult:
     """Train inside a nested MLflow run "train": params, per-epoch metrics, plots, weights.
 
     The nested run gets the training arguments as params, every epoch's losses, learning
     rates and box/mask P/R/mAP as metrics (step = epoch), and results.csv, the plots, best.pt
-    and the resolved config as artifacts.
+    and the resolved config as artifacts; the dataset as its input (digest = fingerprint) and
+    system metrics every ``system_metrics_s`` seconds (0 = off). Inside a Prefect flow run, a
+    progress artifact follows the epochs.
     """
     from tasks.core import tracking
+    from tasks.core.prefect_ui import Progress
+    from tasks.core.sysmetrics import system_metrics
+    from tasks.data.mlflow_input import log_dataset_input
+
     with tracking.step_run(parent_run_id, name) as (c, run_id):
         tracking.log_params(c, run_id, {"train": cfg.model_dump(), "seed": seed})
-        if dataset_fingerprint:
-            tracking.set_tags(c, run_id, {"dataset_fingerprint": dataset_fingerprint})
+        dataset_fingerprint = log_dataset_input(c, run_id, data_yaml, dataset_fingerprint, "training",
+                                                dataset_source)
+        tracking.set_tags(c, run_id, {"dataset_fingerprint": dataset_fingerprint})
+        progress = Progress(f"{name}-epochs", f"{name}: epochs done of {cfg.epochs}")
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_metrics(c, run_id, metrics, step=epoch)
             shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95")
                      if k in metrics}
             print(f"epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+            progress.update(100.0 * (epoch + 1) / cfg.epochs)
 
-        result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)
+        with system_metrics(run_id, system_metrics_s, c.tracking_uri):
+            result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)
+        progress.update(100.0)
         tracking.log_metrics(c, run_id, {f"final/{k}": v for k, v in result.metrics.items()})
         tracking.log_metrics(c, run_id, {"epochs_run": result.epochs_run})
         for f in sorted(result.run_dir.glob("*")):

@@ -8,6 +8,7 @@ copy on (``on_error: clean``).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from tasks.core.config import ValidateConfig
 from tasks.core.errors import GateFailed
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class DataCheck:
@@ -64,6 +66,7 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
         res = validate_dataset(Path(data_yaml), cfg, report_path=report_dir / "report.json",
                                html_dir=report_dir / "html", clean_out=clean_out, fingerprint=fingerprint)
         summary = res.report["summary"]
+        log.info("data gate: %s", res.summary_line())  # reaches the flow run's logs (prefect_ui)
         tracking.log_metrics(c, run_id, {"errors": summary["errors"], "warnings": summary["warnings"],
                                          **{f"findings/{k}": v for k, v in summary["by_code"].items()}})
         tracking.set_tags(c, run_id, {"dataset_fingerprint": res.fingerprint, "validation": str(res.passed)})

@@ -200,8 +200,12 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
         from expectations.gx import GxRunner, findings_from_results
 
         runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None)
-        for idx, row, anns in scanner.results():
-            builder.add(idx, row, anns)
+        from tasks.core.progress import track
+
+        with track("validate-scan", "data scan: images", len(inv.samples), artifact_every=cfg.chunk_size) as bar:
+            for idx, row, anns in scanner.results():
+                builder.add(idx, row, anns)
+                bar.advance()
     t_scan = time.perf_counter()
 
     images = builder.images_frame()

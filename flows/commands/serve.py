@@ -1,0 +1,151 @@
+"""``damage serve [MODEL_URI]`` (MLflow scoring server) and ``damage ui`` (MLflow + Prefect UIs).
+
+Both run the servers from this virtualenv with its ``bin/`` first on ``PATH``: ``mlflow models
+serve`` starts ``uvicorn`` by name, which fails (exit 127) when ``.venv/bin`` is not on ``PATH``.
+Everything listens on loopback; Ctrl-C stops every process started here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, setup
+
+HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")]
+
+
+def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment with this interpreter's ``bin/`` first on PATH (uvicorn, prefect, mlflow)."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group (servers fork workers), SIGKILL after 15 s."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> int:
+    """Block until a child exits (its code, with its log tail) or Ctrl-C / SIGTERM (stop all, 0)."""
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        while True:
+            for p, log in zip(procs, logs, strict=True):
+                if p.poll() is not None:
+                    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+                    console.print(f"[red]{p.args[0]} ... exited with {p.returncode}[/]; log {log}:\n{tail}",
+                                  highlight=False)
+                    return p.returncode or 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+        return 0
+    finally:
+        _stop(procs)
+        signal.signal(signal.SIGTERM, old)
+
+
+def serve(
+    model_uri: Annotated[str | None, typer.Argument(
+        help="MLflow model URI (default: models:/<registry.model_name>@production).")] = None,
+    host: HostOpt = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port of the scoring server.")] = 5001,
+    workers: Annotated[int, typer.Option("--workers", help="Server worker processes.")] = 1,
+    config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """Serve a registered model version over HTTP (POST /invocations), from this virtualenv."""
+    cfg, paths = setup(config, sets, state_dir)
+    uri = model_uri or f"models:/{cfg.registry.model_name}@production"
+    log = paths.root / "logs" / f"serve-{port}.log"
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+           "--host", host, "--port", str(port), "--workers", str(workers)]
+    proc = _start(cmd, venv_env(), log)
+    from tasks.serving.pyfunc import input_example
+
+    body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
+    url = f"http://{host}:{port}"
+    console.print(f"serving {uri} at {url}  (log: {log}; Ctrl-C stops it)\n"
+                  f"  health : curl {url}/ping\n"
+                  f"  predict: curl -s {url}/invocations -H 'Content-Type: application/json' -d '{body}'\n"
+                  f"  (send your own image as base64 in the 'image' column, or a server-side 'path')",
+                  highlight=False, soft_wrap=True)
+    raise typer.Exit(_wait([proc], [log]))
+
+
+def ui(
+    host: HostOpt = "127.0.0.1",
+    mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="Port of the MLflow UI.")] = 5000,
+    prefect_port: Annotated[int, typer.Option("--prefect-port", help="Port of the Prefect UI.")] = 4200,
+    config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
+) -> None:
+    """Start the MLflow UI and the Prefect UI on this state directory; Ctrl-C stops both."""
+    cfg, paths = setup(config, sets, state_dir)
+    from tasks.core import links, tracking
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if tracking_uri.startswith(("http://", "https://")):
+        fail(f"MLflow tracking URI is a server ({tracking_uri}): open its UI there; `damage ui` serves local stores")
+    logs = [paths.root / "logs" / "ui-mlflow.log", paths.root / "logs" / "ui-prefect.log"]
+    # One worker: a UI for one person, and uvicorn's multi-worker supervisor kills workers that miss
+    # its 5 s health ping, which happens on a busy 2-core machine (workers restarting forever).
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+                  "--host", host, "--port", str(mlflow_port), "--workers", "1"]
+    prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port)]
+    prefect_env = {"PREFECT_HOME": str(paths.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}
+    prefect_env_all = venv_env(prefect_env)
+    prefect_env_all.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+    procs = [_start(mlflow_cmd, venv_env(), logs[0]), _start(prefect_cmd, prefect_env_all, logs[1])]
+    exp_url = ""
+    try:
+        c = tracking.client(tracking_uri)
+        exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+        if exp is not None:
+            exp_url = links.mlflow_experiment_url(exp.experiment_id, f"http://{host}:{mlflow_port}")
+    except Exception:
+        pass
+    console.print(f"MLflow UI : http://{host}:{mlflow_port}  {exp_url}\n"
+                  f"Prefect UI: http://{host}:{prefect_port}\n"
+                  f"state dir : {paths.root}   (logs: {logs[0].parent}; Ctrl-C stops both)",
+                  highlight=False, soft_wrap=True)
+    raise typer.Exit(_wait(procs, logs))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``ui`` to the ``damage`` CLI."""
+    app.command("serve")(serve)
+    app.command("ui")(ui)

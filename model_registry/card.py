@@ -1,0 +1,126 @@
+"""The model card: a markdown description on each registered version, rendered by the MLflow UI.
+
+``model_card`` is a pure function of what the pipeline measured (tested on its own);
+``describe_version`` writes it as the version's description. Numbers are rounded for reading.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+_OVERALL = ("box/precision", "box/recall", "box/mAP50", "box/mAP50-95",
+            "mask/precision", "mask/recall", "mask/mAP50", "mask/mAP50-95", "fitness")
+_PER_CLASS = ("box/AP50", "box/AP50-95", "mask/AP50", "mask/AP50-95")
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    try:
+        return f"{float(v):.{nd}f}" if v is not None and float(v) == float(v) else "–"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def machine() -> str:
+    """Short description of this machine (latency figures are only comparable on the same one)."""
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({cpu})"
+
+
+def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_class: Sequence[Mapping[str, Any]],
+               operating_point: Mapping[str, Any] | None, *, objective_help: str = "",
+               flat_objective: bool = False, dataset_fingerprint: str = "",
+               dataset_sizes: Mapping[str, Any] | None = None, parent_version: str | None = None,
+               kind: str = "trained", latency_ms: float | None = None, machine_desc: str = "",
+               source_run_url: str | None = None, flow_run_url: str | None = None,
+               gate: Mapping[str, Any] | None = None) -> str:
+    """Markdown card of one version.
+
+    Example:
+        >>> md = model_card("damage-seg", 3, {"mask/mAP50": 0.5}, [{"class": "dent", "mask/AP50": 0.4}],
+        ...                 {"conf": 0.4, "iou": 0.5, "objective": "mask_f1", "value": 0.6})
+        >>> "| dent |" in md
+        True
+    """
+    out = [f"## {name} v{version}", "",
+           f"**Kind:** {kind}" + (f" (compressed from / fine-tuned on version {parent_version})" if parent_version
+                                  else ""), ""]
+    out += ["### Metrics (val, mAP at conf floor 0.001)", "", "| metric | value |", "|---|---|"]
+    out += [f"| {k} | {_f(metrics.get(k))} |" for k in _OVERALL if k in metrics]
+    if latency_ms is not None or metrics.get("latency_ms") is not None:
+        lat = latency_ms if latency_ms is not None else metrics.get("latency_ms")
+        out.append(f"| latency (ms/image) | {_f(lat, 1)} on {machine_desc or machine()} |")
+    out.append("")
+    if per_class:
+        out += ["### Per class", "", "| class | images | instances | " + " | ".join(_PER_CLASS) + " |",
+                "|---|---|---|" + "---|" * len(_PER_CLASS)]
+        for r in per_class:
+            out.append(f"| {r.get('class')} | {r.get('images', '–')} | {r.get('instances', '–')} | "
+                       + " | ".join(_f(r.get(k)) for k in _PER_CLASS) + " |")
+        out.append("")
+    out += ["### Operating point", ""]
+    if operating_point:
+        op = operating_point
+        out.append(f"conf **{op.get('conf')}**, NMS IoU **{op.get('iou')}**, chosen by objective "
+                   f"`{op.get('objective')}` = {_f(op.get('value'))}" + (f" ({objective_help})" if objective_help else "")
+                   + ".")
+        if flat_objective:
+            out.append("")
+            out.append("**Warning:** the objective was flat across the grid (ties within tolerance); "
+                       "the point was picked by the documented tie-break.")
+    else:
+        out.append("none (sweep disabled): the thresholds in the ONNX metadata are the export defaults.")
+    out += ["", "### Data", "", f"- fingerprint: `{dataset_fingerprint or 'unknown'}`"]
+    for k, v in (dataset_sizes or {}).items():
+        out.append(f"- {k}: {v}")
+    if gate:
+        out += ["", "### Promotion gate", "",
+                f"{'passed' if gate.get('passed') else 'failed'}: " + "; ".join(gate.get("reasons") or [])]
+    links = [f"[source MLflow run]({source_run_url})" if source_run_url else "",
+             f"[Prefect flow run]({flow_run_url})" if flow_run_url else ""]
+    if any(links):
+        out += ["", "### Links", "", " · ".join(x for x in links if x)]
+    return "\n".join(out) + "\n"
+
+
+def describe_version(client, name: str, version: str | int, markdown: str) -> None:
+    """Set ``markdown`` as the registered version's description (the MLflow UI renders it)."""
+    client.update_model_version(name, str(version), description=markdown)
+
+
+def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str, Any], decision,
+              links: Mapping[str, Any] | None = None) -> str:
+    """Write the model card of the nightly candidate as its version description; returns the markdown.
+
+    Metrics are the candidate's (the compressed variant's when compression chose one), per-class
+    AP from the evaluator, the sweep's operating point, the data fingerprint and split sizes.
+    """
+    from tasks.core import tracking
+    from tasks.core.links import mlflow_base, mlflow_run_url
+
+    links = links or {}
+    metrics = dict(candidate.get("metrics") or evaluation.metrics)
+    objective_help, flat = "", False
+    if sweep is not None:
+        from tasks.evaluation.sweep import OBJECTIVES
+
+        objective_help = OBJECTIVES[sweep.objective].help
+        flat = bool(sweep.best.get("flat", False))
+    sizes = {f"images/{k}": v for k, v in (getattr(data, "images", None) or {}).items()}
+    sizes.update({f"instances/{k}": v for k, v in (getattr(data, "instances", None) or {}).items()})
+    c = tracking.client(run.tracking_uri)
+    md = model_card(
+        version.name, version.version, metrics, getattr(evaluation, "per_class", []),
+        sweep.thresholds if sweep is not None else None, objective_help=objective_help, flat_objective=flat,
+        dataset_fingerprint=data.fingerprint, dataset_sizes=sizes,
+        parent_version=str(candidate["parent"]) if candidate.get("parent") else None,
+        kind=str(candidate.get("kind", "trained")), latency_ms=metrics.get("latency_ms"),
+        source_run_url=links.get("mlflow_run_url") or mlflow_run_url(
+            run.experiment_id, run.run_id, mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)),
+        flow_run_url=links.get("prefect_flow_run_url"),
+        gate=decision.to_dict() if hasattr(decision, "to_dict") else None)
+    describe_version(c, version.name, version.version, md)
+    return md

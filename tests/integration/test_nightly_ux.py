@@ -1,0 +1,293 @@
+"""What users of MLflow, Prefect and Apprise see after a nightly run (issue 15), read back from the
+MLflow store and the Prefect API: dataset inputs, system metrics, evaluation figures, the model
+card, the flow run's artifacts / logs / links, a skipped run, and the notifications (a loopback
+HTTP endpoint records the POSTs; a dead endpoint never fails the run)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.recording_http import Recorder
+
+MODEL = "ux-seg"  # own registered model: the first candidate passes the gate (approval message)
+TINY = [
+    "data.synth.images=24", "data.synth.imgsz=96", "data.synth.val_fraction=0.25",
+    "train.epochs=1", "train.imgsz=96", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
+    "explain.enabled=false", "export.parity_images=1", "compress.enabled=false",
+    f"registry.model_name={MODEL}", "registry.floor_mask_map=0.0", "mlflow.system_metrics_interval_s=1",
+]
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def recorder():
+    with Recorder() as rec:
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def notify_config(recorder, tmp_path_factory) -> str:
+    """Config file with two notify URLs: one recording, one dead. URLs live in a file, not in
+    overrides: overrides are flow parameters, shown in the Prefect UI."""
+    cfg = tmp_path_factory.mktemp("ux") / "notify.yaml"
+    cfg.write_text(f"notify:\n  urls: ['{recorder.json_url('hook')}', 'json://127.0.0.1:{_dead_port()}/x']\n")
+    return str(cfg)
+
+
+def _flush_logs() -> None:
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()
+
+
+@pytest.fixture(scope="module")
+def ux_run(prefect_harness, state_paths, notify_config, recorder):
+    """One forced nightly run (each of the three runs is its own fixture: each gets its own test timeout)."""
+    from flows.nightly import nightly
+
+    summary = nightly(config_path=notify_config, overrides=TINY, force=True)
+    _flush_logs()
+    return {"summary": summary, "posts": recorder.posts}
+
+
+@pytest.fixture(scope="module")
+def ux_skipped(ux_run, notify_config):
+    """The same run again, unforced: nothing changed, so it is skipped (its final Prefect state)."""
+    from flows.nightly import nightly
+
+    return nightly(config_path=notify_config, overrides=TINY, force=False, return_state=True)
+
+
+@pytest.fixture(scope="module")
+def ux_failed(prefect_harness, state_paths, notify_config, recorder):
+    """A run that fails in the data gate: the gate's error propagates, a failure message goes out."""
+    from flows.nightly import nightly
+
+    failing = TINY + ["validate.min_width=10000", "validate.severity={too_small: error}"]
+    with pytest.raises(Exception, match="data gate failed") as err:  # the gate error, not a notify error
+        nightly(config_path=notify_config, overrides=failing, force=True)
+    return {"error": str(err.value), "posts": recorder.posts}
+
+
+def _client(summary):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(summary["tracking_uri"])
+
+
+def _child(c, summary, step):
+    parent = c.get_run(summary["mlflow_run_id"])
+    runs = c.search_runs([parent.info.experiment_id],
+                         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`damage.step` = '{step}'")
+    assert runs, f"no nested run {step}"
+    return runs[0]
+
+
+def test_dataset_input_and_system_metrics_on_train_and_evaluate(ux_run):
+    import json
+
+    s = ux_run["summary"]
+    c = _client(s)
+    for step, context in (("train", "training"), ("evaluate", "evaluation")):
+        run = c.get_run(_child(c, s, step).info.run_id)
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 1, step
+        ds = inputs[0].dataset
+        assert ds.digest == s["dataset_fingerprint"]
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == context
+        prof = json.loads(ds.profile)
+        assert prof["splits"]["train"] == 18 and prof["splits"]["val"] == 6
+        assert sum(prof["instances"].values()) > 0
+        assert json.loads(ds.source)["uri"] == str(Path(s["dataset"]).resolve().parent)
+        sysm = [k for k in run.data.metrics if k.startswith("system/")]
+        assert "system/cpu_utilization_percentage" in sysm and "system/system_memory_usage_megabytes" in sysm, step
+
+
+def test_evaluate_run_has_curves_and_confusion_matrix(ux_run):
+    from tasks.evaluation.plots import CM_FILES
+
+    s = ux_run["summary"]
+    c = _client(s)
+    run_id = _child(c, s, "evaluate").info.run_id
+    files = {Path(a.path).name for a in c.list_artifacts(run_id, "plots")}
+    for kind in ("box", "mask"):
+        assert {f"{kind}_PR_curve.png", f"{kind}_F1_curve.png"} <= files
+    assert set(CM_FILES) <= files
+    local = c.download_artifacts(run_id, "plots/mask_PR_curve.png")
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_version_description_is_the_model_card(ux_run):
+    s = ux_run["summary"]
+    c = _client(s)
+    mv = c.get_model_version(MODEL, str(s["registered_version"]))
+    md = mv.description
+    assert "| class | images | instances | box/AP50 |" in md
+    for row in s["per_class"]:
+        assert f"| {row['class']} | {row['images']} | {row['instances']} |" in md
+    assert s["dataset_fingerprint"] in md and "Operating point" in md and "latency (ms/image)" in md
+    assert f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning" in md
+    assert f"/runs/flow-run/{s['prefect_flow_run_id']}" in md
+
+
+def test_flow_run_has_summary_progress_link_and_project_logs(ux_run):
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    s = ux_run["summary"]
+    fid = UUID(s["prefect_flow_run_id"])
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fid])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fid])))
+        fr = client.read_flow_run(fid)
+    by_key = {a.key: a for a in arts}
+    md = by_key["nightly-summary"]
+    assert md.type == "markdown" and "| mask/mAP50 |" in md.data and "Promotion gate" in md.data
+    assert f"versions/{s['registered_version']}" in md.data
+    for key in ("train-epochs", "validate-scan", "sweep"):  # per epoch, per scan chunk, per sweep image
+        assert by_key[key].type == "progress" and float(by_key[key].data) == 100.0, key
+    link = by_key["mlflow-run"]
+    assert link.type == "markdown" or link.type == "link"
+    assert f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning" in str(link.data)
+    assert f"mlflow-run:{s['mlflow_run_id']}" in fr.tags
+    project = [lg for lg in logs if lg.name.startswith(("tasks.", "model_registry."))]
+    assert any(lg.name == "tasks.validation.data_check" and "data gate:" in lg.message for lg in project), \
+        [(lg.name, lg.message[:80]) for lg in logs][:20]
+    # and the MLflow run links back to the flow run, clickable (markdown description)
+    run = _client(s).get_run(s["mlflow_run_id"])
+    assert f"(http://127.0.0.1:4200/runs/flow-run/{fid})" in run.data.tags["mlflow.note.content"] \
+        or f"/runs/flow-run/{fid})" in run.data.tags["mlflow.note.content"]
+
+
+def test_task_runs_have_readable_names(ux_run):
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    fid = UUID(ux_run["summary"]["prefect_flow_run_id"])
+    with get_client(sync_client=True) as client:
+        names = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))}
+    assert {"train", "evaluate", "sweep", "register", "model-card"} <= names
+
+
+def test_skipped_run_shows_as_skipped(ux_run, ux_skipped):
+    state = ux_skipped
+    assert state.is_completed() and state.name == "Skipped"
+    data = state.result()
+    assert data["skipped"] is True
+    run = _client(ux_run["summary"]).get_run(data["mlflow_run_id"])
+    assert run.info.run_name.endswith("-skipped") and run.data.tags["damage.status"] == "skipped"
+
+
+def test_approval_notification(ux_run):
+    posts = [p for path, p in ux_run["posts"] if path == "/hook"]
+    s = ux_run["summary"]
+    approval = next((p for p in posts if "waits for approval" in p["title"]), None)
+    assert approval is not None, [p["title"] for p in posts]
+    assert f"damage registry approve {MODEL} {s['registered_version']}" in approval["message"]
+    assert "mask/mAP50" in approval["message"]
+    # the dead URL did not fail the run: the run finished and registered its version
+    assert s["registered_version"]
+
+
+def test_failure_notification_names_step_error_and_link(ux_failed):
+    posts = [p for path, p in ux_failed["posts"] if path == "/hook"]
+    failure = next((p for p in posts if "FAILED" in p["title"]), None)
+    assert failure is not None, [p["title"] for p in posts]
+    assert "validate" in failure["title"] and "data gate failed" in failure["message"]
+    assert "workflowType=machine_learning" in failure["message"]
+
+
+def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, caplog):
+    import mlflow
+    import yaml
+
+    from tasks.serving.pyfunc import input_example, save_pyfunc
+
+    s = ux_run["summary"]
+    c = _client(s)
+    mv = c.get_model_version(MODEL, str(s["registered_version"]))
+    files = {Path(a.path).name for a in c.list_artifacts(mv.run_id, "model")}
+    assert "python_model.pkl" not in files  # nothing pickled
+    assert {"pyfunc_code.py", "input_example.json", "serving_input_example.json"} <= files
+    mlmodel = yaml.safe_load(Path(c.download_artifacts(mv.run_id, "model/MLmodel")).read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{s['registered_version']}")
+    out = model.predict(input_example())
+    assert out[0]["width"] == 32 and "instances" in out[0]
+    with caplog.at_level("WARNING", logger="mlflow"):
+        save_pyfunc(Path(s["onnx"]), tmp_path / "m")
+    assert "CloudPickle" not in caplog.text
+
+
+def test_experiment_opens_in_the_model_training_view(ux_run):
+    s = ux_run["summary"]
+    c = _client(s)
+    exp = c.get_experiment(c.get_run(s["mlflow_run_id"]).info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert s["mlflow_run_url"].endswith(f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning")
+
+
+def test_damage_serve_answers_the_printed_example(ux_run, tmp_path):
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.integration.conftest import free_port
+
+    s = ux_run["summary"]
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+               PATH="/usr/bin:/bin")  # the venv is NOT on PATH: `damage serve` must still find uvicorn
+    out = tmp_path / "serve.out"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", f"models:/{MODEL}/{s['registered_version']}",
+                                 "--port", str(port)], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, out.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=3) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                time.sleep(2)
+        text = out.read_text()
+        assert f"at http://127.0.0.1:{port}" in text
+        body = re.search(r"-d '(\{.*\})'", text).group(1)  # the printed curl example, sent as printed
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            preds = json.loads(r.read())["predictions"]
+        assert preds[0]["width"] == 32 and "instances" in preds[0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:  # Ctrl-C: `damage serve` stops the scoring server it started
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()

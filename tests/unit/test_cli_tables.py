@@ -1,0 +1,72 @@
+"""``damage registry list/history`` fit an 80-column terminal and give JSON with ``--json``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
+
+
+@pytest.fixture(scope="module")
+def registry_uri(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    import model_registry as mr
+    from model_registry.registry import STAGING
+
+    d = tmp_path_factory.mktemp("cli-tables")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = c.create_run(c.create_experiment("t")).info.run_id
+    f = d / "a.onnx"
+    f.write_bytes(b"x")
+    for k in range(3):
+        v = mr.register_candidate(c, "tbl-m", run_id, f, None, {"mask/mAP50-95": 0.25 + k / 10,
+                                                                 "box/mAP50-95": 0.3}, {"conf": 0.3}, LINEAGE)
+    c.set_registered_model_alias("tbl-m", STAGING, v.version)
+    return uri
+
+
+def _run(args, columns=80):
+    from flows.cli import app
+
+    return CliRunner().invoke(app, args, env={"COLUMNS": str(columns), "TERM": "dumb"})
+
+
+def test_registry_list_fits_80_columns_without_truncated_words(registry_uri):
+    r = _run(["registry", "list", "tbl-m", "--tracking-uri", registry_uri])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert max(len(x) for x in lines) <= 80, "\n".join(lines)
+    assert "…" not in r.stdout  # no "versi…", "stagi…"
+    for word in ("staging", "pending", "approval", "aliases", "0.4500"):
+        assert word in r.stdout, r.stdout
+    assert "columns left out" in r.stdout  # it says what it dropped
+    wide = _run(["registry", "list", "tbl-m", "--tracking-uri", registry_uri], columns=200)
+    assert "created" in wide.stdout and "columns left out" not in wide.stdout
+
+
+def test_registry_list_and_history_json(registry_uri):
+    r = _run(["registry", "list", "tbl-m", "--tracking-uri", registry_uri, "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)  # stdout is only the JSON document
+    assert [d["version"] for d in data] == ["3", "2", "1"] or sorted(d["version"] for d in data) == ["1", "2", "3"]
+    v3 = next(d for d in data if d["version"] == "3")
+    assert v3["aliases"] == ["staging"] and v3["metrics"]["mask/mAP50-95"] == pytest.approx(0.45)
+    h = _run(["registry", "history", "tbl-m", "--tracking-uri", registry_uri, "--json"])
+    assert h.exit_code == 0, h.output
+    assert isinstance(json.loads(h.stdout), list)
+
+
+def test_fit_columns_drops_lowest_priority_first():
+    from flows.tables import Col, fit_columns
+
+    cols = [Col("a", "A", 1), Col("b", "B", 3), Col("c", "C", 2)]
+    rows = [{"a": "x" * 40, "b": "y" * 20, "c": "z" * 20}]
+    kept, dropped = fit_columns(cols, rows, 80)
+    assert [c.key for c in kept] == ["a", "c"] and [c.key for c in dropped] == ["b"]
+    kept, dropped = fit_columns(cols, rows, 200)
+    assert not dropped
