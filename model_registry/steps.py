@@ -56,18 +56,26 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
     ``validation_status=failed`` and the reasons, and nothing moves.
     """
     from tasks.core import tracking
-    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.evaluation.evaluate import class_metrics, evaluate_model
 
     def evaluate_fn(onnx: Path) -> dict[str, float]:
-        return evaluate_model(onnx, data_yaml, split=cfg.evaluate.split, imgsz=cfg.train.imgsz,
-                              conf=cfg.evaluate.conf, iou=cfg.evaluate.iou, max_det=cfg.evaluate.max_det).metrics
+        res = evaluate_model(onnx, data_yaml, split=cfg.evaluate.split, imgsz=cfg.train.imgsz,
+                             conf=cfg.evaluate.conf, iou=cfg.evaluate.iou, max_det=cfg.evaluate.max_det)
+        # every class of the model, NaN where the data has no instance: the gate fails such a class closed
+        return {**res.metrics, **class_metrics(res.per_class, missing=float("nan"))}
 
     with tracking.step_run(run.run_id, "promotion-gate") as (c, run_id):
         decision = gate_candidate(run.tracking_uri, cfg.registry.model_name, version.version, evaluate_fn,
                                   cfg.registry, work_dir=run.root)
         tracking.log_metrics(c, run_id, decision.figures())
+        failed = ",".join(decision.failed_classes) or "none"
         tracking.set_tags(c, run_id, {"gate.decision": "passed" if decision.passed else "failed",
                                       "gate.reasons": "; ".join(decision.reasons),
+                                      "gate.failed_classes": failed,
                                       "gate.production_version": decision.production_version or "none"})
-        tracking.set_tags(c, run.run_id, {"gate.decision": "passed" if decision.passed else "failed"})
+        tracking.set_tags(c, run.run_id, {"gate.decision": "passed" if decision.passed else "failed",
+                                          "gate.failed_classes": failed})
+    verdict = "passed -> staging" if decision.passed else "FAILED (stays pending)"
+    print(f"promotion gate: version {version.version} {verdict}"
+          + (f"; failing classes: {', '.join(decision.failed_classes)}" if decision.failed_classes else ""))
     return decision

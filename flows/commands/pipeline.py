@@ -33,6 +33,8 @@ def _print_summary(summary: dict, seconds: float) -> None:
     if promo:
         verdict = "passed -> staging" if promo.get("passed") else "failed (stays pending)"
         t.add_row("promotion gate", f"{verdict}: {'; '.join(promo.get('reasons', []))}")
+        if promo.get("failed_classes"):
+            t.add_row("failing classes", ", ".join(promo["failed_classes"]))
     t.add_row("epochs / imgsz", f"{summary.get('epochs_run')} / {summary.get('imgsz')}")
     t.add_row("wall time", f"{seconds / 60:.1f} min")
     t.add_row("MLflow run", summary.get("mlflow_run_id", ""))

@@ -118,7 +118,8 @@ class EvalResult:
 
     Attributes:
         metrics: ``METRIC_KEYS`` (box/mask precision, recall, mAP50, mAP50-95 at conf floor
-            ``conf``; Ultralytics fitness; ms per image) plus ``images`` and ``instances``.
+            ``conf``; Ultralytics fitness; ms per image) plus ``images``, ``instances`` and the
+            per-class AP of every labelled class (``class_metrics``: ``mask_ap50/<class>`` ...).
         per_class: one dict per class: ``class``, ``images``, ``instances``, ``box/AP50``,
             ``box/AP50-95``, ``mask/AP50``, ``mask/AP50-95`` (None for a class without labels).
     """
@@ -332,6 +333,35 @@ def per_class_table(summaries: dict[str, dict], truths: Sequence[ImageTruth],
             row[f"{kind}/AP50-95"] = s["ap"].get(c) if n_inst else None
         rows.append(row)
     return rows
+
+
+CLASS_METRICS = {"box/AP50": "box_ap50", "box/AP50-95": "box_ap50-95", "mask/AP50": "mask_ap50",
+                 "mask/AP50-95": "mask_ap50-95"}  # per-class table column -> MLflow metric prefix
+
+
+def class_metrics(rows: Sequence[dict[str, Any]], missing: float | None = None) -> dict[str, float]:
+    """Per-class AP as flat metrics: ``mask_ap50/<class>``, ``mask_ap50-95/<class>``, ``box_...``.
+
+    Args:
+        rows: ``per_class_table`` rows.
+        missing: value for a class without labelled instances (its AP is undefined); None = leave
+            the class out (MLflow logging), NaN = keep it visible (the promotion gate fails closed
+            on a class it cannot check).
+
+    Example:
+        >>> class_metrics([{"class": "dent", "box/AP50": .5, "box/AP50-95": .2, "mask/AP50": .4,
+        ...                 "mask/AP50-95": .1}])["mask_ap50/dent"]
+        0.4
+    """
+    out: dict[str, float] = {}
+    for row in rows:
+        for col, prefix in CLASS_METRICS.items():
+            v = row.get(col)
+            if v is not None:
+                out[f"{prefix}/{row['class']}"] = float(v)
+            elif missing is not None:
+                out[f"{prefix}/{row['class']}"] = missing
+    return out
 
 
 # ----------------------------------------------------------------------------- model + data
@@ -646,8 +676,9 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
     metrics["latency_ms"] = sum(col.speed.values())
     metrics["images"] = float(len(col.truths))
     metrics["instances"] = float(sum(len(t.cls) for t in col.truths))
-    return EvalResult(metrics, per_class_table(summaries, col.truths, col.names), str(model), str(data_yaml),
-                      split, col.imgsz, conf, iou, col.model_format)
+    per_class = per_class_table(summaries, col.truths, col.names)
+    metrics.update(class_metrics(per_class))
+    return EvalResult(metrics, per_class, str(model), str(data_yaml), split, col.imgsz, conf, iou, col.model_format)
 
 
 def evaluate_step(model: str | Path, data_yaml: str | Path, cfg: EvaluateConfig, imgsz: int, parent_run_id: str,
