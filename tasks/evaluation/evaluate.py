@@ -42,6 +42,7 @@ from tasks.core.errors import DamageError, DatasetError
 
 if TYPE_CHECKING:
     from tasks.core.config import EvaluateConfig
+    from tasks.evaluation.damage_percent import DamageMAE, VehicleError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class ImageScore:
     cls: np.ndarray
     tp_box: np.ndarray
     tp_mask: np.ndarray
-    damage: dict[float, float | None] = field(default_factory=dict)  # conf -> predicted damage %
+    damage: dict[float, list[VehicleError]] = field(default_factory=dict)  # conf -> per labelled vehicle
 
     @classmethod
     def empty(cls) -> ImageScore:
@@ -301,22 +302,27 @@ def prf_at(scores: Sequence[ImageScore], n_truth: int, conf: float) -> dict[str,
     return out
 
 
-def damage_mae(scores: Sequence[ImageScore], truths: Sequence[ImageTruth], conf: float) -> tuple[float, int]:
-    """Mean absolute error (percentage points) of the image-level damage percentage at ``conf``.
+def damage_summary(scores: Sequence[ImageScore], conf: float) -> DamageMAE:
+    """Per-vehicle damage-percentage error at ``conf`` over a split (``damage_percent.mae_summary``).
 
-    Images whose labels have no vehicle are skipped (the percentage is undefined there); an image
-    with a labelled vehicle where no vehicle was detected counts as 0 % predicted.
+    Needs scores from a ``collect`` pass with ``conf`` among its ``op_confs``.
+    """
+    from tasks.evaluation.damage_percent import mae_summary
+
+    return mae_summary([e for s in scores for e in s.damage.get(conf, [])])
+
+
+def damage_mae(scores: Sequence[ImageScore], conf: float) -> tuple[float, int]:
+    """Mean absolute error (percentage points) of the per-vehicle damage percentage at ``conf``.
+
+    Per labelled vehicle (rule in ``tasks.evaluation.damage_percent``): a labelled vehicle that
+    no predicted vehicle matches counts as 0 % predicted.
 
     Returns:
-        (MAE, or NaN when no image has a labelled vehicle; number of images counted)
+        (MAE, or NaN when no vehicle is labelled; number of labelled vehicles counted)
     """
-    errs = []
-    for s, t in zip(scores, truths, strict=True):
-        if t.damage_percent is None:
-            continue
-        pred = s.damage.get(conf)
-        errs.append(abs((pred or 0.0) - t.damage_percent))
-    return (float(np.mean(errs)) if errs else float("nan")), len(errs)
+    d = damage_summary(scores, conf)
+    return d.mae, d.vehicles
 
 
 def per_class_table(summaries: dict[str, dict], truths: Sequence[ImageTruth],
@@ -485,7 +491,7 @@ class Collected:
         map_scores: NMS IoU -> per-image ``ImageScore`` at the conf floor (mAP).
         op_scores: NMS IoU -> per-image ``ImageScore`` of deployment-style detections (one class
             per box) above the lowest operating conf, matched at full letterbox resolution,
-            with predicted damage percentages per operating conf.
+            with the per-vehicle damage-percentage errors per operating conf.
         speed: ms per image: ``preprocess``, ``inference``, ``postprocess`` (NMS + mask decode
             at the first IoU of ``ious``).
     """
@@ -551,10 +557,10 @@ def _map_scores(pred, proto, truth: ImageTruth, iou: float, nc: int, max_det: in
 
 def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: float, confs: Sequence[float],
                names: dict[int, str], max_det: int, imgsz: tuple[int, int]) -> ImageScore:
-    """Deployment NMS (best class per box) above min(confs), full-res masks, damage % per conf."""
+    """Deployment NMS (best class per box) above min(confs), full-res masks, per-vehicle damage % per conf."""
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.damage_percent import damage_report
+    from tasks.evaluation.damage_percent import vehicle_errors
 
     det = nms.non_max_suppression(pred[None], min(confs), iou, nc=len(names), multi_label=False,
                                   max_det=max_det)[0]
@@ -564,10 +570,11 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
                     full_truth)
     order = np.argsort(-det[:, 4].numpy(), kind="stable")
     masks = masks[order]
+    truth_names = [names.get(int(c), str(c)) for c in truth.cls]
     for c in confs:
         keep = np.flatnonzero(s.conf > c)
-        s.damage[c] = damage_report([masks[i] for i in keep], [names[int(s.cls[i])] for i in keep],
-                                    vehicle_class=VEHICLE_CLASS).damage_percent
+        s.damage[c] = vehicle_errors(list(truth_full), truth_names, [masks[i] for i in keep],
+                                     [names[int(s.cls[i])] for i in keep], vehicle_class=VEHICLE_CLASS)
     return s
 
 
