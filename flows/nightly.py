@@ -1,4 +1,4 @@
-"""The ``nightly`` flow: data gate -> train -> evaluate -> sweep -> export -> explain ->
+"""The ``nightly`` flow: data gate -> train init -> train -> evaluate -> sweep -> export -> explain ->
 (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
 ``model_registry/``; this file passes results on.
 """
@@ -36,7 +36,7 @@ def _t(fn, name: str, retries: int = 0):
 @flow(name="nightly", log_prints=True)
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
-    from model_registry.steps import gate_step, register_step
+    from model_registry.steps import gate_step, init_step, register_step
     from tasks.evaluation.evaluate import evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
     from tasks.evaluation.sweep import sweep_step
@@ -55,8 +55,10 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=skipped)
             return skipped
         data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id)
+        # train.init: fine-tune from production's weights when they fit, else scratch (reason logged + tagged)
+        train_cfg, init = _t(init_step, "train-init", retries=2)(cfg, run, data.data_yaml)
         # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.
-        trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
+        trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(train_cfg),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
                                                      dataset_fingerprint=data.fingerprint)
@@ -80,7 +82,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                    cfg.to_dict(), run.run_id)
             candidate = chosen or candidate
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
-                                                            data.fingerprint)
+                                                            data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
         if cfg.registry.wait_for_approval and decision.passed:
             from flows.promote import await_approval
@@ -89,6 +91,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                            decision.reasons)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
+        summary["init"] = init.to_dict()
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)
     except BaseException as e:
         _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=False, error=repr(e))

@@ -28,6 +28,14 @@ def _print_summary(summary: dict, seconds: float) -> None:
     op = summary.get("operating_point") or {}
     if op:
         t.add_row("operating point", f"conf={op.get('conf')} iou={op.get('iou')} ({op.get('objective')})")
+    dmg = summary.get("damage_pct_mae") or {}
+    if dmg:
+        mae = dmg.get("mae")
+        t.add_row("damage % MAE", (f"{mae:.2f} pp" if isinstance(mae, float) else "n/a")
+                  + f" over {dmg.get('vehicles', 0)} labelled vehicles (at the operating point)")
+    init = summary.get("init") or {}
+    if init:
+        t.add_row("training start", init.get("reason", ""))
     t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
     promo = summary.get("promotion") or {}
     if promo:
@@ -42,12 +50,15 @@ def _print_summary(summary: dict, seconds: float) -> None:
     console.print(t)
     per_class = summary.get("per_class") or []
     if per_class:
-        pc = Table(title="per class (val)")
-        cols = [k for k in per_class[0].keys()]
+        by_class = dmg.get("by_class") or {}
+        rows = [{**r, "damage % MAE": by_class.get(r.get("class"))} for r in per_class]
+        pc = Table(title="per class (val; AP at conf 0.001, damage % MAE in pp at the operating point)")
+        cols = [k for k in rows[0].keys()]
         for c in cols:
-            pc.add_column(str(c))
-        for row in per_class:
-            pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
+            pc.add_column(str(c), style="bold" if c == "mask/AP50" else None)
+        for row in rows:
+            pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else ("-" if row[c] is None else str(row[c]))
+                         for c in cols])
         console.print(pc)
     state = summary.get("state_dir", ".state")
     console.print(

@@ -43,14 +43,16 @@ def list_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt =
 
     versions = run_guarded(list_versions, uri, name)
     table = Table(title=f"{name} @ {uri}")
-    for col in ("version", "aliases", "gate", "approval", "by", "mask mAP50-95", "box mAP50-95", "created", "run"):
+    for col in ("version", "aliases", "gate", "approval", "by", "mask mAP50-95", "box mAP50-95", "parent", "created",
+                "run"):
         table.add_column(col)
     for v in versions:
         m = v.metrics
         by = v.tags.get("approved_by") or v.tags.get("rejected_by") or ""
         state = v.approval + (" (rolled back)" if "rolled_back_at" in v.tags else "")
         table.add_row(v.version, ",".join(v.aliases), v.validation_status, state, by,
-                      _fmt_metric(m.get("mask/mAP50-95")), _fmt_metric(m.get("box/mAP50-95")), v.created_at,
+                      _fmt_metric(m.get("mask/mAP50-95")), _fmt_metric(m.get("box/mAP50-95")),
+                      v.tags.get("lineage.parent_version", "-"), v.created_at,
                       (v.run_id or "")[:12])
     console.print(table)
     console.print(f"{len(versions)} version(s) of '{name}'", highlight=False)
