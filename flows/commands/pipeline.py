@@ -111,11 +111,15 @@ def train(
 ) -> None:
     """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
     cfg, paths = setup(config, sets, state_dir)
-    from tasks.data.dataset import find_data_yaml
+    from tasks.data.dataset import find_data_yaml, load_data_yaml
+    from tasks.training.init import apply, offline_decision
     from tasks.training.train import train_model
 
     data_yaml = run_guarded(find_data_yaml, data)
-    res = run_guarded(train_model, data_yaml, cfg.train, out or paths.runs / "train", seed=cfg.seed, name=name)
+    start = run_guarded(offline_decision, cfg.train, run_guarded(load_data_yaml, data_yaml).names)
+    console.print(f"start: {start.reason}", highlight=False)
+    res = run_guarded(train_model, data_yaml, apply(cfg.train, start), out or paths.runs / "train", seed=cfg.seed,
+                      name=name)
     console.print(f"trained {res.epochs_run} epochs -> best: {res.best}")
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         if k in res.metrics:

@@ -153,6 +153,22 @@ def decide_local(cfg: TrainConfig, classes: list[str]) -> InitDecision | None:
     return None
 
 
+def offline_decision(cfg: TrainConfig, classes: list[str]) -> InitDecision:
+    """For training without the registry (``damage train``): ``auto`` means scratch, ``production`` is an error.
+
+    Raises:
+        InitError: ``train.init=production``, or a ``.pt`` path that is missing or does not fit.
+    """
+    d = decide_local(cfg, classes)
+    if d is not None:
+        return d
+    if cfg.init == PRODUCTION:
+        raise InitError("train.init=production needs the model registry: use `damage run`, or "
+                        "train.init=auto|scratch|<path.pt> with `damage train`")
+    return InitDecision(cfg.init, SCRATCH, None, "train.init=auto without the registry (damage train): "
+                                                 "training from scratch")
+
+
 def apply(cfg: TrainConfig, decision: InitDecision) -> TrainConfig:
     """The training config for a decision: fine-tune settings when starting from weights."""
     if decision.weights is None:

@@ -156,3 +156,13 @@ def test_version_lineage_records_the_parent_version(tmp_path):
     assert (lin["lineage.parent_version"], lin["lineage.init"], lin["dataset_fingerprint"]) == ("4", "production", "fp")
     scratch = InitDecision("auto", "scratch", None, "no production")
     assert version_lineage(run, "fp", {}, scratch)["lineage.parent_version"] == "none"
+
+
+def test_offline_decision_for_damage_train(ckpts):
+    from tasks.training.init import offline_decision
+
+    d = offline_decision(TrainConfig(init="auto"), list(CLASSES))
+    assert d.source == "scratch" and "without the registry" in d.reason
+    assert offline_decision(TrainConfig(init=str(ckpts["same"])), list(CLASSES)).source == "path"
+    with pytest.raises(InitError, match="train.init=production needs the model registry"):
+        offline_decision(TrainConfig(init="production"), list(CLASSES))
