@@ -60,7 +60,10 @@ def resolve_init(client: MlflowClient | str, model_name: str, cfg: TrainConfig, 
         pt = download_pt(c, model_name, version, Path(work_dir) / f"v{version}")
     except RegistryError as e:
         return scratch(f"production version {version} has no usable checkpoint ({e})")
-    why = checkpoint_mismatch(pt, cfg.model, classes)
+    try:
+        why = checkpoint_mismatch(pt, cfg.model, classes)
+    except InitError as e:  # unreadable checkpoint: a reason to fall back, not to stop the night
+        why = str(e)
     if why:
         return scratch(f"production version {version} does not fit: {why}")
     return InitDecision(cfg.init, FROM_PRODUCTION, pt,

@@ -166,3 +166,12 @@ def test_offline_decision_for_damage_train(ckpts):
     assert offline_decision(TrainConfig(init=str(ckpts["same"])), list(CLASSES)).source == "path"
     with pytest.raises(InitError, match="train.init=production needs the model registry"):
         offline_decision(TrainConfig(init="production"), list(CLASSES))
+
+
+def test_auto_falls_back_when_production_checkpoint_is_unreadable(client, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    name, version = _production(client, bad, tmp_path)
+    d = resolve_init(client, name, TrainConfig(init="auto"), list(CLASSES), tmp_path / "work")
+    assert d.source == "scratch" and f"production version {version} does not fit" in d.reason
+    assert "cannot read the checkpoint" in d.reason
