@@ -1,4 +1,4 @@
-"""The ``nightly`` flow: data gate -> train -> evaluate -> sweep -> export -> explain ->
+"""The ``nightly`` flow: data gate -> train init -> train -> evaluate -> sweep -> export -> explain ->
 (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
 ``model_registry/``; this file passes results on.
 """
@@ -31,7 +31,7 @@ from tasks.core.skip import (
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
     from model_registry.card import card_step
-    from model_registry.steps import gate_step, register_step
+    from model_registry.steps import gate_step, init_step, register_step
     from tasks.core import reporting
     from tasks.evaluation.evaluate import Evaluator, evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
@@ -55,8 +55,10 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         # the skip check hashed the dataset: the gate reuses that fingerprint instead of reading it again
         data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id,
                                                  fingerprint=unchanged.dataset_fingerprint)
+        # train.init: fine-tune from production's weights when they fit, else scratch (reason logged + tagged)
+        train_cfg, init = _t(init_step, "train-init", retries=2)(cfg, run, data.data_yaml)
         # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.
-        trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
+        trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(train_cfg),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
                                                      dataset_fingerprint=data.fingerprint,
@@ -85,7 +87,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                    cfg.to_dict(), run.run_id)
             candidate = chosen or candidate
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
-                                                            data.fingerprint)
+                                                            data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
         _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links)
         _t(reporting.notify_approval, "notify-approval")(cfg, run, version, candidate["metrics"], decision)
@@ -100,6 +102,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                                    run.tracking_uri)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
+        summary["init"] = init.to_dict()
         summary.update({k: v for k, v in links.items() if v})
         _t(reporting.publish_summary, "publish-summary")(summary, links)
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)

@@ -36,6 +36,8 @@ MASK = "mask/mAP50-95"
 BOX = "box/mAP50-95"
 LATENCY = "latency_ms"
 GATE_KEYS = (MASK, BOX, LATENCY)
+CLASS_PREFIX = "mask_ap50/"  # per-class mask AP50 from the evaluator: "mask_ap50/<class>"; NaN = no labels
+DEFAULT_CLASS_FLOOR = 0.1  # floor of a class that a mapping-style registry.min_class_ap50 does not list
 
 EvaluateFn = Callable[[Path], Mapping[str, float]]
 
@@ -54,6 +56,7 @@ class GateDecision:
     tolerance: float = 0.0
     latency_budget_ms: float | None = None
     floor_mask_map: float = 0.0
+    failed_classes: list[str] = field(default_factory=list)
     at: str = field(default_factory=_now)
 
     def figures(self) -> dict[str, float]:
@@ -73,18 +76,95 @@ class GateDecision:
                              + "; ".join(self.reasons))
 
 
+def class_floors(spec: float | Mapping[str, float], classes: list[str]) -> dict[str, float]:
+    """Resolve ``registry.min_class_ap50`` into one floor per class.
+
+    Args:
+        spec: one floor for every class, or a mapping class -> floor (unlisted classes get
+            ``DEFAULT_CLASS_FLOOR``).
+        classes: the classes the evaluator reported.
+
+    Raises:
+        RegistryError: the mapping names a class the model does not have (a typo must not
+            silently switch a floor off).
+
+    Example:
+        >>> class_floors({"dent": 0.3}, ["vehicle", "dent"])
+        {'vehicle': 0.1, 'dent': 0.3}
+    """
+    if not isinstance(spec, Mapping):
+        return {c: float(spec) for c in classes}
+    unknown = sorted(set(spec) - set(classes))
+    if unknown:
+        raise RegistryError(f"registry.min_class_ap50 names {', '.join(unknown)}, not a class of the model "
+                            f"(classes: {', '.join(classes) or 'none reported'})")
+    return {c: float(spec.get(c, DEFAULT_CLASS_FLOOR)) for c in classes}
+
+
+def class_values(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``{"mask_ap50/dent": 0.4, ...}`` -> ``{"dent": 0.4, ...}`` (NaN kept: no labelled instance)."""
+    return {k[len(CLASS_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(CLASS_PREFIX)}
+
+
+def class_checks(candidate: Mapping[str, float], production: Mapping[str, float] | None,
+                 floors: Mapping[str, float], tolerance: float) -> list[tuple[str, bool, str]]:
+    """Per-class verdicts ``(class, passed, reason)`` on mask AP50: floor, then regression vs production.
+
+    A class fails when its AP50 is under its floor, when it has a floor > 0 but no labelled
+    instance in the data (its floor cannot be checked: fail closed), or when it is more than
+    ``tolerance`` below production's AP50 for the class on the same data.
+
+    Example:
+        >>> class_checks({"mask_ap50/dent": 0.05}, None, {"dent": 0.1}, 0.01)
+        [('dent', False, 'class dent: mask AP50 0.0500 < floor 0.1000')]
+    """
+    cand, prod = class_values(candidate), class_values(production or {})
+    out = []
+    for c, floor in floors.items():
+        v = cand.get(c, math.nan)
+        if not math.isfinite(v):
+            ok = floor <= 0
+            out.append((c, ok, f"class {c}: no labelled instance in the gate's data, "
+                               + ("floor off" if ok else f"floor {floor:.4f} cannot be checked")))
+            continue
+        if v < floor:
+            out.append((c, False, f"class {c}: mask AP50 {v:.4f} < floor {floor:.4f}"))
+            continue
+        p = prod.get(c, math.nan)
+        if production is not None and math.isfinite(p) and v < p - tolerance:
+            out.append((c, False, f"class {c}: mask AP50 {v:.4f} vs production {p:.4f}: dropped "
+                                  f"{p - v:.4f} > tolerance {tolerance:g}"))
+            continue
+        out.append((c, True, f"{c} {v:.3f}" + (f" (production {p:.3f})" if math.isfinite(p) else "")))
+    return out
+
+
 def compare(candidate: Mapping[str, float], production: Mapping[str, float] | None, *, tolerance: float,
-            latency_budget_ms: float | None, floor_mask_map: float) -> tuple[bool, list[str]]:
+            latency_budget_ms: float | None, floor_mask_map: float,
+            min_class_ap50: Mapping[str, float] | None = None,
+            class_tolerance: float | None = None) -> tuple[bool, list[str]]:
     """The gate rule as a pure function: ``(passed, reasons)``; reasons explain every check.
 
     With a production version: candidate mask and box mAP50-95 may each be at most ``tolerance``
     below production's. Without one: candidate mask mAP50-95 must reach ``floor_mask_map``.
+    Per class (``min_class_ap50``: class -> floor, see ``class_checks``; None = no per-class
+    check, for callers that compare aggregates only): mask AP50 must reach
+    the class's floor and may be at most ``class_tolerance`` (default ``tolerance``) below
+    production's; each failing class gets its own reason, the passing ones share one line. With
+    floors given but no per-class figure from the evaluator, the candidate fails: aggregate
+    metrics alone never stage a model.
     Always: candidate latency must not exceed ``latency_budget_ms`` (when set).
 
     Example:
         >>> compare({"mask/mAP50-95": .30, "box/mAP50-95": .35, "latency_ms": 9}, None,
         ...         tolerance=.01, latency_budget_ms=None, floor_mask_map=.05)
         (True, ['mask/mAP50-95 0.3000 >= floor 0.0500 (no production version)'])
+        >>> ok, why = compare({"mask/mAP50-95": .30, "box/mAP50-95": .35, "latency_ms": 9,
+        ...                    "mask_ap50/vehicle": .9, "mask_ap50/dent": 0.0}, None, tolerance=.01,
+        ...                   latency_budget_ms=None, floor_mask_map=.05,
+        ...                   min_class_ap50={"vehicle": .1, "dent": .1})
+        >>> ok, why[1:]
+        (False, ['class dent: mask AP50 0.0000 < floor 0.1000', 'per-class mask AP50 ok: vehicle 0.900'])
     """
     ok, reasons = True, []
     if production is None:
@@ -99,11 +179,29 @@ def compare(candidate: Mapping[str, float], production: Mapping[str, float] | No
             ok &= good
             reasons.append(f"{key} {candidate[key]:.4f} vs production {production[key]:.4f}: "
                            f"{'within' if good else 'worse than'} tolerance {tolerance:g}")
+    if min_class_ap50 is not None:
+        if not class_values(candidate):
+            ok = False
+            reasons.append("no per-class mask AP50 from the evaluator: aggregate metrics alone never stage a model")
+        else:
+            checks = class_checks(candidate, production, min_class_ap50,
+                                  tolerance if class_tolerance is None else class_tolerance)
+            ok &= all(good for _, good, _ in checks)
+            reasons += [why for _, good, why in checks if not good]
+            passing = [why for _, good, why in checks if good]
+            if passing:
+                reasons.append("per-class mask AP50 ok: " + ", ".join(passing))
     if latency_budget_ms is not None:
         good = candidate[LATENCY] <= latency_budget_ms
         ok &= good
         reasons.append(f"{LATENCY} {candidate[LATENCY]:.2f} {'<=' if good else '>'} budget {latency_budget_ms:g}")
     return bool(ok), reasons
+
+
+def failed_classes(candidate: Mapping[str, float], production: Mapping[str, float] | None,
+                   floors: Mapping[str, float], tolerance: float) -> list[str]:
+    """The classes ``class_checks`` fails, in floor order (``gate.failed_classes``)."""
+    return [c for c, good, _ in class_checks(candidate, production, floors, tolerance) if not good]
 
 
 def _checked(metrics: Mapping[str, float], side: str, onnx: Path) -> dict[str, float]:
@@ -114,6 +212,7 @@ def _checked(metrics: Mapping[str, float], side: str, onnx: Path) -> dict[str, f
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
         raise RegistryError(f"evaluator returned non-finite {', '.join(bad)} for the {side} model {onnx.name}")
+    out.update({k: float(v) for k, v in metrics.items() if k.startswith(CLASS_PREFIX)})  # NaN = no labels
     return out
 
 
@@ -125,14 +224,17 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
         client: client or tracking URI.
         model_name: registered model name.
         version: candidate version (``approval`` must still be ``pending``).
-        evaluate_fn: ``onnx_path -> {"mask/mAP50-95", "box/mAP50-95", "latency_ms", ...}``; called
-            for the candidate and then the production version.
-        cfg: ``registry:`` section (tolerance, latency budget, floor, lock timeout).
+        evaluate_fn: ``onnx_path -> {"mask/mAP50-95", "box/mAP50-95", "latency_ms",
+            "mask_ap50/<class>" (one per class of the model, NaN when the data has no instance of
+            it), ...}``; called for the candidate and then the production version.
+        cfg: ``registry:`` section (tolerance, latency budget, floors, per-class floors and
+            tolerance, lock timeout).
         by: recorded as the mover of ``staging`` in the history.
         work_dir: where to download the ONNX files (default: a temporary directory).
 
     Returns:
-        The decision; ``validation_status`` and ``gate.*`` tags are set on the version either way.
+        The decision; ``validation_status`` and ``gate.*`` tags (``gate.failed_classes`` names the
+        classes under their floor or regressed, ``none`` when none) are set on the version either way.
 
     Raises:
         PromotionRefused: the version was already approved or rejected.
@@ -153,13 +255,19 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
         if prod_version is not None:
             prod_onnx = download_onnx(c, model_name, prod_version, Path(d, "production"))
             prod = _checked(evaluate_fn(prod_onnx), "production", prod_onnx)
+    classes = list(class_values(cand))
+    floors = class_floors(cfg.min_class_ap50, classes) if classes else {}
+    class_tol = cfg.tolerance if cfg.class_tolerance is None else cfg.class_tolerance
     passed, reasons = compare(cand, prod, tolerance=cfg.tolerance, latency_budget_ms=cfg.latency_budget_ms,
-                              floor_mask_map=cfg.floor_mask_map)
+                              floor_mask_map=cfg.floor_mask_map, min_class_ap50=floors, class_tolerance=class_tol)
+    failed = failed_classes(cand, prod, floors, class_tol)
     decision = GateDecision(model_name, version, passed, reasons, cand, prod, prod_version, cfg.tolerance,
-                            cfg.latency_budget_ms, cfg.floor_mask_map)
+                            cfg.latency_budget_ms, cfg.floor_mask_map, failed)
     tags: dict[str, object] = {f"gate.candidate.{k}": repr(v) for k, v in cand.items()}
     tags.update({f"gate.production.{k}": repr(v) for k, v in (prod or {}).items()})
     tags.update({"gate.decision": "passed" if passed else "failed", "gate.reasons": "; ".join(reasons)[:5000],
+                 "gate.failed_classes": ",".join(failed) or "none", "gate.class_tolerance": class_tol,
+                 "gate.min_class_ap50": ",".join(f"{c}={f:g}" for c, f in floors.items()) or "none",
                  "gate.production_version": prod_version or "none", "gate.tolerance": cfg.tolerance,
                  "gate.latency_budget_ms": "none" if cfg.latency_budget_ms is None else cfg.latency_budget_ms,
                  "gate.floor_mask_map": cfg.floor_mask_map,

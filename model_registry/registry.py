@@ -39,6 +39,7 @@ T_ROLLED_BACK_AT = "rolled_back_at"
 T_ROLLED_BACK_BY = "rolled_back_by"
 T_ARTIFACT_ONNX = "artifact.onnx"
 T_ARTIFACT_PT = "artifact.pt"
+T_PARENT = "lineage.parent_version"  # the production version this one's training started from ("none": scratch)
 METRIC_PREFIX = "metric."
 THRESHOLD_PREFIX = "threshold."
 LINEAGE_REQUIRED = ("dataset_fingerprint", "config_hash", "code_version")
@@ -376,6 +377,31 @@ def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: 
 
     info = _version(client, name, version)
     uri = info.tags.get(T_ARTIFACT_ONNX) or f"{info.source.rstrip('/')}/model.onnx"
+    with _mlflow_errors(client, f"download {uri}"):
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir),
+                                                        tracking_uri=client.tracking_uri)
+        except MlflowException as e:
+            if _denied(e):
+                raise
+            raise RegistryError(f"'{name}' version {version}: cannot download {uri}: {e.message}") from None
+    return Path(local)
+
+
+def download_pt(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
+    """Download the version's PyTorch checkpoint (``artifact.pt``) into ``dst_dir``; returns its local path.
+
+    Raises:
+        RegistryError: the version has no ``.pt`` (e.g. an INT8 variant that only exists as ONNX)
+            or it cannot be downloaded.
+    """
+    import mlflow.artifacts
+
+    info = _version(client, name, version)
+    uri = info.tags.get(T_ARTIFACT_PT)
+    if not uri:
+        raise RegistryError(f"'{name}' version {version} has no PyTorch checkpoint ({T_ARTIFACT_PT} tag missing)")
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
     with _mlflow_errors(client, f"download {uri}"):
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir),

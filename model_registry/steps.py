@@ -1,4 +1,5 @@
-"""The nightly flow's registry steps: register the candidate, then run the automatic gate.
+"""The nightly flow's registry steps: where training starts (``train.init``), register the
+candidate, then run the automatic gate.
 
 Thin wrappers that pass pipeline objects to ``model_registry.registry`` / ``model_registry.gate``
 and log what they decided to the pipeline's MLflow run.
@@ -6,11 +7,18 @@ and log what they decided to the pipeline's MLflow run.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model_registry.gate import GateDecision, gate_candidate
-from model_registry.registry import T_ARTIFACT_PT, VersionInfo, register_candidate
+from model_registry.registry import T_ARTIFACT_PT, T_PARENT, VersionInfo, register_candidate
+
+if TYPE_CHECKING:
+    from tasks.core.config import TrainConfig
+    from tasks.training.init import InitDecision
+
+log = logging.getLogger(__name__)
 
 
 def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str, str]:
@@ -31,13 +39,51 @@ def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str,
     return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model", onnx_rel
 
 
-def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any], dataset_fingerprint: str) -> VersionInfo:
-    """Register ``candidate`` (weights, onnx, metrics, kind, parent) as a new version with lineage tags."""
+def init_step(cfg, run, data_yaml: Path) -> tuple[TrainConfig, InitDecision]:
+    """Resolve ``train.init`` for this run: the training config to use and the decision.
+
+    Logs the decision (one line, with the reason) and tags the pipeline run ``train.init``
+    (scratch|production|path), ``train.init_reason`` and ``lineage.parent_version``.
+    """
+    from model_registry.init import resolve_init
     from tasks.core import tracking
+    from tasks.data.dataset import load_data_yaml
+    from tasks.training.init import apply
+
+    decision = resolve_init(run.tracking_uri, cfg.registry.model_name, cfg.train, load_data_yaml(data_yaml).names,
+                            run.root / "init")
+    log.info("train.init=%s: %s", cfg.train.init, decision.reason)
+    print(f"train.init={cfg.train.init}: {decision.reason}")
+    tracking.set_tags(tracking.client(run.tracking_uri), run.run_id, {
+        "train.init": decision.source, "train.init_reason": decision.reason,
+        "lineage.parent_version": decision.parent_version or "none"})
+    return apply(cfg.train, decision), decision
+
+
+def version_lineage(run, dataset_fingerprint: str, candidate: dict[str, Any],
+                    init: InitDecision | None = None) -> dict[str, str]:
+    """Lineage tags of a new version: the run's, the variant and its parent variant, and (with
+    ``init``) ``lineage.parent_version`` (production version its training started from, ``none``
+    from scratch or a file) and ``lineage.init`` (scratch|production|path)."""
     lineage = run.lineage(dataset_fingerprint)
     if candidate.get("parent"):
         lineage["parent_version"] = str(candidate["parent"])
     lineage["variant"] = str(candidate.get("kind", "trained"))
+    if init is not None:
+        lineage[T_PARENT] = init.parent_version or "none"
+        lineage["lineage.init"] = init.source
+    return lineage
+
+
+def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any], dataset_fingerprint: str,
+                  init: InitDecision | None = None) -> VersionInfo:
+    """Register ``candidate`` (weights, onnx, metrics, kind, parent) as a new version with lineage tags.
+
+    With ``init`` the version also records where its training started: ``lineage.parent_version``
+    (the production version it was fine-tuned from, ``none`` from scratch) and ``lineage.init``.
+    """
+    from tasks.core import tracking
+    lineage = version_lineage(run, dataset_fingerprint, candidate, init)
     c = tracking.client(run.tracking_uri)
     version = register_candidate(c, cfg.registry.model_name, run.run_id, candidate["onnx"],
                                  candidate.get("weights"), candidate["metrics"], thresholds, lineage,
@@ -56,16 +102,27 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
     ``validation_status=failed`` and the reasons, and nothing moves.
     """
     from tasks.core import tracking
-    from tasks.evaluation.evaluate import Evaluator
+    from tasks.evaluation.evaluate import Evaluator, class_metrics
 
-    evaluate_fn = Evaluator.from_config(cfg).metrics_fn(data_yaml)
+    evaluator = Evaluator.from_config(cfg)
+
+    def evaluate_fn(onnx: Path) -> dict[str, float]:
+        res = evaluator(onnx, data_yaml)
+        # every class of the model, NaN where the data has no instance: the gate fails such a class closed
+        return {**res.metrics, **class_metrics(res.per_class, missing=float("nan"))}
 
     with tracking.step_run(run.run_id, "promotion-gate") as (c, run_id):
         decision = gate_candidate(run.tracking_uri, cfg.registry.model_name, version.version, evaluate_fn,
                                   cfg.registry, work_dir=run.root)
         tracking.log_metrics(c, run_id, decision.figures())
+        failed = ",".join(decision.failed_classes) or "none"
         tracking.set_tags(c, run_id, {"gate.decision": "passed" if decision.passed else "failed",
                                       "gate.reasons": "; ".join(decision.reasons),
+                                      "gate.failed_classes": failed,
                                       "gate.production_version": decision.production_version or "none"})
-        tracking.set_tags(c, run.run_id, {"gate.decision": "passed" if decision.passed else "failed"})
+        tracking.set_tags(c, run.run_id, {"gate.decision": "passed" if decision.passed else "failed",
+                                          "gate.failed_classes": failed})
+    verdict = "passed -> staging" if decision.passed else "FAILED (stays pending)"
+    print(f"promotion gate: version {version.version} {verdict}"
+          + (f"; failing classes: {', '.join(decision.failed_classes)}" if decision.failed_classes else ""))
     return decision

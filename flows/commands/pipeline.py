@@ -28,11 +28,21 @@ def _print_summary(summary: dict, seconds: float) -> None:
     op = summary.get("operating_point") or {}
     if op:
         t.add_row("operating point", f"conf={op.get('conf')} iou={op.get('iou')} ({op.get('objective')})")
+    dmg = summary.get("damage_pct_mae") or {}
+    if dmg:
+        mae = dmg.get("mae")
+        t.add_row("damage % MAE", (f"{mae:.2f} pp" if isinstance(mae, float) else "n/a")
+                  + f" over {dmg.get('vehicles', 0)} labelled vehicles (at the operating point)")
+    init = summary.get("init") or {}
+    if init:
+        t.add_row("training start", init.get("reason", ""))
     t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
     promo = summary.get("promotion") or {}
     if promo:
         verdict = "passed -> staging" if promo.get("passed") else "failed (stays pending)"
         t.add_row("promotion gate", f"{verdict}: {'; '.join(promo.get('reasons', []))}")
+        if promo.get("failed_classes"):
+            t.add_row("failing classes", ", ".join(promo["failed_classes"]))
     t.add_row("epochs / imgsz", f"{summary.get('epochs_run')} / {summary.get('imgsz')}")
     t.add_row("wall time", f"{seconds / 60:.1f} min")
     t.add_row("MLflow run", summary.get("mlflow_run_id", ""))
@@ -40,12 +50,15 @@ def _print_summary(summary: dict, seconds: float) -> None:
     console.print(t)
     per_class = summary.get("per_class") or []
     if per_class:
-        pc = Table(title="per class (val)")
-        cols = [k for k in per_class[0].keys()]
+        by_class = dmg.get("by_class") or {}
+        rows = [{**r, "damage % MAE": by_class.get(r.get("class"))} for r in per_class]
+        pc = Table(title="per class (val; AP at conf 0.001, damage % MAE in pp at the operating point)")
+        cols = [k for k in rows[0].keys()]
         for c in cols:
-            pc.add_column(str(c))
-        for row in per_class:
-            pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
+            pc.add_column(str(c), style="bold" if c == "mask/AP50" else None)
+        for row in rows:
+            pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else ("-" if row[c] is None else str(row[c]))
+                         for c in cols])
         console.print(pc)
     state = summary.get("state_dir", ".state")
     if summary.get("mlflow_run_url"):
@@ -103,11 +116,15 @@ def train(
 ) -> None:
     """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
     cfg, paths = setup(config, sets, state_dir)
-    from tasks.data.dataset import find_data_yaml
+    from tasks.data.dataset import find_data_yaml, load_data_yaml
+    from tasks.training.init import apply, offline_decision
     from tasks.training.train import train_model
 
     data_yaml = run_guarded(find_data_yaml, data)
-    res = run_guarded(train_model, data_yaml, cfg.train, out or paths.runs / "train", seed=cfg.seed, name=name)
+    start = run_guarded(offline_decision, cfg.train, run_guarded(load_data_yaml, data_yaml).names)
+    console.print(f"start: {start.reason}", highlight=False)
+    res = run_guarded(train_model, data_yaml, apply(cfg.train, start), out or paths.runs / "train", seed=cfg.seed,
+                      name=name)
     console.print(f"trained {res.epochs_run} epochs -> best: {res.best}")
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         if k in res.metrics:

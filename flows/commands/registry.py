@@ -49,6 +49,7 @@ def list_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt =
         out.append([{"name": name, "version": v.version, "aliases": list(v.aliases), "gate": v.validation_status,
                      "approval": v.approval, "rolled_back": "rolled_back_at" in v.tags,
                      "by": v.tags.get("approved_by") or v.tags.get("rejected_by"), "metrics": v.metrics,
+                     "parent": v.tags.get("lineage.parent_version"),
                      "created": v.created_at, "run_id": v.run_id, "tags": v.tags} for v in versions])
     if as_json:
         return
@@ -59,11 +60,12 @@ def list_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt =
                      "approval": v.approval + (" (rolled back)" if "rolled_back_at" in v.tags else ""),
                      "by": v.tags.get("approved_by") or v.tags.get("rejected_by") or "",
                      "mask": _fmt_metric(m.get("mask/mAP50-95")), "box": _fmt_metric(m.get("box/mAP50-95")),
+                     "parent": v.tags.get("lineage.parent_version", "-"),
                      "created": v.created_at[:16].replace("T", " "), "run": (v.run_id or "")[:8]})
     # Priority 1 columns are always shown in full; higher numbers are dropped first on a narrow terminal.
     cols = [Col("version", "ver", 1, "right"), Col("aliases", "aliases", 1), Col("gate", "gate", 1),
             Col("approval", "approval", 1), Col("mask", "mask mAP", 2, "right"), Col("box", "box mAP", 3, "right"),
-            Col("by", "by", 4), Col("created", "created", 5), Col("run", "run", 6)]
+            Col("by", "by", 4), Col("parent", "parent", 4), Col("created", "created", 5), Col("run", "run", 6)]
     print_table(console, f"{name} @ {uri}", cols, rows)
     console.print(f"{len(versions)} version(s) of '{name}'  (mAP = mAP50-95)", highlight=False)
 

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from tasks.core.errors import DamageError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+INIT_MODES = ("auto", "scratch", "production")  # train.init, besides a path to a .pt
 CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
 
 
@@ -83,6 +84,14 @@ class TrainConfig(_Section):
     workers: int = Field(0, ge=0)
     device: str = "cpu"
     cache: bool = False
+    init: str = Field("auto", min_length=1)
+
+    @field_validator("init")
+    @classmethod
+    def _init_mode(cls, v: str) -> str:
+        if v not in INIT_MODES and not v.endswith(".pt"):
+            raise ValueError(f"must be one of {', '.join(INIT_MODES)} or a path to a .pt checkpoint")
+        return v
 
 
 class EvaluateConfig(_Section):
@@ -157,6 +166,16 @@ class RegistryConfig(_Section):
     tolerance: float = Field(0.01, ge=0)
     latency_budget_ms: float | None = None
     floor_mask_map: float = Field(0.05, ge=0, le=1)
+    min_class_ap50: float | dict[str, float] = 0.1
+    class_tolerance: float | None = Field(None, ge=0)
+
+    @field_validator("min_class_ap50")
+    @classmethod
+    def _floors_in_range(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        bad = [x for x in (v.values() if isinstance(v, dict) else [v]) if not 0 <= x <= 1]
+        if bad:
+            raise ValueError(f"every per-class floor must be in [0, 1], got {bad}")
+        return v
     wait_for_approval: bool = False
     approval_timeout_s: int = Field(86400, ge=1)
     approval_poll_s: int = Field(10, ge=1)

@@ -123,6 +123,8 @@ def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, e
                                           "fitness", "latency_ms")},
         "per_class": getattr(evaluation, "per_class", []),
         "operating_point": sweep.thresholds if sweep is not None else None,
+        # per-vehicle damage-percentage error at the operating point (percentage points), per class too
+        "damage_pct_mae": _damage(sweep),
         "registered_model": getattr(version, "name", None),
         "registered_version": getattr(version, "version", None),
         "promotion": decision.to_dict() if hasattr(decision, "to_dict") else decision,
@@ -130,6 +132,13 @@ def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, e
     c = tracking.client(run.tracking_uri)
     tracking.log_metrics(c, run.run_id, {k: v for k, v in summary["metrics"].items() if v is not None})
     return summary
+
+
+def _damage(sweep) -> dict[str, Any] | None:
+    d = getattr(sweep, "damage", None)
+    if d is None:
+        return None
+    return {"mae": d.mae if d.mae == d.mae else None, "by_class": dict(d.by_class), "vehicles": d.vehicles}
 
 
 def preflight(cfg: Config) -> None:

@@ -42,6 +42,7 @@ from tasks.core.jsonsafe import json_safe
 
 if TYPE_CHECKING:
     from tasks.core.config import Config
+    from tasks.evaluation.damage_percent import DamageMAE, VehicleError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class ImageScore:
     cls: np.ndarray
     tp_box: np.ndarray
     tp_mask: np.ndarray
-    damage: dict[float, float | None] = field(default_factory=dict)  # conf -> predicted damage %
+    damage: dict[float, list[VehicleError]] = field(default_factory=dict)  # conf -> per labelled vehicle
 
     @classmethod
     def empty(cls) -> ImageScore:
@@ -118,7 +119,8 @@ class EvalResult:
 
     Attributes:
         metrics: ``METRIC_KEYS`` (box/mask precision, recall, mAP50, mAP50-95 at conf floor
-            ``conf``; Ultralytics fitness; ms per image) plus ``images`` and ``instances``.
+            ``conf``; Ultralytics fitness; ms per image) plus ``images``, ``instances`` and the
+            per-class AP of every labelled class (``class_metrics``: ``mask_ap50/<class>`` ...).
         per_class: one dict per class: ``class``, ``images``, ``instances``, ``box/AP50``,
             ``box/AP50-95``, ``mask/AP50``, ``mask/AP50-95`` (None for a class without labels).
     """
@@ -301,22 +303,27 @@ def prf_at(scores: Sequence[ImageScore], n_truth: int, conf: float) -> dict[str,
     return out
 
 
-def damage_mae(scores: Sequence[ImageScore], truths: Sequence[ImageTruth], conf: float) -> tuple[float, int]:
-    """Mean absolute error (percentage points) of the image-level damage percentage at ``conf``.
+def damage_summary(scores: Sequence[ImageScore], conf: float) -> DamageMAE:
+    """Per-vehicle damage-percentage error at ``conf`` over a split (``damage_percent.mae_summary``).
 
-    Images whose labels have no vehicle are skipped (the percentage is undefined there); an image
-    with a labelled vehicle where no vehicle was detected counts as 0 % predicted.
+    Needs scores from a ``collect`` pass with ``conf`` among its ``op_confs``.
+    """
+    from tasks.evaluation.damage_percent import mae_summary
+
+    return mae_summary([e for s in scores for e in s.damage.get(conf, [])])
+
+
+def damage_mae(scores: Sequence[ImageScore], conf: float) -> tuple[float, int]:
+    """Mean absolute error (percentage points) of the per-vehicle damage percentage at ``conf``.
+
+    Per labelled vehicle (rule in ``tasks.evaluation.damage_percent``): a labelled vehicle that
+    no predicted vehicle matches counts as 0 % predicted.
 
     Returns:
-        (MAE, or NaN when no image has a labelled vehicle; number of images counted)
+        (MAE, or NaN when no vehicle is labelled; number of labelled vehicles counted)
     """
-    errs = []
-    for s, t in zip(scores, truths, strict=True):
-        if t.damage_percent is None:
-            continue
-        pred = s.damage.get(conf)
-        errs.append(abs((pred or 0.0) - t.damage_percent))
-    return (float(np.mean(errs)) if errs else float("nan")), len(errs)
+    d = damage_summary(scores, conf)
+    return d.mae, d.vehicles
 
 
 def per_class_table(summaries: dict[str, dict], truths: Sequence[ImageTruth],
@@ -333,6 +340,35 @@ def per_class_table(summaries: dict[str, dict], truths: Sequence[ImageTruth],
             row[f"{kind}/AP50-95"] = s["ap"].get(c) if n_inst else None
         rows.append(row)
     return rows
+
+
+CLASS_METRICS = {"box/AP50": "box_ap50", "box/AP50-95": "box_ap50-95", "mask/AP50": "mask_ap50",
+                 "mask/AP50-95": "mask_ap50-95"}  # per-class table column -> MLflow metric prefix
+
+
+def class_metrics(rows: Sequence[dict[str, Any]], missing: float | None = None) -> dict[str, float]:
+    """Per-class AP as flat metrics: ``mask_ap50/<class>``, ``mask_ap50-95/<class>``, ``box_...``.
+
+    Args:
+        rows: ``per_class_table`` rows.
+        missing: value for a class without labelled instances (its AP is undefined); None = leave
+            the class out (MLflow logging), NaN = keep it visible (the promotion gate fails closed
+            on a class it cannot check).
+
+    Example:
+        >>> class_metrics([{"class": "dent", "box/AP50": .5, "box/AP50-95": .2, "mask/AP50": .4,
+        ...                 "mask/AP50-95": .1}])["mask_ap50/dent"]
+        0.4
+    """
+    out: dict[str, float] = {}
+    for row in rows:
+        for col, prefix in CLASS_METRICS.items():
+            v = row.get(col)
+            if v is not None:
+                out[f"{prefix}/{row['class']}"] = float(v)
+            elif missing is not None:
+                out[f"{prefix}/{row['class']}"] = missing
+    return out
 
 
 # ----------------------------------------------------------------------------- model + data
@@ -456,7 +492,7 @@ class Collected:
         map_scores: NMS IoU -> per-image ``ImageScore`` at the conf floor (mAP).
         op_scores: NMS IoU -> per-image ``ImageScore`` of deployment-style detections (one class
             per box) above the lowest operating conf, matched at full letterbox resolution,
-            with predicted damage percentages per operating conf.
+            with the per-vehicle damage-percentage errors per operating conf.
         speed: ms per image: ``preprocess``, ``inference``, ``postprocess`` (NMS + mask decode
             at the first IoU of ``ious``).
     """
@@ -523,10 +559,10 @@ def _map_scores(pred, proto, truth: ImageTruth, iou: float, nc: int, max_det: in
 
 def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: float, confs: Sequence[float],
                names: dict[int, str], max_det: int, imgsz: tuple[int, int]) -> ImageScore:
-    """Deployment NMS (best class per box) above min(confs), full-res masks, damage % per conf."""
+    """Deployment NMS (best class per box) above min(confs), full-res masks, per-vehicle damage % per conf."""
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.damage_percent import damage_report
+    from tasks.evaluation.damage_percent import vehicle_errors
 
     det = nms.non_max_suppression(pred[None], min(confs), iou, nc=len(names), multi_label=False,
                                   max_det=max_det)[0]
@@ -536,10 +572,11 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
                     full_truth)
     order = np.argsort(-det[:, 4].numpy(), kind="stable")
     masks = masks[order]
+    truth_names = [names.get(int(c), str(c)) for c in truth.cls]
     for c in confs:
         keep = np.flatnonzero(s.conf > c)
-        s.damage[c] = damage_report([masks[i] for i in keep], [names[int(s.cls[i])] for i in keep],
-                                    vehicle_class=VEHICLE_CLASS).damage_percent
+        s.damage[c] = vehicle_errors(list(truth_full), truth_names, [masks[i] for i in keep],
+                                     [names[int(s.cls[i])] for i in keep], vehicle_class=VEHICLE_CLASS)
     return s
 
 
@@ -672,6 +709,8 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
     metrics["latency_ms"] = sum(col.speed.values())
     metrics["images"] = float(len(col.truths))
     metrics["instances"] = float(sum(len(t.cls) for t in col.truths))
+    per_class = per_class_table(summaries, col.truths, col.names)
+    metrics.update(class_metrics(per_class))
     plots: list[str] = []
     if plots_dir is not None:
         from tasks.evaluation.plots import write_eval_plots
@@ -679,8 +718,8 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
         target = np.concatenate([t.cls for t in col.truths]).astype(int) if col.truths else np.zeros(0, int)
         plots = [str(p) for p in write_eval_plots(*_concat(col.map_scores[float(iou)]), target, col.names,
                                                     plots_dir, col.confusion)]
-    return EvalResult(metrics, per_class_table(summaries, col.truths, col.names), str(model), str(data_yaml),
-                      split, col.imgsz, conf, iou, col.model_format, plots)
+    return EvalResult(metrics, per_class, str(model), str(data_yaml), split, col.imgsz, conf, iou,
+                      col.model_format, plots)
 
 
 @dataclass(frozen=True)

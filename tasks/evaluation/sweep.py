@@ -6,8 +6,8 @@ deployed predictor does it (one class per box) above the lowest grid confidence 
 operating-point figures, and each grid confidence filters those detections. Per grid point:
 box and mask precision, recall and F1 (micro-averaged, IoU >= 0.5, see ``tasks.evaluation.evaluate.prf_at``),
 box and mask mAP50 / mAP50-95 at that NMS IoU (always at the 0.001 floor), Ultralytics fitness,
-detections per image, and the mean absolute error of the image-level damage percentage
-(``tasks.evaluation.damage_percent``) against the labels.
+detections per image, and the mean absolute error of the per-vehicle damage percentage
+(``tasks.evaluation.damage_percent``: labelled vs matched predicted vehicle) against the labels.
 
 The operating point is chosen by an objective from ``OBJECTIVES`` (a table, not branches).
 
@@ -37,12 +37,14 @@ from tasks.evaluation.evaluate import (
     Collected,
     collect,
     damage_mae,
+    damage_summary,
     map_metrics,
     prf_at,
 )
 
 if TYPE_CHECKING:
     from tasks.core.config import SweepConfig
+    from tasks.evaluation.damage_percent import DamageMAE
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ ROW_KEYS = (
     "conf", "iou",
     "box/precision", "box/recall", "box/f1", "mask/precision", "mask/recall", "mask/f1",
     "box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "fitness",
-    "dets_per_image", "damage_mae", "damage_images",
+    "dets_per_image", "damage_mae", "damage_vehicles",
 )
 
 
@@ -85,7 +87,7 @@ OBJECTIVES: dict[str, Objective] = {
                                      help="max mask recall with mask precision >= min_precision "
                                           "(ties: higher precision)"),
     "damage_mae": Objective("damage_mae", False, ("mask/f1", "conf"),
-                            help="min mean absolute error of the image damage percentage (ties: mask F1)"),
+                            help="min mean absolute error of the per-vehicle damage percentage (ties: mask F1)"),
 }
 
 
@@ -101,6 +103,8 @@ class SweepResult:
         csv_path, heatmap_path, pr_plot_path: files in ``out_dir`` (None without ``out_dir``).
         images: images in the split.
         seconds: wall time of the sweep.
+        damage: per-vehicle damage-percentage error at the chosen point, with its per-class
+            breakdown (``damage_metrics`` flattens it into ``damage_pct_mae``...).
     """
 
     rows: list[dict[str, float]]
@@ -112,6 +116,7 @@ class SweepResult:
     pr_plot_path: Path | None = None
     images: int = 0
     seconds: float = 0.0
+    damage: DamageMAE | None = None
 
     @property
     def thresholds(self) -> dict[str, Any]:
@@ -125,10 +130,18 @@ class SweepResult:
         return json_safe({
             "rows": self.rows, "best": self.best, "objective": self.objective, "min_precision": self.min_precision,
             "thresholds": self.thresholds, "images": self.images, "seconds": self.seconds,
+            "damage": damage_metrics(self.damage) if self.damage is not None else None,
             "csv_path": str(self.csv_path) if self.csv_path else None,
             "heatmap_path": str(self.heatmap_path) if self.heatmap_path else None,
             "pr_plot_path": str(self.pr_plot_path) if self.pr_plot_path else None,
         })
+
+
+def damage_metrics(d: DamageMAE) -> dict[str, float]:
+    """``damage_pct_mae`` (percentage points, per labelled vehicle), ``damage_pct_mae/<class>``,
+    ``damage_pct_vehicles`` (vehicles counted): the MLflow metrics of the chosen operating point."""
+    return {"damage_pct_mae": d.mae, **{f"damage_pct_mae/{c}": v for c, v in d.by_class.items()},
+            "damage_pct_vehicles": float(d.vehicles)}
 
 
 def get_objective(name: str) -> Objective:
@@ -163,9 +176,9 @@ def grid_rows(col: Collected, conf_grid: Sequence[float], iou_grid: Sequence[flo
         maps, _ = map_metrics(col.map_scores[iou], col.truths)
         map_part = {k: maps[k] for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "fitness")}
         for conf in conf_grid:
-            mae, n_img = damage_mae(col.op_scores[iou], col.truths, conf)
+            mae, n_veh = damage_mae(col.op_scores[iou], conf)
             row = {"conf": conf, "iou": iou, **prf_at(col.op_scores[iou], n_truth, conf), **map_part,
-                   "damage_mae": mae, "damage_images": float(n_img)}
+                   "damage_mae": mae, "damage_vehicles": float(n_veh)}
             rows.append({k: float(row[k]) for k in ROW_KEYS})
     return rows
 
@@ -358,7 +371,8 @@ def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val
                   conf_floor=CONF_FLOOR, progress="sweep")
     rows = grid_rows(col, confs, ious)
     best = choose_operating_point(rows, objective, min_precision)
-    res = SweepResult(rows, best, objective, min_precision, images=len(col.truths), seconds=col.seconds)
+    res = SweepResult(rows, best, objective, min_precision, images=len(col.truths), seconds=col.seconds,
+                      damage=damage_summary(col.op_scores[best["iou"]], best["conf"]))
     if out_dir is not None:
         out = Path(out_dir)
         res.csv_path = write_csv(rows, out / "sweep.csv")
@@ -408,7 +422,7 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
     Logs one nested run per grid point (params conf/iou, the row as metrics), the CSV, the
     heatmap and the PR plot as artifacts, the chosen row as ``operating/...`` metrics, sets the
     tags ``operating.conf``, ``operating.iou``, ``operating.objective`` on the sweep run and on
-    the parent run, and publishes a Prefect table artifact when inside a flow/task run.
+    the parent run, logs ``damage_metrics`` of the chosen point on both, and publishes a Prefect table artifact when inside a flow/task run.
 
     Args:
         out_dir: where the files go; None = ``<state>/reports/sweep-<run id>``.
@@ -431,6 +445,9 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
             tracking.log_metrics(c, child, r)
             tracking.end_run(c, child)
         tracking.log_metrics(c, run_id, {f"operating/{k}": v for k, v in res.best.items() if k != "feasible"})
+        if res.damage is not None:  # per-vehicle damage % error at the chosen point, on the sweep and the pipeline run
+            tracking.log_metrics(c, run_id, damage_metrics(res.damage))
+            tracking.log_metrics(c, parent_run_id, damage_metrics(res.damage))
         for p in (res.csv_path, res.heatmap_path, res.pr_plot_path):
             tracking.log_artifact(c, run_id, p, "sweep")
         tracking.log_dict(c, run_id, res.to_dict(), "sweep/sweep.json")

@@ -116,6 +116,27 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
     return args
 
 
+_VALIDATED = "validated"  # marker key in train_model's per-epoch validation holder
+
+
+def class_ap50(validator: Any) -> dict[str, float]:
+    """Per-class mask AP50 of an Ultralytics segmentation validation: ``{"mask_ap50/<class>": ap}``.
+
+    Only classes with labels in the validation split have an AP (Ultralytics' ``ap_class_index``);
+    names as ``tasks.evaluation.evaluate.class_metrics`` writes them, so the per-epoch curve and the
+    evaluator's figure share one MLflow key.
+    """
+    from tasks.evaluation.evaluate import class_metrics
+
+    m = getattr(validator, "metrics", None)
+    seg = getattr(m, "seg", None)
+    if seg is None or not len(getattr(seg, "ap_class_index", [])):
+        return {}
+    names = m.names
+    rows = [{"class": names[int(c)], "mask/AP50": float(seg.ap50[i])} for i, c in enumerate(seg.ap_class_index)]
+    return class_metrics(rows)
+
+
 def _read_history(results_csv: Path) -> list[dict[str, float]]:
     if not results_csv.is_file():
         return []
@@ -214,8 +235,10 @@ def train_model(
         out_dir: Ultralytics ``project`` directory; the run lands in ``out_dir/name``.
         seed: training seed (deterministic mode on).
         name: run folder name. With ``cfg.resume == "auto"`` an unfinished run there is resumed.
-        on_epoch: called after every epoch's validation with ``(epoch, metrics)``; metrics use
-            our names (``train/box_loss``, ``lr/pg0``, ``mask/mAP50-95`` ...).
+        on_epoch: called after every epoch with ``(epoch, metrics)``; metrics use our names
+            (``train/box_loss``, ``lr/pg0``, ``mask/mAP50-95``, ``mask_ap50/<class>`` ...). The
+            validation figures (mAP, per-class mask AP50) are there only for epochs that ran
+            validation: with per-epoch validation off there is nothing to report until the last.
         trainer_cls: custom trainer (e.g. one whose ``get_model`` keeps a pruned architecture).
         extra_args: further Ultralytics train arguments (e.g. ``distill_model``); they win.
 
@@ -257,6 +280,12 @@ def train_model(
     train_kwargs.update(extra_args or {})
 
     loop_done = [False]
+    validated: dict[str, float] = {}  # filled by on_val_end: this epoch ran validation (per-class AP inside)
+
+    def _val_end(validator) -> None:
+        validated.clear()
+        validated.update(class_ap50(validator))
+        validated[_VALIDATED] = 1.0
 
     def _epoch_end(trainer) -> None:
         # Ultralytics fires this once more after the loop, for its final validation of best.pt
@@ -267,9 +296,15 @@ def train_model(
         metrics = {}
         metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
         metrics.update({(k if k.startswith("lr/") else f"lr/{k}"): float(v) for k, v in trainer.lr.items()})
-        metrics.update(normalise_metrics(trainer.metrics or {}))
+        # Validation metrics only for epochs that validated: with per-epoch validation off
+        # (Ultralytics val=False) trainer.metrics still holds the last validation's figures.
+        if validated.pop(_VALIDATED, None):
+            metrics.update(normalise_metrics(trainer.metrics or {}))
+            metrics.update(validated)
+        validated.clear()
         on_epoch(int(trainer.epoch), metrics)
 
+    model.add_callback("on_val_end", _val_end)
     model.add_callback("on_fit_epoch_end", _epoch_end)
     if trainer_cls is not None:
         train_kwargs["trainer"] = trainer_cls

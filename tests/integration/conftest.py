@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.config import CLASSES
+
 PG_HOST = os.environ.get("DAMAGE_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DAMAGE_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("DAMAGE_TEST_PG_USER", "postgres")
@@ -194,7 +196,10 @@ def make_candidate(tmp_path) -> Callable[..., str]:
         run = client.create_run(eid, run_name=f"candidate-{i}")
         d = tmp_path / f"cand{i}"
         d.mkdir()
-        scores = {"mask/mAP50-95": mask, "box/mAP50-95": box, "latency_ms": latency_ms}
+        # per-class mask AP50 for every class: the gate refuses a candidate without them
+        class_ap50 = kw.pop("class_ap50", {})
+        scores = {"mask/mAP50-95": mask, "box/mAP50-95": box, "latency_ms": latency_ms,
+                  **{f"mask_ap50/{c}": class_ap50.get(c, 0.5) for c in CLASSES}}
         (d / "best.onnx").write_text(json.dumps(scores))
         (d / "best.pt").write_bytes(b"pt-%d" % i)
         lineage = {"dataset_fingerprint": f"ds{i}", "config_hash": "cfg", "code_version": "abc123",

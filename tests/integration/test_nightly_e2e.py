@@ -87,3 +87,30 @@ def test_nightly_logs_runs_metrics_and_version(nightly_summary):
     assert any(a.path.endswith(".onnx") for a in c.list_artifacts(mv.run_id, f"model/{Path(onnx_rel).parent}"))
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         assert 0.0 <= nightly_summary["metrics"][k] <= 1.0
+
+
+def test_nightly_per_class_metrics_start_and_damage_error(nightly_summary):
+    """Issue 12: per-class AP on the evaluation and per epoch, where training started (and why),
+    the version's parent, the gate's failing classes, and the damage-percentage error."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(nightly_summary["tracking_uri"])
+    parent = c.get_run(nightly_summary["mlflow_run_id"])
+    children = {r.data.tags.get("damage.step"): r for r in c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    labelled = [r["class"] for r in nightly_summary["per_class"] if r["instances"]]
+    assert labelled
+    for cls in labelled:
+        assert f"mask_ap50/{cls}" in children["evaluate"].data.metrics
+        assert f"box_ap50-95/{cls}" in children["evaluate"].data.metrics
+        hist = c.get_metric_history(children["train"].info.run_id, f"mask_ap50/{cls}")
+        assert [h.step for h in hist] == [0]  # one epoch, validated
+    init = nightly_summary["init"]
+    assert init["source"] in {"scratch", "production"} and init["reason"]
+    assert parent.data.tags["train.init_reason"] == init["reason"]
+    mv = c.get_model_version(nightly_summary["registered_model"], str(nightly_summary["registered_version"]))
+    assert mv.tags["lineage.parent_version"] == (init["parent_version"] or "none")
+    assert mv.tags["gate.failed_classes"] == (",".join(nightly_summary["promotion"]["failed_classes"]) or "none")
+    dmg = nightly_summary["damage_pct_mae"]
+    assert dmg["vehicles"] > 0 and dmg["mae"] >= 0
+    assert parent.data.metrics["damage_pct_mae"] == pytest.approx(dmg["mae"])

@@ -48,6 +48,12 @@ def test_evaluate_pt(tiny_model, tiny_dataset):
     assert sum(r["instances"] for r in res.per_class) == m["instances"]
     assert res.to_dict()["metrics"]["box/mAP50"] == m["box/mAP50"]
     assert res.model_format == "pt" and res.imgsz == IMGSZ and res.conf == 0.001
+    # per-class AP as flat metrics (MLflow keys), one per labelled class and kind, equal to the table
+    labelled = [r for r in res.per_class if r["instances"]]
+    per_class_keys = {k for k in m if k.split("/")[0] in ("box_ap50", "box_ap50-95", "mask_ap50", "mask_ap50-95")}
+    assert len(per_class_keys) == 4 * len(labelled) > 0
+    for r in labelled:
+        assert m[f"mask_ap50/{r['class']}"] == r["mask/AP50"] and m[f"box_ap50-95/{r['class']}"] == r["box/AP50-95"]
 
 
 def test_onnx_evaluates_like_pt(tiny_model, tiny_onnx, tiny_dataset):
@@ -56,6 +62,7 @@ def test_onnx_evaluates_like_pt(tiny_model, tiny_onnx, tiny_dataset):
     assert ox.model_format == "onnx"
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         assert abs(pt.metrics[k] - ox.metrics[k]) <= 0.005, (k, pt.metrics[k], ox.metrics[k])
+    assert {k for k in ox.metrics if k.startswith("mask_ap50/")} == {k for k in pt.metrics if k.startswith("mask_ap50/")}
     # A 1-epoch model scores ~0 mAP, so also compare what both produced: the top detections.
     a = collect(tiny_model, tiny_dataset, imgsz=IMGSZ).map_scores[0.7]
     b = collect(tiny_onnx, tiny_dataset, imgsz=IMGSZ).map_scores[0.7]

@@ -115,3 +115,43 @@ def test_bad_input_is_an_error():
         damage_report([np.zeros((2, 2), bool), np.zeros((3, 3), bool)], ["vehicle", "dent"])
     with pytest.raises(ValueError, match="class names"):
         damage_report([np.zeros((2, 2), bool)], [])
+
+
+# ----------------------------------------------------------------------------- per-vehicle error against labels
+
+A, B = rect(0, 0, 10, 10), rect(20, 0, 30, 10)  # two labelled vehicles, 100 px each
+
+
+def test_vehicle_mae_known_answer():
+    """A: dent 20 % labelled; predicted dent 10 % + glass 10 % -> 20 % total (error 0; dent 10, glass 10).
+    B: scratch 12 % labelled, vehicle not detected -> 0 % predicted (error 12). A false vehicle is ignored."""
+    from tasks.evaluation.damage_percent import mae_summary, vehicle_errors
+
+    truth = [A, B, rect(0, 0, 10, 2), rect(20, 0, 26, 2)]
+    truth_cls = ["vehicle", "vehicle", "dent", "scratch"]
+    pred = [rect(32, 10, 40, 20), A, rect(0, 0, 10, 1), rect(5, 5, 10, 7)]
+    pred_cls = ["vehicle", "vehicle", "dent", "glass_shatter"]
+    errs = vehicle_errors(truth, truth_cls, pred, pred_cls)
+    assert [(e.truth, e.pred, e.matched) for e in errs] == [(20.0, 20.0, True), (12.0, 0.0, False)]
+    assert errs[0].by_class == {"dent": (20.0, 10.0), "glass_shatter": (0.0, 10.0)}
+    assert errs[1].by_class == {"scratch": (12.0, 0.0)}
+    s = mae_summary(errs)
+    assert s.mae == pytest.approx(6.0) and s.vehicles == 2
+    assert s.by_class == pytest.approx({"dent": 10.0, "glass_shatter": 10.0, "scratch": 12.0})
+
+
+def test_vehicle_mae_matching_by_mask_iou():
+    from tasks.evaluation.damage_percent import mae_summary, vehicle_errors
+
+    truth, truth_cls = [A, rect(0, 0, 10, 2)], ["vehicle", "dent"]  # 20 %
+    # shifted by 2 px: IoU 80/120 = 0.67 -> matched; its dent covers 20 of its 100 px -> error 0
+    shifted = vehicle_errors(truth, truth_cls, [rect(2, 0, 12, 10), rect(2, 0, 12, 2)], ["vehicle", "dent"])
+    assert [(e.pred, e.matched) for e in shifted] == [(20.0, True)]
+    # shifted by 6 px: IoU 40/160 = 0.25 -> not the same vehicle: 0 % predicted, error 20
+    far = vehicle_errors(truth, truth_cls, [rect(6, 0, 16, 10), rect(6, 0, 16, 2)], ["vehicle", "dent"])
+    assert [(e.pred, e.matched) for e in far] == [(0.0, False)]
+    # two candidates for one vehicle: the better IoU takes it (one-to-one), its damage counts
+    both = vehicle_errors(truth, truth_cls, [rect(3, 0, 13, 10), A, rect(0, 0, 10, 3)], ["vehicle", "vehicle", "dent"])
+    assert [(e.pred, e.matched) for e in both] == [(30.0, True)]
+    assert mae_summary(both).mae == pytest.approx(10.0)
+    assert np.isnan(mae_summary([]).mae) and mae_summary([]).vehicles == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import model_registry as mr
-from model_registry.gate import BOX, LATENCY, MASK
+from model_registry.gate import BOX, LATENCY, MASK, class_floors, failed_classes
 from model_registry.registry import AliasMove, check_approver
 from tasks.core.errors import GateFailed
 
@@ -63,3 +63,75 @@ def test_check_approver(monkeypatch):
         check_approver("m", ["approver"], "approve")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "approver")
     assert check_approver("m", ["approver"], "approve") == "approver"
+
+
+# ----------------------------------------------------------------------------- per-class floors and regressions
+
+CLASSES = ("vehicle", "dent", "scratch")
+FLOORS = {c: 0.1 for c in CLASSES}
+
+
+def mc(mask=0.3, box=0.3, **ap50):
+    """Aggregates plus per-class mask AP50 (``mask_ap50/<class>``), all classes 0.5 unless given."""
+    return {**m(mask, box), **{f"mask_ap50/{c}": ap50.get(c, 0.5) for c in CLASSES}}
+
+
+def test_gate_refuses_a_class_under_its_floor_and_names_it():
+    # aggregates far above every aggregate floor: only the per-class floor can refuse it
+    ok, reasons = mr.compare(mc(0.6, 0.6, dent=0.04), None, **KW, min_class_ap50=FLOORS)
+    assert not ok
+    assert "class dent: mask AP50 0.0400 < floor 0.1000" in reasons
+    assert not any("scratch" in r and "<" in r for r in reasons)
+    assert failed_classes(mc(0.6, 0.6, dent=0.04), None, FLOORS, 0.02) == ["dent"]
+
+
+def test_gate_refuses_a_per_class_regression_against_production():
+    prod = mc(0.3, 0.3, scratch=0.6)
+    cand = mc(0.35, 0.35, scratch=0.5)  # better aggregates, one class 0.1 worse than production
+    ok, reasons = mr.compare(cand, prod, **KW, min_class_ap50=FLOORS)
+    assert not ok
+    assert any(r.startswith("class scratch: mask AP50 0.5000 vs production 0.6000: dropped 0.1000") for r in reasons)
+    assert failed_classes(cand, prod, FLOORS, 0.02) == ["scratch"]
+    # a dedicated per-class tolerance that allows the drop lets it pass
+    assert mr.compare(cand, prod, **KW, min_class_ap50=FLOORS, class_tolerance=0.15)[0]
+
+
+def test_gate_passes_a_good_candidate():
+    ok, reasons = mr.compare(mc(0.32, 0.31, dent=0.52), mc(0.3, 0.3), **KW, min_class_ap50=FLOORS)
+    assert ok, reasons
+    assert reasons[-1].startswith("per-class mask AP50 ok: vehicle 0.500 (production 0.500), dent 0.520")
+
+
+def test_gate_fails_closed_without_per_class_figures_or_labels():
+    ok, reasons = mr.compare(m(0.9, 0.9), None, **KW, min_class_ap50={})
+    assert not ok and "aggregate metrics alone never stage a model" in reasons[-1]
+    nan = float("nan")
+    ok, reasons = mr.compare(mc(dent=nan), None, **KW, min_class_ap50=FLOORS)
+    assert not ok and "class dent: no labelled instance in the gate's data, floor 0.1000 cannot be checked" in reasons
+    assert mr.compare(mc(dent=nan), None, **KW, min_class_ap50={**FLOORS, "dent": 0.0})[0]
+
+
+def test_class_floors_spec():
+    assert class_floors(0.2, list(CLASSES)) == {"vehicle": 0.2, "dent": 0.2, "scratch": 0.2}
+    assert class_floors({"dent": 0.3}, list(CLASSES)) == {"vehicle": 0.1, "dent": 0.3, "scratch": 0.1}
+    with pytest.raises(mr.RegistryError, match="names dnet, not a class of the model"):
+        class_floors({"dnet": 0.3}, list(CLASSES))
+
+
+def test_config_min_class_ap50():
+    from tasks.core.config import ConfigError, load_config
+
+    assert load_config().registry.min_class_ap50 == 0.1
+    cfg = load_config(overrides=["registry.min_class_ap50={dent: 0.3, scratch: 0.2}"])
+    assert cfg.registry.min_class_ap50 == {"dent": 0.3, "scratch": 0.2}
+    with pytest.raises(ConfigError, match="min_class_ap50"):
+        load_config(overrides=["registry.min_class_ap50=1.5"])
+
+
+def test_gate_doctests():
+    import doctest
+
+    import model_registry.gate as gate
+
+    res = doctest.testmod(gate)
+    assert res.attempted >= 4 and res.failed == 0

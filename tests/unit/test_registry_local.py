@@ -69,3 +69,23 @@ def test_lock_times_out_naming_holder_and_breaks_stale(client):
     with pytest.raises(MlflowException) as gone:  # released
         client.get_registered_model(lock_name("unit-lock"))
     assert gone.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def test_gate_tags_failed_classes_on_the_version(client, run_id, tmp_path):
+    """A blind candidate (great aggregates, one class at 0) is refused; the class is named in the tags."""
+    import json
+
+    from tasks.core.config import RegistryConfig
+
+    scores = {"mask/mAP50-95": 0.5, "box/mAP50-95": 0.5, "latency_ms": 5.0,
+              "mask_ap50/vehicle": 0.99, "mask_ap50/dent": 0.0, "mask_ap50/scratch": float("nan")}
+    f = tmp_path / "blind.onnx"
+    f.write_text(json.dumps(scores))
+    v = mr.register_candidate(client, "unit-gate", run_id, f, None, {}, {}, LINEAGE)
+    d = mr.gate_candidate(client, "unit-gate", v.version, lambda p: json.loads(p.read_text()),
+                          RegistryConfig(min_class_ap50={"scratch": 0.0}), work_dir=tmp_path)
+    assert not d.passed and d.failed_classes == ["dent"]
+    tags = mr.list_versions(client, "unit-gate")[0].tags
+    assert tags["gate.failed_classes"] == "dent" and tags["validation_status"] == "failed"
+    assert "class dent: mask AP50 0.0000 < floor 0.1000" in tags["gate.reasons"]
+    assert mr.alias_version(client, "unit-gate", mr.STAGING) is None

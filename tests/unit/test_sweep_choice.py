@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tasks.core.errors import DamageError
+from tasks.evaluation.damage_percent import VehicleError
 from tasks.evaluation.evaluate import Collected, ImageDets, ImageTruth, score_image
 from tasks.evaluation.sweep import (
     OBJECTIVES,
@@ -59,13 +60,18 @@ def collected() -> Collected:
         0.5: [_dets([(A, 0.9), (B, 0.6), (FP1, 0.45)]), _dets([(C, 0.35), (FP2, 0.8)])],
         0.6: [_dets([(A, 0.9), (B, 0.6), (FP1, 0.45), (DUP_A, 0.55)]), _dets([(C, 0.35), (FP2, 0.8)])],
     }
-    # predicted image damage % per conf (image 2 has no labelled vehicle: never counted)
-    damage = {0.5: {0.3: 12.0, 0.4: 10.5, 0.5: 9.0, 0.7: None}, 0.6: {0.3: 10.2, 0.4: 11.0, 0.5: 13.0, 0.7: 14.0}}
+    # predicted damage % of both labelled vehicles of image 1 (labelled: 10 % each) per conf; at
+    # IoU 0.5, conf 0.7 vehicle B is not detected (0 % predicted); image 2 has no labelled damage
+    damage = {0.5: {0.3: 12.0, 0.4: 10.5, 0.5: 9.0, 0.7: 12.0}, 0.6: {0.3: 10.2, 0.4: 11.0, 0.5: 13.0, 0.7: 14.0}}
     op = {}
     for iou, dets in per_iou.items():
         op[iou] = [score_image(d, t) for d, t in zip(dets, truths, strict=True)]
-        op[iou][0].damage = dict(damage[iou])
-        op[iou][1].damage = {c: 50.0 for c in CONFS}
+        for c, p in damage[iou].items():
+            missed_b = iou == 0.5 and c == 0.7
+            op[iou][0].damage[c] = [VehicleError(10.0, p, {"dent": (10.0, p)}, True),
+                                    VehicleError(10.0, 0.0 if missed_b else p, {"dent": (10.0, 0.0 if missed_b else p)},
+                                                 not missed_b)]
+            op[iou][1].damage[c] = []
     maps = {iou: [score_image(d, t) for d, t in zip(dets, truths, strict=True)] for iou, dets in per_iou.items()}
     return Collected({0: "vehicle", 1: "dent"}, S, "pt", truths, maps, op, {}, 0.0)
 
@@ -101,9 +107,9 @@ def test_map_is_per_iou_and_independent_of_conf(collected):
 def test_damage_mae(collected):
     rows = grid_rows(collected, CONFS, IOUS)
     assert _row(rows, 0.3, 0.5)["damage_mae"] == pytest.approx(2.0)
-    assert _row(rows, 0.7, 0.5)["damage_mae"] == pytest.approx(10.0)  # no vehicle found -> 0 % predicted
+    assert _row(rows, 0.7, 0.5)["damage_mae"] == pytest.approx(6.0)  # B not found -> 0 % predicted: (2 + 10) / 2
     assert _row(rows, 0.3, 0.6)["damage_mae"] == pytest.approx(0.2)
-    assert _row(rows, 0.3, 0.6)["damage_images"] == 1
+    assert _row(rows, 0.3, 0.6)["damage_vehicles"] == 2
 
 
 @pytest.mark.parametrize(("objective", "min_precision", "conf", "iou", "feasible"), [
