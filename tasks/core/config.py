@@ -59,6 +59,12 @@ class ValidateConfig(_Section):
     workers: int = Field(0, ge=0)
     min_polygon_area: float = Field(1e-6, ge=0, lt=1)
     chunk_size: int = Field(32, ge=1)
+    on_drift: Literal["warn", "fail"] = "warn"
+    drift_reference: str = "auto"
+    drift_max_share_change: float = Field(0.05, ge=0, le=1)
+    drift_max_ks: float = Field(0.1, ge=0, le=1)
+    drift_alpha: float = Field(0.001, gt=0, lt=1)
+    drift_min_samples: int = Field(20, ge=1)
 
 
 class TrainConfig(_Section):
