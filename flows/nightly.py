@@ -43,6 +43,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from tasks.export.onnx import export_step
     from tasks.training.train import train_step
     from tasks.validation.data_check import check_data_step
+    from tasks.validation.drift import reference_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
@@ -54,7 +55,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             skipped = _t(record_skip, "record-skip", retries=3)(run.tracking_uri, run.run_id, unchanged)
             _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=skipped)
             return skipped
-        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id)
+        reference = _t(reference_step, "drift-reference", retries=2)(cfg, run)
+        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id, reference)
         # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.
         trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,

@@ -254,3 +254,61 @@ def reference_summary(ref: dict[str, Any], source: str) -> dict[str, Any]:
     """What report.json says about the reference it was compared with."""
     return {"source": source, "dataset": ref.get("dataset"), "fingerprint": ref.get("fingerprint"),
             "images": ref.get("images"), "annotations": ref.get("annotations")}
+
+
+# --------------------------------------------------------------------------------------------
+# Where the nightly reference comes from
+# --------------------------------------------------------------------------------------------
+
+
+def _download_profile(c: Any, run_id: str) -> dict[str, Any] | None:
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = c.download_artifacts(run_id, PROFILE_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            return None  # the run logged no profile (older code, or the gate was off)
+        return load_profile(Path(local))
+
+
+def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, model_name: str,
+                   current_run_id: str = "") -> tuple[dict[str, Any] | None, str]:
+    """The profile tonight's gate compares with, and where it came from.
+
+    ``validate.drift_reference``: ``none`` (no drift check), a profile JSON or dataset path,
+    or ``auto``: the profile logged by the pipeline run behind the ``production`` version of
+    ``model_name``, else the most recent pipeline run whose dataset the gate accepted.
+
+    Returns:
+        (profile, description) or (None, reason) when there is nothing to compare with.
+    """
+    if not cfg.enabled or cfg.drift_reference == "none":
+        return None, "drift check off"
+    if cfg.drift_reference != "auto":
+        return reference_profile(Path(cfg.drift_reference).expanduser(), cfg), cfg.drift_reference
+    from model_registry.registry import PRODUCTION, alias_source_run
+    from tasks.core import tracking
+
+    c = tracking.client(tracking_uri)
+    prod = alias_source_run(c, model_name, PRODUCTION)
+    if prod is not None:
+        profile = _download_profile(c, prod[1])
+        if profile is not None:
+            return profile, f"{model_name}@{PRODUCTION} (version {prod[0]}, run {prod[1]})"
+    runs = c.search_runs([experiment_id], filter_string=f"tags.{ACCEPTED_TAG} = 'accepted'",
+                         order_by=["attributes.start_time DESC"], max_results=20)
+    for r in runs:
+        if r.info.run_id == current_run_id:
+            continue
+        profile = _download_profile(c, r.info.run_id)
+        if profile is not None:
+            return profile, f"last accepted dataset (run {r.info.run_id})"
+    return None, "no production version or accepted dataset with a profile yet"
+
+
+def reference_step(cfg: Any, run: Any) -> tuple[dict[str, Any] | None, str]:
+    """``find_reference`` for the nightly flow (``cfg``: Config, ``run``: PipelineRun)."""
+    return find_reference(cfg.validation, run.tracking_uri, run.experiment_id, cfg.registry.model_name, run.run_id)

@@ -18,10 +18,9 @@ from tasks.validation.drift import (
     drift_table,
     ks_statistic,
     load_profile,
-    profile_dataset,
     reference_profile,
 )
-from tasks.validation.validate import severities, validate_dataset
+from tasks.validation.validate import severities
 
 CFG = ValidateConfig(workers=1)
 
@@ -69,35 +68,67 @@ def _shifted_copy(src: Path, dst: Path) -> Path:
 
 
 def test_drift_resample_quiet_shift_loud(synth_pair, tmp_path):
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.core import tracking
+    from tasks.validation.data_check import check_data_step
+    from tasks.validation.drift import ACCEPTED_TAG, PROFILE_ARTIFACT, find_reference
+
     root, ref_dir, resample_dir = synth_pair
-    ref = profile_dataset(ref_dir, CFG)
+    ref = reference_profile(ref_dir, CFG)  # --against DATASET: the folder is profiled
     assert ref["classes"][0] == "vehicle" and ref["class_counts"]["tire_flat"] > 0
 
-    # The same distribution drawn again: no drift finding at all.
-    same = validate_dataset(resample_dir, CFG, report_path=tmp_path / "same" / "report.json",
-                            reference=ref, reference_source="ref")
-    assert _drift_codes(same.report) == {}, _drift_codes(same.report)
-    assert same.report["drift"]["reference"]["fingerprint"] == ref["fingerprint"]
-    assert any(r["entity"] == "column" for r in same.report["drift"]["table"])
+    # Nightly data step on the same distribution drawn again: no drift finding; the profile goes
+    # to the pipeline run, which is tagged accepted.
+    c: MlflowClient = tracking.client()
+    exp = tracking.ensure_experiment(c, f"drift-{uuid.uuid4().hex[:8]}")
+    night1 = tracking.start_run(c, exp, "night1")
+    check = check_data_step(resample_dir / "data.yaml", CFG, tmp_path / "n1", night1, (ref, "ref"))
+    report = json.loads(check.report_path.read_text())
+    assert check.passed and _drift_codes(report) == {}, _drift_codes(report)
+    assert report["drift"]["reference"]["fingerprint"] == ref["fingerprint"]
+    assert any(r["entity"] == "column" for r in report["drift"]["table"])
+    assert c.get_run(night1).data.tags[ACCEPTED_TAG] == "accepted"
 
-    # Shifted class mix + brighter images: the matching codes, as warnings by default.
+    # The next night's reference: the last accepted dataset, then the production version's.
+    model = f"drift-model-{uuid.uuid4().hex[:8]}"
+    prof, source = find_reference(ValidateConfig(), c.tracking_uri, exp, model, current_run_id="night2")
+    assert prof["fingerprint"] == check.fingerprint and night1 in source
+    night0 = tracking.start_run(c, exp, "night0")
+    c.log_dict(night0, ref, PROFILE_ARTIFACT)
+    c.create_registered_model(model)
+    mv = c.create_model_version(model, "file:///nowhere", run_id=night0, tags={"source_run_id": night0})
+    c.set_registered_model_alias(model, "production", mv.version)
+    prof, source = find_reference(ValidateConfig(), c.tracking_uri, exp, model)
+    assert prof["fingerprint"] == ref["fingerprint"] and "production" in source and night0 in source
+    assert find_reference(ValidateConfig(drift_reference="none"), c.tracking_uri, exp, model)[0] is None
+
+    # By hand: a copy with a shifted class mix and brighter images, against the stored profile,
+    # with on_drift=fail: the matching codes as errors, exit 1.
     shifted = _shifted_copy(resample_dir, root / "shifted")
-    res = validate_dataset(shifted, CFG, report_path=tmp_path / "shift" / "report.json",
-                           html_dir=tmp_path / "shift" / "html", reference=ref, reference_source="ref")
-    codes = _drift_codes(res.report)
+    ref_json = tmp_path / "profile.json"
+    ref_json.write_text(json.dumps(ref))
+    out = tmp_path / "shift"
+    r = CliRunner().invoke(app, ["validate", str(shifted), "--against", str(ref_json), "--report",
+                                 str(out / "report.json"), "--html", str(out / "html"),
+                                 "--set", "validate.on_drift=fail", "--set", "validate.workers=1"])
+    assert r.exit_code == 1, r.output
+    assert "drift against" in r.output and "class_removed=1" in r.output
+    report = json.loads((out / "report.json").read_text())
+    codes = _drift_codes(report)
     assert set(codes) == {"class_share_drift", "distribution_drift", "class_removed"}, codes
     assert any("'vehicle'" in d for d in codes["class_share_drift"])
     assert any(d.startswith("brightness:") for d in codes["distribution_drift"])
     assert codes["class_removed"] == [d for d in codes["class_removed"] if "'tire_flat'" in d] != []
-    assert res.passed  # on_drift: warn
-    assert all(f["severity"] == "warning" for f in res.report["findings"] if f["code"] in DRIFT_CODES)
-    # The report on disk and the HTML page carry them.
-    on_disk = json.loads(res.report_path.read_text())
-    assert on_disk["summary"]["by_code"]["class_removed"] == 1
-    page = res.html_path.read_text()
+    assert all(f["severity"] == "error" for f in report["findings"] if f["code"] in DRIFT_CODES)
+    page = (out / "html" / "index.html").read_text()
     assert "class_share_drift" in page and "Drift against" in page
     # The profile of the validated dataset is written beside the report and reads back.
-    assert load_profile(res.profile_path)["fingerprint"] == res.fingerprint
+    assert load_profile(out / "profile.json")["fingerprint"] == report["fingerprint"]
 
 
 def test_on_drift_fail_makes_errors():
