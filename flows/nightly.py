@@ -1,4 +1,4 @@
-"""The ``nightly`` flow: data gate -> train -> evaluate -> sweep -> export -> explain ->
+"""The ``nightly`` flow: drift reference -> data gate -> train -> evaluate -> label issues -> sweep -> export -> explain ->
 (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
 ``model_registry/``; this file passes results on.
 """
@@ -39,6 +39,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from model_registry.steps import gate_step, register_step
     from tasks.evaluation.evaluate import evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
+    from tasks.evaluation.label_issues import label_issues_step
     from tasks.evaluation.sweep import sweep_step
     from tasks.export.onnx import export_step
     from tasks.training.train import train_step
@@ -63,6 +64,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
                                                      dataset_fingerprint=data.fingerprint)
         metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id)
+        issues = _t(label_issues_step, "label-issues")(trained.best, data.data_yaml, cfg.label_issues,
+                                                         cfg.train.imgsz, run.run_id, run.root / "label_issues") \
+            if cfg.label_issues.enabled else None
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.train.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
@@ -91,6 +95,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                            decision.reasons)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
+        summary["label_issues"] = issues.summary() if issues is not None else None
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)
     except BaseException as e:
         _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=False, error=repr(e))

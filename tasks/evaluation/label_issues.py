@@ -100,6 +100,12 @@ class LabelIssues:
     in_sample_splits: tuple[str, ...] = ()
     top: list[dict[str, Any]] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        """JSON-able figures for the run summary."""
+        return {"images": self.images, "rows": len(self.rows), "flagged": self.flagged,
+                "in_sample_splits": list(self.in_sample_splits), "csv": str(self.csv_path) if self.csv_path else None,
+                "grid": str(self.grid_path) if self.grid_path else None, "seconds": round(self.seconds, 2)}
+
     def summary_line(self) -> str:
         flagged = ", ".join(f"{k}={self.flagged.get(k, 0)}" for k in KINDS)
         where = f"; csv: {self.csv_path}" if self.csv_path else ""
