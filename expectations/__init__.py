@@ -12,16 +12,20 @@ import json
 from importlib import resources
 
 SUITE_NAMES = ("image", "annotation", "dataset")
+# The drift suite checks the table that compares tonight's dataset profile with a reference
+# profile (``tasks.validation.drift``); it runs only when a reference exists.
+DRIFT_SUITE = "drift"
+ALL_SUITES = (*SUITE_NAMES, DRIFT_SUITE)
 
 
 def load_suite_json(name: str) -> dict:
-    """The raw JSON of one suite (``image``, ``annotation`` or ``dataset``)."""
-    if name not in SUITE_NAMES:
-        raise KeyError(f"unknown expectation suite '{name}' (have: {', '.join(SUITE_NAMES)})")
+    """The raw JSON of one suite (``image``, ``annotation``, ``dataset`` or ``drift``)."""
+    if name not in ALL_SUITES:
+        raise KeyError(f"unknown expectation suite '{name}' (have: {', '.join(ALL_SUITES)})")
     text = resources.files(__package__).joinpath("suites", f"{name}.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
 def suite_codes() -> set[str]:
     """Every finding code some suite can produce."""
-    return {e["meta"]["code"] for n in SUITE_NAMES for e in load_suite_json(n)["expectations"]}
+    return {e["meta"]["code"] for n in ALL_SUITES for e in load_suite_json(n)["expectations"]}

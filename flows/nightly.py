@@ -1,4 +1,5 @@
-"""The ``nightly`` flow: data gate -> train init -> train -> evaluate -> sweep -> export -> explain ->
+"""The ``nightly`` flow: drift reference -> data gate -> train init -> train -> evaluate -> label issues ->
+sweep -> export -> explain ->
 (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
 ``model_registry/``; this file passes results on.
 """
@@ -35,10 +36,12 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from tasks.core import reporting
     from tasks.evaluation.evaluate import Evaluator, evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
+    from tasks.evaluation.label_issues import label_issues_step
     from tasks.evaluation.sweep import sweep_step
     from tasks.export.onnx import export_step
     from tasks.training.train import train_step
     from tasks.validation.data_check import check_data_step
+    from tasks.validation.drift import reference_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
@@ -53,7 +56,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             _t(reporting.mark_skipped, "mark-skipped")(run, unchanged.reason)
             return Completed(name="Skipped", message=unchanged.reason, data=skipped)  # shown as skipped
         # the skip check hashed the dataset: the gate reuses that fingerprint instead of reading it again
-        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id,
+        reference = _t(reference_step, "drift-reference", retries=2)(cfg, run)
+        data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id, reference,
                                                  fingerprint=unchanged.dataset_fingerprint)
         # train.init: fine-tune from production's weights when they fit, else scratch (reason logged + tagged)
         train_cfg, init = _t(init_step, "train-init", retries=2)(cfg, run, data.data_yaml)
@@ -68,6 +72,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                 dataset_fingerprint=data.fingerprint,
                                                 system_metrics_s=cfg.mlflow.system_metrics_interval_s,
                                                 dataset_source=cfg.data.source)
+        issues = _t(label_issues_step, "label-issues")(trained.best, data.data_yaml, cfg.label_issues,
+                                                         cfg.imgsz, run.run_id, run.root / "label_issues") \
+            if cfg.label_issues.enabled else None
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
@@ -103,6 +110,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
         summary["pipeline_key"] = unchanged.key
         summary["init"] = init.to_dict()
+        summary["label_issues"] = issues.summary() if issues is not None else None
         summary.update({k: v for k, v in links.items() if v})
         _t(reporting.publish_summary, "publish-summary")(summary, links)
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)

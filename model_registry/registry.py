@@ -223,6 +223,16 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     return str(v) if v is not None else None
 
 
+def alias_source_run(client: MlflowClient, name: str, alias: str) -> tuple[str, str] | None:
+    """(version, pipeline run id that produced it: its ``source_run_id`` tag) of the version
+    ``alias`` points to; None when the alias is unset or the model does not exist."""
+    version = alias_version(client, name, alias)
+    if version is None:
+        return None
+    info = _version(client, name, version)
+    return version, info.tags.get("source_run_id") or info.run_id
+
+
 def _set_tags(client: MlflowClient, name: str, version: str, tags: Mapping[str, object]) -> None:
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))

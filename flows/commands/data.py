@@ -1,4 +1,5 @@
-"""``damage data synth`` and ``damage data import``: make or bring in a YOLO-seg dataset."""
+"""``damage data synth``, ``damage data import`` and ``damage data issues``: make or bring in a
+YOLO-seg dataset, and rank its likely label errors with a trained model."""
 
 from __future__ import annotations
 
@@ -108,6 +109,48 @@ def import_(
         fail(str(e))
     for line in report.summary():
         console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+@data_app.command("issues")
+def issues(
+    data: Annotated[Path, typer.Argument(help="Dataset root or its data.yaml (YOLO-seg); only read.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Trained model (.pt or .onnx) to score the labels with.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for label_issues.csv and label_issues_top.png (default: <state>/reports/label_issues).")] = None,
+    splits: Annotated[list[str] | None, typer.Option("--split", help="Split to score (repeatable; default: label_issues.splits).")] = None,
+    trained_on: Annotated[list[str] | None, typer.Option("--trained-on", help="Split the model was trained on (repeatable; default: train); its rows are marked in_sample.")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Letterbox size (default: the model's own).")] = None,
+    top: Annotated[int, typer.Option("--top", help="Rows to print.")] = 10,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Rank likely label errors (missing label, wrong class, bad outline, spurious label) with one
+    inference pass of a trained model. Nothing in the dataset is changed: a person decides."""
+    cfg, paths = setup(config, sets, state_dir)
+    if not data.exists():
+        fail(f"{data}: dataset not found")
+    if not model.is_file():
+        fail(f"{model}: model file not found")
+    from tasks.core.errors import DamageError
+    from tasks.data.dataset import find_data_yaml
+    from tasks.evaluation.label_issues import mine_label_issues
+
+    li = cfg.label_issues.model_copy(update={"splits": splits}) if splits else cfg.label_issues
+    out = out or paths.reports / "label_issues"
+    try:
+        data_yaml = find_data_yaml(data) if data.is_dir() else data
+        res = mine_label_issues(data_yaml, li, model=model, imgsz=imgsz, out_dir=out,
+                                trained_splits=tuple(trained_on or ("train",)))
+    except DamageError as e:
+        fail(str(e))
+    for r in res.rows[:top]:
+        console.print(f"#{r['rank']:<4} {r['score']:.2f} {r['kind']:<15} {r['image']} [{r['annotation']}]: "
+                      f"{r['evidence']}", highlight=False, soft_wrap=True, markup=False)
+    console.print(res.summary_line(), highlight=False, soft_wrap=True, markup=False)
+    if res.in_sample_splits:
+        console.print(f"note: the model trained on {', '.join(res.in_sample_splits)}; those rows (in_sample=true) "
+                      "are biased towards their labels", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"overlay grid: {res.grid_path}", highlight=False, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,19 +27,32 @@ def register(app: typer.Typer) -> None:
             "--html", help="Folder for the HTML summary (index.html) and Great Expectations Data Docs.")] = None,
         clean: Annotated[Path | None, typer.Option(
             "--clean", help="Write a cleaned copy here (errors and duplicates left out) + quarantine.json.")] = None,
+        against: Annotated[Path | None, typer.Option(
+            "--against", help="Check drift against this reference: a dataset (folder or data.yaml) or a "
+            "profile.json written by an earlier gate.")] = None,
         config: ConfigOpt = None,
         sets: SetOpt = None,
         state_dir: StateOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help=JsonOpt_help)] = False,
     ) -> None:
-        """Check a dataset (images, labels, duplicates, leakage) before training. Exit 1 on errors."""
+        """Check a dataset (images, labels, duplicates, leakage) before training. Exit 1 on errors.
+
+        With --against, also compare it with a reference (class shares, size / brightness / blur /
+        area distributions, classes added or removed); drift findings are warnings unless
+        validate.on_drift=fail.
+        """
         with json_output(as_json) as doc:
             cfg, paths = setup(config, sets, state_dir)
             from tasks.validation.validate import validate_dataset
 
             report = report or paths.reports / "validate" / "report.json"
+            reference = None
+            if against is not None:
+                from tasks.validation.drift import reference_profile
+
+                reference = run_guarded(reference_profile, against, cfg.validation)
             result = run_guarded(validate_dataset, data, cfg.validation, report_path=report, html_dir=html,
-                                 clean_out=clean)
+                                 clean_out=clean, reference=reference, reference_source=str(against or ""))
             doc.append({"passed": result.passed, "fingerprint": result.fingerprint,
                         "report_path": result.report_path, "html_path": result.html_path,
                         "clean_data_yaml": result.clean_data_yaml, **result.report})
@@ -61,7 +74,14 @@ def register(app: typer.Typer) -> None:
         verdict = "[bold green]PASSED[/]" if result.passed else "[bold red]FAILED[/]"
         console.print(f"{verdict}: {s['images']} images, {s['annotations']} annotations, "
                       f"{s['errors']} errors, {s['warnings']} warnings (fingerprint {result.fingerprint})")
+        if reference is not None:
+            from tasks.validation.drift import DRIFT_CODES
+
+            counts = ", ".join(f"{c}={s['by_code'][c]}" for c in DRIFT_CODES if c in s["by_code"])
+            console.print(f"drift against {against}: {counts or 'no drift finding'}", highlight=False,
+                          soft_wrap=True)
         console.print(f"report: {result.report_path}", highlight=False, soft_wrap=True)
+        console.print(f"profile: {result.profile_path}", highlight=False, soft_wrap=True)
         if result.html_path:
             console.print(f"html: {result.html_path}  (Data Docs: {result.docs_path})", highlight=False,
                           soft_wrap=True)

@@ -62,6 +62,12 @@ class ValidateConfig(_Section):
     workers: int = Field(0, ge=0)
     min_polygon_area: float = Field(1e-6, ge=0, lt=1)
     chunk_size: int = Field(32, ge=1)
+    on_drift: Literal["warn", "fail"] = "warn"
+    drift_reference: str = "auto"
+    drift_max_share_change: float = Field(0.05, ge=0, le=1)
+    drift_max_ks: float = Field(0.1, ge=0, le=1)
+    drift_alpha: float = Field(0.001, gt=0, lt=1)
+    drift_min_samples: int = Field(20, ge=1)
 
 
 class TrainConfig(_Section):
@@ -193,6 +199,19 @@ class ExplainConfig(_Section):
     max_instances: int = Field(20, ge=1)
 
 
+class LabelIssuesConfig(_Section):
+    enabled: bool = True
+    splits: list[str] = ["train", "val"]
+    conf_floor: float = Field(0.05, ge=0, le=1)
+    min_conf: float = Field(0.5, ge=0, le=1)
+    overlap_iou: float = Field(0.1, gt=0, le=1)
+    match_iou: float = Field(0.5, gt=0, le=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_det: int = Field(100, ge=1)
+    flag_score: float = Field(0.5, ge=0, le=1)
+    top_k: int = Field(24, ge=0)
+
+
 class ScheduleConfig(_Section):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -228,6 +247,7 @@ class Config(_Section):
     compress: CompressConfig = CompressConfig()
     registry: RegistryConfig = RegistryConfig()
     explain: ExplainConfig = ExplainConfig()
+    label_issues: LabelIssuesConfig = LabelIssuesConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     notify: NotifyConfig = NotifyConfig()

@@ -33,20 +33,29 @@ class DataCheck:
 
 
 def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, parent_run_id: str,
+                    reference: tuple[dict[str, Any] | None, str] | None = None,
                     fingerprint: str | None = None) -> DataCheck:
     """Structure check + GE validation inside a nested MLflow run "validate".
+
+    ``reference`` is ``(profile, where it came from)`` (``tasks.validation.drift.find_reference``):
+    tonight's data is also checked for drift against it. The dataset's own profile is logged to
+    the nested run and to the pipeline run (``data_profile/profile.json``); once the gate lets
+    the data through, the pipeline run is tagged ``data_profile=accepted`` so that later nights
+    can compare with it.
 
     ``fingerprint`` is the dataset's content fingerprint when the flow already computed it (the
     skip check does, so a nightly run hashes the dataset once); None = computed here.
 
     Raises:
         DatasetError: the dataset is structurally broken (missing split, bad data.yaml...).
-        GateFailed: error-level findings and ``on_error == "fail"``; the message names the
+        GateFailed: error-level findings and ``on_error == "fail"``, or error-level drift
+            (``on_drift == "fail"``; a cleaned copy cannot fix drift); the message names the
             counts per code and where the report is.
     """
     from tasks.core import tracking
     from tasks.data.dataset import check_structure, load_data_yaml
     from tasks.data.fingerprint import dataset_fingerprint
+    from tasks.validation.drift import ACCEPTED_TAG, PROFILE_ARTIFACT
 
     # With the gate on, only the data.yaml must load here: label problems become findings in
     # the report (logged either way) instead of an exception before any report exists.
@@ -63,22 +72,32 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
 
         report_dir.mkdir(parents=True, exist_ok=True)
         clean_out = report_dir / "cleaned" if cfg.on_error == "clean" else None
+        profile, source = reference if reference is not None else (None, "")
         res = validate_dataset(Path(data_yaml), cfg, report_path=report_dir / "report.json",
-                               html_dir=report_dir / "html", clean_out=clean_out, fingerprint=fingerprint)
+                               html_dir=report_dir / "html", clean_out=clean_out, reference=profile,
+                               reference_source=source, fingerprint=fingerprint)
         summary = res.report["summary"]
         log.info("data gate: %s", res.summary_line())  # reaches the flow run's logs (prefect_ui)
         tracking.log_metrics(c, run_id, {"errors": summary["errors"], "warnings": summary["warnings"],
                                          **{f"findings/{k}": v for k, v in summary["by_code"].items()}})
         tracking.set_tags(c, run_id, {"dataset_fingerprint": res.fingerprint, "validation": str(res.passed)})
         tracking.log_artifact(c, run_id, res.report_path, "validation")
+        tracking.log_artifact(c, run_id, res.profile_path, "validation")
+        tracking.log_artifact(c, parent_run_id, res.profile_path, str(Path(PROFILE_ARTIFACT).parent))
+        tracking.set_tags(c, run_id, {"drift_reference": source or "none"})
         if res.html_path is not None:
             tracking.log_artifact(c, run_id, Path(res.html_path).parent if Path(res.html_path).is_file()
                                   else res.html_path, "validation/html")
         check = DataCheck(Path(data_yaml), res.fingerprint, res.passed, images=info.images,
                           instances=info.instances, report_path=res.report_path, summary=summary)
         if res.passed:
+            tracking.set_tags(c, parent_run_id, {ACCEPTED_TAG: "accepted"})
             return check
+        if res.drift_errors:
+            raise GateFailed(f"data gate failed on drift against {source}: {res.summary_line()}")
         if cfg.on_error == "clean" and res.clean_data_yaml is not None:
+            # The profile logged above is the uncleaned dataset's; close enough as a later reference.
+            tracking.set_tags(c, parent_run_id, {ACCEPTED_TAG: "accepted"})
             tracking.set_tags(c, run_id, {"trained_on": "cleaned copy"})
             check.data_yaml, check.cleaned = Path(res.clean_data_yaml), True
             # the copy was hashed when it was written (quarantine.json): not read again here

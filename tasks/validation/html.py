@@ -112,6 +112,9 @@ def render_summary(report: dict[str, Any], layout: Layout, images: pd.DataFrame,
                        f"<td class='n'>{per_file[k]['warning']}</td><td>{_e(', '.join(codes_of[k]))}</td></tr>")
         out.append("</table>")
 
+    if "drift" in report:
+        out += _drift_section(report["drift"])
+
     out.append("<h2>Dataset</h2><table><tr><th>split</th><th>images</th></tr>")
     for _, r in dataset[dataset["entity"] == "split"].iterrows():
         out.append(f"<tr><td>{_e(r['split'])}</td><td class='n'>{int(r['images'])}</td></tr>")
@@ -139,6 +142,40 @@ def render_summary(report: dict[str, Any], layout: Layout, images: pd.DataFrame,
         out.append("</div>")
     out.append("</body></html>\n")
     return "\n".join(out)
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) else ""
+
+
+def _drift_section(drift: dict[str, Any]) -> list[str]:
+    """The drift table: class shares and numeric columns against the reference profile."""
+    ref = drift["reference"]
+    out = [f"<h2>Drift against the reference</h2><p class='meta'>Reference <code>{_e(ref.get('dataset'))}</code> "
+           f"(fingerprint <code>{_e(ref.get('fingerprint'))}</code>, from {_e(ref.get('source') or '?')}): "
+           f"{_e(ref.get('images'))} images, {_e(ref.get('annotations'))} annotations</p>",
+           "<table><tr><th>class</th><th>reference share</th><th>tonight</th><th>change</th><th>limit</th></tr>"]
+    for r in drift["table"]:
+        if r["entity"] != "class":
+            continue
+        change = r.get("share_change")
+        bad = (change is not None and abs(change) > r["share_limit"]) or not r["in_reference"] or not r["in_current"]
+        note = "" if r["in_reference"] and r["in_current"] else (" (added)" if not r["in_reference"] else " (removed)")
+        out.append(f"<tr><td class='{'warning' if bad else ''}'>{_e(r['name'])}{note}</td>"
+                   f"<td class='n'>{_num(r.get('ref_share'))}</td><td class='n'>{_num(r.get('cur_share'))}</td>"
+                   f"<td class='n'>{_num(change, '+.3f')}</td><td class='n'>{_num(r.get('share_limit'))}</td></tr>")
+    out.append("</table><br><table><tr><th>column</th><th>KS</th><th>limit</th><th>PSI</th>"
+               "<th>median (reference &rarr; tonight)</th><th>n</th></tr>")
+    for r in drift["table"]:
+        if r["entity"] != "column":
+            continue
+        cls = "warning" if r["ks"] > r["ks_limit"] else ""
+        out.append(f"<tr><td class='{cls}'>{_e(r['column'])}</td><td class='n'>{_num(r['ks'])}</td>"
+                   f"<td class='n'>{_num(r['ks_limit'])}</td><td class='n'>{_num(r.get('psi'))}</td>"
+                   f"<td class='n'>{_num(r['ref_median'], '.4g')} &rarr; {_num(r['cur_median'], '.4g')}</td>"
+                   f"<td class='n'>{r['ref_n']} / {r['cur_n']}</td></tr>")
+    out.append("</table>")
+    return out
 
 
 def write_summary_page(html_dir: Path, report: dict[str, Any], layout: Layout, images: pd.DataFrame,

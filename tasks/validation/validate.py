@@ -11,7 +11,11 @@ report.json::
     {"passed": bool, "dataset": str, "fingerprint": str,
      "summary": {"images": int, "annotations": int, "errors": int, "warnings": int,
                  "by_code": {code: count}},
-     "findings": [{"code": str, "severity": "error"|"warning", "file": str, "detail": str}]}
+     "findings": [{"code": str, "severity": "error"|"warning", "file": str, "detail": str}],
+     "drift": {"reference": {"source", "dataset", "fingerprint", "images", "annotations"},
+               "table": [row of the drift table]}}   # only when a reference profile was given
+
+Beside report.json goes ``profile.json``, the dataset's profile (``tasks.validation.drift``).
 
 Example:
     >>> from tasks.core.config import ValidateConfig
@@ -51,6 +55,11 @@ DEFAULT_SEVERITY: dict[str, str] = {
     "too_dark": "warning",
     "too_small": "warning",
     "class_imbalance": "warning",
+    # drift against a reference profile (tasks/validation/drift.py); validate.on_drift=fail makes them errors
+    "class_share_drift": "warning",
+    "distribution_drift": "warning",
+    "class_added": "warning",
+    "class_removed": "warning",
 }
 
 
@@ -67,6 +76,8 @@ class ValidationResult:
         clean_data_yaml: data.yaml of the cleaned copy, if ``clean_out`` was given.
         quarantine_path: quarantine.json of the cleaned copy.
         fingerprint: content fingerprint of the validated dataset.
+        profile: the dataset's profile (``tasks.validation.drift``), the reference of later drift checks.
+        profile_path: where profile.json was written (beside report.json), if a report was written.
         timings: seconds per phase (scan, checks, outputs).
     """
 
@@ -78,7 +89,16 @@ class ValidationResult:
     clean_data_yaml: Path | None = None
     quarantine_path: Path | None = None
     fingerprint: str = ""
+    profile: dict[str, Any] = field(default_factory=dict)
+    profile_path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def drift_errors(self) -> list[dict[str, str]]:
+        """Error-level drift findings (``validate.on_drift: fail``): a cleaned copy cannot fix these."""
+        from tasks.validation.drift import DRIFT_CODES
+
+        return [f for f in self.report["findings"] if f["code"] in DRIFT_CODES and f["severity"] == "error"]
 
     @property
     def by_code(self) -> dict[str, int]:
@@ -99,7 +119,11 @@ class ValidationResult:
 
 def severities(cfg: ValidateConfig) -> dict[str, str]:
     """Default severities with ``cfg.severity`` applied; unknown codes are a config error."""
+    from tasks.validation.drift import DRIFT_CODES
+
     out = dict(DEFAULT_SEVERITY)
+    if cfg.on_drift == "fail":
+        out.update({code: "error" for code in DRIFT_CODES})
     for code, sev in cfg.severity.items():
         if code not in out:
             close = difflib.get_close_matches(code, list(out), n=1)
@@ -146,6 +170,20 @@ def build_report(dataset: str, fingerprint: str, images: int, annotations: int,
     }
 
 
+def _json_rows(frame: Any) -> list[dict[str, Any]]:
+    """DataFrame rows as JSON-ready dicts, nulls left out."""
+    out = []
+    for row in frame.to_dict("records"):
+        clean = {}
+        for k, v in row.items():
+            v = v.item() if hasattr(v, "item") else v
+            if v is None or (isinstance(v, float) and v != v):
+                continue
+            clean[k] = round(v, 6) if isinstance(v, float) else v
+        out.append(clean)
+    return out
+
+
 def _check_outputs(root: Path, outs: list[Path | None], clean_out: Path | None) -> None:
     """Outputs must not land inside the dataset (the input is never modified), and the cleaned
     copy, which replaces its folder, must not contain the dataset either."""
@@ -162,6 +200,7 @@ def _check_outputs(root: Path, outs: list[Path | None], clean_out: Path | None) 
 
 def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None = None,
                      html_dir: Path | None = None, clean_out: Path | None = None,
+                     reference: dict[str, Any] | None = None, reference_source: str = "",
                      fingerprint: str | None = None) -> ValidationResult:
     """Run the data gate on a YOLO-seg dataset.
 
@@ -176,6 +215,9 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
             of every duplicate group left out) plus ``quarantine.json``; None = no copy.
         fingerprint: the dataset's content fingerprint when the caller already has it (the
             nightly flow hashes the dataset once, in its skip check); None = computed here.
+        reference: a dataset profile (``tasks.validation.drift``) to check drift against; the
+            report then has a ``drift`` section (``reference`` + the compared ``table``).
+        reference_source: where the reference came from (shown in the report).
 
     Returns:
         ValidationResult with ``passed``, the report dict and the paths written.
@@ -187,6 +229,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     """
     from expectations.tables import TableBuilder, dataset_frame
     from tasks.data.fingerprint import dataset_fingerprint
+    from tasks.validation.drift import build_profile, drift_parameters, drift_table, reference_summary
     from tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
 
     t0 = time.perf_counter()
@@ -197,6 +240,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     builder = TableBuilder(inv.samples)
     with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size) as scanner:
         # Import Great Expectations (seconds) while the workers read and decode.
+        from expectations import DRIFT_SUITE, SUITE_NAMES
         from expectations.gx import GxRunner, findings_from_results
 
         runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None)
@@ -206,6 +250,10 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
             for idx, row, anns in scanner.results():
                 builder.add(idx, row, anns)
                 bar.advance()
+        runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None,
+                          (*SUITE_NAMES, DRIFT_SUITE) if reference is not None else SUITE_NAMES)
+        for idx, row, anns in scanner.results():
+            builder.add(idx, row, anns)
     t_scan = time.perf_counter()
 
     images = builder.images_frame()
@@ -214,16 +262,25 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
               "dataset": dataset_frame(layout, inv, images, annotations, cfg.near_duplicate_distance,
                                        builder.thumb)}
     params = suite_parameters(cfg, len(layout.names))
+    fingerprint = dataset_fingerprint(layout.root)
+    profile = build_profile(layout, inv, images, annotations, fingerprint)
+    if reference is not None:
+        frames["drift"] = drift_table(reference, profile, cfg, layout.rel(layout.yaml_path))
+        params.update(drift_parameters(cfg))
     results = runner.validate(frames, params)
     findings = [dict(f, severity=sev[f["code"]]) for f in findings_from_results(results, frames, params)]
     fingerprint = fingerprint or dataset_fingerprint(layout.root)
     report = build_report(str(layout.root), fingerprint, len(inv.samples) + sum(
         1 for link in inv.outside_links if link["kind"] == "image"), int(builder.annotation_count), findings)
+    if reference is not None:
+        report["drift"] = {"reference": reference_summary(reference, reference_source),
+                           "table": _json_rows(frames["drift"])}
     t_checks = time.perf_counter()
 
-    result = ValidationResult(passed=report["passed"], report=report, fingerprint=fingerprint)
+    result = ValidationResult(passed=report["passed"], report=report, fingerprint=fingerprint, profile=profile)
     if report_path is not None:
         result.report_path = atomic_write_json(Path(report_path), report)
+        result.profile_path = atomic_write_json(Path(report_path).parent / "profile.json", profile)
     if html_dir is not None:
         from tasks.validation.html import write_summary_page
 

@@ -69,7 +69,14 @@ def test_nightly_logs_runs_metrics_and_version(nightly_summary):
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     steps = {r.data.tags.get("damage.step") for r in children}
-    assert {"validate", "train", "evaluate", "sweep", "export"} <= steps
+    assert {"validate", "train", "evaluate", "sweep", "export", "label-issues"} <= steps
+    # The accepted dataset's profile travels with the run (the next night's drift reference).
+    assert parent.data.tags.get("data_profile") == "accepted"
+    assert "data_profile/profile.json" in {a.path for a in c.list_artifacts(parent.info.run_id, "data_profile")}
+    issues = next(r for r in children if r.data.tags.get("damage.step") == "label-issues")
+    assert {"label_issues/label_issues.csv", "label_issues/label_issues_top.png"} <= {
+        a.path for a in c.list_artifacts(issues.info.run_id, "label_issues")}
+    assert nightly_summary["label_issues"]["images"] == {"train": 18, "val": 6}
     train = next(r for r in children if r.data.tags.get("damage.step") == "train")
     hist = c.get_metric_history(train.info.run_id, "train/box_loss")
     assert len(hist) == 1 and hist[0].step == 0

@@ -1,0 +1,105 @@
+"""Benchmark: label-issue mining vs one evaluation, same model, same images, one process.
+
+Mining runs the network once per image and matches its predictions with the annotations, so it
+should cost at most 1.3x one evaluation of the same images (target). Evaluation here is
+``evaluate_model`` over each mined split (train and val by default: the same images), both
+timed end to end (model load, data loading, inference, post-processing, scoring; mining also
+writes its CSV and overlay grid), alternating, median reported.
+
+Usage:
+    .venv/bin/python bench/bench_label_issues.py --model best.pt --data data.yaml [--imgsz 160] [--repeat 3]
+    .venv/bin/python bench/bench_label_issues.py --demo   # synthetic data + randomly initialised yolov8n-seg
+
+``--demo`` needs no trained model; a random model's detections are not a trained model's, so
+its figure says little about post-processing load: prefer a real model. ``--conf-floor`` sets
+mining's confidence floor (default: label_issues.conf_floor = 0.05; evaluation always uses 0.001).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def cpu_info() -> tuple[str, str]:
+    """(CPU model name, ISA extensions that matter for torch CPU kernels)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    keep = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                        "asimd", "sve") if f in flags]
+    return model, f"{platform.machine()} " + (" ".join(keep) or "(flags unknown)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, help=".pt or .onnx")
+    ap.add_argument("--data", type=Path, help="data.yaml")
+    ap.add_argument("--splits", nargs="+", default=["train", "val"])
+    ap.add_argument("--imgsz", type=int, default=160)
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
+    ap.add_argument("--conf-floor", type=float, default=None, help="mining confidence floor")
+    ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
+    ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
+    args = ap.parse_args(argv)
+    if not args.demo and not (args.model and args.data):
+        ap.error("give --model and --data, or --demo")
+
+    from tasks.core.runtime import activate, configure_ultralytics
+
+    paths = activate(args.state_dir)
+    configure_ultralytics(paths)
+    from bench.bench_sweep import _demo_inputs
+    from tasks.core.config import LabelIssuesConfig
+    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.evaluation.label_issues import mine_label_issues
+
+    model, data = (args.model, args.data) if not args.demo else _demo_inputs(paths.root / "bench", args.imgsz)
+    cfg = LabelIssuesConfig(splits=args.splits)
+    if args.conf_floor is not None:
+        cfg = cfg.model_copy(update={"conf_floor": args.conf_floor})
+    out = paths.root / "bench" / "label_issues"
+
+    def evaluate() -> int:
+        return sum(int(evaluate_model(model, data, s, args.imgsz).metrics["images"]) for s in args.splits)
+
+    def mine():
+        return mine_label_issues(data, cfg, model=model, imgsz=args.imgsz, out_dir=out)
+
+    evaluate()  # warm-up: imports, file cache, kernels, Ultralytics label caches
+    mine()
+    t_eval, t_mine = [], []
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        images = evaluate()
+        t_eval.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        res = mine()
+        t_mine.append(time.perf_counter() - t0)
+    e, m = statistics.median(t_eval), statistics.median(t_mine)
+    cpu, isa = cpu_info()
+    print(f"cpu {cpu} | isa {isa}")
+    print(f"model {model} | data {data} [{', '.join(args.splits)}] | {images} images @ {args.imgsz}px | "
+          f"mining conf floor {cfg.conf_floor}")
+    print(f"one evaluation (same images): {e:7.2f} s")
+    print(f"label-issue mining          : {m:7.2f} s  ({len(res.rows)} rows; {res.summary_line()})")
+    ratio = m / e
+    print(f"ratio mining / evaluation = {ratio:.2f}x  (target <= 1.3x: {'OK' if ratio <= 1.3 else 'MISSED'}); "
+          f"median of {args.repeat}")
+    return 0 if ratio <= 1.3 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
