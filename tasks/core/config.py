@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.core.images import DEFAULT_MAX_PIXELS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
 
@@ -55,7 +57,7 @@ class ValidateConfig(_Section):
     dark_threshold: float = Field(25.0, ge=0, le=255)
     imbalance_ratio: float = Field(20.0, ge=1)
     near_duplicate_distance: int = Field(4, ge=0, le=64)
-    max_pixels: int = Field(178956970, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     severity: dict[str, Literal["error", "warning"]] = {}
     workers: int = Field(0, ge=0)
     min_polygon_area: float = Field(1e-6, ge=0, lt=1)
