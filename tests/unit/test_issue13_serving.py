@@ -226,3 +226,29 @@ def test_13_13_zero_thresholds_are_kept(tmp_path):
     assert (p.conf, p.iou) == (0.0, 0.0)
     assert json.dumps(p.metadata["names"]) == '["vehicle", "dent"]'
     assert base64  # imported for the bomb script's sibling test
+
+
+# ---- item 14 -----------------------------------------------------------------------------------------
+
+def test_13_14_predict_output_names_never_clash(tmp_path):
+    import cv2
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    onnx = fake_onnx(tmp_path / "m.onnx", [(10, 90, 60, 140)])
+    src = tmp_path / "photos"
+    src.mkdir()
+    for n in ("index.png", "index.jpg", "car.png", "Car.jpg"):
+        cv2.imwrite(str(src / n), np.full((48, 64, 3), 100, np.uint8))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    # output folder == input folder: an overlay NAME.png must not replace the input NAME.png either
+    r = CliRunner().invoke(app, ["predict", str(src), "--model", str(onnx), "--out", str(src)])
+    assert r.exit_code == 0, r.output
+    assert all((src / n).read_bytes() == b for n, b in before.items())  # no input overwritten
+    index = json.loads((src / "index.json").read_text())
+    assert isinstance(index, list) and len(index) == 4
+    jsons = [e["json"] for e in index]
+    assert len(set(j.lower() for j in jsons)) == 4 and "index.json" not in jsons
+    for e in index:  # each image's document is its own
+        assert json.loads((src / e["json"]).read_text())["image"] == e["image"]
