@@ -9,7 +9,7 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from tasks.core.config import Config, ConfigError, load_config
+from tasks.core.config import Config, ConfigError, load_config, pin_worker_registry
 from tasks.core.runtime import StatePaths, activate
 
 console = Console()
@@ -43,6 +43,7 @@ def setup(config: Path | None = None, sets: list[str] | None = None,
         cfg = load_config(config, overrides)
     except ConfigError as e:
         fail(str(e))
+    pin_worker_registry(cfg)  # this process is the worker: flows it starts gate with its registry section
     if state_dir is not None:
         import os
 

@@ -96,8 +96,8 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     )]
     deployments.append(promote.to_deployment(
         "promote",
+        # no `registry` parameter: gate thresholds and approvers are the worker's own config
         parameters={"model_name": cfg.registry.model_name, "tracking_uri": cfg.mlflow.tracking_uri or "",
-                    "registry": cfg.registry.model_dump(mode="json"),
                     "wait_for_approval": cfg.registry.wait_for_approval},
         description="Gate a registered version against production, then pause for approval. "
                     "Run with parameters version=<N> and evaluator='module:function'.",

@@ -80,7 +80,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
                                                                               cfg.export.parity_images), cfg.seed)
         exported = _t(export_step, "export")(trained.best, cfg.export, cfg.imgsz,
-                                             sweep.thresholds if sweep else {}, run.lineage(data.fingerprint),
+                                             sweep.thresholds if sweep else {},
+                                             {**run.lineage(data.fingerprint), "max_pixels": cfg.validation.max_pixels},
                                              samples[: cfg.export.parity_images], run.run_id)
         if cfg.explain.enabled and cfg.explain.samples:
             _t(explain_step, "explain")(trained.best, samples[: cfg.explain.samples], cfg.explain,

@@ -7,7 +7,8 @@ The flow runs the gate for one registered version; when it passes, the run pause
 
 In a basic-auth deployment the process that resumes must run as an MLflow account listed in
 ``registry.approvers`` (see infra/mlflow-auth/README.md), because it is this process that
-moves the ``production`` alias.
+moves the ``production`` alias, and the form's ``approver`` must be that account's name.
+The gate rule and the approver list come from the worker's config, never from run parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from model_registry.tasks import decide_task, gate_task
-from tasks.core.config import RegistryConfig
+from tasks.core.config import RegistryConfig, worker_registry_config
 
 
 class ApprovalInput(RunInput):
@@ -42,16 +43,19 @@ def resolve_evaluator(spec: str) -> Callable[[Path], dict[str, float]]:
 
 
 @flow(name="promote", log_prints=True)
-def promote(model_name: str, version: str, tracking_uri: str, registry: dict[str, Any] | None = None,
+def promote(model_name: str, version: str, tracking_uri: str,
             evaluate_fn: Callable[[Path], dict[str, float]] | None = None, evaluator: str | None = None,
             wait_for_approval: bool = True) -> dict[str, Any]:
     """Gate ``version`` against production; if it passes, pause for approval and apply the answer.
+
+    The gate thresholds and the approver list are the worker's own (``worker_registry_config``:
+    pinned by the serving process, else ``$DAMAGE_CONFIG``, else ``configs/default.yaml``); a run
+    parameter cannot change them, so a failed candidate cannot be re-gated with a looser rule.
 
     Args:
         model_name: registered model.
         version: candidate version.
         tracking_uri: MLflow tracking/registry URI.
-        registry: the ``registry:`` config section as a dict (``RegistryConfig``).
         evaluate_fn: ``onnx_path -> metrics`` evaluator (in-process callers).
         evaluator: ``"module:function"`` evaluator (deployments); used when ``evaluate_fn`` is None.
         wait_for_approval: pause for a human decision after a pass.
@@ -59,7 +63,7 @@ def promote(model_name: str, version: str, tracking_uri: str, registry: dict[str
     Returns:
         ``{"gate": GateDecision dict, "decision": "approved"|"rejected"|None, "by", "reason"}``.
     """
-    cfg = RegistryConfig(**(registry or {}))
+    cfg = worker_registry_config()
     fn = evaluate_fn or resolve_evaluator(evaluator or "")
     decision = gate_task(tracking_uri, model_name, version, fn, cfg)
     result: dict[str, Any] = {"gate": decision.to_dict(), "decision": None, "by": None, "reason": None}
@@ -82,6 +86,6 @@ def await_approval(model_name: str, version: str, tracking_uri: str, cfg: Regist
         approve=False, approver="", reason="")
     answer = pause_flow_run(wait_for_input=form, timeout=cfg.approval_timeout_s, poll_interval=cfg.approval_poll_s,
                             key=f"approve-{model_name}-{version}")
-    info = decide_task(tracking_uri, model_name, version, answer.approve, answer.approver, answer.reason,
+    info = decide_task(tracking_uri, model_name, version, answer.approve, answer.approver.strip(), answer.reason,
                        approvers=cfg.approvers, lock_timeout_s=cfg.lock_timeout_s)
     return {"decision": info.approval, "by": answer.approver, "reason": answer.reason}

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from mlflow.exceptions import MlflowException
 
+from tasks.core.secrets import redact_uri
+
 PIPELINE_PERMISSION = "EDIT"
 APPROVER_PERMISSION = "MANAGE"
 
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reader", type=_pair, action="append", default=[], help="USER:PASSWORD (repeatable)")
     a = p.parse_args(argv)
     provision(a.tracking_uri, a.model_name, a.pipeline, a.approver, a.reader)
-    print(f"provisioned '{a.model_name}' at {a.tracking_uri}: pipeline={a.pipeline[0]} (EDIT), "
+    print(f"provisioned '{a.model_name}' at {redact_uri(a.tracking_uri)}: pipeline={a.pipeline[0]} (EDIT), "
           f"approvers={[u for u, _ in a.approver]} (MANAGE)")
 
 

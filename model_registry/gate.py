@@ -237,7 +237,7 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
         classes under their floor or regressed, ``none`` when none) are set on the version either way.
 
     Raises:
-        PromotionRefused: the version was already approved or rejected.
+        PromotionRefused: the version was already approved or rejected, or already failed the gate.
     """
     c = get_client(client)
     version = str(version)
@@ -245,6 +245,10 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
     if info.approval != "pending":
         raise PromotionRefused(f"'{model_name}' version {version} is already {info.approval}; the gate only "
                                f"judges pending versions")
+    if info.validation_status == "failed":  # no second opinion: a failed version stays failed
+        raise PromotionRefused(f"'{model_name}' version {version} already failed the gate "
+                               f"({info.tags.get('gate.reasons', 'no reasons recorded')}); a failed version is "
+                               f"never re-gated, register a new version")
     prod_version = alias_version(c, model_name, PRODUCTION)
     if prod_version == version:
         prod_version = None

@@ -6,8 +6,30 @@ one atomic primitive that every backend and the REST API share: registered-model
 are unique, so ``CreateRegisteredModel`` either creates the name or fails with
 ``RESOURCE_ALREADY_EXISTS`` (a primary-key insert in the SQL store, whatever the number of
 server workers). The lock is therefore a registered model named ``<model>.lock``: create it
-to acquire, delete it to release. Tags on it say who holds it and until when, so a lock left
-by a crashed process can be broken after ``ttl_s``.
+to acquire, delete it to release.
+
+Leases, judged by one clock
+---------------------------
+Every timestamp used here is the tracking server's: the lock's ``last_updated_timestamp``
+(set by the server on create and on every renewal) is compared with the server's "now",
+read from the creation time of a throw-away probe model. No client's wall clock is ever
+compared with another's, so a host whose clock runs minutes ahead cannot break a live lock.
+The holder renews the lease (``UpdateRegisteredModel``, which moves ``last_updated_timestamp``)
+every ``ttl_s / 3`` from a background thread while the ``with`` block runs, so long critical
+sections keep their lock; a holder that died stops renewing and its lock goes stale after
+``ttl_s``.
+
+Breaking a stale lock
+---------------------
+Breaking is itself a lock: only the process that creates ``<model>.lock.break`` may delete a
+stale lock, after re-reading it and checking it is still the very lease it judged stale
+(same owner, same server timestamp). A second breaker fails to create the break marker and
+simply waits, so it can never delete the lock a new holder took meanwhile. A break marker
+left by a crashed breaker is itself removed once it is ``ttl_s`` old (server time).
+
+A lock model without the owner tag or with a non-numeric lease is *malformed*; it is treated
+as stale (logged as a warning) so that a hand-made or half-written lock cannot block
+promotions forever.
 
 Under the basic-auth app the creator of the lock model gets MANAGE on it (so it can delete
 it) and the grant is swept when it is deleted, so no extra permission setup is needed.
@@ -19,9 +41,11 @@ create atomic; the legacy file store does not and is not supported for concurren
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,10 +56,14 @@ from mlflow.tracking import MlflowClient
 
 from model_registry.errors import AccessDenied, RegistryLockTimeout
 
+log = logging.getLogger(__name__)
+
 LOCK_SUFFIX = ".lock"
+BREAK_SUFFIX = ".break"
+CLOCK_SUFFIX = ".clock."
 TAG_OWNER = "lock.owner"
 TAG_HOLDER = "lock.holder"
-TAG_EXPIRES = "lock.expires_at"
+TAG_TTL = "lock.ttl_s"
 
 
 def lock_name(model_name: str) -> str:
@@ -47,20 +75,17 @@ def _code(e: MlflowException) -> str:
     return str(getattr(e, "error_code", ""))
 
 
-def _read_lock(client: MlflowClient, name: str) -> dict[str, str] | None:
+def _get(client: MlflowClient, name: str):
+    """The registered model ``name`` or None when it does not exist."""
     try:
-        return dict(client.get_registered_model(name).tags)
+        return client.get_registered_model(name)
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in _code(e):
             return None
         raise
 
 
-def _break_stale(client: MlflowClient, name: str, owner: str) -> None:
-    """Delete a lock whose holder's lease ran out (re-read first: only that exact holder's lock)."""
-    tags = _read_lock(client, name)
-    if not tags or tags.get(TAG_OWNER) != owner:
-        return  # released or re-acquired meanwhile
+def _delete(client: MlflowClient, name: str, what: str) -> None:
     try:
         client.delete_registered_model(name)
     except MlflowException as e:
@@ -68,16 +93,104 @@ def _break_stale(client: MlflowClient, name: str, owner: str) -> None:
         if "RESOURCE_DOES_NOT_EXIST" in code:
             return
         if "PERMISSION_DENIED" in code or "UNAUTHENTICATED" in code:
-            raise AccessDenied(
-                f"registry lock '{name}' held by {tags.get(TAG_HOLDER)!r} expired but this MLflow user "
-                f"may not delete it; an MLflow admin must delete registered model '{name}'"
-            ) from None
+            raise AccessDenied(f"{what} but this MLflow user may not delete it; an MLflow admin must delete "
+                               f"registered model '{name}'") from None
         raise
+
+
+def server_now_ms(client: MlflowClient, base: str) -> int:
+    """The tracking server's current time in ms: the creation time of a throw-away probe model."""
+    probe = f"{base}{CLOCK_SUFFIX}{uuid.uuid4().hex}"
+    rm = client.create_registered_model(probe, description="clock probe of a registry lock; deleted at once")
+    try:
+        return int(rm.creation_timestamp or client.get_registered_model(probe).creation_timestamp)
+    finally:
+        try:
+            client.delete_registered_model(probe)
+        except MlflowException:
+            log.warning("could not delete clock probe model '%s'", probe)
+
+
+def _lease(rm) -> tuple[str, float] | None:
+    """``(owner, ttl_s)`` of a lock model, or None when it is malformed."""
+    tags = dict(rm.tags or {})
+    owner = tags.get(TAG_OWNER)
+    try:
+        ttl = float(tags.get(TAG_TTL, ""))
+    except ValueError:
+        return None
+    if not owner or not ttl > 0:
+        return None
+    return owner, ttl
+
+
+def _is_stale(client: MlflowClient, rm, now_ms: int) -> bool:
+    lease = _lease(rm)
+    if lease is None:
+        log.warning("registry lock '%s' is malformed (tags %s); treating it as stale", rm.name, dict(rm.tags or {}))
+        return True
+    return now_ms - int(rm.last_updated_timestamp or 0) > lease[1] * 1000
+
+
+def _try_break(client: MlflowClient, name: str, judged) -> bool:
+    """Delete the stale lock ``judged`` if this process wins the break marker; True if it did."""
+    marker = f"{name}{BREAK_SUFFIX}"
+    try:
+        client.create_registered_model(marker, tags={TAG_OWNER: socket.gethostname()},
+                                       description="a registry lock is being broken; deleted at once")
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in _code(e):
+            raise
+        stale_marker = _get(client, marker)  # a breaker that died between create and delete
+        if stale_marker is not None and server_now_ms(client, name) - int(
+                stale_marker.creation_timestamp or 0) > float((_lease(judged) or ("", 120.0))[1]) * 1000:
+            log.warning("removing break marker '%s' left by a crashed process", marker)
+            _delete(client, marker, f"break marker '{marker}' is stale")
+        return False
+    try:
+        now = _get(client, name)
+        # the very lease judged stale: same owner tags and no renewal since (server timestamps)
+        if now is None or dict(now.tags or {}) != dict(judged.tags or {}) \
+                or now.last_updated_timestamp != judged.last_updated_timestamp:
+            return False
+        holder = dict(judged.tags or {}).get(TAG_HOLDER, "?")
+        log.warning("breaking stale registry lock '%s' held by %r", name, holder)
+        _delete(client, name, f"registry lock '{name}' held by {holder!r} expired")
+        return True
+    finally:
+        _delete(client, marker, f"break marker '{marker}'")
+
+
+class _Renewer(threading.Thread):
+    """Renews the lease every ``period_s`` while the lock is held (server-side timestamp)."""
+
+    def __init__(self, client: MlflowClient, name: str, owner: str, period_s: float):
+        super().__init__(name=f"renew-{name}", daemon=True)
+        self.client = MlflowClient(tracking_uri=client.tracking_uri,
+                                   registry_uri=getattr(client, "_registry_uri", None) or client.tracking_uri)
+        self.lock_model, self.owner, self.period_s = name, owner, period_s
+        self.stop = threading.Event()
+        self.lost = False
+        self.renewals = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.period_s):
+            try:
+                rm = _get(self.client, self.lock_model)
+                if rm is None or dict(rm.tags or {}).get(TAG_OWNER) != self.owner:
+                    self.lost = True
+                    log.error("registry lock '%s' was lost while held by %s", self.lock_model, self.owner)
+                    return
+                self.renewals += 1
+                self.client.update_registered_model(self.lock_model, description=f"promotion lock; renewal "
+                                                                                 f"{self.renewals}")
+            except Exception as e:  # a missed renewal is retried next period; the lease has slack
+                log.warning("registry lock '%s': renewal failed: %s", self.lock_model, e)
 
 
 @contextmanager
 def registry_lock(client: MlflowClient, model_name: str, holder: str = "", *, timeout_s: float = 60.0,
-                  ttl_s: float = 120.0, poll_s: float = 0.05) -> Iterator[str]:
+                  ttl_s: float = 120.0, poll_s: float = 0.05, renew_s: float | None = None) -> Iterator[str]:
     """Hold the promotion lock of ``model_name`` for the duration of the ``with`` block.
 
     Args:
@@ -85,8 +198,9 @@ def registry_lock(client: MlflowClient, model_name: str, holder: str = "", *, ti
         model_name: registered model whose aliases are about to move.
         holder: who is asking (recorded on the lock for error messages).
         timeout_s: how long to wait for another holder before giving up.
-        ttl_s: lease length; a lock older than this is considered abandoned and broken.
+        ttl_s: lease length in server time; a lock not renewed for this long is broken.
         poll_s: base back-off between attempts (randomised, doubling up to 1 s).
+        renew_s: renewal period (default ``ttl_s / 3``).
 
     Yields:
         The owner token of this acquisition.
@@ -102,8 +216,9 @@ def registry_lock(client: MlflowClient, model_name: str, holder: str = "", *, ti
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + timeout_s
     delay = poll_s
+    tags = {TAG_OWNER: owner, TAG_HOLDER: holder or owner, TAG_TTL: f"{ttl_s:g}"}
+    current = None
     while True:
-        tags = {TAG_OWNER: owner, TAG_HOLDER: holder or owner, TAG_EXPIRES: f"{time.time() + ttl_s:.3f}"}
         try:
             client.create_registered_model(
                 name, tags=tags, description=f"promotion lock for '{model_name}' (model_registry); do not use"
@@ -112,28 +227,29 @@ def registry_lock(client: MlflowClient, model_name: str, holder: str = "", *, ti
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in _code(e):
                 raise
-        current = _read_lock(client, name)
-        if current is not None:
-            try:
-                expired = float(current.get(TAG_EXPIRES, "0")) < time.time()
-            except ValueError:  # a hand-made model with that name: treat as held, never delete it
-                expired = False
-            if expired:
-                _break_stale(client, name, current.get(TAG_OWNER, ""))
+        current = _get(client, name)
+        if current is not None and _is_stale(client, current, server_now_ms(client, name)):
+            if _try_break(client, name, current):
                 continue
+        elif current is None:
+            continue  # released between our create and our read
         if time.monotonic() >= deadline:
-            who = (current or {}).get(TAG_HOLDER, "?")
+            who = dict(current.tags or {}).get(TAG_HOLDER, "?") if current is not None else "?"
             raise RegistryLockTimeout(
                 f"registry lock '{name}' is held by {who!r}; gave up after {timeout_s:.0f} s "
-                f"(if that process died, the lock expires after its lease)"
+                f"(if that process died, the lock expires {ttl_s:.0f} s after its last renewal)"
             )
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 1.0)
+    renewer = _Renewer(client, name, owner, renew_s or ttl_s / 3)
+    renewer.start()
     try:
         yield owner
     finally:
-        current = _read_lock(client, name)
-        if current is not None and current.get(TAG_OWNER) == owner:
+        renewer.stop.set()
+        renewer.join(timeout=30)
+        current = _get(client, name)
+        if current is not None and dict(current.tags or {}).get(TAG_OWNER) == owner:
             try:
                 client.delete_registered_model(name)
             except MlflowException as e:

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from model_registry.errors import AccessDenied, PromotionRefused, RegistryError
 from model_registry.lock import LOCK_SUFFIX, registry_lock
+from tasks.core.secrets import redact_uri
 
 STAGING = "staging"
 PRODUCTION = "production"
@@ -158,34 +159,56 @@ def _mlflow_errors(client: MlflowClient, what: str) -> Iterator[None]:
         if _denied(e):
             who = current_identity() or "(anonymous)"
             raise AccessDenied(
-                f"MLflow server {client.tracking_uri} refused to let user '{who}' {what} "
+                f"MLflow server {redact_uri(client.tracking_uri)} refused to let user '{who}' {what} "
                 f"({_code(e) or e.get_http_status_code()}); ask an MLflow admin for the permission "
                 f"(see infra/mlflow-auth/README.md)"
             ) from None
         raise
 
 
-def check_approver(model_name: str, approvers: Sequence[str] | None, action: str) -> str | None:
+def check_approver(model_name: str, approvers: Sequence[str] | None, action: str,
+                   tracking_uri: str | None = None, by: str | None = None) -> str | None:
     """Refuse a ``production`` move unless the current MLflow user is a configured approver.
 
     MLflow's permissions are per registered model, not per alias: the pipeline account needs
     EDIT to set ``staging`` and EDIT also allows ``production``. This is the client-side half of
-    the policy (see infra/mlflow-auth/README.md for what the server enforces).
+    the policy (see infra/mlflow-auth/README.md for what the server enforces). It fails closed:
+
+    * against a tracking server (``http(s)://``) an empty approver list refuses every move
+      (nobody was named, so nobody may approve);
+    * with a list, the authenticated MLflow user must be on it;
+    * when the process is authenticated, ``by`` must be that identity (a free-text name
+      would let one account record another person's approval).
 
     Args:
         model_name: the model whose production alias would move.
-        approvers: allowed MLflow user names; empty/None = no client-side check (local use).
+        approvers: allowed MLflow user names (``registry.approvers``); empty/None is only
+            accepted for a local store (``sqlite:``, a path), where there are no accounts.
         action: verb for the message.
+        tracking_uri: where the move would happen (decides whether an empty list is allowed).
+        by: the name the caller gave for the record (``--by``); None = not checked.
 
     Returns:
         The MLflow identity in use (None when anonymous).
     """
     who = current_identity()
+    remote = str(tracking_uri or "").lower().startswith(("http://", "https://"))
+    if remote and not approvers:
+        raise AccessDenied(
+            f"refusing to {action} '{model_name}' at {redact_uri(str(tracking_uri))}: no approvers are configured "
+            f"(registry.approvers is empty in this worker's config); list the MLflow accounts that may move "
+            f"'{PRODUCTION}'"
+        )
     if approvers and who not in approvers:
         raise AccessDenied(
             f"MLflow user '{who or '(anonymous)'}' may not {action} '{model_name}': only "
             f"{', '.join(approvers)} may move the '{PRODUCTION}' alias (registry.approvers); "
             f"set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD to an approver account"
+        )
+    if who and by is not None and by.strip() != who:
+        raise AccessDenied(
+            f"--by '{by.strip()}' does not match the authenticated MLflow user '{who}'; a decision on "
+            f"'{model_name}' is recorded under the account that makes it (pass --by {who})"
         )
     return who
 
@@ -353,7 +376,10 @@ def register_candidate(client_or_uri: MlflowClient | str, model_name: str, run_i
     try:
         run = c.get_run(run_id)
     except MlflowException as e:
-        raise RegistryError(f"MLflow run {run_id} not found at {c.tracking_uri}: {e.message}") from None
+        raise RegistryError(f"MLflow run {run_id} not found at {redact_uri(c.tracking_uri)}: {e.message}") from None
+    existing = version_from_run(c, model_name, run_id)
+    if existing is not None:  # a retried task or flow: the run already has its version, never a second one
+        return existing
 
     with _mlflow_errors(c, f"log model files to run {run_id}"):
         if log_model_fn is not None:
@@ -379,6 +405,25 @@ def register_candidate(client_or_uri: MlflowClient | str, model_name: str, run_i
     with _mlflow_errors(c, f"create a version of '{model_name}'"):
         mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=description)
     return _info(mv)
+
+
+def version_from_run(client: MlflowClient, model_name: str, run_id: str) -> VersionInfo | None:
+    """The version of ``model_name`` registered from ``run_id`` (the oldest if several), or None.
+
+    Registration is keyed by its source run: a retry after ``create_model_version`` succeeded
+    but its reply was lost (or after a later step failed) finds the version instead of making
+    a second one.
+    """
+    safe_name, safe_run = model_name.replace("'", "\\'"), run_id.replace("'", "")
+    try:
+        with _mlflow_errors(client, f"search versions of '{model_name}'"):
+            found = client.search_model_versions(f"name='{safe_name}' and run_id='{safe_run}'")
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+            return None
+        raise
+    found = [mv for mv in found if mv.run_id == run_id and mv.name == model_name]
+    return _info(min(found, key=lambda mv: int(mv.version))) if found else None
 
 
 def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
@@ -435,7 +480,7 @@ def list_versions(client_or_uri: MlflowClient | str, name: str) -> list[VersionI
             aliases.setdefault(str(v), []).append(alias)
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in _code(e):
-            raise RegistryError(f"no registered model named '{name}' at {c.tracking_uri}") from None
+            raise RegistryError(f"no registered model named '{name}' at {redact_uri(c.tracking_uri)}") from None
         raise
     out = []
     for mv in versions:
@@ -453,7 +498,7 @@ def history(client_or_uri: MlflowClient | str, name: str) -> list[AliasMove]:
             tags = _history_tags(c, name)
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in _code(e):
-            raise RegistryError(f"no registered model named '{name}' at {c.tracking_uri}") from None
+            raise RegistryError(f"no registered model named '{name}' at {redact_uri(c.tracking_uri)}") from None
         raise
     return [AliasMove.from_json(tags[s]) for s in sorted(tags)]
 
@@ -504,7 +549,7 @@ def approve(client: MlflowClient | str, name: str, version: str | int, by: str, 
     """
     c = get_client(client)
     by, reason, version = _need(by, "approver name (--by)"), _need(reason, "reason (--reason)"), str(version)
-    identity = check_approver(name, approvers, f"approve version {version} of")
+    identity = check_approver(name, approvers, f"approve version {version} of", c.tracking_uri, by)
     with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
         info = _version(c, name, version)
         if info.approval == "rejected":
@@ -518,21 +563,26 @@ def approve(client: MlflowClient | str, name: str, version: str | int, by: str, 
             where = f"version {staged}" if staged else "no version"
             raise PromotionRefused(f"'{name}' version {version} is not at '{STAGING}' ({STAGING} is {where}); "
                                    f"only the staged version can be approved")
+        # Tags first, alias second: a crash in between leaves an approved version still at
+        # staging (approve again to finish), never an unapproved version in production. The
+        # history sequence number is reserved under the lock so the tag can carry it.
+        seq = max(_history_tags(c, name), default=0) + 1
+        with _mlflow_errors(c, f"tag '{name}' version {version} as approved"):
+            _set_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: _now(),
+                                         T_APPROVED_VIA: identity or "(local store, no account)",
+                                         T_APPROVAL_SEQ: seq, T_REASON: reason[:REASON_MAX]})
         what = f"move alias '{PRODUCTION}' of '{name}'"
         before = _move_alias(c, name, PRODUCTION, version, what)
         _move_alias(c, name, STAGING, None, f"clear alias '{STAGING}' of '{name}'")
-        moves = _append_history(c, name, [
+        _append_history(c, name, [
             dict(alias=PRODUCTION, version_from=before, version_to=version, action="approve", by=by, reason=reason),
             dict(alias=STAGING, version_from=version, version_to=None, action="approve", by=by, reason=reason),
         ])
-        _set_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: moves[0].at,
-                                     T_APPROVED_VIA: identity or "", T_APPROVAL_SEQ: moves[0].seq,
-                                     T_REASON: reason[:REASON_MAX]})
         return _version(c, name, version)
 
 
 def reject(client: MlflowClient | str, name: str, version: str | int, by: str, reason: str, *,
-           lock_timeout_s: float = 60.0) -> VersionInfo:
+           approvers: Sequence[str] | None = None, lock_timeout_s: float = 60.0) -> VersionInfo:
     """Mark a version ``approval=rejected`` (it can never be approved) and take it off ``staging``.
 
     Raises:
@@ -540,6 +590,7 @@ def reject(client: MlflowClient | str, name: str, version: str | int, by: str, r
     """
     c = get_client(client)
     by, reason, version = _need(by, "name (--by)"), _need(reason, "reason (--reason)"), str(version)
+    check_approver(name, approvers, f"reject version {version} of", c.tracking_uri, by)
     with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
         info = _version(c, name, version)
         if alias_version(c, name, PRODUCTION) == version:
@@ -573,15 +624,14 @@ def rollback(client: MlflowClient | str, name: str, by: str, reason: str = "roll
     """
     c = get_client(client)
     by = _need(by, "name (--by)")
-    identity = check_approver(name, approvers, "roll back")
-    del identity  # recorded by _append_history
+    check_approver(name, approvers, "roll back", c.tracking_uri, by)  # identity: recorded by _append_history
     with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
         current = alias_version(c, name, PRODUCTION)
         if current is None:
             raise RegistryError(f"'{name}' has no '{PRODUCTION}' version to roll back")
         if to is not None:
             target = _version(c, name, to)
-            if target.approval != "approved":
+            if target.approval != "approved" or T_APPROVAL_SEQ not in target.tags:
                 raise PromotionRefused(f"'{name}' version {to} was never approved; cannot roll back to it")
         else:
             candidates = [v for v in list_versions(c, name)

@@ -17,7 +17,7 @@ def decide(client, name: str, version: str | int, approved: bool, by: str, reaso
     """Apply a human decision: ``approve`` when ``approved`` else ``reject`` (same code as the CLI)."""
     if approved:
         return approve(client, name, version, by, reason, approvers=approvers, lock_timeout_s=lock_timeout_s)
-    return reject(client, name, version, by, reason, lock_timeout_s=lock_timeout_s)
+    return reject(client, name, version, by, reason, approvers=approvers, lock_timeout_s=lock_timeout_s)
 
 
 gate_task = as_task(gate_candidate, "registry-gate")

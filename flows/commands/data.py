@@ -102,7 +102,8 @@ def import_(
     try:
         report = import_dataset(src, out, class_map=class_map, classes=cfg.data.classes, val_fraction=val_fraction,
                                 seed=cfg.seed if seed is None else seed, images_dir=images_dir,
-                                allow_unknown=allow_unknown, overwrite=overwrite)
+                                allow_unknown=allow_unknown, overwrite=overwrite,
+                                max_pixels=cfg.validation.max_pixels)
     except UnknownClassesError as e:
         fail(str(e), code=1)
     except DamageError as e:

@@ -76,12 +76,30 @@ def _list_images(src: Path) -> list[Path]:
     return [src]
 
 
-def _out_names(images: list[Path]) -> dict[Path, str]:
-    """NAME for each image: its stem, or stem_ext where two images share a stem."""
+RESERVED_NAMES = {"index"}  # index.json is the run's own listing
+
+
+def _out_names(images: list[Path], out: Path | None = None) -> dict[Path, str]:
+    """NAME for each image: its stem, or stem_ext where two images share a stem; then ``_1``,
+    ``_2``... until it is unique ignoring case (case-insensitive file systems), is not a reserved
+    name (``index``) and its ``NAME.json``/``NAME.png`` in ``out`` is not one of the inputs. So no
+    output ever overwrites another output or an input image."""
     stems: dict[str, int] = {}
     for p in images:
-        stems[p.stem] = stems.get(p.stem, 0) + 1
-    return {p: p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in images}
+        stems[p.stem.lower()] = stems.get(p.stem.lower(), 0) + 1
+    inputs = {p.resolve() for p in images}
+    taken = set(RESERVED_NAMES)
+    names: dict[Path, str] = {}
+    for p in images:
+        base = p.stem if stems[p.stem.lower()] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}"
+        name, k = base, 0
+        while name.lower() in taken or (out is not None and any(
+                (out / f"{name}{ext}").resolve() in inputs for ext in (".json", ".png"))):
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name.lower())
+        names[p] = name
+    return names
 
 
 def predict_cmd(
@@ -114,7 +132,7 @@ def predict_cmd(
 
     pred = run_guarded(Predictor, model, conf=conf, iou=iou)
     out.mkdir(parents=True, exist_ok=True)
-    names = _out_names(images)
+    names = _out_names(images, out)
     index, failed = [], 0
     with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, disable=len(images) == 1, transient=True) as bar:
@@ -122,7 +140,7 @@ def predict_cmd(
         for p in images:
             name = names[p]
             try:
-                im = read_image(p)
+                im = read_image(p, pred.max_pixels)
                 res = pred.predict(im)[0]
                 doc = res.to_dict(str(p), str(model), pred.conf, pred.iou)
                 if overlay:

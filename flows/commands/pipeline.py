@@ -97,7 +97,11 @@ def run(
     from flows.nightly import nightly
 
     t0 = time.time()
-    summary = run_guarded(nightly, config_path=str(config) if config else None, overrides=overrides, force=force)
+    from tasks.core.config import without_registry_overrides
+
+    # registry.* travel pinned in this process's environment (setup), not as run parameters
+    summary = run_guarded(nightly, config_path=str(config) if config else None,
+                          overrides=without_registry_overrides(overrides), force=force)
     seconds = time.time() - t0
     summary = {**summary, "wall_time_s": round(seconds, 1)}
     from tasks.core.atomic import atomic_write_text

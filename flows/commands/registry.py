@@ -103,7 +103,8 @@ def reject_(
     cfg, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
     from model_registry import reject
 
-    v = run_guarded(reject, uri, name, version, by, reason, lock_timeout_s=cfg.registry.lock_timeout_s)
+    v = run_guarded(reject, uri, name, version, by, reason, approvers=cfg.registry.approvers,
+                    lock_timeout_s=cfg.registry.lock_timeout_s)
     console.print(f"rejected '{name}' version {v.version} (by {by}: {reason}) at {uri}", highlight=False,
                   soft_wrap=True)
 

@@ -30,8 +30,13 @@ def schedule(
         console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
                       "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
     from flows.deploy import build_deployments, register_with_pool, serve_all
+    from tasks.core.config import CONFIG_ENV, is_registry_override, without_registry_overrides
 
-    deployments = run_guarded(build_deployments, cfg, config, overrides=list(sets or []), dataset=dataset,
+    if work_pool and any(is_registry_override(s) for s in sets or []):
+        console.print(f"[yellow]--set registry.* applies to runs served by this process only; pool workers read "
+                      f"the registry section from ${CONFIG_ENV} (default configs/default.yaml).[/]")
+    deployments = run_guarded(build_deployments, cfg, config, overrides=without_registry_overrides(sets),
+                              dataset=dataset,
                               model_size=model_size, work_pool=work_pool)
     for d in deployments:
         sched = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in (d.schedules or [])

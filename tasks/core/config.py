@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from tasks.core.errors import DamageError
+
+from tasks.core.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 INIT_MODES = ("auto", "scratch", "production")  # train.init, besides a path to a .pt
@@ -57,7 +60,7 @@ class ValidateConfig(_Section):
     dark_threshold: float = Field(25.0, ge=0, le=255)
     imbalance_ratio: float = Field(20.0, ge=1)
     near_duplicate_distance: int = Field(4, ge=0, le=64)
-    max_pixels: int = Field(178956970, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     severity: dict[str, Literal["error", "warning"]] = {}
     workers: int = Field(0, ge=0)
     min_polygon_area: float = Field(1e-6, ge=0, lt=1)
@@ -376,3 +379,59 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         return Config.model_validate(d)
     except ValidationError as e:
         raise ConfigError(_format_error(e, "config")) from None
+
+
+# --- the registry section belongs to the worker, not to a run's parameters ------------------
+# Flow runs started through the Prefect API carry parameters chosen by whoever starts them;
+# the gate's thresholds and the approver list must not be among them. The worker process (the
+# CLI, ``damage schedule``) pins its own ``registry:`` section in its environment; flows read it
+# from there (or from the worker's config file) and refuse ``registry.*`` run overrides.
+REGISTRY_ENV = "DAMAGE_REGISTRY_CONFIG"
+CONFIG_ENV = "DAMAGE_CONFIG"
+
+
+def is_registry_override(item: str) -> bool:
+    """True for a ``registry.<key>=...`` (or ``registry=...``) override."""
+    key = item.split("=", 1)[0].strip()
+    return key == "registry" or key.startswith("registry.")
+
+
+def without_registry_overrides(overrides: list[str] | None) -> list[str]:
+    """``overrides`` minus the ``registry.*`` ones (the worker pins those with ``pin_worker_registry``)."""
+    return [o for o in overrides or [] if not is_registry_override(o)]
+
+
+def pin_worker_registry(cfg: Config) -> None:
+    """Record this worker's ``registry:`` section in the environment (inherited by flow-run subprocesses)."""
+    os.environ[REGISTRY_ENV] = json.dumps(cfg.registry.model_dump(mode="json"), sort_keys=True)
+
+
+def worker_registry_config() -> RegistryConfig:
+    """The worker's ``registry:`` section: pinned by ``pin_worker_registry``, else from the config
+    file named by ``$DAMAGE_CONFIG``, else ``configs/default.yaml``. Never from run parameters.
+
+    Raises:
+        ConfigError: the pinned JSON or the config file is invalid.
+    """
+    raw = os.environ.get(REGISTRY_ENV)
+    if raw:
+        try:
+            return RegistryConfig.model_validate(json.loads(raw))
+        except (json.JSONDecodeError, ValidationError) as e:
+            raise ConfigError(f"${REGISTRY_ENV}: not a valid registry section: {e}") from None
+    return load_config(os.environ.get(CONFIG_ENV) or None).registry
+
+
+def apply_worker_registry(cfg: Config, overrides: list[str] | None) -> Config:
+    """Replace ``cfg.registry`` by the worker's; refuse run overrides of ``registry.*``.
+
+    Raises:
+        ConfigError: an override names a ``registry.*`` key.
+    """
+    bad = [o.split("=", 1)[0] for o in overrides or [] if is_registry_override(o)]
+    if bad:
+        raise ConfigError(f"config key '{bad[0]}' cannot be set by a run parameter: the gate thresholds and "
+                          f"approvers come only from the worker's own config (its YAML or `--set` when the "
+                          f"worker starts)")
+    cfg.registry = worker_registry_config()
+    return cfg

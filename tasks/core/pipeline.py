@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import Config, load_config
+from tasks.core.config import Config, apply_worker_registry, load_config
 from tasks.core.runtime import StatePaths
 
 
@@ -48,7 +48,7 @@ def prepare_state(config_path: str | None = None, overrides: list[str] | None = 
     """Load the config and activate its state directory (env vars, Ultralytics settings)."""
     from tasks.core.runtime import activate, configure_ultralytics
 
-    cfg = load_config(config_path, overrides)
+    cfg = apply_worker_registry(load_config(config_path, overrides), overrides)
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
     configure_ultralytics(paths)
     return cfg, paths

@@ -30,7 +30,8 @@ import yaml
 
 from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
-from tasks.core.errors import DatasetError
+from tasks.core.errors import DamageError, DatasetError
+from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_file
 
 # The image suffixes every reader of the project accepts (Ultralytics' common ones).
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -324,6 +325,7 @@ class ImportReport:
     merged_segments: int = 0
     dropped_empty: int = 0
     mapping: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # referenced path -> why it was not imported
 
     def summary(self) -> list[str]:
         """Human-readable lines for the CLI."""
@@ -341,6 +343,10 @@ class ImportReport:
             lines.append("ignored (mapped to '-'): " + _fmt_counts(self.ignored))
         if self.unknown:
             lines.append("unknown classes SKIPPED: " + _fmt_counts(self.unknown))
+        if self.refused:
+            lines.append(f"REFUSED (not imported): {len(self.refused)} reference(s): "
+                         + "; ".join(f"{k}: {v}" for k, v in list(self.refused.items())[:10])
+                         + (" ..." if len(self.refused) > 10 else ""))
         lines.append(f"data.yaml: {self.data_yaml}")
         return lines
 
@@ -398,6 +404,30 @@ def _fmt_poly(cls: int, xy: np.ndarray) -> str:
     return f"{cls} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0.0, 1.0).reshape(-1))
 
 
+def _refuse_reference(ref: str, path: Path, root: Path, max_pixels: int) -> str | None:
+    """Why the image ``ref`` (resolved: ``path``) must not be imported, or None when it may.
+
+    Every referenced file must resolve (symlinks included) inside ``root`` - the dataset root, or
+    the COCO images folder - carry an image extension, and declare at most ``max_pixels`` pixels
+    in its header. ``../../secret``, ``/etc/hostname`` or a list entry pointing elsewhere is a
+    finding, never a copy.
+    """
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        return f"resolves outside {root}"
+    if real.suffix.lower() not in IMAGE_EXTS:
+        return f"not an image file extension ({real.suffix or 'none'})"
+    if not real.exists():
+        return None  # a missing image inside the dataset stays the caller's "not found" error
+    if not real.is_file():
+        return "not a regular file"
+    try:
+        check_image_file(real, max_pixels)
+    except DamageError as e:
+        return str(e).replace(f"{real}: ", "")
+    return None
+
+
 def _unique_name(name: str, used: set[str]) -> str:
     stem, suf = os.path.splitext(name)
     cand, k = name, 1
@@ -411,7 +441,7 @@ def _unique_name(name: str, used: set[str]) -> str:
 
 
 def _import_yolo(src_yaml: Path, tmp: Path | None, classes: list[str], class_map, val_fraction, seed,
-                 report: ImportReport) -> None:
+                 report: ImportReport, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Plan (tmp=None: count only) or write the import of a YOLO dataset."""
     info = load_data_yaml(src_yaml)
     mapping = _resolve_mapping(info.names, class_map, classes)
@@ -422,9 +452,20 @@ def _import_yolo(src_yaml: Path, tmp: Path | None, classes: list[str], class_map
         for s in sources:
             if not s.exists():
                 raise DatasetError(f"{info.yaml_path}: {split} split {s} not found")
-            items += [(split, p) for p in list_images(s)]
+            for p in list_images(s):
+                why = _refuse_reference(str(p), Path(p), info.root, max_pixels)
+                if why is None:
+                    lbl = label_path(Path(p))
+                    if lbl.exists() and not lbl.resolve().is_relative_to(info.root.resolve()):
+                        why = f"its label {lbl} resolves outside {info.root}"
+                if why is not None:
+                    report.refused[str(p)] = why
+                    continue
+                items.append((split, p))
     if not items:
-        raise DatasetError(f"{info.yaml_path}: no images found in any split")
+        raise DatasetError(f"{info.yaml_path}: no importable images found in any split"
+                           + (f" ({len(report.refused)} refused, e.g. {next(iter(report.refused.items()))})"
+                              if report.refused else ""))
     # same image listed for train and val (a common quick-start yaml): split it ourselves
     if {p for sp, p in items if sp == "train"} == {p for sp, p in items if sp == "val"}:
         imgs = sorted({p for _, p in items})
@@ -561,15 +602,29 @@ def _load_coco(js: Path) -> dict:
     return data
 
 
+def _safe_name(name: str) -> bool:
+    """A relative file name without '..' (used to pick the file that locates the images folder)."""
+    parts = name.replace("\\", "/").split("/")
+    return bool(name) and not os.path.isabs(name) and ".." not in parts and ":" not in parts[0]
+
+
 def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: list[str], class_map,
-                 val_fraction, seed, report: ImportReport) -> None:
+                 val_fraction, seed, report: ImportReport, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Plan (tmp=None: count and check only) or write the import of a COCO instances JSON."""
     data = _load_coco(js)
     cats = {int(c["id"]): str(c["name"]) for c in data["categories"]}
     mapping = _resolve_mapping(sorted(set(cats.values()), key=list(cats.values()).index), class_map, classes)
     report.mapping = {n: (classes[t] if isinstance(t, int) else (IGNORE if t == IGNORE else "?")) for n, t in mapping.items()}
     imgs = sorted(data["images"], key=lambda im: (str(im["file_name"]), int(im["id"])))
-    img_dir = _find_images_dir(js, str(imgs[0]["file_name"]) if imgs else None, images_dir)
+    first = next((str(im["file_name"]) for im in imgs if _safe_name(str(im["file_name"]))), None)
+    img_dir = _find_images_dir(js, first, images_dir)
+    refused: set[int] = set()
+    for im in imgs:
+        why = _refuse_reference(str(im["file_name"]), img_dir / str(im["file_name"]), img_dir, max_pixels)
+        if why is not None:
+            report.refused[str(im["file_name"])] = why
+            refused.add(int(im["id"]))
+    imgs = [im for im in imgs if int(im["id"]) not in refused]
     anns: dict[int, list[dict]] = {}
     for a in data["annotations"]:
         anns.setdefault(int(a["image_id"]), []).append(a)
@@ -586,7 +641,11 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
         path = img_dir / str(im["file_name"])
         if not path.is_file():
             raise DatasetError(f"{js}: image '{im['file_name']}' not found in {img_dir}")
-        h, w = int(im["height"]), int(im["width"])
+        # the real size from the file's header, not the JSON's claim: RLE sizes are checked against it
+        w, h = check_image_file(path, max_pixels)
+        if (int(im.get("height", h)), int(im.get("width", w))) != (h, w):
+            raise DatasetError(f"{js}: image '{im['file_name']}' is {w}x{h} but the JSON says "
+                               f"{im.get('width')}x{im.get('height')}")
         lines = []
         for a in anns.get(int(im["id"]), []):
             name = cats.get(int(a["category_id"]))
@@ -600,6 +659,11 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
             if t == IGNORE:
                 ignored[name] += 1
                 continue
+            seg = a.get("segmentation")
+            if isinstance(seg, dict) and [int(v) for v in seg.get("size", [])[:2]] != [h, w]:
+                raise DatasetError(f"{js}: annotation {a.get('id')} of '{im['file_name']}': RLE size "
+                                   f"{seg.get('size')} does not match the image's {h}x{w} (height x width); "
+                                   f"refused before decoding")
             xy = _coco_instance(a, h, w, report)
             if xy is None:
                 report.dropped_empty += 1
@@ -613,7 +677,9 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
             (tmp / "labels" / split / Path(name).with_suffix(".txt")).write_text(
                 "\n".join(lines) + ("\n" if lines else ""))
     if not imgs:
-        raise DatasetError(f"{js}: no images listed")
+        raise DatasetError(f"{js}: no importable images listed"
+                           + (f" ({len(report.refused)} refused, e.g. {next(iter(report.refused.items()))})"
+                              if report.refused else ""))
     report.images = dict(images)
     report.instances = {c: counts.get(i, 0) for i, c in enumerate(classes)}
     report.unknown = dict(unknown)
@@ -623,7 +689,7 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
 def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None,
                    classes: list[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
                    images_dir: Path | None = None, allow_unknown: bool = False,
-                   overwrite: bool = False) -> ImportReport:
+                   overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImportReport:
     """Import a YOLO-seg folder or a COCO instance-segmentation JSON into ``out`` (YOLO-seg).
 
     Source class names are matched to ``classes`` by normalised name (case, spaces, hyphens and
@@ -643,7 +709,8 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
         images_dir: COCO image folder; None = search beside the JSON (``images/``, CarDD's
             ``train2017/`` next to ``annotations/`` ...).
         allow_unknown: skip (and report) unknown source classes instead of refusing.
-        overwrite: replace a non-empty ``out``.
+        overwrite: replace a non-empty ``out`` (never one that holds the source or its images).
+        max_pixels: largest image (width x height, from its header) that is imported.
 
     Returns:
         ImportReport (counts per split and class, unknown/ignored classes, conversions).
@@ -659,6 +726,12 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
         raise DatasetError(f"{src}: source not found")
     if out == src or src in out.parents:
         raise DatasetError(f"{out}: output must not be inside the source {src} (the source is never modified)")
+    # the other way round: replacing `out` must never delete the source, its images or their folder
+    guarded = [("source", src)] + ([("images folder", Path(images_dir).expanduser().resolve())] if images_dir else [])
+    for what, p in guarded:
+        if out in p.parents:
+            raise DatasetError(f"{out}: output folder contains the {what} {p}; choose an output outside it "
+                               f"(--overwrite would delete it)")
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: output folder exists and is not empty (choose a new folder or --overwrite)")
     is_coco = src.is_file() and src.suffix.lower() == ".json"
@@ -669,10 +742,11 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
 
     def run(tmp: Path | None) -> None:
         report.rle_converted = report.merged_segments = report.dropped_empty = 0
+        report.refused = {}
         if is_coco:
-            _import_coco(src, images_dir, tmp, classes, class_map, val_fraction, seed, report)
+            _import_coco(src, images_dir, tmp, classes, class_map, val_fraction, seed, report, max_pixels)
         else:
-            _import_yolo(find_data_yaml(src), tmp, classes, class_map, val_fraction, seed, report)
+            _import_yolo(find_data_yaml(src), tmp, classes, class_map, val_fraction, seed, report, max_pixels)
 
     run(None)  # dry pass: every check and the unknown-class count before anything is written
     if report.unknown and not allow_unknown:
@@ -691,5 +765,5 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
             {"source": str(src), "format": fmt, "images": report.images, "instances": report.instances,
              "unknown": report.unknown, "ignored": report.ignored, "mapping": report.mapping,
              "rle_converted": report.rle_converted, "merged_segments": report.merged_segments,
-             "dropped_empty": report.dropped_empty}, indent=2) + "\n")
+             "dropped_empty": report.dropped_empty, "refused": report.refused}, indent=2) + "\n")
     return report

@@ -78,6 +78,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket or "/" in bucket:
         raise DatasetError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
     prefix = prefix.strip("/")
+    # The prefix names the cache folder too: '.', '..' or empty segments would move the mirror
+    # outside ``cache_root`` (s3://b/../../x) or merge two different S3 prefixes into one folder.
+    bad = [seg for seg in prefix.split("/") if seg in ("", ".", "..")] if prefix else []
+    if bad or "\\" in prefix or "\0" in prefix:
+        raise DatasetError(f"{uri}: prefix segment {bad[0] if bad else prefix!r} is refused ('.', '..', empty "
+                           f"segments, backslash and NUL are not allowed in a dataset URI)")
     return bucket, (prefix + "/") if prefix else ""
 
 
@@ -278,7 +284,16 @@ def sync_s3_dataset(uri: str, cache_root: Path, endpoint_url: str | None = None,
         raise DatasetError(f"{uri}: no objects under this prefix")
     # Check every key before writing anything: one hostile key refuses the whole dataset.
     plan = [(safe_relpath(o["Key"], prefix), o) for o in objects]
-    root = local_dir(Path(cache_root), bucket, prefix).resolve()
+    seen: dict[str, str] = {}
+    for rel, o in plan:  # 'a//b.jpg', 'a/./b.jpg' and 'a/b.jpg' would all be one local file
+        other = seen.setdefault(rel.as_posix(), o["Key"])
+        if other != o["Key"]:
+            raise DatasetError(f"{uri}: s3 keys '{other}' and '{o['Key']}' both map to the local file "
+                               f"'{rel.as_posix()}'; rename one of them")
+    cache = Path(cache_root).resolve()
+    root = local_dir(cache, bucket, prefix).resolve()
+    if not root.is_relative_to(cache) or root == cache:
+        raise DatasetError(f"{uri}: sync folder {root} is not inside the cache {cache}")
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / MANIFEST
     old = _load_manifest(manifest_path)

@@ -91,10 +91,77 @@ def _percent(part: int, whole: int) -> float:
     return 100.0 * part / whole if whole > 0 else 0.0
 
 
+class BoxMask:
+    """A boolean HxW mask stored as its box crop: ``crop`` at ``(x0, y0)`` in an ``shape`` frame.
+
+    Per-instance full-frame masks cost H*W bytes each (63 instances on a 12 MP photo: 750 MB);
+    a crop costs its box. Slicing (``m[y0:y1, x0:x1]``) returns that region without building the
+    frame; ``np.asarray(m)`` (and the operators, ``sum``) materialise it only when asked.
+    """
+
+    __slots__ = ("crop", "x0", "y0", "shape")
+    ndim = 2
+
+    def __init__(self, crop: np.ndarray, x0: int, y0: int, shape: tuple[int, int]):
+        self.crop = np.asarray(crop, bool)
+        self.x0, self.y0, self.shape = int(x0), int(y0), (int(shape[0]), int(shape[1]))
+
+    @property
+    def extent(self) -> tuple[int, int, int, int]:
+        return self.x0, self.y0, self.x0 + self.crop.shape[1], self.y0 + self.crop.shape[0]
+
+    def __getitem__(self, key):
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
+            return np.asarray(self)[key]
+        (ys, ye, _), (xs, xe, _) = key[0].indices(self.shape[0]), key[1].indices(self.shape[1])
+        out = np.zeros((max(ye - ys, 0), max(xe - xs, 0)), bool)
+        bx0, by0, bx1, by1 = self.extent
+        iy0, iy1, ix0, ix1 = max(ys, by0), min(ye, by1), max(xs, bx0), min(xe, bx1)
+        if iy1 > iy0 and ix1 > ix0:
+            out[iy0 - ys:iy1 - ys, ix0 - xs:ix1 - xs] = self.crop[iy0 - by0:iy1 - by0, ix0 - bx0:ix1 - bx0]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        full = np.zeros(self.shape, bool)
+        x0, y0, x1, y1 = self.extent
+        full[y0:y1, x0:x1] = self.crop
+        return full if dtype is None else full.astype(dtype)
+
+    def count(self) -> int:
+        return int(np.count_nonzero(self.crop))
+
+    def sum(self, *a, **kw):
+        return self.count() if not a and not kw else np.asarray(self).sum(*a, **kw)
+
+    def any(self, *a, **kw):
+        return bool(self.crop.any()) if not a and not kw else np.asarray(self).any(*a, **kw)
+
+    def astype(self, dtype, **kw):
+        return np.asarray(self).astype(dtype, **kw)
+
+    def __or__(self, o):
+        return np.asarray(self) | np.asarray(o)
+
+    def __and__(self, o):
+        return np.asarray(self) & np.asarray(o)
+
+    def __xor__(self, o):
+        return np.asarray(self) ^ np.asarray(o)
+
+    def __invert__(self):
+        return ~np.asarray(self)
+
+    __ror__, __rand__, __rxor__ = __or__, __and__, __xor__
+
+
+def _count(m) -> int:
+    return m.count() if isinstance(m, BoxMask) else int(np.count_nonzero(m))
+
+
 def _check(masks: Sequence[np.ndarray], classes: Sequence[str]) -> list[np.ndarray]:
     if len(masks) != len(classes):
         raise ValueError(f"damage_report: {len(masks)} masks but {len(classes)} class names")
-    out = [np.asarray(m).astype(bool, copy=False) for m in masks]
+    out = [m if isinstance(m, BoxMask) else np.asarray(m).astype(bool, copy=False) for m in masks]
     shapes = {m.shape for m in out}
     if len(shapes) > 1:
         raise ValueError(f"damage_report: masks differ in size: {sorted(shapes)}")
@@ -121,7 +188,7 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_c
     """Damage percentage per vehicle and for the whole image (definition in the module docstring).
 
     Args:
-        masks: one boolean HxW mask per instance, all the same size.
+        masks: one boolean HxW mask per instance, all the same size (arrays or ``BoxMask``).
         classes: the class name of each instance.
         vehicle_class: the class name that marks vehicles.
         boxes: optional integer extents ``(x0, y0, x1, y1)`` (end-exclusive) that contain each
@@ -135,7 +202,8 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_c
         ValueError: masks and classes differ in length, or masks differ in size.
     """
     ms = _check(masks, classes)
-    ext = [tuple(int(v) for v in b) for b in boxes] if boxes is not None else [_extent(m) for m in ms]
+    ext = [tuple(int(v) for v in b) for b in boxes] if boxes is not None else \
+        [m.extent if isinstance(m, BoxMask) else _extent(m) for m in ms]
     if len(ext) != len(ms):
         raise ValueError(f"damage_report: {len(ms)} masks but {len(ext)} boxes")
     veh = [i for i, c in enumerate(classes) if c == vehicle_class]
@@ -154,7 +222,7 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_c
                 best, best_ov = i, ov
         rep.assignment[j] = best
         if best is None:
-            rep.outside.append({"id": j, "class": str(classes[j]), "area_px": int(np.count_nonzero(ms[j]))})
+            rep.outside.append({"id": j, "class": str(classes[j]), "area_px": _count(ms[j])})
 
     for i in veh:
         x0, y0, x1, y1 = ext[i]

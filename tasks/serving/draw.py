@@ -45,7 +45,12 @@ def draw_prediction(image: np.ndarray, pred, alpha: float = 0.45) -> np.ndarray:
     order = sorted(pred.instances, key=lambda i: i.name != "vehicle")  # vehicles first, damage on top
     overlay = out.copy()
     for inst in order:
-        overlay[inst.mask] = _colour(inst.name)
+        m = inst.mask
+        if hasattr(m, "crop"):  # BoxMask: paint its box only, no full-frame mask
+            x0, y0, x1, y1 = m.extent
+            overlay[y0:y1, x0:x1][m.crop] = _colour(inst.name)
+        else:
+            overlay[m] = _colour(inst.name)
     cv2.addWeighted(overlay, alpha, out, 1 - alpha, 0, dst=out)
     per_vehicle = {v["id"]: v["damage_percent"] for v in pred.damage.vehicles}
     for inst in order:

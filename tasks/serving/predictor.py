@@ -1,8 +1,13 @@
 """Torch-free ONNX Runtime predictor for the exported YOLOv8-seg model, with damage percentages.
 
 Imports only numpy, OpenCV, ONNX Runtime and the standard library (plus the numpy-only
-``tasks.evaluation.damage_percent`` and the stdlib-only ``tasks.core.errors``), so a claim app or a serving
-container can run it without torch, ultralytics or prefect.
+``tasks.evaluation.damage_percent`` and the stdlib-only ``tasks.core.errors`` / ``tasks.core.images``),
+so a claim app or a serving container can run it without torch, ultralytics or prefect.
+
+Hostile input is bounded: every image's pixel count is checked from its header before it is
+decoded (``max_pixels``: argument, else ``damage.max_pixels`` in the ONNX metadata, else
+``DEFAULT_MAX_PIXELS``); instance masks stay cropped to their box (``BoxMask``); at most
+``max_det`` instances per image; the metadata's types and ranges are validated.
 
 The maths follow Ultralytics' predictor exactly, so results match ``YOLO(model.onnx).predict(...,
 retina_masks=True)``:
@@ -40,7 +45,8 @@ import numpy as np
 import onnxruntime as ort
 
 from tasks.core.errors import DamageError
-from tasks.evaluation.damage_percent import DamageReport, damage_report
+from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
+from tasks.evaluation.damage_percent import BoxMask, DamageReport, damage_report
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -48,6 +54,8 @@ DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.7
 MAX_WH = 7680  # per-class box offset for class-aware NMS (Ultralytics' value)
 MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
+MAX_IMGSZ = 4096  # an input side above this in the metadata is refused (60000 would allocate 10.8 GB)
+MAX_DET = 1000  # instances per image at most, whatever the caller asks
 PAD_VALUE = 114
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -64,7 +72,8 @@ class Instance:
         cls: class index; ``name`` its class name.
         score: confidence.
         box: ``[x1, y1, x2, y2]`` float pixels, clipped to the image.
-        mask: bool HxW mask of the original image.
+        mask: the instance's HxW mask of the original image as a ``BoxMask`` (stored as its box
+            crop; ``np.asarray(mask)`` gives the full frame when really needed).
         area_px: pixels in ``mask``.
         polygon: largest outer contour of the mask, simplified (``[[x, y], ...]``, ints).
         vehicle_id: the vehicle instance this damage is assigned to (a vehicle: its own id),
@@ -76,7 +85,7 @@ class Instance:
     name: str
     score: float
     box: list[float]
-    mask: np.ndarray
+    mask: BoxMask | np.ndarray
     area_px: int
     polygon: list[list[int]]
     vehicle_id: int | None = None
@@ -171,14 +180,52 @@ def _decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def read_image(src: ImageLike) -> np.ndarray:
-    """BGR uint8 image from a path or an array (grey and BGRA arrays are converted).
+def _number(meta: dict[str, Any], key: str, lo: float, hi: float, path: Path, integer: bool = False):
+    """``meta[key]`` checked for type and range (None when absent); DamageError naming the key."""
+    if key not in meta or meta[key] is None:
+        return None
+    v = meta[key]
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
+        kind = "an integer" if integer else "a number"
+        raise DamageError(f"{path}: ONNX metadata '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
+    return v
+
+
+def validate_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check the types and ranges of the metadata keys the predictor uses; returns ``meta``.
 
     Raises:
-        DamageError: the file is missing or not a decodable image.
+        DamageError: a key has the wrong type or is out of range (the message names it).
+    """
+    _number(meta, "damage.conf", 0.0, 1.0, path)
+    _number(meta, "damage.iou", 0.0, 1.0, path)
+    _number(meta, "damage.max_pixels", 1, 2**40, path, integer=True)
+    _number(meta, "stride", 1, 256, path, integer=True)
+    imgsz = meta.get("imgsz")
+    if imgsz is not None:
+        if not (isinstance(imgsz, list) and len(imgsz) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_IMGSZ for v in imgsz)):
+            raise DamageError(f"{path}: ONNX metadata 'imgsz' must be two integers in [32, {MAX_IMGSZ}], got {imgsz!r}")
+    names = meta.get("names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DamageError(f"{path}: ONNX metadata 'names' must be a list of class names, got {type(names).__name__}")
+    return meta
+
+
+def read_image(src: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """BGR uint8 image from a path or an array (grey and BGRA arrays are converted).
+
+    A file's pixel count is read from its header and refused above ``max_pixels`` before
+    anything is decoded.
+
+    Raises:
+        DamageError: the file is missing, too large (``ImageTooLarge``) or not a decodable image.
     """
     if isinstance(src, np.ndarray):
         im = src
+        if im.ndim >= 2:
+            check_pixels(int(im.shape[1]), int(im.shape[0]), max_pixels, "image array")
         if im.dtype != np.uint8:
             raise DamageError(f"image array must be uint8, got {im.dtype}")
         if im.ndim == 2:
@@ -192,9 +239,18 @@ def read_image(src: ImageLike) -> np.ndarray:
     if not path.is_file():
         raise DamageError(f"{path}: image not found")
     data = np.fromfile(str(path), np.uint8)  # fromfile + imdecode: works for any path encoding
-    im = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return decode_image(data, max_pixels, str(path))
+
+
+def decode_image(data: np.ndarray | bytes, max_pixels: int, name: str) -> np.ndarray:
+    """Decode an encoded image (BGR) after checking its header's pixel count against ``max_pixels``."""
+    buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if not buf.size:
+        raise DamageError(f"{name}: not a readable image (empty)")
+    check_image_bytes(buf[: 1 << 20].tobytes(), max_pixels, name)
+    im = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if im is None or im.size == 0:
-        raise DamageError(f"{path}: not a readable image")
+        raise DamageError(f"{name}: not a readable image")
     return im
 
 
@@ -386,6 +442,8 @@ class Predictor:
         rect: with a dynamic-size model, pad each batch of same-sized images only to a multiple
             of the stride (Ultralytics' predict default: less padding, faster); False = always
             the full square ``imgsz``.
+        max_pixels: largest image accepted (width x height, checked from the header before
+            decoding); None = ``damage.max_pixels`` of the metadata, else ``DEFAULT_MAX_PIXELS``.
 
     Raises:
         DamageError: the file is missing or not a segmentation model with two outputs.
@@ -393,7 +451,7 @@ class Predictor:
 
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
                  max_det: int = 300, providers: Sequence[str] | None = None, threads: int | None = None,
-                 vehicle_class: str = "vehicle", rect: bool = True):
+                 vehicle_class: str = "vehicle", rect: bool = True, max_pixels: int | None = None):
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise DamageError(f"{self.path}: model not found")
@@ -409,7 +467,8 @@ class Predictor:
             raise DamageError(f"{self.path}: expected a segmentation model (2 outputs), got {len(outputs)}")
         self.input_name = inputs[0].name
         self.output_names = [o.name for o in outputs[:2]]
-        self.metadata = _decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.metadata = validate_metadata(_decode_metadata(self.session.get_modelmeta().custom_metadata_map),
+                                          self.path)
         shape = inputs[0].shape
         self.dynamic_batch = not isinstance(shape[0], int)
         fixed_hw = [d for d in shape[2:] if isinstance(d, int)]
@@ -426,9 +485,15 @@ class Predictor:
         if not names:
             names = [str(i) for i in range(int(nc_out) - 4 - 32)] if isinstance(nc_out, int) else []
         self.names = list(names)
-        self.conf = float(conf if conf is not None else self.metadata.get("damage.conf") or DEFAULT_CONF)
-        self.iou = float(iou if iou is not None else self.metadata.get("damage.iou") or DEFAULT_IOU)
+        # `is None`, not `or`: a chosen threshold of 0 is a value, not a missing key
+        meta_conf, meta_iou = self.metadata.get("damage.conf"), self.metadata.get("damage.iou")
+        self.conf = float(conf if conf is not None else DEFAULT_CONF if meta_conf is None else meta_conf)
+        self.iou = float(iou if iou is not None else DEFAULT_IOU if meta_iou is None else meta_iou)
+        if not 1 <= int(max_det) <= MAX_DET:
+            raise DamageError(f"max_det must be in [1, {MAX_DET}], got {max_det}")
         self.max_det = int(max_det)
+        meta_px = self.metadata.get("damage.max_pixels")
+        self.max_pixels = int(max_pixels if max_pixels is not None else meta_px or DEFAULT_MAX_PIXELS)
         self.vehicle_class = vehicle_class
         self._axes: dict[tuple[int, int, int, int], tuple] = {}
         self.timings: dict[str, float] = {}
@@ -494,8 +559,7 @@ class Predictor:
             area = int(np.count_nonzero(crop))
             if area == 0:
                 continue
-            full = np.zeros((h, w), bool)
-            full[y0:y1, x0:x1] = crop
+            full = BoxMask(crop, x0, y0, (h, w))  # cropped to its box, never an HxW array per instance
             cls = int(rows[k, 5])
             name = self.names[cls] if cls < len(self.names) else str(cls)
             instances.append(Instance(id=len(instances), cls=cls, name=name, score=float(rows[k, 4]),
@@ -529,7 +593,7 @@ class Predictor:
         if isinstance(images, (str, os.PathLike, np.ndarray)):
             images = [images]
         t0 = time.perf_counter()
-        ims = [read_image(s) for s in images]
+        ims = [read_image(s, self.max_pixels) for s in images]
         t_read = time.perf_counter() - t0
         bs = batch_size or (len(ims) if self.dynamic_batch else 1)
         results: list[Prediction] = []

@@ -4,7 +4,14 @@
 ``POST /invocations`` with a DataFrame of images, one column of:
 
 * ``image``: the encoded image file (JPEG/PNG...) as base64, or
-* ``path``: a path readable by the server,
+* ``path``: a file under ``$DAMAGE_SERVING_PATH_ROOT`` on the server. Off unless that variable
+  names a folder: then only files inside it are read, and a missing, unreadable or outside
+  path all get the same error text (the response must not map the server's disk).
+
+Limits (hostile requests): at most ``$DAMAGE_SERVING_MAX_ROWS`` rows per request (default
+16), each image's pixel count checked from its header before decoding (the predictor's
+``max_pixels``: ``damage.max_pixels`` of the ONNX metadata), at most ``max_det`` instances per
+image, masks kept cropped to their box.
 
 optionally with ``"params": {"conf": C, "iou": I}`` (negative or absent = the thresholds in the
 ONNX metadata), and returns one JSON document per row, the schema of ``damage predict``
@@ -19,6 +26,7 @@ Example request::
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +35,7 @@ from typing import Any
 import mlflow.pyfunc
 
 # The predictor and what it imports: shipped with the model so serving needs only these files.
-CODE_FILES = ("__init__.py", "core/__init__.py", "core/errors.py", "evaluation/__init__.py",
+CODE_FILES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/images.py", "evaluation/__init__.py",
               "evaluation/damage_percent.py", "serving/__init__.py", "serving/predictor.py", "serving/pyfunc.py")
 _TASKS = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")  # models-from-code: no pickled Python object
@@ -43,6 +51,32 @@ def input_example():
     return pd.DataFrame({"image": [base64.b64encode(png.tobytes()).decode()]})
 
 
+PATH_ROOT_ENV = "DAMAGE_SERVING_PATH_ROOT"
+MAX_ROWS_ENV = "DAMAGE_SERVING_MAX_ROWS"
+DEFAULT_MAX_ROWS = 16
+PATH_ERROR = "row path: not readable here (path input is off, or the file is not an image under the allowed folder)"
+
+
+def _max_rows() -> int:
+    try:
+        return max(1, int(os.environ.get(MAX_ROWS_ENV, DEFAULT_MAX_ROWS)))
+    except ValueError:
+        return DEFAULT_MAX_ROWS
+
+
+def _allowed_path(path: str) -> Path | None:
+    """``path`` resolved inside ``$DAMAGE_SERVING_PATH_ROOT`` and a regular file, else None."""
+    root = os.environ.get(PATH_ROOT_ENV)
+    if not root:
+        return None
+    try:
+        base = Path(root).resolve(strict=True)
+        p = (base / path).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return p if p.is_relative_to(base) and p.is_file() and os.access(p, os.R_OK) else None
+
+
 class DamageSegModel(mlflow.pyfunc.PythonModel):
     """Pyfunc model around ``tasks.serving.predictor.Predictor`` (thresholds from the ONNX metadata)."""
 
@@ -53,36 +87,50 @@ class DamageSegModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor(context.artifacts["onnx"])
 
     def _decode(self, row: dict[str, Any]):
-        import cv2
-        import numpy as np
-
         from tasks.core.errors import DamageError
-        from tasks.serving.predictor import read_image
+        from tasks.serving.predictor import decode_image
 
         b64 = row.get("image")
         if isinstance(b64, str) and b64:
             try:
-                data = np.frombuffer(base64.b64decode(b64, validate=False), np.uint8)
+                data = base64.b64decode(b64, validate=False)
             except (ValueError, TypeError) as e:
                 raise DamageError(f"row image: not base64: {e}") from e
-            im = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-            if im is None:
-                raise DamageError("row image: not a decodable image")
-            return "<base64>", im
+            return "<base64>", decode_image(data, self.predictor.max_pixels, "row image")
         path = row.get("path")
         if isinstance(path, str) and path:
-            return path, read_image(path)
+            p = _allowed_path(path)
+            if p is None:
+                raise DamageError(PATH_ERROR)
+            try:
+                data = p.read_bytes()
+            except OSError:
+                raise DamageError(PATH_ERROR) from None
+            return path, decode_image(data, self.predictor.max_pixels, f"row path '{path}'")
         raise DamageError("row has neither an 'image' (base64) nor a 'path' value")
+
+    @staticmethod
+    def _threshold(params: dict, key: str, default: float) -> float:
+        from tasks.core.errors import DamageError
+
+        v = params.get(key)
+        if v is None or float(v) < 0:
+            return default
+        if not 0 <= float(v) <= 1:
+            raise DamageError(f"param '{key}' must be in [0, 1] (negative = the model's), got {v}")
+        return float(v)
 
     def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
         """One JSON-ready dict per input row (see the module docstring)."""
         from tasks.core.errors import DamageError
 
         rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
+        if len(rows) > _max_rows():
+            raise DamageError(f"request has {len(rows)} rows; at most {_max_rows()} per request "
+                              f"(${MAX_ROWS_ENV})")
         p = self.predictor
         params = params or {}
-        conf = float(params["conf"]) if params.get("conf") is not None and float(params["conf"]) >= 0 else p.conf
-        iou = float(params["iou"]) if params.get("iou") is not None and float(params["iou"]) >= 0 else p.iou
+        conf, iou = self._threshold(params, "conf", p.conf), self._threshold(params, "iou", p.iou)
         out = []
         for row in rows:
             name = row["path"] if isinstance(row.get("path"), str) else "<base64>"
@@ -126,7 +174,8 @@ def save_pyfunc(onnx_path: Path, path: Path) -> Path:
             code_paths=[str(code)],
             signature=sig,
             input_example=input_example(),
-            pip_requirements=["numpy", "opencv-python", "onnxruntime", "pandas", f"mlflow=={mlflow.__version__}"],
+            pip_requirements=["numpy", "opencv-python", "onnxruntime", "pandas", "pillow",
+                              f"mlflow=={mlflow.__version__}"],
         )
     return Path(path)
 

@@ -17,6 +17,8 @@ from typing import Any
 import pandas as pd
 
 from tasks.core.atomic import atomic_write_text
+from tasks.core.errors import DamageError
+from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes
 from tasks.validation.scan import Layout, read_bytes
 
 MAX_THUMBS = 24
@@ -41,14 +43,17 @@ figcaption{word-break:break-all;margin-top:4px}
 """
 
 
-def _thumb(path: str) -> str | None:
-    """A small JPEG data URI of an image, or None if it does not decode."""
+def _thumb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """A small JPEG data URI of an image, or None if it does not decode or declares more than
+    ``max_pixels`` pixels (checked from the header: the report never decodes what the scan refused)."""
     import cv2
     import numpy as np
 
     try:
-        img = cv2.imdecode(np.frombuffer(read_bytes(path), np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
-    except (OSError, cv2.error):
+        data = read_bytes(path)
+        check_image_bytes(data[: 1 << 20], max_pixels, path)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+    except (OSError, cv2.error, DamageError):
         return None
     if img is None or img.size == 0:
         return None
@@ -65,7 +70,7 @@ def _e(x: Any) -> str:
 
 
 def render_summary(report: dict[str, Any], layout: Layout, images: pd.DataFrame, dataset: pd.DataFrame,
-                   docs_link: str | None = None) -> str:
+                   docs_link: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """The summary page as one HTML string."""
     s = report["summary"]
     findings = report["findings"]
@@ -135,7 +140,7 @@ def render_summary(report: dict[str, Any], layout: Layout, images: pd.DataFrame,
         for f in flagged:
             codes_of[f["file"]].append(f"{f['code']}: {f['detail']}")
         for rel in shown:
-            uri = _thumb(os.path.join(layout.root, rel))
+            uri = _thumb(os.path.join(layout.root, rel), max_pixels)
             pic = (f"<img src='{uri}' alt='{_e(rel)}'>" if uri else "<div class='noimg'>does not decode</div>")
             out.append(f"<figure>{pic}<figcaption><code>{_e(rel)}</code><br>"
                        f"{'<br>'.join(_e(c) for c in codes_of[rel])}</figcaption></figure>")
@@ -179,9 +184,10 @@ def _drift_section(drift: dict[str, Any]) -> list[str]:
 
 
 def write_summary_page(html_dir: Path, report: dict[str, Any], layout: Layout, images: pd.DataFrame,
-                       dataset: pd.DataFrame, docs_index: Path | None = None) -> Path:
+                       dataset: pd.DataFrame, docs_index: Path | None = None,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Write ``<html_dir>/index.html`` atomically and return its path."""
     html_dir.mkdir(parents=True, exist_ok=True)
     link = os.path.relpath(docs_index, html_dir) if docs_index else None
-    page = render_summary(report, layout, images, dataset, link)
+    page = render_summary(report, layout, images, dataset, link, max_pixels)
     return atomic_write_text(html_dir / "index.html", page)

@@ -16,14 +16,11 @@ worker processes start fast.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import multiprocessing as mp
 import os
 import stat
-import struct
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +31,7 @@ import numpy as np
 
 from tasks.core.errors import DatasetError
 from tasks.data.dataset import IMAGE_EXTS, load_data_yaml
+from tasks.core.images import image_header  # noqa: F401  (re-exported: one header reader)
 
 # Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
 GREY_SIDE = 256
@@ -267,68 +265,6 @@ def read_bytes(path: str, with_stat: bool = False):
     with os.fdopen(fd, "rb") as f:
         data = f.read()
     return (data, st) if with_stat else data
-
-
-def _png_header(data: bytes) -> tuple[int, int, int] | None:
-    if len(data) < 26 or data[12:16] != b"IHDR":
-        return None
-    w, h = struct.unpack(">II", data[16:24])
-    channels = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(data[25], 0)
-    return w, h, channels
-
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
-    """Walk JPEG marker segments up to the first SOF (frame header) without decoding."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01,) or 0xD0 <= marker <= 0xD8:
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # EOI / start of scan before any frame header
-            return None
-        (seg_len,) = struct.unpack(">H", data[i + 2:i + 4])
-        if marker in _SOF:
-            if i + 10 > n:
-                return None
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return w, h, data[i + 9]
-        i += 2 + seg_len
-    return None
-
-
-def image_header(data: bytes) -> tuple[str, int, int, int]:
-    """(format, width, height, channels) from the header only; raises ValueError if not an image."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        hdr = _png_header(data)
-        if hdr is None:
-            raise ValueError("PNG without a valid IHDR header")
-        return ("png", *hdr)
-    if data[:3] == b"\xff\xd8\xff":
-        hdr = _jpeg_header(data)
-        if hdr is None:
-            raise ValueError("JPEG without a frame header (SOF)")
-        return ("jpeg", *hdr)
-    from PIL import Image  # other formats: Pillow reads just the header until .load()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                return ((im.format or "unknown").lower(), w, h, len(im.getbands()))
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"refused by Pillow's decompression-bomb guard: {e}") from None
-        except Exception:
-            raise ValueError("not an image (unrecognised format)") from None
 
 
 def truncation_error(fmt: str, data: bytes) -> str | None:

@@ -286,7 +286,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
 
         result.docs_path = runner.build_docs()
         result.html_path = write_summary_page(Path(html_dir), report, layout, images, frames["dataset"],
-                                              docs_index=result.docs_path)
+                                              docs_index=result.docs_path, max_pixels=cfg.max_pixels)
     if clean_out is not None:
         from tasks.validation.report import write_clean_copy
 

@@ -180,7 +180,7 @@ def _vars(obj) -> set[str]:
     import re
 
     text = yaml.safe_dump(obj)
-    return {m for m in re.findall(r"\$\{([A-Z0-9_]+)(?::?-[^}]*)?\}", text)}
+    return {m for m in re.findall(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}", text)}
 
 
 def test_deployments_built_from_config(tmp_path, state_paths):

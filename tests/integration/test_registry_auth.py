@@ -69,15 +69,20 @@ def test_only_approver_moves_production(auth_server, make_candidate):
         with pytest.raises(mr.AccessDenied, match="'pipeline' may not approve .*'production'"):
             mr.approve(c, NAME, v, by="pipeline", reason="self-approval", approvers=approvers)
 
-    with as_user(VIEWER):  # no client-side list: the server itself refuses (403)
-        with pytest.raises(mr.AccessDenied, match="refused to let user 'viewer' move alias 'production'"):
+    with as_user(VIEWER):  # no client-side list against a server: refused before any request (issue 13)
+        with pytest.raises(mr.AccessDenied, match="no approvers are configured"):
             mr.approve(c, NAME, v, by="viewer", reason="try", approvers=None)
+        # a client that lists the viewer: the server itself refuses (403)
+        with pytest.raises(mr.AccessDenied, match="refused to let user 'viewer' move alias 'production'"):
+            mr.approve(c, NAME, v, by="viewer", reason="try", approvers=["viewer"])
     with as_user(APPROVER):
         assert mr.alias_version(c, NAME, mr.PRODUCTION) is None
         with pytest.raises(Exception, match="RESOURCE_DOES_NOT_EXIST"):  # the refused mover released the lock
             c.get_registered_model(f"{NAME}.lock")
-        info = mr.approve(c, NAME, v, by="Approver Person", reason="reviewed", approvers=approvers)
-        assert info.tags["approved_via"] == "approver" and info.tags["approved_by"] == "Approver Person"
+        with pytest.raises(mr.AccessDenied, match="--by 'Approver Person' does not match .* 'approver'"):
+            mr.approve(c, NAME, v, by="Approver Person", reason="reviewed", approvers=approvers)
+        info = mr.approve(c, NAME, v, by="approver", reason="reviewed", approvers=approvers)
+        assert info.tags["approved_via"] == "approver" and info.tags["approved_by"] == "approver"
         assert mr.alias_version(c, NAME, mr.PRODUCTION) == v
         assert mr.history(c, NAME)[-2].identity == "approver"
 

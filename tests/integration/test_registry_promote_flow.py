@@ -37,8 +37,12 @@ def local_registry(tmp_path_factory):
 
 
 @pytest.mark.parametrize("approve", [True, False])
-def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registry, make_candidate, approve):
+def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registry, make_candidate, approve,
+                                                  monkeypatch):
     from prefect.flow_runs import resume_flow_run
+
+    # the worker's own registry section (not a run parameter): poll every second
+    monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", '{"approval_poll_s": 1, "approval_timeout_s": 300}')
 
     from flows.promote import promote
 
@@ -51,8 +55,7 @@ def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registr
     def run():
         try:
             results.append(promote.with_options(flow_run_name=run_name)(
-                name, version, c.tracking_uri, registry={"approval_poll_s": 1, "approval_timeout_s": 300},
-                evaluate_fn=fake_evaluate))
+                name, version, c.tracking_uri, evaluate_fn=fake_evaluate))
         except BaseException as e:  # surfaced in the main thread below
             errors.append(e)
 

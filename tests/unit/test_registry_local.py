@@ -8,7 +8,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 import model_registry as mr
-from model_registry.lock import TAG_EXPIRES, TAG_HOLDER, TAG_OWNER, lock_name
+from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,10 @@ def test_lock_times_out_naming_holder_and_breaks_stale(client):
         with pytest.raises(mr.RegistryLockTimeout, match="held by 'first'"):
             with mr.registry_lock(client, "unit-lock", holder="second", timeout_s=0.3):
                 pass
-    # a holder that died: its lease ran out, so the next caller breaks the lock
+    # a holder that died: its lease ran out (server time), so the next caller breaks the lock
     client.create_registered_model(lock_name("unit-lock"), tags={TAG_OWNER: "dead", TAG_HOLDER: "dead",
-                                                                 TAG_EXPIRES: f"{time.time() - 1:.3f}"})
+                                                                 TAG_TTL: "0.2"})
+    time.sleep(0.3)
     with mr.registry_lock(client, "unit-lock", holder="third", timeout_s=5):
         assert client.get_registered_model(lock_name("unit-lock")).tags[TAG_HOLDER] == "third"
     with pytest.raises(MlflowException) as gone:  # released

@@ -1,0 +1,57 @@
+"""Keep credentials out of logs, params, hashes and files (standard library only).
+
+A tracking URI may carry a password (``http://user:pw@host:5000``); MLflow accepts it, but
+everything the pipeline records (MLflow params, ``config/resolved.yaml``, ``last_run.json``,
+the skip summary, the config hash) must not. ``redact_uri`` drops the ``user:password@`` part
+and credential-looking query parameters; ``redact_config`` applies it to every string of a
+nested config dict. Pass credentials through ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` (or ``~/.mlflow/credentials``) instead.
+
+Example:
+    >>> redact_uri("http://pipeline:s3cret@mlflow:5000/")
+    'http://mlflow:5000/'
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+_SECRET_QUERY = re.compile(r"(pass|pwd|secret|token|key|signature|credential)", re.I)
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without ``user[:password]@`` and without credential-like query parameters.
+
+    Non-URI strings are returned unchanged.
+    """
+    if not isinstance(uri, str) or not _URI.match(uri):
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//", uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        query = urlencode([(k, "REDACTED" if _SECRET_QUERY.search(k) else v)
+                           for k, v in parse_qsl(query, keep_blank_values=True)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def has_credentials(uri: str) -> bool:
+    """True when ``uri`` carries a ``user:password@`` part or a credential query parameter."""
+    return isinstance(uri, str) and redact_uri(uri) != uri
+
+
+def redact_config(obj: Any) -> Any:
+    """A copy of a nested dict/list structure with every URI string passed through ``redact_uri``."""
+    if isinstance(obj, dict):
+        return {k: redact_config(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_config(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(redact_config(v) for v in obj)
+    return redact_uri(obj) if isinstance(obj, str) else obj

@@ -1,0 +1,114 @@
+"""Issue 13, item 4: the registry lock against a real ``mlflow server``, with two processes.
+
+* a host whose wall clock runs 180 s ahead does not break a live (renewed) lock;
+* two processes that find the same stale lock never both hold the lock (only one breaker wins);
+* a malformed lock (non-numeric lease) is treated as stale, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+import uuid
+
+import pytest
+
+import model_registry as mr
+from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
+
+pytestmark = pytest.mark.integration
+CTX = mp.get_context("fork")
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _holder(uri: str, name: str, hold_s: float, acquired, out) -> None:
+    c = _client(uri)
+    with mr.registry_lock(c, name, holder="live-holder", ttl_s=1.5, renew_s=0.3, timeout_s=30):
+        acquired.set()
+        t0 = time.time()
+        time.sleep(hold_s)  # far longer than the lease: only renewals keep it
+        out.put(("holder", t0, time.time()))
+
+
+def _skewed_waiter(uri: str, name: str, acquired, out) -> None:
+    real = time.time
+    time.time = lambda: real() + 180.0  # this host's clock runs 3 minutes ahead
+    acquired.wait(60)
+    c = _client(uri)
+    try:
+        with mr.registry_lock(c, name, holder="skewed", ttl_s=1.5, timeout_s=2.5):
+            out.put(("skewed", "acquired"))
+    except mr.RegistryLockTimeout as e:
+        out.put(("skewed", f"timeout: {e}"))
+
+
+def test_13_04_lock_skewed_clock_does_not_break_a_live_lock(sqlite_mlflow_server):
+    name = f"lock-skew-{uuid.uuid4().hex[:8]}"
+    _client(sqlite_mlflow_server).create_registered_model(name)
+    acquired, out = CTX.Event(), CTX.Queue()
+    a = CTX.Process(target=_holder, args=(sqlite_mlflow_server, name, 4.0, acquired, out))
+    b = CTX.Process(target=_skewed_waiter, args=(sqlite_mlflow_server, name, acquired, out))
+    a.start()
+    b.start()
+    results = [out.get(timeout=120) for _ in range(2)]
+    a.join(30)
+    b.join(30)
+    skewed = next(r for r in results if r[0] == "skewed")
+    assert skewed[1].startswith("timeout") and "held by 'live-holder'" in skewed[1], skewed
+    assert a.exitcode == 0 and b.exitcode == 0
+
+
+def _racer(uri: str, name: str, delay_s: float, barrier, out) -> None:
+    c = _client(uri)
+    real_delete = c.delete_registered_model
+
+    def slow_delete(model):  # widen the window between "re-read: still stale" and "delete"
+        if model.endswith(".lock"):
+            time.sleep(delay_s)
+        return real_delete(model)
+
+    c.delete_registered_model = slow_delete
+    barrier.wait(60)
+    with mr.registry_lock(c, name, holder=f"racer-{mp.current_process().pid}", timeout_s=60):
+        t0 = time.time()
+        time.sleep(1.0)
+        out.put((t0, time.time()))
+
+
+def test_13_04_lock_only_one_breaker_wins(sqlite_mlflow_server):
+    name = f"lock-break-{uuid.uuid4().hex[:8]}"
+    c = _client(sqlite_mlflow_server)
+    c.create_registered_model(name)
+    # a lock left by a dead process (old and new tag layouts, so this reproduces on either)
+    c.create_registered_model(lock_name(name), tags={TAG_OWNER: "dead", TAG_HOLDER: "dead", TAG_TTL: "0.5",
+                                                     "lock.expires_at": f"{time.time() - 5:.3f}"})
+    time.sleep(1.0)
+    barrier, out = CTX.Barrier(2), CTX.Queue()
+    # the slower breaker deletes after the faster one has broken the lock and taken a new one
+    procs = [CTX.Process(target=_racer, args=(sqlite_mlflow_server, name, d, barrier, out)) for d in (0.2, 1.0)]
+    for p in procs:
+        p.start()
+    spans = sorted(out.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    (a0, a1), (b0, b1) = spans
+    assert a1 <= b0, f"both processes held the lock at once: {spans}"
+
+
+def test_13_04_lock_malformed_is_stale_with_warning(sqlite_mlflow_server, caplog):
+    name = f"lock-bad-{uuid.uuid4().hex[:8]}"
+    c = _client(sqlite_mlflow_server)
+    c.create_registered_model(name)
+    c.create_registered_model(lock_name(name), tags={TAG_OWNER: "someone", TAG_TTL: "soon",
+                                                     "lock.expires_at": "soon"})
+    with caplog.at_level(logging.WARNING, logger="model_registry.lock"):
+        with mr.registry_lock(c, name, holder="next", timeout_s=10):
+            assert c.get_registered_model(lock_name(name)).tags[TAG_HOLDER] == "next"
+    assert any("malformed" in r.getMessage() for r in caplog.records)
