@@ -22,7 +22,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from tasks.core.errors import DamageError
-
 from tasks.core.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"

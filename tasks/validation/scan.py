@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.core.errors import DatasetError
-from tasks.data.dataset import IMAGE_EXTS, load_data_yaml
 from tasks.core.images import image_header  # noqa: F401  (re-exported: one header reader)
+from tasks.data.dataset import IMAGE_EXTS, load_data_yaml
 
 # Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
 GREY_SIDE = 256
