@@ -262,14 +262,13 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
               "dataset": dataset_frame(layout, inv, images, annotations, cfg.near_duplicate_distance,
                                        builder.thumb)}
     params = suite_parameters(cfg, len(layout.names))
-    fingerprint = dataset_fingerprint(layout.root)
+    fingerprint = fingerprint or dataset_fingerprint(layout.root)
     profile = build_profile(layout, inv, images, annotations, fingerprint)
     if reference is not None:
         frames["drift"] = drift_table(reference, profile, cfg, layout.rel(layout.yaml_path))
         params.update(drift_parameters(cfg))
     results = runner.validate(frames, params)
     findings = [dict(f, severity=sev[f["code"]]) for f in findings_from_results(results, frames, params)]
-    fingerprint = fingerprint or dataset_fingerprint(layout.root)
     report = build_report(str(layout.root), fingerprint, len(inv.samples) + sum(
         1 for link in inv.outside_links if link["kind"] == "image"), int(builder.annotation_count), findings)
     if reference is not None:

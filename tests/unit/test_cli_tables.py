@@ -20,10 +20,11 @@ def registry_uri(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli-tables")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run_id = c.create_run(c.create_experiment("t")).info.run_id
+    exp = c.create_experiment("t")
     f = d / "a.onnx"
     f.write_bytes(b"x")
-    for k in range(3):
+    for k in range(3):  # one source run per version: registration is idempotent per source run
+        run_id = c.create_run(exp).info.run_id
         v = mr.register_candidate(c, "tbl-m", run_id, f, None, {"mask/mAP50-95": 0.25 + k / 10,
                                                                  "box/mAP50-95": 0.3}, {"conf": 0.3}, LINEAGE)
     c.set_registered_model_alias("tbl-m", STAGING, v.version)

@@ -12,7 +12,7 @@ import yaml
 
 import model_registry as mr
 from model_registry import registry as reg
-from tasks.core.config import ConfigError, RegistryConfig
+from tasks.core.config import CLASSES, ConfigError, RegistryConfig
 
 REPO = Path(__file__).resolve().parents[2]
 LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
@@ -48,7 +48,9 @@ def _eval(onnx: Path) -> dict:
     return json.loads(Path(onnx).read_text())
 
 
-GOOD = {"mask/mAP50-95": 0.5, "box/mAP50-95": 0.5, "latency_ms": 1.0}
+# per-class figures too: the gate never stages on aggregate metrics alone
+GOOD = {"mask/mAP50-95": 0.5, "box/mAP50-95": 0.5, "latency_ms": 1.0,
+        **{f"mask_ap50/{c}": 0.5 for c in CLASSES}}
 BAD = {"mask/mAP50-95": 0.01, "box/mAP50-95": 0.01, "latency_ms": 1.0}
 
 

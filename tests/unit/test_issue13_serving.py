@@ -74,7 +74,7 @@ def bomb(tmp_path_factory) -> Path:
 # ---- item 10 -----------------------------------------------------------------------------------------
 
 BOMB_SCRIPT = r"""
-import base64, resource, sys
+import base64, sys
 from pathlib import Path
 from tasks.core.errors import DamageError
 from tasks.serving.predictor import Predictor
@@ -94,7 +94,10 @@ out = m.predict(None, [{"image": base64.b64encode(Path(bomb).read_bytes()).decod
 refusals.append(out[0].get("error", ""))
 refusals.append(str(_thumb(bomb)))
 print("REFUSALS", refusals)
-print("MAXRSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so it would report the pytest
+# parent's peak; the new address space's high-water mark starts at exec
+hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")][0]
+print("MAXRSS_MB", int(hwm.split()[1]) / 1024)
 """
 
 
