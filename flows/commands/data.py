@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, setup
+from flows.common import console, fail, setup
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic set or import YOLO-seg / COCO data.",
                        no_args_is_help=True)
@@ -27,17 +27,15 @@ def _parse_maps(items: list[str] | None) -> dict[str, str]:
 
 @data_app.command("synth")
 def synth(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Output folder (created; an earlier synth output is replaced).")],
     images: Annotated[int | None, typer.Option("--images", "-n", help="Number of images (default: data.synth.images).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Generator seed (default: data.synth.seed).")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Image side in pixels (default: data.synth.imgsz).")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of val images (default: data.synth.val_fraction).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Generate the built-in synthetic vehicle-damage dataset (deterministic by seed)."""
-    cfg, _ = setup(config, sets, state_dir)
+    cfg, _ = setup(ctx)
     s = cfg.data.synth
     images = s.images if images is None else images
     seed = s.seed if seed is None else seed
@@ -71,6 +69,7 @@ def synth(
 
 @data_app.command("import")
 def import_(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="YOLO-seg folder (with data.yaml) or COCO instances JSON.")],
     out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
     images_dir: Annotated[Path | None, typer.Option("--images-dir", help="COCO image folder (default: found beside the JSON).")] = None,
@@ -79,9 +78,6 @@ def import_(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of val images when the import makes the split (COCO).")] = 0.2,
     seed: Annotated[int | None, typer.Option("--seed", help="Split seed (default: config seed).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Import a YOLO-seg folder or COCO JSON (polygons, RLE) into the pipeline's YOLO-seg layout.
 
@@ -93,7 +89,7 @@ def import_(
     if images_dir is not None and not images_dir.is_dir():
         fail(f"{images_dir}: images folder not found")
     class_map = _parse_maps(maps)
-    cfg, _ = setup(config, sets, state_dir)
+    cfg, _ = setup(ctx)
 
     from tasks.core.errors import DamageError
     from tasks.data.dataset import UnknownClassesError, import_dataset

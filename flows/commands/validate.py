@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+from flows.common import console, run_guarded, setup
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("validate")
     def validate_cmd(
+        ctx: typer.Context,
         data: Annotated[Path, typer.Argument(help="Dataset root or its data.yaml (YOLO-seg).")],
         report: Annotated[Path | None, typer.Option(
             "--report", help="Where to write report.json (default: <state>/reports/validate/report.json).")] = None,
@@ -26,12 +27,9 @@ def register(app: typer.Typer) -> None:
             "--html", help="Folder for the HTML summary (index.html) and Great Expectations Data Docs.")] = None,
         clean: Annotated[Path | None, typer.Option(
             "--clean", help="Write a cleaned copy here (errors and duplicates left out) + quarantine.json.")] = None,
-        config: ConfigOpt = None,
-        sets: SetOpt = None,
-        state_dir: StateOpt = None,
     ) -> None:
         """Check a dataset (images, labels, duplicates, leakage) before training. Exit 1 on errors."""
-        cfg, paths = setup(config, sets, state_dir)
+        cfg, paths = setup(ctx)
         from rich.table import Table
 
         from tasks.validation.validate import validate_dataset
