@@ -29,9 +29,9 @@ def _parse_maps(items: list[str] | None) -> dict[str, str]:
 def synth(
     ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Output folder (created; an earlier synth output is replaced).")],
-    images: Annotated[int | None, typer.Option("--images", "-n", help="Number of images (default: data.synth.images).")] = None,
+    images: Annotated[int | None, typer.Option("--images", "-n", min=2, help="Number of images, at least one train and one val (default: data.synth.images).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Generator seed (default: data.synth.seed).")] = None,
-    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Image side in pixels (default: data.synth.imgsz).")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Image side in pixels (default: data.synth.imgsz).")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of val images (default: data.synth.val_fraction).")] = None,
 ) -> None:
     """Generate the built-in synthetic vehicle-damage dataset (deterministic by seed)."""
@@ -41,10 +41,6 @@ def synth(
     seed = s.seed if seed is None else seed
     imgsz = s.imgsz if imgsz is None else imgsz
     val_fraction = s.val_fraction if val_fraction is None else val_fraction
-    if images < 2:
-        fail(f"--images must be >= 2 (one train and one val image), got {images}")
-    if imgsz < 32:
-        fail(f"--imgsz must be >= 32, got {imgsz}")
     if not 0 < val_fraction < 1:
         fail(f"--val-fraction must be between 0 and 1, got {val_fraction}")
 
