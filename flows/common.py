@@ -1,13 +1,25 @@
-"""Shared CLI plumbing: config loading, state activation, one-line errors."""
+"""Shared CLI plumbing: the root options, config loading, state activation, one-line errors, top-level runs.
+
+The shared options (``--config``, ``--set``, ``--state-dir``) belong to the root command
+(``shared_options``, the app's callback) and may stand anywhere on the line:
+``damage run --set train.epochs=5`` and ``damage --set train.epochs=5 run`` are the same call
+(``DamageGroup`` moves them in front of the sub-command before parsing). Commands read them
+through ``setup()`` / ``shared()``.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from typer._click import exceptions as click_exc  # Typer vendors click: its usage errors are these
+from typer.core import TyperGroup
 
 from tasks.core.config import Config, ConfigError, load_config, pin_worker_registry
 from tasks.core.runtime import StatePaths, activate
@@ -16,7 +28,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/default.yaml).")
+    Path | None, typer.Option("--config", "-c", exists=True, dir_okay=False,
+                              help="YAML config (default: configs/default.yaml).")
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -25,6 +38,95 @@ SetOpt = Annotated[
 StateOpt = Annotated[
     Path | None, typer.Option("--state-dir", help="State directory (overrides config and $DAMAGE_STATE_DIR).")
 ]
+# The root's options and the spellings that take a value: hoisted in front of the sub-command.
+SHARED_FLAGS = {"--config": "--config", "-c": "--config", "--set": "--set", "-s": "--set",
+                "--state-dir": "--state-dir"}
+# The tag that names what started a top-level MLflow run (nightly, evaluate, prune, ...).
+ENTRY_TAG = "damage.flow"
+_META_KEY = "damage.shared"
+
+
+@dataclass
+class SharedOptions:
+    """The root options of this invocation."""
+
+    config: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    state_dir: Path | None = None
+
+
+def hoist_shared(args: list[str]) -> list[str]:
+    """Move the shared options (with their values) in front of everything else; ``--`` ends the scan.
+
+    Example:
+        >>> hoist_shared(["run", "--force", "--set", "a=1", "--state-dir=/s"])
+        ['--set', 'a=1', '--state-dir', '/s', 'run', '--force']
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        name, eq, value = a.partition("=")
+        if name in SHARED_FLAGS and (eq and name.startswith("--")):
+            front += [SHARED_FLAGS[name], value]
+            i += 1
+            continue
+        if a in SHARED_FLAGS and i + 1 < len(args):
+            front += [SHARED_FLAGS[a], args[i + 1]]
+            i += 2
+            continue
+        rest.append(a)
+        i += 1
+    return front + rest
+
+
+class DamageGroup(TyperGroup):
+    """The root command: shared options anywhere on the line, usage errors as one line (exit 2)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_shared(args))
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exc.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click_exc.UsageError as e:  # BadParameter too: Typer's exists=True, choices, types
+            err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except click_exc.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click_exc.Abort:
+            err_console.print("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def shared_options(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Vehicle-damage segmentation model factory: data gate, training, sweeps, compression, ONNX, MLflow
+    registry and Prefect nightly flows. --config, --set and --state-dir may stand before or after the command."""
+    ctx.meta[_META_KEY] = SharedOptions(config, list(sets or []), state_dir)
+
+
+def shared(ctx: typer.Context) -> SharedOptions:
+    """The root options of the running command (``ctx.meta`` is shared by every nested context;
+    defaults when the app has no ``shared_options`` callback)."""
+    opts = ctx.meta.get(_META_KEY)
+    return opts if isinstance(opts, SharedOptions) else SharedOptions()
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
@@ -33,21 +135,28 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def setup(config: Path | None = None, sets: list[str] | None = None,
-          state_dir: Path | None = None) -> tuple[Config, StatePaths]:
-    """Load and validate the config, then activate the state dir (env vars, Ultralytics settings)."""
-    overrides = list(sets or [])
-    if state_dir is not None:
-        overrides.append(f"state_dir={state_dir}")
+def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
+          config: Path | None = None) -> tuple[Config, StatePaths]:
+    """Load and validate the config (root options + ``extra_sets``), then activate the state dir.
+
+    Args:
+        ctx: the command's context (Typer passes it to a ``ctx: typer.Context`` parameter).
+        extra_sets: ``key=value`` overrides the command adds after the user's ``--set`` ones.
+        config: config file when the user gave none (``damage run --demo``).
+    """
+    opts = shared(ctx)
+    overrides = [*opts.sets, *(extra_sets or [])]
+    if opts.state_dir is not None:
+        overrides.append(f"state_dir={opts.state_dir}")
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(opts.config or config, overrides)
     except ConfigError as e:
         fail(str(e))
     pin_worker_registry(cfg)  # this process is the worker: flows it starts gate with its registry section
-    if state_dir is not None:
+    if opts.state_dir is not None:
         import os
 
-        os.environ["DAMAGE_STATE_DIR"] = str(Path(state_dir).resolve())
+        os.environ["DAMAGE_STATE_DIR"] = str(Path(opts.state_dir).resolve())
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
     return cfg, paths
 
@@ -63,3 +172,23 @@ def run_guarded(fn, *args, **kwargs):
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+
+
+@contextmanager
+def top_level_run(cfg: Config, name: str, kind: str | None = None) -> Iterator[tuple[str, str]]:
+    """A top-level MLflow run for a stand-alone command; the step runs nest under it.
+
+    Tagged ``ENTRY_TAG = kind`` (default ``name``), like the nightly flow's own run; FAILED when
+    the body raises (or exits non-zero), FINISHED otherwise. Yields ``(run_id, tracking_uri)``.
+    """
+    from tasks.core import tracking
+
+    c = tracking.client(cfg.mlflow.tracking_uri)
+    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
+    run_id = tracking.start_run(c, exp, name, tags={ENTRY_TAG: kind or name})
+    ok = False
+    try:
+        yield run_id, c.tracking_uri
+        ok = True
+    finally:
+        tracking.end_run(c, run_id, ok)

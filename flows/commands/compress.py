@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+from flows.common import console, fail, run_guarded, setup, top_level_run
+from tasks.export.quantize import QUANT_MODES
 
-DataOpt = Annotated[Path | None, typer.Option("--data", "-d", help="Dataset data.yaml (YOLO-seg).")]
+DataReq = Annotated[Path, typer.Option("--data", "-d", exists=True, dir_okay=False, help="Dataset data.yaml (YOLO-seg).")]
+DataOpt = Annotated[Path | None, typer.Option("--data", "-d", exists=True, dir_okay=False,
+                                              help="Dataset data.yaml (YOLO-seg).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: <state>/models/compress/...).")]
-
-
-def _need(path: Path | None, what: str) -> Path:
-    if path is None:
-        fail(f"{what} is required")
-    if not path.is_file():
-        fail(f"{path}: {what} not found")
-    return path
-
-
-def _open_run(cfg, name: str) -> str:
-    from tasks.core import tracking
-    c = tracking.client()
-    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
-    return tracking.start_run(c, exp, name, tags={"damage.entry": f"cli:{name}"})
-
-
-def _close_run(run_id: str, ok: bool) -> None:
-    from tasks.core import tracking
-    tracking.end_run(tracking.client(), run_id, ok)
+# Choices (Typer checks them and lists them in --help)
+PruneMethod = Enum("PruneMethod", {m: m for m in ("structured", "unstructured")}, type=str)
+QuantMode = Enum("QuantMode", {m: m for m in QUANT_MODES}, type=str)
+OnnxOpt = Annotated[Path | None, typer.Option("--onnx", exists=True, dir_okay=False,
+                                              help="The model's ONNX (default: exported now).")]
 
 
 def _print_table(result: dict) -> None:
@@ -70,31 +59,22 @@ def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path |
     out = out or C.default_out_dir(cfg, weights)
     if onnx is None:
         onnx = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
-    run_id = _open_run(cfg, name)
-    ok = False
-    try:
-        res = run_guarded(C.run_chain, weights, onnx, data, cfg, out, parent_run_id=run_id)
-        ok = True
-    finally:
-        _close_run(run_id, ok)
-    return res
+    with top_level_run(cfg, name) as (run_id, _):
+        return run_guarded(C.run_chain, weights, onnx, data, cfg, out, parent_run_id=run_id)
 
 
 def distill_cmd(
-    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (.pt).")],
-    data: DataOpt = None,
+    ctx: typer.Context,
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", exists=True, dir_okay=False,
+                                          help="Teacher checkpoint (.pt).")],
+    data: DataReq,
     student: Annotated[str | None, typer.Option("--student", help="Student size n|s|m|l|x (default: compress.distill.student).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs for KD and scratch (default: compress.distill.epochs).")] = None,
     hinton: Annotated[bool | None, typer.Option("--hinton/--no-hinton", help="Add the Hinton KL term (default: config).")] = None,
     out: OutOpt = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Distil TEACHER into a smaller student; also train it from scratch and compare both in MLflow."""
-    cfg, paths = setup(config, sets, state_dir)
-    _need(teacher, "teacher checkpoint")
-    data = _need(data, "--data data.yaml")
+    cfg, paths = setup(ctx)
     from tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
@@ -105,14 +85,9 @@ def distill_cmd(
     dcfg = cfg.compress.distill.model_copy(update=upd)
     out = out or paths.models / "distill" / teacher.stem
     if dcfg.compare_scratch:
-        run_id = _open_run(cfg, "distill")
-        ok = False
-        try:
+        with top_level_run(cfg, "distill") as (run_id, _):
             res = run_guarded(distill_vs_scratch, teacher, data, cfg.train, dcfg, out, seed=cfg.seed,
                               parent_run_id=run_id, evaluator=Evaluator.from_config(cfg))
-            ok = True
-        finally:
-            _close_run(run_id, ok)
         for tag in ("kd", "scratch"):
             m = res[tag]
             console.print(f"{tag:8s} mask mAP50 {m['mask/mAP50']:.4f}  mask mAP50-95 {m['mask/mAP50-95']:.4f}  "
@@ -127,59 +102,52 @@ def distill_cmd(
 
 
 def prune_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint to prune (.pt).")],
-    data: DataOpt = None,
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Checkpoint to prune (.pt).")],
+    data: DataReq,
     ratio: Annotated[float | None, typer.Option("--ratio", help="Structured: fraction of channels removed.")] = None,
-    method: Annotated[str, typer.Option("--method", help="structured | unstructured")] = "structured",
+    method: Annotated[PruneMethod, typer.Option("--method", help="Structured (channels) or unstructured (weights).")]
+    = PruneMethod.structured,
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="Unstructured: fraction of weights zeroed.")] = None,
     scope: Annotated[str | None, typer.Option("--scope", help="Unstructured: global | layer.")] = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Fine-tuning epochs after structured pruning.")] = None,
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="The model's ONNX (default: exported now).")] = None,
+    onnx: OnnxOpt = None,
     out: OutOpt = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Prune MODEL; report params, FLOPs, latency and mAP before, after pruning and after fine-tuning."""
-    if method not in ("structured", "unstructured"):
-        fail(f"--method must be structured or unstructured, got '{method}'")
+    method = method.value
     extra = [f"compress.steps=[{'prune' if method == 'structured' else 'unstructured'}]"]
     for key, val in (("ratio", ratio), ("sparsity", sparsity), ("scope", scope), ("finetune_epochs", finetune_epochs)):
         if val is not None:
             extra.append(f"compress.prune.{key}={val}")
-    cfg, paths = setup(config, list(sets or []) + extra, state_dir)
-    _need(model, "checkpoint")
-    data = _need(data, "--data data.yaml")
+    cfg, paths = setup(ctx, extra)
     _print_table(_chain(model, data, onnx, cfg, paths, out, "prune"))
 
 
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
-    mode: Annotated[str, typer.Option("--mode", help="int8-static | int8-dynamic | fp16")] = "int8-static",
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="FP32 ONNX model.")],
+    mode: Annotated[QuantMode, typer.Option("--mode", help="Quantization mode.")] = QuantMode["int8-static"],
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .onnx (default: MODEL.<mode>.onnx).")] = None,
     accuracy_aware: Annotated[bool, typer.Option("--accuracy-aware/--plain", help="INT8 static: retry with sensitive nodes in float until within tolerance.")] = True,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Calibration/eval size (default: ONNX metadata).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Quantize an ONNX model (static INT8 QDQ per-channel, dynamic INT8 or FP16) and report accuracy and size."""
-    cfg, paths = setup(config, sets, state_dir)
-    _need(model, "ONNX model")
+    mode = mode.value
+    cfg, paths = setup(ctx)
     from tasks.core.runtime import configure_ultralytics
     from tasks.evaluation.evaluate import Evaluator
     from tasks.export import quantize as Q
 
     # --imgsz unset: the ONNX's own size (its metadata), for calibration and evaluation alike
     evaluator = Evaluator.from_config(cfg, imgsz=imgsz)
-    if mode not in Q.QUANT_MODES:
-        fail(f"--mode must be one of {', '.join(Q.QUANT_MODES)}, got '{mode}'")
     configure_ultralytics(paths)
     target = (out or model.with_name(f"{model.stem}.{mode}.onnx")).resolve()
     qc = cfg.compress.quantize
     if mode == "int8-static":
-        data = _need(data, "--data data.yaml (calibration images come from its train split)")
+        if data is None:
+            fail("--data data.yaml is required for int8-static (calibration images come from its train split)")
         calib = run_guarded(Q.calibration_images, data, qc.calib_images, cfg.seed)
         if accuracy_aware:
             res = run_guarded(Q.quantize_accuracy_aware, model, target, data, calib, cfg.compress.tolerance,
@@ -207,18 +175,15 @@ def quantize_cmd(
 
 
 def compress_cmd(
-    model: Annotated[Path, typer.Argument(help="Trained checkpoint (.pt), the parent of every variant.")],
-    data: DataOpt = None,
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="The parent's ONNX (default: exported now).")] = None,
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                          help="Trained checkpoint (.pt), the parent of every variant.")],
+    data: DataReq,
+    onnx: OnnxOpt = None,
     out: OutOpt = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Run the configured chain (compress.steps), measure every variant, gate on tolerance, pick one."""
-    cfg, paths = setup(config, sets, state_dir)
-    _need(model, "checkpoint")
-    data = _need(data, "--data data.yaml")
+    cfg, paths = setup(ctx)
     _print_table(_chain(model, data, onnx, cfg, paths, out, "compress"))
 
 

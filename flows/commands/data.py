@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, setup
+from flows.common import console, fail, setup
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic set or import YOLO-seg / COCO data.",
                        no_args_is_help=True)
@@ -28,26 +28,20 @@ def _parse_maps(items: list[str] | None) -> dict[str, str]:
 
 @data_app.command("synth")
 def synth(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Output folder (created; an earlier synth output is replaced).")],
-    images: Annotated[int | None, typer.Option("--images", "-n", help="Number of images (default: data.synth.images).")] = None,
+    images: Annotated[int | None, typer.Option("--images", "-n", min=2, help="Number of images, at least one train and one val (default: data.synth.images).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Generator seed (default: data.synth.seed).")] = None,
-    imgsz: Annotated[int | None, typer.Option("--imgsz", help="Image side in pixels (default: data.synth.imgsz).")] = None,
+    imgsz: Annotated[int | None, typer.Option("--imgsz", min=32, help="Image side in pixels (default: data.synth.imgsz).")] = None,
     val_fraction: Annotated[float | None, typer.Option("--val-fraction", help="Share of val images (default: data.synth.val_fraction).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Generate the built-in synthetic vehicle-damage dataset (deterministic by seed)."""
-    cfg, _ = setup(config, sets, state_dir)
+    cfg, _ = setup(ctx)
     s = cfg.data.synth
     images = s.images if images is None else images
     seed = s.seed if seed is None else seed
     imgsz = s.imgsz if imgsz is None else imgsz
     val_fraction = s.val_fraction if val_fraction is None else val_fraction
-    if images < 2:
-        fail(f"--images must be >= 2 (one train and one val image), got {images}")
-    if imgsz < 32:
-        fail(f"--imgsz must be >= 32, got {imgsz}")
     if not 0 < val_fraction < 1:
         fail(f"--val-fraction must be between 0 and 1, got {val_fraction}")
 
@@ -72,6 +66,7 @@ def synth(
 
 @data_app.command("import")
 def import_(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="YOLO-seg folder (with data.yaml) or COCO instances JSON.")],
     out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
     images_dir: Annotated[Path | None, typer.Option("--images-dir", help="COCO image folder (default: found beside the JSON).")] = None,
@@ -80,9 +75,6 @@ def import_(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of val images when the import makes the split (COCO).")] = 0.2,
     seed: Annotated[int | None, typer.Option("--seed", help="Split seed (default: config seed).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Import a YOLO-seg folder or COCO JSON (polygons, RLE) into the pipeline's YOLO-seg layout.
 
@@ -94,7 +86,7 @@ def import_(
     if images_dir is not None and not images_dir.is_dir():
         fail(f"{images_dir}: images folder not found")
     class_map = _parse_maps(maps)
-    cfg, _ = setup(config, sets, state_dir)
+    cfg, _ = setup(ctx)
 
     from tasks.core.errors import DamageError
     from tasks.data.dataset import UnknownClassesError, import_dataset
@@ -114,6 +106,7 @@ def import_(
 
 @data_app.command("issues")
 def issues(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Dataset root or its data.yaml (YOLO-seg); only read.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Trained model (.pt or .onnx) to score the labels with.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for label_issues.csv and label_issues_top.png (default: <state>/reports/label_issues).")] = None,
@@ -121,13 +114,10 @@ def issues(
     trained_on: Annotated[list[str] | None, typer.Option("--trained-on", help="Split the model was trained on (repeatable; default: train); its rows are marked in_sample.")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Letterbox size (default: the model's own).")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows to print.")] = 10,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Rank likely label errors (missing label, wrong class, bad outline, spurious label) with one
     inference pass of a trained model. Nothing in the dataset is changed: a person decides."""
-    cfg, paths = setup(config, sets, state_dir)
+    cfg, paths = setup(ctx)
     if not data.exists():
         fail(f"{data}: dataset not found")
     if not model.is_file():

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+from flows.common import console, fail, run_guarded, setup, top_level_run
 from flows.tables import JsonOpt_help, json_output
 
 ModelArg = Annotated[Path, typer.Argument(help="Model to evaluate: .pt or .onnx (FP32, FP16 or INT8).")]
@@ -30,31 +30,12 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-def _open_run(cfg, kind: str, model: Path) -> tuple[str, str]:
-    from tasks.core import tracking
-    c = tracking.client(cfg.mlflow.tracking_uri)
-    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
-    run_id = tracking.start_run(c, exp, f"{kind}-{model.stem}", tags={"damage.flow": kind})
-    return run_id, c.tracking_uri
-
-
-def _close_run(cfg, run_id: str, ok: bool) -> None:
-    from tasks.core import tracking
-    tracking.end_run(tracking.client(cfg.mlflow.tracking_uri), run_id, ok)
-
-
 def _run_logged(cfg, kind: str, model: Path, log_to_mlflow: bool, step, plain):
     """Run ``step(parent_run_id)`` inside a new top-level MLflow run, or ``plain()`` without MLflow."""
     if not log_to_mlflow:
         return run_guarded(plain), None, None
-    run_id, uri = _open_run(cfg, kind, model)
-    ok = False
-    try:
-        res = run_guarded(step, run_id)
-        ok = True
-    finally:
-        _close_run(cfg, run_id, ok)
-    return res, run_id, uri
+    with top_level_run(cfg, f"{kind}-{model.stem}", kind) as (run_id, uri):
+        return run_guarded(step, run_id), run_id, uri
 
 
 def _run_url(run_id: str | None, uri: str | None) -> str | None:
@@ -74,19 +55,17 @@ def _where(run_id: str | None, uri: str | None) -> None:
 
 
 def evaluate(
+    ctx: typer.Context,
     model: ModelArg,
     data: DataOpt,
     split: SplitOpt = None,
     imgsz: ImgszOpt = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
     mlflow: RunOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Evaluate a model: box and mask P, R, mAP50, mAP50-95 (conf floor 0.001), per-class AP, speed."""
     with json_output(as_json) as out:
-        cfg, paths = setup(config, sets, state_dir)
+        cfg, paths = setup(ctx)
         from tasks.core.runtime import configure_ultralytics
         from tasks.data.dataset import find_data_yaml
         from tasks.evaluation.evaluate import Evaluator, evaluate_step
@@ -131,6 +110,7 @@ def evaluate(
 
 
 def sweep(
+    ctx: typer.Context,
     model: ModelArg,
     data: DataOpt,
     split: SplitOpt = None,
@@ -145,15 +125,12 @@ def sweep(
         help="Precision floor of recall_at_precision (default: sweep.min_precision).")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Folder for sweep.csv and the plots (default: <state>/reports/sweep-<run>).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
     mlflow: RunOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Sweep confidence x NMS IoU with one inference pass and choose the operating point."""
     with json_output(as_json) as doc:
-        cfg, paths = setup(config, sets, state_dir)
+        cfg, paths = setup(ctx)
         from tasks.core.runtime import configure_ultralytics
         from tasks.data.dataset import find_data_yaml
         from tasks.evaluation.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds

@@ -2,38 +2,36 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+from flows.common import console, fail, run_guarded, setup
+from tasks.core.config import ExplainConfig
+
+# the choices of --method are the config's (ExplainConfig.method)
+Method = Enum("Method", {m: m for m in get_args(ExplainConfig.model_fields["method"].annotation)}, type=str)
 
 
 def explain(
-    image: Annotated[Path, typer.Argument(help="Image file, or a folder of images (each is explained).")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Segmentation model checkpoint (.pt).")],
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(exists=True, help="Image file, or a folder of images (each is explained).")],
+    model: Annotated[Path, typer.Option("--model", "-m", exists=True, dir_okay=False,
+                                        help="Segmentation model checkpoint (.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <out>/<image stem>/*.png + explanations.json.")],
-    method: Annotated[str | None, typer.Option("--method", help="gradcam (per instance) or eigencam (default: explain.method).")] = None,
+    method: Annotated[Method | None, typer.Option("--method", help="gradcam (per instance) or eigencam (default: explain.method).")] = None,
     layer: Annotated[str | None, typer.Option("--layer", help="Layer to explain, e.g. model.21 or 21 (default: the neck layer feeding the head at each instance's stride).")] = None,
     conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold of explained detections (default: explain.conf).")] = None,
     iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: explain.iou).")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Letterbox size (default: the model's training size).")] = None,
     max_instances: Annotated[int | None, typer.Option("--max-instances", help="Most instances explained per image (default: explain.max_instances).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Explain what the model looked at: one heatmap overlay per detected instance and a grid per image."""
-    cfg, _ = setup(config, sets, state_dir)
+    cfg, _ = setup(ctx)
     e = cfg.explain
-    method = method or e.method
-    if method not in ("gradcam", "eigencam"):
-        fail(f"--method must be gradcam or eigencam, got '{method}'")
-    if not image.exists():
-        fail(f"{image}: image not found")
-    if not model.is_file():
-        fail(f"{model}: model file not found")
+    method = method.value if method else e.method
 
     from tasks.data.dataset import IMAGE_EXTS
     from tasks.evaluation.explain import explain_to_dir

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, err_console, fail, run_guarded, setup
+from flows.common import console, err_console, fail, run_guarded, setup
 
 
 def _checkpoint_imgsz(weights: Path) -> int | None:
@@ -22,7 +22,8 @@ def _checkpoint_imgsz(weights: Path) -> int | None:
 
 
 def export_cmd(
-    weights: Annotated[Path, typer.Argument(help="Trained Ultralytics checkpoint (.pt).")],
+    ctx: typer.Context,
+    weights: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Trained Ultralytics checkpoint (.pt).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file to write (default: beside the .pt).")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Input size (default: export.imgsz, else the checkpoint's train size).")] = None,
     opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: export.opset; 12 works for FP32).")] = None,
@@ -31,14 +32,9 @@ def export_cmd(
     conf: Annotated[float | None, typer.Option("--conf", help="Operating confidence to store in the metadata.")] = None,
     iou: Annotated[float | None, typer.Option("--iou", help="Operating NMS IoU to store in the metadata.")] = None,
     images: Annotated[list[Path] | None, typer.Option("--image", help="Parity-gate image (repeatable; default: generated images).")] = None,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Export a checkpoint to ONNX with metadata, then run the PyTorch-vs-ONNX-Runtime parity gate."""
-    cfg, paths = setup(config, sets, state_dir)
-    if not weights.is_file():
-        fail(f"{weights}: checkpoint not found")
+    cfg, paths = setup(ctx)
     from tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
@@ -103,22 +99,16 @@ def _out_names(images: list[Path], out: Path | None = None) -> dict[Path, str]:
 
 
 def predict_cmd(
-    source: Annotated[Path, typer.Argument(help="An image or a folder of images.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model (.onnx).")],
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(exists=True, help="An image or a folder of images.")],
+    model: Annotated[Path, typer.Option("--model", "-m", exists=True, dir_okay=False, help="Exported model (.onnx).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for NAME.json and NAME.png.")],
     conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold (default: the model's metadata).")] = None,
     iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: the model's metadata).")] = None,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Write NAME.png overlays.")] = True,
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
 ) -> None:
     """Segment damage with ONNX Runtime; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
-    setup(config, sets, state_dir)
-    if not source.exists():
-        fail(f"{source}: no such image or folder")
-    if not model.is_file():
-        fail(f"{model}: model not found")
+    setup(ctx)
     images = _list_images(source)
     if not images:
         fail(f"{source}: no images (extensions: jpg, jpeg, png, bmp, tif, tiff, webp)")

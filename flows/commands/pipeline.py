@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+from flows.common import console, run_guarded, setup, shared
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
@@ -77,20 +77,19 @@ def _print_summary(summary: dict, seconds: float) -> None:
 
 
 def run(
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
+    ctx: typer.Context,
     force: Annotated[bool, typer.Option(help="Run even if data, config and code are unchanged.")] = False,
     demo: Annotated[bool, typer.Option(help="Demo mode: configs/demo.yaml (built-in synthetic data, "
                                              "sized for ~10-15 min on 2 CPU cores).")] = False,
 ) -> None:
     """Run the nightly pipeline now: data gate, train, evaluate, sweep, export, register."""
-    overrides = list(sets or [])
+    opts = shared(ctx)
+    config = opts.config
     if demo and config is None:
         from tasks.core.config import DEFAULT_CONFIG
 
         config = DEFAULT_CONFIG.parent / "demo.yaml"
-    cfg, paths = setup(config, overrides, state_dir)
+    cfg, paths = setup(ctx, config=config)
     from tasks.core.pipeline import preflight
 
     run_guarded(preflight, cfg)
@@ -101,7 +100,7 @@ def run(
 
     # registry.* travel pinned in this process's environment (setup), not as run parameters
     summary = run_guarded(nightly, config_path=str(config) if config else None,
-                          overrides=without_registry_overrides(overrides), force=force)
+                          overrides=without_registry_overrides(opts.sets), force=force)
     seconds = time.time() - t0
     summary = {**summary, "wall_time_s": round(seconds, 1)}
     from tasks.core.atomic import atomic_write_text
@@ -111,15 +110,13 @@ def run(
 
 
 def train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="data.yaml (or its folder) of a YOLO-seg dataset.")],
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <state>/runs/train).")] = None,
     name: Annotated[str, typer.Option(help="Run folder name (resume=auto looks here).")] = "train",
 ) -> None:
     """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
-    cfg, paths = setup(config, sets, state_dir)
+    cfg, paths = setup(ctx)
     from tasks.data.dataset import find_data_yaml, load_data_yaml
     from tasks.training.init import apply, offline_decision
     from tasks.training.train import train_model

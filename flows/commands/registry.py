@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+from flows.common import console, run_guarded, setup
 from flows.tables import JsonOpt_help
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
@@ -25,8 +25,8 @@ NameArg = Annotated[str | None, typer.Argument(help="Registered model name (defa
 UriOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: config / $MLFLOW_TRACKING_URI).")]
 
 
-def _ctx(config, sets, state_dir, name, tracking_uri):
-    cfg, _ = setup(config, sets, state_dir)
+def _ctx(ctx, name, tracking_uri):
+    cfg, _ = setup(ctx)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return cfg, (name or cfg.registry.model_name), uri
 
@@ -36,13 +36,12 @@ def _fmt_metric(v: float | None) -> str:
 
 
 @registry_app.command("list")
-def list_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None,
-          state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
+def list_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = None, as_json: JsonOpt = False) -> None:
     """Show every version with its aliases, gate result, approval state and key metrics."""
     from flows.tables import Col, json_output, print_table
 
     with json_output(as_json) as out:
-        _, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+        _, name, uri = _ctx(ctx, name, tracking_uri)
         from model_registry import list_versions
 
         versions = run_guarded(list_versions, uri, name)
@@ -72,14 +71,15 @@ def list_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt =
 
 @registry_app.command("approve")
 def approve_(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version at 'staging' that passed the gate.")],
     by: Annotated[str, typer.Option("--by", help="Who approves (recorded).")],
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")],
-    tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
+    tracking_uri: UriOpt = None,
 ) -> None:
     """Move 'production' to the staged version (only a staged, gate-passed version)."""
-    cfg, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+    cfg, name, uri = _ctx(ctx, name, tracking_uri)
     from model_registry import approve
 
     v = run_guarded(approve, uri, name, version, by, reason, approvers=cfg.registry.approvers,
@@ -93,14 +93,15 @@ def approve_(
 
 @registry_app.command("reject")
 def reject_(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Version to reject (never approvable afterwards).")],
     by: Annotated[str, typer.Option("--by", help="Who rejects (recorded).")],
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")],
-    tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
+    tracking_uri: UriOpt = None,
 ) -> None:
     """Mark a version rejected and take it off 'staging'."""
-    cfg, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+    cfg, name, uri = _ctx(ctx, name, tracking_uri)
     from model_registry import reject
 
     v = run_guarded(reject, uri, name, version, by, reason, approvers=cfg.registry.approvers,
@@ -111,14 +112,15 @@ def reject_(
 
 @registry_app.command("rollback")
 def rollback_(
+    ctx: typer.Context,
     name: NameArg = None,
     by: Annotated[str | None, typer.Option("--by", help="Who rolls back (default: MLflow user or OS user).")] = None,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "rollback",
     to: Annotated[str | None, typer.Option("--to", help="Explicit earlier approved version.")] = None,
-    tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
+    tracking_uri: UriOpt = None,
 ) -> None:
     """Move 'production' back to the previously approved version."""
-    cfg, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+    cfg, name, uri = _ctx(ctx, name, tracking_uri)
     from model_registry import current_identity, rollback
 
     who = by or current_identity() or getpass.getuser()
@@ -129,15 +131,14 @@ def rollback_(
 
 
 @registry_app.command("history")
-def history_(name: NameArg = None, tracking_uri: UriOpt = None, config: ConfigOpt = None, sets: SetOpt = None,
-             state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
+def history_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = None, as_json: JsonOpt = False) -> None:
     """Print every alias move: when, which alias, from -> to, who and why."""
     from dataclasses import asdict
 
     from flows.tables import Col, json_output, print_table
 
     with json_output(as_json) as out:
-        _, name, uri = _ctx(config, sets, state_dir, name, tracking_uri)
+        _, name, uri = _ctx(ctx, name, tracking_uri)
         from model_registry import history
 
         moves = run_guarded(history, uri, name)

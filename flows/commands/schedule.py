@@ -6,13 +6,11 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, run_guarded, setup
+from flows.common import console, fail, run_guarded, setup, shared
 
 
 def schedule(
-    config: ConfigOpt = None,
-    sets: SetOpt = None,
-    state_dir: StateOpt = None,
+    ctx: typer.Context,
     dataset: Annotated[str | None, typer.Option(help="Default dataset URI of nightly runs (default: data.source).")]
     = None,
     model_size: Annotated[str | None, typer.Option(help="Default model size n|s|m|l|x or .pt (default: train.model).")]
@@ -25,17 +23,18 @@ def schedule(
     """Serve the nightly retraining deployment on its cron schedule (plus promote/compress on demand)."""
     import os
 
-    cfg, _ = setup(config, sets, state_dir)
+    cfg, _ = setup(ctx)
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
                       "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
     from flows.deploy import build_deployments, register_with_pool, serve_all
     from tasks.core.config import CONFIG_ENV, is_registry_override, without_registry_overrides
 
-    if work_pool and any(is_registry_override(s) for s in sets or []):
+    opts = shared(ctx)
+    if work_pool and any(is_registry_override(s) for s in opts.sets or []):
         console.print(f"[yellow]--set registry.* applies to runs served by this process only; pool workers read "
                       f"the registry section from ${CONFIG_ENV} (default configs/default.yaml).[/]")
-    deployments = run_guarded(build_deployments, cfg, config, overrides=without_registry_overrides(sets),
+    deployments = run_guarded(build_deployments, cfg, opts.config, overrides=without_registry_overrides(opts.sets),
                               dataset=dataset,
                               model_size=model_size, work_pool=work_pool)
     for d in deployments:

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, fail, setup
+from flows.common import console, fail, setup
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")]
 
@@ -80,15 +80,15 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> int:
 
 
 def serve(
+    ctx: typer.Context,
     model_uri: Annotated[str | None, typer.Argument(
         help="MLflow model URI (default: models:/<registry.model_name>@production).")] = None,
     host: HostOpt = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port of the scoring server.")] = 5001,
     workers: Annotated[int, typer.Option("--workers", help="Server worker processes.")] = 1,
-    config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
 ) -> None:
     """Serve a registered model version over HTTP (POST /invocations), from this virtualenv."""
-    cfg, paths = setup(config, sets, state_dir)
+    cfg, paths = setup(ctx)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
     log = paths.root / "logs" / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
@@ -107,13 +107,13 @@ def serve(
 
 
 def ui(
+    ctx: typer.Context,
     host: HostOpt = "127.0.0.1",
     mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="Port of the MLflow UI.")] = 5000,
     prefect_port: Annotated[int, typer.Option("--prefect-port", help="Port of the Prefect UI.")] = 4200,
-    config: ConfigOpt = None, sets: SetOpt = None, state_dir: StateOpt = None,
 ) -> None:
     """Start the MLflow UI and the Prefect UI on this state directory; Ctrl-C stops both."""
-    cfg, paths = setup(config, sets, state_dir)
+    cfg, paths = setup(ctx)
     from tasks.core import links, tracking
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ConfigOpt, SetOpt, StateOpt, console, run_guarded, setup
+from flows.common import console, run_guarded, setup
 from flows.tables import JsonOpt_help, json_output
 
 
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("validate")
     def validate_cmd(
+        ctx: typer.Context,
         data: Annotated[Path, typer.Argument(help="Dataset root or its data.yaml (YOLO-seg).")],
         report: Annotated[Path | None, typer.Option(
             "--report", help="Where to write report.json (default: <state>/reports/validate/report.json).")] = None,
@@ -30,9 +31,6 @@ def register(app: typer.Typer) -> None:
         against: Annotated[Path | None, typer.Option(
             "--against", help="Check drift against this reference: a dataset (folder or data.yaml) or a "
             "profile.json written by an earlier gate.")] = None,
-        config: ConfigOpt = None,
-        sets: SetOpt = None,
-        state_dir: StateOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help=JsonOpt_help)] = False,
     ) -> None:
         """Check a dataset (images, labels, duplicates, leakage) before training. Exit 1 on errors.
@@ -42,7 +40,7 @@ def register(app: typer.Typer) -> None:
         validate.on_drift=fail.
         """
         with json_output(as_json) as doc:
-            cfg, paths = setup(config, sets, state_dir)
+            cfg, paths = setup(ctx)
             from tasks.validation.validate import validate_dataset
 
             report = report or paths.reports / "validate" / "report.json"

@@ -6,7 +6,9 @@ in order on the current chain head: ``distill``, ``prune`` (structured, then fin
 ``int8-static`` / ``int8-dynamic`` / ``fp16`` quantize the head's ONNX (and, with
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
-(``tasks.evaluation.evaluate.evaluate_model`` on the val split) and the same ONNX Runtime latency probe.
+(``tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
+and the same ONNX Runtime latency probe. ``chain`` is the one loop; the plain ``run_chain`` and
+the Prefect flow inject their step and measure callables.
 
 Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
 the *original* parent's (the model it would replace; chaining relative to an intermediate
