@@ -129,15 +129,14 @@ def ui(
                    "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}
     prefect_env_all = venv_env(prefect_env)
     prefect_env_all.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
-    procs = [_start(mlflow_cmd, venv_env(), logs[0]), _start(prefect_cmd, prefect_env_all, logs[1])]
+    # Touch the store before the UI starts: on a fresh state dir both would create (migrate) the
+    # same SQLite schema at once and one of them fails ("table _alembic_tmp_runs already exists").
     exp_url = ""
-    try:
-        c = tracking.client(tracking_uri)
-        exp = c.get_experiment_by_name(cfg.mlflow.experiment)
-        if exp is not None:
-            exp_url = links.mlflow_experiment_url(exp.experiment_id, f"http://{host}:{mlflow_port}")
-    except Exception:
-        pass
+    c = tracking.client(tracking_uri)
+    exp = c.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        exp_url = links.mlflow_experiment_url(exp.experiment_id, f"http://{host}:{mlflow_port}")
+    procs = [_start(mlflow_cmd, venv_env(), logs[0]), _start(prefect_cmd, prefect_env_all, logs[1])]
     console.print(f"MLflow UI : http://{host}:{mlflow_port}  {exp_url}\n"
                   f"Prefect UI: http://{host}:{prefect_port}\n"
                   f"state dir : {paths.root}   (logs: {logs[0].parent}; Ctrl-C stops both)",

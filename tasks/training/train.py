@@ -364,8 +364,10 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
         with system_metrics(run_id, system_metrics_s, c.tracking_uri):
             result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)
         progress.update(100.0)
-        tracking.log_metrics(c, run_id, {f"final/{k}": v for k, v in result.metrics.items()})
-        tracking.log_metrics(c, run_id, {"epochs_run": result.epochs_run})
+        # One-off figures stay out of the time-series charts: the best.pt validation is a JSON artifact
+        # (its numbers are also the last points of the per-epoch series), the epoch count a tag.
+        tracking.log_dict(c, run_id, {k: round(v, 6) for k, v in result.metrics.items()}, "results/final_metrics.json")
+        tracking.set_tags(c, run_id, {"epochs_run": result.epochs_run})
         for f in sorted(result.run_dir.glob("*")):
             if f.suffix in {".csv", ".png", ".jpg", ".yaml"}:
                 tracking.log_artifact(c, run_id, f, "results")

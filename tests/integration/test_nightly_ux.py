@@ -291,3 +291,15 @@ def test_damage_serve_answers_the_printed_example(ux_run, tmp_path):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_one_off_numbers_stay_out_of_the_charts(ux_run):
+    import json
+
+    s = ux_run["summary"]
+    c = _client(s)
+    train = c.get_run(_child(c, s, "train").info.run_id)
+    assert not [k for k in train.data.metrics if k.startswith("final/")]
+    assert len(c.get_metric_history(train.info.run_id, "train/box_loss")) == 1  # the per-epoch series stays
+    final = json.loads(Path(c.download_artifacts(train.info.run_id, "results/final_metrics.json")).read_text())
+    assert 0.0 <= final["mask/mAP50-95"] <= 1.0 and train.data.tags["epochs_run"] == "1"

@@ -71,3 +71,22 @@ def test_fit_columns_drops_lowest_priority_first():
     assert [c.key for c in kept] == ["a", "c"] and [c.key for c in dropped] == ["b"]
     kept, dropped = fit_columns(cols, rows, 200)
     assert not dropped
+
+
+def test_approve_sends_a_promotion_notification(registry_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.recording_http import Recorder
+
+    c = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+    c.set_model_version_tag("tbl-m", "3", "validation_status", "passed")
+    with Recorder() as rec:
+        cfg = tmp_path / "notify.yaml"
+        cfg.write_text(f"notify:\n  urls: ['{rec.json_url('promo')}']\n")
+        r = _run(["registry", "approve", "tbl-m", "3", "--by", "alice", "--reason", "checked overlays",
+                  "--tracking-uri", registry_uri, "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    (path, msg), = rec.posts
+    assert path == "/promo" and "v3 promoted to production" in msg["title"]
+    assert "alice" in msg["message"] and "checked overlays" in msg["message"]
+    assert "/#/models/tbl-m/versions/3" in msg["message"]
