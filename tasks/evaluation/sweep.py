@@ -422,7 +422,8 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
     Logs one nested run per grid point (params conf/iou, the row as metrics), the CSV, the
     heatmap and the PR plot as artifacts, the chosen row as ``operating/...`` metrics, sets the
     tags ``operating.conf``, ``operating.iou``, ``operating.objective`` on the sweep run and on
-    the parent run, logs ``damage_metrics`` of the chosen point on both, and publishes a Prefect table artifact when inside a flow/task run.
+    the parent run, logs ``damage_metrics`` of the chosen point on both, and publishes a Prefect
+    table artifact when inside a flow/task run.
 
     Args:
         out_dir: where the files go; None = ``<state>/reports/sweep-<run id>``.
