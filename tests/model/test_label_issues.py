@@ -231,6 +231,22 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     bad = CliRunner().invoke(app, ["data", "issues", str(root), "--model", str(tmp_path / "nope.pt")])
     assert bad.exit_code == 2 and "nope.pt" in bad.output
 
+    # The nightly step: a nested MLflow run with the CSV, the grid and the flagged counts.
+    from tasks.core import tracking
+    from tasks.evaluation.label_issues import label_issues_step
+
+    c = tracking.client()
+    parent = tracking.start_run(c, tracking.ensure_experiment(c, "label-issues-test"), "night")
+    res = label_issues_step(tmp_path / "rand.pt", root / "data.yaml", LabelIssuesConfig(conf_floor=0.001), S,
+                            parent, tmp_path / "step")
+    child = c.search_runs([c.get_run(parent).info.experiment_id],
+                          filter_string=f"tags.mlflow.parentRunId = '{parent}'")[0]
+    assert child.data.tags["damage.step"] == "label-issues"
+    assert {"label_issues/label_issues.csv", "label_issues/label_issues_top.png"} <= {
+        a.path for a in c.list_artifacts(child.info.run_id, "label_issues")}
+    assert child.data.metrics["flagged/spurious_label"] == res.flagged["spurious_label"]
+    assert res.summary()["images"] == {"train": 9, "val": 3}
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_score_image_each_kind(kind):
