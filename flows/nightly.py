@@ -1,6 +1,5 @@
 """The ``nightly`` flow: drift reference -> data gate -> train init -> train -> evaluate -> label issues ->
-sweep -> export -> explain ->
-(compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
+sweep -> export -> explain -> (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
 ``model_registry/``; this file passes results on.
 """
 

@@ -377,8 +377,12 @@ def write_overlay_grid(best: Sequence[tuple[dict, tuple]], path: Path) -> Path:
     while len(tiles) % GRID_COLUMNS:
         tiles.append(np.full_like(tiles[0], 255))
     grid = np.vstack([np.hstack(tiles[i:i + GRID_COLUMNS]) for i in range(0, len(tiles), GRID_COLUMNS)])
-    return atomic_write(path, lambda tmp: cv2.imwrite(tmp, grid) or (_ for _ in ()).throw(
-        OSError(f"{path}: cannot write PNG")), suffix=".png")
+
+    def write(tmp: str) -> None:
+        if not cv2.imwrite(tmp, grid):
+            raise OSError(f"{path}: cannot write the PNG")
+
+    return atomic_write(path, write, suffix=".png")
 
 
 # ----------------------------------------------------------------------------- the flow step

@@ -207,7 +207,7 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     from flows.cli import app
 
     root = tmp_path / "easy"
-    easy_dataset(root, n=12, seed=6)
+    easy_dataset(root, n=8, seed=6)
     d = yaml_model_load("yolov8n-seg.yaml")
     d["nc"] = 3
     d.pop("yaml_file", None)
@@ -219,7 +219,7 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     before = _digest(root)
     out = tmp_path / "issues"
     r = CliRunner().invoke(app, ["data", "issues", str(root), "--model", str(tmp_path / "rand.pt"), "--out", str(out),
-                                 "--imgsz", str(S), "--set", "label_issues.conf_floor=0.001"])
+                                 "--imgsz", str(S)])
     assert r.exit_code == 0, r.output
     assert "label_issues.csv" in r.output and "spurious_label" in r.output
     with open(out / "label_issues.csv", newline="") as f:
@@ -230,6 +230,22 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     assert _digest(root) == before
     bad = CliRunner().invoke(app, ["data", "issues", str(root), "--model", str(tmp_path / "nope.pt")])
     assert bad.exit_code == 2 and "nope.pt" in bad.output
+
+    # The nightly step: a nested MLflow run with the CSV, the grid and the flagged counts.
+    from tasks.core import tracking
+    from tasks.evaluation.label_issues import label_issues_step
+
+    c = tracking.client()
+    parent = tracking.start_run(c, tracking.ensure_experiment(c, "label-issues-test"), "night")
+    res = label_issues_step(tmp_path / "rand.pt", root / "data.yaml", LabelIssuesConfig(), S,
+                            parent, tmp_path / "step")
+    child = c.search_runs([c.get_run(parent).info.experiment_id],
+                          filter_string=f"tags.mlflow.parentRunId = '{parent}'")[0]
+    assert child.data.tags["damage.step"] == "label-issues"
+    assert {"label_issues/label_issues.csv", "label_issues/label_issues_top.png"} <= {
+        a.path for a in c.list_artifacts(child.info.run_id, "label_issues")}
+    assert child.data.metrics["flagged/spurious_label"] == res.flagged["spurious_label"]
+    assert res.summary()["images"] == {"train": 6, "val": 2}
 
 
 @pytest.mark.parametrize("kind", KINDS)
