@@ -59,7 +59,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         trained = _t(train_step, "train", retries=1)(data.data_yaml, resumable_train_config(cfg.train),
                                                      train_dir_for(paths.runs, unchanged.key), run.run_id,
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
-                                                     dataset_fingerprint=data.fingerprint)
+                                                     dataset_fingerprint=data.fingerprint, reuse_finished=True)
         metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, cfg.evaluate, cfg.train.imgsz, run.run_id)
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.train.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
