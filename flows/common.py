@@ -158,6 +158,10 @@ def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
 
         os.environ["DAMAGE_STATE_DIR"] = str(Path(opts.state_dir).resolve())
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
+    if cfg.mlflow.tracking_uri:  # activate moved any URI credentials into MLflow's env variables
+        from tasks.core.secrets import redact_uri
+
+        cfg.mlflow.tracking_uri = redact_uri(cfg.mlflow.tracking_uri)
     return cfg, paths
 
 

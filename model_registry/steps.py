@@ -95,6 +95,25 @@ def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any
     return version
 
 
+def _earlier_decision(tracking_uri: str, name: str, version: str) -> GateDecision | None:
+    """The gate decision already recorded on ``version`` (tags ``gate.*``), or None if not gated yet."""
+    from model_registry.registry import _version, get_client
+
+    info = _version(get_client(tracking_uri), name, version)
+    if info.validation_status not in ("passed", "failed") or info.approval != "pending":
+        return None
+
+    def figures(side: str) -> dict[str, float]:
+        p = f"gate.{side}."
+        return {k[len(p):]: float(v) for k, v in info.tags.items() if k.startswith(p)}
+
+    prod = info.tags.get("gate.production_version")
+    return GateDecision(name, version, info.validation_status == "passed",
+                        [r for r in info.tags.get("gate.reasons", "").split("; ") if r], figures("candidate"),
+                        figures("production") or None, None if prod in (None, "none") else prod,
+                        at=info.tags.get("gate.at", ""))
+
+
 def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
     """Compare the candidate with production on the same data now; stage it on a pass.
 
@@ -111,6 +130,9 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
         # every class of the model, NaN where the data has no instance: the gate fails such a class closed
         return {**res.metrics, **class_metrics(res.per_class, missing=float("nan"))}
 
+    done = _earlier_decision(run.tracking_uri, cfg.registry.model_name, version.version)
+    if done is not None:  # a retried flow run: the gate already judged this version, never twice
+        return done
     with tracking.step_run(run.run_id, "promotion-gate") as (c, run_id):
         decision = gate_candidate(run.tracking_uri, cfg.registry.model_name, version.version, evaluate_fn,
                                   cfg.registry, work_dir=run.root)

@@ -271,8 +271,14 @@ class Config(_Section):
         return self.validate_
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with YAML key names, suitable for logging and hashing."""
-        return self.model_dump(by_alias=True, mode="json")
+        """Plain dict with YAML key names, suitable for logging and hashing.
+
+        URI values lose any ``user:password@`` part (``tasks.core.secrets``): credentials never
+        reach MLflow params, ``config/resolved.yaml`` or the config hash.
+        """
+        from tasks.core.secrets import redact_config
+
+        return redact_config(self.model_dump(by_alias=True, mode="json"))
 
     def hash(self) -> str:
         """Stable short hash of the resolved config (lineage, cache keys)."""

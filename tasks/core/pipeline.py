@@ -9,6 +9,7 @@ from typing import Any
 
 from tasks.core.config import Config, apply_worker_registry, load_config
 from tasks.core.runtime import StatePaths
+from tasks.core.secrets import redact_uri
 
 
 @dataclass
@@ -50,35 +51,63 @@ def prepare_state(config_path: str | None = None, overrides: list[str] | None = 
 
     cfg = apply_worker_registry(load_config(config_path, overrides), overrides)
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
+    if cfg.mlflow.tracking_uri:  # activate moved any URI credentials into MLflow's env variables
+        cfg.mlflow.tracking_uri = redact_uri(cfg.mlflow.tracking_uri)
     configure_ultralytics(paths)
     return cfg, paths
 
 
+def _prefect_flow_run() -> tuple[str | None, str | None]:
+    try:
+        from prefect.runtime import flow_run
+
+        return (str(flow_run.id) if flow_run.id else None), flow_run.name
+    except Exception:
+        return None, None
+
+
+def _earlier_attempt(c, exp_id: str, flow_run_id: str):
+    """The parent run an earlier attempt of this Prefect flow run opened, if any (a retry)."""
+    runs = c.search_runs([exp_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.`damage.flow` = 'nightly'",
+                         max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
 def open_pipeline_run(cfg: Config) -> PipelineRun:
-    """Create the parent MLflow run with the full resolved config as params."""
+    """Create the parent MLflow run with the full resolved config as params.
+
+    A retried Prefect flow run reopens the parent run of its earlier attempt (same run id, same
+    run folder), so later steps find what that attempt finished: the registered version by its
+    source run id, the training folder by the pipeline key.
+    """
     from tasks.core import tracking
     from tasks.core.runtime import resolve_state_dir
     from tasks.data.fingerprint import code_version
 
     c = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     code = code_version()
+    flow_run_id, flow_run_name = _prefect_flow_run()
+    earlier = _earlier_attempt(c, exp_id, flow_run_id) if flow_run_id else None
+    if earlier is not None and earlier.data.tags.get("damage.run_root"):
+        run_id = earlier.info.run_id
+        c.update_run(run_id, status="RUNNING")
+        tracking.set_tags(c, run_id, {"damage.attempts": str(int(earlier.data.tags.get("damage.attempts", "1")) + 1)})
+        root = Path(earlier.data.tags["damage.run_root"])
+        root.mkdir(parents=True, exist_ok=True)
+        return PipelineRun(run_id, exp_id, c.tracking_uri, root, cfg.hash(), code)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     run_id = tracking.start_run(c, exp_id, f"nightly-{stamp}", tags={
         "damage.flow": "nightly", "config_hash": cfg.hash(), "code_version": code,
-        "data.source": cfg.data.source, "train.model": cfg.train.model,
+        "data.source": redact_uri(cfg.data.source), "train.model": cfg.train.model,
     })
     tracking.log_params(c, run_id, cfg.to_dict())
     tracking.log_dict(c, run_id, cfg.to_dict(), "config/resolved.yaml")
-    try:  # link the MLflow run to the Prefect flow run, both ways, when running inside Prefect
-        from prefect.runtime import flow_run
-
-        if flow_run.id:
-            tracking.set_tags(c, run_id, {"prefect.flow_run_id": flow_run.id, "prefect.flow_run_name": flow_run.name})
-    except Exception:
-        pass
+    if flow_run_id:  # link the MLflow run to the Prefect flow run, both ways
+        tracking.set_tags(c, run_id, {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name or ""})
     root = resolve_state_dir(cfg.state_dir) / "runs" / f"nightly-{stamp}-{run_id[:8]}"
     root.mkdir(parents=True, exist_ok=True)
+    tracking.set_tags(c, run_id, {"damage.run_root": str(root)})
     return PipelineRun(run_id, exp_id, c.tracking_uri, root, cfg.hash(), code)
 
 
@@ -107,7 +136,7 @@ def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, e
     m = evaluation.metrics
     summary = {
         "mlflow_run_id": run.run_id,
-        "tracking_uri": run.tracking_uri,
+        "tracking_uri": redact_uri(run.tracking_uri),
         "state_dir": str(paths.root),
         "prefect_home": str(paths.prefect_home),
         "dataset": str(data.data_yaml),

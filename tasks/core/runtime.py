@@ -127,10 +127,14 @@ def activate(state_dir: str | os.PathLike | None = None, tracking_uri: str | Non
     os.environ.setdefault("XDG_CACHE_HOME", str(paths.cache))
     os.environ.setdefault("TORCH_HOME", str(paths.cache / "torch"))
     os.environ.setdefault("HF_HOME", str(paths.cache / "huggingface"))
+    from tasks.core.secrets import move_uri_credentials_to_env
+
+    # credentials in a URI go to MLflow's own variables; the URI itself is logged, hashed, written
     if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        os.environ["MLFLOW_TRACKING_URI"] = move_uri_credentials_to_env(tracking_uri)
     else:
         os.environ.setdefault("MLFLOW_TRACKING_URI", paths.tracking_uri())
+        os.environ["MLFLOW_TRACKING_URI"] = move_uri_credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
     import tempfile
 
     tempfile.tempdir = None  # re-read TMPDIR

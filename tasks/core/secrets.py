@@ -33,12 +33,13 @@ def redact_uri(uri: str) -> str:
         parts = urlsplit(uri)
     except ValueError:
         return re.sub(r"//[^/@]*@", "//", uri)
-    netloc = parts.netloc.rpartition("@")[2]
-    query = parts.query
-    if query:
-        query = urlencode([(k, "REDACTED" if _SECRET_QUERY.search(k) else v)
-                           for k, v in parse_qsl(query, keep_blank_values=True)])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    pairs = parse_qsl(parts.query, keep_blank_values=True) if parts.query else []
+    secret_query = any(_SECRET_QUERY.search(k) for k, _ in pairs)
+    if "@" not in parts.netloc and not secret_query:
+        return uri  # nothing to hide: returned verbatim (urlunsplit would rewrite sqlite:////abs paths)
+    query = urlencode([(k, "REDACTED" if _SECRET_QUERY.search(k) else v) for k, v in pairs]) if secret_query \
+        else parts.query
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, parts.fragment))
 
 
 def has_credentials(uri: str) -> bool:
@@ -55,3 +56,27 @@ def redact_config(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(redact_config(v) for v in obj)
     return redact_uri(obj) if isinstance(obj, str) else obj
+
+
+def move_uri_credentials_to_env(uri: str | None) -> str | None:
+    """Take ``user:password@`` out of an MLflow tracking URI and hand it to MLflow through
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (kept when already set: the
+    environment wins); returns the URI without them, which is what gets logged and hashed.
+    """
+    import logging
+    import os
+    from urllib.parse import unquote, urlsplit
+
+    if not uri or not has_credentials(uri):
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is not None:
+        if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ["MLFLOW_TRACKING_USERNAME"] != unquote(
+                parts.username):
+            logging.getLogger(__name__).warning(
+                "tracking URI credentials ignored: MLFLOW_TRACKING_USERNAME is already set")
+        else:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+            if parts.password is not None:
+                os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return redact_uri(uri)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.config import Config, TrainConfig
+from tasks.core.secrets import redact_uri
 
 KEY_TAG = "pipeline_key"
 OUTCOME_TAG = "damage.outcome"
@@ -168,7 +169,7 @@ def record_skip(tracking_uri: str | None, run_id: str, decision: SkipDecision) -
                                   "damage.same_as_run": decision.previous_run_id or ""})
     return {"skipped": True, "reason": decision.reason, "mlflow_run_id": run_id,
             "previous_run_id": decision.previous_run_id, "pipeline_key": decision.key,
-            "dataset_fingerprint": decision.dataset_fingerprint, "tracking_uri": c.tracking_uri}
+            "dataset_fingerprint": decision.dataset_fingerprint, "tracking_uri": redact_uri(c.tracking_uri)}
 
 
 def record_success(tracking_uri: str | None, run_id: str, decision: SkipDecision) -> None:

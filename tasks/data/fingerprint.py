@@ -59,19 +59,53 @@ def dataset_fingerprint(root: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+PACKAGES = ("flows", "tasks", "model_registry", "expectations")
+CODE_SUFFIXES = {".py", ".json", ".yaml", ".yml"}
+
+
+def package_files_hash(roots: list[Path] | None = None) -> str:
+    """sha256 (12 hex) over the relative path and bytes of every code/config file of the package.
+
+    Used when git cannot say what code is running (git missing, the checkout owned by another
+    user, an installed wheel): any edit to a file changes it, so skip-if-unchanged never misses
+    a code change.
+    """
+    if roots is None:
+        base = Path(__file__).resolve().parents[2]
+        roots = [base / name for name in PACKAGES] + [base / "configs"]
+    h = hashlib.sha256()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for f in sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES and p.is_file()
+                        and "__pycache__" not in p.parts):
+            h.update(f"{root.name}/{f.relative_to(root).as_posix()}\0".encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
 def code_version() -> str:
-    """Git commit of the checkout (with '+dirty' if modified), else the package version."""
+    """What code is running, and from which source.
+
+    ``<sha>`` / ``<sha>+dirty``: the git commit of this checkout (only when git's top level is
+    this package's own checkout). ``files-<hash>``: git is missing or refuses the repository
+    (e.g. "dubious ownership"), or the package is installed without its repository: the hash
+    of the package's files (``package_files_hash``). Never a constant.
+    """
     repo = Path(__file__).resolve().parents[2]
     try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        if Path(top).resolve() != repo:
+            raise RuntimeError(f"git top level {top} is not the package checkout {repo}")
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
-    except Exception:
-        from importlib.metadata import version
+    except Exception as e:  # git absent, refusing the repo, or no repository here
+        import logging
 
-        try:
-            return "pkg-" + version("damage")
-        except Exception:
-            return "unknown"
+        logging.getLogger(__name__).info("code version from the package's file hashes (git unavailable: %s)",
+                                         str(e).strip()[:200])
+        return "files-" + package_files_hash()

@@ -330,10 +330,38 @@ def train_model(
     )
 
 
+DONE_MARKER = "{name}.done.json"
+
+
+def finished_training(out_dir: Path, name: str = "train") -> TrainResult | None:
+    """The result of a training run that completed in ``out_dir`` (its marker and best.pt exist)."""
+    import json
+
+    marker = Path(out_dir) / DONE_MARKER.format(name=name)
+    try:
+        d = json.loads(marker.read_text())
+        res = TrainResult(best=Path(d["best"]), last=Path(d["last"]), run_dir=Path(d["run_dir"]),
+                          metrics={k: float(v) for k, v in d["metrics"].items()}, epochs_run=int(d["epochs_run"]),
+                          history=list(d.get("history", [])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return res if res.best.is_file() else None
+
+
+def _mark_finished(out_dir: Path, name: str, result: TrainResult) -> None:
+    import json
+
+    from tasks.core.atomic import atomic_write_text
+
+    atomic_write_text(Path(out_dir) / DONE_MARKER.format(name=name), json.dumps({
+        "best": str(result.best), "last": str(result.last), "run_dir": str(result.run_dir),
+        "metrics": result.metrics, "epochs_run": result.epochs_run, "history": result.history}, default=float))
+
+
 def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: str, seed: int = 0,
                name: str = "train", full_config: dict[str, Any] | None = None,
                dataset_fingerprint: str | None = None, system_metrics_s: float = 0.0,
-               dataset_source: str | None = None) -> TrainResult:
+               dataset_source: str | None = None, reuse_finished: bool = False) -> TrainResult:
     """Train inside a nested MLflow run "train": params, per-epoch metrics, plots, weights.
 
     The nested run gets the training arguments as params, every epoch's losses, learning
@@ -341,12 +369,23 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
     and the resolved config as artifacts; the dataset as its input (digest = fingerprint) and
     system metrics every ``system_metrics_s`` seconds (0 = off). Inside a Prefect flow run, a
     progress artifact follows the epochs.
+
+    With ``reuse_finished`` (the nightly flow, whose ``out_dir`` is keyed by data + config +
+    code), a training that already completed in ``out_dir`` is not repeated: a retried flow run
+    resumes after it (a finished ``last.pt`` has no optimiser state to resume from).
     """
     from tasks.core import tracking
     from tasks.core.prefect_ui import Progress
     from tasks.core.sysmetrics import system_metrics
     from tasks.data.mlflow_input import log_dataset_input
 
+    done = finished_training(out_dir, name) if reuse_finished else None
+    if done is not None:
+        with tracking.step_run(parent_run_id, name) as (c, run_id):
+            tracking.set_tags(c, run_id, {"reused": "true", "best_weights": str(done.best)})
+            tracking.log_metrics(c, run_id, {"epochs_run": done.epochs_run})
+        print(f"training already finished for this pipeline key: reusing {done.best}")
+        return done
     with tracking.step_run(parent_run_id, name) as (c, run_id):
         tracking.log_params(c, run_id, {"train": cfg.model_dump(), "seed": seed})
         dataset_fingerprint = log_dataset_input(c, run_id, data_yaml, dataset_fingerprint, "training",
@@ -375,4 +414,5 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
         if full_config is not None:
             tracking.log_dict(c, run_id, full_config, "config/resolved.yaml")
         tracking.set_tags(c, run_id, {"best_weights": str(result.best)})
+    _mark_finished(out_dir, name, result)
     return result

@@ -308,21 +308,55 @@ def moto_s3(tmp_path_factory) -> Iterator[str]:
         yield url
 
 
+# MLflow basic-auth accounts of the production stack (infra/docker-compose.yml: admin, pipeline, approver)
+MLFLOW_ACCOUNTS = {name: (name, f"{name}-{uuid.uuid4().hex[:12]}") for name in ("admin", "pipeline", "approver")}
+PRODUCTION_MODEL = "damage-seg"
+
+
+@contextlib.contextmanager
+def mlflow_user(account: str) -> Iterator[None]:
+    """Authenticate this process as one of ``MLFLOW_ACCOUNTS`` (MLflow reads the variables per request)."""
+    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict(zip(keys, MLFLOW_ACCOUNTS[account], strict=True)))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def mlflow_s3_server(moto_s3, fresh_postgres, tmp_path_factory) -> Iterator[str]:
-    """``mlflow server`` with a PostgreSQL backend (SQLite without PostgreSQL) and artifacts proxied to
-    ``s3://damage/mlartifacts`` on moto; yields its URI."""
+    """``mlflow server --app-name basic-auth`` with a PostgreSQL backend (SQLite without PostgreSQL) and
+    artifacts proxied to ``s3://damage/mlartifacts`` on moto; the ``pipeline`` (EDIT) and ``approver``
+    (MANAGE) accounts are provisioned on ``damage-seg`` as in the compose file; yields its URI."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (pip install 'mlflow[auth]')")
     work = tmp_path_factory.mktemp("mlflow-s3")
     pg = fresh_postgres("damage_mlflow")
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2-binary
     store = f"postgresql+psycopg2://{pg}" if pg else f"sqlite:///{work / 'mlflow.db'}"
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1", "--serve-artifacts",
+    ini = work / "basic_auth.ini"  # the compose file's auth config, accounts DB in the temp dir
+    shipped = Path(__file__).resolve().parents[2] / "infra" / "mlflow-auth" / "basic_auth.compose.ini"
+    ini.write_text(shipped.read_text().replace("sqlite:////mlflow-auth/basic_auth.db", f"sqlite:///{work / 'auth.db'}")
+                   + "auth_cache_ttl_seconds = 600\n")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", store,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--serve-artifacts",
            "--artifacts-destination", f"s3://{S3_BUCKET}/mlartifacts"]
-    env = clean_env(**S3_ENV, MLFLOW_S3_ENDPOINT_URL=moto_s3, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = clean_env(**S3_ENV, MLFLOW_S3_ENDPOINT_URL=moto_s3, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                    MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=MLFLOW_ACCOUNTS["admin"][1],
+                    MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex)
     with run_process(cmd, work / "server.log", f"{uri}/health", "mlflow server", env=env, cwd=work, timeout_s=300):
+        from model_registry.auth import provision
+
+        with mlflow_user("admin"):  # what the compose file's one-shot `mlflow-accounts` service runs
+            provision(uri, PRODUCTION_MODEL, pipeline=MLFLOW_ACCOUNTS["pipeline"],
+                      approvers=[MLFLOW_ACCOUNTS["approver"]])
         yield uri
 
 

@@ -44,14 +44,23 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def nightly_summary(prefect_harness, state_paths):
+    import os
+
     from flows.nightly import nightly
 
     _AUDIT["attempts"].clear()
     _AUDIT["on"] = True
+    # the registry section is the worker's (issue 13): pinned in the environment, not a run override
+    old = os.environ.get("DAMAGE_REGISTRY_CONFIG")
+    os.environ["DAMAGE_REGISTRY_CONFIG"] = '{"floor_mask_map": 0.0}'
     try:
-        summary = nightly(overrides=TINY + ["registry.floor_mask_map=0.0"], force=True)
+        summary = nightly(overrides=TINY, force=True)
     finally:
         _AUDIT["on"] = False
+        if old is None:
+            os.environ.pop("DAMAGE_REGISTRY_CONFIG", None)
+        else:
+            os.environ["DAMAGE_REGISTRY_CONFIG"] = old
     return summary
 
 

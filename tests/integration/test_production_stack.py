@@ -1,6 +1,7 @@
 """Production mode on loopback: Prefect server (PostgreSQL), MLflow server (PostgreSQL + S3 artifacts
-on moto_server), the nightly deployment served by ``damage schedule``, a run triggered through the
-Prefect API on a tiny dataset that lives in the bucket.
+on moto_server, basic-auth on), the nightly deployment served by ``damage schedule`` as the ``pipeline``
+account, a run triggered through the Prefect API on a tiny dataset that lives in the bucket; then the
+pipeline account is refused ``production`` and the approver account moves it.
 
 Same roles, commands and variable names as ``infra/docker-compose.yml`` (checked below too).
 """
@@ -15,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import S3_BUCKET, S3_ENV, clean_env, run_process  # tests/integration/conftest.py
+from conftest import (  # tests/integration/conftest.py
+    MLFLOW_ACCOUNTS,
+    PRODUCTION_MODEL,
+    S3_BUCKET,
+    S3_ENV,
+    clean_env,
+    mlflow_user,
+    run_process,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "infra" / "docker-compose.yml"
@@ -23,7 +32,8 @@ DATASET_URI = f"s3://{S3_BUCKET}/datasets/tiny"
 EXPERIMENT = "production-test"
 TINY = ["train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]",
         "explain.enabled=false", "explain.samples=0", "export.parity_images=1", "compress.enabled=false",
-        "registry.floor_mask_map=0.0", "validate.workers=1", f"mlflow.experiment={EXPERIMENT}"]
+        "registry.floor_mask_map=0.0", "registry.approvers=[approver]", "validate.workers=1",
+        f"mlflow.experiment={EXPERIMENT}"]
 
 
 def _s3(endpoint: str):
@@ -55,8 +65,9 @@ def s3_dataset(moto_s3, state_paths, tmp_path_factory) -> str:
 def served(prefect_server, mlflow_s3_server, moto_s3, s3_dataset, tmp_path_factory):
     """``damage schedule`` serving the deployments (what the compose ``worker`` service runs)."""
     state = tmp_path_factory.mktemp("worker-state")
+    user, password = MLFLOW_ACCOUNTS["pipeline"]  # the compose worker's account
     env = clean_env(**S3_ENV, PREFECT_API_URL=prefect_server, MLFLOW_TRACKING_URI=mlflow_s3_server,
-                    AWS_ENDPOINT_URL_S3=moto_s3, DAMAGE_STATE_DIR=str(state), PREFECT_RUNNER_POLL_FREQUENCY="2",
+                    MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password, AWS_ENDPOINT_URL_S3=moto_s3, DAMAGE_STATE_DIR=str(state), PREFECT_RUNNER_POLL_FREQUENCY="2",
                     PYTHONPATH=str(REPO))
     env.pop("TMPDIR", None)
     cmd = [str(Path(sys.executable).with_name("damage")), "schedule", "--dataset", s3_dataset, "--model-size", "n"]
@@ -104,7 +115,37 @@ def test_nightly_deployment_end_to_end(prefect_server, mlflow_s3_server, moto_s3
         f"flow run {run.id} ended {run.state and run.state.type}: {run.state and run.state.message}\n"
         f"{log.read_text()[-6000:]}")
 
-    c = MlflowClient(mlflow_s3_server)
+    c = MlflowClient(tracking_uri=mlflow_s3_server, registry_uri=mlflow_s3_server)
+    with mlflow_user("approver"):  # READ on the pipeline's runs (default_permission)
+        _check_run_and_artifacts(c, run, moto_s3)
+    _production_needs_the_approver(c)
+
+
+def _production_needs_the_approver(c):
+    """basic-auth on: the pipeline registered and staged; it gets a clear error moving `production`,
+    the approver moves it."""
+    import model_registry as mr
+    from tasks.core.config import RegistryConfig
+
+    approvers = ["approver"]
+    with mlflow_user("pipeline"):
+        versions = mr.list_versions(c, PRODUCTION_MODEL)
+        assert versions and versions[0].tags["source_run_id"]
+        v = versions[0].version
+        # the nightly run (as pipeline) registered the version and the gate staged it (floor 0.0)
+        assert mr.alias_version(c, PRODUCTION_MODEL, mr.STAGING) == v
+        with pytest.raises(mr.AccessDenied, match=r"MLflow user 'pipeline' may not approve .* only approver"):
+            mr.approve(c, PRODUCTION_MODEL, v, by="pipeline", reason="self-approval", approvers=approvers)
+        with pytest.raises(mr.AccessDenied, match="no approvers are configured"):
+            mr.approve(c, PRODUCTION_MODEL, v, by="pipeline", reason="empty list", approvers=RegistryConfig().approvers)
+        assert mr.alias_version(c, PRODUCTION_MODEL, mr.PRODUCTION) is None
+    with mlflow_user("approver"):
+        info = mr.approve(c, PRODUCTION_MODEL, v, by="approver", reason="reviewed", approvers=approvers)
+        assert mr.alias_version(c, PRODUCTION_MODEL, mr.PRODUCTION) == v
+        assert info.tags["approved_via"] == "approver"
+
+
+def _check_run_and_artifacts(c, run, moto_s3) -> None:
     exp = c.get_experiment_by_name(EXPERIMENT)
     parents = c.search_runs([exp.experiment_id], "tags.`damage.flow` = 'nightly'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

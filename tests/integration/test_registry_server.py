@@ -13,6 +13,25 @@ from tasks.core.config import RegistryConfig
 pytestmark = pytest.mark.integration
 
 
+APPROVERS = ["alice", "bob", "carol", "dave"]
+
+
+def _act(fn, *args, by: str, **kw):
+    """Call approve/reject/rollback as the MLflow account ``by`` (this server has no auth, so the
+    header is not checked; the client-side policy of issue 13 needs an identity and a list)."""
+    import os
+
+    old = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = by
+    try:
+        return fn(*args, by=by, approvers=APPROVERS, **kw)
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        else:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = old
+
+
 def _client(uri):
     from mlflow.tracking import MlflowClient
 
@@ -42,11 +61,11 @@ def test_register_gate_approve_rollback(registry_server, make_candidate, tmp_pat
     assert run_files == {"model/model.onnx", "model/model.pt"}
 
     with pytest.raises(mr.PromotionRefused, match="not passed the gate"):
-        mr.approve(c, name, v1, by="alice", reason="too early")
+        _act(mr.approve, c, name, v1, by="alice", reason="too early")
     d1 = mr.gate_candidate(c, name, v1, evaluate, cfg)
     assert d1.passed and d1.production is None and "floor" in d1.reasons[0]
     assert mr.alias_version(c, name, mr.STAGING) == v1
-    mr.approve(c, name, v1, by="alice", reason="first model")
+    _act(mr.approve, c, name, v1, by="alice", reason="first model")
     assert mr.alias_version(c, name, mr.PRODUCTION) == v1
     assert mr.alias_version(c, name, mr.STAGING) is None
     t1 = mr.list_versions(c, name)[0].tags
@@ -64,17 +83,17 @@ def test_register_gate_approve_rollback(registry_server, make_candidate, tmp_pat
     assert tags2["validation_status"] == "failed" and tags2["gate.decision"] == "failed"
     assert float(tags2["gate.production.mask/mAP50-95"]) == pytest.approx(0.30)
     with pytest.raises(mr.PromotionRefused, match="not passed the gate"):
-        mr.approve(c, name, v2, by="alice", reason="override")
+        _act(mr.approve, c, name, v2, by="alice", reason="override")
     with pytest.raises(Exception, match="failed the promotion gate"):
         d2.raise_if_failed()
 
     # v3: passes, then rejected -> can never be approved.
     v3 = make_candidate(c, name, mask=0.31, box=0.34)
     assert mr.gate_candidate(c, name, v3, evaluate, cfg).passed
-    mr.reject(c, name, v3, by="bob", reason="artefacts on glass")
+    _act(mr.reject, c, name, v3, by="bob", reason="artefacts on glass")
     assert mr.alias_version(c, name, mr.STAGING) is None
     with pytest.raises(mr.PromotionRefused, match="rejected"):
-        mr.approve(c, name, v3, by="alice", reason="changed my mind")
+        _act(mr.approve, c, name, v3, by="alice", reason="changed my mind")
 
     # v4: over the latency budget -> fails even though accuracy is fine.
     v4 = make_candidate(c, name, mask=0.40, box=0.40, latency_ms=80)
@@ -83,15 +102,15 @@ def test_register_gate_approve_rollback(registry_server, make_candidate, tmp_pat
     # v5: better -> staged -> approved; staging is not enough for a version staged earlier.
     v5 = make_candidate(c, name, mask=0.33, box=0.36)
     assert mr.gate_candidate(c, name, v5, evaluate, cfg).passed
-    mr.approve(c, name, v5, by="carol", reason="better masks")
+    _act(mr.approve, c, name, v5, by="carol", reason="better masks")
     assert mr.alias_version(c, name, mr.PRODUCTION) == v5
 
     # rollback -> back to v1; a second rollback has nowhere to go.
-    move = mr.rollback(c, name, by="dave", reason="customer complaints")
+    move = _act(mr.rollback, c, name, by="dave", reason="customer complaints")
     assert (move.version_from, move.version_to) == (v5, v1)
     assert mr.alias_version(c, name, mr.PRODUCTION) == v1
     with pytest.raises(mr.RegistryError, match="no earlier approved version"):
-        mr.rollback(c, name, by="dave", reason="again")
+        _act(mr.rollback, c, name, by="dave", reason="again")
 
     hist = mr.history(c, name)
     prod = [(h.action, h.version_from, h.version_to, h.by) for h in hist if h.alias == mr.PRODUCTION]
@@ -110,6 +129,6 @@ def test_gate_refuses_decided_versions(registry_server, make_candidate):
     c = _client(registry_server)
     name = f"damage-{uuid.uuid4().hex[:8]}"
     v = make_candidate(c, name, mask=0.3, box=0.3)
-    mr.reject(c, name, v, by="bob", reason="no")
+    _act(mr.reject, c, name, v, by="bob", reason="no")
     with pytest.raises(mr.PromotionRefused, match="already rejected"):
         mr.gate_candidate(c, name, v, fake_evaluate, RegistryConfig())

@@ -53,12 +53,15 @@ def test_pyfunc_in_process_and_served_over_http(tiny_model, tiny_dataset, state_
     img = sorted((tiny_dataset.parent / "images" / "val").glob("*.png"))[0]
     b64 = base64.b64encode(img.read_bytes()).decode()
 
-    # in process: base64 row, path row, and a bad row that becomes an error entry
+    # in process: base64 row, path row, and a bad row that becomes an error entry; path input is
+    # off unless the server names the one folder it may read (issue 13)
+    os.environ["DAMAGE_SERVING_PATH_ROOT"] = str(img.parent)
     model = mlflow.pyfunc.load_model(uri)
     out = model.predict(pd.DataFrame({"image": [b64, None, "!!notbase64"], "path": [None, str(img), None]}))
     assert set(out[0]) == SCHEMA_TOP and out[0]["width"] == 96 and out[0]["conf"] == pytest.approx(0.4)
     assert out[1]["instances"] == out[0]["instances"]
     assert "error" in out[2]
+    os.environ.pop("DAMAGE_SERVING_PATH_ROOT")
     low = model.predict(pd.DataFrame({"image": [b64]}), params={"conf": 0.0001})
     assert low[0]["conf"] == 0.0001 and len(low[0]["instances"]) >= len(out[0]["instances"])
 

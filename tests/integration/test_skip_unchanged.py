@@ -110,8 +110,9 @@ def test_key_and_resume_helpers(tmp_path):
 
 TINY = ["data.synth.images=16", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
         "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]", "explain.enabled=false",
-        "explain.samples=0", "export.parity_images=1", "compress.enabled=false", "registry.floor_mask_map=0.0",
-        "mlflow.experiment=skip-flow"]
+        "explain.samples=0", "export.parity_images=1", "compress.enabled=false", "mlflow.experiment=skip-flow"]
+# the registry section is the worker's (issue 13): pinned in the environment, not a run override
+WORKER_REGISTRY = '{"floor_mask_map": 0.0}'
 
 
 def _flow_missing() -> str | None:
@@ -129,7 +130,8 @@ def _flow_missing() -> str | None:
 
 
 @pytest.mark.integration
-def test_nightly_twice_second_skips(request, state_paths):
+def test_nightly_twice_second_skips(request, state_paths, monkeypatch):
+    monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", WORKER_REGISTRY)
     why = _flow_missing()
     if why:
         pytest.skip(why)
