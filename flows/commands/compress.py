@@ -69,7 +69,7 @@ def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path |
     imgsz = cfg.export.imgsz or cfg.train.imgsz
     out = out or C.default_out_dir(cfg, weights)
     if onnx is None:
-        onnx = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
+        onnx, _ = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
     run_id = _open_run(cfg, name)
     ok = False
     try:
