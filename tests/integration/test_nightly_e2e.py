@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,8 @@ TINY = [
     "train.epochs=1", "train.imgsz=96", "train.batch=8",
     "explain.samples=1", "export.parity_images=2", "compress.enabled=false",
 ]
+# A model name of its own: no production version exists for it, so with floor 0 the gate must pass.
+MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,8 @@ def nightly_summary(prefect_harness, state_paths):
     _AUDIT["attempts"].clear()
     _AUDIT["on"] = True
     try:
-        summary = nightly(overrides=TINY + ["registry.floor_mask_map=0.0"], force=True)
+        summary = nightly(overrides=TINY + ["registry.floor_mask_map=0.0", f"registry.model_name={MODEL}"],
+                          force=True)
     finally:
         _AUDIT["on"] = False
     return summary
@@ -78,12 +82,32 @@ def test_nightly_logs_runs_metrics_and_version(nightly_summary):
     assert {"results", "weights"} <= arts
     # registered candidate carries the ONNX
     name, version = nightly_summary["registered_model"], nightly_summary["registered_version"]
+    assert name == MODEL
     mv = c.get_model_version(name, str(version))
     assert mv.run_id
-    assert mv.tags["artifact.onnx"].endswith(".onnx") and mv.tags["validation_status"] in {"passed", "failed"}
+    assert mv.tags["artifact.onnx"].endswith(".onnx")
     files = {a.path for a in c.list_artifacts(mv.run_id, "model")}
     assert {"model/MLmodel", "model/model.pt"} <= files  # the version is a pyfunc with the .pt beside it
     onnx_rel = mv.tags["artifact.onnx"].split("/model/", 1)[1]
     assert any(a.path.endswith(".onnx") for a in c.list_artifacts(mv.run_id, f"model/{Path(onnx_rel).parent}"))
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         assert 0.0 <= nightly_summary["metrics"][k] <= 1.0
+
+
+def test_gate_passes_and_stages_the_new_version(nightly_summary):
+    """The setup implies the outcome: a model name with no production version and floor 0.0, so the gate
+    passes on the floor rule and ``staging`` points at tonight's version (production stays unset)."""
+    from mlflow.tracking import MlflowClient
+
+    import model_registry as mr
+
+    c = MlflowClient(nightly_summary["tracking_uri"])
+    name, version = nightly_summary["registered_model"], str(nightly_summary["registered_version"])
+    mv = c.get_model_version(name, version)
+    assert mv.tags["validation_status"] == "passed", mv.tags.get("gate.reasons")
+    assert mv.tags["gate.decision"] == "passed" and mv.tags["gate.production_version"] == "none"
+    assert "floor" in mv.tags["gate.reasons"] and "no production version" in mv.tags["gate.reasons"]
+    assert mr.alias_version(c, name, mr.STAGING) == version
+    assert mr.alias_version(c, name, mr.PRODUCTION) is None
+    parent = c.get_run(nightly_summary["mlflow_run_id"])
+    assert parent.data.tags["gate.decision"] == "passed"
