@@ -150,9 +150,12 @@ def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, t
 # Output tolerances against the float model, on the anchors float scores above DETECTED (boxes of
 # anchors that detect nothing are arbitrary and not compared) and on every anchor's class scores.
 DETECTED = 0.25
-TOLERANCE = {  # mode: (max |score diff| on any anchor, max |box diff| in px on detected anchors)
+# FP16 rounds (~1e-3 relative); dynamic INT8 re-scales every activation at run time, so it is allowed
+# more. Both stay far below what a broken conversion gives: zeroed scores differ by more than DETECTED
+# on every detected anchor, undecoded or mis-scaled boxes by tens of pixels.
+TOLERANCE = {  # mode: (max |score diff| on any anchor, max |box diff| in px on detected anchors, 64 px input)
     "fp16": (0.01, 0.5),
-    "int8-dynamic": (0.10, 3.0),
+    "int8-dynamic": (0.20, 4.0),
 }
 
 
