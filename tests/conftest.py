@@ -53,3 +53,83 @@ def tiny_model(state_paths, tiny_dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_train")
     cfg = TrainConfig(model="n", epochs=1, imgsz=96, batch=8, patience=0)
     return train_model(tiny_dataset, cfg, out, seed=0).best
+
+
+# --- a tiny model that detects: easy synthetic set, trained once per session --------------------
+
+EASY_IMGSZ = 64
+EASY_EPOCHS = 20
+EASY_BATCH = 4
+
+
+def make_easy_dataset(out: Path, n_train: int = 24, n_val: int = 12, imgsz: int = EASY_IMGSZ, seed: int = 0) -> Path:
+    """One or two bright ellipses (class 0, ``vehicle``) on a dark noisy background; returns data.yaml.
+
+    Big, high-contrast objects: a yolov8n-seg learns them in a few epochs from scratch, so the tests
+    that need a model that actually detects (INT8 vs float accuracy, Grad-CAM concentration) stay
+    cheap. The class list is the project's, so every tool reads the set like a real one.
+    """
+    import cv2
+    import numpy as np
+    import yaml
+
+    from tasks.core.config import CLASSES
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.empty((imgsz, imgsz, 3), np.uint8)
+            img[:] = rng.integers(40, 90, 3)
+            img = np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+            two = bool(rng.integers(0, 2))
+            centres = [0.3, 0.7] if two else [rng.uniform(0.35, 0.65)]
+            lines = []
+            for cx in centres:
+                cy = rng.uniform(0.35, 0.65)
+                ax = rng.uniform(0.10, 0.18) if two else rng.uniform(0.15, 0.30)
+                ay = rng.uniform(0.12, 0.25)
+                pts = cv2.ellipse2Poly((int(cx * imgsz), int(cy * imgsz)), (int(ax * imgsz), int(ay * imgsz)),
+                                       int(rng.uniform(0, 180)), 0, 360, 15)
+                cv2.fillPoly(img, [pts], tuple(int(v) for v in rng.integers(180, 255, 3)))
+                lines.append("0 " + " ".join(f"{v:.5f}" for v in (pts / imgsz).clip(0, 1).ravel()))
+            cv2.imwrite(str(out / "images" / split / f"{split}_{i:03d}.png"), img)
+            (out / "labels" / split / f"{split}_{i:03d}.txt").write_text("\n".join(lines) + "\n")
+    data = {"path": str(out), "train": "images/train", "val": "images/val", "names": dict(enumerate(CLASSES))}
+    (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out / "data.yaml"
+
+
+@pytest.fixture(scope="session")
+def easy_imgsz() -> int:
+    """Image size of the easy set and of ``trained_model``."""
+    return EASY_IMGSZ
+
+
+@pytest.fixture(scope="session")
+def easy_dataset(state_paths, tmp_path_factory) -> Path:
+    """data.yaml of the easy set (24 train / 12 val images at 64 px)."""
+    return make_easy_dataset(tmp_path_factory.mktemp("easy") / "ds")
+
+
+@pytest.fixture(scope="session")
+def trained_model(easy_dataset, tmp_path_factory) -> Path:
+    """A yolov8n-seg trained from scratch on the easy set until it detects (last.pt); shared by the tests
+    that need real detections. Few images, no mosaic, AdamW without warm-up, no per-epoch validation:
+    the cheapest way to a model that finds the objects.
+
+    ``DAMAGE_TEST_TRAINED_MODEL`` names a last.pt this fixture made earlier (the easy set is seeded, so
+    it was trained on the same images), to iterate on the tests that use it without training again."""
+    if os.environ.get("DAMAGE_TEST_TRAINED_MODEL"):
+        return Path(os.environ["DAMAGE_TEST_TRAINED_MODEL"]).resolve()
+    from tasks.core.config import TrainConfig
+    from tasks.training.train import train_model
+
+    cfg = TrainConfig(model="n", epochs=EASY_EPOCHS, imgsz=EASY_IMGSZ, batch=EASY_BATCH, patience=0,
+                      augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0, cos_lr=False, lrf=1.0)
+    # nbs = batch: one optimizer step per batch. Ultralytics' default nominal batch of 64 accumulates
+    # 64/batch batches per step, which on 24 images is one step every few epochs.
+    res = train_model(easy_dataset, cfg, tmp_path_factory.mktemp("easy_train"), seed=0,
+                      extra_args={"val": False, "plots": False, "nbs": EASY_BATCH})
+    return res.last

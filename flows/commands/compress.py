@@ -58,7 +58,7 @@ def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path |
     imgsz = cfg.imgsz
     out = out or C.default_out_dir(cfg, weights)
     if onnx is None:
-        onnx = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
+        onnx, _ = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
     with top_level_run(cfg, name) as (run_id, _):
         return run_guarded(C.run_chain, weights, onnx, data, cfg, out, parent_run_id=run_id)
 

@@ -2,7 +2,8 @@
 
 A *variant* is a deployable ONNX file plus where it came from. Steps (``compress.steps``) run
 in order on the current chain head: ``distill``, ``prune`` (structured, then fine-tuned),
-``unstructured`` change the PyTorch model (each result is exported to ONNX), and
+``unstructured`` change the PyTorch model (each result is exported to ONNX and must pass the
+same PyTorch-vs-ONNX-Runtime parity gate as the nightly export), and
 ``int8-static`` / ``int8-dynamic`` / ``fp16`` quantize the head's ONNX (and, with
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
@@ -162,20 +163,36 @@ class StepOutput:
     head: Variant
 
 
-def export_variant(weights: str | Path, out: str | Path, cfg, imgsz: int, meta: dict[str, Any]) -> Path:
-    """Export a variant's .pt to ONNX with the pipeline's export settings and variant metadata."""
-    from tasks.export.onnx import export_onnx
+def export_variant(weights: str | Path, out: str | Path, cfg, imgsz: int,
+                   meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Export a variant's .pt to ONNX with the pipeline's export settings, then run the parity gate.
 
-    return export_onnx(weights, out, imgsz, opset=cfg.export.opset, dynamic=cfg.export.dynamic,
+    Every exported variant (parent, pruned, fine-tuned, distilled, sparse) goes through the same
+    PyTorch-vs-ONNX-Runtime gate as the nightly export (``export.parity_atol`` on
+    ``export.parity_images`` generated images): a pruned graph that exports but computes something
+    else must not reach the table.
+
+    Returns:
+        The ONNX path and the parity result as a dict (``figures``, ``atol``, ``images``, ``passed``).
+
+    Raises:
+        GateFailed: the ONNX outputs differ from PyTorch's by more than ``export.parity_atol``.
+    """
+    from tasks.export.onnx import export_onnx, parity_check
+
+    onnx = export_onnx(weights, out, imgsz, opset=cfg.export.opset, dynamic=cfg.export.dynamic,
                        simplify=cfg.export.simplify, metadata=meta)
+    parity = parity_check(weights, onnx, cfg.export.parity_images, imgsz, cfg.export.parity_atol)
+    return onnx, parity.to_dict()
 
 
 def _pt_variant(name: str, kind: str, weights: Path, parent: Variant, cfg, imgsz: int, work: Path,
                 info: dict[str, Any]) -> Variant:
-    onnx = export_variant(weights, work / f"{name}.onnx", cfg, imgsz, {"variant": name, "variant_kind": kind,
-                                                                "variant_parent": parent.name})
+    onnx, parity = export_variant(weights, work / f"{name}.onnx", cfg, imgsz,
+                                  {"variant": name, "variant_kind": kind, "variant_parent": parent.name})
     params, gf = pt_stats(weights, imgsz)
-    return Variant(name, kind, str(onnx), parent.name, str(weights), params, gf, info=info)
+    return Variant(name, kind, str(onnx), parent.name, str(weights), params, gf,
+                   info={**info, "parity": parity["figures"]})
 
 
 def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, cfg, work_dir: str | Path,

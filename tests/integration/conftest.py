@@ -5,6 +5,10 @@
 URI; every server started is terminated at the end of the session. ``postgres_uri`` gives a
 fresh PostgreSQL database on 127.0.0.1:5432 (skips when no server is reachable) and drops it
 afterwards.
+
+CI has PostgreSQL: with ``CI=true`` a missing PostgreSQL is a failure, never a skip or a silent
+SQLite fallback, and the production-stack fixtures record which backend they started
+(``STACK_BACKENDS``) so the tests can assert it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,17 @@ PG_PORT = int(os.environ.get("DAMAGE_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("DAMAGE_TEST_PG_USER", "postgres")
 PG_PASSWORD = os.environ.get("DAMAGE_TEST_PG_PASSWORD", "")
 PG_ADMIN_DB = os.environ.get("DAMAGE_TEST_PG_DB", "test")
+# CI services set CI=true; there PostgreSQL is part of the environment and must be used.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+# Backend each production-stack server ran on: {"mlflow": store URI, "prefect": database URL}.
+STACK_BACKENDS: dict[str, str] = {}
+
+
+def no_postgres(reason: str) -> None:
+    """Skip (local runs) or fail (``CI=true``): CI has PostgreSQL, so its absence there is a defect."""
+    if IN_CI:
+        pytest.fail(f"CI=true but PostgreSQL was not used: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -120,6 +135,15 @@ def mlflow_server(tmp_path_factory) -> Iterator[Callable[..., str]]:
         yield start
 
 
+def pg_rows(url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of ``sql`` run on the PostgreSQL database named by a ``postgresql+driver://`` URL (what a
+    server was started with), so a test reads what the server really wrote."""
+    dbname = url.rsplit("/", 1)[1]
+    with contextlib.closing(_pg_connect(dbname)) as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
 def _pg_connect(dbname: str):
     import psycopg2
 
@@ -133,7 +157,7 @@ def postgres_uri() -> Iterator[str]:
     try:
         conn = _pg_connect(PG_ADMIN_DB)
     except Exception as e:  # no server, no psycopg2, wrong credentials: nothing to test against
-        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} ({type(e).__name__}: {e})".strip())
+        no_postgres(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} ({type(e).__name__}: {e})".strip())
     conn.autocommit = True
     name = f"damage_reg_{uuid.uuid4().hex[:10]}"
     with conn.cursor() as cur:
@@ -264,10 +288,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def fresh_postgres() -> Iterator[Callable[[str], str | None]]:
     """Factory ``fresh_postgres(prefix) -> "user@host:port/dbname"`` of a new database, or None without
-    PostgreSQL; every database created is dropped at session end."""
+    PostgreSQL (locally; with ``CI=true`` the fixture fails instead); every database created is dropped at
+    session end."""
     try:
         conn = _pg_connect(PG_ADMIN_DB)
-    except Exception:
+    except Exception as e:
+        if IN_CI:
+            no_postgres(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} ({type(e).__name__}: {e})")
         conn = None
     made: list[str] = []
 
@@ -339,6 +366,7 @@ def mlflow_s3_server(moto_s3, fresh_postgres, tmp_path_factory) -> Iterator[str]
     pg = fresh_postgres("damage_mlflow")
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2-binary
     store = f"postgresql+psycopg2://{pg}" if pg else f"sqlite:///{work / 'mlflow.db'}"
+    STACK_BACKENDS["mlflow"] = store
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     ini = work / "basic_auth.ini"  # the compose file's auth config, accounts DB in the temp dir
@@ -367,6 +395,7 @@ def prefect_server(fresh_postgres, tmp_path_factory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("prefect-server")
     pg = fresh_postgres("damage_prefect")
     db = f"postgresql+asyncpg://{pg}" if pg else f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    STACK_BACKENDS["prefect"] = db
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = clean_env(PREFECT_HOME=str(home), PREFECT_API_DATABASE_CONNECTION_URL=db, PREFECT_SERVER_UI_ENABLED="false",

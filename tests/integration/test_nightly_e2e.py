@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import socket
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -40,11 +43,12 @@ TINY = [
     "train.epochs=1", "train.imgsz=96", "train.batch=8",
     "explain.samples=1", "export.parity_images=2", "compress.enabled=false",
 ]
+# A model name of its own: no production version exists for it, so with floor 0 the gate must pass.
+MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
 def nightly_summary(prefect_harness, state_paths):
-    import os
 
     from flows.nightly import nightly
 
@@ -52,7 +56,9 @@ def nightly_summary(prefect_harness, state_paths):
     _AUDIT["on"] = True
     # the registry section is the worker's (issue 13): pinned in the environment, not a run override
     old = os.environ.get("DAMAGE_REGISTRY_CONFIG")
-    os.environ["DAMAGE_REGISTRY_CONFIG"] = '{"floor_mask_map": 0.0}'
+    # floors off (a 1-epoch model) and a model name of its own (no production version): the gate passes
+    os.environ["DAMAGE_REGISTRY_CONFIG"] = json.dumps({"floor_mask_map": 0.0, "min_class_ap50": 0.0,
+                                                       "model_name": MODEL})
     try:
         summary = nightly(overrides=TINY, force=True)
     finally:
@@ -94,9 +100,10 @@ def test_nightly_logs_runs_metrics_and_version(nightly_summary):
     assert {"results", "weights"} <= arts
     # registered candidate carries the ONNX
     name, version = nightly_summary["registered_model"], nightly_summary["registered_version"]
+    assert name == MODEL
     mv = c.get_model_version(name, str(version))
     assert mv.run_id
-    assert mv.tags["artifact.onnx"].endswith(".onnx") and mv.tags["validation_status"] in {"passed", "failed"}
+    assert mv.tags["artifact.onnx"].endswith(".onnx")
     files = {a.path for a in c.list_artifacts(mv.run_id, "model")}
     assert {"model/MLmodel", "model/model.pt"} <= files  # the version is a pyfunc with the .pt beside it
     onnx_rel = mv.tags["artifact.onnx"].split("/model/", 1)[1]
@@ -130,3 +137,22 @@ def test_nightly_per_class_metrics_start_and_damage_error(nightly_summary):
     dmg = nightly_summary["damage_pct_mae"]
     assert dmg["vehicles"] > 0 and dmg["mae"] >= 0
     assert parent.data.metrics["damage_pct_mae"] == pytest.approx(dmg["mae"])
+
+
+def test_gate_passes_and_stages_the_new_version(nightly_summary):
+    """The setup implies the outcome: a model name with no production version and floor 0.0, so the gate
+    passes on the floor rule and ``staging`` points at tonight's version (production stays unset)."""
+    from mlflow.tracking import MlflowClient
+
+    import model_registry as mr
+
+    c = MlflowClient(nightly_summary["tracking_uri"])
+    name, version = nightly_summary["registered_model"], str(nightly_summary["registered_version"])
+    mv = c.get_model_version(name, version)
+    assert mv.tags["validation_status"] == "passed", mv.tags.get("gate.reasons")
+    assert mv.tags["gate.decision"] == "passed" and mv.tags["gate.production_version"] == "none"
+    assert "floor" in mv.tags["gate.reasons"] and "no production version" in mv.tags["gate.reasons"]
+    assert mr.alias_version(c, name, mr.STAGING) == version
+    assert mr.alias_version(c, name, mr.PRODUCTION) is None
+    parent = c.get_run(nightly_summary["mlflow_run_id"])
+    assert parent.data.tags["gate.decision"] == "passed"

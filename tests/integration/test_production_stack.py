@@ -17,12 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import (  # tests/integration/conftest.py
+    IN_CI,
     MLFLOW_ACCOUNTS,
     PRODUCTION_MODEL,
     S3_BUCKET,
     S3_ENV,
+    STACK_BACKENDS,
     clean_env,
     mlflow_user,
+    pg_rows,
     run_process,
 )
 
@@ -94,6 +97,14 @@ def _wait_deployment(api: str, name: str, proc: subprocess.Popen, log: Path, tim
     raise AssertionError(f"deployment {name} never appeared:\n{log.read_text()[-4000:]}")
 
 
+def _check_backend(role: str) -> str:
+    """The store ``role``'s server ran on; with ``CI=true`` it must be PostgreSQL (CI has it)."""
+    store = STACK_BACKENDS[role]
+    if IN_CI:
+        assert store.startswith("postgresql"), f"CI=true but the {role} server ran on {store.split(':')[0]}"
+    return store
+
+
 @pytest.mark.integration
 def test_nightly_deployment_end_to_end(prefect_server, mlflow_s3_server, moto_s3, served):
     from mlflow.tracking import MlflowClient
@@ -160,6 +171,14 @@ def _check_run_and_artifacts(c, run, moto_s3) -> None:
     assert any(k.endswith(".onnx") for k in keys), keys[:20]
     assert any(k.endswith(".pt") for k in keys), keys[:20]
     assert any(parent.info.run_id in k for k in keys)  # the parent run's own artifacts (config, summary)
+    # which backend ran: the records are in PostgreSQL itself, not only reported by the servers
+    mlflow_store, prefect_db = _check_backend("mlflow"), _check_backend("prefect")
+    if mlflow_store.startswith("postgresql"):
+        assert pg_rows(mlflow_store, "SELECT status FROM runs WHERE run_uuid = %s",
+                       (parent.info.run_id,)) == [("FINISHED",)]
+    if prefect_db.startswith("postgresql"):
+        assert pg_rows(prefect_db, "SELECT state_type::text FROM flow_run WHERE id = %s::uuid",
+                       (str(run.id),)) == [("COMPLETED",)]
 
 
 @pytest.mark.integration
@@ -169,6 +188,7 @@ def test_work_pool_registration(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    _check_backend("prefect")
     bindir = Path(sys.executable).parent
     env = clean_env(PREFECT_API_URL=prefect_server, DAMAGE_STATE_DIR=str(tmp_path / "state"),
                     DAMAGE_REPO_DIR=str(REPO), PREFECT_HOME=str(tmp_path / "prefect"))

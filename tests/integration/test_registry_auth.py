@@ -7,6 +7,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import flask_wtf  # noqa: F401  the basic-auth app needs it (declared via mlflow[auth]): a missing one must fail
 import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py
 
@@ -14,8 +15,6 @@ import model_registry as mr
 from tasks.core.config import RegistryConfig
 
 pytestmark = pytest.mark.integration
-# the basic-auth app needs mlflow[auth] (Flask-WTF)
-pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (pip install 'mlflow[auth]')")
 
 INI = Path(__file__).resolve().parents[2] / "infra" / "mlflow-auth" / "basic_auth.ini"
 ADMIN = ("admin", "admin-" + uuid.uuid4().hex[:12])
@@ -105,18 +104,30 @@ def test_cli_reports_denial_as_one_line(auth_server, make_candidate):
     assert "error:" in text and "may not approve" in text and "Traceback" not in text
 
 
-def test_server_side_limit_is_per_model_not_per_alias(auth_server):
+def test_server_side_limit_is_per_model_not_per_alias(auth_server, make_candidate):
     """Documented limitation: MLflow's EDIT on a model covers every alias, production included.
 
     This is why ``model_registry`` adds the ``registry.approvers`` check; if a future MLflow
     enforces aliases separately this test fails and infra/mlflow-auth/README.md needs an update.
+    Self-contained: its own model, so no other test's state is needed or disturbed.
     """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    name = NAME + "-alias-limit"
+    with as_user(ADMIN):
+        from model_registry.auth import provision
+
+        provision(auth_server, name, pipeline=PIPELINE, approvers=[APPROVER], readers=[VIEWER])
     c = MlflowClient(tracking_uri=auth_server, registry_uri=auth_server)
     with as_user(PIPELINE):
-        current = mr.alias_version(c, NAME, mr.PRODUCTION)
-        if current is None:
-            pytest.skip("needs the production version set by test_only_approver_moves_production")
-        # re-pointing production at the version it already has: allowed by the server for EDIT
-        c.set_registered_model_alias(NAME, mr.PRODUCTION, current)
+        v = make_candidate(c, name, mask=0.3, box=0.3)
+        assert mr.alias_version(c, name, mr.PRODUCTION) is None
+    with as_user(VIEWER):  # READ: the server does refuse alias moves below EDIT ...
+        with pytest.raises(MlflowException) as refused:
+            c.set_registered_model_alias(name, mr.PRODUCTION, v)
+        assert refused.value.get_http_status_code() == 403 or "PERMISSION_DENIED" in str(refused.value.error_code)
+        assert mr.alias_version(c, name, mr.PRODUCTION) is None
+    with as_user(PIPELINE):  # ... but EDIT (the pipeline's grant) may move production with the raw client
+        c.set_registered_model_alias(name, mr.PRODUCTION, v)
+        assert mr.alias_version(c, name, mr.PRODUCTION) == v

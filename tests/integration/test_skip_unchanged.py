@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from pathlib import Path
 
 import pytest
@@ -115,27 +113,9 @@ TINY = ["data.synth.images=16", "data.synth.imgsz=64", "data.synth.val_fraction=
 WORKER_REGISTRY = '{"floor_mask_map": 0.0}'
 
 
-def _flow_missing() -> str | None:
-    """Why the full nightly flow cannot run yet (a step module not written / skip not wired), or None."""
-    for mod, name in (("model_registry.steps", "register_step"), ("tasks.evaluation.explain", "explain_step"),
-                      ("tasks.evaluation.evaluate", "sweep_step"), ("tasks.export.onnx", "export_step")):
-        try:
-            getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError) as e:
-            return f"nightly flow not runnable yet: {mod}.{name} missing ({e})"
-    src = inspect.getsource(importlib.import_module("flows.nightly"))
-    if "check_unchanged" not in src:
-        return "flows/nightly.py does not call tasks.core.skip.check_unchanged yet (see issue 8 report)"
-    return None
-
-
 @pytest.mark.integration
-def test_nightly_twice_second_skips(request, state_paths, monkeypatch):
+def test_nightly_twice_second_skips(prefect_harness, state_paths, monkeypatch):
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", WORKER_REGISTRY)
-    why = _flow_missing()
-    if why:
-        pytest.skip(why)
-    request.getfixturevalue("prefect_harness")  # only once the flow can run (the harness costs ~40 s)
     from flows.nightly import nightly
 
     first = nightly(overrides=TINY)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,11 +39,29 @@ def test_hinton_loss_t_squared_keeps_scale_and_empty_foreground():
     assert empty.item() == 0 and empty.requires_grad
 
 
-def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, tiny_dataset, tmp_path):
+def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, tiny_dataset, tmp_path, monkeypatch):
+    import tasks.evaluation.evaluate as E
     from tasks.core import tracking
     from tasks.core.config import DistillConfig, TrainConfig
     from tasks.training.distill import distill_vs_scratch
     from tasks.training.prune import count_params, load_model
+
+    # The real evaluator runs on each student; a 1-epoch student scores ~0 either way, so the accuracy
+    # figures it returns are replaced by distinct ones per arm: a swapped or self-subtracted difference,
+    # or the wrong arm's figures, then shows in the logged values.
+    real_evaluate = E.evaluate_model
+    seen: dict[str, str] = {}
+
+    def evaluate(weights, *a, **kw):
+        res = real_evaluate(weights, *a, **kw)
+        arm = "kd" if "kd" in Path(weights).parts else "scratch"
+        seen[arm] = str(weights)
+        base = {"kd": 0.30, "scratch": 0.10}[arm]
+        for i, k in enumerate(("mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95")):
+            res.metrics[k] = base + 0.01 * i
+        return res
+
+    monkeypatch.setattr(E, "evaluate_model", evaluate)
 
     c = tracking.client()
     exp = tracking.ensure_experiment(c, "test-distill")
@@ -56,8 +76,12 @@ def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, 
     assert count_params(student) == count_params(load_model(res["scratch_weights"]))
     runs = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
     cmp_run = next(r for r in runs if r.info.run_name == "distill/compare")
-    assert "kd_minus_scratch/mask/mAP50-95" in cmp_run.data.metrics
-    assert {"kd/mask/mAP50-95", "scratch/mask/mAP50-95"} <= set(cmp_run.data.metrics)
+    assert seen == {"kd": res["kd_weights"], "scratch": res["scratch_weights"]}  # each arm evaluated on its own
+    m = cmp_run.data.metrics
+    for i, k in enumerate(("mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95")):
+        assert m[f"kd/{k}"] == pytest.approx(0.30 + 0.01 * i) and m[f"scratch/{k}"] == pytest.approx(0.10 + 0.01 * i)
+        assert m[f"kd_minus_scratch/{k}"] == pytest.approx(0.20)  # KD minus scratch, not the reverse
+        assert res["diff"][f"kd_minus_scratch/{k}"] == pytest.approx(0.20)
     arms = {r.info.run_name: r for r in c.search_runs([exp], f"tags.mlflow.parentRunId = '{cmp_run.info.run_id}'")}
     assert set(arms) == {"distill/kd", "distill/scratch"}
     kd_hist = c.get_metric_history(arms["distill/kd"].info.run_id, "train/kd_loss")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,11 @@ IMGSZ = 96
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
-    """Static 96 px, opset 13 ONNX export of the tiny model (until tasks/export/onnx.py is shared)."""
-    from ultralytics import YOLO
+    """Static 96 px, opset 13 ONNX of the tiny model, made by the project's exporter (what the pipeline ships)."""
+    from tasks.export.onnx import export_onnx
 
-    pt = tmp_path_factory.mktemp("tiny_onnx") / "tiny.pt"
-    shutil.copy(tiny_model, pt)
-    return Path(YOLO(str(pt)).export(format="onnx", imgsz=IMGSZ, opset=13, verbose=False))
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx", IMGSZ, opset=13,
+                       dynamic=False)
 
 
 def _label_count(data_yaml: Path, split: str = "val") -> int:

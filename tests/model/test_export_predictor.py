@@ -213,7 +213,6 @@ def test_cli_predict_folder_with_a_broken_image(onnx_model, images, tmp_path):
     assert "not a readable image" in err["error"]
 
 
-@pytest.mark.slow
 def test_cli_export_opset12_static_and_parity(tiny_model, tmp_path):
     from typer.testing import CliRunner
 

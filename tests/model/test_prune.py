@@ -99,16 +99,47 @@ def test_structured_pruned_model_runs_and_exports(tiny_model, pruned, tmp_path):
     assert rep.gflops_after < rep.gflops_before
     model = load_model(path)  # a normal Ultralytics checkpoint
     assert count_params(model) == rep.params_after
+    model = model.fuse()  # Conv+BN folded, as the exporter does
+    x = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        (y, proto), _ = model(torch.rand(1, 3, 96, 96))
+        (y, proto), _ = model(x)
     full = load_model(tiny_model)
     with torch.no_grad():
-        (y_full, proto_full), _ = full(torch.rand(1, 3, 96, 96))
+        (y_full, proto_full), _ = full(x)
     assert y.shape == y_full.shape and proto.shape == proto_full.shape  # head outputs untouched
     onnx = export_onnx(path, tmp_path / "pruned.onnx", 96)
     sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {sess.get_inputs()[0].name: np.random.rand(1, 3, 96, 96).astype(np.float32)})
-    assert [o.shape for o in outs] == [tuple(y.shape), tuple(proto.shape)]
+    det, pro = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})  # the same input as the torch run
+    assert [det.shape, pro.shape] == [tuple(y.shape), tuple(proto.shape)]
+    np.testing.assert_allclose(det[:, :4], y[:, :4].numpy(), atol=0.05)  # boxes, pixels
+    np.testing.assert_allclose(det[:, 4:], y[:, 4:].numpy(), atol=1e-3)  # scores and mask coefficients
+    np.testing.assert_allclose(pro, proto.numpy(), atol=1e-3)
+    assert not np.allclose(det, y_full.numpy(), atol=1e-3)  # and it is the pruned network, not the parent
+
+
+def test_export_variant_gates_parity_on_a_pruned_model(tiny_model, pruned, tmp_path, monkeypatch):
+    import tasks.export.onnx as O
+    from tasks.core.config import Config
+    from tasks.core.errors import GateFailed
+    from tasks.export.compress import export_variant
+    from tasks.export.onnx import read_onnx_metadata
+
+    path, _ = pruned
+    cfg = Config()
+    onnx, parity = export_variant(path, tmp_path / "pruned.onnx", cfg, 96, {"variant": "pruned"})
+    assert parity["passed"] and parity["images"] == cfg.export.parity_images and parity["imgsz"] == 96
+    assert parity["figures"]["det_max_abs"] <= cfg.export.parity_atol
+    assert parity["figures"]["proto_max_abs"] <= cfg.export.parity_atol
+    assert read_onnx_metadata(onnx)["variant"] == "pruned"
+    # An export that computes something else (here: the unpruned parent's graph) must be refused.
+    real_export = O.export_onnx
+
+    def wrong_export(weights, out, *a, **kw):
+        return real_export(tiny_model, out, *a, **kw)
+
+    monkeypatch.setattr(O, "export_onnx", wrong_export)
+    with pytest.raises(GateFailed, match="parity gate failed"):
+        export_variant(path, tmp_path / "wrong.onnx", cfg, 96, {"variant": "pruned"})
 
 
 def test_finetuned_pruned_checkpoint_keeps_pruned_param_count(pruned, tiny_dataset, tmp_path):

@@ -1,4 +1,6 @@
-"""Quantization: mode table, head decode kept float, INT8 scores alive, FP16/dynamic run, accuracy-aware loop."""
+"""Quantization: mode table, head decode kept float, INT8 scores alive, accuracy-aware loop, and on a model
+that detects (``trained_model``): INT8 mask mAP50 within ``compress.tolerance`` of float on images outside
+the calibration set, FP16 and dynamic INT8 outputs close to float's."""
 
 from __future__ import annotations
 
@@ -20,6 +22,16 @@ def calib(tiny_dataset):
     from tasks.export.quantize import calibration_images
 
     return calibration_images(tiny_dataset, 4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny_dataset, calib):
+    """Val images of the tiny set: never in the calibration set (drawn from train)."""
+    from tasks.export.quantize import calibration_images
+
+    val = calibration_images(tiny_dataset, 100, split="val")
+    assert not set(val) & set(calib)
+    return val
 
 
 def _run(path, x):
@@ -57,7 +69,7 @@ def test_head_postprocess_nodes_found_by_traversal(float_onnx):
     assert n_conv > 50  # the walk stopped at the branch convs, it did not swallow the network
 
 
-def test_int8_static_keeps_scores_alive(float_onnx, calib, tmp_path):
+def test_int8_static_keeps_scores_alive(float_onnx, calib, held_out, tmp_path):
     import onnx
 
     from tasks.export.quantize import preprocess_image, quantize_onnx
@@ -68,7 +80,7 @@ def test_int8_static_keeps_scores_alive(float_onnx, calib, tmp_path):
     meta = {p.key: p.value for p in qm.metadata_props}
     assert "names" in meta and "imgsz" in meta  # metadata carried over
     assert json.loads(meta["damage.quantization"])["per_channel"] is True
-    x = preprocess_image(calib[0], 96)
+    x = preprocess_image(held_out[0], 96)  # not a calibration image: its ranges were not seen
     f, i8 = _run(float_onnx, x), _run(q, x)
     assert [a.shape for a in f] == [a.shape for a in i8]
     nc = _nc(float_onnx)
@@ -79,19 +91,6 @@ def test_int8_static_keeps_scores_alive(float_onnx, calib, tmp_path):
     naive = _run(quantize_onnx(float_onnx, tmp_path / "naive.onnx", "int8-static", calib_images=calib, imgsz=96,
                                exclude_head=False), x)[0][:, 4:4 + nc]
     assert np.abs(naive - fs).max() > np.abs(qs - fs).max()
-
-
-def test_fp16_and_dynamic_keep_float32_io(float_onnx, calib, tmp_path):
-    from tasks.export.quantize import preprocess_image, quantize_onnx
-
-    x = preprocess_image(calib[0], 96)
-    f = _run(float_onnx, x)
-    for mode in ("fp16", "int8-dynamic"):
-        q = quantize_onnx(float_onnx, tmp_path / f"{mode}.onnx", mode)
-        out = _run(q, x)
-        assert [a.shape for a in out] == [a.shape for a in f]
-        assert all(a.dtype == np.float32 for a in out)
-        assert q.stat().st_size < 0.6 * float_onnx.stat().st_size
 
 
 def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
@@ -144,20 +143,77 @@ def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, t
     assert not res2.within_tolerance and len(res2.attempts) == 2  # reports the best reached
 
 
-@pytest.mark.slow
-def test_int8_evaluates_nonzero_where_float_does(state_paths, tiny_dataset, tmp_path):
-    from tasks.core.config import TrainConfig
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.export.onnx import export_onnx
-    from tasks.export.quantize import calibration_images, quantize_onnx
-    from tasks.training.train import train_model
 
-    best = train_model(tiny_dataset, TrainConfig(epochs=30, imgsz=96, batch=8, patience=0, augment="light"),
-                       tmp_path, seed=0).best
-    f = export_onnx(best, tmp_path / "m.onnx", 96)
-    q = quantize_onnx(f, tmp_path / "q.onnx", "int8-static", calib_images=calibration_images(tiny_dataset, 8),
-                      imgsz=96)
-    fm = evaluate_model(f, tiny_dataset, imgsz=96).metrics
-    qm = evaluate_model(q, tiny_dataset, imgsz=96).metrics
-    assert fm["mask/mAP50"] > 0
-    assert qm["mask/mAP50"] > 0
+
+# --- on a model that detects (session fixture ``trained_model``, easy set, 64 px) -----------------
+
+# Output tolerances against the float model, on the anchors float scores above DETECTED (boxes of
+# anchors that detect nothing are arbitrary and not compared) and on every anchor's class scores.
+DETECTED = 0.25
+# FP16 rounds (~1e-3 relative); dynamic INT8 re-scales every activation at run time, so it is allowed
+# more. Both stay far below what a broken conversion gives: zeroed scores differ by more than DETECTED
+# on every detected anchor, undecoded or mis-scaled boxes by tens of pixels.
+TOLERANCE = {  # mode: (max |score diff| on any anchor, max |box diff| in px on detected anchors, 64 px input)
+    "fp16": (0.01, 0.5),
+    "int8-dynamic": (0.20, 4.0),
+}
+
+
+@pytest.fixture(scope="module")
+def trained_onnx(trained_model, easy_imgsz, tmp_path_factory):
+    from tasks.export.onnx import export_onnx
+
+    return export_onnx(trained_model, tmp_path_factory.mktemp("qt") / "trained.onnx", easy_imgsz)
+
+
+@pytest.fixture(scope="module")
+def easy_split(easy_dataset):
+    """(calibration images from train, held-out val images): disjoint by construction, checked."""
+    from tasks.export.quantize import calibration_images
+
+    calib = calibration_images(easy_dataset, 8, seed=0)
+    val = calibration_images(easy_dataset, 100, split="val")
+    assert len(val) >= 10 and not set(val) & set(calib)
+    return calib, val
+
+
+def test_int8_mask_map_within_tolerance_of_float_on_held_out_images(trained_onnx, easy_dataset, easy_split,
+                                                                   easy_imgsz, tmp_path):
+    from tasks.core.config import Config
+    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.export.quantize import quantize_onnx
+
+    tol = Config().compress.tolerance
+    calib, _ = easy_split
+    q = quantize_onnx(trained_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=easy_imgsz)
+    fm = evaluate_model(trained_onnx, easy_dataset, split="val", imgsz=easy_imgsz).metrics
+    qm = evaluate_model(q, easy_dataset, split="val", imgsz=easy_imgsz).metrics
+    print(f"mask mAP50 float {fm['mask/mAP50']:.3f} int8 {qm['mask/mAP50']:.3f} (tolerance {tol})")
+    assert fm["mask/mAP50"] > 0.5  # the model detects: otherwise "within tolerance" says nothing
+    assert qm["mask/mAP50"] >= fm["mask/mAP50"] - tol, (fm["mask/mAP50"], qm["mask/mAP50"], tol)
+
+
+@pytest.mark.parametrize("mode", sorted(TOLERANCE))
+def test_fp16_and_dynamic_int8_outputs_match_float(trained_onnx, easy_split, easy_imgsz, mode, tmp_path):
+    from tasks.export.quantize import preprocess_image, quantize_onnx
+
+    _, val = easy_split
+    q = quantize_onnx(trained_onnx, tmp_path / f"{mode}.onnx", mode)
+    assert q.stat().st_size < 0.6 * trained_onnx.stat().st_size
+    nc = _nc(trained_onnx)
+    worst_score = worst_box = 0.0
+    detected = 0
+    for img in val:
+        x = preprocess_image(img, easy_imgsz)
+        f, o = _run(trained_onnx, x), _run(q, x)
+        assert [a.shape for a in o] == [a.shape for a in f] and all(a.dtype == np.float32 for a in o)
+        fs, qs = f[0][0, 4:4 + nc], o[0][0, 4:4 + nc]  # (nc, anchors)
+        worst_score = max(worst_score, float(np.abs(qs - fs).max()))
+        hit = fs.max(0) > DETECTED
+        detected += int(hit.sum())
+        if hit.any():
+            worst_box = max(worst_box, float(np.abs(o[0][0, :4, hit] - f[0][0, :4, hit]).max()))
+    max_score, max_box = TOLERANCE[mode]
+    print(f"{mode}: score max abs {worst_score:.4f}, box max abs {worst_box:.3f} px over {detected} detected anchors")
+    assert detected >= len(val)  # the comparison covers real detections
+    assert worst_score <= max_score and worst_box <= max_box, (worst_score, worst_box)

@@ -6,9 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+from tasks.data import synth
 from tasks.evaluation.damage_percent import damage_report
-
-synth = pytest.importorskip("tasks.data.synth")
 
 
 def _label_mask(poly: np.ndarray, size: int) -> np.ndarray:

@@ -6,12 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import moto
 import pytest
 
-moto = pytest.importorskip("moto")
-
-from tasks.core.errors import DatasetError  # noqa: E402
-from tasks.data.storage import (  # noqa: E402
+from tasks.core.errors import DatasetError
+from tasks.data.storage import (
     MANIFEST,
     SyncStats,
     endpoint_from_env,
