@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
@@ -26,6 +26,17 @@ CLASSES = ["vehicle", "dent", "scratch", "crack", "glass_shatter", "lamp_broken"
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for a one-line CLI error."""
+
+
+def _check_model(value: str, key: str) -> str:
+    """Model names are checked where the config is read (``tasks.core.families`` lists the valid ones)."""
+    from tasks.core.errors import DamageError
+    from tasks.core.families import check_model_name
+
+    try:
+        return check_model_name(value, key)
+    except DamageError as e:
+        raise ValueError(str(e)) from None
 
 
 class _Section(BaseModel):
@@ -82,6 +93,11 @@ class TrainConfig(_Section):
     device: str = "cpu"
     cache: bool = False
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_model(v, "train.model")
+
 
 class EvaluateConfig(_Section):
     split: str = "val"
@@ -107,6 +123,7 @@ class ExportConfig(_Section):
     imgsz: int = Field(0, ge=0)
     parity_atol: float = Field(1e-3, gt=0)
     parity_images: int = Field(4, ge=1)
+    end2end: bool = False
 
 
 class DistillConfig(_Section):
@@ -118,6 +135,11 @@ class DistillConfig(_Section):
     hinton_weight: float = Field(1.0, ge=0)
     epochs: int = Field(10, ge=1)
     compare_scratch: bool = True
+
+    @field_validator("student")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_model(v, "compress.distill.student")
 
 
 class PruneConfig(_Section):
