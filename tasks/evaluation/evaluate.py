@@ -509,25 +509,30 @@ def _truth_tensors(item: dict, names: dict[int, str], proto_hw: tuple[int, int])
 
 
 def _map_scores(pred, proto, truth: ImageTruth, iou: float, nc: int, max_det: int, conf_floor: float,
-                imgsz: tuple[int, int]) -> ImageScore:
-    """Validation NMS (multi-label) at the conf floor, masks at prototype resolution, matched."""
+                imgsz: tuple[int, int], end2end: bool = False) -> ImageScore:
+    """Validation NMS (multi-label) at the conf floor, masks at prototype resolution, matched.
+
+    ``end2end``: ``pred`` holds the top-k rows of an NMS-free (YOLO26 one-to-one) export; they
+    are only filtered by the floor (Ultralytics' end-to-end branch; ``iou`` has no effect).
+    """
     from ultralytics.utils import nms, ops
 
-    det = nms.non_max_suppression(pred[None], conf_floor, iou, nc=nc, multi_label=True, max_det=max_det)[0]
+    det = nms.non_max_suppression(pred[None], conf_floor, iou, nc=nc, multi_label=True, max_det=max_det,
+                                  end2end=end2end)[0]
     masks = ops.process_mask(proto, det[:, 6:], det[:, :4], shape=imgsz)
     return score_image(ImageDets(det[:, :4].numpy(), det[:, 4].numpy(), det[:, 5].long().numpy(),
                                  masks.bool().numpy()), truth)
 
 
 def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: float, confs: Sequence[float],
-               names: dict[int, str], max_det: int, imgsz: tuple[int, int]) -> ImageScore:
+               names: dict[int, str], max_det: int, imgsz: tuple[int, int], end2end: bool = False) -> ImageScore:
     """Deployment NMS (best class per box) above min(confs), full-res masks, damage % per conf."""
     from ultralytics.utils import nms, ops
 
     from tasks.evaluation.damage_percent import damage_report
 
     det = nms.non_max_suppression(pred[None], min(confs), iou, nc=len(names), multi_label=False,
-                                  max_det=max_det)[0]
+                                  max_det=max_det, end2end=end2end)[0]
     masks = ops.process_mask(proto, det[:, 6:], det[:, :4], shape=imgsz, upsample=True).bool().numpy()
     full_truth = ImageTruth(truth.name, truth.boxes, truth.cls, truth_full, truth.damage_percent)
     s = score_image(ImageDets(det[:, :4].numpy(), det[:, 4].numpy(), det[:, 5].long().numpy(), masks),
@@ -579,6 +584,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
     op_scores: dict[float, list[ImageScore]] = {float(v): [] for v in ious} if op_confs else {}
     t_pre = t_inf = t_post = 0.0
     first_iou = float(ious[0])
+    end2end = bool(getattr(m.backend, "end2end", False))  # YOLO26 exported with its NMS-free head
     with torch.inference_mode():
         m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up (lazy init of kernels), not timed
         for start in range(0, len(ds), batch):
@@ -598,12 +604,12 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
                 for v in map_scores:
                     tp = time.perf_counter()
                     map_scores[v].append(_map_scores(preds[i], protos[i], truth, v, len(m.names), max_det,
-                                                     conf_floor, hw))
+                                                     conf_floor, hw, end2end))
                     if v == first_iou:
                         t_post += time.perf_counter() - tp
                 for v in op_scores:
                     op_scores[v].append(_op_scores(preds[i], protos[i], truth, truth_full, v, op_confs,
-                                                   m.names, max_det, hw))
+                                                   m.names, max_det, hw, end2end))
     n = len(truths)
     speed = {"preprocess": 1e3 * t_pre / n, "inference": 1e3 * t_inf / n, "postprocess": 1e3 * t_post / n}
     return Collected(m.names, m.imgsz, m.fmt, truths, map_scores, op_scores, speed,
