@@ -142,7 +142,7 @@ def family_of(model: Any) -> Family | None:
     head = getattr(getattr(inner, "model", [None])[-1], "one2one_cv2", None) if hasattr(inner, "model") else None
     if head is not None or "Segment26" in types:
         return FAMILIES["yolo26"]
-    if "C3k2" in types or "C2PSA" in types:
+    if "C3k2" in types or "C2PSA" in types or "C2PSA_v2" in types:  # C2PSA_v2: a pruned YOLO11
         return FAMILIES["yolo11"]
     if "C2f" in types or "C2f_v2" in types:
         return FAMILIES["yolov8"]
