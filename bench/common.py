@@ -5,25 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_random_model(size: str, work: Path, imgsz: int) -> tuple[Path, Path]:
-    """YOLOv8-seg of ``size`` with random weights and our 7 classes, saved as .pt and exported to ONNX."""
+def build_random_model(size: str, work: Path, imgsz: int, family: str = "yolov8",
+                       end2end: bool = False) -> tuple[Path, Path]:
+    """``{family}{size}-seg`` with random weights and our 7 classes, saved as .pt and exported to ONNX.
+
+    ``end2end`` exports YOLO26's NMS-free head (``tasks.export.onnx.export_onnx``).
+    """
     import yaml
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
 
     from tasks.core.config import CLASSES
+    from tasks.core.families import model_source
     from tasks.export.onnx import export_onnx
 
-    pt, onnx = work / f"yolov8{size}-seg-rand.pt", work / f"yolov8{size}-seg-rand-{imgsz}.onnx"
+    stem = f"{family}{size}-seg"
+    e2e = "-e2e" if end2end else ""
+    pt, onnx = work / f"{stem}-rand.pt", work / f"{stem}-rand-{imgsz}{e2e}.onnx"
     if not pt.exists():
-        d = yaml_model_load(f"yolov8{size}-seg.yaml")
+        d = yaml_model_load(model_source(stem))
         d["nc"] = len(CLASSES)
         d.pop("yaml_file", None)
-        y = work / f"yolov8{size}-seg-7.yaml"
+        y = work / f"{stem}-7.yaml"
         y.write_text(yaml.safe_dump(d))
         m = YOLO(str(y), task="segment")
         m.model.names = dict(enumerate(CLASSES))
         m.save(str(pt))
     if not onnx.exists():
-        export_onnx(pt, onnx, imgsz)
+        export_onnx(pt, onnx, imgsz, end2end=end2end)
     return pt, onnx

@@ -33,6 +33,16 @@ class ConfigError(DamageError, ValueError):
     """A configuration problem, phrased for a one-line CLI error (a ``DamageError``: callers catch one type)."""
 
 
+def _check_model(value: str, key: str) -> str:
+    """Model names are checked where the config is read (``tasks.core.families`` lists the valid ones)."""
+    from tasks.core.families import check_model_name
+
+    try:
+        return check_model_name(value, key)
+    except DamageError as e:
+        raise ValueError(str(e)) from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -101,6 +111,11 @@ class TrainConfig(_Section):
             raise ValueError(f"must be one of {', '.join(INIT_MODES)} or a path to a .pt checkpoint")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_model(v, "train.model")
+
 
 class EvaluateConfig(_Section):
     split: str = "val"
@@ -126,6 +141,7 @@ class ExportConfig(_Section):
     imgsz: int = Field(0, ge=0)
     parity_atol: float = Field(1e-3, gt=0)
     parity_images: int = Field(4, ge=1)
+    end2end: bool = False
 
 
 class DistillConfig(_Section):
@@ -137,6 +153,11 @@ class DistillConfig(_Section):
     hinton_weight: float = Field(1.0, ge=0)
     epochs: int = Field(10, ge=1)
     compare_scratch: bool = True
+
+    @field_validator("student")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_model(v, "compress.distill.student")
 
 
 class PruneConfig(_Section):

@@ -177,7 +177,7 @@ def preflight(cfg: Config) -> None:
         DatasetError / DamageError: naming the missing dataset, weights or bad model spec.
     """
     from tasks.core.errors import DatasetError
-    from tasks.training.train import model_source
+    from tasks.core.families import model_source
 
     src = cfg.data.source
     if src != "synth" and not src.startswith("s3://"):

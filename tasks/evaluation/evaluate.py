@@ -547,25 +547,30 @@ def _truth_tensors(item: dict, names: dict[int, str], proto_hw: tuple[int, int])
 
 
 def _map_scores(pred, proto, truth: ImageTruth, iou: float, nc: int, max_det: int, conf_floor: float,
-                imgsz: tuple[int, int]) -> ImageScore:
-    """Validation NMS (multi-label) at the conf floor, masks at prototype resolution, matched."""
+                imgsz: tuple[int, int], end2end: bool = False) -> ImageScore:
+    """Validation NMS (multi-label) at the conf floor, masks at prototype resolution, matched.
+
+    ``end2end``: ``pred`` holds the top-k rows of an NMS-free (YOLO26 one-to-one) export; they
+    are only filtered by the floor (Ultralytics' end-to-end branch; ``iou`` has no effect).
+    """
     from ultralytics.utils import nms, ops
 
-    det = nms.non_max_suppression(pred[None], conf_floor, iou, nc=nc, multi_label=True, max_det=max_det)[0]
+    det = nms.non_max_suppression(pred[None], conf_floor, iou, nc=nc, multi_label=True, max_det=max_det,
+                                  end2end=end2end)[0]
     masks = ops.process_mask(proto, det[:, 6:], det[:, :4], shape=imgsz)
     return score_image(ImageDets(det[:, :4].numpy(), det[:, 4].numpy(), det[:, 5].long().numpy(),
                                  masks.bool().numpy()), truth)
 
 
 def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: float, confs: Sequence[float],
-               names: dict[int, str], max_det: int, imgsz: tuple[int, int]) -> ImageScore:
+               names: dict[int, str], max_det: int, imgsz: tuple[int, int], end2end: bool = False) -> ImageScore:
     """Deployment NMS (best class per box) above min(confs), full-res masks, per-vehicle damage % per conf."""
     from ultralytics.utils import nms, ops
 
     from tasks.evaluation.damage_percent import vehicle_errors
 
     det = nms.non_max_suppression(pred[None], min(confs), iou, nc=len(names), multi_label=False,
-                                  max_det=max_det)[0]
+                                  max_det=max_det, end2end=end2end)[0]
     masks = ops.process_mask(proto, det[:, 6:], det[:, :4], shape=imgsz, upsample=True).bool().numpy()
     full_truth = ImageTruth(truth.name, truth.boxes, truth.cls, truth_full, truth.damage_percent)
     s = score_image(ImageDets(det[:, :4].numpy(), det[:, 4].numpy(), det[:, 5].long().numpy(), masks),
@@ -631,6 +636,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
 
     from tasks.core.progress import track
 
+    end2end = bool(getattr(m.backend, "end2end", False))  # YOLO26 exported with its NMS-free head
     bar_cm = track(progress, f"{progress}: images", len(ds), artifact_every=16) if progress else nullcontext()
     with torch.inference_mode(), bar_cm as bar:
         m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up (lazy init of kernels), not timed
@@ -651,7 +657,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
                 for v in map_scores:
                     tp = time.perf_counter()
                     map_scores[v].append(_map_scores(preds[i], protos[i], truth, v, len(m.names), max_det,
-                                                     conf_floor, hw))
+                                                     conf_floor, hw, end2end))
                     if v == first_iou:
                         t_post += time.perf_counter() - tp
                 if confusion is not None:
@@ -660,7 +666,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
                     confusion_update(confusion, preds[i], truth, first_iou, len(m.names), max_det)
                 for v in op_scores:
                     op_scores[v].append(_op_scores(preds[i], protos[i], truth, truth_full, v, op_confs,
-                                                   m.names, max_det, hw))
+                                                   m.names, max_det, hw, end2end))
             if bar is not None:
                 bar.advance(len(items))
     n = len(truths)

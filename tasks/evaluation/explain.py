@@ -135,7 +135,11 @@ def _segment_head(net: Any, where: str) -> Any:
         raise DamageError(f"{where}: not an instance-segmentation model (last layer is "
                           f"{type(head).__name__}, expected Segment)")
     if getattr(head, "end2end", False):
-        raise DamageError(f"{where}: end-to-end (NMS-free) heads are not supported by explain")
+        from tasks.core.families import family_name
+
+        raise DamageError(f"{where}: this {family_name(net)} model has its end-to-end (NMS-free) head selected; "
+                          f"explain (Grad-CAM/EigenCAM) reads the one-to-many head: select it "
+                          f"(model.end2end = False) or pass the training checkpoint")
     return head
 
 

@@ -84,9 +84,23 @@ def _load_yolo(weights: Path):
     return model
 
 
+def check_end2end(model, weights: Path, end2end: bool) -> None:
+    """Refuse an end-to-end export of a family without an NMS-free head (export step).
+
+    Raises:
+        DamageError: ``end2end`` is requested and the model's head has no one-to-one branch.
+    """
+    from tasks.core.families import family_name
+
+    head = model.model[-1] if hasattr(model, "model") else None
+    if end2end and getattr(head, "one2one_cv2", None) is None:
+        raise DamageError(f"{weights}: export.end2end=true, but this {family_name(model)} model has no NMS-free "
+                          f"(one-to-one) head (export step); only YOLO26 has one: set export.end2end=false")
+
+
 def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: bool = True,
-                simplify: bool = True, metadata: dict[str, Any] | None = None) -> Path:
-    """Export a YOLOv8-seg checkpoint to ONNX (FP32) with the pipeline's metadata, atomically.
+                simplify: bool = True, metadata: dict[str, Any] | None = None, end2end: bool = False) -> Path:
+    """Export a YOLO-seg checkpoint (any family) to ONNX (FP32) with the pipeline's metadata, atomically.
 
     Args:
         weights: Ultralytics ``.pt`` checkpoint.
@@ -97,12 +111,16 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         simplify: simplify the graph with onnxslim.
         metadata: extra keys (thresholds ``conf``/``iou``/``objective``, ``dataset_fingerprint``,
             ``source_run_id``...), written JSON-encoded as ``damage.<key>``.
+        end2end: export the NMS-free one-to-one head (YOLO26): the graph ends in a TopK and
+            returns (batch, k, 6 + nm) rows; k is ``min(300, anchors at imgsz)``, fixed in the graph.
+            False: the one-to-many head, (batch, 4 + nc + nm, anchors), decoded with NMS.
 
     Returns:
         ``out``.
 
     Raises:
-        DamageError: missing/unloadable weights, not a segmentation model, or the export failed.
+        DamageError: missing/unloadable weights, not a segmentation model, ``end2end`` for a
+            family without an NMS-free head, or the export failed.
 
     Example:
         >>> export_onnx(Path("best.pt"), Path("model.onnx"), 160, metadata={"conf": 0.4, "iou": 0.5})
@@ -113,6 +131,7 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
     if opset < 12:
         raise DamageError(f"{out}: opset {opset} not supported (>= 12)")
     model = _load_yolo(weights)
+    check_end2end(model.model, weights, end2end)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
@@ -123,8 +142,10 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         from ultralytics import YOLO
 
         try:
+            # nms=False selects the one-to-one head; None (Ultralytics' default) the one-to-many head
             produced = YOLO(str(src)).export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic,
-                                             simplify=simplify, device="cpu", half=False, batch=1, verbose=False)
+                                             simplify=simplify, device="cpu", half=False, batch=1, verbose=False,
+                                             nms=False if end2end else None)
         except Exception as e:
             raise DamageError(f"{weights}: ONNX export failed (opset {opset}): {e}") from e
         proto = onnx.load(str(produced))
@@ -247,38 +268,89 @@ def _parity(weights: Path, onnx: Path, images: list[Path] | int, imgsz: int, ato
         np.ascontiguousarray(letterbox(im, (imgsz, imgsz))[0][..., ::-1].transpose(2, 0, 1)) for im in ims
     ]).astype(np.float32) / np.float32(255)
 
+    pred = Predictor(onnx, threads=os.cpu_count())
+    o_det, o_proto = pred.infer(batch)
+
     model = _load_yolo(weights).model.float().eval()
+    if pred.end2end:  # compare the head the file was exported with, with the same top-k size
+        check_end2end(model, weights, True)
+        model.end2end = True
+        model.model[-1].max_det = o_det.shape[1]
     model = model.fuse() if hasattr(model, "fuse") else model  # the exporter fuses Conv+BN too
     with torch.no_grad():
         y = model(torch.from_numpy(batch))
     (t_det, t_proto) = (y[0][0], y[0][1]) if isinstance(y[0], (tuple, list)) else (y[0], y[1])
     t_det, t_proto = t_det.numpy(), t_proto.numpy()
 
-    pred = Predictor(onnx, threads=os.cpu_count())
-    o_det, o_proto = pred.infer(batch)
     if o_det.shape != t_det.shape or o_proto.shape != t_proto.shape:
         raise GateFailed(f"{onnx}: output shapes differ: ONNX {o_det.shape}/{o_proto.shape} vs "
                          f"PyTorch {t_det.shape}/{t_proto.shape}")
+    dp = np.abs(o_proto - t_proto)
+    if pred.end2end:
+        figures = _end2end_figures(t_det, o_det, imgsz, atol)
+    else:
+        nc = len(pred.names) if pred.names else t_det.shape[1] - 4 - t_proto.shape[1]
+        figures = _raw_figures(t_det, o_det, imgsz, nc)
+    figures.update({"proto_max_abs": float(dp.max()), "proto_mean_abs": float(dp.mean())})
+    passed = figures["det_max_abs"] <= atol and figures["proto_max_abs"] <= atol
+    return ParityResult(figures=figures, atol=atol, images=len(ims), imgsz=imgsz, passed=passed)
+
+
+def _raw_figures(t_det: np.ndarray, o_det: np.ndarray, imgsz: int, nc: int) -> dict[str, float]:
+    """Element-wise differences of (N, 4 + nc + nm, anchors) outputs, boxes divided by ``imgsz``."""
     scale = np.ones((t_det.shape[1], 1), np.float32)
     scale[:4] = 1.0 / imgsz
     d = np.abs(o_det - t_det)
     dn = d * scale
-    nc = len(pred.names) if pred.names else t_det.shape[1] - 4 - t_proto.shape[1]
-    dp = np.abs(o_proto - t_proto)
-    figures = {
+    return {
         "det_max_abs": float(dn.max()),
         "det_mean_abs": float(dn.mean()),
         "box_max_abs_px": float(d[:, :4].max()),
         "score_max_abs": float(d[:, 4:4 + nc].max()),
         "coef_max_abs": float(d[:, 4 + nc:].max()) if d.shape[1] > 4 + nc else 0.0,
-        "proto_max_abs": float(dp.max()),
-        "proto_mean_abs": float(dp.mean()),
     }
-    passed = figures["det_max_abs"] <= atol and figures["proto_max_abs"] <= atol
-    return ParityResult(figures=figures, atol=atol, images=len(ims), imgsz=imgsz, passed=passed)
+
+
+def _end2end_figures(t_det: np.ndarray, o_det: np.ndarray, imgsz: int, atol: float) -> dict[str, float]:
+    """Differences of end-to-end (N, k, 6 + nm) rows, each PyTorch row against its closest ONNX row.
+
+    The rows come out of a TopK, so two nearly equal scores may leave it in either order: each
+    PyTorch row is matched to the ONNX row of the same class nearest to it (boxes divided by
+    ``imgsz``). Rows whose score is within ``atol`` of the image's k-th score are left out: at
+    the TopK's cut-off a tiny difference legitimately swaps which (anchor, class) pair gets in.
+    """
+    maxes: dict[str, float] = {"det_max_abs": 0.0, "box_max_abs_px": 0.0, "score_max_abs": 0.0, "coef_max_abs": 0.0}
+    total, count = 0.0, 0
+    scale = np.ones(t_det.shape[2], np.float32)
+    scale[:4] = 1.0 / imgsz
+    for t, o in zip(t_det, o_det, strict=True):
+        keep = t[:, 4] > t[:, 4].min() + atol
+        t = t[keep]
+        if not len(t):
+            continue
+        diff = np.abs(t[:, None, :] - o[None, :, :])  # (rows, k, 6 + nm)
+        dist = (diff * scale).max(2)
+        dist[t[:, None, 5] != o[None, :, 5]] = np.inf  # a row only matches a row of its class
+        j = dist.argmin(1)
+        d = diff[np.arange(len(t)), j]
+        if not np.isfinite(dist[np.arange(len(t)), j]).all():
+            d = np.full_like(d, np.inf)
+        dn = d * scale
+        maxes["det_max_abs"] = max(maxes["det_max_abs"], float(dn.max()))
+        maxes["box_max_abs_px"] = max(maxes["box_max_abs_px"], float(d[:, :4].max()))
+        maxes["score_max_abs"] = max(maxes["score_max_abs"], float(d[:, 4].max()))
+        maxes["coef_max_abs"] = max(maxes["coef_max_abs"], float(d[:, 6:].max()) if d.shape[1] > 6 else 0.0)
+        total, count = total + float(dn.sum()), count + dn.size
+    return {**maxes, "det_mean_abs": total / count if count else 0.0}
 
 
 # ----------------------------------------------------------------------------- pipeline step
+
+
+def _family(weights: Path) -> str:
+    from tasks.core.families import family_name
+
+    return family_name(_load_yolo(weights).model)
 
 
 def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[str, Any], metadata: dict[str, Any],
@@ -306,8 +378,8 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
     meta = {**{k: v for k, v in thresholds.items() if v is not None}, **metadata}
     with tracking.step_run(parent_run_id, "export") as (c, run_id):
         tracking.log_params(c, run_id, {"export": cfg.model_dump(), "export.imgsz_used": size,
-                                        "weights": str(weights)})
-        export_onnx(weights, out, size, cfg.opset, cfg.dynamic, cfg.simplify, meta)
+                                        "weights": str(weights), "family": _family(weights)})
+        export_onnx(weights, out, size, cfg.opset, cfg.dynamic, cfg.simplify, meta, end2end=cfg.end2end)
         imgs: list[Path] | int = list(sample_images)[: cfg.parity_images] or cfg.parity_images
         parity = parity_figures(weights, out, imgs, size, cfg.parity_atol)
         # figures first, so a failed gate still shows by how much in MLflow

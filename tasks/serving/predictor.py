@@ -1,4 +1,4 @@
-"""Torch-free ONNX Runtime predictor for the exported YOLOv8-seg model, with damage percentages.
+"""Torch-free ONNX Runtime predictor for exported YOLO-seg models (YOLOv8, YOLO11, YOLO26), with damage percentages.
 
 Imports only numpy, OpenCV, ONNX Runtime and the standard library (plus the numpy-only
 ``tasks.evaluation.damage_percent`` and the stdlib-only ``tasks.core.errors`` / ``tasks.core.images``),
@@ -16,6 +16,11 @@ retina_masks=True)``:
   centred (``LetterBox(auto=False)``), BGR->RGB, /255;
 * class-aware NMS: best class per anchor, ``score > conf``, boxes offset by ``class * 7680``,
   greedy IoU suppression (``iou > thr``), at most ``max_det`` kept;
+* end-to-end exports (YOLO26's NMS-free one-to-one head, ``end2end`` in Ultralytics' metadata):
+  the graph already returns top-k rows ``x1, y1, x2, y2, score, class, coefficients...``; rows with
+  ``score > conf`` are kept in their order, at most ``max_det``, and no NMS runs (``iou`` is unused).
+  Their TopK size is fixed at export, so they are always fed the full square ``imgsz`` (a smaller
+  rectangular input could hold fewer anchors than the graph's k);
 * masks: logits = coefficients x prototypes, mapped to the original image with Ultralytics'
   "native" path (optional x1/x2/x4 bilinear upsample, remove the letterbox padding, bilinear
   resize to the original size), ``> 0`` (sigmoid > 0.5), cropped to the box. Both bilinear
@@ -302,6 +307,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+def _select_end2end(rows: np.ndarray, conf: float, max_det: int) -> np.ndarray:
+    """Ultralytics' end-to-end branch of ``non_max_suppression``: rows with ``score > conf``, in order."""
+    return np.ascontiguousarray(rows[rows[:, 4] > conf][:max_det], dtype=np.float32)
+
+
 def _select(pred: np.ndarray, nc: int, conf: float, iou: float, max_det: int) -> np.ndarray:
     """Ultralytics ``non_max_suppression`` for one image: rows (x1, y1, x2, y2, score, cls, coefs...)."""
     scores_all = pred[4:4 + nc]  # (nc, N): columns stay anchors until after the filter (cheap)
@@ -447,6 +457,9 @@ class Predictor:
 
     Raises:
         DamageError: the file is missing or not a segmentation model with two outputs.
+
+    Attributes:
+        end2end: the model is an end-to-end export (rows after top-k, no NMS; see the module doc).
     """
 
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
@@ -472,7 +485,9 @@ class Predictor:
         shape = inputs[0].shape
         self.dynamic_batch = not isinstance(shape[0], int)
         fixed_hw = [d for d in shape[2:] if isinstance(d, int)]
-        self.rect = bool(rect) and len(fixed_hw) < 2
+        self.end2end = bool(self.metadata.get("end2end"))
+        # an end-to-end graph's TopK k is fixed at export: never feed it fewer anchors (smaller rect inputs)
+        self.rect = bool(rect) and len(fixed_hw) < 2 and not self.end2end
         if len(fixed_hw) == 2:
             self.imgsz = (int(fixed_hw[0]), int(fixed_hw[1]))
         elif self.metadata.get("imgsz"):
@@ -483,7 +498,8 @@ class Predictor:
         nc_out = outputs[0].shape[1]
         names = self.metadata.get("names")
         if not names:
-            names = [str(i) for i in range(int(nc_out) - 4 - 32)] if isinstance(nc_out, int) else []
+            names = ([str(i) for i in range(int(nc_out) - 4 - 32)] if isinstance(nc_out, int) and not self.end2end
+                     else [])
         self.names = list(names)
         # `is None`, not `or`: a chosen threshold of 0 is a value, not a missing key
         meta_conf, meta_iou = self.metadata.get("damage.conf"), self.metadata.get("damage.iou")
@@ -511,7 +527,10 @@ class Predictor:
         return batch
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bare ``session.run``: (detections (N, 4+nc+nm, A), prototypes (N, nm, mh, mw))."""
+        """Bare ``session.run``: (detections, prototypes (N, nm, mh, mw)).
+
+        Detections are (N, 4+nc+nm, anchors) for NMS exports, (N, k, 6+nm) rows for end-to-end ones.
+        """
         if self.dynamic_batch or len(batch) == 1:
             out0, out1 = self.session.run(self.output_names, {self.input_name: batch})
             return out0, out1
@@ -523,7 +542,8 @@ class Predictor:
         """NMS, masks at the original size, polygons and the damage report for one image.
 
         Args:
-            det: (4 + nc + nm, anchors) raw detections of this image.
+            det: (4 + nc + nm, anchors) raw detections of this image, or (k, 6 + nm) rows of an
+                end-to-end export.
             proto: (nm, mh, mw) mask prototypes of this image.
             shape: original image (h, w).
             input_hw: the letterboxed input size the outputs belong to.
@@ -532,8 +552,15 @@ class Predictor:
         """
         h, w = shape
         nm, mh, mw = proto.shape
-        nc = det.shape[0] - 4 - nm
-        rows = _select(det, nc, self.conf if conf is None else conf, self.iou if iou is None else iou, self.max_det)
+        conf = self.conf if conf is None else conf
+        if self.end2end:
+            if det.ndim != 2 or det.shape[1] != 6 + nm:
+                raise DamageError(f"{self.path}: end-to-end output should be (k, 6 + {nm}) rows per image, "
+                                  f"got {det.shape}")
+            rows = _select_end2end(det, conf, self.max_det)
+        else:
+            nc = det.shape[0] - 4 - nm
+            rows = _select(det, nc, conf, self.iou if iou is None else iou, self.max_det)
         pred = Prediction(width=w, height=h)
         if not len(rows):
             pred.damage = damage_report([], [], self.vehicle_class)

@@ -1,13 +1,22 @@
-"""Structured (channel) and unstructured (L1) pruning of YOLOv8-seg models.
+"""Structured (channel) and unstructured (L1) pruning of YOLO-seg models (YOLOv8, YOLO11, YOLO26).
 
 Structured pruning removes whole channels with torch-pruning, so the dense kernels really
-get smaller and faster. Two things make YOLOv8 prunable:
+get smaller and faster. What makes the families prunable:
 
-* ``C2f`` splits one ``cv1`` output with ``chunk``; torch-pruning cannot trace a channel
-  split, so every ``C2f`` is first swapped for :class:`C2f_v2`, a split-free twin with two
-  convolutions (``cv0``, ``cv1``) that produces identical outputs.
+* ``C2f`` (YOLOv8) and ``C3k2`` (YOLO11/26, a C2f with other inner blocks and C2f's forward)
+  split one ``cv1`` output with ``chunk``; torch-pruning cannot trace a channel split, so each
+  is first swapped for :class:`C2f_v2`, a split-free twin with two convolutions (``cv0``,
+  ``cv1``) that produces identical outputs. ``C2PSA`` (YOLO11/26) splits the same way and gets
+  :class:`C2PSA_v2`.
+* Attention blocks (inside C2PSA and attention C3k2) reshape their channels into heads of a
+  fixed size, so every group that touches one is left unpruned (``ignored_layers``).
 * The head's final convolutions (box distribution, class logits, mask coefficients and the
-  prototype output) define the output format and are never pruned (``ignored_layers``).
+  prototype output; YOLO26's one-to-one branch and the semantic-segmentation output its
+  ``Proto26`` trains with) define the output format and are never pruned (``ignored_layers``).
+* The trace must see every branch training uses, not just the inference path: YOLO26's
+  one-to-one head and ``Proto26.semseg`` do not reach the eval-mode outputs, so the trace
+  collects every tensor of the head's output (both branches) and runs ``Proto26`` as in
+  training; otherwise those layers keep their full input width and fine-tuning fails.
 
 The pruned module is saved as an ordinary Ultralytics checkpoint (``{"model": module}``),
 so ``YOLO(path)``, the validator and the exporter load it unchanged; :class:`C2f_v2`
@@ -110,21 +119,51 @@ def c2f_to_v2(block: nn.Module) -> C2f_v2:
     """Build the :class:`C2f_v2` twin of a C2f block (weights copied, identical outputs)."""
     c = block.c
     new = C2f_v2(_half_conv(block.cv1, slice(0, c)), _half_conv(block.cv1, slice(c, 2 * c)), block.cv2, block.m)
+    return _keep_layer_attrs(block, new)
+
+
+class C2PSA_v2(nn.Module):  # noqa: N801 (named like C2f_v2)
+    """Split-free C2PSA: ``cv0`` is the pass-through half, ``cv1`` feeds the attention blocks ``m``."""
+
+    def __init__(self, cv0: nn.Module, cv1: nn.Module, cv2: nn.Module, m: nn.Module):
+        super().__init__()
+        self.cv0, self.cv1, self.cv2, self.m = cv0, cv1, cv2, m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.cv0(x), self.m(self.cv1(x))), 1))
+
+
+def _keep_layer_attrs(old: nn.Module, new: nn.Module) -> nn.Module:
     # Ultralytics' graph runner reads these layer attributes (from-index, layer index, type, params).
     for attr in ("f", "i", "type", "np"):
-        if hasattr(block, attr):
-            setattr(new, attr, getattr(block, attr))
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
     return new
 
 
-def replace_c2f(module: nn.Module) -> int:
-    """Swap every C2f under ``module`` for its C2f_v2 twin in place; returns how many."""
-    from ultralytics.nn.modules.block import C2f
+def c2psa_to_v2(block: nn.Module) -> C2PSA_v2:
+    """Build the :class:`C2PSA_v2` twin of a C2PSA block (weights copied, identical outputs)."""
+    c = block.c
+    new = C2PSA_v2(_half_conv(block.cv1, slice(0, c)), _half_conv(block.cv1, slice(c, 2 * c)), block.cv2, block.m)
+    return _keep_layer_attrs(block, new)
 
+
+def _twin_table() -> dict[type, Any]:
+    """Split blocks -> twin builders. Only these exact classes: C2f subclasses with their own
+    forward (C2fAttn, C2fCIB, C2fPSA...) are not in the families and are left alone."""
+    from ultralytics.nn.modules.block import C2PSA, C2f, C3k2
+
+    return {C2f: c2f_to_v2, C3k2: c2f_to_v2, C2PSA: c2psa_to_v2}
+
+
+def replace_c2f(module: nn.Module) -> int:
+    """Swap every C2f / C3k2 / C2PSA under ``module`` for its split-free twin in place; returns how many."""
+    table = _twin_table()
     n = 0
     for name, child in list(module.named_children()):
-        if type(child) is C2f:  # subclasses (C3k2...) have other forwards: leave them alone
-            setattr(module, name, c2f_to_v2(child))
+        build = table.get(type(child))
+        if build is not None:
+            setattr(module, name, build(child))
             n += 1
         else:
             n += replace_c2f(child)
@@ -213,8 +252,11 @@ def head_protected_layers(model: nn.Module) -> list[nn.Module]:
     """The head's output-defining layers, which must keep their channel counts.
 
     Final 1x1 convs of the box (cv2), class (cv3) and mask-coefficient (cv4) branches, the
-    DFL conv, and the prototype output conv of a Segment head (its width is ``nm``).
+    DFL conv, the prototype output conv of a Segment head (its width is ``nm``), the
+    semantic-segmentation output of YOLO26's ``Proto26`` (width ``nc``), and every attention
+    block (its channels are reshaped into heads of a fixed size).
     """
+    from ultralytics.nn.modules.block import Attention
     from ultralytics.nn.modules.head import Detect
 
     keep: list[nn.Module] = []
@@ -229,7 +271,48 @@ def head_protected_layers(model: nn.Module) -> list[nn.Module]:
             proto = getattr(m, "proto", None)
             if proto is not None:
                 keep.append(proto.cv3)
+                if getattr(proto, "semseg", None) is not None:
+                    keep.append(proto.semseg[-1])
+        elif isinstance(m, Attention):
+            keep.append(m)
     return keep
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output: both head branches reach the trace."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+class _TraceSemseg:
+    """Within the block, ``Proto26`` returns its training-time semantic output too (eval BN kept)."""
+
+    def __init__(self, model: nn.Module):
+        proto = getattr(model.model[-1], "proto", None)
+        self.proto = proto if getattr(proto, "semseg", None) is not None else None
+
+    def __enter__(self):
+        if self.proto is not None:
+            proto, forward = self.proto, type(self.proto).forward
+
+            def traced(x, return_semantic=True):
+                proto.training = True  # this module's flag only: its BatchNorms stay in eval mode
+                try:
+                    return forward(proto, x, return_semantic=True)
+                finally:
+                    proto.training = False
+
+            proto.forward = traced
+        return self
+
+    def __exit__(self, *exc):
+        if self.proto is not None:
+            self.proto.__dict__.pop("forward", None)
 
 
 @dataclass
@@ -260,19 +343,22 @@ class PruneReport:
 
 def prune_structured_model(model: nn.Module, ratio: float, imgsz: int = 640, importance: str = "l2",
                            round_to: int | None = 8) -> nn.Module:
-    """Channel-prune a YOLOv8(-seg) module in place and return it.
+    """Channel-prune a YOLO(-seg) module of any family in place and return it.
 
     Args:
-        model: Ultralytics DetectionModel/SegmentationModel (FP32).
+        model: Ultralytics DetectionModel/SegmentationModel (FP32) of YOLOv8, YOLO11 or YOLO26.
         ratio: fraction of channels removed from every prunable group (0 < ratio < 1).
         imgsz: example input size for tracing.
         importance: "l1" or "l2" group magnitude.
         round_to: keep channel counts multiples of this (fast kernels); None = exact.
 
     Raises:
-        DamageError: ratio out of range or unknown importance.
+        DamageError: ratio out of range, unknown importance, or a model whose blocks cannot be
+            pruned (the message names the family).
     """
     import torch_pruning as tp
+
+    from tasks.core.families import family_name
 
     if not 0 < ratio < 1:
         raise DamageError(f"prune ratio must be in (0, 1), got {ratio}")
@@ -285,26 +371,31 @@ def prune_structured_model(model: nn.Module, ratio: float, imgsz: int = 640, imp
         q.requires_grad_(True)
     example = torch.zeros(1, 3, imgsz, imgsz)
 
-    def _outputs(out: Any) -> list[torch.Tensor]:
-        # eval-mode Segment returns ((y, proto), raw dict); y and proto reach every layer
-        (y, proto), _ = out
-        return [y, proto]
-
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=tp.importance.GroupMagnitudeImportance(p=p),
-        pruning_ratio=ratio,
-        ignored_layers=head_protected_layers(model),
-        round_to=round_to,
-        output_transform=_outputs,
-    )
-    pruner.step()
-    for q in model.parameters():
-        q.requires_grad_(False)
-    # The head caches anchors by input shape; force a recompute on the next call.
-    model.model[-1].shape = None
-    return model.eval()
+    family = family_name(model)
+    try:
+        with _TraceSemseg(model):
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example,
+                importance=tp.importance.GroupMagnitudeImportance(p=p),
+                pruning_ratio=ratio,
+                ignored_layers=head_protected_layers(model),
+                round_to=round_to,
+                output_transform=_tensors,
+            )
+            pruner.step()
+        for q in model.parameters():
+            q.requires_grad_(False)
+        # The head caches anchors by input shape; force a recompute on the next call.
+        model.model[-1].shape = None
+        model.eval()
+        with torch.no_grad():  # a pruned graph that no longer runs is a pruning failure, not a later one
+            model(example)
+    except DamageError:
+        raise
+    except Exception as e:
+        raise DamageError(f"structured pruning failed for this {family} model (prune step): {e}") from e
+    return model
 
 
 def prune_structured(weights: str | Path, out: str | Path, ratio: float, imgsz: int = 640,

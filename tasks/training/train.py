@@ -1,4 +1,4 @@
-"""YOLOv8 instance-segmentation training (Ultralytics), offline, on every CPU core.
+"""YOLO instance-segmentation training (YOLOv8, YOLO11, YOLO26: ``tasks.core.families``) (Ultralytics), offline, on every CPU core.
 
 ``train_model`` is a plain typed function (callable in tests); ``flows`` wrap it as a Prefect
 task. Per-epoch metrics reach MLflow through the ``on_epoch`` callback, because Ultralytics'
@@ -16,8 +16,7 @@ from typing import Any
 
 from tasks.core.config import TrainConfig
 from tasks.core.errors import DamageError, DatasetError
-
-SIZES = ("n", "s", "m", "l", "x")
+from tasks.core.families import model_source
 
 # Augmentation profiles: rows of Ultralytics train arguments. "light" is for small or
 # fine-grained datasets where mosaic/mixup destroy context: flips and small rotations only.
@@ -59,24 +58,6 @@ class TrainResult:
     @property
     def results_csv(self) -> Path:
         return self.run_dir / "results.csv"
-
-
-def model_source(model: str) -> str:
-    """Map ``n|s|m|l|x`` to the YOLOv8-seg YAML; check that a path exists.
-
-    Raises:
-        DamageError: unknown size and no such file.
-    """
-    if model in SIZES:
-        return f"yolov8{model}-seg.yaml"
-    if model.startswith("yolov8") and model.endswith("-seg.yaml"):
-        return model
-    p = Path(model).expanduser()
-    if p.suffix not in {".pt", ".yaml", ".yml"}:
-        raise DamageError(f"train.model '{model}': expected one of {', '.join(SIZES)} or a .pt/.yaml path")
-    if not p.is_file():
-        raise DamageError(f"train.model '{model}': file not found")
-    return str(p.resolve())
 
 
 def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str, seed: int) -> dict[str, Any]:
@@ -227,7 +208,7 @@ def train_model(
     trainer_cls: type | None = None,
     extra_args: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a YOLOv8-seg model and return its best/last checkpoints and metrics.
+    """Train a YOLO-seg model (any family of ``tasks.core.families``) and return its best/last checkpoints and metrics.
 
     Args:
         data_yaml: dataset's data.yaml (YOLO-seg layout).

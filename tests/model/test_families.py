@@ -1,0 +1,394 @@
+"""Every model family through the pipeline: train -> export (parity gate) -> predict -> register,
+the predictor against Ultralytics' own ONNX predict, YOLO26's end-to-end export, INT8 with the
+head decode kept float, structured pruning, distillation across families, and explanations.
+
+One 1-epoch model per family on a 16-image 64 px dataset (session scope), shared by every test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+FAMILIES = ["yolov8n-seg", "yolo11n-seg", "yolo26n-seg"]
+IMGSZ = 64
+
+
+@pytest.fixture(scope="session")
+def fam_dataset(state_paths, tmp_path_factory) -> Path:
+    from tasks.data.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("fam_synth") / "ds", images=16, seed=3, imgsz=IMGSZ,
+                            val_fraction=0.25)
+
+
+@pytest.fixture(scope="session")
+def fam_models(fam_dataset, tmp_path_factory) -> dict[str, Path]:
+    """One best.pt per family, 1 epoch from scratch at 64 px (trained on first use)."""
+    return {}
+
+
+def _trained(name: str, fam_models: dict[str, Path], data: Path, tmp_path_factory) -> Path:
+    from tasks.core.config import TrainConfig
+    from tasks.training.train import train_model
+
+    if name not in fam_models:
+        cfg = TrainConfig(model=name, epochs=1, imgsz=IMGSZ, batch=8, patience=0, augment="light")
+        out = tmp_path_factory.mktemp(f"train_{name}")
+        fam_models[name] = train_model(data, cfg, out, seed=0, extra_args={"plots": False}).best
+    return fam_models[name]
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request, fam_models, fam_dataset, tmp_path_factory) -> tuple[str, Path]:
+    return request.param, _trained(request.param, fam_models, fam_dataset, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def exported(family, state_paths) -> dict:
+    """``export_step`` of each family's model (export + parity gate + nested MLflow run)."""
+    return {}
+
+
+def _export(family, cache: dict):
+    from tasks.core import tracking
+    from tasks.core.config import ExportConfig
+    from tasks.export.onnx import export_step
+
+    name, best = family
+    if name not in cache:
+        c = tracking.client()
+        parent = tracking.start_run(c, tracking.ensure_experiment(c, "families-test"), f"parent-{name}")
+        res = export_step(best, ExportConfig(parity_images=3), IMGSZ, {"conf": 0.3, "iou": 0.6},
+                          {"dataset_fingerprint": "fp", "source_run_id": parent}, [], parent)
+        tracking.end_run(c, parent)
+        cache[name] = (res, parent)
+    return cache[name]
+
+
+@pytest.fixture(scope="session")
+def images(fam_dataset, tmp_path_factory) -> list[Path]:
+    """Val images plus resized copies with other aspect ratios."""
+    val = sorted((fam_dataset.parent / "images" / "val").glob("*.png"))
+    d = tmp_path_factory.mktemp("fam_odd")
+    odd = []
+    for i, (w, h) in enumerate([(100, 64), (57, 90)]):
+        p = d / f"odd{i}.png"
+        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(val[i % len(val)])), (w, h)))
+        odd.append(p)
+    return val + odd
+
+
+def _conf_with_instances(pred, paths: list[Path], k: int = 20) -> float:
+    """A confidence leaving about ``k`` candidates per image even for a 1-epoch model."""
+    tops = []
+    for p in paths:
+        det, _ = pred.infer(pred.preprocess([cv2.imread(str(p))]))
+        s = det[0][:, 4] if pred.end2end else det[0, 4:4 + len(pred.names)].max(0)
+        tops.append(np.sort(s)[-min(k, len(s))])
+    return float(min(tops)) * 0.999
+
+
+def _assert_matches_ultralytics(onnx: Path, paths: list[Path], iou: float = 0.7) -> int:
+    """Our predictor vs ``YOLO(onnx).predict`` at the model's image size: classes, boxes, mask IoU >= 0.98."""
+    from ultralytics import YOLO
+
+    from tasks.serving.predictor import Predictor
+
+    pred = Predictor(onnx, iou=iou)
+    pred.conf = _conf_with_instances(pred, paths)
+    ul = YOLO(str(onnx), task="segment")
+    matched = 0
+    for p in paths:
+        ours = pred.predict(p)[0]
+        # end-to-end graphs are fed the full square (their TopK size is fixed), rect=False does the same
+        ref = ul.predict(str(p), conf=pred.conf, iou=iou, imgsz=pred.imgsz[0], retina_masks=True, verbose=False,
+                         rect=not pred.end2end)[0]
+        n_ref = 0 if ref.boxes is None else len(ref.boxes)
+        assert len(ours.instances) == n_ref, p.name
+        if not n_ref:
+            continue
+        rb, rc = ref.boxes.xyxy.numpy(), ref.boxes.cls.numpy().astype(int)
+        rm = ref.masks.data.numpy().astype(bool)
+        assert rm.shape[1:] == (ours.height, ours.width)
+        for k, inst in enumerate(ours.instances):
+            assert inst.cls == rc[k], (p.name, k)
+            np.testing.assert_allclose(inst.box, rb[k], atol=0.05)
+            union = (inst.mask | rm[k]).sum()
+            mask_iou = (inst.mask & rm[k]).sum() / union if union else 1.0
+            assert mask_iou >= 0.98, (p.name, k, mask_iou)
+            matched += 1
+    return matched
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_family_is_read_from_the_trained_checkpoint(family):
+    from ultralytics import YOLO
+
+    from tasks.core.families import family_name
+
+    name, best = family
+    assert family_name(YOLO(str(best)).model) == name.split("n-seg")[0]
+
+
+# ----------------------------------------------------------------------------- export, parity, predictor
+
+
+def test_export_parity_per_family(family, exported):
+    from tasks.export.onnx import parity_check, read_onnx_metadata
+
+    res, _ = _export(family, exported)
+    assert res.parity.passed
+    assert res.parity.figures["det_max_abs"] <= 1e-3 and res.parity.figures["proto_max_abs"] <= 1e-3
+    assert read_onnx_metadata(res.onnx_path)["imgsz"] == [IMGSZ, IMGSZ]
+    again = parity_check(family[1], res.onnx_path, 2, IMGSZ, atol=1e-3)  # the gate, on other images
+    assert again.passed and again.images == 2
+
+
+def test_predictor_matches_ultralytics_onnx_predict_per_family(family, exported, images):
+    res, _ = _export(family, exported)
+    assert _assert_matches_ultralytics(res.onnx_path, images) >= len(images)
+
+
+def test_train_export_predict_register_per_family(family, exported, images, tmp_path):
+    """The end-to-end chain per family: the registered ONNX, downloaded, predicts what was exported."""
+    from ultralytics import YOLO
+
+    import model_registry as mr
+    from tasks.core import tracking
+    from tasks.core.families import family_name
+    from tasks.serving.predictor import Predictor
+
+    name, best = family
+    res, parent = _export(family, exported)
+    ours = Predictor(res.onnx_path, conf=0.0001).predict(images[:2])
+    c = tracking.client()
+    v = mr.register_candidate(c, f"fam-{name}", parent, res.onnx_path, best, {"mask/mAP50": 0.0},
+                              {"conf": 0.3, "iou": 0.6}, {"dataset_fingerprint": "fp", "config_hash": "h",
+                                                          "code_version": "c",
+                                                          "family": family_name(YOLO(str(best)).model)})
+    assert v.tags["family"] == name.split("n-seg")[0] and v.approval == "pending"
+    local = mr.download_onnx(c, f"fam-{name}", v.version, tmp_path)
+    theirs = Predictor(local, conf=0.0001).predict(images[:2])
+    assert [len(p.instances) for p in theirs] == [len(p.instances) for p in ours]
+    assert all(p.damage is not None for p in theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        for x, y in zip(a.instances, b.instances, strict=True):
+            assert (x.cls, x.area_px) == (y.cls, y.area_px) and np.array_equal(x.mask, y.mask)
+
+
+# ----------------------------------------------------------------------------- YOLO26 end-to-end
+
+
+@pytest.fixture(scope="session")
+def yolo26_end2end(fam_models, fam_dataset, tmp_path_factory) -> tuple[Path, Path]:
+    from tasks.export.onnx import export_onnx
+
+    best = _trained("yolo26n-seg", fam_models, fam_dataset, tmp_path_factory)
+    out = tmp_path_factory.mktemp("e2e") / "yolo26-e2e.onnx"
+    return best, export_onnx(best, out, IMGSZ, metadata={"conf": 0.3}, end2end=True)
+
+
+def test_yolo26_end2end_export_parity_and_predictor(yolo26_end2end, images):
+    from tasks.export.onnx import parity_check
+    from tasks.serving.predictor import Predictor
+
+    best, onnx = yolo26_end2end
+    pred = Predictor(onnx)
+    assert pred.end2end and not pred.rect
+    det, proto = pred.infer(pred.preprocess([cv2.imread(str(images[0]))]))
+    assert det.ndim == 3 and det.shape[2] == 6 + proto.shape[1]  # rows: box, score, class, coefficients
+    res = parity_check(best, onnx, 3, IMGSZ, atol=1e-3)
+    assert res.passed and res.figures["det_max_abs"] <= 1e-3
+    assert _assert_matches_ultralytics(onnx, images) >= len(images)
+
+
+def test_end2end_parity_matching_catches_changes_and_ignores_order():
+    from tasks.export.onnx import _end2end_figures
+
+    rng = np.random.default_rng(0)
+    t = rng.random((1, 10, 6 + 4), dtype=np.float32)
+    t[..., 4] = np.linspace(0.9, 0.1, 10)
+    t[..., 5] = rng.integers(0, 3, 10)
+    assert _end2end_figures(t, t[:, ::-1].copy(), 64, 1e-3)["det_max_abs"] == 0  # order is not a difference
+    bad = t.copy()
+    bad[0, 2, 7] += 0.01  # one mask coefficient of one row
+    f = _end2end_figures(t, bad, 64, 1e-3)
+    assert f["coef_max_abs"] == pytest.approx(0.01, rel=1e-3) and f["det_max_abs"] > 1e-3
+    wrong_cls = t.copy()
+    wrong_cls[0, 0, 5] = 7  # the top row changes class: it matches no row of its own
+    assert _end2end_figures(t, wrong_cls, 64, 1e-3)["det_max_abs"] > 0.1
+    top = t[:, :1].copy()  # every ONNX row a copy of the top row: the second PyTorch row has no partner
+    assert _end2end_figures(t[:, :3], np.concatenate([top] * 3, 1), 64, 1e-3)["det_max_abs"] > 1e-3
+
+
+def test_end2end_export_refused_for_families_without_the_head(fam_models, fam_dataset, tmp_path_factory, tmp_path):
+    from tasks.core.errors import DamageError
+    from tasks.export.onnx import export_onnx
+
+    for name in ("yolov8n-seg", "yolo11n-seg"):
+        best = _trained(name, fam_models, fam_dataset, tmp_path_factory)
+        with pytest.raises(DamageError, match=rf"{name.split('n-seg')[0]} model has no NMS-free.*export step"):
+            export_onnx(best, tmp_path / "x.onnx", IMGSZ, end2end=True)
+        assert not (tmp_path / "x.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- INT8 static
+
+
+def test_int8_static_keeps_head_decode_float_per_family(family, exported, fam_dataset, tmp_path):
+    """The graph walk finds each family's decode (ends at convs), and INT8 scores stay close to FP32."""
+    import onnx as onnx_lib
+    import onnxruntime as ort
+
+    from tasks.export.quantize import calibration_images, head_postprocess_nodes, quantize_onnx
+    from tasks.serving.predictor import Predictor
+
+    res, _ = _export(family, exported)
+    graph = onnx_lib.load(str(res.onnx_path))
+    head = set(head_postprocess_nodes(graph))
+    ops = {n.op_type for n in graph.graph.node if n.name in head}
+    assert head and "Sigmoid" in ops and "Concat" in ops
+    convs = [n for n in graph.graph.node if n.name in head and n.op_type == "Conv"]
+    assert len(convs) <= 1  # at most the DFL expectation conv (YOLOv8/11; YOLO26 has reg_max=1)
+    q = quantize_onnx(res.onnx_path, tmp_path / "q.onnx", "int8-static",
+                      calib_images=calibration_images(fam_dataset, 4), imgsz=IMGSZ)
+    qg = onnx_lib.load(str(q))
+    assert any(n.op_type == "QuantizeLinear" for n in qg.graph.node)
+    x = Predictor(res.onnx_path).preprocess([cv2.imread(str(calibration_images(fam_dataset, 1)[0]))])
+    outs = {}
+    for tag, f in (("fp32", res.onnx_path), ("int8", q)):
+        s = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+        outs[tag] = s.run(None, {s.get_inputs()[0].name: x})[0]
+    nc = 7
+    fs, qs = outs["fp32"][0, 4:4 + nc], outs["int8"][0, 4:4 + nc]
+    assert qs.max() > 0  # one uint8 scale shared with pixel boxes would round every score to 0
+    assert np.abs(fs - qs).max() < 0.1 * max(float(fs.max()), 1e-3) + 0.02
+    assert np.abs(outs["fp32"][0, :4] - outs["int8"][0, :4]).max() < IMGSZ * 0.25  # boxes still in pixels
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+def _random_bn(m: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for mod in m.modules():  # non-trivial BN statistics so equivalence is a real check
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+    return m
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_split_free_twins_are_identical_per_family(state_paths, name):
+    import copy
+
+    from ultralytics.nn.modules.block import C2PSA, C2f, C3k2
+    from ultralytics.nn.tasks import SegmentationModel
+
+    from tasks.training.prune import replace_c2f
+
+    m = _random_bn(SegmentationModel(f"{name}.yaml", nc=7, verbose=False)).eval()
+    twin = copy.deepcopy(m)
+    n = replace_c2f(twin)
+    assert n == sum(type(x) in (C2f, C3k2, C2PSA) for x in m.modules()) > 0
+    assert not any(type(x) in (C2f, C3k2, C2PSA) for x in twin.modules())
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        (y0, p0), _ = m(x)
+        (y1, p1), _ = twin(x)
+    assert torch.allclose(y0, y1, atol=1e-5, rtol=1e-5) and torch.allclose(p0, p1, atol=1e-6)
+
+
+def test_structured_pruning_per_family_trains_and_exports(family, fam_dataset, tmp_path):
+    """Pruned: fewer params, same head outputs, an ONNX export; YOLO26 also a 1-epoch fine-tune (its loss
+    runs the one-to-one head and Proto26's semantic branch, which the inference path never touches)."""
+    import onnxruntime as ort
+
+    from tasks.core.config import TrainConfig
+    from tasks.export.onnx import export_onnx
+    from tasks.training.prune import count_params, finetune_pruned, load_model, prune_structured
+
+    name, best = family
+    path, rep = prune_structured(best, tmp_path / "pruned.pt", 0.3, imgsz=IMGSZ)
+    assert rep.params_after < 0.9 * rep.params_before
+    model, full = load_model(path), load_model(best)
+    assert count_params(model) == rep.params_after
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        (y, proto), _ = model(x)
+        (y_full, proto_full), _ = full(x)
+    assert y.shape == y_full.shape and proto.shape == proto_full.shape
+    if name.startswith("yolo26"):
+        # Only YOLO26 trains through layers its inference path never reaches (one-to-one head,
+        # Proto26.semseg); YOLOv8's fine-tune is tests/model/test_prune.py's, YOLO11 has no such layer.
+        ft = finetune_pruned(path, fam_dataset, TrainConfig(epochs=1, imgsz=IMGSZ, batch=8, patience=0,
+                                                            augment="light"), tmp_path / "ft")
+        assert count_params(load_model(ft.best)) == rep.params_after  # fine-tuned, not rebuilt from the YAML
+    onnx = export_onnx(path, tmp_path / "pruned.onnx", IMGSZ)
+    sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: np.random.rand(1, 3, IMGSZ, IMGSZ).astype(np.float32)})
+    assert [o.shape for o in outs] == [tuple(y[:1].shape), tuple(proto[:1].shape)]
+
+
+# ----------------------------------------------------------------------------- distillation, explain
+
+
+def test_distillation_across_families(fam_models, fam_dataset, tmp_path_factory, tmp_path):
+    """A YOLO26 teacher (one-to-one head) distils into a YOLO11 student; the student is a YOLO11."""
+    from ultralytics import YOLO
+
+    from tasks.core.config import DistillConfig, TrainConfig
+    from tasks.core.families import family_name
+    from tasks.training.distill import distill
+
+    teacher = _trained("yolo26n-seg", fam_models, fam_dataset, tmp_path_factory)
+    seen: list[dict] = []
+    res = distill(teacher, fam_dataset, TrainConfig(imgsz=IMGSZ, batch=8, patience=0, augment="light"),
+                  DistillConfig(student="yolo11n-seg", epochs=1), tmp_path, on_epoch=lambda e, m: seen.append(m))
+    assert family_name(YOLO(str(res.best)).model) == "yolo11"
+    assert seen and "train/dis_loss" in seen[0] and seen[0]["train/dis_loss"] > 0 and "train/kd_loss" in seen[0]
+
+
+def test_explain_per_family(family, images):
+    from tasks.evaluation.explain import explain_image, head_layers, load_model
+
+    name, best = family
+    exps = explain_image(best, images[0], method="gradcam", conf=0.0, imgsz=IMGSZ, max_instances=3)
+    assert exps and all(e.layer in head_layers(load_model(best)) for e in exps)
+    assert all(e.heatmap.shape == cv2.imread(str(images[0])).shape[:2] for e in exps)
+    eig = explain_image(best, images[0], method="eigencam", conf=0.0, imgsz=IMGSZ, max_instances=3)
+    assert eig and float(max(e.heatmap.max() for e in eig)) > 0
+
+
+# ----------------------------------------------------------------------------- evaluation and sweep
+
+
+def test_evaluate_and_sweep_per_family(family, fam_dataset, tmp_path):
+    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.evaluation.sweep import sweep_thresholds
+
+    name, best = family
+    res = evaluate_model(best, fam_dataset, imgsz=IMGSZ)
+    assert {"box/mAP50", "mask/mAP50", "mask/mAP50-95"} <= set(res.metrics)
+    assert all(0 <= res.metrics[k] <= 1 for k in ("box/mAP50", "mask/mAP50"))
+    sw = sweep_thresholds(best, fam_dataset, imgsz=IMGSZ, conf_grid=[0.001, 0.01], iou_grid=[0.5, 0.7],
+                          out_dir=tmp_path)
+    assert len(sw.rows) == 4 and sw.best["conf"] in (0.001, 0.01)
+
+
+def test_evaluate_yolo26_end2end_onnx_matches_its_pt_head(yolo26_end2end, fam_dataset):
+    """The evaluator reads an end-to-end export's rows (no NMS) instead of misreading them as anchors."""
+    from tasks.evaluation.evaluate import collect
+
+    best, onnx = yolo26_end2end
+    col = collect(onnx, fam_dataset, imgsz=IMGSZ, ious=(0.7,))
+    n_dets = [len(s.conf) for s in col.map_scores[0.7]]
+    assert col.model_format == "onnx" and len(n_dets) == 4
+    assert all(0 < n <= 84 for n in n_dets)  # at most k = the export's anchors at 64 px, after the floor
