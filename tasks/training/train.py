@@ -273,7 +273,10 @@ def train_model(
         metrics = {}
         metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
         metrics.update({(k if k.startswith("lr/") else f"lr/{k}"): float(v) for k, v in trainer.lr.items()})
-        metrics.update(normalise_metrics(trainer.metrics or {}))
+        # with val off Ultralytics validates only the last epoch; before that trainer.metrics holds
+        # placeholder zeros, which must not be reported as a measured mAP of 0
+        if trainer.args.val or trainer.epoch + 1 >= trainer.epochs:
+            metrics.update(normalise_metrics(trainer.metrics or {}))
         on_epoch(int(trainer.epoch), metrics)
 
     accumulate: list[int] = []
