@@ -57,6 +57,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "scenes": {"synth": {"closeup_fraction": 0.0}},
     # mostly close-ups
     "closeup90": {"synth": {"closeup_fraction": 0.9}},
+    # half the batch: twice the optimiser steps per epoch at about the same CPU cost per image
+    "batch4": {"train": {"batch": 4, "nbs": 4}},
+    # stronger close-ups: damage about 1.3x larger in the frame (rendering costs ~1.7x)
+    "zoom3": {"synth": {"zoom": [2.5, 3.5]}},
     # smaller images: 1.56x the epochs in the same wall time
     "px128": {"synth": {"imgsz": 128}, "train": {"imgsz": 128, "epochs": 56}},
     # half the images, twice the epochs (equal image passes)

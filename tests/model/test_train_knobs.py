@@ -24,12 +24,17 @@ def test_nbs_rejects_zero():
         TrainConfig(nbs=0)
 
 
-@pytest.mark.parametrize(("batch", "nbs", "expected"), [(4, 12, 3), (4, None, 1)])
-def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path, batch, nbs, expected):
+@pytest.mark.parametrize(("batch", "nbs", "expected", "epochs"), [(4, 12, 3, 1), (4, None, 1, 2)])
+def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path, batch, nbs, expected, epochs):
     """Read off the Ultralytics trainer (``accumulate`` at train start), not recomputed here."""
     from tasks.training.train import train_model
 
-    cfg = TrainConfig(model="n", epochs=1, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0)
-    res = train_model(tiny_dataset, cfg, tmp_path, seed=0)
+    seen: dict[int, dict[str, float]] = {}
+    cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0)
+    res = train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m))
     assert res.accumulate == expected
     assert res.args["nbs"] == (nbs or batch)
+    # val off: only the last epoch is validated, earlier epochs report losses but no (fake zero) mAP
+    assert sorted(seen) == list(range(epochs))
+    assert "mask/mAP50" in seen[epochs - 1]
+    assert all("mask/mAP50" not in seen[e] and "train/seg_loss" in seen[e] for e in range(epochs - 1))
