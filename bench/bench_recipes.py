@@ -178,11 +178,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: one line per run, every class's mask AP50."""
     from tasks.core.config import CLASSES
 
-    head = ["recipe", "opt lr0", "close-up", "x", "epochs", "train s", "cpu s", "load1", "img/s", "acc", "mask mAP50", *CLASSES]
+    head = ["recipe", "optimiser lr0 batch/nbs imgsz", "close-up", "x", "epochs", "train s", "cpu s", "load1", "img/s", "acc", "mask mAP50", *CLASSES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cls = [("-" if r["class_mask_AP50"].get(c) is None else f"{r['class_mask_AP50'][c]:.3f}") for c in CLASSES]
-        opt = f"{r['train']['optimizer']} {r['train']['lr0']:g}" + ("" if r["train"]["nbs"] == 8 else f" nbs{r['train']['nbs']}")
+        t = r["train"]
+        opt = f"{t['optimizer']} {t['lr0']:g} b{t['batch']}/nbs{t['nbs']} {t['imgsz']}px"
         lines.append("| " + " | ".join([r["recipe"], opt, f"{r['synth']['closeup_fraction']:g}", f"{r['scale']:g}", str(r["train"]["epochs"]),
                                         f"{r['train_s']:.0f}", f"{r.get('cpu_s', 0):.0f}", f"{r['load1']:.2f}", f"{r['img_per_s']:.1f}",
                                         str(r["accumulate"]), f"{r['mask_mAP50']:.3f}", *cls]) + " |")
