@@ -52,7 +52,8 @@ def synth(
 
     t0 = time.perf_counter()
     try:
-        data_yaml = generate_dataset(out, images=images, seed=seed, imgsz=imgsz, val_fraction=val_fraction)
+        data_yaml = generate_dataset(out, images=images, seed=seed, imgsz=imgsz, val_fraction=val_fraction,
+                                     closeup_fraction=s.closeup_fraction, zoom=s.zoom, balance=s.balance)
     except DamageError as e:
         fail(str(e))
     root = data_yaml.parent

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.core.errors import DamageError
 from tasks.core.images import DEFAULT_MAX_PIXELS
@@ -52,6 +60,15 @@ class SynthConfig(_Section):
     imgsz: int = Field(160, ge=32, le=4096)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+    closeup_fraction: float = Field(0.0, ge=0, le=1)
+    zoom: tuple[float, float] = (1.8, 2.8)
+    balance: bool = True
+
+    @model_validator(mode="after")
+    def _zoom_range(self) -> SynthConfig:
+        if not 1 <= self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"zoom must be [min, max] with 1 <= min <= max, got {list(self.zoom)}")
+        return self
 
 
 class DataConfig(_Section):
@@ -88,11 +105,15 @@ class TrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     imgsz: int = Field(160, ge=32)
     batch: int = Field(16, ge=1)
+    nbs: int | None = Field(None, ge=1)
+    val: bool = True
     optimizer: Literal["SGD", "Adam", "AdamW", "NAdam", "RAdam", "RMSProp", "auto"] = "SGD"
     lr0: float = Field(0.01, gt=0)
     lrf: float = Field(0.01, gt=0, le=1)
     cos_lr: bool = True
     warmup_epochs: float = Field(1.0, ge=0)
+    momentum: float = Field(0.937, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
     patience: int = Field(50, ge=0)
     augment: Literal["default", "light"] = "default"
     freeze: int = Field(0, ge=0)
@@ -101,7 +122,7 @@ class TrainConfig(_Section):
     resume: str | None = None
     workers: int = Field(0, ge=0)
     device: str = "cpu"
-    cache: bool = False
+    cache: bool | Literal["ram", "disk"] = False
     init: str = Field("auto", min_length=1)
 
     @field_validator("init")

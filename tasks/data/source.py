@@ -16,11 +16,17 @@ from tasks.data.fingerprint import file_sha256
 
 def synth_dir(datasets_root: Path, cfg: DataConfig) -> Path:
     """Cache folder of a synthetic dataset: keyed by its parameters and the generator version."""
+    import hashlib
+    import json
+
     from tasks.data.synth import GENERATOR_VERSION
 
     s = cfg.synth
+    # every generator argument is in the key (the composition ones through a short hash)
+    comp = json.dumps({"closeup_fraction": s.closeup_fraction, "zoom": list(s.zoom), "balance": s.balance},
+                      sort_keys=True)
     return datasets_root / (f"synth-g{GENERATOR_VERSION}-n{s.images}-px{s.imgsz}"
-                            f"-v{int(s.val_fraction * 100)}-s{s.seed}")
+                            f"-v{int(s.val_fraction * 100)}-s{s.seed}-{hashlib.sha256(comp.encode()).hexdigest()[:8]}")
 
 
 def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
@@ -66,7 +72,8 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
         if (out / "data.yaml").is_file():
             return out / "data.yaml"
         s = cfg.synth
-        return generate_dataset(out, images=s.images, seed=s.seed, imgsz=s.imgsz, val_fraction=s.val_fraction)
+        return generate_dataset(out, images=s.images, seed=s.seed, imgsz=s.imgsz, val_fraction=s.val_fraction,
+                                closeup_fraction=s.closeup_fraction, zoom=s.zoom, balance=s.balance)
     if src.startswith("s3://"):
         from tasks.data.storage import sync_s3_dataset
 

@@ -1,14 +1,20 @@
 """Built-in synthetic vehicle-damage dataset (YOLO-seg), deterministic by seed.
 
-Each image shows 0-2 vehicles (side, front or rear views) on a road, grass, gradient or noise
-background under varied lighting, including low light. Damage is rendered on the part it
-belongs to: dents and scratches on body panels, cracks and shatter on glass, broken lamps on
-lamps, flat tyres on wheels.
+Two kinds of views, the way damage photos are taken: whole scenes (0-2 vehicles, side, front or
+rear, on a road, grass, gradient or noise background) and close-up inspection views (a window
+cut from a scene rendered 1.8-2.8x larger, framed on one damage). Lighting varies, including low
+light. Damage is rendered on the part it belongs to: dents and scratches on body panels, cracks
+and shatter on glass, broken lamps on lamps, flat tyres on wheels, each with its own look at
+160 px (dent: shaded crater with a crease ring; scratch: pale scuffed band with parallel
+gouges; crack: thin branching line; shatter: radial web; broken lamp: dark lamp with shards;
+flat tyre: squashed, bulging tyre with a sunken rim).
 
 Labels are exact by construction: every instance's region is a mask that is painted in full,
 and its label polygon is that mask's outer contour, so ``cv2.fillPoly(polygon)`` reproduces the
-painted pixels. Damage that would be cut off by the image border is not rendered at all (an
-unlabelled half-visible damage would teach the model to miss it).
+painted pixels. Damage cut by the image border is labelled by its visible part; a damage whose
+visible part would be too small or in pieces (one polygon could not describe it) is not
+rendered at all (an unlabelled visible damage would teach the model to miss it). With
+``balance`` each image carries the damage type least represented so far in its split.
 
 Example:
     >>> data_yaml = generate_dataset(Path("/tmp/synth"), images=240, seed=0, imgsz=160)
@@ -31,10 +37,11 @@ from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SYNTH_MARKER = ".synth.json"  # marks a folder as synth output, so it may be replaced
 _CLS = {name: i for i, name in enumerate(CLASSES)}
 DAMAGE_TYPES = ["dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
+VIEWS = ("scene", "closeup")
 
 # Car paints (BGR): white, black, silver, grey, red, blue, navy, green, yellow, orange, beige, brown.
 _PAINTS = np.array([
@@ -369,7 +376,8 @@ def _scratch_shape(rng, shape, panel, length, unit):
     half[0] = half[-1] = max(0.8, half.min() * 0.5)  # tapered ends
     left = np.stack([cxs + nx * half, cys + ny * half], 1)
     right = np.stack([cxs - nx * half, cys - ny * half], 1)[::-1]
-    return _fill(shape, [np.concatenate([left, right])]) & panel, {"pts": np.stack([cxs, cys], 1)}
+    return _fill(shape, [np.concatenate([left, right])]) & panel, {"pts": np.stack([cxs, cys], 1),
+                                                                  "half": float(np.median(half))}
 
 
 def _crack_shape(rng, shape, pane, unit):
@@ -439,8 +447,13 @@ def _paint_dent(rng, layer, region, info, body_colour):
     strength = 0.55 if lum > 90 else 0.9
     # one flank in shadow, the other catching light; an additive term keeps dents visible on black paint
     layer[ys, xs] = base * (1 + strength * np.clip(proj, -1, 1))[:, None] + (45 * np.clip(proj, -1, 1))[:, None]
+    # creased metal: a dark crease ring half-way out and a bright specular pinch at the centre
+    rho = np.hypot(xs - c[0], ys - c[1]) / max(1.0, info["a"])
+    layer[ys[np.abs(rho - 0.55) < 0.09], xs[np.abs(rho - 0.55) < 0.09]] *= 0.45
+    spec = rho < 0.16
+    layer[ys[spec], xs[spec]] = layer[ys[spec], xs[spec]] * 0.4 + 150
     edge = region & ~cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    layer[edge] *= 0.6
+    layer[edge] *= 0.5
 
 
 def _paint_scratch(rng, layer, region, info, body_colour):
@@ -449,7 +462,11 @@ def _paint_scratch(rng, layer, region, info, body_colour):
     tone = np.float32((225, 228, 232) if bright else (55, 60, 70))
     layer[region] = layer[region] * 0.25 + tone * 0.75
     core = np.zeros(region.shape, np.uint8)
-    cv2.polylines(core, [np.round(info["pts"]).astype(np.int32)], False, 1, 1)
+    pts = info["pts"]
+    d = pts[-1] - pts[0]
+    normal = np.array([-d[1], d[0]]) / max(1e-6, float(np.hypot(*d)))
+    for off in (-0.45, 0.0, 0.45):  # parallel gouges across the band's width
+        cv2.polylines(core, [np.round(pts + off * info["half"] * normal).astype(np.int32)], False, 1, 1)
     core_px = core.astype(bool) & region
     layer[core_px] = (250, 250, 250) if bright else (25, 30, 40)
 
@@ -500,7 +517,7 @@ def _paint_lamp(rng, layer, mask, kind, broken):
 # ----------------------------------------------------------------------------- one sample
 
 
-def _vehicle_plan(rng, shape, s, pad, n_vehicles, slot):
+def _vehicle_plan(rng, shape, s, pad, n_vehicles, slot, view: str | None = None):
     """Place one vehicle: returns its parts and view, sized and positioned in the padded canvas."""
     if n_vehicles == 1:
         length = s * rng.uniform(0.5, 0.95)
@@ -508,7 +525,8 @@ def _vehicle_plan(rng, shape, s, pad, n_vehicles, slot):
     else:
         length = s * rng.uniform(0.48, 0.7)
         ground = pad + s * (rng.uniform(0.42, 0.55) if slot == 0 else rng.uniform(0.88, 1.02))
-    view = str(rng.choice(["side", "front", "rear"], p=[0.7, 0.15, 0.15]))
+    drawn = str(rng.choice(["side", "front", "rear"], p=[0.7, 0.15, 0.15]))
+    view = view or drawn
     if view == "side":
         x0 = pad + rng.uniform(-0.25 * length, s - 0.75 * length)
         template = str(rng.choice(list(_SIDE_TEMPLATES)))
@@ -520,25 +538,49 @@ def _vehicle_plan(rng, shape, s, pad, n_vehicles, slot):
     return parts, view, length
 
 
-def _choose_damage(rng, view: str) -> list[str]:
+def _choose_damage(rng, view: str, target: str | None = None) -> list[str]:
     k = int(rng.choice([0, 1, 2, 3], p=[0.12, 0.3, 0.33, 0.25]))
     pool = [d for d in DAMAGE_TYPES if not (d == "tire_flat" and view != "side")]
     # only side views show flat tyres (and some are lost at the border): weight them up there
     w = np.array([1.6 if d == "tire_flat" else 1.0 for d in pool])
-    return list(rng.choice(pool, size=min(k, len(pool)), replace=False, p=w / w.sum()))
+    chosen = list(rng.choice(pool, size=min(k, len(pool)), replace=False, p=w / w.sum()))
+    if target is not None:  # the requested damage first (it gets the first pick of free space)
+        chosen = [target] + [d for d in chosen if d != target][:2]
+    return chosen
 
 
-def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
+def render_sample(rng: np.random.Generator, imgsz: int, view: str = "scene", target: str | None = None,
+                  zoom: tuple[float, float] = (1.8, 2.8)) -> Sample:
     """Render one synthetic image and its exact instances.
 
     Args:
         rng: random generator; the same generator state gives the same sample.
         imgsz: side of the square image in pixels.
+        view: ``"scene"`` (0-2 whole vehicles in their surroundings) or ``"closeup"`` (an
+            inspection photo: a window of ``imgsz`` px cut from a scene rendered ``zoom`` times
+            larger, framed on one damage, which may be cut by the window's border).
+        target: damage type the (first) vehicle carries, e.g. ``"dent"``; None = random damage.
+        zoom: close-up magnification range (uniform); ignored for scenes.
 
     Returns:
         Sample with the BGR uint8 image, instances (vehicles first, then their damage, each
         damage's ``parent`` pointing at its vehicle) and the low-light flag.
+
+    Raises:
+        ValueError: unknown ``view`` or ``target``.
     """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+    if target is not None and target not in DAMAGE_TYPES:
+        raise ValueError(f"target must be one of {DAMAGE_TYPES} or None, got {target!r}")
+    if view == "closeup":
+        return _render_closeup(rng, int(imgsz), target, zoom)
+    return _render_scene(rng, int(imgsz), target)
+
+
+def _render_scene(rng: np.random.Generator, imgsz: int, target: str | None = None,
+                  n_vehicles: int | None = None) -> Sample:
+    """A whole scene; ``target`` goes on the first vehicle, ``n_vehicles`` fixes the count."""
     s = int(imgsz)
     pad = s // 4  # vehicles stick out of the frame by at most ~0.25 s: the padding keeps them whole
     shape = (s + 2 * pad, s + 2 * pad)
@@ -549,13 +591,17 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
     crop = (slice(pad, pad + s), slice(pad, pad + s))
     min_area = max(12, int(20 * unit * unit))
 
-    n_vehicles = int(rng.choice([0, 1, 2], p=[0.06, 0.62, 0.32]))
+    drawn_n = int(rng.choice([0, 1, 2], p=[0.06, 0.62, 0.32]))
+    if n_vehicles is None:
+        n_vehicles = max(drawn_n, 1) if target else drawn_n
     taken = np.zeros(shape, bool)
     records: list[tuple[int, np.ndarray, int | None]] = []  # (cls, visible mask in image, parent vehicle)
     for slot in range(n_vehicles):
         for _attempt in range(12):
-            parts, view, length = _vehicle_plan(rng, shape, s, pad, n_vehicles, slot)
-            damages = _choose_damage(rng, view)
+            want = target if slot == 0 else None
+            parts, view, length = _vehicle_plan(rng, shape, s, pad, n_vehicles, slot,
+                                                view="side" if want == "tire_flat" else None)
+            damages = _choose_damage(rng, view, want)
             flat = None
             # a flat tyre goes on a wheel that is fully in frame (a cut one could not be labelled)
             inside = [i for i, (cx, cy, r) in enumerate(parts.wheels)
@@ -652,8 +698,10 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
                 if cand is None or (cand & occupied).any():
                     continue
                 vis_d = to_image(cand)
-                # hidden (cut by the border) or too small to see: not rendered, so not labelled
-                if vis_d.sum() < min_area or vis_d.sum() < 0.95 * cand.sum():
+                # too small to see, or cut by the border into pieces one polygon cannot describe:
+                # not rendered, so not labelled. A damage cut by the border is labelled by its
+                # visible part (never left unlabelled).
+                if vis_d.sum() < min_area or not _single_region(vis_d):
                     continue
                 region, info = cand, got[1]
                 break
@@ -708,6 +756,90 @@ def render_sample(rng: np.random.Generator, imgsz: int) -> Sample:
     return Sample(image, instances, low)
 
 
+def _single_region(m: np.ndarray) -> bool:
+    """True when one label polygon describes the mask: one piece, its fill adds (almost) nothing."""
+    solid = _solid(m)
+    if solid is None or (m & ~solid).any():
+        return False
+    return int((solid & ~m).sum()) <= max(2, int(0.1 * m.sum()))
+
+
+def _render_closeup(rng: np.random.Generator, s: int, target: str | None,
+                    zoom: tuple[float, float]) -> Sample:
+    """An inspection photo: an ``s`` px window of a ``zoom`` times larger single-vehicle scene.
+
+    The window is framed on one ``target`` damage; in about a quarter of the views the window's
+    border cuts through it. Every instance in the window is labelled by its visible part; a
+    window that would cut an instance into pieces (or leave a sliver too small to label) is
+    rejected, and after 6 rejected scenes the view falls back to an ordinary scene.
+    """
+    lo, hi = zoom
+    for _attempt in range(6):
+        big = max(s, int(round(s * rng.uniform(lo, hi))))
+        scene = _render_scene(rng, big, target, n_vehicles=1)
+        damage = [i for i in scene.instances if i.parent is not None]
+        focus = [i for i in damage if target is None or i.name == target] or damage
+        if not focus:
+            continue
+        anchor = focus[int(rng.integers(len(focus)))]
+        win = _frame_window(rng, scene, anchor, s)
+        if win is None:
+            continue
+        return _crop_sample(scene, win, s)
+    return _render_scene(rng, s, target)
+
+
+def _frame_window(rng, scene: Sample, anchor: Instance, s: int) -> tuple[int, int] | None:
+    """Top-left corner of an ``s`` px window showing ``anchor``, every instance in one labelable piece."""
+    big = scene.image.shape[0]
+    min_area = max(12, int(20 * (s / 160.0) ** 2))
+    ys, xs = np.nonzero(anchor.mask)
+    for _ in range(20):
+        corner = []
+        # in a quarter of the views the frame cuts the damage on one axis: labelled by its visible part
+        cut_axis = int(rng.integers(2)) if rng.random() < 0.25 else -1
+        for axis, (lo_px, hi_px) in enumerate(((xs.min(), xs.max()), (ys.min(), ys.max()))):
+            span = hi_px - lo_px + 1
+            if axis == cut_axis and span >= 8:
+                keep = rng.uniform(0.35, 0.75) * span  # share of the damage left inside the window
+                o = lo_px + keep - s if rng.random() < 0.5 else hi_px + 1 - keep
+            else:
+                a, b = min(lo_px, hi_px + 1 - s), max(lo_px, hi_px + 1 - s)
+                o = rng.uniform(a, b)
+            corner.append(int(np.clip(round(o), 0, big - s)))
+        x0, y0 = corner
+        ok = anchor.mask[y0:y0 + s, x0:x0 + s].any()
+        for inst in scene.instances:
+            v = inst.mask[y0:y0 + s, x0:x0 + s]
+            if v.any() and (v.sum() < min_area or not _single_region(v)):
+                ok = False
+                break
+        if ok:
+            return x0, y0
+    return None
+
+
+def _crop_sample(scene: Sample, win: tuple[int, int], s: int) -> Sample:
+    """Cut the window out of a rendered scene; instances keep their visible part, exact."""
+    x0, y0 = win
+    img = scene.image[y0:y0 + s, x0:x0 + s].astype(np.float32)
+    if scene.low_light and img.mean() < 32:  # dim, but above the data gate's "too_dark" floor
+        img += 32 - float(img.mean())
+    instances: list[Instance] = []
+    index: dict[int, int] = {}
+    for k, inst in enumerate(scene.instances):
+        m = inst.mask[y0:y0 + s, x0:x0 + s]
+        if not m.any() or (inst.parent is not None and inst.parent not in index):
+            continue
+        poly = _outer(m)
+        if poly is None:
+            continue
+        index[k] = len(instances)
+        instances.append(Instance(inst.cls, poly.astype(np.int32), m.copy(),
+                                  None if inst.parent is None else index[inst.parent]))
+    return Sample(np.clip(img, 0, 255).astype(np.uint8), instances, scene.low_light)
+
+
 def _crop_parts(parts: _Parts, box: tuple[slice, slice]) -> _Parts:
     """The same parts cut to a bounding box (wheel centres shifted into its coordinates)."""
     dy, dx = box[0].start, box[1].start
@@ -748,7 +880,21 @@ def _is_synth_output(out: Path) -> bool:
     return (out / SYNTH_MARKER).is_file()
 
 
-def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, val_fraction: float = 0.2) -> Path:
+def next_target(counts: dict[str, int]) -> str:
+    """The damage type with the fewest instances so far (ties: the first in ``DAMAGE_TYPES``).
+
+    Asking every image for the least represented damage keeps the per-class counts of a split
+    within a few instances of each other, whatever the random extra damage adds.
+
+    >>> next_target({"dent": 3, "scratch": 1, "crack": 1, "glass_shatter": 2, "lamp_broken": 5, "tire_flat": 4})
+    'scratch'
+    """
+    return min(DAMAGE_TYPES, key=lambda d: (counts.get(d, 0), DAMAGE_TYPES.index(d)))
+
+
+def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, val_fraction: float = 0.2,
+                     closeup_fraction: float = 0.0, zoom: tuple[float, float] = (1.8, 2.8),
+                     balance: bool = True) -> Path:
     """Write the synthetic YOLO-seg dataset into ``out`` (atomically) and return its data.yaml.
 
     Layout: ``images/{train,val}/*.png``, ``labels/{train,val}/*.txt``, ``data.yaml`` (absolute
@@ -762,6 +908,10 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         seed: generator seed.
         imgsz: side of the square images in pixels.
         val_fraction: fraction of images in the val split (at least one image each side).
+        closeup_fraction: share of close-up inspection views (the rest are whole scenes).
+        zoom: close-up magnification range.
+        balance: each image carries the damage type least represented so far in its split
+            (class-balanced counts); False = random damage.
 
     Raises:
         DatasetError: bad arguments or ``out`` is a non-empty folder that is not synth output.
@@ -776,17 +926,29 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         raise DatasetError(f"{out}: imgsz must be >= 32, got {imgsz}")
     if seed < 0:
         raise DatasetError(f"{out}: seed must be >= 0, got {seed}")
+    if not 0 <= closeup_fraction <= 1:
+        raise DatasetError(f"{out}: closeup_fraction must be in [0, 1], got {closeup_fraction}")
+    if not 1 <= zoom[0] <= zoom[1]:
+        raise DatasetError(f"{out}: zoom must be [min, max] with 1 <= min <= max, got {list(zoom)}")
     out = Path(out).expanduser().resolve()
     n_val = min(images - 1, max(1, round(images * val_fraction)))
     val_idx = set(np.random.default_rng([seed, 7919]).permutation(images)[:n_val].tolist())
     png = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+    counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    # the view of image i depends on (seed, i) only, so a larger dataset keeps the first images' views
+    views = np.random.default_rng([seed, 104729]).random(images) < closeup_fraction
     with atomic_output_dir(out, replace_if=_is_synth_output) as tmp:
         for split in ("train", "val"):
             (tmp / "images" / split).mkdir(parents=True)
             (tmp / "labels" / split).mkdir(parents=True)
         for i in range(images):
             split = "val" if i in val_idx else "train"
-            sample = render_sample(np.random.default_rng([seed, i]), imgsz)
+            target = next_target(counts[split]) if balance else None
+            sample = render_sample(np.random.default_rng([seed, i]), imgsz,
+                                   "closeup" if views[i] else "scene", target, zoom)
+            for inst in sample.instances:
+                if inst.parent is not None:
+                    counts[split][inst.name] = counts[split].get(inst.name, 0) + 1
             name = f"synth_{i:05d}"
             ok, buf = cv2.imencode(".png", sample.image, png)
             if not ok:
@@ -797,7 +959,8 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         data = {"path": str(out), "train": "images/train", "val": "images/val",
                 "names": dict(enumerate(CLASSES))}
         (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        marker = {"generator": "tasks.data.synth", "images": images, "seed": seed, "imgsz": imgsz,
-                  "val_fraction": val_fraction}
+        marker = {"generator": "tasks.data.synth", "version": GENERATOR_VERSION, "images": images, "seed": seed,
+                  "imgsz": imgsz, "val_fraction": val_fraction, "closeup_fraction": closeup_fraction,
+                  "zoom": list(zoom), "balance": balance, "damage_counts": counts}
         (tmp / SYNTH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out / "data.yaml"

@@ -54,6 +54,7 @@ class TrainResult:
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     args: dict[str, Any] = field(default_factory=dict)
+    accumulate: int | None = None  # batches per optimiser step, read off the Ultralytics trainer
 
     @property
     def results_csv(self) -> Path:
@@ -68,11 +69,16 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
         "epochs": cfg.epochs,
         "imgsz": cfg.imgsz,
         "batch": cfg.batch,
+        # nominal batch: null -> batch, i.e. one optimiser step per batch (Ultralytics' 64 would
+        # accumulate 8 batches of 8 into one step: too few steps for a small dataset on CPU)
+        "nbs": cfg.nbs if cfg.nbs is not None else cfg.batch,
         "optimizer": cfg.optimizer,
         "lr0": lr0,
         "lrf": cfg.lrf,
         "cos_lr": cfg.cos_lr,
         "warmup_epochs": cfg.warmup_epochs,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
         "patience": cfg.patience if cfg.patience > 0 else 10**6,
         "workers": cfg.workers,
         "device": cfg.device,
@@ -83,7 +89,7 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
         "name": name,
         "exist_ok": True,
         "plots": True,
-        "val": True,
+        "val": cfg.val,
         "verbose": False,
         "amp": cfg.device != "cpu",
         # One mask per instance. Ultralytics' default overlap_mask=True merges the ground-truth
@@ -286,6 +292,14 @@ def train_model(
         on_epoch(int(trainer.epoch), metrics)
 
     model.add_callback("on_val_end", _val_end)
+
+    accumulate: list[int] = []
+
+    def _train_start(trainer) -> None:
+        # the trainer's nominal accumulation (warmup ramps up to it from 1)
+        accumulate.append(int(trainer.accumulate))
+
+    model.add_callback("on_train_start", _train_start)
     model.add_callback("on_fit_epoch_end", _epoch_end)
     if trainer_cls is not None:
         train_kwargs["trainer"] = trainer_cls
@@ -308,6 +322,7 @@ def train_model(
         epochs_run=len(history),
         history=history,
         args={k: v for k, v in train_kwargs.items() if k != "trainer"},
+        accumulate=accumulate[0] if accumulate else None,
     )
 
 
@@ -388,6 +403,8 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
         # (its numbers are also the last points of the per-epoch series), the epoch count a tag.
         tracking.log_dict(c, run_id, {k: round(v, 6) for k, v in result.metrics.items()}, "results/final_metrics.json")
         tracking.set_tags(c, run_id, {"epochs_run": result.epochs_run})
+        if result.accumulate is not None:
+            tracking.set_tags(c, run_id, {"accumulate": result.accumulate})
         for f in sorted(result.run_dir.glob("*")):
             if f.suffix in {".csv", ".png", ".jpg", ".yaml"}:
                 tracking.log_artifact(c, run_id, f, "results")

@@ -145,3 +145,112 @@ def test_images_are_bgr_uint8_and_varied(samples):
                for s in samples for i in s.instances)
     means = [tuple(s.image.reshape(-1, 3).mean(0).round()) for s in samples]
     assert len(set(means)) == len(means)
+
+
+# ----------------------------------------------------------------------------- v3: close-ups, balance, clipping
+
+
+@pytest.fixture(scope="module")
+def closeups() -> list:
+    from tasks.data.synth import DAMAGE_TYPES
+
+    return [render_sample(np.random.default_rng([4, i]), 160, "closeup", DAMAGE_TYPES[i % 6]) for i in range(36)]
+
+
+def test_closeup_labels_are_exact_and_show_the_requested_damage(closeups):
+    from tasks.data.synth import DAMAGE_TYPES
+
+    for k, s in enumerate(closeups):
+        assert s.image.shape == (160, 160, 3) and s.image.dtype == np.uint8
+        names = [i.name for i in s.instances]
+        assert DAMAGE_TYPES[k % 6] in names, f"close-up {k} lacks its target {DAMAGE_TYPES[k % 6]}: {names}"
+        for inst, line in zip(s.instances, label_lines(s, 160), strict=True):
+            poly = np.array(line.split()[1:], dtype=np.float64).reshape(-1, 2) * 160
+            label = _fill(poly, 160)
+            iou = (label & inst.mask).sum() / (label | inst.mask).sum()
+            assert iou >= 0.9, f"close-up {k} {inst.name}: IoU {iou:.3f}"
+            if inst.parent is not None:
+                assert not (inst.mask & ~s.instances[inst.parent].mask).any()
+
+
+def test_closeups_magnify_damage(closeups, samples):
+    def median_damage_area(ss):
+        return np.median([i.area for s in ss for i in s.instances if i.parent is not None])
+
+    assert median_damage_area(closeups) > 3 * median_damage_area(samples)
+
+
+def test_damage_cut_by_the_border_is_labelled_by_its_visible_part(closeups):
+    cut = [i for s in closeups for i in s.instances if i.parent is not None
+           and (i.mask[0].any() or i.mask[-1].any() or i.mask[:, 0].any() or i.mask[:, -1].any())]
+    assert len(cut) >= 3, "close-ups must include damage cut by the frame"
+    for inst in cut:  # its label reaches the border: the visible part, not dropped, not extrapolated
+        assert inst.polygon.min() == 0 or inst.polygon.max() == 159
+
+
+def test_crop_keeps_every_visible_instance_clipped_to_the_window():
+    from tasks.data.synth import _crop_sample, _render_scene
+
+    scene = _render_scene(np.random.default_rng(11), 320, "dent", n_vehicles=1)
+    dent = next(i for i in scene.instances if i.name == "dent")
+    ys, xs = np.nonzero(dent.mask)
+    mid = (xs.min() + xs.max()) // 2
+    x0 = int(mid if mid <= 160 else mid - 160)  # one vertical edge of the window through the dent's middle
+    y0 = int(np.clip(ys.min() - 40, 0, 160))
+    crop = _crop_sample(scene, (x0, y0), 160)
+    visible = [i for i in scene.instances if i.mask[y0:y0 + 160, x0:x0 + 160].any()]
+    assert [i.name for i in crop.instances] == [i.name for i in visible]
+    for got, src in zip(crop.instances, visible, strict=True):
+        assert np.array_equal(got.mask, src.mask[y0:y0 + 160, x0:x0 + 160])
+    cut_dent = next(i for i in crop.instances if i.name == "dent")
+    assert 0 < cut_dent.area < dent.area
+    assert cut_dent.mask[:, 0].any() or cut_dent.mask[:, -1].any()  # it reaches the cut edge
+
+
+def _label_counts(root: Path, split: str) -> Counter:
+    c: Counter = Counter()
+    for f in (root / "labels" / split).glob("*.txt"):
+        c.update(CLASSES[int(line.split()[0])] for line in f.read_text().splitlines() if line.strip())
+    return c
+
+
+def test_train_split_damage_counts_are_balanced(tmp_path):
+    import json
+
+    data = generate_dataset(tmp_path / "ds", images=48, seed=2, imgsz=96, val_fraction=0.25, closeup_fraction=0.5)
+    train = _label_counts(data.parent, "train")
+    damage = {c: train[c] for c in CLASSES if c != "vehicle"}
+    assert min(damage.values()) >= 5, damage
+    assert max(damage.values()) - min(damage.values()) <= 3, damage
+    marker = json.loads((data.parent / ".synth.json").read_text())
+    assert marker["damage_counts"]["train"] == damage  # the marker records what the labels hold
+    assert marker["version"] == 3 and marker["closeup_fraction"] == 0.5
+
+
+def test_closeup_datasets_are_deterministic(tmp_path):
+    kw = dict(images=8, seed=5, imgsz=96, val_fraction=0.25, closeup_fraction=0.5)
+    a, b = generate_dataset(tmp_path / "a", **kw), generate_dataset(tmp_path / "b", **kw)
+    fa, fb = _files(a.parent), _files(b.parent)
+    assert fa.keys() == fb.keys()
+    assert all(fa[n] == fb[n] for n in fa if n != "data.yaml")
+
+
+def test_cache_key_holds_generator_version_and_composition(tmp_path):
+    from tasks.core.config import DataConfig, SynthConfig
+    from tasks.data.source import synth_dir
+    from tasks.data.synth import GENERATOR_VERSION
+
+    a = synth_dir(tmp_path, DataConfig(synth=SynthConfig(closeup_fraction=0.0)))
+    b = synth_dir(tmp_path, DataConfig(synth=SynthConfig(closeup_fraction=0.6)))
+    c = synth_dir(tmp_path, DataConfig(synth=SynthConfig(closeup_fraction=0.6, balance=False)))
+    assert len({a, b, c}) == 3
+    assert all(p.name.startswith(f"synth-g{GENERATOR_VERSION}-") for p in (a, b, c))
+
+
+def test_bad_view_target_and_zoom_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="view"):
+        render_sample(np.random.default_rng(0), 96, "aerial")
+    with pytest.raises(ValueError, match="target"):
+        render_sample(np.random.default_rng(0), 96, "closeup", "rust")
+    with pytest.raises(DatasetError, match="zoom"):
+        generate_dataset(tmp_path / "z", images=4, zoom=(0.5, 2.0))

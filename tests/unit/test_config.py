@@ -65,5 +65,9 @@ def test_demo_config_only_changes_what_it_lists():
     demo = load_config(DEFAULT_CONFIG.parent / "demo.yaml").to_dict()
     base = load_config().to_dict()
     changed = {k for k in base if base[k] != demo[k]}
-    assert changed == {"train"}  # data.source is synth in both
-    assert {k for k in base["train"] if base["train"][k] != demo["train"][k]} == {"epochs", "batch", "augment"}
+    assert changed == {"data", "train"}  # data.source is synth in both
+    assert {k for k in base["data"] if base["data"][k] != demo["data"][k]} == {"synth"}
+    assert {k for k in base["data"]["synth"] if base["data"]["synth"][k] != demo["data"]["synth"][k]} == {
+        "images", "closeup_fraction"}
+    assert {k for k in base["train"] if base["train"][k] != demo["train"][k]} == {
+        "batch", "nbs", "optimizer", "lr0", "val", "cache", "augment"}  # epochs: 30 in both
