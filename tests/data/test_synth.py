@@ -254,3 +254,9 @@ def test_bad_view_target_and_zoom_are_refused(tmp_path):
         render_sample(np.random.default_rng(0), 96, "closeup", "rust")
     with pytest.raises(DatasetError, match="zoom"):
         generate_dataset(tmp_path / "z", images=4, zoom=(0.5, 2.0))
+
+
+def test_scenes_keep_damage_cut_by_the_image_border(samples):
+    cut = [i for s in samples for i in s.instances if i.parent is not None
+           and (i.mask[0].any() or i.mask[-1].any() or i.mask[:, 0].any() or i.mask[:, -1].any())]
+    assert len(cut) >= 2, "scenes must label damage that the image border cuts (v2 dropped it)"
