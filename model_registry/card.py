@@ -109,8 +109,11 @@ def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str
 
         objective_help = OBJECTIVES[sweep.objective].help
         flat = bool(sweep.best.get("flat", False))
-    sizes = {f"images/{k}": v for k, v in (getattr(data, "images", None) or {}).items()}
-    sizes.update({f"instances/{k}": v for k, v in (getattr(data, "instances", None) or {}).items()})
+    from tasks.data.mlflow_input import dataset_profile
+
+    prof = dataset_profile(data.data_yaml, data.fingerprint)  # cached: counted once per pipeline run
+    sizes = {f"images/{k}": v for k, v in prof["splits"].items()}
+    sizes.update({f"instances/{k}": v for k, v in prof["instances"].items()})
     c = tracking.client(run.tracking_uri)
     md = model_card(
         version.name, version.version, metrics, getattr(evaluation, "per_class", []),

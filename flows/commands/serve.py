@@ -61,7 +61,10 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> int:
     def _term(*_):
         raise KeyboardInterrupt
 
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT
+    # as "ignored", and Python then never raises KeyboardInterrupt.
     old = signal.signal(signal.SIGTERM, _term)
+    old_int = signal.signal(signal.SIGINT, _term)
     try:
         while True:
             for p, log in zip(procs, logs, strict=True):
@@ -77,6 +80,7 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> int:
     finally:
         _stop(procs)
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def serve(

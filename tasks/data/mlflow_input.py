@@ -55,13 +55,16 @@ def dataset_entity(data_yaml: str | Path, fingerprint: str, source: str | None =
     Args:
         data_yaml: the local data.yaml the run reads.
         fingerprint: ``dataset_fingerprint`` of the dataset folder.
-        source: where the data came from (``s3://bucket/prefix``); None = the local folder.
+        source: where the data came from when remote (``s3://bucket/prefix``); otherwise the
+            local folder of ``data_yaml`` is the source.
         name: display name; None = the dataset folder's name.
     """
     from mlflow.entities import Dataset
 
     data_yaml = Path(data_yaml).resolve()
-    src = source or str(data_yaml.parent)
+    # A remote origin (s3://) is the source; anything else ("synth", a COCO JSON...) was resolved
+    # into the local folder the run actually read.
+    src = source if source and source.startswith("s3://") else str(data_yaml.parent)
     kind = SOURCE_TYPE_S3 if src.startswith("s3://") else SOURCE_TYPE_LOCAL
     return Dataset(name=name or data_yaml.parent.name, digest=fingerprint, source_type=kind,
                    source=json.dumps({"uri": src}), profile=json.dumps(dataset_profile(data_yaml, fingerprint)),
