@@ -106,6 +106,7 @@ def _check_backend(role: str) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # three servers + a served deployment + a training: 900 s is too tight on a busy 2-core box
 def test_nightly_deployment_end_to_end(prefect_server, mlflow_s3_server, moto_s3, served):
     from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
