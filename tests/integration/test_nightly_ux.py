@@ -17,8 +17,27 @@ TINY = [
     "data.synth.images=24", "data.synth.imgsz=96", "data.synth.val_fraction=0.25",
     "train.epochs=1", "train.imgsz=96", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
     "explain.enabled=false", "export.parity_images=1", "compress.enabled=false",
-    f"registry.model_name={MODEL}", "registry.floor_mask_map=0.0", "mlflow.system_metrics_interval_s=1",
+    "mlflow.system_metrics_interval_s=1",
 ]
+# The registry section is the worker's own config, never a run parameter: pinned in the environment.
+# Floors off (a 1-epoch model) so the first candidate passes the gate and the approval message goes out.
+WORKER_REGISTRY = {"model_name": MODEL, "floor_mask_map": 0.0, "min_class_ap50": 0.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def worker_registry():
+    import json
+    import os
+
+    from tasks.core.config import REGISTRY_ENV
+
+    old = os.environ.get(REGISTRY_ENV)
+    os.environ[REGISTRY_ENV] = json.dumps(WORKER_REGISTRY)
+    yield
+    if old is None:
+        os.environ.pop(REGISTRY_ENV, None)
+    else:
+        os.environ[REGISTRY_ENV] = old
 
 
 def _dead_port() -> int:
@@ -43,9 +62,9 @@ def notify_config(recorder, tmp_path_factory) -> str:
 
 
 def _flush_logs() -> None:
-    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.handlers import APILogWorker
 
-    APILogHandler.flush()
+    APILogWorker.drain_all(timeout=10)  # what APILogHandler.flush does outside an event loop
 
 
 @pytest.fixture(scope="module")
