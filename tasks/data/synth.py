@@ -37,7 +37,7 @@ from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: labels also checked for crossings as written (normalised to 6 decimals)
 SYNTH_MARKER = ".synth.json"  # marks a folder as synth output, so it may be replaced
 _CLS = {name: i for i, name in enumerate(CLASSES)}
 DAMAGE_TYPES = ["dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
@@ -145,7 +145,10 @@ def _outer(mask: np.ndarray) -> np.ndarray | None:
         if len(c) < 3:
             return None
         poly = c.reshape(-1, 2)
-        if not polygon_self_intersects(poly.astype(np.float64)):
+        # checked as written too: normalised to 6 decimals, a vertex that touches an edge in
+        # pixels can land a hair across it, and the data gate reads the written numbers
+        written = np.round(poly.astype(np.float64) / m.shape[1], 6)
+        if not polygon_self_intersects(poly.astype(np.float64)) and not polygon_self_intersects(written):
             return poly
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
     return None
