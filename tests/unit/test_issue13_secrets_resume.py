@@ -19,7 +19,8 @@ def test_13_15_credentials_stripped_from_params_files_and_hash(tmp_path, monkeyp
     from tasks.core.skip import SkipDecision, record_skip, skip_config_hash
 
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so what the code under test sets is undone afterwards
+        monkeypatch.delenv(k)
     a = load_config(overrides=["mlflow.tracking_uri=http://pipeline:s3cret@mlflow.example:5000"])
     b = load_config(overrides=["mlflow.tracking_uri=http://pipeline:0ther@mlflow.example:5000"])
     assert a.hash() == b.hash() and skip_config_hash(a) == skip_config_hash(b)  # password change: same hash
