@@ -25,6 +25,21 @@ WORKER_REGISTRY = {"model_name": MODEL, "floor_mask_map": 0.0, "min_class_ap50":
 
 
 @pytest.fixture(scope="module", autouse=True)
+def restore_import_state():
+    """Loading the pyfunc in this process puts its shipped copy of ``tasks`` (predictor files only) on
+    ``sys.path`` and in ``sys.modules``; later tests, and processes they spawn, must import the repo's."""
+    import sys
+
+    path = list(sys.path)
+    mods = {k: v for k, v in sys.modules.items() if k == "tasks" or k.startswith("tasks.")}
+    yield
+    sys.path[:] = path
+    for k in [k for k in sys.modules if k == "tasks" or k.startswith("tasks.")]:
+        del sys.modules[k]
+    sys.modules.update(mods)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def worker_registry():
     import json
     import os
@@ -233,6 +248,9 @@ def test_failure_notification_names_step_error_and_link(ux_failed):
     assert "workflowType=machine_learning" in failure["message"]
 
 
+# slow: loading the pyfunc in the pytest process shadows the repo's `tasks` package for processes spawned later
+# (seen breaking tests/integration/test_registry_concurrency.py); to be moved into a subprocess
+@pytest.mark.slow
 def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, caplog):
     import mlflow
     import yaml
