@@ -426,12 +426,10 @@ def version_from_run(client: MlflowClient, model_name: str, run_id: str) -> Vers
     return _info(min(found, key=lambda mv: int(mv.version))) if found else None
 
 
-def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
-    """Download the version's ONNX file into ``dst_dir``; returns its local path."""
+def _download(client: MlflowClient, name: str, version: str | int, uri: str, dst_dir: str | Path) -> Path:
+    """Download one artifact of a version; access denials propagate, other failures are RegistryError."""
     import mlflow.artifacts
 
-    info = _version(client, name, version)
-    uri = info.tags.get(T_ARTIFACT_ONNX) or f"{info.source.rstrip('/')}/model.onnx"
     with _mlflow_errors(client, f"download {uri}"):
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir),
@@ -441,6 +439,13 @@ def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: 
                 raise
             raise RegistryError(f"'{name}' version {version}: cannot download {uri}: {e.message}") from None
     return Path(local)
+
+
+def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
+    """Download the version's ONNX file into ``dst_dir``; returns its local path."""
+    info = _version(client, name, version)
+    uri = info.tags.get(T_ARTIFACT_ONNX) or f"{info.source.rstrip('/')}/model.onnx"
+    return _download(client, name, version, uri, dst_dir)
 
 
 def download_pt(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
@@ -450,22 +455,12 @@ def download_pt(client: MlflowClient, name: str, version: str | int, dst_dir: st
         RegistryError: the version has no ``.pt`` (e.g. an INT8 variant that only exists as ONNX)
             or it cannot be downloaded.
     """
-    import mlflow.artifacts
-
     info = _version(client, name, version)
     uri = info.tags.get(T_ARTIFACT_PT)
     if not uri:
         raise RegistryError(f"'{name}' version {version} has no PyTorch checkpoint ({T_ARTIFACT_PT} tag missing)")
     Path(dst_dir).mkdir(parents=True, exist_ok=True)
-    with _mlflow_errors(client, f"download {uri}"):
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir),
-                                                        tracking_uri=client.tracking_uri)
-        except MlflowException as e:
-            if _denied(e):
-                raise
-            raise RegistryError(f"'{name}' version {version}: cannot download {uri}: {e.message}") from None
-    return Path(local)
+    return _download(client, name, version, uri, dst_dir)
 
 
 def list_versions(client_or_uri: MlflowClient | str, name: str) -> list[VersionInfo]:
