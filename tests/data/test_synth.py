@@ -221,7 +221,9 @@ def test_train_split_damage_counts_are_balanced(tmp_path):
     train = _label_counts(data.parent, "train")
     damage = {c: train[c] for c in CLASSES if c != "vehicle"}
     assert min(damage.values()) >= 5, damage
-    assert max(damage.values()) - min(damage.values()) <= 3, damage
+    # greedy balancing per image (each also carries random extra damage): a spread of a few instances
+    # at 48 images; unbalanced random choice spreads ~9 here
+    assert max(damage.values()) - min(damage.values()) <= 4, damage
     marker = json.loads((data.parent / ".synth.json").read_text())
     assert marker["damage_counts"]["train"] == damage  # the marker records what the labels hold
     assert marker["version"] == GENERATOR_VERSION and marker["closeup_fraction"] == 0.5
