@@ -36,7 +36,7 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
                dataset_sizes: Mapping[str, Any] | None = None, parent_version: str | None = None,
                kind: str = "trained", latency_ms: float | None = None, machine_desc: str = "",
                source_run_url: str | None = None, flow_run_url: str | None = None,
-               gate: Mapping[str, Any] | None = None) -> str:
+               gate: Mapping[str, Any] | None = None, family: str | None = None) -> str:
     """Markdown card of one version.
 
     Example:
@@ -47,7 +47,8 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
     """
     out = [f"## {name} v{version}", "",
            f"**Kind:** {kind}" + (f" (compressed from / fine-tuned on version {parent_version})" if parent_version
-                                  else ""), ""]
+                                  else "")
+           + (f" · **Family:** {family}" if family else ""), ""]
     out += ["### Metrics (val, mAP at conf floor 0.001)", "", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {_f(metrics.get(k))} |" for k in _OVERALL if k in metrics]
     if latency_ms is not None or metrics.get("latency_ms") is not None:
@@ -124,6 +125,7 @@ def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str
         source_run_url=links.get("mlflow_run_url") or mlflow_run_url(
             run.experiment_id, run.run_id, mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)),
         flow_run_url=links.get("prefect_flow_run_url"),
-        gate=decision.to_dict() if hasattr(decision, "to_dict") else None)
+        gate=decision.to_dict() if hasattr(decision, "to_dict") else None,
+        family=version.tags.get("model.family") if getattr(version, "tags", None) else None)
     describe_version(c, version.name, version.version, md)
     return md

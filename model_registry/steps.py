@@ -69,6 +69,10 @@ def version_lineage(run, dataset_fingerprint: str, candidate: dict[str, Any],
     if candidate.get("parent"):
         lineage["parent_version"] = str(candidate["parent"])
     lineage["variant"] = str(candidate.get("kind", "trained"))
+    if candidate.get("onnx"):  # the exported file names its family (damage.family, written by export_onnx)
+        from tasks.export.onnx import read_onnx_metadata
+
+        lineage["model.family"] = str(read_onnx_metadata(Path(candidate["onnx"])).get("family", "unknown"))
     if init is not None:
         lineage[T_PARENT] = init.parent_version or "none"
         lineage["lineage.init"] = init.source

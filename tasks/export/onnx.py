@@ -13,7 +13,8 @@ Metadata keys written (``onnx.ModelProto.metadata_props``, all strings):
 * the pipeline's, JSON-encoded under ``damage.``: ``damage.names`` (list), ``damage.imgsz``,
   ``damage.stride``, ``damage.task``, ``damage.conf``, ``damage.iou``, ``damage.objective``
   (operating point chosen by the sweep), ``damage.dataset_fingerprint``,
-  ``damage.source_run_id``, plus every other key of ``metadata``. The prefix keeps them from
+  ``damage.source_run_id``, ``damage.family`` (``yolov8``, ``yolo11``, ``yolo26``), plus every other key
+  of ``metadata``. The prefix keeps them from
   clashing with Ultralytics' keys (which it sets as attributes on its backend).
 """
 
@@ -132,6 +133,9 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         raise DamageError(f"{out}: opset {opset} not supported (>= 12)")
     model = _load_yolo(weights)
     check_end2end(model.model, weights, end2end)
+    from tasks.core.families import family_name
+
+    family = family_name(model.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
@@ -149,7 +153,8 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         except Exception as e:
             raise DamageError(f"{weights}: ONNX export failed (opset {opset}): {e}") from e
         proto = onnx.load(str(produced))
-        meta = _pipeline_metadata(proto, metadata or {})
+        # the file says which family it is (registry tag, predictor decode, benchmarks)
+        meta = _pipeline_metadata(proto, {"family": family, **(metadata or {})})
         existing = {p.key for p in proto.metadata_props}
         for k, v in meta.items():
             if k in existing:
@@ -347,12 +352,6 @@ def _end2end_figures(t_det: np.ndarray, o_det: np.ndarray, imgsz: int, atol: flo
 # ----------------------------------------------------------------------------- pipeline step
 
 
-def _family(weights: Path) -> str:
-    from tasks.core.families import family_name
-
-    return family_name(_load_yolo(weights).model)
-
-
 def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[str, Any], metadata: dict[str, Any],
                 sample_images: list[Path], parent_run_id: str) -> ExportResult:
     """Export + parity gate inside a nested MLflow run "export".
@@ -378,7 +377,7 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
     meta = {**{k: v for k, v in thresholds.items() if v is not None}, **metadata}
     with tracking.step_run(parent_run_id, "export") as (c, run_id):
         tracking.log_params(c, run_id, {"export": cfg.model_dump(), "export.imgsz_used": size,
-                                        "weights": str(weights), "family": _family(weights)})
+                                        "weights": str(weights)})
         export_onnx(weights, out, size, cfg.opset, cfg.dynamic, cfg.simplify, meta, end2end=cfg.end2end)
         imgs: list[Path] | int = list(sample_images)[: cfg.parity_images] or cfg.parity_images
         parity = parity_figures(weights, out, imgs, size, cfg.parity_atol)
@@ -391,6 +390,7 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
         tracking.log_metrics(c, run_id, {"onnx_size_mb": out.stat().st_size / 2**20})
         tracking.log_artifact(c, run_id, out, "onnx")
         full_meta = read_onnx_metadata(out)
+        tracking.log_params(c, run_id, {"family": full_meta.get("family", "unknown")})
         tracking.log_dict(c, run_id, full_meta, "onnx/metadata.json")
         tracking.set_tags(c, run_id, {"onnx_path": str(out), "parity": "passed"})
     return ExportResult(onnx_path=out, parity=parity, run_id=run_id, metadata=full_meta)

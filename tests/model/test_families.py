@@ -161,19 +161,30 @@ def test_train_export_predict_register_per_family(family, exported, images, tmp_
     from ultralytics import YOLO
 
     import model_registry as mr
+    from model_registry.steps import version_lineage
     from tasks.core import tracking
     from tasks.core.families import family_name
+    from tasks.export.onnx import read_onnx_metadata
     from tasks.serving.predictor import Predictor
 
     name, best = family
     res, parent = _export(family, exported)
     ours = Predictor(res.onnx_path, conf=0.0001).predict(images[:2])
     c = tracking.client()
+
+    class _Run:  # what version_lineage reads of the pipeline run
+        run_id = parent
+
+        @staticmethod
+        def lineage(fp):
+            return {"dataset_fingerprint": fp, "config_hash": "h", "code_version": "c"}
+
+    # the exported file names its family; the nightly's lineage tags copy it onto the version
+    assert read_onnx_metadata(res.onnx_path)["family"] == family_name(YOLO(str(best)).model)
+    lineage = version_lineage(_Run, "fp", {"onnx": res.onnx_path, "kind": "trained"})
     v = mr.register_candidate(c, f"fam-{name}", parent, res.onnx_path, best, {"mask/mAP50": 0.0},
-                              {"conf": 0.3, "iou": 0.6}, {"dataset_fingerprint": "fp", "config_hash": "h",
-                                                          "code_version": "c",
-                                                          "family": family_name(YOLO(str(best)).model)})
-    assert v.tags["family"] == name.split("n-seg")[0] and v.approval == "pending"
+                              {"conf": 0.3, "iou": 0.6}, lineage)
+    assert v.tags["model.family"] == name.split("n-seg")[0] and v.approval == "pending"
     local = mr.download_onnx(c, f"fam-{name}", v.version, tmp_path)
     theirs = Predictor(local, conf=0.0001).predict(images[:2])
     assert [len(p.instances) for p in theirs] == [len(p.instances) for p in ours]

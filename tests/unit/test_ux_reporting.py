@@ -96,7 +96,8 @@ def test_model_card_lists_per_class_and_operating_point():
                     objective_help="max mask F1", flat_objective=True, dataset_fingerprint="abcd1234",
                     dataset_sizes={"images/train": 18}, parent_version="3", kind="int8-static",
                     source_run_url="http://m/#/experiments/1/runs/r?workflowType=machine_learning",
-                    flow_run_url="http://p/runs/flow-run/f")
+                    flow_run_url="http://p/runs/flow-run/f", family="yolo11")
+    assert "**Family:** yolo11" in md
     assert "| dent | 3 | 5 | 0.500 | 0.250 | 0.457 | 0.200 |" in md
     assert "| crack | 0 | 0 | – | – | – | – |" in md
     assert "conf **0.4**, NMS IoU **0.5**" in md and "mask_f1" in md and "flat across the grid" in md
