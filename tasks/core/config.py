@@ -103,6 +103,7 @@ class TrainConfig(_Section):
     model: str = "n"
     weights: str | None = None
     epochs: int = Field(30, ge=1)
+    time_min: float | None = Field(None, gt=0)
     imgsz: int = Field(160, ge=32)
     batch: int = Field(16, ge=1)
     nbs: int | None = Field(None, ge=1)

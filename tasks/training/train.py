@@ -67,6 +67,8 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
     args: dict[str, Any] = {
         "data": str(data_yaml),
         "epochs": cfg.epochs,
+        # a wall-time budget (hours in Ultralytics) overrides epochs; None/0 = train `epochs`
+        "time": cfg.time_min / 60.0 if cfg.time_min else None,
         "imgsz": cfg.imgsz,
         "batch": cfg.batch,
         # nominal batch: null -> batch, i.e. one optimiser step per batch (Ultralytics' 64 would

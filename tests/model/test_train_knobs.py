@@ -38,3 +38,15 @@ def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path,
     assert sorted(seen) == list(range(epochs))
     assert "mask/mAP50" in seen[epochs - 1]
     assert all("mask/mAP50" not in seen[e] and "train/seg_loss" in seen[e] for e in range(epochs - 1))
+
+
+def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path):
+    """train.time_min reaches Ultralytics (hours) and ends training on time, not after `epochs`."""
+    from tasks.training.train import train_model
+
+    assert build_train_args(TrainConfig(), tmp_path / "d.yaml", tmp_path, "r", 0)["time"] is None
+    cfg = TrainConfig(model="n", epochs=40, time_min=0.01, imgsz=64, batch=8, val=False, patience=0)
+    assert build_train_args(cfg, tmp_path / "d.yaml", tmp_path, "r", 0)["time"] == pytest.approx(0.01 / 60)
+    seen: dict[int, dict[str, float]] = {}
+    train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m))
+    assert 1 <= len(seen) <= 3, sorted(seen)  # a 0.6 s budget: one epoch (re-estimated), never 40
