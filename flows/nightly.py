@@ -72,7 +72,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                 system_metrics_s=cfg.mlflow.system_metrics_interval_s,
                                                 dataset_source=cfg.data.source)
         issues = _t(label_issues_step, "label-issues")(trained.best, data.data_yaml, cfg.label_issues,
-                                                         cfg.imgsz, run.run_id, run.root / "label_issues") \
+                                                         cfg.imgsz, run.run_id, run.root / "label_issues",
+                                                         train_cfg=train_cfg, seed=cfg.seed) \
             if cfg.label_issues.enabled else None
         sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id) \
             if cfg.sweep.enabled else None
@@ -87,12 +88,15 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                         cfg.imgsz, run.run_id)
         candidate = {"weights": trained.best, "onnx": exported.onnx_path, "metrics": metrics.metrics,
                      "kind": "trained", "parent": None}
+        compression = None
         if cfg.compress.enabled:
             from flows.compress import compress_flow
 
             chosen = compress_flow(str(trained.best), str(exported.onnx_path), str(data.data_yaml),
                                    cfg.to_dict(), run.run_id)
             candidate = chosen or candidate
+            compression = {k: (chosen or {}).get(k) for k in ("name", "kind", "compressed", "table", "run_id")}
+            compression["mask/mAP50"] = ((chosen or {}).get("metrics") or {}).get("mask/mAP50")
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
@@ -111,6 +115,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         summary["pipeline_key"] = unchanged.key
         summary["init"] = init.to_dict()
         summary["label_issues"] = issues.summary() if issues is not None else None
+        summary["compression"] = compression  # the variant registered (None: compression off)
         summary.update({k: v for k, v in links.items() if v})
         _t(reporting.publish_summary, "publish-summary")(summary, links)
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)

@@ -115,6 +115,7 @@ def issues(
     trained_on: Annotated[list[str] | None, typer.Option("--trained-on", help="Split the model was trained on (repeatable; default: train); its rows are marked in_sample.")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Letterbox size (default: the model's own).")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows to print.")] = 10,
+    folds: Annotated[int | None, typer.Option("--folds", min=0, help="K-fold out-of-sample scores for the train split (K >= 2 trainings, train: config section; default: label_issues.folds).")] = None,
 ) -> None:
     """Rank likely label errors (missing label, wrong class, bad outline, spurious label) with one
     inference pass of a trained model. Nothing in the dataset is changed: a person decides."""
@@ -125,14 +126,24 @@ def issues(
         fail(f"{model}: model file not found")
     from tasks.core.errors import DamageError
     from tasks.data.dataset import find_data_yaml
-    from tasks.evaluation.label_issues import mine_label_issues
+    from tasks.evaluation.label_issues import kfold_label_issues, mine_label_issues
 
     li = cfg.label_issues.model_copy(update={"splits": splits}) if splits else cfg.label_issues
+    if folds is not None:
+        if folds == 1:
+            fail("--folds: 0 (off) or at least 2")
+        li = li.model_copy(update={"folds": folds})
     out = out or paths.reports / "label_issues"
     try:
         data_yaml = find_data_yaml(data) if data.is_dir() else data
-        res = mine_label_issues(data_yaml, li, model=model, imgsz=imgsz, out_dir=out,
-                                trained_splits=tuple(trained_on or ("train",)))
+        if li.folds >= 2:
+            console.print(f"K-fold: {li.folds} fold models ({li.fold_start}) score the train split out of sample",
+                          highlight=False, soft_wrap=True, markup=False)
+            res = kfold_label_issues(data_yaml, li, model, cfg.train, out / "folds", imgsz=imgsz, out_dir=out,
+                                     seed=cfg.seed)
+        else:
+            res = mine_label_issues(data_yaml, li, model=model, imgsz=imgsz, out_dir=out,
+                                    trained_splits=tuple(trained_on or ("train",)))
     except DamageError as e:
         fail(str(e))
     for r in res.rows[:top]:

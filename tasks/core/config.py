@@ -255,6 +255,16 @@ class LabelIssuesConfig(_Section):
     max_det: int = Field(100, ge=1)
     flag_score: float = Field(0.5, ge=0, le=1)
     top_k: int = Field(24, ge=0)
+    folds: int = Field(0, ge=0)
+    fold_epochs: int = Field(3, ge=1)
+    fold_start: Literal["trained", "scratch"] = "trained"
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("label_issues.folds: 0 (off) or at least 2")
+        return v
 
 
 class ScheduleConfig(_Section):

@@ -55,13 +55,13 @@ from tasks.core.errors import DamageError
 from tasks.evaluation.evaluate import mask_iou_np
 
 if TYPE_CHECKING:
-    from tasks.core.config import LabelIssuesConfig
+    from tasks.core.config import LabelIssuesConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 KINDS = ("missing_label", "wrong_class", "bad_outline", "spurious_label")
 CSV_COLUMNS = ("rank", "image", "split", "annotation", "kind", "score", "label_class", "pred_class", "conf",
-               "iou", "in_sample", "evidence")
+               "iou", "in_sample", "fold", "evidence")
 GRID_COLUMNS = 6
 TILE = 192
 
@@ -287,8 +287,6 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
     Raises:
         DamageError, DatasetError: bad model, data or arguments.
     """
-    from tasks.evaluation.evaluate import load_split
-
     t0 = time.perf_counter()
     if (model is None) == (predict is None):
         raise DamageError("mine_label_issues: pass exactly one of model= or predict=")
@@ -298,36 +296,52 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
                                                         cfg.max_det)
     elif names is None or imgsz is None:
         raise DamageError("mine_label_issues: predict= needs names= and imgsz=")
-    root = Path(data_yaml).resolve().parent
     rows: list[dict[str, Any]] = []
     images: dict[str, int] = {}
     top = _TopK(cfg.top_k)
     for split in cfg.splits:
-        ds, data = load_split(data_yaml, split, int(imgsz), stride)
-        if len(data["names"]) != len(names):
-            raise DamageError(f"{model or 'predictions'}: {len(names)} classes, {data_yaml} has {len(data['names'])}")
-        root = Path(data.get("path") or root).resolve()
-        images[split] = len(ds)
-        for idx in range(len(ds)):
-            item = ds[idx]
-            preds = predict(item)
-            masks = item["masks"].bool().numpy()
-            cls = item["cls"].view(-1).long().numpy()
-            for row in score_image(cls, masks, preds, names, cfg.conf_floor, cfg.min_conf, cfg.overlap_iou,
-                                   cfg.match_iou):
-                row.update(image=_rel(item["im_file"], root), split=split, in_sample=split in trained_splits)
-                j = row.pop("_pred", None)
-                a = row["annotation"]
-                top.offer(row, lambda item=item, a=a, j=j, preds=preds, masks=masks: (
-                    item["img"].numpy().transpose(1, 2, 0)[..., ::-1].copy(),
-                    masks[a] if a >= 0 else None, _pred_mask(preds, j, cfg.conf_floor)))
-                rows.append(row)
+        images[split] = _score_split(data_yaml, split, predict, names, int(imgsz), stride, cfg, top, rows,
+                                     in_sample=split in trained_splits, label=str(model or "predictions"))
+    return _finish(rows, images, top, cfg, tuple(s for s in cfg.splits if s in trained_splits), out_dir, t0)
+
+
+def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: Sequence[str], imgsz: int,
+                 stride: int, cfg: LabelIssuesConfig, top: _TopK, rows: list[dict[str, Any]], in_sample: bool,
+                 label: str, as_split: str | None = None, extra: dict[str, Any] | None = None) -> int:
+    """Score every image of one split into ``rows`` (and the top-K collector); returns the image count.
+    ``as_split`` names the split in the rows (a K-fold held-out list is the dataset's train split)."""
+    from tasks.evaluation.evaluate import load_split
+
+    ds, data = load_split(data_yaml, split, imgsz, stride)
+    if len(data["names"]) != len(names):
+        raise DamageError(f"{label}: {len(names)} classes, {data_yaml} has {len(data['names'])}")
+    root = Path(data.get("path") or Path(data_yaml).resolve().parent).resolve()
+    for idx in range(len(ds)):
+        item = ds[idx]
+        preds = predict(item)
+        masks = item["masks"].bool().numpy()
+        cls = item["cls"].view(-1).long().numpy()
+        for row in score_image(cls, masks, preds, names, cfg.conf_floor, cfg.min_conf, cfg.overlap_iou,
+                               cfg.match_iou):
+            row.update(image=_rel(item["im_file"], root), split=as_split or split, in_sample=in_sample,
+                       **(extra or {}))
+            j = row.pop("_pred", None)
+            a = row["annotation"]
+            top.offer(row, lambda item=item, a=a, j=j, preds=preds, masks=masks: (
+                item["img"].numpy().transpose(1, 2, 0)[..., ::-1].copy(),
+                masks[a] if a >= 0 else None, _pred_mask(preds, j, cfg.conf_floor)))
+            rows.append(row)
+    return len(ds)
+
+
+def _finish(rows: list[dict[str, Any]], images: dict[str, int], top: _TopK, cfg: LabelIssuesConfig,
+            in_sample_splits: tuple[str, ...], out_dir: Path | None, t0: float) -> LabelIssues:
+    """Rank, count, write the CSV and the overlay grid."""
     rows.sort(key=rank_key)
     for r, row in enumerate(rows, 1):
         row["rank"] = r
     flagged = dict(Counter(r["kind"] for r in rows if r["score"] >= cfg.flag_score))
-    res = LabelIssues(rows, {k: flagged.get(k, 0) for k in KINDS}, images,
-                      in_sample_splits=tuple(s for s in cfg.splits if s in trained_splits))
+    res = LabelIssues(rows, {k: flagged.get(k, 0) for k in KINDS}, images, in_sample_splits=in_sample_splits)
     best = top.best()
     res.top = [dict(r) for r, _ in best]
     if out_dir is not None:
@@ -337,6 +351,73 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
             res.grid_path = write_overlay_grid(best, out_dir / "label_issues_top.png")
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: str | Path, train_cfg: TrainConfig,
+                       work_dir: Path, imgsz: int | None = None, out_dir: Path | None = None,
+                       seed: int = 0) -> LabelIssues:
+    """Out-of-sample scores for the train split by K-fold, plus the val split scored by ``weights``.
+
+    The train images are dealt into ``cfg.folds`` folds (seeded). For each fold a model is trained on
+    the other folds and scores the held-out one: ``cfg.fold_start: trained`` fine-tunes ``weights``
+    for ``cfg.fold_epochs`` epochs (cheap; the fold model still starts from weights that saw the fold,
+    so a little memorisation remains), ``scratch`` trains ``train_cfg.model`` from its YAML for
+    ``train_cfg.epochs`` (unbiased; K full trainings). The val split (never trained on) is scored by
+    ``weights`` itself. Cost: K trainings on (K-1)/K of the train split, plus one inference pass
+    over the dataset. Every row is ``in_sample=False`` and carries its ``fold`` (-1 for val).
+
+    Lists and data.yaml of each fold are written under ``work_dir/fold<k>`` (absolute image paths
+    inside the dataset root); the dataset itself is never changed.
+
+    Raises:
+        DamageError: fewer than 2 folds, or fewer train images than folds.
+    """
+    import yaml
+
+    from tasks.data.dataset import load_data_yaml, split_images
+    from tasks.training.train import train_model
+
+    t0 = time.perf_counter()
+    k_folds = int(cfg.folds)
+    if k_folds < 2:
+        raise DamageError(f"label_issues.folds={k_folds}: K-fold needs at least 2 folds")
+    info = load_data_yaml(data_yaml)
+    train = split_images(data_yaml, "train")
+    if len(train) < k_folds:
+        raise DamageError(f"{info.yaml_path}: {len(train)} train images cannot fill {k_folds} folds")
+    order = np.random.default_rng(seed).permutation(len(train))
+    fold_of = {train[i]: n % k_folds for n, i in enumerate(order)}
+    rows: list[dict[str, Any]] = []
+    images: dict[str, int] = {"train": 0}
+    top = _TopK(cfg.top_k)
+    size = int(imgsz or train_cfg.imgsz)
+    if cfg.fold_start == "trained":
+        fold_train = train_cfg.model_copy(update={"weights": str(weights), "epochs": cfg.fold_epochs,
+                                                  "warmup_epochs": 0.0, "val": False, "time_min": None})
+    else:
+        fold_train = train_cfg.model_copy(update={"val": False, "weights": None})
+    for k in range(k_folds):
+        fold_dir = Path(work_dir) / f"fold{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        held = [p for p in train if fold_of[p] == k]
+        rest = [p for p in train if fold_of[p] != k]
+        atomic_write_text(fold_dir / "train.txt", "".join(f"{p}\n" for p in rest))
+        atomic_write_text(fold_dir / "heldout.txt", "".join(f"{p}\n" for p in held))
+        atomic_write_text(fold_dir / "data.yaml", yaml.safe_dump(
+            {"path": str(info.root), "train": str(fold_dir / "train.txt"), "val": str(fold_dir / "heldout.txt"),
+             "names": dict(enumerate(info.names))}, sort_keys=False))
+        log.info("label issues: fold %d/%d, training on %d images, scoring %d", k + 1, k_folds, len(rest), len(held))
+        fold_model = train_model(fold_dir / "data.yaml", fold_train, fold_dir / "runs", seed=seed + k).last
+        predict, fsize, stride, names = model_predictor(fold_model, data_yaml, size, cfg.conf_floor, cfg.iou,
+                                                        cfg.max_det)
+        images["train"] += _score_split(fold_dir / "data.yaml", "val", predict, names, fsize, stride, cfg, top, rows,
+                                        in_sample=False, label=str(fold_model), as_split="train", extra={"fold": k})
+    if "val" in cfg.splits:
+        predict, fsize, stride, names = model_predictor(weights, data_yaml, size, cfg.conf_floor, cfg.iou,
+                                                        cfg.max_det)
+        images["val"] = _score_split(data_yaml, "val", predict, names, fsize, stride, cfg, top, rows,
+                                     in_sample=False, label=str(weights), extra={"fold": -1})
+    return _finish(rows, images, top, cfg, (), out_dir, t0)
 
 
 def _pred_mask(preds: ImagePreds, j: int | None, conf_floor: float) -> np.ndarray | None:
@@ -408,13 +489,21 @@ def publish_markdown(res: LabelIssues, k: int = 10) -> str | None:
 
 
 def label_issues_step(model: str | Path, data_yaml: str | Path, cfg: LabelIssuesConfig, imgsz: int,
-                      parent_run_id: str, out_dir: Path) -> LabelIssues:
-    """``mine_label_issues`` in a nested MLflow run ``label-issues``: CSV and overlay grid as
-    artifacts, flagged counts per kind as metrics, a Prefect markdown summary."""
+                      parent_run_id: str, out_dir: Path, train_cfg: TrainConfig | None = None,
+                      seed: int = 0) -> LabelIssues:
+    """``mine_label_issues`` (or ``kfold_label_issues`` with ``cfg.folds`` >= 2 and ``train_cfg``) in a
+    nested MLflow run ``label-issues``: CSV and overlay grid as artifacts, flagged counts per kind as
+    metrics, a Prefect markdown summary."""
     from tasks.core import tracking
 
     with tracking.step_run(parent_run_id, "label-issues") as (c, run_id):
-        res = mine_label_issues(data_yaml, cfg, model=model, imgsz=imgsz, out_dir=Path(out_dir))
+        if cfg.folds >= 2:
+            if train_cfg is None:
+                raise DamageError("label_issues.folds >= 2 needs the training config (fold models are trained)")
+            res = kfold_label_issues(data_yaml, cfg, model, train_cfg, Path(out_dir) / "folds", imgsz=imgsz,
+                                     out_dir=Path(out_dir), seed=seed)
+        else:
+            res = mine_label_issues(data_yaml, cfg, model=model, imgsz=imgsz, out_dir=Path(out_dir))
         tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml), **cfg.model_dump()})
         tracking.log_metrics(c, run_id, {**{f"flagged/{k}": v for k, v in res.flagged.items()},
                                          **{f"images/{s}": n for s, n in res.images.items()},
@@ -427,4 +516,5 @@ def label_issues_step(model: str | Path, data_yaml: str | Path, cfg: LabelIssues
     return res
 
 
-__all__ = ["KINDS", "ImagePreds", "LabelIssues", "label_issues_step", "mine_label_issues", "score_image"]
+__all__ = ["KINDS", "ImagePreds", "LabelIssues", "kfold_label_issues", "label_issues_step", "mine_label_issues",
+           "score_image"]

@@ -292,3 +292,50 @@ def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path
           + ", ".join(f"{k}={v:.2f}" for k, v in p.items()))
     assert not any(r["in_sample"] for r in res.rows)  # the model never saw these images
     assert all(v >= 0.6 for v in p.values()), p
+
+
+def test_kfold_scores_every_train_image_once_out_of_sample(state_paths, tmp_path):
+    """K-fold: each train image is scored by the fold model that did not train on it, exactly once;
+    the fold lists partition the train split; val is scored by the given model; the data is untouched."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from tasks.core.config import TrainConfig
+    from tasks.data.dataset import list_images, split_images
+    from tasks.evaluation.label_issues import kfold_label_issues
+
+    root = tmp_path / "easy"
+    easy_dataset(root, n=24, seed=7)
+    d = yaml_model_load("yolov8n-seg.yaml")
+    d["nc"] = 3
+    d.pop("yaml_file", None)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(d))
+    m = YOLO(str(tmp_path / "m.yaml"), task="segment")
+    m.model.names = dict(enumerate(NAMES))
+    m.model.args = {"imgsz": S}
+    m.save(str(tmp_path / "rand.pt"))
+    before = _digest(root)
+    cfg = LabelIssuesConfig(folds=3, fold_epochs=1, conf_floor=0.0)
+    tcfg = TrainConfig(model="n", imgsz=S, batch=8, patience=0, augment="light")
+    res = kfold_label_issues(root / "data.yaml", cfg, tmp_path / "rand.pt", tcfg, tmp_path / "folds",
+                             imgsz=S, out_dir=tmp_path / "out", seed=3)
+    assert _digest(root) == before
+    train = split_images(root / "data.yaml", "train")
+    held = [set(list_images(tmp_path / "folds" / f"fold{k}" / "heldout.txt")) for k in range(3)]
+    rest = [set(list_images(tmp_path / "folds" / f"fold{k}" / "train.txt")) for k in range(3)]
+    assert set().union(*held) == set(train) and sum(map(len, held)) == len(train)  # a partition
+    assert all(held[k].isdisjoint(rest[k]) and held[k] | rest[k] == set(train) for k in range(3))
+    fold_of = {str(p.relative_to(root)): k for k in range(3) for p in held[k]}
+    n_ann = {s: sum(len(p.read_text().splitlines()) for p in root.glob(f"labels/{s}/*.txt")) for s in ("train", "val")}
+    scored = [r for r in res.rows if r["annotation"] != -1]
+    for s in ("train", "val"):
+        keys = [(r["image"], r["annotation"]) for r in scored if r["split"] == s]
+        assert len(keys) == len(set(keys)) == n_ann[s]  # every annotation scored exactly once
+    assert all(r["fold"] == fold_of[r["image"]] for r in res.rows if r["split"] == "train")
+    assert all(r["fold"] == -1 for r in res.rows if r["split"] == "val")
+    assert not any(r["in_sample"] for r in res.rows) and res.in_sample_splits == ()
+    assert res.images == {"train": len(train), "val": 6}
+    with open(res.csv_path, newline="") as f:
+        assert {r["fold"] for r in csv.DictReader(f)} <= {"0", "1", "2", "-1"}
+    with pytest.raises(Exception, match="folds"):
+        LabelIssuesConfig(folds=1)
