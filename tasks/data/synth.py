@@ -37,7 +37,7 @@ from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
-GENERATOR_VERSION = 5  # 5: wider scratches (7-9 px bands in scenes at 160 px) and slightly larger dents
+GENERATOR_VERSION = 6  # 5: wider scratches (7-9 px bands in scenes at 160 px), larger dents; 6: longer scratches
 SYNTH_MARKER = ".synth.json"  # marks a folder as synth output, so it may be replaced
 _CLS = {name: i for i, name in enumerate(CLASSES)}
 DAMAGE_TYPES = ["dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
@@ -368,7 +368,9 @@ def _scratch_shape(rng, shape, panel, length, unit):
     c = _pick_pixel(rng, panel, margin=2)
     if c is None:
         return None
-    ln = max(10.0, length * rng.uniform(0.12, 0.38))
+    # 20-45 % of the vehicle's length (v5: 12-38 %): the median scratch covered a quarter of a dent's area
+    # and was the one class the demo model missed (25 of 30 val scratches undetected, box AP50 0.17)
+    ln = max(14.0, length * rng.uniform(0.2, 0.45))
     th = math.radians(rng.uniform(-35, 35) + (180 if rng.random() < 0.5 else 0))
     n = 8
     t = np.linspace(-0.5, 0.5, n) * ln

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from pathlib import Path
 
 import cv2
@@ -278,8 +279,8 @@ def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path
     from tasks.training.train import train_model
 
     easy_dataset(tmp_path / "train_set", n=160, seed=10)
-    cfg = TrainConfig(model="n", epochs=14, imgsz=S, batch=8, patience=0, augment="light", optimizer="AdamW",
-                      lr0=0.003, warmup_epochs=0, cos_lr=False, lrf=1.0)
+    cfg = TrainConfig(model="n", epochs=int(os.environ.get("LI_EPOCHS", 30)), imgsz=S, batch=8, patience=0,
+                      augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0, cos_lr=False, lrf=1.0)
     model = train_model(tmp_path / "train_set" / "data.yaml", cfg, tmp_path / "run", seed=0,
                         extra_args={"val": False, "plots": False, "nbs": 8}).last
     root = tmp_path / "held_out"
