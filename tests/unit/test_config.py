@@ -65,7 +65,7 @@ def test_demo_config_only_changes_what_it_lists():
     demo = load_config(DEFAULT_CONFIG.parent / "demo.yaml").to_dict()
     base = load_config().to_dict()
     changed = {k for k in base if base[k] != demo[k]}
-    assert changed == {"data", "train", "compress"}  # data.source is synth in both
+    assert changed == {"data", "train", "compress", "sweep"}  # data.source is synth in both
     assert {k for k in base["data"] if base["data"][k] != demo["data"][k]} == {"synth"}
     assert {k for k in base["data"]["synth"] if base["data"]["synth"][k] != demo["data"]["synth"][k]} == {
         "images", "closeup_fraction"}
@@ -73,3 +73,4 @@ def test_demo_config_only_changes_what_it_lists():
         "batch", "nbs", "optimizer", "lr0", "val", "cache", "augment"}  # epochs: 30 in both
     assert {k for k in base["compress"] if base["compress"][k] != demo["compress"][k]} == {"enabled", "steps"}
     assert demo["compress"]["steps"] == ["int8-static"]
+    assert {k for k in base["sweep"] if base["sweep"][k] != demo["sweep"][k]} == {"conf", "iou", "objective"}
