@@ -72,6 +72,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # model families at the same data and recipe (issue 18 item 4)
     "yolo11n": {"family": "yolo11n-seg.yaml"},
     "yolo26n": {"family": "yolo26n-seg.yaml"},
+    # the demo's recipe (configs/demo.yaml: batch 4, nbs 4, 30 epochs) per family; with --minutes M every
+    # family trains for the same wall time (Ultralytics' time budget re-plans the epochs and the LR schedule)
+    "demo-yolov8n": {"train": {"batch": 4, "nbs": 4, "epochs": 30}},
+    "demo-yolo11n": {"family": "yolo11n-seg.yaml", "train": {"batch": 4, "nbs": 4, "epochs": 30}},
+    "demo-yolo26n": {"family": "yolo26n-seg.yaml", "train": {"batch": 4, "nbs": 4, "epochs": 30}},
 }
 
 
@@ -129,7 +134,8 @@ def dataset(root: Path, synth: dict[str, Any]) -> Path:
     return resolve_source(cfg, root / "datasets", root / "cache")
 
 
-def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: int = 0) -> dict[str, Any]:
+def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: int = 0,
+               minutes: float | None = None) -> dict[str, Any]:
     """Train and evaluate one recipe; returns its row (timings, load, per-class mask AP50)."""
     from tasks.core.config import TrainConfig
     from tasks.evaluation.evaluate import evaluate_model
@@ -141,6 +147,8 @@ def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: 
     data_s = time.perf_counter() - t0
     if family:
         train["model"] = _family_yaml(family, root / "families")
+    if minutes:
+        train["time_min"] = minutes  # equal wall time: overrides epochs
     cfg = TrainConfig(**train)
     extra = {"save_period": curve} if curve else {}
     run_name = f"{name}-x{scale:g}-{int(time.time())}"
@@ -156,7 +164,8 @@ def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: 
         "recipe": name, "scale": scale, "family": family or f"yolov8{train['model']}-seg.yaml",
         "synth": synth, "train": {k: v for k, v in train.items() if k != "model"},
         "data_s": round(data_s, 1), "train_s": round(train_s, 1), "cpu_s": round(cpu_s, 1), "load1": round(mean_load, 2),
-        "img_per_s": round(cfg.epochs * n_train / train_s, 2), "accumulate": res.accumulate,
+        "img_per_s": round(res.epochs_run * n_train / train_s, 2), "accumulate": res.accumulate,
+        "epochs_run": res.epochs_run, "minutes": minutes,
         "mask_mAP50": round(ev.metrics["mask/mAP50"], 4), "box_mAP50": round(ev.metrics["box/mAP50"], 4),
         "class_mask_AP50": {r["class"]: (None if r["mask/AP50"] is None else round(r["mask/AP50"], 4))
                             for r in ev.per_class},
@@ -184,7 +193,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         cls = [("-" if r["class_mask_AP50"].get(c) is None else f"{r['class_mask_AP50'][c]:.3f}") for c in CLASSES]
         t = r["train"]
         opt = f"{t['optimizer']} {t['lr0']:g} b{t['batch']}/nbs{t['nbs']} {t['imgsz']}px"
-        lines.append("| " + " | ".join([r["recipe"], opt, f"{r['synth']['closeup_fraction']:g}", f"{r['scale']:g}", str(r["train"]["epochs"]),
+        lines.append("| " + " | ".join([r["recipe"], opt, f"{r['synth']['closeup_fraction']:g}", f"{r['scale']:g}", str(r.get("epochs_run") or r["train"]["epochs"]),
                                         f"{r['train_s']:.0f}", f"{r.get('cpu_s', 0):.0f}", f"{r['load1']:.2f}", f"{r['img_per_s']:.1f}",
                                         str(r["accumulate"]), f"{r['mask_mAP50']:.3f}", *cls]) + " |")
     return "\n".join(lines)
@@ -195,6 +204,8 @@ def main() -> None:
     ap.add_argument("--recipe", action="append", default=[], help="recipe name (repeatable); see --list")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every recipe's epochs (screening)")
     ap.add_argument("--curve", type=int, default=0, help="evaluate a checkpoint every K epochs (learning curve)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="train every recipe for this wall time (train.time_min; overrides epochs and --scale)")
     ap.add_argument("--root", type=Path, default=None, help="work dir (default: $DAMAGE_STATE_DIR/bench_recipes)")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines results file (default: ROOT/results.jsonl)")
     ap.add_argument("--data-only", action="store_true", help="only generate the recipes' datasets")
@@ -220,7 +231,7 @@ def main() -> None:
             print(name, dataset(root, _merge(RECIPES[name], args.scale)[0]), f"{time.perf_counter() - t0:.1f}s")
         return
     for name in args.recipe:
-        row = run_recipe(name, root, args.scale, args.curve)
+        row = run_recipe(name, root, args.scale, args.curve, minutes=args.minutes)
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("recipe", "train_s", "load1", "img_per_s", "mask_mAP50",
