@@ -23,9 +23,10 @@ boxes only (overlooked / swapped / badly located boxes) and has no notion of mas
 could not tell a bad polygon inside a well-placed box.
 
 **Out of sample.** Scores on images the model trained on are biased towards their labels
-(the model has partly memorised them). This module does no K-fold (that would cost K
-trainings); every row says whether its image lies in a split the model trained on
-(``in_sample``), and ``label_issues.splits: [val]`` restricts mining to held-out data.
+(the model has partly memorised them). Every row says whether its image lies in a split the model
+trained on (``in_sample``); ``label_issues.splits: [val]`` restricts mining to held-out data, and
+:func:`kfold_label_issues` (``label_issues.folds`` >= 2) scores the train split with K fold models,
+each trained without the fold it scores (K trainings: the cost is stated in its docstring).
 
 Nothing in the dataset is changed: this ranks, a person decides. (Ultralytics' dataset
 loader may write its usual ``labels/*.cache`` beside the labels, as evaluation does.)
