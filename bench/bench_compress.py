@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_random_model  # noqa: E402
+from bench.common import announce_machine, build_random_model, write_json  # noqa: E402
 
 
 def _images(work: Path, n: int, imgsz: int) -> list[Path]:
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="threads for torch and ORT (default: every core)")
     ap.add_argument("--demo-weights", type=Path, default=None)
     ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
     global THREADS
@@ -159,17 +160,19 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(THREADS)  # configure_ultralytics set every core
+    machine, results = announce_machine({"ort_intra_op": THREADS}), {}
     print(f"cpu cores: {os.cpu_count()}, threads {THREADS}, imgsz {args.imgsz}, rounds {args.rounds} (median, interleaved)")
     for size in args.sizes:
-        r = bench_size(size, work, args.imgsz, args.rounds, args.ratio, calib)
+        r = results[size] = bench_size(size, work, args.imgsz, args.rounds, args.ratio, calib)
         print(f"[{size}] " + "  ".join(f"{k}: {v:.1f} ms" for k, v in r.items() if "speed-up" not in k))
         print(f"[{size}] INT8 static vs torch eager FP32: {r['int8 speed-up vs torch']:.2f}x "
               f"(goal {'2.5' if size == 'n' else '3'}x); vs ORT FP32: {r['int8 speed-up vs ort fp32']:.2f}x; "
               f"pruned {args.ratio:.0%} vs ORT FP32: {r['pruned speed-up vs ort fp32']:.2f}x (goal 1.3x)", flush=True)
     if args.demo_weights and args.data:
-        a = demo_accuracy(args.demo_weights, args.data, work)
+        a = results["demo"] = demo_accuracy(args.demo_weights, args.data, work)
         print("demo model: " + "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                         for k, v in a.items()))
+    write_json(args.json, machine, results)
 
 
 if __name__ == "__main__":
