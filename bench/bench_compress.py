@@ -154,10 +154,9 @@ def _print_rows(title: str, r: dict[str, float], size: str) -> None:
     for k, v in r.items():
         if "speed-up" in k:
             continue
-        vs_t, vs_o = r.get(f"{k} speed-up vs torch"), r.get(f"{k} speed-up vs ort fp32")
-        extra = f"  {vs_t:5.2f}x vs torch  {vs_o:5.2f}x vs ORT FP32" if vs_t else ""
-        print(f"  {k:<34}{v:8.1f} ms{extra}")
-    print(f"  ORT FP32 vs torch: {r['ort fp32 speed-up vs torch']:.2f}x", flush=True)
+        ratios = [f"{r[f'{k} speed-up vs {ref}']:5.2f}x vs {name}" for ref, name in (("torch", "torch"),
+                  ("ort fp32", "ORT FP32")) if f"{k} speed-up vs {ref}" in r]
+        print(f"  {k:<34}{v:8.1f} ms  " + "  ".join(ratios), flush=True)
 
 
 def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> dict[str, float]:

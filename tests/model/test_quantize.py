@@ -268,11 +268,12 @@ def test_calibration_methods_and_granularity_reach_the_graph(float_onnx, calib, 
         assert all(w.ndim == 1 for w in weight) and max(w.size for w in weight) > 1  # one scale per channel
     common = set(acts["minmax"]) & set(acts["entropy"]) & set(acts["percentile"])
     assert len(common) > 100
-    # histogram methods clip the outliers min/max keeps: smaller activation scales on some tensors (ORT's
-    # default entropy histogram searches one window, the full range, and would equal min/max everywhere)
+    # histogram methods clip the outliers min/max keeps: never a wider range, a narrower one on some tensors
+    # (ORT's default entropy histogram searches one window, the full range, and equals min/max everywhere)
     for method in ("entropy", "percentile"):
-        smaller = sum(acts[method][t] < 0.99 * acts["minmax"][t] for t in common)
-        assert smaller > 0.05 * len(common), (method, smaller, len(common))
+        ratio = [acts[method][t] / acts["minmax"][t] for t in common]
+        assert max(ratio) <= 1.001, (method, max(ratio))
+        assert sum(r < 0.99 for r in ratio) >= 3, (method, sorted(ratio)[:5])
     meta, weight, _ = scales(quantize_onnx(float_onnx, tmp_path / "pt.onnx", "int8-static", calib_images=calib,
                                            imgsz=96, per_channel=False))
     assert meta["per_channel"] is False and all(w.size == 1 for w in weight) and len(weight) > 50
