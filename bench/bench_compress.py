@@ -5,9 +5,13 @@ weights (latency does not depend on weight values; nothing is downloaded):
 
 * ``torch fp32``: PyTorch eager, Conv+BN fused (what Ultralytics predicts with), ``no_grad``;
 * ``ort fp32``: the exported ONNX (``tasks.export.onnx.export_onnx``, opset 13, dynamic, simplified);
-* ``ort int8``: static INT8 QDQ per-channel (``tasks.export.quantize.quantize_onnx``) calibrated on
-  synthetic images, head decode in float;
-* ``ort pruned``: structured pruning at ``--ratio`` (``tasks.training.prune.prune_structured``), exported.
+* ``ort int8``: static INT8 QDQ (``tasks.export.quantize.quantize_onnx``: every SiLU, Add, Concat, Split,
+  MaxPool and Resize in int8, head decode in float) calibrated on synthetic images, one row per
+  ``--int8-settings`` entry (``method/granularity``, default ``minmax/per-channel``);
+* ``ort pruned``: structured pruning at ``--ratio`` (``tasks.training.prune.prune_structured``), exported
+  (``--ratio 0`` skips it);
+* ``--compare LABEL=PATH``: any further ONNX file in the same rounds (``{size}`` and ``{imgsz}`` in PATH
+  are filled in), e.g. an INT8 file made by an older checkout of ``quantize.py``.
 
 Rounds are interleaved (every variant once per round) and the median is reported, so a load
 change on a shared machine hits all variants alike. Printed ratios: torch fp32 / ort int8
@@ -17,8 +21,9 @@ With ``--demo-weights best.pt --data data.yaml`` it also reports mask mAP50 of t
 model in FP32 ONNX vs INT8 (goal: drop <= 0.02), same evaluator (``tasks.evaluation.evaluate``).
 
 Usage:
-    python bench/bench_compress.py [--sizes n s] [--imgsz 640] [--rounds 10] [--ratio 0.3]
-        [--demo-weights .state/.../best.pt --data .state/.../data.yaml]
+    python bench/bench_compress.py [--sizes n s] [--imgsz 640 160] [--rounds 10] [--ratio 0.3]
+        [--int8-settings minmax/per-channel entropy/per-tensor] [--compare "old int8=/tmp/{size}-{imgsz}.onnx"]
+        [--demo-weights .state/.../best.pt --data .state/.../data.yaml] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_random_model  # noqa: E402
+from bench.common import announce_machine, build_random_model, write_json  # noqa: E402
 
 
 def _images(work: Path, n: int, imgsz: int) -> list[Path]:
@@ -93,7 +98,20 @@ def _interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, float
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
-def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, calib: list[Path]) -> dict[str, float]:
+def _setting(label: str) -> tuple[str, bool]:
+    """``entropy/per-tensor`` -> (``entropy``, False)."""
+    from tasks.export.quantize import CALIBRATION_METHODS
+
+    method, _, gran = label.partition("/")
+    if method not in CALIBRATION_METHODS or gran not in ("per-channel", "per-tensor"):
+        raise SystemExit(f"--int8-settings: '{label}' is not METHOD/per-channel|per-tensor "
+                         f"(METHOD: {', '.join(CALIBRATION_METHODS)})")
+    return method, gran == "per-channel"
+
+
+def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, calib: list[Path],
+               settings: list[str], compare: dict[str, str]) -> dict[str, float]:
+    """Median ms per variant of one model size at one image size, and the ratios against torch / ORT FP32."""
     import torch
 
     from tasks.export.onnx import export_onnx
@@ -102,22 +120,43 @@ def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, cal
 
     torch.set_num_threads(THREADS)
     pt, onnx = build_random_model(size, work, imgsz)
-    int8 = work / f"{onnx.stem}.int8.onnx"
-    if not int8.exists():
-        quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz)
-    pruned_pt = work / f"yolov8{size}-seg-rand-pruned{int(ratio * 100)}.pt"
-    pruned_onnx = pruned_pt.with_suffix(f".{imgsz}.onnx")
-    if not pruned_onnx.exists():
-        _, rep = prune_structured(pt, pruned_pt, ratio, imgsz=imgsz)
-        print(f"[{size}] pruned {ratio:.0%}: params {rep.params_before:,} -> {rep.params_after:,}, "
-              f"GFLOPs {rep.gflops_before:.1f} -> {rep.gflops_after:.1f}", flush=True)
-        export_onnx(pruned_pt, pruned_onnx, imgsz)
-    ms = _interleaved({"torch fp32": _torch_runner(pt, imgsz), "ort fp32": _ort_runner(onnx, imgsz),
-                       "ort int8": _ort_runner(int8, imgsz), "ort pruned": _ort_runner(pruned_onnx, imgsz)}, rounds)
-    ms["int8 speed-up vs torch"] = ms["torch fp32"] / ms["ort int8"]
-    ms["int8 speed-up vs ort fp32"] = ms["ort fp32"] / ms["ort int8"]
-    ms["pruned speed-up vs ort fp32"] = ms["ort fp32"] / ms["ort pruned"]
+    runners = {"torch fp32": _torch_runner(pt, imgsz), "ort fp32": _ort_runner(onnx, imgsz)}
+    for label in settings:
+        method, per_channel = _setting(label)
+        int8 = work / f"{onnx.stem}.int8-{method}-{'pc' if per_channel else 'pt'}.onnx"
+        if not int8.exists():
+            quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz, calibrate_method=method,
+                          per_channel=per_channel)
+        runners[f"ort int8 {label}"] = _ort_runner(int8, imgsz)
+    for label, template in compare.items():
+        runners[label] = _ort_runner(Path(template.format(size=size, imgsz=imgsz)), imgsz)
+    if ratio > 0:
+        pruned_pt = work / f"yolov8{size}-seg-rand-pruned{int(ratio * 100)}.pt"
+        pruned_onnx = pruned_pt.with_suffix(f".{imgsz}.onnx")
+        if not pruned_onnx.exists():
+            _, rep = prune_structured(pt, pruned_pt, ratio, imgsz=imgsz)
+            print(f"[{size}] pruned {ratio:.0%}: params {rep.params_before:,} -> {rep.params_after:,}, "
+                  f"GFLOPs {rep.gflops_before:.1f} -> {rep.gflops_after:.1f}", flush=True)
+            export_onnx(pruned_pt, pruned_onnx, imgsz)
+        runners["ort pruned"] = _ort_runner(pruned_onnx, imgsz)
+    ms = _interleaved(runners, rounds)
+    for k in list(ms):
+        if k not in ("torch fp32", "ort fp32"):
+            ms[f"{k} speed-up vs torch"] = ms["torch fp32"] / ms[k]
+            ms[f"{k} speed-up vs ort fp32"] = ms["ort fp32"] / ms[k]
+    ms["ort fp32 speed-up vs torch"] = ms["torch fp32"] / ms["ort fp32"]
     return ms
+
+
+def _print_rows(title: str, r: dict[str, float], size: str) -> None:
+    """One line per variant: ms, x vs torch eager FP32, x vs ORT FP32 (goal for INT8: 2.5x n, 3x s vs torch)."""
+    print(f"{title}  (INT8 goal vs torch: {'2.5' if size == 'n' else '3'}x; pruned vs ORT FP32: 1.3x)")
+    for k, v in r.items():
+        if "speed-up" in k:
+            continue
+        ratios = [f"{r[f'{k} speed-up vs {ref}']:5.2f}x vs {name}" for ref, name in (("torch", "torch"),
+                  ("ort fp32", "ORT FP32")) if f"{k} speed-up vs {ref}" in r]
+        print(f"  {k:<34}{v:8.1f} ms  " + "  ".join(ratios), flush=True)
 
 
 def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> dict[str, float]:
@@ -137,14 +176,19 @@ def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=["n", "s"])
-    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--imgsz", type=int, nargs="+", default=[640])
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--ratio", type=float, default=0.3, help="structured pruning ratio (0: no pruned row)")
+    ap.add_argument("--int8-settings", nargs="+", default=["minmax/per-channel"],
+                    help="INT8 static rows: METHOD/per-channel|per-tensor, METHOD in minmax, entropy, percentile")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="LABEL=PATH",
+                    help="further ONNX files in the same rounds; {size} and {imgsz} in PATH are filled in")
     ap.add_argument("--calib", type=int, default=8, help="calibration images (synthetic) for the latency models")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None, help="threads for torch and ORT (default: every core)")
     ap.add_argument("--demo-weights", type=Path, default=None)
     ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
     global THREADS
@@ -155,21 +199,23 @@ def main() -> None:
     configure_ultralytics(paths)
     work = args.work or paths.cache / "bench_compress"
     work.mkdir(parents=True, exist_ok=True)
-    calib = _images(work, args.calib, args.imgsz)
+    compare = dict(c.split("=", 1) for c in args.compare)
     import torch
 
     torch.set_num_threads(THREADS)  # configure_ultralytics set every core
-    print(f"cpu cores: {os.cpu_count()}, threads {THREADS}, imgsz {args.imgsz}, rounds {args.rounds} (median, interleaved)")
-    for size in args.sizes:
-        r = bench_size(size, work, args.imgsz, args.rounds, args.ratio, calib)
-        print(f"[{size}] " + "  ".join(f"{k}: {v:.1f} ms" for k, v in r.items() if "speed-up" not in k))
-        print(f"[{size}] INT8 static vs torch eager FP32: {r['int8 speed-up vs torch']:.2f}x "
-              f"(goal {'2.5' if size == 'n' else '3'}x); vs ORT FP32: {r['int8 speed-up vs ort fp32']:.2f}x; "
-              f"pruned {args.ratio:.0%} vs ORT FP32: {r['pruned speed-up vs ort fp32']:.2f}x (goal 1.3x)", flush=True)
+    machine, results = announce_machine({"ort_intra_op": THREADS}), {}
+    print(f"threads {THREADS}, imgsz {args.imgsz}, batch 1, rounds {args.rounds} (median, interleaved)")
+    for imgsz in args.imgsz:
+        calib = _images(work, args.calib, imgsz)
+        for size in args.sizes:
+            r = results[f"{size}@{imgsz}"] = bench_size(size, work, imgsz, args.rounds, args.ratio, calib,
+                                                        args.int8_settings, compare)
+            _print_rows(f"yolov8{size}-seg @ {imgsz} px", r, size)
     if args.demo_weights and args.data:
-        a = demo_accuracy(args.demo_weights, args.data, work)
+        a = results["demo"] = demo_accuracy(args.demo_weights, args.data, work)
         print("demo model: " + "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
                                         for k, v in a.items()))
+    write_json(args.json, machine, results)
 
 
 if __name__ == "__main__":

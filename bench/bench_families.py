@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,24 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_random_model  # noqa: E402
-
-ISA_PREFIXES = ("avx2", "avx512", "avx_vnni", "amx")
-
-
-def cpu_info() -> dict[str, str]:
-    """CPU model and the ISA flags that decide INT8 speed (from /proc/cpuinfo; 'unknown' elsewhere)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = sorted(f for f in flags if f.startswith(ISA_PREFIXES) or "vnni" in f)
-    return {"model": model, "isa": " ".join(isa) or "none of avx2/avx512/vnni/amx"}
+from bench.common import announce_machine, build_random_model, write_json  # noqa: E402
 
 
 def _calib_images(work: Path, n: int) -> list[Path]:
@@ -134,6 +116,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=8, help="calibration images for int8-static")
     ap.add_argument("--no-end2end", action="store_true", help="skip YOLO26's end-to-end export row")
     ap.add_argument("--state-dir", default=os.environ.get("DAMAGE_STATE_DIR", "/tmp/damage-bench-state"))
+    ap.add_argument("--json", type=Path, default=None, help="write machine + rows as JSON here")
     args = ap.parse_args()
 
     from tasks.core.families import FAMILIES
@@ -153,10 +136,8 @@ def main() -> None:
     work = paths.cache / "bench_families"
     work.mkdir(parents=True, exist_ok=True)
     calib = _calib_images(work, args.calib)
-    cpu = cpu_info()
-    print(f"cpu: {cpu['model']} | isa: {cpu['isa']}")
-    print(f"cores {os.cpu_count()} | torch {torch.__version__} threads {torch.get_num_threads()} | "
-          f"onnxruntime {ort.__version__} intra-op threads {threads} | imgsz {args.imgsz}, batch 1, "
+    machine = announce_machine({"ort_intra_op": threads})
+    print(f"torch {torch.__version__} | onnxruntime {ort.__version__} | imgsz {args.imgsz}, batch 1, "
           f"{args.rounds} interleaved rounds, random-init weights, 7 classes")
     rows = []
     for fam in args.families:
@@ -173,6 +154,7 @@ def main() -> None:
         print(f"{row['label']:<26}{row['params'] / 1e6:>8.2f}M{row['gflops']:>8.1f}{ms['pytorch']:>8.1f}ms"
               f"{ms['ort fp32']:>8.1f}ms{ms[best]:>9.1f}ms  {best} (other {ms[[k for k in ('int8-static', 'int8-dynamic') if k != best][0]]:.1f} ms)")
     print("ms = median per image; on a shared machine the absolute figures move, compare within one run")
+    write_json(args.json, machine, [{k: v for k, v in row.items() if k != "runs"} for row in rows])
 
 
 if __name__ == "__main__":

@@ -18,29 +18,12 @@ mining's confidence floor (default: label_issues.conf_floor = 0.05; evaluation a
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def cpu_info() -> tuple[str, str]:
-    """(CPU model name, ISA extensions that matter for torch CPU kernels)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")) and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    keep = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
-                        "asimd", "sve") if f in flags]
-    return model, f"{platform.machine()} " + (" ".join(keep) or "(flags unknown)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conf-floor", type=float, default=None, help="mining confidence floor")
     ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
     ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
+    ap.add_argument("--json", type=Path, default=None, help="write machine + timings as JSON here")
     args = ap.parse_args(argv)
     if not args.demo and not (args.model and args.data):
         ap.error("give --model and --data, or --demo")
@@ -61,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)
+    from bench.common import announce_machine, write_json
+
+    machine = announce_machine()
     from bench.bench_sweep import _demo_inputs
     from tasks.core.config import LabelIssuesConfig
     from tasks.evaluation.evaluate import evaluate_model
@@ -89,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         res = mine()
         t_mine.append(time.perf_counter() - t0)
     e, m = statistics.median(t_eval), statistics.median(t_mine)
-    cpu, isa = cpu_info()
-    print(f"cpu {cpu} | isa {isa}")
     print(f"model {model} | data {data} [{', '.join(args.splits)}] | {images} images @ {args.imgsz}px | "
           f"mining conf floor {cfg.conf_floor}")
     print(f"one evaluation (same images): {e:7.2f} s")
@@ -98,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = m / e
     print(f"ratio mining / evaluation = {ratio:.2f}x  (target <= 1.3x: {'OK' if ratio <= 1.3 else 'MISSED'}); "
           f"median of {args.repeat}")
+    write_json(args.json, machine, {"images": images, "evaluation_s": e, "mining_s": m, "ratio": ratio,
+                                    "repeat": args.repeat, "imgsz": args.imgsz, "splits": args.splits})
     return 0 if ratio <= 1.3 else 1
 
 

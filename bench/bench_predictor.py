@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--objects", type=int, default=20, help="objects in the synthetic post-processing load")
     ap.add_argument("--state-dir", default=os.environ.get("DAMAGE_STATE_DIR", "/tmp/damage-bench-state"))
+    ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
     from tasks.core.runtime import activate, configure_ultralytics
@@ -158,10 +159,13 @@ def main() -> None:
     work = paths.cache / "bench_predictor"
     work.mkdir(parents=True, exist_ok=True)
     images = _images(work, args.images)
+    from bench.common import announce_machine, write_json
+
+    machine, results = announce_machine(), {}
     print(f"cpu cores: {os.cpu_count()}, imgsz {args.imgsz}, batch 1, images 640x480, "
           f"{args.rounds} rounds x {len(images)} images, random-init weights")
     for size in args.sizes:
-        r = bench(size, work, args.imgsz, args.rounds, images, args.objects)
+        r = results[size] = bench(size, work, args.imgsz, args.rounds, images, args.objects)
         print(f"yolov8{size}-seg:")
         print(f"  ours e2e {r['ours_e2e_ms']:.1f} ms | session.run {r['session_run_ms']:.1f} ms | "
               f"post {r['post_ms']:.2f} ms ({r['post_overhead_pct']:.1f}% of session.run)")
@@ -170,6 +174,7 @@ def main() -> None:
         print(f"  ultralytics predict {r['ul_retina_ms']:.1f} ms (retina_masks) / {r['ul_default_ms']:.1f} ms (default)"
               f" -> speedup {r['speedup_vs_ul_retina']:.2f}x / {r['speedup_vs_ul_default']:.2f}x (target >= 1.5x); "
               f"with the busy post-processing {r['speedup_busy_vs_ul_retina']:.2f}x vs retina_masks")
+    write_json(args.json, machine, results)
 
 
 if __name__ == "__main__":

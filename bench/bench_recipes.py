@@ -219,6 +219,9 @@ def main() -> None:
     from tasks.core.runtime import activate
 
     paths = activate()
+    from bench.common import announce_machine
+
+    machine = announce_machine()
     root = (args.root or paths.root / "bench_recipes").resolve()
     out = args.out or root / "results.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +234,7 @@ def main() -> None:
             print(name, dataset(root, _merge(RECIPES[name], args.scale)[0]), f"{time.perf_counter() - t0:.1f}s")
         return
     for name in args.recipe:
-        row = run_recipe(name, root, args.scale, args.curve, minutes=args.minutes)
+        row = {**run_recipe(name, root, args.scale, args.curve, minutes=args.minutes), "machine": machine}
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("recipe", "train_s", "load1", "img_per_s", "mask_mAP50",

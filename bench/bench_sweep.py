@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
     ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
     ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
+    ap.add_argument("--json", type=Path, default=None, help="write machine + timings as JSON here")
     args = ap.parse_args(argv)
     if not args.demo and not (args.model and args.data):
         ap.error("give --model and --data, or --demo")
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)
+    from bench.common import announce_machine, write_json
+
+    machine = announce_machine()
     from tasks.evaluation.evaluate import collect, evaluate_model
     from tasks.evaluation.sweep import DEFAULT_CONF_GRID, DEFAULT_IOU_GRID, sweep_thresholds
 
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = s / e
     print(f"ratio sweep / evaluation = {ratio:.2f}x  (target <= 3x: {'OK' if ratio <= 3 else 'MISSED'}); "
           f"median of {args.repeat}")
+    write_json(args.json, machine, {"images": int(ev.metrics["images"]), "evaluation_s": e, "sweep_s": s,
+                                    "points": n_points, "ratio": ratio, "repeat": args.repeat,
+                                    "thresholds": sw.thresholds})
     return 0 if ratio <= 3 else 1
 
 

@@ -100,14 +100,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="validate.workers (0 = all CPUs)")
     ap.add_argument("--cold", action="store_true", help="also time a cold start in a fresh interpreter")
     ap.add_argument("--state-dir", default=str(REPO / ".state" / "bench"), help="state dir")
+    ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
     from tasks.core.runtime import activate
 
     paths = activate(args.state_dir)
+    from bench.common import announce_machine, write_json
     from tasks.core.config import ValidateConfig
     from tasks.validation.scan import worker_count
 
+    machine, results = announce_machine({"gate_workers": worker_count(args.workers)}), {}
     print(f"cpus used by the gate: {worker_count(args.workers)}")
     if args.images:
         root = make_dataset(paths.tmp / f"bench_validate_{args.images}", args.images)
@@ -115,7 +118,7 @@ def main() -> None:
         time_imread(files[:50])  # warm the page cache and cv2's lazy init
         for f in files:
             Path(f).read_bytes()
-        base = time_imread(files)
+        base = results["imread_s"] = time_imread(files)
         print(f"baseline cv2.imread, 1 process: {base:.2f} s  ({len(files) / base:.0f} images/s)")
         from tasks.validation.validate import validate_dataset
 
@@ -124,17 +127,19 @@ def main() -> None:
             t = time.perf_counter()
             res = validate_dataset(root, cfg)
             dt = time.perf_counter() - t
+            results[label] = {"s": dt, "ratio": dt / base, "phases": res.timings, "passed": res.passed}
             print(f"{label}: {dt:.2f} s  ({len(files) / dt:.0f} images/s)  ratio {dt / base:.2f}  "
                   f"phases {res.timings}  passed={res.passed}")
         if args.cold:
-            child = run_child(root, Path(args.state_dir), args.workers)
+            child = results["cold"] = run_child(root, Path(args.state_dir), args.workers)
             print(f"cold start in a fresh interpreter (imports included): {child['wall']:.2f} s  "
                   f"ratio {child['wall'] / base:.2f}  phases {child['timings']}")
     if args.memory:
         root = make_dataset(paths.tmp / f"bench_validate_{args.memory}", args.memory)
-        child = run_child(root, Path(args.state_dir), args.workers)
+        child = results["memory"] = run_child(root, Path(args.state_dir), args.workers)
         print(f"peak memory at {child['images']} images: parent {child['maxrss_self_mb']:.0f} MB, "
               f"largest worker {child['maxrss_children_mb']:.0f} MB (ru_maxrss); wall {child['wall']:.1f} s")
+    write_json(args.json, machine, results)
 
 
 if __name__ == "__main__":

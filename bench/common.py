@@ -34,3 +34,25 @@ def build_random_model(size: str, work: Path, imgsz: int, family: str = "yolov8"
     if not onnx.exists():
         export_onnx(pt, onnx, imgsz, end2end=end2end)
     return pt, onnx
+
+
+def announce_machine(threads: dict[str, int] | None = None) -> dict:
+    """Print what this benchmark runs on (CPU, ISA, runtimes, threads) and return it for the JSON output.
+
+    Call after the thread counts are set (torch's count is read when torch is imported).
+    """
+    from tasks.core.machine import machine_info, machine_line
+
+    info = machine_info(threads)
+    print(machine_line(info), flush=True)
+    return info
+
+
+def write_json(path: Path | None, machine: dict, results: object) -> None:
+    """``{"machine": ..., "results": ...}`` to ``path`` (atomic; nothing when ``path`` is None)."""
+    if path is None:
+        return
+    from tasks.core.atomic import atomic_write_json
+
+    atomic_write_json(Path(path), {"machine": machine, "results": results})
+    print(f"results: {path}")

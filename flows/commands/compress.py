@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from flows.common import console, fail, run_guarded, setup, top_level_run
-from tasks.export.quantize import QUANT_MODES
+from tasks.export.quantize import CALIBRATION_METHODS, QUANT_MODES
 
 DataReq = Annotated[Path, typer.Option("--data", "-d", exists=True, dir_okay=False, help="Dataset data.yaml (YOLO-seg).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", "-d", exists=True, dir_okay=False,
@@ -18,6 +18,7 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder 
 # Choices (Typer checks them and lists them in --help)
 PruneMethod = Enum("PruneMethod", {m: m for m in ("structured", "unstructured")}, type=str)
 QuantMode = Enum("QuantMode", {m: m for m in QUANT_MODES}, type=str)
+CalibMethod = Enum("CalibMethod", {m: m for m in CALIBRATION_METHODS}, type=str)
 OnnxOpt = Annotated[Path | None, typer.Option("--onnx", exists=True, dir_okay=False,
                                               help="The model's ONNX (default: exported now).")]
 
@@ -132,10 +133,23 @@ def quantize_cmd(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .onnx (default: MODEL.<mode>.onnx).")] = None,
     accuracy_aware: Annotated[bool, typer.Option("--accuracy-aware/--plain", help="INT8 static: retry with sensitive nodes in float until within tolerance.")] = True,
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Calibration/eval size (default: ONNX metadata).")] = None,
+    calibrate_method: Annotated[CalibMethod | None, typer.Option(
+        "--calibrate-method", help="INT8 static activation calibration (default: compress.quantize.calibrate_method).")] = None,
+    per_channel: Annotated[bool | None, typer.Option(
+        "--per-channel/--per-tensor", help="INT8 weight scales (default: compress.quantize.per_channel).")] = None,
 ) -> None:
     """Quantize an ONNX model (static INT8 QDQ per-channel, dynamic INT8 or FP16) and report accuracy and size."""
     mode = mode.value
-    cfg, paths = setup(ctx)
+    extra = []
+    if calibrate_method is not None:
+        if mode != "int8-static":
+            fail(f"--calibrate-method applies to int8-static only, not {mode}")
+        extra.append(f"compress.quantize.calibrate_method={calibrate_method.value}")
+    if per_channel is not None:
+        if mode == "fp16":
+            fail("--per-channel/--per-tensor apply to the INT8 modes only, not fp16")
+        extra.append(f"compress.quantize.per_channel={str(per_channel).lower()}")
+    cfg, paths = setup(ctx, extra)
     from tasks.core.runtime import configure_ultralytics
     from tasks.evaluation.evaluate import Evaluator
     from tasks.export import quantize as Q
@@ -152,7 +166,8 @@ def quantize_cmd(
         if accuracy_aware:
             res = run_guarded(Q.quantize_accuracy_aware, model, target, data, calib, cfg.compress.tolerance,
                               qc.max_retries, qc.nodes_per_retry, evaluate_fn=evaluator.metrics_fn(data),
-                              imgsz=imgsz, per_channel=qc.per_channel, sensitivity_images=qc.sensitivity_images)
+                              imgsz=imgsz, per_channel=qc.per_channel, sensitivity_images=qc.sensitivity_images,
+                              calibrate_method=qc.calibrate_method, activation_symmetric=qc.activation_symmetric)
             for i, a in enumerate(res.attempts):
                 console.print(f"attempt {i}: {len(a.float_nodes)} extra float node(s), mask mAP50 "
                               f"{a.metrics['mask/mAP50']:.4f}", highlight=False)
@@ -161,7 +176,8 @@ def quantize_cmd(
                           highlight=False)
         else:
             run_guarded(Q.quantize_onnx, model, target, mode, calib_images=calib, imgsz=imgsz,
-                        per_channel=qc.per_channel)
+                        per_channel=qc.per_channel, calibrate_method=qc.calibrate_method,
+                        activation_symmetric=qc.activation_symmetric)
     else:
         run_guarded(Q.quantize_onnx, model, target, mode,
                     per_channel=qc.per_channel if mode == "int8-dynamic" else None)

@@ -190,11 +190,19 @@ class PruneConfig(_Section):
     importance: Literal["l1", "l2"] = "l2"
 
 
+class QuantSetting(_Section):
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+
+
 class QuantizeConfig(_Section):
     calib_images: int = Field(64, ge=1)
     max_retries: int = Field(3, ge=0)
     nodes_per_retry: int = Field(8, ge=1)
     per_channel: bool = True
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    activation_symmetric: bool = False
+    also_try: list[QuantSetting] = []
     sensitivity_images: int = Field(4, ge=1)
     also_parent: bool = True
 

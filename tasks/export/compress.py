@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PT_STEPS = ("distill", "prune", "unstructured")
 QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16")
-TABLE_COLUMNS = ("name", "kind", "parent", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
+TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
                  "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
 
 
@@ -63,7 +63,7 @@ class Variant:
     def row(self) -> dict[str, Any]:
         m = self.metrics
         return {
-            "name": self.name, "kind": self.kind, "parent": self.parent or "",
+            "name": self.name, "kind": self.kind, "parent": self.parent or "", "setting": self.info.get("setting", ""),
             "mask/mAP50": m.get("mask/mAP50"), "mask/mAP50-95": m.get("mask/mAP50-95"),
             "box/mAP50": m.get("box/mAP50"), "box/mAP50-95": m.get("box/mAP50-95"),
             "latency_ms": m.get("latency_ms"), "size_mb": m.get("size_mb"), "params": self.params,
@@ -264,28 +264,52 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
     if step in QUANT_STEPS:
         targets = [head] + ([root] if cc.quantize.also_parent and head.name != root.name else [])
         out = [quantize_variant(step, t, data_yaml, cfg, work, evaluator) for t in targets]
+        if step == "int8-static":  # a row per further calibration setting tried, on the chain head
+            out += [quantize_variant(step, head, data_yaml, cfg, work, evaluator, setting=st)
+                    for st in cc.quantize.also_try]
         return StepOutput(out, head)
     raise DamageError(f"compress step '{step}' not implemented")
 
 
-def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator) -> Variant:
+def quant_setting_label(calibrate_method: str, per_channel: bool, activation_symmetric: bool = False) -> str:
+    """``minmax/per-channel`` (``+sym-act`` with symmetric activations): the table's ``setting`` cell."""
+    return (f"{calibrate_method}/{'per-channel' if per_channel else 'per-tensor'}"
+            + ("+sym-act" if activation_symmetric else ""))
+
+
+def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator,
+                     setting=None) -> Variant:
     """Quantize ``src.onnx`` with ``mode``; INT8 static runs the accuracy-aware loop, measured by
-    ``evaluator`` (the one that measured ``src``, so the float baseline and the attempts compare)."""
+    ``evaluator`` (the one that measured ``src``, so the float baseline and the attempts compare).
+
+    ``setting`` (a ``QuantSetting`` of ``compress.quantize.also_try``) replaces the configured
+    calibration method and weight granularity; its variant's name carries the setting
+    (``int8-static[entropy/per-tensor]``), the default one keeps the plain mode name.
+    """
     from tasks.export import quantize as Q
     qc = cfg.compress.quantize
+    method = setting.calibrate_method if setting is not None else qc.calibrate_method
+    per_channel = setting.per_channel if setting is not None else qc.per_channel
+    label = quant_setting_label(method, per_channel, qc.activation_symmetric)
     name = f"{src.name}-{mode}" if src.kind != "parent" else mode
-    out = work / f"{name}.onnx"
+    if setting is not None:
+        name += f"[{label}]"
+    out = work / f"{name.replace('/', '-')}.onnx"
     info: dict[str, Any] = {"mode": mode, "source": src.onnx, "source_weights": src.weights}
     if mode == "int8-static":
+        info["setting"] = label
         calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
         float_metrics = src.metrics or None
         res = Q.quantize_accuracy_aware(src.onnx, out, data_yaml, calib, tolerance=cfg.compress.tolerance,
                                         max_retries=qc.max_retries, nodes_per_retry=qc.nodes_per_retry,
                                         evaluate_fn=evaluator.metrics_fn(data_yaml),
-                                        imgsz=evaluator.imgsz, per_channel=qc.per_channel,
-                                        sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics)
+                                        imgsz=evaluator.imgsz, per_channel=per_channel,
+                                        sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics,
+                                        calibrate_method=method, activation_symmetric=qc.activation_symmetric)
         info.update(res.summary())
     else:
+        if mode == "int8-dynamic":
+            info["setting"] = "per-channel" if qc.per_channel else "per-tensor"
         Q.quantize_onnx(src.onnx, out, mode, per_channel=qc.per_channel if mode == "int8-dynamic" else None)
     return Variant(name, mode, str(out), src.name, None, src.params, src.gflops, info=info)
 

@@ -43,7 +43,8 @@ MIN_PER_CHANNEL_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear arrived i
 # Quantization modes: the arguments each accepts (besides onnx_in/onnx_out) and what it needs.
 QUANT_MODES: dict[str, dict[str, Any]] = {
     "int8-static": {
-        "args": {"calib_images", "imgsz", "per_channel", "exclude_nodes", "calibrate_method"},
+        "args": {"calib_images", "imgsz", "per_channel", "exclude_nodes", "calibrate_method",
+                 "activation_symmetric"},
         "needs_calibration": True,
         "doc": "QDQ, U8 activations / S8 weights, calibrated on training images; head decode in float",
     },
@@ -57,6 +58,27 @@ QUANT_MODES: dict[str, dict[str, Any]] = {
         "needs_calibration": False,
         "doc": "float16 weights and compute, float32 inputs/outputs (Cast nodes)",
     },
+}
+
+# Op types int8-static quantizes (inputs and outputs get QuantizeLinear/DequantizeLinear), each with an int8
+# kernel or a pass-through in ONNX Runtime's CPU provider once its QDQ pair is fused away: Conv -> QLinearConv,
+# SiLU's Sigmoid and Mul -> QLinearSigmoid (a lookup table) and QLinearMul, the C2f shortcut Add -> QLinearAdd,
+# Concat -> QLinearConcat, and Split / MaxPool / Resize run on the uint8 tensor as is. With every op of a
+# SiLU-Conv-C2f chain listed, no float island (and no QDQ pair around it) is left between two Convs.
+# ConvTranspose (the mask prototype upsampling) is left out: the CPU provider has no int8 kernel for it, so
+# a quantized one only dequantizes its weights on every run.
+INT8_OP_TYPES = ("Conv", "Sigmoid", "Mul", "Add", "Concat", "Split", "MaxPool", "Resize")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Calibrator settings per method. ``quantize_static`` builds its calibrator with ORT's defaults, and the
+# Entropy default (128 histogram bins searched for a 128-bin window) has exactly one candidate, the full
+# range: entropy would silently be min/max. So the ranges are computed here with a histogram wide enough
+# to search (512 bins: 193 candidate thresholds per tensor) and handed to ``quantize_static`` through its
+# calibration cache. Percentile keeps the asymmetric range (SiLU outputs are almost all positive).
+CALIB_CHUNK = 4  # calibration images per calibrator pass (ranges and histograms accumulate across passes)
+CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "minmax": {"symmetric": False},
+    "entropy": {"symmetric": False, "num_bins": 512, "num_quantized_bins": 128},
+    "percentile": {"symmetric": False, "num_bins": 2048, "percentile": 99.99},
 }
 
 # Ops that are decode / post-processing when they lie between the last Conv and an output.
@@ -254,7 +276,8 @@ def _imgsz_from_meta(model, default: int | None) -> int:
 # ----------------------------------------------------------------------------- quantize
 def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, mode: str, calib_images: Sequence[Path] | None = None,
                   imgsz: int | None = None, per_channel: bool | None = None, exclude_nodes: Sequence[str] | None = None,
-                  calibrate_method: str | None = None, exclude_head: bool = True) -> Path:
+                  calibrate_method: str | None = None, activation_symmetric: bool | None = None,
+                  exclude_head: bool = True, op_types: Sequence[str] | None = INT8_OP_TYPES) -> Path:
     """Quantize an ONNX model; metadata (class names, imgsz, stride, thresholds) is carried over.
 
     Args:
@@ -266,8 +289,12 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, mode: str, calib_im
         per_channel: per-channel weight scales (INT8 modes; default True; needs opset >= 13).
         exclude_nodes: extra node names kept in float (all modes).
         calibrate_method: ``minmax`` (default), ``entropy`` or ``percentile`` (``int8-static``).
+        activation_symmetric: symmetric activation ranges (zero point 128; ``int8-static``; default False:
+            SiLU outputs are mostly positive, an asymmetric range spends the 256 levels on them).
         exclude_head: keep the head's post-processing nodes in float (INT8 static; never turn this
             off except to demonstrate why it exists).
+        op_types: op types ``int8-static`` quantizes (default :data:`INT8_OP_TYPES`; None = every op
+            type ONNX Runtime knows, the behaviour before the list existed, kept for comparisons).
 
     Returns:
         ``onnx_out``.
@@ -280,7 +307,8 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, mode: str, calib_im
         >>> quantize_onnx("m.onnx", "m.int8.onnx", "int8-static", calib_images=imgs, imgsz=160)
     """
     given = {"calib_images": calib_images, "imgsz": imgsz, "per_channel": per_channel,
-             "exclude_nodes": exclude_nodes, "calibrate_method": calibrate_method}
+             "exclude_nodes": exclude_nodes, "calibrate_method": calibrate_method,
+             "activation_symmetric": activation_symmetric}
     check_mode_args(mode, **{k: v for k, v in given.items() if v is not None})
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     src = _load(onnx_in)
@@ -299,7 +327,8 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, mode: str, calib_im
         exclude = list(exclude_nodes or [])
         model, info = fn(named, work, src, exclude=exclude, calib_images=calib_images, imgsz=imgsz,
                          per_channel=per_channel, calibrate_method=calibrate_method or "minmax",
-                         exclude_head=exclude_head)
+                         activation_symmetric=bool(activation_symmetric), exclude_head=exclude_head,
+                         op_types=op_types)
         _copy_metadata(src, model, {"damage.quantization": {"mode": mode, **info}})
         return _atomic_save(model, onnx_out)
     except DamageError:
@@ -324,14 +353,14 @@ def _preprocessed(named: Path, work: Path) -> Path:
 
 
 def _static(named: Path, work: Path, src, *, exclude, calib_images, imgsz, per_channel, calibrate_method,
-            exclude_head):
+            activation_symmetric, exclude_head, op_types):
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not calib_images:
         raise DamageError(f"{named.name}: int8-static needs calibration images (calib_images)")
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax, CalibrationMethod.Entropy,
+                                              CalibrationMethod.Percentile), strict=True))
     if calibrate_method not in methods:
         raise DamageError(f"unknown calibrate_method '{calibrate_method}' (choose from {', '.join(methods)})")
     pre = _preprocessed(named, work)
@@ -347,14 +376,78 @@ def _static(named: Path, work: Path, src, *, exclude, calib_images, imgsz, per_c
     size = _imgsz_from_meta(src, imgsz)
     reader = ImageReader(calib_images, size, _input_name(pre_model))
     out = work / "int8.onnx"
+    cache = _calibrate(pre, reader, methods[calibrate_method], CALIBRATOR_OPTIONS[calibrate_method], op_types, work)
+    extra = {"CalibTensorRangeSymmetric": False, "ActivationSymmetric": activation_symmetric,
+             # MaxPool, Resize and Split take the uint8 tensor even where their input's producer was
+             # excluded (ORT's default skips them then, leaving a float island behind an excluded node)
+             "ForceQuantizeNoInputCheck": True}
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=excluded, calibrate_method=methods[calibrate_method],
-                    extra_options={"CalibTensorRangeSymmetric": False})
+                    op_types_to_quantize=list(op_types) if op_types is not None else None,
+                    nodes_to_exclude=excluded, calibrate_method=methods[calibrate_method], extra_options=extra,
+                    calibration_cache_path=cache)
+    qmodel = onnx.load(str(out))
+    unpaired = keep_outputs_float(qmodel, excluded)
     info = {"per_channel": per_channel, "calib_images": len(calib_images), "imgsz": size,
-            "calibrate_method": calibrate_method, "excluded_nodes": len(excluded), "head_nodes": len(head),
-            "extra_float_nodes": sorted(set(exclude) & present)}
-    return onnx.load(str(out)), info
+            "calibrate_method": calibrate_method, "activation_symmetric": activation_symmetric,
+            "op_types": sorted(op_types) if op_types is not None else "onnxruntime-default",
+            "excluded_nodes": len(excluded), "head_nodes": len(head),
+            "extra_float_nodes": sorted(set(exclude) & present), "qdq_pairs_removed": unpaired}
+    return qmodel, info
+
+
+def _calibrate(model_path: Path, reader: ImageReader, method, options: dict[str, Any],
+               op_types: Sequence[str] | None, work: Path) -> Path:
+    """Activation ranges of ``model_path`` over ``reader`` with ``method``/``options``, saved as an ORT
+    calibration cache (JSON) for ``quantize_static``; returns its path."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    ops = list(op_types) if op_types is not None else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    cal = create_calibrator(model_path, ops, augmented_model_path=str(work / "augmented.onnx"),
+                            calibrate_method=method, extra_options=dict(options))
+    # a few images per pass: the calibrator holds every activation of the images it is given (GBs at 640 px)
+    for i in range(0, len(reader.images), CALIB_CHUNK):
+        cal.collect_data(ImageReader(reader.images[i:i + CALIB_CHUNK], reader.imgsz, reader.input_name))
+    cache = work / "calibration.json"
+    save_tensors_data(cal.compute_data(), cache)
+    return cache
+
+
+def keep_outputs_float(model, nodes: Iterable[str]) -> int:
+    """Remove the QuantizeLinear/DequantizeLinear pairs on the outputs of ``nodes`` (in place).
+
+    ``nodes_to_exclude`` only stops ORT's quantizer from processing a node; its neighbours still
+    quantize the tensors they share with it, so an excluded Sigmoid ends up between a
+    DequantizeLinear and a QuantizeLinear, which ONNX Runtime fuses back into QLinearSigmoid: the
+    exclusion changed nothing. Reading the node's output directly keeps that tensor in float (its
+    consumers then run in float too), which is what the sensitivity ranking measured.
+
+    Returns:
+        The number of Q/DQ pairs removed.
+    """
+    wanted = set(nodes)
+    outputs = {o.name for o in model.graph.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    drop: list = []
+    for n in model.graph.node:
+        if n.name not in wanted:
+            continue
+        for t in n.output:
+            for q in [c for c in consumers.get(t, []) if c.op_type == "QuantizeLinear"]:
+                dqs = consumers.get(q.output[0], [])
+                if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs for d in dqs):
+                    continue  # not a plain Q -> DQ pair (or it feeds a graph output): leave it
+                for d in dqs:
+                    for c in consumers.get(d.output[0], []):
+                        c.input[:] = [t if i == d.output[0] else i for i in c.input]
+                drop += [q, *dqs]
+    for d in drop:
+        model.graph.node.remove(d)
+    return sum(d.op_type == "QuantizeLinear" for d in drop)
 
 
 def _dynamic(named: Path, work: Path, src, *, exclude, per_channel, **_):
@@ -459,6 +552,7 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
                             nodes_per_retry: int = 8, evaluate_fn: EvaluateFn | None = None,
                             imgsz: int | None = None, per_channel: bool = True, sensitivity_images: int = 4,
                             metric: str = "mask/mAP50", float_metrics: dict[str, float] | None = None,
+                            calibrate_method: str = "minmax", activation_symmetric: bool = False,
                             ) -> AccuracyAwareResult:
     """Static INT8 that keeps the most sensitive nodes in float until accuracy is within tolerance.
 
@@ -480,6 +574,8 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
             (``Evaluator.metrics_fn``); default: ``Evaluator`` defaults at ``imgsz``.
         imgsz: calibration/evaluation size (default: ONNX metadata).
         per_channel: per-channel weights.
+        calibrate_method: ``minmax`` | ``entropy`` | ``percentile`` (:data:`CALIBRATION_METHODS`).
+        activation_symmetric: symmetric activation ranges.
         sensitivity_images: calibration images used for the sensitivity ranking.
         metric: metric the gate reads.
         float_metrics: the float model's metrics if already measured (saves one evaluation).
@@ -504,7 +600,8 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
         for attempt in range(max_retries + 1):
             cand = work / f"attempt{attempt}.onnx"
             quantize_onnx(onnx_in, cand, "int8-static", calib_images=calib_images, imgsz=size,
-                          per_channel=per_channel, exclude_nodes=float_nodes or None)
+                          per_channel=per_channel, exclude_nodes=float_nodes or None,
+                          calibrate_method=calibrate_method, activation_symmetric=activation_symmetric)
             m = evaluate_fn(cand)
             attempts.append(QuantAttempt(cand, list(float_nodes), m))
             log.info("INT8 attempt %d: %s=%.4f (float %.4f, %d extra float nodes)", attempt, metric, m[metric],

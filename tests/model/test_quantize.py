@@ -144,6 +144,180 @@ def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, t
 
 
 
+# --- which parts of the INT8 graph run in float ---------------------------------------------------
+
+def _runtime_float_nodes(path, tmp_path) -> dict[str, str]:
+    """{name: op_type} of the nodes that compute on float tensors once ONNX Runtime has fused the QDQ
+    pairs (the graph as the CPU provider runs it, before layout changes). Tensors are tracked as
+    uint8 (from QuantizeLinear / a QLinear* kernel), float (from DequantizeLinear, the graph input or
+    a float node) or integer shape arithmetic (from Shape)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # QDQ fusion, no NCHWc
+    so.optimized_model_filepath = str(tmp_path / f"{path.stem}.fused.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    m = onnx.load(so.optimized_model_filepath)
+    kind = {i.name: "f" for i in m.graph.input}
+    inits = {i.name for i in m.graph.initializer}
+    floats = {}
+    for n in m.graph.node:  # ORT saves the graph topologically sorted
+        ins = {kind.get(i, "f") for i in n.input if i and i not in inits}
+        if n.op_type == "QuantizeLinear" or n.op_type.startswith("QLinear"):
+            out = "q"
+        elif n.op_type == "DequantizeLinear":
+            out = "f"
+        elif n.op_type == "Shape" or not ins or ins == {"i"}:
+            out = "i"
+        elif "f" in ins:
+            out = "f"
+            floats[n.name] = n.op_type
+        else:
+            out = "q"  # Split, MaxPool, Resize, Reshape... run on the uint8 tensor
+        for o in n.output:
+            kind[o] = out
+    return floats
+
+
+def _within(name: str, nodes: set[str]) -> bool:
+    """``name`` is one of ``nodes`` or a node ORT made from one (it appends ``/FusionName`` to the name)."""
+    return name in nodes or any(name.startswith(n + "/") for n in nodes)
+
+
+def _head(onnx_path) -> set[str]:
+    import onnx
+
+    from tasks.export.quantize import _ensure_node_names, head_postprocess_nodes
+
+    m = onnx.load(str(onnx_path))
+    _ensure_node_names(m)
+    return set(head_postprocess_nodes(m))
+
+
+def test_int8_static_runs_in_int8_except_the_head_decode(float_onnx, calib, tmp_path):
+    """SiLU (Sigmoid, Mul), the C2f Add and Concat, Split, MaxPool and Resize run on uint8; the only float
+    regions are the head's decode and the mask prototype's ConvTranspose (no int8 kernel on the CPU)."""
+    import onnx
+
+    from tasks.export.quantize import head_postprocess_nodes, quantize_onnx
+
+    q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
+    qm = onnx.load(str(q))
+    head = set(head_postprocess_nodes(qm)) | _head(float_onnx)
+    producer = {o: n for n in qm.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in qm.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    silu = [n for n in qm.graph.node if n.op_type in ("Sigmoid", "Mul") and n.name not in head]
+    assert len(silu) > 100  # every SiLU of the backbone and neck
+    for n in silu:  # QDQ on both sides of every SiLU op
+        assert all(producer[i].op_type == "DequantizeLinear" for i in n.input if i in producer), n.name
+        assert all(c.op_type == "QuantizeLinear" for c in consumers[n.output[0]]), n.name
+    floats = _runtime_float_nodes(q, tmp_path)
+    outside = {k: v for k, v in floats.items() if not _within(k, head) and v != "ConvTranspose"}
+    assert not outside, outside
+    assert len(floats) < 0.5 * len(head) + 2  # the head decode itself is mostly shape arithmetic, not float compute
+
+
+def test_accuracy_aware_exclusions_really_run_in_float(float_onnx, calib, tmp_path):
+    """A node the accuracy-aware loop returns to float computes in float at run time, and so do only its
+    direct consumers (the float island the exclusion costs)."""
+    import onnx
+
+    from tasks.export.quantize import quantize_onnx
+
+    m = onnx.load(str(float_onnx))
+    sig = [n.name for n in m.graph.node if n.op_type == "Sigmoid"][1]
+    conv = [n.name for n in m.graph.node if n.op_type == "Conv"][4]
+    q = quantize_onnx(float_onnx, tmp_path / "ex.onnx", "int8-static", calib_images=calib, imgsz=96,
+                      exclude_nodes=[sig, conv])
+    qm = onnx.load(str(q))
+    info = json.loads({p.key: p.value for p in qm.metadata_props}["damage.quantization"])
+    assert info["extra_float_nodes"] == sorted([sig, conv]) and info["qdq_pairs_removed"] == 2
+    floats = _runtime_float_nodes(q, tmp_path)
+    assert floats.get(sig) == "Sigmoid" and floats.get(conv) == "Conv"  # not fused back into QLinear*
+    outs = {o for n in m.graph.node if n.name in (sig, conv) for o in n.output}
+    island = {n.name for n in m.graph.node if set(n.input) & outs} | {sig, conv}
+    outside = {k: v for k, v in floats.items() if not _within(k, _head(float_onnx) | island) and v != "ConvTranspose"}
+    assert not outside, outside
+
+
+def test_calibration_methods_and_granularity_reach_the_graph(float_onnx, calib, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from tasks.core.errors import DamageError
+    from tasks.export.quantize import CALIBRATION_METHODS, quantize_onnx
+
+    def scales(path):
+        m = onnx.load(str(path))
+        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        meta = json.loads({p.key: p.value for p in m.metadata_props}["damage.quantization"])
+        weight = [inits[n.input[1]] for n in m.graph.node if n.op_type == "DequantizeLinear"
+                  and n.input[0] in inits and inits[n.input[0]].dtype == np.int8]
+        act = {n.input[0]: float(inits[n.input[1]]) for n in m.graph.node if n.op_type == "QuantizeLinear"}
+        return meta, weight, act
+
+    acts = {}
+    for method in CALIBRATION_METHODS:
+        meta, weight, acts[method] = scales(quantize_onnx(float_onnx, tmp_path / f"{method}.onnx", "int8-static",
+                                                          calib_images=calib, imgsz=96, calibrate_method=method))
+        assert meta["calibrate_method"] == method and meta["per_channel"] is True
+        assert all(w.ndim == 1 for w in weight) and max(w.size for w in weight) > 1  # one scale per channel
+    common = set(acts["minmax"]) & set(acts["entropy"]) & set(acts["percentile"])
+    assert len(common) > 100
+    # histogram methods clip the outliers min/max keeps: never a wider range, a narrower one on some tensors
+    # (ORT's default entropy histogram searches one window, the full range, and equals min/max everywhere)
+    for method in ("entropy", "percentile"):
+        ratio = [acts[method][t] / acts["minmax"][t] for t in common]
+        assert max(ratio) <= 1.001, (method, max(ratio))
+        assert sum(r < 0.99 for r in ratio) >= 3, (method, sorted(ratio)[:5])
+    meta, weight, _ = scales(quantize_onnx(float_onnx, tmp_path / "pt.onnx", "int8-static", calib_images=calib,
+                                           imgsz=96, per_channel=False))
+    assert meta["per_channel"] is False and all(w.size == 1 for w in weight) and len(weight) > 50
+    with pytest.raises(DamageError, match="unknown calibrate_method"):
+        quantize_onnx(float_onnx, tmp_path / "x.onnx", "int8-static", calib_images=calib, imgsz=96,
+                      calibrate_method="mse")
+    with pytest.raises(DamageError, match="does not accept"):
+        quantize_onnx(float_onnx, tmp_path / "x.onnx", "int8-dynamic", calibrate_method="entropy")
+
+
+def test_variant_table_has_a_row_per_calibration_setting(float_onnx, tiny_dataset, tmp_path):
+    """``compress.quantize.also_try``: each setting is its own int8-static variant, named and labelled."""
+    import csv
+
+    import onnx
+
+    from tasks.core.config import config_from_dict
+    from tasks.export.compress import Variant, apply_step, write_table
+
+    class FakeEvaluator:  # the chain's evaluator interface: imgsz and metrics_fn
+        imgsz = 96
+
+        def metrics_fn(self, data_yaml):
+            return lambda path: {"mask/mAP50": 0.5}
+
+    cfg = config_from_dict({"compress": {"quantize": {
+        "calib_images": 2, "max_retries": 0, "calibrate_method": "percentile", "per_channel": True,
+        "also_try": [{"calibrate_method": "entropy", "per_channel": False},
+                     {"calibrate_method": "minmax", "per_channel": False}]}}})
+    root = Variant("parent", "parent", str(float_onnx))
+    out = apply_step("int8-static", root, root, tiny_dataset, cfg, tmp_path / "q", FakeEvaluator())
+    assert out.head is root
+    got = [(v.name, v.info["setting"]) for v in out.variants]
+    assert got == [("int8-static", "percentile/per-channel"),
+                   ("int8-static[entropy/per-tensor]", "entropy/per-tensor"),
+                   ("int8-static[minmax/per-tensor]", "minmax/per-tensor")]
+    for v in out.variants:  # each file was made with its own setting
+        meta = json.loads({p.key: p.value for p in onnx.load(v.onnx).metadata_props}["damage.quantization"])
+        method, gran = v.info["setting"].split("/")
+        assert (meta["calibrate_method"], meta["per_channel"]) == (method, gran == "per-channel"), v.name
+    rows = list(csv.DictReader(open(write_table([root, *out.variants], tmp_path / "t.csv"))))
+    assert [r["setting"] for r in rows] == ["", "percentile/per-channel", "entropy/per-tensor", "minmax/per-tensor"]
+
+
 
 # --- on a model that detects (session fixture ``trained_model``, easy set, 64 px) -----------------
 
