@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import add_model_data_args, model_and_data  # noqa: E402
+
 
 def cpu_info() -> tuple[str, str]:
     """(CPU model name, ISA extensions that matter for torch CPU kernels)."""
@@ -45,28 +47,15 @@ def cpu_info() -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help=".pt or .onnx")
-    ap.add_argument("--data", type=Path, help="data.yaml")
+    add_model_data_args(ap)
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
-    ap.add_argument("--imgsz", type=int, default=160)
-    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
     ap.add_argument("--conf-floor", type=float, default=None, help="mining confidence floor")
-    ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
-    ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
     args = ap.parse_args(argv)
-    if not args.demo and not (args.model and args.data):
-        ap.error("give --model and --data, or --demo")
-
-    from tasks.core.runtime import activate, configure_ultralytics
-
-    paths = activate(args.state_dir)
-    configure_ultralytics(paths)
-    from bench.bench_sweep import _demo_inputs
+    model, data, paths = model_and_data(ap, args)
     from tasks.core.config import LabelIssuesConfig
     from tasks.evaluation.evaluate import evaluate_model
     from tasks.evaluation.label_issues import mine_label_issues
 
-    model, data = (args.model, args.data) if not args.demo else _demo_inputs(paths.root / "bench", args.imgsz)
     cfg = LabelIssuesConfig(splits=args.splits)
     if args.conf_floor is not None:
         cfg = cfg.model_copy(update={"conf_floor": args.conf_floor})

@@ -22,46 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _demo_inputs(root: Path, imgsz: int) -> tuple[Path, Path]:
-    """Synthetic val data and a randomly initialised yolov8n-seg with the dataset's classes."""
-    import torch
-    from ultralytics.nn.tasks import SegmentationModel
-
-    from tasks.core.config import CLASSES
-    from tasks.data.synth import generate_dataset
-
-    data = generate_dataset(root / "data", images=60, seed=0, imgsz=imgsz, val_fraction=0.4)
-    torch.manual_seed(0)
-    model = SegmentationModel("yolov8n-seg.yaml", nc=len(CLASSES), verbose=False)
-    model.names = dict(enumerate(CLASSES))
-    model.args = {"imgsz": imgsz, "task": "segment"}
-    pt = root / "random_yolov8n_seg.pt"
-    torch.save({"model": model, "train_args": {"imgsz": imgsz, "task": "segment"}, "epoch": -1}, pt)
-    return pt, data
+from bench.common import add_model_data_args, model_and_data  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help=".pt or .onnx")
-    ap.add_argument("--data", type=Path, help="data.yaml")
+    add_model_data_args(ap)
     ap.add_argument("--split", default="val")
-    ap.add_argument("--imgsz", type=int, default=160)
-    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
-    ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
-    ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
     args = ap.parse_args(argv)
-    if not args.demo and not (args.model and args.data):
-        ap.error("give --model and --data, or --demo")
-
-    from tasks.core.runtime import activate, configure_ultralytics
-
-    paths = activate(args.state_dir)
-    configure_ultralytics(paths)
+    model, data, paths = model_and_data(ap, args)
     from tasks.evaluation.evaluate import collect, evaluate_model
     from tasks.evaluation.sweep import DEFAULT_CONF_GRID, DEFAULT_IOU_GRID, sweep_thresholds
 
-    model, data = (args.model, args.data) if not args.demo else _demo_inputs(paths.root / "bench", args.imgsz)
     n_points = len(DEFAULT_CONF_GRID) * len(DEFAULT_IOU_GRID)
     evaluate_model(model, data, args.split, args.imgsz)  # warm-up: imports, file cache, kernels
     import matplotlib
