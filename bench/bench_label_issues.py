@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_model_data_args, model_and_data  # noqa: E402
+from bench.common import add_model_data_args, alternate, model_and_data, verdict  # noqa: E402
 
 
 def cpu_info() -> tuple[str, str]:
@@ -69,26 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate()  # warm-up: imports, file cache, kernels, Ultralytics label caches
     mine()
-    t_eval, t_mine = [], []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        images = evaluate()
-        t_eval.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        res = mine()
-        t_mine.append(time.perf_counter() - t0)
-    e, m = statistics.median(t_eval), statistics.median(t_mine)
+    e, m, images, res = alternate(evaluate, mine, args.repeat)
     cpu, isa = cpu_info()
     print(f"cpu {cpu} | isa {isa}")
     print(f"model {model} | data {data} [{', '.join(args.splits)}] | {images} images @ {args.imgsz}px | "
           f"mining conf floor {cfg.conf_floor}")
     print(f"one evaluation (same images): {e:7.2f} s")
     print(f"label-issue mining          : {m:7.2f} s  ({len(res.rows)} rows; {res.summary_line()})")
-    ratio = m / e
-    print(f"ratio mining / evaluation = {ratio:.2f}x  (target <= 1.3x: {'OK' if ratio <= 1.3 else 'MISSED'}); "
-          f"median of {args.repeat}")
-    return 0 if ratio <= 1.3 else 1
-
+    return verdict("mining / evaluation", m / e, 1.3, args.repeat)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,14 +15,12 @@ low-score boxes per image) is not what a trained model produces: prefer a real m
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_model_data_args, model_and_data  # noqa: E402
+from bench.common import add_model_data_args, alternate, model_and_data, verdict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,17 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot  # noqa: F401  (import time is not sweep time)
 
     out = paths.root / "bench" / "sweep"
-    t_eval, t_sweep = [], []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        ev = evaluate_model(model, data, args.split, args.imgsz)
-        t_eval.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        sw = sweep_thresholds(model, data, args.split, args.imgsz, out_dir=out)  # CSV + 2 plots included
-        t_sweep.append(time.perf_counter() - t0)
+    e, s, ev, sw = alternate(lambda: evaluate_model(model, data, args.split, args.imgsz),
+                             lambda: sweep_thresholds(model, data, args.split, args.imgsz, out_dir=out),  # CSV + plots
+                             args.repeat)
     col = collect(model, data, args.split, args.imgsz)
     dets = sum(len(s.conf) for s in col.map_scores[0.7]) / max(1, len(col.truths))
-    e, s = statistics.median(t_eval), statistics.median(t_sweep)
     print(f"model {model} ({ev.model_format}) | data {data} [{args.split}] | {int(ev.metrics['images'])} images "
           f"@ {ev.imgsz}px | {dets:.0f} detections/image at conf 0.001")
     print(f"one evaluation      : {e:7.2f} s  (inference {ev.metrics['speed/inference_ms']:.1f} ms/img, "
@@ -60,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n_points}-point sweep      : {s:7.2f} s  (chosen conf={sw.thresholds['conf']}, "
           f"iou={sw.thresholds['iou']})")
     print(f"naive sweep (est.)  : {n_points * e:7.2f} s  ({n_points} evaluations)")
-    ratio = s / e
-    print(f"ratio sweep / evaluation = {ratio:.2f}x  (target <= 3x: {'OK' if ratio <= 3 else 'MISSED'}); "
-          f"median of {args.repeat}")
-    return 0 if ratio <= 3 else 1
-
+    return verdict("sweep / evaluation", s / e, 3, args.repeat)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +80,27 @@ def model_and_data(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     if args.demo:
         return (*demo_inputs(paths.root / "bench", args.imgsz), paths)
     return args.model, args.data, paths
+
+
+def alternate(base: Callable[[], Any], other: Callable[[], Any], repeat: int) -> tuple[float, float, Any, Any]:
+    """Time ``base`` and ``other`` alternately ``repeat`` times in this process.
+
+    Returns:
+        (median seconds of base, median seconds of other, base's last result, other's last result).
+    """
+    t_base, t_other, r_base, r_other = [], [], None, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r_base = base()
+        t_base.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r_other = other()
+        t_other.append(time.perf_counter() - t0)
+    return statistics.median(t_base), statistics.median(t_other), r_base, r_other
+
+
+def verdict(what: str, ratio: float, target: float, repeat: int) -> int:
+    """Print ``ratio`` against its target; the exit status (0 = target met)."""
+    print(f"ratio {what} = {ratio:.2f}x  (target <= {target:g}x: {'OK' if ratio <= target else 'MISSED'}); "
+          f"median of {repeat}")
+    return 0 if ratio <= target else 1
