@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.config import CLASSES
+from tests.helpers import mlflow_credentials
 
 PG_HOST = os.environ.get("DAMAGE_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DAMAGE_TEST_PG_PORT", "5432"))
@@ -340,20 +341,9 @@ MLFLOW_ACCOUNTS = {name: (name, f"{name}-{uuid.uuid4().hex[:12]}") for name in (
 PRODUCTION_MODEL = "damage-seg"
 
 
-@contextlib.contextmanager
-def mlflow_user(account: str) -> Iterator[None]:
+def mlflow_user(account: str) -> contextlib.AbstractContextManager[None]:
     """Authenticate this process as one of ``MLFLOW_ACCOUNTS`` (MLflow reads the variables per request)."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict(zip(keys, MLFLOW_ACCOUNTS[account], strict=True)))
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return mlflow_credentials(MLFLOW_ACCOUNTS[account])
 
 
 @pytest.fixture(scope="session")

@@ -7,19 +7,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
+from tests.helpers import LINEAGE, sqlite_client
 
 
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
     import model_registry as mr
     from model_registry.registry import STAGING
 
     d = tmp_path_factory.mktemp("cli-tables")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = sqlite_client(d)
+    uri = c.tracking_uri
     exp = c.create_experiment("t")
     f = d / "a.onnx"
     f.write_bytes(b"x")

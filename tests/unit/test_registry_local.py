@@ -9,14 +9,12 @@ from mlflow.exceptions import MlflowException
 
 import model_registry as mr
 from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
+from tests.helpers import sqlite_client
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('reg-unit') / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return sqlite_client(tmp_path_factory.mktemp("reg-unit"))
 
 
 @pytest.fixture(scope="module")
