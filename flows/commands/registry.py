@@ -15,6 +15,7 @@ import typer
 
 from flows.common import console, run_guarded, setup
 from flows.tables import JsonOpt_help
+from tasks.core.display import fmt_metric
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
@@ -32,7 +33,7 @@ def _ctx(ctx, name, tracking_uri):
 
 
 def _fmt_metric(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+    return fmt_metric(v, missing="-")
 
 
 @registry_app.command("list")

@@ -41,7 +41,7 @@ def test_registry_list_fits_80_columns_without_truncated_words(registry_uri):
     lines = r.stdout.splitlines()
     assert max(len(x) for x in lines) <= 80, "\n".join(lines)
     assert "…" not in r.stdout  # no "versi…", "stagi…"
-    for word in ("staging", "pending", "approval", "aliases", "0.4500"):
+    for word in ("staging", "pending", "approval", "aliases", "0.450"):
         assert word in r.stdout, r.stdout
     assert "columns left out" in r.stdout  # it says what it dropped
     wide = _run(["registry", "list", "tbl-m", "--tracking-uri", registry_uri], columns=200)

@@ -86,5 +86,5 @@ def test_gate_tags_failed_classes_on_the_version(client, run_id, tmp_path):
     assert not d.passed and d.failed_classes == ["dent"]
     tags = mr.list_versions(client, "unit-gate")[0].tags
     assert tags["gate.failed_classes"] == "dent" and tags["validation_status"] == "failed"
-    assert "class dent: mask AP50 0.0000 < floor 0.1000" in tags["gate.reasons"]
+    assert "class dent: mask AP50 0.000 < floor 0.100" in tags["gate.reasons"]
     assert mr.alias_version(client, "unit-gate", mr.STAGING) is None
