@@ -53,7 +53,7 @@ def tiny_model(state_paths, tiny_dataset, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_train")
     cfg = TrainConfig(model="n", epochs=1, imgsz=96, batch=8, patience=0)
-    return train_model(tiny_dataset, cfg, out, seed=0).best
+    return train_model(tiny_dataset, cfg, out, seed=0, extra_args={"plots": False}).best  # no test reads its plots
 
 
 @pytest.fixture
