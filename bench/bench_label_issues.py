@@ -18,42 +18,29 @@ mining's confidence floor (default: label_issues.conf_floor = 0.05; evaluation a
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import add_model_data_args, alternate, model_and_data, verdict  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, help=".pt or .onnx")
-    ap.add_argument("--data", type=Path, help="data.yaml")
+    add_model_data_args(ap)
     ap.add_argument("--splits", nargs="+", default=["train", "val"])
-    ap.add_argument("--imgsz", type=int, default=160)
-    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
     ap.add_argument("--conf-floor", type=float, default=None, help="mining confidence floor")
-    ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
-    ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
     ap.add_argument("--json", type=Path, default=None, help="write machine + timings as JSON here")
     args = ap.parse_args(argv)
-    if not args.demo and not (args.model and args.data):
-        ap.error("give --model and --data, or --demo")
-
-    from tasks.core.runtime import activate, configure_ultralytics
-
-    paths = activate(args.state_dir)
-    configure_ultralytics(paths)
+    model, data, paths = model_and_data(ap, args)
     from bench.common import announce_machine, write_json
 
     machine = announce_machine()
-    from bench.bench_sweep import _demo_inputs
     from tasks.core.config import LabelIssuesConfig
     from tasks.evaluation.evaluate import evaluate_model
     from tasks.evaluation.label_issues import mine_label_issues
 
-    model, data = (args.model, args.data) if not args.demo else _demo_inputs(paths.root / "bench", args.imgsz)
     cfg = LabelIssuesConfig(splits=args.splits)
     if args.conf_floor is not None:
         cfg = cfg.model_copy(update={"conf_floor": args.conf_floor})
@@ -67,25 +54,15 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate()  # warm-up: imports, file cache, kernels, Ultralytics label caches
     mine()
-    t_eval, t_mine = [], []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        images = evaluate()
-        t_eval.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        res = mine()
-        t_mine.append(time.perf_counter() - t0)
-    e, m = statistics.median(t_eval), statistics.median(t_mine)
+    e, m, images, res = alternate(evaluate, mine, args.repeat)
     print(f"model {model} | data {data} [{', '.join(args.splits)}] | {images} images @ {args.imgsz}px | "
           f"mining conf floor {cfg.conf_floor}")
     print(f"one evaluation (same images): {e:7.2f} s")
     print(f"label-issue mining          : {m:7.2f} s  ({len(res.rows)} rows; {res.summary_line()})")
     ratio = m / e
-    print(f"ratio mining / evaluation = {ratio:.2f}x  (target <= 1.3x: {'OK' if ratio <= 1.3 else 'MISSED'}); "
-          f"median of {args.repeat}")
     write_json(args.json, machine, {"images": images, "evaluation_s": e, "mining_s": m, "ratio": ratio,
                                     "repeat": args.repeat, "imgsz": args.imgsz, "splits": args.splits})
-    return 0 if ratio <= 1.3 else 1
+    return verdict("mining / evaluation", ratio, 1.3, args.repeat)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def build_random_model(size: str, work: Path, imgsz: int, family: str = "yolov8",
@@ -56,3 +61,68 @@ def write_json(path: Path | None, machine: dict, results: object) -> None:
 
     atomic_write_json(Path(path), {"machine": machine, "results": results})
     print(f"results: {path}")
+
+
+def demo_inputs(root: Path, imgsz: int) -> tuple[Path, Path]:
+    """Synthetic data and a randomly initialised yolov8n-seg with the dataset's classes: (model .pt, data.yaml)."""
+    import torch
+    from ultralytics.nn.tasks import SegmentationModel
+
+    from tasks.core.config import CLASSES
+    from tasks.data.synth import generate_dataset
+
+    data = generate_dataset(root / "data", images=60, seed=0, imgsz=imgsz, val_fraction=0.4)
+    torch.manual_seed(0)
+    model = SegmentationModel("yolov8n-seg.yaml", nc=len(CLASSES), verbose=False)
+    model.names = dict(enumerate(CLASSES))
+    model.args = {"imgsz": imgsz, "task": "segment"}
+    pt = root / "random_yolov8n_seg.pt"
+    torch.save({"model": model, "train_args": {"imgsz": imgsz, "task": "segment"}, "epoch": -1}, pt)
+    return pt, data
+
+
+def add_model_data_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that times one model on one dataset (or ``--demo`` inputs)."""
+    ap.add_argument("--model", type=Path, help=".pt or .onnx")
+    ap.add_argument("--data", type=Path, help="data.yaml")
+    ap.add_argument("--imgsz", type=int, default=160)
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (median reported)")
+    ap.add_argument("--demo", action="store_true", help="synthetic data + random model")
+    ap.add_argument("--state-dir", default="/tmp/damage-bench-state")
+
+
+def model_and_data(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path, Any]:
+    """Activate the state dir and return (model, data.yaml, state paths): the given ones or the demo's."""
+    if not args.demo and not (args.model and args.data):
+        ap.error("give --model and --data, or --demo")
+    from tasks.core.runtime import activate, configure_ultralytics
+
+    paths = activate(args.state_dir)
+    configure_ultralytics(paths)
+    if args.demo:
+        return (*demo_inputs(paths.root / "bench", args.imgsz), paths)
+    return args.model, args.data, paths
+
+
+def alternate(base: Callable[[], Any], other: Callable[[], Any], repeat: int) -> tuple[float, float, Any, Any]:
+    """Time ``base`` and ``other`` alternately ``repeat`` times in this process.
+
+    Returns:
+        (median seconds of base, median seconds of other, base's last result, other's last result).
+    """
+    t_base, t_other, r_base, r_other = [], [], None, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r_base = base()
+        t_base.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r_other = other()
+        t_other.append(time.perf_counter() - t0)
+    return statistics.median(t_base), statistics.median(t_other), r_base, r_other
+
+
+def verdict(what: str, ratio: float, target: float, repeat: int) -> int:
+    """Print ``ratio`` against its target; the exit status (0 = target met)."""
+    print(f"ratio {what} = {ratio:.2f}x  (target <= {target:g}x: {'OK' if ratio <= target else 'MISSED'}); "
+          f"median of {repeat}")
+    return 0 if ratio <= target else 1

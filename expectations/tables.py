@@ -321,7 +321,7 @@ def dataset_frame(layout: Layout, inv: Inventory, images: pd.DataFrame, annotati
         rows.append({"entity": "class", "file": yaml_rel, "name": name, "instances": c, "max_class": top_name,
                      "max_instances": top, "imbalance": ratio})
     for split in layout.splits:
-        rel = ", ".join(layout.rel(d) for d in split.image_dirs)
+        rel = ", ".join(layout.rel(d) for d in [*split.image_dirs, *split.image_lists])
         rows.append({"entity": "split", "file": rel, "split": split.name, "declared": split.declared,
                      "images": inv.split_images.get(split.name, 0)})
     rows += duplicate_rows(images, near_duplicate_distance, thumbs)

@@ -1,7 +1,8 @@
 """The model card: a markdown description on each registered version, rendered by the MLflow UI.
 
 ``model_card`` is a pure function of what the pipeline measured (tested on its own);
-``describe_version`` writes it as the version's description. Numbers are rounded for reading.
+``describe_version`` writes it as the version's description. Numbers are rounded for reading
+(``tasks.core.display``: 3 decimals, 1 for milliseconds).
 """
 
 from __future__ import annotations
@@ -10,16 +11,11 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tasks.core.display import fmt_metric
+
 _OVERALL = ("box/precision", "box/recall", "box/mAP50", "box/mAP50-95",
             "mask/precision", "mask/recall", "mask/mAP50", "mask/mAP50-95", "fitness")
 _PER_CLASS = ("box/AP50", "box/AP50-95", "mask/AP50", "mask/AP50-95")
-
-
-def _f(v: Any, nd: int = 3) -> str:
-    try:
-        return f"{float(v):.{nd}f}" if v is not None and float(v) == float(v) else "–"
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def machine() -> str:
@@ -50,23 +46,23 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
                                   else "")
            + (f" · **Family:** {family}" if family else ""), ""]
     out += ["### Metrics (val, mAP at conf floor 0.001)", "", "| metric | value |", "|---|---|"]
-    out += [f"| {k} | {_f(metrics.get(k))} |" for k in _OVERALL if k in metrics]
+    out += [f"| {k} | {fmt_metric(metrics.get(k), k)} |" for k in _OVERALL if k in metrics]
     if latency_ms is not None or metrics.get("latency_ms") is not None:
         lat = latency_ms if latency_ms is not None else metrics.get("latency_ms")
-        out.append(f"| latency (ms/image) | {_f(lat, 1)} on {machine_desc or machine()} |")
+        out.append(f"| latency (ms/image) | {fmt_metric(lat, 'latency_ms')} on {machine_desc or machine()} |")
     out.append("")
     if per_class:
         out += ["### Per class", "", "| class | images | instances | " + " | ".join(_PER_CLASS) + " |",
                 "|---|---|---|" + "---|" * len(_PER_CLASS)]
         for r in per_class:
             out.append(f"| {r.get('class')} | {r.get('images', '–')} | {r.get('instances', '–')} | "
-                       + " | ".join(_f(r.get(k)) for k in _PER_CLASS) + " |")
+                       + " | ".join(fmt_metric(r.get(k), k) for k in _PER_CLASS) + " |")
         out.append("")
     out += ["### Operating point", ""]
     if operating_point:
         op = operating_point
         out.append(f"conf **{op.get('conf')}**, NMS IoU **{op.get('iou')}**, chosen by objective "
-                   f"`{op.get('objective')}` = {_f(op.get('value'))}" + (f" ({objective_help})" if objective_help else "")
+                   f"`{op.get('objective')}` = {fmt_metric(op.get('value'))}" + (f" ({objective_help})" if objective_help else "")
                    + ".")
         if flat_objective:
             out.append("")

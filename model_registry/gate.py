@@ -30,6 +30,7 @@ from model_registry.registry import (
     set_staging,
 )
 from tasks.core.config import RegistryConfig
+from tasks.core.display import fmt_metric
 from tasks.core.errors import GateFailed
 
 MASK = "mask/mAP50-95"
@@ -116,7 +117,7 @@ def class_checks(candidate: Mapping[str, float], production: Mapping[str, float]
 
     Example:
         >>> class_checks({"mask_ap50/dent": 0.05}, None, {"dent": 0.1}, 0.01)
-        [('dent', False, 'class dent: mask AP50 0.0500 < floor 0.1000')]
+        [('dent', False, 'class dent: mask AP50 0.050 < floor 0.100')]
     """
     cand, prod = class_values(candidate), class_values(production or {})
     out = []
@@ -125,17 +126,18 @@ def class_checks(candidate: Mapping[str, float], production: Mapping[str, float]
         if not math.isfinite(v):
             ok = floor <= 0
             out.append((c, ok, f"class {c}: no labelled instance in the gate's data, "
-                               + ("floor off" if ok else f"floor {floor:.4f} cannot be checked")))
+                               + ("floor off" if ok else f"floor {fmt_metric(floor)} cannot be checked")))
             continue
         if v < floor:
-            out.append((c, False, f"class {c}: mask AP50 {v:.4f} < floor {floor:.4f}"))
+            out.append((c, False, f"class {c}: mask AP50 {fmt_metric(v)} < floor {fmt_metric(floor)}"))
             continue
         p = prod.get(c, math.nan)
         if production is not None and math.isfinite(p) and v < p - tolerance:
-            out.append((c, False, f"class {c}: mask AP50 {v:.4f} vs production {p:.4f}: dropped "
-                                  f"{p - v:.4f} > tolerance {tolerance:g}"))
+            out.append((c, False, f"class {c}: mask AP50 {fmt_metric(v)} vs production {fmt_metric(p)}: dropped "
+                                  f"{fmt_metric(p - v)} > tolerance {tolerance:g}"))
             continue
-        out.append((c, True, f"{c} {v:.3f}" + (f" (production {p:.3f})" if math.isfinite(p) else "")))
+        out.append((c, True, f"{c} {fmt_metric(v)}"
+                    + (f" (production {fmt_metric(p)})" if math.isfinite(p) else "")))
     return out
 
 
@@ -158,26 +160,27 @@ def compare(candidate: Mapping[str, float], production: Mapping[str, float] | No
     Example:
         >>> compare({"mask/mAP50-95": .30, "box/mAP50-95": .35, "latency_ms": 9}, None,
         ...         tolerance=.01, latency_budget_ms=None, floor_mask_map=.05)
-        (True, ['mask/mAP50-95 0.3000 >= floor 0.0500 (no production version)'])
+        (True, ['mask/mAP50-95 0.300 >= floor 0.050 (no production version)'])
         >>> ok, why = compare({"mask/mAP50-95": .30, "box/mAP50-95": .35, "latency_ms": 9,
         ...                    "mask_ap50/vehicle": .9, "mask_ap50/dent": 0.0}, None, tolerance=.01,
         ...                   latency_budget_ms=None, floor_mask_map=.05,
         ...                   min_class_ap50={"vehicle": .1, "dent": .1})
         >>> ok, why[1:]
-        (False, ['class dent: mask AP50 0.0000 < floor 0.1000', 'per-class mask AP50 ok: vehicle 0.900'])
+        (False, ['class dent: mask AP50 0.000 < floor 0.100', 'per-class mask AP50 ok: vehicle 0.900'])
     """
     ok, reasons = True, []
     if production is None:
         good = candidate[MASK] >= floor_mask_map
         ok &= good
-        reasons.append(f"{MASK} {candidate[MASK]:.4f} {'>=' if good else '<'} floor {floor_mask_map:.4f} "
+        reasons.append(f"{MASK} {fmt_metric(candidate[MASK])} {'>=' if good else '<'} "
+                       f"floor {fmt_metric(floor_mask_map)} "
                        f"(no production version)")
     else:
         for key in (MASK, BOX):
             limit = production[key] - tolerance
             good = candidate[key] >= limit
             ok &= good
-            reasons.append(f"{key} {candidate[key]:.4f} vs production {production[key]:.4f}: "
+            reasons.append(f"{key} {fmt_metric(candidate[key])} vs production {fmt_metric(production[key])}: "
                            f"{'within' if good else 'worse than'} tolerance {tolerance:g}")
     if min_class_ap50 is not None:
         if not class_values(candidate):
@@ -194,7 +197,8 @@ def compare(candidate: Mapping[str, float], production: Mapping[str, float] | No
     if latency_budget_ms is not None:
         good = candidate[LATENCY] <= latency_budget_ms
         ok &= good
-        reasons.append(f"{LATENCY} {candidate[LATENCY]:.2f} {'<=' if good else '>'} budget {latency_budget_ms:g}")
+        reasons.append(f"{LATENCY} {fmt_metric(candidate[LATENCY], LATENCY)} {'<=' if good else '>'} "
+                       f"budget {latency_budget_ms:g}")
     return bool(ok), reasons
 
 

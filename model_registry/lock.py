@@ -225,6 +225,10 @@ def registry_lock(client: MlflowClient, model_name: str, holder: str = "", *, ti
             )
             break
         except MlflowException as e:
+            if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+                # MLflow's SQL store answers a name clash by reading the existing model; when the holder
+                # deleted it (released) in between, the create fails with "not found": try again.
+                continue
             if "RESOURCE_ALREADY_EXISTS" not in _code(e):
                 raise
         current = _get(client, name)

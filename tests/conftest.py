@@ -15,6 +15,7 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
 os.environ.pop("PREFECT_API_URL", None)
 
 from tasks.core.runtime import activate, configure_ultralytics  # noqa: E402
+from tests.helpers import S3_BUCKET  # noqa: E402
 
 PATHS = activate(_STATE)
 
@@ -52,7 +53,25 @@ def tiny_model(state_paths, tiny_dataset, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_train")
     cfg = TrainConfig(model="n", epochs=1, imgsz=96, batch=8, patience=0)
-    return train_model(tiny_dataset, cfg, out, seed=0).best
+    return train_model(tiny_dataset, cfg, out, seed=0, extra_args={"plots": False}).best  # no test reads its plots
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto-mocked S3 (in process) with one bucket, ``S3_BUCKET``; endpoint variables cleared so
+    boto3 talks to the mock."""
+    import boto3
+    import moto
+
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with moto.mock_aws():
+        c = boto3.client("s3")
+        c.create_bucket(Bucket=S3_BUCKET)
+        yield c
 
 
 # --- a tiny model that detects: easy synthetic set, trained once per session --------------------

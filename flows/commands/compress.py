@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from flows.common import console, fail, run_guarded, setup, top_level_run
+from tasks.core.display import fmt_metric
 from tasks.export.quantize import CALIBRATION_METHODS, QUANT_MODES
 
 DataReq = Annotated[Path, typer.Option("--data", "-d", exists=True, dir_okay=False, help="Dataset data.yaml (YOLO-seg).")]
@@ -39,7 +40,7 @@ def _print_table(result: dict) -> None:
             for c in cols:
                 v = row.get(c, "")
                 try:
-                    v = f"{float(v):.4g}" if c not in ("params",) else f"{int(float(v)):,}"
+                    v = fmt_metric(float(v), c) if c not in ("params",) else f"{int(float(v)):,}"
                 except ValueError:
                     pass
                 cells.append(v)
@@ -91,10 +92,10 @@ def distill_cmd(
                               parent_run_id=run_id, evaluator=Evaluator.from_config(cfg))
         for tag in ("kd", "scratch"):
             m = res[tag]
-            console.print(f"{tag:8s} mask mAP50 {m['mask/mAP50']:.4f}  mask mAP50-95 {m['mask/mAP50-95']:.4f}  "
-                          f"box mAP50-95 {m['box/mAP50-95']:.4f}", highlight=False)
+            console.print(f"{tag:8s} mask mAP50 {fmt_metric(m['mask/mAP50'])}  mask mAP50-95 "
+                          f"{fmt_metric(m['mask/mAP50-95'])}  box mAP50-95 {fmt_metric(m['box/mAP50-95'])}", highlight=False)
         d = res["diff"]["kd_minus_scratch/mask/mAP50-95"]
-        console.print(f"KD - scratch (mask mAP50-95): {d:+.4f}; loss terms logged: {', '.join(res['kd_loss_terms'])}",
+        console.print(f"KD - scratch (mask mAP50-95): {'+' if d >= 0 else ''}{fmt_metric(d)}; loss terms logged: {', '.join(res['kd_loss_terms'])}",
                       highlight=False)
         console.print(f"student: {res['kd_weights']}\nMLflow run: {run_id}", highlight=False, soft_wrap=True)
     else:
@@ -170,8 +171,9 @@ def quantize_cmd(
                               calibrate_method=qc.calibrate_method, activation_symmetric=qc.activation_symmetric)
             for i, a in enumerate(res.attempts):
                 console.print(f"attempt {i}: {len(a.float_nodes)} extra float node(s), mask mAP50 "
-                              f"{a.metrics['mask/mAP50']:.4f}", highlight=False)
-            console.print(f"float mask mAP50 {res.float_metrics['mask/mAP50']:.4f}, INT8 {res.metrics['mask/mAP50']:.4f}"
+                              f"{fmt_metric(a.metrics['mask/mAP50'])}", highlight=False)
+            console.print(f"float mask mAP50 {fmt_metric(res.float_metrics['mask/mAP50'])}, INT8 "
+                          f"{fmt_metric(res.metrics['mask/mAP50'])}"
                           f" -> {'within' if res.within_tolerance else 'OUTSIDE'} tolerance {cfg.compress.tolerance}",
                           highlight=False)
         else:
@@ -184,7 +186,8 @@ def quantize_cmd(
         if data is not None:
             for p in (model, target):
                 m = run_guarded(evaluator, p, data).metrics
-                console.print(f"{p.name}: mask mAP50 {m['mask/mAP50']:.4f}  mask mAP50-95 {m['mask/mAP50-95']:.4f}",
+                console.print(f"{p.name}: mask mAP50 {fmt_metric(m['mask/mAP50'])}  mask mAP50-95 "
+                              f"{fmt_metric(m['mask/mAP50-95'])}",
                               highlight=False)
     console.print(f"{mode}: {model} ({model.stat().st_size / 1e6:.1f} MB) -> {target} "
                   f"({target.stat().st_size / 1e6:.1f} MB)", highlight=False, soft_wrap=True)

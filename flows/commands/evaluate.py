@@ -6,7 +6,6 @@ with the step run nested under it, as in the nightly flow.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +14,7 @@ import typer
 
 from flows.common import console, fail, run_guarded, setup, top_level_run
 from flows.tables import JsonOpt_help, json_output
+from tasks.core.display import fmt_metric
 
 ModelArg = Annotated[Path, typer.Argument(help="Model to evaluate: .pt or .onnx (FP32, FP16 or INT8).")]
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="data.yaml (or its folder) of a YOLO-seg dataset.")]
@@ -24,10 +24,8 @@ RunOpt = Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log to MLflo
 JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "-" if not math.isfinite(v) else f"{v:.4f}"
-    return "-" if v is None else str(v)
+def _fmt(v, key: str = "") -> str:
+    return fmt_metric(v, key, missing="-")
 
 
 def _run_logged(cfg, kind: str, model: Path, log_to_mlflow: bool, step, plain):
@@ -102,9 +100,10 @@ def evaluate(
         pc.add_row(*[_fmt(row[c]) for c in cols])
     console.print(pc)
     m = res.metrics
-    console.print(f"fitness {m['fitness']:.4f} | ms/image: pre {m['speed/preprocess_ms']:.1f}, "
-                  f"inference {m['speed/inference_ms']:.1f}, post {m['speed/postprocess_ms']:.1f}, "
-                  f"total {m['latency_ms']:.1f} | mAP at conf floor {ecfg.conf}, NMS IoU {ecfg.iou} "
+    ms = {k: _fmt(m[k], k) for k in ("speed/preprocess_ms", "speed/inference_ms", "speed/postprocess_ms", "latency_ms")}
+    console.print(f"fitness {_fmt(m['fitness'])} | ms/image: pre {ms['speed/preprocess_ms']}, "
+                  f"inference {ms['speed/inference_ms']}, post {ms['speed/postprocess_ms']}, "
+                  f"total {ms['latency_ms']} | mAP at conf floor {ecfg.conf}, NMS IoU {ecfg.iou} "
                   f"| {time.time() - t0:.1f} s")
     _where(run_id, uri)
 
@@ -166,8 +165,7 @@ def sweep(
         t.add_column(head, justify="right")
     for r in res.rows:
         chosen = r["conf"] == res.best["conf"] and r["iou"] == res.best["iou"]
-        t.add_row(*[f"{r[c]:.2f}" if c in ("conf", "iou", "damage_mae", "dets_per_image")
-                    and math.isfinite(r[c]) else _fmt(r[c])[:5] for c in cols],
+        t.add_row(*[f"{r[c]:.2f}" if c in ("conf", "iou") else _fmt(r[c], c) for c in cols],  # thresholds, metrics
                   style="bold green" if chosen else None)
     t.caption = "mAP = mAP50-95 at the row's NMS IoU; P/R/F1 micro-averaged at IoU 0.5; dmg MAE in % points"
     console.print(t)

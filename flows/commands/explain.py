@@ -39,9 +39,9 @@ def explain(
     images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXTS) if image.is_dir() else [image]
     if not images:
         fail(f"{image}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
-    files = run_guarded(explain_to_dir, model, images, out, method, layer or e.layer,
-                        e.conf if conf is None else conf, e.iou if iou is None else iou, imgsz,
-                        e.max_instances if max_instances is None else max_instances)
+    files = run_guarded(explain_to_dir, model, images, out, method=method, layer=layer or e.layer,
+                        conf=e.conf if conf is None else conf, iou=e.iou if iou is None else iou, imgsz=imgsz,
+                        max_instances=e.max_instances if max_instances is None else max_instances)
     _report(files)
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from flows.common import console, run_guarded, setup, shared
+from tasks.core.display import fmt_metric
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
@@ -24,14 +25,14 @@ def _print_summary(summary: dict, seconds: float) -> None:
     m = summary.get("metrics", {})
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         v = m.get(k)
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        t.add_row(k, fmt_metric(v, k))
     op = summary.get("operating_point") or {}
     if op:
         t.add_row("operating point", f"conf={op.get('conf')} iou={op.get('iou')} ({op.get('objective')})")
     dmg = summary.get("damage_pct_mae") or {}
     if dmg:
         mae = dmg.get("mae")
-        t.add_row("damage % MAE", (f"{mae:.2f} pp" if isinstance(mae, float) else "n/a")
+        t.add_row("damage % MAE", (f"{fmt_metric(mae)} pp" if isinstance(mae, float) else "n/a")
                   + f" over {dmg.get('vehicles', 0)} labelled vehicles (at the operating point)")
     init = summary.get("init") or {}
     if init:
@@ -62,8 +63,7 @@ def _print_summary(summary: dict, seconds: float) -> None:
         for c in cols:
             pc.add_column(str(c), style="bold" if c == "mask/AP50" else None)
         for row in rows:
-            pc.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else ("-" if row[c] is None else str(row[c]))
-                         for c in cols])
+            pc.add_row(*[fmt_metric(row[c], str(c), missing="-") for c in cols])
         console.print(pc)
     state = summary.get("state_dir", ".state")
     if summary.get("mlflow_run_url"):
@@ -134,7 +134,7 @@ def train(
     console.print(f"trained {res.epochs_run} epochs -> best: {res.best}")
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         if k in res.metrics:
-            console.print(f"  {k}: {res.metrics[k]:.4f}")
+            console.print(f"  {k}: {fmt_metric(res.metrics[k])}")
 
 
 def register(app: typer.Typer) -> None:

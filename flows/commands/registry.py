@@ -15,6 +15,7 @@ import typer
 
 from flows.common import console, run_guarded, setup
 from flows.tables import JsonOpt_help
+from tasks.core.display import fmt_metric
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
@@ -32,7 +33,7 @@ def _ctx(ctx, name, tracking_uri):
 
 
 def _fmt_metric(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+    return fmt_metric(v, missing="-")
 
 
 @registry_app.command("list")
@@ -69,21 +70,31 @@ def list_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = None,
     console.print(f"{len(versions)} version(s) of '{name}'  (mAP = mAP50-95)", highlight=False)
 
 
+ModelArg = Annotated[str, typer.Argument(help="Registered model name.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded).")]
+
+
+def _decide(ctx, decision, name: str, version: str, by: str, reason: str, tracking_uri: str | None):
+    """Run ``model_registry.approve`` or ``reject`` with the config's approvers and lock timeout."""
+    cfg, name, uri = _ctx(ctx, name, tracking_uri)
+    v = run_guarded(decision, uri, name, version, by, reason, approvers=cfg.registry.approvers,
+                    lock_timeout_s=cfg.registry.lock_timeout_s)
+    return cfg, name, uri, v
+
+
 @registry_app.command("approve")
 def approve_(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    name: ModelArg,
     version: Annotated[str, typer.Argument(help="Version at 'staging' that passed the gate.")],
     by: Annotated[str, typer.Option("--by", help="Who approves (recorded).")],
-    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")],
+    reason: ReasonOpt,
     tracking_uri: UriOpt = None,
 ) -> None:
     """Move 'production' to the staged version (only a staged, gate-passed version)."""
-    cfg, name, uri = _ctx(ctx, name, tracking_uri)
     from model_registry import approve
 
-    v = run_guarded(approve, uri, name, version, by, reason, approvers=cfg.registry.approvers,
-                    lock_timeout_s=cfg.registry.lock_timeout_s)
+    cfg, name, uri, v = _decide(ctx, approve, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
     from tasks.core.reporting import notify_promotion
@@ -94,18 +105,16 @@ def approve_(
 @registry_app.command("reject")
 def reject_(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    name: ModelArg,
     version: Annotated[str, typer.Argument(help="Version to reject (never approvable afterwards).")],
     by: Annotated[str, typer.Option("--by", help="Who rejects (recorded).")],
-    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")],
+    reason: ReasonOpt,
     tracking_uri: UriOpt = None,
 ) -> None:
     """Mark a version rejected and take it off 'staging'."""
-    cfg, name, uri = _ctx(ctx, name, tracking_uri)
     from model_registry import reject
 
-    v = run_guarded(reject, uri, name, version, by, reason, approvers=cfg.registry.approvers,
-                    lock_timeout_s=cfg.registry.lock_timeout_s)
+    _, name, uri, v = _decide(ctx, reject, name, version, by, reason, tracking_uri)
     console.print(f"rejected '{name}' version {v.version} (by {by}: {reason}) at {uri}", highlight=False,
                   soft_wrap=True)
 
@@ -115,7 +124,7 @@ def rollback_(
     ctx: typer.Context,
     name: NameArg = None,
     by: Annotated[str | None, typer.Option("--by", help="Who rolls back (default: MLflow user or OS user).")] = None,
-    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "rollback",
+    reason: ReasonOpt = "rollback",
     to: Annotated[str | None, typer.Option("--to", help="Explicit earlier approved version.")] = None,
     tracking_uri: UriOpt = None,
 ) -> None:

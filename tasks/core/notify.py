@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tasks.core.config import NotifyConfig
+from tasks.core.display import fmt_metric
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def send(cfg: NotifyConfig, event: str, title: str, body: str) -> bool:
 
 
 def _metrics_lines(metrics: Mapping[str, Any]) -> str:
-    rows = [f"- {k}: {float(metrics[k]):.3f}" for k in _SHOWN_METRICS if metrics.get(k) is not None]
+    rows = [f"- {k}: {fmt_metric(float(metrics[k]), k)}" for k in _SHOWN_METRICS if metrics.get(k) is not None]
     return "\n".join(rows) or "- (no metrics)"
 
 

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from tasks.core.config import Config
+from tasks.core.display import fmt_metric
 from tasks.core.pipeline import PipelineRun
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,11 @@ def mark_skipped(run: PipelineRun, reason: str) -> None:
 
 def summary_markdown(summary: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
     """The nightly summary as markdown: figures, per-class AP, gate decision, links."""
-    def f(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
-
     links = links or {}
     m = summary.get("metrics") or {}
     out = ["# Nightly run", "", "| | |", "|---|---|"]
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "latency_ms"):
-        out.append(f"| {k} | {f(m.get(k))} |")
+        out.append(f"| {k} | {fmt_metric(m.get(k), k)} |")
     op = summary.get("operating_point") or {}
     if op:
         out.append(f"| operating point | conf {op.get('conf')}, iou {op.get('iou')} ({op.get('objective')}) |")
@@ -94,7 +92,7 @@ def summary_markdown(summary: dict[str, Any], links: dict[str, str | None] | Non
         out += ["", "## Per class", "", "| class | instances | " + " | ".join(keys) + " |",
                 "|---|---|" + "---|" * len(keys)]
         for r in per_class:
-            out.append(f"| {r.get('class')} | {r.get('instances')} | " + " | ".join(f(r.get(k)) for k in keys) + " |")
+            out.append(f"| {r.get('class')} | {r.get('instances')} | " + " | ".join(fmt_metric(r.get(k), k) for k in keys) + " |")
     promo = summary.get("promotion") or {}
     out += ["", "## Promotion gate", ""]
     if promo:

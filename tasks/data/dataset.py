@@ -124,7 +124,8 @@ def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val"
       yaml's folder.
     * Splits (``train``/``val``/``test``): a folder, a ``.txt`` list of images, or a list of
       either, relative to the root. A list file's relative lines are relative to the list's own
-      folder (Ultralytics' rule for ``./`` lines); see ``list_images``.
+      folder (Ultralytics' rule for ``./`` lines), and must resolve inside the root; see
+      ``list_images``.
     * Classes: ``names`` as a list or an ``{id: name}`` mapping with ids 0..N-1; ``nc`` alone
       names the classes by id.
 
@@ -167,19 +168,41 @@ def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val"
     return DatasetInfo(yaml_path, root, names, splits, raw=raw)
 
 
-def list_images(source: Path) -> list[Path]:
+def is_image_list(source: Path) -> bool:
+    """Whether a split source is a ``.txt`` list of images (an existing file)."""
+    return source.suffix.lower() == ".txt" and source.is_file()
+
+
+def list_images(source: Path, root: Path | None = None) -> list[Path]:
     """Images of one split source: a folder (recursive, sorted), a ``.txt`` list, or one image file.
 
     A list file names one image per line; a relative line is relative to the list file's folder
     (``./images/a.jpg`` and ``images/a.jpg`` alike), an absolute line is taken as is.
+
+    Args:
+        source: folder, list file or image file.
+        root: the dataset root. Given, every line of a list file must resolve (symlinks followed)
+            inside it: a list is text anyone can write, and must not make a reader open files
+            elsewhere on the machine.
+
+    Raises:
+        DatasetError: a list line resolving outside ``root`` (names the list file and the line).
     """
     source = Path(source)
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if source.suffix == ".txt" and source.is_file():
-        base = source.parent
-        lines = [ln.strip() for ln in source.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
-        return [p if p.is_absolute() else (base / p).resolve() for p in map(Path, lines)]
+    if is_image_list(source):
+        base, inside = source.parent, (Path(os.path.realpath(root)) if root is not None else None)
+        out = []
+        for n, line in enumerate(source.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            p = Path(line.strip())
+            p = p if p.is_absolute() else (base / p).resolve()
+            if inside is not None and not Path(os.path.realpath(p)).is_relative_to(inside):
+                raise DatasetError(f"{source} line {n}: '{line.strip()}' resolves outside the dataset root {root}")
+            out.append(p)
+        return out
     if source.suffix.lower() in IMAGE_EXTS and source.is_file():
         return [source]
     return []
@@ -196,7 +219,7 @@ def split_images(data_yaml: str | Path, split: str) -> list[Path]:
     for src in info.splits[split]:
         if not src.exists():
             raise DatasetError(f"{info.yaml_path}: {split} images not found at {src}")
-        files.update(list_images(src))
+        files.update(list_images(src, info.root))
     return sorted(files)
 
 
@@ -269,7 +292,7 @@ def check_structure(data_yaml: str | Path, splits: tuple[str, ...] = ("train", "
         for src in sources:
             if not src.exists():
                 raise DatasetError(f"{info.yaml_path}: {split} split {_rel(src, info.root)} not found ({src})")
-            imgs += list_images(src)
+            imgs += list_images(src, info.root)
         if not imgs:
             raise DatasetError(f"{info.yaml_path}: {split} split has no images ({', '.join(map(str, sources))})")
         info.images[split] = len(imgs)

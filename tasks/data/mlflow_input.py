@@ -26,7 +26,7 @@ def _profile_cached(data_yaml: str, fingerprint: str) -> str:
     splits: dict[str, int] = {}
     classes: Counter[str] = Counter()
     for split, sources in info.splits.items():
-        images = [im for src in sources for im in list_images(src)]
+        images = [im for src in sources for im in list_images(src, info.root)]
         splits[split] = len(images)
         for im in images:
             lbl = label_path(im)

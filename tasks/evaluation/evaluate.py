@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.core.errors import DamageError, DatasetError
+from tasks.core.errors import DamageError, DatasetError, load_file
 from tasks.core.jsonsafe import json_safe
 
 if TYPE_CHECKING:
@@ -459,12 +459,7 @@ def load_split(data_yaml: str | Path, split: str, imgsz: int, stride: int = 32):
     from ultralytics.data.utils import check_det_dataset
 
     data_yaml = Path(data_yaml).expanduser()
-    if not data_yaml.is_file():
-        raise DatasetError(f"{data_yaml}: data.yaml not found")
-    try:
-        data = check_det_dataset(str(data_yaml))
-    except Exception as e:
-        raise DatasetError(f"{data_yaml}: cannot read dataset: {e}") from e
+    data = load_file(data_yaml, lambda p: check_det_dataset(str(p)), "data.yaml", DatasetError)
     if not data.get(split):
         have = [k for k in ("train", "val", "test") if data.get(k)]
         raise DatasetError(f"{data_yaml}: no split '{split}' (has: {', '.join(have)})")

@@ -19,12 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import cv2
 import numpy as np
@@ -484,19 +485,25 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
+class ExplainOptions(TypedDict, total=False):
+    """``explain_image``'s keyword arguments, as ``explain_to_dir`` passes them on."""
+
+    method: str
+    layer: str | None
+    conf: float
+    iou: float
+    imgsz: int | None
+    max_instances: int
+
+
 def explain_to_dir(
     model: str | Path | Any,
     images: Sequence[Path | str],
     out_dir: str | Path,
-    method: str = "gradcam",
-    layer: str | None = None,
-    conf: float = 0.25,
-    iou: float = 0.7,
-    imgsz: int | None = None,
-    max_instances: int = 20,
     min_side: int = 320,
+    **options: Unpack[ExplainOptions],
 ) -> list[Path]:
-    """Explain each image and write its overlays under ``out_dir/<image stem>/``.
+    """Explain each image (``explain_image`` with ``options``) and write its overlays under ``out_dir/<image stem>/``.
 
     Per image: ``NN_<class>.png`` per instance (NN = rank by score), ``grid.png`` (the image with
     all outlines, then every instance overlay) and ``explanations.json`` (class, score, box, layer,
@@ -514,14 +521,12 @@ def explain_to_dir(
 
     with track("explain", "explain: images", len(images)) as bar:
         for image in images:
-            written += _explain_one(net, Path(image), out_dir, used, method, layer, conf, iou, imgsz,
-                                    max_instances, min_side)
+            written += _explain_one(net, Path(image), out_dir, used, min_side, options)
             bar.advance()
     return written
 
 
-def _explain_one(net, p: Path, out_dir: Path, used: set[str], method, layer, conf, iou, imgsz, max_instances,
-                 min_side) -> list[Path]:
+def _explain_one(net, p: Path, out_dir: Path, used: set[str], min_side: int, options: ExplainOptions) -> list[Path]:
     """Overlays, grid and explanations.json of one image (``explain_to_dir``'s loop body)."""
     written: list[Path] = []
     stem = _safe(p.stem)
@@ -529,7 +534,7 @@ def _explain_one(net, p: Path, out_dir: Path, used: set[str], method, layer, con
         stem += "_"
     used.add(stem)
     img = read_image(p)
-    exps = explain_image(net, img, method, layer, conf, iou, imgsz, max_instances)
+    exps = explain_image(net, img, **options)
     d = out_dir / stem
     tiles = [render_summary(img, exps, min_side)]
     for k, e in enumerate(exps):
@@ -539,7 +544,9 @@ def _explain_one(net, p: Path, out_dir: Path, used: set[str], method, layer, con
     written.append(_write_png(d / "grid.png", make_grid(tiles)))
     for stale in set(d.glob("[0-9][0-9]_*.png")) - set(written):  # an earlier run's extra instances
         stale.unlink()
-    info = {"image": str(p), "method": method, "conf": conf, "iou": iou,
+    used_args = inspect.signature(explain_image).bind(net, img, **options)
+    used_args.apply_defaults()  # the thresholds in effect, defaults included
+    info = {"image": str(p), **{k: used_args.arguments[k] for k in ("method", "conf", "iou")},
             "instances": [e.summary() for e in exps]}
     js = d / "explanations.json"
     atomic_write_json(js, info)
@@ -600,8 +607,8 @@ def explain_step(
     from tasks.core.runtime import resolve_state_dir
 
     out = Path(out_dir) if out_dir else resolve_state_dir() / "reports" / "explain" / parent_run_id
-    files = explain_to_dir(model, images, out, cfg.method, cfg.layer, cfg.conf, cfg.iou, imgsz,
-                           cfg.max_instances)
+    files = explain_to_dir(model, images, out, method=cfg.method, layer=cfg.layer, conf=cfg.conf, iou=cfg.iou,
+                           imgsz=imgsz, max_instances=cfg.max_instances)
     with tracking.step_run(parent_run_id, "explain") as (c, run_id):
         tracking.log_params(c, run_id, {"method": cfg.method, "layer": cfg.layer or "head-inputs",
                                         "conf": cfg.conf, "iou": cfg.iou, "imgsz": imgsz,

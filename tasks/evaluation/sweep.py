@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.core.atomic import atomic_write
+from tasks.core.display import fmt_metric, round_metric
 from tasks.core.errors import DamageError
 from tasks.core.jsonsafe import json_safe
 from tasks.evaluation.evaluate import (
@@ -398,11 +399,11 @@ def publish_table_artifact(res: SweepResult) -> str | None:
 
     keys = ("conf", "iou", "mask/f1", "mask/precision", "mask/recall", "box/f1", "mask/mAP50-95",
             "box/mAP50-95", "dets_per_image", "damage_mae")
-    table = [{**{k: json_safe(round(r[k], 4)) for k in keys},
+    table = [{**{k: json_safe(round_metric(r[k], k)) for k in keys},
               "chosen": r["conf"] == res.best["conf"] and r["iou"] == res.best["iou"]} for r in res.rows]
     t = res.thresholds
     desc = (f"Threshold sweep ({len(res.rows)} points, objective {res.objective}): chosen conf={t['conf']}, "
-            f"iou={t['iou']} ({t['objective']} = {t['value']}). mAP at conf floor 0.001.")
+            f"iou={t['iou']} ({t['objective']} = {fmt_metric(t['value'])}). mAP at conf floor 0.001.")
     if res.best.get("flat"):
         desc += (f" WARNING: the objective is flat across the grid (within {FLAT_TOLERANCE}); the point was "
                  f"chosen by the tie-break: {OBJECTIVES[res.objective].help}, then higher conf, lower IoU.")

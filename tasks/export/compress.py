@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.atomic import atomic_write
+from tasks.core.display import round_metric
 from tasks.core.errors import DamageError
 
 if TYPE_CHECKING:
@@ -451,7 +452,7 @@ def table_markdown(variants: list[Variant]) -> list[dict[str, Any]]:
     rows = []
     for v in variants:
         r = v.row()
-        rows.append({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items() if k != "onnx"})
+        rows.append({k: round_metric(x, k) for k, x in r.items() if k != "onnx"})
     return rows
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from tasks.core.atomic import atomic_write
 from tasks.core.config import ExportConfig
-from tasks.core.errors import DamageError, GateFailed
+from tasks.core.errors import DamageError, GateFailed, load_file
 
 META_PREFIX = "damage."
 
@@ -73,13 +73,7 @@ class ExportResult:
 def _load_yolo(weights: Path):
     from ultralytics import YOLO
 
-    weights = Path(weights)
-    if not weights.is_file():
-        raise DamageError(f"{weights}: weights not found")
-    try:
-        model = YOLO(str(weights))
-    except Exception as e:
-        raise DamageError(f"{weights}: cannot load as an Ultralytics model: {e}") from e
+    model = load_file(Path(weights), lambda p: YOLO(str(p)), "weights")
     if model.task != "segment":
         raise DamageError(f"{weights}: task is '{model.task}', expected a segmentation model")
     return model

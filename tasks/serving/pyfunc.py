@@ -25,9 +25,10 @@ Example request::
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from typing import Any
 import mlflow.pyfunc
 
 # The predictor and what it imports: shipped with the model so serving needs only these files.
+# They ship as the package ``damage_serving``, not ``tasks``: loading the model prepends its code folder
+# to ``sys.path`` for good (and multiprocessing's spawn hands that path to children), so a shipped
+# ``tasks`` would shadow the caller's own package (``No module named 'tasks.core.secrets'``).
+SHIPPED_PACKAGE = "damage_serving"
 CODE_FILES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/images.py", "evaluation/__init__.py",
               "evaluation/damage_percent.py", "serving/__init__.py", "serving/predictor.py", "serving/pyfunc.py")
 _TASKS = Path(__file__).resolve().parents[1]
@@ -143,12 +148,33 @@ class DamageSegModel(mlflow.pyfunc.PythonModel):
         return out
 
 
+_TASKS_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)tasks(?=[.\s])", re.MULTILINE)
+
+
+def _shipped_imports(tree: ast.AST) -> set[str]:
+    """Top-level package names imported (absolute imports) in a parsed module."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
 def _stage_code(dst: Path) -> Path:
-    pkg = dst / "tasks"
-    pkg.mkdir(parents=True)
+    """Copy ``CODE_FILES`` into ``dst/damage_serving``, their ``tasks`` imports renamed to match."""
+    from tasks.core.errors import DamageError
+
+    pkg = dst / SHIPPED_PACKAGE
     for name in CODE_FILES:
-        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_TASKS / name, pkg / name)
+        src, out = _TASKS / name, pkg / name
+        text = _TASKS_IMPORT.sub(rf"\1\2\3{SHIPPED_PACKAGE}", src.read_text(encoding="utf-8"))
+        if "tasks" in _shipped_imports(ast.parse(text, str(src))):
+            raise DamageError(f"{src}: imports 'tasks' in a form the pyfunc staging cannot rename "
+                              f"(use 'from tasks.x import y')")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
     return pkg
 
 

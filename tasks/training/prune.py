@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.core.errors import DamageError
+from tasks.core.errors import DamageError, load_file
 
 # Pruning methods: rows with the arguments each accepts (an unknown argument is an error).
 PRUNE_METHODS: dict[str, dict[str, Any]] = {
@@ -202,13 +202,7 @@ def load_model(weights: str | Path) -> nn.Module:
     """
     from ultralytics.nn.tasks import load_checkpoint
 
-    p = Path(weights)
-    if not p.is_file():
-        raise DamageError(f"{p}: weights file not found")
-    try:
-        model, _ = load_checkpoint(str(p))
-    except Exception as e:  # torch/pickle errors: say which file
-        raise DamageError(f"{p}: cannot load as an Ultralytics checkpoint: {e}") from e
+    model, _ = load_file(Path(weights), lambda p: load_checkpoint(str(p)), "weights file")
     return model.float().eval()
 
 

@@ -80,10 +80,18 @@ def _clean_yaml(layout: Layout, out: Path) -> dict:
     data = dict(layout.yaml)
     data["path"] = str(out)
     for split in layout.splits:
-        rels = [Path(os.path.relpath(d, layout.root)).as_posix() for d in split.image_dirs]
+        rels = [Path(os.path.relpath(d, layout.root)).as_posix() for d in [*split.image_dirs, *split.image_lists]]
         data[split.name] = rels if isinstance(layout.yaml.get(split.name), list) else rels[0]
     data["names"] = {i: n for i, n in enumerate(layout.names)}
     return data
+
+
+def _write_list(tmp: Path, layout: Layout, lst: Path, kept: list[Sample]) -> None:
+    """The cleaned copy of one ``.txt`` image list: the kept images, each relative to the list's folder."""
+    out = tmp / _safe_rel(Path(os.path.relpath(lst, layout.root)).as_posix())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = [Path(os.path.relpath(tmp / _safe_rel(s.image_rel), out.parent)).as_posix() for s in kept]
+    out.write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
 
 
 def write_clean_copy(layout: Layout, inv: Inventory, report: dict[str, Any], out: Path) -> tuple[Path, Path]:
@@ -114,6 +122,8 @@ def write_clean_copy(layout: Layout, inv: Inventory, report: dict[str, Any], out
         for split in layout.splits:  # keep empty split dirs so data.yaml stays loadable
             for d in split.image_dirs:
                 (tmp / _safe_rel(Path(os.path.relpath(d, layout.root)).as_posix())).mkdir(parents=True, exist_ok=True)
+            for lst in split.image_lists:  # each list again, naming the images it kept (relative to itself)
+                _write_list(tmp, layout, lst, [s for s in kept if s.list_file == str(lst)])
         quarantine = {
             "source": str(layout.root),
             "source_fingerprint": report["fingerprint"],

@@ -2,8 +2,9 @@
 
 Layout discovery (``resolve_layout``) reads ``data.yaml`` and maps every split to its image and
 label directories, for both Ultralytics layouts (``images/{split}`` + ``labels/{split}`` and
-``{split}/images`` + ``{split}/labels``). ``enumerate_samples`` walks those directories without
-following symlinks out of the dataset. ``scan_samples`` measures every image (and parses its
+``{split}/images`` + ``{split}/labels``), and ``.txt`` image lists (read by the project's one
+reader, ``tasks.data.dataset.list_images``: every listed path must resolve inside the dataset
+root). ``enumerate_samples`` walks those directories without following symlinks out of the dataset. ``scan_samples`` measures every image (and parses its
 label file) in a pool of worker processes and yields compact rows: no pixel data leaves a worker,
 so 100k images cost a few tens of MB in the parent.
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from tasks.core.errors import DatasetError
 from tasks.core.images import image_header  # noqa: F401  (re-exported: one header reader)
-from tasks.data.dataset import IMAGE_EXTS, load_data_yaml
+from tasks.data.dataset import IMAGE_EXTS, is_image_list, label_path, list_images, load_data_yaml
 
 # Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
 GREY_SIDE = 256
@@ -62,6 +63,7 @@ class Split:
     image_dirs: list[Path]
     label_dirs: list[Path]
     declared: str
+    image_lists: list[Path] = field(default_factory=list)  # .txt lists (labels: Ultralytics' images->labels rule)
 
 
 @dataclass
@@ -103,16 +105,21 @@ def resolve_layout(data: str | os.PathLike) -> Layout:
     """
     info = load_data_yaml(data, required=())
     layout = Layout(root=info.root, yaml_path=info.yaml_path, yaml=info.raw, names=info.names)
+    root_real = os.path.realpath(info.root)
     for split, sources in info.splits.items():
-        image_dirs = []
+        image_dirs, image_lists = [], []
         for p in sources:
-            if p.suffix.lower() == ".txt" and p.is_file():
-                raise DatasetError(f"{info.yaml_path}: split '{split}' is an image list file ({p.name}); "
-                                   "the data gate reads image directories only")
-            image_dirs.append(Path(os.path.abspath(p)))
+            if is_image_list(p):
+                if not _inside(os.path.realpath(p), root_real):
+                    raise DatasetError(f"{info.yaml_path}: split '{split}' list {p} lies outside the dataset root "
+                                       f"{info.root}")
+                image_lists.append(Path(os.path.abspath(p)))
+            else:
+                image_dirs.append(Path(os.path.abspath(p)))
         declared = info.raw[split]
         layout.splits.append(Split(split, image_dirs, [_label_dir_for(d) for d in image_dirs],
-                                   ", ".join(str(e) for e in (declared if isinstance(declared, list) else [declared]))))
+                                   ", ".join(str(e) for e in (declared if isinstance(declared, list) else [declared])),
+                                   image_lists))
     if not layout.splits:
         raise DatasetError(f"{info.yaml_path}: declares no split (train/val/test)")
     return layout
@@ -133,6 +140,7 @@ class Sample:
     label: str | None  # file to parse; None: no label file, or a label link out of the dataset
     label_rel: str  # the label's path relative to the root (where Ultralytics looks for it)
     label_exists: bool
+    list_file: str | None = None  # the .txt image list that named this image (None: found in a folder)
 
 
 @dataclass
@@ -236,8 +244,34 @@ def enumerate_samples(layout: Layout) -> Inventory:
                     inv.outside_links.append(_link(split.name, layout.rel(p), p, "label"))
                 else:
                     inv.orphan_labels.append((split.name, layout.rel(p)))
+        for lst in split.image_lists:
+            count += _enumerate_list(layout, split.name, lst, root_real, seen_images, inv)
         inv.split_images[split.name] = inv.split_images.get(split.name, 0) + count
     return inv
+
+
+def _enumerate_list(layout: Layout, split: str, lst: Path, root_real: str, seen: set[str], inv: Inventory) -> int:
+    """Samples of one ``.txt`` image list (the one reader's rule; a line leaving the root is refused).
+
+    A listed image that does not exist is kept: reading it fails, and the gate reports it as unreadable.
+    Returns the number of images added.
+    """
+    count = 0
+    for img in list_images(lst, layout.root):
+        p = os.path.abspath(img)
+        if p in seen:
+            continue
+        seen.add(p)
+        lbl = label_path(Path(p))
+        exists = os.path.lexists(lbl)
+        label = None
+        if exists and os.path.islink(lbl) and not _inside(os.path.realpath(lbl), root_real):
+            inv.outside_links.append(_link(split, layout.rel(lbl), lbl, "label"))
+        elif exists:
+            label = str(lbl)
+        inv.samples.append(Sample(split, p, layout.rel(p), label, layout.rel(lbl), exists, str(lst)))
+        count += 1
+    return count
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.config import CLASSES
+from tests.helpers import mlflow_credentials
 
 PG_HOST = os.environ.get("DAMAGE_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DAMAGE_TEST_PG_PORT", "5432"))
@@ -340,20 +341,9 @@ MLFLOW_ACCOUNTS = {name: (name, f"{name}-{uuid.uuid4().hex[:12]}") for name in (
 PRODUCTION_MODEL = "damage-seg"
 
 
-@contextlib.contextmanager
-def mlflow_user(account: str) -> Iterator[None]:
+def mlflow_user(account: str) -> contextlib.AbstractContextManager[None]:
     """Authenticate this process as one of ``MLFLOW_ACCOUNTS`` (MLflow reads the variables per request)."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict(zip(keys, MLFLOW_ACCOUNTS[account], strict=True)))
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return mlflow_credentials(MLFLOW_ACCOUNTS[account])
 
 
 @pytest.fixture(scope="session")
@@ -361,7 +351,7 @@ def mlflow_s3_server(moto_s3, fresh_postgres, tmp_path_factory) -> Iterator[str]
     """``mlflow server --app-name basic-auth`` with a PostgreSQL backend (SQLite without PostgreSQL) and
     artifacts proxied to ``s3://damage/mlartifacts`` on moto; the ``pipeline`` (EDIT) and ``approver``
     (MANAGE) accounts are provisioned on ``damage-seg`` as in the compose file; yields its URI."""
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (pip install 'mlflow[auth]')")
+    import flask_wtf  # noqa: F401  MLflow's basic-auth app needs it (the [server] extra): missing is a failure
     work = tmp_path_factory.mktemp("mlflow-s3")
     pg = fresh_postgres("damage_mlflow")
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2-binary

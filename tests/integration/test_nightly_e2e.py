@@ -39,9 +39,9 @@ def _audit(event: str, args) -> None:
 sys.addaudithook(_audit)  # audit hooks cannot be removed; the flag scopes it to the test
 
 TINY = [
-    "data.synth.images=24", "data.synth.imgsz=96", "data.synth.val_fraction=0.25",
-    "train.epochs=1", "train.imgsz=96", "train.batch=8",
-    "explain.samples=1", "export.parity_images=2", "compress.enabled=false",
+    "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
+    "train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
+    "explain.samples=1", "export.parity_images=1", "compress.enabled=false",
 ]
 # A model name of its own: no production version exists for it, so with floor 0 the gate must pass.
 MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"

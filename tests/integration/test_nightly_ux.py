@@ -14,29 +14,14 @@ from tests.recording_http import Recorder
 
 MODEL = "ux-seg"  # own registered model: the first candidate passes the gate (approval message)
 TINY = [
-    "data.synth.images=24", "data.synth.imgsz=96", "data.synth.val_fraction=0.25",
-    "train.epochs=1", "train.imgsz=96", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
+    "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
+    "train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
     "explain.enabled=false", "export.parity_images=1", "compress.enabled=false",
     "mlflow.system_metrics_interval_s=1",
 ]
 # The registry section is the worker's own config, never a run parameter: pinned in the environment.
 # Floors off (a 1-epoch model) so the first candidate passes the gate and the approval message goes out.
 WORKER_REGISTRY = {"model_name": MODEL, "floor_mask_map": 0.0, "min_class_ap50": 0.0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_import_state():
-    """Loading the pyfunc in this process puts its shipped copy of ``tasks`` (predictor files only) on
-    ``sys.path`` and in ``sys.modules``; later tests, and processes they spawn, must import the repo's."""
-    import sys
-
-    path = list(sys.path)
-    mods = {k: v for k, v in sys.modules.items() if k == "tasks" or k.startswith("tasks.")}
-    yield
-    sys.path[:] = path
-    for k in [k for k in sys.modules if k == "tasks" or k.startswith("tasks.")]:
-        del sys.modules[k]
-    sys.modules.update(mods)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -248,10 +233,11 @@ def test_failure_notification_names_step_error_and_link(ux_failed):
     assert "workflowType=machine_learning" in failure["message"]
 
 
-# slow: loading the pyfunc in the pytest process shadows the repo's `tasks` package for processes spawned later
-# (seen breaking tests/integration/test_registry_concurrency.py); to be moved into a subprocess
-@pytest.mark.slow
 def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, caplog):
+    import importlib
+    import multiprocessing as mp
+    import sys
+
     import mlflow
     import yaml
 
@@ -265,9 +251,20 @@ def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, 
     assert {"pyfunc_code.py", "input_example.json", "serving_input_example.json"} <= files
     mlmodel = yaml.safe_load(Path(c.download_artifacts(mv.run_id, "model/MLmodel")).read_text())
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    path_before, tasks_before = list(sys.path), sys.modules["tasks"]
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{s['registered_version']}")
     out = model.predict(input_example())
     assert out[0]["width"] == 32 and "instances" in out[0]
+    # loading (MLflow prepends the model's code folder to sys.path for good) shadows nothing of ours:
+    # the predictor ships as `damage_serving`, and a spawned child still imports the repo's `tasks`
+    added = [Path(p) for p in sys.path if p not in path_before]
+    assert added and all((p / "damage_serving").is_dir() and not (p / "tasks").exists() for p in added), added
+    assert sys.modules["tasks"] is tasks_before
+    assert type(model.unwrap_python_model()).__module__ == "damage_serving.serving.pyfunc"
+    child = mp.get_context("spawn").Process(target=importlib.import_module, args=("tasks.core.secrets",))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0  # a module the pyfunc does not ship (the shadowing failed exactly here)
     with caplog.at_level("WARNING", logger="mlflow"):
         save_pyfunc(Path(s["onnx"]), tmp_path / "m")
     assert "CloudPickle" not in caplog.text

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import flask_wtf  # noqa: F401  the basic-auth app needs it (declared via mlflow[auth]): a missing one must fail
@@ -13,6 +11,7 @@ from conftest import fake_evaluate  # tests/integration/conftest.py
 
 import model_registry as mr
 from tasks.core.config import RegistryConfig
+from tests.helpers import mlflow_credentials as as_user
 
 pytestmark = pytest.mark.integration
 
@@ -22,21 +21,6 @@ PIPELINE = ("pipeline", "pipe-" + uuid.uuid4().hex[:12])
 APPROVER = ("approver", "appr-" + uuid.uuid4().hex[:12])
 VIEWER = ("viewer", "view-" + uuid.uuid4().hex[:12])
 NAME = "damage-seg-auth"
-
-
-@contextmanager
-def as_user(user: tuple[str, str]):
-    """Authenticate as ``user`` (MLflow's REST client reads these variables per request)."""
-    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

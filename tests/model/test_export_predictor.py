@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tasks.core.config import CLASSES
+from tests.helpers import assert_matches_ultralytics, conf_with_instances
 
 IMGSZ = 96
 SCHEMA_TOP = {"image", "width", "height", "model", "conf", "iou", "instances", "vehicles", "damage_percent", "note"}
@@ -108,45 +109,12 @@ def test_parity_gate_passes_then_fails_on_tampered_model(onnx_model, tiny_model,
         parity_check(tiny_model, bad, 2, IMGSZ, atol=1e-3)
 
 
-def _conf_with_instances(pred, paths: list[Path], k: int = 40) -> float:
-    """A confidence that leaves instances on every image even for a barely trained model."""
-    tops = []
-    for p in paths:
-        det, _ = pred.infer(pred.preprocess([cv2.imread(str(p))]))
-        s = det[0, 4:4 + len(pred.names)].max(0)
-        tops.append(np.sort(s)[-min(k, len(s))])
-    return float(min(tops)) * 0.999
+def _conf_with_instances(pred, paths: list[Path]) -> float:
+    return conf_with_instances(pred, paths, k=40)
 
 
 def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images):
-    from ultralytics import YOLO
-
-    from tasks.serving.predictor import Predictor
-
-    pred = Predictor(onnx_model, iou=0.7)
-    conf = _conf_with_instances(pred, images)
-    pred.conf = conf
-    ul = YOLO(str(onnx_model), task="segment")
-    matched = 0
-    for p in images:
-        ours = pred.predict(p)[0]
-        ref = ul.predict(str(p), conf=conf, iou=0.7, imgsz=IMGSZ, retina_masks=True, verbose=False)[0]
-        n_ref = 0 if ref.boxes is None else len(ref.boxes)
-        assert len(ours.instances) == n_ref, p.name
-        if not n_ref:
-            continue
-        rb, rc = ref.boxes.xyxy.numpy(), ref.boxes.cls.numpy().astype(int)
-        rm = ref.masks.data.numpy().astype(bool)
-        assert rm.shape[1:] == (ours.height, ours.width)
-        for k, inst in enumerate(ours.instances):
-            assert inst.cls == rc[k], (p.name, k)
-            np.testing.assert_allclose(inst.box, rb[k], atol=0.05)
-            union = (inst.mask | rm[k]).sum()
-            iou = (inst.mask & rm[k]).sum() / union if union else 1.0
-            assert iou >= 0.98, (p.name, k, iou)
-            assert inst.area_px == int(inst.mask.sum())
-            matched += 1
-    assert matched >= len(images)
+    assert assert_matches_ultralytics(onnx_model, images, iou=0.7, k=40) >= len(images)
 
 
 def test_batch_is_one_run_and_equals_single(onnx_model, images):

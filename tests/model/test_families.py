@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import assert_matches_ultralytics
+
 FAMILIES = ["yolov8n-seg", "yolo11n-seg", "yolo26n-seg"]
 IMGSZ = 64
 
@@ -83,48 +85,6 @@ def images(fam_dataset, tmp_path_factory) -> list[Path]:
     return val + odd
 
 
-def _conf_with_instances(pred, paths: list[Path], k: int = 20) -> float:
-    """A confidence leaving about ``k`` candidates per image even for a 1-epoch model."""
-    tops = []
-    for p in paths:
-        det, _ = pred.infer(pred.preprocess([cv2.imread(str(p))]))
-        s = det[0][:, 4] if pred.end2end else det[0, 4:4 + len(pred.names)].max(0)
-        tops.append(np.sort(s)[-min(k, len(s))])
-    return float(min(tops)) * 0.999
-
-
-def _assert_matches_ultralytics(onnx: Path, paths: list[Path], iou: float = 0.7) -> int:
-    """Our predictor vs ``YOLO(onnx).predict`` at the model's image size: classes, boxes, mask IoU >= 0.98."""
-    from ultralytics import YOLO
-
-    from tasks.serving.predictor import Predictor
-
-    pred = Predictor(onnx, iou=iou)
-    pred.conf = _conf_with_instances(pred, paths)
-    ul = YOLO(str(onnx), task="segment")
-    matched = 0
-    for p in paths:
-        ours = pred.predict(p)[0]
-        # end-to-end graphs are fed the full square (their TopK size is fixed), rect=False does the same
-        ref = ul.predict(str(p), conf=pred.conf, iou=iou, imgsz=pred.imgsz[0], retina_masks=True, verbose=False,
-                         rect=not pred.end2end)[0]
-        n_ref = 0 if ref.boxes is None else len(ref.boxes)
-        assert len(ours.instances) == n_ref, p.name
-        if not n_ref:
-            continue
-        rb, rc = ref.boxes.xyxy.numpy(), ref.boxes.cls.numpy().astype(int)
-        rm = ref.masks.data.numpy().astype(bool)
-        assert rm.shape[1:] == (ours.height, ours.width)
-        for k, inst in enumerate(ours.instances):
-            assert inst.cls == rc[k], (p.name, k)
-            np.testing.assert_allclose(inst.box, rb[k], atol=0.05)
-            union = (inst.mask | rm[k]).sum()
-            mask_iou = (inst.mask & rm[k]).sum() / union if union else 1.0
-            assert mask_iou >= 0.98, (p.name, k, mask_iou)
-            matched += 1
-    return matched
-
-
 # ----------------------------------------------------------------------------- names
 
 
@@ -153,7 +113,7 @@ def test_export_parity_per_family(family, exported):
 
 def test_predictor_matches_ultralytics_onnx_predict_per_family(family, exported, images):
     res, _ = _export(family, exported)
-    assert _assert_matches_ultralytics(res.onnx_path, images) >= len(images)
+    assert assert_matches_ultralytics(res.onnx_path, images) >= len(images)
 
 
 def test_train_export_predict_register_per_family(family, exported, images, tmp_path):
@@ -217,7 +177,7 @@ def test_yolo26_end2end_export_parity_and_predictor(yolo26_end2end, images):
     assert det.ndim == 3 and det.shape[2] == 6 + proto.shape[1]  # rows: box, score, class, coefficients
     res = parity_check(best, onnx, 3, IMGSZ, atol=1e-3)
     assert res.passed and res.figures["det_max_abs"] <= 1e-3
-    assert _assert_matches_ultralytics(onnx, images) >= len(images)
+    assert assert_matches_ultralytics(onnx, images) >= len(images)
 
 
 def test_end2end_parity_matching_catches_changes_and_ignores_order():

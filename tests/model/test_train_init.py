@@ -16,6 +16,7 @@ import model_registry as mr
 from model_registry.init import resolve_init
 from tasks.core.config import CLASSES, TrainConfig
 from tasks.training.init import InitError, apply, checkpoint_mismatch
+from tests.helpers import sqlite_client
 
 LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
 
@@ -33,10 +34,7 @@ def _checkpoint(path: Path, names: list[str], size: str = "n") -> Path:
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('init-reg') / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return sqlite_client(tmp_path_factory.mktemp("init-reg"))
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
+from tests.helpers import LINEAGE, sqlite_client
 
 
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
     import model_registry as mr
     from model_registry.registry import STAGING
 
     d = tmp_path_factory.mktemp("cli-tables")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = sqlite_client(d)
+    uri = c.tracking_uri
     exp = c.create_experiment("t")
     f = d / "a.onnx"
     f.write_bytes(b"x")
@@ -43,7 +41,7 @@ def test_registry_list_fits_80_columns_without_truncated_words(registry_uri):
     lines = r.stdout.splitlines()
     assert max(len(x) for x in lines) <= 80, "\n".join(lines)
     assert "…" not in r.stdout  # no "versi…", "stagi…"
-    for word in ("staging", "pending", "approval", "aliases", "0.4500"):
+    for word in ("staging", "pending", "approval", "aliases", "0.450"):
         assert word in r.stdout, r.stdout
     assert "columns left out" in r.stdout  # it says what it dropped
     wide = _run(["registry", "list", "tbl-m", "--tracking-uri", registry_uri], columns=200)

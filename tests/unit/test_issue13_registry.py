@@ -13,18 +13,15 @@ import yaml
 import model_registry as mr
 from model_registry import registry as reg
 from tasks.core.config import CLASSES, ConfigError, RegistryConfig
+from tests.helpers import LINEAGE, sqlite_client
 
 REPO = Path(__file__).resolve().parents[2]
-LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
     d = tmp_path_factory.mktemp("reg13")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = sqlite_client(d)
     c.create_experiment("t", artifact_location=(d / "artifacts").as_uri())
     return c
 

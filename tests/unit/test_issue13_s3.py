@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-moto = pytest.importorskip("moto")
+from tasks.core.errors import DatasetError
+from tasks.data.storage import sync_s3_dataset
+from tests.helpers import S3_BUCKET
 
-from tasks.core.errors import DatasetError  # noqa: E402
-from tasks.data.storage import sync_s3_dataset  # noqa: E402
-
-BUCKET = "datasets"
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import boto3
-
-    with moto.mock_aws():
-        c = boto3.client("s3")
-        c.create_bucket(Bucket=BUCKET)
-        yield c
+BUCKET = S3_BUCKET  # the bucket of the `s3` fixture (tests/conftest.py)
 
 
 @pytest.mark.parametrize("prefix", ["../../x/victim", "ds/./v1", "ds//v1", "ds/.."])

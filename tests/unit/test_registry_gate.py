@@ -80,7 +80,7 @@ def test_gate_refuses_a_class_under_its_floor_and_names_it():
     # aggregates far above every aggregate floor: only the per-class floor can refuse it
     ok, reasons = mr.compare(mc(0.6, 0.6, dent=0.04), None, **KW, min_class_ap50=FLOORS)
     assert not ok
-    assert "class dent: mask AP50 0.0400 < floor 0.1000" in reasons
+    assert "class dent: mask AP50 0.040 < floor 0.100" in reasons
     assert not any("scratch" in r and "<" in r for r in reasons)
     assert failed_classes(mc(0.6, 0.6, dent=0.04), None, FLOORS, 0.02) == ["dent"]
 
@@ -90,7 +90,7 @@ def test_gate_refuses_a_per_class_regression_against_production():
     cand = mc(0.35, 0.35, scratch=0.5)  # better aggregates, one class 0.1 worse than production
     ok, reasons = mr.compare(cand, prod, **KW, min_class_ap50=FLOORS)
     assert not ok
-    assert any(r.startswith("class scratch: mask AP50 0.5000 vs production 0.6000: dropped 0.1000") for r in reasons)
+    assert any(r.startswith("class scratch: mask AP50 0.500 vs production 0.600: dropped 0.100") for r in reasons)
     assert failed_classes(cand, prod, FLOORS, 0.02) == ["scratch"]
     # a dedicated per-class tolerance that allows the drop lets it pass
     assert mr.compare(cand, prod, **KW, min_class_ap50=FLOORS, class_tolerance=0.15)[0]
@@ -107,7 +107,7 @@ def test_gate_fails_closed_without_per_class_figures_or_labels():
     assert not ok and "aggregate metrics alone never stage a model" in reasons[-1]
     nan = float("nan")
     ok, reasons = mr.compare(mc(dent=nan), None, **KW, min_class_ap50=FLOORS)
-    assert not ok and "class dent: no labelled instance in the gate's data, floor 0.1000 cannot be checked" in reasons
+    assert not ok and "class dent: no labelled instance in the gate's data, floor 0.100 cannot be checked" in reasons
     assert mr.compare(mc(dent=nan), None, **KW, min_class_ap50={**FLOORS, "dent": 0.0})[0]
 
 

@@ -9,22 +9,17 @@ from mlflow.exceptions import MlflowException
 
 import model_registry as mr
 from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
+from tests.helpers import LINEAGE, sqlite_client
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('reg-unit') / 'mlflow.db'}"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return sqlite_client(tmp_path_factory.mktemp("reg-unit"))
 
 
 @pytest.fixture(scope="module")
 def run_id(client):
     return client.create_run(client.create_experiment("unit")).info.run_id
-
-
-LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
 
 
 def test_register_names_missing_file(client, run_id, tmp_path):
@@ -72,6 +67,30 @@ def test_lock_times_out_naming_holder_and_breaks_stale(client):
     assert gone.value.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def test_lock_retries_when_the_holder_released_during_create(client):
+    """MLflow's SQL store reads the existing model after a name clash; released in between, the create
+    fails with RESOURCE_DOES_NOT_EXIST (seen with two processes on PostgreSQL): that is contention, not an error."""
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    calls = []
+
+    class Racing:
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def create_registered_model(self, name, **kw):
+            calls.append(name)
+            if len(calls) == 1:
+                raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+            return client.create_registered_model(name, **kw)
+
+    with mr.registry_lock(Racing(), "race-m", holder="me", timeout_s=5, poll_s=0.01):
+        assert client.get_registered_model(lock_name("race-m")).tags[TAG_HOLDER] == "me"
+    assert calls == [lock_name("race-m")] * 2
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        client.get_registered_model(lock_name("race-m"))  # released
+
+
 def test_gate_tags_failed_classes_on_the_version(client, run_id, tmp_path):
     """A blind candidate (great aggregates, one class at 0) is refused; the class is named in the tags."""
     import json
@@ -88,5 +107,5 @@ def test_gate_tags_failed_classes_on_the_version(client, run_id, tmp_path):
     assert not d.passed and d.failed_classes == ["dent"]
     tags = mr.list_versions(client, "unit-gate")[0].tags
     assert tags["gate.failed_classes"] == "dent" and tags["validation_status"] == "failed"
-    assert "class dent: mask AP50 0.0000 < floor 0.1000" in tags["gate.reasons"]
+    assert "class dent: mask AP50 0.000 < floor 0.100" in tags["gate.reasons"]
     assert mr.alias_version(client, "unit-gate", mr.STAGING) is None

@@ -21,7 +21,7 @@ def test_summary_prints_per_class_table_damage_error_and_failing_classes(monkeyp
     with console.capture() as cap:
         _print_summary(summary, 60.0)
     out = cap.get()
-    assert "3.25 pp over 40 labelled vehicles" in out
+    assert "3.250 pp over 40 labelled vehicles" in out  # 3 decimals, as in the per-class table
     assert "fine-tuning from production version 3" in out
     assert "failing classes" in out and "class dent: mask AP50 0.0200 < floor 0.1000" in out
     dent = next(line for line in out.splitlines() if line.startswith("│ dent "))

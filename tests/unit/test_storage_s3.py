@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import moto
 import pytest
 
 from tasks.core.errors import DatasetError
@@ -20,24 +19,9 @@ from tasks.data.storage import (
     upload_dir,
     with_retries,
 )
+from tests.helpers import S3_BUCKET
 
-BUCKET = "datasets"
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto-mocked S3 with one bucket; endpoint variables cleared so boto3 talks to the mock."""
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import boto3
-
-    with moto.mock_aws():
-        c = boto3.client("s3")
-        c.create_bucket(Bucket=BUCKET)
-        yield c
+BUCKET = S3_BUCKET  # the bucket of the `s3` fixture (tests/conftest.py)
 
 
 def _put(c, key: str, body: bytes) -> None:
