@@ -165,6 +165,15 @@ class ExportConfig(_Section):
     end2end: bool = False
 
 
+class PredictorConfig(_Section):
+    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    threads: int = Field(0, ge=0)
+    spinning: bool = True
+    cache_optimized: bool = True
+    openvino_precision: Literal["f32", "bf16"] = "f32"
+    latency_runs: int = Field(10, ge=0)
+
+
 class DistillConfig(_Section):
     student: str = "n"
     teacher: str | None = None
@@ -288,6 +297,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     sweep: SweepConfig = SweepConfig()
     export: ExportConfig = ExportConfig()
+    predictor: PredictorConfig = PredictorConfig()
     compress: CompressConfig = CompressConfig()
     registry: RegistryConfig = RegistryConfig()
     explain: ExplainConfig = ExplainConfig()

@@ -12,6 +12,7 @@ import pytest
 from tasks.core.config import CLASSES
 
 IMGSZ = 96
+BACKENDS = ("onnxruntime", "openvino")
 SCHEMA_TOP = {"image", "width", "height", "model", "conf", "iou", "instances", "vehicles", "damage_percent", "note"}
 SCHEMA_INST = {"id", "class", "score", "box", "area_px", "polygon", "vehicle_id"}
 SCHEMA_VEH = {"id", "area_px", "damage_px", "damage_percent", "by_class"}
@@ -51,6 +52,11 @@ def test_export_step_logs_nested_run(exported, tiny_model):
     assert "parity/proto_max_abs" in run.data.metrics
     arts = {a.path for a in c.list_artifacts(res.run_id, "onnx")}
     assert f"onnx/{res.onnx_path.name}" in arts and "onnx/metadata.json" in arts
+    # the runtime choice: both runtimes timed on this machine, the faster one recorded and logged
+    lat = {k: run.data.metrics[f"latency/{k}_ms"] for k in BACKENDS}
+    assert all(v > 0 for v in lat.values())
+    assert res.metadata["backend_latency_ms"] == pytest.approx(lat, abs=1e-3)
+    assert res.metadata["preferred_backend"] == min(lat, key=lat.get) == run.data.tags["preferred_backend"]
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +124,14 @@ def _conf_with_instances(pred, paths: list[Path], k: int = 40) -> float:
     return float(min(tops)) * 0.999
 
 
-def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images, backend):
     from ultralytics import YOLO
 
     from tasks.serving.predictor import Predictor
 
-    pred = Predictor(onnx_model, iou=0.7)
+    pred = Predictor(onnx_model, iou=0.7, backend=backend)
+    assert pred.backend == backend
     conf = _conf_with_instances(pred, images)
     pred.conf = conf
     ul = YOLO(str(onnx_model), task="segment")
@@ -158,8 +166,8 @@ def test_batch_is_one_run_and_equals_single(onnx_model, images):
     same = images[:4]  # the val images share one size
     singles = [pred.predict(p)[0] for p in same]
     calls = []
-    real_run = pred.session.run
-    pred.session.run = lambda *a, **k: calls.append(a[1]["images"].shape) or real_run(*a, **k)
+    real_run = pred.runtime.run
+    pred.runtime.run = lambda batch: calls.append(batch.shape) or real_run(batch)
     batch = pred.predict(same)
     assert calls == [(4, 3, IMGSZ, IMGSZ)]
     for a, b in zip(singles, batch, strict=True):
@@ -231,3 +239,87 @@ def test_cli_export_opset12_static_and_parity(tiny_model, tmp_path):
     pred = Predictor(out)
     assert not pred.dynamic_batch and pred.imgsz == (64, 64)
     assert len(pred.predict([np.zeros((50, 90, 3), np.uint8)] * 2)) == 2  # static batch: one run per image
+
+
+# --- the second runtime: OpenVINO reads the same files -------------------------------------------
+
+
+def _assert_same_detections(a, b, where: str, box_atol: float = 0.05, min_iou: float = 0.98) -> int:
+    """The parity rule between two predictions of one image: same instances in order, same classes,
+    boxes within ``box_atol`` px, mask IoU >= ``min_iou``; returns the number of instances."""
+    assert len(a.instances) == len(b.instances), where
+    for k, (x, y) in enumerate(zip(a.instances, b.instances, strict=True)):
+        assert x.cls == y.cls, (where, k)
+        np.testing.assert_allclose(x.box, y.box, atol=box_atol, err_msg=f"{where} #{k}")
+        union = (x.mask | y.mask).sum()
+        iou = (x.mask & y.mask).sum() / union if union else 1.0
+        assert iou >= min_iou, (where, k, iou)
+    return len(a.instances)
+
+
+def test_openvino_fp32_gives_the_same_detections_as_onnxruntime(onnx_model, images):
+    from tasks.serving.predictor import Predictor
+
+    ort_pred = Predictor(onnx_model, iou=0.7, backend="onnxruntime")
+    ov_pred = Predictor(onnx_model, iou=0.7, backend="openvino")
+    assert (ort_pred.imgsz, ort_pred.dynamic_batch, ort_pred.names) == (ov_pred.imgsz, ov_pred.dynamic_batch,
+                                                                        ov_pred.names)
+    ort_pred.conf = ov_pred.conf = _conf_with_instances(ort_pred, images)
+    x = ort_pred.preprocess([cv2.imread(str(images[0]))])
+    for a, b in zip(ort_pred.infer(x), ov_pred.infer(x), strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-3
+    n = sum(_assert_same_detections(ort_pred.predict(p)[0], ov_pred.predict(p)[0], p.name) for p in images)
+    assert n >= len(images)
+
+
+@pytest.fixture(scope="module")
+def int8_model(onnx_model, tiny_dataset, tmp_path_factory) -> Path:
+    """A QDQ INT8 (static, per-channel) copy of the exported model."""
+    from tasks.export.quantize import calibration_images, quantize_onnx
+
+    calib = calibration_images(tiny_dataset, 4, seed=0)
+    return quantize_onnx(onnx_model, tmp_path_factory.mktemp("int8") / "int8.onnx", "int8-static",
+                         calib_images=calib, imgsz=IMGSZ)
+
+
+def test_openvino_int8_qdq_gives_the_same_detections_as_onnxruntime(int8_model, images):
+    from tasks.serving.predictor import Predictor
+
+    ort_pred = Predictor(int8_model, iou=0.7, backend="onnxruntime")
+    ov_pred = Predictor(int8_model, iou=0.7, backend="openvino")
+    ort_pred.conf = ov_pred.conf = _conf_with_instances(ort_pred, images)
+    n = sum(_assert_same_detections(ort_pred.predict(p)[0], ov_pred.predict(p)[0], p.name) for p in images)
+    assert n >= len(images)
+
+
+def test_openvino_missing_falls_back_to_onnxruntime(onnx_model, tmp_path, monkeypatch, caplog):
+    """``auto`` on a model whose export preferred OpenVINO, on a machine without it: one line, then ORT."""
+    import logging
+    import shutil
+    import sys
+
+    from tasks.core.errors import DamageError
+    from tasks.export.onnx import update_onnx_metadata
+    from tasks.serving import backends
+    from tasks.serving.predictor import Predictor
+
+    m = tmp_path / "prefers_ov.onnx"
+    shutil.copyfile(onnx_model, m)
+    update_onnx_metadata(m, {"preferred_backend": "openvino"})
+    assert Predictor(m).backend == "openvino"  # installed: auto follows the metadata
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    backends.openvino_available.cache_clear()
+    backends.warn_openvino_missing.cache_clear()
+    monkeypatch.setattr(backends, "openvino_available", backends.openvino_available.__wrapped__)
+    with caplog.at_level(logging.WARNING, logger=backends.__name__):
+        preds = [Predictor(m) for _ in range(2)]
+    assert [p.backend for p in preds] == ["onnxruntime"] * 2
+    lines = [r.getMessage() for r in caplog.records if r.name == backends.__name__]
+    assert lines == [backends.OPENVINO_MISSING], lines  # once, however many predictors
+    assert len(preds[0].predict(np.zeros((60, 90, 3), np.uint8))) == 1  # the ORT path runs
+    with pytest.raises(DamageError, match="OpenVINO is not installed"):
+        Predictor(m, backend="openvino")
+    with pytest.raises(DamageError, match="unknown predictor backend"):
+        Predictor(m, backend="tensorrt")
+    backends.warn_openvino_missing.cache_clear()
