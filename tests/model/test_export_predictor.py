@@ -124,37 +124,102 @@ def _conf_with_instances(pred, paths: list[Path], k: int = 40) -> float:
     return float(min(tops)) * 0.999
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images, backend):
+# Scores a runtime may legitimately order differently: OpenVINO's FP32 kernels differ from ONNX
+# Runtime's by ~1e-5, and the barely trained tiny model has many candidates within that of each other.
+SCORE_TIE = {"onnxruntime": 0.0, "openvino": 1e-4}
+
+
+def _dets(pred) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
+    """(class, score, box, full-size mask) per instance of a ``Prediction``."""
+    return [(i.cls, i.score, np.asarray(i.box), np.asarray(i.mask)) for i in pred.instances]
+
+
+def _ul_dets(ref) -> list[tuple[int, float, np.ndarray, np.ndarray]]:
+    if ref.boxes is None or not len(ref.boxes):
+        return []
+    return list(zip(ref.boxes.cls.numpy().astype(int).tolist(), ref.boxes.conf.numpy().tolist(),
+                    ref.boxes.xyxy.numpy(), ref.masks.data.numpy().astype(bool), strict=True))
+
+
+def _assert_parity(ours: list, ref: list, where: str, score_tie: float = 0.0, box_atol: float = 0.05,
+                   min_iou: float = 0.98) -> int:
+    """The parity rule: the same instances (same count; each of ours pairs with a reference instance of
+    its class and its box within ``box_atol`` px), mask IoU >= ``min_iou``. Order must match exactly,
+    except among instances whose scores are within ``score_tie`` of each other. Returns the count."""
+    assert len(ours) == len(ref), (where, len(ours), len(ref))
+    free = list(range(len(ref)))
+    for k, (cls, score, box, mask) in enumerate(ours):
+        cands = [j for j in free if j == k or (score_tie and abs(ref[j][1] - score) <= score_tie)]
+        cands = [j for j in cands if ref[j][0] == cls and np.abs(ref[j][2] - box).max() <= box_atol]
+        assert cands, (where, k, "no reference instance of the same class and box")
+        ious = []
+        for j in cands:
+            union = (mask | ref[j][3]).sum()
+            ious.append((mask & ref[j][3]).sum() / union if union else 1.0)
+        best = int(np.argmax(ious))
+        assert ious[best] >= min_iou, (where, k, ious[best])
+        free.remove(cands[best])
+    return len(ours)
+
+
+def _check_against_ultralytics(onnx_model: Path, images: list[Path], imgsz: int, backend: str,
+                               conf: float | None = None) -> int:
+    """Our predictor on ``backend`` vs ``YOLO(onnx).predict(retina_masks=True)`` (ONNX Runtime) under the
+    parity rule; returns the number of instances compared."""
     from ultralytics import YOLO
 
     from tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx_model, iou=0.7, backend=backend)
     assert pred.backend == backend
-    conf = _conf_with_instances(pred, images)
-    pred.conf = conf
+    pred.conf = conf = _conf_with_instances(pred, images) if conf is None else conf
     ul = YOLO(str(onnx_model), task="segment")
     matched = 0
     for p in images:
         ours = pred.predict(p)[0]
-        ref = ul.predict(str(p), conf=conf, iou=0.7, imgsz=IMGSZ, retina_masks=True, verbose=False)[0]
-        n_ref = 0 if ref.boxes is None else len(ref.boxes)
-        assert len(ours.instances) == n_ref, p.name
-        if not n_ref:
-            continue
-        rb, rc = ref.boxes.xyxy.numpy(), ref.boxes.cls.numpy().astype(int)
-        rm = ref.masks.data.numpy().astype(bool)
-        assert rm.shape[1:] == (ours.height, ours.width)
-        for k, inst in enumerate(ours.instances):
-            assert inst.cls == rc[k], (p.name, k)
-            np.testing.assert_allclose(inst.box, rb[k], atol=0.05)
-            union = (inst.mask | rm[k]).sum()
-            iou = (inst.mask & rm[k]).sum() / union if union else 1.0
-            assert iou >= 0.98, (p.name, k, iou)
-            assert inst.area_px == int(inst.mask.sum())
-            matched += 1
-    assert matched >= len(images)
+        ref = ul.predict(str(p), conf=conf, iou=0.7, imgsz=imgsz, retina_masks=True, verbose=False)[0]
+        if ref.masks is not None:
+            assert ref.masks.data.shape[1:] == (ours.height, ours.width)
+        assert all(i.area_px == int(i.mask.sum()) for i in ours.instances)
+        matched += _assert_parity(_dets(ours), _ul_dets(ref), p.name, SCORE_TIE[backend])
+    return matched
+
+
+def test_predictor_matches_ultralytics_onnx_predict(onnx_model, images):
+    """The barely trained tiny model, at a confidence that keeps dozens of instances per image.
+
+    ONNX Runtime only: this model's mask logits are ~1e-4, so any other float summation order (another
+    runtime) flips pixels of masks that mean nothing; the runtimes are compared on the trained model below.
+    """
+    assert _check_against_ultralytics(onnx_model, images, IMGSZ, "onnxruntime") >= len(images)
+
+
+@pytest.fixture(scope="module")
+def trained_onnx(trained_model, easy_imgsz, tmp_path_factory) -> Path:
+    """The session's model that detects (easy set), exported with the pipeline's metadata."""
+    from tasks.export.onnx import export_onnx
+
+    return export_onnx(trained_model, tmp_path_factory.mktemp("trained") / "trained.onnx", easy_imgsz)
+
+
+@pytest.fixture(scope="module")
+def easy_images(easy_dataset, tmp_path_factory) -> list[Path]:
+    """The easy set's val images plus resized copies with other aspect ratios."""
+    val = sorted((easy_dataset.parent / "images" / "val").glob("*.png"))
+    d = tmp_path_factory.mktemp("easy_odd")
+    odd = []
+    for i, (w, h) in enumerate([(100, 64), (90, 41), (48, 88)]):
+        p = d / f"odd{i}.png"
+        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(val[i])), (w, h)))
+        odd.append(p)
+    return val + odd
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predictor_on_either_runtime_matches_ultralytics_onnx_predict(trained_onnx, easy_images, easy_imgsz,
+                                                                      backend):
+    n = _check_against_ultralytics(trained_onnx, easy_images, easy_imgsz, backend, conf=0.25)
+    assert n >= len(easy_images)  # the model finds the objects: the masks compared are real
 
 
 def test_batch_is_one_run_and_equals_single(onnx_model, images):
@@ -244,52 +309,49 @@ def test_cli_export_opset12_static_and_parity(tiny_model, tmp_path):
 # --- the second runtime: OpenVINO reads the same files -------------------------------------------
 
 
-def _assert_same_detections(a, b, where: str, box_atol: float = 0.05, min_iou: float = 0.98) -> int:
-    """The parity rule between two predictions of one image: same instances in order, same classes,
-    boxes within ``box_atol`` px, mask IoU >= ``min_iou``; returns the number of instances."""
-    assert len(a.instances) == len(b.instances), where
-    for k, (x, y) in enumerate(zip(a.instances, b.instances, strict=True)):
-        assert x.cls == y.cls, (where, k)
-        np.testing.assert_allclose(x.box, y.box, atol=box_atol, err_msg=f"{where} #{k}")
-        union = (x.mask | y.mask).sum()
-        iou = (x.mask & y.mask).sum() / union if union else 1.0
-        assert iou >= min_iou, (where, k, iou)
-    return len(a.instances)
-
-
-def test_openvino_fp32_gives_the_same_detections_as_onnxruntime(onnx_model, images):
+def test_openvino_fp32_gives_the_same_detections_as_onnxruntime(trained_onnx, easy_images):
     from tasks.serving.predictor import Predictor
 
-    ort_pred = Predictor(onnx_model, iou=0.7, backend="onnxruntime")
-    ov_pred = Predictor(onnx_model, iou=0.7, backend="openvino")
-    assert (ort_pred.imgsz, ort_pred.dynamic_batch, ort_pred.names) == (ov_pred.imgsz, ov_pred.dynamic_batch,
-                                                                        ov_pred.names)
-    ort_pred.conf = ov_pred.conf = _conf_with_instances(ort_pred, images)
-    x = ort_pred.preprocess([cv2.imread(str(images[0]))])
+    ort_pred = Predictor(trained_onnx, backend="onnxruntime")
+    ov_pred = Predictor(trained_onnx, backend="openvino")
+    assert (ort_pred.imgsz, ort_pred.dynamic_batch, ort_pred.names, ort_pred.conf) == \
+        (ov_pred.imgsz, ov_pred.dynamic_batch, ov_pred.names, ov_pred.conf)
+    x = ort_pred.preprocess([cv2.imread(str(easy_images[0]))])
     for a, b in zip(ort_pred.infer(x), ov_pred.infer(x), strict=True):
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-3
-    n = sum(_assert_same_detections(ort_pred.predict(p)[0], ov_pred.predict(p)[0], p.name) for p in images)
-    assert n >= len(images)
+    n = sum(_assert_parity(_dets(ov_pred.predict(p)[0]), _dets(ort_pred.predict(p)[0]), p.name,
+                           SCORE_TIE["openvino"]) for p in easy_images)
+    assert n >= len(easy_images)
 
 
 @pytest.fixture(scope="module")
-def int8_model(onnx_model, tiny_dataset, tmp_path_factory) -> Path:
-    """A QDQ INT8 (static, per-channel) copy of the exported model."""
+def trained_int8(trained_onnx, easy_dataset, easy_imgsz, tmp_path_factory) -> Path:
+    """A QDQ INT8 (static, per-channel) copy of the trained model, calibrated on its train split."""
     from tasks.export.quantize import calibration_images, quantize_onnx
 
-    calib = calibration_images(tiny_dataset, 4, seed=0)
-    return quantize_onnx(onnx_model, tmp_path_factory.mktemp("int8") / "int8.onnx", "int8-static",
-                         calib_images=calib, imgsz=IMGSZ)
+    return quantize_onnx(trained_onnx, tmp_path_factory.mktemp("int8") / "int8.onnx", "int8-static",
+                         calib_images=calibration_images(easy_dataset, 8, seed=0), imgsz=easy_imgsz)
 
 
-def test_openvino_int8_qdq_gives_the_same_detections_as_onnxruntime(int8_model, images):
+# INT8 across runtimes: each requantizes between its int8 kernels in its own way (rounding, which
+# Q/DQ pairs it fuses), so two runs of one QDQ file are two approximations of the float model. Measured
+# on this model: the same confident instances, boxes within 0.44 px, scores within 0.071, mask IoU
+# >= 0.938 (64 px images, masks of a few hundred pixels); instances near the threshold may differ.
+# FP32 meets the parity rule itself (scores within 1e-6, mask IoU 1.0).
+INT8_RULE = {"score": 0.5, "box_px": 1.0, "score_diff": 0.1, "mask_iou": 0.9}
+
+
+def test_openvino_int8_qdq_gives_the_same_confident_detections_as_onnxruntime(trained_int8, easy_images):
     from tasks.serving.predictor import Predictor
 
-    ort_pred = Predictor(int8_model, iou=0.7, backend="onnxruntime")
-    ov_pred = Predictor(int8_model, iou=0.7, backend="openvino")
-    ort_pred.conf = ov_pred.conf = _conf_with_instances(ort_pred, images)
-    n = sum(_assert_same_detections(ort_pred.predict(p)[0], ov_pred.predict(p)[0], p.name) for p in images)
-    assert n >= len(images)
+    ort_pred = Predictor(trained_int8, backend="onnxruntime")
+    ov_pred = Predictor(trained_int8, backend="openvino")
+    n = 0
+    for p in easy_images:
+        a, b = ([d for d in _dets(r.predict(p)[0]) if d[1] >= INT8_RULE["score"]] for r in (ort_pred, ov_pred))
+        n += _assert_parity(b, a, p.name, INT8_RULE["score_diff"], INT8_RULE["box_px"], INT8_RULE["mask_iou"])
+        assert sorted(x[1] for x in a) == pytest.approx(sorted(y[1] for y in b), abs=INT8_RULE["score_diff"])
+    assert n >= len(easy_images)
 
 
 def test_openvino_missing_falls_back_to_onnxruntime(onnx_model, tmp_path, monkeypatch, caplog):
