@@ -205,13 +205,14 @@ class QuantizeConfig(_Section):
     per_channel: bool = True
     sensitivity_images: int = Field(4, ge=1)
     also_parent: bool = True
+    nncf_preset: Literal["performance", "mixed"] = "performance"
 
 
 class CompressConfig(_Section):
     enabled: bool = False
     tolerance: float = Field(0.02, ge=0)
     latency_budget_ms: float | None = None
-    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16"]] = [
+    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16", "int8-nncf"]] = [
         "prune",
         "int8-static",
     ]

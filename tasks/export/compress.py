@@ -4,7 +4,8 @@ A *variant* is a deployable ONNX file plus where it came from. Steps (``compress
 in order on the current chain head: ``distill``, ``prune`` (structured, then fine-tuned),
 ``unstructured`` change the PyTorch model (each result is exported to ONNX and must pass the
 same PyTorch-vs-ONNX-Runtime parity gate as the nightly export), and
-``int8-static`` / ``int8-dynamic`` / ``fp16`` quantize the head's ONNX (and, with
+``int8-static`` / ``int8-dynamic`` / ``fp16`` / ``int8-nncf`` (NNCF post-training quantization,
+the optional ``nncf`` extra: ``tasks.export.nncf_quant``) quantize the head's ONNX (and, with
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
 (``tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PT_STEPS = ("distill", "prune", "unstructured")
-QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16")
+QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16", "int8-nncf")
 TABLE_COLUMNS = ("name", "kind", "parent", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
                  "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
 
@@ -285,6 +286,12 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
                                         imgsz=evaluator.imgsz, per_channel=qc.per_channel,
                                         sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics)
         info.update(res.summary())
+    elif mode == "int8-nncf":
+        from tasks.export.nncf_quant import quantize_nncf
+
+        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
+        quantize_nncf(src.onnx, out, calib, int(evaluator.imgsz or cfg.imgsz), preset=qc.nncf_preset)
+        info.update({"preset": qc.nncf_preset, "calib_images": len(calib)})
     else:
         Q.quantize_onnx(src.onnx, out, mode, per_channel=qc.per_channel if mode == "int8-dynamic" else None)
     return Variant(name, mode, str(out), src.name, None, src.params, src.gflops, info=info)
