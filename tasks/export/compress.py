@@ -125,9 +125,14 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
                     root_metrics: dict[str, float] | None = None) -> Variant:
     """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root.
 
+    Also times every installed predictor runtime (``latency/<runtime>_ms``) and records the faster
+    in the variant's ONNX metadata (``tasks.export.onnx.record_backend_latency``).
+
     The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
     (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
     """
+    from tasks.export.onnx import record_backend_latency
+
     plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
     res = evaluator(v.onnx, data_yaml, plots_dir=plots_dir)
     v.info["plots_dir"] = str(plots_dir)
@@ -135,6 +140,11 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
     m = dict(res.metrics)
     m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
     m["latency_ms"] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)
+    # each installed predictor runtime, with the faster one written into the file for predictor.backend auto
+    # (OpenVINO runs QDQ INT8 faster than ONNX Runtime on some CPUs, so the choice differs per variant)
+    choice = record_backend_latency(Path(v.onnx), res.imgsz, runs=latency_runs)
+    m.update({f"latency/{k}_ms": ms for k, ms in choice.get("backend_latency_ms", {}).items()})
+    v.info["preferred_backend"] = choice.get("preferred_backend")
     m["size_mb"] = Path(v.onnx).stat().st_size / 1e6
     if v.params is not None:
         m["params"] = float(v.params)
