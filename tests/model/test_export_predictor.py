@@ -385,3 +385,19 @@ def test_openvino_missing_falls_back_to_onnxruntime(onnx_model, tmp_path, monkey
     with pytest.raises(DamageError, match="unknown predictor backend"):
         Predictor(m, backend="tensorrt")
     backends.warn_openvino_missing.cache_clear()
+
+
+def test_cli_predict_backend_option(onnx_model, images, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    r = CliRunner().invoke(app, ["predict", str(images[0]), "--model", str(onnx_model), "--out", str(tmp_path / "a"),
+                                 "--backend", "openvino", "--no-overlay"])
+    assert r.exit_code == 0 and "openvino" in r.output, r.output
+    r = CliRunner().invoke(app, ["--set", "predictor.backend=onnxruntime", "predict", str(images[0]), "--model",
+                                 str(onnx_model), "--out", str(tmp_path / "b"), "--no-overlay"])
+    assert r.exit_code == 0 and "onnxruntime" in r.output, r.output
+    r = CliRunner().invoke(app, ["predict", str(images[0]), "--model", str(onnx_model), "--out", str(tmp_path / "c"),
+                                 "--backend", "tpu"])
+    assert r.exit_code != 0 and "unknown predictor backend 'tpu'" in r.output, r.output
