@@ -13,8 +13,7 @@ Choosing (``resolve_backend``), as ``predictor.backend`` in the config says:
   key, or when it was measured on a CPU with another ISA (``damage.backend_cpu``), ONNX Runtime. When the preferred runtime is OpenVINO and it is not installed, one line
   is logged (once per process) and ONNX Runtime runs: never a crash.
 
-ONNX Runtime session settings (measured on the 2-core bench machine, ``bench/bench_predictor.py``):
-intra-op threads = physical cores (a hyper-thread sibling shares the core's FMA units, so it
+ONNX Runtime session settings (compared one by one in ``bench/bench_predictor.py``): intra-op threads = physical cores (a hyper-thread sibling shares the core's FMA units, so it
 adds scheduling cost and no throughput), spinning on (the worker threads busy-wait between the
 graph's many small ops instead of sleeping and waking), every graph optimisation on, and the
 optimised graph cached next to the ONNX (``optimized_cache_path``): the name carries the ORT
