@@ -13,10 +13,10 @@ predictor runtime:
 * ONNX Runtime session settings, each changed alone from the tuned ones (threads, spinning,
   graph optimisation level, the cached optimised graph), bare session.run.
 
-Caveat of the interleaving: ONNX Runtime's worker threads keep spinning for a while after a run
-(``session.intra_op.allow_spinning``), so whatever runs next on the other core is slowed. The
-first measured run 2026-11-30 (2 cores) showed it: OpenVINO's e2e right after ORT's turn took
-86 ms against its own session.run of 45 ms measured a moment later; the settings rows share the
+Caveat of the interleaving: the runtimes' thread pools share two cores and may disturb each
+other. The first 2-core run (2026-11-30) showed OpenVINO's e2e right after ORT's turn at 86 ms
+against its own session.run of 45 ms a moment later, not yet explained (one suspect: ORT's worker
+threads still spinning, ``session.intra_op.allow_spinning``); the settings rows may share the
 effect. Compare runtimes by their session.run rows, and read the settings rows as indicative.
 
 Models are built from the YOLOv8-seg YAML with random weights (no downloads). Inference latency
