@@ -1,13 +1,23 @@
-"""Benchmark: ONNX Runtime predictor vs Ultralytics PyTorch predict, n and s models at 640, batch 1.
+"""Benchmark: the predictor on ONNX Runtime and OpenVINO vs Ultralytics PyTorch predict, n and s at 640, batch 1.
 
-Prints, per model, milliseconds per image (median over interleaved rounds, same images):
+Prints the machine (CPU model, AVX2/AVX-512/VNNI/AMX, runtime versions, threads), then per model
+a table of milliseconds per image (median over interleaved rounds, same images), one row per
+predictor runtime:
 
-* ``ours e2e``: ``Predictor.predict(path)``: read, letterbox, session.run, NMS + masks at the
+* ``e2e``: ``Predictor.predict(path)``: read, letterbox, session.run, NMS + masks at the
   original size + polygons + damage percentage;
-* ``session.run``: the bare ONNX Runtime call on the same letterboxed input;
+* ``session.run``: the bare runtime call on the same letterboxed input;
 * ``post``: the predictor's post-processing alone, and its overhead relative to session.run;
-* ``ultralytics``: ``YOLO(model.pt).predict(path, retina_masks=True)`` (masks at the original
-  size, the comparable output) and with its default low-res masks.
+* ``x UL``: ``YOLO(model.pt).predict(path, retina_masks=True)`` (masks at the original size, the
+  comparable output) divided by ``e2e``; also against its default low-res masks;
+* ONNX Runtime session settings, each changed alone from the tuned ones (threads, spinning,
+  graph optimisation level, the cached optimised graph), bare session.run.
+
+Caveat of the interleaving: the runtimes' thread pools share two cores and may disturb each
+other. The first 2-core run (2026-11-30) showed OpenVINO's e2e right after ORT's turn at 86 ms
+against its own session.run of 45 ms a moment later, not yet explained (one suspect: ORT's worker
+threads still spinning, ``session.intra_op.allow_spinning``); the settings rows may share the
+effect. Compare runtimes by their session.run rows, and read the settings rows as indicative.
 
 Models are built from the YOLOv8-seg YAML with random weights (no downloads). Inference latency
 does not depend on the weights, but a random model detects nothing (its head outputs are
@@ -18,6 +28,7 @@ output shapes, and reported against the same ``session.run`` time.
 
 Usage:
     python bench/bench_predictor.py [--sizes n s] [--imgsz 640] [--rounds 8] [--objects 20]
+        [--backends onnxruntime openvino] [--ov-bf16] [--no-variants]
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,59 +98,118 @@ def synthetic_outputs(det_shape, proto_shape, n_objects: int, copies: int, nc: i
     return det, proto
 
 
-def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_objects: int) -> dict[str, float]:
+def _timed(out: list[float], fn, *args):
+    """``fn(*args)``, its wall time appended to ``out``."""
+    t0 = time.perf_counter()
+    r = fn(*args)
+    out.append(time.perf_counter() - t0)
+    return r
+
+
+def _ort_variants(onnx: Path) -> dict[str, object]:
+    """ONNX Runtime sessions that differ from the tuned one in one setting each (bare session.run timed)."""
+    import onnxruntime as ort
+
+    from tasks.serving.backends import OnnxRuntime
+
+    def untuned():  # the predictor's settings before tuning: every logical core, ORT's defaults otherwise
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = os.cpu_count() or 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
+        return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})
+
+    def basic_opt():
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        from tasks.serving.backends import physical_cores
+        so.intra_op_num_threads = physical_cores()
+        sess = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
+        return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})
+
+    return {"untuned (all logical cores, defaults)": untuned(),
+            "no spinning": OnnxRuntime(onnx, spinning=False).run,
+            "graph opt basic only": basic_opt(),
+            "tuned, no cached graph": OnnxRuntime(onnx, cache=False).run}
+
+
+def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_objects: int,
+          backends: list[str], ov_bf16: bool, variants: bool) -> dict[str, dict[str, float]]:
+    """Interleaved rounds: every predictor and Ultralytics on the same images, one after the other."""
     import cv2
     from ultralytics import YOLO
 
     from tasks.serving.predictor import Predictor
 
     pt, onnx = build_random_model(size, work, imgsz)
-    pred = Predictor(onnx)  # conf/iou from metadata defaults (0.25 / 0.7)
+    preds = {b: Predictor(onnx, backend=b) for b in backends}  # conf/iou from metadata defaults (0.25 / 0.7)
+    if ov_bf16 and "openvino" in backends:
+        preds["openvino-bf16"] = Predictor(onnx, backend="openvino", openvino_precision="bf16")
+    extra = _ort_variants(onnx) if variants else {}
+    first = next(iter(preds.values()))
     ul = YOLO(str(pt), task="segment")
-    kw = dict(conf=pred.conf, iou=pred.iou, imgsz=imgsz, verbose=False, device="cpu")
-    for p in images[:2]:  # warm up both
-        pred.predict(p)
+    kw = dict(conf=first.conf, iou=first.iou, imgsz=imgsz, verbose=False, device="cpu")
+    for p in images[:2]:  # warm up all
+        for pred in preds.values():
+            pred.predict(p)
         ul.predict(str(p), retina_masks=True, **kw)
         ul.predict(str(p), **kw)
-    t_ours, t_run, t_post, t_post_syn, t_ul, t_ul_lo, n_syn = [], [], [], [], [], [], []
+    t: dict[str, dict[str, list[float]]] = {b: {"e2e": [], "run": [], "post": [], "busy": []} for b in preds}
+    t_var: dict[str, list[float]] = {k: [] for k in extra}
+    t_ul, t_ul_lo, n_syn = [], [], []
     for _ in range(rounds):
         for i, p in enumerate(images):
-            t0 = time.perf_counter()
-            pred.predict(p)
-            t_ours.append(time.perf_counter() - t0)
-            t_post.append(pred.timings["postprocess"])
             im = cv2.imread(str(p))
-            batch = pred.preprocess([im])
-            t0 = time.perf_counter()
-            det, proto = pred.infer(batch)
-            t_run.append(time.perf_counter() - t0)
-            sdet, sproto = synthetic_outputs(det.shape, proto.shape, n_objects, 8, len(pred.names), seed=i)
-            t0 = time.perf_counter()
-            r = pred.postprocess(sdet, sproto, im.shape[:2], batch.shape[2:])
-            t_post_syn.append(time.perf_counter() - t0)
-            n_syn.append(len(r.instances))
-            t0 = time.perf_counter()
-            ul.predict(str(p), retina_masks=True, **kw)
-            t_ul.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ul.predict(str(p), **kw)
-            t_ul_lo.append(time.perf_counter() - t0)
-    res = {
-        "ours_e2e_ms": _median_ms(t_ours),
-        "session_run_ms": _median_ms(t_run),
-        "post_ms": _median_ms(t_post),
-        "post_busy_ms": _median_ms(t_post_syn),
-        "busy_instances": statistics.mean(n_syn),
-        "ul_retina_ms": _median_ms(t_ul),
-        "ul_default_ms": _median_ms(t_ul_lo),
-    }
-    res["post_overhead_pct"] = 100 * res["post_ms"] / res["session_run_ms"]
-    res["post_busy_overhead_pct"] = 100 * res["post_busy_ms"] / res["session_run_ms"]
-    res["ours_busy_e2e_ms"] = res["ours_e2e_ms"] - res["post_ms"] + res["post_busy_ms"]
-    res["speedup_vs_ul_retina"] = res["ul_retina_ms"] / res["ours_e2e_ms"]
-    res["speedup_vs_ul_default"] = res["ul_default_ms"] / res["ours_e2e_ms"]
-    res["speedup_busy_vs_ul_retina"] = res["ul_retina_ms"] / res["ours_busy_e2e_ms"]
+            for b, pred in preds.items():
+                _timed(t[b]["e2e"], pred.predict, p)
+                t[b]["post"].append(pred.timings["postprocess"])
+                batch = pred.preprocess([im])
+                det, proto = _timed(t[b]["run"], pred.infer, batch)
+                sdet, sproto = synthetic_outputs(det.shape, proto.shape, n_objects, 8, len(pred.names), seed=i)
+                r = _timed(t[b]["busy"], pred.postprocess, sdet, sproto, im.shape[:2], batch.shape[2:])
+                n_syn.append(len(r.instances))
+            for k, run in extra.items():
+                _timed(t_var[k], run, batch)
+            _timed(t_ul, partial(ul.predict, str(p), retina_masks=True, **kw))
+            _timed(t_ul_lo, partial(ul.predict, str(p), **kw))
+    ul_ms, ul_lo_ms = _median_ms(t_ul), _median_ms(t_ul_lo)
+    res: dict[str, dict[str, float]] = {}
+    for b, tt in t.items():
+        r = {k: _median_ms(v) for k, v in tt.items()}
+        r["post_pct"] = 100 * r["post"] / r["run"]
+        r["busy_pct"] = 100 * r["busy"] / r["run"]
+        r["e2e_busy"] = r["e2e"] - r["post"] + r["busy"]
+        r["x_ul"] = ul_ms / r["e2e"]
+        r["x_ul_busy"] = ul_ms / r["e2e_busy"]
+        r["x_ul_default"] = ul_lo_ms / r["e2e"]
+        res[b] = r
+    res["_ul"] = {"retina": ul_ms, "default": ul_lo_ms, "busy_instances": statistics.mean(n_syn)}
+    res["_variants"] = {k: _median_ms(v) for k, v in t_var.items()}
     return res
+
+
+def print_table(size: str, res: dict[str, dict[str, float]], n_objects: int) -> None:
+    ul = res["_ul"]
+    print(f"yolov8{size}-seg: ultralytics predict {ul['retina']:.1f} ms (retina_masks) / {ul['default']:.1f} ms "
+          f"(default masks); busy post = {ul['busy_instances']:.0f} instances from {n_objects * 8} NMS candidates")
+    print("  | backend | e2e ms | session.run ms | post ms (busy) | post / session (busy) | x UL retina "
+          "(busy) | x UL default |")
+    print("  |---|---|---|---|---|---|---|")
+    for b, r in res.items():
+        if b.startswith("_"):
+            continue
+        print(f"  | {b} | {r['e2e']:.1f} | {r['run']:.1f} | {r['post']:.2f} ({r['busy']:.2f}) | "
+              f"{r['post_pct']:.1f}% ({r['busy_pct']:.1f}%) | {r['x_ul']:.2f}x ({r['x_ul_busy']:.2f}x) | "
+              f"{r['x_ul_default']:.2f}x |")
+    runs = [b for b in res if not b.startswith("_")]
+    if len(runs) > 1:
+        base = res[runs[0]]["run"]
+        print("  session.run vs " + runs[0] + ": " + ", ".join(f"{b} {base / res[b]['run']:.2f}x" for b in runs[1:]))
+    if res["_variants"]:
+        tuned = res.get("onnxruntime", {}).get("run")
+        print("  ONNX Runtime settings, bare session.run (tuned: " + (f"{tuned:.1f} ms" if tuned else "n/a") + "):")
+        for k, v in res["_variants"].items():
+            print(f"    {k}: {v:.1f} ms" + (f" (tuned is {v / tuned:.2f}x faster)" if tuned else ""))
 
 
 def main() -> None:
@@ -148,32 +219,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--objects", type=int, default=20, help="objects in the synthetic post-processing load")
+    ap.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"],
+                    help="predictor runtimes to compare (openvino is skipped when not installed)")
+    ap.add_argument("--ov-bf16", action="store_true", help="also OpenVINO at bf16 precision")
+    ap.add_argument("--no-variants", action="store_true", help="skip the ONNX Runtime session-option variants")
     ap.add_argument("--state-dir", default=os.environ.get("DAMAGE_STATE_DIR", "/tmp/damage-bench-state"))
     ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
     from tasks.core.runtime import activate, configure_ultralytics
+    from tasks.serving.backends import openvino_available
 
     paths = activate(args.state_dir)
-    configure_ultralytics(paths)  # torch on every core, like ORT's default here
+    configure_ultralytics(paths)  # torch on every core, like the runtimes here
     work = paths.cache / "bench_predictor"
     work.mkdir(parents=True, exist_ok=True)
     images = _images(work, args.images)
     from bench.common import announce_machine, write_json
 
+    backends = [b for b in args.backends if b != "openvino" or openvino_available()]
     machine, results = announce_machine(), {}
-    print(f"cpu cores: {os.cpu_count()}, imgsz {args.imgsz}, batch 1, images 640x480, "
-          f"{args.rounds} rounds x {len(images)} images, random-init weights")
+    print(f"imgsz {args.imgsz}, batch 1, images 640x480, {args.rounds} rounds x {len(images)} images, "
+          f"random-init weights, medians; targets: e2e >= 1.5x UL retina, post <= 15% of session.run (n)")
     for size in args.sizes:
-        r = results[size] = bench(size, work, args.imgsz, args.rounds, images, args.objects)
-        print(f"yolov8{size}-seg:")
-        print(f"  ours e2e {r['ours_e2e_ms']:.1f} ms | session.run {r['session_run_ms']:.1f} ms | "
-              f"post {r['post_ms']:.2f} ms ({r['post_overhead_pct']:.1f}% of session.run)")
-        print(f"  post with {r['busy_instances']:.0f} instances (NMS over {args.objects * 8} candidates): "
-              f"{r['post_busy_ms']:.2f} ms = {r['post_busy_overhead_pct']:.1f}% of session.run (target <= 15%)")
-        print(f"  ultralytics predict {r['ul_retina_ms']:.1f} ms (retina_masks) / {r['ul_default_ms']:.1f} ms (default)"
-              f" -> speedup {r['speedup_vs_ul_retina']:.2f}x / {r['speedup_vs_ul_default']:.2f}x (target >= 1.5x); "
-              f"with the busy post-processing {r['speedup_busy_vs_ul_retina']:.2f}x vs retina_masks")
+        res = results[size] = bench(size, work, args.imgsz, args.rounds, images, args.objects, backends,
+                                    args.ov_bf16, not args.no_variants)
+        print_table(size, res, args.objects)
     write_json(args.json, machine, results)
 
 

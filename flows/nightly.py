@@ -82,7 +82,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         exported = _t(export_step, "export")(trained.best, cfg.export, cfg.imgsz,
                                              sweep.thresholds if sweep else {},
                                              {**run.lineage(data.fingerprint), "max_pixels": cfg.validation.max_pixels},
-                                             samples[: cfg.export.parity_images], run.run_id)
+                                             samples[: cfg.export.parity_images], run.run_id, cfg.predictor)
         if cfg.explain.enabled and cfg.explain.samples:
             _t(explain_step, "explain")(trained.best, samples[: cfg.explain.samples], cfg.explain,
                                         cfg.imgsz, run.run_id)

@@ -38,7 +38,7 @@ def export_cmd(
     from tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
-    from tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata
+    from tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata, record_backend_latency
 
     e = cfg.export
     size = imgsz or e.imgsz or _checkpoint_imgsz(weights) or cfg.train.imgsz
@@ -59,6 +59,12 @@ def export_cmd(
                   f"{f['det_max_abs']:.3g} (mean {f['det_mean_abs']:.3g}; boxes {f['box_max_abs_px']:.3g} px, scores "
                   f"{f['score_max_abs']:.3g}), prototypes max abs {f['proto_max_abs']:.3g} (mean {f['proto_mean_abs']:.3g})",
                   highlight=False, soft_wrap=True)
+    choice = run_guarded(record_backend_latency, target, size, cfg.predictor.latency_runs,
+                         cfg.predictor.openvino_precision)
+    if choice:
+        lat = ", ".join(f"{k} {v:.1f} ms" for k, v in choice["backend_latency_ms"].items())
+        console.print(f"runtimes on this machine ({choice['backend_cpu']}): {lat} -> predictor.backend auto = "
+                      f"{choice['preferred_backend']}", highlight=False, soft_wrap=True)
     md = read_onnx_metadata(target)
     console.print(f"metadata: names={md.get('names')} imgsz={md.get('imgsz')} stride={md.get('stride')} "
                   f"conf={md.get('conf')} iou={md.get('iou')}", highlight=False, soft_wrap=True)
@@ -106,9 +112,10 @@ def predict_cmd(
     conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold (default: the model's metadata).")] = None,
     iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: the model's metadata).")] = None,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Write NAME.png overlays.")] = True,
+    backend: Annotated[str | None, typer.Option("--backend", help="Runtime: auto|onnxruntime|openvino (default: predictor.backend; auto = the faster one measured at export).")] = None,
 ) -> None:
-    """Segment damage with ONNX Runtime; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
-    setup(ctx)
+    """Segment damage with ONNX Runtime or OpenVINO; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
+    cfg, _ = setup(ctx)
     images = _list_images(source)
     if not images:
         fail(f"{source}: no images (extensions: jpg, jpeg, png, bmp, tif, tiff, webp)")
@@ -120,7 +127,10 @@ def predict_cmd(
     from tasks.serving.draw import draw_prediction
     from tasks.serving.predictor import Predictor, read_image
 
-    pred = run_guarded(Predictor, model, conf=conf, iou=iou)
+    pc = cfg.predictor
+    pred = run_guarded(Predictor, model, conf=conf, iou=iou, backend=backend or pc.backend, threads=pc.threads or None,
+                       spinning=pc.spinning, cache_optimized=pc.cache_optimized,
+                       openvino_precision=pc.openvino_precision)
     out.mkdir(parents=True, exist_ok=True)
     names = _out_names(images, out)
     index, failed = [], 0
@@ -152,8 +162,8 @@ def predict_cmd(
         d = index[0]
         pct = "n/a" if d["damage_percent"] is None else f"{d['damage_percent']:.1f}%"
         console.print(f"{images[0]}: {d['instances']} instance(s), damage {pct}", highlight=False, soft_wrap=True)
-    console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}) "
-                  f"-> {out}", highlight=False, soft_wrap=True)
+    console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}, "
+                  f"{pred.backend}) -> {out}", highlight=False, soft_wrap=True)
     if failed:
         err_console.print(f"{failed} image(s) failed; see their JSON files", highlight=False)
         raise typer.Exit(1)

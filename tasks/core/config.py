@@ -166,6 +166,15 @@ class ExportConfig(_Section):
     end2end: bool = False
 
 
+class PredictorConfig(_Section):
+    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    threads: int = Field(0, ge=0)
+    spinning: bool = True
+    cache_optimized: bool = True
+    openvino_precision: Literal["f32", "bf16"] = "f32"
+    latency_runs: int = Field(10, ge=0)
+
+
 class DistillConfig(_Section):
     student: str = "n"
     teacher: str | None = None
@@ -205,13 +214,14 @@ class QuantizeConfig(_Section):
     also_try: list[QuantSetting] = []
     sensitivity_images: int = Field(4, ge=1)
     also_parent: bool = True
+    nncf_preset: Literal["performance", "mixed"] = "performance"
 
 
 class CompressConfig(_Section):
     enabled: bool = False
     tolerance: float = Field(0.02, ge=0)
     latency_budget_ms: float | None = None
-    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16"]] = [
+    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16", "int8-nncf"]] = [
         "prune",
         "int8-static",
     ]
@@ -307,6 +317,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     sweep: SweepConfig = SweepConfig()
     export: ExportConfig = ExportConfig()
+    predictor: PredictorConfig = PredictorConfig()
     compress: CompressConfig = CompressConfig()
     registry: RegistryConfig = RegistryConfig()
     explain: ExplainConfig = ExplainConfig()

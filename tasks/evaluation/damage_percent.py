@@ -178,9 +178,31 @@ def _extent(m: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def _meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[slice, slice] | None:
+Box = tuple[int, int, int, int]
+
+
+def _meet(a: Box, b: Box) -> Box | None:
+    """The intersection of two extents, None when they do not meet."""
     x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    return (slice(y0, y1), slice(x0, x1)) if x1 > x0 and y1 > y0 else None
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
+def _region(m, r: Box) -> np.ndarray:
+    """``m[y0:y1, x0:x1]`` for region ``r``; a view of a ``BoxMask``'s crop (no frame, no copy) when
+    the region lies inside its box, which is where the report looks (intersections of extents)."""
+    x0, y0, x1, y1 = r
+    if isinstance(m, BoxMask):
+        bx0, by0, bx1, by1 = m.extent
+        if bx0 <= x0 and by0 <= y0 and x1 <= bx1 and y1 <= by1:
+            return m.crop[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+    return m[y0:y1, x0:x1]
+
+
+def _or_into(dst: np.ndarray, at: Box, m, ext: Box) -> None:
+    """``dst`` (the frame's region ``at``) |= the pixels of ``m`` (extent ``ext``) that fall inside it."""
+    r = _meet(at, ext)
+    if r is not None:
+        dst[r[1] - at[1]:r[3] - at[1], r[0] - at[0]:r[2] - at[0]] |= _region(m, r)
 
 
 def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_class: str = "vehicle",
@@ -216,8 +238,8 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_c
     for j in dmg:
         best, best_ov = None, 0
         for i in veh:
-            sl = _meet(ext[i], ext[j])
-            ov = int(np.count_nonzero(ms[i][sl] & ms[j][sl])) if sl else 0
+            r = _meet(ext[i], ext[j])
+            ov = int(np.count_nonzero(_region(ms[i], r) & _region(ms[j], r))) if r else 0
             if ov > best_ov:  # strict: ties go to the vehicle listed first
                 best, best_ov = i, ov
         rep.assignment[j] = best
@@ -225,18 +247,19 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_c
             rep.outside.append({"id": j, "class": str(classes[j]), "area_px": _count(ms[j])})
 
     for i in veh:
-        x0, y0, x1, y1 = ext[i]
-        v = ms[i][y0:y1, x0:x1]
+        v = _region(ms[i], ext[i])
         area = int(np.count_nonzero(v))
-        union = np.zeros_like(v)
+        union = np.zeros(v.shape, bool)
         by_cls_union: dict[str, np.ndarray] = {}
         for j in dmg:
             if rep.assignment[j] != i:
                 continue
-            d = ms[j][y0:y1, x0:x1]
-            union |= d
             c = str(classes[j])
-            by_cls_union[c] = by_cls_union[c] | d if c in by_cls_union else d.copy()
+            if c not in by_cls_union:
+                by_cls_union[c] = np.zeros(v.shape, bool)
+            _or_into(by_cls_union[c], ext[i], ms[j], ext[j])
+        for u in by_cls_union.values():
+            union |= u
         dpx = int(np.count_nonzero(union & v))
         rep.vehicles.append({
             "id": i,
@@ -256,11 +279,11 @@ def damage_report(masks: Sequence[np.ndarray], classes: Sequence[str], vehicle_c
     x1, y1 = max(ext[i][2] for i in veh), max(ext[i][3] for i in veh)
     all_v = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), bool)
     for i in veh:
-        all_v |= ms[i][y0:y1, x0:x1]
+        _or_into(all_v, (x0, y0, x1, y1), ms[i], ext[i])
     all_d = np.zeros_like(all_v)
     for j in dmg:
         if rep.assignment[j] is not None:
-            all_d |= ms[j][y0:y1, x0:x1]
+            _or_into(all_d, (x0, y0, x1, y1), ms[j], ext[j])
     rep.vehicle_area_px = int(np.count_nonzero(all_v))
     rep.damage_px = int(np.count_nonzero(all_d & all_v))
     rep.damage_percent = _percent(rep.damage_px, rep.vehicle_area_px)

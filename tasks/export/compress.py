@@ -4,7 +4,8 @@ A *variant* is a deployable ONNX file plus where it came from. Steps (``compress
 in order on the current chain head: ``distill``, ``prune`` (structured, then fine-tuned),
 ``unstructured`` change the PyTorch model (each result is exported to ONNX and must pass the
 same PyTorch-vs-ONNX-Runtime parity gate as the nightly export), and
-``int8-static`` / ``int8-dynamic`` / ``fp16`` quantize the head's ONNX (and, with
+``int8-static`` / ``int8-dynamic`` / ``fp16`` / ``int8-nncf`` (NNCF post-training quantization,
+the optional ``nncf`` extra: ``tasks.export.nncf_quant``) quantize the head's ONNX (and, with
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
 (``tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PT_STEPS = ("distill", "prune", "unstructured")
-QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16")
+QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16", "int8-nncf")
 TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
                  "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
 
@@ -125,9 +126,14 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
                     root_metrics: dict[str, float] | None = None) -> Variant:
     """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root.
 
+    Also times every installed predictor runtime (``latency/<runtime>_ms``) and records the faster
+    in the variant's ONNX metadata (``tasks.export.onnx.record_backend_latency``).
+
     The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
     (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
     """
+    from tasks.export.onnx import record_backend_latency
+
     plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
     res = evaluator(v.onnx, data_yaml, plots_dir=plots_dir)
     v.info["plots_dir"] = str(plots_dir)
@@ -135,6 +141,11 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
     m = dict(res.metrics)
     m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
     m["latency_ms"] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)
+    # each installed predictor runtime, with the faster one written into the file for predictor.backend auto
+    # (OpenVINO runs QDQ INT8 faster than ONNX Runtime on some CPUs, so the choice differs per variant)
+    choice = record_backend_latency(Path(v.onnx), res.imgsz, runs=latency_runs)
+    m.update({f"latency/{k}_ms": ms for k, ms in choice.get("backend_latency_ms", {}).items()})
+    v.info["preferred_backend"] = choice.get("preferred_backend")
     m["size_mb"] = Path(v.onnx).stat().st_size / 1e6
     if v.params is not None:
         m["params"] = float(v.params)
@@ -308,6 +319,12 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
                                         sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics,
                                         calibrate_method=method, activation_symmetric=qc.activation_symmetric)
         info.update(res.summary())
+    elif mode == "int8-nncf":
+        from tasks.export.nncf_quant import quantize_nncf
+
+        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
+        quantize_nncf(src.onnx, out, calib, int(evaluator.imgsz or cfg.imgsz), preset=qc.nncf_preset)
+        info.update({"preset": qc.nncf_preset, "calib_images": len(calib)})
     else:
         if mode == "int8-dynamic":
             info["setting"] = "per-channel" if qc.per_channel else "per-tensor"

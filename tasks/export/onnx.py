@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core.atomic import atomic_write
-from tasks.core.config import ExportConfig
+from tasks.core.config import ExportConfig, PredictorConfig
 from tasks.core.errors import DamageError, GateFailed, load_file
 
 META_PREFIX = "damage."
@@ -148,20 +149,32 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
             raise DamageError(f"{weights}: ONNX export failed (opset {opset}): {e}") from e
         proto = onnx.load(str(produced))
         # the file says which family it is (registry tag, predictor decode, benchmarks)
-        meta = _pipeline_metadata(proto, {"family": family, **(metadata or {})})
-        existing = {p.key for p in proto.metadata_props}
-        for k, v in meta.items():
-            if k in existing:
-                for p in proto.metadata_props:
-                    if p.key == k:
-                        p.value = v
-            else:
-                prop = proto.metadata_props.add()
-                prop.key, prop.value = k, v
+        _set_metadata(proto, _pipeline_metadata(proto, {"family": family, **(metadata or {})}))
         atomic_write(out, lambda tmp: onnx.save(proto, tmp))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _set_metadata(proto, meta: dict[str, str]) -> None:
+    """Set ``metadata_props`` keys of an ``onnx.ModelProto`` in place (existing keys are replaced)."""
+    props = {p.key: p for p in proto.metadata_props}
+    for k, v in meta.items():
+        if k in props:
+            props[k].value = v
+        else:
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = k, v
+
+
+def update_onnx_metadata(onnx_path: Path, metadata: dict[str, Any]) -> Path:
+    """Add or replace ``damage.<key>`` metadata (JSON values) of an ONNX file, atomically."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    _set_metadata(proto, {META_PREFIX + (k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k):
+                          json.dumps(v, default=str) for k, v in metadata.items()})
+    return atomic_write(Path(onnx_path), lambda tmp: onnx.save(proto, tmp))
 
 
 def _pipeline_metadata(proto, metadata: dict[str, Any]) -> dict[str, str]:
@@ -267,7 +280,7 @@ def _parity(weights: Path, onnx: Path, images: list[Path] | int, imgsz: int, ato
         np.ascontiguousarray(letterbox(im, (imgsz, imgsz))[0][..., ::-1].transpose(2, 0, 1)) for im in ims
     ]).astype(np.float32) / np.float32(255)
 
-    pred = Predictor(onnx, threads=os.cpu_count())
+    pred = Predictor(onnx, threads=os.cpu_count(), backend="onnxruntime", cache_optimized=False)
     o_det, o_proto = pred.infer(batch)
 
     model = _load_yolo(weights).model.float().eval()
@@ -343,17 +356,72 @@ def _end2end_figures(t_det: np.ndarray, o_det: np.ndarray, imgsz: int, atol: flo
     return {**maxes, "det_mean_abs": total / count if count else 0.0}
 
 
+# ----------------------------------------------------------------------------- runtime choice
+
+
+def backend_latency_ms(onnx_path: Path, imgsz: int, runs: int = 10, precision: str = "f32",
+                       warmup: int = 2) -> dict[str, float]:
+    """Median latency (ms) of one 1x3x``imgsz``x``imgsz`` inference per installed runtime, interleaved.
+
+    The runtimes take turns run by run, so a noisy neighbour slows both alike. Each runs with
+    the predictor's settings (``tasks.serving.backends``; no optimised-graph cache is written).
+    Without OpenVINO only ``onnxruntime`` is measured and one line is logged.
+    """
+    from tasks.serving.backends import RUNTIMES, open_runtime, openvino_available, warn_openvino_missing
+
+    names = [n for n in RUNTIMES if n != "openvino" or openvino_available()]
+    if "openvino" not in names:
+        warn_openvino_missing()
+    rts = {n: open_runtime(n, Path(onnx_path), cache=False, precision=precision) for n in names}
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    for _ in range(warmup):
+        for rt in rts.values():
+            rt.run(x)
+    times: dict[str, list[float]] = {n: [] for n in rts}
+    for _ in range(runs):
+        for n, rt in rts.items():
+            t = time.perf_counter()
+            rt.run(x)
+            times[n].append(time.perf_counter() - t)
+    return {n: float(np.median(ts) * 1e3) for n, ts in times.items()}
+
+
+def record_backend_latency(onnx_path: Path, imgsz: int, runs: int = 10, precision: str = "f32") -> dict[str, Any]:
+    """Measure each installed runtime on this machine and write the choice into the model's metadata.
+
+    Writes ``damage.backend_latency_ms`` ({runtime: ms}), ``damage.preferred_backend`` (the
+    fastest) and ``damage.backend_cpu`` (the ISA it was measured on); ``predictor.backend: auto``
+    reads ``preferred_backend``. ``runs=0`` measures nothing and writes nothing (auto then means
+    onnxruntime).
+
+    Returns:
+        ``{"backend_latency_ms": {...}, "preferred_backend": str, "backend_cpu": str}``, or ``{}``
+        when ``runs`` is 0.
+    """
+    from tasks.serving.backends import cpu_isa
+
+    if runs <= 0:
+        return {}
+    lat = backend_latency_ms(onnx_path, imgsz, runs, precision)
+    rec = {"backend_latency_ms": {k: round(v, 3) for k, v in lat.items()},
+           "preferred_backend": min(lat, key=lat.__getitem__), "backend_cpu": cpu_isa()}
+    update_onnx_metadata(onnx_path, rec)
+    return rec
+
+
 # ----------------------------------------------------------------------------- pipeline step
 
 
 def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[str, Any], metadata: dict[str, Any],
-                sample_images: list[Path], parent_run_id: str) -> ExportResult:
-    """Export + parity gate inside a nested MLflow run "export".
+                sample_images: list[Path], parent_run_id: str,
+                predictor: PredictorConfig | None = None) -> ExportResult:
+    """Export + parity gate + runtime choice inside a nested MLflow run "export".
 
-    Logs the export settings as params, the parity figures as metrics (``parity/<figure>``), the
-    ONNX file as artifact ``onnx/`` and its metadata as ``onnx/metadata.json``. The run is
-    marked FAILED (and ``GateFailed`` raised) when the parity figures exceed
-    ``cfg.parity_atol``; the figures are logged before that.
+    Logs the export settings as params, the parity figures as metrics (``parity/<figure>``), each
+    runtime's latency (``latency/<runtime>_ms``, ``record_backend_latency``) with the faster one
+    as tag ``preferred_backend``, the ONNX file as artifact ``onnx/`` and its metadata as
+    ``onnx/metadata.json``. The run is marked FAILED (and ``GateFailed`` raised) when the parity
+    figures exceed ``cfg.parity_atol``; the figures are logged before that.
 
     Args:
         weights: trained ``.pt``; the ONNX is written beside it (``best.pt`` -> ``best.onnx``).
@@ -363,8 +431,11 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
         metadata: lineage (``dataset_fingerprint``, ``source_run_id``, ``config_hash``, ...).
         sample_images: images for the parity gate; empty = ``cfg.parity_images`` generated images.
         parent_run_id: MLflow run the nested "export" run belongs to.
+        predictor: the ``predictor:`` config section (``latency_runs``, ``openvino_precision``);
+            None = its defaults.
     """
     from tasks.core import tracking
+    pcfg = predictor or PredictorConfig()
     size = imgsz
     weights = Path(weights)
     out = weights.with_suffix(".onnx")
@@ -381,6 +452,11 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
         if not parity.passed:
             tracking.set_tags(c, run_id, {"parity": "failed"})
             _raise_if_failed(parity, out)
+        choice = record_backend_latency(out, size, pcfg.latency_runs, pcfg.openvino_precision)
+        if choice:
+            tracking.log_metrics(c, run_id, {f"latency/{k}_ms": v for k, v in choice["backend_latency_ms"].items()})
+            tracking.set_tags(c, run_id, {"preferred_backend": choice["preferred_backend"],
+                                          "backend_cpu": choice["backend_cpu"]})
         tracking.log_metrics(c, run_id, {"onnx_size_mb": out.stat().st_size / 2**20})
         tracking.log_artifact(c, run_id, out, "onnx")
         full_meta = read_onnx_metadata(out)

@@ -1,8 +1,10 @@
-"""Torch-free ONNX Runtime predictor for exported YOLO-seg models (YOLOv8, YOLO11, YOLO26), with damage percentages.
+"""Torch-free predictor for exported YOLO-seg models (YOLOv8, YOLO11, YOLO26), with damage percentages.
 
-Imports only numpy, OpenCV, ONNX Runtime and the standard library (plus the numpy-only
-``tasks.evaluation.damage_percent`` and the stdlib-only ``tasks.core.errors`` / ``tasks.core.images``),
-so a claim app or a serving container can run it without torch, ultralytics or prefect.
+Imports only numpy, OpenCV, ONNX Runtime (or OpenVINO, ``tasks.serving.backends``) and the
+standard library (plus the numpy-only ``tasks.evaluation.damage_percent`` and the stdlib-only
+``tasks.core.errors`` / ``tasks.core.images``), so a claim app or a serving container can run it
+without torch, ultralytics or prefect. Either runtime reads the same ``.onnx`` file; ``backend``
+picks one (``auto``: the one the export measured fastest, see ``tasks.serving.backends``).
 
 Hostile input is bounded: every image's pixel count is checked from its header before it is
 decoded (``max_pixels``: argument, else ``damage.max_pixels`` in the ONNX metadata, else
@@ -47,11 +49,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 from tasks.core.errors import DamageError
 from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
 from tasks.evaluation.damage_percent import BoxMask, DamageReport, damage_report
+from tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -61,6 +63,7 @@ MAX_WH = 7680  # per-class box offset for class-aware NMS (Ultralytics' value)
 MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
 MAX_IMGSZ = 4096  # an input side above this in the metadata is refused (60000 would allocate 10.8 GB)
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
+LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
 PAD_VALUE = 114
 ImageLike = str | os.PathLike | np.ndarray
 
@@ -146,8 +149,7 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
     Reads Ultralytics' keys (``names``, ``imgsz``, ``stride``, ``task``) and the pipeline's
     ``damage.*`` keys (JSON values, see ``tasks.export.onnx``).
     """
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return _decode_metadata(sess.get_modelmeta().custom_metadata_map)
+    return _decode_metadata(raw_metadata(Path(onnx_path)))
 
 
 def _literal(v: str) -> Any:
@@ -401,15 +403,34 @@ def mask_crop(coef: np.ndarray, protos: np.ndarray, taps_y: tuple[np.ndarray, np
         x0, y0, x1, y1: the box region in original pixels (end-exclusive), non-empty.
 
     Only the prototype rows and columns the region's interpolation taps touch are multiplied
-    by the coefficients, and the two bilinear passes are gathers of 2-4 taps per pixel: no
-    full-size logits and no dense matmuls.
+    by the coefficients (``mask_from_logits`` when the logits of many instances are computed at
+    once), and the two bilinear passes are gathers of 2-4 taps per pixel: no full-size logits
+    and no dense matmuls.
     """
-    iy, wy = taps_y[0][y0:y1], taps_y[1][y0:y1]
-    ix, wx = taps_x[0][x0:x1], taps_x[1][x0:x1]
-    py0, py1 = int(iy.min()), int(iy.max()) + 1
-    px0, px1 = int(ix.min()), int(ix.max()) + 1
+    (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
     nm = protos.shape[0]
     sub = (coef @ protos[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
+    return _resample(sub, py0, px0, taps_y, taps_x, x0, y0, x1, y1)
+
+
+def mask_from_logits(logits: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray], taps_x: tuple[np.ndarray, np.ndarray],
+                     x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """``mask_crop`` given the instance's (mh, mw) prototype-resolution logits (``coef @ protos``)."""
+    (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
+    return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
+
+
+def _span(taps: tuple[np.ndarray, np.ndarray], a: int, b: int) -> tuple[int, int]:
+    """The prototype rows (or columns) that output rows a:b read: [lo, hi)."""
+    idx = taps[0][a:b]
+    return int(idx.min()), int(idx.max()) + 1
+
+
+def _resample(sub: np.ndarray, py0: int, px0: int, taps_y: tuple[np.ndarray, np.ndarray],
+              taps_x: tuple[np.ndarray, np.ndarray], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """The two bilinear passes over ``sub`` (logits from prototype row py0, column px0), then ``> 0``."""
+    iy, wy = taps_y[0][y0:y1], taps_y[1][y0:y1]
+    ix, wx = taps_x[0][x0:x1], taps_x[1][x0:x1]
     rows = np.einsum("kt,ktq->kq", wy, sub[iy - py0])  # (y1-y0, q)
     return np.einsum("jt,kjt->kj", wx, rows[:, ix - px0]) > 0
 
@@ -439,52 +460,54 @@ def _scale_boxes(boxes: np.ndarray, input_hw: tuple[int, int], shape0: tuple[int
 
 
 class Predictor:
-    """ONNX Runtime YOLOv8-seg predictor; thresholds, names and size default to the model's metadata.
+    """YOLO-seg predictor on ONNX Runtime or OpenVINO; thresholds, names and size default to the model's metadata.
 
     Args:
         onnx_path: exported model (``tasks.export.onnx.export_onnx``).
         conf: confidence threshold; None = the sweep's choice in the metadata, else 0.25.
         iou: NMS IoU threshold; None = metadata, else 0.7.
         max_det: detections kept per image at most.
-        providers: ORT execution providers (default CPU).
-        threads: intra-op threads (default: every core).
+        providers: ORT execution providers (default CPU; ONNX Runtime only).
+        threads: inference threads (default: the physical cores, ``backends.physical_cores``).
         vehicle_class: class name of vehicles for the damage percentage.
         rect: with a dynamic-size model, pad each batch of same-sized images only to a multiple
             of the stride (Ultralytics' predict default: less padding, faster); False = always
             the full square ``imgsz``.
         max_pixels: largest image accepted (width x height, checked from the header before
             decoding); None = ``damage.max_pixels`` of the metadata, else ``DEFAULT_MAX_PIXELS``.
+        backend: ``auto`` | ``onnxruntime`` | ``openvino`` (``backends.resolve_backend``; config
+            ``predictor.backend``).
+        spinning: ONNX Runtime worker threads spin between ops (``predictor.spinning``).
+        cache_optimized: cache ONNX Runtime's optimised graph next to the model (``predictor.cache_optimized``).
+        openvino_precision: ``f32`` | ``bf16`` inference precision of OpenVINO (``predictor.openvino_precision``).
 
     Raises:
-        DamageError: the file is missing or not a segmentation model with two outputs.
+        DamageError: the file is missing or not a segmentation model with two outputs; an unknown
+            backend, or ``openvino`` asked for and not installed.
 
     Attributes:
+        backend: the runtime in use (``onnxruntime`` or ``openvino``); ``runtime`` its object.
         end2end: the model is an end-to-end export (rows after top-k, no NMS; see the module doc).
     """
 
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
                  max_det: int = 300, providers: Sequence[str] | None = None, threads: int | None = None,
-                 vehicle_class: str = "vehicle", rect: bool = True, max_pixels: int | None = None):
+                 vehicle_class: str = "vehicle", rect: bool = True, max_pixels: int | None = None,
+                 backend: str = "auto", spinning: bool = True, cache_optimized: bool = True,
+                 openvino_precision: str = "f32"):
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise DamageError(f"{self.path}: model not found")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as e:  # ORT raises its own types for bad files
-            raise DamageError(f"{self.path}: not a loadable ONNX model: {e}") from e
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(outputs) < 2:
-            raise DamageError(f"{self.path}: expected a segmentation model (2 outputs), got {len(outputs)}")
-        self.input_name = inputs[0].name
-        self.output_names = [o.name for o in outputs[:2]]
-        self.metadata = validate_metadata(_decode_metadata(self.session.get_modelmeta().custom_metadata_map),
-                                          self.path)
-        shape = inputs[0].shape
-        self.dynamic_batch = not isinstance(shape[0], int)
-        fixed_hw = [d for d in shape[2:] if isinstance(d, int)]
+        raw = raw_metadata(self.path)
+        self.metadata = validate_metadata(_decode_metadata(raw), self.path)
+        self.backend = resolve_backend(backend, self.metadata, self.path)
+        self.runtime = open_runtime(self.backend, self.path, threads, list(providers) if providers else None,
+                                    spinning, cache_optimized, openvino_precision)
+        if self.runtime.n_outputs < 2:
+            raise DamageError(f"{self.path}: expected a segmentation model (2 outputs), got {self.runtime.n_outputs}")
+        shape = self.runtime.input_shape
+        self.dynamic_batch = shape[0] is None
+        fixed_hw = [d for d in shape[2:] if d is not None]
         self.end2end = bool(self.metadata.get("end2end"))
         # an end-to-end graph's TopK k is fixed at export: never feed it fewer anchors (smaller rect inputs)
         self.rect = bool(rect) and len(fixed_hw) < 2 and not self.end2end
@@ -495,7 +518,7 @@ class Predictor:
         else:
             self.imgsz = (640, 640)
         self.stride = int(self.metadata.get("stride") or 32)
-        nc_out = outputs[0].shape[1]
+        nc_out = self.runtime.output_shapes[0][1]
         names = self.metadata.get("names")
         if not names:
             names = ([str(i) for i in range(int(nc_out) - 4 - 32)] if isinstance(nc_out, int) and not self.end2end
@@ -527,14 +550,13 @@ class Predictor:
         return batch
 
     def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bare ``session.run``: (detections, prototypes (N, nm, mh, mw)).
+        """Bare runtime call (``session.run``): (detections, prototypes (N, nm, mh, mw)).
 
         Detections are (N, 4+nc+nm, anchors) for NMS exports, (N, k, 6+nm) rows for end-to-end ones.
         """
         if self.dynamic_batch or len(batch) == 1:
-            out0, out1 = self.session.run(self.output_names, {self.input_name: batch})
-            return out0, out1
-        outs = [self.session.run(self.output_names, {self.input_name: batch[i:i + 1]}) for i in range(len(batch))]
+            return self.runtime.run(batch)
+        outs = [self.runtime.run(batch[i:i + 1]) for i in range(len(batch))]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
     def postprocess(self, det: np.ndarray, proto: np.ndarray, shape: tuple[int, int],
@@ -575,14 +597,18 @@ class Predictor:
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
         coefs = rows[:, 6:]
-        protos = np.ascontiguousarray(proto, dtype=np.float32)
+        protos = np.ascontiguousarray(proto, dtype=np.float32).reshape(nm, -1)
         instances, masks, names, extents = [], [], [], []
         for k in range(len(rows)):
+            if k % LOGIT_CHUNK == 0:
+                # one GEMM per chunk of instances instead of a strided proto copy per instance (BLAS is
+                # ~5x faster); chunks bound the memory at LOGIT_CHUNK x mh x mw floats
+                logits = (coefs[k:k + LOGIT_CHUNK] @ protos).reshape(-1, mh, mw)
             x0, y0 = min(max(lo[k, 0], 0), w), min(max(lo[k, 1], 0), h)
             x1, y1 = min(max(hi[k, 0], 0), w), min(max(hi[k, 1], 0), h)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
-            crop = mask_crop(coefs[k], protos, taps_y, taps_x, x0, y0, x1, y1)
+            crop = mask_from_logits(logits[k % LOGIT_CHUNK], taps_y, taps_x, x0, y0, x1, y1)
             area = int(np.count_nonzero(crop))
             if area == 0:
                 continue

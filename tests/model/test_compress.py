@@ -77,7 +77,7 @@ def test_compress_flow_gates_from_measurements(prefect_harness, state_paths, tra
     from tasks.core import tracking
     from tasks.core.config import Config
     from tasks.export.compress import Variant, finalize
-    from tasks.export.onnx import export_onnx
+    from tasks.export.onnx import export_onnx, read_onnx_metadata
 
     onnx = export_onnx(trained_model, tmp_path / "parent.onnx", easy_imgsz)
     cfg = Config()
@@ -98,6 +98,9 @@ def test_compress_flow_gates_from_measurements(prefect_harness, state_paths, tra
                   "gflops"):
             assert r[k] not in ("", "None", "nan"), (r["name"], k)
         assert float(r["latency_ms"]) > 0 and float(r["params"]) > 0
+        md = read_onnx_metadata(r["onnx"])  # both runtimes timed, the faster recorded for predictor.backend auto
+        assert md["preferred_backend"] == min(md["backend_latency_ms"], key=md["backend_latency_ms"].get)
+        assert set(md["backend_latency_ms"]) == {"onnxruntime", "openvino"}, (r["name"], md["backend_latency_ms"])
     by = {r["name"]: r for r in rows}
     assert float(by["parent"]["mask/mAP50"]) > 0.5  # a model that detects: the gate has something to keep
     # the gate and the choice, recomputed from the table

@@ -1,0 +1,95 @@
+"""NNCF post-training INT8 (compress step int8-nncf) on the trained easy model: graph, accuracy, both runtimes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def float_and_nncf(trained_model, easy_dataset, easy_imgsz, tmp_path_factory) -> tuple[Path, Path]:
+    from tasks.export.nncf_quant import quantize_nncf
+    from tasks.export.onnx import export_onnx
+    from tasks.export.quantize import calibration_images
+
+    d = tmp_path_factory.mktemp("nncf")
+    f = export_onnx(trained_model, d / "float.onnx", easy_imgsz, metadata={"conf": 0.3})
+    q = quantize_nncf(f, d / "nncf.onnx", calibration_images(easy_dataset, 8, seed=0), easy_imgsz)
+    return f, q
+
+
+def test_nncf_graph_is_int8_with_the_head_decode_in_float(float_and_nncf):
+    import onnx
+
+    from tasks.export.onnx import read_onnx_metadata
+    from tasks.export.quantize import head_postprocess_nodes
+
+    f, q = float_and_nncf
+    fm, qm = onnx.load(str(f)), onnx.load(str(q))
+    qdq = [n for n in qm.graph.node if n.op_type == "QuantizeLinear"]
+    convs = [n for n in qm.graph.node if n.op_type == "Conv"]
+    producer = {o: n for n in qm.graph.node for o in n.output}
+    quantized_convs = [c for c in convs if producer.get(c.input[1]) is not None
+                       and producer[c.input[1]].op_type == "DequantizeLinear"]
+    assert qdq and len(quantized_convs) >= 0.9 * len(convs)  # weights of (almost) every Conv are int8
+    head = set(head_postprocess_nodes(fm))
+    fed_by_dq = {n.op_type for n in qm.graph.node if n.name in head
+                 and any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)}
+    assert fed_by_dq <= {"Shape"}, fed_by_dq  # a Shape reads no values: every decode op sees float inputs
+    md = read_onnx_metadata(q)
+    assert md["conf"] == 0.3 and md["quantization"]["mode"] == "int8-nncf"  # metadata carried over
+    assert q.stat().st_size < 0.5 * f.stat().st_size
+
+
+def test_nncf_mask_map_within_tolerance_and_runs_on_both_runtimes(float_and_nncf, easy_dataset, easy_imgsz):
+    from tasks.core.config import Config
+    from tasks.evaluation.evaluate import evaluate_model
+    from tasks.serving.predictor import Predictor
+
+    f, q = float_and_nncf
+    tol = Config().compress.tolerance
+    fm = evaluate_model(f, easy_dataset, split="val", imgsz=easy_imgsz).metrics
+    qm = evaluate_model(q, easy_dataset, split="val", imgsz=easy_imgsz).metrics
+    print(f"mask mAP50 float {fm['mask/mAP50']:.3f} nncf int8 {qm['mask/mAP50']:.3f} (tolerance {tol})")
+    assert fm["mask/mAP50"] > 0.5
+    assert qm["mask/mAP50"] >= fm["mask/mAP50"] - tol
+    val = sorted((easy_dataset.parent / "images" / "val").glob("*.png"))
+    for backend in ("onnxruntime", "openvino"):
+        pred = Predictor(q, backend=backend)
+        assert sum(len(r.instances) for r in pred.predict(val)) >= len(val), backend
+
+
+def test_nncf_missing_is_a_clear_error(float_and_nncf, easy_dataset, monkeypatch, tmp_path):
+    from tasks.core.errors import DamageError
+    from tasks.export.nncf_quant import quantize_nncf
+    from tasks.export.quantize import calibration_images
+
+    f, _ = float_and_nncf
+    calib = calibration_images(easy_dataset, 2, seed=0)
+    with pytest.raises(DamageError, match="unknown NNCF preset 'fast'"):
+        quantize_nncf(f, tmp_path / "x.onnx", calib, 64, preset="fast")
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    with pytest.raises(DamageError, match=r"pip install 'damage\[nncf\]'"):
+        quantize_nncf(f, tmp_path / "x.onnx", calib, 64)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_compress_chain_step_int8_nncf(float_and_nncf, easy_dataset, easy_imgsz, tmp_path):
+    """``compress.steps: [int8-nncf]`` makes a variant of the chain head with the configured preset."""
+    from types import SimpleNamespace
+
+    from tasks.core.config import Config
+    from tasks.export.compress import Variant, apply_step, plan_steps
+
+    f, _ = float_and_nncf
+    cfg = Config()
+    cfg.compress.quantize.calib_images = 4
+    cfg.compress.quantize.nncf_preset = "mixed"
+    assert plan_steps(["prune", "int8-nncf"]) == ["prune", "int8-nncf"]
+    parent = Variant("parent", "parent", str(f))
+    out = apply_step("int8-nncf", parent, parent, easy_dataset, cfg, tmp_path, SimpleNamespace(imgsz=easy_imgsz))
+    [v] = out.variants
+    assert (v.name, v.kind, v.parent, out.head) == ("int8-nncf", "int8-nncf", "parent", parent)
+    assert v.info["preset"] == "mixed" and Path(v.onnx).is_file()
