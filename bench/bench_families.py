@@ -31,22 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import announce_machine, build_random_model, write_json  # noqa: E402
-
-
-def _calib_images(work: Path, n: int) -> list[Path]:
-    import cv2
-    import numpy as np
-
-    from tasks.data.synth import render_sample
-
-    out = []
-    for i in range(n):
-        p = work / f"calib{i}.png"
-        if not p.exists():
-            cv2.imwrite(str(p), render_sample(np.random.default_rng([7, i]), 320).image)
-        out.append(p)
-    return out
+from bench.common import announce_machine, build_random_model, synth_images, write_json  # noqa: E402
 
 
 def _session(path: Path, threads: int):
@@ -135,7 +120,7 @@ def main() -> None:
     threads = os.cpu_count() or 1
     work = paths.cache / "bench_families"
     work.mkdir(parents=True, exist_ok=True)
-    calib = _calib_images(work, args.calib)
+    calib = synth_images(work, args.calib, "calib", 7, 320)
     machine = announce_machine({"ort_intra_op": threads})
     print(f"torch {torch.__version__} | onnxruntime {ort.__version__} | imgsz {args.imgsz}, batch 1, "
           f"{args.rounds} interleaved rounds, random-init weights, 7 classes")

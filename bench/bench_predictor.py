@@ -44,23 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_random_model  # noqa: E402
-
-
-def _images(work: Path, n: int) -> list[Path]:
-    import cv2
-    import numpy as np
-
-    from tasks.data.synth import render_sample
-
-    out = []
-    for i in range(n):
-        p = work / f"img{i}.jpg"
-        if not p.exists():
-            im = render_sample(np.random.default_rng([42, i]), 480).image
-            cv2.imwrite(str(p), cv2.resize(im, (640, 480), interpolation=cv2.INTER_LINEAR))  # 4:3 photo
-        out.append(p)
-    return out
+from bench.common import build_random_model, synth_images  # noqa: E402
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -234,7 +218,7 @@ def main() -> None:
     configure_ultralytics(paths)  # torch on every core, like the runtimes here
     work = paths.cache / "bench_predictor"
     work.mkdir(parents=True, exist_ok=True)
-    images = _images(work, args.images)
+    images = synth_images(work, args.images, "img", 42, 480, (640, 480), ".jpg")  # 4:3 photos
     from bench.common import announce_machine, write_json
 
     backends = [b for b in args.backends if b != "openvino" or openvino_available()]

@@ -41,6 +41,25 @@ def build_random_model(size: str, work: Path, imgsz: int, family: str = "yolov8"
     return pt, onnx
 
 
+def synth_images(work: Path, n: int, prefix: str, seed: int, render_px: int,
+                 size: tuple[int, int] | None = None, suffix: str = ".png") -> list[Path]:
+    """``n`` synthetic scene images (cached in ``work``), rendered at ``render_px`` and resized to ``size``
+    (width, height) when given: calibration sets and benchmark inputs."""
+    import cv2
+    import numpy as np
+
+    from tasks.data.synth import render_sample
+
+    out = []
+    for i in range(n):
+        p = work / f"{prefix}{i}{suffix}"
+        if not p.exists():
+            im = render_sample(np.random.default_rng([seed, i]), render_px).image
+            cv2.imwrite(str(p), im if size is None else cv2.resize(im, size, interpolation=cv2.INTER_LINEAR))
+        out.append(p)
+    return out
+
+
 def announce_machine(threads: dict[str, int] | None = None) -> dict:
     """Print what this benchmark runs on (CPU, ISA, runtimes, threads) and return it for the JSON output.
 

@@ -168,6 +168,22 @@ def precision_at_k(rows: list[dict], planted: dict[str, set]) -> dict[str, float
     return out
 
 
+def random_model(out: Path) -> Path:
+    """A randomly initialised YOLOv8n-seg for the three shape classes, saved as ``out`` (.pt)."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    d = yaml_model_load("yolov8n-seg.yaml")
+    d["nc"] = 3
+    d.pop("yaml_file", None)
+    (out.parent / "m.yaml").write_text(yaml.safe_dump(d))
+    m = YOLO(str(out.parent / "m.yaml"), task="segment")
+    m.model.names = dict(enumerate(NAMES))
+    m.model.args = {"imgsz": S}
+    m.save(str(out))
+    return out
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".cache"}
@@ -202,21 +218,12 @@ def test_planted_errors_precision_at_k(state_paths, tmp_path):
 def test_real_model_pass_and_cli(state_paths, tmp_path):
     """The real inference path (a random-weight YOLOv8n-seg .pt) and `damage data issues`."""
     from typer.testing import CliRunner
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import yaml_model_load
 
     from flows.cli import app
 
     root = tmp_path / "easy"
     easy_dataset(root, n=8, seed=6)
-    d = yaml_model_load("yolov8n-seg.yaml")
-    d["nc"] = 3
-    d.pop("yaml_file", None)
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(d))
-    m = YOLO(str(tmp_path / "m.yaml"), task="segment")
-    m.model.names = dict(enumerate(NAMES))
-    m.model.args = {"imgsz": S}
-    m.save(str(tmp_path / "rand.pt"))
+    random_model(tmp_path / "rand.pt")
     before = _digest(root)
     out = tmp_path / "issues"
     r = CliRunner().invoke(app, ["data", "issues", str(root), "--model", str(tmp_path / "rand.pt"), "--out", str(out),
@@ -298,8 +305,6 @@ def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path
 def test_kfold_scores_every_train_image_once_out_of_sample(state_paths, tmp_path):
     """K-fold: each train image is scored by the fold model that did not train on it, exactly once;
     the fold lists partition the train split; val is scored by the given model; the data is untouched."""
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import yaml_model_load
 
     from tasks.core.config import TrainConfig
     from tasks.data.dataset import list_images, split_images
@@ -307,14 +312,7 @@ def test_kfold_scores_every_train_image_once_out_of_sample(state_paths, tmp_path
 
     root = tmp_path / "easy"
     easy_dataset(root, n=24, seed=7)
-    d = yaml_model_load("yolov8n-seg.yaml")
-    d["nc"] = 3
-    d.pop("yaml_file", None)
-    (tmp_path / "m.yaml").write_text(yaml.safe_dump(d))
-    m = YOLO(str(tmp_path / "m.yaml"), task="segment")
-    m.model.names = dict(enumerate(NAMES))
-    m.model.args = {"imgsz": S}
-    m.save(str(tmp_path / "rand.pt"))
+    random_model(tmp_path / "rand.pt")
     before = _digest(root)
     cfg = LabelIssuesConfig(folds=3, fold_epochs=1, conf_floor=0.0)
     tcfg = TrainConfig(model="n", imgsz=S, batch=8, patience=0, augment="light")
