@@ -26,6 +26,9 @@ OFFLINE_ENV = {
     "YOLO_VERBOSE": "false",
     "HF_HUB_OFFLINE": "1",
     "GIT_PYTHON_REFRESH": "quiet",
+    # NNCF (compress step int8-nncf) sends OpenVINO telemetry by default and keeps a consent file under
+    # ~/intel; its documented switch for unattended machines stubs the telemetry out
+    "NNCF_CI": "1",
     # Prefect: a flow started with no API URL spins up a local server backed by the
     # SQLite DB in PREFECT_HOME; the UI started later on the same home shows its runs.
     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
