@@ -26,9 +26,6 @@ OFFLINE_ENV = {
     "YOLO_VERBOSE": "false",
     "HF_HUB_OFFLINE": "1",
     "GIT_PYTHON_REFRESH": "quiet",
-    # NNCF (compress step int8-nncf) sends OpenVINO telemetry by default and keeps a consent file under
-    # ~/intel; its documented switch for unattended machines stubs the telemetry out
-    "NNCF_CI": "1",
     # Prefect: a flow started with no API URL spins up a local server backed by the
     # SQLite DB in PREFECT_HOME; the UI started later on the same home shows its runs.
     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
@@ -120,6 +117,9 @@ def activate(state_dir: str | os.PathLike | None = None, tracking_uri: str | Non
         d.mkdir(parents=True, exist_ok=True)
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    from tasks.core.quiet import quiet_openvino
+
+    quiet_openvino()  # OpenVINO/NNCF telemetry: no client id in ~/intel, nothing sent
     os.environ["DAMAGE_STATE_DIR"] = str(paths.root)
     # Ultralytics sets OMP_NUM_THREADS=1 at import when unset; use every core instead.
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("DAMAGE_TORCH_THREADS") or str(os.cpu_count() or 1))

@@ -28,7 +28,10 @@ NNCF_PRESETS = ("performance", "mixed")
 
 
 def nncf_available() -> bool:
-    """True when the optional ``nncf`` package imports."""
+    """True when the optional ``nncf`` package imports (OpenVINO's telemetry blocked first)."""
+    from tasks.core.quiet import quiet_openvino
+
+    quiet_openvino()
     try:
         import nncf  # noqa: F401
     except ImportError:

@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from tasks.core.atomic import atomic_write
 from tasks.core.errors import DamageError
+from tasks.core.quiet import quiet_openvino
 
 __all__ = ["BACKENDS", "RUNTIMES", "OnnxRuntime", "OpenVinoRuntime", "Runtime", "cpu_isa", "open_runtime",
            "openvino_available", "physical_cores", "raw_metadata", "resolve_backend", "warn_openvino_missing"]
@@ -101,7 +102,8 @@ def cpu_isa() -> str:
 
 @functools.cache
 def openvino_available() -> bool:
-    """True when the ``openvino`` package imports (it is an optional extra)."""
+    """True when the ``openvino`` package imports (it is an optional extra). Its telemetry is blocked first."""
+    quiet_openvino()
     try:
         import openvino  # noqa: F401
     except ImportError:

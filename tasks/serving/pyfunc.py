@@ -40,7 +40,7 @@ import mlflow.pyfunc
 # to ``sys.path`` for good (and multiprocessing's spawn hands that path to children), so a shipped
 # ``tasks`` would shadow the caller's own package (``No module named 'tasks.core.secrets'``).
 SHIPPED_PACKAGE = "damage_serving"
-CODE_FILES = ("__init__.py", "core/__init__.py", "core/atomic.py", "core/errors.py", "core/images.py",
+CODE_FILES = ("__init__.py", "core/__init__.py", "core/atomic.py", "core/errors.py", "core/images.py", "core/quiet.py",
               "evaluation/__init__.py", "evaluation/damage_percent.py", "serving/__init__.py", "serving/backends.py",
               "serving/predictor.py", "serving/pyfunc.py")
 _TASKS = Path(__file__).resolve().parents[1]
