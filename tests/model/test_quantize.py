@@ -353,17 +353,30 @@ def easy_split(easy_dataset):
 
 def test_int8_mask_map_within_tolerance_of_float_on_held_out_images(trained_onnx, easy_dataset, easy_split,
                                                                    easy_imgsz, tmp_path):
+    """The INT8 the pipeline ships (accuracy-aware static INT8, as the compression chain and the demo run it)
+    keeps mask mAP50 within the configured tolerance of float on val images, none of them calibration
+    images. Plain static INT8 of a freshly trained 64 px model measured 0.945 vs 0.972 once (a drop of
+    0.027): the loop that returns sensitive nodes to float is what holds the tolerance."""
     from tasks.core.config import Config
     from tasks.evaluation.evaluate import evaluate_model
-    from tasks.export.quantize import quantize_onnx
+    from tasks.export.quantize import quantize_accuracy_aware
 
-    tol = Config().compress.tolerance
-    calib, _ = easy_split
-    q = quantize_onnx(trained_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=easy_imgsz)
-    fm = evaluate_model(trained_onnx, easy_dataset, split="val", imgsz=easy_imgsz).metrics
-    qm = evaluate_model(q, easy_dataset, split="val", imgsz=easy_imgsz).metrics
-    print(f"mask mAP50 float {fm['mask/mAP50']:.3f} int8 {qm['mask/mAP50']:.3f} (tolerance {tol})")
+    cfg = Config().compress
+    tol = cfg.tolerance
+    calib, val = easy_split
+    assert not {p.name for p in calib} & {p.name for p in val}  # held out from calibration
+
+    def metrics(model):
+        return evaluate_model(model, easy_dataset, split="val", imgsz=easy_imgsz).metrics
+
+    res = quantize_accuracy_aware(trained_onnx, tmp_path / "int8.onnx", easy_dataset, calib, tolerance=tol,
+                                  max_retries=cfg.quantize.max_retries, nodes_per_retry=cfg.quantize.nodes_per_retry,
+                                  evaluate_fn=metrics, imgsz=easy_imgsz)
+    fm, qm = metrics(trained_onnx), metrics(res.path)
+    print(f"mask mAP50 float {fm['mask/mAP50']:.3f} int8 {qm['mask/mAP50']:.3f} (tolerance {tol}, "
+          f"{len(res.attempts)} attempt(s))")
     assert fm["mask/mAP50"] > 0.5  # the model detects: otherwise "within tolerance" says nothing
+    assert res.within_tolerance
     assert qm["mask/mAP50"] >= fm["mask/mAP50"] - tol, (fm["mask/mAP50"], qm["mask/mAP50"], tol)
 
 
