@@ -285,6 +285,8 @@ def train_model(
         metrics = {}
         metrics.update(normalise_metrics(trainer.label_loss_items(trainer.tloss, prefix="train")))
         metrics.update({(k if k.startswith("lr/") else f"lr/{k}"): float(v) for k, v in trainer.lr.items()})
+        # with a wall-time budget (train.time_min) Ultralytics re-plans the epoch count after every epoch
+        metrics["epochs_planned"] = float(trainer.epochs)
         # Validation metrics only for epochs that validated: with per-epoch validation off
         # (Ultralytics val=False) trainer.metrics still holds the last validation's figures.
         if validated.pop(_VALIDATED, None):
@@ -389,14 +391,16 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
         dataset_fingerprint = log_dataset_input(c, run_id, data_yaml, dataset_fingerprint, "training",
                                                 dataset_source)
         tracking.set_tags(c, run_id, {"dataset_fingerprint": dataset_fingerprint})
-        progress = Progress(f"{name}-epochs", f"{name}: epochs done of {cfg.epochs}")
+        progress = Progress(f"{name}-epochs", f"{name}: epochs done of {cfg.epochs}" if not cfg.time_min
+                            else f"{name}: share of the {cfg.time_min:g}-minute training budget")
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_metrics(c, run_id, metrics, step=epoch)
             shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95")
                      if k in metrics}
-            print(f"epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
-            progress.update(100.0 * (epoch + 1) / cfg.epochs)
+            total = int(metrics.get("epochs_planned") or cfg.epochs)
+            print(f"epoch {epoch + 1}/{total}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+            progress.update(min(100.0, 100.0 * (epoch + 1) / max(total, 1)))
 
         with system_metrics(run_id, system_metrics_s, c.tracking_uri):
             result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)

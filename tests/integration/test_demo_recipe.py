@@ -1,6 +1,6 @@
 """The demo recipe end to end: `damage run --demo` on a fresh state dir learns every damage class.
 
-Slow (about 15 min on an idle 2-core CPU): ``make test-slow`` or
+Slow (at most 15 min on an idle 2-core CPU: the demo trains for a wall-time budget): ``make test-slow`` or
 ``pytest -m slow tests/integration/test_demo_recipe.py``. It runs the same command ``make demo``
 runs, in a subprocess with its own fresh ``DAMAGE_STATE_DIR``, and reads the summary the CLI
 writes (``last_run.json``: the evaluator's per-class table on the synthetic val split, conf floor

@@ -51,3 +51,6 @@ def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path):
     seen: dict[int, dict[str, float]] = {}
     train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m))
     assert 1 <= len(seen) <= 3, sorted(seen)  # a 0.6 s budget: one epoch (re-estimated), never 40
+    # the epoch count Ultralytics re-planned from the budget is what each epoch reports, not `epochs`
+    last = seen[max(seen)]
+    assert 1 <= last["epochs_planned"] <= 3, last["epochs_planned"]
