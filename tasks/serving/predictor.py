@@ -61,8 +61,11 @@ DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.7
 MAX_WH = 7680  # per-class box offset for class-aware NMS (Ultralytics' value)
 MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
+NMS_MATRIX_MAX = 2048  # NMS over at most this many boxes computes all pair IoUs at once (16 MB per float32 matrix)
 MAX_IMGSZ = 4096  # an input side above this in the metadata is refused (60000 would allocate 10.8 GB)
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
+DENSE_MAX_MACS = 64  # mask resampling by BLAS products up to this many multiplications per pixel
+AXES_CACHE = 16  # image sizes whose resampling matrices are kept
 LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
 PAD_VALUE = 114
 ImageLike = str | os.PathLike | np.ndarray
@@ -290,8 +293,34 @@ def letterbox(im: np.ndarray, new_shape: tuple[int, int], auto: bool = False,
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS (torchvision semantics: suppress IoU > ``iou``); indices in descending score order."""
+    """Greedy NMS (torchvision semantics: suppress IoU > ``iou``); indices in descending score order.
+
+    Up to ``NMS_MATRIX_MAX`` boxes, the IoUs of all pairs are computed at once (the same float32
+    operations as the loop, so the same decisions) and the greedy pass only reads rows of it;
+    beyond that, one row per kept box, as the loop always did.
+    """
     order = np.argsort(-scores, kind="stable")
+    if order.size > NMS_MATRIX_MAX:
+        return _nms_rows(boxes, order, iou)
+    b = boxes[order]
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    w = np.clip(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), 0, None)
+    h = np.clip(np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1), 0, None)
+    inter = w * h
+    with np.errstate(invalid="ignore", divide="ignore"):
+        over = inter / (areas[:, None] + areas - inter) > iou  # NaN IoU (zero-area pair) keeps the box
+    gone = np.zeros(order.size, bool)
+    keep = []
+    for i in range(order.size):
+        if not gone[i]:
+            keep.append(i)
+            gone |= over[i]
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def _nms_rows(boxes: np.ndarray, order: np.ndarray, iou: float) -> np.ndarray:
+    """``nms`` one kept box at a time (memory linear in the number of boxes)."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1) * (y2 - y1)
     keep = []
@@ -418,6 +447,28 @@ def mask_from_logits(logits: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray], 
     """``mask_crop`` given the instance's (mh, mw) prototype-resolution logits (``coef @ protos``)."""
     (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
     return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
+
+
+def mask_from_logits_dense(logits: np.ndarray, ay: np.ndarray, ax: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray],
+                           taps_x: tuple[np.ndarray, np.ndarray], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """``mask_from_logits``, as two small BLAS products where that is cheaper than the tap gathers.
+
+    The products use the blocks of the dense ``_native_axes`` matrices ``ay`` (h, mh) and ``ax``
+    (w, mw) that the region reads, ``ay[y0:y1, rows] @ sub @ ax[x0:x1, cols].T``: the blocks hold the
+    taps' weights and zeros elsewhere, so every pixel sums the same products (plus exact zeros).
+    A pixel costs as many multiplications as the prototype rows (or columns) the region spans, so
+    big upsampling factors (large photos) keep the gathers: the products are used up to
+    ``DENSE_MAX_MACS`` per pixel (20 instances of a 640x480 image: 2.5 instead of 3.1 ms, one core).
+    """
+    (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
+    hh, ww, ph, pw = y1 - y0, x1 - x0, py1 - py0, px1 - px0
+    cols_first, rows_first = ph * ww * (pw + hh), hh * pw * (ph + ww)
+    if min(cols_first, rows_first) > DENSE_MAX_MACS * hh * ww:
+        return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
+    a, sub, b = ay[y0:y1, py0:py1], logits[py0:py1, px0:px1], ax[x0:x1, px0:px1]
+    if cols_first <= rows_first:
+        return (a @ (sub @ b.T)) > 0
+    return ((a @ sub) @ b.T) > 0
 
 
 def _span(taps: tuple[np.ndarray, np.ndarray], a: int, b: int) -> tuple[int, int]:
@@ -590,9 +641,11 @@ class Predictor:
         boxes = _scale_boxes(rows[:, :4].copy(), input_hw, (h, w))
         key = (mh, mw, h, w)
         if key not in self._axes:
+            if len(self._axes) >= AXES_CACHE:  # a service sees many image sizes: keep the latest few
+                self._axes.pop(next(iter(self._axes)))
             ay, ax = _native_axes(mh, mw, h, w)
-            self._axes[key] = (_taps(ay), _taps(ax))
-        taps_y, taps_x = self._axes[key]
+            self._axes[key] = (_taps(ay), _taps(ax), ay, ax)
+        taps_y, taps_x, ay, ax = self._axes[key]
         # cols/rows kept by Ultralytics' crop_mask: r >= x1 and r < x2 (float box edges)
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
@@ -608,7 +661,7 @@ class Predictor:
             x1, y1 = min(max(hi[k, 0], 0), w), min(max(hi[k, 1], 0), h)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
-            crop = mask_from_logits(logits[k % LOGIT_CHUNK], taps_y, taps_x, x0, y0, x1, y1)
+            crop = mask_from_logits_dense(logits[k % LOGIT_CHUNK], ay, ax, taps_y, taps_x, x0, y0, x1, y1)
             area = int(np.count_nonzero(crop))
             if area == 0:
                 continue

@@ -9,7 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.serving.predictor import _native_axes, _scale_boxes, _select, _taps, letterbox, mask_crop
+from tasks.serving.predictor import (
+    _native_axes,
+    _nms_rows,
+    _scale_boxes,
+    _select,
+    _taps,
+    letterbox,
+    mask_crop,
+    mask_from_logits,
+    mask_from_logits_dense,
+    nms,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +100,40 @@ def test_nms_matches_ultralytics():
         ours = _select(pred, nc, conf, iou, 300)
         assert ours.shape == ref.shape
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_nms_all_pairs_at_once_keeps_what_the_row_loop_keeps():
+    """The all-pairs IoU matrix (up to NMS_MATRIX_MAX boxes) makes the same decisions as one row per kept box,
+    including zero-area boxes (NaN IoU keeps them), tied scores and class offsets."""
+    rng = np.random.default_rng(3)
+    for t in range(60):
+        n = int(rng.integers(1, 400))
+        xy = rng.uniform(0, 200, (n, 2))
+        wh = rng.uniform(0, 60, (n, 2)) * (rng.random((n, 1)) > 0.05)
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        boxes += (rng.integers(0, 3, n) * 7680)[:, None].astype(np.float32)
+        scores = np.round(rng.random(n), 1 if t % 2 else 6).astype(np.float32)
+        thr = float(rng.choice([0.45, 0.7, 0.9]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = _nms_rows(boxes, np.argsort(-scores, kind="stable"), thr)
+        assert np.array_equal(nms(boxes, scores, thr), ref), t
+
+
+@pytest.mark.parametrize("orig,inp", [((480, 640), (120, 160)), ((75, 201), (64, 160)), ((3024, 4032), (120, 160))])
+def test_dense_mask_resampling_equals_the_taps(orig, inp):
+    """The BLAS form of the per-box resampling gives the taps' masks pixel for pixel (large upsampling factors
+    fall back to the taps)."""
+    rng = np.random.default_rng(inp[1] + orig[0])
+    h, w = orig
+    mh, mw = inp[0] // 4, inp[1] // 4
+    ay, ax = _native_axes(mh, mw, h, w)
+    ty, tx = _taps(ay), _taps(ax)
+    logits = rng.normal(0, 1, (mh, mw)).astype(np.float32)
+    for _ in range(40):
+        x0, y0 = int(rng.integers(0, w - 1)), int(rng.integers(0, h - 1))
+        x1, y1 = int(rng.integers(x0 + 1, w + 1)), int(rng.integers(y0 + 1, h + 1))
+        dense = mask_from_logits_dense(logits, ay, ax, ty, tx, x0, y0, x1, y1)
+        assert np.array_equal(dense, mask_from_logits(logits, ty, tx, x0, y0, x1, y1)), (x0, y0, x1, y1)
 
 
 def test_nms_empty_and_scale_boxes_roundtrip():
