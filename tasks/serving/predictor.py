@@ -492,7 +492,7 @@ def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[list[int]]:
         return []
     c = max(cnts, key=cv2.contourArea)
     c = cv2.approxPolyDP(c, 1.0, True)  # 1 px tolerance: compact JSON, visually identical
-    return (c.reshape(-1, 2) + np.array([x0, y0])).astype(int).tolist()
+    return (c.reshape(-1, 2) + (x0, y0)).tolist()
 
 
 def _scale_boxes(boxes: np.ndarray, input_hw: tuple[int, int], shape0: tuple[int, int]) -> np.ndarray:
@@ -649,16 +649,17 @@ class Predictor:
         # cols/rows kept by Ultralytics' crop_mask: r >= x1 and r < x2 (float box edges)
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
+        # integer regions, clipped to the image, as Python ints (numpy scalars make every slice slower)
+        regions = np.concatenate([lo, hi], 1).clip(0, [w, h, w, h]).tolist()
+        box_list, scores, classes = boxes.tolist(), rows[:, 4].tolist(), rows[:, 5].astype(np.int64).tolist()
         coefs = rows[:, 6:]
         protos = np.ascontiguousarray(proto, dtype=np.float32).reshape(nm, -1)
         instances, masks, names, extents = [], [], [], []
-        for k in range(len(rows)):
+        for k, (x0, y0, x1, y1) in enumerate(regions):
             if k % LOGIT_CHUNK == 0:
                 # one GEMM per chunk of instances instead of a strided proto copy per instance (BLAS is
                 # ~5x faster); chunks bound the memory at LOGIT_CHUNK x mh x mw floats
                 logits = (coefs[k:k + LOGIT_CHUNK] @ protos).reshape(-1, mh, mw)
-            x0, y0 = min(max(lo[k, 0], 0), w), min(max(lo[k, 1], 0), h)
-            x1, y1 = min(max(hi[k, 0], 0), w), min(max(hi[k, 1], 0), h)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
             crop = mask_from_logits_dense(logits[k % LOGIT_CHUNK], ay, ax, taps_y, taps_x, x0, y0, x1, y1)
@@ -666,10 +667,10 @@ class Predictor:
             if area == 0:
                 continue
             full = BoxMask(crop, x0, y0, (h, w))  # cropped to its box, never an HxW array per instance
-            cls = int(rows[k, 5])
+            cls = classes[k]
             name = self.names[cls] if cls < len(self.names) else str(cls)
-            instances.append(Instance(id=len(instances), cls=cls, name=name, score=float(rows[k, 4]),
-                                      box=boxes[k].tolist(), mask=full, area_px=area,
+            instances.append(Instance(id=len(instances), cls=cls, name=name, score=scores[k],
+                                      box=box_list[k], mask=full, area_px=area,
                                       polygon=_polygon(crop, x0, y0)))
             masks.append(full)
             names.append(name)
