@@ -16,9 +16,10 @@ Choosing (``resolve_backend``), as ``predictor.backend`` in the config says:
 ONNX Runtime session settings (compared one by one in ``bench/bench_predictor.py``): intra-op threads = physical cores (a hyper-thread sibling shares the core's FMA units, so it
 adds scheduling cost and no throughput), spinning on (the worker threads busy-wait between the
 graph's many small ops instead of sleeping and waking) and stopped when a run returns
-(``session.force_spinning_stop``: left spinning after the run, they took a core from the
-post-processing that follows; on two cores a busy image's post-processing took 33 instead of
-14 ms, and session.run was no slower), every graph optimisation on, and the
+(``session.force_spinning_stop``: left spinning after the run, they compete with what the caller
+does next; on two cores, 2026-11-30, a busy image's post-processing right after the run took 15.7
+instead of 14.5 ms, and 25-33 instead of 14 ms while it still ran threaded BLAS products, and the
+bare session.run was no slower), every graph optimisation on, and the
 optimised graph cached next to the ONNX (``optimized_cache_path``): the name carries the ORT
 version, the CPU's ISA and a hash of the file, so an edited model, an upgraded runtime or a
 copy on another CPU (the NCHWc layout ORT picks depends on the vector width) never reads a

@@ -64,7 +64,10 @@ MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
 NMS_MATRIX_MAX = 2048  # NMS over at most this many boxes computes all pair IoUs at once (16 MB per float32 matrix)
 MAX_IMGSZ = 4096  # an input side above this in the metadata is refused (60000 would allocate 10.8 GB)
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
-DENSE_MAX_MACS = 64  # mask resampling by BLAS products up to this many multiplications per pixel
+# A matrix product runs on one thread up to this many multiply-adds (m*n*k) in OpenBLAS (numpy's wheels):
+# the post-processing keeps every product below it. OpenBLAS's idle threads spin after a threaded call, and
+# on two cores they took a core from ONNX Runtime's next run (e2e 151-169 vs 96-105 ms with one BLAS thread).
+BLAS_SINGLE_MNK = 1 << 18
 AXES_CACHE = 16  # image sizes whose resampling matrices are kept
 LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
 PAD_VALUE = 114
@@ -449,26 +452,19 @@ def mask_from_logits(logits: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray], 
     return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
 
 
-def mask_from_logits_dense(logits: np.ndarray, ay: np.ndarray, ax: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray],
-                           taps_x: tuple[np.ndarray, np.ndarray], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """``mask_from_logits``, as two small BLAS products where that is cheaper than the tap gathers.
-
-    The products use the blocks of the dense ``_native_axes`` matrices ``ay`` (h, mh) and ``ax``
-    (w, mw) that the region reads, ``ay[y0:y1, rows] @ sub @ ax[x0:x1, cols].T``: the blocks hold the
-    taps' weights and zeros elsewhere, so every pixel sums the same products (plus exact zeros).
-    A pixel costs as many multiplications as the prototype rows (or columns) the region spans, so
-    big upsampling factors (large photos) keep the gathers: the products are used up to
-    ``DENSE_MAX_MACS`` per pixel (20 instances of a 640x480 image: 2.5 instead of 3.1 ms, one core).
-    """
-    (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
-    hh, ww, ph, pw = y1 - y0, x1 - x0, py1 - py0, px1 - px0
-    cols_first, rows_first = ph * ww * (pw + hh), hh * pw * (ph + ww)
-    if min(cols_first, rows_first) > DENSE_MAX_MACS * hh * ww:
-        return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
-    a, sub, b = ay[y0:y1, py0:py1], logits[py0:py1, px0:px1], ax[x0:x1, px0:px1]
-    if cols_first <= rows_first:
-        return (a @ (sub @ b.T)) > 0
-    return ((a @ sub) @ b.T) > 0
+def _single_thread_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (2-D, float32) as products of column blocks small enough for OpenBLAS to run each on one
+    thread (``BLAS_SINGLE_MNK``): the same dot products as one call, up to float rounding (OpenBLAS may
+    pick another kernel for a block: last-bit differences)."""
+    m, k = a.shape
+    n = b.shape[1]
+    step = max(BLAS_SINGLE_MNK // max(m * k, 1), 1)
+    if step >= n:
+        return a @ b
+    out = np.empty((m, n), np.result_type(a, b))
+    for c in range(0, n, step):
+        np.matmul(a, b[:, c:c + step], out=out[:, c:c + step])
+    return out
 
 
 def _span(taps: tuple[np.ndarray, np.ndarray], a: int, b: int) -> tuple[int, int]:
@@ -644,8 +640,8 @@ class Predictor:
             if len(self._axes) >= AXES_CACHE:  # a service sees many image sizes: keep the latest few
                 self._axes.pop(next(iter(self._axes)))
             ay, ax = _native_axes(mh, mw, h, w)
-            self._axes[key] = (_taps(ay), _taps(ax), ay, ax)
-        taps_y, taps_x, ay, ax = self._axes[key]
+            self._axes[key] = (_taps(ay), _taps(ax))
+        taps_y, taps_x = self._axes[key]
         # cols/rows kept by Ultralytics' crop_mask: r >= x1 and r < x2 (float box edges)
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
@@ -659,10 +655,10 @@ class Predictor:
             if k % LOGIT_CHUNK == 0:
                 # one GEMM per chunk of instances instead of a strided proto copy per instance (BLAS is
                 # ~5x faster); chunks bound the memory at LOGIT_CHUNK x mh x mw floats
-                logits = (coefs[k:k + LOGIT_CHUNK] @ protos).reshape(-1, mh, mw)
+                logits = _single_thread_matmul(coefs[k:k + LOGIT_CHUNK], protos).reshape(-1, mh, mw)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
-            crop = mask_from_logits_dense(logits[k % LOGIT_CHUNK], ay, ax, taps_y, taps_x, x0, y0, x1, y1)
+            crop = mask_from_logits(logits[k % LOGIT_CHUNK], taps_y, taps_x, x0, y0, x1, y1)
             area = int(np.count_nonzero(crop))
             if area == 0:
                 continue
