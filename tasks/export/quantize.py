@@ -70,10 +70,11 @@ QUANT_MODES: dict[str, dict[str, Any]] = {
 # moved as they are).
 INT8_OP_TYPES = ("Conv", "Sigmoid", "Mul", "Add", "Concat", "Split", "MaxPool", "Resize", "DepthToSpace")
 # Exact graph rewrites applied before static INT8 quantizes (``REWRITES``): the prototype's ConvTranspose as a
-# 1x1 Conv + DepthToSpace (then int8), the DFL Softmax on the innermost axis (stays float: box decode). On the
-# random yolov8s-seg at 640 px (2 cores, AVX2) the two took the ConvTranspose (15.8 ms) and the Softmax over
-# axis 1 (10.3 ms; 0.7 ms on the innermost axis) out of a 238 ms INT8 run. A QDQ Softmax is not fused into
-# QLinearSoftmax by ONNX Runtime 1.32's CPU provider: it stays float between a DQ and a Q.
+# 1x1 Conv + DepthToSpace (then int8), the DFL Softmax on the innermost axis (stays float: box decode). ORT
+# profile of the random yolov8s-seg at 640 px (2 cores, AVX2, ORT 1.32), kernel time 243.9 -> 227.3 ms: the
+# Softmax 11.1 -> 0.7 ms (+1.6 ms Transpose), the float ConvTranspose's 16.3 ms -> an int8 1x1 Conv (3.7 ms)
+# + a uint8 DepthToSpace (11.3 ms: ORT moves the bytes slowly, CRD and DCR alike). A QDQ Softmax is not
+# fused into QLinearSoftmax by ORT 1.32's CPU provider: it stays float between a DQ and a Q.
 INT8_REWRITES = ("convtranspose", "dfl_softmax")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Calibrator settings per method. ``quantize_static`` builds its calibrator with ORT's defaults, and the
