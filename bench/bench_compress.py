@@ -6,12 +6,16 @@ weights (latency does not depend on weight values; nothing is downloaded):
 * ``torch fp32``: PyTorch eager, Conv+BN fused (what Ultralytics predicts with), ``no_grad``;
 * ``ort fp32``: the exported ONNX (``tasks.export.onnx.export_onnx``, opset 13, dynamic, simplified);
 * ``ort int8``: static INT8 QDQ (``tasks.export.quantize.quantize_onnx``: every SiLU, Add, Concat, Split,
-  MaxPool and Resize in int8, head decode in float) calibrated on synthetic images, one row per
+  MaxPool and Resize in int8, the prototype's ConvTranspose as an int8 1x1 Conv + DepthToSpace, head
+  decode in float with the DFL Softmax on the innermost axis) calibrated on synthetic images, one row per
   ``--int8-settings`` entry (``method/granularity``, default ``minmax/per-channel``);
 * ``ort pruned``: structured pruning at ``--ratio`` (``tasks.training.prune.prune_structured``), exported
   (``--ratio 0`` skips it);
 * ``--compare LABEL=PATH``: any further ONNX file in the same rounds (``{size}`` and ``{imgsz}`` in PATH
   are filled in), e.g. an INT8 file made by an older checkout of ``quantize.py``.
+
+INT8 files are cached in the work folder by name: after changing ``quantize.py``, delete them (or pass
+another ``--work``) and keep the old ones for ``--compare``.
 
 Rounds are interleaved (every variant once per round) and the median is reported, so a load
 change on a shared machine hits all variants alike. Printed ratios: torch fp32 / ort int8

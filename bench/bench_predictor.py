@@ -16,8 +16,10 @@ predictor runtime:
 Caveat of the interleaving: the runtimes' thread pools share two cores and may disturb each
 other. The first 2-core run (2026-11-30) showed OpenVINO's e2e right after ORT's turn at 86 ms
 against its own session.run of 45 ms a moment later, not yet explained (one suspect: ORT's worker
-threads still spinning, ``session.intra_op.allow_spinning``); the settings rows may share the
-effect. Compare runtimes by their session.run rows, and read the settings rows as indicative.
+threads still spinning, ``session.intra_op.allow_spinning``; the predictor's sessions now stop
+spinning when a run returns, ``session.force_spinning_stop``, but the variant sessions below
+may not); the settings rows may share the effect. Compare runtimes by their session.run rows,
+and read the settings rows as indicative.
 
 Models are built from the YOLOv8-seg YAML with random weights (no downloads). Inference latency
 does not depend on the weights, but a random model detects nothing (its head outputs are
@@ -113,6 +115,7 @@ def _ort_variants(onnx: Path) -> dict[str, object]:
 
     return {"untuned (all logical cores, defaults)": untuned(),
             "no spinning": OnnxRuntime(onnx, spinning=False).run,
+            "spinning not stopped after each run": OnnxRuntime(onnx, spin_stop=False).run,
             "graph opt basic only": basic_opt(),
             "tuned, no cached graph": OnnxRuntime(onnx, cache=False).run}
 

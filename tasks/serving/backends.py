@@ -15,7 +15,11 @@ Choosing (``resolve_backend``), as ``predictor.backend`` in the config says:
 
 ONNX Runtime session settings (compared one by one in ``bench/bench_predictor.py``): intra-op threads = physical cores (a hyper-thread sibling shares the core's FMA units, so it
 adds scheduling cost and no throughput), spinning on (the worker threads busy-wait between the
-graph's many small ops instead of sleeping and waking), every graph optimisation on, and the
+graph's many small ops instead of sleeping and waking) and stopped when a run returns
+(``session.force_spinning_stop``: left spinning after the run, they compete with what the caller
+does next; on two cores, 2026-11-30, a busy image's post-processing right after the run took 15.7
+instead of 14.5 ms, and 25-33 instead of 14 ms while it still ran threaded BLAS products, and the
+bare session.run was no slower), every graph optimisation on, and the
 optimised graph cached next to the ONNX (``optimized_cache_path``): the name carries the ORT
 version, the CPU's ISA and a hash of the file, so an edited model, an upgraded runtime or a
 copy on another CPU (the NCHWc layout ORT picks depends on the vector width) never reads a
@@ -191,6 +195,8 @@ class OnnxRuntime:
         threads: intra-op threads (None: ``physical_cores()``).
         providers: execution providers (default CPU).
         spinning: let idle worker threads spin between ops (lower latency, busier cores).
+        spin_stop: with ``spinning``, the workers stop spinning when ``run`` returns
+            (``session.force_spinning_stop``), so they leave the cores to the caller's post-processing.
         cache: read/write the optimised graph next to the model (skipped where the folder is
             read-only); False = optimise in memory each time.
 
@@ -201,13 +207,15 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 spinning: bool = True, cache: bool = True):
+                 spinning: bool = True, cache: bool = True, spin_stop: bool = True):
         self.path = Path(path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(threads or physical_cores())
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning and spin_stop:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         providers = list(providers or ["CPUExecutionProvider"])
         src = self.path
         try:

@@ -61,8 +61,14 @@ DEFAULT_CONF = 0.25
 DEFAULT_IOU = 0.7
 MAX_WH = 7680  # per-class box offset for class-aware NMS (Ultralytics' value)
 MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
+NMS_MATRIX_MAX = 2048  # NMS over at most this many boxes computes all pair IoUs at once (16 MB per float32 matrix)
 MAX_IMGSZ = 4096  # an input side above this in the metadata is refused (60000 would allocate 10.8 GB)
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
+# A matrix product runs on one thread up to this many multiply-adds (m*n*k) in OpenBLAS (numpy's wheels):
+# the post-processing keeps every product below it. OpenBLAS's idle threads spin after a threaded call, and
+# on two cores they took a core from ONNX Runtime's next run (e2e 151-169 vs 96-105 ms with one BLAS thread).
+BLAS_SINGLE_MNK = 1 << 18
+AXES_CACHE = 16  # image sizes whose resampling matrices are kept
 LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
 PAD_VALUE = 114
 ImageLike = str | os.PathLike | np.ndarray
@@ -290,8 +296,34 @@ def letterbox(im: np.ndarray, new_shape: tuple[int, int], auto: bool = False,
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS (torchvision semantics: suppress IoU > ``iou``); indices in descending score order."""
+    """Greedy NMS (torchvision semantics: suppress IoU > ``iou``); indices in descending score order.
+
+    Up to ``NMS_MATRIX_MAX`` boxes, the IoUs of all pairs are computed at once (the same float32
+    operations as the loop, so the same decisions) and the greedy pass only reads rows of it;
+    beyond that, one row per kept box, as the loop always did.
+    """
     order = np.argsort(-scores, kind="stable")
+    if order.size > NMS_MATRIX_MAX:
+        return _nms_rows(boxes, order, iou)
+    b = boxes[order]
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    w = np.clip(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), 0, None)
+    h = np.clip(np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1), 0, None)
+    inter = w * h
+    with np.errstate(invalid="ignore", divide="ignore"):
+        over = inter / (areas[:, None] + areas - inter) > iou  # NaN IoU (zero-area pair) keeps the box
+    gone = np.zeros(order.size, bool)
+    keep = []
+    for i in range(order.size):
+        if not gone[i]:
+            keep.append(i)
+            gone |= over[i]
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def _nms_rows(boxes: np.ndarray, order: np.ndarray, iou: float) -> np.ndarray:
+    """``nms`` one kept box at a time (memory linear in the number of boxes)."""
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1) * (y2 - y1)
     keep = []
@@ -420,6 +452,21 @@ def mask_from_logits(logits: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray], 
     return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
 
 
+def _single_thread_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` (2-D, float32) as products of column blocks small enough for OpenBLAS to run each on one
+    thread (``BLAS_SINGLE_MNK``): the same dot products as one call, up to float rounding (OpenBLAS may
+    pick another kernel for a block: last-bit differences)."""
+    m, k = a.shape
+    n = b.shape[1]
+    step = max(BLAS_SINGLE_MNK // max(m * k, 1), 1)
+    if step >= n:
+        return a @ b
+    out = np.empty((m, n), np.result_type(a, b))
+    for c in range(0, n, step):
+        np.matmul(a, b[:, c:c + step], out=out[:, c:c + step])
+    return out
+
+
 def _span(taps: tuple[np.ndarray, np.ndarray], a: int, b: int) -> tuple[int, int]:
     """The prototype rows (or columns) that output rows a:b read: [lo, hi)."""
     idx = taps[0][a:b]
@@ -441,7 +488,7 @@ def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[list[int]]:
         return []
     c = max(cnts, key=cv2.contourArea)
     c = cv2.approxPolyDP(c, 1.0, True)  # 1 px tolerance: compact JSON, visually identical
-    return (c.reshape(-1, 2) + np.array([x0, y0])).astype(int).tolist()
+    return (c.reshape(-1, 2) + (x0, y0)).tolist()
 
 
 def _scale_boxes(boxes: np.ndarray, input_hw: tuple[int, int], shape0: tuple[int, int]) -> np.ndarray:
@@ -590,22 +637,25 @@ class Predictor:
         boxes = _scale_boxes(rows[:, :4].copy(), input_hw, (h, w))
         key = (mh, mw, h, w)
         if key not in self._axes:
+            if len(self._axes) >= AXES_CACHE:  # a service sees many image sizes: keep the latest few
+                self._axes.pop(next(iter(self._axes)))
             ay, ax = _native_axes(mh, mw, h, w)
             self._axes[key] = (_taps(ay), _taps(ax))
         taps_y, taps_x = self._axes[key]
         # cols/rows kept by Ultralytics' crop_mask: r >= x1 and r < x2 (float box edges)
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
         hi = np.ceil(boxes[:, 2:]).astype(np.int64)
+        # integer regions, clipped to the image, as Python ints (numpy scalars make every slice slower)
+        regions = np.concatenate([lo, hi], 1).clip(0, [w, h, w, h]).tolist()
+        box_list, scores, classes = boxes.tolist(), rows[:, 4].tolist(), rows[:, 5].astype(np.int64).tolist()
         coefs = rows[:, 6:]
         protos = np.ascontiguousarray(proto, dtype=np.float32).reshape(nm, -1)
         instances, masks, names, extents = [], [], [], []
-        for k in range(len(rows)):
+        for k, (x0, y0, x1, y1) in enumerate(regions):
             if k % LOGIT_CHUNK == 0:
                 # one GEMM per chunk of instances instead of a strided proto copy per instance (BLAS is
                 # ~5x faster); chunks bound the memory at LOGIT_CHUNK x mh x mw floats
-                logits = (coefs[k:k + LOGIT_CHUNK] @ protos).reshape(-1, mh, mw)
-            x0, y0 = min(max(lo[k, 0], 0), w), min(max(lo[k, 1], 0), h)
-            x1, y1 = min(max(hi[k, 0], 0), w), min(max(hi[k, 1], 0), h)
+                logits = _single_thread_matmul(coefs[k:k + LOGIT_CHUNK], protos).reshape(-1, mh, mw)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
             crop = mask_from_logits(logits[k % LOGIT_CHUNK], taps_y, taps_x, x0, y0, x1, y1)
@@ -613,10 +663,10 @@ class Predictor:
             if area == 0:
                 continue
             full = BoxMask(crop, x0, y0, (h, w))  # cropped to its box, never an HxW array per instance
-            cls = int(rows[k, 5])
+            cls = classes[k]
             name = self.names[cls] if cls < len(self.names) else str(cls)
-            instances.append(Instance(id=len(instances), cls=cls, name=name, score=float(rows[k, 4]),
-                                      box=boxes[k].tolist(), mask=full, area_px=area,
+            instances.append(Instance(id=len(instances), cls=cls, name=name, score=scores[k],
+                                      box=box_list[k], mask=full, area_px=area,
                                       polygon=_polygon(crop, x0, y0)))
             masks.append(full)
             names.append(name)

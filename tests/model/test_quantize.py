@@ -93,6 +93,26 @@ def test_int8_static_keeps_scores_alive(float_onnx, calib, held_out, tmp_path):
     assert np.abs(naive - fs).max() > np.abs(qs - fs).max()
 
 
+def test_int8_graph_rewrites_keep_the_float_outputs(float_onnx):
+    """The rewrites applied before static INT8 (ConvTranspose as 1x1 Conv + DepthToSpace, the DFL Softmax on
+    the innermost axis with a MatMul) leave the float model's outputs as they were."""
+    import onnx
+
+    from tasks.export.quantize import INT8_REWRITES, REWRITES, _ensure_node_names
+
+    m = onnx.load(str(float_onnx))
+    _ensure_node_names(m)
+    assert {r: REWRITES[r](m) for r in INT8_REWRITES} == {"convtranspose": 1, "dfl_softmax": 1}
+    onnx.checker.check_model(m)
+    ops = {n.op_type for n in m.graph.node}
+    assert "ConvTranspose" not in ops and {"DepthToSpace", "MatMul"} <= ops
+    rewritten = float_onnx.parent / "rewritten.onnx"
+    onnx.save(m, str(rewritten))
+    x = np.random.default_rng(0).random((1, 3, 96, 96), dtype=np.float32)
+    for ref, out in zip(_run(float_onnx, x), _run(rewritten, x), strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
 def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
     import onnx
 
@@ -196,8 +216,9 @@ def _head(onnx_path) -> set[str]:
 
 
 def test_int8_static_runs_in_int8_except_the_head_decode(float_onnx, calib, tmp_path):
-    """SiLU (Sigmoid, Mul), the C2f Add and Concat, Split, MaxPool and Resize run on uint8; the only float
-    regions are the head's decode and the mask prototype's ConvTranspose (no int8 kernel on the CPU)."""
+    """SiLU (Sigmoid, Mul), the C2f Add and Concat, Split, MaxPool, Resize and the mask prototype's upsampling
+    (ConvTranspose rewritten as a 1x1 Conv + DepthToSpace) run on uint8; the only float region is the head's
+    decode."""
     import onnx
 
     from tasks.export.quantize import head_postprocess_nodes, quantize_onnx
@@ -215,8 +236,9 @@ def test_int8_static_runs_in_int8_except_the_head_decode(float_onnx, calib, tmp_
     for n in silu:  # QDQ on both sides of every SiLU op
         assert all(producer[i].op_type == "DequantizeLinear" for i in n.input if i in producer), n.name
         assert all(c.op_type == "QuantizeLinear" for c in consumers[n.output[0]]), n.name
+    assert "ConvTranspose" not in {n.op_type for n in qm.graph.node}
     floats = _runtime_float_nodes(q, tmp_path)
-    outside = {k: v for k, v in floats.items() if not _within(k, head) and v != "ConvTranspose"}
+    outside = {k: v for k, v in floats.items() if not _within(k, head)}
     assert not outside, outside
     assert len(floats) < 0.5 * len(head) + 2  # the head decode itself is mostly shape arithmetic, not float compute
 
@@ -240,7 +262,7 @@ def test_accuracy_aware_exclusions_really_run_in_float(float_onnx, calib, tmp_pa
     assert floats.get(sig) == "Sigmoid" and floats.get(conv) == "Conv"  # not fused back into QLinear*
     outs = {o for n in m.graph.node if n.name in (sig, conv) for o in n.output}
     island = {n.name for n in m.graph.node if set(n.input) & outs} | {sig, conv}
-    outside = {k: v for k, v in floats.items() if not _within(k, _head(float_onnx) | island) and v != "ConvTranspose"}
+    outside = {k: v for k, v in floats.items() if not _within(k, _head(float_onnx) | island)}
     assert not outside, outside
 
 

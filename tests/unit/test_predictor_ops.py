@@ -9,7 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.serving.predictor import _native_axes, _scale_boxes, _select, _taps, letterbox, mask_crop
+from tasks.serving.predictor import (
+    _native_axes,
+    _nms_rows,
+    _scale_boxes,
+    _select,
+    _single_thread_matmul,
+    _taps,
+    letterbox,
+    mask_crop,
+    nms,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +99,32 @@ def test_nms_matches_ultralytics():
         ours = _select(pred, nc, conf, iou, 300)
         assert ours.shape == ref.shape
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_nms_all_pairs_at_once_keeps_what_the_row_loop_keeps():
+    """The all-pairs IoU matrix (up to NMS_MATRIX_MAX boxes) makes the same decisions as one row per kept box,
+    including zero-area boxes (NaN IoU keeps them), tied scores and class offsets."""
+    rng = np.random.default_rng(3)
+    for t in range(60):
+        n = int(rng.integers(1, 400))
+        xy = rng.uniform(0, 200, (n, 2))
+        wh = rng.uniform(0, 60, (n, 2)) * (rng.random((n, 1)) > 0.05)
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        boxes += (rng.integers(0, 3, n) * 7680)[:, None].astype(np.float32)
+        scores = np.round(rng.random(n), 1 if t % 2 else 6).astype(np.float32)
+        thr = float(rng.choice([0.45, 0.7, 0.9]))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ref = _nms_rows(boxes, np.argsort(-scores, kind="stable"), thr)
+        assert np.array_equal(nms(boxes, scores, thr), ref), t
+
+
+def test_single_thread_matmul_equals_one_product():
+    rng = np.random.default_rng(5)
+    for m, n in [(1, 10), (20, 19200), (64, 25600), (3, 7)]:
+        a = rng.normal(0, 1, (m, 32)).astype(np.float32)
+        b = rng.normal(0, 1, (32, n)).astype(np.float32)
+        # OpenBLAS may pick another kernel for the blocks: last-bit differences only
+        np.testing.assert_allclose(_single_thread_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_nms_empty_and_scale_boxes_roundtrip():
