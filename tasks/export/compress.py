@@ -260,7 +260,7 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
         v = _pt_variant(f"{prefix}pruned", "pruned", pruned, head, cfg, imgsz, work, rep.as_dict())
         out = [v]
         if cc.prune.finetune_epochs > 0:
-            ft_cfg = tcfg.model_copy(update={"epochs": cc.prune.finetune_epochs})
+            ft_cfg = tcfg.model_copy(update={"epochs": cc.prune.finetune_epochs, "time_min": None})
             res = P.finetune_pruned(pruned, data_yaml, ft_cfg, work / "runs", seed=cfg.seed,
                                     name=f"{prefix}pruned-ft", on_epoch=cb("finetune"))
             v = _pt_variant(f"{prefix}pruned-ft", "finetuned", res.best, v, cfg, imgsz, work,

@@ -158,8 +158,9 @@ def distill(teacher: str | Path, data_yaml: str | Path, train_cfg, dcfg, out_dir
 
 def student_cfg(train_cfg, dcfg):
     """The student's TrainConfig: size from ``dcfg.student``, from scratch, ``dcfg.epochs`` epochs."""
+    # time_min None: the KD comparison needs exactly dcfg.epochs for both students, not the training's time budget
     return train_cfg.model_copy(update={"model": dcfg.student, "weights": None, "epochs": dcfg.epochs,
-                                        "resume": None, "finetune": False})
+                                        "resume": None, "finetune": False, "time_min": None})
 
 
 def train_scratch(data_yaml: str | Path, train_cfg, dcfg, out_dir: str | Path, seed: int = 0,
