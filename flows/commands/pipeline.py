@@ -40,8 +40,11 @@ def _print_summary(summary: dict, seconds: float) -> None:
     comp = summary.get("compression") or {}
     if comp:
         ap = comp.get("mask/mAP50")
-        t.add_row("compression", f"registered variant: {comp.get('name')} ({comp.get('kind')}"
-                  + (f", mask mAP50 {ap:.3f}" if isinstance(ap, float) else "") + f"); table: {comp.get('table')}")
+        what = (f"registered variant: {comp.get('name')} ({comp.get('kind')}" if comp.get("compressed", True)
+                else "kept the uncompressed model (no variant within compress.tolerance and compress.min_speedup"
+                     " x faster")
+        t.add_row("compression", what + (f", mask mAP50 {ap:.3f}" if isinstance(ap, float) else "")
+                  + f"); table: {comp.get('table')}")
     t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
     promo = summary.get("promotion") or {}
     if promo:

@@ -113,6 +113,7 @@ class TrainConfig(_Section):
     lrf: float = Field(0.01, gt=0, le=1)
     cos_lr: bool = True
     warmup_epochs: float = Field(1.0, ge=0)
+    warmup_bias_lr: float = Field(0.1, ge=0)
     momentum: float = Field(0.937, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     patience: int = Field(50, ge=0)
@@ -220,6 +221,7 @@ class QuantizeConfig(_Section):
 class CompressConfig(_Section):
     enabled: bool = False
     tolerance: float = Field(0.02, ge=0)
+    min_speedup: float = Field(1.1, ge=0)
     latency_budget_ms: float | None = None
     steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16", "int8-nncf"]] = [
         "prune",

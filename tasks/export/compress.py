@@ -14,7 +14,8 @@ the Prefect flow inject their step and measure callables.
 
 Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
 the *original* parent's (the model it would replace; chaining relative to an intermediate
-step would let losses compound). Choice: the candidate with the best mask mAP50-95 whose
+step would let losses compound) and it runs at least ``compress.min_speedup`` times faster than
+that parent (ONNX Runtime latency; a compressed model that is not faster only loses accuracy). Choice: the candidate with the best mask mAP50-95 whose
 latency is within ``compress.latency_budget_ms`` (ties: lower latency). With no candidate the
 parent stays the choice (``compressed=False``).
 """
@@ -334,16 +335,22 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
 
 # ----------------------------------------------------------------------------- gate + choice
 def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
-                    latency_budget_ms: float | None) -> Variant:
-    """Mark candidates (mask mAP50 within ``tolerance`` of ``root``) and the chosen variant.
+                    latency_budget_ms: float | None, min_speedup: float = 0.0) -> Variant:
+    """Mark candidates and the chosen variant.
+
+    A candidate keeps mask mAP50 within ``tolerance`` of ``root`` and, when ``min_speedup > 0``, runs at
+    least ``min_speedup`` times faster than ``root`` (``latency_ms``; a variant or root without a
+    latency is not a candidate then).
 
     Returns:
         The chosen variant (``root`` when no compressed variant qualifies).
     """
     base = root.metrics["mask/mAP50"]
+    root_ms = root.metrics.get("latency_ms", float("nan"))
     for v in variants:
-        v.candidate = (v.name != root.name and v.kind != "scratch-baseline"
-                       and v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12)
+        accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
+        faster = min_speedup <= 0 or v.metrics.get("latency_ms", float("nan")) * min_speedup <= root_ms
+        v.candidate = v.name != root.name and v.kind != "scratch-baseline" and accurate and faster
         v.chosen = False
     pool = [v for v in variants if v.candidate and (latency_budget_ms is None
                                                      or v.metrics.get("latency_ms", float("inf")) <= latency_budget_ms)]
@@ -494,13 +501,14 @@ def finalize(variants: list[Variant], root: Variant, cfg, out_dir: str | Path,
         ``compressed`` (False when the parent stays), ``table``, ``plot``, ``run_id``.
     """
     out = Path(out_dir)
-    chosen = gate_and_choose(variants, root, cfg.compress.tolerance, cfg.compress.latency_budget_ms)
+    chosen = gate_and_choose(variants, root, cfg.compress.tolerance, cfg.compress.latency_budget_ms,
+                             cfg.compress.min_speedup)
     table = write_table(variants, out / "variants.csv")
     plot = plot_pareto(variants, out / "pareto.png", cfg.compress.latency_budget_ms)
     run_id = None
     if parent_run_id:
         settings = {"steps": cfg.compress.steps, "tolerance": cfg.compress.tolerance,
-                    "latency_budget_ms": cfg.compress.latency_budget_ms}
+                    "min_speedup": cfg.compress.min_speedup, "latency_budget_ms": cfg.compress.latency_budget_ms}
         run_id = log_variants(variants, parent_run_id, table, plot, chosen, settings)
     publish_table_artifact(variants)
     weights = chosen.weights or chosen.info.get("source_weights")

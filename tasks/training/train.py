@@ -79,6 +79,7 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
         "lrf": cfg.lrf,
         "cos_lr": cfg.cos_lr,
         "warmup_epochs": cfg.warmup_epochs,
+        "warmup_bias_lr": cfg.warmup_bias_lr,
         "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay,
         "patience": cfg.patience if cfg.patience > 0 else 10**6,

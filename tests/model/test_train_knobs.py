@@ -54,3 +54,11 @@ def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path):
     # the epoch count Ultralytics re-planned from the budget is what each epoch reports, not `epochs`
     last = seen[max(seen)]
     assert 1 <= last["epochs_planned"] <= 3, last["epochs_planned"]
+
+
+
+def test_warmup_bias_lr_reaches_ultralytics(tmp_path):
+    """Default: Ultralytics' 0.1; a configured value is passed through (0 is what its own AdamW uses)."""
+    assert build_train_args(TrainConfig(), tmp_path / "d.yaml", tmp_path, "r", 0)["warmup_bias_lr"] == 0.1
+    cfg = TrainConfig(optimizer="AdamW", warmup_bias_lr=0.0)
+    assert build_train_args(cfg, tmp_path / "d.yaml", tmp_path, "r", 0)["warmup_bias_lr"] == 0.0
