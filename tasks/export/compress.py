@@ -15,9 +15,10 @@ the Prefect flow inject their step and measure callables.
 Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
 the *original* parent's (the model it would replace; chaining relative to an intermediate
 step would let losses compound) and it runs at least ``compress.min_speedup`` times faster than
-that parent (ONNX Runtime latency; a compressed model that is not faster only loses accuracy). Choice: the candidate with the best mask mAP50-95 whose
-latency is within ``compress.latency_budget_ms`` (ties: lower latency). With no candidate the
-parent stays the choice (``compressed=False``).
+that parent (ONNX Runtime latency; a compressed model that is not faster only loses accuracy).
+Choice: the candidate with the best mask mAP50-95 whose latency is within
+``compress.latency_budget_ms`` (ties: lower latency). With no candidate the parent stays the
+choice (``compressed=False``).
 """
 
 from __future__ import annotations
