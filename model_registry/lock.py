@@ -139,6 +139,10 @@ def _try_break(client: MlflowClient, name: str, judged) -> bool:
         client.create_registered_model(marker, tags={TAG_OWNER: socket.gethostname()},
                                        description="a registry lock is being broken; deleted at once")
     except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+            # the other breaker deleted the marker while the server was still writing ours (seen in CI): we did
+            # not win the break, and the lock was not touched by us; wait and look again
+            return False
         if "RESOURCE_ALREADY_EXISTS" not in _code(e):
             raise
         stale_marker = _get(client, marker)  # a breaker that died between create and delete
