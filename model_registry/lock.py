@@ -139,11 +139,12 @@ def _try_break(client: MlflowClient, name: str, judged) -> bool:
         client.create_registered_model(marker, tags={TAG_OWNER: socket.gethostname()},
                                        description="a registry lock is being broken; deleted at once")
     except MlflowException as e:
-        if "RESOURCE_DOES_NOT_EXIST" in _code(e):
+        code = _code(e)
+        if "RESOURCE_DOES_NOT_EXIST" in code:
             # the other breaker deleted the marker while the server was still writing ours (seen in CI): we did
             # not win the break, and the lock was not touched by us; wait and look again
             return False
-        if "RESOURCE_ALREADY_EXISTS" not in _code(e):
+        if "RESOURCE_ALREADY_EXISTS" not in code:
             raise
         stale_marker = _get(client, marker)  # a breaker that died between create and delete
         if stale_marker is not None and server_now_ms(client, name) - int(

@@ -47,7 +47,6 @@ def test_gate_and_choice():
     assert ok_faster in pareto_front(vs)
 
 
-
 def test_gate_refuses_a_variant_that_is_not_faster():
     """A compressed variant within tolerance but not min_speedup x faster than the parent loses only accuracy:
     the parent stays (measured: INT8 at 160 px on AVX2 ran at 0.97x the FP32 parent, -0.017 mask mAP50)."""

@@ -56,7 +56,6 @@ def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path):
     assert 1 <= last["epochs_planned"] <= 3, last["epochs_planned"]
 
 
-
 def test_warmup_bias_lr_reaches_ultralytics(tmp_path):
     """Default: Ultralytics' 0.1; a configured value is passed through (0 is what its own AdamW uses)."""
     assert build_train_args(TrainConfig(), tmp_path / "d.yaml", tmp_path, "r", 0)["warmup_bias_lr"] == 0.1
