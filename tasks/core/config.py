@@ -114,6 +114,9 @@ class TrainConfig(_Section):
     cos_lr: bool = True
     warmup_epochs: float = Field(1.0, ge=0)
     warmup_bias_lr: float = Field(0.1, ge=0)
+    box: float = Field(7.5, gt=0)
+    cls: float = Field(0.5, gt=0)
+    dfl: float = Field(1.5, gt=0)
     momentum: float = Field(0.937, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     patience: int = Field(50, ge=0)

@@ -16,6 +16,7 @@ def test_nbs_defaults_to_batch_and_knobs_are_passed(tmp_path):
     assert (args["val"], args["optimizer"], args["lr0"], args["warmup_epochs"]) == (False, "AdamW", 0.002, 0.5)
     assert (args["momentum"], args["weight_decay"], args["cache"]) == (0.9, 1e-4, "ram")
     assert (args["imgsz"], args["epochs"]) == (128, 7)
+    assert (args["box"], args["cls"], args["dfl"]) == (7.5, 0.5, 1.5)  # Ultralytics' loss gains by default
     assert build_train_args(TrainConfig(batch=8, nbs=64), tmp_path / "d.yaml", tmp_path, "r", 0)["nbs"] == 64
 
 
@@ -30,11 +31,16 @@ def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path,
     from tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
-    cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0)
+    cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
     res = train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m),
                       extra_args={"plots": False})  # plots cost more than the two tiny epochs
     assert res.accumulate == expected
     assert res.args["nbs"] == (nbs or batch)
+    # the loss gains as the Ultralytics trainer saved its own arguments (what its loss reads)
+    import yaml
+
+    trainer_args = yaml.safe_load((res.last.parent.parent / "args.yaml").read_text())
+    assert (trainer_args["cls"], trainer_args["box"], trainer_args["dfl"]) == (1.0, 7.5, 1.5)
     # val off: only the last epoch is validated, earlier epochs report losses but no (fake zero) mAP
     assert sorted(seen) == list(range(epochs))
     assert "mask/mAP50" in seen[epochs - 1]
