@@ -40,6 +40,8 @@ def _session(path: Path, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # threads stop spinning when a run returns, or they take the cores from the next model in the round
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

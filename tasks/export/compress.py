@@ -111,6 +111,8 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
+    # as the predictor runs (tasks.serving.backends): threads stop spinning when a run returns
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
