@@ -70,7 +70,7 @@ def test_demo_config_only_changes_what_it_lists():
     assert {k for k in base["data"]["synth"] if base["data"]["synth"][k] != demo["data"]["synth"][k]} == {
         "images", "closeup_fraction"}
     assert {k for k in base["train"] if base["train"][k] != demo["train"][k]} == {
-        "batch", "nbs", "optimizer", "lr0", "val", "cache", "augment", "epochs", "time_min"}
+        "batch", "nbs", "optimizer", "lr0", "lrf", "cls", "val", "cache", "augment", "epochs", "time_min"}
     assert demo["train"]["time_min"] > 0  # the demo trains for a wall-time budget (its 15-minute target)
     assert {k for k in base["compress"] if base["compress"][k] != demo["compress"][k]} == {"enabled", "steps"}
     assert demo["compress"]["steps"] == ["int8-static"]
