@@ -25,7 +25,11 @@ Breaking is itself a lock: only the process that creates ``<model>.lock.break`` 
 stale lock, after re-reading it and checking it is still the very lease it judged stale
 (same owner, same server timestamp). A second breaker fails to create the break marker and
 simply waits, so it can never delete the lock a new holder took meanwhile. A break marker
-left by a crashed breaker is itself removed once it is ``ttl_s`` old (server time).
+left by a crashed breaker is itself removed once it is ``max(ttl_s, MARKER_TTL_S)`` old (server
+time). Not ``ttl_s`` alone: a short lease says nothing about how long a live breaker needs between
+its re-read and its delete, and removing a live breaker's marker lets a second breaker judge the
+same stale lease, delete the lock the first one has just taken, and hold it too (seen in CI with a
+0.5 s lease and a breaker whose delete took 1 s).
 
 A lock model without the owner tag or with a non-numeric lease is *malformed*; it is treated
 as stale (logged as a warning) so that a hand-made or half-written lock cannot block
@@ -64,6 +68,8 @@ CLOCK_SUFFIX = ".clock."
 TAG_OWNER = "lock.owner"
 TAG_HOLDER = "lock.holder"
 TAG_TTL = "lock.ttl_s"
+# A break marker younger than this (server time) belongs to a live breaker, whatever the lock's lease.
+MARKER_TTL_S = 60.0
 
 
 def lock_name(model_name: str) -> str:
@@ -147,8 +153,9 @@ def _try_break(client: MlflowClient, name: str, judged) -> bool:
         if "RESOURCE_ALREADY_EXISTS" not in code:
             raise
         stale_marker = _get(client, marker)  # a breaker that died between create and delete
+        marker_ttl_s = max(float((_lease(judged) or ("", 120.0))[1]), MARKER_TTL_S)
         if stale_marker is not None and server_now_ms(client, name) - int(
-                stale_marker.creation_timestamp or 0) > float((_lease(judged) or ("", 120.0))[1]) * 1000:
+                stale_marker.creation_timestamp or 0) > marker_ttl_s * 1000:
             log.warning("removing break marker '%s' left by a crashed process", marker)
             _delete(client, marker, f"break marker '{marker}' is stale")
         return False

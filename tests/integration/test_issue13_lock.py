@@ -2,7 +2,8 @@
 
 * a host whose wall clock runs 180 s ahead does not break a live (renewed) lock;
 * two processes that find the same stale lock never both hold the lock (only one breaker wins);
-* a malformed lock (non-numeric lease) is treated as stale, with a warning.
+* a malformed lock (non-numeric lease) is treated as stale, with a warning;
+* a live breaker's marker is not removed as "crashed" because the stale lock's lease is short.
 """
 
 from __future__ import annotations
@@ -112,3 +113,24 @@ def test_13_04_lock_malformed_is_stale_with_warning(sqlite_mlflow_server, caplog
         with mr.registry_lock(c, name, holder="next", timeout_s=10):
             assert c.get_registered_model(lock_name(name)).tags[TAG_HOLDER] == "next"
     assert any("malformed" in r.getMessage() for r in caplog.records)
+
+
+def test_13_04_live_break_marker_outlives_a_short_lease(sqlite_mlflow_server):
+    """A breaker mid-break (its marker 1 s old) keeps its marker though the stale lock's lease is 0.5 s.
+
+    Judging the marker by the lock's lease let a second breaker remove it, judge the same stale lock,
+    and delete the lock the first breaker had just taken (both then held it; seen in CI).
+    """
+    from model_registry.lock import BREAK_SUFFIX, _try_break
+
+    name = f"lock-marker-{uuid.uuid4().hex[:8]}"
+    c = _client(sqlite_mlflow_server)
+    c.create_registered_model(name)
+    lock = lock_name(name)
+    c.create_registered_model(lock, tags={TAG_OWNER: "dead", TAG_HOLDER: "dead", TAG_TTL: "0.5"})
+    c.create_registered_model(f"{lock}{BREAK_SUFFIX}")  # the other breaker, between its re-read and its delete
+    time.sleep(1.0)
+    judged = c.get_registered_model(lock)
+    assert _try_break(c, lock, judged) is False  # this process did not win the break
+    assert c.get_registered_model(f"{lock}{BREAK_SUFFIX}").name == f"{lock}{BREAK_SUFFIX}"  # marker kept
+    assert c.get_registered_model(lock).tags[TAG_OWNER] == "dead"  # and the lock untouched by this process
