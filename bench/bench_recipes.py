@@ -102,9 +102,9 @@ SEARCH: dict[str, dict[str, Any]] = {
     "d-nowarmup": {"train": {**_DEMO, "warmup_epochs": 0.0}},
     "d-b2": {"train": {**_DEMO, "batch": 2, "nbs": 2}},
     "d-b8": {"train": {**_DEMO, "batch": 8, "nbs": 8}},
-    "d-cls1": {"train": _DEMO, "args": {"cls": 1.0}},
-    "d-cls1-lrf0.1": {"train": {**_DEMO, "lrf": 0.1}, "args": {"cls": 1.0}},
-    "d-box10": {"train": _DEMO, "args": {"box": 10.0}},
+    "d-cls1": {"train": {**_DEMO, "cls": 1.0}},
+    "d-cls1-lrf0.1": {"train": {**_DEMO, "lrf": 0.1, "cls": 1.0}},
+    "d-box10": {"train": {**_DEMO, "box": 10.0}},
     "d-copypaste": {"train": _DEMO, "args": {"copy_paste": 0.5}},
     "d-scale0.3": {"train": _DEMO, "args": {"scale": 0.3}},
     "d-mosaic0.3": {"train": _DEMO, "args": {"mosaic": 0.3}},
@@ -176,8 +176,12 @@ def dataset(root: Path, synth: dict[str, Any]) -> Path:
     return resolve_source(cfg, root / "datasets", root / "cache")
 
 
-# The demo's sweep grid and objective (configs/demo.yaml): the MAE a recipe's model gets in the demo.
-DEMO_SWEEP = {"conf_grid": [0.1, 0.15, 0.2, 0.25, 0.3, 0.4], "iou_grid": [0.5, 0.6], "objective": "damage_mae"}
+def _demo_sweep() -> dict[str, Any]:
+    """The demo's sweep grid and objective, read from configs/demo.yaml: the MAE a recipe's model gets there."""
+    from tasks.core.config import DEFAULT_CONFIG, load_config
+
+    sw = load_config(DEFAULT_CONFIG.parent / "demo.yaml").sweep
+    return {"conf_grid": sw.conf, "iou_grid": sw.iou, "objective": sw.objective, "min_precision": sw.min_precision}
 
 
 def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: int | None = None,
@@ -212,7 +216,7 @@ def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: 
     mean_load = load.stop()
     n_train = len(list((data_yaml.parent / "images" / "train").iterdir()))
     ev = evaluate_model(res.last, data_yaml, split="val", imgsz=cfg.imgsz, conf=0.001)
-    sw = sweep_thresholds(res.last, data_yaml, split="val", imgsz=cfg.imgsz, **DEMO_SWEEP)
+    sw = sweep_thresholds(res.last, data_yaml, split="val", imgsz=cfg.imgsz, **_demo_sweep())
     row: dict[str, Any] = {
         "recipe": name, "scale": scale, "family": family or f"yolov8{train['model']}-seg.yaml",
         "synth": synth, "train": {k: v for k, v in train.items() if k != "model"},
@@ -266,13 +270,11 @@ def _record(row: dict[str, Any], machine: Any, out: Path) -> None:
 
 def _worker(name: str, root: Path, kw: dict[str, Any], threads: int) -> dict[str, Any]:
     """One recipe in a fresh process: the pipeline's runtime set up, ``threads`` CPU threads."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["DAMAGE_TORCH_THREADS"] = str(threads)  # no oversubscription
+    # no oversubscription: configure_ultralytics (inside train_model) sets torch's threads from this
+    os.environ["OMP_NUM_THREADS"] = os.environ["DAMAGE_TORCH_THREADS"] = str(threads)
     from tasks.core.runtime import activate
 
     activate()
-    import torch
-
-    torch.set_num_threads(threads)
     return run_recipe(name, root, **kw)
 
 
