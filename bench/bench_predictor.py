@@ -7,7 +7,11 @@ predictor runtime:
 * ``e2e``: ``Predictor.predict(path)``: read, letterbox, session.run, NMS + masks at the
   original size + polygons + damage percentage;
 * ``session.run``: the bare runtime call on the same letterboxed input;
-* ``post``: the predictor's post-processing alone, and its overhead relative to session.run;
+* ``post``: the predictor's post-processing alone, and its overhead relative to session.run; the
+  instance outlines (``Instance.polygon``) are traced on first read, outside ``predict``: the
+  ``busy + polygons`` column adds that trace for a caller that writes the JSON or an overlay;
+* ``--int8``: the same rows for the static INT8 file of the same model (the variant the nightly
+  registers when it stays within tolerance), per runtime;
 * ``x UL``: ``YOLO(model.pt).predict(path, retina_masks=True)`` (masks at the original size, the
   comparable output) divided by ``e2e``; also against its default low-res masks;
 * ONNX Runtime session settings, each changed alone from the tuned ones (threads, spinning,
@@ -30,7 +34,7 @@ output shapes, and reported against the same ``session.run`` time.
 
 Usage:
     python bench/bench_predictor.py [--sizes n s] [--imgsz 640] [--rounds 8] [--objects 20]
-        [--backends onnxruntime openvino] [--ov-bf16] [--no-variants]
+        [--backends onnxruntime openvino] [--ov-bf16] [--no-variants] [--int8]
 """
 
 from __future__ import annotations
@@ -120,8 +124,21 @@ def _ort_variants(onnx: Path) -> dict[str, object]:
             "tuned, no cached graph": OnnxRuntime(onnx, cache=False).run}
 
 
+def _int8_model(onnx: Path, work: Path, imgsz: int) -> Path:
+    """The static INT8 QDQ file of ``onnx`` (the pipeline's default settings; cached under the name
+    ``bench_compress.py`` gives it), calibrated on synthetic photos."""
+    from tasks.export.quantize import quantize_onnx
+
+    int8 = work / f"{onnx.stem}.int8-minmax-pc.onnx"
+    if not int8.exists():
+        calib = synth_images(work, 8, "calib", 7, imgsz, (imgsz, imgsz), ".jpg")
+        quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz, calibrate_method="minmax",
+                      per_channel=True)
+    return int8
+
+
 def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_objects: int,
-          backends: list[str], ov_bf16: bool, variants: bool) -> dict[str, dict[str, float]]:
+          backends: list[str], ov_bf16: bool, variants: bool, int8: bool = False) -> dict[str, dict[str, float]]:
     """Interleaved rounds: every predictor and Ultralytics on the same images, one after the other."""
     import cv2
     from ultralytics import YOLO
@@ -132,6 +149,9 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
     preds = {b: Predictor(onnx, backend=b) for b in backends}  # conf/iou from metadata defaults (0.25 / 0.7)
     if ov_bf16 and "openvino" in backends:
         preds["openvino-bf16"] = Predictor(onnx, backend="openvino", openvino_precision="bf16")
+    if int8:  # the registered variant is usually the INT8 one: the predictor serving it, same weights
+        q = _int8_model(onnx, work, imgsz)
+        preds.update({f"{b}-int8": Predictor(q, backend=b) for b in backends})
     extra = _ort_variants(onnx) if variants else {}
     first = next(iter(preds.values()))
     ul = YOLO(str(pt), task="segment")
@@ -141,7 +161,7 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
             pred.predict(p)
         ul.predict(str(p), retina_masks=True, **kw)
         ul.predict(str(p), **kw)
-    t: dict[str, dict[str, list[float]]] = {b: {"e2e": [], "run": [], "post": [], "busy": []} for b in preds}
+    t: dict[str, dict[str, list[float]]] = {b: {"e2e": [], "run": [], "post": [], "busy": [], "poly": []} for b in preds}
     t_var: dict[str, list[float]] = {k: [] for k in extra}
     t_ul, t_ul_lo, n_syn = [], [], []
     for _ in range(rounds):
@@ -155,6 +175,8 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
                 sdet, sproto = synthetic_outputs(det.shape, proto.shape, n_objects, 8, len(pred.names), seed=i)
                 r = _timed(t[b]["busy"], pred.postprocess, sdet, sproto, im.shape[:2], batch.shape[2:])
                 n_syn.append(len(r.instances))
+                # the outlines (JSON output, overlays) are traced on first read, outside predict()
+                _timed(t[b]["poly"], lambda r=r: [i.polygon for i in r.instances])
             for k, run in extra.items():
                 _timed(t_var[k], run, batch)
             _timed(t_ul, partial(ul.predict, str(p), retina_masks=True, **kw))
@@ -165,6 +187,7 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
         r = {k: _median_ms(v) for k, v in tt.items()}
         r["post_pct"] = 100 * r["post"] / r["run"]
         r["busy_pct"] = 100 * r["busy"] / r["run"]
+        r["busy_poly_pct"] = 100 * (r["busy"] + r["poly"]) / r["run"]
         r["e2e_busy"] = r["e2e"] - r["post"] + r["busy"]
         r["x_ul"] = ul_ms / r["e2e"]
         r["x_ul_busy"] = ul_ms / r["e2e_busy"]
@@ -179,14 +202,15 @@ def print_table(size: str, res: dict[str, dict[str, float]], n_objects: int) -> 
     ul = res["_ul"]
     print(f"yolov8{size}-seg: ultralytics predict {ul['retina']:.1f} ms (retina_masks) / {ul['default']:.1f} ms "
           f"(default masks); busy post = {ul['busy_instances']:.0f} instances from {n_objects * 8} NMS candidates")
-    print("  | backend | e2e ms | session.run ms | post ms (busy) | post / session (busy) | x UL retina "
-          "(busy) | x UL default |")
-    print("  |---|---|---|---|---|---|---|")
+    print("  | backend | e2e ms | session.run ms | post ms (busy) | post / session (busy) | busy + polygons "
+          "| x UL retina (busy) | x UL default |")
+    print("  |---|---|---|---|---|---|---|---|")
     for b, r in res.items():
         if b.startswith("_"):
             continue
         print(f"  | {b} | {r['e2e']:.1f} | {r['run']:.1f} | {r['post']:.2f} ({r['busy']:.2f}) | "
-              f"{r['post_pct']:.1f}% ({r['busy_pct']:.1f}%) | {r['x_ul']:.2f}x ({r['x_ul_busy']:.2f}x) | "
+              f"{r['post_pct']:.1f}% ({r['busy_pct']:.1f}%) | {r['poly']:.2f} ms, {r['busy_poly_pct']:.1f}% | "
+              f"{r['x_ul']:.2f}x ({r['x_ul_busy']:.2f}x) | "
               f"{r['x_ul_default']:.2f}x |")
     runs = [b for b in res if not b.startswith("_")]
     if len(runs) > 1:
@@ -210,6 +234,7 @@ def main() -> None:
                     help="predictor runtimes to compare (openvino is skipped when not installed)")
     ap.add_argument("--ov-bf16", action="store_true", help="also OpenVINO at bf16 precision")
     ap.add_argument("--no-variants", action="store_true", help="skip the ONNX Runtime session-option variants")
+    ap.add_argument("--int8", action="store_true", help="also the predictor on the static INT8 file of the same model")
     ap.add_argument("--state-dir", default=os.environ.get("DAMAGE_STATE_DIR", "/tmp/damage-bench-state"))
     ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
@@ -230,7 +255,7 @@ def main() -> None:
           f"random-init weights, medians; targets: e2e >= 1.5x UL retina, post <= 15% of session.run (n)")
     for size in args.sizes:
         res = results[size] = bench(size, work, args.imgsz, args.rounds, images, args.objects, backends,
-                                    args.ov_bf16, not args.no_variants)
+                                    args.ov_bf16, not args.no_variants, args.int8)
         print_table(size, res, args.objects)
     write_json(args.json, machine, results)
 

@@ -66,7 +66,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                      seed=cfg.seed, full_config=cfg.to_dict(),
                                                      dataset_fingerprint=data.fingerprint,
                                                      system_metrics_s=cfg.mlflow.system_metrics_interval_s,
-                                                     dataset_source=cfg.data.source, reuse_finished=True)
+                                                     dataset_source=cfg.data.source, reuse_finished=True,
+                                                     evaluator=Evaluator.from_config(cfg))
         metrics = _t(evaluate_step, "evaluate")(trained.best, data.data_yaml, Evaluator.from_config(cfg), run.run_id,
                                                 dataset_fingerprint=data.fingerprint,
                                                 system_metrics_s=cfg.mlflow.system_metrics_interval_s,

@@ -124,6 +124,8 @@ class TrainConfig(_Section):
     freeze: int = Field(0, ge=0)
     finetune: bool = False
     finetune_lr_scale: float = Field(0.1, gt=0, le=1)
+    finetune_guard: bool = True
+    finetune_guard_tol: float = Field(0.0, ge=0, le=1)
     resume: str | None = None
     workers: int = Field(0, ge=0)
     device: str = "cpu"
@@ -219,14 +221,20 @@ class QuantizeConfig(_Section):
     sensitivity_images: int = Field(4, ge=1)
     also_parent: bool = True
     nncf_preset: Literal["performance", "mixed"] = "performance"
+    qat_fallback: bool = True
+    qat_max_float_share: float = Field(0.1, ge=0, le=1)
+    qat_epochs: int = Field(3, ge=1)
+    qat_lr_scale: float = Field(0.01, gt=0, le=1)
 
 
 class CompressConfig(_Section):
     enabled: bool = False
     tolerance: float = Field(0.02, ge=0)
+    class_tolerance: float | None = Field(0.03, ge=0)
     min_speedup: float = Field(1.1, ge=0)
     latency_budget_ms: float | None = None
-    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16", "int8-nncf"]] = [
+    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16", "int8-nncf",
+                        "int8-qat"]] = [
         "prune",
         "int8-static",
     ]

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PT_STEPS = ("distill", "prune", "unstructured")
-QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16", "int8-nncf")
+QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16", "int8-nncf", "int8-qat")
 TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
                  "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
 
@@ -277,14 +277,78 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
         v = _pt_variant(f"{prefix}sparse", "unstructured", path, head, cfg, imgsz, work,
                         {**rep.as_dict(), "note": "zeros are still multiplied: no speed-up on dense kernels"})
         return StepOutput([v], v)
+    if step == "int8-qat":
+        if not head.weights:
+            raise DamageError(f"compress step 'int8-qat': chain head '{head.name}' has no PyTorch weights")
+        return StepOutput(qat_variants(head, data_yaml, cfg, work, evaluator, cb("qat"), "configured step"), head)
     if step in QUANT_STEPS:
         targets = [head] + ([root] if cc.quantize.also_parent and head.name != root.name else [])
         out = [quantize_variant(step, t, data_yaml, cfg, work, evaluator) for t in targets]
         if step == "int8-static":  # a row per further calibration setting tried, on the chain head
             out += [quantize_variant(step, head, data_yaml, cfg, work, evaluator, setting=st)
                     for st in cc.quantize.also_try]
+            why = qat_fallback_reason(out[0], cc.quantize.qat_max_float_share)
+            if why and cc.quantize.qat_fallback and "int8-qat" not in cc.steps:
+                from tasks.training.qat import qat_missing
+
+                missing = qat_missing() if head.weights else f"chain head '{head.name}' has no PyTorch weights"
+                if missing:
+                    log.warning("QAT fallback skipped (%s): %s", why, missing)
+                    out[0].info["qat_fallback"] = f"skipped: {missing}"
+                else:
+                    log.info("static INT8 of %s: %s: falling back to quantization-aware training", head.name, why)
+                    out[0].info["qat_fallback"] = why
+                    out += qat_variants(head, data_yaml, cfg, work, evaluator, cb("qat"), why)
         return StepOutput(out, head)
     raise DamageError(f"compress step '{step}' not implemented")
+
+
+def qat_fallback_reason(v: Variant, max_float_share: float) -> str | None:
+    """Why the accuracy-aware static INT8 variant ``v`` calls for QAT, None when it does not.
+
+    It does when it missed the tolerance (overall or per class) or met it only by returning more
+    than ``max_float_share`` of the graph's nodes to float (a mostly-float "INT8" model).
+
+    Example:
+        >>> v = Variant("int8-static", "int8-static", "m.onnx", info={"within_tolerance": True,
+        ...             "float_nodes": 40, "graph_nodes": 300})
+        >>> qat_fallback_reason(v, 0.1)
+        'returned 40 of 300 nodes (13.3%) to float, more than 10%'
+    """
+    info = v.info
+    if "within_tolerance" not in info:
+        return None
+    if not info["within_tolerance"]:
+        return "outside the accuracy tolerance after the accuracy-aware retries"
+    n, total = int(info.get("float_nodes") or 0), int(info.get("graph_nodes") or 0)
+    if total and n / total > max_float_share:
+        return f"returned {n} of {total} nodes ({100 * n / total:.1f}%) to float, more than {100 * max_float_share:g}%"
+    return None
+
+
+def qat_variants(head: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator, on_epoch,
+                 reason: str) -> list[Variant]:
+    """Quantization-aware training of ``head`` (``tasks.training.qat``), then the pipeline's static INT8.
+
+    Two rows: ``qat-fp32`` (the QAT-trained weights exported to ONNX, through the parity gate) and
+    ``int8-qat`` (its accuracy-aware static INT8: the deployable one; registered weights = the
+    QAT-trained .pt).
+    """
+    from tasks.training.qat import qat_finetune
+
+    qc = cfg.compress.quantize
+    imgsz = int(evaluator.imgsz or cfg.imgsz)
+    prefix = (head.name + "-") if head.kind != "parent" else ""
+    tcfg = cfg.train.model_copy(update={"imgsz": imgsz})
+    plain, _ = qat_finetune(head.weights, data_yaml, tcfg, work / "runs", qc.qat_epochs, qc.qat_lr_scale,
+                            seed=cfg.seed, name=f"{prefix}qat", on_epoch=on_epoch)
+    info = {"qat_epochs": qc.qat_epochs, "qat_lr0": cfg.train.lr0 * qc.qat_lr_scale, "reason": reason,
+            "backend": "nvidia-modelopt fake quantization (Ultralytics quantize=8)"}
+    fp = _pt_variant(f"{prefix}qat-fp32", "qat-fp32", plain, head, cfg, imgsz, work, info)
+    q = quantize_variant("int8-static", fp, data_yaml, cfg, work, evaluator)
+    q.name, q.kind, q.parent = f"{prefix}int8-qat", "int8-qat", head.name
+    q.info.update(info)
+    return [fp, q]
 
 
 def quant_setting_label(calibrate_method: str, per_channel: bool, activation_symmetric: bool = False) -> str:
@@ -321,7 +385,8 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
                                         evaluate_fn=evaluator.metrics_fn(data_yaml),
                                         imgsz=evaluator.imgsz, per_channel=per_channel,
                                         sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics,
-                                        calibrate_method=method, activation_symmetric=qc.activation_symmetric)
+                                        calibrate_method=method, activation_symmetric=qc.activation_symmetric,
+                                        class_tolerance=cfg.compress.class_tolerance)
         info.update(res.summary())
     elif mode == "int8-nncf":
         from tasks.export.nncf_quant import quantize_nncf
@@ -338,10 +403,13 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
 
 # ----------------------------------------------------------------------------- gate + choice
 def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
-                    latency_budget_ms: float | None, min_speedup: float = 0.0) -> Variant:
+                    latency_budget_ms: float | None, min_speedup: float = 0.0,
+                    class_tolerance: float | None = None) -> Variant:
     """Mark candidates and the chosen variant.
 
-    A candidate keeps mask mAP50 within ``tolerance`` of ``root`` and, when ``min_speedup > 0``, runs at
+    A candidate keeps mask mAP50 within ``tolerance`` of ``root``, with ``class_tolerance`` every
+    class's mask AP50 within it of root's (``mask_ap50/<class>``; a variant without per-class
+    figures is not a candidate then), and, when ``min_speedup > 0``, runs at
     least ``min_speedup`` times faster than ``root`` (``latency_ms``; a variant or root without a
     latency is not a candidate then).
 
@@ -352,6 +420,10 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     root_ms = root.metrics.get("latency_ms", float("nan"))
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
+        if class_tolerance is not None:
+            from tasks.export.quantize import worst_class_drop
+
+            accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
         faster = min_speedup <= 0 or v.metrics.get("latency_ms", float("nan")) * min_speedup <= root_ms
         v.candidate = v.name != root.name and v.kind != "scratch-baseline" and accurate and faster
         v.chosen = False
@@ -505,12 +577,13 @@ def finalize(variants: list[Variant], root: Variant, cfg, out_dir: str | Path,
     """
     out = Path(out_dir)
     chosen = gate_and_choose(variants, root, cfg.compress.tolerance, cfg.compress.latency_budget_ms,
-                             cfg.compress.min_speedup)
+                             cfg.compress.min_speedup, cfg.compress.class_tolerance)
     table = write_table(variants, out / "variants.csv")
     plot = plot_pareto(variants, out / "pareto.png", cfg.compress.latency_budget_ms)
     run_id = None
     if parent_run_id:
         settings = {"steps": cfg.compress.steps, "tolerance": cfg.compress.tolerance,
+                    "class_tolerance": cfg.compress.class_tolerance,
                     "min_speedup": cfg.compress.min_speedup, "latency_budget_ms": cfg.compress.latency_budget_ms}
         run_id = log_variants(variants, parent_run_id, table, plot, chosen, settings)
     publish_table_artifact(variants)

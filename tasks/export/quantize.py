@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -674,13 +675,17 @@ class AccuracyAwareResult:
     within_tolerance: bool
     attempts: list[QuantAttempt] = field(default_factory=list)
     ranking: list[tuple[str, float]] = field(default_factory=list)
+    graph_nodes: int = 0  # nodes of the float graph (the share returned to float is float_nodes / graph_nodes)
 
     def summary(self) -> dict[str, Any]:
+        best = next((a for a in self.attempts if a.path == self.path), None)
         return {
             "path": str(self.path),
             "within_tolerance": self.within_tolerance,
-            "attempts": [{"float_nodes": len(a.float_nodes), "mask/mAP50": a.metrics.get("mask/mAP50")}
-                         for a in self.attempts],
+            "float_nodes": len(best.float_nodes) if best else 0,
+            "graph_nodes": self.graph_nodes,
+            "attempts": [{"float_nodes": len(a.float_nodes), "mask/mAP50": a.metrics.get("mask/mAP50"),
+                          "worst_class": _worst_summary(self.float_metrics, a.metrics)} for a in self.attempts],
             "float_mask/mAP50": self.float_metrics.get("mask/mAP50"),
             "mask/mAP50": self.metrics.get("mask/mAP50"),
         }
@@ -689,20 +694,53 @@ class AccuracyAwareResult:
 EvaluateFn = Callable[[Path], dict[str, float]]
 
 
+def _worst_summary(base: dict[str, float], cand: dict[str, float]) -> dict[str, Any]:
+    c, d = worst_class_drop(base, cand)
+    return {"class": c, "drop": None if c is None else round(d, 4)}
+
+
+CLASS_METRIC_PREFIX = "mask_ap50/"  # per-class mask AP50 keys of the evaluator
+
+
+def worst_class_drop(base: dict[str, float], cand: dict[str, float],
+                     prefix: str = CLASS_METRIC_PREFIX) -> tuple[str | None, float]:
+    """The class whose mask AP50 fell most from ``base`` to ``cand`` and by how much (negative: all rose).
+
+    Classes without a finite figure on the base side (no labelled instance) are skipped; a class
+    the candidate has no figure for counts as AP 0.
+
+    Example:
+        >>> worst_class_drop({"mask_ap50/dent": .5, "mask_ap50/glass": .7}, {"mask_ap50/dent": .55,
+        ...                                                                    "mask_ap50/glass": .65})
+        ('glass', 0.04999999999999993)
+    """
+    worst, drop = None, -math.inf
+    for k, b in base.items():
+        if not k.startswith(prefix) or not math.isfinite(b):
+            continue
+        c = cand.get(k, 0.0)
+        d = b - (c if math.isfinite(c) else 0.0)
+        if d > drop:
+            worst, drop = k[len(prefix):], d
+    return worst, drop
+
+
 def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str | Path | None,
                             calib_images: Sequence[Path], tolerance: float = 0.02, max_retries: int = 3,
                             nodes_per_retry: int = 8, evaluate_fn: EvaluateFn | None = None,
                             imgsz: int | None = None, per_channel: bool = True, sensitivity_images: int = 4,
                             metric: str = "mask/mAP50", float_metrics: dict[str, float] | None = None,
                             calibrate_method: str = "minmax", activation_symmetric: bool = False,
-                            ) -> AccuracyAwareResult:
+                            class_tolerance: float | None = None) -> AccuracyAwareResult:
     """Static INT8 that keeps the most sensitive nodes in float until accuracy is within tolerance.
 
     1. Quantize (head decode in float), evaluate ``metric`` on val. 2. If it is more than
     ``tolerance`` below the float model, rank nodes with :func:`node_sensitivity` and keep
     the next ``nodes_per_retry`` worst in float; retry up to ``max_retries`` times. The best
     attempt (highest ``metric``) ends up at ``out``; ``within_tolerance`` says whether it met
-    the gate.
+    the gate. With ``class_tolerance``, an attempt also has to keep every class's mask AP50
+    within it of the float model's (a variant that keeps the overall figure while losing one
+    class is what the registry gate's per-class rule refuses later).
 
     Args:
         onnx_in: FP32 ONNX.
@@ -721,6 +759,7 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
         sensitivity_images: calibration images used for the sensitivity ranking.
         metric: metric the gate reads.
         float_metrics: the float model's metrics if already measured (saves one evaluation).
+        class_tolerance: allowed absolute drop of each class's mask AP50 (None: overall only).
     """
     onnx_in, out = Path(onnx_in), Path(out)
     size = _imgsz_from_meta(_load(onnx_in), imgsz)
@@ -733,6 +772,10 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
 
     base = float_metrics or evaluate_fn(onnx_in)
     target = base[metric] - tolerance
+
+    def within(m: dict[str, float]) -> bool:
+        return m[metric] >= target and (class_tolerance is None
+                                        or worst_class_drop(base, m)[1] <= class_tolerance + 1e-12)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".aaq-", dir=out.parent))
     attempts: list[QuantAttempt] = []
@@ -746,9 +789,10 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
                           calibrate_method=calibrate_method, activation_symmetric=activation_symmetric)
             m = evaluate_fn(cand)
             attempts.append(QuantAttempt(cand, list(float_nodes), m))
-            log.info("INT8 attempt %d: %s=%.4f (float %.4f, %d extra float nodes)", attempt, metric, m[metric],
-                     base[metric], len(float_nodes))
-            if m[metric] >= target or attempt == max_retries:
+            worst, drop = worst_class_drop(base, m)
+            log.info("INT8 attempt %d: %s=%.4f (float %.4f, %d extra float nodes; worst class %s %+.4f)", attempt,
+                     metric, m[metric], base[metric], len(float_nodes), worst, -drop)
+            if within(m) or attempt == max_retries:
                 break
             if not ranking:
                 ranking = node_sensitivity(cand, list(calib_images)[:sensitivity_images], size)
@@ -756,8 +800,8 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
             if not remaining:
                 break
             float_nodes = float_nodes + remaining[:nodes_per_retry]
-        # best accuracy; on a tie, the one with fewer float nodes (faster)
-        best = max(attempts, key=lambda a: (a.metrics[metric], -len(a.float_nodes)))
+        # within the tolerances first; then best accuracy; on a tie, the one with fewer float nodes (faster)
+        best = max(attempts, key=lambda a: (within(a.metrics), a.metrics[metric], -len(a.float_nodes)))
         atomic_write(out, lambda tmp: os.replace(best.path, tmp))  # work/ is beside out: a rename
         best_path = out
         for a in attempts:
@@ -765,4 +809,5 @@ def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str
                 a.path = out
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return AccuracyAwareResult(best_path, best.metrics, base, best.metrics[metric] >= target, attempts, ranking)
+    return AccuracyAwareResult(best_path, best.metrics, base, within(best.metrics), attempts, ranking,
+                               graph_nodes=len(_load(onnx_in).graph.node))

@@ -77,6 +77,36 @@ ImageLike = str | os.PathLike | np.ndarray
 # ----------------------------------------------------------------------------- results
 
 
+class _LazyPolygon:
+    """``Instance.polygon``: traced from the mask on first read when the instance was built without one.
+
+    The outline is for the JSON output and the overlay; the predictor's own result (masks, damage
+    percentage) never needs it, so ``Predictor.predict`` leaves it to whoever reads it (it costs
+    a contour trace per instance: about a quarter of the post-processing of a busy photo). A
+    dataclass field whose default is a descriptor: ``Instance(..., polygon=[...])`` still stores
+    a given outline.
+    """
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return None  # the dataclass default
+        v = obj.__dict__.get(self.slot)
+        if v is None:
+            m = obj.mask
+            if isinstance(m, BoxMask):
+                v = _polygon(m.crop, m.x0, m.y0)
+            else:
+                v = _polygon(np.ascontiguousarray(m, dtype=bool), 0, 0)
+            obj.__dict__[self.slot] = v
+        return v
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Instance:
     """One detected instance, in original-image pixels.
@@ -89,7 +119,8 @@ class Instance:
         mask: the instance's HxW mask of the original image as a ``BoxMask`` (stored as its box
             crop; ``np.asarray(mask)`` gives the full frame when really needed).
         area_px: pixels in ``mask``.
-        polygon: largest outer contour of the mask, simplified (``[[x, y], ...]``, ints).
+        polygon: largest outer contour of the mask, simplified (``[[x, y], ...]``, ints); traced
+            from ``mask`` on first read when not given.
         vehicle_id: the vehicle instance this damage is assigned to (a vehicle: its own id),
             None for damage outside every vehicle.
     """
@@ -101,7 +132,7 @@ class Instance:
     box: list[float]
     mask: BoxMask | np.ndarray
     area_px: int
-    polygon: list[list[int]]
+    polygon: list[list[int]] | None = _LazyPolygon()  # type: ignore[assignment]
     vehicle_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -666,8 +697,7 @@ class Predictor:
             cls = classes[k]
             name = self.names[cls] if cls < len(self.names) else str(cls)
             instances.append(Instance(id=len(instances), cls=cls, name=name, score=scores[k],
-                                      box=box_list[k], mask=full, area_px=area,
-                                      polygon=_polygon(crop, x0, y0)))
+                                      box=box_list[k], mask=full, area_px=area))
             masks.append(full)
             names.append(name)
             extents.append((x0, y0, x1, y1))

@@ -17,6 +17,7 @@ from typing import Any
 from tasks.core.config import TrainConfig
 from tasks.core.errors import DamageError, DatasetError
 from tasks.core.families import model_source
+from tasks.training.guard import ParentGuard
 
 # Augmentation profiles: rows of Ultralytics train arguments. "light" is for small or
 # fine-grained datasets where mosaic/mixup destroy context: flips and small rotations only.
@@ -55,6 +56,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     args: dict[str, Any] = field(default_factory=dict)
     accumulate: int | None = None  # batches per optimiser step, read off the Ultralytics trainer
+    guard: dict[str, Any] | None = None  # the parent guard's summary (tasks.training.guard), fine-tunes only
 
     @property
     def results_csv(self) -> Path:
@@ -168,6 +170,35 @@ def normalise_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _sized_for_dataset(src: str, data_yaml: Path, folder: Path) -> str:
+    """The model YAML ``src`` with ``nc`` set to the dataset's class count (a copy in ``folder``); a .pt as is.
+
+    Weights are loaded into the network built from ``src`` before the trainer re-builds it for the
+    dataset. Built from the bare YAML it has the YAML's 80 classes, so a checkpoint with the
+    dataset's 7 loses its classification output convolutions twice (80 != 7 on load, then the
+    trainer re-heads 80 -> 7 with fresh ones): every fine-tune from production started with a
+    random class head (measured: mask mAP50 0.762 -> 0.719 after one epoch at lr ~0). Same name
+    stem, so Ultralytics still reads the scale (n/s/m/l/x) from the file name.
+    """
+    import yaml
+    from ultralytics.nn.tasks import yaml_model_load
+
+    from tasks.core.atomic import atomic_write_text
+    from tasks.data.dataset import load_data_yaml
+
+    if not src.endswith((".yaml", ".yml")):
+        return src
+    nc = len(load_data_yaml(data_yaml).names)
+    d = yaml_model_load(src)
+    if d.get("nc") == nc:
+        return src
+    d["nc"] = nc
+    d.pop("yaml_file", None)
+    out = Path(folder) / f"{Path(src).stem}-nc{nc}.yaml"
+    atomic_write_text(out, yaml.safe_dump(d, sort_keys=False))
+    return str(out)
+
+
 def _resume_checkpoint(cfg: TrainConfig, project: Path, name: str) -> Path | None:
     if not cfg.resume:
         return None
@@ -219,6 +250,7 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     trainer_cls: type | None = None,
     extra_args: dict[str, Any] | None = None,
+    guard_eval: Callable[[Path], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train a YOLO-seg model (any family of ``tasks.core.families``) and return its best/last checkpoints and metrics.
 
@@ -234,6 +266,9 @@ def train_model(
             validation: with per-epoch validation off there is nothing to report until the last.
         trainer_cls: custom trainer (e.g. one whose ``get_model`` keeps a pruned architecture).
         extra_args: further Ultralytics train arguments (e.g. ``distill_model``); they win.
+        guard_eval: ``checkpoint -> metrics`` of the fine-tune guard (``train.finetune_guard``, when
+            training starts from ``train.weights`` in fine-tune mode); default: ``Evaluator`` at
+            ``train.imgsz`` on ``data_yaml``. The nightly passes the gate's evaluator.
 
     Returns:
         TrainResult with absolute paths to best.pt and last.pt.
@@ -261,14 +296,15 @@ def train_model(
         train_kwargs: dict[str, Any] = {"resume": True, "data": str(data_yaml)}
     else:
         src = model_source(cfg.model)
-        model = YOLO(src, task="segment")
         if cfg.weights:
             w = Path(cfg.weights).expanduser()
             if not w.is_file():
                 raise DamageError(f"train.weights '{cfg.weights}': file not found")
-            model = model.load(str(w))
+            model = YOLO(_sized_for_dataset(src, data_yaml, project), task="segment").load(str(w))
         elif cfg.finetune and not src.endswith(".pt"):
             raise DamageError("train.finetune needs train.weights or a .pt train.model to start from")
+        else:
+            model = YOLO(src, task="segment")
         train_kwargs = build_train_args(cfg, data_yaml, project, name, seed)
     train_kwargs.update(extra_args or {})
 
@@ -297,6 +333,10 @@ def train_model(
             metrics.update(normalise_metrics(trainer.metrics or {}))
             metrics.update(validated)
         validated.clear()
+        if guard is not None and guard.last_figures:  # the guard's evaluator figures of this epoch's checkpoint
+            metrics.update({k: float(v) for k, v in guard.last_figures.items()
+                            if v is not None and math.isfinite(float(v))})
+            guard.last_figures = {}
         on_epoch(int(trainer.epoch), metrics)
 
     model.add_callback("on_val_end", _val_end)
@@ -309,6 +349,15 @@ def train_model(
 
     model.add_callback("on_train_start", _train_start)
     model.add_callback("on_fit_epoch_end", _epoch_end)
+    guard = None
+    if cfg.finetune and cfg.finetune_guard and cfg.weights:
+        # best.pt = the fittest epoch that loses no class the parent had (tasks.training.guard)
+        if guard_eval is None:
+            from tasks.evaluation.evaluate import Evaluator
+
+            guard_eval = Evaluator(imgsz=cfg.imgsz).metrics_fn(data_yaml)
+        guard = ParentGuard(Path(cfg.weights), guard_eval, cfg.finetune_guard_tol)
+        guard.attach(model)
     if trainer_cls is not None:
         train_kwargs["trainer"] = trainer_cls
     model.train(**train_kwargs)
@@ -331,6 +380,7 @@ def train_model(
         history=history,
         args={k: v for k, v in train_kwargs.items() if k != "trainer"},
         accumulate=accumulate[0] if accumulate else None,
+        guard=guard.state.summary() if guard is not None and guard.state is not None else None,
     )
 
 
@@ -365,7 +415,8 @@ def _mark_finished(out_dir: Path, name: str, result: TrainResult) -> None:
 def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: str, seed: int = 0,
                name: str = "train", full_config: dict[str, Any] | None = None,
                dataset_fingerprint: str | None = None, system_metrics_s: float = 0.0,
-               dataset_source: str | None = None, reuse_finished: bool = False) -> TrainResult:
+               dataset_source: str | None = None, reuse_finished: bool = False,
+               evaluator: Any | None = None) -> TrainResult:
     """Train inside a nested MLflow run "train": params, per-epoch metrics, plots, weights.
 
     The nested run gets the training arguments as params, every epoch's losses, learning
@@ -377,6 +428,9 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
     With ``reuse_finished`` (the nightly flow, whose ``out_dir`` is keyed by data + config +
     code), a training that already completed in ``out_dir`` is not repeated: a retried flow run
     resumes after it (a finished ``last.pt`` has no optimiser state to resume from).
+
+    ``evaluator`` (a ``tasks.evaluation.evaluate.Evaluator``, the gate's) scores the epochs of a
+    guarded fine-tune (``train.finetune_guard``); default: ``Evaluator`` at ``train.imgsz``.
     """
     from tasks.core import tracking
     from tasks.core.prefect_ui import Progress
@@ -400,14 +454,16 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_metrics(c, run_id, metrics, step=epoch)
-            shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95")
+            shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95",
+                                             "guard/mask_mAP50", "guard/worst_class_drop")
                      if k in metrics}
             total = int(metrics.get("epochs_planned") or cfg.epochs)
             print(f"epoch {epoch + 1}/{total}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
             progress.update(min(100.0, 100.0 * (epoch + 1) / max(total, 1)))
 
         with system_metrics(run_id, system_metrics_s, c.tracking_uri):
-            result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch)
+            result = train_model(data_yaml, cfg, out_dir, seed=seed, name=name, on_epoch=on_epoch,
+                                 guard_eval=evaluator.metrics_fn(data_yaml) if evaluator is not None else None)
         progress.update(100.0)
         # One-off figures stay out of the time-series charts: the best.pt validation is a JSON artifact
         # (its numbers are also the last points of the per-epoch series), the epoch count a tag.
@@ -415,8 +471,15 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
         tracking.set_tags(c, run_id, {"epochs_run": result.epochs_run})
         if result.accumulate is not None:
             tracking.set_tags(c, run_id, {"accumulate": result.accumulate})
+        if result.guard is not None:
+            tracking.set_tags(c, run_id, {k: str(v) for k, v in result.guard.items()})
+            g = result.guard
+            print(f"fine-tune guard: kept epoch {g['guard.chosen_epoch']} of {g['guard.epochs_judged']} "
+                  f"({g['guard.qualified_epochs']} lost no class beyond {g['guard.tol']:g}); worst class change vs "
+                  f"parent: {g['guard.chosen_worst_class']} {-g['guard.chosen_worst_drop']:+.3f}"
+                  + ("" if g["guard.chosen_qualified"] else " - NO epoch kept every class: the gate will judge it"))
         for f in sorted(result.run_dir.glob("*")):
-            if f.suffix in {".csv", ".png", ".jpg", ".yaml"}:
+            if f.suffix in {".csv", ".png", ".jpg", ".yaml"} or f.name == "guard.json":
                 tracking.log_artifact(c, run_id, f, "results")
         tracking.log_artifact(c, run_id, result.best, "weights")
         if full_config is not None:

@@ -163,6 +163,34 @@ def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, t
     assert not res2.within_tolerance and len(res2.attempts) == 2  # reports the best reached
 
 
+def test_accuracy_aware_loop_also_holds_every_class(float_onnx, calib, tmp_path):
+    """With class_tolerance an attempt that keeps the overall figure but loses one class is retried, and the
+    attempt that holds every class wins over a more accurate one that does not."""
+    import onnx
+
+    from tasks.export.quantize import quantize_accuracy_aware, worst_class_drop
+
+    def fake_eval(path):
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        if "damage.quantization" not in meta:
+            return {"mask/mAP50": 0.50, "mask_ap50/dent": 0.40, "mask_ap50/glass": 0.60}
+        extra = len(json.loads(meta["damage.quantization"])["extra_float_nodes"])
+        # overall better than float from the start; glass recovers only with 2 nodes in float
+        return {"mask/mAP50": 0.52 - 0.005 * extra, "mask_ap50/dent": 0.45, "mask_ap50/glass": 0.50 + 0.05 * extra}
+
+    res = quantize_accuracy_aware(float_onnx, tmp_path / "aa.onnx", None, calib, tolerance=0.02, max_retries=3,
+                                  nodes_per_retry=1, evaluate_fn=fake_eval, imgsz=96, sensitivity_images=2,
+                                  class_tolerance=0.03)
+    assert [len(a.float_nodes) for a in res.attempts] == [0, 1, 2]
+    assert res.within_tolerance and res.metrics["mask_ap50/glass"] == pytest.approx(0.60)
+    assert res.summary()["attempts"][0]["worst_class"] == {"class": "glass", "drop": pytest.approx(0.1)}
+    # the overall rule alone would have stopped at the first attempt, glass 0.1 down
+    alone = quantize_accuracy_aware(float_onnx, tmp_path / "ab.onnx", None, calib, tolerance=0.02, max_retries=3,
+                                    nodes_per_retry=1, evaluate_fn=fake_eval, imgsz=96, sensitivity_images=2)
+    assert len(alone.attempts) == 1 and alone.within_tolerance
+    assert worst_class_drop(alone.float_metrics, alone.metrics) == ("glass", pytest.approx(0.1))
+
+
 
 # --- which parts of the INT8 graph run in float ---------------------------------------------------
 

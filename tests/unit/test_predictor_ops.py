@@ -135,3 +135,23 @@ def test_nms_empty_and_scale_boxes_roundtrip():
     boxes = np.array([[10.0, 20.0, 100.0, 60.0], [0.0, 0.0, 160.0, 96.0]], np.float32)
     ref = ops.scale_boxes((96, 160), boxes.copy(), (75, 201))
     np.testing.assert_allclose(_scale_boxes(boxes.copy(), (96, 160), (75, 201)), ref, rtol=1e-6)
+
+
+def test_instance_outline_is_traced_from_its_mask_on_first_read():
+    """predict() leaves the outline to whoever reads it: traced from the box-cropped mask, in image pixels,
+    once (cached), and a given outline is kept as given."""
+    import numpy as np
+
+    from tasks.evaluation.damage_percent import BoxMask
+    from tasks.serving.predictor import Instance
+
+    crop = np.zeros((20, 30), bool)
+    crop[5:15, 10:25] = True
+    inst = Instance(0, 1, "dent", 0.9, [40.0, 60.0, 70.0, 80.0], BoxMask(crop, 40, 60, (100, 120)), int(crop.sum()))
+    assert "_polygon" not in vars(inst) or vars(inst)["_polygon"] is None
+    poly = inst.polygon
+    xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (50, 64, 65, 74)  # crop 10:25 x 5:15, offset (40, 60)
+    assert inst.polygon is poly and inst.to_dict()["polygon"] == poly
+    given = Instance(1, 1, "dent", 0.5, [0, 0, 1, 1], crop, 3, [[0, 0], [1, 0], [1, 1]])
+    assert given.polygon == [[0, 0], [1, 0], [1, 1]]
