@@ -73,7 +73,12 @@ def test_two_instances_in_one_image_differ(detections):
     multi = [exps for _, exps in detections if len(exps) >= 2]
     if not multi:
         pytest.fail("no image with two detected instances; train longer")
+    compared = 0
     for exps in multi:
         a, b = exps[0], exps[1]
         assert a.anchor != b.anchor
+        if a.heatmap.max() <= 0 or b.heatmap.max() <= 0:
+            continue  # Grad-CAM's ReLU left no positive evidence for one of them: nothing to compare
+        compared += 1
         assert not np.allclose(a.heatmap, b.heatmap, atol=1e-3), (a.summary(), b.summary())
+    assert compared, "no image with two instances whose heatmaps both carry signal; train longer"
