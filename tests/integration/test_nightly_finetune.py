@@ -21,20 +21,24 @@ SMALL = [
     "train.epochs=12", "train.imgsz=96", "train.batch=8", "train.augment=light",
     "explain.enabled=false", "explain.samples=0", "export.parity_images=1", "compress.enabled=false",
     "sweep.conf=[0.3, 0.4]", "sweep.iou=[0.5]",
-    # v1 must reach staging to be approved: no absolute floors on a 12-epoch model
-    "registry.floor_mask_map=0.0", "registry.min_class_ap50=0.0", "registry.class_tolerance=0.0",
     "mlflow.experiment=finetune-slow",
 ]
+# The registry section is the worker's own (issue 13: a run parameter may not set it), pinned in the environment.
+# v1 must reach staging to be approved: no absolute floors on a 12-epoch model; no class may drop at all.
+WORKER_REGISTRY = {"floor_mask_map": 0.0, "min_class_ap50": 0.0, "class_tolerance": 0.0}
 
 
-def test_second_nightly_starts_from_approved_v1_and_keeps_every_class(prefect_harness, state_paths):
+def test_second_nightly_starts_from_approved_v1_and_keeps_every_class(prefect_harness, state_paths, monkeypatch):
+    import json
+
     from mlflow.tracking import MlflowClient
 
     import model_registry as mr
     from flows.nightly import nightly
 
     name = f"finetune-{uuid.uuid4().hex[:8]}"
-    cfg = [*SMALL, f"registry.model_name={name}"]
+    monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", json.dumps({**WORKER_REGISTRY, "model_name": name}))
+    cfg = list(SMALL)
     first = nightly(overrides=cfg, force=True)
     assert first["init"]["source"] == "scratch" and "no 'production' version" in first["init"]["reason"]
     v1 = first["registered_version"]
