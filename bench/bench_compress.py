@@ -42,22 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import announce_machine, build_random_model, write_json  # noqa: E402
-
-
-def _images(work: Path, n: int, imgsz: int) -> list[Path]:
-    import cv2
-    import numpy as np
-
-    from tasks.data.synth import render_sample
-
-    out = []
-    for i in range(n):
-        p = work / f"calib{i}.jpg"
-        if not p.exists():
-            cv2.imwrite(str(p), render_sample(np.random.default_rng([7, i]), imgsz).image)
-        out.append(p)
-    return out
+from bench.common import announce_machine, build_random_model, static_int8, synth_images, write_json  # noqa: E402
 
 
 def _torch_runner(pt: Path, imgsz: int):
@@ -123,7 +108,6 @@ def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, cal
     import torch
 
     from tasks.export.onnx import export_onnx
-    from tasks.export.quantize import quantize_onnx
     from tasks.training.prune import prune_structured
 
     torch.set_num_threads(THREADS)
@@ -131,11 +115,7 @@ def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, cal
     runners = {"torch fp32": _torch_runner(pt, imgsz), "ort fp32": _ort_runner(onnx, imgsz)}
     for label in settings:
         method, per_channel = _setting(label)
-        int8 = work / f"{onnx.stem}.int8-{method}-{'pc' if per_channel else 'pt'}.onnx"
-        if not int8.exists():
-            quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz, calibrate_method=method,
-                          per_channel=per_channel)
-        runners[f"ort int8 {label}"] = _ort_runner(int8, imgsz)
+        runners[f"ort int8 {label}"] = _ort_runner(static_int8(onnx, work, imgsz, calib, method, per_channel), imgsz)
     for label, template in compare.items():
         runners[label] = _ort_runner(Path(template.format(size=size, imgsz=imgsz)), imgsz)
     if ratio > 0:
@@ -214,7 +194,7 @@ def main() -> None:
     machine, results = announce_machine({"ort_intra_op": THREADS}), {}
     print(f"threads {THREADS}, imgsz {args.imgsz}, batch 1, rounds {args.rounds} (median, interleaved)")
     for imgsz in args.imgsz:
-        calib = _images(work, args.calib, imgsz)
+        calib = synth_images(work, args.calib, "calib", 7, imgsz, None, ".jpg")
         for size in args.sizes:
             r = results[f"{size}@{imgsz}"] = bench_size(size, work, imgsz, args.rounds, args.ratio, calib,
                                                         args.int8_settings, compare)

@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import build_random_model, synth_images  # noqa: E402
+from bench.common import build_random_model, static_int8, synth_images  # noqa: E402
 
 
 def _median_ms(xs: list[float]) -> float:
@@ -124,19 +124,6 @@ def _ort_variants(onnx: Path) -> dict[str, object]:
             "tuned, no cached graph": OnnxRuntime(onnx, cache=False).run}
 
 
-def _int8_model(onnx: Path, work: Path, imgsz: int) -> Path:
-    """The static INT8 QDQ file of ``onnx`` (the pipeline's default settings; cached under the name
-    ``bench_compress.py`` gives it), calibrated on synthetic photos."""
-    from tasks.export.quantize import quantize_onnx
-
-    int8 = work / f"{onnx.stem}.int8-minmax-pc.onnx"
-    if not int8.exists():
-        calib = synth_images(work, 8, "calib", 7, imgsz, (imgsz, imgsz), ".jpg")
-        quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz, calibrate_method="minmax",
-                      per_channel=True)
-    return int8
-
-
 def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_objects: int,
           backends: list[str], ov_bf16: bool, variants: bool, int8: bool = False) -> dict[str, dict[str, float]]:
     """Interleaved rounds: every predictor and Ultralytics on the same images, one after the other."""
@@ -150,7 +137,7 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
     if ov_bf16 and "openvino" in backends:
         preds["openvino-bf16"] = Predictor(onnx, backend="openvino", openvino_precision="bf16")
     if int8:  # the registered variant is usually the INT8 one: the predictor serving it, same weights
-        q = _int8_model(onnx, work, imgsz)
+        q = static_int8(onnx, work, imgsz, synth_images(work, 8, "calib", 7, imgsz, None, ".jpg"))
         preds.update({f"{b}-int8": Predictor(q, backend=b) for b in backends})
     extra = _ort_variants(onnx) if variants else {}
     first = next(iter(preds.values()))

@@ -60,6 +60,19 @@ def synth_images(work: Path, n: int, prefix: str, seed: int, render_px: int,
     return out
 
 
+def static_int8(onnx: Path, work: Path, imgsz: int, calib: list[Path], method: str = "minmax",
+                per_channel: bool = True) -> Path:
+    """The pipeline's static INT8 QDQ file of ``onnx`` (``tasks.export.quantize.quantize_onnx``), cached in
+    ``work`` by model and setting; after changing ``quantize.py``, delete the cached files."""
+    from tasks.export.quantize import quantize_onnx
+
+    int8 = work / f"{onnx.stem}.int8-{method}-{'pc' if per_channel else 'pt'}.onnx"
+    if not int8.exists():
+        quantize_onnx(onnx, int8, "int8-static", calib_images=calib, imgsz=imgsz, calibrate_method=method,
+                      per_channel=per_channel)
+    return int8
+
+
 def announce_machine(threads: dict[str, int] | None = None) -> dict:
     """Print what this benchmark runs on (CPU, ISA, runtimes, threads) and return it for the JSON output.
 

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -369,6 +370,41 @@ def class_metrics(rows: Sequence[dict[str, Any]], missing: float | None = None) 
             elif missing is not None:
                 out[f"{prefix}/{row['class']}"] = missing
     return out
+
+
+def class_drops(base: dict[str, float], cand: dict[str, float], prefix: str = "mask_ap50/") -> dict[str, float]:
+    """Per-class drop ``base - cand`` of the ``prefix`` metrics (positive: the candidate is worse).
+
+    Classes without a finite figure on the base side (no labelled instance) are skipped; a class
+    the candidate has no finite figure for counts as AP 0 (it lost the class).
+
+    Example:
+        >>> class_drops({"mask_ap50/dent": .5, "mask_ap50/glass": float("nan")}, {"mask_ap50/glass": .7})
+        {'dent': 0.5}
+    """
+    out = {}
+    for k, b in base.items():
+        if k.startswith(prefix) and math.isfinite(b):
+            c = cand.get(k, 0.0)
+            out[k[len(prefix):]] = b - (c if math.isfinite(c) else 0.0)
+    return out
+
+
+def worst_class_drop(base: dict[str, float], cand: dict[str, float],
+                     prefix: str = "mask_ap50/") -> tuple[str | None, float]:
+    """The class whose figure fell most from ``base`` to ``cand`` and by how much (negative: all rose;
+    ``(None, -inf)`` without per-class figures).
+
+    Example:
+        >>> worst_class_drop({"mask_ap50/dent": .5, "mask_ap50/glass": .7}, {"mask_ap50/dent": .55,
+        ...                                                                    "mask_ap50/glass": .65})
+        ('glass', 0.04999999999999993)
+    """
+    drops = class_drops(base, cand, prefix)
+    if not drops:
+        return None, -math.inf
+    worst = max(drops, key=drops.get)
+    return worst, drops[worst]
 
 
 # ----------------------------------------------------------------------------- model + data

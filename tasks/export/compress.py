@@ -421,7 +421,7 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
         if class_tolerance is not None:
-            from tasks.export.quantize import worst_class_drop
+            from tasks.evaluation.evaluate import worst_class_drop
 
             accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
         faster = min_speedup <= 0 or v.metrics.get("latency_ms", float("nan")) * min_speedup <= root_ms

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -36,6 +35,7 @@ import numpy as np
 
 from tasks.core.atomic import atomic_write
 from tasks.core.errors import DamageError, DatasetError
+from tasks.evaluation.evaluate import worst_class_drop
 
 log = logging.getLogger(__name__)
 
@@ -697,32 +697,6 @@ EvaluateFn = Callable[[Path], dict[str, float]]
 def _worst_summary(base: dict[str, float], cand: dict[str, float]) -> dict[str, Any]:
     c, d = worst_class_drop(base, cand)
     return {"class": c, "drop": None if c is None else round(d, 4)}
-
-
-CLASS_METRIC_PREFIX = "mask_ap50/"  # per-class mask AP50 keys of the evaluator
-
-
-def worst_class_drop(base: dict[str, float], cand: dict[str, float],
-                     prefix: str = CLASS_METRIC_PREFIX) -> tuple[str | None, float]:
-    """The class whose mask AP50 fell most from ``base`` to ``cand`` and by how much (negative: all rose).
-
-    Classes without a finite figure on the base side (no labelled instance) are skipped; a class
-    the candidate has no figure for counts as AP 0.
-
-    Example:
-        >>> worst_class_drop({"mask_ap50/dent": .5, "mask_ap50/glass": .7}, {"mask_ap50/dent": .55,
-        ...                                                                    "mask_ap50/glass": .65})
-        ('glass', 0.04999999999999993)
-    """
-    worst, drop = None, -math.inf
-    for k, b in base.items():
-        if not k.startswith(prefix) or not math.isfinite(b):
-            continue
-        c = cand.get(k, 0.0)
-        d = b - (c if math.isfinite(c) else 0.0)
-        if d > drop:
-            worst, drop = k[len(prefix):], d
-    return worst, drop
 
 
 def quantize_accuracy_aware(onnx_in: str | Path, out: str | Path, data_yaml: str | Path | None,

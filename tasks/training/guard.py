@@ -28,7 +28,6 @@ epoch (about 1 s for the demo's 80 images at 160 px; a time budget then fits few
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,29 +70,15 @@ class GuardState:
     def chosen(self) -> EpochVerdict | None:
         return next((e for e in reversed(self.epochs) if e.chosen), None)
 
-    def drops(self, aps: dict[str, float]) -> dict[str, float]:
-        """Per-class drop (parent - epoch) over the classes both sides have a finite AP for.
-
-        A class the parent scored but the epoch has no figure for (no labels can not happen on
-        the same split; a missing key means the model lost it entirely) counts as AP 0.
-        """
-        out = {}
-        for k, p in self.parent.items():
-            if not (k.startswith(CLASS_PREFIX) and math.isfinite(p)):
-                continue
-            v = aps.get(k, 0.0)
-            out[k[len(CLASS_PREFIX):]] = p - (v if math.isfinite(v) else 0.0)
-        return out
-
     def judge(self, epoch: int, fitness: float, aps: dict[str, float]) -> EpochVerdict:
         """Judge one epoch and move the choice to it when it beats the current one.
 
         Order: qualified before not; among qualified the higher fitness, among the others the
         smaller worst drop (ties: the later epoch).
         """
-        drops = self.drops(aps)
-        worst_class = max(drops, key=drops.get) if drops else None
-        worst = drops[worst_class] if worst_class else -math.inf
+        from tasks.evaluation.evaluate import worst_class_drop
+
+        worst_class, worst = worst_class_drop(self.parent, aps, CLASS_PREFIX)
         v = EpochVerdict(epoch, float(fitness), float(worst), worst_class, worst <= self.tol + 1e-12)
         cur = self.chosen
         if cur is None or _key(v) >= _key(cur):
@@ -137,8 +122,8 @@ class ParentGuard:
     """The guard's trainer side, as Ultralytics callbacks (``attach``).
 
     ``evaluate_fn`` is the pipeline's evaluator (``Evaluator.metrics_fn``: the promotion gate's
-    measure, not Ultralytics' in-training validator, whose per-class figures differ from it by up
-    to 0.07 AP50 on the demo model; a guard in the validator's terms let a class drop 0.018 in
+    measure, not Ultralytics' in-training validator, whose per-class figures differed from it by up
+    to 0.19 AP50 on the demo model; a guard in the validator's terms let a class drop 0.018 in
     the gate's). The parent is scored before the first epoch; after each epoch's ``last.pt`` is
     written (``on_model_save``) that checkpoint is scored and judged, a chosen one copied to
     ``guard_best.pt``, and ``best.pt`` set to the chosen checkpoint, so Ultralytics' final

@@ -72,9 +72,9 @@ def qat_finetune(weights: str | Path, data_yaml: str | Path, cfg: TrainConfig, o
             budget, the guard and per-epoch validation are set here.
         out_dir: Ultralytics project folder; the run lands in ``out_dir/name``.
         epochs: QAT epochs.
-        lr_scale: lr0 = ``cfg.lr0 * lr_scale`` (no warmup). Small on purpose: the weights only need
-            to settle onto the INT8 grid, and a fine-tune's restarted EMA follows the raw weights
-            closely for its first ~2000 updates, so a larger step costs float accuracy first.
+        lr_scale: lr0 = ``cfg.lr0 * lr_scale`` (no warmup): the weights only need to settle onto
+            the INT8 grid. On the demo model (3 epochs) 0.01 and 0.1 gave INT8 mask mAP50 0.767 and
+            0.765, one run each: no clear difference; the smaller step stays nearer the parent.
         seed: training seed.
         name: run folder name.
         on_epoch: per-epoch callback ``(epoch, metrics)``.
