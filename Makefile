@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	@# [server]: psycopg2 and MLflow basic auth, which the integration tests start servers with
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,server]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,server,ray]'
 	@# opencv-python-headless beside opencv-python breaks cv2 silently: refuse it.
 	@! $(BIN)/python -m pip show -q opencv-python-headless 2>/dev/null || \
 	  { echo "opencv-python-headless is installed next to opencv-python; uninstall it"; exit 1; }

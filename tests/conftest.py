@@ -152,3 +152,20 @@ def trained_model(easy_dataset, tmp_path_factory) -> Path:
     res = train_model(easy_dataset, cfg, tmp_path_factory.mktemp("easy_train"), seed=0,
                       extra_args={"val": False, "plots": False, "nbs": EASY_BATCH})
     return res.last
+
+
+@pytest.fixture(scope="session")
+def ray_local(state_paths):
+    """One local Ray for the whole session (2 CPUs, no dashboard), stopped at the end.
+
+    Ray's temp dir lives in the state dir, never in /tmp or the home dir. Tests that need Ray take this
+    fixture; code under test must not call ``ray.shutdown()`` itself.
+    """
+    ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    tmp = Path(state_paths.root) / "ray"
+    tmp.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp),
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
