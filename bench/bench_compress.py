@@ -156,7 +156,8 @@ def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> d
     onnx = export_onnx(weights, work / "demo.onnx", imgsz)
     fm = evaluate_model(onnx, data, imgsz=imgsz).metrics
     res = quantize_accuracy_aware(onnx, work / "demo.int8.onnx", data, calibration_images(data, calib_n),
-                                  tolerance=0.02, imgsz=imgsz, float_metrics=fm)
+                                  tolerance=0.02, imgsz=imgsz, float_metrics=fm,
+                                  evaluate_fn=lambda m: evaluate_model(m, data, imgsz=imgsz).metrics)
     return {"imgsz": imgsz, "fp32 mask mAP50": fm["mask/mAP50"], "int8 mask mAP50": res.metrics["mask/mAP50"],
             "delta": res.metrics["mask/mAP50"] - fm["mask/mAP50"], "float nodes added": len(res.attempts[-1].float_nodes)}
 

@@ -15,10 +15,11 @@ from tasks.core.config import config_from_dict
 from tasks.core.prefect_tasks import as_task
 from tasks.evaluation.evaluate import Evaluator
 from tasks.export import compress as C
+from tasks.export.chain_steps import apply_step
 
 root_task = as_task(C.root_variant, "compress-parent")
 measure_task = as_task(C.measure_variant, "compress-measure")
-step_task = as_task(C.apply_step, "compress-step")
+step_task = as_task(apply_step, "compress-step")
 finalize_task = as_task(C.finalize, "compress-gate-and-choose")
 plan_task = as_task(C.plan_steps, "compress-plan")
 

@@ -4,7 +4,7 @@
   (default 02:00 UTC), deployment concurrency limit 1 so two runs never overlap (a run that
   would overlap waits in the queue), parameters ``dataset`` (URI) and ``model_size``.
   Flow runs retry on failure (``FLOW_RETRIES``); training then resumes from the previous
-  attempt's ``last.pt`` (see ``tasks/core/skip.py``).
+  attempt's ``last.pt`` (see ``tasks/nightly/skip.py``).
 * ``promote``: the promotion flow (gate + human approval), run on demand with a version.
 * ``compress``: the compression flow, run on demand.
 

@@ -10,15 +10,15 @@ from typing import Any
 from prefect import flow
 from prefect.states import Completed
 
-from tasks.core.pipeline import (
+from tasks.core.prefect_tasks import as_task as _t
+from tasks.nightly.pipeline import (
     close_pipeline_run,
     open_pipeline_run,
     prepare_dataset,
     prepare_state,
     summarise,
 )
-from tasks.core.prefect_tasks import as_task as _t
-from tasks.core.skip import (
+from tasks.nightly.skip import (
     check_unchanged,
     record_skip,
     record_success,
@@ -31,6 +31,7 @@ from tasks.core.skip import (
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
     from model_registry.card import card_step
+    from model_registry.reference import reference_step
     from model_registry.steps import gate_step, init_step, register_step
     from tasks.core import reporting
     from tasks.evaluation.evaluate import Evaluator, evaluate_step
@@ -40,7 +41,6 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from tasks.export.onnx import export_step
     from tasks.training.train import train_step
     from tasks.validation.data_check import check_data_step
-    from tasks.validation.drift import reference_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)

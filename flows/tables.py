@@ -9,13 +9,13 @@ everything the work prints to stderr so stdout carries only the JSON document.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+
+from tasks.core.jsonsafe import json_safe
 
 JsonOpt_help = "Print one JSON document on stdout (machine-readable; everything else goes to stderr)."
 
@@ -73,26 +73,6 @@ def print_table(console, title: str, cols: Sequence[Col], rows: Sequence[dict[st
     if dropped:
         console.print(f"(columns left out to fit {console.width} characters: "
                       f"{', '.join(c.header for c in dropped)}; widen the terminal or use --json)", highlight=False)
-
-
-def json_safe(x: Any) -> Any:
-    """NaN/inf -> None, paths and other objects -> str, recursively."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    try:
-        import numpy as np
-
-        if isinstance(x, np.generic):
-            return json_safe(x.item())
-    except ImportError:
-        pass
-    return str(x)
 
 
 @contextmanager

@@ -55,12 +55,13 @@ def _print_table(result: dict) -> None:
 def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path | None, name: str) -> dict:
     from tasks.core.runtime import configure_ultralytics
     from tasks.export import compress as C
+    from tasks.export.chain_steps import export_variant
 
     configure_ultralytics(paths)
     imgsz = cfg.imgsz
     out = out or C.default_out_dir(cfg, weights)
     if onnx is None:
-        onnx, _ = run_guarded(C.export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
+        onnx, _ = run_guarded(export_variant, weights, out / "parent.onnx", cfg, imgsz, {"variant": "parent"})
     with top_level_run(cfg, name) as (run_id, _):
         return run_guarded(C.run_chain, weights, onnx, data, cfg, out, parent_run_id=run_id)
 

@@ -98,7 +98,7 @@ def run(
 
         config = DEFAULT_CONFIG.parent / "demo.yaml"
     cfg, paths = setup(ctx, config=config)
-    from tasks.core.pipeline import preflight
+    from tasks.nightly.pipeline import preflight
 
     run_guarded(preflight, cfg)
     from flows.nightly import nightly
@@ -132,8 +132,10 @@ def train(
     data_yaml = run_guarded(find_data_yaml, data)
     start = run_guarded(offline_decision, cfg.train, run_guarded(load_data_yaml, data_yaml).names)
     console.print(f"start: {start.reason}", highlight=False)
+    from tasks.evaluation.evaluate import Evaluator
+
     res = run_guarded(train_model, data_yaml, apply(cfg.train, start), out or paths.runs / "train", seed=cfg.seed,
-                      name=name)
+                      name=name, guard_eval=Evaluator.from_config(cfg).metrics_fn(data_yaml))
     console.print(f"trained {res.epochs_run} epochs -> best: {res.best}")
     for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         if k in res.metrics:

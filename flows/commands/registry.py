@@ -97,7 +97,7 @@ def approve_(
     cfg, name, uri, v = _decide(ctx, approve, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
-    from tasks.core.reporting import notify_promotion
+    from tasks.nightly.reporting import notify_promotion
 
     notify_promotion(cfg, name, v.version, by, reason, uri)  # best effort: never fails the approval
 

@@ -227,14 +227,28 @@ class QuantizeConfig(_Section):
     qat_lr_scale: float = Field(0.01, gt=0, le=1)
 
 
+# The compression steps, the one list of them: name -> kind. "pytorch" steps change the chain head's weights
+# (each variant exported through the parity gate); "quantization" steps rewrite its ONNX file and come after
+# them. What each does: tasks/export/chain_steps.py (STEP_RUNNERS, checked against this table by a test).
+COMPRESS_STEPS: dict[str, str] = {
+    "distill": "pytorch",
+    "prune": "pytorch",
+    "unstructured": "pytorch",
+    "int8-static": "quantization",
+    "int8-dynamic": "quantization",
+    "fp16": "quantization",
+    "int8-nncf": "quantization",
+    "int8-qat": "quantization",
+}
+
+
 class CompressConfig(_Section):
     enabled: bool = False
     tolerance: float = Field(0.02, ge=0)
     class_tolerance: float | None = Field(0.03, ge=0)
     min_speedup: float = Field(1.1, ge=0)
     latency_budget_ms: float | None = None
-    steps: list[Literal["distill", "prune", "unstructured", "int8-static", "int8-dynamic", "fp16", "int8-nncf",
-                        "int8-qat"]] = [
+    steps: list[Literal[tuple(COMPRESS_STEPS)]] = [  # type: ignore[valid-type]
         "prune",
         "int8-static",
     ]

@@ -91,12 +91,20 @@ def image_header(data: bytes) -> tuple[str, int, int, int]:
 
 
 
-def check_pixels(w: int, h: int, max_pixels: int, name: str) -> None:
-    """Raise ``ImageTooLarge`` naming ``name`` when ``w * h`` exceeds ``max_pixels``."""
+def pixel_problem(w: int, h: int, max_pixels: int) -> str | None:
+    """Why an image of ``w`` x ``h`` (from its header) must not be decoded, or None: the one pixel-limit rule."""
     if w <= 0 or h <= 0:
-        raise DamageError(f"{name}: invalid image size {w}x{h} in the header")
+        return f"invalid image size {w}x{h} in the header"
     if w * h > max_pixels:
-        raise ImageTooLarge(f"{name}: {w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (not decoded)")
+        return f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (not decoded)"
+    return None
+
+
+def check_pixels(w: int, h: int, max_pixels: int, name: str) -> None:
+    """Raise ``ImageTooLarge`` (or ``DamageError`` for a nonsensical size) naming ``name`` (``pixel_problem``)."""
+    problem = pixel_problem(w, h, max_pixels)
+    if problem is not None:
+        raise (ImageTooLarge if w > 0 and h > 0 else DamageError)(f"{name}: {problem}")
 
 
 def check_image_bytes(data: bytes, max_pixels: int, name: str) -> tuple[int, int]:

@@ -92,6 +92,11 @@ def resolve_state_dir(state_dir: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def state_paths(state_dir: str | os.PathLike | None = None) -> StatePaths:
+    """``StatePaths`` of the resolved state directory (``resolve_state_dir``): the one way to a state path."""
+    return StatePaths(resolve_state_dir(state_dir))
+
+
 def _bundled_font() -> Path | None:
     """A TTF shipped inside an installed package (matplotlib's DejaVu), used as Arial.ttf."""
     try:

@@ -134,7 +134,7 @@ def _outer(mask: np.ndarray) -> np.ndarray | None:
     (rightly) calls such polygons degenerate. Closing the mask with a 3x3 kernel joins those
     pinches, so the label stays a simple polygon covering the painted region.
     """
-    from tasks.validation.scan import polygon_self_intersects
+    from tasks.data.polygons import polygon_self_intersects
 
     m = mask.astype(np.uint8)
     for _ in range(4):

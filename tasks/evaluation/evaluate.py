@@ -43,7 +43,7 @@ from tasks.core.jsonsafe import json_safe
 
 if TYPE_CHECKING:
     from tasks.core.config import Config
-    from tasks.evaluation.damage_percent import DamageMAE, VehicleError
+    from tasks.serving.damage_percent import DamageMAE, VehicleError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ImageTruth:
         boxes: (n, 4) float xyxy.
         cls: (n,) int class ids.
         masks: (n, h, w) bool masks at the resolution predictions are matched at.
-        damage_percent: image-level damage percentage from the labels (``tasks.evaluation.damage_percent``),
+        damage_percent: image-level damage percentage from the labels (``tasks.serving.damage_percent``),
             None when the image has no vehicle.
     """
 
@@ -309,7 +309,7 @@ def damage_summary(scores: Sequence[ImageScore], conf: float) -> DamageMAE:
 
     Needs scores from a ``collect`` pass with ``conf`` among its ``op_confs``.
     """
-    from tasks.evaluation.damage_percent import mae_summary
+    from tasks.serving.damage_percent import mae_summary
 
     return mae_summary([e for s in scores for e in s.damage.get(conf, [])])
 
@@ -317,7 +317,7 @@ def damage_summary(scores: Sequence[ImageScore], conf: float) -> DamageMAE:
 def damage_mae(scores: Sequence[ImageScore], conf: float) -> tuple[float, int]:
     """Mean absolute error (percentage points) of the per-vehicle damage percentage at ``conf``.
 
-    Per labelled vehicle (rule in ``tasks.evaluation.damage_percent``): a labelled vehicle that
+    Per labelled vehicle (rule in ``tasks.serving.damage_percent``): a labelled vehicle that
     no predicted vehicle matches counts as 0 % predicted.
 
     Returns:
@@ -557,7 +557,7 @@ def _truth_tensors(item: dict, names: dict[int, str], proto_hw: tuple[int, int])
     import torch.nn.functional as F
     from ultralytics.utils import ops
 
-    from tasks.evaluation.damage_percent import damage_report
+    from tasks.serving.damage_percent import damage_report
 
     h, w = item["img"].shape[1:]
     cls = item["cls"].view(-1).long().numpy()
@@ -598,7 +598,7 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
     """Deployment NMS (best class per box) above min(confs), full-res masks, per-vehicle damage % per conf."""
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.damage_percent import vehicle_errors
+    from tasks.serving.damage_percent import vehicle_errors
 
     det = nms.non_max_suppression(pred[None], min(confs), iou, nc=len(names), multi_label=False,
                                   max_det=max_det, end2end=end2end)[0]

@@ -604,9 +604,9 @@ def explain_step(
         The files written (and logged).
     """
     from tasks.core import tracking
-    from tasks.core.runtime import resolve_state_dir
+    from tasks.core.runtime import state_paths
 
-    out = Path(out_dir) if out_dir else resolve_state_dir() / "reports" / "explain" / parent_run_id
+    out = Path(out_dir) if out_dir else state_paths().reports / "explain" / parent_run_id
     files = explain_to_dir(model, images, out, method=cfg.method, layer=cfg.layer, conf=cfg.conf, iou=cfg.iou,
                            imgsz=imgsz, max_instances=cfg.max_instances)
     with tracking.step_run(parent_run_id, "explain") as (c, run_id):

@@ -394,7 +394,8 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
     size = int(imgsz or train_cfg.imgsz)
     if cfg.fold_start == "trained":
         fold_train = train_cfg.model_copy(update={"weights": str(weights), "epochs": cfg.fold_epochs,
-                                                  "warmup_epochs": 0.0, "val": False, "time_min": None})
+                                                  "warmup_epochs": 0.0, "val": False, "time_min": None,
+                                                  "finetune_guard": False})  # a fold is no candidate
     else:
         fold_train = train_cfg.model_copy(update={"val": False, "weights": None})
     for k in range(k_folds):

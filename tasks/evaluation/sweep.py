@@ -7,7 +7,7 @@ operating-point figures, and each grid confidence filters those detections. Per 
 box and mask precision, recall and F1 (micro-averaged, IoU >= 0.5, see ``tasks.evaluation.evaluate.prf_at``),
 box and mask mAP50 / mAP50-95 at that NMS IoU (always at the 0.001 floor), Ultralytics fitness,
 detections per image, and the mean absolute error of the per-vehicle damage percentage
-(``tasks.evaluation.damage_percent``: labelled vs matched predicted vehicle) against the labels.
+(``tasks.serving.damage_percent``: labelled vs matched predicted vehicle) against the labels.
 
 The operating point is chosen by an objective from ``OBJECTIVES`` (a table, not branches).
 
@@ -45,7 +45,7 @@ from tasks.evaluation.evaluate import (
 
 if TYPE_CHECKING:
     from tasks.core.config import SweepConfig
-    from tasks.evaluation.damage_percent import DamageMAE
+    from tasks.serving.damage_percent import DamageMAE
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +411,9 @@ def publish_table_artifact(res: SweepResult) -> str | None:
 
 
 def _default_out_dir(run_id: str) -> Path:
-    from tasks.core.runtime import resolve_state_dir
+    from tasks.core.runtime import state_paths
 
-    return resolve_state_dir() / "reports" / f"sweep-{run_id[:8]}"
+    return state_paths().reports / f"sweep-{run_id[:8]}"
 
 
 def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz: int, parent_run_id: str,

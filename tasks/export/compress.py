@@ -29,54 +29,22 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.core.atomic import atomic_write
 from tasks.core.display import round_metric
 from tasks.core.errors import DamageError
+from tasks.export.chain_steps import apply_step
+from tasks.export.variant import PT_STEPS, QUANT_STEPS, StepOutput, Variant, pt_stats
 
 if TYPE_CHECKING:
     from tasks.evaluation.evaluate import Evaluator
 
 log = logging.getLogger(__name__)
 
-PT_STEPS = ("distill", "prune", "unstructured")
-QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16", "int8-nncf", "int8-qat")
 TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
                  "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
-
-
-@dataclass
-class Variant:
-    """One model in the comparison table."""
-
-    name: str
-    kind: str
-    onnx: str
-    parent: str | None = None
-    weights: str | None = None  # the .pt it came from (None for quantized files)
-    params: int | None = None
-    gflops: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    candidate: bool = False
-    chosen: bool = False
-
-    def row(self) -> dict[str, Any]:
-        m = self.metrics
-        return {
-            "name": self.name, "kind": self.kind, "parent": self.parent or "", "setting": self.info.get("setting", ""),
-            "mask/mAP50": m.get("mask/mAP50"), "mask/mAP50-95": m.get("mask/mAP50-95"),
-            "box/mAP50": m.get("box/mAP50"), "box/mAP50-95": m.get("box/mAP50-95"),
-            "latency_ms": m.get("latency_ms"), "size_mb": m.get("size_mb"), "params": self.params,
-            "gflops": self.gflops, "delta_mask_mAP50": m.get("delta_mask_mAP50"),
-            "candidate": self.candidate, "chosen": self.chosen, "onnx": self.onnx,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def plan_steps(steps: list[str]) -> list[str]:
@@ -160,245 +128,6 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
         m["delta_mask_mAP50-95"] = m["mask/mAP50-95"] - root_metrics["mask/mAP50-95"]
     v.metrics = m
     return v
-
-
-def pt_stats(weights: str | Path, imgsz: int) -> tuple[int, float]:
-    """(params, GFLOPs at ``imgsz``) of a .pt."""
-    from tasks.training.prune import count_params, gflops, load_model
-
-    m = load_model(weights)
-    return count_params(m), gflops(m, imgsz)
-
-
-# ----------------------------------------------------------------------------- steps
-@dataclass
-class StepOutput:
-    """Variants a step made and the new chain head (PyTorch steps move it; quantization does not)."""
-
-    variants: list[Variant]
-    head: Variant
-
-
-def export_variant(weights: str | Path, out: str | Path, cfg, imgsz: int,
-                   meta: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Export a variant's .pt to ONNX with the pipeline's export settings, then run the parity gate.
-
-    Every exported variant (parent, pruned, fine-tuned, distilled, sparse) goes through the same
-    PyTorch-vs-ONNX-Runtime gate as the nightly export (``export.parity_atol`` on
-    ``export.parity_images`` generated images): a pruned graph that exports but computes something
-    else must not reach the table.
-
-    Returns:
-        The ONNX path and the parity result as a dict (``figures``, ``atol``, ``images``, ``passed``).
-
-    Raises:
-        GateFailed: the ONNX outputs differ from PyTorch's by more than ``export.parity_atol``.
-    """
-    from tasks.export.onnx import export_onnx, parity_check
-
-    onnx = export_onnx(weights, out, imgsz, opset=cfg.export.opset, dynamic=cfg.export.dynamic,
-                       simplify=cfg.export.simplify, metadata=meta)
-    parity = parity_check(weights, onnx, cfg.export.parity_images, imgsz, cfg.export.parity_atol)
-    return onnx, parity.to_dict()
-
-
-def _pt_variant(name: str, kind: str, weights: Path, parent: Variant, cfg, imgsz: int, work: Path,
-                info: dict[str, Any]) -> Variant:
-    onnx, parity = export_variant(weights, work / f"{name}.onnx", cfg, imgsz,
-                                  {"variant": name, "variant_kind": kind, "variant_parent": parent.name})
-    params, gf = pt_stats(weights, imgsz)
-    return Variant(name, kind, str(onnx), parent.name, str(weights), params, gf,
-                   info={**info, "parity": parity["figures"]})
-
-
-def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, cfg, work_dir: str | Path,
-               evaluator: Evaluator, on_epoch=None) -> StepOutput:
-    """Run one chain step on ``head`` (``root`` is the original parent).
-
-    Args:
-        step: one of ``PT_STEPS + QUANT_STEPS``.
-        head: current chain head (must have ``weights`` for PyTorch steps).
-        root: the original parent (teacher for ``distill`` unless ``compress.distill.teacher``).
-        data_yaml: dataset (training, calibration).
-        cfg: full ``Config``.
-        work_dir: where the step writes its files.
-        evaluator: how every variant is measured; its ``imgsz`` is the training, export and
-            calibration size too (``Evaluator.from_config``: the one image-size rule).
-        on_epoch: per-epoch callback for training steps ``(step_name, epoch, metrics)``.
-    """
-    from tasks.training import prune as P
-    imgsz = int(evaluator.imgsz or cfg.imgsz)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    cc = cfg.compress
-    tcfg = cfg.train.model_copy(update={"imgsz": imgsz})
-    name = head.name if head.kind != "parent" else ""
-    prefix = (name + "-") if name else ""
-
-    def cb(tag):
-        return (lambda e, m: on_epoch(tag, e, m)) if on_epoch else None
-
-    if step in PT_STEPS and not head.weights:
-        raise DamageError(f"compress step '{step}': chain head '{head.name}' has no PyTorch weights")
-    if step == "distill":
-        from tasks.training.distill import distill
-
-        teacher = Path(cc.distill.teacher or root.weights)
-        res = distill(teacher, data_yaml, tcfg, cc.distill, work / "runs", seed=cfg.seed,
-                      name=f"{prefix}distilled", on_epoch=cb("distill"))
-        v = _pt_variant(f"{prefix}distilled", "distilled", res.best, head, cfg, imgsz, work,
-                        {"teacher": str(teacher), "student": cc.distill.student, "epochs": cc.distill.epochs,
-                         "hinton": cc.distill.hinton, "temperature": cc.distill.temperature})
-        out = [v]
-        if cc.distill.compare_scratch:
-            from tasks.training.distill import train_scratch
-
-            s = train_scratch(data_yaml, tcfg, cc.distill, work / "runs", seed=cfg.seed,
-                              name=f"{prefix}scratch", on_epoch=cb("scratch"))
-            out.insert(0, _pt_variant(f"{prefix}scratch", "scratch-baseline", s.best, head, cfg, imgsz, work,
-                                      {"student": cc.distill.student, "epochs": cc.distill.epochs}))
-        return StepOutput(out, v)
-    if step == "prune":
-        pruned, rep = P.prune_structured(head.weights, work / f"{prefix}pruned.pt", cc.prune.ratio, imgsz=imgsz,
-                                         importance=cc.prune.importance)
-        v = _pt_variant(f"{prefix}pruned", "pruned", pruned, head, cfg, imgsz, work, rep.as_dict())
-        out = [v]
-        if cc.prune.finetune_epochs > 0:
-            ft_cfg = tcfg.model_copy(update={"epochs": cc.prune.finetune_epochs, "time_min": None})
-            res = P.finetune_pruned(pruned, data_yaml, ft_cfg, work / "runs", seed=cfg.seed,
-                                    name=f"{prefix}pruned-ft", on_epoch=cb("finetune"))
-            v = _pt_variant(f"{prefix}pruned-ft", "finetuned", res.best, v, cfg, imgsz, work,
-                            {"epochs": cc.prune.finetune_epochs})
-            out.append(v)
-        return StepOutput(out, v)
-    if step == "unstructured":
-        path, rep = P.prune_unstructured(head.weights, work / f"{prefix}sparse.pt", cc.prune.sparsity,
-                                         scope=cc.prune.scope, imgsz=imgsz)
-        v = _pt_variant(f"{prefix}sparse", "unstructured", path, head, cfg, imgsz, work,
-                        {**rep.as_dict(), "note": "zeros are still multiplied: no speed-up on dense kernels"})
-        return StepOutput([v], v)
-    if step == "int8-qat":
-        if not head.weights:
-            raise DamageError(f"compress step 'int8-qat': chain head '{head.name}' has no PyTorch weights")
-        return StepOutput(qat_variants(head, data_yaml, cfg, work, evaluator, cb("qat"), "configured step"), head)
-    if step in QUANT_STEPS:
-        targets = [head] + ([root] if cc.quantize.also_parent and head.name != root.name else [])
-        out = [quantize_variant(step, t, data_yaml, cfg, work, evaluator) for t in targets]
-        if step == "int8-static":  # a row per further calibration setting tried, on the chain head
-            out += [quantize_variant(step, head, data_yaml, cfg, work, evaluator, setting=st)
-                    for st in cc.quantize.also_try]
-            why = qat_fallback_reason(out[0], cc.quantize.qat_max_float_share)
-            if why and cc.quantize.qat_fallback and "int8-qat" not in cc.steps:
-                from tasks.training.qat import qat_missing
-
-                missing = qat_missing() if head.weights else f"chain head '{head.name}' has no PyTorch weights"
-                if missing:
-                    log.warning("QAT fallback skipped (%s): %s", why, missing)
-                    out[0].info["qat_fallback"] = f"skipped: {missing}"
-                else:
-                    log.info("static INT8 of %s: %s: falling back to quantization-aware training", head.name, why)
-                    out[0].info["qat_fallback"] = why
-                    out += qat_variants(head, data_yaml, cfg, work, evaluator, cb("qat"), why)
-        return StepOutput(out, head)
-    raise DamageError(f"compress step '{step}' not implemented")
-
-
-def qat_fallback_reason(v: Variant, max_float_share: float) -> str | None:
-    """Why the accuracy-aware static INT8 variant ``v`` calls for QAT, None when it does not.
-
-    It does when it missed the tolerance (overall or per class) or met it only by returning more
-    than ``max_float_share`` of the graph's nodes to float (a mostly-float "INT8" model).
-
-    Example:
-        >>> v = Variant("int8-static", "int8-static", "m.onnx", info={"within_tolerance": True,
-        ...             "float_nodes": 40, "graph_nodes": 300})
-        >>> qat_fallback_reason(v, 0.1)
-        'returned 40 of 300 nodes (13.3%) to float, more than 10%'
-    """
-    info = v.info
-    if "within_tolerance" not in info:
-        return None
-    if not info["within_tolerance"]:
-        return "outside the accuracy tolerance after the accuracy-aware retries"
-    n, total = int(info.get("float_nodes") or 0), int(info.get("graph_nodes") or 0)
-    if total and n / total > max_float_share:
-        return f"returned {n} of {total} nodes ({100 * n / total:.1f}%) to float, more than {100 * max_float_share:g}%"
-    return None
-
-
-def qat_variants(head: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator, on_epoch,
-                 reason: str) -> list[Variant]:
-    """Quantization-aware training of ``head`` (``tasks.training.qat``), then the pipeline's static INT8.
-
-    Two rows: ``qat-fp32`` (the QAT-trained weights exported to ONNX, through the parity gate) and
-    ``int8-qat`` (its accuracy-aware static INT8: the deployable one; registered weights = the
-    QAT-trained .pt).
-    """
-    from tasks.training.qat import qat_finetune
-
-    qc = cfg.compress.quantize
-    imgsz = int(evaluator.imgsz or cfg.imgsz)
-    prefix = (head.name + "-") if head.kind != "parent" else ""
-    tcfg = cfg.train.model_copy(update={"imgsz": imgsz})
-    plain, _ = qat_finetune(head.weights, data_yaml, tcfg, work / "runs", qc.qat_epochs, qc.qat_lr_scale,
-                            seed=cfg.seed, name=f"{prefix}qat", on_epoch=on_epoch)
-    info = {"qat_epochs": qc.qat_epochs, "qat_lr0": cfg.train.lr0 * qc.qat_lr_scale, "reason": reason,
-            "backend": "nvidia-modelopt fake quantization (Ultralytics quantize=8)"}
-    fp = _pt_variant(f"{prefix}qat-fp32", "qat-fp32", plain, head, cfg, imgsz, work, info)
-    q = quantize_variant("int8-static", fp, data_yaml, cfg, work, evaluator)
-    q.name, q.kind, q.parent = f"{prefix}int8-qat", "int8-qat", head.name
-    q.info.update(info)
-    return [fp, q]
-
-
-def quant_setting_label(calibrate_method: str, per_channel: bool, activation_symmetric: bool = False) -> str:
-    """``minmax/per-channel`` (``+sym-act`` with symmetric activations): the table's ``setting`` cell."""
-    return (f"{calibrate_method}/{'per-channel' if per_channel else 'per-tensor'}"
-            + ("+sym-act" if activation_symmetric else ""))
-
-
-def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator,
-                     setting=None) -> Variant:
-    """Quantize ``src.onnx`` with ``mode``; INT8 static runs the accuracy-aware loop, measured by
-    ``evaluator`` (the one that measured ``src``, so the float baseline and the attempts compare).
-
-    ``setting`` (a ``QuantSetting`` of ``compress.quantize.also_try``) replaces the configured
-    calibration method and weight granularity; its variant's name carries the setting
-    (``int8-static[entropy/per-tensor]``), the default one keeps the plain mode name.
-    """
-    from tasks.export import quantize as Q
-    qc = cfg.compress.quantize
-    method = setting.calibrate_method if setting is not None else qc.calibrate_method
-    per_channel = setting.per_channel if setting is not None else qc.per_channel
-    label = quant_setting_label(method, per_channel, qc.activation_symmetric)
-    name = f"{src.name}-{mode}" if src.kind != "parent" else mode
-    if setting is not None:
-        name += f"[{label}]"
-    out = work / f"{name.replace('/', '-')}.onnx"
-    info: dict[str, Any] = {"mode": mode, "source": src.onnx, "source_weights": src.weights}
-    if mode == "int8-static":
-        info["setting"] = label
-        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
-        float_metrics = src.metrics or None
-        res = Q.quantize_accuracy_aware(src.onnx, out, data_yaml, calib, tolerance=cfg.compress.tolerance,
-                                        max_retries=qc.max_retries, nodes_per_retry=qc.nodes_per_retry,
-                                        evaluate_fn=evaluator.metrics_fn(data_yaml),
-                                        imgsz=evaluator.imgsz, per_channel=per_channel,
-                                        sensitivity_images=qc.sensitivity_images, float_metrics=float_metrics,
-                                        calibrate_method=method, activation_symmetric=qc.activation_symmetric,
-                                        class_tolerance=cfg.compress.class_tolerance)
-        info.update(res.summary())
-    elif mode == "int8-nncf":
-        from tasks.export.nncf_quant import quantize_nncf
-
-        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
-        quantize_nncf(src.onnx, out, calib, int(evaluator.imgsz or cfg.imgsz), preset=qc.nncf_preset)
-        info.update({"preset": qc.nncf_preset, "calib_images": len(calib)})
-    else:
-        if mode == "int8-dynamic":
-            info["setting"] = "per-channel" if qc.per_channel else "per-tensor"
-        Q.quantize_onnx(src.onnx, out, mode, per_channel=qc.per_channel if mode == "int8-dynamic" else None)
-    return Variant(name, mode, str(out), src.name, None, src.params, src.gflops, info=info)
 
 
 # ----------------------------------------------------------------------------- gate + choice
@@ -604,11 +333,11 @@ def root_variant(parent_weights: str | Path, parent_onnx: str | Path, imgsz: int
 
 def default_out_dir(cfg, parent_weights: str | Path) -> Path:
     """``<state_dir>/models/compress/<run folder of the parent>``: one folder per parent model."""
-    from tasks.core.runtime import resolve_state_dir
+    from tasks.core.runtime import state_paths
 
     p = Path(parent_weights).resolve()
     tag = p.parent.parent.name if p.parent.name == "weights" else p.stem
-    return resolve_state_dir(cfg.state_dir) / "models" / "compress" / tag
+    return state_paths(cfg.state_dir).models / "compress" / tag
 
 
 def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepOutput],

@@ -69,19 +69,19 @@ def quantize_nncf(onnx_in: str | Path, onnx_out: str | Path, calib_images: Seque
     import nncf
     import onnx
 
-    from tasks.export.quantize import (
-        _copy_metadata,
-        _ensure_node_names,
-        _input_name,
+    from tasks.export.onnx_graph import (
+        copy_metadata,
+        ensure_node_names,
+        graph_input_name,
         head_postprocess_nodes,
-        preprocess_image,
     )
+    from tasks.export.quantize import preprocess_image
 
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in))
-    _ensure_node_names(model)
+    ensure_node_names(model)
     keep_float = sorted(set(head_postprocess_nodes(model)) | set(exclude_nodes or []))
-    name = _input_name(model)
+    name = graph_input_name(model)
     images = list(calib_images)
     data = nncf.Dataset(images, lambda p: {name: preprocess_image(p, imgsz)})
     try:
@@ -93,5 +93,5 @@ def quantize_nncf(onnx_in: str | Path, onnx_out: str | Path, calib_images: Seque
     info: dict[str, Any] = {"mode": "int8-nncf", "preset": preset, "calib_images": min(len(images),
                                                                                       subset_size or len(images)),
                             "float_nodes": len(keep_float), "nncf": nncf.__version__}
-    _copy_metadata(model, q, {"damage.quantization": info})
+    copy_metadata(model, q, {"damage.quantization": info})
     return atomic_write(onnx_out, lambda tmp: onnx.save(q, tmp))

@@ -20,7 +20,6 @@ Metadata keys written (``onnx.ModelProto.metadata_props``, all strings):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,8 +33,7 @@ import numpy as np
 from tasks.core.atomic import atomic_write
 from tasks.core.config import ExportConfig, PredictorConfig
 from tasks.core.errors import DamageError, GateFailed, load_file
-
-META_PREFIX = "damage."
+from tasks.serving.metadata import decode, encode, pipeline_keys, raw_props, set_props
 
 
 @dataclass
@@ -149,22 +147,11 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
             raise DamageError(f"{weights}: ONNX export failed (opset {opset}): {e}") from e
         proto = onnx.load(str(produced))
         # the file says which family it is (registry tag, predictor decode, benchmarks)
-        _set_metadata(proto, _pipeline_metadata(proto, {"family": family, **(metadata or {})}))
+        set_props(proto, _pipeline_metadata(proto, {"family": family, **(metadata or {})}))
         atomic_write(out, lambda tmp: onnx.save(proto, tmp))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _set_metadata(proto, meta: dict[str, str]) -> None:
-    """Set ``metadata_props`` keys of an ``onnx.ModelProto`` in place (existing keys are replaced)."""
-    props = {p.key: p for p in proto.metadata_props}
-    for k, v in meta.items():
-        if k in props:
-            props[k].value = v
-        else:
-            prop = proto.metadata_props.add()
-            prop.key, prop.value = k, v
 
 
 def update_onnx_metadata(onnx_path: Path, metadata: dict[str, Any]) -> Path:
@@ -172,41 +159,23 @@ def update_onnx_metadata(onnx_path: Path, metadata: dict[str, Any]) -> Path:
     import onnx
 
     proto = onnx.load(str(onnx_path))
-    _set_metadata(proto, {META_PREFIX + (k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k):
-                          json.dumps(v, default=str) for k, v in metadata.items()})
+    set_props(proto, encode(metadata))
     return atomic_write(Path(onnx_path), lambda tmp: onnx.save(proto, tmp))
 
 
 def _pipeline_metadata(proto, metadata: dict[str, Any]) -> dict[str, str]:
-    """``damage.*`` keys: the model's own description (JSON) plus the caller's ``metadata``."""
-    import ast
-
-    ul = {p.key: p.value for p in proto.metadata_props}
-    names = ast.literal_eval(ul["names"]) if "names" in ul else {}
-    meta: dict[str, Any] = {
-        "names": [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names),
-        "imgsz": ast.literal_eval(ul["imgsz"]) if "imgsz" in ul else None,
-        "stride": int(ul["stride"]) if "stride" in ul else None,
-        "task": ul.get("task"),
-    }
-    for k, v in metadata.items():
-        meta[k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k] = v
-    return {META_PREFIX + k: json.dumps(v, default=str) for k, v in meta.items()}
+    """``damage.*`` keys: the model's own description (from Ultralytics' keys) plus the caller's ``metadata``."""
+    ul = decode(raw_props(proto))
+    meta: dict[str, Any] = {"names": ul["names"] or [], "imgsz": ul["imgsz"], "stride": ul.get("stride"),
+                            "task": ul.get("task")}
+    return encode({**meta, **metadata})
 
 
 def read_onnx_metadata(onnx_path: Path) -> dict[str, Any]:
     """The ``damage.*`` metadata of an exported file, decoded (prefix removed)."""
     import onnx
 
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    out = {}
-    for p in proto.metadata_props:
-        if p.key.startswith(META_PREFIX):
-            try:
-                out[p.key[len(META_PREFIX):]] = json.loads(p.value)
-            except json.JSONDecodeError:
-                out[p.key[len(META_PREFIX):]] = p.value
-    return out
+    return pipeline_keys(decode(raw_props(onnx.load(str(onnx_path), load_external_data=False))))
 
 
 # ----------------------------------------------------------------------------- parity

@@ -1,7 +1,7 @@
 """Torch-free predictor for exported YOLO-seg models (YOLOv8, YOLO11, YOLO26), with damage percentages.
 
 Imports only numpy, OpenCV, ONNX Runtime (or OpenVINO, ``tasks.serving.backends``) and the
-standard library (plus the numpy-only ``tasks.evaluation.damage_percent`` and the stdlib-only
+standard library (plus the numpy-only ``tasks.serving.damage_percent`` and the stdlib-only
 ``tasks.core.errors`` / ``tasks.core.images``), so a claim app or a serving container can run it
 without torch, ultralytics or prefect. Either runtime reads the same ``.onnx`` file; ``backend``
 picks one (``auto``: the one the export measured fastest, see ``tasks.serving.backends``).
@@ -37,8 +37,6 @@ Example:
 
 from __future__ import annotations
 
-import ast
-import json
 import math
 import os
 import time
@@ -52,8 +50,9 @@ import numpy as np
 
 from tasks.core.errors import DamageError
 from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
-from tasks.evaluation.damage_percent import BoxMask, DamageReport, damage_report
 from tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
+from tasks.serving.damage_percent import BoxMask, DamageReport, damage_report
+from tasks.serving.metadata import decode as decode_metadata
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -186,42 +185,7 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
     Reads Ultralytics' keys (``names``, ``imgsz``, ``stride``, ``task``) and the pipeline's
     ``damage.*`` keys (JSON values, see ``tasks.export.onnx``).
     """
-    return _decode_metadata(raw_metadata(Path(onnx_path)))
-
-
-def _literal(v: str) -> Any:
-    try:
-        return ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        return v
-
-
-def _decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k.startswith("damage."):
-            try:
-                out[k] = json.loads(v)
-            except json.JSONDecodeError:
-                out[k] = v
-        elif k in {"names", "imgsz", "args", "end2end"}:
-            out[k] = _literal(v)
-        elif k in {"stride", "batch", "channels"}:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                out[k] = v
-        else:
-            out[k] = v
-    names = out.get("damage.names") or out.get("names")
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names, key=int)]
-    out["names"] = list(names) if names else None
-    imgsz = out.get("imgsz")
-    if isinstance(imgsz, int):
-        imgsz = [imgsz, imgsz]
-    out["imgsz"] = list(imgsz) if imgsz else None
-    return out
+    return decode_metadata(raw_metadata(Path(onnx_path)))
 
 
 def _number(meta: dict[str, Any], key: str, lo: float, hi: float, path: Path, integer: bool = False):
@@ -577,7 +541,7 @@ class Predictor:
         if not self.path.is_file():
             raise DamageError(f"{self.path}: model not found")
         raw = raw_metadata(self.path)
-        self.metadata = validate_metadata(_decode_metadata(raw), self.path)
+        self.metadata = validate_metadata(decode_metadata(raw), self.path)
         self.backend = resolve_backend(backend, self.metadata, self.path)
         self.runtime = open_runtime(self.backend, self.path, threads, list(providers) if providers else None,
                                     spinning, cache_optimized, openvino_precision)

@@ -184,15 +184,14 @@ def distill_vs_scratch(teacher: str | Path, data_yaml: str | Path, train_cfg, dc
     Returns:
         ``{"kd": {...}, "scratch": {...}, "diff": {...}, "kd_weights", "scratch_weights"}``.
     """
-    from tasks.evaluation.evaluate import Evaluator
-
     out_dir = Path(out_dir)
     histories: dict[str, list[tuple[int, dict[str, float]]]] = {"kd": [], "scratch": []}
     kd = distill(teacher, data_yaml, train_cfg, dcfg, out_dir, seed=seed, name="kd",
                  on_epoch=lambda e, m: histories["kd"].append((e, m)))
     sc = train_scratch(data_yaml, train_cfg, dcfg, out_dir, seed=seed, name="scratch",
                        on_epoch=lambda e, m: histories["scratch"].append((e, m)))
-    evaluator = evaluator or Evaluator(imgsz=train_cfg.imgsz)
+    if evaluator is None:  # both models are scored as the gate scores (evaluate: settings), never by defaults
+        raise DamageError("distill_vs_scratch needs evaluator=Evaluator.from_config(cfg)")
     res = {tag: evaluator(tr.best, data_yaml).metrics for tag, tr in (("kd", kd), ("scratch", sc))}
     keys = ("mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95")
     diff = {f"kd_minus_scratch/{k}": res["kd"][k] - res["scratch"][k] for k in keys}

@@ -267,8 +267,8 @@ def train_model(
         trainer_cls: custom trainer (e.g. one whose ``get_model`` keeps a pruned architecture).
         extra_args: further Ultralytics train arguments (e.g. ``distill_model``); they win.
         guard_eval: ``checkpoint -> metrics`` of the fine-tune guard (``train.finetune_guard``, when
-            training starts from ``train.weights`` in fine-tune mode); default: ``Evaluator`` at
-            ``train.imgsz`` on ``data_yaml``. The nightly passes the gate's evaluator.
+            training starts from ``train.weights`` in fine-tune mode): the gate's evaluator
+            (``Evaluator.from_config(cfg).metrics_fn(data_yaml)``); required for a guarded fine-tune.
 
     Returns:
         TrainResult with absolute paths to best.pt and last.pt.
@@ -352,10 +352,9 @@ def train_model(
     guard = None
     if cfg.finetune and cfg.finetune_guard and cfg.weights:
         # best.pt = the fittest epoch that loses no class the parent had (tasks.training.guard)
-        if guard_eval is None:
-            from tasks.evaluation.evaluate import Evaluator
-
-            guard_eval = Evaluator(imgsz=cfg.imgsz).metrics_fn(data_yaml)
+        if guard_eval is None:  # the guard scores as the gate does: its evaluator, never a default one
+            raise DamageError("a guarded fine-tune (train.finetune_guard) needs guard_eval: "
+                              "Evaluator.from_config(cfg).metrics_fn(data_yaml), the gate's evaluator")
         guard = ParentGuard(Path(cfg.weights), guard_eval, cfg.finetune_guard_tol)
         guard.attach(model)
     if trainer_cls is not None:

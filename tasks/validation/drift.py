@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +107,9 @@ def profile_dataset(data: Path, cfg: ValidateConfig) -> dict[str, Any]:
     Raises:
         DatasetError: not a dataset.
     """
-    from expectations.tables import TableBuilder
     from tasks.data.fingerprint import dataset_fingerprint
     from tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from tasks.validation.tables import TableBuilder
 
     layout = resolve_layout(data)
     inv = enumerate_samples(layout)
@@ -275,12 +276,19 @@ def _download_profile(c: Any, run_id: str) -> dict[str, Any] | None:
 
 
 def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, model_name: str,
-                   current_run_id: str = "") -> tuple[dict[str, Any] | None, str]:
+                   current_run_id: str = "",
+                   production_run: Callable[[], tuple[str, str] | None] | None = None,
+                   ) -> tuple[dict[str, Any] | None, str]:
     """The profile tonight's gate compares with, and where it came from.
 
     ``validate.drift_reference``: ``none`` (no drift check), a profile JSON or dataset path,
     or ``auto``: the profile logged by the pipeline run behind the ``production`` version of
     ``model_name``, else the most recent pipeline run whose dataset the gate accepted.
+
+    Args:
+        production_run: returns ``(version, run_id)`` of ``model_name@production``, or None. It is the
+            registry's to answer (``model_registry.reference``), so the data gate stays below the registry;
+            called only for ``auto``.
 
     Returns:
         (profile, description) or (None, reason) when there is nothing to compare with.
@@ -289,15 +297,14 @@ def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, m
         return None, "drift check off"
     if cfg.drift_reference != "auto":
         return reference_profile(Path(cfg.drift_reference).expanduser(), cfg), cfg.drift_reference
-    from model_registry.registry import PRODUCTION, alias_source_run
     from tasks.core import tracking
 
     c = tracking.client(tracking_uri)
-    prod = alias_source_run(c, model_name, PRODUCTION)
+    prod = production_run() if production_run is not None else None
     if prod is not None:
         profile = _download_profile(c, prod[1])
         if profile is not None:
-            return profile, f"{model_name}@{PRODUCTION} (version {prod[0]}, run {prod[1]})"
+            return profile, f"{model_name}@production (version {prod[0]}, run {prod[1]})"
     runs = c.search_runs([experiment_id], filter_string=f"tags.{ACCEPTED_TAG} = 'accepted'",
                          order_by=["attributes.start_time DESC"], max_results=20)
     for r in runs:
@@ -307,8 +314,3 @@ def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, m
         if profile is not None:
             return profile, f"last accepted dataset (run {r.info.run_id})"
     return None, "no production version or accepted dataset with a profile yet"
-
-
-def reference_step(cfg: Any, run: Any) -> tuple[dict[str, Any] | None, str]:
-    """``find_reference`` for the nightly flow (``cfg``: Config, ``run``: PipelineRun)."""
-    return find_reference(cfg.validation, run.tracking_uri, run.experiment_id, cfg.registry.model_name, run.run_id)

@@ -31,14 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from tasks.core.errors import DatasetError
-from tasks.core.images import image_header  # noqa: F401  (re-exported: one header reader)
+from tasks.core.images import image_header, pixel_problem
 from tasks.data.dataset import IMAGE_EXTS, is_image_list, label_path, list_images, load_data_yaml
+from tasks.data.polygons import polygon_self_intersects
 
 # Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
 GREY_SIDE = 256
-# Polygons with more vertices than this skip the O(k^2) self-intersection test (mask contours
-# from real tools rarely exceed a few hundred points; the cap bounds the worst case).
-MAX_SELF_INTERSECT_POINTS = 2000
 
 # Fields of one image row as returned by a worker (the parent adds path, split, label info).
 IMAGE_FIELDS = ("decodes", "error", "format", "width", "height", "channels", "bytes", "sha256",
@@ -370,10 +368,9 @@ def measure_image(path: str, max_pixels: int) -> tuple:
         fmt, w, h, c = image_header(data)
     except ValueError as e:
         return bad(str(e))
-    if w <= 0 or h <= 0:
-        return bad(f"invalid size {w}x{h} in header")
-    if w * h > max_pixels:
-        return bad(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (not decoded)")
+    problem = pixel_problem(w, h, max_pixels)
+    if problem is not None:
+        return bad(problem)
     trunc = truncation_error(fmt, data)
     if trunc:
         return bad(trunc)
@@ -394,36 +391,6 @@ def measure_image(path: str, max_pixels: int) -> tuple:
     return (True, "", fmt, w, h, c, nbytes, sha, f"{dhash(grey):016x}",
             round(float(lap_std[0, 0]) ** 2, 3), round(float(mean[0, 0]), 3), round(float(std[0, 0]), 3),
             st.st_mtime_ns, thumbnail(grey))
-
-
-def polygon_self_intersects(pts: np.ndarray) -> bool:
-    """True if two non-adjacent edges of the closed polygon cross properly (bow-tie)."""
-    k = len(pts)
-    if k < 4 or k > MAX_SELF_INTERSECT_POINTS:
-        return False
-    a = pts
-    b = np.roll(pts, -1, axis=0)
-    i, j = np.triu_indices(k, 2)
-    keep = ~((i == 0) & (j == k - 1))  # first and last edge share a vertex
-    i, j = i[keep], j[keep]
-    if i.size == 0:
-        return False
-
-    def orient(p, q, r):
-        return (q[:, 0] - p[:, 0]) * (r[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (r[:, 0] - p[:, 0])
-
-    a1, b1, a2, b2 = a[i], b[i], a[j], b[j]
-    d1, d2 = orient(a1, b1, a2), orient(a1, b1, b2)
-    d3, d4 = orient(a2, b2, a1), orient(a2, b2, b1)
-    # Touching is not crossing: pixel contours touch themselves at pinches, and after
-    # normalisation (x / width) float rounding turns those exact zeros into tiny +-values.
-    span = float(np.ptp(pts, axis=0).max()) or 1.0
-    tol = 1e-9 * span * span
-
-    def opposite(u, v):
-        return ((u > tol) & (v < -tol)) | ((u < -tol) & (v > tol))
-
-    return bool(np.any(opposite(d1, d2) & opposite(d3, d4)))
 
 
 def _nan_row(line: int, error: str, class_id: float = math.nan) -> tuple:

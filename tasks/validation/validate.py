@@ -1,7 +1,7 @@
 """The data gate: validate a YOLO-seg dataset before any training run.
 
 ``validate_dataset`` streams over the dataset once (``tasks.validation.scan``, both cores),
-builds the per-image, per-annotation and dataset tables (``expectations.tables``), checks them
+builds the per-image, per-annotation and dataset tables (``tasks.validation.tables``), checks them
 with the Great Expectations suites under ``expectations/suites`` (``expectations.gx``), and
 writes ``report.json`` (schema below), optional HTML (GE Data Docs + a self-contained summary
 page) and an optional cleaned copy with ``quarantine.json``.
@@ -227,10 +227,10 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
             output location inside the dataset.
         ConfigError: an unknown finding code in ``cfg.severity``.
     """
-    from expectations.tables import TableBuilder, dataset_frame
     from tasks.data.fingerprint import dataset_fingerprint
     from tasks.validation.drift import build_profile, drift_parameters, drift_table, reference_summary
     from tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from tasks.validation.tables import TableBuilder, dataset_frame
 
     t0 = time.perf_counter()
     layout = resolve_layout(data)

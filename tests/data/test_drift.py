@@ -103,7 +103,10 @@ def test_drift_resample_quiet_shift_loud(synth_pair, tmp_path):
     c.create_registered_model(model)
     mv = c.create_model_version(model, "file:///nowhere", run_id=night0, tags={"source_run_id": night0})
     c.set_registered_model_alias(model, "production", mv.version)
-    prof, source = find_reference(ValidateConfig(), c.tracking_uri, exp, model)
+    from model_registry.registry import PRODUCTION, alias_source_run
+
+    prof, source = find_reference(ValidateConfig(), c.tracking_uri, exp, model,
+                                  production_run=lambda: alias_source_run(c, model, PRODUCTION))
     assert prof["fingerprint"] == ref["fingerprint"] and "production" in source and night0 in source
     assert find_reference(ValidateConfig(drift_reference="none"), c.tracking_uri, exp, model)[0] is None
 

@@ -26,7 +26,7 @@ def counted(monkeypatch):
 @pytest.mark.parametrize("gate", [True, False])
 def test_skip_check_and_data_gate_hash_the_dataset_once(counted, tiny_dataset, tmp_path, state_paths, gate):
     from tasks.core import tracking
-    from tasks.core.skip import check_unchanged
+    from tasks.nightly.skip import check_unchanged
     from tasks.validation.data_check import check_data_step
 
     cfg = Config()

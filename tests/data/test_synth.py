@@ -234,7 +234,7 @@ def test_written_labels_never_cross_themselves(tmp_path):
     pixel-simple polygon whose rounded copy crossed itself, and the data gate refused the set."""
     import numpy as np
 
-    from tasks.validation.scan import polygon_self_intersects
+    from tasks.data.polygons import polygon_self_intersects
 
     data = generate_dataset(tmp_path / "ds", images=100, seed=2, imgsz=96, val_fraction=0.25)
     bad = []

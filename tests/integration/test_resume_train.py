@@ -1,6 +1,6 @@
 """Kill a training run mid-way, run it again with ``resume="auto"``: finished epochs are not repeated.
 
-The folder is the one a retried nightly flow run uses (``tasks.core.skip.train_dir_for`` keyed by the
+The folder is the one a retried nightly flow run uses (``tasks.nightly.skip.train_dir_for`` keyed by the
 pipeline key), so this is what happens when Prefect retries the flow after a crash.
 """
 
@@ -67,7 +67,7 @@ def small_dataset(state_paths, tmp_path_factory) -> Path:
 @pytest.mark.integration
 def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_paths):
     from tasks.core.config import TrainConfig
-    from tasks.core.skip import resumable_train_config, train_dir_for
+    from tasks.nightly.skip import resumable_train_config, train_dir_for
     from tasks.training.train import train_model
 
     out = train_dir_for(tmp_path / "runs", "k" * 16)

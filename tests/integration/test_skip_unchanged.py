@@ -1,4 +1,4 @@
-"""Skip-when-unchanged: tasks/core/skip.py against a real MLflow store, and the nightly flow twice."""
+"""Skip-when-unchanged: tasks/nightly/skip.py against a real MLflow store, and the nightly flow twice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.config import load_config
-from tasks.core.skip import (
+from tasks.nightly.skip import (
     check_unchanged,
     pipeline_key,
     record_skip,

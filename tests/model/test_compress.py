@@ -8,7 +8,7 @@ import pytest
 
 
 def _v(name, kind, m50, m5095, lat, parent="parent"):
-    from tasks.export.compress import Variant
+    from tasks.export.variant import Variant
 
     return Variant(name, kind, f"/x/{name}.onnx", None if kind == "parent" else parent, params=100, gflops=1.0,
                    metrics={"mask/mAP50": m50, "mask/mAP50-95": m5095, "latency_ms": lat, "box/mAP50": m50,
@@ -93,8 +93,9 @@ def test_compress_flow_gates_from_measurements(prefect_harness, state_paths, tra
     from flows.compress import compress_flow
     from tasks.core import tracking
     from tasks.core.config import Config
-    from tasks.export.compress import Variant, finalize
+    from tasks.export.compress import finalize
     from tasks.export.onnx import export_onnx, read_onnx_metadata
+    from tasks.export.variant import Variant
 
     onnx = export_onnx(trained_model, tmp_path / "parent.onnx", easy_imgsz)
     cfg = Config()

@@ -218,7 +218,8 @@ def test_int8_static_keeps_head_decode_float_per_family(family, exported, fam_da
     import onnx as onnx_lib
     import onnxruntime as ort
 
-    from tasks.export.quantize import calibration_images, head_postprocess_nodes, quantize_onnx
+    from tasks.export.onnx_graph import head_postprocess_nodes
+    from tasks.export.quantize import calibration_images, quantize_onnx
     from tasks.serving.predictor import Predictor
 
     res, _ = _export(family, exported)

@@ -24,7 +24,7 @@ def test_nncf_graph_is_int8_with_the_head_decode_in_float(float_and_nncf):
     import onnx
 
     from tasks.export.onnx import read_onnx_metadata
-    from tasks.export.quantize import head_postprocess_nodes
+    from tasks.export.onnx_graph import head_postprocess_nodes
 
     f, q = float_and_nncf
     fm, qm = onnx.load(str(f)), onnx.load(str(q))
@@ -81,7 +81,9 @@ def test_compress_chain_step_int8_nncf(float_and_nncf, easy_dataset, easy_imgsz,
     from types import SimpleNamespace
 
     from tasks.core.config import Config
-    from tasks.export.compress import Variant, apply_step, plan_steps
+    from tasks.export.chain_steps import apply_step
+    from tasks.export.compress import plan_steps
+    from tasks.export.variant import Variant
 
     f, _ = float_and_nncf
     cfg = Config()

@@ -121,7 +121,7 @@ def test_export_variant_gates_parity_on_a_pruned_model(tiny_model, pruned, tmp_p
     import tasks.export.onnx as O
     from tasks.core.config import Config
     from tasks.core.errors import GateFailed
-    from tasks.export.compress import export_variant
+    from tasks.export.chain_steps import export_variant
     from tasks.export.onnx import read_onnx_metadata
 
     path, _ = pruned

@@ -11,7 +11,8 @@ from tasks.core.errors import DamageError
 
 
 def test_fallback_reason_reads_the_accuracy_aware_summary():
-    from tasks.export.compress import Variant, qat_fallback_reason
+    from tasks.export.chain_steps import qat_fallback_reason
+    from tasks.export.variant import Variant
 
     def v(**info):
         return Variant("int8-static", "int8-static", "m.onnx", info=info)

@@ -51,10 +51,10 @@ def _nc(path) -> int:
 def test_head_postprocess_nodes_found_by_traversal(float_onnx):
     import onnx
 
-    from tasks.export.quantize import DECODE_OPS, _ensure_node_names, head_postprocess_nodes
+    from tasks.export.onnx_graph import DECODE_OPS, ensure_node_names, head_postprocess_nodes
 
     m = onnx.load(str(float_onnx))
-    _ensure_node_names(m)
+    ensure_node_names(m)
     head = set(head_postprocess_nodes(m))
     by_name = {n.name: n for n in m.graph.node}
     producer = {o: n.name for n in m.graph.node for o in n.output}
@@ -98,10 +98,11 @@ def test_int8_graph_rewrites_keep_the_float_outputs(float_onnx):
     the innermost axis with a MatMul) leave the float model's outputs as they were."""
     import onnx
 
-    from tasks.export.quantize import INT8_REWRITES, REWRITES, _ensure_node_names
+    from tasks.export.onnx_graph import REWRITES, ensure_node_names
+    from tasks.export.quantize import INT8_REWRITES
 
     m = onnx.load(str(float_onnx))
-    _ensure_node_names(m)
+    ensure_node_names(m)
     assert {r: REWRITES[r](m) for r in INT8_REWRITES} == {"convtranspose": 1, "dfl_softmax": 1}
     onnx.checker.check_model(m)
     ops = {n.op_type for n in m.graph.node}
@@ -236,10 +237,10 @@ def _within(name: str, nodes: set[str]) -> bool:
 def _head(onnx_path) -> set[str]:
     import onnx
 
-    from tasks.export.quantize import _ensure_node_names, head_postprocess_nodes
+    from tasks.export.onnx_graph import ensure_node_names, head_postprocess_nodes
 
     m = onnx.load(str(onnx_path))
-    _ensure_node_names(m)
+    ensure_node_names(m)
     return set(head_postprocess_nodes(m))
 
 
@@ -249,7 +250,8 @@ def test_int8_static_runs_in_int8_except_the_head_decode(float_onnx, calib, tmp_
     decode."""
     import onnx
 
-    from tasks.export.quantize import head_postprocess_nodes, quantize_onnx
+    from tasks.export.onnx_graph import head_postprocess_nodes
+    from tasks.export.quantize import quantize_onnx
 
     q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
     qm = onnx.load(str(q))
@@ -341,7 +343,9 @@ def test_variant_table_has_a_row_per_calibration_setting(float_onnx, tiny_datase
     import onnx
 
     from tasks.core.config import config_from_dict
-    from tasks.export.compress import Variant, apply_step, write_table
+    from tasks.export.chain_steps import apply_step
+    from tasks.export.compress import write_table
+    from tasks.export.variant import Variant
 
     class FakeEvaluator:  # the chain's evaluator interface: imgsz and metrics_fn
         imgsz = 96

@@ -125,7 +125,7 @@ def test_init_step_logs_and_tags_the_reason(client, ckpts, tmp_path, caplog):
     and ``lineage.parent_version`` on the version registered afterwards."""
     from model_registry.steps import init_step
     from tasks.core.config import load_config
-    from tasks.core.pipeline import PipelineRun
+    from tasks.nightly.pipeline import PipelineRun
 
     data_yaml = tmp_path / "data.yaml"
     data_yaml.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [vehicle, dent, scratch]\n")
@@ -145,7 +145,7 @@ def test_init_step_logs_and_tags_the_reason(client, ckpts, tmp_path, caplog):
 
 def test_version_lineage_records_the_parent_version(tmp_path):
     from model_registry.steps import version_lineage
-    from tasks.core.pipeline import PipelineRun
+    from tasks.nightly.pipeline import PipelineRun
     from tasks.training.init import InitDecision
 
     run = PipelineRun("r1", "0", "sqlite://", tmp_path, "h", "c")

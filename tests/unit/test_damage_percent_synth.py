@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tasks.data import synth
-from tasks.evaluation.damage_percent import damage_report
+from tasks.serving.damage_percent import damage_report
 
 
 def _label_mask(poly: np.ndarray, size: int) -> np.ndarray:

@@ -31,7 +31,7 @@ def test_markdown_artifact_model_card_gate_and_notification_use_the_same_roundin
     from model_registry.card import model_card
     from model_registry.gate import compare
     from tasks.core.notify import approval_message
-    from tasks.core.reporting import summary_markdown
+    from tasks.nightly.reporting import summary_markdown
 
     metrics = {"mask/mAP50": V, "mask/mAP50-95": V, "box/mAP50-95": V, "box/mAP50": V, "latency_ms": MS}
     per_class = [{"class": "dent", "images": 3, "instances": 4, "mask/AP50": V, "box/AP50": V}]
@@ -49,7 +49,8 @@ def test_markdown_artifact_model_card_gate_and_notification_use_the_same_roundin
 
 
 def test_table_artifacts_round_numbers_but_keep_them_numbers():
-    from tasks.export.compress import Variant, table_markdown
+    from tasks.export.compress import table_markdown
+    from tasks.export.variant import Variant
 
     rows = table_markdown([Variant("fp32", "float", "a.onnx", gflops=V, metrics={"mask/mAP50": V, "latency_ms": MS,
                                                                                  "size_mb": float("nan")})])

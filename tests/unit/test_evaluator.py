@@ -42,6 +42,7 @@ def recorded(monkeypatch):
 
 def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypatch, tmp_path):
     from tasks.export import compress as C
+    from tasks.export.variant import Variant
 
     lat = []
     monkeypatch.setattr(C, "ort_latency_ms", lambda path, imgsz, runs=20: lat.append(imgsz) or 2.0)
@@ -53,8 +54,8 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"x" * 1000)
     ev = Evaluator(split="test", imgsz=96, conf=0.01, iou=0.6, max_det=50)
-    root = C.measure_variant(C.Variant("parent", "parent", str(onnx)), "d.yaml", ev)
-    child = C.measure_variant(C.Variant("int8", "int8-static", str(onnx)), "d.yaml", ev, root_metrics=root.metrics)
+    root = C.measure_variant(Variant("parent", "parent", str(onnx)), "d.yaml", ev)
+    child = C.measure_variant(Variant("int8", "int8-static", str(onnx)), "d.yaml", ev, root_metrics=root.metrics)
     assert recorded == [(str(onnx), "d.yaml", "test", 96, 0.01, 0.6, 50)] * 2
     assert lat == [96, 96] and child.metrics["delta_mask_mAP50"] == 0.0
     assert timed == [96, 96] and child.metrics["latency/openvino_ms"] == 3.0
@@ -62,7 +63,8 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
 
 
 def test_the_chain_loop_measures_every_variant_and_follows_the_head():
-    from tasks.export.compress import StepOutput, Variant, chain
+    from tasks.export.compress import chain
+    from tasks.export.variant import StepOutput, Variant
 
     root = Variant("parent", "parent", "p.onnx")
     made = {"distill": ["distilled"], "prune": ["pruned", "pruned-ft"], "int8-static": ["int8"]}
@@ -98,3 +100,13 @@ def test_only_the_evaluator_calls_evaluate_model():
                     if name == "evaluate_model":
                         offenders.append(f"{f.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"evaluate_model called outside Evaluator: {offenders}"
+
+
+def test_every_configured_compression_step_has_a_runner_and_no_other():
+    """One list of step names (``COMPRESS_STEPS``); the runner table and the step kinds follow it."""
+    from tasks.core.config import COMPRESS_STEPS
+    from tasks.export.chain_steps import STEP_RUNNERS
+    from tasks.export.variant import PT_STEPS, QUANT_STEPS
+
+    assert set(STEP_RUNNERS) == set(COMPRESS_STEPS)
+    assert set(PT_STEPS) | set(QUANT_STEPS) == set(COMPRESS_STEPS) and not set(PT_STEPS) & set(QUANT_STEPS)

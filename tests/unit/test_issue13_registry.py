@@ -114,7 +114,7 @@ def test_13_02_gate_config_is_not_a_run_parameter(monkeypatch, tmp_path):
         pin_worker_registry,
         worker_registry_config,
     )
-    from tasks.core.pipeline import prepare_state
+    from tasks.nightly.pipeline import prepare_state
 
     assert "registry" not in inspect.signature(promote.fn).parameters
     cfg = load_config(overrides=["registry.approvers=[alice]", "registry.tolerance=0.02"])

@@ -16,7 +16,7 @@ def test_13_15_credentials_stripped_from_params_files_and_hash(tmp_path, monkeyp
 
     from tasks.core import pipeline, tracking
     from tasks.core.secrets import move_uri_credentials_to_env, redact_uri
-    from tasks.core.skip import SkipDecision, record_skip, skip_config_hash
+    from tasks.nightly.skip import SkipDecision, record_skip, skip_config_hash
 
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(k, "")  # recorded, so what the code under test sets is undone afterwards

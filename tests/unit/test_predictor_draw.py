@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from tasks.evaluation.damage_percent import damage_report
+from tasks.serving.damage_percent import damage_report
 from tasks.serving.draw import draw_prediction
 from tasks.serving.predictor import Instance, Prediction
 

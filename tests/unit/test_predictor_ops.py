@@ -142,7 +142,7 @@ def test_instance_outline_is_traced_from_its_mask_on_first_read():
     once (cached), and a given outline is kept as given."""
     import numpy as np
 
-    from tasks.evaluation.damage_percent import BoxMask
+    from tasks.serving.damage_percent import BoxMask
     from tasks.serving.predictor import Instance
 
     crop = np.zeros((20, 30), bool)

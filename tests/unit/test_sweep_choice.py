@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from tasks.core.errors import DamageError
-from tasks.evaluation.damage_percent import VehicleError
 from tasks.evaluation.evaluate import Collected, ImageDets, ImageTruth, score_image
 from tasks.evaluation.sweep import (
     OBJECTIVES,
@@ -27,6 +26,7 @@ from tasks.evaluation.sweep import (
     plot_pr,
     write_csv,
 )
+from tasks.serving.damage_percent import VehicleError
 
 S = 32
 CONFS = [0.3, 0.4, 0.5, 0.7]

@@ -108,7 +108,7 @@ def test_model_card_lists_per_class_and_operating_point():
 
 
 def test_summary_markdown_has_figures_gate_and_links():
-    from tasks.core.reporting import summary_markdown
+    from tasks.nightly.reporting import summary_markdown
 
     s = {"metrics": {"mask/mAP50": 0.3333}, "per_class": [{"class": "dent", "instances": 2, "mask/AP50": 0.1}],
          "promotion": {"passed": True, "reasons": ["first candidate"]}, "registered_model": "damage-seg",
@@ -122,7 +122,7 @@ def test_summary_markdown_has_figures_gate_and_links():
 
 def test_reporting_keys_do_not_change_the_pipeline_key():
     from tasks.core.config import load_config
-    from tasks.core.skip import skip_config_hash
+    from tasks.nightly.skip import skip_config_hash
 
     base = skip_config_hash(load_config())
     for o in ('notify.urls=["json://h/x"]', "notify.events=[failure]", "mlflow.system_metrics_interval_s=0",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from expectations import SUITE_NAMES, load_suite_json, suite_codes
-from expectations.tables import near_pairs
 from tasks.validation.scan import image_header, measure_image, parse_label_line, truncation_error
+from tasks.validation.tables import near_pairs
 from tasks.validation.validate import DEFAULT_SEVERITY, severities
 
 
@@ -112,7 +112,7 @@ def test_flat_images_are_not_near_duplicates_but_recompressed_copies_are(tmp_pat
     import cv2
     import pandas as pd
 
-    from expectations.tables import duplicate_rows
+    from tasks.validation.tables import duplicate_rows
 
     h, w = 120, 160
     grad_lr = np.tile(np.linspace(220, 90, w, dtype=np.float32), (h, 1))  # bright -> dark, left to right

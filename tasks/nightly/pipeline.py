@@ -81,7 +81,7 @@ def open_pipeline_run(cfg: Config) -> PipelineRun:
     source run id, the training folder by the pipeline key.
     """
     from tasks.core import tracking
-    from tasks.core.runtime import resolve_state_dir
+    from tasks.core.runtime import state_paths
     from tasks.data.fingerprint import code_version
 
     c = tracking.client(cfg.mlflow.tracking_uri)
@@ -105,7 +105,7 @@ def open_pipeline_run(cfg: Config) -> PipelineRun:
     tracking.log_dict(c, run_id, cfg.to_dict(), "config/resolved.yaml")
     if flow_run_id:  # link the MLflow run to the Prefect flow run, both ways
         tracking.set_tags(c, run_id, {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_name": flow_run_name or ""})
-    root = resolve_state_dir(cfg.state_dir) / "runs" / f"nightly-{stamp}-{run_id[:8]}"
+    root = state_paths(cfg.state_dir).runs / f"nightly-{stamp}-{run_id[:8]}"
     root.mkdir(parents=True, exist_ok=True)
     tracking.set_tags(c, run_id, {"damage.run_root": str(root)})
     return PipelineRun(run_id, exp_id, c.tracking_uri, root, cfg.hash(), code)

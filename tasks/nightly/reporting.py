@@ -12,7 +12,7 @@ from typing import Any
 
 from tasks.core.config import Config
 from tasks.core.display import fmt_metric
-from tasks.core.pipeline import PipelineRun
+from tasks.nightly.pipeline import PipelineRun
 
 log = logging.getLogger(__name__)
 

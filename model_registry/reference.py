@@ -1,0 +1,23 @@
+"""The drift reference of the nightly's data gate: the profile behind ``production``.
+
+The gate (``tasks/validation/drift.py``) compares profiles; which run stands behind ``production`` is
+the registry's to say, so the lookup lives here and is handed to the gate as a callable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model_registry.registry import PRODUCTION, alias_source_run
+from tasks.validation.drift import find_reference
+
+
+def reference_step(cfg: Any, run: Any) -> tuple[dict[str, Any] | None, str]:
+    """``find_reference`` for the nightly flow (``cfg``: Config, ``run``: PipelineRun)."""
+    from tasks.core import tracking
+
+    def production_run() -> tuple[str, str] | None:
+        return alias_source_run(tracking.client(run.tracking_uri), cfg.registry.model_name, PRODUCTION)
+
+    return find_reference(cfg.validation, run.tracking_uri, run.experiment_id, cfg.registry.model_name, run.run_id,
+                          production_run=production_run)
