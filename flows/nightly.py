@@ -33,7 +33,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from model_registry.card import card_step
     from model_registry.reference import reference_step
     from model_registry.steps import gate_step, init_step, register_step
-    from tasks.core import reporting
+    from tasks.nightly import reporting
     from tasks.evaluation.evaluate import Evaluator, evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
     from tasks.evaluation.label_issues import label_issues_step

@@ -26,7 +26,8 @@ def flow_run_id() -> str | None:
         return None
 
 
-def _in_run_context() -> bool:
+def in_run_context() -> bool:
+    """True inside a Prefect flow or task run (artifacts and progress are published only there)."""
     try:
         from prefect.context import FlowRunContext, TaskRunContext
 
@@ -51,7 +52,7 @@ class Progress:
 
     def update(self, percent: float) -> None:
         percent = max(0.0, min(100.0, float(percent)))
-        if percent == self.last or not _in_run_context():
+        if percent == self.last or not in_run_context():
             return
         try:
             from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -75,7 +76,7 @@ class _RunLogHandler(logging.Handler):
         self._api = APILogHandler()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _in_run_context():
+        if in_run_context():
             self._api.handle(record)
 
 
@@ -114,7 +115,7 @@ def link_flow_run(mlflow_run_url: str, mlflow_run_id: str) -> None:
 
 def publish_markdown(markdown: str, key: str, description: str) -> Any:
     """A markdown artifact on the current flow run (None outside a run)."""
-    if not _in_run_context():
+    if not in_run_context():
         return None
     try:
         from prefect.artifacts import create_markdown_artifact

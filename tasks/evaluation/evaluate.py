@@ -539,7 +539,7 @@ class Collected:
     confusion: Any = None  # Ultralytics ConfusionMatrix when ``collect(confusion=True)``
 
 
-def _split_outputs(out: Any):
+def split_outputs(out: Any):
     """(predictions (B, 4+nc+nm, A), prototypes (B, nm, h, w)) from any backend's output."""
     items = list(out) if isinstance(out, (list, tuple)) else [out]
     if items and isinstance(items[0], (list, tuple)):  # .pt in eval mode: ((preds, proto), raw)
@@ -676,7 +676,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
             items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
             im = torch.stack([it["img"] for it in items]).float() / 255
             t1 = time.perf_counter()
-            preds, protos = _split_outputs(m.backend(im))
+            preds, protos = split_outputs(m.backend(im))
             preds, protos = preds.float(), protos.float()
             t2 = time.perf_counter()
             t_pre += t1 - t0

@@ -210,7 +210,7 @@ def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None,
     import torch
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.evaluate import _split_outputs, open_model
+    from tasks.evaluation.evaluate import open_model, split_outputs
 
     m = open_model(model, data_yaml, imgsz)
     with torch.inference_mode():
@@ -219,7 +219,7 @@ def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None,
     def predict(item: dict) -> ImagePreds:
         with torch.inference_mode():
             im = item["img"][None].float() / 255
-            preds, protos = _split_outputs(m.backend(im))
+            preds, protos = split_outputs(m.backend(im))
             det = nms.non_max_suppression(preds.float(), conf_floor, iou, nc=len(m.names), multi_label=False,
                                           max_det=max_det)[0]
             masks = ops.process_mask(protos.float()[0], det[:, 6:], det[:, :4], shape=tuple(im.shape[2:]),
@@ -473,9 +473,9 @@ def write_overlay_grid(best: Sequence[tuple[dict, tuple]], path: Path) -> Path:
 
 def publish_markdown(res: LabelIssues, k: int = 10) -> str | None:
     """Prefect markdown artifact with the counts and the top rows (only inside a flow/task run)."""
-    from tasks.evaluation.sweep import _in_prefect_run
+    from tasks.core.prefect_ui import in_run_context
 
-    if not _in_prefect_run():
+    if not in_run_context():
         return None
     from prefect.artifacts import create_markdown_artifact
 

@@ -382,18 +382,11 @@ def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val
     return res
 
 
-def _in_prefect_run() -> bool:
-    try:
-        from prefect.context import FlowRunContext, TaskRunContext
-
-        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-    except Exception:  # prefect missing or broken: no artifact
-        return False
-
-
 def publish_table_artifact(res: SweepResult) -> str | None:
     """Prefect table artifact with the grid (only inside a flow or task run); returns its id."""
-    if not _in_prefect_run():
+    from tasks.core.prefect_ui import in_run_context
+
+    if not in_run_context():
         return None
     from prefect.artifacts import create_table_artifact
 

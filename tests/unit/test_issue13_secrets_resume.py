@@ -14,7 +14,8 @@ def test_13_15_credentials_stripped_from_params_files_and_hash(tmp_path, monkeyp
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.core import pipeline, tracking
+    from tasks.core import tracking
+    from tasks.nightly import pipeline
     from tasks.core.secrets import move_uri_credentials_to_env, redact_uri
     from tasks.nightly.skip import SkipDecision, record_skip, skip_config_hash
 
@@ -82,7 +83,7 @@ def test_13_17_retried_flow_resumes_training_and_registration(tmp_path, monkeypa
     from mlflow.tracking import MlflowClient
 
     import model_registry as mr
-    from tasks.core import pipeline
+    from tasks.nightly import pipeline
     from tasks.training import train
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"

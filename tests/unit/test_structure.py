@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "tasks", "model_registry", "expectations")
+NAMESPACE = "damage"  # every package imports as damage.<package> (pyproject's package-dir mapping)
 
 
 # ----------------------------------------------------------------------------- import cycles
@@ -24,6 +25,11 @@ def module_files(root: Path, packages=PACKAGES) -> dict[str, Path]:
             parts = f.relative_to(root).with_suffix("").parts
             mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     return mods
+
+
+def project_name(name: str) -> str:
+    """A module path as the tree names it: the distribution's namespace prefix removed."""
+    return name[len(NAMESPACE) + 1:] if name.startswith(NAMESPACE + ".") else name
 
 
 def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
@@ -42,7 +48,7 @@ def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
                     up = pkg_parts[: len(pkg_parts) - node.level + 1]
                     base = ".".join(up + ([node.module] if node.module else []))
                 names = [base] + [f"{base}.{a.name}" for a in node.names]
-            edges[m].update(n for n in names if n in mods and n != m)
+            edges[m].update(t for n in names if (t := project_name(n)) in mods and t != m)
     return edges
 
 
@@ -103,6 +109,74 @@ def test_cycle_finder_finds_a_planted_cycle(tmp_path):
 def test_no_import_cycles():
     found = cycles(import_graph(module_files(ROOT)))
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+# Which packages each layer may not import (prefix match on dotted names). tasks/core is the ground floor;
+# the work (tasks) sits below the registry, and both below the flows. expectations holds the suites and their
+# runner only.
+FORBIDDEN = {
+    "tasks.core": ("tasks.", "flows", "model_registry", "expectations"),
+    "tasks": ("flows", "model_registry"),
+    "model_registry": ("flows",),
+    "expectations": ("tasks", "flows", "model_registry"),
+}
+MAX_LINES = 600
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` pairs that break ``FORBIDDEN`` (tasks/core may import tasks.core itself)."""
+    bad = []
+    for m, targets in edges.items():
+        layer = next((k for k in FORBIDDEN if m == k or m.startswith(k + ".")), None)
+        if layer is None:
+            continue
+        for t in targets:
+            if t == "tasks.core" or t.startswith("tasks.core."):
+                continue
+            if any(t == f.rstrip(".") or t.startswith(f if f.endswith(".") else f + ".") for f in FORBIDDEN[layer]):
+                bad.append(f"{m} -> {t}")
+    return sorted(bad)
+
+
+def test_layer_rule_catches_a_planted_violation(tmp_path):
+    for pkg in ("tasks/core", "tasks/data", "model_registry", "flows"):
+        (tmp_path / pkg).mkdir(parents=True)
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "tasks" / "__init__.py").write_text("")
+    (tmp_path / "tasks/core/a.py").write_text("def f():\n    from tasks.data import b\n")
+    (tmp_path / "tasks/data/b.py").write_text("import model_registry.r\n")
+    (tmp_path / "model_registry/r.py").write_text("from flows import x\n")
+    (tmp_path / "flows/x.py").write_text("from tasks.core import a\n")
+    edges = import_graph(module_files(tmp_path, ("tasks", "model_registry", "flows")))
+    found = set(layer_violations(edges))
+    assert {"model_registry.r -> flows.x", "tasks.core.a -> tasks.data.b", "tasks.data.b -> model_registry.r"} <= found
+    assert not any(v.startswith("flows.") for v in found)  # the top layer may import anything
+
+
+def test_layers_point_one_way():
+    bad = layer_violations(import_graph(module_files(ROOT)))
+    assert not bad, "imports against the layering (tasks/core < tasks < model_registry < flows): " + "; ".join(bad)
+
+
+def test_no_private_names_imported_across_modules():
+    """``from project.module import _name`` (or ``module._name``) is reading another module's internals."""
+    mods = module_files(ROOT)
+    offenders = []
+    for f in mods.values():
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and project_name(node.module or "") in mods:
+                offenders += [f"{f.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not offenders, f"private names imported from other modules: {offenders}"
+
+
+def test_no_source_file_over_the_line_limit():
+    long = {str(f.relative_to(ROOT)): n for f in [*module_files(ROOT).values(), *(ROOT / "bench").glob("*.py")]
+            if (n := len(f.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"source files over {MAX_LINES} lines (split them by concern): {long}"
 
 
 # ----------------------------------------------------------------------------- README layout
