@@ -50,7 +50,7 @@ ui-prefect: install
 
 # infra/prefect.yaml is generated from flows/deploy.py (a test fails when they differ)
 prefect-yaml: install
-	$(BIN)/python -m flows.deploy infra/prefect.yaml
+	$(BIN)/python -m damage.flows.deploy infra/prefect.yaml
 
 # constraints.txt: the installed version of every direct dependency in pyproject.toml (run it in a
 # tested environment after changing pyproject.toml; a test checks the pins against the ranges)

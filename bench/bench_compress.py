@@ -4,12 +4,12 @@ Per model size (default n and s), built from the YOLOv8-seg YAML with 7 classes 
 weights (latency does not depend on weight values; nothing is downloaded):
 
 * ``torch fp32``: PyTorch eager, Conv+BN fused (what Ultralytics predicts with), ``no_grad``;
-* ``ort fp32``: the exported ONNX (``tasks.export.onnx.export_onnx``, opset 13, dynamic, simplified);
-* ``ort int8``: static INT8 QDQ (``tasks.export.quantize.quantize_onnx``: every SiLU, Add, Concat, Split,
+* ``ort fp32``: the exported ONNX (``damage.tasks.export.onnx.export_onnx``, opset 13, dynamic, simplified);
+* ``ort int8``: static INT8 QDQ (``damage.tasks.export.quantize.quantize_onnx``: every SiLU, Add, Concat, Split,
   MaxPool and Resize in int8, the prototype's ConvTranspose as an int8 1x1 Conv + DepthToSpace, head
   decode in float with the DFL Softmax on the innermost axis) calibrated on synthetic images, one row per
   ``--int8-settings`` entry (``method/granularity``, default ``minmax/per-channel``);
-* ``ort pruned``: structured pruning at ``--ratio`` (``tasks.training.prune.prune_structured``), exported
+* ``ort pruned``: structured pruning at ``--ratio`` (``damage.tasks.training.prune.prune_structured``), exported
   (``--ratio 0`` skips it);
 * ``--compare LABEL=PATH``: any further ONNX file in the same rounds (``{size}`` and ``{imgsz}`` in PATH
   are filled in), e.g. an INT8 file made by an older checkout of ``quantize.py``.
@@ -22,7 +22,7 @@ change on a shared machine hits all variants alike. Printed ratios: torch fp32 /
 (goal >= 2.5x for n, >= 3x for s) and ort fp32 / ort pruned (goal >= 1.3x).
 
 With ``--demo-weights best.pt --data data.yaml`` it also reports mask mAP50 of the trained
-model in FP32 ONNX vs INT8 (goal: drop <= 0.02), same evaluator (``tasks.evaluation.evaluate``).
+model in FP32 ONNX vs INT8 (goal: drop <= 0.02), same evaluator (``damage.tasks.evaluation.evaluate``).
 
 Usage:
     python bench/bench_compress.py [--sizes n s] [--imgsz 640 160] [--rounds 10] [--ratio 0.3]
@@ -48,7 +48,7 @@ from bench.common import announce_machine, build_random_model, static_int8, synt
 def _torch_runner(pt: Path, imgsz: int):
     import torch
 
-    from tasks.training.prune import load_model
+    from damage.tasks.training.prune import load_model
 
     m = load_model(pt).fuse(verbose=False).eval()
     x = torch.rand(1, 3, imgsz, imgsz)
@@ -93,7 +93,7 @@ def _interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, float
 
 def _setting(label: str) -> tuple[str, bool]:
     """``entropy/per-tensor`` -> (``entropy``, False)."""
-    from tasks.export.quantize import CALIBRATION_METHODS
+    from damage.tasks.export.quantize import CALIBRATION_METHODS
 
     method, _, gran = label.partition("/")
     if method not in CALIBRATION_METHODS or gran not in ("per-channel", "per-tensor"):
@@ -107,8 +107,8 @@ def bench_size(size: str, work: Path, imgsz: int, rounds: int, ratio: float, cal
     """Median ms per variant of one model size at one image size, and the ratios against torch / ORT FP32."""
     import torch
 
-    from tasks.export.onnx import export_onnx
-    from tasks.training.prune import prune_structured
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.training.prune import prune_structured
 
     torch.set_num_threads(THREADS)
     pt, onnx = build_random_model(size, work, imgsz)
@@ -148,9 +148,9 @@ def _print_rows(title: str, r: dict[str, float], size: str) -> None:
 
 
 def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> dict[str, float]:
-    from tasks.evaluation.evaluate import evaluate_model, open_model
-    from tasks.export.onnx import export_onnx
-    from tasks.export.quantize import calibration_images, quantize_accuracy_aware
+    from damage.tasks.evaluation.evaluate import evaluate_model, open_model
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.export.quantize import calibration_images, quantize_accuracy_aware
 
     imgsz = int(open_model(weights, data).imgsz)
     onnx = export_onnx(weights, work / "demo.onnx", imgsz)
@@ -182,7 +182,7 @@ def main() -> None:
 
     global THREADS
     THREADS = args.threads or THREADS
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     paths = activate(os.environ.get("DAMAGE_STATE_DIR") or ROOT / ".state")
     configure_ultralytics(paths)

@@ -7,7 +7,7 @@ image (median over interleaved rounds) for
 * ``pytorch``: the fused ``SegmentationModel`` forward (``torch.inference_mode``);
 * ``ort fp32``: ``session.run`` of the exported ONNX (the pipeline's ``export_onnx``);
 * ``best int8``: the faster of ``int8-static`` (QDQ, head decode kept float, calibrated on
-  rendered synthetic images) and ``int8-dynamic`` (``tasks.export.quantize``), and which one.
+  rendered synthetic images) and ``int8-dynamic`` (``damage.tasks.export.quantize``), and which one.
 
 YOLO26 also gets a row for its end-to-end export (NMS-free one-to-one head, ``--no-end2end`` skips
 it). Models are built from the Ultralytics YAMLs with random weights and our 7 classes (no
@@ -51,8 +51,8 @@ def prepare(family: str, size: str, work: Path, imgsz: int, calib: list[Path], t
     import numpy as np
     import torch
 
-    from tasks.export.quantize import quantize_onnx
-    from tasks.training.prune import count_params, gflops, load_model
+    from damage.tasks.export.quantize import quantize_onnx
+    from damage.tasks.training.prune import count_params, gflops, load_model
 
     pt, onnx = build_random_model(size, work, imgsz, family=family, end2end=end2end)
     net = load_model(pt)
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write machine + rows as JSON here")
     args = ap.parse_args()
 
-    from tasks.core.families import FAMILIES
+    from damage.tasks.core.families import FAMILIES
 
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown:
@@ -115,7 +115,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)  # torch on every core, like ORT below

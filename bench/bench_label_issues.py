@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import announce_machine, write_json
 
     machine = announce_machine()
-    from tasks.core.config import LabelIssuesConfig
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.evaluation.label_issues import mine_label_issues
+    from damage.tasks.core.config import LabelIssuesConfig
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.evaluation.label_issues import mine_label_issues
 
     cfg = LabelIssuesConfig(splits=args.splits)
     if args.conf_floor is not None:

@@ -100,7 +100,7 @@ def _ort_variants(onnx: Path) -> dict[str, object]:
     """ONNX Runtime sessions that differ from the tuned one in one setting each (bare session.run timed)."""
     import onnxruntime as ort
 
-    from tasks.serving.backends import OnnxRuntime
+    from damage.tasks.serving.backends import OnnxRuntime
 
     def untuned():  # the predictor's settings before tuning: every logical core, ORT's defaults otherwise
         so = ort.SessionOptions()
@@ -112,7 +112,7 @@ def _ort_variants(onnx: Path) -> dict[str, object]:
     def basic_opt():
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        from tasks.serving.backends import physical_cores
+        from damage.tasks.serving.backends import physical_cores
         so.intra_op_num_threads = physical_cores()
         sess = ort.InferenceSession(str(onnx), so, providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {sess.get_inputs()[0].name: x})
@@ -130,7 +130,7 @@ def bench(size: str, work: Path, imgsz: int, rounds: int, images: list[Path], n_
     import cv2
     from ultralytics import YOLO
 
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pt, onnx = build_random_model(size, work, imgsz)
     preds = {b: Predictor(onnx, backend=b) for b in backends}  # conf/iou from metadata defaults (0.25 / 0.7)
@@ -226,8 +226,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
-    from tasks.core.runtime import activate, configure_ultralytics
-    from tasks.serving.backends import openvino_available
+    from damage.tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.serving.backends import openvino_available
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)  # torch on every core, like the runtimes here

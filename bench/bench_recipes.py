@@ -2,7 +2,7 @@
 
 Each recipe is a row of ``RECIPES``: synthetic-data settings (``data.synth``), training settings
 (``train``) and optionally a model YAML family. A run generates the dataset (cached per data
-settings under ``--root``), trains with ``tasks.training.train.train_model`` (the pipeline's own
+settings under ``--root``), trains with ``damage.tasks.training.train.train_model`` (the pipeline's own
 trainer), then evaluates the last weights with the pipeline's evaluator (``evaluate_model``,
 conf floor 0.001, the val split). It records training wall time, the 1-minute load average
 sampled every 5 s during training (the machine may be shared), image passes per second, overall
@@ -169,8 +169,8 @@ class _LoadSampler(threading.Thread):
 
 def dataset(root: Path, synth: dict[str, Any]) -> Path:
     """Generate (or reuse) the synthetic dataset for these data settings; returns its data.yaml."""
-    from tasks.core.config import DataConfig
-    from tasks.data.source import resolve_source
+    from damage.tasks.core.config import DataConfig
+    from damage.tasks.data.source import resolve_source
 
     cfg = DataConfig(source="synth", synth=synth)
     return resolve_source(cfg, root / "datasets", root / "cache")
@@ -178,7 +178,7 @@ def dataset(root: Path, synth: dict[str, Any]) -> Path:
 
 def _demo_sweep() -> dict[str, Any]:
     """The demo's sweep grid and objective, read from configs/demo.yaml: the MAE a recipe's model gets there."""
-    from tasks.core.config import DEFAULT_CONFIG, load_config
+    from damage.tasks.core.config import DEFAULT_CONFIG, load_config
 
     sw = load_config(DEFAULT_CONFIG.parent / "demo.yaml").sweep
     return {"conf_grid": sw.conf, "iou_grid": sw.iou, "objective": sw.objective, "min_precision": sw.min_precision}
@@ -187,10 +187,10 @@ def _demo_sweep() -> dict[str, Any]:
 def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: int | None = None,
                minutes: float | None = None, epochs: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Train and evaluate one recipe; returns its row (timings, load, per-class mask AP50, damage MAE)."""
-    from tasks.core.config import TrainConfig
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.evaluation.sweep import sweep_thresholds
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.evaluation.sweep import sweep_thresholds
+    from damage.tasks.training.train import train_model
 
     recipe = RECIPES[name]
     seed = recipe.get("seed", 0) if seed is None else seed
@@ -245,7 +245,7 @@ def run_recipe(name: str, root: Path, scale: float = 1.0, curve: int = 0, seed: 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: one line per run, every class's mask AP50."""
-    from tasks.core.config import CLASSES
+    from damage.tasks.core.config import CLASSES
 
     head = ["recipe", "optimiser lr0 batch/nbs imgsz", "close-up", "x", "epochs", "train s", "cpu s", "load1", "img/s", "acc", "mask mAP50", *CLASSES, "damage MAE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -272,7 +272,7 @@ def _worker(name: str, root: Path, kw: dict[str, Any], threads: int) -> dict[str
     """One recipe in a fresh process: the pipeline's runtime set up, ``threads`` CPU threads."""
     # no oversubscription: configure_ultralytics (inside train_model) sets torch's threads from this
     os.environ["OMP_NUM_THREADS"] = os.environ["DAMAGE_TORCH_THREADS"] = str(threads)
-    from tasks.core.runtime import activate
+    from damage.tasks.core.runtime import activate
 
     activate()
     return run_recipe(name, root, **kw)
@@ -323,7 +323,7 @@ def main() -> None:
         for name, r in RECIPES.items():
             print(f"{name:14s} {json.dumps(r)}")
         return
-    from tasks.core.runtime import activate
+    from damage.tasks.core.runtime import activate
 
     paths = activate()
     from bench.common import announce_machine

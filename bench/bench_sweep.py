@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import announce_machine, write_json
 
     machine = announce_machine()
-    from tasks.evaluation.evaluate import collect, evaluate_model
-    from tasks.evaluation.sweep import DEFAULT_CONF_GRID, DEFAULT_IOU_GRID, sweep_thresholds
+    from damage.tasks.evaluation.evaluate import collect, evaluate_model
+    from damage.tasks.evaluation.sweep import DEFAULT_CONF_GRID, DEFAULT_IOU_GRID, sweep_thresholds
 
     n_points = len(DEFAULT_CONF_GRID) * len(DEFAULT_IOU_GRID)
     evaluate_model(model, data, args.split, args.imgsz)  # warm-up: imports, file cache, kernels

@@ -75,10 +75,10 @@ _CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from tasks.core.runtime import activate
+from damage.tasks.core.runtime import activate
 activate(sys.argv[2])
-from tasks.core.config import ValidateConfig
-from tasks.validation.validate import validate_dataset
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.validation.validate import validate_dataset
 res = validate_dataset(Path(sys.argv[1]), ValidateConfig(workers=int(sys.argv[3])))
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "timings": res.timings, "images": res.report["summary"]["images"],
@@ -103,12 +103,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write machine + figures as JSON here")
     args = ap.parse_args()
 
-    from tasks.core.runtime import activate
+    from damage.tasks.core.runtime import activate
 
     paths = activate(args.state_dir)
     from bench.common import announce_machine, write_json
-    from tasks.core.config import ValidateConfig
-    from tasks.validation.scan import worker_count
+    from damage.tasks.core.config import ValidateConfig
+    from damage.tasks.validation.scan import worker_count
 
     machine, results = announce_machine({"gate_workers": worker_count(args.workers)}), {}
     print(f"cpus used by the gate: {worker_count(args.workers)}")
@@ -120,7 +120,7 @@ def main() -> None:
             Path(f).read_bytes()
         base = results["imread_s"] = time_imread(files)
         print(f"baseline cv2.imread, 1 process: {base:.2f} s  ({len(files) / base:.0f} images/s)")
-        from tasks.validation.validate import validate_dataset
+        from damage.tasks.validation.validate import validate_dataset
 
         cfg = ValidateConfig(workers=args.workers)
         for label in ("validate_dataset (first call, GE import included)", "validate_dataset (warm)"):

@@ -31,12 +31,12 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=160)
     args = ap.parse_args()
 
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     configure_ultralytics(activate())
     from ultralytics import YOLO
 
-    from tasks.data.synth import SYNTH_MARKER
+    from damage.tasks.data.synth import SYNTH_MARKER
 
     ds = args.dataset.resolve()
     marker = json.loads((ds / SYNTH_MARKER).read_text())

@@ -14,15 +14,15 @@ def build_random_model(size: str, work: Path, imgsz: int, family: str = "yolov8"
                        end2end: bool = False) -> tuple[Path, Path]:
     """``{family}{size}-seg`` with random weights and our 7 classes, saved as .pt and exported to ONNX.
 
-    ``end2end`` exports YOLO26's NMS-free head (``tasks.export.onnx.export_onnx``).
+    ``end2end`` exports YOLO26's NMS-free head (``damage.tasks.export.onnx.export_onnx``).
     """
     import yaml
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
 
-    from tasks.core.config import CLASSES
-    from tasks.core.families import model_source
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.core.config import CLASSES
+    from damage.tasks.core.families import model_source
+    from damage.tasks.export.onnx import export_onnx
 
     stem = f"{family}{size}-seg"
     e2e = "-e2e" if end2end else ""
@@ -48,7 +48,7 @@ def synth_images(work: Path, n: int, prefix: str, seed: int, render_px: int,
     import cv2
     import numpy as np
 
-    from tasks.data.synth import render_sample
+    from damage.tasks.data.synth import render_sample
 
     out = []
     for i in range(n):
@@ -62,9 +62,9 @@ def synth_images(work: Path, n: int, prefix: str, seed: int, render_px: int,
 
 def static_int8(onnx: Path, work: Path, imgsz: int, calib: list[Path], method: str = "minmax",
                 per_channel: bool = True) -> Path:
-    """The pipeline's static INT8 QDQ file of ``onnx`` (``tasks.export.quantize.quantize_onnx``), cached in
+    """The pipeline's static INT8 QDQ file of ``onnx`` (``damage.tasks.export.quantize.quantize_onnx``), cached in
     ``work`` by model and setting; after changing ``quantize.py``, delete the cached files."""
-    from tasks.export.quantize import quantize_onnx
+    from damage.tasks.export.quantize import quantize_onnx
 
     int8 = work / f"{onnx.stem}.int8-{method}-{'pc' if per_channel else 'pt'}.onnx"
     if not int8.exists():
@@ -78,7 +78,7 @@ def announce_machine(threads: dict[str, int] | None = None) -> dict:
 
     Call after the thread counts are set (torch's count is read when torch is imported).
     """
-    from tasks.core.machine import machine_info, machine_line
+    from damage.tasks.core.machine import machine_info, machine_line
 
     info = machine_info(threads)
     print(machine_line(info), flush=True)
@@ -89,7 +89,7 @@ def write_json(path: Path | None, machine: dict, results: object) -> None:
     """``{"machine": ..., "results": ...}`` to ``path`` (atomic; nothing when ``path`` is None)."""
     if path is None:
         return
-    from tasks.core.atomic import atomic_write_json
+    from damage.tasks.core.atomic import atomic_write_json
 
     atomic_write_json(Path(path), {"machine": machine, "results": results})
     print(f"results: {path}")
@@ -100,8 +100,8 @@ def demo_inputs(root: Path, imgsz: int) -> tuple[Path, Path]:
     import torch
     from ultralytics.nn.tasks import SegmentationModel
 
-    from tasks.core.config import CLASSES
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.core.config import CLASSES
+    from damage.tasks.data.synth import generate_dataset
 
     data = generate_dataset(root / "data", images=60, seed=0, imgsz=imgsz, val_fraction=0.4)
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def model_and_data(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tup
     """Activate the state dir and return (model, data.yaml, state paths): the given ones or the demo's."""
     if not args.demo and not (args.model and args.data):
         ap.error("give --model and --data, or --demo")
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     paths = activate(args.state_dir)
     configure_ultralytics(paths)

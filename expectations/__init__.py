@@ -13,7 +13,7 @@ from importlib import resources
 
 SUITE_NAMES = ("image", "annotation", "dataset")
 # The drift suite checks the table that compares tonight's dataset profile with a reference
-# profile (``tasks.validation.drift``); it runs only when a reference exists.
+# profile (``damage.tasks.validation.drift``); it runs only when a reference exists.
 DRIFT_SUITE = "drift"
 ALL_SUITES = (*SUITE_NAMES, DRIFT_SUITE)
 

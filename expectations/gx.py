@@ -7,7 +7,7 @@ Results use ``result_format=COMPLETE`` so every failing row comes back in
 ``meta.code``. With ``docs_dir`` the results also render as GE Data Docs (a file-based site).
 
 Importing Great Expectations takes several seconds, so ``GxRunner()`` is built while the
-scan's worker processes are busy (see ``tasks.validation.validate``).
+scan's worker processes are busy (see ``damage.tasks.validation.validate``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from expectations import SUITE_NAMES, load_suite_json
+from damage.expectations import SUITE_NAMES, load_suite_json
 
 SUITE_TABLE = {"image": "images", "annotation": "annotations", "dataset": "dataset", "drift": "drift"}
 RESULT_FORMAT = {"result_format": "COMPLETE", "return_unexpected_index_query": False,

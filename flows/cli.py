@@ -6,8 +6,8 @@ import importlib
 
 import typer
 
-from flows.commands import COMMAND_MODULES
-from flows.common import DamageGroup, shared_options
+from damage.flows.commands import COMMAND_MODULES
+from damage.flows.common import DamageGroup, shared_options
 
 app = typer.Typer(
     name="damage",

@@ -11,11 +11,11 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.core.config import config_from_dict
-from tasks.core.prefect_tasks import as_task
-from tasks.evaluation.evaluate import Evaluator
-from tasks.export import compress as C
-from tasks.export.chain_steps import apply_step
+from damage.tasks.core.config import config_from_dict
+from damage.tasks.core.prefect_tasks import as_task
+from damage.tasks.evaluation.evaluate import Evaluator
+from damage.tasks.export import compress as C
+from damage.tasks.export.chain_steps import apply_step
 
 root_task = as_task(C.root_variant, "compress-parent")
 measure_task = as_task(C.measure_variant, "compress-measure")

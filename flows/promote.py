@@ -22,8 +22,8 @@ from prefect import flow
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from model_registry.tasks import decide_task, gate_task
-from tasks.core.config import RegistryConfig, worker_registry_config
+from damage.model_registry.tasks import decide_task, gate_task
+from damage.tasks.core.config import RegistryConfig, worker_registry_config
 
 
 class ApprovalInput(RunInput):

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tasks.core.jsonsafe import json_safe
+from damage.tasks.core.jsonsafe import json_safe
 
 JsonOpt_help = "Print one JSON document on stdout (machine-readable; everything else goes to stderr)."
 

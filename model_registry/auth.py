@@ -3,7 +3,7 @@
 Run as the MLflow admin (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` of the
 admin account in the environment; MLflow's auth client reads them per request)::
 
-    python -m model_registry.auth http://mlflow:5000 damage-seg \\
+    python -m damage.model_registry.auth http://mlflow:5000 damage-seg \\
         --pipeline pipeline:$PIPELINE_PW --approver approver:$APPROVER_PW
 
 What MLflow enforces server-side is per registered model, not per alias (see
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from mlflow.exceptions import MlflowException
 
-from tasks.core.secrets import redact_uri
+from damage.tasks.core.secrets import redact_uri
 
 PIPELINE_PERMISSION = "EDIT"
 APPROVER_PERMISSION = "MANAGE"

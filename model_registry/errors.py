@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 
 class RegistryError(DamageError):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from model_registry.registry import PRODUCTION, alias_source_run
-from tasks.validation.drift import find_reference
+from damage.model_registry.registry import PRODUCTION, alias_source_run
+from damage.tasks.validation.drift import find_reference
 
 
 def reference_step(cfg: Any, run: Any) -> tuple[dict[str, Any] | None, str]:
     """``find_reference`` for the nightly flow (``cfg``: Config, ``run``: PipelineRun)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     def production_run() -> tuple[str, str] | None:
         return alias_source_run(tracking.client(run.tracking_uri), cfg.registry.model_name, PRODUCTION)

@@ -1,15 +1,15 @@
 """Prefect task wrappers around the registry functions (the plain functions stay Prefect-free).
 
-Made by ``tasks.core.prefect_tasks.as_task``; caching is off: every call reads or moves live registry state.
+Made by ``damage.tasks.core.prefect_tasks.as_task``; caching is off: every call reads or moves live registry state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model_registry.gate import gate_candidate
-from model_registry.registry import VersionInfo, approve, reject
-from tasks.core.prefect_tasks import as_task
+from damage.model_registry.gate import gate_candidate
+from damage.model_registry.registry import VersionInfo, approve, reject
+from damage.tasks.core.prefect_tasks import as_task
 
 
 def decide(client, name: str, version: str | int, approved: bool, by: str, reason: str, *,

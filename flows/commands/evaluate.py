@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, run_guarded, setup, top_level_run
-from flows.tables import JsonOpt_help, json_output
-from tasks.core.display import fmt_metric
+from damage.flows.common import console, fail, run_guarded, setup, top_level_run
+from damage.flows.tables import JsonOpt_help, json_output
+from damage.tasks.core.display import fmt_metric
 
 ModelArg = Annotated[Path, typer.Argument(help="Model to evaluate: .pt or .onnx (FP32, FP16 or INT8).")]
 DataOpt = Annotated[Path, typer.Option("--data", "-d", help="data.yaml (or its folder) of a YOLO-seg dataset.")]
@@ -39,7 +39,7 @@ def _run_logged(cfg, kind: str, model: Path, log_to_mlflow: bool, step, plain):
 def _run_url(run_id: str | None, uri: str | None) -> str | None:
     if not run_id:
         return None
-    from tasks.core import links, tracking
+    from damage.tasks.core import links, tracking
 
     exp = tracking.client(uri).get_run(run_id).info.experiment_id
     return links.mlflow_run_url(exp, run_id, links.mlflow_base(None, uri))
@@ -64,9 +64,9 @@ def evaluate(
     """Evaluate a model: box and mask P, R, mAP50, mAP50-95 (conf floor 0.001), per-class AP, speed."""
     with json_output(as_json) as out:
         cfg, paths = setup(ctx)
-        from tasks.core.runtime import configure_ultralytics
-        from tasks.data.dataset import find_data_yaml
-        from tasks.evaluation.evaluate import Evaluator, evaluate_step
+        from damage.tasks.core.runtime import configure_ultralytics
+        from damage.tasks.data.dataset import find_data_yaml
+        from damage.tasks.evaluation.evaluate import Evaluator, evaluate_step
 
         configure_ultralytics(paths)
         data_yaml = run_guarded(find_data_yaml, data)
@@ -130,9 +130,9 @@ def sweep(
     """Sweep confidence x NMS IoU with one inference pass and choose the operating point."""
     with json_output(as_json) as doc:
         cfg, paths = setup(ctx)
-        from tasks.core.runtime import configure_ultralytics
-        from tasks.data.dataset import find_data_yaml
-        from tasks.evaluation.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
+        from damage.tasks.core.runtime import configure_ultralytics
+        from damage.tasks.data.dataset import find_data_yaml
+        from damage.tasks.evaluation.sweep import OBJECTIVES, get_objective, sweep_step, sweep_thresholds
 
         update = {k: v for k, v in {"split": split, "conf": conf, "iou": iou, "objective": objective,
                                     "min_precision": min_precision}.items() if v}

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, run_guarded, setup, shared
+from damage.flows.common import console, fail, run_guarded, setup, shared
 
 
 def schedule(
@@ -27,8 +27,8 @@ def schedule(
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
                       "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
-    from flows.deploy import build_deployments, register_with_pool, serve_all
-    from tasks.core.config import CONFIG_ENV, is_registry_override, without_registry_overrides
+    from damage.flows.deploy import build_deployments, register_with_pool, serve_all
+    from damage.tasks.core.config import CONFIG_ENV, is_registry_override, without_registry_overrides
 
     opts = shared(ctx)
     if work_pool and any(is_registry_override(s) for s in opts.sets or []):

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, setup
+from damage.flows.common import console, fail, setup
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")]
 
@@ -98,7 +98,7 @@ def serve(
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
     proc = _start(cmd, venv_env(), log)
-    from tasks.serving.pyfunc import input_example
+    from damage.tasks.serving.pyfunc import input_example
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
@@ -118,7 +118,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI and the Prefect UI on this state directory; Ctrl-C stops both."""
     cfg, paths = setup(ctx)
-    from tasks.core import links, tracking
+    from damage.tasks.core import links, tracking
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
     if tracking_uri.startswith(("http://", "https://")):

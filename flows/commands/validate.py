@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, run_guarded, setup
-from flows.tables import JsonOpt_help, json_output
+from damage.flows.common import console, run_guarded, setup
+from damage.flows.tables import JsonOpt_help, json_output
 
 
 def register(app: typer.Typer) -> None:
@@ -41,12 +41,12 @@ def register(app: typer.Typer) -> None:
         """
         with json_output(as_json) as doc:
             cfg, paths = setup(ctx)
-            from tasks.validation.validate import validate_dataset
+            from damage.tasks.validation.validate import validate_dataset
 
             report = report or paths.reports / "validate" / "report.json"
             reference = None
             if against is not None:
-                from tasks.validation.drift import reference_profile
+                from damage.tasks.validation.drift import reference_profile
 
                 reference = run_guarded(reference_profile, against, cfg.validation)
             result = run_guarded(validate_dataset, data, cfg.validation, report_path=report, html_dir=html,
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"{verdict}: {s['images']} images, {s['annotations']} annotations, "
                       f"{s['errors']} errors, {s['warnings']} warnings (fingerprint {result.fingerprint})")
         if reference is not None:
-            from tasks.validation.drift import DRIFT_CODES
+            from damage.tasks.validation.drift import DRIFT_CODES
 
             counts = ", ".join(f"{c}={s['by_code'][c]}" for c in DRIFT_CODES if c in s["by_code"])
             console.print(f"drift against {against}: {counts or 'no drift finding'}", highlight=False,

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.core.errors import DatasetError
+from damage.tasks.core.errors import DatasetError
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 SIZES = ("n", "s", "m", "l", "x")
 

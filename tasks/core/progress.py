@@ -2,7 +2,7 @@
 inside a flow run, silence otherwise.
 
 The bar draws on stderr only when stderr is a terminal (logs, CI and pipes stay clean); the
-Prefect artifact (``tasks.core.prefect_ui.Progress``) is updated every ``artifact_every`` items
+Prefect artifact (``damage.tasks.core.prefect_ui.Progress``) is updated every ``artifact_every`` items
 so a long scan does not make one API call per image.
 
 Example:
@@ -33,7 +33,7 @@ class Tracker:
     """Counts done items; drives the bar (if any) and the Prefect artifact (if in a run)."""
 
     def __init__(self, key: str, description: str, total: int, artifact_every: int = 1) -> None:
-        from tasks.core.prefect_ui import Progress
+        from damage.tasks.core.prefect_ui import Progress
 
         self.total = max(0, int(total))
         self.done = 0

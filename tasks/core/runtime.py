@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core.atomic import atomic_write
+from damage.tasks.core.atomic import atomic_write
 
 # Variables that keep every library offline and quiet (no telemetry, no downloads).
 OFFLINE_ENV = {
@@ -122,7 +122,7 @@ def activate(state_dir: str | os.PathLike | None = None, tracking_uri: str | Non
         d.mkdir(parents=True, exist_ok=True)
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
-    from tasks.core.quiet import quiet_openvino
+    from damage.tasks.core.quiet import quiet_openvino
 
     quiet_openvino()  # OpenVINO/NNCF telemetry: no client id in ~/intel, nothing sent
     os.environ["DAMAGE_STATE_DIR"] = str(paths.root)
@@ -135,7 +135,7 @@ def activate(state_dir: str | os.PathLike | None = None, tracking_uri: str | Non
     os.environ.setdefault("XDG_CACHE_HOME", str(paths.cache))
     os.environ.setdefault("TORCH_HOME", str(paths.cache / "torch"))
     os.environ.setdefault("HF_HOME", str(paths.cache / "huggingface"))
-    from tasks.core.secrets import move_uri_credentials_to_env
+    from damage.tasks.core.secrets import move_uri_credentials_to_env
 
     # credentials in a URI go to MLflow's own variables; the URI itself is logged, hashed, written
     if tracking_uri:

@@ -25,7 +25,7 @@ _PARAM_MAX = 6000  # MLflow 3 param value limit is 6000 chars
 
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
-    """Client for ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI`` set by ``tasks.core.runtime.activate``)."""
+    """Client for ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI`` set by ``damage.tasks.core.runtime.activate``)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

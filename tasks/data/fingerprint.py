@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks.data.dataset import DATA_YAML_NAMES, IMAGE_EXTS
+from damage.tasks.data.dataset import DATA_YAML_NAMES, IMAGE_EXTS
 
 _CHUNK = 1 << 20
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tasks.core.atomic import atomic_write, atomic_write_json
-from tasks.core.errors import DatasetError
+from damage.tasks.core.atomic import atomic_write, atomic_write_json
+from damage.tasks.core.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _local_ok(path: Path, entry: dict[str, Any] | None, etag: str, size: int) ->
         return False
     if st.st_mtime_ns == entry.get("mtime_ns"):
         return True
-    from tasks.data.fingerprint import file_sha256
+    from damage.tasks.data.fingerprint import file_sha256
 
     return file_sha256(path) == entry.get("sha256")  # touched locally: trust only the content
 
@@ -318,7 +318,7 @@ def sync_s3_dataset(uri: str, cache_root: Path, endpoint_url: str | None = None,
                              f"s3://{bucket}/{key}", attempts, backoff_s)
         return rel.as_posix(), entry
 
-    from tasks.core.progress import track
+    from damage.tasks.core.progress import track
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(todo) or 1))) as pool, \

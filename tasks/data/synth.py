@@ -33,8 +33,8 @@ import cv2
 import numpy as np
 import yaml
 
-from tasks.core.atomic import atomic_output_dir
-from tasks.core.config import CLASSES
+from damage.tasks.core.atomic import atomic_output_dir
+from damage.tasks.core.config import CLASSES
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
 GENERATOR_VERSION = 7  # 5: wider scratches, larger dents; 7: scratches are compact scuffs (aspect ~2-4)
@@ -89,7 +89,7 @@ class Instance:
     """One labelled object of a synthetic image.
 
     Attributes:
-        cls: class id (index into ``tasks.core.config.CLASSES``).
+        cls: class id (index into ``damage.tasks.core.config.CLASSES``).
         polygon: (N, 2) int32 pixel coordinates (x, y); ``cv2.fillPoly`` of it gives ``mask``.
         mask: (H, W) bool, exactly the pixels rendered for this instance.
         parent: for damage, the index in ``Sample.instances`` of the vehicle it lies on.
@@ -134,7 +134,7 @@ def _outer(mask: np.ndarray) -> np.ndarray | None:
     (rightly) calls such polygons degenerate. Closing the mask with a 3x3 kernel joins those
     pinches, so the label stays a simple polygon covering the painted region.
     """
-    from tasks.data.polygons import polygon_self_intersects
+    from damage.tasks.data.polygons import polygon_self_intersects
 
     m = mask.astype(np.uint8)
     for _ in range(4):
@@ -923,7 +923,7 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
     Raises:
         DatasetError: bad arguments or ``out`` is a non-empty folder that is not synth output.
     """
-    from tasks.core.errors import DatasetError
+    from damage.tasks.core.errors import DatasetError
 
     if images < 2:
         raise DatasetError(f"{out}: need at least 2 images (one train, one val), got {images}")
@@ -966,7 +966,7 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         data = {"path": str(out), "train": "images/train", "val": "images/val",
                 "names": dict(enumerate(CLASSES))}
         (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        marker = {"generator": "tasks.data.synth", "version": GENERATOR_VERSION, "images": images, "seed": seed,
+        marker = {"generator": "damage.tasks.data.synth", "version": GENERATOR_VERSION, "images": images, "seed": seed,
                   "imgsz": imgsz, "val_fraction": val_fraction, "closeup_fraction": closeup_fraction,
                   "zoom": list(zoom), "balance": balance, "damage_counts": counts}
         (tmp / SYNTH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

@@ -51,12 +51,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write, atomic_write_text
-from tasks.core.errors import DamageError
-from tasks.evaluation.evaluate import mask_iou_np
+from damage.tasks.core.atomic import atomic_write, atomic_write_text
+from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.evaluate import mask_iou_np
 
 if TYPE_CHECKING:
-    from tasks.core.config import LabelIssuesConfig, TrainConfig
+    from damage.tasks.core.config import LabelIssuesConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None,
     import torch
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.evaluate import open_model, split_outputs
+    from damage.tasks.evaluation.evaluate import open_model, split_outputs
 
     m = open_model(model, data_yaml, imgsz)
     with torch.inference_mode():
@@ -311,7 +311,7 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
                  label: str, as_split: str | None = None, extra: dict[str, Any] | None = None) -> int:
     """Score every image of one split into ``rows`` (and the top-K collector); returns the image count.
     ``as_split`` names the split in the rows (a K-fold held-out list is the dataset's train split)."""
-    from tasks.evaluation.evaluate import load_split
+    from damage.tasks.evaluation.evaluate import load_split
 
     ds, data = load_split(data_yaml, split, imgsz, stride)
     if len(data["names"]) != len(names):
@@ -375,8 +375,8 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
     """
     import yaml
 
-    from tasks.data.dataset import load_data_yaml, split_images
-    from tasks.training.train import train_model
+    from damage.tasks.data.dataset import load_data_yaml, split_images
+    from damage.tasks.training.train import train_model
 
     t0 = time.perf_counter()
     k_folds = int(cfg.folds)
@@ -473,7 +473,7 @@ def write_overlay_grid(best: Sequence[tuple[dict, tuple]], path: Path) -> Path:
 
 def publish_markdown(res: LabelIssues, k: int = 10) -> str | None:
     """Prefect markdown artifact with the counts and the top rows (only inside a flow/task run)."""
-    from tasks.core.prefect_ui import in_run_context
+    from damage.tasks.core.prefect_ui import in_run_context
 
     if not in_run_context():
         return None
@@ -496,7 +496,7 @@ def label_issues_step(model: str | Path, data_yaml: str | Path, cfg: LabelIssues
     """``mine_label_issues`` (or ``kfold_label_issues`` with ``cfg.folds`` >= 2 and ``train_cfg``) in a
     nested MLflow run ``label-issues``: CSV and overlay grid as artifacts, flagged counts per kind as
     metrics, a Prefect markdown summary."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     with tracking.step_run(parent_run_id, "label-issues") as (c, run_id):
         if cfg.folds >= 2:

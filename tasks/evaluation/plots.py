@@ -1,7 +1,7 @@
 """Curves and a confusion matrix for an evaluated model (``.pt``, ONNX, compressed variants alike).
 
 The figures are Ultralytics' own (``ap_per_class(plot=True)`` and ``ConfusionMatrix.plot``) drawn
-from the detections ``tasks.evaluation.evaluate.collect`` matched, so they agree with the logged
+from the detections ``damage.tasks.evaluation.evaluate.collect`` matched, so they agree with the logged
 mAP. Written under a fixed layout that ``evaluate_step`` logs to the run's ``plots/`` folder:
 
     box_PR_curve.png   box_F1_curve.png   box_P_curve.png   box_R_curve.png

@@ -1,7 +1,7 @@
 """What each compression step does, as a table (``STEP_RUNNERS``) of runners that share one context.
 
 ``apply_step`` looks a step up and runs it on the chain head; the chain loop, measurement and the gate are in
-``tasks.export.compress``. Every PyTorch variant is exported through the nightly's parity gate
+``damage.tasks.export.compress``. Every PyTorch variant is exported through the nightly's parity gate
 (``export_variant``); INT8 static runs the accuracy-aware loop measured by the chain's evaluator.
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.errors import DamageError
-from tasks.export.variant import PT_STEPS, StepOutput, Variant, pt_stats
+from damage.tasks.core.errors import DamageError
+from damage.tasks.export.variant import PT_STEPS, StepOutput, Variant, pt_stats
 
 if TYPE_CHECKING:
-    from tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.evaluate import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def export_variant(weights: str | Path, out: str | Path, cfg, imgsz: int,
     Raises:
         GateFailed: the ONNX outputs differ from PyTorch's by more than ``export.parity_atol``.
     """
-    from tasks.export.onnx import export_onnx, parity_check
+    from damage.tasks.export.onnx import export_onnx, parity_check
 
     onnx = export_onnx(weights, out, imgsz, opset=cfg.export.opset, dynamic=cfg.export.dynamic,
                        simplify=cfg.export.simplify, metadata=meta)
@@ -84,7 +84,7 @@ class StepContext:
 
 
 def _distill(x: StepContext) -> StepOutput:
-    from tasks.training.distill import distill, train_scratch
+    from damage.tasks.training.distill import distill, train_scratch
 
     dc = x.cfg.compress.distill
     teacher = Path(dc.teacher or x.root.weights)
@@ -103,7 +103,7 @@ def _distill(x: StepContext) -> StepOutput:
 
 
 def _prune(x: StepContext) -> StepOutput:
-    from tasks.training import prune as P
+    from damage.tasks.training import prune as P
 
     pc = x.cfg.compress.prune
     pruned, rep = P.prune_structured(x.head.weights, x.work / f"{x.prefix}pruned.pt", pc.ratio, imgsz=x.imgsz,
@@ -121,7 +121,7 @@ def _prune(x: StepContext) -> StepOutput:
 
 
 def _unstructured(x: StepContext) -> StepOutput:
-    from tasks.training import prune as P
+    from damage.tasks.training import prune as P
 
     pc = x.cfg.compress.prune
     path, rep = P.prune_unstructured(x.head.weights, x.work / f"{x.prefix}sparse.pt", pc.sparsity, scope=pc.scope,
@@ -147,7 +147,7 @@ def _quantize(x: StepContext) -> StepOutput:
                 for st in cc.quantize.also_try]
         why = qat_fallback_reason(out[0], cc.quantize.qat_max_float_share)
         if why and cc.quantize.qat_fallback and "int8-qat" not in cc.steps:
-            from tasks.training.qat import qat_missing
+            from damage.tasks.training.qat import qat_missing
 
             missing = qat_missing() if x.head.weights else f"chain head '{x.head.name}' has no PyTorch weights"
             if missing:
@@ -160,7 +160,7 @@ def _quantize(x: StepContext) -> StepOutput:
     return StepOutput(out, x.head)
 
 
-# What each step of ``tasks.core.config.COMPRESS_STEPS`` does (a test checks that the two list the same steps).
+# What each step of ``damage.tasks.core.config.COMPRESS_STEPS`` does (a test checks that the two list the same steps).
 STEP_RUNNERS: dict[str, Callable[[StepContext], StepOutput]] = {
     "distill": _distill,
     "prune": _prune,
@@ -223,13 +223,13 @@ def qat_fallback_reason(v: Variant, max_float_share: float) -> str | None:
 
 def qat_variants(head: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator, on_epoch,
                  reason: str) -> list[Variant]:
-    """Quantization-aware training of ``head`` (``tasks.training.qat``), then the pipeline's static INT8.
+    """Quantization-aware training of ``head`` (``damage.tasks.training.qat``), then the pipeline's static INT8.
 
     Two rows: ``qat-fp32`` (the QAT-trained weights exported to ONNX, through the parity gate) and
     ``int8-qat`` (its accuracy-aware static INT8: the deployable one; registered weights = the
     QAT-trained .pt).
     """
-    from tasks.training.qat import qat_finetune
+    from damage.tasks.training.qat import qat_finetune
 
     qc = cfg.compress.quantize
     imgsz = int(evaluator.imgsz or cfg.imgsz)
@@ -261,7 +261,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
     calibration method and weight granularity; its variant's name carries the setting
     (``int8-static[entropy/per-tensor]``), the default one keeps the plain mode name.
     """
-    from tasks.export import quantize as Q
+    from damage.tasks.export import quantize as Q
     qc = cfg.compress.quantize
     method = setting.calibrate_method if setting is not None else qc.calibrate_method
     per_channel = setting.per_channel if setting is not None else qc.per_channel
@@ -284,7 +284,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
                                         class_tolerance=cfg.compress.class_tolerance)
         info.update(res.summary())
     elif mode == "int8-nncf":
-        from tasks.export.nncf_quant import quantize_nncf
+        from damage.tasks.export.nncf_quant import quantize_nncf
 
         calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
         quantize_nncf(src.onnx, out, calib, int(evaluator.imgsz or cfg.imgsz), preset=qc.nncf_preset)

@@ -5,10 +5,10 @@ in order on the current chain head: ``distill``, ``prune`` (structured, then fin
 ``unstructured`` change the PyTorch model (each result is exported to ONNX and must pass the
 same PyTorch-vs-ONNX-Runtime parity gate as the nightly export), and
 ``int8-static`` / ``int8-dynamic`` / ``fp16`` / ``int8-nncf`` (NNCF post-training quantization,
-the optional ``nncf`` extra: ``tasks.export.nncf_quant``) quantize the head's ONNX (and, with
+the optional ``nncf`` extra: ``damage.tasks.export.nncf_quant``) quantize the head's ONNX (and, with
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
-(``tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
+(``damage.tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
 and the same ONNX Runtime latency probe. ``chain`` is the one loop; the plain ``run_chain`` and
 the Prefect flow inject their step and measure callables.
 
@@ -32,14 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.atomic import atomic_write
-from tasks.core.display import round_metric
-from tasks.core.errors import DamageError
-from tasks.export.chain_steps import apply_step
-from tasks.export.variant import PT_STEPS, QUANT_STEPS, StepOutput, Variant, pt_stats
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.display import round_metric
+from damage.tasks.core.errors import DamageError
+from damage.tasks.export.chain_steps import apply_step
+from damage.tasks.export.variant import PT_STEPS, QUANT_STEPS, StepOutput, Variant, pt_stats
 
 if TYPE_CHECKING:
-    from tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.evaluate import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
-    # as the predictor runs (tasks.serving.backends): threads stop spinning when a run returns
+    # as the predictor runs (damage.tasks.serving.backends): threads stop spinning when a run returns
     so.add_session_config_entry("session.force_spinning_stop", "1")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
@@ -99,12 +99,12 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
     """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root.
 
     Also times every installed predictor runtime (``latency/<runtime>_ms``) and records the faster
-    in the variant's ONNX metadata (``tasks.export.onnx.record_backend_latency``).
+    in the variant's ONNX metadata (``damage.tasks.export.onnx.record_backend_latency``).
 
     The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
     (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
     """
-    from tasks.export.onnx import record_backend_latency
+    from damage.tasks.export.onnx import record_backend_latency
 
     plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
     res = evaluator(v.onnx, data_yaml, plots_dir=plots_dir)
@@ -150,7 +150,7 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
         if class_tolerance is not None:
-            from tasks.evaluation.evaluate import worst_class_drop
+            from damage.tasks.evaluation.evaluate import worst_class_drop
 
             accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
         faster = min_speedup <= 0 or v.metrics.get("latency_ms", float("nan")) * min_speedup <= root_ms
@@ -237,7 +237,7 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
     Returns:
         The ``compress`` run id.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     with tracking.step_run(parent_run_id, "compress") as (c, run_id):
         tracking.log_params(c, run_id, settings)
         for v in variants:
@@ -259,10 +259,10 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
 
 def _log_variant_inputs(c, run_id: str, v: Variant) -> None:
     """The variant's evaluation dataset (MLflow input) and its curves / confusion matrix (``plots/``)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     if v.info.get("data_yaml"):
-        from tasks.data.mlflow_input import log_dataset_input
+        from damage.tasks.data.mlflow_input import log_dataset_input
 
         log_dataset_input(c, run_id, v.info["data_yaml"], None, "evaluation")
     plots = Path(v.info.get("plots_dir") or "")
@@ -333,7 +333,7 @@ def root_variant(parent_weights: str | Path, parent_onnx: str | Path, imgsz: int
 
 def default_out_dir(cfg, parent_weights: str | Path) -> Path:
     """``<state_dir>/models/compress/<run folder of the parent>``: one folder per parent model."""
-    from tasks.core.runtime import state_paths
+    from damage.tasks.core.runtime import state_paths
 
     p = Path(parent_weights).resolve()
     tag = p.parent.parent.name if p.parent.name == "weights" else p.stem
@@ -348,7 +348,7 @@ def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepO
     ``apply(step, head)`` and ``measure(variant)`` are injected so that the plain function
     (``run_chain``) and the Prefect flow (each call a task) share this one loop.
     """
-    from tasks.core.progress import track
+    from damage.tasks.core.progress import track
 
     variants, head = [root], root
     with track("compress", f"compress: {len(steps)} steps", len(steps)) as bar:
@@ -364,7 +364,7 @@ def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepO
 def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: str | Path, cfg,
               out_dir: str | Path, parent_run_id: str | None = None, on_epoch=None) -> dict[str, Any]:
     """The whole chain as one plain function (CLI/tests); the Prefect flow wires the same pieces."""
-    from tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.evaluate import Evaluator
 
     evaluator = Evaluator.from_config(cfg)
     root = measure_variant(root_variant(parent_weights, parent_onnx, cfg.imgsz), data_yaml, evaluator)

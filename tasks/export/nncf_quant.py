@@ -2,10 +2,10 @@
 
 NNCF (OpenVINO's compression framework) quantizes the ONNX graph itself and writes QDQ ONNX, so
 the result runs on either predictor runtime and goes through the same evaluator and gate as
-``tasks.export.quantize``'s variants. Its defaults differ from ours where it matters on CPUs:
+``damage.tasks.export.quantize``'s variants. Its defaults differ from ours where it matters on CPUs:
 the ``performance`` preset (symmetric weights and activations), fast bias correction, and its own
 pattern-based choice of which activations to quantize. The head's box/score decode stays float
-for the same reason as in ``tasks.export.quantize.head_postprocess_nodes`` (one uint8 scale for
+for the same reason as in ``damage.tasks.export.quantize.head_postprocess_nodes`` (one uint8 scale for
 pixel boxes and 0..1 scores zeroes the scores).
 
 Example:
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.core.atomic import atomic_write
-from tasks.core.errors import DamageError
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.errors import DamageError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ NNCF_PRESETS = ("performance", "mixed")
 
 def nncf_available() -> bool:
     """True when the optional ``nncf`` package imports (OpenVINO's telemetry blocked first)."""
-    from tasks.core.quiet import quiet_openvino
+    from damage.tasks.core.quiet import quiet_openvino
 
     quiet_openvino()
     try:
@@ -45,7 +45,7 @@ def quantize_nncf(onnx_in: str | Path, onnx_out: str | Path, calib_images: Seque
     """INT8 (QDQ) copy of ``onnx_in`` by NNCF post-training quantization; metadata carried over.
 
     Args:
-        onnx_in: FP32 ONNX (``tasks.export.onnx.export_onnx``).
+        onnx_in: FP32 ONNX (``damage.tasks.export.onnx.export_onnx``).
         onnx_out: file to write (atomic).
         calib_images: calibration images (the train split; ``quantize.calibration_images``).
         imgsz: letterbox size of the calibration inputs (the model's size).
@@ -69,13 +69,13 @@ def quantize_nncf(onnx_in: str | Path, onnx_out: str | Path, calib_images: Seque
     import nncf
     import onnx
 
-    from tasks.export.onnx_graph import (
+    from damage.tasks.export.onnx_graph import (
         copy_metadata,
         ensure_node_names,
         graph_input_name,
         head_postprocess_nodes,
     )
-    from tasks.export.quantize import preprocess_image
+    from damage.tasks.export.quantize import preprocess_image
 
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in))

@@ -1,7 +1,7 @@
 """ONNX graph helpers of the INT8/FP16 export: loading, node naming, metadata copy, atomic save, the head's
 decode nodes that stay float, and the exact rewrites applied before static INT8 (``REWRITES``).
 
-Used by ``tasks.export.quantize`` and ``tasks.export.nncf_quant``.
+Used by ``damage.tasks.export.quantize`` and ``damage.tasks.export.nncf_quant``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write
-from tasks.core.errors import DamageError
-from tasks.serving.metadata import encode, raw_props, set_props
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.errors import DamageError
+from damage.tasks.serving.metadata import encode, raw_props, set_props
 
 # Ops that are decode / post-processing when they lie between the last Conv and an output.
 DECODE_OPS = {"Concat", "Sigmoid", "Mul", "Add", "Sub", "Div", "Split", "Softmax", "Reshape", "Transpose",

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write
-from tasks.core.errors import DamageError, DatasetError
-from tasks.evaluation.evaluate import worst_class_drop
-from tasks.export.onnx_graph import (
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.errors import DamageError, DatasetError
+from damage.tasks.evaluation.evaluate import worst_class_drop
+from damage.tasks.export.onnx_graph import (
     REWRITES,
     copy_metadata,
     ensure_node_names,
@@ -44,7 +44,7 @@ from tasks.export.onnx_graph import (
     model_opset,
     save_onnx_atomic,
 )
-from tasks.serving.metadata import decode, raw_props
+from damage.tasks.serving.metadata import decode, raw_props
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def calibration_images(data_yaml: str | Path, n: int, seed: int = 0, split: str 
     Raises:
         DatasetError: unreadable data.yaml, missing split, or no images.
     """
-    from tasks.data.dataset import split_images
+    from damage.tasks.data.dataset import split_images
 
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
@@ -187,7 +187,7 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, mode: str, calib_im
     """Quantize an ONNX model; metadata (class names, imgsz, stride, thresholds) is carried over.
 
     Args:
-        onnx_in: FP32 ONNX (from ``tasks.export.onnx.export_onnx``).
+        onnx_in: FP32 ONNX (from ``damage.tasks.export.onnx.export_onnx``).
         onnx_out: file to write (atomic).
         mode: ``int8-static`` | ``int8-dynamic`` | ``fp16`` (see :data:`QUANT_MODES`).
         calib_images: images from the training split (``int8-static`` only, required there).

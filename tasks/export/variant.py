@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import COMPRESS_STEPS
+from damage.tasks.core.config import COMPRESS_STEPS
 
-# The step names come from one table (``tasks.core.config.COMPRESS_STEPS``): PyTorch steps change the
+# The step names come from one table (``damage.tasks.core.config.COMPRESS_STEPS``): PyTorch steps change the
 # chain head's weights, quantization steps rewrite its ONNX file and must come after them.
 PT_STEPS = tuple(s for s, kind in COMPRESS_STEPS.items() if kind == "pytorch")
 QUANT_STEPS = tuple(s for s, kind in COMPRESS_STEPS.items() if kind == "quantization")
@@ -58,7 +58,7 @@ class StepOutput:
 
 def pt_stats(weights: str | Path, imgsz: int) -> tuple[int, float]:
     """(params, GFLOPs at ``imgsz``) of a .pt."""
-    from tasks.training.prune import count_params, gflops, load_model
+    from damage.tasks.training.prune import count_params, gflops, load_model
 
     m = load_model(weights)
     return count_params(m), gflops(m, imgsz)

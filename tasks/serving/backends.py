@@ -9,7 +9,7 @@ Choosing (``resolve_backend``), as ``predictor.backend`` in the config says:
 * ``onnxruntime`` / ``openvino``: that runtime; ``openvino`` when the package is not installed
   is a ``DamageError`` (``pip install 'damage[openvino]'``);
 * ``auto``: the runtime the export measured fastest on its machine (``damage.preferred_backend``
-  in the ONNX metadata, written by ``tasks.export.onnx.record_backend_latency``); without that
+  in the ONNX metadata, written by ``damage.tasks.export.onnx.record_backend_latency``); without that
   key, or when it was measured on a CPU with another ISA (``damage.backend_cpu``), ONNX Runtime. When the preferred runtime is OpenVINO and it is not installed, one line
   is logged (once per process) and ONNX Runtime runs: never a crash.
 
@@ -38,9 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from tasks.core.atomic import atomic_write
-from tasks.core.errors import DamageError
-from tasks.core.quiet import quiet_openvino
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.quiet import quiet_openvino
 
 __all__ = ["BACKENDS", "RUNTIMES", "OnnxRuntime", "OpenVinoRuntime", "Runtime", "cpu_isa", "open_runtime",
            "openvino_available", "physical_cores", "raw_metadata", "resolve_backend", "warn_openvino_missing"]

@@ -34,7 +34,7 @@ def _label(img: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, i
 
 
 def draw_prediction(image: np.ndarray, pred, alpha: float = 0.45) -> np.ndarray:
-    """A copy of ``image`` (BGR) with ``pred`` (``tasks.serving.predictor.Prediction``) drawn on it.
+    """A copy of ``image`` (BGR) with ``pred`` (``damage.tasks.serving.predictor.Prediction``) drawn on it.
 
     Damage masks are drawn over vehicle masks; each vehicle's box carries its damage
     percentage, the top-left corner the image-level one (or the note when it is undefined).

@@ -1,4 +1,4 @@
-"""MLflow models-from-code entry point of the pyfunc (``tasks.serving.pyfunc.save_pyfunc``).
+"""MLflow models-from-code entry point of the pyfunc (``damage.tasks.serving.pyfunc.save_pyfunc``).
 
 MLflow executes this file when it loads the model (``mlflow.pyfunc.load_model``,
 ``mlflow models serve``), from the model's folder, after putting the model's ``code/`` folder (the
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 
-_SHIPPED = "damage_serving"  # tasks.serving.pyfunc.SHIPPED_PACKAGE (not imported: this must run without tasks)
+_SHIPPED = "damage_serving"  # damage.tasks.serving.pyfunc.SHIPPED_PACKAGE (not imported: this must run without tasks)
 
 if (Path(__file__).parent / "code" / _SHIPPED).is_dir():
     # A model loaded earlier in this process brought its own copy: import this model's (MLflow has
@@ -22,6 +22,6 @@ if (Path(__file__).parent / "code" / _SHIPPED).is_dir():
         del sys.modules[_name]
     from damage_serving.serving.pyfunc import DamageSegModel
 else:
-    from tasks.serving.pyfunc import DamageSegModel
+    from damage.tasks.serving.pyfunc import DamageSegModel
 
 mlflow.models.set_model(DamageSegModel())

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 
 def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, fg_mask: torch.Tensor,
@@ -107,7 +107,7 @@ def _hinton_cls():
 def kd_trainer_cls(hinton: bool = True, temperature: float = 4.0, weight: float = 1.0):
     """A ``SegmentationTrainer`` subclass for distillation, optionally with the Hinton term.
 
-    Pass it as ``trainer_cls`` to :func:`tasks.training.train.train_model` together with
+    Pass it as ``trainer_cls`` to :func:`damage.tasks.training.train.train_model` together with
     ``extra_args={"distill_model": teacher, "dis": w}``.
     """
     from ultralytics.models.yolo.segment import SegmentationTrainer
@@ -138,13 +138,13 @@ def distill(teacher: str | Path, data_yaml: str | Path, train_cfg, dcfg, out_dir
         data_yaml: dataset.
         train_cfg: ``TrainConfig`` for everything but model/weights/epochs.
         dcfg: ``DistillConfig`` (student size, dis, hinton, temperature, hinton_weight, epochs).
-        out_dir, seed, name, on_epoch: as in :func:`tasks.training.train.train_model`; ``on_epoch`` gets
+        out_dir, seed, name, on_epoch: as in :func:`damage.tasks.training.train.train_model`; ``on_epoch`` gets
             ``train/dis_loss`` and ``train/kd_loss`` among the metrics.
 
     Returns:
         ``TrainResult`` of the student.
     """
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     teacher = Path(teacher)
     if not teacher.is_file():
@@ -166,7 +166,7 @@ def student_cfg(train_cfg, dcfg):
 def train_scratch(data_yaml: str | Path, train_cfg, dcfg, out_dir: str | Path, seed: int = 0,
                   name: str = "scratch", on_epoch=None):
     """The same student, same epochs and data, without a teacher (the KD baseline)."""
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     return train_model(data_yaml, student_cfg(train_cfg, dcfg), out_dir, seed=seed, name=name, on_epoch=on_epoch)
 
@@ -175,7 +175,7 @@ def distill_vs_scratch(teacher: str | Path, data_yaml: str | Path, train_cfg, dc
                        seed: int = 0, parent_run_id: str | None = None, evaluator=None) -> dict[str, Any]:
     """Train the student with KD and from scratch (same epochs, data, seed); compare them side by side.
 
-    Both students are measured by ``evaluator`` (a ``tasks.evaluation.evaluate.Evaluator``;
+    Both students are measured by ``evaluator`` (a ``damage.tasks.evaluation.evaluate.Evaluator``;
     default: its defaults at ``train_cfg.imgsz``). With
     ``parent_run_id`` each training is a nested MLflow run (``distill/kd``, ``distill/scratch``)
     with its per-epoch history (``train/dis_loss`` and ``train/kd_loss`` for KD), and a
@@ -203,7 +203,7 @@ def distill_vs_scratch(teacher: str | Path, data_yaml: str | Path, train_cfg, dc
 
 
 def _log_comparison(parent_run_id, teacher, dcfg, kd, sc, histories, res, diff) -> None:
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     params = {"teacher": str(teacher), "student": dcfg.student, "epochs": dcfg.epochs, "dis": dcfg.dis,
               "hinton": dcfg.hinton, "temperature": dcfg.temperature, "hinton_weight": dcfg.hinton_weight}
     with tracking.step_run(parent_run_id, "distill/compare") as (c, cmp_id):

@@ -76,7 +76,7 @@ class GuardState:
         Order: qualified before not; among qualified the higher fitness, among the others the
         smaller worst drop (ties: the later epoch).
         """
-        from tasks.evaluation.evaluate import worst_class_drop
+        from damage.tasks.evaluation.evaluate import worst_class_drop
 
         worst_class, worst = worst_class_drop(self.parent, aps, CLASS_PREFIX)
         v = EpochVerdict(epoch, float(fitness), float(worst), worst_class, worst <= self.tol + 1e-12)
@@ -99,7 +99,7 @@ class GuardState:
                 "guard.chosen_worst_class": None if c is None else c.worst_class}
 
     def save(self, path: Path) -> None:
-        from tasks.core.atomic import atomic_write_text
+        from damage.tasks.core.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps({"parent": self.parent, "tol": self.tol,
                                             "epochs": [asdict(e) for e in self.epochs]}, indent=1))
@@ -155,7 +155,7 @@ class ParentGuard:
     def _judge(self, trainer) -> None:
         import shutil
 
-        from tasks.core.atomic import atomic_write
+        from damage.tasks.core.atomic import atomic_write
 
         if self.state is None:
             return

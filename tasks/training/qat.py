@@ -9,7 +9,7 @@ move to where INT8 rounding costs least. ModelOpt runs on the CPU (``torch.fake_
 What this module gives the compression chain is the *QAT-trained weights as a plain
 checkpoint*: the ``modelopt`` state (the fake quantizers) is removed, so the ``.pt`` loads
 without ModelOpt and exports to a float ONNX that the pipeline's own static INT8
-(``tasks.export.quantize``) then quantizes. Why not ModelOpt's own Q/DQ export: it quantizes only
+(``damage.tasks.export.quantize``) then quantizes. Why not ModelOpt's own Q/DQ export: it quantizes only
 convolution inputs and weights, so every SiLU, Add and Concat between them stays float and ONNX
 Runtime cannot fuse a DQ -> Conv without a Q after it into an int8 kernel; measured on the demo
 model (160 px, 2 cores, AVX-512 VNNI) that graph ran at 7.2 ms against 3.3 ms for FP32 and 2.2 ms
@@ -28,8 +28,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import TrainConfig
-from tasks.core.errors import DamageError
+from damage.tasks.core.config import TrainConfig
+from damage.tasks.core.errors import DamageError
 
 QAT_INSTALL_HINT = "pip install '.[qat]' (nvidia-modelopt and huggingface_hub)"
 
@@ -49,7 +49,7 @@ def plain_checkpoint(qat_pt: Path, out: Path) -> Path:
     """
     import torch
 
-    from tasks.core.atomic import atomic_write
+    from damage.tasks.core.atomic import atomic_write
 
     ckpt: dict[str, Any] = torch.load(qat_pt, map_location="cpu", weights_only=False)  # our own training output
     if not isinstance(ckpt, dict) or (ckpt.get("ema") or ckpt.get("model")) is None:
@@ -88,7 +88,7 @@ def qat_finetune(weights: str | Path, data_yaml: str | Path, cfg: TrainConfig, o
     why = qat_missing()
     if why:
         raise DamageError(why)
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     w = Path(weights)
     if not w.is_file():

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import ValidateConfig
-from tasks.core.errors import GateFailed
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.core.errors import GateFailed
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
                     fingerprint: str | None = None) -> DataCheck:
     """Structure check + GE validation inside a nested MLflow run "validate".
 
-    ``reference`` is ``(profile, where it came from)`` (``tasks.validation.drift.find_reference``):
+    ``reference`` is ``(profile, where it came from)`` (``damage.tasks.validation.drift.find_reference``):
     tonight's data is also checked for drift against it. The dataset's own profile is logged to
     the nested run and to the pipeline run (``data_profile/profile.json``); once the gate lets
     the data through, the pipeline run is tagged ``data_profile=accepted`` so that later nights
@@ -52,10 +52,10 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
             (``on_drift == "fail"``; a cleaned copy cannot fix drift); the message names the
             counts per code and where the report is.
     """
-    from tasks.core import tracking
-    from tasks.data.dataset import check_structure, load_data_yaml
-    from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.validation.drift import ACCEPTED_TAG, PROFILE_ARTIFACT
+    from damage.tasks.core import tracking
+    from damage.tasks.data.dataset import check_structure, load_data_yaml
+    from damage.tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.validation.drift import ACCEPTED_TAG, PROFILE_ARTIFACT
 
     # With the gate on, only the data.yaml must load here: label problems become findings in
     # the report (logged either way) instead of an exception before any report exists.
@@ -68,7 +68,7 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
             tracking.set_tags(c, run_id, {"dataset_fingerprint": fp, "validation": "skipped"})
             return DataCheck(Path(data_yaml), fp, True, images=info.images, instances=info.instances)
 
-        from tasks.validation.validate import validate_dataset
+        from damage.tasks.validation.validate import validate_dataset
 
         report_dir.mkdir(parents=True, exist_ok=True)
         clean_out = report_dir / "cleaned" if cfg.on_error == "clean" else None

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tasks.core.errors import DatasetError
+from damage.tasks.core.errors import DatasetError
 
 if TYPE_CHECKING:
-    from tasks.core.config import ValidateConfig
-    from tasks.validation.scan import Inventory, Layout
+    from damage.tasks.core.config import ValidateConfig
+    from damage.tasks.validation.scan import Inventory, Layout
 
 PROFILE_KIND = "damage.dataset_profile"
 PROFILE_VERSION = 1
@@ -107,9 +107,9 @@ def profile_dataset(data: Path, cfg: ValidateConfig) -> dict[str, Any]:
     Raises:
         DatasetError: not a dataset.
     """
-    from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
-    from tasks.validation.tables import TableBuilder
+    from damage.tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.validation.tables import TableBuilder
 
     layout = resolve_layout(data)
     inv = enumerate_samples(layout)
@@ -287,7 +287,7 @@ def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, m
 
     Args:
         production_run: returns ``(version, run_id)`` of ``model_name@production``, or None. It is the
-            registry's to answer (``model_registry.reference``), so the data gate stays below the registry;
+            registry's to answer (``damage.model_registry.reference``), so the data gate stays below the registry;
             called only for ``auto``.
 
     Returns:
@@ -297,7 +297,7 @@ def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, m
         return None, "drift check off"
     if cfg.drift_reference != "auto":
         return reference_profile(Path(cfg.drift_reference).expanduser(), cfg), cfg.drift_reference
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     c = tracking.client(tracking_uri)
     prod = production_run() if production_run is not None else None

@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.core.atomic import atomic_write_text
-from tasks.core.errors import DamageError
-from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes
-from tasks.validation.scan import Layout, read_bytes
+from damage.tasks.core.atomic import atomic_write_text
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes
+from damage.tasks.validation.scan import Layout, read_bytes
 
 MAX_THUMBS = 24
 THUMB_SIDE = 160

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from tasks.core.errors import DatasetError
-from tasks.validation.scan import Inventory, Layout, Sample, read_bytes
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.validation.scan import Inventory, Layout, Sample, read_bytes
 
 QUARANTINE = "quarantine.json"
 # Codes whose file is the second member of a duplicate group: the cleaned copy leaves it out
@@ -103,8 +103,8 @@ def write_clean_copy(layout: Layout, inv: Inventory, report: dict[str, Any], out
     Raises:
         DatasetError: ``out`` exists and is not an earlier cleaned copy (or empty).
     """
-    from tasks.core.atomic import atomic_output_dir, atomic_write_json
-    from tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.core.atomic import atomic_output_dir, atomic_write_json
+    from damage.tasks.data.fingerprint import dataset_fingerprint
 
     out = Path(os.path.abspath(out))
     kept, left_out = plan_clean(inv, report)

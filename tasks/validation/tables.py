@@ -17,7 +17,7 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
-from tasks.validation.scan import ANNOTATION_FIELDS, THUMB_SIDE, Inventory, Layout, Sample
+from damage.tasks.validation.scan import ANNOTATION_FIELDS, THUMB_SIDE, Inventory, Layout, Sample
 
 SPLIT_RANK = {"train": 0, "val": 1, "test": 2}
 _ANN_DTYPE = np.dtype([

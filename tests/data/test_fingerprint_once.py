@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import Config, ValidateConfig
+from damage.tasks.core.config import Config, ValidateConfig
 
 
 @pytest.fixture
 def counted(monkeypatch):
     """Count full-dataset hashes (``dataset_fingerprint``) wherever they are imported from."""
-    from tasks.data import fingerprint as F
+    from damage.tasks.data import fingerprint as F
 
     calls = []
     real = F.dataset_fingerprint
@@ -25,9 +25,9 @@ def counted(monkeypatch):
 
 @pytest.mark.parametrize("gate", [True, False])
 def test_skip_check_and_data_gate_hash_the_dataset_once(counted, tiny_dataset, tmp_path, state_paths, gate):
-    from tasks.core import tracking
-    from tasks.nightly.skip import check_unchanged
-    from tasks.validation.data_check import check_data_step
+    from damage.tasks.core import tracking
+    from damage.tasks.nightly.skip import check_unchanged
+    from damage.tasks.validation.data_check import check_data_step
 
     cfg = Config()
     decision = check_unchanged(tiny_dataset, cfg, force=True, code_version="test")  # force: no MLflow lookup

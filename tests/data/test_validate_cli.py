@@ -12,9 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.core.config import ValidateConfig
-from tasks.validation.validate import validate_dataset
+from damage.flows.cli import app
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.validation.validate import validate_dataset
 
 TRI = "0.2 0.2 0.8 0.2 0.5 0.8"
 
@@ -79,7 +79,7 @@ def test_synthetic_dataset_passes(tiny_dataset):
 
 @pytest.mark.slow  # imports Prefect (seconds)
 def test_validate_task_wraps_the_function():
-    import tasks.validation.validate as v
+    import damage.tasks.validation.validate as v
 
     assert v.validate_task.fn is v.validate_dataset
     assert os.environ.get("DAMAGE_STATE_DIR")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.config import ValidateConfig
-from tasks.validation.validate import DEFAULT_SEVERITY, validate_dataset
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.validation.validate import DEFAULT_SEVERITY, validate_dataset
 
 NAMES = ["vehicle", "dent", "scratch"]
 TRI = "0.2 0.2 0.8 0.2 0.5 0.8"

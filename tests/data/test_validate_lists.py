@@ -1,5 +1,5 @@
 """The data gate reads data.yaml splits given as ``.txt`` image lists through the project's one reader
-(``tasks.data.dataset.list_images``): lines relative to the list's folder, every path inside the
+(``damage.tasks.data.dataset.list_images``): lines relative to the list's folder, every path inside the
 dataset root. A list line that leaves the root is refused, naming the list file and the line."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.config import ValidateConfig
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import split_images
-from tasks.validation.validate import validate_dataset
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import split_images
+from damage.tasks.validation.validate import validate_dataset
 
 NAMES = ["vehicle", "dent", "scratch"]
 TRI = "0.2 0.2 0.8 0.2 0.5 0.8"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import CLASSES
+from damage.tasks.core.config import CLASSES
 from tests.helpers import mlflow_credentials
 
 PG_HOST = os.environ.get("DAMAGE_TEST_PG_HOST", "127.0.0.1")
@@ -210,7 +210,7 @@ def make_candidate(tmp_path) -> Callable[..., str]:
     """
     import json
 
-    from model_registry import register_candidate
+    from damage.model_registry import register_candidate
 
     counter = iter(range(10**6))
 
@@ -370,7 +370,7 @@ def mlflow_s3_server(moto_s3, fresh_postgres, tmp_path_factory) -> Iterator[str]
                     MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=MLFLOW_ACCOUNTS["admin"][1],
                     MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex)
     with run_process(cmd, work / "server.log", f"{uri}/health", "mlflow server", env=env, cwd=work, timeout_s=300):
-        from model_registry.auth import provision
+        from damage.model_registry.auth import provision
 
         with mlflow_user("admin"):  # what the compose file's one-shot `mlflow-accounts` service runs
             provision(uri, PRODUCTION_MODEL, pipeline=MLFLOW_ACCOUNTS["pipeline"],

@@ -36,7 +36,7 @@ def test_damage_ui_starts_both_and_ctrl_c_stops_both(tmp_path):
     env.update(DAMAGE_STATE_DIR=str(state), PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = tmp_path / "ui.out"
     with open(out, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--mlflow-port", str(mp),
+        proc = subprocess.Popen([sys.executable, "-m", "damage.flows.cli", "ui", "--mlflow-port", str(mp),
                                  "--prefect-port", str(pp)], env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 400  # the Prefect server is slow to start on a loaded 2-core box

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import CLASSES
+from damage.tasks.core.config import CLASSES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def demo_summary(tmp_path_factory) -> dict:
     env = {**os.environ, "DAMAGE_STATE_DIR": str(state), "PYTHONPATH": str(ROOT)}
     for k in ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # the test session's, not the demo's
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--demo"]
+    cmd = [sys.executable, "-m", "damage.flows.cli", "run", "--demo"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stderr[-4000:]

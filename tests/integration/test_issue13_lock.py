@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-import model_registry as mr
-from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
+import damage.model_registry as mr
+from damage.model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
 
 pytestmark = pytest.mark.integration
 CTX = mp.get_context("fork")
@@ -109,7 +109,7 @@ def test_13_04_lock_malformed_is_stale_with_warning(sqlite_mlflow_server, caplog
     c.create_registered_model(name)
     c.create_registered_model(lock_name(name), tags={TAG_OWNER: "someone", TAG_TTL: "soon",
                                                      "lock.expires_at": "soon"})
-    with caplog.at_level(logging.WARNING, logger="model_registry.lock"):
+    with caplog.at_level(logging.WARNING, logger="damage.model_registry.lock"):
         with mr.registry_lock(c, name, holder="next", timeout_s=10):
             assert c.get_registered_model(lock_name(name)).tags[TAG_HOLDER] == "next"
     assert any("malformed" in r.getMessage() for r in caplog.records)
@@ -121,7 +121,7 @@ def test_13_04_live_break_marker_outlives_a_short_lease(sqlite_mlflow_server):
     Judging the marker by the lock's lease let a second breaker remove it, judge the same stale lock,
     and delete the lock the first breaker had just taken (both then held it; seen in CI).
     """
-    from model_registry.lock import BREAK_SUFFIX, _try_break
+    from damage.model_registry.lock import BREAK_SUFFIX, _try_break
 
     name = f"lock-marker-{uuid.uuid4().hex[:8]}"
     c = _client(sqlite_mlflow_server)

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-import model_registry as mr
+import damage.model_registry as mr
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py
 
-import model_registry as mr
+import damage.model_registry as mr
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registr
     # the worker's own registry section (not a run parameter): poll every second
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", '{"approval_poll_s": 1, "approval_timeout_s": 300}')
 
-    from flows.promote import promote
+    from damage.flows.promote import promote
 
     c = local_registry
     name = f"promote-{uuid.uuid4().hex[:8]}"

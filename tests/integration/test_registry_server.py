@@ -7,8 +7,8 @@ import uuid
 import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py (first on sys.path here)
 
-import model_registry as mr
-from tasks.core.config import RegistryConfig
+import damage.model_registry as mr
+from damage.tasks.core.config import RegistryConfig
 
 pytestmark = pytest.mark.integration
 

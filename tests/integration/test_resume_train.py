@@ -1,6 +1,6 @@
 """Kill a training run mid-way, run it again with ``resume="auto"``: finished epochs are not repeated.
 
-The folder is the one a retried nightly flow run uses (``tasks.nightly.skip.train_dir_for`` keyed by the
+The folder is the one a retried nightly flow run uses (``damage.tasks.nightly.skip.train_dir_for`` keyed by the
 pipeline key), so this is what happens when Prefect retries the flow after a crash.
 """
 
@@ -24,8 +24,8 @@ EPOCHS = 3
 FAST = {"val": False, "plots": False}
 WORKER = textwrap.dedent("""
     import sys
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import train_model
     data, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=8, patience=0, resume="auto", workers=0,
                       warmup_epochs=0, augment="light")
@@ -58,7 +58,7 @@ def _killpg(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def small_dataset(state_paths, tmp_path_factory) -> Path:
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("resume_ds") / "ds", images=16, seed=0, imgsz=64,
                             val_fraction=0.25)
@@ -66,9 +66,9 @@ def small_dataset(state_paths, tmp_path_factory) -> Path:
 
 @pytest.mark.integration
 def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_paths):
-    from tasks.core.config import TrainConfig
-    from tasks.nightly.skip import resumable_train_config, train_dir_for
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.nightly.skip import resumable_train_config, train_dir_for
+    from damage.tasks.training.train import train_model
 
     out = train_dir_for(tmp_path / "runs", "k" * 16)
     run_dir = out / "train"
@@ -97,7 +97,7 @@ def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_pat
     assert 0 <= killed_at < EPOCHS - 1, "training finished before it could be killed; raise EPOCHS"
     done = _epochs_in_csv(run_dir / "results.csv")
     # results.csv (1-based) holds the checkpointed epochs, and one more when the crash fell between the
-    # csv row and the checkpoint of the next epoch (the resume trims it: tasks.training.train._trim_results)
+    # csv row and the checkpoint of the next epoch (the resume trims it: damage.tasks.training.train._trim_results)
     assert done in (list(range(1, killed_at + 2)), list(range(1, killed_at + 3))), (killed_at, done)
 
     # The retried attempt: same folder, resume="auto" (what the retried flow run does).
@@ -117,8 +117,8 @@ def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_pat
 
 @pytest.mark.integration
 def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import _resume_checkpoint
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import _resume_checkpoint
 
     cfg = TrainConfig(resume="auto")
     assert _resume_checkpoint(cfg, tmp_path, "train") is None

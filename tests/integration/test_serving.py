@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _export(tiny_model: Path) -> Path:
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     out = tiny_model.with_suffix(".onnx")  # what export_step writes (tests/model/test_export_predictor.py)
     if not out.exists():
@@ -39,8 +39,8 @@ def test_pyfunc_in_process_and_served_over_http(tiny_model, tiny_dataset, state_
     import mlflow
     import pandas as pd
 
-    from tasks.core import tracking
-    from tasks.serving.pyfunc import log_pyfunc
+    from damage.tasks.core import tracking
+    from damage.tasks.serving.pyfunc import log_pyfunc
 
     onnx_path = _export(tiny_model)
     c = tracking.client()

@@ -9,7 +9,7 @@ import torch
 
 
 def test_hinton_loss_zero_on_agreement_positive_otherwise():
-    from tasks.training.distill import hinton_kd_loss
+    from damage.tasks.training.distill import hinton_kd_loss
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 7, 50, generator=g)
@@ -27,7 +27,7 @@ def test_hinton_loss_zero_on_agreement_positive_otherwise():
 
 
 def test_hinton_loss_t_squared_keeps_scale_and_empty_foreground():
-    from tasks.training.distill import hinton_kd_loss
+    from damage.tasks.training.distill import hinton_kd_loss
 
     g = torch.Generator().manual_seed(1)
     t, s = torch.randn(1, 7, 40, generator=g), torch.randn(1, 7, 40, generator=g)
@@ -40,11 +40,11 @@ def test_hinton_loss_t_squared_keeps_scale_and_empty_foreground():
 
 
 def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, tiny_dataset, tmp_path, monkeypatch):
-    import tasks.evaluation.evaluate as E
-    from tasks.core import tracking
-    from tasks.core.config import DistillConfig, TrainConfig
-    from tasks.training.distill import distill_vs_scratch
-    from tasks.training.prune import count_params, load_model
+    import damage.tasks.evaluation.evaluate as E
+    from damage.tasks.core import tracking
+    from damage.tasks.core.config import DistillConfig, TrainConfig
+    from damage.tasks.training.distill import distill_vs_scratch
+    from damage.tasks.training.prune import count_params, load_model
 
     # The real evaluator runs on each student; a 1-epoch student scores ~0 either way, so the accuracy
     # figures it returns are replaced by distinct ones per arm: a swapped or self-subtracted difference,
@@ -67,7 +67,7 @@ def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, 
     exp = tracking.ensure_experiment(c, "test-distill")
     parent = tracking.start_run(c, exp, "pytest-distill")
     dcfg = DistillConfig(student="n", epochs=1, hinton=True, temperature=4.0, hinton_weight=1.0)
-    from tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.evaluate import Evaluator
 
     res = distill_vs_scratch(tiny_model, tiny_dataset, TrainConfig(imgsz=96, batch=8, patience=0), dcfg, tmp_path,
                              parent_run_id=parent, evaluator=Evaluator(imgsz=96))
@@ -94,8 +94,8 @@ def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0])
 def test_hinton_loss_rejects_bad_temperature(bad):
-    from tasks.core.errors import DamageError
-    from tasks.training.distill import hinton_kd_loss
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.training.distill import hinton_kd_loss
 
     x = torch.zeros(1, 2, 3)
     with pytest.raises(DamageError):

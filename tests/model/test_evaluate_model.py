@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.core.errors import DamageError
-from tasks.evaluation.evaluate import METRIC_KEYS, collect, evaluate_model
+from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.evaluate import METRIC_KEYS, collect, evaluate_model
 
 IMGSZ = 96
 
@@ -18,7 +18,7 @@ IMGSZ = 96
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
     """Static 96 px, opset 13 ONNX of the tiny model, made by the project's exporter (what the pipeline ships)."""
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     return export_onnx(tiny_model, tmp_path_factory.mktemp("tiny_onnx") / "tiny.onnx", IMGSZ, opset=13,
                        dynamic=False)
@@ -77,7 +77,7 @@ def test_static_onnx_refuses_another_imgsz(tiny_onnx, tiny_dataset):
 
 
 def test_bad_inputs_name_the_file(tiny_model, tiny_dataset, tmp_path):
-    from tasks.core.errors import DatasetError
+    from damage.tasks.core.errors import DatasetError
 
     with pytest.raises(DamageError, match="model file not found"):
         evaluate_model(tmp_path / "nope.pt", tiny_dataset)
@@ -94,9 +94,9 @@ def test_sweep_step_in_a_flow_logs_runs_files_and_table(prefect_harness, tiny_mo
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from tasks.core import tracking
-    from tasks.core.config import SweepConfig
-    from tasks.evaluation.sweep import sweep_step
+    from damage.tasks.core import tracking
+    from damage.tasks.core.config import SweepConfig
+    from damage.tasks.evaluation.sweep import sweep_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     c = tracking.client()
@@ -138,7 +138,7 @@ def test_sweep_step_in_a_flow_logs_runs_files_and_table(prefect_harness, tiny_mo
 def test_cli_evaluate_and_sweep(tiny_model, tiny_dataset, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     r = CliRunner().invoke(app, ["evaluate", str(tiny_model), "--data", str(tiny_dataset), "--imgsz", "96",
                                  "--no-mlflow"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.evaluation.explain import box_mass_share, explain_image, load_model, pick_explain_samples
+from damage.tasks.evaluation.explain import box_mass_share, explain_image, load_model, pick_explain_samples
 
 CONF = float(os.environ.get("DAMAGE_TEST_EXPLAIN_CONF", "0.25"))
 MIN_INSTANCES = 3

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from tasks.evaluation.evaluate import class_drops
-from tasks.training.guard import GUARD_FILE, GuardState
+from damage.tasks.evaluation.evaluate import class_drops
+from damage.tasks.training.guard import GUARD_FILE, GuardState
 
 
 def _aps(**kw: float) -> dict[str, float]:
@@ -79,8 +79,8 @@ def _same_weights(a, b) -> bool:
 
 
 def _finetune_cfg(trained_model, imgsz):
-    from tasks.core.config import TrainConfig
-    from tasks.training.init import finetune_config
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.init import finetune_config
 
     return finetune_config(TrainConfig(model="n", epochs=2, imgsz=imgsz, batch=8, nbs=8, patience=0,
                                        optimizer="AdamW", lr0=0.002, augment="light", val=False), trained_model)
@@ -90,7 +90,7 @@ def test_guard_keeps_the_qualifying_epoch_over_a_fitter_one_that_loses_a_class(t
                                                                               easy_imgsz, tmp_path):
     """A stand-in evaluator scores the parent, then epoch 1 (dent up: qualifies) and epoch 2 (far fitter, dent
     down): best.pt must hold epoch 1, and the epoch metrics carry the guard's figures."""
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     calls: list[str] = []
     script = [{"fitness": 0.30, "mask/mAP50": 0.5, "mask_ap50/dent": 0.50, "mask_ap50/glass": 0.70},
@@ -123,8 +123,8 @@ def test_guard_keeps_the_qualifying_epoch_over_a_fitter_one_that_loses_a_class(t
 def test_guard_scores_with_the_pipeline_evaluator_by_default(trained_model, easy_dataset, easy_imgsz, tmp_path):
     """Without a stand-in the guard scores with ``Evaluator`` (the gate's measure): the parent's per-class figures
     are exactly what the evaluator reports for the starting weights, and best.pt is the chosen epoch."""
-    from tasks.evaluation.evaluate import Evaluator
-    from tasks.training.train import train_model
+    from damage.tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.training.train import train_model
 
     res = train_model(easy_dataset, _finetune_cfg(trained_model, easy_imgsz), tmp_path, seed=0,
                       extra_args={"plots": False})
@@ -147,9 +147,9 @@ def test_a_finetune_starts_from_the_whole_checkpoint_class_head_included(trained
     7-class output convolutions did not load and the trainer re-headed the model with fresh ones.)"""
     import torch
 
-    from tasks.core.config import TrainConfig
-    from tasks.training.init import finetune_config
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.init import finetune_config
+    from damage.tasks.training.train import train_model
 
     cfg = finetune_config(TrainConfig(model="n", epochs=1, imgsz=easy_imgsz, batch=8, nbs=8, patience=0, lr0=1e-9,
                                       optimizer="AdamW", augment="light", val=False, finetune_guard=False),

@@ -25,7 +25,7 @@ def _yaml_model():
 def test_c2f_v2_swap_has_identical_outputs(state_paths):
     from ultralytics.nn.modules.block import C2f
 
-    from tasks.training.prune import C2f_v2, replace_c2f
+    from damage.tasks.training.prune import C2f_v2, replace_c2f
 
     m = _yaml_model()
     twin = copy.deepcopy(m)
@@ -46,7 +46,7 @@ def test_c2f_v2_swap_has_identical_outputs(state_paths):
 
 
 def test_unstructured_reaches_sparsity_and_masks_are_permanent(state_paths):
-    from tasks.training.prune import head_protected_layers, prune_unstructured_model
+    from damage.tasks.training.prune import head_protected_layers, prune_unstructured_model
 
     m = _yaml_model()
     keys = set(m.state_dict())
@@ -69,8 +69,8 @@ def test_unstructured_reaches_sparsity_and_masks_are_permanent(state_paths):
 
 
 def test_method_table_refuses_unknown_arguments():
-    from tasks.core.errors import DamageError
-    from tasks.training.prune import check_method_args
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.training.prune import check_method_args
 
     check_method_args("structured", ratio=0.3)
     with pytest.raises(DamageError, match="does not accept"):
@@ -81,7 +81,7 @@ def test_method_table_refuses_unknown_arguments():
 
 @pytest.fixture(scope="module")
 def pruned(tiny_model, tmp_path_factory):
-    from tasks.training.prune import prune_structured
+    from damage.tasks.training.prune import prune_structured
 
     out = tmp_path_factory.mktemp("pruned")
     path, rep = prune_structured(tiny_model, out / "pruned.pt", ratio=0.3, imgsz=96)
@@ -91,8 +91,8 @@ def pruned(tiny_model, tmp_path_factory):
 def test_structured_pruned_model_runs_and_exports(tiny_model, pruned, tmp_path):
     import onnxruntime as ort
 
-    from tasks.export.onnx import export_onnx
-    from tasks.training.prune import count_params, load_model
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.training.prune import count_params, load_model
 
     path, rep = pruned
     assert rep.params_after < 0.8 * rep.params_before
@@ -118,11 +118,11 @@ def test_structured_pruned_model_runs_and_exports(tiny_model, pruned, tmp_path):
 
 
 def test_export_variant_gates_parity_on_a_pruned_model(tiny_model, pruned, tmp_path, monkeypatch):
-    import tasks.export.onnx as O
-    from tasks.core.config import Config
-    from tasks.core.errors import GateFailed
-    from tasks.export.chain_steps import export_variant
-    from tasks.export.onnx import read_onnx_metadata
+    import damage.tasks.export.onnx as O
+    from damage.tasks.core.config import Config
+    from damage.tasks.core.errors import GateFailed
+    from damage.tasks.export.chain_steps import export_variant
+    from damage.tasks.export.onnx import read_onnx_metadata
 
     path, _ = pruned
     cfg = Config()
@@ -143,8 +143,8 @@ def test_export_variant_gates_parity_on_a_pruned_model(tiny_model, pruned, tmp_p
 
 
 def test_finetuned_pruned_checkpoint_keeps_pruned_param_count(pruned, tiny_dataset, tmp_path):
-    from tasks.core.config import TrainConfig
-    from tasks.training.prune import C2f_v2, count_params, finetune_pruned, load_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.prune import C2f_v2, count_params, finetune_pruned, load_model
 
     path, rep = pruned
     res = finetune_pruned(path, tiny_dataset, TrainConfig(epochs=1, imgsz=96, batch=8, patience=0), tmp_path)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 
 def test_fallback_reason_reads_the_accuracy_aware_summary():
-    from tasks.export.chain_steps import qat_fallback_reason
-    from tasks.export.variant import Variant
+    from damage.tasks.export.chain_steps import qat_fallback_reason
+    from damage.tasks.export.variant import Variant
 
     def v(**info):
         return Variant("int8-static", "int8-static", "m.onnx", info=info)
@@ -26,7 +26,7 @@ def test_fallback_reason_reads_the_accuracy_aware_summary():
 
 
 def test_int8_qat_is_a_known_quantization_step():
-    from tasks.export.compress import plan_steps
+    from damage.tasks.export.compress import plan_steps
 
     assert plan_steps(["prune", "int8-static", "int8-qat"]) == ["prune", "int8-static", "int8-qat"]
     with pytest.raises(DamageError, match="after a quantization"):
@@ -36,8 +36,8 @@ def test_int8_qat_is_a_known_quantization_step():
 def test_missing_modelopt_is_a_clear_error(monkeypatch, tmp_path):
     import importlib.util
 
-    from tasks.core.config import TrainConfig
-    from tasks.training import qat
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training import qat
 
     real = importlib.util.find_spec
     monkeypatch.setattr(qat.importlib.util, "find_spec", lambda n, *a: None if n == "modelopt" else real(n, *a))
@@ -54,11 +54,11 @@ def test_qat_finetune_gives_plain_weights_that_quantize_within_tolerance(trained
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import is_qat
 
-    from tasks.core.config import TrainConfig
-    from tasks.evaluation.evaluate import Evaluator
-    from tasks.export.onnx import export_onnx
-    from tasks.export.quantize import calibration_images, quantize_onnx
-    from tasks.training.qat import qat_finetune
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.export.quantize import calibration_images, quantize_onnx
+    from damage.tasks.training.qat import qat_finetune
 
     cfg = TrainConfig(model="n", imgsz=easy_imgsz, batch=8, nbs=8, optimizer="AdamW", lr0=0.002, augment="light")
     plain, res = qat_finetune(trained_model, easy_dataset, cfg, tmp_path / "runs", epochs=1, lr_scale=0.01)

@@ -12,14 +12,14 @@ import pytest
 
 @pytest.fixture(scope="module")
 def float_onnx(tiny_model, tmp_path_factory):
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     return export_onnx(tiny_model, tmp_path_factory.mktemp("q") / "model.onnx", 96)
 
 
 @pytest.fixture(scope="module")
 def calib(tiny_dataset):
-    from tasks.export.quantize import calibration_images
+    from damage.tasks.export.quantize import calibration_images
 
     return calibration_images(tiny_dataset, 4, seed=0)
 
@@ -27,7 +27,7 @@ def calib(tiny_dataset):
 @pytest.fixture(scope="module")
 def held_out(tiny_dataset, calib):
     """Val images of the tiny set: never in the calibration set (drawn from train)."""
-    from tasks.export.quantize import calibration_images
+    from damage.tasks.export.quantize import calibration_images
 
     val = calibration_images(tiny_dataset, 100, split="val")
     assert not set(val) & set(calib)
@@ -51,7 +51,7 @@ def _nc(path) -> int:
 def test_head_postprocess_nodes_found_by_traversal(float_onnx):
     import onnx
 
-    from tasks.export.onnx_graph import DECODE_OPS, ensure_node_names, head_postprocess_nodes
+    from damage.tasks.export.onnx_graph import DECODE_OPS, ensure_node_names, head_postprocess_nodes
 
     m = onnx.load(str(float_onnx))
     ensure_node_names(m)
@@ -72,7 +72,7 @@ def test_head_postprocess_nodes_found_by_traversal(float_onnx):
 def test_int8_static_keeps_scores_alive(float_onnx, calib, held_out, tmp_path):
     import onnx
 
-    from tasks.export.quantize import preprocess_image, quantize_onnx
+    from damage.tasks.export.quantize import preprocess_image, quantize_onnx
 
     q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
     qm = onnx.load(str(q))
@@ -98,8 +98,8 @@ def test_int8_graph_rewrites_keep_the_float_outputs(float_onnx):
     the innermost axis with a MatMul) leave the float model's outputs as they were."""
     import onnx
 
-    from tasks.export.onnx_graph import REWRITES, ensure_node_names
-    from tasks.export.quantize import INT8_REWRITES
+    from damage.tasks.export.onnx_graph import REWRITES, ensure_node_names
+    from damage.tasks.export.quantize import INT8_REWRITES
 
     m = onnx.load(str(float_onnx))
     ensure_node_names(m)
@@ -117,8 +117,8 @@ def test_int8_graph_rewrites_keep_the_float_outputs(float_onnx):
 def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
     import onnx
 
-    from tasks.core.errors import DamageError
-    from tasks.export.quantize import quantize_onnx
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.quantize import quantize_onnx
 
     with pytest.raises(DamageError, match="does not accept"):
         quantize_onnx(float_onnx, tmp_path / "x.onnx", "int8-dynamic", calib_images=calib)
@@ -141,7 +141,7 @@ def test_mode_table_refuses_bad_combinations(float_onnx, calib, tmp_path):
 def test_accuracy_aware_loop_moves_sensitive_nodes_to_float(float_onnx, calib, tmp_path):
     import onnx
 
-    from tasks.export.quantize import quantize_accuracy_aware
+    from damage.tasks.export.quantize import quantize_accuracy_aware
 
     def fake_eval(path):
         # Stand-in evaluator: accuracy recovers with each node kept in float (reads the file's metadata).
@@ -169,7 +169,7 @@ def test_accuracy_aware_loop_also_holds_every_class(float_onnx, calib, tmp_path)
     attempt that holds every class wins over a more accurate one that does not."""
     import onnx
 
-    from tasks.export.quantize import quantize_accuracy_aware, worst_class_drop
+    from damage.tasks.export.quantize import quantize_accuracy_aware, worst_class_drop
 
     def fake_eval(path):
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -237,7 +237,7 @@ def _within(name: str, nodes: set[str]) -> bool:
 def _head(onnx_path) -> set[str]:
     import onnx
 
-    from tasks.export.onnx_graph import ensure_node_names, head_postprocess_nodes
+    from damage.tasks.export.onnx_graph import ensure_node_names, head_postprocess_nodes
 
     m = onnx.load(str(onnx_path))
     ensure_node_names(m)
@@ -250,8 +250,8 @@ def test_int8_static_runs_in_int8_except_the_head_decode(float_onnx, calib, tmp_
     decode."""
     import onnx
 
-    from tasks.export.onnx_graph import head_postprocess_nodes
-    from tasks.export.quantize import quantize_onnx
+    from damage.tasks.export.onnx_graph import head_postprocess_nodes
+    from damage.tasks.export.quantize import quantize_onnx
 
     q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
     qm = onnx.load(str(q))
@@ -278,7 +278,7 @@ def test_accuracy_aware_exclusions_really_run_in_float(float_onnx, calib, tmp_pa
     direct consumers (the float island the exclusion costs)."""
     import onnx
 
-    from tasks.export.quantize import quantize_onnx
+    from damage.tasks.export.quantize import quantize_onnx
 
     m = onnx.load(str(float_onnx))
     sig = [n.name for n in m.graph.node if n.op_type == "Sigmoid"][1]
@@ -300,8 +300,8 @@ def test_calibration_methods_and_granularity_reach_the_graph(float_onnx, calib, 
     import onnx
     from onnx import numpy_helper
 
-    from tasks.core.errors import DamageError
-    from tasks.export.quantize import CALIBRATION_METHODS, quantize_onnx
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.quantize import CALIBRATION_METHODS, quantize_onnx
 
     def scales(path):
         m = onnx.load(str(path))
@@ -342,10 +342,10 @@ def test_variant_table_has_a_row_per_calibration_setting(float_onnx, tiny_datase
 
     import onnx
 
-    from tasks.core.config import config_from_dict
-    from tasks.export.chain_steps import apply_step
-    from tasks.export.compress import write_table
-    from tasks.export.variant import Variant
+    from damage.tasks.core.config import config_from_dict
+    from damage.tasks.export.chain_steps import apply_step
+    from damage.tasks.export.compress import write_table
+    from damage.tasks.export.variant import Variant
 
     class FakeEvaluator:  # the chain's evaluator interface: imgsz and metrics_fn
         imgsz = 96
@@ -389,7 +389,7 @@ TOLERANCE = {  # mode: (max |score diff| on any anchor, max |box diff| in px on 
 
 @pytest.fixture(scope="module")
 def trained_onnx(trained_model, easy_imgsz, tmp_path_factory):
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     return export_onnx(trained_model, tmp_path_factory.mktemp("qt") / "trained.onnx", easy_imgsz)
 
@@ -397,7 +397,7 @@ def trained_onnx(trained_model, easy_imgsz, tmp_path_factory):
 @pytest.fixture(scope="module")
 def easy_split(easy_dataset):
     """(calibration images from train, held-out val images): disjoint by construction, checked."""
-    from tasks.export.quantize import calibration_images
+    from damage.tasks.export.quantize import calibration_images
 
     calib = calibration_images(easy_dataset, 8, seed=0)
     val = calibration_images(easy_dataset, 100, split="val")
@@ -411,9 +411,9 @@ def test_int8_mask_map_within_tolerance_of_float_on_held_out_images(trained_onnx
     keeps mask mAP50 within the configured tolerance of float on val images, none of them calibration
     images. Plain static INT8 of a freshly trained 64 px model measured 0.945 vs 0.972 once (a drop of
     0.027): the loop that returns sensitive nodes to float is what holds the tolerance."""
-    from tasks.core.config import Config
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.export.quantize import quantize_accuracy_aware
+    from damage.tasks.core.config import Config
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.export.quantize import quantize_accuracy_aware
 
     cfg = Config().compress
     tol = cfg.tolerance
@@ -436,7 +436,7 @@ def test_int8_mask_map_within_tolerance_of_float_on_held_out_images(trained_onnx
 
 @pytest.mark.parametrize("mode", sorted(TOLERANCE))
 def test_fp16_and_dynamic_int8_outputs_match_float(trained_onnx, easy_split, easy_imgsz, mode, tmp_path):
-    from tasks.export.quantize import preprocess_image, quantize_onnx
+    from damage.tasks.export.quantize import preprocess_image, quantize_onnx
 
     _, val = easy_split
     q = quantize_onnx(trained_onnx, tmp_path / f"{mode}.onnx", mode)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from tasks.training.train import class_ap50
+from damage.tasks.training.train import class_ap50
 
 
 def test_class_ap50_reads_the_validators_per_class_figures():
@@ -23,8 +23,8 @@ def test_per_epoch_class_ap50_only_for_validated_epochs(tiny_dataset, tmp_path):
     for every class labelled in val."""
     import yaml
 
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
     cfg = TrainConfig(model="n", epochs=2, imgsz=64, batch=8, patience=0, warmup_epochs=0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import TrainConfig
-from tasks.training.train import build_train_args
+from damage.tasks.core.config import TrainConfig
+from damage.tasks.training.train import build_train_args
 
 
 def test_nbs_defaults_to_batch_and_knobs_are_passed(tmp_path):
@@ -28,7 +28,7 @@ def test_nbs_rejects_zero():
 @pytest.mark.parametrize(("batch", "nbs", "expected", "epochs"), [(4, 12, 3, 1), (4, None, 1, 2)])
 def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path, batch, nbs, expected, epochs):
     """Read off the Ultralytics trainer (``accumulate`` at train start), not recomputed here."""
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
     cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
@@ -49,7 +49,7 @@ def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path,
 
 def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path):
     """train.time_min reaches Ultralytics (hours) and ends training on time, not after `epochs`."""
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     assert build_train_args(TrainConfig(), tmp_path / "d.yaml", tmp_path, "r", 0)["time"] is None
     cfg = TrainConfig(model="n", epochs=40, time_min=0.01, imgsz=64, batch=8, val=False, patience=0)

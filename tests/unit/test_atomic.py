@@ -1,4 +1,4 @@
-"""tasks.core.atomic: the one write-then-rename helper (files, JSON, folders)."""
+"""damage.tasks.core.atomic: the one write-then-rename helper (files, JSON, folders)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from tasks.core.atomic import atomic_write, atomic_write_json, atomic_write_text
+from damage.tasks.core.atomic import atomic_write, atomic_write_json, atomic_write_text
 
 
 def test_json_written_whole_with_newline_and_escapes(tmp_path):

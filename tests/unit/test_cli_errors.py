@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _damage(*args: str, state: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAMAGE_STATE_DIR": str(state), "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "damage.flows.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -41,7 +41,7 @@ def test_missing_dataset_path(tmp_path):
 
 
 def test_data_yaml_classes_do_not_match_labels(tmp_path):
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     data_yaml = generate_dataset(tmp_path / "ds", images=6, seed=1, imgsz=64)
     spec = yaml.safe_load(data_yaml.read_text())

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.common import hoist_shared, setup, shared
+from damage.flows.cli import app
+from damage.flows.common import hoist_shared, setup, shared
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_hoist_keeps_values_and_order_and_stops_at_double_dash():
 
 def _probe_app(seen: dict) -> typer.Typer:
     """The real root (callback + group) with one command that reports what ``setup`` resolved."""
-    from flows.common import DamageGroup, shared_options
+    from damage.flows.common import DamageGroup, shared_options
 
     probe = typer.Typer(cls=DamageGroup)
     probe.callback()(shared_options)

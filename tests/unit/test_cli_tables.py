@@ -12,8 +12,8 @@ from tests.helpers import LINEAGE, sqlite_client
 
 @pytest.fixture(scope="module")
 def registry_uri(tmp_path_factory):
-    import model_registry as mr
-    from model_registry.registry import STAGING
+    import damage.model_registry as mr
+    from damage.model_registry.registry import STAGING
 
     d = tmp_path_factory.mktemp("cli-tables")
     c = sqlite_client(d)
@@ -30,7 +30,7 @@ def registry_uri(tmp_path_factory):
 
 
 def _run(args, columns=80):
-    from flows.cli import app
+    from damage.flows.cli import app
 
     return CliRunner().invoke(app, args, env={"COLUMNS": str(columns), "TERM": "dumb"})
 
@@ -61,7 +61,7 @@ def test_registry_list_and_history_json(registry_uri):
 
 
 def test_fit_columns_drops_lowest_priority_first():
-    from flows.tables import Col, fit_columns
+    from damage.flows.tables import Col, fit_columns
 
     cols = [Col("a", "A", 1), Col("b", "B", 3), Col("c", "C", 2)]
     rows = [{"a": "x" * 40, "b": "y" * 20, "c": "z" * 20}]

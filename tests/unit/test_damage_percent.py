@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.serving.damage_percent import damage_report
+from damage.tasks.serving.damage_percent import damage_report
 
 H, W = 20, 40
 
@@ -125,7 +125,7 @@ A, B = rect(0, 0, 10, 10), rect(20, 0, 30, 10)  # two labelled vehicles, 100 px 
 def test_vehicle_mae_known_answer():
     """A: dent 20 % labelled; predicted dent 10 % + glass 10 % -> 20 % total (error 0; dent 10, glass 10).
     B: scratch 12 % labelled, vehicle not detected -> 0 % predicted (error 12). A false vehicle is ignored."""
-    from tasks.serving.damage_percent import mae_summary, vehicle_errors
+    from damage.tasks.serving.damage_percent import mae_summary, vehicle_errors
 
     truth = [A, B, rect(0, 0, 10, 2), rect(20, 0, 26, 2)]
     truth_cls = ["vehicle", "vehicle", "dent", "scratch"]
@@ -141,7 +141,7 @@ def test_vehicle_mae_known_answer():
 
 
 def test_vehicle_mae_matching_by_mask_iou():
-    from tasks.serving.damage_percent import mae_summary, vehicle_errors
+    from damage.tasks.serving.damage_percent import mae_summary, vehicle_errors
 
     truth, truth_cls = [A, rect(0, 0, 10, 2)], ["vehicle", "dent"]  # 20 %
     # shifted by 2 px: IoU 80/120 = 0.67 -> matched; its dent covers 20 of its 100 px -> error 0

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.data import synth
-from tasks.serving.damage_percent import damage_report
+from damage.tasks.data import synth
+from damage.tasks.serving.damage_percent import damage_report
 
 
 def _label_mask(poly: np.ndarray, size: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""tasks.data.dataset: data.yaml reading, the basic structure check, polygon merging, atomic output."""
+"""damage.tasks.data.dataset: data.yaml reading, the basic structure check, polygon merging, atomic output."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.atomic import atomic_output_dir
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import (
+from damage.tasks.core.atomic import atomic_output_dir
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import (
     check_structure,
     label_path,
     load_data_yaml,
@@ -150,8 +150,8 @@ def test_atomic_output_dir_leaves_nothing_on_error(tmp_path):
 
 def test_one_rule_for_txt_image_lists(tmp_path):
     """A list file's relative lines are relative to the list's folder, for every reader."""
-    from tasks.evaluation.explain import pick_explain_samples
-    from tasks.export.quantize import calibration_images
+    from damage.tasks.evaluation.explain import pick_explain_samples
+    from damage.tasks.export.quantize import calibration_images
 
     ds = tmp_path / "ds"
     for stem in ("a", "b", "c"):

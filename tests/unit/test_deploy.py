@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from flows.deploy import PREFECT_YAML, build_deployments, prefect_yaml
-from tasks.core.config import load_config
+from damage.flows.deploy import PREFECT_YAML, build_deployments, prefect_yaml
+from damage.tasks.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,14 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_prefect_yaml_is_generated_from_deploy_py():
     assert PREFECT_YAML.read_text() == prefect_yaml(load_config()), (
         "infra/prefect.yaml differs from flows/deploy.py: regenerate it with "
-        "`python -m flows.deploy infra/prefect.yaml`")
+        "`python -m damage.flows.deploy infra/prefect.yaml`")
 
 
 def test_prefect_deploy_reads_the_same_deployments(monkeypatch):
     from prefect.cli.deploy._config import _load_deploy_configs_and_actions
     from prefect.flows import load_flow_from_entrypoint
 
-    from flows.nightly import FLOW_RETRIES, FLOW_RETRY_DELAY_S
+    from damage.flows.nightly import FLOW_RETRIES, FLOW_RETRY_DELAY_S
 
     read, actions = _load_deploy_configs_and_actions(PREFECT_YAML, console=Console(quiet=True))
     assert actions["pull"]  # the worker runs from the checkout
@@ -48,5 +48,5 @@ def test_prefect_deploy_reads_the_same_deployments(monkeypatch):
 
 def test_work_pool_entrypoints_are_module_paths_of_the_retried_flow():
     deps = {d.name: d for d in build_deployments(load_config(), work_pool="damage-process", schedule=False)}
-    assert deps["nightly"].entrypoint == "flows.nightly.scheduled_nightly"
-    assert deps["compress"].entrypoint == "flows.compress.compress_flow"
+    assert deps["nightly"].entrypoint == "damage.flows.nightly.scheduled_nightly"
+    assert deps["compress"].entrypoint == "damage.flows.compress.compress_flow"

@@ -1,5 +1,5 @@
 """Displayed metric values: 3 decimals (1 for milliseconds) everywhere people read them, through one
-helper (``tasks.core.display``); stored values keep full precision."""
+helper (``damage.tasks.core.display``); stored values keep full precision."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from tasks.core.display import fmt_metric, round_metric
+from damage.tasks.core.display import fmt_metric, round_metric
 
 V = 0.123456  # shows as 0.123; a surface with its own rounding shows 0.1235, 0.12 or 0.123456
 MS = 12.3456  # latency: shows as 12.3
@@ -28,10 +28,10 @@ def test_helper_rule():
 
 
 def test_markdown_artifact_model_card_gate_and_notification_use_the_same_rounding():
-    from model_registry.card import model_card
-    from model_registry.gate import compare
-    from tasks.core.notify import approval_message
-    from tasks.nightly.reporting import summary_markdown
+    from damage.model_registry.card import model_card
+    from damage.model_registry.gate import compare
+    from damage.tasks.core.notify import approval_message
+    from damage.tasks.nightly.reporting import summary_markdown
 
     metrics = {"mask/mAP50": V, "mask/mAP50-95": V, "box/mAP50-95": V, "box/mAP50": V, "latency_ms": MS}
     per_class = [{"class": "dent", "images": 3, "instances": 4, "mask/AP50": V, "box/AP50": V}]
@@ -49,8 +49,8 @@ def test_markdown_artifact_model_card_gate_and_notification_use_the_same_roundin
 
 
 def test_table_artifacts_round_numbers_but_keep_them_numbers():
-    from tasks.export.compress import table_markdown
-    from tasks.export.variant import Variant
+    from damage.tasks.export.compress import table_markdown
+    from damage.tasks.export.variant import Variant
 
     rows = table_markdown([Variant("fp32", "float", "a.onnx", gflops=V, metrics={"mask/mAP50": V, "latency_ms": MS,
                                                                                  "size_mb": float("nan")})])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from flows.cli import app
+from damage.flows.cli import app
 
 
 def test_sweep_unknown_objective(tmp_path):

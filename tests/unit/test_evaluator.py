@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import Config, config_from_dict
-from tasks.evaluation import evaluate as E
-from tasks.evaluation.evaluate import EvalResult, Evaluator
+from damage.tasks.core.config import Config, config_from_dict
+from damage.tasks.evaluation import evaluate as E
+from damage.tasks.evaluation.evaluate import EvalResult, Evaluator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,12 +41,12 @@ def recorded(monkeypatch):
 
 
 def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypatch, tmp_path):
-    from tasks.export import compress as C
-    from tasks.export.variant import Variant
+    from damage.tasks.export import compress as C
+    from damage.tasks.export.variant import Variant
 
     lat = []
     monkeypatch.setattr(C, "ort_latency_ms", lambda path, imgsz, runs=20: lat.append(imgsz) or 2.0)
-    import tasks.export.onnx as O
+    import damage.tasks.export.onnx as O
 
     timed = []  # every runtime is timed at the evaluator's size too (the file here is a stand-in)
     monkeypatch.setattr(O, "record_backend_latency", lambda path, imgsz, runs=20: timed.append(imgsz) or {
@@ -63,8 +63,8 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
 
 
 def test_the_chain_loop_measures_every_variant_and_follows_the_head():
-    from tasks.export.compress import chain
-    from tasks.export.variant import StepOutput, Variant
+    from damage.tasks.export.compress import chain
+    from damage.tasks.export.variant import StepOutput, Variant
 
     root = Variant("parent", "parent", "p.onnx")
     made = {"distill": ["distilled"], "prune": ["pruned", "pruned-ft"], "int8-static": ["int8"]}
@@ -104,9 +104,9 @@ def test_only_the_evaluator_calls_evaluate_model():
 
 def test_every_configured_compression_step_has_a_runner_and_no_other():
     """One list of step names (``COMPRESS_STEPS``); the runner table and the step kinds follow it."""
-    from tasks.core.config import COMPRESS_STEPS
-    from tasks.export.chain_steps import STEP_RUNNERS
-    from tasks.export.variant import PT_STEPS, QUANT_STEPS
+    from damage.tasks.core.config import COMPRESS_STEPS
+    from damage.tasks.export.chain_steps import STEP_RUNNERS
+    from damage.tasks.export.variant import PT_STEPS, QUANT_STEPS
 
     assert set(STEP_RUNNERS) == set(COMPRESS_STEPS)
     assert set(PT_STEPS) | set(QUANT_STEPS) == set(COMPRESS_STEPS) and not set(PT_STEPS) & set(QUANT_STEPS)

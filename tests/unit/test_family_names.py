@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import ConfigError, load_config
-from tasks.core.errors import DamageError
-from tasks.core.families import FAMILIES, family_of, model_source, valid_names
+from damage.tasks.core.config import ConfigError, load_config
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.families import FAMILIES, family_of, model_source, valid_names
 
 
 @pytest.mark.parametrize(("value", "source"), [

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.errors import DatasetError
-from tasks.data.storage import sync_s3_dataset
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.storage import sync_s3_dataset
 from tests.helpers import S3_BUCKET
 
 BUCKET = S3_BUCKET  # the bucket of the `s3` fixture (tests/conftest.py)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tasks.core.config import load_config
+from damage.tasks.core.config import load_config
 
 # ---- item 15 -----------------------------------------------------------------------------------------
 
@@ -14,10 +14,10 @@ def test_13_15_credentials_stripped_from_params_files_and_hash(tmp_path, monkeyp
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.core import tracking
-    from tasks.nightly import pipeline
-    from tasks.core.secrets import move_uri_credentials_to_env, redact_uri
-    from tasks.nightly.skip import SkipDecision, record_skip, skip_config_hash
+    from damage.tasks.core import tracking
+    from damage.tasks.core.secrets import move_uri_credentials_to_env, redact_uri
+    from damage.tasks.nightly import pipeline
+    from damage.tasks.nightly.skip import SkipDecision, record_skip, skip_config_hash
 
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
         monkeypatch.setenv(k, "")  # recorded, so what the code under test sets is undone afterwards
@@ -54,7 +54,7 @@ def test_13_15_credentials_stripped_from_params_files_and_hash(tmp_path, monkeyp
 # ---- item 16 -----------------------------------------------------------------------------------------
 
 def test_13_16_code_version_without_git_hashes_the_package(tmp_path, monkeypatch):
-    from tasks.data import fingerprint
+    from damage.tasks.data import fingerprint
 
     def refused(cmd, *a, **kw):
         if cmd and cmd[0] == "git":
@@ -82,9 +82,9 @@ def test_13_16_code_version_without_git_hashes_the_package(tmp_path, monkeypatch
 def test_13_17_retried_flow_resumes_training_and_registration(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    import model_registry as mr
-    from tasks.nightly import pipeline
-    from tasks.training import train
+    import damage.model_registry as mr
+    from damage.tasks.nightly import pipeline
+    from damage.tasks.training import train
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", db)  # step runs use the activated URI

@@ -1,10 +1,10 @@
-"""``tasks.core.errors.load_file``: the one rule for "missing file / unloadable file" errors."""
+"""``damage.tasks.core.errors.load_file``: the one rule for "missing file / unloadable file" errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.core.errors import DamageError, DatasetError, load_file
+from damage.tasks.core.errors import DamageError, DatasetError, load_file
 
 
 def test_load_file_names_the_file_and_keeps_the_cause(tmp_path):

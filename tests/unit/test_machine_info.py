@@ -36,7 +36,7 @@ flags\t\t: avx avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
 
 
 def test_parse_cpuinfo_avx2_only_box():
-    from tasks.core.machine import parse_cpuinfo
+    from damage.tasks.core.machine import parse_cpuinfo
 
     c = parse_cpuinfo(ZEN3)
     assert c["model"] == "AMD EPYC 7B13"
@@ -46,7 +46,7 @@ def test_parse_cpuinfo_avx2_only_box():
 
 
 def test_parse_cpuinfo_vnni_and_amx_told_apart():
-    from tasks.core.machine import parse_cpuinfo
+    from damage.tasks.core.machine import parse_cpuinfo
 
     c = parse_cpuinfo(SPR)
     assert c["isa"]["AVX512_VNNI"] and not c["isa"]["AVX_VNNI"]
@@ -57,7 +57,7 @@ def test_parse_cpuinfo_vnni_and_amx_told_apart():
 
 
 def test_machine_info_and_line_from_a_file(tmp_path):
-    from tasks.core.machine import machine_info, machine_line
+    from damage.tasks.core.machine import machine_info, machine_line
 
     f = tmp_path / "cpuinfo"
     f.write_text(ZEN3)

@@ -22,7 +22,7 @@ def _child(code: str, home: Path) -> str:
 
 
 def test_activate_blocks_openvino_and_nncf_telemetry(tmp_path):
-    activate = f"from tasks.core.runtime import activate; activate({str(tmp_path / 'state')!r})\n"
+    activate = f"from damage.tasks.core.runtime import activate; activate({str(tmp_path / 'state')!r})\n"
     probe = ("import openvino, nncf\nfrom nncf.telemetry.wrapper import telemetry\n"
              "print(type(telemetry).__name__)\n")
     assert _child(activate + probe, tmp_path / "home") != "NNCFTelemetry"  # NNCF's no-op stub
@@ -34,6 +34,6 @@ def test_activate_blocks_openvino_and_nncf_telemetry(tmp_path):
 
 def test_the_predictor_backend_blocks_it_too(tmp_path):
     """A process that only loads the predictor (served model, no runtime.activate) stays quiet as well."""
-    code = "from tasks.serving.backends import openvino_available\nprint(openvino_available())\n"
+    code = "from damage.tasks.serving.backends import openvino_available\nprint(openvino_available())\n"
     assert _child(code, tmp_path / "home") == "True"
     assert not (tmp_path / "home" / "intel").exists()

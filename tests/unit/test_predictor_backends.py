@@ -1,4 +1,4 @@
-"""The predictor's runtimes (tasks.serving.backends) on hand-made ONNX graphs: no trained model needed."""
+"""The predictor's runtimes (damage.tasks.serving.backends) on hand-made ONNX graphs: no trained model needed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks.core.errors import DamageError
-from tasks.serving import backends
+from damage.tasks.core.errors import DamageError
+from damage.tasks.serving import backends
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,7 +113,7 @@ def test_runtimes_agree_on_a_small_graph(tmp_path, name):
 
 def test_predictor_with_either_runtime_imports_no_torch(tmp_path):
     p = _two_output_model(tmp_path / "m.onnx", meta={"damage.names": '["a"]'})
-    code = ("import sys; from tasks.serving.predictor import Predictor; "
+    code = ("import sys; from damage.tasks.serving.predictor import Predictor; "
             f"[Predictor({str(p)!r}, backend=b) for b in ('onnxruntime', 'openvino')]; "
             "bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -121,17 +121,17 @@ def test_predictor_with_either_runtime_imports_no_torch(tmp_path):
 
 
 def test_pyfunc_ships_every_module_the_predictor_imports():
-    """The pyfunc folder carries ``CODE_FILES`` only: each ``tasks.*`` import of those files must be among them."""
+    """The pyfunc folder carries ``CODE_FILES`` only: each ``damage.*`` import of those files must be among them."""
     import ast
 
-    from tasks.serving.pyfunc import _TASKS, CODE_FILES
+    from damage.tasks.serving.pyfunc import _TASKS, CODE_FILES
 
     shipped = {f.removesuffix(".py").replace("/", ".").removesuffix(".__init__") for f in CODE_FILES}
-    shipped = {"tasks" if s == "__init__" else f"tasks.{s}" for s in shipped}
+    shipped = {"damage.tasks" if s == "__init__" else f"damage.tasks.{s}" for s in shipped}
     for f in CODE_FILES:
         tree = ast.parse((_TASKS / f).read_text())
         for node in ast.walk(tree):
             mods = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            missing = [m for m in mods if m.startswith("tasks.") and m not in shipped]
+            missing = [m for m in mods if m.startswith("damage.") and m not in shipped]
             assert not missing, f"tasks/{f} imports {missing}, which the pyfunc does not ship"

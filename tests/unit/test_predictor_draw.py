@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from tasks.serving.damage_percent import damage_report
-from tasks.serving.draw import draw_prediction
-from tasks.serving.predictor import Instance, Prediction
+from damage.tasks.serving.damage_percent import damage_report
+from damage.tasks.serving.draw import draw_prediction
+from damage.tasks.serving.predictor import Instance, Prediction
 
 
 def _pred() -> Prediction:

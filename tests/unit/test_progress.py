@@ -12,7 +12,7 @@ class _TTY(io.StringIO):
 
 
 def test_quiet_when_stderr_is_not_a_terminal(capfd):
-    from tasks.core.progress import interactive, iterate
+    from damage.tasks.core.progress import interactive, iterate
 
     assert not interactive()  # pytest captures stderr: not a TTY
     assert list(iterate(range(50), "unit-progress", "items")) == list(range(50))
@@ -21,7 +21,7 @@ def test_quiet_when_stderr_is_not_a_terminal(capfd):
 
 
 def test_bar_draws_on_a_terminal_unless_disabled(monkeypatch):
-    from tasks.core import progress
+    from damage.tasks.core import progress
 
     tty = _TTY()
     monkeypatch.setattr(sys, "stderr", tty)
@@ -39,10 +39,10 @@ def test_bar_draws_on_a_terminal_unless_disabled(monkeypatch):
 
 
 def test_artifact_updates_once_per_chunk(monkeypatch):
-    from tasks.core import progress
+    from damage.tasks.core import progress
 
     sent = []
-    monkeypatch.setattr("tasks.core.prefect_ui.Progress.update", lambda self, p: sent.append(round(p, 1)))
+    monkeypatch.setattr("damage.tasks.core.prefect_ui.Progress.update", lambda self, p: sent.append(round(p, 1)))
     with progress.track("unit-progress", "items", 100, artifact_every=32) as bar:
         for _ in range(100):
             bar.advance()

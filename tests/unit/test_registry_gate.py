@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import model_registry as mr
-from model_registry.gate import BOX, LATENCY, MASK, class_floors, failed_classes
-from model_registry.registry import AliasMove, check_approver
-from tasks.core.errors import GateFailed
+import damage.model_registry as mr
+from damage.model_registry.gate import BOX, LATENCY, MASK, class_floors, failed_classes
+from damage.model_registry.registry import AliasMove, check_approver
+from damage.tasks.core.errors import GateFailed
 
 
 def m(mask, box, lat=10.0):
@@ -119,7 +119,7 @@ def test_class_floors_spec():
 
 
 def test_config_min_class_ap50():
-    from tasks.core.config import ConfigError, load_config
+    from damage.tasks.core.config import ConfigError, load_config
 
     assert load_config().registry.min_class_ap50 == 0.1
     cfg = load_config(overrides=["registry.min_class_ap50={dent: 0.3, scratch: 0.2}"])
@@ -131,7 +131,7 @@ def test_config_min_class_ap50():
 def test_gate_doctests():
     import doctest
 
-    import model_registry.gate as gate
+    import damage.model_registry.gate as gate
 
     res = doctest.testmod(gate)
     assert res.attempted >= 4 and res.failed == 0

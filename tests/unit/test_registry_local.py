@@ -7,8 +7,8 @@ import time
 import pytest
 from mlflow.exceptions import MlflowException
 
-import model_registry as mr
-from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
+import damage.model_registry as mr
+from damage.model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
 from tests.helpers import LINEAGE, sqlite_client
 
 
@@ -95,7 +95,7 @@ def test_gate_tags_failed_classes_on_the_version(client, run_id, tmp_path):
     """A blind candidate (great aggregates, one class at 0) is refused; the class is named in the tags."""
     import json
 
-    from tasks.core.config import RegistryConfig
+    from damage.tasks.core.config import RegistryConfig
 
     scores = {"mask/mAP50-95": 0.5, "box/mAP50-95": 0.5, "latency_ms": 5.0,
               "mask_ap50/vehicle": 0.99, "mask_ap50/dent": 0.0, "mask_ap50/scratch": float("nan")}

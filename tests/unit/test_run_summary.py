@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def test_summary_prints_per_class_table_damage_error_and_failing_classes(monkeypatch):
-    from flows.commands.pipeline import _print_summary
-    from flows.common import console
+    from damage.flows.commands.pipeline import _print_summary
+    from damage.flows.common import console
 
     monkeypatch.setattr(console, "width", 200)  # one line per row: no wrapping inside the cells
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.errors import DatasetError
-from tasks.data.storage import (
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.storage import (
     MANIFEST,
     SyncStats,
     endpoint_from_env,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.core.errors import DamageError
-from tasks.evaluation.evaluate import Collected, ImageDets, ImageTruth, score_image
-from tasks.evaluation.sweep import (
+from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.evaluate import Collected, ImageDets, ImageTruth, score_image
+from damage.tasks.evaluation.sweep import (
     OBJECTIVES,
     choose_operating_point,
     grid_rows,
@@ -26,7 +26,7 @@ from tasks.evaluation.sweep import (
     plot_pr,
     write_csv,
 )
-from tasks.serving.damage_percent import VehicleError
+from damage.tasks.serving.damage_percent import VehicleError
 
 S = 32
 CONFS = [0.3, 0.4, 0.5, 0.7]
@@ -132,7 +132,7 @@ def test_unknown_objective_is_a_loud_error(collected):
 
 
 def test_bad_grid_is_refused_before_inference(tmp_path):
-    from tasks.evaluation.sweep import sweep_thresholds
+    from damage.tasks.evaluation.sweep import sweep_thresholds
 
     with pytest.raises(DamageError, match="conf thresholds must be in"):
         sweep_thresholds(tmp_path / "missing.pt", tmp_path / "data.yaml", conf_grid=[0.3, 1.5])

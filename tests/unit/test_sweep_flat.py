@@ -9,7 +9,7 @@ def _row(conf, iou, f1, precision):
 
 
 def test_flat_objective_flagged_and_tie_broken_by_precision_then_conf():
-    from tasks.evaluation.sweep import choose_operating_point, objective_is_flat
+    from damage.tasks.evaluation.sweep import choose_operating_point, objective_is_flat
 
     rows = [_row(c, i, 0.535 + 1e-4 * k, 0.6) for k, (c, i) in
             enumerate((c, i) for i in (0.45, 0.5) for c in (0.3, 0.4, 0.5))]
@@ -29,7 +29,7 @@ def test_flat_objective_flagged_and_tie_broken_by_precision_then_conf():
 
 
 def test_objective_with_spread_is_not_flat():
-    from tasks.evaluation.sweep import choose_operating_point, objective_is_flat
+    from damage.tasks.evaluation.sweep import choose_operating_point, objective_is_flat
 
     rows = [_row(0.3, 0.5, 0.40, 0.6), _row(0.4, 0.5, 0.55, 0.6)]
     assert not objective_is_flat(rows, "mask_f1")

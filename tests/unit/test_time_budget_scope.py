@@ -3,8 +3,8 @@ epoch count (the distillation comparison, the pruned model's fine-tune) do not i
 
 from __future__ import annotations
 
-from tasks.core.config import DistillConfig, TrainConfig
-from tasks.training.distill import student_cfg
+from damage.tasks.core.config import DistillConfig, TrainConfig
+from damage.tasks.training.distill import student_cfg
 
 
 def test_students_train_their_epochs_not_the_time_budget():
