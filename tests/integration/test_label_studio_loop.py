@@ -22,12 +22,11 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, run_process
 
 pytestmark = pytest.mark.slow
 
@@ -88,33 +87,12 @@ def label_studio(label_studio_python, tmp_path_factory):
     code = "import sys; from label_studio.server import main; sys.argv[0] = 'label-studio'; sys.exit(main())"
     cmd = [str(label_studio_python), "-c", code, "start", "--no-browser", "--internal-host", "127.0.0.1",
            "--port", str(port), "--data-dir", str(data), "--agree-fix-sqlite"]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"Label Studio exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - t0 > 600:
-                pytest.fail(f"Label Studio not healthy after 600 s:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(1)
+    # the first start migrates Label Studio's SQLite database: minutes on a busy 2-core machine
+    with run_process(cmd, log, f"{url}/health", "Label Studio", env=env, timeout_s=600):
         print(f"Label Studio up in {time.perf_counter() - t0:.0f} s at {url}")
         yield url, TOKEN
-    finally:
-        import signal
-
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _inbox(root: Path, n: int = 3) -> list[str]:

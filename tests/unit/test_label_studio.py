@@ -135,7 +135,8 @@ def test_cancelled_and_ground_truth_annotations(tmp_path):
     assert res.batch is None and res.unreviewed == ["1"]
 
 
-def _bad(tasks: list[dict], store) -> list[dict]:
+def bad_export(tasks: list[dict], store) -> list[dict]:
+    """An export of 3+ tasks whose first three are bad: unknown label, point outside, image not in the inbox."""
     export = ls_export(tasks)
     res = [t["annotations"][0]["result"] for t in export]
     res[0][0]["value"]["polygonlabels"] = ["hail_damage"]  # unknown label
@@ -147,7 +148,7 @@ def _bad(tasks: list[dict], store) -> list[dict]:
 def test_bad_exports_are_refused_whole_naming_each_task(tmp_path):
     store, ids = make_inbox(tmp_path / "inbox", n=5)
     tasks = inbox_tasks(store, CLASSES)
-    export = _bad(tasks, store)
+    export = bad_export(tasks, store)
     res = [t["annotations"][0]["result"] for t in export]
     res[3][0]["value"]["points"] = res[3][0]["value"]["points"][:2]  # two points
     res[4][0]["original_width"] = 64  # annotated on another image size

@@ -1,0 +1,58 @@
+"""The labelling loop's commands: label-export, import of a Label Studio export (good, bad, twice), inbox-purge."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.core.config import CLASSES, CollectConfig
+from tasks.data.blobstore import LocalStore
+from tasks.data.label_studio import inbox_tasks
+from tasks.serving.inbox import Inbox
+from tests.unit.test_inbox import Clock, png, pred
+from tests.unit.test_label_studio import bad_export, ls_export, make_inbox, write
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _damage(*args: str, state: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DAMAGE_STATE_DIR": str(state), "COLUMNS": "400"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_label_export_import_and_purge(tmp_path):
+    state = tmp_path / "s"
+    store, ids = make_inbox(tmp_path / "inbox", n=3)
+    p = _damage("data", "label-export", str(tmp_path / "inbox"), "-o", str(tmp_path / "ls"), "--url-prefix",
+                "s3://claims/inbox/", state=state)
+    assert p.returncode == 0, p.stderr
+    assert "3 task(s)" in p.stdout and str(tmp_path / "ls" / "tasks.json") in p.stdout
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert tasks[0]["data"]["image"] == f"s3://claims/inbox/{ids[0]}.png"
+
+    bad = write(tmp_path / "bad.json", bad_export(inbox_tasks(store, CLASSES), store))
+    p = _damage("data", "import", str(bad), str(tmp_path / "reviewed"), "--inbox", str(tmp_path / "inbox"), state=state)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "3 bad task(s)" in p.stderr and all(f"task {k}" in p.stderr for k in (1, 2, 3))
+    assert not (tmp_path / "reviewed").exists()
+
+    good = write(tmp_path / "good.json", ls_export(inbox_tasks(store, CLASSES)))
+    for expect in ("imported 3 reviewed task(s)", "imported 0 reviewed task(s); 3 already imported"):
+        p = _damage("data", "import", str(good), str(tmp_path / "reviewed"), "--inbox", str(tmp_path / "inbox"),
+                    state=state)
+        assert p.returncode == 0, p.stderr
+        assert expect in p.stdout
+    assert len(list((tmp_path / "reviewed").iterdir())) == 1
+
+    old = Inbox(CollectConfig(enabled=True), LocalStore(tmp_path / "old"), clock=Clock(dt.datetime(2000, 1, 1, tzinfo=dt.UTC)))
+    assert old.maybe_collect(png(1), pred(("dent", 0.3, [0, 0, 9, 9])))
+    young = Inbox(CollectConfig(enabled=True), LocalStore(tmp_path / "old"))  # the real clock: collected now
+    assert young.maybe_collect(png(2), pred(("dent", 0.3, [0, 0, 9, 9])))
+    p = _damage("data", "inbox-purge", str(tmp_path / "old"), "--set", "serving.collect.retention_days=1", state=state)
+    assert p.returncode == 0, p.stderr
+    assert "deleted 2 object(s)" in p.stdout and len(young.store.list()) == 2
