@@ -1,6 +1,6 @@
-"""The ``nightly`` flow: data sources (+ labelled batches) -> drift reference -> data gate -> train init -> train -> evaluate -> label issues ->
-sweep -> export -> explain -> (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
-``model_registry/``; this file passes results on.
+"""The ``nightly`` flow: dataset (+ labelled batches) -> drift reference -> data gate -> train init -> train ->
+evaluate -> label issues -> sweep -> export -> explain -> (compress) -> register -> promotion gate. Wiring only: every
+step is a task in ``tasks/`` or ``model_registry/``; this file passes results on.
 """
 
 from __future__ import annotations

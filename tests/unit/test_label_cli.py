@@ -56,3 +56,10 @@ def test_label_export_import_and_purge(tmp_path):
     p = _damage("data", "inbox-purge", str(tmp_path / "old"), "--set", "serving.collect.retention_days=1", state=state)
     assert p.returncode == 0, p.stderr
     assert "deleted 2 object(s)" in p.stdout and len(young.store.list()) == 2
+
+
+def test_missing_batch_fails_before_any_run(tmp_path):
+    missing = tmp_path / "reviewed"
+    p = _damage("run", "--set", f'data.batches=["{missing}"]', state=tmp_path / "s")
+    assert p.returncode == 2 and f"{missing}: labelled batch not found (data.batches)" in p.stderr
+    assert not (tmp_path / "s" / "mlflow.db").exists()
