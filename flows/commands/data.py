@@ -220,10 +220,15 @@ def label_export(
     cfg, paths = setup(ctx)
     from tasks.core.errors import DamageError
     from tasks.data.label_studio import export_inbox
+    from tasks.serving.inbox import Inbox
 
     store = _inbox_store(cfg, paths, inbox)
     out = out or paths.root / "label-studio"
     try:
+        expired = Inbox(cfg.serving.collect, store).purge_expired()  # nothing past retention goes out
+        if expired:
+            console.print(f"purged {len(expired)} expired object(s) (serving.collect.retention_days)",
+                          highlight=False, soft_wrap=True, markup=False)
         tasks_json, n = export_inbox(store, out, _classes(cfg),
                                      (lambda key: url_prefix + key) if url_prefix else None)
     except DamageError as e:

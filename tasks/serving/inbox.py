@@ -21,7 +21,8 @@ after the image, so an item with a JSON is complete. Nothing else of the request
 prediction is copied field by field from a whitelist (no file name, no client data).
 
 A write failure is logged as a warning and never reaches the request: ``maybe_collect`` never
-raises.
+raises. Items older than ``retention_days`` are deleted by ``purge_expired``: at most once an hour
+while collecting, before every ``damage data label-export``, and by ``damage data inbox-purge``.
 
 Example:
     >>> inbox = Inbox(cfg.serving.collect, open_store(cfg.serving.collect.inbox, paths.root / "inbox"))
@@ -168,6 +169,7 @@ class Inbox:
         self.clock = clock
         self._recent: deque[float] = deque()
         self._lock = threading.Lock()
+        self._last_purge: float | None = None
 
     def reason(self, prediction: Mapping[str, Any], other: Mapping[str, Any] | None = None,
                reason: str | None = None) -> str | None:
@@ -213,11 +215,25 @@ class Inbox:
             why = self.reason(pred, other, reason)
             if why is None or not self._take_slot(self.clock()):
                 return None
-            return self._write(image_bytes, pred, why)
+            iid = self._write(image_bytes, pred, why)
         except Exception as e:  # the request must not fail because the inbox could not keep it
             log.warning("inbox %s: request not collected: %s: %s", getattr(self.store, "uri", "?"),
                         type(e).__name__, e)
             return None
+        self._purge_hourly()
+        return iid
+
+    def _purge_hourly(self) -> None:
+        """While collecting, purge expired items at most once an hour (retention holds without a cron job)."""
+        now = self.clock()
+        with self._lock:
+            if self._last_purge is not None and now - self._last_purge < 3600:
+                return
+            self._last_purge = now
+        try:
+            self.purge_expired(dt.datetime.fromtimestamp(now, dt.UTC))
+        except Exception as e:
+            log.warning("inbox %s: purge failed: %s: %s", getattr(self.store, "uri", "?"), type(e).__name__, e)
 
     def _write(self, image_bytes: bytes, pred: dict[str, Any], reason: str) -> str:
         check_image_bytes(image_bytes, self.max_pixels, "collected image")

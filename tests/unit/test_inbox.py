@@ -165,3 +165,14 @@ def test_store_keys_stay_inside(tmp_path, key):
 
     with pytest.raises(DatasetError):
         LocalStore(tmp_path).put(key, b"x")
+
+
+def test_collecting_purges_expired_items_hourly(tmp_path):
+    clock = Clock()
+    ib = inbox(tmp_path, clock, retention_days=1)
+    unsure = pred(("dent", 0.3, [0, 0, 10, 10]))
+    first = ib.maybe_collect(png(1), unsure)
+    clock.t += 2 * 86400
+    second = ib.maybe_collect(png(2), unsure)  # more than an hour since the last purge: the first item expires
+    assert {k.split(".")[0] for k in ib.store.list()} == {second}
+    assert first != second

@@ -29,7 +29,8 @@ def test_label_export_import_and_purge(tmp_path):
     state = tmp_path / "s"
     store, ids = make_inbox(tmp_path / "inbox", n=3)
     p = _damage("data", "label-export", str(tmp_path / "inbox"), "-o", str(tmp_path / "ls"), "--url-prefix",
-                "s3://claims/inbox/", state=state)
+                "s3://claims/inbox/", "--set", "serving.collect.retention_days=36500", state=state)  # the test
+    # clock's items are from 2026-12: a long retention keeps them from the purge that precedes the export
     assert p.returncode == 0, p.stderr
     assert "3 task(s)" in p.stdout and str(tmp_path / "ls" / "tasks.json") in p.stdout
     tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
@@ -51,7 +52,8 @@ def test_label_export_import_and_purge(tmp_path):
 
     old = Inbox(CollectConfig(enabled=True), LocalStore(tmp_path / "old"), clock=Clock(dt.datetime(2000, 1, 1, tzinfo=dt.UTC)))
     assert old.maybe_collect(png(1), pred(("dent", 0.3, [0, 0, 9, 9])))
-    young = Inbox(CollectConfig(enabled=True), LocalStore(tmp_path / "old"))  # the real clock: collected now
+    # the real clock: collected now (its own hourly purge keeps the old item: a long retention)
+    young = Inbox(CollectConfig(enabled=True, retention_days=36500), LocalStore(tmp_path / "old"))
     assert young.maybe_collect(png(2), pred(("dent", 0.3, [0, 0, 9, 9])))
     p = _damage("data", "inbox-purge", str(tmp_path / "old"), "--set", "serving.collect.retention_days=1", state=state)
     assert p.returncode == 0, p.stderr
