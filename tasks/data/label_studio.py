@@ -323,8 +323,7 @@ def import_export(export_json: Path, store: Any, batches_root: Path, classes: Se
     errors: list[str] = []
     chosen: dict[str, tuple[str, list[str]]] = {}  # inbox id -> (image key, label lines)
     res = ImportResult(batch=None)
-    sizes: dict[str, tuple[int, int]] = {}
-    images: dict[str, bytes] = {}
+    sizes: dict[str, tuple[int, int]] = {}  # image bytes are read again when written: no export-sized memory
     for n, task in enumerate(tasks):
         name = f"task {task.get('id', f'#{n}')}"
         ann = _chosen_annotation(task)
@@ -335,10 +334,9 @@ def import_export(export_json: Path, store: Any, batches_root: Path, classes: Se
         if not iid or not ID_RE.match(iid) or iid not in items:
             errors.append(f"{name}: image {iid or (task.get('data') or {}).get(TO_NAME)!r} is not in the inbox {store.uri}")
             continue
-        if iid not in images:
+        if iid not in sizes:
             try:
-                images[iid] = store.get(items[iid].image)
-                sizes[iid] = check_image_bytes(images[iid], max_pixels, f"{store.uri}/{items[iid].image}")
+                sizes[iid] = check_image_bytes(store.get(items[iid].image), max_pixels, f"{store.uri}/{items[iid].image}")
             except Exception as e:
                 errors.append(f"{name} ({iid}): inbox image unreadable: {e}")
                 continue
@@ -373,7 +371,7 @@ def import_export(export_json: Path, store: Any, batches_root: Path, classes: Se
         (tmp / "labels" / "train").mkdir(parents=True)
         for iid in new:
             key, lines = chosen[iid]
-            (tmp / "images" / "train" / key).write_bytes(images[iid])
+            (tmp / "images" / "train" / key).write_bytes(store.get(key))
             (tmp / "labels" / "train" / f"{iid}.txt").write_text("".join(f"{ln}\n" for ln in lines))
         (tmp / "data.yaml").write_text(yaml.safe_dump({"path": ".", "train": "images/train",
                                                        "names": dict(enumerate(classes))}, sort_keys=False))

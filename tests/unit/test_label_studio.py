@@ -209,3 +209,16 @@ def test_issue_rows_become_label_and_suggestion_pre_annotations():
     assert sides["dataset-label"][0]["value"]["points"][1] == [50.0, 2.5]  # x / 20, y / 40 in percent
     assert sides["model-suggestion"][1]["value"]["points"][2] == [20.0, 10.0]  # a box as four corners
     assert "bad_outline 0.80" in t["data"]["issues"] and t["data"]["source_image"] == "images/val/a.png"
+
+
+def test_s3_inbox_round_trip(s3, tmp_path):
+    from tasks.data.blobstore import S3Store
+    from tests.helpers import S3_BUCKET
+
+    store = S3Store(f"s3://{S3_BUCKET}/inbox", client=s3)
+    ib = Inbox(CollectConfig(enabled=True), store, clock=Clock())
+    iid = ib.maybe_collect(png(7), pred(("dent", 0.3, [2, 2, 20, 12])))
+    tasks = inbox_tasks(store, CLASSES)
+    assert tasks[0]["data"]["image"] == f"s3://{S3_BUCKET}/inbox/{iid}.png"
+    res = import_export(write(tmp_path / "e.json", ls_export(tasks)), store, tmp_path / "reviewed", CLASSES)
+    assert res.imported == [iid] and (res.batch / "images" / "train" / f"{iid}.png").read_bytes() == png(7)
