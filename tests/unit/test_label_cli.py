@@ -12,7 +12,7 @@ from pathlib import Path
 from tasks.core.config import CLASSES, CollectConfig
 from tasks.data.blobstore import LocalStore
 from tasks.data.label_studio import inbox_tasks
-from tasks.serving.inbox import Inbox
+from tasks.serving.inbox import Inbox, list_items
 from tests.unit.test_inbox import Clock, png, pred
 from tests.unit.test_label_studio import bad_export, ls_export, make_inbox, write
 
@@ -65,3 +65,30 @@ def test_missing_batch_fails_before_any_run(tmp_path):
     p = _damage("run", "--set", f'data.batches=["{missing}"]', state=tmp_path / "s")
     assert p.returncode == 2 and f"{missing}: labelled batch not found (data.batches)" in p.stderr
     assert not (tmp_path / "s" / "mlflow.db").exists()
+
+
+def test_predict_collect_keeps_the_unsure_images(tmp_path):
+    import cv2
+    import numpy as np
+
+    from tests.unit.test_issue13_serving import fake_onnx
+
+    onnx = fake_onnx(tmp_path / "m.onnx", [(100, 100, 300, 260)])  # one dent at score 0.9
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(2):
+        cv2.imwrite(str(photos / f"claim-{k}.png"), np.full((96, 128, 3), 60 + 40 * k, np.uint8))
+    inbox = tmp_path / "inbox"
+    base = ["predict", str(photos), "-m", str(onnx), "-o", str(tmp_path / "out"), "--no-overlay", "--collect",
+            "--set", f"serving.collect.inbox={inbox}"]
+    p = _damage(*base, state=tmp_path / "s")  # 0.9 is above the default band [0.25, 0.5)
+    assert p.returncode == 0, p.stderr
+    assert "collected 0 image(s)" in p.stdout and not list_items(LocalStore(inbox).list())
+    p = _damage(*base, "--set", "serving.collect.band=[0.85,0.95]", state=tmp_path / "s")
+    assert p.returncode == 0, p.stderr
+    assert "collected 2 image(s)" in p.stdout
+    items = list_items(LocalStore(inbox).list())
+    assert len(items) == 2
+    rec = json.loads(LocalStore(inbox).get(next(iter(items.values())).record))
+    assert rec["reason"] == "uncertain" and rec["prediction"]["instances"][0]["class"] == "dent"
+    assert "claim-" not in json.dumps(rec)  # the file name is not stored
