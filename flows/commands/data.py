@@ -71,7 +71,7 @@ def synth(
 def import_(
     ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="YOLO-seg folder (with data.yaml) or COCO instances JSON.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty); for a Label Studio export, the batches folder (each import adds one batch).")],
     images_dir: Annotated[Path | None, typer.Option("--images-dir", help="COCO image folder (default: found beside the JSON).")] = None,
     maps: Annotated[list[str] | None, typer.Option("--map", "-m", help="Class mapping SRC=DST (repeatable; DST '-' drops SRC).")] = None,
     allow_unknown: Annotated[bool, typer.Option("--allow-unknown", help="Skip source classes with no target (listed) instead of failing.")] = False,
