@@ -9,9 +9,10 @@ annotation through the API, export. The export is imported back, and the next ni
 trains on the union: its dataset fingerprint differs from the base's, the union holds the reviewed image
 with the reviewer's label, and the run's MLflow dataset inputs name the base and the batch.
 
-Slow: the first run installs Label Studio (measured: 136 s for the pip install on the 2-core dev machine),
-the server's first start migrates its database, and the nightly trains. Skipped, with the reason, only
-when PyPI cannot be reached.
+Slow: with the venv cached the test took 100 s on the shared 2-core dev machine (Label Studio's first start,
+which migrates its SQLite database, 38 s of it; the tiny nightly most of the rest); the first run also
+installs Label Studio (the pip install measured 136 s there), which puts it over 2 minutes. Skipped, with
+the reason, only when PyPI cannot be reached.
 """
 
 from __future__ import annotations
