@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, setup
+from damage.flows.common import console, fail, setup
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic set or import YOLO-seg / COCO data.",
                        no_args_is_help=True)
@@ -49,8 +49,8 @@ def synth(
 
     import time
 
-    from tasks.core.errors import DamageError
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.synth import generate_dataset
 
     t0 = time.perf_counter()
     try:
@@ -88,7 +88,7 @@ def import_(
     """
     if not src.exists():
         fail(f"{src}: source not found")
-    from tasks.data.label_studio import is_label_studio_export
+    from damage.tasks.data.label_studio import is_label_studio_export
 
     if inbox is not None or is_label_studio_export(src):
         _import_label_studio(ctx, src, out, inbox)
@@ -98,8 +98,8 @@ def import_(
     class_map = _parse_maps(maps)
     cfg, _ = setup(ctx)
 
-    from tasks.core.errors import DamageError
-    from tasks.data.dataset import UnknownClassesError, import_dataset
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.dataset import UnknownClassesError, import_dataset
 
     try:
         report = import_dataset(src, out, class_map=class_map, classes=cfg.data.classes, val_fraction=val_fraction,
@@ -137,9 +137,9 @@ def issues(
         fail(f"{data}: dataset not found")
     if not model.is_file():
         fail(f"{model}: model file not found")
-    from tasks.core.errors import DamageError
-    from tasks.data.dataset import find_data_yaml
-    from tasks.evaluation.label_issues import kfold_label_issues, mine_label_issues
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.dataset import find_data_yaml
+    from damage.tasks.evaluation.label_issues import kfold_label_issues, mine_label_issues
 
     li = cfg.label_issues.model_copy(update={"splits": splits}) if splits else cfg.label_issues
     if folds is not None:
@@ -168,7 +168,7 @@ def issues(
                       "are biased towards their labels", highlight=False, soft_wrap=True, markup=False)
     console.print(f"overlay grid: {res.grid_path}", highlight=False, soft_wrap=True, markup=False)
     if export:
-        from tasks.data.label_studio import export_issue_rows
+        from damage.tasks.data.label_studio import export_issue_rows
 
         try:
             tasks_json, n = export_issue_rows(res.rows, data_yaml, out / "label-studio", _classes(cfg),
@@ -181,13 +181,13 @@ def issues(
 
 
 def _inbox_store(cfg, paths, inbox: str | None):
-    from tasks.data.blobstore import open_store
+    from damage.tasks.data.blobstore import open_store
 
     return open_store(inbox or cfg.serving.collect.inbox, paths.root / "inbox")
 
 
 def _classes(cfg) -> list[str]:
-    from tasks.core.config import CLASSES
+    from damage.tasks.core.config import CLASSES
 
     return list(cfg.data.classes or CLASSES)
 
@@ -195,8 +195,8 @@ def _classes(cfg) -> list[str]:
 def _import_label_studio(ctx: typer.Context, export: Path, out: Path, inbox: str | None) -> None:
     """A Label Studio JSON export -> a new batch under ``out`` (checked whole first; nothing half-imported)."""
     cfg, paths = setup(ctx)
-    from tasks.core.errors import DamageError
-    from tasks.data.label_studio import import_export
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.label_studio import import_export
 
     store = _inbox_store(cfg, paths, inbox)
     try:
@@ -218,9 +218,9 @@ def label_export(
 ) -> None:
     """Write the inbox as Label Studio tasks, each with the model's prediction as polygon pre-annotations."""
     cfg, paths = setup(ctx)
-    from tasks.core.errors import DamageError
-    from tasks.data.label_studio import export_inbox
-    from tasks.serving.inbox import Inbox
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.label_studio import export_inbox
+    from damage.tasks.serving.inbox import Inbox
 
     store = _inbox_store(cfg, paths, inbox)
     out = out or paths.root / "label-studio"
@@ -245,7 +245,7 @@ def inbox_purge(
 ) -> None:
     """Delete inbox items older than serving.collect.retention_days (run it daily, e.g. from cron)."""
     cfg, paths = setup(ctx)
-    from tasks.serving.inbox import Inbox
+    from damage.tasks.serving.inbox import Inbox
 
     gone = Inbox(cfg.serving.collect, _inbox_store(cfg, paths, inbox)).purge_expired()
     console.print(f"deleted {len(gone)} object(s) older than {cfg.serving.collect.retention_days:g} days",

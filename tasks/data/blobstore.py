@@ -1,9 +1,9 @@
 """A flat key -> bytes store over a local folder or an S3 prefix (the labelling inbox lives in one).
 
 Both stores take the same relative keys (``20261204T113100Z-1a2b3c.png``), refuse keys that would
-leave their root (``..``, absolute, backslash: ``tasks.data.storage.safe_relpath``'s rule), and
+leave their root (``..``, absolute, backslash: ``damage.tasks.data.storage.safe_relpath``'s rule), and
 make a write visible whole or not at all: the local store writes a temp file and renames it
-(``tasks.core.atomic``), an S3 ``PutObject`` is atomic by itself.
+(``damage.tasks.core.atomic``), an S3 ``PutObject`` is atomic by itself.
 
 Example:
     >>> store = open_store("s3://claims/inbox", default_root=Path(".state/inbox"))
@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from tasks.core.atomic import atomic_write_bytes
-from tasks.data.storage import parse_s3_uri, s3_client, safe_relpath
+from damage.tasks.core.atomic import atomic_write_bytes
+from damage.tasks.data.storage import parse_s3_uri, s3_client, safe_relpath
 
 
 class BlobStore(Protocol):

@@ -38,10 +38,10 @@ from xml.sax.saxutils import quoteattr
 
 import yaml
 
-from tasks.core.atomic import atomic_output_dir, atomic_write_json, atomic_write_text
-from tasks.core.errors import DatasetError
-from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_image_file
-from tasks.serving.inbox import ID_RE, list_items
+from damage.tasks.core.atomic import atomic_output_dir, atomic_write_json, atomic_write_text
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_image_file
+from damage.tasks.serving.inbox import ID_RE, list_items
 
 FROM_NAME = "label"  # the PolygonLabels control
 TO_NAME = "image"  # the Image object (its value is $image)
@@ -83,7 +83,7 @@ def box_polygon(box: Sequence[float]) -> list[list[float]]:
 
 
 def prediction_regions(pred: Mapping[str, Any], classes: Sequence[str]) -> list[dict[str, Any]]:
-    """The regions of a stored prediction (``tasks.serving.inbox.prediction_record``); classes not in
+    """The regions of a stored prediction (``damage.tasks.serving.inbox.prediction_record``); classes not in
     ``classes`` are left out (a reviewer could not keep them)."""
     w, h = int(pred["width"]), int(pred["height"])
     out = []
@@ -139,7 +139,7 @@ def issue_tasks(rows: Iterable[Mapping[str, Any]], image_url: Callable[[str], st
     its data lists the issues (kind, score, evidence) for the reviewer.
 
     Args:
-        rows: the mining rows (``tasks.evaluation.label_issues.CSV_COLUMNS`` plus the four above).
+        rows: the mining rows (``damage.tasks.evaluation.label_issues.CSV_COLUMNS`` plus the four above).
         image_url: row ``image`` -> the URL Label Studio loads.
         image_size: row ``image`` -> (width, height) in pixels.
         min_score: rows below this score are left out (the flagged ones: ``label_issues.flag_score``).
@@ -190,7 +190,7 @@ def export_issue_rows(rows: Iterable[Mapping[str, Any]], data_yaml: Path, out_di
 
     Image sizes come from the image headers (bounded by ``max_pixels``; nothing is decoded).
     """
-    from tasks.data.dataset import load_data_yaml
+    from damage.tasks.data.dataset import load_data_yaml
 
     root = load_data_yaml(data_yaml, required=()).root
 

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core.atomic import atomic_output_dir
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import find_data_yaml, label_path, list_images, load_data_yaml
-from tasks.data.fingerprint import dataset_fingerprint
-from tasks.data.label_studio import batch_dirs
+from damage.tasks.core.atomic import atomic_output_dir
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import find_data_yaml, label_path, list_images, load_data_yaml
+from damage.tasks.data.fingerprint import dataset_fingerprint
+from damage.tasks.data.label_studio import batch_dirs
 
 SOURCES_FILE = "sources.json"  # what the union was built from (not part of its fingerprint)
 
@@ -160,8 +160,8 @@ def log_sources(tracking_uri: str, run_id: str, sources: list[Source]) -> None:
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    from tasks.core import tracking
-    from tasks.data.mlflow_input import dataset_entity
+    from damage.tasks.core import tracking
+    from damage.tasks.data.mlflow_input import dataset_entity
 
     c = tracking.client(tracking_uri)
     inputs = [DatasetInput(dataset_entity(s.data_yaml, s.fingerprint, name=s.name),

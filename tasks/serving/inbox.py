@@ -43,8 +43,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.core.config import CollectConfig
-from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, image_header
+from damage.tasks.core.config import CollectConfig
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, image_header
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def list_items(keys: Iterable[str]) -> dict[str, ItemKeys]:
 
 
 class Inbox:
-    """Collection rules + writes to a store (``tasks.data.blobstore``); safe to share between threads.
+    """Collection rules + writes to a store (``damage.tasks.data.blobstore``); safe to share between threads.
 
     Args:
         config: the ``serving.collect`` section.

@@ -12,12 +12,12 @@ import shutil
 import pytest
 import yaml
 
-from tasks.core.config import CLASSES
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import check_structure, split_images
-from tasks.data.fingerprint import dataset_fingerprint
-from tasks.data.label_studio import import_export, inbox_tasks
-from tasks.data.union import build_union, expand_batches, union_step
+from damage.tasks.core.config import CLASSES
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import check_structure, split_images
+from damage.tasks.data.fingerprint import dataset_fingerprint
+from damage.tasks.data.label_studio import import_export, inbox_tasks
+from damage.tasks.data.union import build_union, expand_batches, union_step
 from tests.conftest import make_easy_dataset
 from tests.unit.test_label_studio import ls_export, make_inbox, write
 
@@ -89,7 +89,7 @@ def test_mismatched_batches_are_refused_naming_them(tmp_path, sources):
 
 
 def test_union_step_logs_base_and_every_batch_as_dataset_inputs(tmp_path, sources):
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     base, reviewed, batches, _ = sources
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

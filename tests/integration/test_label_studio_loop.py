@@ -98,9 +98,9 @@ def label_studio(label_studio_python, tmp_path_factory):
 
 def _inbox(root: Path, n: int = 3) -> list[str]:
     """An inbox of ``n`` collected requests (64-px photos the model was unsure about)."""
-    from tasks.core.config import CollectConfig
-    from tasks.data.blobstore import LocalStore
-    from tasks.serving.inbox import Inbox
+    from damage.tasks.core.config import CollectConfig
+    from damage.tasks.data.blobstore import LocalStore
+    from damage.tasks.serving.inbox import Inbox
     from tests.unit.test_inbox import Clock, png, pred
 
     ib = Inbox(CollectConfig(enabled=True), LocalStore(root), clock=Clock())
@@ -118,11 +118,11 @@ def test_label_studio_round_trip_feeds_the_next_nightly(label_studio, label_stud
                                                         state_paths, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from flows.nightly import nightly
-    from tasks.core.config import CLASSES
-    from tasks.data.blobstore import LocalStore
-    from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.data.label_studio import export_inbox, import_export
+    from damage.flows.nightly import nightly
+    from damage.tasks.core.config import CLASSES
+    from damage.tasks.data.blobstore import LocalStore
+    from damage.tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.data.label_studio import export_inbox, import_export
     from tests.conftest import make_easy_dataset
 
     url, token = label_studio

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.core.config import CollectConfig
-from tasks.data.blobstore import LocalStore, S3Store
-from tasks.serving.inbox import Inbox, collected_at, disagree, list_items, uncertain
+from damage.tasks.core.config import CollectConfig
+from damage.tasks.data.blobstore import LocalStore, S3Store
+from damage.tasks.serving.inbox import Inbox, collected_at, disagree, list_items, uncertain
 from tests.helpers import S3_BUCKET
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
@@ -116,7 +116,7 @@ def test_write_failure_is_a_warning_not_an_error(tmp_path, caplog):
             raise OSError("disk full")
 
     ib = Inbox(CollectConfig(enabled=True), Broken(tmp_path / "x"), clock=Clock())
-    with caplog.at_level(logging.WARNING, logger="tasks.serving.inbox"):
+    with caplog.at_level(logging.WARNING, logger="damage.tasks.serving.inbox"):
         assert ib.maybe_collect(png(1), pred(("dent", 0.3, [0, 0, 10, 10]))) is None
         assert ib.maybe_collect(b"not an image", pred(("dent", 0.3, [0, 0, 10, 10]))) is None
         assert ib.maybe_collect(png(1), object()) is None  # a malformed prediction
@@ -161,7 +161,7 @@ def test_s3_inbox_collects_and_purges(s3):
 
 @pytest.mark.parametrize("key", ["../x.png", "/etc/passwd", "a/../../b"])
 def test_store_keys_stay_inside(tmp_path, key):
-    from tasks.core.errors import DatasetError
+    from damage.tasks.core.errors import DatasetError
 
     with pytest.raises(DatasetError):
         LocalStore(tmp_path).put(key, b"x")

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.core.config import CLASSES, CollectConfig
-from tasks.data.blobstore import LocalStore
-from tasks.data.label_studio import inbox_tasks
-from tasks.serving.inbox import Inbox, list_items
+from damage.tasks.core.config import CLASSES, CollectConfig
+from damage.tasks.data.blobstore import LocalStore
+from damage.tasks.data.label_studio import inbox_tasks
+from damage.tasks.serving.inbox import Inbox, list_items
 from tests.unit.test_inbox import Clock, png, pred
 from tests.unit.test_label_studio import bad_export, ls_export, make_inbox, write
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _damage(*args: str, state: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAMAGE_STATE_DIR": str(state), "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "damage.flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -12,17 +12,17 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tasks.core.config import CLASSES, CollectConfig
-from tasks.core.errors import DatasetError
-from tasks.data.blobstore import LocalStore
-from tasks.data.label_studio import (
+from damage.tasks.core.config import CLASSES, CollectConfig
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.blobstore import LocalStore
+from damage.tasks.data.label_studio import (
     export_inbox,
     import_export,
     inbox_tasks,
     issue_tasks,
     label_config,
 )
-from tasks.serving.inbox import Inbox
+from damage.tasks.serving.inbox import Inbox
 from tests.unit.test_inbox import Clock, png, pred
 
 HERE = Path(__file__).resolve().parents[1] / "data" / "label_studio"
@@ -179,7 +179,7 @@ def test_unreadable_export_names_the_file(tmp_path, text):
 def test_a_failing_write_leaves_no_batch(tmp_path, monkeypatch):
     store, _ = make_inbox(tmp_path / "inbox", n=2)
     export = write(tmp_path / "e.json", ls_export(inbox_tasks(store, CLASSES)))
-    import tasks.data.label_studio as ls
+    import damage.tasks.data.label_studio as ls
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -212,7 +212,7 @@ def test_issue_rows_become_label_and_suggestion_pre_annotations():
 
 
 def test_s3_inbox_round_trip(s3, tmp_path):
-    from tasks.data.blobstore import S3Store
+    from damage.tasks.data.blobstore import S3Store
     from tests.helpers import S3_BUCKET
 
     store = S3Store(f"s3://{S3_BUCKET}/inbox", client=s3)
