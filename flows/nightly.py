@@ -1,6 +1,6 @@
-"""The ``nightly`` flow: drift reference -> data gate -> train init -> train -> evaluate -> label issues ->
-sweep -> export -> explain -> (compress) -> register -> promotion gate. Wiring only: every step is a task in ``tasks/`` or
-``model_registry/``; this file passes results on.
+"""The ``nightly`` flow: dataset (+ labelled batches) -> drift reference -> data gate -> train init -> train ->
+evaluate -> label issues -> sweep -> export -> explain -> (compress) -> register -> promotion gate. Wiring only: every
+step is a task in ``tasks/`` or ``model_registry/``; this file passes results on.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from damage.model_registry.card import card_step
     from damage.model_registry.reference import reference_step
     from damage.model_registry.steps import gate_step, init_step, register_step
+    from damage.tasks.data.union import union_step
     from damage.tasks.evaluation.evaluate import Evaluator, evaluate_step
     from damage.tasks.evaluation.explain import explain_step, pick_explain_samples
     from damage.tasks.evaluation.label_issues import label_issues_step
@@ -47,6 +48,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     links = _t(reporting.link_runs, "link-runs")(cfg, run)
     try:
         data_yaml = _t(prepare_dataset, "prepare-dataset", retries=3)(cfg, paths)
+        # data.batches (labelled inbox batches): train on their union with data.source, each logged as an input
+        data_yaml = _t(union_step, "union-sources", retries=1)(data_yaml, cfg.data.batches, paths.datasets,
+                                                               run.tracking_uri, run.run_id)
         unchanged = _t(check_unchanged, "check-unchanged", retries=3)(data_yaml, cfg, run.tracking_uri, force)
         if unchanged.skip:  # same data + config + code as the last successful run: record it and stop
             print(unchanged.reason)

@@ -1,5 +1,7 @@
 """``damage data synth``, ``damage data import`` and ``damage data issues``: make or bring in a
-YOLO-seg dataset, and rank its likely label errors with a trained model."""
+YOLO-seg dataset, and rank its likely label errors with a trained model. The labelling loop:
+``damage data label-export`` (inbox -> Label Studio tasks), ``damage data import EXPORT.json OUT --inbox``
+(reviewed labels -> a batch for ``data.batches``) and ``damage data inbox-purge`` (retention)."""
 
 from __future__ import annotations
 
@@ -69,21 +71,28 @@ def synth(
 def import_(
     ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="YOLO-seg folder (with data.yaml) or COCO instances JSON.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (must not exist or be empty); for a Label Studio export, the batches folder (each import adds one batch).")],
     images_dir: Annotated[Path | None, typer.Option("--images-dir", help="COCO image folder (default: found beside the JSON).")] = None,
     maps: Annotated[list[str] | None, typer.Option("--map", "-m", help="Class mapping SRC=DST (repeatable; DST '-' drops SRC).")] = None,
     allow_unknown: Annotated[bool, typer.Option("--allow-unknown", help="Skip source classes with no target (listed) instead of failing.")] = False,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of val images when the import makes the split (COCO).")] = 0.2,
     seed: Annotated[int | None, typer.Option("--seed", help="Split seed (default: config seed).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    inbox: Annotated[str | None, typer.Option("--inbox", help="Label Studio export: the inbox its tasks came from (folder or s3://; default: serving.collect.inbox).")] = None,
 ) -> None:
-    """Import a YOLO-seg folder or COCO JSON (polygons, RLE) into the pipeline's YOLO-seg layout.
+    """Import a YOLO-seg folder or COCO JSON (polygons, RLE) into the pipeline's YOLO-seg layout,
+    or a Label Studio JSON export of inbox tasks as a new labelled batch under OUT (--inbox).
 
     Target classes are data.classes from the config (default: vehicle and CarDD's six damage
     types). Exit code 1 when source classes have no target and --allow-unknown is not given.
     """
     if not src.exists():
         fail(f"{src}: source not found")
+    from damage.tasks.data.label_studio import is_label_studio_export
+
+    if inbox is not None or is_label_studio_export(src):
+        _import_label_studio(ctx, src, out, inbox)
+        return
     if images_dir is not None and not images_dir.is_dir():
         fail(f"{images_dir}: images folder not found")
     class_map = _parse_maps(maps)
@@ -116,10 +125,14 @@ def issues(
     imgsz: Annotated[int | None, typer.Option("--imgsz", help="Letterbox size (default: the model's own).")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows to print.")] = 10,
     folds: Annotated[int | None, typer.Option("--folds", min=0, help="K-fold out-of-sample scores for the train split (K >= 2 trainings, train: config section; default: label_issues.folds).")] = None,
+    export: Annotated[str | None, typer.Option("--export", help="Also write the flagged rows as tasks for: label-studio (OUT/label-studio/tasks.json).")] = None,
+    url_prefix: Annotated[str | None, typer.Option("--url-prefix", help="--export: image URL = PREFIX + the row's image path (default: Label Studio local-files URLs).")] = None,
 ) -> None:
     """Rank likely label errors (missing label, wrong class, bad outline, spurious label) with one
     inference pass of a trained model. Nothing in the dataset is changed: a person decides."""
     cfg, paths = setup(ctx)
+    if export not in (None, "label-studio"):
+        fail(f"--export {export}: the one target is label-studio")
     if not data.exists():
         fail(f"{data}: dataset not found")
     if not model.is_file():
@@ -154,6 +167,89 @@ def issues(
         console.print(f"note: the model trained on {', '.join(res.in_sample_splits)}; those rows (in_sample=true) "
                       "are biased towards their labels", highlight=False, soft_wrap=True, markup=False)
     console.print(f"overlay grid: {res.grid_path}", highlight=False, soft_wrap=True, markup=False)
+    if export:
+        from damage.tasks.data.label_studio import export_issue_rows
+
+        try:
+            tasks_json, n = export_issue_rows(res.rows, data_yaml, out / "label-studio", _classes(cfg),
+                                              li.flag_score, cfg.validation.max_pixels,
+                                              (lambda im: url_prefix + im) if url_prefix else None)
+        except DamageError as e:
+            fail(str(e))
+        console.print(f"{n} Label Studio task(s) (rows scored >= {li.flag_score:g}) -> {tasks_json}",
+                      highlight=False, soft_wrap=True, markup=False)
+
+
+def _inbox_store(cfg, paths, inbox: str | None):
+    from damage.tasks.data.blobstore import open_store
+
+    return open_store(inbox or cfg.serving.collect.inbox, paths.root / "inbox")
+
+
+def _classes(cfg) -> list[str]:
+    from damage.tasks.core.config import CLASSES
+
+    return list(cfg.data.classes or CLASSES)
+
+
+def _import_label_studio(ctx: typer.Context, export: Path, out: Path, inbox: str | None) -> None:
+    """A Label Studio JSON export -> a new batch under ``out`` (checked whole first; nothing half-imported)."""
+    cfg, paths = setup(ctx)
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.label_studio import import_export
+
+    store = _inbox_store(cfg, paths, inbox)
+    try:
+        res = import_export(export, store, out, _classes(cfg), max_pixels=cfg.validation.max_pixels)
+    except DamageError as e:
+        fail(str(e))
+    console.print(res.summary(), highlight=False, soft_wrap=True, markup=False)
+    if res.batch:
+        console.print(f"train on it: add {out} to data.batches (e.g. --set 'data.batches=[\"{out}\"]')",
+                      highlight=False, soft_wrap=True, markup=False)
+
+
+@data_app.command("label-export")
+def label_export(
+    ctx: typer.Context,
+    inbox: Annotated[str | None, typer.Argument(help="Inbox folder or s3://bucket/prefix (default: serving.collect.inbox).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for tasks.json and label_config.xml (default: <state>/label-studio).")] = None,
+    url_prefix: Annotated[str | None, typer.Option("--url-prefix", help="Image URL = PREFIX + image key (default: s3:// URLs for an S3 inbox, Label Studio local-files URLs for a folder).")] = None,
+) -> None:
+    """Write the inbox as Label Studio tasks, each with the model's prediction as polygon pre-annotations."""
+    cfg, paths = setup(ctx)
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.label_studio import export_inbox
+    from damage.tasks.serving.inbox import Inbox
+
+    store = _inbox_store(cfg, paths, inbox)
+    out = out or paths.root / "label-studio"
+    try:
+        expired = Inbox(cfg.serving.collect, store).purge_expired()  # nothing past retention goes out
+        if expired:
+            console.print(f"purged {len(expired)} expired object(s) (serving.collect.retention_days)",
+                          highlight=False, soft_wrap=True, markup=False)
+        tasks_json, n = export_inbox(store, out, _classes(cfg),
+                                     (lambda key: url_prefix + key) if url_prefix else None)
+    except DamageError as e:
+        fail(str(e))
+    console.print(f"{n} task(s) from {store.uri} -> {tasks_json}\nlabelling config: {out / 'label_config.xml'} "
+                  f"(import both into a Label Studio project; export its JSON and run `damage data import`)",
+                  highlight=False, soft_wrap=True, markup=False)
+
+
+@data_app.command("inbox-purge")
+def inbox_purge(
+    ctx: typer.Context,
+    inbox: Annotated[str | None, typer.Argument(help="Inbox folder or s3://bucket/prefix (default: serving.collect.inbox).")] = None,
+) -> None:
+    """Delete inbox items older than serving.collect.retention_days (run it daily, e.g. from cron)."""
+    cfg, paths = setup(ctx)
+    from damage.tasks.serving.inbox import Inbox
+
+    gone = Inbox(cfg.serving.collect, _inbox_store(cfg, paths, inbox)).purge_expired()
+    console.print(f"deleted {len(gone)} object(s) older than {cfg.serving.collect.retention_days:g} days",
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 def register(app: typer.Typer) -> None:

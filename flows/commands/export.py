@@ -113,9 +113,10 @@ def predict_cmd(
     iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: the model's metadata).")] = None,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Write NAME.png overlays.")] = True,
     backend: Annotated[str | None, typer.Option("--backend", help="Runtime: auto|onnxruntime|openvino (default: predictor.backend; auto = the faster one measured at export).")] = None,
+    collect: Annotated[bool, typer.Option("--collect", help="Keep the images the model is unsure about in the labelling inbox (serving.collect rules, inbox and cap).")] = False,
 ) -> None:
     """Segment damage with ONNX Runtime or OpenVINO; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
-    cfg, _ = setup(ctx)
+    cfg, paths = setup(ctx)
     images = _list_images(source)
     if not images:
         fail(f"{source}: no images (extensions: jpg, jpeg, png, bmp, tif, tiff, webp)")
@@ -133,6 +134,13 @@ def predict_cmd(
                        openvino_precision=pc.openvino_precision)
     out.mkdir(parents=True, exist_ok=True)
     names = _out_names(images, out)
+    inbox, collected = None, 0
+    if collect:  # --collect is the opt-in: the rules, inbox and cap of serving.collect apply
+        from damage.tasks.data.blobstore import open_store
+        from damage.tasks.serving.inbox import Inbox
+
+        cc = cfg.serving.collect.model_copy(update={"enabled": True})
+        inbox = Inbox(cc, open_store(cc.inbox, paths.root / "inbox"), max_pixels=pred.max_pixels)
     index, failed = [], 0
     with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, disable=len(images) == 1, transient=True) as bar:
@@ -143,6 +151,8 @@ def predict_cmd(
                 im = read_image(p, pred.max_pixels)
                 res = pred.predict(im)[0]
                 doc = res.to_dict(str(p), str(model), pred.conf, pred.iou)
+                if inbox is not None and inbox.maybe_collect(p.read_bytes(), doc):
+                    collected += 1
                 if overlay:
                     ok, buf = cv2.imencode(".png", draw_prediction(im, res))
                     if not ok:
@@ -164,6 +174,9 @@ def predict_cmd(
         console.print(f"{images[0]}: {d['instances']} instance(s), damage {pct}", highlight=False, soft_wrap=True)
     console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}, "
                   f"{pred.backend}) -> {out}", highlight=False, soft_wrap=True)
+    if inbox is not None:
+        console.print(f"collected {collected} image(s) for labelling -> {inbox.store.uri} "
+                      f"(next: damage data label-export)", highlight=False, soft_wrap=True)
     if failed:
         err_console.print(f"{failed} image(s) failed; see their JSON files", highlight=False)
         raise typer.Exit(1)

@@ -74,6 +74,7 @@ class SynthConfig(_Section):
 class DataConfig(_Section):
     source: str = "synth"
     classes: list[str] | None = None
+    batches: list[str] = []
     synth: SynthConfig = SynthConfig()
 
 
@@ -179,6 +180,27 @@ class PredictorConfig(_Section):
     cache_optimized: bool = True
     openvino_precision: Literal["f32", "bf16"] = "f32"
     latency_runs: int = Field(10, ge=0)
+
+
+class CollectConfig(_Section):
+    enabled: bool = False
+    inbox: str | None = None
+    band: tuple[float, float] = (0.25, 0.5)
+    disagreement: bool = True
+    disagreement_iou: float = Field(0.5, ge=0, le=1)
+    ignore_classes: list[str] = ["vehicle"]
+    max_per_hour: int = Field(20, ge=0)
+    retention_days: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _band_range(self) -> CollectConfig:
+        if not 0 <= self.band[0] < self.band[1] <= 1:
+            raise ValueError(f"band must be [low, high) with 0 <= low < high <= 1, got {list(self.band)}")
+        return self
+
+
+class ServingConfig(_Section):
+    collect: CollectConfig = CollectConfig()
 
 
 class DistillConfig(_Section):
@@ -345,6 +367,7 @@ class Config(_Section):
     sweep: SweepConfig = SweepConfig()
     export: ExportConfig = ExportConfig()
     predictor: PredictorConfig = PredictorConfig()
+    serving: ServingConfig = ServingConfig()
     compress: CompressConfig = CompressConfig()
     registry: RegistryConfig = RegistryConfig()
     explain: ExplainConfig = ExplainConfig()

@@ -22,7 +22,7 @@ SOURCE_TYPE_S3 = "s3"
 
 @lru_cache(maxsize=8)
 def _profile_cached(data_yaml: str, fingerprint: str) -> str:
-    info = load_data_yaml(data_yaml)
+    info = load_data_yaml(data_yaml, required=())  # a labelled batch has a train split only
     splits: dict[str, int] = {}
     classes: Counter[str] = Counter()
     for split, sources in info.splits.items():

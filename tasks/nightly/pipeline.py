@@ -192,6 +192,9 @@ def preflight(cfg: Config) -> None:
                 load_data_yaml(p)
             else:
                 check_structure(p)
+    for b in cfg.data.batches:
+        if not Path(b).expanduser().exists():
+            raise DatasetError(f"{b}: labelled batch not found (data.batches)")
     model_source(cfg.train.model)
     if cfg.train.weights and not Path(cfg.train.weights).expanduser().is_file():
         from damage.tasks.core.errors import DamageError
