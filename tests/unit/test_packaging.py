@@ -97,7 +97,8 @@ def test_wheel_installs_and_runs_without_the_checkout(tmp_path, tiny_dataset):
     r = run(venv / "bin" / "damage", "--help", cwd=work)
     assert r.returncode == 0 and "validate" in r.stdout, r.stdout + r.stderr
     r = run(venv / "bin" / "damage", "validate", tiny_dataset, "--set", "validate.workers=1", cwd=work)
-    assert r.returncode in (0, 1) and "images" in r.stdout and "report:" in r.stdout, r.stdout + r.stderr[-3000:]
+    # the synthetic set passes the gate (tests/data/test_validate_cli.py): 0, not "0 or 1"
+    assert r.returncode == 0 and "images" in r.stdout and "report:" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "demo.yaml"])
