@@ -16,7 +16,8 @@ def _register(c, name: str, n: int, folder) -> str:
     import model_registry as mr
 
     exp = c.get_experiment_by_name("t")
-    eid = exp.experiment_id if exp else c.create_experiment("t")
+    # artifacts under the test's folder: without a location MLflow writes ./mlruns in the working directory
+    eid = exp.experiment_id if exp else c.create_experiment("t", artifact_location=(folder / "art").as_uri())
     f = folder / "a.onnx"
     f.write_bytes(b"x")
     for k in range(n):  # one source run per version: registration is idempotent per source run
