@@ -39,6 +39,19 @@ def _image(p) -> np.ndarray:
     return im
 
 
+def with_odd_aspect_ratios(images: list[Path], folder: Path, sizes) -> list[Path]:
+    """``images`` plus resized copies (``sizes``: (w, h) each, of images 0, 1, ...) written to ``folder``:
+    the letterbox and the mask resampling see other aspect ratios than the square training size."""
+    import cv2
+
+    odd = []
+    for i, (w, h) in enumerate(sizes):
+        p = Path(folder) / f"odd{i}.png"
+        cv2.imwrite(str(p), cv2.resize(_image(images[i % len(images)]), (w, h)))
+        odd.append(p)
+    return list(images) + odd
+
+
 def candidate_scores(pred, paths) -> list[np.ndarray]:
     """Per image, the score of every candidate before NMS (best class per anchor; end-to-end: per row)."""
     out = []

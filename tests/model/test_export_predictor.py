@@ -20,6 +20,7 @@ from tests.parity import (
     assert_same_raw_outputs,
     candidate_scores,
     conf_in_widest_gap,
+    with_odd_aspect_ratios,
 )
 
 IMGSZ = 96
@@ -74,14 +75,7 @@ def test_export_step_logs_nested_run(exported, tiny_model):
 def images(tiny_dataset, tmp_path_factory) -> list[Path]:
     """Val images plus resized copies with other aspect ratios."""
     val = sorted((tiny_dataset.parent / "images" / "val").glob("*.png"))[:4]
-    d = tmp_path_factory.mktemp("odd")
-    odd = []
-    for i, (w, h) in enumerate([(150, 96), (187, 85), (70, 130)]):
-        im = cv2.resize(cv2.imread(str(val[i % len(val)])), (w, h))
-        p = d / f"odd{i}.png"
-        cv2.imwrite(str(p), im)
-        odd.append(p)
-    return val + odd
+    return with_odd_aspect_ratios(val, tmp_path_factory.mktemp("odd"), [(150, 96), (187, 85), (70, 130)])
 
 
 def test_export_metadata_and_no_leftovers(onnx_model, tiny_model):
@@ -164,13 +158,7 @@ def trained_onnx(trained_model, easy_imgsz, tmp_path_factory) -> Path:
 def easy_images(easy_dataset, tmp_path_factory) -> list[Path]:
     """The easy set's val images plus resized copies with other aspect ratios."""
     val = sorted((easy_dataset.parent / "images" / "val").glob("*.png"))
-    d = tmp_path_factory.mktemp("easy_odd")
-    odd = []
-    for i, (w, h) in enumerate([(100, 64), (90, 41), (48, 88)]):
-        p = d / f"odd{i}.png"
-        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(val[i])), (w, h)))
-        odd.append(p)
-    return val + odd
+    return with_odd_aspect_ratios(val, tmp_path_factory.mktemp("easy_odd"), [(100, 64), (90, 41), (48, 88)])
 
 
 @pytest.fixture(scope="module")

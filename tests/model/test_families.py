@@ -22,6 +22,7 @@ from tests.parity import (
     assert_same_raw_outputs,
     candidate_scores,
     conf_in_widest_gap,
+    with_odd_aspect_ratios,
 )
 
 FAMILIES = ["yolov8n-seg", "yolo11n-seg", "yolo26n-seg"]
@@ -84,13 +85,7 @@ def _export(family, cache: dict):
 def images(fam_dataset, tmp_path_factory) -> list[Path]:
     """Val images plus resized copies with other aspect ratios."""
     val = sorted((fam_dataset.parent / "images" / "val").glob("*.png"))
-    d = tmp_path_factory.mktemp("fam_odd")
-    odd = []
-    for i, (w, h) in enumerate([(100, 64), (57, 90)]):
-        p = d / f"odd{i}.png"
-        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(val[i % len(val)])), (w, h)))
-        odd.append(p)
-    return val + odd
+    return with_odd_aspect_ratios(val, tmp_path_factory.mktemp("fam_odd"), [(100, 64), (57, 90)])
 
 
 # ----------------------------------------------------------------------------- names
@@ -123,13 +118,7 @@ def test_export_parity_per_family(family, exported):
 def easy_images(easy_dataset, tmp_path_factory) -> list[Path]:
     """The easy set's val images (64 px) plus resized copies with other aspect ratios."""
     val = sorted((easy_dataset.parent / "images" / "val").glob("*.png"))
-    d = tmp_path_factory.mktemp("fam_easy_odd")
-    odd = []
-    for i, (w, h) in enumerate([(100, 64), (57, 90)]):
-        p = d / f"odd{i}.png"
-        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(val[i])), (w, h)))
-        odd.append(p)
-    return val + odd
+    return with_odd_aspect_ratios(val, tmp_path_factory.mktemp("fam_easy_odd"), [(100, 64), (57, 90)])
 
 
 @pytest.fixture(scope="session")
