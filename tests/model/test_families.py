@@ -148,11 +148,21 @@ def _assert_predictor_is_ultralytics(onnx: Path, images: list[Path]) -> None:
     assert assert_matches_ultralytics(onnx, images, conf) >= len(images)
 
 
-def test_predictor_matches_ultralytics_onnx_predict_per_family(family, exported, images, detecting_onnx,
-                                                               easy_images):
+def test_two_sessions_give_the_same_raw_outputs_per_family(family, exported, images):
+    """Our ORT session vs Ultralytics' on each family's 1-epoch model: nothing is thresholded."""
     res, _ = _export(family, exported)
-    assert assert_same_raw_outputs(res.onnx_path, images) <= RAW_ATOL  # the 1-epoch model: nothing thresholded
-    _assert_predictor_is_ultralytics(detecting_onnx(family[0]), easy_images)
+    assert assert_same_raw_outputs(res.onnx_path, images) <= RAW_ATOL
+
+
+# YOLO11's export has YOLOv8's output layout (the same decoding path), so its 20-epoch model, ~30 s on
+# one core, only runs with the slow tests; YOLOv8's model is the session's `trained_model` (no extra
+# training) and YOLO26's also serves the end-to-end export below.
+DETECTING = ["yolov8n-seg", pytest.param("yolo11n-seg", marks=pytest.mark.slow), "yolo26n-seg"]
+
+
+@pytest.mark.parametrize("name", DETECTING)
+def test_predictor_matches_ultralytics_onnx_predict_per_family(name, detecting_onnx, easy_images):
+    _assert_predictor_is_ultralytics(detecting_onnx(name), easy_images)
 
 
 def test_train_export_predict_register_per_family(family, exported, images, tmp_path):
