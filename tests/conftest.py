@@ -14,7 +14,7 @@ os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
 os.environ.pop("PREFECT_API_URL", None)
 
-from tasks.core.runtime import activate, configure_ultralytics  # noqa: E402
+from damage.tasks.core.runtime import activate, configure_ultralytics  # noqa: E402
 from tests.helpers import S3_BUCKET  # noqa: E402
 
 PATHS = activate(_STATE)
@@ -39,7 +39,7 @@ def prefect_harness(state_paths):
 @pytest.fixture(scope="session")
 def tiny_dataset(state_paths, tmp_path_factory) -> Path:
     """24-image synthetic YOLO-seg dataset at 96 px; returns the data.yaml path."""
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     out = tmp_path_factory.mktemp("tiny_synth")
     return generate_dataset(out / "ds", images=24, seed=0, imgsz=96, val_fraction=0.25)
@@ -48,8 +48,8 @@ def tiny_dataset(state_paths, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(state_paths, tiny_dataset, tmp_path_factory) -> Path:
     """A yolov8n-seg trained 1 epoch on the tiny dataset (from scratch); returns best.pt."""
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import train_model
 
     out = tmp_path_factory.mktemp("tiny_train")
     cfg = TrainConfig(model="n", epochs=1, imgsz=96, batch=8, patience=0)
@@ -92,7 +92,7 @@ def make_easy_dataset(out: Path, n_train: int = 24, n_val: int = 12, imgsz: int 
     import numpy as np
     import yaml
 
-    from tasks.core.config import CLASSES
+    from damage.tasks.core.config import CLASSES
 
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
@@ -152,8 +152,8 @@ EASY_EPOCHS_BY_FAMILY = {"yolo26n-seg": 40}
 
 def train_easy(model: str, data: Path, out: Path, epochs: int = EASY_EPOCHS) -> Path:
     """``model`` trained from scratch on the easy set with the cheapest recipe that makes it detect; last.pt."""
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import train_model
 
     cfg = TrainConfig(model=model, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH, patience=0,
                       augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0, cos_lr=False, lrf=1.0)

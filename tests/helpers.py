@@ -17,7 +17,7 @@ def conf_with_instances(pred, paths, k: int = 20) -> float:
     ``tests/parity.py::conf_in_widest_gap``).
 
     Args:
-        pred: a ``tasks.serving.predictor.Predictor``.
+        pred: a ``damage.tasks.serving.predictor.Predictor``.
         paths: image files.
         k: candidates to keep on the image with the weakest scores.
     """

@@ -98,7 +98,7 @@ def assert_same_raw_outputs(onnx, paths, atol: float = RAW_ATOL) -> float:
     difference seen."""
     import torch
 
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx, backend="onnxruntime")
     _, ulp = ultralytics_predictor(onnx, paths[0], 0.25, pred.iou, pred.imgsz[0], pred.rect)
@@ -154,7 +154,7 @@ def _crop_edges_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def assert_same_decoding(onnx, paths, conf: float) -> int:
     """Check 2: per image, our ``Predictor.postprocess`` and Ultralytics' on one raw output. Returns the
     number of instances compared."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx, backend="onnxruntime")
     _, ulp = ultralytics_predictor(onnx, paths[0], conf, pred.iou, pred.imgsz[0], pred.rect)
@@ -205,7 +205,7 @@ def assert_matches_ultralytics(onnx, paths, conf: float | None = None, backend: 
     (count; each of ours pairs with a reference instance of its class whose box is within ``E2E_BOX_ATOL``
     px, order-free: NMS may rank tied scores either way), mask IoU >= ``E2E_MIN_IOU``, ours in descending
     score order. Returns the number of instances matched."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx, backend=backend)
     assert pred.backend == backend

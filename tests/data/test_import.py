@@ -14,10 +14,10 @@ import yaml
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from flows.commands import data as data_cmd
-from tasks.core.config import CLASSES
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import UnknownClassesError, check_structure, import_dataset
+from damage.flows.commands import data as data_cmd
+from damage.tasks.core.config import CLASSES
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import UnknownClassesError, check_structure, import_dataset
 
 W, H = 100, 80
 

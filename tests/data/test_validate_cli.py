@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.core.config import ValidateConfig
-from tasks.validation.validate import validate_dataset
+from damage.flows.cli import app
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.validation.validate import validate_dataset
 
 TRI = "0.2 0.2 0.8 0.2 0.5 0.8"
 
@@ -80,7 +80,7 @@ def test_synthetic_dataset_passes(tiny_dataset):
 def test_validate_task_wraps_the_function():
     from prefect import Task
 
-    import tasks.validation.validate as v
+    import damage.tasks.validation.validate as v
 
     task = v.validate_task  # made on first use, once: the second read is the same object
     assert isinstance(task, Task) and task.name == "validate-data" and task.fn is v.validate_dataset

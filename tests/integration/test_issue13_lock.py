@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
-import model_registry as mr
-from model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
+import damage.model_registry as mr
+from damage.model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
 
 pytestmark = pytest.mark.integration
 # spawn, not fork: the test process runs Prefect's and MLflow's threads, and a forked child inherits their
@@ -131,7 +131,7 @@ def test_13_04_lock_malformed_is_stale_with_warning(sqlite_mlflow_server, caplog
     c.create_registered_model(name)
     c.create_registered_model(lock_name(name), tags={TAG_OWNER: "someone", TAG_TTL: "soon",
                                                      "lock.expires_at": "soon"})
-    with caplog.at_level(logging.WARNING, logger="model_registry.lock"):
+    with caplog.at_level(logging.WARNING, logger="damage.model_registry.lock"):
         with mr.registry_lock(c, name, holder="next", timeout_s=10):
             assert c.get_registered_model(lock_name(name)).tags[TAG_HOLDER] == "next"
     assert any("malformed" in r.getMessage() for r in caplog.records)
@@ -143,7 +143,7 @@ def test_13_04_live_break_marker_outlives_a_short_lease(sqlite_mlflow_server):
     Judging the marker by the lock's lease let a second breaker remove it, judge the same stale lock,
     and delete the lock the first breaker had just taken (both then held it; seen in CI).
     """
-    from model_registry.lock import BREAK_SUFFIX, _try_break
+    from damage.model_registry.lock import BREAK_SUFFIX, _try_break
 
     name = f"lock-marker-{uuid.uuid4().hex[:8]}"
     c = _client(sqlite_mlflow_server)

@@ -36,10 +36,10 @@ def _aps(summary: dict) -> dict[str, float]:
 def test_second_night_fine_tunes_from_the_approved_version(prefect_harness, state_paths, monkeypatch, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    import model_registry as mr
-    from flows.nightly import nightly
-    from tasks.evaluation.evaluate import worst_class_drop
-    from tasks.training.guard import GUARD_FILE, GuardState
+    import damage.model_registry as mr
+    from damage.flows.nightly import nightly
+    from damage.tasks.evaluation.evaluate import worst_class_drop
+    from damage.tasks.training.guard import GUARD_FILE, GuardState
 
     name = f"two-nights-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", json.dumps({**WORKER_REGISTRY, "model_name": name}))

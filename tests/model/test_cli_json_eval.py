@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 
 def _invoke(args):
-    from flows.cli import app
+    from damage.flows.cli import app
 
     r = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
     return r
@@ -20,8 +20,8 @@ def _invoke(args):
 def test_evaluate_json_and_its_mlflow_run(tiny_model, tiny_dataset):
     from mlflow.tracking import MlflowClient
 
-    from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.evaluation.plots import CM_FILES
+    from damage.tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.evaluation.plots import CM_FILES
 
     r = _invoke(["evaluate", str(tiny_model), "--data", str(tiny_dataset), "--json",
                  "--set", "mlflow.system_metrics_interval_s=0.5"])

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.core.config import CLASSES
+from damage.tasks.core.config import CLASSES
 from tests.helpers import conf_with_instances
 from tests.parity import (
     E2E_BOX_ATOL,
@@ -33,9 +33,9 @@ SCHEMA_VEH = {"id", "area_px", "damage_px", "damage_percent", "by_class"}
 @pytest.fixture(scope="module")
 def exported(tiny_model, state_paths):
     """``export_step`` (export + parity gate + MLflow) on the tiny model; its ONNX is reused below."""
-    from tasks.core import tracking
-    from tasks.core.config import ExportConfig
-    from tasks.export.onnx import export_step
+    from damage.tasks.core import tracking
+    from damage.tasks.core.config import ExportConfig
+    from damage.tasks.export.onnx import export_step
 
     c = tracking.client()
     parent = tracking.start_run(c, tracking.ensure_experiment(c, "export-test"), "parent")
@@ -54,7 +54,7 @@ def onnx_model(exported) -> Path:
 def test_export_step_logs_nested_run(exported, tiny_model):
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     res, parent = exported
     assert res.onnx_path == tiny_model.with_suffix(".onnx") and res.parity.passed
     c = tracking.client()
@@ -79,8 +79,8 @@ def images(tiny_dataset, tmp_path_factory) -> list[Path]:
 
 
 def test_export_metadata_and_no_leftovers(onnx_model, tiny_model):
-    from tasks.export.onnx import read_onnx_metadata
-    from tasks.serving.predictor import read_metadata
+    from damage.tasks.export.onnx import read_onnx_metadata
+    from damage.tasks.serving.predictor import read_metadata
 
     md = read_onnx_metadata(onnx_model)
     assert md["names"] == CLASSES
@@ -97,8 +97,8 @@ def test_parity_gate_passes_then_fails_on_tampered_model(onnx_model, tiny_model,
     import onnx
     from onnx import numpy_helper
 
-    from tasks.core.errors import GateFailed
-    from tasks.export.onnx import parity_check
+    from damage.tasks.core.errors import GateFailed
+    from damage.tasks.export.onnx import parity_check
 
     res = parity_check(tiny_model, onnx_model, 3, IMGSZ, atol=1e-3)
     assert res.passed and res.images == 3
@@ -149,7 +149,7 @@ def _assert_parity(ours: list, ref: list, where: str, box_atol: float = E2E_BOX_
 @pytest.fixture(scope="module")
 def trained_onnx(trained_model, easy_imgsz, tmp_path_factory) -> Path:
     """The session's model that detects (easy set), exported with the pipeline's metadata."""
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     return export_onnx(trained_model, tmp_path_factory.mktemp("trained") / "trained.onnx", easy_imgsz)
 
@@ -164,7 +164,7 @@ def easy_images(easy_dataset, tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def gap_conf(trained_onnx, easy_images) -> float:
     """The trained model's confidence in the middle of its widest score gap (``tests/parity.py``)."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     return conf_in_widest_gap(candidate_scores(Predictor(trained_onnx), easy_images))
 
@@ -197,7 +197,7 @@ def test_batch_is_one_run_and_equals_single(trained_onnx, easy_images, easy_imgs
     """A batch of four same-sized images is one runtime call and gives what four single calls give: raw
     tensors within RAW_ATOL (another batch size may pick other kernels), hence, at the gap confidence, the
     same instances."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(trained_onnx, conf=gap_conf)
     assert pred.dynamic_batch
@@ -223,7 +223,7 @@ def test_batch_is_one_run_and_equals_single(trained_onnx, easy_images, easy_imgs
 
 
 def test_no_detection_and_json_schema(onnx_model, images):
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx_model, conf=0.999999)
     assert (pred.iou, pred.imgsz) == (0.55, (IMGSZ, IMGSZ))  # iou from the metadata
@@ -247,7 +247,7 @@ def test_no_detection_and_json_schema(onnx_model, images):
 def test_cli_predict_folder_with_a_broken_image(onnx_model, images, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     src = tmp_path / "in"
     src.mkdir()
@@ -269,8 +269,8 @@ def test_cli_predict_folder_with_a_broken_image(onnx_model, images, tmp_path):
 def test_cli_export_opset12_static_and_parity(tiny_model, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from tasks.serving.predictor import Predictor
+    from damage.flows.cli import app
+    from damage.tasks.serving.predictor import Predictor
 
     out = tmp_path / "m12.onnx"
     r = CliRunner().invoke(app, ["export", str(tiny_model), "--out", str(out), "--imgsz", "64", "--opset", "12",
@@ -292,7 +292,7 @@ def test_cli_export_opset12_static_and_parity(tiny_model, tmp_path):
 def test_openvino_fp32_gives_the_same_detections_as_onnxruntime(trained_onnx, easy_images, gap_conf):
     """Raw tensors within 1e-3, so at the gap confidence (no candidate score within GAP_MARGIN = 0.01 of it)
     both runtimes keep the same candidates."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     ort_pred = Predictor(trained_onnx, backend="onnxruntime")
     ov_pred = Predictor(trained_onnx, backend="openvino")
@@ -309,7 +309,7 @@ def test_openvino_fp32_gives_the_same_detections_as_onnxruntime(trained_onnx, ea
 @pytest.fixture(scope="module")
 def trained_int8(trained_onnx, easy_dataset, easy_imgsz, tmp_path_factory) -> Path:
     """A QDQ INT8 (static, per-channel) copy of the trained model, calibrated on its train split."""
-    from tasks.export.quantize import calibration_images, quantize_onnx
+    from damage.tasks.export.quantize import calibration_images, quantize_onnx
 
     return quantize_onnx(trained_onnx, tmp_path_factory.mktemp("int8") / "int8.onnx", "int8-static",
                          calib_images=calibration_images(easy_dataset, 8, seed=0), imgsz=easy_imgsz)
@@ -344,7 +344,7 @@ def _found(strong: list, others: list) -> int:
 
 
 def test_openvino_int8_qdq_gives_the_same_confident_detections_as_onnxruntime(trained_int8, easy_images):
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     ort_pred = Predictor(trained_int8, backend="onnxruntime")
     ov_pred = Predictor(trained_int8, backend="openvino")
@@ -366,10 +366,10 @@ def test_openvino_missing_falls_back_to_onnxruntime(onnx_model, tmp_path, monkey
     import shutil
     import sys
 
-    from tasks.core.errors import DamageError
-    from tasks.export.onnx import update_onnx_metadata
-    from tasks.serving import backends
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.onnx import update_onnx_metadata
+    from damage.tasks.serving import backends
+    from damage.tasks.serving.predictor import Predictor
 
     m = tmp_path / "prefers_ov.onnx"
     shutil.copyfile(onnx_model, m)
@@ -396,7 +396,7 @@ def test_openvino_missing_falls_back_to_onnxruntime(onnx_model, tmp_path, monkey
 def test_cli_predict_backend_option(onnx_model, images, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     r = CliRunner().invoke(app, ["predict", str(images[0]), "--model", str(onnx_model), "--out", str(tmp_path / "a"),
                                  "--backend", "openvino", "--no-overlay"])

@@ -31,7 +31,7 @@ IMGSZ = 64
 
 @pytest.fixture(scope="session")
 def fam_dataset(state_paths, tmp_path_factory) -> Path:
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("fam_synth") / "ds", images=16, seed=3, imgsz=IMGSZ,
                             val_fraction=0.25)
@@ -44,8 +44,8 @@ def fam_models(fam_dataset, tmp_path_factory) -> dict[str, Path]:
 
 
 def _trained(name: str, fam_models: dict[str, Path], data: Path, tmp_path_factory) -> Path:
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import train_model
 
     if name not in fam_models:
         cfg = TrainConfig(model=name, epochs=1, imgsz=IMGSZ, batch=8, patience=0, augment="light")
@@ -66,9 +66,9 @@ def exported(family, state_paths) -> dict:
 
 
 def _export(family, cache: dict):
-    from tasks.core import tracking
-    from tasks.core.config import ExportConfig
-    from tasks.export.onnx import export_step
+    from damage.tasks.core import tracking
+    from damage.tasks.core.config import ExportConfig
+    from damage.tasks.export.onnx import export_step
 
     name, best = family
     if name not in cache:
@@ -94,7 +94,7 @@ def images(fam_dataset, tmp_path_factory) -> list[Path]:
 def test_family_is_read_from_the_trained_checkpoint(family):
     from ultralytics import YOLO
 
-    from tasks.core.families import family_name
+    from damage.tasks.core.families import family_name
 
     name, best = family
     assert family_name(YOLO(str(best)).model) == name.split("n-seg")[0]
@@ -104,7 +104,7 @@ def test_family_is_read_from_the_trained_checkpoint(family):
 
 
 def test_export_parity_per_family(family, exported):
-    from tasks.export.onnx import parity_check, read_onnx_metadata
+    from damage.tasks.export.onnx import parity_check, read_onnx_metadata
 
     res, _ = _export(family, exported)
     assert res.parity.passed
@@ -124,7 +124,7 @@ def easy_images(easy_dataset, tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def detecting_onnx(detecting_model, easy_imgsz, tmp_path_factory):
     """Factory ``detecting_onnx(family, end2end=False)``: the family's model that detects, exported once."""
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     cache: dict[tuple[str, bool], Path] = {}
 
@@ -140,7 +140,7 @@ def detecting_onnx(detecting_model, easy_imgsz, tmp_path_factory):
 def _assert_predictor_is_ultralytics(onnx: Path, images: list[Path]) -> None:
     """The three checks of tests/parity.py on a model that detects: raw tensors, decoding of one raw output,
     end to end at the middle of the widest score gap; every image keeps an instance."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     assert assert_same_raw_outputs(onnx, images) <= RAW_ATOL
     conf = conf_in_widest_gap(candidate_scores(Predictor(onnx), images))
@@ -169,12 +169,12 @@ def test_train_export_predict_register_per_family(family, exported, images, tmp_
     """The end-to-end chain per family: the registered ONNX, downloaded, predicts what was exported."""
     from ultralytics import YOLO
 
-    import model_registry as mr
-    from model_registry.steps import version_lineage
-    from tasks.core import tracking
-    from tasks.core.families import family_name
-    from tasks.export.onnx import read_onnx_metadata
-    from tasks.serving.predictor import Predictor
+    import damage.model_registry as mr
+    from damage.model_registry.steps import version_lineage
+    from damage.tasks.core import tracking
+    from damage.tasks.core.families import family_name
+    from damage.tasks.export.onnx import read_onnx_metadata
+    from damage.tasks.serving.predictor import Predictor
 
     name, best = family
     res, parent = _export(family, exported)
@@ -208,7 +208,7 @@ def test_train_export_predict_register_per_family(family, exported, images, tmp_
 
 @pytest.fixture(scope="session")
 def yolo26_end2end(fam_models, fam_dataset, tmp_path_factory) -> tuple[Path, Path]:
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     best = _trained("yolo26n-seg", fam_models, fam_dataset, tmp_path_factory)
     out = tmp_path_factory.mktemp("e2e") / "yolo26-e2e.onnx"
@@ -216,8 +216,8 @@ def yolo26_end2end(fam_models, fam_dataset, tmp_path_factory) -> tuple[Path, Pat
 
 
 def test_yolo26_end2end_export_parity_and_predictor(yolo26_end2end, images, detecting_onnx, easy_images):
-    from tasks.export.onnx import parity_check
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.export.onnx import parity_check
+    from damage.tasks.serving.predictor import Predictor
 
     best, onnx = yolo26_end2end
     pred = Predictor(onnx)
@@ -233,7 +233,7 @@ def test_yolo26_end2end_export_parity_and_predictor(yolo26_end2end, images, dete
 
 
 def test_end2end_parity_matching_catches_changes_and_ignores_order():
-    from tasks.export.onnx import _end2end_figures
+    from damage.tasks.export.onnx import _end2end_figures
 
     rng = np.random.default_rng(0)
     t = rng.random((1, 10, 6 + 4), dtype=np.float32)
@@ -252,8 +252,8 @@ def test_end2end_parity_matching_catches_changes_and_ignores_order():
 
 
 def test_end2end_export_refused_for_families_without_the_head(fam_models, fam_dataset, tmp_path_factory, tmp_path):
-    from tasks.core.errors import DamageError
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.onnx import export_onnx
 
     for name in ("yolov8n-seg", "yolo11n-seg"):
         best = _trained(name, fam_models, fam_dataset, tmp_path_factory)
@@ -270,8 +270,8 @@ def test_int8_static_keeps_head_decode_float_per_family(family, exported, fam_da
     import onnx as onnx_lib
     import onnxruntime as ort
 
-    from tasks.export.quantize import calibration_images, head_postprocess_nodes, quantize_onnx
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.export.quantize import calibration_images, head_postprocess_nodes, quantize_onnx
+    from damage.tasks.serving.predictor import Predictor
 
     res, _ = _export(family, exported)
     graph = onnx_lib.load(str(res.onnx_path))
@@ -315,7 +315,7 @@ def test_split_free_twins_are_identical_per_family(state_paths, name):
     from ultralytics.nn.modules.block import C2PSA, C2f, C3k2
     from ultralytics.nn.tasks import SegmentationModel
 
-    from tasks.training.prune import replace_c2f
+    from damage.tasks.training.prune import replace_c2f
 
     m = _random_bn(SegmentationModel(f"{name}.yaml", nc=7, verbose=False)).eval()
     twin = copy.deepcopy(m)
@@ -334,9 +334,9 @@ def test_structured_pruning_per_family_trains_and_exports(family, fam_dataset, t
     runs the one-to-one head and Proto26's semantic branch, which the inference path never touches)."""
     import onnxruntime as ort
 
-    from tasks.core.config import TrainConfig
-    from tasks.export.onnx import export_onnx
-    from tasks.training.prune import count_params, finetune_pruned, load_model, prune_structured
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.training.prune import count_params, finetune_pruned, load_model, prune_structured
 
     name, best = family
     path, rep = prune_structured(best, tmp_path / "pruned.pt", 0.3, imgsz=IMGSZ)
@@ -367,9 +367,9 @@ def test_distillation_across_families(fam_models, fam_dataset, tmp_path_factory,
     """A YOLO26 teacher (one-to-one head) distils into a YOLO11 student; the student is a YOLO11."""
     from ultralytics import YOLO
 
-    from tasks.core.config import DistillConfig, TrainConfig
-    from tasks.core.families import family_name
-    from tasks.training.distill import distill
+    from damage.tasks.core.config import DistillConfig, TrainConfig
+    from damage.tasks.core.families import family_name
+    from damage.tasks.training.distill import distill
 
     teacher = _trained("yolo26n-seg", fam_models, fam_dataset, tmp_path_factory)
     seen: list[dict] = []
@@ -380,7 +380,7 @@ def test_distillation_across_families(fam_models, fam_dataset, tmp_path_factory,
 
 
 def test_explain_per_family(family, images):
-    from tasks.evaluation.explain import explain_image, head_layers, load_model
+    from damage.tasks.evaluation.explain import explain_image, head_layers, load_model
 
     name, best = family
     exps = explain_image(best, images[0], method="gradcam", conf=0.0, imgsz=IMGSZ, max_instances=3)
@@ -394,8 +394,8 @@ def test_explain_per_family(family, images):
 
 
 def test_evaluate_and_sweep_per_family(family, fam_dataset, tmp_path):
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.evaluation.sweep import sweep_thresholds
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.evaluation.sweep import sweep_thresholds
 
     name, best = family
     res = evaluate_model(best, fam_dataset, imgsz=IMGSZ)
@@ -408,7 +408,7 @@ def test_evaluate_and_sweep_per_family(family, fam_dataset, tmp_path):
 
 def test_evaluate_yolo26_end2end_onnx_matches_its_pt_head(yolo26_end2end, fam_dataset):
     """The evaluator reads an end-to-end export's rows (no NMS) instead of misreading them as anchors."""
-    from tasks.evaluation.evaluate import collect
+    from damage.tasks.evaluation.evaluate import collect
 
     best, onnx = yolo26_end2end
     col = collect(onnx, fam_dataset, imgsz=IMGSZ, ious=(0.7,), conf_floor=0.0)

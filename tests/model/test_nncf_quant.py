@@ -10,9 +10,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def float_and_nncf(trained_model, easy_dataset, easy_imgsz, tmp_path_factory) -> tuple[Path, Path]:
-    from tasks.export.nncf_quant import quantize_nncf
-    from tasks.export.onnx import export_onnx
-    from tasks.export.quantize import calibration_images
+    from damage.tasks.export.nncf_quant import quantize_nncf
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.export.quantize import calibration_images
 
     d = tmp_path_factory.mktemp("nncf")
     f = export_onnx(trained_model, d / "float.onnx", easy_imgsz, metadata={"conf": 0.3})
@@ -23,8 +23,8 @@ def float_and_nncf(trained_model, easy_dataset, easy_imgsz, tmp_path_factory) ->
 def test_nncf_graph_is_int8_with_the_head_decode_in_float(float_and_nncf):
     import onnx
 
-    from tasks.export.onnx import read_onnx_metadata
-    from tasks.export.quantize import head_postprocess_nodes
+    from damage.tasks.export.onnx import read_onnx_metadata
+    from damage.tasks.export.quantize import head_postprocess_nodes
 
     f, q = float_and_nncf
     fm, qm = onnx.load(str(f)), onnx.load(str(q))
@@ -52,8 +52,8 @@ PTQ_MAX_DROP = 0.1
 
 
 def test_nncf_mask_map_within_its_budget_and_runs_on_both_runtimes(float_and_nncf, easy_dataset, easy_imgsz):
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.serving.predictor import Predictor
 
     f, q = float_and_nncf
     fm = evaluate_model(f, easy_dataset, split="val", imgsz=easy_imgsz).metrics
@@ -68,9 +68,9 @@ def test_nncf_mask_map_within_its_budget_and_runs_on_both_runtimes(float_and_nnc
 
 
 def test_nncf_missing_is_a_clear_error(float_and_nncf, easy_dataset, monkeypatch, tmp_path):
-    from tasks.core.errors import DamageError
-    from tasks.export.nncf_quant import quantize_nncf
-    from tasks.export.quantize import calibration_images
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.nncf_quant import quantize_nncf
+    from damage.tasks.export.quantize import calibration_images
 
     f, _ = float_and_nncf
     calib = calibration_images(easy_dataset, 2, seed=0)
@@ -86,8 +86,8 @@ def test_compress_chain_step_int8_nncf(float_and_nncf, easy_dataset, easy_imgsz,
     """``compress.steps: [int8-nncf]`` makes a variant of the chain head with the configured preset."""
     from types import SimpleNamespace
 
-    from tasks.core.config import Config
-    from tasks.export.compress import Variant, apply_step, plan_steps
+    from damage.tasks.core.config import Config
+    from damage.tasks.export.compress import Variant, apply_step, plan_steps
 
     f, _ = float_and_nncf
     cfg = Config()

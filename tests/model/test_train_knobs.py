@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import TrainConfig
-from tasks.training.train import build_train_args
+from damage.tasks.core.config import TrainConfig
+from damage.tasks.training.train import build_train_args
 
 
 def test_nbs_defaults_to_batch_and_knobs_are_passed(tmp_path):
@@ -28,7 +28,7 @@ def test_nbs_rejects_zero():
 @pytest.mark.parametrize(("batch", "nbs", "expected", "epochs"), [(4, 12, 3, 1), (4, None, 1, 2)])
 def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path, batch, nbs, expected, epochs):
     """Read off the Ultralytics trainer (``accumulate`` at train start), not recomputed here."""
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
     cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
@@ -66,7 +66,7 @@ def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path, monke
     budget then means 2 epochs planned (ceil(54 / 30)) and run, never 40, however loaded the machine."""
     import ultralytics.engine.trainer as trainer_mod
 
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     assert build_train_args(TrainConfig(), tmp_path / "d.yaml", tmp_path, "r", 0)["time"] is None
     cfg = TrainConfig(model="n", epochs=40, time_min=0.9, imgsz=64, batch=8, val=False, patience=0)

@@ -13,7 +13,7 @@ from tests.helpers import LINEAGE, sqlite_client
 def _register(c, name: str, n: int, folder) -> str:
     """``n`` versions of ``name`` (mask mAP50-95 0.25, 0.35, ...); the last one passed the gate and holds
     ``staging`` through ``set_staging``, so the alias history has one recorded move. Returns that version."""
-    import model_registry as mr
+    import damage.model_registry as mr
 
     exp = c.get_experiment_by_name("t")
     # artifacts under the test's folder: without a location MLflow writes ./mlruns in the working directory
@@ -38,7 +38,7 @@ def registry_uri(tmp_path_factory):
 
 
 def _run(args, columns=80):
-    from flows.cli import app
+    from damage.flows.cli import app
 
     return CliRunner().invoke(app, args, env={"COLUMNS": str(columns), "TERM": "dumb"})
 
@@ -73,7 +73,7 @@ def test_registry_list_and_history_json(registry_uri):
 
 
 def test_fit_columns_drops_lowest_priority_first():
-    from flows.tables import Col, fit_columns
+    from damage.flows.tables import Col, fit_columns
 
     cols = [Col("a", "A", 1), Col("b", "B", 3), Col("c", "C", 2)]
     rows = [{"a": "x" * 40, "b": "y" * 20, "c": "z" * 20}]

@@ -91,7 +91,7 @@ def test_wheel_installs_and_runs_without_the_checkout(tmp_path, tiny_dataset):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env["DAMAGE_STATE_DIR"] = str(tmp_path / "state")
-    r = run(py, "-c", "import tasks.core.config as c; print(c.__file__); print(c.DEFAULT_CONFIG.is_file())", cwd=work)
+    r = run(py, "-c", "import damage.tasks.core.config as c; print(c.__file__); print(c.DEFAULT_CONFIG.is_file())", cwd=work)
     where, found = r.stdout.split()
     assert where.startswith(str(site)) and found == "True", r.stdout + r.stderr  # the wheel's code and config
     r = run(venv / "bin" / "damage", "--help", cwd=work)

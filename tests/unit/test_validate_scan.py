@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from expectations import SUITE_NAMES, load_suite_json, suite_codes
-from expectations.tables import near_pairs
-from tasks.validation.scan import image_header, measure_image, parse_label_line, truncation_error
-from tasks.validation.validate import DEFAULT_SEVERITY, severities
+from damage.expectations import SUITE_NAMES, load_suite_json, suite_codes
+from damage.tasks.validation.scan import image_header, measure_image, parse_label_line, truncation_error
+from damage.tasks.validation.tables import near_pairs
+from damage.tasks.validation.validate import DEFAULT_SEVERITY, severities
 
 
 def png_header_only(w: int, h: int) -> bytes:
@@ -106,7 +106,7 @@ def test_suites_are_ge_json_with_codes():
 
 
 def test_unknown_severity_code_is_config_error():
-    from tasks.core.config import ConfigError, ValidateConfig
+    from damage.tasks.core.config import ConfigError, ValidateConfig
 
     with pytest.raises(ConfigError, match="did you mean 'blurry'"):
         severities(ValidateConfig(severity={"blury": "error"}))
@@ -117,7 +117,7 @@ def test_flat_images_are_not_near_duplicates_but_recompressed_copies_are(tmp_pat
     import cv2
     import pandas as pd
 
-    from expectations.tables import duplicate_rows
+    from damage.tasks.validation.tables import duplicate_rows
 
     h, w = 120, 160
     grad_lr = np.tile(np.linspace(220, 90, w, dtype=np.float32), (h, 1))  # bright -> dark, left to right
