@@ -1,6 +1,7 @@
 """Issue 13, item 4: the registry lock against a real ``mlflow server``, with two processes.
 
 * a host whose wall clock runs 180 s ahead does not break a live (renewed) lock;
+  (children are spawned, not forked, and ordered by events rather than sleeps)
 * two processes that find the same stale lock never both hold the lock (only one breaker wins);
 * a malformed lock (non-numeric lease) is treated as stale, with a warning;
 * a live breaker's marker is not removed as "crashed" because the stale lock's lease is short.
@@ -19,7 +20,12 @@ import damage.model_registry as mr
 from damage.model_registry.lock import TAG_HOLDER, TAG_OWNER, TAG_TTL, lock_name
 
 pytestmark = pytest.mark.integration
-CTX = mp.get_context("fork")
+# spawn, not fork: the test process runs Prefect's and MLflow's threads, and a forked child inherits their
+# locks in whatever state they were; the targets below are module-level, so a spawned child imports them
+CTX = mp.get_context("spawn")
+# The live lock's lease: far longer than anything this test waits for, so load cannot make it expire, and
+# far shorter than the 180 s skew, so a client that compared its own clock with the lease would break it.
+LIVE_TTL_S = 60.0
 
 
 def _client(uri):
@@ -28,40 +34,56 @@ def _client(uri):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _holder(uri: str, name: str, hold_s: float, acquired, out) -> None:
+def _holder(uri: str, name: str, acquired, release, out) -> None:
     c = _client(uri)
-    with mr.registry_lock(c, name, holder="live-holder", ttl_s=1.5, renew_s=0.3, timeout_s=30):
+    with mr.registry_lock(c, name, holder="live-holder", ttl_s=LIVE_TTL_S, renew_s=0.2, timeout_s=60):
         acquired.set()
-        t0 = time.time()
-        time.sleep(hold_s)  # far longer than the lease: only renewals keep it
-        out.put(("holder", t0, time.time()))
+        out.put(("holder", "released" if release.wait(120) else "never told to release"))
 
 
-def _skewed_waiter(uri: str, name: str, acquired, out) -> None:
+def _skewed_waiter(uri: str, name: str, go, out) -> None:
     real = time.time
     time.time = lambda: real() + 180.0  # this host's clock runs 3 minutes ahead
-    acquired.wait(60)
+    go.wait(120)
     c = _client(uri)
     try:
-        with mr.registry_lock(c, name, holder="skewed", ttl_s=1.5, timeout_s=2.5):
+        with mr.registry_lock(c, name, holder="skewed", ttl_s=LIVE_TTL_S, timeout_s=2.5):
             out.put(("skewed", "acquired"))
     except mr.RegistryLockTimeout as e:
         out.put(("skewed", f"timeout: {e}"))
 
 
 def test_13_04_lock_skewed_clock_does_not_break_a_live_lock(sqlite_mlflow_server):
+    """Ordered by events, not sleeps: the waiter starts once the holder's lease has been renewed, and the
+    holder lets go only after the waiter has given up."""
     name = f"lock-skew-{uuid.uuid4().hex[:8]}"
-    _client(sqlite_mlflow_server).create_registered_model(name)
-    acquired, out = CTX.Event(), CTX.Queue()
-    a = CTX.Process(target=_holder, args=(sqlite_mlflow_server, name, 4.0, acquired, out))
-    b = CTX.Process(target=_skewed_waiter, args=(sqlite_mlflow_server, name, acquired, out))
+    c = _client(sqlite_mlflow_server)
+    c.create_registered_model(name)
+    acquired, release, go, out = CTX.Event(), CTX.Event(), CTX.Event(), CTX.Queue()
+    a = CTX.Process(target=_holder, args=(sqlite_mlflow_server, name, acquired, release, out))
+    b = CTX.Process(target=_skewed_waiter, args=(sqlite_mlflow_server, name, go, out))
     a.start()
     b.start()
-    results = [out.get(timeout=120) for _ in range(2)]
-    a.join(30)
-    b.join(30)
-    skewed = next(r for r in results if r[0] == "skewed")
-    assert skewed[1].startswith("timeout") and "held by 'live-holder'" in skewed[1], skewed
+    try:
+        assert acquired.wait(120), "the holder never took the lock"
+        first = c.get_registered_model(lock_name(name)).last_updated_timestamp
+        for _ in range(600):  # a renewal (server timestamp moves) before the skewed host looks
+            if c.get_registered_model(lock_name(name)).last_updated_timestamp != first:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the holder's lease was never renewed")
+        go.set()
+        skewed = out.get(timeout=120)
+        assert skewed[0] == "skewed" and skewed[1].startswith("timeout"), skewed
+        assert "held by 'live-holder'" in skewed[1], skewed
+        assert c.get_registered_model(lock_name(name)).tags[TAG_HOLDER] == "live-holder"  # not broken
+    finally:
+        release.set()
+        go.set()
+    assert out.get(timeout=120) == ("holder", "released")
+    a.join(60)
+    b.join(60)
     assert a.exitcode == 0 and b.exitcode == 0
 
 

@@ -114,8 +114,12 @@ WORKER_REGISTRY = '{"floor_mask_map": 0.0}'
 
 
 @pytest.mark.integration
-def test_nightly_twice_second_skips(prefect_harness, state_paths, monkeypatch):
+def test_nightly_twice_second_skips(prefect_harness, state_paths, monkeypatch, tmp_path):
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", WORKER_REGISTRY)
+    # A store of its own: the session's store persists in .state/test, where an earlier `pytest` already
+    # recorded a successful run of this very key, and the "first" nightly would skip. monkeypatch puts the
+    # session's URI back afterwards (activate() writes the variable it reads).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     from damage.flows.nightly import nightly
 
     first = nightly(overrides=TINY)

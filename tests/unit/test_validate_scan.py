@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 import zlib
 
 import cv2
@@ -36,13 +35,19 @@ def test_header_size_without_decoding(ext):
     assert (w, h) == (70, 40) and c in (3, 4)
 
 
-def test_bomb_refused_fast_without_decode(tmp_path):
+def test_bomb_refused_without_decode(tmp_path, monkeypatch):
+    """Refused from the header: the decoder is never called (a spy on ``cv2.imdecode``, not a stopwatch)."""
+    decoded = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(a) or real(*a))
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_encode(".png", 8, 8))
+    assert measure_image(str(ok), max_pixels=64)[0] is True and len(decoded) == 1  # the spy sees decodes
     p = tmp_path / "bomb.png"
     p.write_bytes(png_header_only(20000, 20000))
-    t = time.perf_counter()
     row = measure_image(str(p), max_pixels=178956970)
-    assert time.perf_counter() - t < 1.0
-    assert row[0] is False and "max_pixels" in row[1]
+    assert row[0] is False and "max_pixels" in row[1] and (row[3], row[4]) == (20000, 20000)
+    assert len(decoded) == 1  # the bomb's 400 M pixels were never decoded
 
 
 def test_truncation_detected():
