@@ -17,6 +17,7 @@ from tasks.core.pipeline import (
     prepare_state,
     summarise,
 )
+from tasks.core.prefect_tasks import adopt_subflow_result
 from tasks.core.prefect_tasks import as_task as _t
 from tasks.core.skip import (
     check_unchanged,
@@ -93,8 +94,10 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         if cfg.compress.enabled:
             from flows.compress import compress_flow
 
-            chosen = compress_flow(str(trained.best), str(exported.onnx_path), str(data.data_yaml),
-                                   cfg.to_dict(), run.run_id)
+            # later tasks take the subflow's result through a task, so the default UI lists them
+            chosen = adopt_subflow_result(compress_flow(str(trained.best), str(exported.onnx_path),
+                                                        str(data.data_yaml), cfg.to_dict(), run.run_id),
+                                          "compress-result")
             candidate = chosen or candidate
             compression = {k: (chosen or {}).get(k) for k in ("name", "kind", "compressed", "table", "run_id")}
             compression["mask/mAP50"] = ((chosen or {}).get("metrics") or {}).get("mask/mAP50")
