@@ -36,8 +36,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from tasks.core import reporting
     from tasks.evaluation.evaluate import Evaluator, evaluate_step
     from tasks.evaluation.explain import explain_step, pick_explain_samples
+    from tasks.evaluation.headline import log_headline
     from tasks.evaluation.label_issues import label_issues_step
-    from tasks.evaluation.sweep import sweep_step
+    from tasks.evaluation.sweep import damage_at_operating_point, sweep_step
     from tasks.export.onnx import export_step
     from tasks.training.train import train_step
     from tasks.validation.data_check import check_data_step
@@ -101,10 +102,15 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
             candidate = chosen or candidate
             compression = {k: (chosen or {}).get(k) for k in ("name", "kind", "compressed", "table", "run_id")}
             compression["mask/mAP50"] = ((chosen or {}).get("metrics") or {}).get("mask/mAP50")
+        # the sweep measured the .pt: a compressed variant's own damage-% error at the same operating point
+        registered_damage = _t(damage_at_operating_point, "registered-damage")(
+            candidate["onnx"], data.data_yaml, sweep.thresholds, cfg.imgsz, cfg.sweep.split, cfg.sweep.max_det) \
+            if sweep is not None and compression and compression["compressed"] else None
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
-        _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links)
+        _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links,
+                                                registered_damage)
         _t(reporting.notify_approval, "notify-approval")(cfg, run, version, candidate["metrics"], decision)
         if cfg.registry.wait_for_approval and decision.passed:
             from flows.promote import await_approval
@@ -115,7 +121,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                 _t(reporting.notify_promotion, "notify-promotion")(cfg, version.name, version.version,
                                                                    answer.get("by", ""), answer.get("reason", ""),
                                                                    run.tracking_uri)
-        summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
+        summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision,
+                                           candidate, registered_damage)
+        _t(log_headline, "headline-metrics", retries=2)(run, summary, registered_damage)
         summary["pipeline_key"] = unchanged.key
         summary["init"] = init.to_dict()
         summary["label_issues"] = issues.summary() if issues is not None else None

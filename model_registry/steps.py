@@ -62,12 +62,14 @@ def init_step(cfg, run, data_yaml: Path) -> tuple[TrainConfig, InitDecision]:
 
 def version_lineage(run, dataset_fingerprint: str, candidate: dict[str, Any],
                     init: InitDecision | None = None) -> dict[str, str]:
-    """Lineage tags of a new version: the run's, the variant and its parent variant, and (with
-    ``init``) ``lineage.parent_version`` (production version its training started from, ``none``
-    from scratch or a file) and ``lineage.init`` (scratch|production|path)."""
+    """Lineage tags of a new version: the run's, the variant and the compression-table variant it was
+    made from (``compressed_from``: a variant *name* of the source run, ``parent`` = the run's trained
+    model; never a version number), and (with ``init``) ``lineage.parent_version`` (production
+    version its training started from, ``none`` from scratch or a file) and ``lineage.init``
+    (scratch|production|path)."""
     lineage = run.lineage(dataset_fingerprint)
     if candidate.get("parent"):
-        lineage["parent_version"] = str(candidate["parent"])
+        lineage["compressed_from"] = str(candidate["parent"])
     lineage["variant"] = str(candidate.get("kind", "trained"))
     if candidate.get("onnx"):  # the exported file names its family (damage.family, written by export_onnx)
         from tasks.export.onnx import read_onnx_metadata

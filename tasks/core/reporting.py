@@ -79,8 +79,15 @@ def summary_markdown(summary: dict[str, Any], links: dict[str, str | None] | Non
     links = links or {}
     m = summary.get("metrics") or {}
     out = ["# Nightly run", "", "| | |", "|---|---|"]
-    for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "latency_ms"):
+    art = summary.get("registered_artifact") or {}
+    if art:  # which artifact every figure below belongs to
+        out.append(f"| registered artifact | {art.get('precision')} ({art.get('kind')}) |")
+    for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         out.append(f"| {k} | {fmt_metric(m.get(k), k)} |")
+    dmg = summary.get("damage_pct_mae") or {}
+    if dmg:
+        out.append(f"| damage_pct_mae (points per vehicle) | {fmt_metric(dmg.get('mae'))} |")
+    out.append(f"| latency_ms (pre+inference+post per image) | {fmt_metric(m.get('latency_ms'), 'latency_ms')} |")
     op = summary.get("operating_point") or {}
     if op:
         out.append(f"| operating point | conf {op.get('conf')}, iou {op.get('iou')} ({op.get('objective')}) |")

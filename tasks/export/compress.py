@@ -15,8 +15,9 @@ the Prefect flow inject their step and measure callables.
 Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
 the *original* parent's (the model it would replace; chaining relative to an intermediate
 step would let losses compound) and it runs at least ``compress.min_speedup`` times faster than
-that parent (ONNX Runtime latency; a compressed model that is not faster only loses accuracy).
-Choice: the candidate with the best mask mAP50-95 whose latency is within
+that parent (``latency/forward_ms``, the ONNX Runtime forward pass alone; a compressed model that is
+not faster only loses accuracy). ``latency_ms`` keeps the evaluator's one meaning (pre+inference+post
+per image). Choice: the candidate with the best mask mAP50-95 whose forward pass is within
 ``compress.latency_budget_ms`` (ties: lower latency). With no candidate the parent stays the
 choice (``compressed=False``).
 """
@@ -44,8 +45,10 @@ log = logging.getLogger(__name__)
 
 PT_STEPS = ("distill", "prune", "unstructured")
 QUANT_STEPS = ("int8-static", "int8-dynamic", "fp16", "int8-nncf", "int8-qat")
+FORWARD_MS = "latency/forward_ms"  # ONNX Runtime forward pass alone, batch 1, median (``ort_latency_ms``)
 TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
-                 "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
+                 "latency_ms", FORWARD_MS, "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen",
+                 "onnx")
 
 
 @dataclass
@@ -61,19 +64,15 @@ class Variant:
     gflops: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # the evaluator's rows (the model card's table)
     candidate: bool = False
     chosen: bool = False
 
     def row(self) -> dict[str, Any]:
-        m = self.metrics
-        return {
-            "name": self.name, "kind": self.kind, "parent": self.parent or "", "setting": self.info.get("setting", ""),
-            "mask/mAP50": m.get("mask/mAP50"), "mask/mAP50-95": m.get("mask/mAP50-95"),
-            "box/mAP50": m.get("box/mAP50"), "box/mAP50-95": m.get("box/mAP50-95"),
-            "latency_ms": m.get("latency_ms"), "size_mb": m.get("size_mb"), "params": self.params,
-            "gflops": self.gflops, "delta_mask_mAP50": m.get("delta_mask_mAP50"),
-            "candidate": self.candidate, "chosen": self.chosen, "onnx": self.onnx,
-        }
+        own = {"name": self.name, "kind": self.kind, "parent": self.parent or "", "setting": self.info.get("setting", ""),
+               "params": self.params, "gflops": self.gflops, "candidate": self.candidate, "chosen": self.chosen,
+               "onnx": self.onnx}
+        return {k: own[k] if k in own else self.metrics.get(k) for k in TABLE_COLUMNS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,8 +142,8 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
     v.info["plots_dir"] = str(plots_dir)
     v.info["data_yaml"] = str(data_yaml)
     m = dict(res.metrics)
-    m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
-    m["latency_ms"] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)
+    m[FORWARD_MS] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)  # latency_ms: the evaluator's
+    v.per_class = res.per_class
     # each installed predictor runtime, with the faster one written into the file for predictor.backend auto
     # (OpenVINO runs QDQ INT8 faster than ONNX Runtime on some CPUs, so the choice differs per variant)
     choice = record_backend_latency(Path(v.onnx), res.imgsz, runs=latency_runs)
@@ -238,7 +237,7 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
     def cb(tag):
         return (lambda e, m: on_epoch(tag, e, m)) if on_epoch else None
 
-    if step in PT_STEPS and not head.weights:
+    if (step in PT_STEPS or step == "int8-qat") and not head.weights:
         raise DamageError(f"compress step '{step}': chain head '{head.name}' has no PyTorch weights")
     if step == "distill":
         from tasks.training.distill import distill
@@ -278,8 +277,6 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
                         {**rep.as_dict(), "note": "zeros are still multiplied: no speed-up on dense kernels"})
         return StepOutput([v], v)
     if step == "int8-qat":
-        if not head.weights:
-            raise DamageError(f"compress step 'int8-qat': chain head '{head.name}' has no PyTorch weights")
         return StepOutput(qat_variants(head, data_yaml, cfg, work, evaluator, cb("qat"), "configured step"), head)
     if step in QUANT_STEPS:
         targets = [head] + ([root] if cc.quantize.also_parent and head.name != root.name else [])
@@ -410,26 +407,26 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     A candidate keeps mask mAP50 within ``tolerance`` of ``root``, with ``class_tolerance`` every
     class's mask AP50 within it of root's (``mask_ap50/<class>``; a variant without per-class
     figures is not a candidate then), and, when ``min_speedup > 0``, runs at
-    least ``min_speedup`` times faster than ``root`` (``latency_ms``; a variant or root without a
-    latency is not a candidate then).
+    least ``min_speedup`` times faster than ``root`` (``latency/forward_ms``; a variant or root without
+    it is not a candidate then).
 
     Returns:
         The chosen variant (``root`` when no compressed variant qualifies).
     """
     base = root.metrics["mask/mAP50"]
-    root_ms = root.metrics.get("latency_ms", float("nan"))
+    root_ms = root.metrics.get(FORWARD_MS, float("nan"))
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
         if class_tolerance is not None:
             from tasks.evaluation.evaluate import worst_class_drop
 
             accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
-        faster = min_speedup <= 0 or v.metrics.get("latency_ms", float("nan")) * min_speedup <= root_ms
+        faster = min_speedup <= 0 or v.metrics.get(FORWARD_MS, float("nan")) * min_speedup <= root_ms
         v.candidate = v.name != root.name and v.kind != "scratch-baseline" and accurate and faster
         v.chosen = False
     pool = [v for v in variants if v.candidate and (latency_budget_ms is None
-                                                     or v.metrics.get("latency_ms", float("inf")) <= latency_budget_ms)]
-    chosen = max(pool, key=lambda v: (v.metrics["mask/mAP50-95"], -v.metrics["latency_ms"])) if pool else root
+                                                     or v.metrics.get(FORWARD_MS, float("inf")) <= latency_budget_ms)]
+    chosen = max(pool, key=lambda v: (v.metrics["mask/mAP50-95"], -v.metrics[FORWARD_MS])) if pool else root
     for v in variants:  # by name: Prefect may hand tasks copies of these objects
         v.chosen = v.name == chosen.name
     chosen.chosen = True
@@ -451,15 +448,15 @@ def write_table(variants: list[Variant], out: str | Path) -> Path:
 
 def pareto_front(variants: list[Variant]) -> list[Variant]:
     """Variants no other variant beats on both latency (lower) and mask mAP50-95 (higher)."""
-    pts = [v for v in variants if "latency_ms" in v.metrics and "mask/mAP50-95" in v.metrics]
+    pts = [v for v in variants if FORWARD_MS in v.metrics and "mask/mAP50-95" in v.metrics]
     front = []
     for v in pts:
-        lv, av = v.metrics["latency_ms"], v.metrics["mask/mAP50-95"]
-        dominated = any(o is not v and o.metrics["latency_ms"] <= lv and o.metrics["mask/mAP50-95"] >= av
-                        and (o.metrics["latency_ms"] < lv or o.metrics["mask/mAP50-95"] > av) for o in pts)
+        lv, av = v.metrics[FORWARD_MS], v.metrics["mask/mAP50-95"]
+        dominated = any(o is not v and o.metrics[FORWARD_MS] <= lv and o.metrics["mask/mAP50-95"] >= av
+                        and (o.metrics[FORWARD_MS] < lv or o.metrics["mask/mAP50-95"] > av) for o in pts)
         if not dominated:
             front.append(v)
-    return sorted(front, key=lambda v: v.metrics["latency_ms"])
+    return sorted(front, key=lambda v: v.metrics[FORWARD_MS])
 
 
 def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: float | None = None) -> Path:
@@ -471,7 +468,7 @@ def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: flo
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for v in variants:
-        x, y = v.metrics.get("latency_ms"), v.metrics.get("mask/mAP50-95")
+        x, y = v.metrics.get(FORWARD_MS), v.metrics.get("mask/mAP50-95")
         if x is None or y is None:
             continue
         colour = "tab:green" if v.chosen else ("tab:blue" if v.candidate else "tab:grey")
@@ -480,7 +477,7 @@ def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: flo
         ax.annotate(v.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(variants)
     if len(front) > 1:
-        ax.plot([v.metrics["latency_ms"] for v in front], [v.metrics["mask/mAP50-95"] for v in front],
+        ax.plot([v.metrics[FORWARD_MS] for v in front], [v.metrics["mask/mAP50-95"] for v in front],
                 "--", c="tab:orange", label="Pareto front", zorder=2)
     if latency_budget_ms is not None:
         ax.axvline(latency_budget_ms, c="tab:red", ls=":", label=f"budget {latency_budget_ms:g} ms")
@@ -589,7 +586,8 @@ def finalize(variants: list[Variant], root: Variant, cfg, out_dir: str | Path,
     publish_table_artifact(variants)
     weights = chosen.weights or chosen.info.get("source_weights")
     return {"name": chosen.name, "path": chosen.onnx, "onnx": chosen.onnx, "weights": weights, "kind": chosen.kind,
-            "parent": chosen.parent, "metrics": chosen.metrics, "compressed": chosen.name != root.name,
+            "parent": chosen.parent, "metrics": chosen.metrics, "per_class": chosen.per_class,
+            "compressed": chosen.name != root.name,
             "table": str(table), "plot": str(plot), "run_id": run_id}
 
 
