@@ -94,6 +94,12 @@ def serve(
     """Serve a registered model version over HTTP (POST /invocations), from this virtualenv."""
     cfg, paths = setup(ctx)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
+    from model_registry.uri import alias_hint
+    from tasks.core import tracking
+
+    hint = alias_hint(tracking.client(), uri)  # an unset alias: say what to do, not MLflow's traceback
+    if hint:
+        fail(hint)
     log = paths.root / "logs" / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
