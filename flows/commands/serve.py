@@ -108,10 +108,15 @@ def serve(
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
+    from tasks.serving.pyfunc import PATH_ROOT_ENV
+
+    root = os.environ.get(PATH_ROOT_ENV)
+    path_note = (f"a 'path' column reads image files under {root}" if root else
+                 f"the 'path' column is off: set {PATH_ROOT_ENV}=/folder before `damage serve` to read files there")
     console.print(f"serving {uri} at {url}  (log: {log}; Ctrl-C stops it)\n"
                   f"  health : curl {url}/ping\n"
                   f"  predict: curl -s {url}/invocations -H 'Content-Type: application/json' -d '{body}'\n"
-                  f"  (send your own image as base64 in the 'image' column, or a server-side 'path')",
+                  f"  (send your own image as base64 in the 'image' column; {path_note})",
                   highlight=False, soft_wrap=True)
     raise typer.Exit(_wait([proc], [log]))
 

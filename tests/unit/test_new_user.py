@@ -54,3 +54,50 @@ def test_alias_hint_without_staging_or_model(tmp_path):
     c.set_registered_model_alias("lonely", "production", v)
     assert alias_hint(c, "models:/lonely@production") is None  # set: nothing to say
     assert alias_hint(c, "models:/lonely/1") is None and alias_hint(c, "runs:/abc/model") is None
+
+
+# 5. serve: a wrong column name is a 400 naming the expected column; the path error names its setting
+def _served_model(tmp_path):
+    from tasks.serving.predictor import Predictor
+    from tasks.serving.pyfunc import DamageSegModel
+    from tests.unit.test_issue13_serving import fake_onnx
+
+    m = DamageSegModel()
+    m.predictor, m.onnx_name = Predictor(fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)])), "m.onnx"
+    return m
+
+
+def test_serve_wrong_column_is_a_400_naming_the_expected_column(tmp_path):
+    import pandas as pd
+    import pytest
+    from mlflow.exceptions import MlflowException
+    from mlflow.models.utils import _enforce_schema
+
+    from tasks.serving.pyfunc import signature
+
+    m = _served_model(tmp_path)
+    # what the scoring server hands predict for {"columns": ["img"], ...}: MLflow drops the unknown column
+    enforced = _enforce_schema(pd.DataFrame({"img": ["x"]}), signature().inputs)
+    with pytest.raises(MlflowException, match="no 'image' column") as err:
+        m.predict(None, enforced)
+    assert err.value.get_http_status_code() == 400
+    assert m.predict(None, pd.DataFrame({"image": []})) == []  # an empty request with the right column: fine
+
+
+def test_serve_path_error_names_the_setting_and_the_printed_hint_says_it_is_off(tmp_path, monkeypatch):
+    from tasks.serving.pyfunc import PATH_ERROR, PATH_ROOT_ENV
+
+    monkeypatch.delenv(PATH_ROOT_ENV, raising=False)
+    m = _served_model(tmp_path)
+    err = m.predict(None, [{"path": "x.png"}])[0]["error"]
+    assert err == PATH_ERROR and f"${PATH_ROOT_ENV}" in err
+
+
+# 4. the signature has outputs (the MLflow UI shows what a request returns)
+def test_signature_declares_inputs_params_and_outputs():
+    from tasks.serving.pyfunc import signature
+
+    sig = signature()
+    assert set(sig.inputs.input_names()) == {"image", "path"}
+    assert {"image", "instances", "vehicles", "damage_percent", "error"} <= set(sig.outputs.input_names())
+    assert {p.name for p in sig.params.params} == {"conf", "iou"}
