@@ -123,7 +123,8 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <state>/runs/train).")] = None,
     name: Annotated[str, typer.Option(help="Run folder name (resume=auto looks here).")] = "train",
 ) -> None:
-    """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
+    """Train a segmentation model alone (no MLflow run), honouring the train: section (the command's
+    help, set in ``register``, lists the families of ``tasks.core.families``)."""
     cfg, paths = setup(ctx)
     from tasks.data.dataset import find_data_yaml, load_data_yaml
     from tasks.training.init import apply, offline_decision
@@ -142,4 +143,10 @@ def train(
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
-    app.command("train")(train)
+    from tasks.core.families import FAMILIES, SIZES
+
+    fams = ", ".join(FAMILIES)
+    app.command("train", help=(
+        f"Train a segmentation model alone (no MLflow run), honouring the train: section. Families: {fams} "
+        f"(train.model: a size {'|'.join(SIZES)} = {next(iter(FAMILIES))}, or <family><size>-seg, e.g. "
+        f"train.model={list(FAMILIES)[-1]}n-seg; or a .yaml/.pt path)."))(train)

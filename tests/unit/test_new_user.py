@@ -101,3 +101,15 @@ def test_signature_declares_inputs_params_and_outputs():
     assert set(sig.inputs.input_names()) == {"image", "path"}
     assert {"image", "instances", "vehicles", "damage_percent", "error"} <= set(sig.outputs.input_names())
     assert {p.name for p in sig.params.params} == {"conf", "iou"}
+
+
+# 9. `damage train --help` names every family the pipeline builds, not YOLOv8 alone
+def test_train_help_names_every_family(tmp_path):
+    from tasks.core.families import FAMILIES
+
+    p = _damage("train", "--help", state=tmp_path / "s")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert "YOLOv8-seg model alone" not in text
+    for fam in FAMILIES:
+        assert fam in text, (fam, text)
