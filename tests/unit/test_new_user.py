@@ -113,3 +113,14 @@ def test_train_help_names_every_family(tmp_path):
     assert "YOLOv8-seg model alone" not in text
     for fam in FAMILIES:
         assert fam in text, (fam, text)
+
+
+# 7. training under a wall-time budget says that it re-planned the epoch count
+def test_epoch_line_says_when_the_budget_re_planned():
+    from tasks.training.train import epoch_line
+
+    assert "re-planned after each epoch" in epoch_line(0, 36, None, 11.0, {})
+    assert epoch_line(1, 36, 36, 11.0, {}) == "epoch 2/36: "  # unchanged: no note
+    line = epoch_line(2, 97, 36, 11.0, {"mask/mAP50": 0.5})
+    assert line.startswith("epoch 3/97 (re-planned from 36 epochs to fit the 11-minute budget)")
+    assert epoch_line(0, 40, None, None, {"mask/mAP50": 0.5}) == "epoch 1/40: mask/mAP50 0.500"  # no budget
