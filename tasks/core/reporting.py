@@ -52,11 +52,15 @@ def link_runs(cfg: Config, run: PipelineRun) -> dict[str, str | None]:
         tags["prefect.flow_run_url"] = urls["prefect_flow_run_url"]
         note += f" · [Prefect flow run]({urls['prefect_flow_run_url']})"
     tags[NOTE_TAG] = note
+    name = None
     try:
+        name = c.get_run(run.run_id).info.run_name
+        if urls["prefect_flow_run_url"] and name:
+            tags["prefect.flow_run_name"] = name  # the flow run is renamed after this run, below
         tracking.set_tags(c, run.run_id, tags)
     except Exception as e:
         log.warning("MLflow run %s: links not set: %s", run.run_id, e)
-    link_flow_run(urls["mlflow_run_url"], run.run_id)
+    link_flow_run(urls["mlflow_run_url"], run.run_id, name)
     log.info("MLflow run %s: %s", run.run_id, urls["mlflow_run_url"])
     return urls
 
