@@ -124,3 +124,44 @@ def test_epoch_line_says_when_the_budget_re_planned():
     line = epoch_line(2, 97, 36, 11.0, {"mask/mAP50": 0.5})
     assert line.startswith("epoch 3/97 (re-planned from 36 epochs to fit the 11-minute budget)")
     assert epoch_line(0, 40, None, None, {"mask/mAP50": 0.5}) == "epoch 1/40: mask/mAP50 0.500"  # no budget
+
+
+# 6. `registry history` at 80 columns: no word broken, one approval fits a 40-line screen
+GATE_REASON = ("mask/mAP50-95 0.412 >= floor 0.050 (no production version: first candidate); "
+               "box/mAP50-95 0.455 vs production none; per-class mask AP50 ok: vehicle 0.912, dent 0.478, "
+               "scratch 0.401, crack 0.352, glass_shatter 0.612, lamp_broken 0.533, tire_flat 0.701, "
+               "bumper_dent 0.388; latency_ms 16.9 <= budget none")
+
+
+def test_registry_history_fits_80_columns_without_breaking_words(tmp_path):
+    import model_registry as mr
+
+    state = tmp_path / "s"
+    state.mkdir()
+    c = sqlite_client(state)
+    v = _register(c, "damage-seg", tmp_path)
+    c.set_model_version_tag("damage-seg", v, "validation_status", "passed")
+    mr.set_staging(c, "damage-seg", v, by="gate", reason=GATE_REASON)
+    mr.approve(c, "damage-seg", v, by="alice", reason="checked the glass_shatter overlays by eye")
+    env_cols = {"COLUMNS": "80", "LINES": "40"}
+    env = {**os.environ, "DAMAGE_STATE_DIR": str(state), **env_cols}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "history", "damage-seg"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert max(len(ln) for ln in lines) <= 80 and len(lines) <= 40, p.stdout
+    # words of the reasons stay whole: each reason word is on one line of the table
+    cells = " ".join(ln.split("│")[-2].strip() for ln in lines if ln.count("│") >= 2)
+    for word in ("glass_shatter", "overlays", "first"):
+        assert word in cells.split() or any(word in w for w in cells.split()), (word, p.stdout)
+    assert "glass_sh " not in cells and "(as above)" in cells, p.stdout
+
+
+def test_clip_clauses_keeps_whole_clauses():
+    from flows.tables import clip_clauses
+
+    out = clip_clauses(GATE_REASON, 140)
+    assert len(out) < len(GATE_REASON) and out.endswith("more, see --json)")
+    assert GATE_REASON.startswith(out.split(" … ")[0])
+    assert clip_clauses("short", 140) == "short"
