@@ -121,6 +121,19 @@ def serve(
     raise typer.Exit(_wait([proc], [log]))
 
 
+def ui_banner(mlflow_url: str, experiment_url: str, prefect_url: str, state_dir: Path, log_dir: Path) -> str:
+    """What ``damage ui`` prints: the experiment's deep link first (it opens the model-training view;
+    MLflow 3's home -> Experiments path opens its GenAI view until the browser is switched once)."""
+    lines = []
+    if experiment_url:
+        lines += [f"open this: {experiment_url}",
+                  "  (runs, charts, models; from MLflow's home page, switch the sidebar's workflow to 'Model training' once:"
+                  " it opens experiments in its GenAI traces view until then)"]
+    lines += [f"MLflow UI : {mlflow_url}", f"Prefect UI: {prefect_url}",
+              f"state dir : {state_dir}   (logs: {log_dir}; Ctrl-C stops both)"]
+    return "\n".join(lines)
+
+
 def ui(
     ctx: typer.Context,
     host: HostOpt = "127.0.0.1",
@@ -152,10 +165,8 @@ def ui(
     if exp is not None:
         exp_url = links.mlflow_experiment_url(exp.experiment_id, f"http://{host}:{mlflow_port}")
     procs = [_start(mlflow_cmd, venv_env(), logs[0]), _start(prefect_cmd, prefect_env_all, logs[1])]
-    console.print(f"MLflow UI : http://{host}:{mlflow_port}  {exp_url}\n"
-                  f"Prefect UI: http://{host}:{prefect_port}\n"
-                  f"state dir : {paths.root}   (logs: {logs[0].parent}; Ctrl-C stops both)",
-                  highlight=False, soft_wrap=True)
+    console.print(ui_banner(f"http://{host}:{mlflow_port}", exp_url, f"http://{host}:{prefect_port}", paths.root,
+                            logs[0].parent), highlight=False, soft_wrap=True)
     raise typer.Exit(_wait(procs, logs))
 
 

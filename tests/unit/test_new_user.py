@@ -165,3 +165,15 @@ def test_clip_clauses_keeps_whole_clauses():
     assert len(out) < len(GATE_REASON) and out.endswith("more, see --json)")
     assert GATE_REASON.startswith(out.split(" … ")[0])
     assert clip_clauses("short", 140) == "short"
+
+
+# 2. `damage ui` prints the experiment's deep link (model-training view) first, and how to get there by hand
+def test_ui_banner_prints_the_deep_link_first(tmp_path):
+    from flows.commands.serve import ui_banner
+
+    url = "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    text = ui_banner("http://127.0.0.1:5000", url, "http://127.0.0.1:4200", tmp_path, tmp_path / "logs")
+    first = text.splitlines()[0]
+    assert first == f"open this: {url}"
+    assert "'Model training'" in text and "MLflow UI : http://127.0.0.1:5000" in text
+    assert ui_banner("http://m", "", "http://p", tmp_path, tmp_path).startswith("MLflow UI : http://m")
