@@ -21,10 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str, str]:
+def log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None, logged_ids: list[str] | None = None
+                     ) -> tuple[str, str]:
     """Log the version's files as one MLflow pyfunc folder ``model/``: MLmodel, the ONNX (as the
     pyfunc's artifact), the torch-free predictor as code, and ``model.pt`` beside them, so
-    ``mlflow models serve -m models:/NAME@production`` serves exactly the registered ONNX."""
+    ``mlflow models serve -m models:/NAME@production`` serves exactly the registered ONNX.
+
+    The same folder is also an MLflow 3 *logged model* of the run (the experiment's Models tab lists
+    it); its id is appended to ``logged_ids`` (``link_logged_model`` then names the version on it).
+    Returns ``(source URI, ONNX path inside it)`` for ``register_candidate``.
+    """
     import shutil
     import tempfile
 
@@ -36,7 +42,26 @@ def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str,
             shutil.copyfile(pt, folder / "model.pt")
         c.log_artifacts(run_id, str(folder), "model")
         onnx_rel = next(p for p in folder.rglob("*.onnx")).relative_to(folder).as_posix()
-    return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model", onnx_rel
+        run = c.get_run(run_id)
+        logged = c.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                       model_type="pyfunc (ONNX instance segmentation)")
+        c.log_model_artifacts(logged.model_id, str(folder))
+        c.finalize_logged_model(logged.model_id, "READY")
+    if logged_ids is not None:
+        logged_ids.append(logged.model_id)
+    return f"{run.info.artifact_uri.rstrip('/')}/model", onnx_rel
+
+
+def link_logged_model(c, model_id: str, name: str, version: str) -> None:
+    """Name the registered version on its logged model (tag ``mlflow.modelVersions``, as
+    ``mlflow.register_model`` does), so the Models tab links the model to the version."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    earlier = c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = [*(json.loads(earlier) if earlier else []), {"name": name, "version": str(version)}]
+    c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
 
 
 def init_step(cfg, run, data_yaml: Path) -> tuple[TrainConfig, InitDecision]:
@@ -91,9 +116,13 @@ def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any
     from tasks.core import tracking
     lineage = version_lineage(run, dataset_fingerprint, candidate, init)
     c = tracking.client(run.tracking_uri)
+    logged: list[str] = []
     version = register_candidate(c, cfg.registry.model_name, run.run_id, candidate["onnx"],
                                  candidate.get("weights"), candidate["metrics"], thresholds, lineage,
-                                 log_model_fn=lambda rid, onnx, pt: _log_pyfunc_model(c, rid, onnx, pt))
+                                 log_model_fn=lambda rid, onnx, pt: log_pyfunc_model(c, rid, onnx, pt, logged))
+    if logged:  # a retried task finds its version and logs nothing new
+        link_logged_model(c, logged[0], version.name, version.version)
+        c.set_model_version_tag(version.name, version.version, "logged_model_id", logged[0])
     if candidate.get("weights"):
         c.set_model_version_tag(version.name, version.version, T_ARTIFACT_PT, f"{version.source}/model.pt")
     tracking.set_tags(c, run.run_id, {"registered_model": cfg.registry.model_name,

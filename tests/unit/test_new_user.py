@@ -177,3 +177,41 @@ def test_ui_banner_prints_the_deep_link_first(tmp_path):
     assert first == f"open this: {url}"
     assert "'Model training'" in text and "MLflow UI : http://127.0.0.1:5000" in text
     assert ui_banner("http://m", "", "http://p", tmp_path, tmp_path).startswith("MLflow UI : http://m")
+
+
+# 4. the dataset panel has a schema MLflow renders; the version is an MLflow 3 logged model (Models tab)
+def test_dataset_schema_is_an_mlflow_colspec(tmp_path):
+    import json
+
+    from mlflow.types.schema import Schema
+
+    from tasks.data.mlflow_input import dataset_entity
+    from tasks.data.synth import generate_dataset
+
+    data_yaml = generate_dataset(tmp_path / "ds", images=4, seed=0, imgsz=64)
+    schema = json.loads(dataset_entity(data_yaml, "fp").schema)
+    cols = Schema.from_json(json.dumps(schema["mlflow_colspec"]))
+    assert cols.input_names() == ["split", "image", "label"]
+
+
+def test_registered_version_links_to_a_logged_model(tmp_path):
+    import json
+
+    import model_registry as mr
+    from model_registry.steps import link_logged_model, log_pyfunc_model
+    from tests.unit.test_issue13_serving import fake_onnx
+
+    c = sqlite_client(tmp_path)
+    exp = c.create_experiment("logged", artifact_location=str(tmp_path / "artifacts"))
+    run_id = c.create_run(exp).info.run_id
+    onnx = fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)])
+    ids: list[str] = []
+    v = mr.register_candidate(c, "logged-m", run_id, onnx, None, {"mask/mAP50-95": 0.3}, {}, LINEAGE,
+                              log_model_fn=lambda rid, o, pt: log_pyfunc_model(c, rid, o, pt, ids))
+    link_logged_model(c, ids[0], "logged-m", v.version)
+    models = c.search_logged_models([exp])  # what the experiment's Models tab lists
+    assert [m.model_id for m in models] == ids
+    logged = models[0]
+    assert logged.source_run_id == run_id and str(logged.status) == "READY"
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "logged-m", "version": str(v.version)}]
+    assert v.tags["artifact.onnx"].endswith(".onnx") and "/model/" in v.tags["artifact.onnx"]
