@@ -123,7 +123,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                                    run.tracking_uri)
         summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision,
                                            candidate, registered_damage)
-        _t(log_headline, "headline-metrics", retries=2)(run, summary, registered_damage)
+        _t(log_headline, "headline-metrics", retries=2)(run, summary, registered_damage, cfg.data.source)
+        _t(reporting.link_step_reports, "link-step-reports", retries=2)(cfg, run)
         summary["pipeline_key"] = unchanged.key
         summary["init"] = init.to_dict()
         summary["label_issues"] = issues.summary() if issues is not None else None

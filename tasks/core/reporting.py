@@ -65,6 +65,36 @@ def link_runs(cfg: Config, run: PipelineRun) -> dict[str, str | None]:
     return urls
 
 
+# What each nested step run holds that people look for from the parent run (its description lists them).
+STEP_REPORTS = {"validate": "data-gate report (HTML, report.json, profile)", "train": "training curves, weights",
+                "evaluate": "per-class metrics, PR curves, confusion matrix (trained .pt)",
+                "label-issues": "suspected label errors", "sweep": "operating-point sweep (heatmap, PR)",
+                "export": "ONNX export and parity", "explain": "explanation overlays and their fidelity",
+                "compress": "compression variants (table, Pareto plot)", "promotion-gate": "promotion-gate decision"}
+
+
+def link_step_reports(cfg: Config, run: PipelineRun) -> str:
+    """Add links to the nested step runs' reports to the parent run's description (the run people open
+    first; its runs list opens collapsed). Returns the description."""
+    from tasks.core import links, tracking
+
+    c = tracking.client(run.tracking_uri)
+    base = links.mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)
+    children = c.search_runs([run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'",
+                             order_by=["attributes.start_time ASC"])
+    lines = []
+    for child in children:
+        step = child.data.tags.get("damage.step", "")
+        if step in STEP_REPORTS:
+            url = links.mlflow_run_url(run.experiment_id, child.info.run_id, base)
+            lines.append(f"- [{step}]({url}): {STEP_REPORTS[step]}")
+    note = c.get_run(run.run_id).data.tags.get(NOTE_TAG, "")
+    if lines and "### Step reports" not in note:
+        note = note + "\n\n### Step reports\n\n" + "\n".join(lines)
+        tracking.set_tags(c, run.run_id, {NOTE_TAG: note})
+    return note
+
+
 def mark_skipped(run: PipelineRun, reason: str) -> None:
     """Show a skipped nightly as skipped in MLflow: run name ``...-skipped``, ``damage.status=skipped``
     and the reason as the run description. (The flow itself ends in a ``Completed`` state named

@@ -30,14 +30,20 @@ def headline_metrics(summary: dict[str, Any], damage=None) -> dict[str, float]:
     return out
 
 
-def log_headline(run, summary: dict[str, Any], damage=None) -> dict[str, float]:
-    """Log ``headline_metrics`` on the pipeline run ``run`` (a ``PipelineRun``); returns them.
+def log_headline(run, summary: dict[str, Any], damage=None, dataset_source: str | None = None) -> dict[str, float]:
+    """Log ``headline_metrics`` on the pipeline run ``run`` (a ``PipelineRun``), and the dataset as its
+    input (as on the train and evaluate runs); returns the figures.
 
     ``damage``: the registered artifact's ``DamageMAE`` when it was measured apart from the sweep
     (compressed variants); None keeps the sweep's figure already on the run.
     """
     from tasks.core import tracking
+    from tasks.data.mlflow_input import log_dataset_input
 
+    c = tracking.client(run.tracking_uri)
     figures = headline_metrics(summary, damage)
-    tracking.log_metrics(tracking.client(run.tracking_uri), run.run_id, figures)
+    tracking.log_metrics(c, run.run_id, figures)
+    if summary.get("dataset"):
+        log_dataset_input(c, run.run_id, summary["dataset"], summary.get("dataset_fingerprint"), "training",
+                          dataset_source)
     return figures
