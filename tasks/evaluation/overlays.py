@@ -1,12 +1,14 @@
 """Overlays of explanations (``tasks.evaluation.explain``): the heatmap over the image with the
-instance's outline and label, the image with every outline, and a grid of tiles."""
+instance's outline and label, the image with every outline, and a grid of tiles. An explanation is
+any object with ``heatmap``, ``mask``, ``box``, ``label``, ``method``, ``layer`` and ``name``
+(``tasks.evaluation.explain.InstanceExplanation``)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import cv2
 import numpy as np
@@ -14,15 +16,12 @@ import numpy as np
 from tasks.core.atomic import atomic_write_bytes
 from tasks.core.errors import DamageError
 
-if TYPE_CHECKING:
-    from tasks.evaluation.explain import InstanceExplanation
-
 
 def display_scale(hw: tuple[int, int], min_side: int) -> float:
     return max(1.0, min_side / float(min(hw)))
 
 
-def render_overlay(image: np.ndarray, exp: InstanceExplanation, alpha: float = 0.5, min_side: int = 320) -> np.ndarray:
+def render_overlay(image: np.ndarray, exp: Any, alpha: float = 0.5, min_side: int = 320) -> np.ndarray:
     """JET heatmap blended over the image, the instance's mask outline and its label.
 
     Small images are upscaled so that the shorter side is at least ``min_side`` (legible labels).
@@ -55,7 +54,7 @@ def put_label(img: np.ndarray, text: str, at: tuple[int, int]) -> None:
     cv2.putText(img, text, (x + 1, y + th + 1), cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255), 1, cv2.LINE_AA)
 
 
-def render_summary(image: np.ndarray, exps: Sequence[InstanceExplanation], min_side: int = 320) -> np.ndarray:
+def render_summary(image: np.ndarray, exps: Sequence[Any], min_side: int = 320) -> np.ndarray:
     """The image with every instance's outline and label: the first tile of the grid."""
     s = display_scale(image.shape[:2], min_side)
     size = (round(image.shape[1] * s), round(image.shape[0] * s))
