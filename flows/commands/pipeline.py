@@ -45,7 +45,9 @@ def _print_summary(summary: dict, seconds: float) -> None:
                      " x faster")
         t.add_row("compression", what + (f", mask mAP50 {ap:.3f}" if isinstance(ap, float) else "")
                   + f"); table: {comp.get('table')}")
-    t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
+    art = summary.get("registered_artifact") or {}
+    t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}"
+              + (f" ({art.get('precision')}, {art.get('kind')}; the figures above are its own)" if art else ""))
     promo = summary.get("promotion") or {}
     if promo:
         verdict = "passed -> staging" if promo.get("passed") else "failed (stays pending)"
