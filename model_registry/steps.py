@@ -47,6 +47,9 @@ def log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None, logged_ids: li
                                        model_type="pyfunc (ONNX instance segmentation)")
         c.log_model_artifacts(logged.model_id, str(folder))
         c.finalize_logged_model(logged.model_id, "READY")
+        from mlflow.entities import LoggedModelOutput
+
+        c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run page lists it
     if logged_ids is not None:
         logged_ids.append(logged.model_id)
     return f"{run.info.artifact_uri.rstrip('/')}/model", onnx_rel

@@ -214,4 +214,5 @@ def test_registered_version_links_to_a_logged_model(tmp_path):
     logged = models[0]
     assert logged.source_run_id == run_id and str(logged.status) == "READY"
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "logged-m", "version": str(v.version)}]
+    assert [o.model_id for o in c.get_run(run_id).outputs.model_outputs] == ids  # the run page lists it
     assert v.tags["artifact.onnx"].endswith(".onnx") and "/model/" in v.tags["artifact.onnx"]
