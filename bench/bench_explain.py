@@ -1,6 +1,6 @@
 """Which explanation method points at the damage? Fidelity and cost per instance, method by method.
 
-For each method (``tasks.evaluation.cam_methods``: gradcam, hirescam, eigencam; each at the neck
+For each method (``damage.tasks.evaluation.cam_methods``: gradcam, hirescam, eigencam; each at the neck
 layer of the instance's own stride) the same detections of one model are explained on two image
 sets: the demo's explain samples (``pick_explain_samples`` of the val split, seed 0) and a fresh
 synthetic set (a seed the model never saw). Per set and method it prints, over the *damage*
@@ -34,9 +34,9 @@ TARGET_MEDIAN, TARGET_LIFT5 = 0.5, 0.8  # issue 32: median heat in the damage bo
 
 def train_demo_model(work: Path, imgsz: int, epochs: int, device: str) -> tuple[Path, Path]:
     """The demo's data and recipe (configs/demo.yaml), ``epochs`` fixed instead of the time budget."""
-    from tasks.core.config import load_config
-    from tasks.data.synth import generate_dataset
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import load_config
+    from damage.tasks.data.synth import generate_dataset
+    from damage.tasks.training.train import train_model
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
     s = cfg.data.synth
@@ -49,7 +49,7 @@ def train_demo_model(work: Path, imgsz: int, epochs: int, device: str) -> tuple[
 
 def measure(net, images: list[Path], method: str, imgsz: int, conf: float) -> tuple[list[dict], float]:
     """Fidelity rows of every detected instance, and ms per instance."""
-    from tasks.evaluation.explain import explain_image
+    from damage.tasks.evaluation.explain import explain_image
 
     rows, t0 = [], time.perf_counter()
     for img in images:
@@ -82,13 +82,13 @@ def main() -> int:
         print(f"trained {args.train_epochs} epochs in {time.perf_counter() - t:.0f} s: {model}", flush=True)
     if model is None or data is None:
         ap.error("give --model and --data, or --train-epochs")
-    from tasks.data.synth import generate_dataset
-    from tasks.evaluation.explain import load_model, pick_explain_samples
-    from tasks.evaluation.fidelity import summarise
+    from damage.tasks.data.synth import generate_dataset
+    from damage.tasks.evaluation.explain import load_model, pick_explain_samples
+    from damage.tasks.evaluation.fidelity import summarise
 
     fresh_yaml = generate_dataset(args.work / "fresh", images=args.fresh, seed=12345, imgsz=args.imgsz,
                                   val_fraction=0.5, closeup_fraction=0.65)
-    from tasks.data.dataset import split_images
+    from damage.tasks.data.dataset import split_images
 
     sets = {"demo explain samples": pick_explain_samples(data, args.samples, seed=0),
             "fresh synthetic set": split_images(fresh_yaml, "train") + split_images(fresh_yaml, "val")}

@@ -2,7 +2,7 @@
 
 ``model_card`` is a pure function of what the pipeline measured (tested on its own);
 ``describe_version`` writes it as the version's description. Numbers are rounded for reading
-(``tasks.core.display``: 3 decimals, 1 for milliseconds).
+(``damage.tasks.core.display``: 3 decimals, 1 for milliseconds).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tasks.core.display import artifact_precision, fmt_metric
+from damage.tasks.core.display import artifact_precision, fmt_metric
 
 _OVERALL = ("box/precision", "box/recall", "box/mAP50", "box/mAP50-95",
             "mask/precision", "mask/recall", "mask/mAP50", "mask/mAP50-95", "fitness")
@@ -114,24 +114,24 @@ def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str
     one), the damage-% error is ``damage`` (the registered artifact's, when measured apart) or the
     sweep's, then the sweep's operating point, the data fingerprint and split sizes.
     """
-    from tasks.core import tracking
-    from tasks.core.links import mlflow_base, mlflow_run_url
+    from damage.tasks.core import tracking
+    from damage.tasks.core.links import mlflow_base, mlflow_run_url
 
     links = links or {}
     metrics = dict(candidate.get("metrics") or evaluation.metrics)
     objective_help, flat = "", False
     if sweep is not None:
-        from tasks.evaluation.sweep import OBJECTIVES
+        from damage.tasks.evaluation.sweep import OBJECTIVES
 
         objective_help = OBJECTIVES[sweep.objective].help
         flat = bool(sweep.best.get("flat", False))
-    from tasks.data.mlflow_input import dataset_profile
+    from damage.tasks.data.mlflow_input import dataset_profile
 
     prof = dataset_profile(data.data_yaml, data.fingerprint)  # cached: counted once per pipeline run
     sizes = {f"images/{k}": v for k, v in prof["splits"].items()}
     sizes.update({f"instances/{k}": v for k, v in prof["instances"].items()})
     c = tracking.client(run.tracking_uri)
-    from model_registry.registry import T_PARENT
+    from damage.model_registry.registry import T_PARENT
 
     damage = damage if damage is not None else getattr(sweep, "damage", None)
     trained_from = (version.tags or {}).get(T_PARENT) if getattr(version, "tags", None) else None

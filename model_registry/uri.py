@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from model_registry.registry import PRODUCTION, STAGING, alias_version, get_client
-from tasks.core.secrets import redact_uri
+from damage.model_registry.registry import PRODUCTION, STAGING, alias_version, get_client
+from damage.tasks.core.secrets import redact_uri
 
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 

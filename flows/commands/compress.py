@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, run_guarded, setup, top_level_run
-from tasks.core.display import fmt_metric
-from tasks.export.quantize import CALIBRATION_METHODS, QUANT_MODES
+from damage.flows.common import console, fail, run_guarded, setup, top_level_run
+from damage.tasks.core.display import fmt_metric
+from damage.tasks.export.quantize import CALIBRATION_METHODS, QUANT_MODES
 
 DataReq = Annotated[Path, typer.Option("--data", "-d", exists=True, dir_okay=False, help="Dataset data.yaml (YOLO-seg).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", "-d", exists=True, dir_okay=False,
@@ -54,8 +54,8 @@ def _print_table(result: dict) -> None:
 
 
 def _chain(weights: Path, data: Path, onnx: Path | None, cfg, paths, out: Path | None, name: str) -> dict:
-    from tasks.core.runtime import configure_ultralytics
-    from tasks.export import compress as C
+    from damage.tasks.core.runtime import configure_ultralytics
+    from damage.tasks.export import compress as C
 
     configure_ultralytics(paths)
     imgsz = cfg.imgsz
@@ -78,11 +78,11 @@ def distill_cmd(
 ) -> None:
     """Distil TEACHER into a smaller student; also train it from scratch and compare both in MLflow."""
     cfg, paths = setup(ctx)
-    from tasks.core.runtime import configure_ultralytics
+    from damage.tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
-    from tasks.evaluation.evaluate import Evaluator
-    from tasks.training.distill import distill, distill_vs_scratch
+    from damage.tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.training.distill import distill, distill_vs_scratch
 
     upd = {k: v for k, v in {"student": student, "epochs": epochs, "hinton": hinton}.items() if v is not None}
     dcfg = cfg.compress.distill.model_copy(update=upd)
@@ -152,9 +152,9 @@ def quantize_cmd(
             fail("--per-channel/--per-tensor apply to the INT8 modes only, not fp16")
         extra.append(f"compress.quantize.per_channel={str(per_channel).lower()}")
     cfg, paths = setup(ctx, extra)
-    from tasks.core.runtime import configure_ultralytics
-    from tasks.evaluation.evaluate import Evaluator
-    from tasks.export import quantize as Q
+    from damage.tasks.core.runtime import configure_ultralytics
+    from damage.tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.export import quantize as Q
 
     # --imgsz unset: the ONNX's own size (its metadata), for calibration and evaluation alike
     evaluator = Evaluator.from_config(cfg, imgsz=imgsz)

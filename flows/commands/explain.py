@@ -8,8 +8,8 @@ from typing import Annotated, get_args
 
 import typer
 
-from flows.common import console, fail, run_guarded, setup
-from tasks.core.config import ExplainConfig
+from damage.flows.common import console, fail, run_guarded, setup
+from damage.tasks.core.config import ExplainConfig
 
 # the choices of --method are the config's (ExplainConfig.method)
 Method = Enum("Method", {m: m for m in get_args(ExplainConfig.model_fields["method"].annotation)}, type=str)
@@ -33,8 +33,8 @@ def explain(
     e = cfg.explain
     method = method.value if method else e.method
 
-    from tasks.data.dataset import IMAGE_EXTS
-    from tasks.evaluation.explain import explain_to_dir
+    from damage.tasks.data.dataset import IMAGE_EXTS
+    from damage.tasks.evaluation.explain import explain_to_dir
 
     images = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_EXTS) if image.is_dir() else [image]
     if not images:

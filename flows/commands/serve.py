@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, setup
+from damage.flows.common import console, fail, setup
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")]
 
@@ -94,8 +94,8 @@ def serve(
     """Serve a registered model version over HTTP (POST /invocations), from this virtualenv."""
     cfg, paths = setup(ctx)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
-    from model_registry.uri import alias_hint
-    from tasks.core import tracking
+    from damage.model_registry.uri import alias_hint
+    from damage.tasks.core import tracking
 
     hint = alias_hint(tracking.client(), uri)  # an unset alias: say what to do, not MLflow's traceback
     if hint:
@@ -104,11 +104,11 @@ def serve(
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
     proc = _start(cmd, venv_env(), log)
-    from tasks.serving.pyfunc import input_example
+    from damage.tasks.serving.pyfunc import input_example
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
-    from tasks.serving.pyfunc import PATH_ROOT_ENV
+    from damage.tasks.serving.pyfunc import PATH_ROOT_ENV
 
     root = os.environ.get(PATH_ROOT_ENV)
     path_note = (f"a 'path' column reads image files under {root}" if root else
@@ -142,7 +142,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI and the Prefect UI on this state directory; Ctrl-C stops both."""
     cfg, paths = setup(ctx)
-    from tasks.core import links, tracking
+    from damage.tasks.core import links, tracking
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
     if tracking_uri.startswith(("http://", "https://")):

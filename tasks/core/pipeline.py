@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import Config, apply_worker_registry, load_config
-from tasks.core.runtime import StatePaths
-from tasks.core.secrets import redact_uri
+from damage.tasks.core.config import Config, apply_worker_registry, load_config
+from damage.tasks.core.runtime import StatePaths
+from damage.tasks.core.secrets import redact_uri
 
 
 @dataclass
@@ -47,7 +47,7 @@ class PipelineRun:
 
 def prepare_state(config_path: str | None = None, overrides: list[str] | None = None) -> tuple[Config, StatePaths]:
     """Load the config and activate its state directory (env vars, Ultralytics settings)."""
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     cfg = apply_worker_registry(load_config(config_path, overrides), overrides)
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
@@ -80,9 +80,9 @@ def open_pipeline_run(cfg: Config) -> PipelineRun:
     run folder), so later steps find what that attempt finished: the registered version by its
     source run id, the training folder by the pipeline key.
     """
-    from tasks.core import tracking
-    from tasks.core.runtime import resolve_state_dir
-    from tasks.data.fingerprint import code_version
+    from damage.tasks.core import tracking
+    from damage.tasks.core.runtime import resolve_state_dir
+    from damage.tasks.data.fingerprint import code_version
 
     c = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
@@ -113,14 +113,14 @@ def open_pipeline_run(cfg: Config) -> PipelineRun:
 
 def prepare_dataset(cfg: Config, paths: StatePaths) -> Path:
     """Resolve ``data.source`` into a local data.yaml (synth, local folder, COCO JSON, s3://)."""
-    from tasks.data.source import resolve_source
+    from damage.tasks.data.source import resolve_source
 
     return resolve_source(cfg.data, paths.datasets, paths.cache)
 
 
 def close_pipeline_run(run: PipelineRun, ok: bool, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
     """Finish the parent run (FAILED with the error message as a tag when ``ok`` is false)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     c = tracking.client(run.tracking_uri)
     if summary is not None:
         tracking.log_dict(c, run.run_id, summary, "summary.json")
@@ -137,9 +137,9 @@ def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, e
     compressed variant's metrics and per-class rows when compression chose one) and
     ``registered_damage`` (its per-vehicle damage-% error at the operating point,
     ``sweep.damage_at_operating_point``). Without them, the trained model's evaluation and sweep.
-    ``tasks.evaluation.headline`` logs these figures on the pipeline run.
+    ``damage.tasks.evaluation.headline`` logs these figures on the pipeline run.
     """
-    from tasks.core.display import artifact_precision
+    from damage.tasks.core.display import artifact_precision
 
     candidate = candidate or {}
     m = candidate.get("metrics") or evaluation.metrics
@@ -187,8 +187,8 @@ def preflight(cfg: Config) -> None:
     Raises:
         DatasetError / DamageError: naming the missing dataset, weights or bad model spec.
     """
-    from tasks.core.errors import DatasetError
-    from tasks.core.families import model_source
+    from damage.tasks.core.errors import DatasetError
+    from damage.tasks.core.families import model_source
 
     src = cfg.data.source
     if src != "synth" and not src.startswith("s3://"):
@@ -196,7 +196,7 @@ def preflight(cfg: Config) -> None:
         if not p.exists():
             raise DatasetError(f"{p}: dataset path does not exist (data.source)")
         if p.is_dir() or p.suffix in {".yaml", ".yml"}:
-            from tasks.data.dataset import check_structure, load_data_yaml
+            from damage.tasks.data.dataset import check_structure, load_data_yaml
 
             # With validate.on_error=clean broken labels are quarantined by the gate, not fatal.
             if cfg.validation.enabled and cfg.validation.on_error == "clean":
@@ -205,6 +205,6 @@ def preflight(cfg: Config) -> None:
                 check_structure(p)
     model_source(cfg.train.model)
     if cfg.train.weights and not Path(cfg.train.weights).expanduser().is_file():
-        from tasks.core.errors import DamageError
+        from damage.tasks.core.errors import DamageError
 
         raise DamageError(f"{cfg.train.weights}: weights file not found (train.weights)")

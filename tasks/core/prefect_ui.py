@@ -13,7 +13,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # Project loggers whose records go to the flow run's logs (S3 sync, data gate, registry...).
-PROJECT_LOGGERS = ("tasks", "model_registry", "flows", "expectations")
+PROJECT_LOGGERS = ("damage",)  # every project module logs under damage.<package>.<module>
 
 
 def flow_run_id() -> str | None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks.core.config import Config
-from tasks.core.display import fmt_metric
-from tasks.core.pipeline import PipelineRun
+from damage.tasks.core.config import Config
+from damage.tasks.core.display import fmt_metric
+from damage.tasks.nightly.pipeline import PipelineRun
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ STATUS_TAG = "damage.status"
 
 def run_links(cfg: Config, run: PipelineRun) -> dict[str, str | None]:
     """``mlflow_run_url`` (model-training view) and ``prefect_flow_run_url`` (None outside Prefect)."""
-    from tasks.core import links
-    from tasks.core.prefect_ui import flow_run_id
+    from damage.tasks.core import links
+    from damage.tasks.core.prefect_ui import flow_run_id
 
     base = links.mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)
     fid = flow_run_id()
@@ -40,8 +40,8 @@ def link_runs(cfg: Config, run: PipelineRun) -> dict[str, str | None]:
     flow run gets a link artifact to the MLflow run and an ``mlflow-run:<id>`` tag. Also starts
     forwarding the project's loggers to the flow run's logs.
     """
-    from tasks.core import tracking
-    from tasks.core.prefect_ui import forward_project_logs, link_flow_run
+    from damage.tasks.core import tracking
+    from damage.tasks.core.prefect_ui import forward_project_logs, link_flow_run
 
     forward_project_logs()
     urls = run_links(cfg, run)
@@ -76,7 +76,7 @@ STEP_REPORTS = {"validate": "data-gate report (HTML, report.json, profile)", "tr
 def link_step_reports(cfg: Config, run: PipelineRun) -> str:
     """Add links to the nested step runs' reports to the parent run's description (the run people open
     first; its runs list opens collapsed). Returns the description."""
-    from tasks.core import links, tracking
+    from damage.tasks.core import links, tracking
 
     c = tracking.client(run.tracking_uri)
     base = links.mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)
@@ -99,7 +99,7 @@ def mark_skipped(run: PipelineRun, reason: str) -> None:
     """Show a skipped nightly as skipped in MLflow: run name ``...-skipped``, ``damage.status=skipped``
     and the reason as the run description. (The flow itself ends in a ``Completed`` state named
     ``Skipped``, so Prefect shows it too.)"""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     c = tracking.client(run.tracking_uri)
     name = c.get_run(run.run_id).info.run_name or "nightly"
@@ -144,7 +144,7 @@ def summary_markdown(summary: dict[str, Any], links: dict[str, str | None] | Non
     if links.get("mlflow_run_url"):
         out.append(f"- [MLflow run {summary.get('mlflow_run_id')}]({links['mlflow_run_url']})")
     if name and ver:
-        from tasks.core.links import mlflow_version_url
+        from damage.tasks.core.links import mlflow_version_url
 
         base = (links.get("mlflow_run_url") or "").split("/#/")[0] or None
         out.append(f"- [{name} version {ver}]({mlflow_version_url(name, ver, base)})")
@@ -154,7 +154,7 @@ def summary_markdown(summary: dict[str, Any], links: dict[str, str | None] | Non
 
 def publish_summary(summary: dict[str, Any], links: dict[str, str | None] | None = None) -> str:
     """Markdown artifact ``nightly-summary`` on the flow run; returns the markdown."""
-    from tasks.core.prefect_ui import publish_markdown
+    from damage.tasks.core.prefect_ui import publish_markdown
 
     md = summary_markdown(summary, links)
     publish_markdown(md, key="nightly-summary", description="Nightly run: figures, per-class AP, gate, links")
@@ -163,7 +163,7 @@ def publish_summary(summary: dict[str, Any], links: dict[str, str | None] | None
 
 def notify_failure(cfg: Config, run: PipelineRun, error: str) -> bool:
     """Tell ``notify.urls`` that the nightly failed: the step (its FAILED MLflow run), the error, a link."""
-    from tasks.core.notify import failed_step, failure_message, send
+    from damage.tasks.core.notify import failed_step, failure_message, send
 
     if not cfg.notify.urls:
         return False
@@ -174,8 +174,8 @@ def notify_failure(cfg: Config, run: PipelineRun, error: str) -> bool:
 
 def notify_approval(cfg: Config, run: PipelineRun, version, metrics: dict[str, Any], decision) -> bool:
     """Tell ``notify.urls`` that a version passed the gate and waits for a human (only on a pass)."""
-    from tasks.core.links import mlflow_base, mlflow_version_url
-    from tasks.core.notify import approval_message, send
+    from damage.tasks.core.links import mlflow_base, mlflow_version_url
+    from damage.tasks.core.notify import approval_message, send
 
     if not cfg.notify.urls or not getattr(decision, "passed", False):
         return False
@@ -187,8 +187,8 @@ def notify_approval(cfg: Config, run: PipelineRun, version, metrics: dict[str, A
 def notify_promotion(cfg: Config, name: str, version: str | int, by: str, reason: str,
                      tracking_uri: str | None = None) -> bool:
     """Tell ``notify.urls`` that ``version`` of ``name`` is now production."""
-    from tasks.core.links import mlflow_base, mlflow_version_url
-    from tasks.core.notify import promotion_message, send
+    from damage.tasks.core.links import mlflow_base, mlflow_version_url
+    from damage.tasks.core.notify import promotion_message, send
 
     if not cfg.notify.urls:
         return False

@@ -2,7 +2,7 @@
 
 Logged with ``MlflowClient.log_inputs`` on every training, evaluation and compression run, so the
 MLflow UI's "Dataset" column and "runs that used this dataset" work. The digest is
-``tasks.data.fingerprint.dataset_fingerprint`` (the same identity as the lineage tag and the
+``damage.tasks.data.fingerprint.dataset_fingerprint`` (the same identity as the lineage tag and the
 skip-unchanged key); the profile holds the split sizes and the class counts.
 """
 
@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.data.dataset import label_path, list_images, load_data_yaml
+from damage.tasks.data.dataset import label_path, list_images, load_data_yaml
 
 SOURCE_TYPE_LOCAL = "local"
 SOURCE_TYPE_S3 = "s3"
@@ -91,7 +91,7 @@ def log_dataset_input(client, run_id: str, data_yaml: str | Path, fingerprint: s
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     if not fingerprint:
-        from tasks.data.fingerprint import dataset_fingerprint
+        from damage.tasks.data.fingerprint import dataset_fingerprint
 
         fingerprint = dataset_fingerprint(load_data_yaml(data_yaml).root)
     ds = dataset_entity(data_yaml, fingerprint, source)

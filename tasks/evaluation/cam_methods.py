@@ -1,4 +1,4 @@
-"""Class-activation maps of one feature layer, for ``tasks.evaluation.explain``.
+"""Class-activation maps of one feature layer, for ``damage.tasks.evaluation.explain``.
 
 Each takes the layer's activation ``A`` (``C x h x w``) and, for the gradient methods, the gradient
 ``dS/dA`` of the explained instance's class logit, and returns an ``h x w`` map (ReLU'd).

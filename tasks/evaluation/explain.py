@@ -1,5 +1,5 @@
 """Per-instance explanations of a YOLO-seg model: Grad-CAM, HiResCAM and EigenCAM heatmaps
-(``tasks.evaluation.cam_methods``), each with its fidelity (``tasks.evaluation.fidelity``: heat in the
+(``damage.tasks.evaluation.cam_methods``), each with its fidelity (``damage.tasks.evaluation.fidelity``: heat in the
 box and mask, and the score drop when its hottest pixels are greyed out).
 
 Grad-CAM (Selvaraju et al. 2017) for one detected instance: the gradient of that instance's
@@ -32,16 +32,16 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 import cv2
 import numpy as np
 
-from tasks.core.atomic import atomic_write_json
-from tasks.core.errors import DamageError, DatasetError
-from tasks.evaluation.cam_methods import GRADIENT_MAPS, METHODS, eigencam_map
-from tasks.evaluation.fidelity import box_mass_share, deletion, pointing
-from tasks.evaluation.overlays import make_grid, render_overlay, render_summary, write_png
+from damage.tasks.core.atomic import atomic_write_json
+from damage.tasks.core.errors import DamageError, DatasetError
+from damage.tasks.evaluation.cam_methods import GRADIENT_MAPS, METHODS, eigencam_map
+from damage.tasks.evaluation.fidelity import box_mass_share, deletion, pointing
+from damage.tasks.evaluation.overlays import make_grid, render_overlay, render_summary, write_png
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module stays cheap
     import torch
 
-    from tasks.core.config import ExplainConfig
+    from damage.tasks.core.config import ExplainConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ class InstanceExplanation:
     method: str
     anchor: int
     stride: int
-    fidelity: dict[str, float] | None = None  # tasks.evaluation.fidelity: pointing game + deletion check
+    fidelity: dict[str, float] | None = None  # damage.tasks.evaluation.fidelity: pointing game + deletion check
 
     @property
     def label(self) -> str:
@@ -141,7 +141,7 @@ def _segment_head(net: Any, where: str) -> Any:
         raise DamageError(f"{where}: not an instance-segmentation model (last layer is "
                           f"{type(head).__name__}, expected Segment)")
     if getattr(head, "end2end", False):
-        from tasks.core.families import family_name
+        from damage.tasks.core.families import family_name
 
         raise DamageError(f"{where}: this {family_name(net)} model has its end-to-end (NMS-free) head selected; "
                           f"explain (Grad-CAM/EigenCAM) reads the one-to-many head: select it "
@@ -291,7 +291,7 @@ def explain_image(
         iou: NMS IoU threshold.
         imgsz: letterbox size; None = the size the model was trained at.
         max_instances: explain at most this many instances (highest scores first).
-        fidelity: measure each map (``tasks.evaluation.fidelity``: pointing game, and the deletion
+        fidelity: measure each map (``damage.tasks.evaluation.fidelity``: pointing game, and the deletion
             check, which costs two forward passes per instance).
 
     Returns:
@@ -421,7 +421,7 @@ def explain_to_dir(
     out_dir = Path(out_dir)
     written: list[Path] = []
     used: set[str] = set()
-    from tasks.core.progress import track
+    from damage.tasks.core.progress import track
 
     with track("explain", "explain: images", len(images)) as bar:
         for image in images:
@@ -470,7 +470,7 @@ def pick_explain_samples(data_yaml: str | Path, n: int, seed: int = 0, split: st
     Raises:
         DatasetError: data.yaml or the split's image folder is missing.
     """
-    from tasks.data.dataset import split_images
+    from damage.tasks.data.dataset import split_images
 
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
@@ -495,7 +495,7 @@ def explain_step(
     Artifacts go under ``<image stem>/`` in that run, so two nights compare image by image.
     Metrics: instances per image, the mean ratio of heat share inside boxes to box area share
     (``> 1``: heatmaps concentrate on the detections), and ``fidelity/...`` over every instance and
-    over the damage instances (``tasks.evaluation.fidelity.summarise``: median heat in box and mask,
+    over the damage instances (``damage.tasks.evaluation.fidelity.summarise``: median heat in box and mask,
     share with 5x their box's share, deletion vs random drop).
 
     Args:
@@ -509,8 +509,8 @@ def explain_step(
     Returns:
         The files written (and logged).
     """
-    from tasks.core import tracking
-    from tasks.core.runtime import resolve_state_dir
+    from damage.tasks.core import tracking
+    from damage.tasks.core.runtime import resolve_state_dir
 
     out = Path(out_dir) if out_dir else resolve_state_dir() / "reports" / "explain" / parent_run_id
     files = explain_to_dir(model, images, out, method=cfg.method, layer=cfg.layer, conf=cfg.conf, iou=cfg.iou,
@@ -529,7 +529,7 @@ def explain_step(
         metrics = {**counts, "instances_total": sum(counts.values())}
         if ratios:
             metrics["heat_concentration_mean"] = float(np.mean(ratios))
-        from tasks.evaluation.fidelity import summarise
+        from damage.tasks.evaluation.fidelity import summarise
 
         metrics.update({f"fidelity/{k}": v for k, v in summarise(fid).items()})
         metrics.update({f"fidelity_damage/{k}": v for k, v in summarise([r for r in fid if r["damage"]]).items()})

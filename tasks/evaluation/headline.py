@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.evaluation.evaluate import class_metrics
-from tasks.evaluation.sweep import damage_metrics
+from damage.tasks.evaluation.evaluate import class_metrics
+from damage.tasks.evaluation.sweep import damage_metrics
 
 
 def headline_metrics(summary: dict[str, Any], damage=None) -> dict[str, float]:
-    """Flat MLflow metrics of the summary's registered artifact (``tasks.core.pipeline.summarise``).
+    """Flat MLflow metrics of the summary's registered artifact (``tasks.nightly.pipeline.summarise``).
 
     Example:
         >>> headline_metrics({"metrics": {"mask/mAP50": 0.5, "latency_ms": None},
@@ -37,8 +37,8 @@ def log_headline(run, summary: dict[str, Any], damage=None, dataset_source: str 
     ``damage``: the registered artifact's ``DamageMAE`` when it was measured apart from the sweep
     (compressed variants); None keeps the sweep's figure already on the run.
     """
-    from tasks.core import tracking
-    from tasks.data.mlflow_input import log_dataset_input
+    from damage.tasks.core import tracking
+    from damage.tasks.data.mlflow_input import log_dataset_input
 
     c = tracking.client(run.tracking_uri)
     figures = headline_metrics(summary, damage)

@@ -1,7 +1,7 @@
-"""Overlays of explanations (``tasks.evaluation.explain``): the heatmap over the image with the
+"""Overlays of explanations (``damage.tasks.evaluation.explain``): the heatmap over the image with the
 instance's outline and label, the image with every outline, and a grid of tiles. An explanation is
 any object with ``heatmap``, ``mask``, ``box``, ``label``, ``method``, ``layer`` and ``name``
-(``tasks.evaluation.explain.InstanceExplanation``)."""
+(``damage.tasks.evaluation.explain.InstanceExplanation``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.core.atomic import atomic_write_bytes
-from tasks.core.errors import DamageError
+from damage.tasks.core.atomic import atomic_write_bytes
+from damage.tasks.core.errors import DamageError
 
 
 def display_scale(hw: tuple[int, int], min_side: int) -> float:

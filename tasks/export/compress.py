@@ -5,10 +5,10 @@ in order on the current chain head: ``distill``, ``prune`` (structured, then fin
 ``unstructured`` change the PyTorch model (each result is exported to ONNX and must pass the
 same PyTorch-vs-ONNX-Runtime parity gate as the nightly export), and
 ``int8-static`` / ``int8-dynamic`` / ``fp16`` / ``int8-nncf`` (NNCF post-training quantization,
-the optional ``nncf`` extra: ``tasks.export.nncf_quant``) quantize the head's ONNX (and, with
+the optional ``nncf`` extra: ``damage.tasks.export.nncf_quant``) quantize the head's ONNX (and, with
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
-(``tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
+(``damage.tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
 and the same ONNX Runtime latency probe. ``chain`` is the one loop; the plain ``run_chain`` and
 the Prefect flow inject their step and measure callables.
 
@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.atomic import atomic_write
-from tasks.core.display import round_metric
-from tasks.core.errors import DamageError
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.display import round_metric
+from damage.tasks.core.errors import DamageError
 
 if TYPE_CHECKING:
-    from tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.evaluate import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
-    # as the predictor runs (tasks.serving.backends): threads stop spinning when a run returns
+    # as the predictor runs (damage.tasks.serving.backends): threads stop spinning when a run returns
     so.add_session_config_entry("session.force_spinning_stop", "1")
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
@@ -130,12 +130,12 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
     """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root.
 
     Also times every installed predictor runtime (``latency/<runtime>_ms``) and records the faster
-    in the variant's ONNX metadata (``tasks.export.onnx.record_backend_latency``).
+    in the variant's ONNX metadata (``damage.tasks.export.onnx.record_backend_latency``).
 
     The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
     (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
     """
-    from tasks.export.onnx import record_backend_latency
+    from damage.tasks.export.onnx import record_backend_latency
 
     plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
     res = evaluator(v.onnx, data_yaml, plots_dir=plots_dir)
@@ -163,7 +163,7 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
 
 def pt_stats(weights: str | Path, imgsz: int) -> tuple[int, float]:
     """(params, GFLOPs at ``imgsz``) of a .pt."""
-    from tasks.training.prune import count_params, gflops, load_model
+    from damage.tasks.training.prune import count_params, gflops, load_model
 
     m = load_model(weights)
     return count_params(m), gflops(m, imgsz)
@@ -193,7 +193,7 @@ def export_variant(weights: str | Path, out: str | Path, cfg, imgsz: int,
     Raises:
         GateFailed: the ONNX outputs differ from PyTorch's by more than ``export.parity_atol``.
     """
-    from tasks.export.onnx import export_onnx, parity_check
+    from damage.tasks.export.onnx import export_onnx, parity_check
 
     onnx = export_onnx(weights, out, imgsz, opset=cfg.export.opset, dynamic=cfg.export.dynamic,
                        simplify=cfg.export.simplify, metadata=meta)
@@ -225,7 +225,7 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
             calibration size too (``Evaluator.from_config``: the one image-size rule).
         on_epoch: per-epoch callback for training steps ``(step_name, epoch, metrics)``.
     """
-    from tasks.training import prune as P
+    from damage.tasks.training import prune as P
     imgsz = int(evaluator.imgsz or cfg.imgsz)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
     if (step in PT_STEPS or step == "int8-qat") and not head.weights:
         raise DamageError(f"compress step '{step}': chain head '{head.name}' has no PyTorch weights")
     if step == "distill":
-        from tasks.training.distill import distill
+        from damage.tasks.training.distill import distill
 
         teacher = Path(cc.distill.teacher or root.weights)
         res = distill(teacher, data_yaml, tcfg, cc.distill, work / "runs", seed=cfg.seed,
@@ -250,7 +250,7 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
                          "hinton": cc.distill.hinton, "temperature": cc.distill.temperature})
         out = [v]
         if cc.distill.compare_scratch:
-            from tasks.training.distill import train_scratch
+            from damage.tasks.training.distill import train_scratch
 
             s = train_scratch(data_yaml, tcfg, cc.distill, work / "runs", seed=cfg.seed,
                               name=f"{prefix}scratch", on_epoch=cb("scratch"))
@@ -286,7 +286,7 @@ def apply_step(step: str, head: Variant, root: Variant, data_yaml: str | Path, c
                     for st in cc.quantize.also_try]
             why = qat_fallback_reason(out[0], cc.quantize.qat_max_float_share)
             if why and cc.quantize.qat_fallback and "int8-qat" not in cc.steps:
-                from tasks.training.qat import qat_missing
+                from damage.tasks.training.qat import qat_missing
 
                 missing = qat_missing() if head.weights else f"chain head '{head.name}' has no PyTorch weights"
                 if missing:
@@ -325,13 +325,13 @@ def qat_fallback_reason(v: Variant, max_float_share: float) -> str | None:
 
 def qat_variants(head: Variant, data_yaml: str | Path, cfg, work: Path, evaluator: Evaluator, on_epoch,
                  reason: str) -> list[Variant]:
-    """Quantization-aware training of ``head`` (``tasks.training.qat``), then the pipeline's static INT8.
+    """Quantization-aware training of ``head`` (``damage.tasks.training.qat``), then the pipeline's static INT8.
 
     Two rows: ``qat-fp32`` (the QAT-trained weights exported to ONNX, through the parity gate) and
     ``int8-qat`` (its accuracy-aware static INT8: the deployable one; registered weights = the
     QAT-trained .pt).
     """
-    from tasks.training.qat import qat_finetune
+    from damage.tasks.training.qat import qat_finetune
 
     qc = cfg.compress.quantize
     imgsz = int(evaluator.imgsz or cfg.imgsz)
@@ -363,7 +363,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
     calibration method and weight granularity; its variant's name carries the setting
     (``int8-static[entropy/per-tensor]``), the default one keeps the plain mode name.
     """
-    from tasks.export import quantize as Q
+    from damage.tasks.export import quantize as Q
     qc = cfg.compress.quantize
     method = setting.calibrate_method if setting is not None else qc.calibrate_method
     per_channel = setting.per_channel if setting is not None else qc.per_channel
@@ -386,7 +386,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
                                         class_tolerance=cfg.compress.class_tolerance)
         info.update(res.summary())
     elif mode == "int8-nncf":
-        from tasks.export.nncf_quant import quantize_nncf
+        from damage.tasks.export.nncf_quant import quantize_nncf
 
         calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
         quantize_nncf(src.onnx, out, calib, int(evaluator.imgsz or cfg.imgsz), preset=qc.nncf_preset)
@@ -418,7 +418,7 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
         if class_tolerance is not None:
-            from tasks.evaluation.evaluate import worst_class_drop
+            from damage.tasks.evaluation.evaluate import worst_class_drop
 
             accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
         faster = min_speedup <= 0 or v.metrics.get(FORWARD_MS, float("nan")) * min_speedup <= root_ms
@@ -505,7 +505,7 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
     Returns:
         The ``compress`` run id.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     with tracking.step_run(parent_run_id, "compress") as (c, run_id):
         tracking.log_params(c, run_id, settings)
         for v in variants:
@@ -527,10 +527,10 @@ def log_variants(variants: list[Variant], parent_run_id: str, table_csv: Path, p
 
 def _log_variant_inputs(c, run_id: str, v: Variant) -> None:
     """The variant's evaluation dataset (MLflow input) and its curves / confusion matrix (``plots/``)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     if v.info.get("data_yaml"):
-        from tasks.data.mlflow_input import log_dataset_input
+        from damage.tasks.data.mlflow_input import log_dataset_input
 
         log_dataset_input(c, run_id, v.info["data_yaml"], None, "evaluation")
     plots = Path(v.info.get("plots_dir") or "")
@@ -602,7 +602,7 @@ def root_variant(parent_weights: str | Path, parent_onnx: str | Path, imgsz: int
 
 def default_out_dir(cfg, parent_weights: str | Path) -> Path:
     """``<state_dir>/models/compress/<run folder of the parent>``: one folder per parent model."""
-    from tasks.core.runtime import resolve_state_dir
+    from damage.tasks.core.runtime import resolve_state_dir
 
     p = Path(parent_weights).resolve()
     tag = p.parent.parent.name if p.parent.name == "weights" else p.stem
@@ -617,7 +617,7 @@ def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepO
     ``apply(step, head)`` and ``measure(variant)`` are injected so that the plain function
     (``run_chain``) and the Prefect flow (each call a task) share this one loop.
     """
-    from tasks.core.progress import track
+    from damage.tasks.core.progress import track
 
     variants, head = [root], root
     with track("compress", f"compress: {len(steps)} steps", len(steps)) as bar:
@@ -633,7 +633,7 @@ def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepO
 def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: str | Path, cfg,
               out_dir: str | Path, parent_run_id: str | None = None, on_epoch=None) -> dict[str, Any]:
     """The whole chain as one plain function (CLI/tests); the Prefect flow wires the same pieces."""
-    from tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.evaluate import Evaluator
 
     evaluator = Evaluator.from_config(cfg)
     root = measure_variant(root_variant(parent_weights, parent_onnx, cfg.imgsz), data_yaml, evaluator)

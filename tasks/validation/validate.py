@@ -1,8 +1,8 @@
 """The data gate: validate a YOLO-seg dataset before any training run.
 
-``validate_dataset`` streams over the dataset once (``tasks.validation.scan``, both cores),
-builds the per-image, per-annotation and dataset tables (``expectations.tables``), checks them
-with the Great Expectations suites under ``expectations/suites`` (``expectations.gx``), and
+``validate_dataset`` streams over the dataset once (``damage.tasks.validation.scan``, both cores),
+builds the per-image, per-annotation and dataset tables (``damage.tasks.validation.tables``), checks them
+with the Great Expectations suites under ``expectations/suites`` (``damage.expectations.gx``), and
 writes ``report.json`` (schema below), optional HTML (GE Data Docs + a self-contained summary
 page) and an optional cleaned copy with ``quarantine.json``.
 
@@ -15,10 +15,10 @@ report.json::
      "drift": {"reference": {"source", "dataset", "fingerprint", "images", "annotations"},
                "table": [row of the drift table]}}   # only when a reference profile was given
 
-Beside report.json goes ``profile.json``, the dataset's profile (``tasks.validation.drift``).
+Beside report.json goes ``profile.json``, the dataset's profile (``damage.tasks.validation.drift``).
 
 Example:
-    >>> from tasks.core.config import ValidateConfig
+    >>> from damage.tasks.core.config import ValidateConfig
     >>> result = validate_dataset(Path("data/cardd"), ValidateConfig(), report_path=Path("report.json"))
     >>> result.passed, result.summary_line()
 """
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.core.atomic import atomic_write_json
-from tasks.core.config import ConfigError, ValidateConfig
-from tasks.core.errors import DatasetError
+from damage.tasks.core.atomic import atomic_write_json
+from damage.tasks.core.config import ConfigError, ValidateConfig
+from damage.tasks.core.errors import DatasetError
 
 # Finding codes and their default severity. "error" blocks training (validate.severity overrides).
 DEFAULT_SEVERITY: dict[str, str] = {
@@ -76,7 +76,7 @@ class ValidationResult:
         clean_data_yaml: data.yaml of the cleaned copy, if ``clean_out`` was given.
         quarantine_path: quarantine.json of the cleaned copy.
         fingerprint: content fingerprint of the validated dataset.
-        profile: the dataset's profile (``tasks.validation.drift``), the reference of later drift checks.
+        profile: the dataset's profile (``damage.tasks.validation.drift``), the reference of later drift checks.
         profile_path: where profile.json was written (beside report.json), if a report was written.
         timings: seconds per phase (scan, checks, outputs).
     """
@@ -96,7 +96,7 @@ class ValidationResult:
     @property
     def drift_errors(self) -> list[dict[str, str]]:
         """Error-level drift findings (``validate.on_drift: fail``): a cleaned copy cannot fix these."""
-        from tasks.validation.drift import DRIFT_CODES
+        from damage.tasks.validation.drift import DRIFT_CODES
 
         return [f for f in self.report["findings"] if f["code"] in DRIFT_CODES and f["severity"] == "error"]
 
@@ -119,7 +119,7 @@ class ValidationResult:
 
 def severities(cfg: ValidateConfig) -> dict[str, str]:
     """Default severities with ``cfg.severity`` applied; unknown codes are a config error."""
-    from tasks.validation.drift import DRIFT_CODES
+    from damage.tasks.validation.drift import DRIFT_CODES
 
     out = dict(DEFAULT_SEVERITY)
     if cfg.on_drift == "fail":
@@ -215,7 +215,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
             of every duplicate group left out) plus ``quarantine.json``; None = no copy.
         fingerprint: the dataset's content fingerprint when the caller already has it (the
             nightly flow hashes the dataset once, in its skip check); None = computed here.
-        reference: a dataset profile (``tasks.validation.drift``) to check drift against; the
+        reference: a dataset profile (``damage.tasks.validation.drift``) to check drift against; the
             report then has a ``drift`` section (``reference`` + the compared ``table``).
         reference_source: where the reference came from (shown in the report).
 
@@ -227,10 +227,10 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
             output location inside the dataset.
         ConfigError: an unknown finding code in ``cfg.severity``.
     """
-    from expectations.tables import TableBuilder, dataset_frame
-    from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.validation.drift import build_profile, drift_parameters, drift_table, reference_summary
-    from tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.validation.drift import build_profile, drift_parameters, drift_table, reference_summary
+    from damage.tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.validation.tables import TableBuilder, dataset_frame
 
     t0 = time.perf_counter()
     layout = resolve_layout(data)
@@ -240,12 +240,12 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     builder = TableBuilder(inv.samples)
     with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size) as scanner:
         # Import Great Expectations (seconds) while the workers read and decode.
-        from expectations import DRIFT_SUITE, SUITE_NAMES
-        from expectations.gx import GxRunner, findings_from_results
+        from damage.expectations import DRIFT_SUITE, SUITE_NAMES
+        from damage.expectations.gx import GxRunner, findings_from_results
 
         runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None,
                           (*SUITE_NAMES, DRIFT_SUITE) if reference is not None else SUITE_NAMES)
-        from tasks.core.progress import track
+        from damage.tasks.core.progress import track
 
         # One pass: every sample's row and annotations are added exactly once.
         with track("validate-scan", "data scan: images", len(inv.samples), artifact_every=cfg.chunk_size) as bar:
@@ -279,13 +279,13 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
         result.report_path = atomic_write_json(Path(report_path), report)
         result.profile_path = atomic_write_json(Path(report_path).parent / "profile.json", profile)
     if html_dir is not None:
-        from tasks.validation.html import write_summary_page
+        from damage.tasks.validation.html import write_summary_page
 
         result.docs_path = runner.build_docs()
         result.html_path = write_summary_page(Path(html_dir), report, layout, images, frames["dataset"],
                                               docs_index=result.docs_path, max_pixels=cfg.max_pixels)
     if clean_out is not None:
-        from tasks.validation.report import write_clean_copy
+        from damage.tasks.validation.report import write_clean_copy
 
         result.clean_data_yaml, result.quarantine_path = write_clean_copy(
             layout, inv, report, Path(clean_out))
@@ -298,7 +298,7 @@ def __getattr__(name: str):
     """``validate_task``: the Prefect task wrapper, created on first use so that importing this
     module (the CLI, tests) does not import Prefect."""
     if name == "validate_task":
-        from tasks.core.prefect_tasks import as_task
+        from damage.tasks.core.prefect_tasks import as_task
 
         wrapped = as_task(validate_dataset, "validate-data", task_run_name="validate-data")
         globals()["validate_task"] = wrapped

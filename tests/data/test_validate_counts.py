@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.core.config import ValidateConfig
-from tasks.data.synth import generate_dataset
-from tasks.validation.validate import validate_dataset
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.data.synth import generate_dataset
+from damage.tasks.validation.validate import validate_dataset
 
 
 def _label_line_counts(root: Path) -> tuple[int, Counter]:

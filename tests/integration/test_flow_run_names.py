@@ -11,10 +11,10 @@ def test_flow_run_is_named_after_the_mlflow_run(prefect_harness, state_paths):
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    from tasks.core import tracking
-    from tasks.core.config import load_config
-    from tasks.core.pipeline import open_pipeline_run
-    from tasks.core.reporting import link_runs
+    from damage.tasks.core import tracking
+    from damage.tasks.core.config import load_config
+    from damage.tasks.nightly.pipeline import open_pipeline_run
+    from damage.tasks.nightly.reporting import link_runs
 
     @flow(name="names")
     def names() -> tuple[str, str, str]:

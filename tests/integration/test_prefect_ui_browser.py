@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(chromium_binary() is None,
 FLOW = textwrap.dedent("""
     import sys
     from prefect import flow
-    from tasks.core.prefect_tasks import adopt_subflow_result, as_task
+    from damage.tasks.core.prefect_tasks import adopt_subflow_result, as_task
 
     def first(x): return {"a": x}
     def use(d): return len(d)

@@ -10,7 +10,7 @@ FWD = "latency/forward_ms"  # the ORT forward pass alone: what compression compa
 
 
 def _v(name, kind, m50, m5095, lat, parent="parent"):
-    from tasks.export.compress import Variant
+    from damage.tasks.export.compress import Variant
 
     return Variant(name, kind, f"/x/{name}.onnx", None if kind == "parent" else parent, params=100, gflops=1.0,
                    metrics={"mask/mAP50": m50, "mask/mAP50-95": m5095, FWD: lat, "box/mAP50": m50,
@@ -18,8 +18,8 @@ def _v(name, kind, m50, m5095, lat, parent="parent"):
 
 
 def test_plan_rejects_bad_chains():
-    from tasks.core.errors import DamageError
-    from tasks.export.compress import plan_steps
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.compress import plan_steps
 
     assert plan_steps(["distill", "prune", "int8-static"]) == ["distill", "prune", "int8-static"]
     with pytest.raises(DamageError, match="unknown step"):
@@ -31,7 +31,7 @@ def test_plan_rejects_bad_chains():
 
 
 def test_gate_and_choice():
-    from tasks.export.compress import gate_and_choose, pareto_front
+    from damage.tasks.export.compress import gate_and_choose, pareto_front
 
     root = _v("parent", "parent", 0.60, 0.40, 100.0)
     ok_fast = _v("pruned-ft", "finetuned", 0.59, 0.38, 60.0)
@@ -52,7 +52,7 @@ def test_gate_and_choice():
 def test_gate_refuses_a_variant_that_is_not_faster():
     """A compressed variant within tolerance but not min_speedup x faster than the parent loses only accuracy:
     the parent stays (measured: INT8 at 160 px on AVX2 ran at 0.97x the FP32 parent, -0.017 mask mAP50)."""
-    from tasks.export.compress import gate_and_choose
+    from damage.tasks.export.compress import gate_and_choose
 
     root = _v("parent", "parent", 0.517, 0.317, 13.5)
     slow_int8 = _v("int8-static", "int8-static", 0.500, 0.302, 14.0)
@@ -67,7 +67,7 @@ def test_gate_refuses_a_variant_that_is_not_faster():
 
 
 def test_table_and_plot_files(tmp_path):
-    from tasks.export.compress import gate_and_choose, plot_pareto, write_table
+    from damage.tasks.export.compress import gate_and_choose, plot_pareto, write_table
 
     root = _v("parent", "parent", 0.6, 0.4, 100.0)
     vs = [root, _v("int8-static", "int8-static", 0.59, 0.39, 40.0)]
@@ -92,11 +92,11 @@ def _expected_choice(rows: list[dict], tolerance: float, min_speedup: float) -> 
 
 def test_compress_flow_gates_from_measurements(prefect_harness, state_paths, trained_model, easy_dataset, easy_imgsz,
                                                tmp_path):
-    from flows.compress import compress_flow
-    from tasks.core import tracking
-    from tasks.core.config import Config
-    from tasks.export.compress import Variant, finalize
-    from tasks.export.onnx import export_onnx, read_onnx_metadata
+    from damage.flows.compress import compress_flow
+    from damage.tasks.core import tracking
+    from damage.tasks.core.config import Config
+    from damage.tasks.export.compress import Variant, finalize
+    from damage.tasks.export.onnx import export_onnx, read_onnx_metadata
 
     onnx = export_onnx(trained_model, tmp_path / "parent.onnx", easy_imgsz)
     cfg = Config()
@@ -163,7 +163,7 @@ def test_compress_flow_gates_from_measurements(prefect_harness, state_paths, tra
 def test_gate_refuses_a_variant_that_loses_one_class():
     """Overall mask mAP50 within tolerance but one class far below the parent's: not a candidate with
     compress.class_tolerance (measured on the demo model: INT8 -0.005 overall, glass_shatter -0.048)."""
-    from tasks.export.compress import gate_and_choose
+    from damage.tasks.export.compress import gate_and_choose
 
     root = _v("parent", "parent", 0.762, 0.506, 2.4)
     root.metrics.update({"mask_ap50/dent": 0.607, "mask_ap50/glass_shatter": 0.689})

@@ -18,9 +18,9 @@ import math
 import numpy as np
 import pytest
 
-from tasks.core.config import ExplainConfig
-from tasks.evaluation.explain import explain_image, load_model, pick_explain_samples
-from tasks.evaluation.fidelity import pointing, summarise
+from damage.tasks.core.config import ExplainConfig
+from damage.tasks.evaluation.explain import explain_image, load_model, pick_explain_samples
+from damage.tasks.evaluation.fidelity import pointing, summarise
 
 ALPHA = 1e-3
 MIN_INSTANCES = 10

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.core.config import CLASSES, ExplainConfig
-from tasks.core.errors import DamageError
-from tasks.evaluation.cam_methods import eigencam_map, gradcam_map
-from tasks.evaluation.explain import (
+from damage.tasks.core.config import CLASSES, ExplainConfig
+from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.cam_methods import eigencam_map, gradcam_map
+from damage.tasks.evaluation.explain import (
     box_mass_share,
     explain_image,
     explain_to_dir,
@@ -171,8 +171,8 @@ def test_pick_explain_samples_is_fixed(tiny_dataset):
 
 
 def test_explain_step_logs_to_mlflow(raw_model, image, tmp_path, state_paths):
-    from tasks.core import tracking
-    from tasks.evaluation.explain import explain_step
+    from damage.tasks.core import tracking
+    from damage.tasks.evaluation.explain import explain_step
 
     src = tmp_path / "val_0001.png"
     cv2.imwrite(str(src), image)
@@ -194,7 +194,7 @@ def test_explain_step_logs_to_mlflow(raw_model, image, tmp_path, state_paths):
 def test_cli_writes_pngs(raw_model, image, tmp_path, state_paths):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     src = tmp_path / "one.png"
     cv2.imwrite(str(src), image)

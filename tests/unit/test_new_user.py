@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def _damage(*args: str, state: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAMAGE_STATE_DIR": str(state), "COLUMNS": "400"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "damage.flows.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def _register(c, name: str, tmp_path: Path) -> str:
-    import model_registry as mr
+    import damage.model_registry as mr
 
     run_id = c.create_run(c.create_experiment(f"exp-{name}")).info.run_id
     f = tmp_path / f"{name}.onnx"
@@ -44,7 +44,7 @@ def test_serve_without_production_says_approve_or_serve_staging(tmp_path):
 
 
 def test_alias_hint_without_staging_or_model(tmp_path):
-    from model_registry.uri import alias_hint
+    from damage.model_registry.uri import alias_hint
 
     c = sqlite_client(tmp_path)
     assert "no registered model 'ghost'" in alias_hint(c, "models:/ghost@production")
@@ -58,8 +58,8 @@ def test_alias_hint_without_staging_or_model(tmp_path):
 
 # 5. serve: a wrong column name is a 400 naming the expected column; the path error names its setting
 def _served_model(tmp_path):
-    from tasks.serving.predictor import Predictor
-    from tasks.serving.pyfunc import DamageSegModel
+    from damage.tasks.serving.predictor import Predictor
+    from damage.tasks.serving.pyfunc import DamageSegModel
     from tests.unit.test_issue13_serving import fake_onnx
 
     m = DamageSegModel()
@@ -73,7 +73,7 @@ def test_serve_wrong_column_is_a_400_naming_the_expected_column(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.models.utils import _enforce_schema
 
-    from tasks.serving.pyfunc import signature
+    from damage.tasks.serving.pyfunc import signature
 
     m = _served_model(tmp_path)
     # what the scoring server hands predict for {"columns": ["img"], ...}: MLflow drops the unknown column
@@ -85,7 +85,7 @@ def test_serve_wrong_column_is_a_400_naming_the_expected_column(tmp_path):
 
 
 def test_serve_path_error_names_the_setting_and_the_printed_hint_says_it_is_off(tmp_path, monkeypatch):
-    from tasks.serving.pyfunc import PATH_ERROR, PATH_ROOT_ENV
+    from damage.tasks.serving.pyfunc import PATH_ERROR, PATH_ROOT_ENV
 
     monkeypatch.delenv(PATH_ROOT_ENV, raising=False)
     m = _served_model(tmp_path)
@@ -95,7 +95,7 @@ def test_serve_path_error_names_the_setting_and_the_printed_hint_says_it_is_off(
 
 # 4. the signature has outputs (the MLflow UI shows what a request returns)
 def test_signature_declares_inputs_params_and_outputs():
-    from tasks.serving.pyfunc import signature
+    from damage.tasks.serving.pyfunc import signature
 
     sig = signature()
     assert set(sig.inputs.input_names()) == {"image", "path"}
@@ -105,7 +105,7 @@ def test_signature_declares_inputs_params_and_outputs():
 
 # 9. `damage train --help` names every family the pipeline builds, not YOLOv8 alone
 def test_train_help_names_every_family(tmp_path):
-    from tasks.core.families import FAMILIES
+    from damage.tasks.core.families import FAMILIES
 
     p = _damage("train", "--help", state=tmp_path / "s")
     assert p.returncode == 0
@@ -117,7 +117,7 @@ def test_train_help_names_every_family(tmp_path):
 
 # 7. training under a wall-time budget says that it re-planned the epoch count
 def test_epoch_line_says_when_the_budget_re_planned():
-    from tasks.training.train import epoch_line
+    from damage.tasks.training.train import epoch_line
 
     assert "re-planned after each epoch" in epoch_line(0, 36, None, 11.0, {})
     assert epoch_line(1, 36, 36, 11.0, {}) == "epoch 2/36: "  # unchanged: no note
@@ -134,7 +134,7 @@ GATE_REASON = ("mask/mAP50-95 0.412 >= floor 0.050 (no production version: first
 
 
 def test_registry_history_fits_80_columns_without_breaking_words(tmp_path):
-    import model_registry as mr
+    import damage.model_registry as mr
 
     state = tmp_path / "s"
     state.mkdir()
@@ -146,7 +146,7 @@ def test_registry_history_fits_80_columns_without_breaking_words(tmp_path):
     env_cols = {"COLUMNS": "80", "LINES": "40"}
     env = {**os.environ, "DAMAGE_STATE_DIR": str(state), **env_cols}
     env.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "history", "damage-seg"], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "damage.flows.cli", "registry", "history", "damage-seg"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -159,7 +159,7 @@ def test_registry_history_fits_80_columns_without_breaking_words(tmp_path):
 
 
 def test_clip_clauses_keeps_whole_clauses():
-    from flows.tables import clip_clauses
+    from damage.flows.tables import clip_clauses
 
     out = clip_clauses(GATE_REASON, 140)
     assert len(out) < len(GATE_REASON) and out.endswith("more, see --json)")
@@ -169,7 +169,7 @@ def test_clip_clauses_keeps_whole_clauses():
 
 # 2. `damage ui` prints the experiment's deep link (model-training view) first, and how to get there by hand
 def test_ui_banner_prints_the_deep_link_first(tmp_path):
-    from flows.commands.serve import ui_banner
+    from damage.flows.commands.serve import ui_banner
 
     url = "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
     text = ui_banner("http://127.0.0.1:5000", url, "http://127.0.0.1:4200", tmp_path, tmp_path / "logs")
@@ -185,8 +185,8 @@ def test_dataset_schema_is_an_mlflow_colspec(tmp_path):
 
     from mlflow.types.schema import Schema
 
-    from tasks.data.mlflow_input import dataset_entity
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.mlflow_input import dataset_entity
+    from damage.tasks.data.synth import generate_dataset
 
     data_yaml = generate_dataset(tmp_path / "ds", images=4, seed=0, imgsz=64)
     schema = json.loads(dataset_entity(data_yaml, "fp").schema)
@@ -197,8 +197,8 @@ def test_dataset_schema_is_an_mlflow_colspec(tmp_path):
 def test_registered_version_links_to_a_logged_model(tmp_path):
     import json
 
-    import model_registry as mr
-    from model_registry.steps import link_logged_model, log_pyfunc_model
+    import damage.model_registry as mr
+    from damage.model_registry.steps import link_logged_model, log_pyfunc_model
     from tests.unit.test_issue13_serving import fake_onnx
 
     c = sqlite_client(tmp_path)

@@ -16,7 +16,7 @@ INT8_CANDIDATE = {"onnx": "/m/int8.onnx", "weights": "/m/best.pt", "kind": "int8
 
 
 def _summary(candidate, damage):
-    from tasks.core.pipeline import summarise
+    from damage.tasks.nightly.pipeline import summarise
 
     cfg = SimpleNamespace(train=SimpleNamespace(imgsz=160, model="n"))
     paths = SimpleNamespace(root="/s", prefect_home="/s/prefect")
@@ -31,7 +31,7 @@ def _summary(candidate, damage):
 
 
 def test_summary_figures_are_the_registered_int8_variants():
-    from tasks.core.reporting import summary_markdown
+    from damage.tasks.nightly.reporting import summary_markdown
 
     own = SimpleNamespace(mae=6.4, by_class={"dent": 7.5}, vehicles=12)
     s = _summary(INT8_CANDIDATE, own)
@@ -53,7 +53,7 @@ def test_summary_without_compression_is_the_trained_models():
 
 
 def test_card_names_the_parent_as_a_variant_and_keeps_one_latency_per_key():
-    from model_registry.card import model_card
+    from damage.model_registry.card import model_card
 
     md = model_card("damage-seg", 7, INT8, INT8_ROWS, {"conf": 0.4, "iou": 0.5, "objective": "x", "value": 1},
                     compressed_from="parent", trained_from="none", kind="int8-static", machine_desc="box",
@@ -70,7 +70,7 @@ def test_card_names_the_parent_as_a_variant_and_keeps_one_latency_per_key():
 
 
 def test_version_lineage_tags_the_variant_it_was_compressed_from(tmp_path):
-    from model_registry.steps import version_lineage
+    from damage.model_registry.steps import version_lineage
 
     run = SimpleNamespace(lineage=lambda fp: {"dataset_fingerprint": fp, "config_hash": "c", "code_version": "v",
                                               "source_run_id": "r"})
@@ -81,7 +81,7 @@ def test_version_lineage_tags_the_variant_it_was_compressed_from(tmp_path):
 
 
 def test_headline_metrics_for_the_parent_run():
-    from tasks.evaluation.headline import headline_metrics
+    from damage.tasks.evaluation.headline import headline_metrics
 
     s = _summary(INT8_CANDIDATE, None)
     m = headline_metrics(s, SimpleNamespace(mae=6.4, by_class={"dent": 7.5}, vehicles=12))

@@ -10,13 +10,13 @@ from tests.recording_http import Recorder
 
 
 def _notify_cfg(*urls, events=("failure", "approval", "promotion")):
-    from tasks.core.config import NotifyConfig
+    from damage.tasks.core.config import NotifyConfig
 
     return NotifyConfig(urls=list(urls), events=list(events), timeout_s=5)
 
 
 def test_notify_posts_to_every_url():
-    from tasks.core.notify import failure_message, send
+    from damage.tasks.core.notify import failure_message, send
 
     with Recorder() as a, Recorder() as b:
         title, body = failure_message("train", "RuntimeError('boom')", "http://mlflow/#/x")
@@ -29,7 +29,7 @@ def test_notify_posts_to_every_url():
 
 
 def test_notify_event_filter_and_no_urls():
-    from tasks.core.notify import send
+    from damage.tasks.core.notify import send
 
     with Recorder() as r:
         assert send(_notify_cfg(r.json_url(), events=["failure"]), "promotion", "t", "b") is False
@@ -40,7 +40,7 @@ def test_notify_event_filter_and_no_urls():
 
 
 def test_notify_failure_to_send_never_raises(caplog):
-    from tasks.core.notify import send
+    from damage.tasks.core.notify import send
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -54,7 +54,7 @@ def test_notify_failure_to_send_never_raises(caplog):
 
 
 def test_notify_urls_are_secret_in_config_dump_and_hash():
-    from tasks.core.config import load_config
+    from damage.tasks.core.config import load_config
 
     a = load_config(overrides=['notify.urls=["json://h/x?token=SECRET123"]'])
     b = load_config()
@@ -64,7 +64,7 @@ def test_notify_urls_are_secret_in_config_dump_and_hash():
 
 
 def test_approval_message_has_the_command_and_metrics():
-    from tasks.core.notify import approval_message
+    from damage.tasks.core.notify import approval_message
 
     title, body = approval_message("damage-seg", 7, {"mask/mAP50": 0.51234}, "http://x/#/models/damage-seg/versions/7")
     assert "v7" in title
@@ -73,7 +73,7 @@ def test_approval_message_has_the_command_and_metrics():
 
 
 def test_links_open_the_model_training_view():
-    from tasks.core import links
+    from damage.tasks.core import links
 
     assert links.mlflow_run_url("3", "abc", "http://h:5000/") == \
         "http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
@@ -85,7 +85,7 @@ def test_links_open_the_model_training_view():
 
 
 def test_model_card_lists_per_class_and_operating_point():
-    from model_registry.card import model_card
+    from damage.model_registry.card import model_card
 
     per_class = [{"class": "dent", "images": 3, "instances": 5, "box/AP50": 0.5, "box/AP50-95": 0.25,
                   "mask/AP50": 0.45678, "mask/AP50-95": 0.2},
@@ -108,7 +108,7 @@ def test_model_card_lists_per_class_and_operating_point():
 
 
 def test_summary_markdown_has_figures_gate_and_links():
-    from tasks.core.reporting import summary_markdown
+    from damage.tasks.nightly.reporting import summary_markdown
 
     s = {"metrics": {"mask/mAP50": 0.3333}, "per_class": [{"class": "dent", "instances": 2, "mask/AP50": 0.1}],
          "promotion": {"passed": True, "reasons": ["first candidate"]}, "registered_model": "damage-seg",
@@ -121,8 +121,8 @@ def test_summary_markdown_has_figures_gate_and_links():
 
 
 def test_reporting_keys_do_not_change_the_pipeline_key():
-    from tasks.core.config import load_config
-    from tasks.core.skip import skip_config_hash
+    from damage.tasks.core.config import load_config
+    from damage.tasks.nightly.skip import skip_config_hash
 
     base = skip_config_hash(load_config())
     for o in ('notify.urls=["json://h/x"]', "notify.events=[failure]", "mlflow.system_metrics_interval_s=0",
