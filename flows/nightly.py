@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Completed
 
+from damage.tasks.core.prefect_tasks import adopt_subflow_result
 from damage.tasks.core.prefect_tasks import as_task as _t
 from damage.tasks.nightly.pipeline import (
     close_pipeline_run,
@@ -36,8 +37,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from damage.tasks.data.union import union_step
     from damage.tasks.evaluation.evaluate import Evaluator, evaluate_step
     from damage.tasks.evaluation.explain import explain_step, pick_explain_samples
+    from damage.tasks.evaluation.headline import log_headline
     from damage.tasks.evaluation.label_issues import label_issues_step
-    from damage.tasks.evaluation.sweep import sweep_step
+    from damage.tasks.evaluation.sweep import damage_at_operating_point, sweep_step
     from damage.tasks.export.onnx import export_step
     from damage.tasks.nightly import reporting
     from damage.tasks.training.train import train_step
@@ -97,15 +99,22 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         if cfg.compress.enabled:
             from damage.flows.compress import compress_flow
 
-            chosen = compress_flow(str(trained.best), str(exported.onnx_path), str(data.data_yaml),
-                                   cfg.to_dict(), run.run_id)
+            # later tasks take the subflow's result through a task, so the default UI lists them
+            chosen = adopt_subflow_result(compress_flow(str(trained.best), str(exported.onnx_path),
+                                                        str(data.data_yaml), cfg.to_dict(), run.run_id),
+                                          "compress-result")
             candidate = chosen or candidate
             compression = {k: (chosen or {}).get(k) for k in ("name", "kind", "compressed", "table", "run_id")}
             compression["mask/mAP50"] = ((chosen or {}).get("metrics") or {}).get("mask/mAP50")
+        # the sweep measured the .pt: a compressed variant's own damage-% error at the same operating point
+        registered_damage = _t(damage_at_operating_point, "registered-damage")(
+            candidate["onnx"], data.data_yaml, sweep.thresholds, cfg.imgsz, cfg.sweep.split, cfg.sweep.max_det) \
+            if sweep is not None and compression and compression["compressed"] else None
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
-        _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links)
+        _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links,
+                                                registered_damage)
         _t(reporting.notify_approval, "notify-approval")(cfg, run, version, candidate["metrics"], decision)
         if cfg.registry.wait_for_approval and decision.passed:
             from damage.flows.promote import await_approval
@@ -116,7 +125,10 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                 _t(reporting.notify_promotion, "notify-promotion")(cfg, version.name, version.version,
                                                                    answer.get("by", ""), answer.get("reason", ""),
                                                                    run.tracking_uri)
-        summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision)
+        summary = _t(summarise, "summary")(cfg, paths, run, data, trained, metrics, sweep, exported, version, decision,
+                                           candidate, registered_damage)
+        _t(log_headline, "headline-metrics", retries=2)(run, summary, registered_damage, cfg.data.source)
+        _t(reporting.link_step_reports, "link-step-reports", retries=2)(cfg, run)
         summary["pipeline_key"] = unchanged.key
         summary["init"] = init.to_dict()
         summary["label_issues"] = issues.summary() if issues is not None else None

@@ -66,13 +66,32 @@ def print_table(console, title: str, cols: Sequence[Col], rows: Sequence[dict[st
     t = Table(title=title, title_justify="left")
     for c in kept:
         t.add_column(c.header, justify=c.justify, no_wrap=not c.wrap, overflow="fold" if c.wrap else "ellipsis",
-                     min_width=min(c.min_width, len(c.header)) if c.wrap else len(c.header))
+                     min_width=c.min_width if c.wrap else len(c.header))
     for r in rows:
         t.add_row(*[str(r.get(c.key, "")) for c in kept])
     console.print(t)
     if dropped:
         console.print(f"(columns left out to fit {console.width} characters: "
                       f"{', '.join(c.header for c in dropped)}; widen the terminal or use --json)", highlight=False)
+
+
+def clip_clauses(text: str, limit: int = 140, sep: str = "; ") -> str:
+    """``text`` cut after the last whole ``sep``-clause that fits ``limit`` characters, saying how many
+    clauses were left out (the full text is in ``--json``). Never cuts inside a word.
+
+    Example:
+        >>> clip_clauses("mask ok; dent ok; glass_shatter ok", 20)
+        'mask ok; dent ok … (+1 more, see --json)'
+    """
+    parts = [p for p in text.split(sep) if p]
+    if len(text) <= limit or len(parts) <= 1:
+        return text
+    kept: list[str] = []
+    for p in parts:
+        if kept and len(sep.join([*kept, p])) > limit:
+            break
+        kept.append(p)
+    return sep.join(kept) + f" … (+{len(parts) - len(kept)} more, see --json)"
 
 
 @contextmanager

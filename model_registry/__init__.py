@@ -19,7 +19,8 @@ Tags on each version
 --------------------
 ``metric.<key>`` (evaluation metrics), ``threshold.<key>`` (operating point), lineage
 (``dataset_fingerprint``, ``config_hash``, ``code_version``, ``source_run_id``,
-``parent_version``), ``artifact.onnx``/``artifact.pt`` (URIs of ``model/model.onnx`` and
+``lineage.parent_version``: the version training started from; ``compressed_from``: the source
+run's variant a compressed version was made from), ``artifact.onnx``/``artifact.pt`` (URIs of ``model/model.onnx`` and
 ``model/model.pt`` in the source run), ``validation_status`` (pending|passed|failed),
 ``gate.*`` (decision, reasons, both sides' figures), ``approval`` (pending|approved|rejected),
 ``approved_by``, ``approved_at``, ``approved_via`` (MLflow account), ``reason``,

@@ -11,7 +11,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from damage.tasks.core.display import fmt_metric
+from damage.tasks.core.display import artifact_precision, fmt_metric
 
 _OVERALL = ("box/precision", "box/recall", "box/mAP50", "box/mAP50-95",
             "mask/precision", "mask/recall", "mask/mAP50", "mask/mAP50-95", "fitness")
@@ -29,11 +29,20 @@ def machine() -> str:
 def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_class: Sequence[Mapping[str, Any]],
                operating_point: Mapping[str, Any] | None, *, objective_help: str = "",
                flat_objective: bool = False, dataset_fingerprint: str = "",
-               dataset_sizes: Mapping[str, Any] | None = None, parent_version: str | None = None,
-               kind: str = "trained", latency_ms: float | None = None, machine_desc: str = "",
-               source_run_url: str | None = None, flow_run_url: str | None = None,
-               gate: Mapping[str, Any] | None = None, family: str | None = None) -> str:
-    """Markdown card of one version.
+               dataset_sizes: Mapping[str, Any] | None = None, compressed_from: str | None = None,
+               trained_from: str | None = None, kind: str = "trained", latency_ms: float | None = None,
+               machine_desc: str = "", source_run_url: str | None = None, flow_run_url: str | None = None,
+               gate: Mapping[str, Any] | None = None, family: str | None = None,
+               damage_pct_mae: float | None = None) -> str:
+    """Markdown card of one version. Every figure is the registered artifact's own (``metrics`` and
+    ``per_class`` of the variant that was registered).
+
+    ``compressed_from``: the compression-table variant this one was made from (``parent``: the run's
+    trained FP32 model); ``trained_from``: the registered version its training started from
+    (``"none"``: from scratch or a weights file; None: not recorded). ``latency_ms`` is the
+    evaluator's: pre+inference+post per image, the figure the promotion gate compares;
+    ``metrics["latency/forward_ms"]``, when present, is the ONNX Runtime forward pass alone (the
+    compression step's speed probe).
 
     Example:
         >>> md = model_card("damage-seg", 3, {"mask/mAP50": 0.5}, [{"class": "dent", "mask/AP50": 0.4}],
@@ -42,14 +51,23 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
         True
     """
     out = [f"## {name} v{version}", "",
-           f"**Kind:** {kind}" + (f" (compressed from / fine-tuned on version {parent_version})" if parent_version
-                                  else "")
-           + (f" · **Family:** {family}" if family else ""), ""]
+           f"**Kind:** {kind} ({artifact_precision(kind)})" + (f" · **Family:** {family}" if family else ""), ""]
+    if compressed_from:
+        src = "this run's trained FP32 model" if compressed_from == "parent" else f"variant `{compressed_from}`"
+        out += [f"**Compressed from:** {src} (compression table of the source run)", ""]
+    if trained_from:
+        start = "scratch or a weights file" if trained_from == "none" else f"registered version {trained_from}"
+        out += [f"**Training started from:** {start}", ""]
     out += ["### Metrics (val, mAP at conf floor 0.001)", "", "| metric | value |", "|---|---|"]
     out += [f"| {k} | {fmt_metric(metrics.get(k), k)} |" for k in _OVERALL if k in metrics]
+    if damage_pct_mae is not None:
+        out.append(f"| damage_pct_mae (points, per vehicle, at the operating point) | {fmt_metric(damage_pct_mae)} |")
     if latency_ms is not None or metrics.get("latency_ms") is not None:
         lat = latency_ms if latency_ms is not None else metrics.get("latency_ms")
-        out.append(f"| latency (ms/image) | {fmt_metric(lat, 'latency_ms')} on {machine_desc or machine()} |")
+        out.append(f"| latency (ms/image, pre+inference+post) | {fmt_metric(lat, 'latency_ms')} on "
+                   f"{machine_desc or machine()} |")
+    if metrics.get("latency/forward_ms") is not None:
+        out.append(f"| ONNX Runtime forward pass alone (ms) | {fmt_metric(metrics['latency/forward_ms'], 'latency_ms')} |")
     out.append("")
     if per_class:
         out += ["### Per class", "", "| class | images | instances | " + " | ".join(_PER_CLASS) + " |",
@@ -89,11 +107,12 @@ def describe_version(client, name: str, version: str | int, markdown: str) -> No
 
 
 def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str, Any], decision,
-              links: Mapping[str, Any] | None = None) -> str:
+              links: Mapping[str, Any] | None = None, damage=None) -> str:
     """Write the model card of the nightly candidate as its version description; returns the markdown.
 
-    Metrics are the candidate's (the compressed variant's when compression chose one), per-class
-    AP from the evaluator, the sweep's operating point, the data fingerprint and split sizes.
+    Metrics and per-class AP are the candidate's (the compressed variant's when compression chose
+    one), the damage-% error is ``damage`` (the registered artifact's, when measured apart) or the
+    sweep's, then the sweep's operating point, the data fingerprint and split sizes.
     """
     from damage.tasks.core import tracking
     from damage.tasks.core.links import mlflow_base, mlflow_run_url
@@ -112,11 +131,17 @@ def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str
     sizes = {f"images/{k}": v for k, v in prof["splits"].items()}
     sizes.update({f"instances/{k}": v for k, v in prof["instances"].items()})
     c = tracking.client(run.tracking_uri)
+    from damage.model_registry.registry import T_PARENT
+
+    damage = damage if damage is not None else getattr(sweep, "damage", None)
+    trained_from = (version.tags or {}).get(T_PARENT) if getattr(version, "tags", None) else None
     md = model_card(
-        version.name, version.version, metrics, getattr(evaluation, "per_class", []),
+        version.name, version.version, metrics, candidate.get("per_class") or getattr(evaluation, "per_class", []),
         sweep.thresholds if sweep is not None else None, objective_help=objective_help, flat_objective=flat,
         dataset_fingerprint=data.fingerprint, dataset_sizes=sizes,
-        parent_version=str(candidate["parent"]) if candidate.get("parent") else None,
+        compressed_from=str(candidate["parent"]) if candidate.get("parent") else None,
+        trained_from=trained_from or None,
+        damage_pct_mae=getattr(damage, "mae", None),
         kind=str(candidate.get("kind", "trained")), latency_ms=metrics.get("latency_ms"),
         source_run_url=links.get("mlflow_run_url") or mlflow_run_url(
             run.experiment_id, run.run_id, mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)),

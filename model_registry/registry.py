@@ -351,7 +351,7 @@ def register_candidate(client_or_uri: MlflowClient | str, model_name: str, run_i
         metrics: evaluation metrics, e.g. ``{"mask/mAP50-95": 0.41}``.
         thresholds: chosen operating point, e.g. ``{"conf": 0.4, "iou": 0.5}``.
         lineage: ``dataset_fingerprint``, ``config_hash``, ``code_version`` (required),
-            ``source_run_id`` (default: ``run_id``), ``parent_version`` (compressed variants).
+            ``source_run_id`` (default: ``run_id``), ``compressed_from`` (compressed variants).
         log_model_fn: optional hook ``(run_id, onnx, pt) -> (source_uri, onnx_relpath)`` that logs
             the model its own way (e.g. an MLflow pyfunc); replaces the plain artifact logging.
         description: version description.

@@ -21,10 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str, str]:
+def log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None, logged_ids: list[str] | None = None
+                     ) -> tuple[str, str]:
     """Log the version's files as one MLflow pyfunc folder ``model/``: MLmodel, the ONNX (as the
     pyfunc's artifact), the torch-free predictor as code, and ``model.pt`` beside them, so
-    ``mlflow models serve -m models:/NAME@production`` serves exactly the registered ONNX."""
+    ``mlflow models serve -m models:/NAME@production`` serves exactly the registered ONNX.
+
+    The same folder is also an MLflow 3 *logged model* of the run (the experiment's Models tab lists
+    it); its id is appended to ``logged_ids`` (``link_logged_model`` then names the version on it).
+    Returns ``(source URI, ONNX path inside it)`` for ``register_candidate``.
+    """
     import shutil
     import tempfile
 
@@ -36,7 +42,29 @@ def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str,
             shutil.copyfile(pt, folder / "model.pt")
         c.log_artifacts(run_id, str(folder), "model")
         onnx_rel = next(p for p in folder.rglob("*.onnx")).relative_to(folder).as_posix()
-    return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model", onnx_rel
+        run = c.get_run(run_id)
+        logged = c.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                       model_type="pyfunc (ONNX instance segmentation)")
+        c.log_model_artifacts(logged.model_id, str(folder))
+        c.finalize_logged_model(logged.model_id, "READY")
+        from mlflow.entities import LoggedModelOutput
+
+        c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run page lists it
+    if logged_ids is not None:
+        logged_ids.append(logged.model_id)
+    return f"{run.info.artifact_uri.rstrip('/')}/model", onnx_rel
+
+
+def link_logged_model(c, model_id: str, name: str, version: str) -> None:
+    """Name the registered version on its logged model (tag ``mlflow.modelVersions``, as
+    ``mlflow.register_model`` does), so the Models tab links the model to the version."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    earlier = c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    entries = [*(json.loads(earlier) if earlier else []), {"name": name, "version": str(version)}]
+    c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
 
 
 def init_step(cfg, run, data_yaml: Path) -> tuple[TrainConfig, InitDecision]:
@@ -62,12 +90,14 @@ def init_step(cfg, run, data_yaml: Path) -> tuple[TrainConfig, InitDecision]:
 
 def version_lineage(run, dataset_fingerprint: str, candidate: dict[str, Any],
                     init: InitDecision | None = None) -> dict[str, str]:
-    """Lineage tags of a new version: the run's, the variant and its parent variant, and (with
-    ``init``) ``lineage.parent_version`` (production version its training started from, ``none``
-    from scratch or a file) and ``lineage.init`` (scratch|production|path)."""
+    """Lineage tags of a new version: the run's, the variant and the compression-table variant it was
+    made from (``compressed_from``: a variant *name* of the source run, ``parent`` = the run's trained
+    model; never a version number), and (with ``init``) ``lineage.parent_version`` (production
+    version its training started from, ``none`` from scratch or a file) and ``lineage.init``
+    (scratch|production|path)."""
     lineage = run.lineage(dataset_fingerprint)
     if candidate.get("parent"):
-        lineage["parent_version"] = str(candidate["parent"])
+        lineage["compressed_from"] = str(candidate["parent"])
     lineage["variant"] = str(candidate.get("kind", "trained"))
     if candidate.get("onnx"):  # the exported file names its family (damage.family, written by export_onnx)
         from damage.tasks.export.onnx import read_onnx_metadata
@@ -89,9 +119,13 @@ def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any
     from damage.tasks.core import tracking
     lineage = version_lineage(run, dataset_fingerprint, candidate, init)
     c = tracking.client(run.tracking_uri)
+    logged: list[str] = []
     version = register_candidate(c, cfg.registry.model_name, run.run_id, candidate["onnx"],
                                  candidate.get("weights"), candidate["metrics"], thresholds, lineage,
-                                 log_model_fn=lambda rid, onnx, pt: _log_pyfunc_model(c, rid, onnx, pt))
+                                 log_model_fn=lambda rid, onnx, pt: log_pyfunc_model(c, rid, onnx, pt, logged))
+    if logged:  # a retried task finds its version and logs nothing new
+        link_logged_model(c, logged[0], version.name, version.version)
+        c.set_model_version_tag(version.name, version.version, "logged_model_id", logged[0])
     if candidate.get("weights"):
         c.set_model_version_tag(version.name, version.version, T_ARTIFACT_PT, f"{version.source}/model.pt")
     tracking.set_tags(c, run.run_id, {"registered_model": cfg.registry.model_name,

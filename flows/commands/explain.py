@@ -21,7 +21,7 @@ def explain(
     model: Annotated[Path, typer.Option("--model", "-m", exists=True, dir_okay=False,
                                         help="Segmentation model checkpoint (.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <out>/<image stem>/*.png + explanations.json.")],
-    method: Annotated[Method | None, typer.Option("--method", help="gradcam (per instance) or eigencam (default: explain.method).")] = None,
+    method: Annotated[Method | None, typer.Option("--method", help="gradcam, hirescam (per instance) or eigencam (default: explain.method).")] = None,
     layer: Annotated[str | None, typer.Option("--layer", help="Layer to explain, e.g. model.21 or 21 (default: the neck layer feeding the head at each instance's stride).")] = None,
     conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold of explained detections (default: explain.conf).")] = None,
     iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: explain.iou).")] = None,

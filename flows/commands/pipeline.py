@@ -45,7 +45,9 @@ def _print_summary(summary: dict, seconds: float) -> None:
                      " x faster")
         t.add_row("compression", what + (f", mask mAP50 {ap:.3f}" if isinstance(ap, float) else "")
                   + f"); table: {comp.get('table')}")
-    t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}")
+    art = summary.get("registered_artifact") or {}
+    t.add_row("registered", f"{summary.get('registered_model')} v{summary.get('registered_version')}"
+              + (f" ({art.get('precision')}, {art.get('kind')}; the figures above are its own)" if art else ""))
     promo = summary.get("promotion") or {}
     if promo:
         verdict = "passed -> staging" if promo.get("passed") else "failed (stays pending)"
@@ -123,7 +125,8 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <state>/runs/train).")] = None,
     name: Annotated[str, typer.Option(help="Run folder name (resume=auto looks here).")] = "train",
 ) -> None:
-    """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
+    """Train a segmentation model alone (no MLflow run), honouring the train: section (the command's
+    help, set in ``register``, lists the families of ``damage.tasks.core.families``)."""
     cfg, paths = setup(ctx)
     from damage.tasks.data.dataset import find_data_yaml, load_data_yaml
     from damage.tasks.training.init import apply, offline_decision
@@ -144,4 +147,10 @@ def train(
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
-    app.command("train")(train)
+    from damage.tasks.core.families import FAMILIES, SIZES
+
+    fams = ", ".join(FAMILIES)
+    app.command("train", help=(
+        f"Train a segmentation model alone (no MLflow run), honouring the train: section. Families: {fams} "
+        f"(train.model: a size {'|'.join(SIZES)} = {next(iter(FAMILIES))}, or <family><size>-seg, e.g. "
+        f"train.model={list(FAMILIES)[-1]}n-seg; or a .yaml/.pt path)."))(train)

@@ -144,7 +144,7 @@ def history_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = No
     """Print every alias move: when, which alias, from -> to, who and why."""
     from dataclasses import asdict
 
-    from damage.flows.tables import Col, json_output, print_table
+    from damage.flows.tables import Col, clip_clauses, json_output, print_table
 
     with json_output(as_json) as out:
         _, name, uri = _ctx(ctx, name, tracking_uri)
@@ -154,12 +154,20 @@ def history_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = No
         out.append([asdict(m) for m in moves])
     if as_json:
         return
-    rows = [{"seq": str(m.seq), "at": m.at[:16].replace("T", " "), "alias": m.alias, "from": m.version_from or "-",
-             "to": m.version_to or "-", "action": m.action, "by": m.by, "identity": m.identity or "-",
-             "reason": m.reason} for m in moves]
+    rows, last = [], None
+    for m in moves:
+        # one approval moves two aliases with one reason: print it once; long gate reasons are clipped at a
+        # clause (whole words; --json has every clause), so one approval fits a 40-line screen
+        same = last is not None and (m.at[:16], m.action, m.by, m.reason) == (last.at[:16], last.action, last.by,
+                                                                               last.reason)
+        rows.append({"seq": str(m.seq), "at": m.at[:16].replace("T", " "), "alias": m.alias,
+                     "from": m.version_from or "-", "to": m.version_to or "-", "action": m.action, "by": m.by,
+                     "identity": m.identity or "-", "reason": "(as above)" if same else clip_clauses(m.reason)})
+        last = m
+    # reason gets at least 30 characters: lower-priority columns drop first, and no word is broken
     cols = [Col("seq", "#", 2, "right"), Col("at", "when (UTC)", 3), Col("alias", "alias", 1),
             Col("from", "from", 1, "right"), Col("to", "to", 1, "right"), Col("action", "action", 1),
-            Col("by", "by", 2), Col("identity", "MLflow user", 4), Col("reason", "reason", 1, wrap=True)]
+            Col("by", "by", 2), Col("identity", "MLflow user", 4), Col("reason", "reason", 1, wrap=True, min_width=30)]
     print_table(console, f"alias history of {name} @ {uri}", cols, rows)
     console.print(f"{len(moves)} move(s)", highlight=False)
 

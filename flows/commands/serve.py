@@ -94,6 +94,12 @@ def serve(
     """Serve a registered model version over HTTP (POST /invocations), from this virtualenv."""
     cfg, paths = setup(ctx)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
+    from damage.model_registry.uri import alias_hint
+    from damage.tasks.core import tracking
+
+    hint = alias_hint(tracking.client(), uri)  # an unset alias: say what to do, not MLflow's traceback
+    if hint:
+        fail(hint)
     log = paths.root / "logs" / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
@@ -102,12 +108,30 @@ def serve(
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
+    from damage.tasks.serving.pyfunc import PATH_ROOT_ENV
+
+    root = os.environ.get(PATH_ROOT_ENV)
+    path_note = (f"a 'path' column reads image files under {root}" if root else
+                 f"the 'path' column is off: set {PATH_ROOT_ENV}=/folder before `damage serve` to read files there")
     console.print(f"serving {uri} at {url}  (log: {log}; Ctrl-C stops it)\n"
                   f"  health : curl {url}/ping\n"
                   f"  predict: curl -s {url}/invocations -H 'Content-Type: application/json' -d '{body}'\n"
-                  f"  (send your own image as base64 in the 'image' column, or a server-side 'path')",
+                  f"  (send your own image as base64 in the 'image' column; {path_note})",
                   highlight=False, soft_wrap=True)
     raise typer.Exit(_wait([proc], [log]))
+
+
+def ui_banner(mlflow_url: str, experiment_url: str, prefect_url: str, state_dir: Path, log_dir: Path) -> str:
+    """What ``damage ui`` prints: the experiment's deep link first (it opens the model-training view;
+    MLflow 3's home -> Experiments path opens its GenAI view until the browser is switched once)."""
+    lines = []
+    if experiment_url:
+        lines += [f"open this: {experiment_url}",
+                  "  (runs, charts, models; from MLflow's home page, switch the sidebar's workflow to 'Model training' once:"
+                  " it opens experiments in its GenAI traces view until then)"]
+    lines += [f"MLflow UI : {mlflow_url}", f"Prefect UI: {prefect_url}",
+              f"state dir : {state_dir}   (logs: {log_dir}; Ctrl-C stops both)"]
+    return "\n".join(lines)
 
 
 def ui(
@@ -141,10 +165,8 @@ def ui(
     if exp is not None:
         exp_url = links.mlflow_experiment_url(exp.experiment_id, f"http://{host}:{mlflow_port}")
     procs = [_start(mlflow_cmd, venv_env(), logs[0]), _start(prefect_cmd, prefect_env_all, logs[1])]
-    console.print(f"MLflow UI : http://{host}:{mlflow_port}  {exp_url}\n"
-                  f"Prefect UI: http://{host}:{prefect_port}\n"
-                  f"state dir : {paths.root}   (logs: {logs[0].parent}; Ctrl-C stops both)",
-                  highlight=False, soft_wrap=True)
+    console.print(ui_banner(f"http://{host}:{mlflow_port}", exp_url, f"http://{host}:{prefect_port}", paths.root,
+                            logs[0].parent), highlight=False, soft_wrap=True)
     raise typer.Exit(_wait(procs, logs))
 
 

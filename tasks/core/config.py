@@ -304,7 +304,7 @@ class RegistryConfig(_Section):
 class ExplainConfig(_Section):
     enabled: bool = True
     samples: int = Field(4, ge=0)
-    method: Literal["gradcam", "eigencam"] = "gradcam"
+    method: Literal["gradcam", "hirescam", "eigencam"] = "hirescam"
     layer: str | None = None
     conf: float = Field(0.25, ge=0, le=1)
     iou: float = Field(0.7, gt=0, le=1)

@@ -52,3 +52,18 @@ def fmt_metric(value: Any, key: str = "", missing: str = MISSING) -> str:
     if math.isnan(v):
         return missing
     return f"{v:.{decimals_for(key)}f}" if math.isfinite(v) else str(v)
+
+
+# Numeric format of a registered artifact, by the kind of its variant (tasks/export/compress.py kinds).
+_PRECISION_BY_KIND = {"fp16": "FP16"}
+
+
+def artifact_precision(kind: str | None) -> str:
+    """``INT8``, ``FP16`` or ``FP32``: the numeric format of a variant of ``kind``.
+
+    Example:
+        >>> artifact_precision("int8-static"), artifact_precision("fp16"), artifact_precision("trained")
+        ('INT8', 'FP16', 'FP32')
+    """
+    kind = (kind or "trained").lower()
+    return "INT8" if kind.startswith("int8") else _PRECISION_BY_KIND.get(kind, "FP32")

@@ -33,3 +33,27 @@ def as_task(fn: Callable[..., Any], name: str, retries: int = 0, **options: Any)
     options.setdefault("task_run_name", name)  # readable run names in the UI: "train", not "train-2a2"
     return task(fn, name=name, retries=retries, retry_delay_seconds=list(RETRY_DELAYS_S[:retries]) or 0,
                 cache_policy=NO_CACHE, **options)
+
+
+def plain_copy(value: Any) -> Any:
+    """A deep copy of ``value`` (the body of :func:`adopt_subflow_result`)."""
+    import copy
+
+    return copy.deepcopy(value)
+
+
+def adopt_subflow_result(value: Any, name: str) -> Any:
+    """A subflow's result handed on as the result of a task named ``name``.
+
+    Prefect records a task input that came out of a subflow as a ``flow_run`` input, and its default
+    UI cannot read that type: the parent flow run's Task Runs tab then says "No task runs" (console:
+    "Invalid TaskInputResponse"). The copy task takes ``value`` quoted (no input recorded) and its
+    result, whose parts Prefect links to this task run, is what later tasks receive: their inputs are
+    plain ``task_run`` links every UI reads.
+
+    Example:
+        >>> chosen = adopt_subflow_result(compress_flow(...), "compress-result")  # doctest: +SKIP
+    """
+    from prefect.utilities.annotations import quote
+
+    return as_task(plain_copy, name)(quote(value))

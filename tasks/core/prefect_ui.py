@@ -94,8 +94,10 @@ def forward_project_logs(level: int = logging.INFO) -> None:
             lg.setLevel(level)
 
 
-def link_flow_run(mlflow_run_url: str, mlflow_run_id: str) -> None:
-    """Put the MLflow run on the current flow run: a link artifact and a tag with the run id."""
+def link_flow_run(mlflow_run_url: str, mlflow_run_id: str, mlflow_run_name: str | None = None) -> None:
+    """Put the MLflow run on the current flow run: a link artifact, a tag with the run id, and (with
+    ``mlflow_run_name``) the run's name as the flow run's name, so both UIs list the night by one name
+    (Prefect would call it e.g. "grateful-pug")."""
     fid = flow_run_id()
     if not fid:
         return
@@ -108,7 +110,7 @@ def link_flow_run(mlflow_run_url: str, mlflow_run_id: str) -> None:
         with get_client(sync_client=True) as client:
             fr = client.read_flow_run(fid)
             tags = sorted(set(fr.tags or []) | {f"mlflow-run:{mlflow_run_id}"})
-            client.update_flow_run(fid, tags=tags)
+            client.update_flow_run(fid, tags=tags, name=mlflow_run_name or None)
     except Exception as e:
         log.warning("could not link flow run %s to MLflow run %s: %s", fid, mlflow_run_id, e)
 

@@ -60,15 +60,21 @@ def dataset_entity(data_yaml: str | Path, fingerprint: str, source: str | None =
         name: display name; None = the dataset folder's name.
     """
     from mlflow.entities import Dataset
+    from mlflow.types.schema import ColSpec, Schema
 
     data_yaml = Path(data_yaml).resolve()
+    # One row per sample, as an MLflow column spec (the UI's dataset panel renders ``mlflow_colspec``;
+    # any other schema reads "Unrecognized Schema Format")
+    columns = Schema([ColSpec("string", "split"), ColSpec("string", "image"),
+                      ColSpec("string", "label", required=False)]).to_dict()
     # A remote origin (s3://) is the source; anything else ("synth", a COCO JSON...) was resolved
     # into the local folder the run actually read.
     src = source if source and source.startswith("s3://") else str(data_yaml.parent)
     kind = SOURCE_TYPE_S3 if src.startswith("s3://") else SOURCE_TYPE_LOCAL
     return Dataset(name=name or data_yaml.parent.name, digest=fingerprint, source_type=kind,
                    source=json.dumps({"uri": src}), profile=json.dumps(dataset_profile(data_yaml, fingerprint)),
-                   schema=json.dumps({"format": "yolo-seg", "data_yaml": data_yaml.name}))
+                   schema=json.dumps({"mlflow_colspec": columns, "format": "yolo-seg (label: one polygon per line, "
+                                      "class x1 y1 x2 y2 ... normalised)", "data_yaml": data_yaml.name}))
 
 
 def log_dataset_input(client, run_id: str, data_yaml: str | Path, fingerprint: str | None = None,

@@ -1,4 +1,6 @@
-"""Per-instance explanations of a YOLOv8-seg model: Grad-CAM and EigenCAM heatmaps.
+"""Per-instance explanations of a YOLO-seg model: Grad-CAM, HiResCAM and EigenCAM heatmaps
+(``damage.tasks.evaluation.cam_methods``), each with its fidelity (``damage.tasks.evaluation.fidelity``: heat in the
+box and mask, and the score drop when its hottest pixels are greyed out).
 
 Grad-CAM (Selvaraju et al. 2017) for one detected instance: the gradient of that instance's
 class logit, taken at the anchor NMS kept, with respect to a feature layer; channel weights are
@@ -30,15 +32,16 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 import cv2
 import numpy as np
 
-from damage.tasks.core.atomic import atomic_write_bytes, atomic_write_json
+from damage.tasks.core.atomic import atomic_write_json
 from damage.tasks.core.errors import DamageError, DatasetError
+from damage.tasks.evaluation.cam_methods import GRADIENT_MAPS, METHODS, eigencam_map
+from damage.tasks.evaluation.fidelity import box_mass_share, deletion, pointing
+from damage.tasks.evaluation.overlays import make_grid, render_overlay, render_summary, write_png
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module stays cheap
     import torch
 
     from damage.tasks.core.config import ExplainConfig
-
-METHODS = ("gradcam", "eigencam")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class InstanceExplanation:
     method: str
     anchor: int
     stride: int
+    fidelity: dict[str, float] | None = None  # damage.tasks.evaluation.fidelity: pointing game + deletion check
 
     @property
     def label(self) -> str:
@@ -88,6 +92,7 @@ class InstanceExplanation:
             "mask_pixels": int(self.mask.sum()),
             "heat_in_box": round(share, 4),
             "box_area_share": round(area, 4),
+            "fidelity": {k: round(v, 4) for k, v in (self.fidelity or {}).items()},
         }
 
 
@@ -219,32 +224,6 @@ def _model_imgsz(net: Any, imgsz: int | None, stride: int) -> int:
 # ----------------------------------------------------------------------------- CAM maths
 
 
-def gradcam_map(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of one layer: ReLU(sum_c mean_xy(dS/dA_c) * A_c). Inputs ``C x h x w``; output ``h x w``."""
-    weights = gradient.mean(dim=(1, 2))
-    return (weights[:, None, None] * activation).sum(0).clamp_min(0)
-
-
-def eigencam_map(activation: torch.Tensor) -> torch.Tensor:
-    """EigenCAM: projection of each position on the first principal component (``C x h x w`` -> ``h x w``).
-
-    An SVD's sign is arbitrary, so the sign is chosen to make the map correlate positively with
-    the channel-mean activation; the negative side is then cut (ReLU), as in Grad-CAM.
-    """
-    import torch
-
-    c, h, w = activation.shape
-    flat = activation.reshape(c, h * w).T.double()  # positions x channels
-    centred = flat - flat.mean(0, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    proj = centred @ vh[0]
-    mean_act = flat.mean(1)
-    corr = ((proj - proj.mean()) * (mean_act - mean_act.mean())).sum()
-    if corr < 0:
-        proj = -proj
-    return proj.reshape(h, w).clamp_min(0).float()
-
-
 def _to_image(cam: torch.Tensor, input_hw: tuple[int, int], orig_hw: tuple[int, int]) -> np.ndarray:
     """Upsample a ``h x w`` map to the letterboxed input, cut the padding, resize to the original, scale to [0, 1]."""
     import torch.nn.functional as F
@@ -255,25 +234,6 @@ def _to_image(cam: torch.Tensor, input_hw: tuple[int, int], orig_hw: tuple[int, 
     top = float(m.max())
     out = (m / top).numpy() if top > 0 else np.zeros(orig_hw, np.float32)
     return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def box_mass_share(heatmap: np.ndarray, box: Sequence[float], dilate: float = 0.1) -> tuple[float, float]:
-    """Share of the heatmap's mass inside a box (grown by ``dilate`` of its size per side) and the box's area share.
-
-    A heatmap that concentrates on the instance has ``mass share > area share``.
-
-    Returns:
-        (mass share, area share), both in ``[0, 1]``; mass share is 0 for an all-zero heatmap.
-    """
-    h, w = heatmap.shape
-    x1, y1, x2, y2 = (float(v) for v in box)
-    dx, dy = (x2 - x1) * dilate, (y2 - y1) * dilate
-    xa, ya = max(0, int(math.floor(x1 - dx))), max(0, int(math.floor(y1 - dy)))
-    xb, yb = min(w, int(math.ceil(x2 + dx))), min(h, int(math.ceil(y2 + dy)))
-    area = max(0, xb - xa) * max(0, yb - ya) / float(h * w)
-    total = float(heatmap.sum())
-    inside = float(heatmap[ya:yb, xa:xb].sum()) if xb > xa and yb > ya else 0.0
-    return (inside / total if total > 0 else 0.0), area
 
 
 # ----------------------------------------------------------------------------- explainer
@@ -317,6 +277,7 @@ def explain_image(
     iou: float = 0.7,
     imgsz: int | None = None,
     max_instances: int = 20,
+    fidelity: bool = True,
 ) -> list[InstanceExplanation]:
     """Detect instances in one image and explain each with a heatmap.
 
@@ -330,6 +291,8 @@ def explain_image(
         iou: NMS IoU threshold.
         imgsz: letterbox size; None = the size the model was trained at.
         max_instances: explain at most this many instances (highest scores first).
+        fidelity: measure each map (``damage.tasks.evaluation.fidelity``: pointing game, and the deletion
+            check, which costs two forward passes per instance).
 
     Returns:
         One InstanceExplanation per kept detection, highest score first.
@@ -385,100 +348,41 @@ def explain_image(
                 level = int(np.searchsorted(bounds, a, side="right"))
                 name = chosen[0] if layer else per_level[level]
                 cls = int(det[k, 5])
-                if method == "gradcam":
+                if method in GRADIENT_MAPS:
                     logit = raw["scores"][0, cls, a]
                     (grad,) = torch.autograd.grad(logit, feats[name], retain_graph=True)
-                    cam = gradcam_map(feats[name][0].detach(), grad[0])
+                    cam = GRADIENT_MAPS[method](feats[name][0].detach(), grad[0])
                     heat = _to_image(cam, tuple(x.shape[2:]), orig_hw)
                 else:
                     if name not in eigen:
                         eigen[name] = _to_image(eigencam_map(feats[name][0].detach()), tuple(x.shape[2:]), orig_hw)
                     heat = eigen[name].copy()
+                box, mask = boxes[k].numpy().astype(np.float32), masks[k].numpy().astype(bool)
+                fid = None
+                if fidelity:  # the same anchor and class re-scored on the image with pixels greyed out
+                    def score_fn(im, cls=cls, a=a):
+                        return _anchor_score(net, im, size, max(strides), cls, a)
+
+                    fid = {**pointing(heat, box, mask), **deletion(score_fn, img, heat, box, float(det[k, 4]))}
                 results.append(InstanceExplanation(
                     cls=cls, name=str(net.names.get(cls, cls)) if isinstance(net.names, dict) else str(net.names[cls]),
-                    score=float(det[k, 4]), box=boxes[k].numpy().astype(np.float32),
-                    mask=masks[k].numpy().astype(bool), heatmap=heat, layer=name, method=method,
-                    anchor=a, stride=strides[level]))
+                    score=float(det[k, 4]), box=box, mask=mask, heatmap=heat, layer=name, method=method,
+                    anchor=a, stride=strides[level], fidelity=fid))
             return results
     finally:
         hooks.close()
         net.train(was_training)
 
 
-# ----------------------------------------------------------------------------- overlays
+def _anchor_score(net: Any, img: np.ndarray, size: int, stride: int, cls: int, anchor: int) -> float:
+    """Class ``cls`` probability of one anchor of the raw head output on ``img`` (letterboxed the same way)."""
+    import torch
 
-
-def _display_scale(hw: tuple[int, int], min_side: int) -> float:
-    return max(1.0, min_side / float(min(hw)))
-
-
-def render_overlay(image: np.ndarray, exp: InstanceExplanation, alpha: float = 0.5, min_side: int = 320) -> np.ndarray:
-    """JET heatmap blended over the image, the instance's mask outline and its label.
-
-    Small images are upscaled so that the shorter side is at least ``min_side`` (legible labels).
-    """
-    s = _display_scale(image.shape[:2], min_side)
-    size = (round(image.shape[1] * s), round(image.shape[0] * s))
-    img = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) if s > 1 else image.copy()
-    heat = cv2.resize(exp.heatmap, size, interpolation=cv2.INTER_LINEAR) if s > 1 else exp.heatmap
-    colour = cv2.applyColorMap(np.clip(heat * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    out = cv2.addWeighted(img, 1 - alpha, colour, alpha, 0)
-    mask = cv2.resize(exp.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) if s > 1 else \
-        exp.mask.astype(np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    thick = max(1, round(min(size) / 200))
-    cv2.drawContours(out, contours, -1, (255, 255, 255), thick + 1, cv2.LINE_AA)
-    cv2.drawContours(out, contours, -1, (0, 0, 0), max(1, thick - 1), cv2.LINE_AA)
-    x1, y1, x2, y2 = (int(round(v * s)) for v in exp.box)
-    cv2.rectangle(out, (x1, y1), (x2, y2), (255, 255, 255), 1)
-    _label(out, f"{exp.label} [{exp.method} {exp.layer}]", (x1, y1))
-    return out
-
-
-def _label(img: np.ndarray, text: str, at: tuple[int, int]) -> None:
-    fs = max(0.35, min(img.shape[:2]) / 900)
-    (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, 1)
-    x = int(min(max(0, at[0]), max(0, img.shape[1] - tw - 2)))
-    y = int(at[1] - th - base - 2 if at[1] - th - base - 2 >= 0 else min(at[1] + 1, img.shape[0] - th - base - 2))
-    y = max(0, y)
-    cv2.rectangle(img, (x, y), (x + tw + 2, y + th + base + 2), (0, 0, 0), -1)
-    cv2.putText(img, text, (x + 1, y + th + 1), cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255), 1, cv2.LINE_AA)
-
-
-def render_summary(image: np.ndarray, exps: Sequence[InstanceExplanation], min_side: int = 320) -> np.ndarray:
-    """The image with every instance's outline and label: the first tile of the grid."""
-    s = _display_scale(image.shape[:2], min_side)
-    size = (round(image.shape[1] * s), round(image.shape[0] * s))
-    out = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) if s > 1 else image.copy()
-    for e in exps:
-        m = cv2.resize(e.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, (0, 255, 255), 1, cv2.LINE_AA)
-    _label(out, f"{len(exps)} instance(s)" if exps else "no detections", (0, 0))
-    return out
-
-
-def make_grid(tiles: Sequence[np.ndarray], cols: int | None = None, gap: int = 4) -> np.ndarray:
-    """Tile images (resized to the first tile's size) in rows of ``cols`` (default: about square)."""
-    if not tiles:
-        raise ValueError("make_grid needs at least one tile")
-    h, w = tiles[0].shape[:2]
-    cols = cols or math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / cols)
-    grid = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 40, np.uint8)
-    for i, t in enumerate(tiles):
-        r, c = divmod(i, cols)
-        t = t if t.shape[:2] == (h, w) else cv2.resize(t, (w, h))
-        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = t
-    return grid
-
-
-def _write_png(path: Path, img: np.ndarray) -> Path:
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise DamageError(f"{path}: could not encode PNG")
-    atomic_write_bytes(path, buf.tobytes())
-    return path
+    param = next(net.parameters())
+    with torch.no_grad():
+        (_, _), raw = net(_to_tensor(_letterbox(img, size, stride), param.dtype).to(param.device))
+    raw = raw.get("one2many", raw)
+    return float(raw["scores"][0, cls, anchor].sigmoid())
 
 
 def _safe(name: str) -> str:
@@ -540,8 +444,8 @@ def _explain_one(net, p: Path, out_dir: Path, used: set[str], min_side: int, opt
     for k, e in enumerate(exps):
         tile = render_overlay(img, e, min_side=min_side)
         tiles.append(tile)
-        written.append(_write_png(d / f"{k:02d}_{_safe(e.name)}.png", tile))
-    written.append(_write_png(d / "grid.png", make_grid(tiles)))
+        written.append(write_png(d / f"{k:02d}_{_safe(e.name)}.png", tile))
+    written.append(write_png(d / "grid.png", make_grid(tiles)))
     for stale in set(d.glob("[0-9][0-9]_*.png")) - set(written):  # an earlier run's extra instances
         stale.unlink()
     used_args = inspect.signature(explain_image).bind(net, img, **options)
@@ -589,8 +493,10 @@ def explain_step(
     """Nightly step: explain the fixed sample and log the overlays to a nested MLflow run "explain".
 
     Artifacts go under ``<image stem>/`` in that run, so two nights compare image by image.
-    Metrics: instances per image and the mean ratio of heat share inside boxes to box area share
-    (``> 1``: heatmaps concentrate on the detections).
+    Metrics: instances per image, the mean ratio of heat share inside boxes to box area share
+    (``> 1``: heatmaps concentrate on the detections), and ``fidelity/...`` over every instance and
+    over the damage instances (``damage.tasks.evaluation.fidelity.summarise``: median heat in box and mask,
+    share with 5x their box's share, deletion vs random drop).
 
     Args:
         model: the night's ``best.pt``.
@@ -613,14 +519,19 @@ def explain_step(
         tracking.log_params(c, run_id, {"method": cfg.method, "layer": cfg.layer or "head-inputs",
                                         "conf": cfg.conf, "iou": cfg.iou, "imgsz": imgsz,
                                         "images": [Path(i).name for i in images], "model": str(model)})
-        ratios, counts = [], {}
+        ratios, counts, fid = [], {}, []
         for js in (f for f in files if f.name == "explanations.json"):
             info = json.loads(js.read_text())
             counts[f"instances/{js.parent.name}"] = len(info["instances"])
+            fid += [dict(i["fidelity"], damage=i["class"] != "vehicle") for i in info["instances"] if i.get("fidelity")]
             ratios += [i["heat_in_box"] / i["box_area_share"] for i in info["instances"] if i["box_area_share"] > 0]
             tracking.log_artifact(c, run_id, js.parent, js.parent.name)
         metrics = {**counts, "instances_total": sum(counts.values())}
         if ratios:
             metrics["heat_concentration_mean"] = float(np.mean(ratios))
+        from damage.tasks.evaluation.fidelity import summarise
+
+        metrics.update({f"fidelity/{k}": v for k, v in summarise(fid).items()})
+        metrics.update({f"fidelity_damage/{k}": v for k, v in summarise([r for r in fid if r["damage"]]).items()})
         tracking.log_metrics(c, run_id, metrics)
     return files

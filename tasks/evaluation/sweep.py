@@ -454,3 +454,18 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
         tracking.set_tags(c, parent_run_id, tags)
         publish_table_artifact(res)
     return res
+
+
+def damage_at_operating_point(model: str | Path, data_yaml: str | Path, thresholds: dict[str, Any] | None,
+                              imgsz: int, split: str = "val", max_det: int = 300) -> DamageMAE | None:
+    """Per-vehicle damage-percentage error of ``model`` (e.g. the registered INT8 ONNX) at the chosen
+    operating point alone: one inference pass, a 1x1 grid. None without an operating point (sweep off).
+
+    The sweep measured the trained ``.pt``; the nightly summary and the model card report the
+    registered artifact's own error, measured here the same way (same data, same point).
+    """
+    if not thresholds:
+        return None
+    res = sweep_thresholds(model, data_yaml, split=split, imgsz=imgsz, conf_grid=[float(thresholds["conf"])],
+                           iou_grid=[float(thresholds["iou"])], max_det=max_det)
+    return res.damage

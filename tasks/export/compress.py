@@ -15,8 +15,9 @@ the Prefect flow inject their step and measure callables.
 Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
 the *original* parent's (the model it would replace; chaining relative to an intermediate
 step would let losses compound) and it runs at least ``compress.min_speedup`` times faster than
-that parent (ONNX Runtime latency; a compressed model that is not faster only loses accuracy).
-Choice: the candidate with the best mask mAP50-95 whose latency is within
+that parent (``latency/forward_ms``, the ONNX Runtime forward pass alone; a compressed model that is
+not faster only loses accuracy). ``latency_ms`` keeps the evaluator's one meaning (pre+inference+post
+per image). Choice: the candidate with the best mask mAP50-95 whose forward pass is within
 ``compress.latency_budget_ms`` (ties: lower latency). With no candidate the parent stays the
 choice (``compressed=False``).
 """
@@ -36,16 +37,20 @@ from damage.tasks.core.atomic import atomic_write
 from damage.tasks.core.display import round_metric
 from damage.tasks.core.errors import DamageError
 from damage.tasks.export.chain_steps import apply_step
-from damage.tasks.export.variant import PT_STEPS, QUANT_STEPS, StepOutput, Variant, pt_stats
+from damage.tasks.export.variant import (
+    FORWARD_MS,
+    PT_STEPS,
+    QUANT_STEPS,
+    TABLE_COLUMNS,
+    StepOutput,
+    Variant,
+    pt_stats,
+)
 
 if TYPE_CHECKING:
     from damage.tasks.evaluation.evaluate import Evaluator
 
 log = logging.getLogger(__name__)
-
-TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
-                 "latency_ms", "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen", "onnx")
-
 
 def plan_steps(steps: list[str]) -> list[str]:
     """Validate the configured chain: known steps, PyTorch steps before quantization, no repeats.
@@ -111,8 +116,8 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
     v.info["plots_dir"] = str(plots_dir)
     v.info["data_yaml"] = str(data_yaml)
     m = dict(res.metrics)
-    m["latency/pipeline_ms"] = m.pop("latency_ms", float("nan"))  # pre+inference+post, this evaluator
-    m["latency_ms"] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)
+    m[FORWARD_MS] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)  # latency_ms: the evaluator's
+    v.per_class = res.per_class
     # each installed predictor runtime, with the faster one written into the file for predictor.backend auto
     # (OpenVINO runs QDQ INT8 faster than ONNX Runtime on some CPUs, so the choice differs per variant)
     choice = record_backend_latency(Path(v.onnx), res.imgsz, runs=latency_runs)
@@ -139,26 +144,26 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     A candidate keeps mask mAP50 within ``tolerance`` of ``root``, with ``class_tolerance`` every
     class's mask AP50 within it of root's (``mask_ap50/<class>``; a variant without per-class
     figures is not a candidate then), and, when ``min_speedup > 0``, runs at
-    least ``min_speedup`` times faster than ``root`` (``latency_ms``; a variant or root without a
-    latency is not a candidate then).
+    least ``min_speedup`` times faster than ``root`` (``latency/forward_ms``; a variant or root without
+    it is not a candidate then).
 
     Returns:
         The chosen variant (``root`` when no compressed variant qualifies).
     """
     base = root.metrics["mask/mAP50"]
-    root_ms = root.metrics.get("latency_ms", float("nan"))
+    root_ms = root.metrics.get(FORWARD_MS, float("nan"))
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
         if class_tolerance is not None:
             from damage.tasks.evaluation.evaluate import worst_class_drop
 
             accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
-        faster = min_speedup <= 0 or v.metrics.get("latency_ms", float("nan")) * min_speedup <= root_ms
+        faster = min_speedup <= 0 or v.metrics.get(FORWARD_MS, float("nan")) * min_speedup <= root_ms
         v.candidate = v.name != root.name and v.kind != "scratch-baseline" and accurate and faster
         v.chosen = False
     pool = [v for v in variants if v.candidate and (latency_budget_ms is None
-                                                     or v.metrics.get("latency_ms", float("inf")) <= latency_budget_ms)]
-    chosen = max(pool, key=lambda v: (v.metrics["mask/mAP50-95"], -v.metrics["latency_ms"])) if pool else root
+                                                     or v.metrics.get(FORWARD_MS, float("inf")) <= latency_budget_ms)]
+    chosen = max(pool, key=lambda v: (v.metrics["mask/mAP50-95"], -v.metrics[FORWARD_MS])) if pool else root
     for v in variants:  # by name: Prefect may hand tasks copies of these objects
         v.chosen = v.name == chosen.name
     chosen.chosen = True
@@ -180,15 +185,15 @@ def write_table(variants: list[Variant], out: str | Path) -> Path:
 
 def pareto_front(variants: list[Variant]) -> list[Variant]:
     """Variants no other variant beats on both latency (lower) and mask mAP50-95 (higher)."""
-    pts = [v for v in variants if "latency_ms" in v.metrics and "mask/mAP50-95" in v.metrics]
+    pts = [v for v in variants if FORWARD_MS in v.metrics and "mask/mAP50-95" in v.metrics]
     front = []
     for v in pts:
-        lv, av = v.metrics["latency_ms"], v.metrics["mask/mAP50-95"]
-        dominated = any(o is not v and o.metrics["latency_ms"] <= lv and o.metrics["mask/mAP50-95"] >= av
-                        and (o.metrics["latency_ms"] < lv or o.metrics["mask/mAP50-95"] > av) for o in pts)
+        lv, av = v.metrics[FORWARD_MS], v.metrics["mask/mAP50-95"]
+        dominated = any(o is not v and o.metrics[FORWARD_MS] <= lv and o.metrics["mask/mAP50-95"] >= av
+                        and (o.metrics[FORWARD_MS] < lv or o.metrics["mask/mAP50-95"] > av) for o in pts)
         if not dominated:
             front.append(v)
-    return sorted(front, key=lambda v: v.metrics["latency_ms"])
+    return sorted(front, key=lambda v: v.metrics[FORWARD_MS])
 
 
 def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: float | None = None) -> Path:
@@ -200,7 +205,7 @@ def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: flo
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for v in variants:
-        x, y = v.metrics.get("latency_ms"), v.metrics.get("mask/mAP50-95")
+        x, y = v.metrics.get(FORWARD_MS), v.metrics.get("mask/mAP50-95")
         if x is None or y is None:
             continue
         colour = "tab:green" if v.chosen else ("tab:blue" if v.candidate else "tab:grey")
@@ -209,7 +214,7 @@ def plot_pareto(variants: list[Variant], out: str | Path, latency_budget_ms: flo
         ax.annotate(v.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(variants)
     if len(front) > 1:
-        ax.plot([v.metrics["latency_ms"] for v in front], [v.metrics["mask/mAP50-95"] for v in front],
+        ax.plot([v.metrics[FORWARD_MS] for v in front], [v.metrics["mask/mAP50-95"] for v in front],
                 "--", c="tab:orange", label="Pareto front", zorder=2)
     if latency_budget_ms is not None:
         ax.axvline(latency_budget_ms, c="tab:red", ls=":", label=f"budget {latency_budget_ms:g} ms")
@@ -318,7 +323,8 @@ def finalize(variants: list[Variant], root: Variant, cfg, out_dir: str | Path,
     publish_table_artifact(variants)
     weights = chosen.weights or chosen.info.get("source_weights")
     return {"name": chosen.name, "path": chosen.onnx, "onnx": chosen.onnx, "weights": weights, "kind": chosen.kind,
-            "parent": chosen.parent, "metrics": chosen.metrics, "compressed": chosen.name != root.name,
+            "parent": chosen.parent, "metrics": chosen.metrics, "per_class": chosen.per_class,
+            "compressed": chosen.name != root.name,
             "table": str(table), "plot": str(plot), "run_id": run_id}
 
 

@@ -15,6 +15,10 @@ from damage.tasks.core.config import COMPRESS_STEPS
 # chain head's weights, quantization steps rewrite its ONNX file and must come after them.
 PT_STEPS = tuple(s for s, kind in COMPRESS_STEPS.items() if kind == "pytorch")
 QUANT_STEPS = tuple(s for s, kind in COMPRESS_STEPS.items() if kind == "quantization")
+FORWARD_MS = "latency/forward_ms"  # ONNX Runtime forward pass alone, batch 1, median (``ort_latency_ms``)
+TABLE_COLUMNS = ("name", "kind", "parent", "setting", "mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95",
+                 "latency_ms", FORWARD_MS, "size_mb", "params", "gflops", "delta_mask_mAP50", "candidate", "chosen",
+                 "onnx")
 
 
 @dataclass
@@ -30,19 +34,15 @@ class Variant:
     gflops: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)  # the evaluator's rows (the model card's table)
     candidate: bool = False
     chosen: bool = False
 
     def row(self) -> dict[str, Any]:
-        m = self.metrics
-        return {
-            "name": self.name, "kind": self.kind, "parent": self.parent or "", "setting": self.info.get("setting", ""),
-            "mask/mAP50": m.get("mask/mAP50"), "mask/mAP50-95": m.get("mask/mAP50-95"),
-            "box/mAP50": m.get("box/mAP50"), "box/mAP50-95": m.get("box/mAP50-95"),
-            "latency_ms": m.get("latency_ms"), "size_mb": m.get("size_mb"), "params": self.params,
-            "gflops": self.gflops, "delta_mask_mAP50": m.get("delta_mask_mAP50"),
-            "candidate": self.candidate, "chosen": self.chosen, "onnx": self.onnx,
-        }
+        own = {"name": self.name, "kind": self.kind, "parent": self.parent or "", "setting": self.info.get("setting", ""),
+               "params": self.params, "gflops": self.gflops, "candidate": self.candidate, "chosen": self.chosen,
+               "onnx": self.onnx}
+        return {k: own[k] if k in own else self.metrics.get(k) for k in TABLE_COLUMNS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

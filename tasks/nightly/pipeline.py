@@ -130,10 +130,21 @@ def close_pipeline_run(run: PipelineRun, ok: bool, summary: dict[str, Any] | Non
 
 
 def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, evaluation, sweep, exported,
-              version, decision) -> dict[str, Any]:
-    """A JSON-able summary of the run: what was produced, the figures, and where everything is."""
-    from damage.tasks.core import tracking
-    m = evaluation.metrics
+              version, decision, candidate: dict[str, Any] | None = None, registered_damage=None) -> dict[str, Any]:
+    """A JSON-able summary of the run: what was produced, the figures, and where everything is.
+
+    Every figure is the registered artifact's own: ``candidate`` (what ``register`` registered: the
+    compressed variant's metrics and per-class rows when compression chose one) and
+    ``registered_damage`` (its per-vehicle damage-% error at the operating point,
+    ``sweep.damage_at_operating_point``). Without them, the trained model's evaluation and sweep.
+    ``damage.tasks.evaluation.headline`` logs these figures on the pipeline run.
+    """
+    from damage.tasks.core.display import artifact_precision
+
+    candidate = candidate or {}
+    m = candidate.get("metrics") or evaluation.metrics
+    kind = str(candidate.get("kind") or "trained")
+    damage = registered_damage if registered_damage is not None else getattr(sweep, "damage", None)
     summary = {
         "mlflow_run_id": run.run_id,
         "tracking_uri": redact_uri(run.tracking_uri),
@@ -147,24 +158,24 @@ def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, e
         "model": cfg.train.model,
         "best_weights": str(trained.best),
         "onnx": str(exported.onnx_path),
+        # what was registered: the variant's kind, its numeric format and file
+        "registered_artifact": {"kind": kind, "precision": artifact_precision(kind),
+                                "onnx": str(candidate.get("onnx") or exported.onnx_path)},
         "metrics": {k: m.get(k) for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95",
                                           "box/precision", "box/recall", "mask/precision", "mask/recall",
                                           "fitness", "latency_ms")},
-        "per_class": getattr(evaluation, "per_class", []),
+        "per_class": candidate.get("per_class") or getattr(evaluation, "per_class", []),
         "operating_point": sweep.thresholds if sweep is not None else None,
         # per-vehicle damage-percentage error at the operating point (percentage points), per class too
-        "damage_pct_mae": _damage(sweep),
+        "damage_pct_mae": _damage(damage),
         "registered_model": getattr(version, "name", None),
         "registered_version": getattr(version, "version", None),
         "promotion": decision.to_dict() if hasattr(decision, "to_dict") else decision,
     }
-    c = tracking.client(run.tracking_uri)
-    tracking.log_metrics(c, run.run_id, {k: v for k, v in summary["metrics"].items() if v is not None})
     return summary
 
 
-def _damage(sweep) -> dict[str, Any] | None:
-    d = getattr(sweep, "damage", None)
+def _damage(d) -> dict[str, Any] | None:
     if d is None:
         return None
     return {"mae": d.mae if d.mae == d.mae else None, "by_class": dict(d.by_class), "vehicles": d.vehicles}

@@ -52,13 +52,47 @@ def link_runs(cfg: Config, run: PipelineRun) -> dict[str, str | None]:
         tags["prefect.flow_run_url"] = urls["prefect_flow_run_url"]
         note += f" · [Prefect flow run]({urls['prefect_flow_run_url']})"
     tags[NOTE_TAG] = note
+    name = None
     try:
+        name = c.get_run(run.run_id).info.run_name
+        if urls["prefect_flow_run_url"] and name:
+            tags["prefect.flow_run_name"] = name  # the flow run is renamed after this run, below
         tracking.set_tags(c, run.run_id, tags)
     except Exception as e:
         log.warning("MLflow run %s: links not set: %s", run.run_id, e)
-    link_flow_run(urls["mlflow_run_url"], run.run_id)
+    link_flow_run(urls["mlflow_run_url"], run.run_id, name)
     log.info("MLflow run %s: %s", run.run_id, urls["mlflow_run_url"])
     return urls
+
+
+# What each nested step run holds that people look for from the parent run (its description lists them).
+STEP_REPORTS = {"validate": "data-gate report (HTML, report.json, profile)", "train": "training curves, weights",
+                "evaluate": "per-class metrics, PR curves, confusion matrix (trained .pt)",
+                "label-issues": "suspected label errors", "sweep": "operating-point sweep (heatmap, PR)",
+                "export": "ONNX export and parity", "explain": "explanation overlays and their fidelity",
+                "compress": "compression variants (table, Pareto plot)", "promotion-gate": "promotion-gate decision"}
+
+
+def link_step_reports(cfg: Config, run: PipelineRun) -> str:
+    """Add links to the nested step runs' reports to the parent run's description (the run people open
+    first; its runs list opens collapsed). Returns the description."""
+    from damage.tasks.core import links, tracking
+
+    c = tracking.client(run.tracking_uri)
+    base = links.mlflow_base(cfg.mlflow.ui_url, run.tracking_uri)
+    children = c.search_runs([run.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.run_id}'",
+                             order_by=["attributes.start_time ASC"])
+    lines = []
+    for child in children:
+        step = child.data.tags.get("damage.step", "")
+        if step in STEP_REPORTS:
+            url = links.mlflow_run_url(run.experiment_id, child.info.run_id, base)
+            lines.append(f"- [{step}]({url}): {STEP_REPORTS[step]}")
+    note = c.get_run(run.run_id).data.tags.get(NOTE_TAG, "")
+    if lines and "### Step reports" not in note:
+        note = note + "\n\n### Step reports\n\n" + "\n".join(lines)
+        tracking.set_tags(c, run.run_id, {NOTE_TAG: note})
+    return note
 
 
 def mark_skipped(run: PipelineRun, reason: str) -> None:
@@ -79,8 +113,15 @@ def summary_markdown(summary: dict[str, Any], links: dict[str, str | None] | Non
     links = links or {}
     m = summary.get("metrics") or {}
     out = ["# Nightly run", "", "| | |", "|---|---|"]
-    for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "latency_ms"):
+    art = summary.get("registered_artifact") or {}
+    if art:  # which artifact every figure below belongs to
+        out.append(f"| registered artifact | {art.get('precision')} ({art.get('kind')}) |")
+    for k in ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95"):
         out.append(f"| {k} | {fmt_metric(m.get(k), k)} |")
+    dmg = summary.get("damage_pct_mae") or {}
+    if dmg:
+        out.append(f"| damage_pct_mae (points per vehicle) | {fmt_metric(dmg.get('mae'))} |")
+    out.append(f"| latency_ms (pre+inference+post per image) | {fmt_metric(m.get('latency_ms'), 'latency_ms')} |")
     op = summary.get("operating_point") or {}
     if op:
         out.append(f"| operating point | conf {op.get('conf')}, iou {op.get('iou')} ({op.get('objective')}) |")

@@ -60,7 +60,10 @@ def input_example():
 PATH_ROOT_ENV = "DAMAGE_SERVING_PATH_ROOT"
 MAX_ROWS_ENV = "DAMAGE_SERVING_MAX_ROWS"
 DEFAULT_MAX_ROWS = 16
-PATH_ERROR = "row path: not readable here (path input is off, or the file is not an image under the allowed folder)"
+# One text for every refused path (off, missing, outside, unreadable): the response must not map the disk.
+PATH_ERROR = (f"row path: not readable here (the 'path' column is off unless ${PATH_ROOT_ENV} names a folder "
+              f"on the server, and then reads only image files under it)")
+INPUT_COLUMNS = ("image", "path")
 
 
 def _max_rows() -> int:
@@ -130,6 +133,15 @@ class DamageSegModel(mlflow.pyfunc.PythonModel):
         """One JSON-ready dict per input row (see the module docstring)."""
         from damage.tasks.core.errors import DamageError
 
+        columns = getattr(model_input, "columns", None)
+        if columns is not None and not set(INPUT_COLUMNS) & set(columns):
+            # MLflow drops columns the signature does not name, so a misspelt column arrives as none at all:
+            # answer 400 naming the expected ones instead of 200 with an empty list
+            from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+
+            raise MlflowException("the request has no 'image' column (base64 of an encoded image) and no 'path' "
+                                  "column; send e.g. {\"dataframe_split\": {\"columns\": [\"image\"], "
+                                  "\"data\": [[\"<base64>\"]]}}", error_code=INVALID_PARAMETER_VALUE)
         rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
         if len(rows) > _max_rows():
             raise DamageError(f"request has {len(rows)} rows; at most {_max_rows()} per request "
@@ -179,19 +191,31 @@ def _stage_code(dst: Path) -> Path:
     return pkg
 
 
+def signature():
+    """The model's signature: ``image`` or ``path`` in, ``conf``/``iou`` params, and per row the document of
+    ``Prediction.to_dict`` out (``instances``/``vehicles`` are lists of objects; ``error`` on a bad row)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    out = [ColSpec("string", "image"), ColSpec("long", "width", required=False),
+           ColSpec("long", "height", required=False), ColSpec("string", "model", required=False),
+           ColSpec("double", "conf", required=False), ColSpec("double", "iou", required=False),
+           ColSpec(AnyType(), "instances", required=False), ColSpec(AnyType(), "vehicles", required=False),
+           ColSpec("double", "damage_percent", required=False), ColSpec("string", "note", required=False),
+           ColSpec("string", "error", required=False)]
+    return ModelSignature(inputs=Schema([ColSpec("string", c, required=False) for c in INPUT_COLUMNS]),
+                          outputs=Schema(out),
+                          params=ParamSchema([ParamSpec("conf", "double", -1.0), ParamSpec("iou", "double", -1.0)]))
+
+
 def save_pyfunc(onnx_path: Path, path: Path) -> Path:
     """Write the pyfunc model directory (MLmodel, the ONNX artifact, the predictor code) to ``path``."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         from damage.tasks.core.errors import DamageError
 
         raise DamageError(f"{onnx_path}: ONNX model not found")
-    sig = ModelSignature(inputs=Schema([ColSpec("string", "image", required=False),
-                                        ColSpec("string", "path", required=False)]),
-                         params=ParamSchema([ParamSpec("conf", "double", -1.0), ParamSpec("iou", "double", -1.0)]))
+    sig = signature()
     with tempfile.TemporaryDirectory() as tmp:
         code = _stage_code(Path(tmp))
         mlflow.pyfunc.save_model(

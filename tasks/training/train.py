@@ -411,6 +411,26 @@ def _mark_finished(out_dir: Path, name: str, result: TrainResult) -> None:
         "metrics": result.metrics, "epochs_run": result.epochs_run, "history": result.history}, default=float))
 
 
+def epoch_line(epoch: int, total: int, previous_total: int | None, time_min: float | None,
+               shown: dict[str, float]) -> str:
+    """The per-epoch log line. Under a wall-time budget the total is Ultralytics' estimate, re-planned after
+    every epoch; the line says so, and says when the estimate moved.
+
+    Example:
+        >>> epoch_line(1, 97, 36, 11, {"mask/mAP50": 0.5})
+        'epoch 2/97 (re-planned from 36 epochs to fit the 11-minute budget): mask/mAP50 0.500'
+        >>> epoch_line(0, 36, None, 11, {})
+        'epoch 1/36 (estimated to fit the 11-minute budget; re-planned after each epoch): '
+    """
+    head = f"epoch {epoch + 1}/{total}"
+    if time_min:
+        if previous_total is None:
+            head += f" (estimated to fit the {time_min:g}-minute budget; re-planned after each epoch)"
+        elif previous_total != total:
+            head += f" (re-planned from {previous_total} epochs to fit the {time_min:g}-minute budget)"
+    return head + ": " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items())
+
+
 def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: str, seed: int = 0,
                name: str = "train", full_config: dict[str, Any] | None = None,
                dataset_fingerprint: str | None = None, system_metrics_s: float = 0.0,
@@ -451,13 +471,16 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
         progress = Progress(f"{name}-epochs", f"{name}: epochs done of {cfg.epochs}" if not cfg.time_min
                             else f"{name}: share of the {cfg.time_min:g}-minute training budget")
 
+        planned = [None]  # the epoch count of the previous line: a change is a re-plan, said so
+
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_metrics(c, run_id, metrics, step=epoch)
             shown = {k: metrics[k] for k in ("train/seg_loss", "box/mAP50", "mask/mAP50", "mask/mAP50-95",
                                              "guard/mask_mAP50", "guard/worst_class_drop")
                      if k in metrics}
             total = int(metrics.get("epochs_planned") or cfg.epochs)
-            print(f"epoch {epoch + 1}/{total}: " + "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+            print(epoch_line(epoch, total, planned[0], cfg.time_min, shown))
+            planned[0] = total
             progress.update(min(100.0, 100.0 * (epoch + 1) / max(total, 1)))
 
         with system_metrics(run_id, system_metrics_s, c.tracking_uri):

@@ -243,17 +243,15 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
         from damage.expectations import DRIFT_SUITE, SUITE_NAMES
         from damage.expectations.gx import GxRunner, findings_from_results
 
-        runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None)
+        runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None,
+                          (*SUITE_NAMES, DRIFT_SUITE) if reference is not None else SUITE_NAMES)
         from damage.tasks.core.progress import track
 
+        # One pass: every sample's row and annotations are added exactly once.
         with track("validate-scan", "data scan: images", len(inv.samples), artifact_every=cfg.chunk_size) as bar:
             for idx, row, anns in scanner.results():
                 builder.add(idx, row, anns)
                 bar.advance()
-        runner = GxRunner(Path(html_dir) / "data_docs" if html_dir else None,
-                          (*SUITE_NAMES, DRIFT_SUITE) if reference is not None else SUITE_NAMES)
-        for idx, row, anns in scanner.results():
-            builder.add(idx, row, anns)
     t_scan = time.perf_counter()
 
     images = builder.images_frame()

@@ -152,7 +152,7 @@ def test_version_description_is_the_model_card(ux_run):
     assert "| class | images | instances | box/AP50 |" in md
     for row in s["per_class"]:
         assert f"| {row['class']} | {row['images']} | {row['instances']} |" in md
-    assert s["dataset_fingerprint"] in md and "Operating point" in md and "latency (ms/image)" in md
+    assert s["dataset_fingerprint"] in md and "Operating point" in md and "latency (ms/image, pre+inference+post)" in md
     assert f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning" in md
     assert f"/runs/flow-run/{s['prefect_flow_run_id']}" in md
 
@@ -337,3 +337,30 @@ def test_one_off_numbers_stay_out_of_the_charts(ux_run):
     assert len(c.get_metric_history(train.info.run_id, "train/box_loss")) == 1  # the per-epoch series stays
     final = json.loads(Path(c.download_artifacts(train.info.run_id, "results/final_metrics.json")).read_text())
     assert 0.0 <= final["mask/mAP50-95"] <= 1.0 and train.data.tags["epochs_run"] == "1"
+
+
+def test_parent_run_has_headline_per_class_dataset_and_step_report_links(ux_run):
+    """Issue 32, item 3: the parent run (opened first) has the per-class metrics, the dataset input and
+    links to its step runs' reports; every task run takes plain inputs (issue 32: Prefect's default UI)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    s = ux_run["summary"]
+    c = _client(s)
+    parent = c.get_run(s["mlflow_run_id"])
+    labelled = [r["class"] for r in s["per_class"] if r.get("instances")]
+    assert labelled and all(f"mask_ap50/{cls}" in parent.data.metrics for cls in labelled)
+    assert parent.data.metrics["mask/mAP50"] == pytest.approx(s["metrics"]["mask/mAP50"])
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [s["dataset_fingerprint"]]
+    note = parent.data.tags["mlflow.note.content"]
+    validate, evaluate = _child(c, s, "validate"), _child(c, s, "evaluate")
+    assert "### Step reports" in note and f"/runs/{validate.info.run_id}?" in note and \
+        f"/runs/{evaluate.info.run_id}?" in note
+    assert s["registered_artifact"]["precision"] == "FP32"  # compression off here
+    fid = UUID(s["prefect_flow_run_id"])
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+    kinds = {i.input_type for t in runs for ins in t.task_inputs.values() for i in ins}
+    assert "flow_run" not in kinds, kinds

@@ -16,12 +16,11 @@ import torch
 
 from damage.tasks.core.config import CLASSES, ExplainConfig
 from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.cam_methods import eigencam_map, gradcam_map
 from damage.tasks.evaluation.explain import (
     box_mass_share,
-    eigencam_map,
     explain_image,
     explain_to_dir,
-    gradcam_map,
     head_layers,
     load_model,
     make_grid,

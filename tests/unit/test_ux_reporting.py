@@ -94,7 +94,7 @@ def test_model_card_lists_per_class_and_operating_point():
     md = model_card("damage-seg", 4, {"mask/mAP50": 0.4, "latency_ms": 12.345}, per_class,
                     {"conf": 0.4, "iou": 0.5, "objective": "mask_f1", "value": 0.61},
                     objective_help="max mask F1", flat_objective=True, dataset_fingerprint="abcd1234",
-                    dataset_sizes={"images/train": 18}, parent_version="3", kind="int8-static",
+                    dataset_sizes={"images/train": 18}, trained_from="3", kind="int8-static",
                     source_run_url="http://m/#/experiments/1/runs/r?workflowType=machine_learning",
                     flow_run_url="http://p/runs/flow-run/f", family="yolo11")
     assert "**Family:** yolo11" in md
@@ -102,7 +102,7 @@ def test_model_card_lists_per_class_and_operating_point():
     assert "| crack | 0 | 0 | – | – | – | – |" in md
     assert "conf **0.4**, NMS IoU **0.5**" in md and "mask_f1" in md and "flat across the grid" in md
     assert "`abcd1234`" in md and "images/train: 18" in md and "version 3" in md and "int8-static" in md
-    assert "| latency (ms/image) | 12.3 on" in md
+    assert "| latency (ms/image, pre+inference+post) | 12.3 on" in md
     assert "[source MLflow run](http://m/#/experiments/1/runs/r?workflowType=machine_learning)" in md
     assert "[Prefect flow run](http://p/runs/flow-run/f)" in md
 
