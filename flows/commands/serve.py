@@ -121,7 +121,7 @@ def serve(
     raise typer.Exit(_wait([proc], [log]))
 
 
-def ui_banner(mlflow_url: str, experiment_url: str, prefect_url: str, state_dir: Path, log_dir: Path) -> str:
+def ui_banner(mlflow_url: str, experiment_url: str, prefect_url: str, state_root: Path, log_dir: Path) -> str:
     """What ``damage ui`` prints: the experiment's deep link first (it opens the model-training view;
     MLflow 3's home -> Experiments path opens its GenAI view until the browser is switched once)."""
     lines = []
@@ -130,7 +130,7 @@ def ui_banner(mlflow_url: str, experiment_url: str, prefect_url: str, state_dir:
                   "  (runs, charts, models; from MLflow's home page, switch the sidebar's workflow to 'Model training' once:"
                   " it opens experiments in its GenAI traces view until then)"]
     lines += [f"MLflow UI : {mlflow_url}", f"Prefect UI: {prefect_url}",
-              f"state dir : {state_dir}   (logs: {log_dir}; Ctrl-C stops both)"]
+              f"state dir : {state_root}   (logs: {log_dir}; Ctrl-C stops both)"]
     return "\n".join(lines)
 
 
