@@ -153,6 +153,9 @@ def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
     except ConfigError as e:
         fail(str(e))
     pin_worker_registry(cfg)  # this process is the worker: flows it starts gate with its registry section
+    from tasks.core.run_params import pin_worker_config
+
+    pin_worker_config(opts.config or config, overrides)  # ... and build their whole config from its own
     if opts.state_dir is not None:
         import os
 

@@ -37,10 +37,15 @@ Alias moves run under ``registry_lock`` (a ``<name>.lock`` registered model whos
 atomic on the server) and re-check their preconditions inside it; see ``model_registry.lock``.
 
 Modules: ``registry`` (versions, aliases, approvals), ``gate`` (automatic gate), ``lock``,
-``auth`` (basic-auth setup helpers), ``tasks`` (Prefect task wrappers; imports prefect).
+``auth`` (basic-auth setup helpers), ``tasks`` (Prefect task wrappers; imports prefect),
+``frozen`` (approval records: ``approve``/``rollback`` here are its frozen versions, and
+``fetch_approved`` is how production is read).
 """
 
 from model_registry.errors import AccessDenied, PromotionRefused, RegistryError, RegistryLockTimeout
+from model_registry.frozen import ApprovalMismatch, check_production, fetch_approved
+from model_registry.frozen import approve_frozen as approve
+from model_registry.frozen import rollback_frozen as rollback
 from model_registry.gate import GateDecision, compare, gate_candidate
 from model_registry.lock import registry_lock
 from model_registry.registry import (
@@ -49,7 +54,6 @@ from model_registry.registry import (
     AliasMove,
     VersionInfo,
     alias_version,
-    approve,
     current_identity,
     download_onnx,
     get_client,
@@ -57,12 +61,11 @@ from model_registry.registry import (
     list_versions,
     register_candidate,
     reject,
-    rollback,
     set_staging,
 )
 
 __all__ = [
-    "PRODUCTION", "STAGING", "AccessDenied", "AliasMove", "GateDecision", "PromotionRefused", "RegistryError",
+    "PRODUCTION", "STAGING", "AccessDenied", "AliasMove", "ApprovalMismatch", "check_production", "fetch_approved", "GateDecision", "PromotionRefused", "RegistryError",
     "RegistryLockTimeout", "VersionInfo", "alias_version", "approve", "compare", "current_identity",
     "download_onnx", "gate_candidate", "get_client", "history", "list_versions", "register_candidate",
     "registry_lock", "reject", "rollback", "set_staging",

@@ -21,12 +21,12 @@ from model_registry.errors import PromotionRefused, RegistryError
 from model_registry.registry import (
     PRODUCTION,
     T_VALIDATION,
-    _now,
     _set_tags,
     _version,
     alias_version,
     download_onnx,
     get_client,
+    now_iso,
     set_staging,
 )
 from tasks.core.config import RegistryConfig
@@ -58,7 +58,7 @@ class GateDecision:
     latency_budget_ms: float | None = None
     floor_mask_map: float = 0.0
     failed_classes: list[str] = field(default_factory=list)
-    at: str = field(default_factory=_now)
+    at: str = field(default_factory=now_iso)
 
     def figures(self) -> dict[str, float]:
         """Flat numbers for ``log_metrics``: ``gate.candidate.*``, ``gate.production.*``, ``gate.passed``."""

@@ -18,8 +18,26 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-_SECRET_QUERY = re.compile(r"(pass|pwd|secret|token|key|signature|credential)", re.I)
+_SECRET_QUERY = re.compile(r"(pass|pwd|secret|token|key|signature|credential|^sig$|^auth|session)", re.I)
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
+# user[:password]@host after the scheme. The password may hold '/', '#', '?' or '@' unencoded (urlsplit would
+# cut the authority at the first of them and leave the rest of the password in the path): the userinfo ends at
+# the first '@' followed by a host and then '/', '?', '#' or the end.
+_USERINFO = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/?#@]+)(?::(?P<pw>.*?))?@"
+                       r"(?P<rest>(?P<host>[^/?#@]*)(?:[/?#].*)?)$", re.I | re.S)
+
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """``(uri without user:password@, user, password)`` (raw, not unquoted); user None when there is none.
+
+    Example:
+        >>> split_userinfo("http://u:p/a#b?c@host:5000/x")
+        ('http://host:5000/x', 'u', 'p/a#b?c')
+    """
+    m = _USERINFO.match(uri) if isinstance(uri, str) else None
+    if not m:
+        return uri, None, None
+    return m["scheme"] + m["rest"], m["user"], m["pw"]
 
 
 def redact_uri(uri: str) -> str:
@@ -29,6 +47,7 @@ def redact_uri(uri: str) -> str:
     """
     if not isinstance(uri, str) or not _URI.match(uri):
         return uri
+    uri = split_userinfo(uri)[0]
     try:
         parts = urlsplit(uri)
     except ValueError:
@@ -65,18 +84,17 @@ def move_uri_credentials_to_env(uri: str | None) -> str | None:
     """
     import logging
     import os
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import unquote
 
     if not uri or not has_credentials(uri):
         return uri
-    parts = urlsplit(uri)
-    if parts.username is not None:
-        if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ["MLFLOW_TRACKING_USERNAME"] != unquote(
-                parts.username):
+    _, user, password = split_userinfo(uri)
+    if user is not None:
+        if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ["MLFLOW_TRACKING_USERNAME"] != unquote(user):
             logging.getLogger(__name__).warning(
                 "tracking URI credentials ignored: MLFLOW_TRACKING_USERNAME is already set")
         else:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
-            if parts.password is not None:
-                os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+            os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+            if password is not None:
+                os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
     return redact_uri(uri)

@@ -59,12 +59,11 @@ class InitDecision:
 
 
 def _load_model(pt: Path):
-    import torch
+    from tasks.training.checkpoint import load_checkpoint_dict
 
-    try:
-        ckpt = torch.load(pt, map_location="cpu", weights_only=False)  # our own registry's checkpoint
-    except Exception as e:
-        raise InitError(f"{pt}: cannot read the checkpoint: {e}") from e
+    # Vetted + weights_only (the registry's artifact.pt and S3-synced files are not trusted code). A refused
+    # file raises UnsafeCheckpoint, which is not an InitError: it stops the run instead of falling back.
+    ckpt = load_checkpoint_dict(pt)
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if model is None or not hasattr(model, "state_dict"):
         raise InitError(f"{pt}: not an Ultralytics checkpoint (no model inside)")
