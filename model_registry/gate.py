@@ -18,6 +18,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from model_registry.errors import PromotionRefused, RegistryError
+from model_registry.frozen import approved_file, fetch_approved
 from model_registry.registry import (
     PRODUCTION,
     T_VALIDATION,
@@ -260,8 +261,8 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
         cand_onnx = download_onnx(c, model_name, version, Path(d, "candidate"))
         cand = _checked(evaluate_fn(cand_onnx), "candidate", cand_onnx)
         prod = None
-        if prod_version is not None:
-            prod_onnx = download_onnx(c, model_name, prod_version, Path(d, "production"))
+        if prod_version is not None:  # production's approved, hash-verified copy (alias checked against the record)
+            prod_onnx = approved_file(fetch_approved(c, model_name, PRODUCTION, Path(d, "production")), ".onnx")
             prod = _checked(evaluate_fn(prod_onnx), "production", prod_onnx)
     classes = list(class_values(cand))
     floors = class_floors(cfg.min_class_ap50, classes) if classes else {}

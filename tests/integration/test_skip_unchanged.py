@@ -117,10 +117,13 @@ WORKER_REGISTRY = '{"floor_mask_map": 0.0}'
 def test_nightly_twice_second_skips(prefect_harness, state_paths, monkeypatch):
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", WORKER_REGISTRY)
     from flows.nightly import nightly
+    from tests.helpers import worker_config
 
-    first = nightly(overrides=TINY)
+    with worker_config(TINY):  # the worker's own --set (issue 31: a run parameter may not carry these)
+        first = nightly()
     assert not first.get("skipped") and first.get("registered_version")
-    second = nightly(overrides=TINY)
+    with worker_config(TINY):
+        second = nightly()
     assert second["skipped"] is True
     assert second["previous_run_id"] == first["mlflow_run_id"]
     assert f"unchanged since run {first['mlflow_run_id']}" in second["reason"]
