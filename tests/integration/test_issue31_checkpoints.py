@@ -96,7 +96,7 @@ def test_item4_cli_refuses_payload(cmd, evil, tmp_path):
     data = generate_dataset(tmp_path / "ds", images=4, seed=0, imgsz=64)
     args = {"evaluate": ["evaluate", str(pt), "--data", str(data)],
             "export": ["export", str(pt)],
-            "explain": ["explain", str(data.parent / "images"), "--model", str(pt)],
+            "explain": ["explain", str(next((data.parent / "images").rglob("*.png"))), "--model", str(pt), "--out", str(tmp_path / "x")],
             "sweep": ["sweep", str(pt), "--data", str(data)]}[cmd]
     env = {**os.environ, "DAMAGE_STATE_DIR": str(tmp_path / "s"), "COLUMNS": "400",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
