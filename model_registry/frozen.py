@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 from model_registry.errors import AccessDenied, RegistryError
 from model_registry.registry import (
     PRODUCTION,
+    STAGING,
     T_APPROVED_AT,
     T_APPROVED_BY,
     T_APPROVED_VIA,
@@ -109,7 +110,13 @@ def freeze_version(client: MlflowClient | str, name: str, version: str | int, by
     """
     c = get_client(client)
     version, rec_name = str(version), approved_name(name)
-    mv = c.get_model_version(name, version)
+    try:
+        mv = c.get_model_version(name, version)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+            raise RegistryError(f"registered model '{name}' has no version {version}") from None
+        with mlflow_errors(c, f"read '{name}' version {version}"):
+            raise
     with tempfile.TemporaryDirectory(prefix="freeze-") as d:
         local = _download_dir(c, mv.source, Path(d))
         if local.is_file():
@@ -161,6 +168,11 @@ def approve_frozen(client: MlflowClient | str, name: str, version: str | int, by
 
     c = get_client(client)
     check_approver(name, approvers, f"approve version {version} of", c.tracking_uri, by)
+    if not by.strip() or not reason.strip():  # approve's own checks, before anything is written
+        return approve(c, name, version, by, reason, approvers=approvers, lock_timeout_s=lock_timeout_s)
+    staged = alias_version(c, name, STAGING)
+    if staged != str(version):  # approve refuses it (with its message) before any write; no record either
+        return approve(c, name, version, by, reason, approvers=approvers, lock_timeout_s=lock_timeout_s)
     record = freeze_version(c, name, version, by, reason)
     info = approve(c, name, version, by, reason, approvers=approvers, lock_timeout_s=lock_timeout_s)
     _set_record_alias(c, name, record)
