@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from model_registry.errors import AccessDenied, PromotionRefused, RegistryError
+from model_registry.identity import confirmed_identity
 from model_registry.lock import LOCK_SUFFIX, registry_lock
 from tasks.core.secrets import redact_uri
 
@@ -177,8 +178,7 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
     * against a tracking server (``http(s)://``) an empty approver list refuses every move
       (nobody was named, so nobody may approve);
     * with a list, the authenticated MLflow user must be on it;
-    * when the process is authenticated, ``by`` must be that identity (a free-text name
-      would let one account record another person's approval).
+    * ``by`` must be the identity (against a server: the account the server confirms, ``confirmed_identity``).
 
     Args:
         model_name: the model whose production alias would move.
@@ -188,11 +188,9 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
         tracking_uri: where the move would happen (decides whether an empty list is allowed).
         by: the name the caller gave for the record (``--by``); None = not checked.
 
-    Returns:
-        The MLflow identity in use (None when anonymous).
+    Returns: the MLflow identity in use (None when anonymous).
     """
-    who = current_identity()
-    remote = str(tracking_uri or "").lower().startswith(("http://", "https://"))
+    who, remote = current_identity(), str(tracking_uri or "").lower().startswith(("http://", "https://"))
     if remote and not approvers:
         raise AccessDenied(
             f"refusing to {action} '{model_name}' at {redact_uri(str(tracking_uri))}: no approvers are configured "
@@ -205,6 +203,8 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
             f"{', '.join(approvers)} may move the '{PRODUCTION}' alias (registry.approvers); "
             f"set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD to an approver account"
         )
+    if remote and confirmed_identity(str(tracking_uri)) != who:  # the server's word, not the variable's
+        raise AccessDenied(f"the MLflow server does not confirm '{who}' as this process's account")
     if who and by is not None and by.strip() != who:
         raise AccessDenied(
             f"--by '{by.strip()}' does not match the authenticated MLflow user '{who}'; a decision on "

@@ -20,24 +20,38 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _SECRET_QUERY = re.compile(r"(pass|pwd|secret|token|key|signature|credential|^sig$|^auth|session)", re.I)
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
-# user[:password]@host after the scheme. The password may hold '/', '#', '?' or '@' unencoded (urlsplit would
-# cut the authority at the first of them and leave the rest of the password in the path): the userinfo ends at
-# the first '@' followed by a host and then '/', '?', '#' or the end.
-_USERINFO = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/?#@]+)(?::(?P<pw>.*?))?@"
-                       r"(?P<rest>(?P<host>[^/?#@]*)(?:[/?#].*)?)$", re.I | re.S)
+_USER = re.compile(r"^([a-z][a-z0-9+.-]*://)([^:/?#@]+)(:?)", re.I)
 
 
 def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
-    """``(uri without user:password@, user, password)`` (raw, not unquoted); user None when there is none.
+    """``(uri without user[:password]@, user, password)`` (raw, not unquoted); user None when there is none.
+
+    The password may hold '/', '#', '?' or '@' unencoded (``urlsplit`` would cut the authority at the first
+    of them and leave the rest of the password in the path): the userinfo ends at the first '@' followed by
+    a host and then '/', '?', '#' or the end. One pass over the string.
 
     Example:
         >>> split_userinfo("http://u:p/a#b?c@host:5000/x")
         ('http://host:5000/x', 'u', 'p/a#b?c')
     """
-    m = _USERINFO.match(uri) if isinstance(uri, str) else None
+    m = _USER.match(uri) if isinstance(uri, str) else None
     if not m:
         return uri, None, None
-    return m["scheme"] + m["rest"], m["user"], m["pw"]
+    scheme, user, i = m[1], m[2], m.end()
+    if not m[3]:  # no password: "user@host"
+        return (scheme + uri[i + 1:], user, None) if uri[i:i + 1] == "@" else (uri, None, None)
+    at = uri.find("@", i)
+    while at >= 0:
+        e = at + 1
+        while e < len(uri) and uri[e] not in "/?#@":
+            e += 1
+        if e == len(uri) or uri[e] != "@":
+            pw = uri[i:at]
+            if re.fullmatch(r"\d*", re.split(r"[/?#]", pw, maxsplit=1)[0]) and re.search(r"[/?#]", pw):
+                return uri, None, None  # "host:5000/path@x": a port and a path, not a password
+            return scheme + uri[at + 1:], user, pw
+        at = e
+    return uri, None, None
 
 
 def redact_uri(uri: str) -> str:

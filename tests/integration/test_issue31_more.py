@@ -1,0 +1,142 @@
+"""Issue 31, medium and low items: one test per item, named after it (items 1-6: test_issue31_trust.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import MLFLOW_ACCOUNTS, mlflow_user
+
+import model_registry as mr
+from tasks.core.config import ConfigError
+
+pytestmark = pytest.mark.integration
+
+_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DAMAGE_STATE_DIR",
+        "DAMAGE_WORKER_CONFIG", "DAMAGE_REGISTRY_CONFIG")
+
+
+@pytest.fixture
+def restore_env(monkeypatch):
+    """Whatever a CLI command run in-process pins in the environment is undone after the test."""
+    import os
+
+    for k in _ENV:
+        if k in os.environ:
+            monkeypatch.setenv(k, os.environ[k])
+        else:
+            monkeypatch.delenv(k, raising=False)
+
+
+# --- item 7: a READ account's lock with an absurd TTL blocks every rollback --------------------------
+
+def test_item7_lock_with_absurd_ttl_or_no_tags_expires(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from model_registry.lock import TAG_OWNER, TAG_TTL, lock_name, registry_lock
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for tags in ({TAG_OWNER: "viewer", TAG_TTL: "1e12"}, {}):
+        c.create_registered_model(lock_name("m7"), tags=tags)
+        # the waiter's own lease (1 s) bounds how long a lock it did not take can hold it
+        with registry_lock(c, "m7", holder="approver", timeout_s=30, ttl_s=1.0, poll_s=0.05):
+            assert c.get_registered_model(lock_name("m7")).tags[TAG_OWNER] != "viewer"
+
+
+# --- item 10: `damage schedule` stores --set overrides in the deployment's parameters --------------
+
+def test_item10_schedule_keeps_secrets_out_of_deployment_parameters(monkeypatch, restore_env, tmp_path):
+    from typer.testing import CliRunner
+
+    import flows.deploy as D
+    from flows.cli import app
+
+    captured = []
+    monkeypatch.setattr(D, "register_with_pool", lambda deps, pool: captured.extend(deps) or ["id"])
+    r = CliRunner().invoke(app, ["--state-dir", str(tmp_path / "s"),
+                                 "--set", "mlflow.tracking_uri=http://pipeline:S3CRET-PW@127.0.0.1:1",
+                                 "--set", 'notify.urls=["json://127.0.0.1:1/x?token=S3CRET-TOKEN"]',
+                                 "--set", "train.epochs=3", "schedule", "--work-pool", "p"])
+    assert r.exit_code == 0, r.output
+    stored = json.dumps([d.parameters for d in captured])
+    assert captured and "S3CRET" not in stored
+    assert "train.epochs=3" in stored  # an allowed run parameter still travels
+
+
+# --- item 12: the gate scores on settings the run chose ----------------------------------------------
+
+@pytest.mark.parametrize("override", ["evaluate.split=train", "evaluate.max_det=1", "export.imgsz=64",
+                                      "train.imgsz=64", "sweep.enabled=false", "registry.floor_mask_map=0"])
+def test_item12_run_overrides_cannot_change_gate_evaluation(override):
+    from tasks.core.run_params import run_config
+    from tests.helpers import worker_config
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}' is not allowed"):
+        run_config(None, [override])
+    with worker_config(["evaluate.split=val", "evaluate.max_det=300"]):  # the worker's settings are the gate's
+        cfg = run_config(None, ["train.epochs=2"])
+    assert (cfg.evaluate.split, cfg.evaluate.max_det, cfg.train.epochs) == ("val", 300, 2)
+
+
+def test_item12_run_cannot_name_a_model_file():
+    from tasks.core.run_params import check_run_overrides
+
+    for bad in ("train.init=/data/from-s3/best.pt", "train.model=/tmp/evil.pt", "train.model=x.yaml"):
+        with pytest.raises(ConfigError, match="cannot name a file"):
+            check_run_overrides([bad])
+
+
+# --- item 13: the identity is the environment variable alone -----------------------------------------
+
+def test_item13_identity_is_confirmed_by_the_server(sqlite_mlflow_server, mlflow_s3_server, monkeypatch):
+    from model_registry.identity import confirmed_identity
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "approver")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "anything")
+    # a server without authentication: any name would do, so nobody is an approver there
+    with pytest.raises(mr.AccessDenied, match="has no authentication"):
+        confirmed_identity(sqlite_mlflow_server)
+    with pytest.raises(mr.AccessDenied, match="has no authentication"):
+        mr.approve(sqlite_mlflow_server, "m13", "1", by="approver", reason="r", approvers=["approver"])
+    # a basic-auth server: a claimed name with a wrong password is refused, the right one confirmed
+    with pytest.raises(mr.AccessDenied, match="refused this process's credentials"):
+        confirmed_identity(mlflow_s3_server)
+    with mlflow_user("approver"):
+        assert confirmed_identity(mlflow_s3_server) == MLFLOW_ACCOUNTS["approver"][0]
+
+
+# --- item 14: redact_uri misses some passwords and query secrets --------------------------------------
+
+@pytest.mark.parametrize("uri", ["http://pipeline:pa/ss@mlflow:5000/", "http://pipeline:pa#ss@mlflow:5000",
+                                 "http://pipeline:pa?ss@mlflow:5000/x", "https://h/x?sig=S3CRET",
+                                 "https://h/x?auth=S3CRET&a=1", "http://u:p@ss@mlflow:5000"])
+def test_item14_redact_uri_hides_every_password(uri, monkeypatch):
+    from tasks.core.secrets import move_uri_credentials_to_env, redact_uri
+
+    out = redact_uri(uri)
+    for secret in ("pa/ss", "pa#ss", "pa?ss", "S3CRET", "p@ss"):
+        assert secret not in out, out
+    assert out.split("://")[1].split("/")[0].split("?")[0] in ("mlflow:5000", "h")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    if "@" in uri:  # the password reaches MLflow whole, through its variable
+        move_uri_credentials_to_env(uri)
+        import os
+
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == uri.split("://")[1].split(":", 1)[1].rsplit("@mlflow", 1)[0]
+
+
+def test_item14_time_bound():
+    """redact_uri on a long hostile string stays linear (no catastrophic backtracking in the userinfo rule)."""
+    from tasks.core.secrets import redact_uri
+
+    hostile = "http://u:" + "@" * 20000 + "x"
+    t0 = time.perf_counter()
+    redact_uri(hostile)
+    t1 = time.perf_counter()
+    redact_uri("http://u:" + "@" * 40000 + "x")
+    # twice the input may cost more, never orders of magnitude more (a ratio, not an absolute time)
+    assert time.perf_counter() - t1 < 50 * max(t1 - t0, 1e-3)
