@@ -75,6 +75,16 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, query, parts.fragment))
 
 
+def redact_text(text: str) -> str:
+    """``text`` with every URI in it passed through ``redact_uri`` (error messages, log lines).
+
+    Example:
+        >>> redact_text("cannot reach http://u:pw@h:1/x: refused")
+        'cannot reach http://h:1/x: refused'
+    """
+    return re.sub(r"[a-z][a-z0-9+.-]*://\S+", lambda m: redact_uri(m[0]), str(text), flags=re.I)
+
+
 def has_credentials(uri: str) -> bool:
     """True when ``uri`` carries a ``user:password@`` part or a credential query parameter."""
     return isinstance(uri, str) and redact_uri(uri) != uri

@@ -140,3 +140,80 @@ def test_item14_time_bound():
     redact_uri("http://u:" + "@" * 40000 + "x")
     # twice the input may cost more, never orders of magnitude more (a ratio, not an absolute time)
     assert time.perf_counter() - t1 < 50 * max(t1 - t0, 1e-3)
+
+
+# --- item 9: --overwrite replaces the auto-discovered COCO images folder ------------------------------
+
+def _coco(root, file_name: str, segmentation=None):
+    import cv2
+    import numpy as np
+
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    cv2.imwrite(str(root / "train2017" / "a.png"), np.full((32, 32, 3), 99, np.uint8))
+    seg = segmentation or [[2, 2, 20, 2, 20, 20, 2, 20]]
+    js = root / "annotations" / "instances_train2017.json"
+    js.write_text(json.dumps({"images": [{"id": 1, "file_name": file_name, "width": 32, "height": 32}],
+                              "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg,
+                                               "bbox": [2, 2, 18, 18], "area": 300, "iscrowd": 0}],
+                              "categories": [{"id": 1, "name": "dent"}]}))
+    return js
+
+
+def test_item9_overwrite_never_replaces_the_discovered_images_folder(tmp_path):
+    from tasks.data.dataset import DatasetError, import_dataset
+
+    js = _coco(tmp_path / "cardd", "a.png")
+    images = tmp_path / "cardd" / "train2017"
+    with pytest.raises(DatasetError, match="images folder"):
+        import_dataset(js, images, overwrite=True)
+    assert (images / "a.png").is_file() and sorted(p.name for p in images.iterdir()) == ["a.png"]
+
+
+# --- item 15: hostile COCO values and the CLI's own error path ------------------------------------------
+
+def _damage(*args, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DAMAGE_STATE_DIR": str(tmp_path / "s"), "COLUMNS": "400"}
+    env.pop("DAMAGE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["nul", "rle"])
+def test_item15_hostile_coco_is_one_line_error(case, tmp_path):
+    seg = {"size": [32, 32], "counts": [2**62, 2**62, 5]} if case == "rle" else None
+    js = _coco(tmp_path / "c", "a\u0000.png" if case == "nul" else "a.png", seg)
+    p = _damage("data", "import", str(js), str(tmp_path / "out"), tmp_path=tmp_path)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "has no 'Abort'" not in p.stderr and "AttributeError" not in p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), p.stderr[-2000:]
+
+
+def test_item15_cli_error_path_handles_unexpected_errors(monkeypatch, capsys):
+    """An unexpected exception inside a command: one line and exit 1 (typer 0.29.2's missing `Abort`)."""
+    import typer
+
+    from flows.common import DamageGroup
+
+    app = typer.Typer(cls=DamageGroup)
+
+    @app.command()
+    def boom() -> None:
+        raise RuntimeError("kaboom http://u:pw@h:1")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    monkeypatch.delenv("DAMAGE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        typer.main.get_command(app).main(["boom"], prog_name="damage")
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "RuntimeError: kaboom" in err and "pw" not in err
