@@ -217,3 +217,26 @@ def test_item15_cli_error_path_handles_unexpected_errors(monkeypatch, capsys):
         typer.main.get_command(app).main(["boom"], prog_name="damage")
     err = capsys.readouterr().err
     assert e.value.code == 1 and "RuntimeError: kaboom" in err and "pw" not in err
+
+
+# --- item 11: an ONNX graph with a huge fixed input, or a large damage.max_pixels -------------------------
+
+def test_item11_predictor_bounds_come_from_the_project_not_the_file(tmp_path):
+    import onnx
+
+    from tasks.core.errors import DamageError
+    from tasks.core.images import DEFAULT_MAX_PIXELS
+    from tasks.serving.predictor import Predictor
+    from tests.unit.test_issue13_serving import fake_onnx
+
+    huge = fake_onnx(tmp_path / "huge.onnx", [(10, 10, 50, 50)])
+    m = onnx.load(str(huge))
+    for d in m.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 60000  # harmless metadata, a 60000x60000 fixed input: 10.8 GB per batch
+    onnx.save(m, str(huge))
+    with pytest.raises(DamageError, match=r"huge\.onnx: fixed ONNX input \[60000, 60000\] is outside"):
+        Predictor(huge)
+    raised = fake_onnx(tmp_path / "raised.onnx", [(10, 10, 50, 50)], {"damage.max_pixels": str(2**40)})
+    assert Predictor(raised).max_pixels == DEFAULT_MAX_PIXELS  # the file may lower the limit, never raise it
+    lowered = fake_onnx(tmp_path / "lowered.onnx", [(10, 10, 50, 50)], {"damage.max_pixels": "4096"})
+    assert Predictor(lowered).max_pixels == 4096
