@@ -57,6 +57,10 @@ class UnsafeCheckpoint(DamageError):
     """A checkpoint that references code outside the allowlist, or is not a torch zip archive."""
 
 
+class UnreadableCheckpoint(UnsafeCheckpoint):
+    """Not a ``torch.save`` zip archive (garbage, truncated, a legacy pickle): refused unread."""
+
+
 def _allowed(name: str) -> bool:
     return name in _DATA_GLOBALS or name in _PROJECT_CLASSES or name.startswith(_CLASS_MODULES)
 
@@ -78,11 +82,11 @@ def vet_checkpoint(path: str | Path) -> Path:
 
     p = Path(path)
     if not p.is_file():
-        raise UnsafeCheckpoint(f"{p}: checkpoint not found")
+        raise UnreadableCheckpoint(f"{p}: checkpoint not found")
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
     except Exception as e:  # not a zip archive (legacy or hand-made pickle), truncated, garbage
-        raise UnsafeCheckpoint(f"{p}: refused: not a torch.save zip checkpoint that can be vetted ({e}); "
+        raise UnreadableCheckpoint(f"{p}: refused: not a torch.save zip checkpoint that can be vetted ({e}); "
                                f"nothing in it was run") from None
     refused = sorted(n for n in set(names) if not _allowed(n))
     if refused:
