@@ -32,6 +32,7 @@ from tasks.core.atomic import atomic_output_dir
 from tasks.core.config import CLASSES
 from tasks.core.errors import DamageError, DatasetError
 from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_file
+from tasks.data.root_check import check_dataset_paths
 
 # The image suffixes every reader of the project accepts (Ultralytics' common ones).
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -129,12 +130,10 @@ def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val"
     * Classes: ``names`` as a list or an ``{id: name}`` mapping with ids 0..N-1; ``nc`` alone
       names the classes by id.
 
-    Args:
-        path: the data.yaml or its folder.
-        required: splits that must be declared.
+    Args: path: the data.yaml or its folder. required: splits that must be declared.
 
     Raises:
-        DatasetError: missing file, invalid YAML, missing ``names`` or a required split.
+        DatasetError: missing file, invalid YAML, missing ``names`` or a required split, a path outside the root.
     """
     yaml_path = find_data_yaml(Path(path)).resolve()
     try:
@@ -165,6 +164,7 @@ def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val"
             continue
         entries = entry if isinstance(entry, list) else [entry]
         splits[split] = [p if p.is_absolute() else root / p for p in (Path(str(e)) for e in entries)]
+    check_dataset_paths(yaml_path, root, splits)  # root not above the yaml's folder, every split inside the root
     return DatasetInfo(yaml_path, root, names, splits, raw=raw)
 
 

@@ -240,3 +240,33 @@ def test_item11_predictor_bounds_come_from_the_project_not_the_file(tmp_path):
     assert Predictor(raised).max_pixels == DEFAULT_MAX_PIXELS  # the file may lower the limit, never raise it
     lowered = fake_onnx(tmp_path / "lowered.onnx", [(10, 10, 50, 50)], {"damage.max_pixels": "4096"})
     assert Predictor(lowered).max_pixels == 4096
+
+
+# --- item 8: a data.yaml with `path: /` and an absolute split ------------------------------------------
+
+def test_item8_data_yaml_paths_stay_inside_the_dataset(tmp_path):
+    import yaml
+
+    from tasks.data.dataset import DatasetError, import_dataset, load_data_yaml
+    from tasks.data.synth import generate_dataset
+
+    secret = tmp_path / "elsewhere" / "images"
+    real = generate_dataset(tmp_path / "real", images=4, seed=0, imgsz=64)
+    secret.parent.mkdir()
+    (tmp_path / "real" / "images").rename(secret)  # images outside any dataset folder
+    ds = tmp_path / "hostile"
+    ds.mkdir()
+    names = yaml.safe_load(real.read_text())["names"]
+    for spec, what in (({"path": "/", "train": str(secret), "val": str(secret)}, "a folder above"),
+                       ({"train": str(secret), "val": str(secret)}, "resolves outside the dataset root"),
+                       ({"path": "..", "train": "elsewhere/images", "val": "elsewhere/images"}, "a folder above")):
+        (ds / "data.yaml").write_text(yaml.safe_dump({**spec, "names": names}))
+        with pytest.raises(DatasetError, match=what):
+            load_data_yaml(ds / "data.yaml")
+        with pytest.raises(DatasetError, match=str(ds / "data.yaml")):
+            import_dataset(ds, tmp_path / f"out-{len(what)}")
+        assert not (tmp_path / f"out-{len(what)}").exists()
+    # a data.yaml elsewhere whose absolute `path:` names its dataset (what the state dir's resolved copies are)
+    (tmp_path / "copy.yaml").write_text(yaml.safe_dump({"path": str(secret.parent), "train": "images",
+                                                        "val": "images", "names": names}))
+    assert load_data_yaml(tmp_path / "copy.yaml").root == secret.parent
