@@ -4,9 +4,10 @@ A data.yaml is text anyone can write. ``path: /`` with ``train: /etc`` would mak
 and the data gate read and report, files from anywhere on the machine. ``check_dataset_paths`` is
 called by the one data.yaml reader (``tasks.data.dataset.load_data_yaml``):
 
-* the root (``path:``) may be the data.yaml's folder, a folder inside it, or a folder elsewhere
-  (a resolved copy under the state dir points at its dataset), never a folder *above* the
-  data.yaml's own (``path: /``, ``path: ..``): that would widen the dataset to its parents;
+* the root (``path:``) may be the data.yaml's folder, a folder inside it, its parent (the
+  ``dataset/configs/data.yaml`` + ``path: ..`` layout), or a folder elsewhere (a resolved copy under
+  the state dir points at its dataset); never a filesystem root, nor a folder two or more levels
+  above the data.yaml (``path: /``, ``path: ../..``): that would widen the dataset to its parents;
 * every split source (folder, list file, image) must resolve, symlinks followed, inside the root.
 """
 
@@ -25,7 +26,8 @@ def check_dataset_paths(yaml_path: Path, root: Path, splits: dict[str, list[Path
         DatasetError: the first offending value, with the data.yaml's path.
     """
     real_root, own = Path(os.path.realpath(root)), Path(os.path.realpath(yaml_path.parent))
-    if real_root != own and own.is_relative_to(real_root):
+    above = real_root != own and own.is_relative_to(real_root)
+    if above and (own.parent != real_root or real_root == Path(real_root.anchor)):
         raise DatasetError(f"{yaml_path}: 'path' makes the dataset root {root}, a folder above the data.yaml's "
                            f"own ({yaml_path.parent}); a dataset cannot claim its parent folders")
     for split, sources in splits.items():
