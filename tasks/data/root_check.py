@@ -33,5 +33,5 @@ def check_dataset_paths(yaml_path: Path, root: Path, splits: dict[str, list[Path
     for split, sources in splits.items():
         for src in sources:
             if not Path(os.path.realpath(src)).is_relative_to(real_root):
-                raise DatasetError(f"{yaml_path}: split '{split}' source {src} resolves outside the dataset root "
-                                   f"{root}")
+                kind = "list" if src.suffix.lower() == ".txt" else "source"
+                raise DatasetError(f"{yaml_path}: split '{split}' {kind} {src} lies outside the dataset root {root}")

@@ -258,7 +258,7 @@ def test_item8_data_yaml_paths_stay_inside_the_dataset(tmp_path):
     ds.mkdir()
     names = yaml.safe_load(real.read_text())["names"]
     for spec, what in (({"path": "/", "train": str(secret), "val": str(secret)}, "a folder above"),
-                       ({"train": str(secret), "val": str(secret)}, "resolves outside the dataset root"),
+                       ({"train": str(secret), "val": str(secret)}, "lies outside the dataset root"),
                        ({"path": "../..", "train": "elsewhere/images", "val": "elsewhere/images"}, "a folder above")):
         (ds / "data.yaml").write_text(yaml.safe_dump({**spec, "names": names}))
         with pytest.raises(DatasetError, match=what):
