@@ -21,8 +21,8 @@ from rich.console import Console
 from typer._click import exceptions as click_exc  # Typer vendors click: its usage errors are these
 from typer.core import TyperGroup
 
-from tasks.core.config import Config, ConfigError, load_config, pin_worker_registry
-from tasks.core.runtime import StatePaths, activate
+from damage.tasks.core.config import Config, ConfigError, load_config, pin_worker_registry
+from damage.tasks.core.runtime import StatePaths, activate
 
 console = Console()
 err_console = Console(stderr=True)
@@ -111,8 +111,8 @@ class DamageGroup(TyperGroup):
         except Exception as e:  # noqa: BLE001  anything unexpected: one line (the traceback with DAMAGE_DEBUG=1)
             import os
 
-            from tasks.core.errors import DamageError
-            from tasks.core.secrets import redact_text
+            from damage.tasks.core.errors import DamageError
+            from damage.tasks.core.secrets import redact_text
 
             if os.environ.get("DAMAGE_DEBUG"):
                 raise
@@ -165,7 +165,7 @@ def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
     except ConfigError as e:
         fail(str(e))
     pin_worker_registry(cfg)  # this process is the worker: flows it starts gate with its registry section
-    from tasks.core.run_params import pin_worker_config
+    from damage.tasks.core.run_params import pin_worker_config
 
     pin_worker_config(opts.config or config, overrides)  # ... and build their whole config from its own
     if opts.state_dir is not None:
@@ -174,7 +174,7 @@ def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
         os.environ["DAMAGE_STATE_DIR"] = str(Path(opts.state_dir).resolve())
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
     if cfg.mlflow.tracking_uri:  # activate moved any URI credentials into MLflow's env variables
-        from tasks.core.secrets import redact_uri
+        from damage.tasks.core.secrets import redact_uri
 
         cfg.mlflow.tracking_uri = redact_uri(cfg.mlflow.tracking_uri)
     return cfg, paths
@@ -182,7 +182,7 @@ def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
 
 def run_guarded(fn, *args, **kwargs):
     """Run ``fn``; turn known user-input errors into one-line messages with exit code 2."""
-    from tasks.core.errors import DamageError
+    from damage.tasks.core.errors import DamageError
 
     try:
         return fn(*args, **kwargs)
@@ -200,7 +200,7 @@ def top_level_run(cfg: Config, name: str, kind: str | None = None) -> Iterator[t
     Tagged ``ENTRY_TAG = kind`` (default ``name``), like the nightly flow's own run; FAILED when
     the body raises (or exits non-zero), FINISHED otherwise. Yields ``(run_id, tracking_uri)``.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     c = tracking.client(cfg.mlflow.tracking_uri)
     exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)

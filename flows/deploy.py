@@ -4,7 +4,7 @@
   (default 02:00 UTC), deployment concurrency limit 1 so two runs never overlap (a run that
   would overlap waits in the queue), parameters ``dataset`` (URI) and ``model_size``.
   Flow runs retry on failure (``FLOW_RETRIES``); training then resumes from the previous
-  attempt's ``last.pt`` (see ``tasks/core/skip.py``).
+  attempt's ``last.pt`` (see ``tasks/nightly/skip.py``).
 * ``promote``: the promotion flow (gate + human approval), run on demand with a version.
 * ``compress``: the compression flow, run on demand.
 
@@ -16,7 +16,7 @@ Two ways to run them, same definitions:
   are module paths, so any worker with this package installed can run them) and returns; a
   ``prefect worker start --pool damage-process`` executes the runs.
 * ``prefect deploy --prefect-file infra/prefect.yaml --all``: the same deployments for the
-  default config. The file is generated from this module (``python -m flows.deploy
+  default config. The file is generated from this module (``python -m damage.flows.deploy
   infra/prefect.yaml``); a test fails when it differs from what this module builds.
 """
 
@@ -26,15 +26,15 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import Config, ConfigError
+from damage.tasks.core.config import Config, ConfigError
 
 NIGHTLY_TAGS = ["damage", "nightly"]
 WORK_POOL = "damage-process"  # the pool infra/prefect.yaml and the compose worker use
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml"
 # What each deployment runs: (module, attribute). The nightly one is the flow object with retries
 # (flows/nightly.py), so that a worker or a served subprocess loading it gets them too.
-ENTRYPOINTS = {"nightly": ("flows.nightly", "scheduled_nightly"), "promote": ("flows.promote", "promote"),
-               "compress": ("flows.compress", "compress_flow")}
+ENTRYPOINTS = {"nightly": ("damage.flows.nightly", "scheduled_nightly"), "promote": ("damage.flows.promote", "promote"),
+               "compress": ("damage.flows.compress", "compress_flow")}
 
 
 def nightly_parameters(flow_fn: Any, config_path: str | None, dataset: str | None = None,
@@ -59,8 +59,8 @@ def nightly_parameters(flow_fn: Any, config_path: str | None, dataset: str | Non
 def _run_defaults(cfg: Config, dataset: str | None, model_size: str | None) -> tuple[str | None, str | None]:
     """Default dataset / model size shown as run parameters: only values a run may set (``RUN_OVERRIDES``);
     a worker-only value (a ``.pt`` model, a URI with credentials) stays in the worker's config."""
-    from tasks.core.run_params import check_run_overrides
-    from tasks.core.secrets import redact_uri
+    from damage.tasks.core.run_params import check_run_overrides
+    from damage.tasks.core.secrets import redact_uri
 
     out = []
     for key, value in (("data.source", dataset or cfg.data.source), ("train.model", model_size or cfg.train.model)):
@@ -91,9 +91,9 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from flows.compress import compress_flow
-    from flows.nightly import nightly, scheduled_nightly
-    from flows.promote import promote
+    from damage.flows.compress import compress_flow
+    from damage.flows.nightly import nightly, scheduled_nightly
+    from damage.flows.promote import promote
 
     cp = str(Path(config_path).resolve()) if config_path else None
     common: dict[str, Any] = {"work_pool_name": work_pool}
@@ -111,7 +111,7 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     )]
     deployments.append(promote.to_deployment(
         "promote",
-        # no tracking URI, evaluator or registry parameter: those are the worker's own config (tasks.core.run_params)
+        # no tracking URI, evaluator or registry parameter: those are the worker's own config (damage.tasks.core.run_params)
         parameters={"model_name": cfg.registry.model_name, "wait_for_approval": cfg.registry.wait_for_approval},
         description="Gate a registered version against production with the worker's evaluator, then wait for "
                     "an approver's own `damage registry approve`. Run with parameter version=<N>.",
@@ -124,12 +124,12 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
         tags=["damage", "compress"], enforce_parameter_schema=False, **common))
     for d in deployments:  # Prefect derives the entrypoint from the function's name, not the flow object's
         module, attr = ENTRYPOINTS[d.name]
-        d.entrypoint = f"{module}.{attr}" if work_pool else f"{module.replace('.', '/')}.py:{attr}"
+        d.entrypoint = f"{module}.{attr}" if work_pool else f"{module.removeprefix('damage.').replace('.', '/')}.py:{attr}"
     return deployments
 
 
 _YAML_HEADER = """\
-# GENERATED from flows/deploy.py by `python -m flows.deploy infra/prefect.yaml`; do not edit by hand
+# GENERATED from flows/deploy.py by `python -m damage.flows.deploy infra/prefect.yaml`; do not edit by hand
 # (tests/unit/test_deploy.py fails when this file and flows/deploy.py differ).
 #
 # Prefect deployments for `prefect deploy` (work-pool mode), built from configs/default.yaml.
@@ -169,14 +169,14 @@ def prefect_yaml(cfg: Config, work_pool: str = WORK_POOL) -> str:
     return _YAML_HEADER + yaml.safe_dump(spec, sort_keys=False, default_flow_style=False, width=110)
 
 
-if __name__ == "__main__":  # python -m flows.deploy [OUT]: write (or print) infra/prefect.yaml's text
+if __name__ == "__main__":  # python -m damage.flows.deploy [OUT]: write (or print) infra/prefect.yaml's text
     import sys
 
-    from tasks.core.config import load_config
+    from damage.tasks.core.config import load_config
 
     text = prefect_yaml(load_config())
     if len(sys.argv) > 1:
-        from tasks.core.atomic import atomic_write_text
+        from damage.tasks.core.atomic import atomic_write_text
 
         atomic_write_text(sys.argv[1], text)
     else:

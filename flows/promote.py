@@ -2,7 +2,7 @@
 
 The flow runs the gate for one registered version with the **worker's** config: the tracking URI,
 the evaluator (``Evaluator.from_config`` on the worker's dataset) and the gate rule never come from
-run parameters (``tasks.core.run_params``). When the gate passes, the run pauses with a form that
+run parameters (``damage.tasks.core.run_params``). When the gate passes, the run pauses with a form that
 carries no decision and no credentials: it shows the command an approver runs with their own MLflow
 account (``damage registry approve NAME VERSION --by ME --reason ...``). Resuming it only asks the
 flow to look at the registry: it reports the recorded decision (approved by whom, through which
@@ -20,9 +20,9 @@ from prefect import flow
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from model_registry.tasks import decision_task, gate_task
-from tasks.core.config import ConfigError, RegistryConfig
-from tasks.core.prefect_tasks import as_task as _t
+from damage.model_registry.tasks import decision_task, gate_task
+from damage.tasks.core.config import ConfigError, RegistryConfig
+from damage.tasks.core.prefect_tasks import as_task as _t
 
 
 class ApprovalCheck(RunInput):
@@ -52,14 +52,14 @@ def promote(model_name: str, version: str, evaluate_fn: Callable[[Path], dict[st
     Returns:
         ``{"gate": GateDecision dict, "decision": "approved"|"rejected"|None, "by", "reason"}``.
     """
-    from model_registry.steps import gate_evaluate_fn
-    from tasks.core.pipeline import prepare_dataset, prepare_state
+    from damage.model_registry.steps import gate_evaluate_fn
+    from damage.tasks.nightly.pipeline import prepare_dataset, prepare_state
 
     cfg, paths = _t(prepare_state, "prepare-state")(None, None)  # the worker's config, nothing from the run
     if model_name != cfg.registry.model_name:
         raise ConfigError(f"run parameter model_name '{model_name}' is not this worker's registry.model_name "
                           f"'{cfg.registry.model_name}'")
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     tracking_uri = tracking.client(cfg.mlflow.tracking_uri).tracking_uri
     if evaluate_fn is None:

@@ -34,7 +34,7 @@ Each alias move is a registered-model tag ``alias_history.<seq>`` holding one JS
 Concurrency
 -----------
 Alias moves run under ``registry_lock`` (a ``<name>.lock`` registered model whose creation is
-atomic on the server) and re-check their preconditions inside it; see ``model_registry.lock``.
+atomic on the server) and re-check their preconditions inside it; see ``damage.model_registry.lock``.
 
 Modules: ``registry`` (versions, aliases, approvals), ``gate`` (automatic gate), ``lock``,
 ``auth`` (basic-auth setup helpers), ``tasks`` (Prefect task wrappers; imports prefect),
@@ -42,13 +42,13 @@ Modules: ``registry`` (versions, aliases, approvals), ``gate`` (automatic gate),
 ``fetch_approved`` is how production is read).
 """
 
-from model_registry.errors import AccessDenied, PromotionRefused, RegistryError, RegistryLockTimeout
-from model_registry.frozen import ApprovalMismatch, check_production, fetch_approved
-from model_registry.frozen import approve_frozen as approve
-from model_registry.frozen import rollback_frozen as rollback
-from model_registry.gate import GateDecision, compare, gate_candidate
-from model_registry.lock import registry_lock
-from model_registry.registry import (
+from damage.model_registry.errors import AccessDenied, PromotionRefused, RegistryError, RegistryLockTimeout
+from damage.model_registry.frozen import ApprovalMismatch, check_production, fetch_approved
+from damage.model_registry.frozen import approve_frozen as approve
+from damage.model_registry.frozen import rollback_frozen as rollback
+from damage.model_registry.gate import GateDecision, compare, gate_candidate
+from damage.model_registry.lock import registry_lock
+from damage.model_registry.registry import (
     PRODUCTION,
     STAGING,
     AliasMove,

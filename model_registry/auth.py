@@ -3,13 +3,13 @@
 Run as the MLflow admin (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` of the
 admin account in the environment; MLflow's auth client reads them per request)::
 
-    python -m model_registry.auth http://mlflow:5000 damage-seg \\
+    python -m damage.model_registry.auth http://mlflow:5000 damage-seg \\
         --pipeline pipeline:$PIPELINE_PW --approver approver:$APPROVER_PW
 
 What MLflow enforces server-side is per registered model and per experiment, not per alias (see
 infra/mlflow-auth/README.md): on ``damage-seg`` the pipeline gets EDIT (create versions, tags, set
 aliases), approvers get MANAGE. The approval records live in the model and the experiment
-``damage-seg-approved`` (``model_registry.frozen``): approvers MANAGE, the pipeline READ. So the
+``damage-seg-approved`` (``damage.model_registry.frozen``): approvers MANAGE, the pipeline READ. So the
 server itself refuses the pipeline an approval record or a move of its ``production`` alias, and
 every reader of ``production`` checks ``damage-seg@production`` against that record.
 """
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from mlflow.exceptions import MlflowException
 
-from tasks.core.secrets import redact_uri
+from damage.tasks.core.secrets import redact_uri
 
 PIPELINE_PERMISSION = "EDIT"
 APPROVER_PERMISSION = "MANAGE"
@@ -83,7 +83,7 @@ def provision_approved(tracking_uri: str, model_name: str, pipeline: str, approv
     """Create ``<model>-approved`` (model and experiment) as admin: approvers MANAGE, the pipeline READ."""
     from mlflow.tracking import MlflowClient
 
-    from model_registry.frozen import approved_name
+    from damage.model_registry.frozen import approved_name
 
     name = approved_name(model_name)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

@@ -9,7 +9,7 @@ on ``damage-seg`` (it must, to register versions and move ``staging``), which al
    ``<name>-approved``, registered as a version of the model ``<name>-approved`` whose tags are the
    approval record: ``approval.source_version``, ``approved_by``, ``approved_via`` (the MLflow
    account), ``approved_at``, ``reason`` and one ``sha256.<relative path>`` per file.
-2. ``model_registry.auth.provision`` makes that model and that experiment writable by the
+2. ``damage.model_registry.auth.provision`` makes that model and that experiment writable by the
    approvers only (MANAGE) and read-only for the pipeline: the MLflow server refuses the
    pipeline's writes there (alias moves included), server-side.
 3. The ``production`` alias of ``<name>-approved`` is the last approval record; the ``production``
@@ -35,8 +35,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from model_registry.errors import AccessDenied, RegistryError
-from model_registry.registry import (
+from damage.model_registry.errors import AccessDenied, RegistryError
+from damage.model_registry.registry import (
     PRODUCTION,
     STAGING,
     T_APPROVED_AT,
@@ -164,7 +164,7 @@ def approve_frozen(client: MlflowClient | str, name: str, version: str | int, by
                    approvers=None, lock_timeout_s: float = 60.0):
     """``approve`` with the approval frozen: record first (refused for a non-approver by the server),
     then the ``production`` move, then the record's alias. Returns the approved ``VersionInfo``."""
-    from model_registry.registry import check_approver
+    from damage.model_registry.registry import check_approver
 
     c = get_client(client)
     check_approver(name, approvers, f"approve version {version} of", c.tracking_uri, by)

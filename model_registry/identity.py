@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from mlflow.exceptions import MlflowException
 
-from model_registry.errors import AccessDenied
-from tasks.core.secrets import redact_uri
+from damage.model_registry.errors import AccessDenied
+from damage.tasks.core.secrets import redact_uri
 
 CURRENT_USER = "/api/2.0/mlflow/users/current"
 

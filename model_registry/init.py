@@ -2,10 +2,10 @@
 
 ``resolve_init`` turns ``auto`` / ``production`` into a decision: the current ``production``
 version's ``model.pt`` (downloaded through MLflow, never a guessed path) when its class list and
-network match the config and dataset (``tasks.training.init.checkpoint_mismatch``), else from
+network match the config and dataset (``damage.tasks.training.init.checkpoint_mismatch``), else from
 scratch with the reason (``auto``) or an ``InitError`` (``production``). ``scratch``, an explicit
 ``train.weights`` and a ``.pt`` path are decided without the registry
-(``tasks.training.init.decide_local``).
+(``damage.tasks.training.init.decide_local``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from model_registry.errors import RegistryError
-from model_registry.frozen import approved_file, fetch_approved
-from model_registry.registry import PRODUCTION, alias_version, get_client
-from tasks.core.config import TrainConfig
-from tasks.training.init import PRODUCTION as FROM_PRODUCTION
-from tasks.training.init import SCRATCH, InitDecision, InitError, checkpoint_mismatch, decide_local
+from damage.model_registry.errors import RegistryError
+from damage.model_registry.frozen import approved_file, fetch_approved
+from damage.model_registry.registry import PRODUCTION, alias_version, get_client
+from damage.tasks.core.config import TrainConfig
+from damage.tasks.training.init import PRODUCTION as FROM_PRODUCTION
+from damage.tasks.training.init import SCRATCH, InitDecision, InitError, checkpoint_mismatch, decide_local
 
 
 def resolve_init(client: MlflowClient | str, model_name: str, cfg: TrainConfig, classes: list[str],

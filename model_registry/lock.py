@@ -58,7 +58,7 @@ from contextlib import contextmanager
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from model_registry.errors import AccessDenied, RegistryLockTimeout
+from damage.model_registry.errors import AccessDenied, RegistryLockTimeout
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from model_registry.errors import AccessDenied, PromotionRefused, RegistryError
-from model_registry.identity import confirmed_identity
-from model_registry.lock import LOCK_SUFFIX, registry_lock
-from tasks.core.secrets import redact_uri
+from damage.model_registry.errors import AccessDenied, PromotionRefused, RegistryError
+from damage.model_registry.identity import confirmed_identity
+from damage.model_registry.lock import LOCK_SUFFIX, registry_lock
+from damage.tasks.core.secrets import redact_uri
 
 STAGING = "staging"
 PRODUCTION = "production"

@@ -1,16 +1,16 @@
 """Prefect task wrappers around the registry functions (the plain functions stay Prefect-free).
 
-Made by ``tasks.core.prefect_tasks.as_task``; caching is off: every call reads or moves live registry state.
+Made by ``damage.tasks.core.prefect_tasks.as_task``; caching is off: every call reads or moves live registry state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model_registry.frozen import approve_frozen as approve
-from model_registry.gate import gate_candidate
-from model_registry.registry import VersionInfo, reject
-from tasks.core.prefect_tasks import as_task
+from damage.model_registry.frozen import approve_frozen as approve
+from damage.model_registry.gate import gate_candidate
+from damage.model_registry.registry import VersionInfo, reject
+from damage.tasks.core.prefect_tasks import as_task
 
 
 def decide(client, name: str, version: str | int, approved: bool, by: str, reason: str, *,
@@ -28,12 +28,12 @@ decide_task = as_task(decide, "registry-decide")
 def recorded_decision(client, name: str, version: str | int, approvers: Sequence[str] | None = None) -> dict | None:
     """The decision recorded on a version by an approver's own login, or None while it is pending.
 
-    An approval counts only with its record in ``<name>-approved`` (``model_registry.frozen``: only
+    An approval counts only with its record in ``<name>-approved`` (``damage.model_registry.frozen``: only
     approvers can write there) made by a configured approver's account: the pipeline account can
     write the version's own tags too.
     """
-    from model_registry.frozen import approved_name, record_for
-    from model_registry.registry import (
+    from damage.model_registry.frozen import approved_name, record_for
+    from damage.model_registry.registry import (
         T_APPROVED_BY,
         T_APPROVED_VIA,
         T_REASON,

@@ -13,7 +13,7 @@ def conf_with_instances(pred, paths, k: int = 20) -> float:
     """A confidence leaving about ``k`` candidates per image even for a barely trained model.
 
     Args:
-        pred: a ``tasks.serving.predictor.Predictor``.
+        pred: a ``damage.tasks.serving.predictor.Predictor``.
         paths: image files.
         k: candidates to keep on the image with the weakest scores.
     """
@@ -40,7 +40,7 @@ def assert_matches_ultralytics(onnx, paths, iou: float = 0.7, k: int = 20) -> in
     import numpy as np
     from ultralytics import YOLO
 
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx, iou=iou)
     pred.conf = conf_with_instances(pred, paths, k)
@@ -105,11 +105,11 @@ def sqlite_client(folder):
 
 @contextlib.contextmanager
 def worker_config(sets: list[str], config: str | None = None) -> Iterator[None]:
-    """Run as a worker started with ``--config config --set sets...`` (``tasks.core.run_params``): the
+    """Run as a worker started with ``--config config --set sets...`` (``damage.tasks.core.run_params``): the
     nightly and promote flows build their config from this, not from run parameters (issue 31)."""
     import json
 
-    from tasks.core.run_params import WORKER_ENV
+    from damage.tasks.core.run_params import WORKER_ENV
 
     old = os.environ.get(WORKER_ENV)
     os.environ[WORKER_ENV] = json.dumps({"config": config, "sets": list(sets)})

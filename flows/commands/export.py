@@ -7,13 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.common import console, err_console, fail, run_guarded, setup
+from damage.flows.common import console, err_console, fail, run_guarded, setup
 
 
 def _checkpoint_imgsz(weights: Path) -> int | None:
     """The image size the checkpoint was trained at (its saved train args), if any."""
     try:
-        from tasks.training.checkpoint import load_checkpoint_dict
+        from damage.tasks.training.checkpoint import load_checkpoint_dict
 
         sz = (load_checkpoint_dict(weights).get("train_args") or {}).get("imgsz")
         return int(sz if isinstance(sz, int) else max(sz)) if sz else None
@@ -35,10 +35,10 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint to ONNX with metadata, then run the PyTorch-vs-ONNX-Runtime parity gate."""
     cfg, paths = setup(ctx)
-    from tasks.core.runtime import configure_ultralytics
+    from damage.tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
-    from tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata, record_backend_latency
+    from damage.tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata, record_backend_latency
 
     e = cfg.export
     size = imgsz or e.imgsz or _checkpoint_imgsz(weights) or cfg.train.imgsz
@@ -71,7 +71,7 @@ def export_cmd(
 
 
 def _list_images(src: Path) -> list[Path]:
-    from tasks.data.dataset import IMAGE_EXTS
+    from damage.tasks.data.dataset import IMAGE_EXTS
 
     if src.is_dir():
         return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
@@ -107,8 +107,8 @@ def _out_names(images: list[Path], out: Path | None = None) -> dict[Path, str]:
 def _model_file(model: str, state_root: Path, notify=None) -> Path:
     """A local ``.onnx``, or the hash-verified approved copy of a ``models:/`` URI (``fetch_approved_uri``)."""
     if model.startswith("models:/"):
-        from model_registry.frozen import approved_file, fetch_approved_uri
-        from tasks.core import tracking
+        from damage.model_registry.frozen import approved_file, fetch_approved_uri
+        from damage.tasks.core import tracking
 
         local = run_guarded(fetch_approved_uri, tracking.client(), model, Path(state_root) / "approved" / "predict",
                             notify)
@@ -132,7 +132,7 @@ def predict_cmd(
 ) -> None:
     """Segment damage with ONNX Runtime or OpenVINO; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
     cfg, paths = setup(ctx)
-    from tasks.core.notify import send
+    from damage.tasks.core.notify import send
 
     model = _model_file(model, paths.root, lambda msg: send(cfg.notify, "failure", f"refused {model}", msg))
     images = _list_images(source)
@@ -141,10 +141,10 @@ def predict_cmd(
     import cv2
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tasks.core.atomic import atomic_write_bytes, atomic_write_json
-    from tasks.core.errors import DamageError
-    from tasks.serving.draw import draw_prediction
-    from tasks.serving.predictor import Predictor, read_image
+    from damage.tasks.core.atomic import atomic_write_bytes, atomic_write_json
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.serving.draw import draw_prediction
+    from damage.tasks.serving.predictor import Predictor, read_image
 
     pc = cfg.predictor
     pred = run_guarded(Predictor, model, conf=conf, iou=iou, backend=backend or pc.backend, threads=pc.threads or None,

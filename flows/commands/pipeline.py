@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, run_guarded, setup, shared
-from tasks.core.display import fmt_metric
+from damage.flows.common import console, run_guarded, setup, shared
+from damage.tasks.core.display import fmt_metric
 
 
 def _print_summary(summary: dict, seconds: float) -> None:
@@ -94,22 +94,22 @@ def run(
     opts = shared(ctx)
     config = opts.config
     if demo and config is None:
-        from tasks.core.config import DEFAULT_CONFIG
+        from damage.tasks.core.config import DEFAULT_CONFIG
 
         config = DEFAULT_CONFIG.parent / "demo.yaml"
     cfg, paths = setup(ctx, config=config)
-    from tasks.core.pipeline import preflight
+    from damage.tasks.nightly.pipeline import preflight
 
     run_guarded(preflight, cfg)
-    from flows.nightly import nightly
+    from damage.flows.nightly import nightly
 
     t0 = time.time()
     # the whole config (--config, --set) travels pinned in this process's environment (setup): this process is
-    # the worker; a run parameter could only carry the allowlisted keys of tasks.core.run_params
+    # the worker; a run parameter could only carry the allowlisted keys of damage.tasks.core.run_params
     summary = run_guarded(nightly, config_path=None, overrides=[], force=force)
     seconds = time.time() - t0
     summary = {**summary, "wall_time_s": round(seconds, 1)}
-    from tasks.core.atomic import atomic_write_text
+    from damage.tasks.core.atomic import atomic_write_text
 
     atomic_write_text(paths.root / "last_run.json", json.dumps(summary, indent=2, default=str))
     _print_summary(summary, seconds)
@@ -123,9 +123,9 @@ def train(
 ) -> None:
     """Train a YOLOv8-seg model alone (no MLflow run), honouring the train: section."""
     cfg, paths = setup(ctx)
-    from tasks.data.dataset import find_data_yaml, load_data_yaml
-    from tasks.training.init import apply, offline_decision
-    from tasks.training.train import train_model
+    from damage.tasks.data.dataset import find_data_yaml, load_data_yaml
+    from damage.tasks.training.init import apply, offline_decision
+    from damage.tasks.training.train import train_model
 
     data_yaml = run_guarded(find_data_yaml, data)
     start = run_guarded(offline_decision, cfg.train, run_guarded(load_data_yaml, data_yaml).names)

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, run_guarded, setup
-from flows.tables import JsonOpt_help
-from tasks.core.display import fmt_metric
+from damage.flows.common import console, run_guarded, setup
+from damage.flows.tables import JsonOpt_help
+from damage.tasks.core.display import fmt_metric
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
@@ -39,11 +39,11 @@ def _fmt_metric(v: float | None) -> str:
 @registry_app.command("list")
 def list_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = None, as_json: JsonOpt = False) -> None:
     """Show every version with its aliases, gate result, approval state and key metrics."""
-    from flows.tables import Col, json_output, print_table
+    from damage.flows.tables import Col, json_output, print_table
 
     with json_output(as_json) as out:
         _, name, uri = _ctx(ctx, name, tracking_uri)
-        from model_registry import list_versions
+        from damage.model_registry import list_versions
 
         versions = run_guarded(list_versions, uri, name)
         out.append([{"name": name, "version": v.version, "aliases": list(v.aliases), "gate": v.validation_status,
@@ -76,8 +76,8 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded).")]
 
 def _approvers(ctx) -> list[str]:
     """``registry.approvers`` of the config file, never of the caller's ``--set`` (refused, naming the key)."""
-    from flows.common import fail, shared
-    from tasks.core.config import CONFIG_ENV, load_config, parse_override
+    from damage.flows.common import fail, shared
+    from damage.tasks.core.config import CONFIG_ENV, load_config, parse_override
 
     for item in shared(ctx).sets:
         if parse_override(item)[0] in ("registry", "registry.approvers"):
@@ -106,12 +106,12 @@ def approve_(
 ) -> None:
     """Move 'production' to the staged version (only a staged, gate-passed version); its files are frozen
     and hashed into the approval record ('<name>-approved'), which serving verifies."""
-    from model_registry.frozen import approve_frozen
+    from damage.model_registry.frozen import approve_frozen
 
     cfg, name, uri, v = _decide(ctx, approve_frozen, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
-    from tasks.core.reporting import notify_promotion
+    from damage.tasks.nightly.reporting import notify_promotion
 
     notify_promotion(cfg, name, v.version, by, reason, uri)  # best effort: never fails the approval
 
@@ -126,7 +126,7 @@ def reject_(
     tracking_uri: UriOpt = None,
 ) -> None:
     """Mark a version rejected and take it off 'staging'."""
-    from model_registry import reject
+    from damage.model_registry import reject
 
     _, name, uri, v = _decide(ctx, reject, name, version, by, reason, tracking_uri)
     console.print(f"rejected '{name}' version {v.version} (by {by}: {reason}) at {uri}", highlight=False,
@@ -145,8 +145,8 @@ def rollback_(
     """Move 'production' back to the previously approved version."""
     approvers = _approvers(ctx)
     cfg, name, uri = _ctx(ctx, name, tracking_uri)
-    from model_registry import current_identity
-    from model_registry.frozen import rollback_frozen
+    from damage.model_registry import current_identity
+    from damage.model_registry.frozen import rollback_frozen
 
     who = by or current_identity() or getpass.getuser()
     move = run_guarded(rollback_frozen, uri, name, who, reason, to=to, approvers=approvers,
@@ -160,11 +160,11 @@ def history_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = No
     """Print every alias move: when, which alias, from -> to, who and why."""
     from dataclasses import asdict
 
-    from flows.tables import Col, json_output, print_table
+    from damage.flows.tables import Col, json_output, print_table
 
     with json_output(as_json) as out:
         _, name, uri = _ctx(ctx, name, tracking_uri)
-        from model_registry import history
+        from damage.model_registry import history
 
         moves = run_guarded(history, uri, name)
         out.append([asdict(m) for m in moves])

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, run_guarded, setup, shared
+from damage.flows.common import console, fail, run_guarded, setup, shared
 
 
 def schedule(
@@ -27,9 +27,9 @@ def schedule(
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
                       "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
-    from flows.deploy import build_deployments, register_with_pool, serve_all
-    from tasks.core.config import CONFIG_ENV
-    from tasks.core.run_params import split_worker_sets
+    from damage.flows.deploy import build_deployments, register_with_pool, serve_all
+    from damage.tasks.core.config import CONFIG_ENV
+    from damage.tasks.core.run_params import split_worker_sets
 
     opts = shared(ctx)
     # --set stays in this process (pinned by setup; served runs inherit it), never in the deployment's

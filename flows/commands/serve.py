@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, setup
+from damage.flows.common import console, fail, setup
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")]
 
@@ -88,12 +88,12 @@ def _approved_pyfunc(uri: str, work: Path, notify=None) -> Path:
     (``models:/NAME@production`` or ``models:/NAME/VERSION``) or a local ``.onnx`` file."""
     import shutil
 
-    from flows.common import run_guarded
-    from tasks.serving.pyfunc import save_pyfunc
+    from damage.flows.common import run_guarded
+    from damage.tasks.serving.pyfunc import save_pyfunc
 
     if uri.startswith("models:/"):
-        from model_registry.frozen import approved_file, fetch_approved_uri
-        from tasks.core import tracking
+        from damage.model_registry.frozen import approved_file, fetch_approved_uri
+        from damage.tasks.core import tracking
 
         shutil.rmtree(work, ignore_errors=True)
         local = run_guarded(fetch_approved_uri, tracking.client(), uri, work / "files", notify)
@@ -116,12 +116,12 @@ def serve(
 ) -> None:
     """Serve the approved model over HTTP (POST /invocations), from this virtualenv.
 
-    The files are the approved copy, hash-verified (``model_registry.frozen.fetch_approved``); the code
+    The files are the approved copy, hash-verified (``damage.model_registry.frozen.fetch_approved``); the code
     is this installed package's, never the artifact store's: the pyfunc folder is written here.
     """
     cfg, paths = setup(ctx)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
-    from tasks.core.notify import send
+    from damage.tasks.core.notify import send
 
     model_dir = _approved_pyfunc(uri, paths.root / "approved" / f"serve-{port}",
                                  lambda msg: send(cfg.notify, "failure", f"refused to serve {uri}", msg))
@@ -129,7 +129,7 @@ def serve(
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
     proc = _start(cmd, venv_env(), log)
-    from tasks.serving.pyfunc import input_example
+    from damage.tasks.serving.pyfunc import input_example
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
@@ -149,7 +149,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI and the Prefect UI on this state directory; Ctrl-C stops both."""
     cfg, paths = setup(ctx)
-    from tasks.core import links, tracking
+    from damage.tasks.core import links, tracking
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
     if tracking_uri.startswith(("http://", "https://")):

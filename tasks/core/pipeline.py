@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import Config
-from tasks.core.runtime import StatePaths
-from tasks.core.secrets import redact_uri
+from damage.tasks.core.config import Config
+from damage.tasks.core.runtime import StatePaths
+from damage.tasks.core.secrets import redact_uri
 
 
 @dataclass
@@ -46,14 +46,14 @@ class PipelineRun:
 
 
 def prepare_state(config_path: str | None = None, overrides: list[str] | None = None) -> tuple[Config, StatePaths]:
-    """The run's config (the worker's, plus allowlisted run overrides: ``tasks.core.run_params``); activate its
+    """The run's config (the worker's, plus allowlisted run overrides: ``damage.tasks.core.run_params``); activate its
     state directory (env vars, Ultralytics settings).
 
     Raises:
         ConfigError: a run parameter outside ``RUN_OVERRIDES`` (named), or a config file not the worker's.
     """
-    from tasks.core.run_params import run_config
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.run_params import run_config
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     cfg = run_config(config_path, overrides)
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
@@ -86,9 +86,9 @@ def open_pipeline_run(cfg: Config) -> PipelineRun:
     run folder), so later steps find what that attempt finished: the registered version by its
     source run id, the training folder by the pipeline key.
     """
-    from tasks.core import tracking
-    from tasks.core.runtime import resolve_state_dir
-    from tasks.data.fingerprint import code_version
+    from damage.tasks.core import tracking
+    from damage.tasks.core.runtime import resolve_state_dir
+    from damage.tasks.data.fingerprint import code_version
 
     c = tracking.client(cfg.mlflow.tracking_uri)
     exp_id = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
@@ -119,14 +119,14 @@ def open_pipeline_run(cfg: Config) -> PipelineRun:
 
 def prepare_dataset(cfg: Config, paths: StatePaths) -> Path:
     """Resolve ``data.source`` into a local data.yaml (synth, local folder, COCO JSON, s3://)."""
-    from tasks.data.source import resolve_source
+    from damage.tasks.data.source import resolve_source
 
     return resolve_source(cfg.data, paths.datasets, paths.cache)
 
 
 def close_pipeline_run(run: PipelineRun, ok: bool, summary: dict[str, Any] | None = None, error: str | None = None) -> None:
     """Finish the parent run (FAILED with the error message as a tag when ``ok`` is false)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     c = tracking.client(run.tracking_uri)
     if summary is not None:
         tracking.log_dict(c, run.run_id, summary, "summary.json")
@@ -138,7 +138,7 @@ def close_pipeline_run(run: PipelineRun, ok: bool, summary: dict[str, Any] | Non
 def summarise(cfg: Config, paths: StatePaths, run: PipelineRun, data, trained, evaluation, sweep, exported,
               version, decision) -> dict[str, Any]:
     """A JSON-able summary of the run: what was produced, the figures, and where everything is."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     m = evaluation.metrics
     summary = {
         "mlflow_run_id": run.run_id,
@@ -182,8 +182,8 @@ def preflight(cfg: Config) -> None:
     Raises:
         DatasetError / DamageError: naming the missing dataset, weights or bad model spec.
     """
-    from tasks.core.errors import DatasetError
-    from tasks.core.families import model_source
+    from damage.tasks.core.errors import DatasetError
+    from damage.tasks.core.families import model_source
 
     src = cfg.data.source
     if src != "synth" and not src.startswith("s3://"):
@@ -191,7 +191,7 @@ def preflight(cfg: Config) -> None:
         if not p.exists():
             raise DatasetError(f"{p}: dataset path does not exist (data.source)")
         if p.is_dir() or p.suffix in {".yaml", ".yml"}:
-            from tasks.data.dataset import check_structure, load_data_yaml
+            from damage.tasks.data.dataset import check_structure, load_data_yaml
 
             # With validate.on_error=clean broken labels are quarantined by the gate, not fatal.
             if cfg.validation.enabled and cfg.validation.on_error == "clean":
@@ -200,6 +200,6 @@ def preflight(cfg: Config) -> None:
                 check_structure(p)
     model_source(cfg.train.model)
     if cfg.train.weights and not Path(cfg.train.weights).expanduser().is_file():
-        from tasks.core.errors import DamageError
+        from damage.tasks.core.errors import DamageError
 
         raise DamageError(f"{cfg.train.weights}: weights file not found (train.weights)")

@@ -13,7 +13,7 @@ Example:
     >>> check_run_overrides(["mlflow.tracking_uri=http://x"])
     Traceback (most recent call last):
     ...
-    tasks.core.config.ConfigError: run parameter 'mlflow.tracking_uri' is not allowed: ...
+    damage.tasks.core.config.ConfigError: run parameter 'mlflow.tracking_uri' is not allowed: ...
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks.core.config import (
+from damage.tasks.core.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     Config,

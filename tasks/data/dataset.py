@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tasks.core.atomic import atomic_output_dir
-from tasks.core.config import CLASSES
-from tasks.core.errors import DamageError, DatasetError
-from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_file
-from tasks.data.root_check import check_dataset_paths
+from damage.tasks.core.atomic import atomic_output_dir
+from damage.tasks.core.config import CLASSES
+from damage.tasks.core.errors import DamageError, DatasetError
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_file
+from damage.tasks.data.root_check import check_dataset_paths
 
 # The image suffixes every reader of the project accepts (Ultralytics' common ones).
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -500,7 +500,7 @@ def _import_yolo(src_yaml: Path, tmp: Path | None, classes: list[str], class_map
     ignored: Counter = Counter()
     used: dict[str, set[str]] = {}
     images: Counter = Counter()
-    from tasks.core.progress import iterate
+    from damage.tasks.core.progress import iterate
 
     for split, img in iterate(items, "import", "import: images", artifact_every=64):
         lines = []
@@ -658,7 +658,7 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
     ignored: Counter = Counter()
     images: Counter = Counter()
     used: dict[str, set[str]] = {}
-    from tasks.core.progress import iterate
+    from damage.tasks.core.progress import iterate
 
     for i, im in iterate(list(enumerate(imgs)), "import", "import: images", artifact_every=64):
         split = "val" if i in val else "train"
@@ -726,7 +726,7 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
     Args:
         src: YOLO dataset folder or data.yaml, or a COCO ``instances*.json``. out: output folder (new or empty).
         class_map: source name -> target name (or "-").
-        classes: target class names in id order; None = ``tasks.core.config.CLASSES``.
+        classes: target class names in id order; None = ``damage.tasks.core.config.CLASSES``.
         val_fraction: val share when the import makes the split. seed: split seed.
         images_dir: COCO image folder; None = search beside the JSON (``images/``, CarDD's ``train2017/``).
         allow_unknown: skip (and report) unknown source classes instead of refusing.

@@ -2,7 +2,7 @@
 
 A data.yaml is text anyone can write. ``path: /`` with ``train: /etc`` would make the import copy,
 and the data gate read and report, files from anywhere on the machine. ``check_dataset_paths`` is
-called by the one data.yaml reader (``tasks.data.dataset.load_data_yaml``):
+called by the one data.yaml reader (``damage.tasks.data.dataset.load_data_yaml``):
 
 * the root (``path:``) may be the data.yaml's folder, a folder inside it, its parent (the
   ``dataset/configs/data.yaml`` + ``path: ..`` layout), or a folder elsewhere (a resolved copy under
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tasks.core.errors import DatasetError
+from damage.tasks.core.errors import DatasetError
 
 
 def check_dataset_paths(yaml_path: Path, root: Path, splits: dict[str, list[Path]]) -> None:

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.core.errors import DamageError, DatasetError, load_file
-from tasks.core.jsonsafe import json_safe
+from damage.tasks.core.errors import DamageError, DatasetError, load_file
+from damage.tasks.core.jsonsafe import json_safe
 
 if TYPE_CHECKING:
-    from tasks.core.config import Config
-    from tasks.evaluation.damage_percent import DamageMAE, VehicleError
+    from damage.tasks.core.config import Config
+    from damage.tasks.serving.damage_percent import DamageMAE, VehicleError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ImageTruth:
         boxes: (n, 4) float xyxy.
         cls: (n,) int class ids.
         masks: (n, h, w) bool masks at the resolution predictions are matched at.
-        damage_percent: image-level damage percentage from the labels (``tasks.evaluation.damage_percent``),
+        damage_percent: image-level damage percentage from the labels (``damage.tasks.serving.damage_percent``),
             None when the image has no vehicle.
     """
 
@@ -135,7 +135,7 @@ class EvalResult:
     conf: float
     iou: float
     model_format: str
-    plots: list[str] = field(default_factory=list)  # PNGs of ``tasks.evaluation.plots`` (when asked for)
+    plots: list[str] = field(default_factory=list)  # PNGs of ``damage.tasks.evaluation.plots`` (when asked for)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -309,7 +309,7 @@ def damage_summary(scores: Sequence[ImageScore], conf: float) -> DamageMAE:
 
     Needs scores from a ``collect`` pass with ``conf`` among its ``op_confs``.
     """
-    from tasks.evaluation.damage_percent import mae_summary
+    from damage.tasks.serving.damage_percent import mae_summary
 
     return mae_summary([e for s in scores for e in s.damage.get(conf, [])])
 
@@ -317,7 +317,7 @@ def damage_summary(scores: Sequence[ImageScore], conf: float) -> DamageMAE:
 def damage_mae(scores: Sequence[ImageScore], conf: float) -> tuple[float, int]:
     """Mean absolute error (percentage points) of the per-vehicle damage percentage at ``conf``.
 
-    Per labelled vehicle (rule in ``tasks.evaluation.damage_percent``): a labelled vehicle that
+    Per labelled vehicle (rule in ``damage.tasks.serving.damage_percent``): a labelled vehicle that
     no predicted vehicle matches counts as 0 % predicted.
 
     Returns:
@@ -457,7 +457,7 @@ def open_model(model: str | Path, data_yaml: str | Path, imgsz: int | None = Non
     import torch
     from ultralytics.nn.autobackend import AutoBackend
 
-    from tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
 
     p = _check_model_path(model)
     try:
@@ -555,7 +555,7 @@ def _truth_tensors(item: dict, names: dict[int, str], proto_hw: tuple[int, int])
     import torch.nn.functional as F
     from ultralytics.utils import ops
 
-    from tasks.evaluation.damage_percent import damage_report
+    from damage.tasks.serving.damage_percent import damage_report
 
     h, w = item["img"].shape[1:]
     cls = item["cls"].view(-1).long().numpy()
@@ -596,7 +596,7 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
     """Deployment NMS (best class per box) above min(confs), full-res masks, per-vehicle damage % per conf."""
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.damage_percent import vehicle_errors
+    from damage.tasks.serving.damage_percent import vehicle_errors
 
     det = nms.non_max_suppression(pred[None], min(confs), iou, nc=len(names), multi_label=False,
                                   max_det=max_det, end2end=end2end)[0]
@@ -631,7 +631,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
         max_det: max detections per image after NMS.
         batch: images per forward pass.
         conf_floor: confidence floor of the mAP detections (keep 0.001).
-        confusion: True = fill a confusion matrix (``tasks.evaluation.plots``) at the first IoU of
+        confusion: True = fill a confusion matrix (``damage.tasks.evaluation.plots``) at the first IoU of
             ``ious``, returned as ``Collected.confusion``; None = none.
         progress: a label (e.g. ``"sweep"``): show a progress bar / Prefect progress artifact
             over the images; None = silent.
@@ -649,7 +649,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
     t_start = time.perf_counter()
     m = open_model(model, data_yaml, imgsz)
     if confusion is True:
-        from tasks.evaluation.plots import new_confusion
+        from damage.tasks.evaluation.plots import new_confusion
 
         confusion = new_confusion(m.names)
     ds, _ = load_split(data_yaml, split, m.imgsz, m.stride)
@@ -663,7 +663,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
     first_iou = float(ious[0])
     from contextlib import nullcontext
 
-    from tasks.core.progress import track
+    from damage.tasks.core.progress import track
 
     end2end = bool(getattr(m.backend, "end2end", False))  # YOLO26 exported with its NMS-free head
     bar_cm = track(progress, f"{progress}: images", len(ds), artifact_every=16) if progress else nullcontext()
@@ -690,7 +690,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
                     if v == first_iou:
                         t_post += time.perf_counter() - tp
                 if confusion is not None:
-                    from tasks.evaluation.plots import confusion_update
+                    from damage.tasks.evaluation.plots import confusion_update
 
                     confusion_update(confusion, preds[i], truth, first_iou, len(m.names), max_det)
                 for v in op_scores:
@@ -730,7 +730,7 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
         max_det: max detections per image.
         batch: images per forward pass.
         plots_dir: when given, box/mask PR and F1 curves per class and the confusion matrix are
-            drawn there (``tasks.evaluation.plots``) and listed in ``EvalResult.plots``.
+            drawn there (``damage.tasks.evaluation.plots``) and listed in ``EvalResult.plots``.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments (message names the file).
@@ -748,7 +748,7 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
     metrics.update(class_metrics(per_class))
     plots: list[str] = []
     if plots_dir is not None:
-        from tasks.evaluation.plots import write_eval_plots
+        from damage.tasks.evaluation.plots import write_eval_plots
 
         target = np.concatenate([t.cls for t in col.truths]).astype(int) if col.truths else np.zeros(0, int)
         plots = [str(p) for p in write_eval_plots(*_concat(col.map_scores[float(iou)]), target, col.names,
@@ -810,9 +810,9 @@ def evaluate_step(model: str | Path, data_yaml: str | Path, evaluator: Evaluator
     """
     import tempfile
 
-    from tasks.core import tracking
-    from tasks.core.sysmetrics import system_metrics
-    from tasks.data.mlflow_input import log_dataset_input
+    from damage.tasks.core import tracking
+    from damage.tasks.core.sysmetrics import system_metrics
+    from damage.tasks.data.mlflow_input import log_dataset_input
 
     with tracking.step_run(parent_run_id, name) as (c, run_id), tempfile.TemporaryDirectory(prefix="plots-") as tmp:
         log_dataset_input(c, run_id, data_yaml, dataset_fingerprint, "evaluation", dataset_source)

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 import cv2
 import numpy as np
 
-from tasks.core.atomic import atomic_write_bytes, atomic_write_json
-from tasks.core.errors import DamageError, DatasetError
+from damage.tasks.core.atomic import atomic_write_bytes, atomic_write_json
+from damage.tasks.core.errors import DamageError, DatasetError
 
 if TYPE_CHECKING:  # torch is imported lazily: importing this module stays cheap
     import torch
 
-    from tasks.core.config import ExplainConfig
+    from damage.tasks.core.config import ExplainConfig
 
 METHODS = ("gradcam", "eigencam")
 
@@ -110,7 +110,7 @@ def load_model(model: str | Path | Any) -> Any:
             raise DamageError(f"{p}: model file not found")
         if p.suffix != ".pt":
             raise DamageError(f"{p}: explanations need a PyTorch .pt checkpoint (gradients), got '{p.suffix}'")
-        from tasks.training.checkpoint import load_ultralytics_checkpoint
+        from damage.tasks.training.checkpoint import load_ultralytics_checkpoint
 
         try:  # vetted first, then Ultralytics' restricted loader: no code from the file runs
             net, _ = load_ultralytics_checkpoint(p)
@@ -136,7 +136,7 @@ def _segment_head(net: Any, where: str) -> Any:
         raise DamageError(f"{where}: not an instance-segmentation model (last layer is "
                           f"{type(head).__name__}, expected Segment)")
     if getattr(head, "end2end", False):
-        from tasks.core.families import family_name
+        from damage.tasks.core.families import family_name
 
         raise DamageError(f"{where}: this {family_name(net)} model has its end-to-end (NMS-free) head selected; "
                           f"explain (Grad-CAM/EigenCAM) reads the one-to-many head: select it "
@@ -517,7 +517,7 @@ def explain_to_dir(
     out_dir = Path(out_dir)
     written: list[Path] = []
     used: set[str] = set()
-    from tasks.core.progress import track
+    from damage.tasks.core.progress import track
 
     with track("explain", "explain: images", len(images)) as bar:
         for image in images:
@@ -566,7 +566,7 @@ def pick_explain_samples(data_yaml: str | Path, n: int, seed: int = 0, split: st
     Raises:
         DatasetError: data.yaml or the split's image folder is missing.
     """
-    from tasks.data.dataset import split_images
+    from damage.tasks.data.dataset import split_images
 
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
@@ -603,8 +603,8 @@ def explain_step(
     Returns:
         The files written (and logged).
     """
-    from tasks.core import tracking
-    from tasks.core.runtime import resolve_state_dir
+    from damage.tasks.core import tracking
+    from damage.tasks.core.runtime import resolve_state_dir
 
     out = Path(out_dir) if out_dir else resolve_state_dir() / "reports" / "explain" / parent_run_id
     files = explain_to_dir(model, images, out, method=cfg.method, layer=cfg.layer, conf=cfg.conf, iou=cfg.iou,

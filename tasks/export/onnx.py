@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write
-from tasks.core.config import ExportConfig, PredictorConfig
-from tasks.core.errors import DamageError, GateFailed, load_file
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.config import ExportConfig, PredictorConfig
+from damage.tasks.core.errors import DamageError, GateFailed, load_file
 
 META_PREFIX = "damage."
 
@@ -74,7 +74,7 @@ class ExportResult:
 def _load_yolo(weights: Path):
     from ultralytics import YOLO
 
-    from tasks.training.checkpoint import ultralytics_safe_load, vet_checkpoint
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vet_checkpoint
 
     with ultralytics_safe_load():
         model = load_file(Path(weights), lambda p: YOLO(str(vet_checkpoint(p))), "weights")
@@ -89,7 +89,7 @@ def check_end2end(model, weights: Path, end2end: bool) -> None:
     Raises:
         DamageError: ``end2end`` is requested and the model's head has no one-to-one branch.
     """
-    from tasks.core.families import family_name
+    from damage.tasks.core.families import family_name
 
     head = model.model[-1] if hasattr(model, "model") else None
     if end2end and getattr(head, "one2one_cv2", None) is None:
@@ -131,7 +131,7 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         raise DamageError(f"{out}: opset {opset} not supported (>= 12)")
     model = _load_yolo(weights)
     check_end2end(model.model, weights, end2end)
-    from tasks.core.families import family_name
+    from damage.tasks.core.families import family_name
 
     family = family_name(model.model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         del model
         from ultralytics import YOLO
 
-        from tasks.training.checkpoint import ultralytics_safe_load, vet_checkpoint
+        from damage.tasks.training.checkpoint import ultralytics_safe_load, vet_checkpoint
 
         try:
             # nms=False selects the one-to-one head; None (Ultralytics' default) the one-to-many head
@@ -277,7 +277,7 @@ def _raise_if_failed(res: ParityResult, onnx: Path) -> None:
 def _parity(weights: Path, onnx: Path, images: list[Path] | int, imgsz: int, atol: float) -> ParityResult:
     import torch
 
-    from tasks.serving.predictor import Predictor, letterbox, read_image
+    from damage.tasks.serving.predictor import Predictor, letterbox, read_image
 
     ims = sample_images(images) if isinstance(images, int) else [read_image(p) for p in images]
     if not ims:
@@ -370,10 +370,15 @@ def backend_latency_ms(onnx_path: Path, imgsz: int, runs: int = 10, precision: s
     """Median latency (ms) of one 1x3x``imgsz``x``imgsz`` inference per installed runtime, interleaved.
 
     The runtimes take turns run by run, so a noisy neighbour slows both alike. Each runs with
-    the predictor's settings (``tasks.serving.backends``; no optimised-graph cache is written).
+    the predictor's settings (``damage.tasks.serving.backends``; no optimised-graph cache is written).
     Without OpenVINO only ``onnxruntime`` is measured and one line is logged.
     """
-    from tasks.serving.backends import RUNTIMES, open_runtime, openvino_available, warn_openvino_missing
+    from damage.tasks.serving.backends import (
+        RUNTIMES,
+        open_runtime,
+        openvino_available,
+        warn_openvino_missing,
+    )
 
     names = [n for n in RUNTIMES if n != "openvino" or openvino_available()]
     if "openvino" not in names:
@@ -404,7 +409,7 @@ def record_backend_latency(onnx_path: Path, imgsz: int, runs: int = 10, precisio
         ``{"backend_latency_ms": {...}, "preferred_backend": str, "backend_cpu": str}``, or ``{}``
         when ``runs`` is 0.
     """
-    from tasks.serving.backends import cpu_isa
+    from damage.tasks.serving.backends import cpu_isa
 
     if runs <= 0:
         return {}
@@ -440,7 +445,7 @@ def export_step(weights: Path, cfg: ExportConfig, imgsz: int, thresholds: dict[s
         predictor: the ``predictor:`` config section (``latency_runs``, ``openvino_precision``);
             None = its defaults.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     pcfg = predictor or PredictorConfig()
     size = imgsz
     weights = Path(weights)

@@ -1,10 +1,10 @@
 """Torch-free predictor for exported YOLO-seg models (YOLOv8, YOLO11, YOLO26), with damage percentages.
 
-Imports only numpy, OpenCV, ONNX Runtime (or OpenVINO, ``tasks.serving.backends``) and the
-standard library (plus the numpy-only ``tasks.evaluation.damage_percent`` and the stdlib-only
-``tasks.core.errors`` / ``tasks.core.images``), so a claim app or a serving container can run it
+Imports only numpy, OpenCV, ONNX Runtime (or OpenVINO, ``damage.tasks.serving.backends``) and the
+standard library (plus the numpy-only ``damage.tasks.serving.damage_percent`` and the stdlib-only
+``damage.tasks.core.errors`` / ``damage.tasks.core.images``), so a claim app or a serving container can run it
 without torch, ultralytics or prefect. Either runtime reads the same ``.onnx`` file; ``backend``
-picks one (``auto``: the one the export measured fastest, see ``tasks.serving.backends``).
+picks one (``auto``: the one the export measured fastest, see ``damage.tasks.serving.backends``).
 
 Hostile input is bounded: every image's pixel count is checked from its header before it is
 decoded (``max_pixels``: argument, else ``damage.max_pixels`` in the ONNX metadata, which may only lower
@@ -49,10 +49,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.core.errors import DamageError
-from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
-from tasks.evaluation.damage_percent import BoxMask, DamageReport, damage_report
-from tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
+from damage.tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
+from damage.tasks.serving.damage_percent import BoxMask, DamageReport, damage_report
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -182,7 +182,7 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
     """Decoded metadata of an exported model: names (list), imgsz ([h, w]), stride, task, thresholds.
 
     Reads Ultralytics' keys (``names``, ``imgsz``, ``stride``, ``task``) and the pipeline's
-    ``damage.*`` keys (JSON values, see ``tasks.export.onnx``).
+    ``damage.*`` keys (JSON values, see ``damage.tasks.export.onnx``).
     """
     return _decode_metadata(raw_metadata(Path(onnx_path)))
 
@@ -539,7 +539,7 @@ class Predictor:
     """YOLO-seg predictor on ONNX Runtime or OpenVINO; thresholds, names and size default to the model's metadata.
 
     Args:
-        onnx_path: exported model (``tasks.export.onnx.export_onnx``).
+        onnx_path: exported model (``damage.tasks.export.onnx.export_onnx``).
         conf: confidence threshold; None = the sweep's choice in the metadata, else 0.25.
         iou: NMS IoU threshold; None = metadata, else 0.7.
         max_det: detections kept per image at most.

@@ -16,7 +16,7 @@ checkpoint is ever fully unpickled:
 
 The allowlist: ``torch.nn`` modules, Ultralytics' modules and model classes and the data globals
 of its checkpoints (Ultralytics' own ``_SafeLoad`` rules, ``ultralytics.nn.tasks``), plus this
-project's pruned blocks (``tasks.training.prune.C2f_v2``/``C2PSA_v2``). A plain state dict
+project's pruned blocks (``damage.tasks.training.prune.C2f_v2``/``C2PSA_v2``). A plain state dict
 (tensors only) needs no class at all.
 
 Example:
@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 # Globals a checkpoint may name besides classes: torch's tensor rebuilders are allowed by torch's
 # restricted unpickler itself and never reported by the scan; these are the rest.
@@ -49,7 +49,7 @@ _DATA_GLOBALS = {
 _CLASS_MODULES = ("torch.nn.modules.", "ultralytics.nn.modules.", "ultralytics.nn.tasks.",
                   "ultralytics.utils.loss.", "ultralytics.utils.tal.")
 # This project's own layer classes that a pruned checkpoint pickles.
-_PROJECT_CLASSES = ("tasks.training.prune.C2f_v2", "tasks.training.prune.C2PSA_v2")
+_PROJECT_CLASSES = ("damage.tasks.training.prune.C2f_v2", "damage.tasks.training.prune.C2PSA_v2")
 _lock = threading.Lock()
 
 
@@ -99,7 +99,7 @@ def _register_project_classes() -> None:
     """Make this project's pruned blocks known to torch's restricted unpickler (process-wide, as Ultralytics does).
 
     Resolved from the fixed ``_PROJECT_CLASSES`` table (never from a name in a file or a parameter), by
-    name because ``tasks.training.prune`` itself loads checkpoints through this module.
+    name because ``damage.tasks.training.prune`` itself loads checkpoints through this module.
     """
     import importlib
 

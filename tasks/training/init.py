@@ -2,7 +2,7 @@
 
 ``train.init`` is ``auto`` | ``scratch`` | ``production`` | a path to a ``.pt``. The registry
 side (which version is ``production``, fetching its ``model.pt`` through MLflow) lives in
-``model_registry.init``; this module decides whether a checkpoint can start training for the
+``damage.model_registry.init``; this module decides whether a checkpoint can start training for the
 configured architecture and dataset, and what the fine-tune settings are.
 
 A checkpoint fits when its class names equal the dataset's (same names, same order: a class id
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import TrainConfig
-from tasks.core.errors import DamageError
+from damage.tasks.core.config import TrainConfig
+from damage.tasks.core.errors import DamageError
 
 SCRATCH, PRODUCTION, PATH = "scratch", "production", "path"
 
@@ -59,7 +59,7 @@ class InitDecision:
 
 
 def _load_model(pt: Path):
-    from tasks.training.checkpoint import UnreadableCheckpoint, load_checkpoint_dict
+    from damage.tasks.training.checkpoint import UnreadableCheckpoint, load_checkpoint_dict
 
     # Vetted + weights_only (the registry's artifact.pt and S3-synced files are not trusted code). A file that
     # names code outside the allowlist raises UnsafeCheckpoint, not an InitError: the run stops, no fallback.
@@ -80,7 +80,7 @@ def _names(model) -> list[str]:
 
 def _target_shapes(model_spec: str, nc: int) -> dict[str, tuple[int, ...]]:
     """Parameter/buffer shapes of the network ``train.model`` builds for ``nc`` classes."""
-    from tasks.training.train import model_source
+    from damage.tasks.training.train import model_source
 
     src = model_source(model_spec)
     if src.endswith(".pt"):

@@ -20,9 +20,9 @@ get smaller and faster. What makes the families prunable:
 
 The pruned module is saved as an ordinary Ultralytics checkpoint (``{"model": module}``),
 so ``YOLO(path)``, the validator and the exporter load it unchanged; :class:`C2f_v2`
-lives here, so unpickling needs ``tasks.training.prune`` importable (it is, inside this package).
+lives here, so unpickling needs ``damage.tasks.training.prune`` importable (it is, inside this package).
 
-Fine-tuning goes through :func:`tasks.training.train.train_model` with
+Fine-tuning goes through :func:`damage.tasks.training.train.train_model` with
 :class:`PrunedSegmentationTrainer`, whose ``get_model`` returns the loaded pruned module
 instead of rebuilding the full-width model from its YAML.
 
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.core.errors import DamageError, load_file
+from damage.tasks.core.errors import DamageError, load_file
 
 # Pruning methods: rows with the arguments each accepts (an unknown argument is an error).
 PRUNE_METHODS: dict[str, dict[str, Any]] = {
@@ -200,7 +200,7 @@ def load_model(weights: str | Path) -> nn.Module:
     Raises:
         DamageError: missing file or not an Ultralytics checkpoint.
     """
-    from tasks.training.checkpoint import load_ultralytics_checkpoint
+    from damage.tasks.training.checkpoint import load_ultralytics_checkpoint
 
     model, _ = load_file(Path(weights), load_ultralytics_checkpoint, "weights file")
     return model.float().eval()
@@ -217,7 +217,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path | None
 
     train_args: dict[str, Any] = {}
     if source is not None and Path(source).is_file():
-        from tasks.training.checkpoint import load_checkpoint_dict
+        from damage.tasks.training.checkpoint import load_checkpoint_dict
 
         ck = load_checkpoint_dict(source)
         train_args = dict(ck.get("train_args") or {})
@@ -238,7 +238,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path | None
         "version": __version__,
         "damage": dict(meta or {}),
     }
-    from tasks.core.atomic import atomic_write
+    from damage.tasks.core.atomic import atomic_write
 
     return atomic_write(out, lambda tmp: torch.save(ckpt, tmp), suffix=".pt.tmp")
 
@@ -354,7 +354,7 @@ def prune_structured_model(model: nn.Module, ratio: float, imgsz: int = 640, imp
     """
     import torch_pruning as tp
 
-    from tasks.core.families import family_name
+    from damage.tasks.core.families import family_name
 
     if not 0 < ratio < 1:
         raise DamageError(f"prune ratio must be in (0, 1), got {ratio}")
@@ -508,12 +508,12 @@ def finetune_pruned(pruned_weights: str | Path, data_yaml: str | Path, cfg, out_
         pruned_weights: .pt written by :func:`prune_structured`.
         data_yaml: dataset.
         cfg: ``TrainConfig``; ``model``/``weights`` are replaced by the pruned checkpoint.
-        out_dir, seed, name, on_epoch: as in :func:`tasks.training.train.train_model`.
+        out_dir, seed, name, on_epoch: as in :func:`damage.tasks.training.train.train_model`.
 
     Returns:
         ``TrainResult`` (best.pt has the pruned parameter count).
     """
-    from tasks.training.train import train_model
+    from damage.tasks.training.train import train_model
 
     cfg = cfg.model_copy(update={"model": str(Path(pruned_weights).resolve()), "weights": None,
                                  "resume": None, "finetune": False})

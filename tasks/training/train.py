@@ -1,4 +1,4 @@
-"""YOLO instance-segmentation training (YOLOv8, YOLO11, YOLO26: ``tasks.core.families``) (Ultralytics), offline, on every CPU core.
+"""YOLO instance-segmentation training (YOLOv8, YOLO11, YOLO26: ``damage.tasks.core.families``) (Ultralytics), offline, on every CPU core.
 
 ``train_model`` is a plain typed function (callable in tests); ``flows`` wrap it as a Prefect
 task. Per-epoch metrics reach MLflow through the ``on_epoch`` callback, because Ultralytics'
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import TrainConfig
-from tasks.core.errors import DamageError, DatasetError
-from tasks.core.families import model_source
-from tasks.training.guard import ParentGuard
+from damage.tasks.core.config import TrainConfig
+from damage.tasks.core.errors import DamageError, DatasetError
+from damage.tasks.core.families import model_source
+from damage.tasks.training.guard import ParentGuard
 
 # Augmentation profiles: rows of Ultralytics train arguments. "light" is for small or
 # fine-grained datasets where mosaic/mixup destroy context: flips and small rotations only.
@@ -56,7 +56,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     args: dict[str, Any] = field(default_factory=dict)
     accumulate: int | None = None  # batches per optimiser step, read off the Ultralytics trainer
-    guard: dict[str, Any] | None = None  # the parent guard's summary (tasks.training.guard), fine-tunes only
+    guard: dict[str, Any] | None = None  # the parent guard's summary (damage.tasks.training.guard), fine-tunes only
 
     @property
     def results_csv(self) -> Path:
@@ -118,10 +118,10 @@ def class_ap50(validator: Any) -> dict[str, float]:
     """Per-class mask AP50 of an Ultralytics segmentation validation: ``{"mask_ap50/<class>": ap}``.
 
     Only classes with labels in the validation split have an AP (Ultralytics' ``ap_class_index``);
-    names as ``tasks.evaluation.evaluate.class_metrics`` writes them, so the per-epoch curve and the
+    names as ``damage.tasks.evaluation.evaluate.class_metrics`` writes them, so the per-epoch curve and the
     evaluator's figure share one MLflow key.
     """
-    from tasks.evaluation.evaluate import class_metrics
+    from damage.tasks.evaluation.evaluate import class_metrics
 
     m = getattr(validator, "metrics", None)
     seg = getattr(m, "seg", None)
@@ -183,8 +183,8 @@ def _sized_for_dataset(src: str, data_yaml: Path, folder: Path) -> str:
     import yaml
     from ultralytics.nn.tasks import yaml_model_load
 
-    from tasks.core.atomic import atomic_write_text
-    from tasks.data.dataset import load_data_yaml
+    from damage.tasks.core.atomic import atomic_write_text
+    from damage.tasks.data.dataset import load_data_yaml
 
     if not src.endswith((".yaml", ".yml")):
         return src
@@ -216,7 +216,7 @@ def _trim_results(ckpt: Path) -> None:
 
     A run killed between writing results.csv and last.pt would otherwise repeat a row on resume.
     """
-    from tasks.training.checkpoint import load_checkpoint_dict
+    from damage.tasks.training.checkpoint import load_checkpoint_dict
 
     csv_path = ckpt.parent.parent / "results.csv"
     if not csv_path.is_file():
@@ -225,14 +225,14 @@ def _trim_results(ckpt: Path) -> None:
     lines = csv_path.read_text().splitlines(keepends=True)
     keep = lines[: 1 + epoch + 1]  # header + epochs 0..epoch
     if len(keep) < len(lines):
-        from tasks.core.atomic import atomic_write_text
+        from damage.tasks.core.atomic import atomic_write_text
 
         atomic_write_text(csv_path, "".join(keep))
 
 
 def _resumable(ckpt: Path) -> bool:
     """A last.pt of an unfinished run still holds its optimizer state (epoch >= 0)."""
-    from tasks.training.checkpoint import load_checkpoint_dict
+    from damage.tasks.training.checkpoint import load_checkpoint_dict
 
     try:
         d = load_checkpoint_dict(ckpt)
@@ -252,7 +252,7 @@ def train_model(
     extra_args: dict[str, Any] | None = None,
     guard_eval: Callable[[Path], dict[str, float]] | None = None,
 ) -> TrainResult:
-    """Train a YOLO-seg model (any family of ``tasks.core.families``) and return its best/last checkpoints and metrics.
+    """Train a YOLO-seg model (any family of ``damage.tasks.core.families``) and return its best/last checkpoints and metrics.
 
     Args:
         data_yaml: dataset's data.yaml (YOLO-seg layout).
@@ -280,7 +280,7 @@ def train_model(
     """
     from ultralytics import YOLO
 
-    from tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.core.runtime import activate, configure_ultralytics
 
     data_yaml = Path(data_yaml).resolve()
     if not data_yaml.is_file():
@@ -289,7 +289,7 @@ def train_model(
     project.mkdir(parents=True, exist_ok=True)
     configure_ultralytics(activate())
 
-    from tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
 
     resume_from = _resume_checkpoint(cfg, project, name)
     if resume_from is not None:
@@ -357,9 +357,9 @@ def train_model(
     model.add_callback("on_fit_epoch_end", _epoch_end)
     guard = None
     if cfg.finetune and cfg.finetune_guard and cfg.weights:
-        # best.pt = the fittest epoch that loses no class the parent had (tasks.training.guard)
+        # best.pt = the fittest epoch that loses no class the parent had (damage.tasks.training.guard)
         if guard_eval is None:
-            from tasks.evaluation.evaluate import Evaluator
+            from damage.tasks.evaluation.evaluate import Evaluator
 
             guard_eval = Evaluator(imgsz=cfg.imgsz).metrics_fn(data_yaml)
         guard = ParentGuard(Path(cfg.weights), guard_eval, cfg.finetune_guard_tol)
@@ -411,7 +411,7 @@ def finished_training(out_dir: Path, name: str = "train") -> TrainResult | None:
 def _mark_finished(out_dir: Path, name: str, result: TrainResult) -> None:
     import json
 
-    from tasks.core.atomic import atomic_write_text
+    from damage.tasks.core.atomic import atomic_write_text
 
     atomic_write_text(Path(out_dir) / DONE_MARKER.format(name=name), json.dumps({
         "best": str(result.best), "last": str(result.last), "run_dir": str(result.run_dir),
@@ -435,13 +435,13 @@ def train_step(data_yaml: Path, cfg: TrainConfig, out_dir: Path, parent_run_id: 
     code), a training that already completed in ``out_dir`` is not repeated: a retried flow run
     resumes after it (a finished ``last.pt`` has no optimiser state to resume from).
 
-    ``evaluator`` (a ``tasks.evaluation.evaluate.Evaluator``, the gate's) scores the epochs of a
+    ``evaluator`` (a ``damage.tasks.evaluation.evaluate.Evaluator``, the gate's) scores the epochs of a
     guarded fine-tune (``train.finetune_guard``); default: ``Evaluator`` at ``train.imgsz``.
     """
-    from tasks.core import tracking
-    from tasks.core.prefect_ui import Progress
-    from tasks.core.sysmetrics import system_metrics
-    from tasks.data.mlflow_input import log_dataset_input
+    from damage.tasks.core import tracking
+    from damage.tasks.core.prefect_ui import Progress
+    from damage.tasks.core.sysmetrics import system_metrics
+    from damage.tasks.data.mlflow_input import log_dataset_input
 
     done = finished_training(out_dir, name) if reuse_finished else None
     if done is not None:

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tasks.core.errors import DatasetError
+from damage.tasks.core.errors import DatasetError
 
 if TYPE_CHECKING:
-    from tasks.core.config import ValidateConfig
-    from tasks.validation.scan import Inventory, Layout
+    from damage.tasks.core.config import ValidateConfig
+    from damage.tasks.validation.scan import Inventory, Layout
 
 PROFILE_KIND = "damage.dataset_profile"
 PROFILE_VERSION = 1
@@ -106,9 +106,9 @@ def profile_dataset(data: Path, cfg: ValidateConfig) -> dict[str, Any]:
     Raises:
         DatasetError: not a dataset.
     """
-    from expectations.tables import TableBuilder
-    from tasks.data.fingerprint import dataset_fingerprint
-    from tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.validation.tables import TableBuilder
 
     layout = resolve_layout(data)
     inv = enumerate_samples(layout)
@@ -289,13 +289,13 @@ def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, m
         return None, "drift check off"
     if cfg.drift_reference != "auto":
         return reference_profile(Path(cfg.drift_reference).expanduser(), cfg), cfg.drift_reference
-    from model_registry.registry import PRODUCTION, alias_source_run
-    from tasks.core import tracking
+    from damage.model_registry.registry import PRODUCTION, alias_source_run
+    from damage.tasks.core import tracking
 
     c = tracking.client(tracking_uri)
     prod = alias_source_run(c, model_name, PRODUCTION)
     if prod is not None:
-        from model_registry.frozen import check_production
+        from damage.model_registry.frozen import check_production
 
         check_production(c, model_name)  # an alias moved outside approval stops the run (the failure is notified)
         profile = _download_profile(c, prod[1])

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.config import ValidateConfig
-from tasks.validation.drift import (
+from damage.tasks.core.config import ValidateConfig
+from damage.tasks.validation.drift import (
     DRIFT_CODES,
     ProfileError,
     drift_table,
@@ -20,7 +20,7 @@ from tasks.validation.drift import (
     load_profile,
     reference_profile,
 )
-from tasks.validation.validate import severities
+from damage.tasks.validation.validate import severities
 
 CFG = ValidateConfig(workers=1)
 
@@ -36,7 +36,7 @@ def _drift_codes(report: dict) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def synth_pair(state_paths, tmp_path_factory):
     """Two draws of the same synthetic distribution (different seeds) at 96 px."""
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     root = tmp_path_factory.mktemp("drift")
     ref = generate_dataset(root / "ref", images=100, seed=1, imgsz=96, val_fraction=0.25)
@@ -73,10 +73,10 @@ def test_drift_resample_quiet_shift_loud(synth_pair, tmp_path):
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from tasks.core import tracking
-    from tasks.validation.data_check import check_data_step
-    from tasks.validation.drift import ACCEPTED_TAG, PROFILE_ARTIFACT, find_reference
+    from damage.flows.cli import app
+    from damage.tasks.core import tracking
+    from damage.tasks.validation.data_check import check_data_step
+    from damage.tasks.validation.drift import ACCEPTED_TAG, PROFILE_ARTIFACT, find_reference
 
     root, ref_dir, resample_dir = synth_pair
     ref = reference_profile(ref_dir, CFG)  # --against DATASET: the folder is profiled
@@ -103,7 +103,7 @@ def test_drift_resample_quiet_shift_loud(synth_pair, tmp_path):
     c.create_registered_model(model)
     mv = c.create_model_version(model, "file:///nowhere", run_id=night0, tags={"source_run_id": night0})
     c.set_registered_model_alias(model, "production", mv.version)
-    from model_registry.frozen import T_SOURCE_VERSION, ApprovalMismatch, approved_name
+    from damage.model_registry.frozen import T_SOURCE_VERSION, ApprovalMismatch, approved_name
 
     with pytest.raises(ApprovalMismatch):  # production without an approval record: refused (issue 31)
         find_reference(ValidateConfig(), c.tracking_uri, exp, model)
@@ -146,7 +146,7 @@ def test_on_drift_fail_makes_errors():
 
 
 def _profile(counts: dict[str, int], bright: np.ndarray) -> dict:
-    from tasks.validation.drift import PROFILE_KIND, PROFILE_VERSION, sketch
+    from damage.tasks.validation.drift import PROFILE_KIND, PROFILE_VERSION, sketch
 
     total = sum(counts.values())
     return {"kind": PROFILE_KIND, "version": PROFILE_VERSION, "dataset": "x", "fingerprint": "f",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import import_dataset
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import import_dataset
 
 
 def _img(path: Path, size: int = 64) -> Path:

@@ -51,9 +51,9 @@ def test_item4_payload_is_real(tmp_path):
 
 
 def test_item4_train_init_path_refuses_payload(evil):
-    from tasks.core.config import CLASSES, TrainConfig
-    from tasks.training.checkpoint import UnsafeCheckpoint
-    from tasks.training.init import decide_local
+    from damage.tasks.core.config import CLASSES, TrainConfig
+    from damage.tasks.training.checkpoint import UnsafeCheckpoint
+    from damage.tasks.training.init import decide_local
 
     pt, marker = evil
     with pytest.raises(UnsafeCheckpoint, match=str(pt)):
@@ -63,9 +63,9 @@ def test_item4_train_init_path_refuses_payload(evil):
 
 def test_item4_train_init_from_registry_refuses_payload(evil, tmp_path):
     """train.init=auto with production's artifact.pt replaced: an error, never "does not fit: scratch"."""
-    from tasks.core.config import CLASSES
-    from tasks.training.checkpoint import UnsafeCheckpoint
-    from tasks.training.init import checkpoint_mismatch
+    from damage.tasks.core.config import CLASSES
+    from damage.tasks.training.checkpoint import UnsafeCheckpoint
+    from damage.tasks.training.init import checkpoint_mismatch
 
     pt, marker = evil
     with pytest.raises(UnsafeCheckpoint, match="refused"):
@@ -75,11 +75,11 @@ def test_item4_train_init_from_registry_refuses_payload(evil, tmp_path):
 
 def test_item4_all_loaders_refuse_payload(evil):
     """The five loaders of issue 30 and the trainer's resume check, called directly."""
-    from tasks.core.errors import DamageError
-    from tasks.evaluation.evaluate import open_model
-    from tasks.evaluation.explain import load_model as explain_load
-    from tasks.export.onnx import export_onnx
-    from tasks.training.prune import load_model as prune_load
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.evaluation.evaluate import open_model
+    from damage.tasks.evaluation.explain import load_model as explain_load
+    from damage.tasks.export.onnx import export_onnx
+    from damage.tasks.training.prune import load_model as prune_load
 
     pt, marker = evil
     for call in (lambda: prune_load(pt), lambda: explain_load(pt), lambda: open_model(pt, pt.with_name("d.yaml")),
@@ -91,7 +91,7 @@ def test_item4_all_loaders_refuse_payload(evil):
 
 @pytest.mark.parametrize("cmd", ["evaluate", "export", "explain", "sweep"])
 def test_item4_cli_refuses_payload(cmd, evil, tmp_path):
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     pt, marker = evil
     data = generate_dataset(tmp_path / "ds", images=4, seed=0, imgsz=64)
@@ -101,7 +101,7 @@ def test_item4_cli_refuses_payload(cmd, evil, tmp_path):
             "sweep": ["sweep", str(pt), "--data", str(data)]}[cmd]
     env = {**os.environ, "DAMAGE_STATE_DIR": str(tmp_path / "s"), "COLUMNS": "400",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
-    p = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "damage.flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode != 0, p.stdout + p.stderr
     assert not marker.exists(), f"the payload ran under `damage {cmd}`"

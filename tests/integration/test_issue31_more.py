@@ -8,8 +8,8 @@ import time
 import pytest
 from conftest import MLFLOW_ACCOUNTS, mlflow_user
 
-import model_registry as mr
-from tasks.core.config import ConfigError
+import damage.model_registry as mr
+from damage.tasks.core.config import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def restore_env(monkeypatch):
 def test_item7_lock_with_absurd_ttl_or_no_tags_expires(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from model_registry.lock import TAG_OWNER, TAG_TTL, lock_name, registry_lock
+    from damage.model_registry.lock import TAG_OWNER, TAG_TTL, lock_name, registry_lock
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -50,8 +50,8 @@ def test_item7_lock_with_absurd_ttl_or_no_tags_expires(tmp_path):
 def test_item10_schedule_keeps_secrets_out_of_deployment_parameters(monkeypatch, restore_env, tmp_path):
     from typer.testing import CliRunner
 
-    import flows.deploy as D
-    from flows.cli import app
+    import damage.flows.deploy as D
+    from damage.flows.cli import app
 
     captured = []
     monkeypatch.setattr(D, "register_with_pool", lambda deps, pool: captured.extend(deps) or ["id"])
@@ -70,7 +70,7 @@ def test_item10_schedule_keeps_secrets_out_of_deployment_parameters(monkeypatch,
 @pytest.mark.parametrize("override", ["evaluate.split=train", "evaluate.max_det=1", "export.imgsz=64",
                                       "train.imgsz=64", "sweep.enabled=false", "registry.floor_mask_map=0"])
 def test_item12_run_overrides_cannot_change_gate_evaluation(override):
-    from tasks.core.run_params import run_config
+    from damage.tasks.core.run_params import run_config
     from tests.helpers import worker_config
 
     key = override.split("=")[0]
@@ -82,7 +82,7 @@ def test_item12_run_overrides_cannot_change_gate_evaluation(override):
 
 
 def test_item12_run_cannot_name_a_model_file():
-    from tasks.core.run_params import check_run_overrides
+    from damage.tasks.core.run_params import check_run_overrides
 
     for bad in ("train.init=/data/from-s3/best.pt", "train.model=/tmp/evil.pt", "train.model=x.yaml"):
         with pytest.raises(ConfigError, match="cannot name a file"):
@@ -92,7 +92,7 @@ def test_item12_run_cannot_name_a_model_file():
 # --- item 13: the identity is the environment variable alone -----------------------------------------
 
 def test_item13_identity_is_confirmed_by_the_server(sqlite_mlflow_server, mlflow_s3_server, monkeypatch):
-    from model_registry.identity import confirmed_identity
+    from damage.model_registry.identity import confirmed_identity
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "approver")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "anything")
@@ -114,7 +114,7 @@ def test_item13_identity_is_confirmed_by_the_server(sqlite_mlflow_server, mlflow
                                  "http://pipeline:pa?ss@mlflow:5000/x", "https://h/x?sig=S3CRET",
                                  "https://h/x?auth=S3CRET&a=1", "http://u:p@ss@mlflow:5000"])
 def test_item14_redact_uri_hides_every_password(uri, monkeypatch):
-    from tasks.core.secrets import move_uri_credentials_to_env, redact_uri
+    from damage.tasks.core.secrets import move_uri_credentials_to_env, redact_uri
 
     out = redact_uri(uri)
     for secret in ("pa/ss", "pa#ss", "pa?ss", "S3CRET", "p@ss"):
@@ -131,7 +131,7 @@ def test_item14_redact_uri_hides_every_password(uri, monkeypatch):
 
 def test_item14_time_bound():
     """redact_uri on a long hostile string stays linear (no catastrophic backtracking in the userinfo rule)."""
-    from tasks.core.secrets import redact_uri
+    from damage.tasks.core.secrets import redact_uri
 
     hostile = "http://u:" + "@" * 20000 + "x"
     t0 = time.perf_counter()
@@ -161,7 +161,7 @@ def _coco(root, file_name: str, segmentation=None):
 
 
 def test_item9_overwrite_never_replaces_the_discovered_images_folder(tmp_path):
-    from tasks.data.dataset import DatasetError, import_dataset
+    from damage.tasks.data.dataset import DatasetError, import_dataset
 
     js = _coco(tmp_path / "cardd", "a.png")
     images = tmp_path / "cardd" / "train2017"
@@ -181,7 +181,7 @@ def _damage(*args, tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "DAMAGE_STATE_DIR": str(tmp_path / "s"), "COLUMNS": "400"}
     env.pop("DAMAGE_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=root, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "damage.flows.cli", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -200,7 +200,7 @@ def test_item15_cli_error_path_handles_unexpected_errors(monkeypatch, capsys):
     """An unexpected exception inside a command: one line and exit 1 (typer 0.29.2's missing `Abort`)."""
     import typer
 
-    from flows.common import DamageGroup
+    from damage.flows.common import DamageGroup
 
     app = typer.Typer(cls=DamageGroup)
 
@@ -224,9 +224,9 @@ def test_item15_cli_error_path_handles_unexpected_errors(monkeypatch, capsys):
 def test_item11_predictor_bounds_come_from_the_project_not_the_file(tmp_path):
     import onnx
 
-    from tasks.core.errors import DamageError
-    from tasks.core.images import DEFAULT_MAX_PIXELS
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.core.images import DEFAULT_MAX_PIXELS
+    from damage.tasks.serving.predictor import Predictor
     from tests.unit.test_issue13_serving import fake_onnx
 
     huge = fake_onnx(tmp_path / "huge.onnx", [(10, 10, 50, 50)])
@@ -247,8 +247,8 @@ def test_item11_predictor_bounds_come_from_the_project_not_the_file(tmp_path):
 def test_item8_data_yaml_paths_stay_inside_the_dataset(tmp_path):
     import yaml
 
-    from tasks.data.dataset import DatasetError, import_dataset, load_data_yaml
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.dataset import DatasetError, import_dataset, load_data_yaml
+    from damage.tasks.data.synth import generate_dataset
 
     secret = tmp_path / "elsewhere" / "images"
     real = generate_dataset(tmp_path / "real", images=4, seed=0, imgsz=64)

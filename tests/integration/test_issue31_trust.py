@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import MLFLOW_ACCOUNTS, S3_BUCKET, S3_ENV, fake_evaluate, mlflow_user
 
-import model_registry as mr
-from tasks.core.config import ConfigError, RegistryConfig
+import damage.model_registry as mr
+from damage.tasks.core.config import ConfigError, RegistryConfig
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def listener():
 @pytest.fixture(scope="module")
 def trust_server(mlflow_s3_server) -> str:
     """The stack's server, with a model of its own (``damage-seg-trust`` + its ``-approved`` records)."""
-    from model_registry.auth import provision
+    from damage.model_registry.auth import provision
 
     with mlflow_user("admin"):
         provision(mlflow_s3_server, NAME, pipeline=MLFLOW_ACCOUNTS["pipeline"],
@@ -98,8 +98,8 @@ def _approved(c, make_candidate) -> str:
 # --- item 1: a run parameter points the pipeline at any server -----------------------------------
 
 def test_item1_run_parameter_cannot_redirect_tracking_uri(listener, monkeypatch):
-    from flows.promote import promote
-    from tasks.core.pipeline import prepare_state
+    from damage.flows.promote import promote
+    from damage.tasks.nightly.pipeline import prepare_state
 
     url, seen = listener
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "approver")
@@ -115,17 +115,17 @@ def test_item1_run_parameter_cannot_redirect_tracking_uri(listener, monkeypatch)
 
 def test_item1_production_stack_refuses_run_with_tracking_uri(listener):
     """The deployment's parameter schema has no tracking URI; an override naming it is refused."""
-    from flows.deploy import build_deployments
-    from tasks.core.config import load_config
+    from damage.flows.deploy import build_deployments
+    from damage.tasks.core.config import load_config
 
     deps = {d.name: d for d in build_deployments(load_config(), schedule=False)}
     assert "tracking_uri" not in deps["promote"].parameters
     from prefect.utilities.callables import parameter_schema
 
-    from flows.promote import promote
+    from damage.flows.promote import promote
 
     assert not {"tracking_uri", "evaluator", "registry"} & set(parameter_schema(promote).properties)
-    from tasks.core.run_params import run_config
+    from damage.tasks.core.run_params import run_config
 
     for key in ("mlflow.tracking_uri", "mlflow.artifact_location", "notify.urls", "state_dir"):
         with pytest.raises(ConfigError, match=f"'{key}' is not allowed"):
@@ -135,7 +135,7 @@ def test_item1_production_stack_refuses_run_with_tracking_uri(listener):
 # --- item 2: a run parameter names code to import and run ----------------------------------------
 
 def test_item2_run_parameter_cannot_name_code(tmp_path):
-    from flows.promote import promote
+    from damage.flows.promote import promote
 
     marker = tmp_path / "RAN"
     script = tmp_path / "model.py"
@@ -153,8 +153,8 @@ def test_item2_run_parameter_cannot_name_code(tmp_path):
 def test_item3_approval_form_carries_no_credentials(client, make_candidate, monkeypatch):
     """A resume with a forged "approve as approver" answer approves nothing; the human's own
     ``damage registry approve`` does, and the flow reports who."""
-    import flows.promote as P
-    from model_registry.tasks import recorded_decision
+    import damage.flows.promote as P
+    from damage.model_registry.tasks import recorded_decision
 
     assert set(P.ApprovalCheck.model_fields) == {"checked"}  # no approve/approver/reason fields
     v = _staged(client, make_candidate)
@@ -182,7 +182,7 @@ def test_item3_approval_form_carries_no_credentials(client, make_candidate, monk
 
 
 def test_item3_pipeline_written_approval_tags_do_not_count(client, make_candidate):
-    from model_registry.tasks import recorded_decision
+    from damage.model_registry.tasks import recorded_decision
 
     v = _staged(client, make_candidate)
     with mlflow_user("pipeline"):
@@ -203,7 +203,7 @@ def s3_client(moto_s3):
 
 
 def test_item5_artifact_swap_after_approval_is_not_served(client, make_candidate, tmp_path, s3_client):
-    from model_registry.frozen import approved_file, approved_name, fetch_approved
+    from damage.model_registry.frozen import approved_file, approved_name, fetch_approved
 
     v = _approved(client, make_candidate)
     with mlflow_user("approver"):
@@ -234,8 +234,8 @@ def test_item5_artifact_swap_after_approval_is_not_served(client, make_candidate
 def test_item5_served_code_comes_from_the_installed_package(tmp_path):
     """``damage serve`` writes the pyfunc folder from this package around the verified ONNX; nothing of
     the artifact store's code is used (the stored ``pyfunc_code.py`` is never read)."""
-    from flows.commands.serve import _approved_pyfunc
-    from tasks.serving.pyfunc import MODEL_CODE
+    from damage.flows.commands.serve import _approved_pyfunc
+    from damage.tasks.serving.pyfunc import MODEL_CODE
 
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"not read here")
@@ -248,7 +248,7 @@ def test_item5_served_code_comes_from_the_installed_package(tmp_path):
 # --- item 6: the pipeline account can move production itself ------------------------------------
 
 def test_item6_pipeline_cannot_move_production(client, make_candidate, tmp_path):
-    from model_registry.frozen import approved_name, check_production, fetch_approved, freeze_version
+    from damage.model_registry.frozen import approved_name, check_production, fetch_approved, freeze_version
 
     good = _approved(client, make_candidate)
     bad = _staged(client, make_candidate, mask=0.01)
@@ -275,7 +275,7 @@ def test_item6_pipeline_cannot_move_production(client, make_candidate, tmp_path)
 def test_item6_cli_approvers_never_from_set(trust_server, client, make_candidate, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     v = _staged(client, make_candidate)
     before = mr.alias_version(client, NAME, mr.PRODUCTION)

@@ -50,7 +50,7 @@ MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"
 @pytest.fixture(scope="module")
 def nightly_summary(prefect_harness, state_paths):
 
-    from flows.nightly import nightly
+    from damage.flows.nightly import nightly
 
     _AUDIT["attempts"].clear()
     _AUDIT["on"] = True
@@ -147,7 +147,7 @@ def test_gate_passes_and_stages_the_new_version(nightly_summary):
     passes on the floor rule and ``staging`` points at tonight's version (production stays unset)."""
     from mlflow.tracking import MlflowClient
 
-    import model_registry as mr
+    import damage.model_registry as mr
 
     c = MlflowClient(nightly_summary["tracking_uri"])
     name, version = nightly_summary["registered_model"], str(nightly_summary["registered_version"])

@@ -33,8 +33,8 @@ def test_second_nightly_starts_from_approved_v1_and_keeps_every_class(prefect_ha
 
     from mlflow.tracking import MlflowClient
 
-    import model_registry as mr
-    from flows.nightly import nightly
+    import damage.model_registry as mr
+    from damage.flows.nightly import nightly
 
     name = f"finetune-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", json.dumps({**WORKER_REGISTRY, "model_name": name}))

@@ -30,7 +30,7 @@ def worker_registry():
     import json
     import os
 
-    from tasks.core.config import REGISTRY_ENV
+    from damage.tasks.core.config import REGISTRY_ENV
 
     old = os.environ.get(REGISTRY_ENV)
     os.environ[REGISTRY_ENV] = json.dumps(WORKER_REGISTRY)
@@ -71,7 +71,7 @@ def _flush_logs() -> None:
 @pytest.fixture(scope="module")
 def ux_run(prefect_harness, state_paths, notify_config, recorder):
     """One forced nightly run (each of the three runs is its own fixture: each gets its own test timeout)."""
-    from flows.nightly import nightly
+    from damage.flows.nightly import nightly
 
     with worker_config(TINY, notify_config):  # the worker's --config/--set (issue 31: not run parameters)
         summary = nightly(force=True)
@@ -82,7 +82,7 @@ def ux_run(prefect_harness, state_paths, notify_config, recorder):
 @pytest.fixture(scope="module")
 def ux_skipped(ux_run, notify_config):
     """The same run again, unforced: nothing changed, so it is skipped (its final Prefect state)."""
-    from flows.nightly import nightly
+    from damage.flows.nightly import nightly
 
     with worker_config(TINY, notify_config):
         return nightly(force=False, return_state=True)
@@ -91,7 +91,7 @@ def ux_skipped(ux_run, notify_config):
 @pytest.fixture(scope="module")
 def ux_failed(prefect_harness, state_paths, notify_config, recorder):
     """A run that fails in the data gate: the gate's error propagates, a failure message goes out."""
-    from flows.nightly import nightly
+    from damage.flows.nightly import nightly
 
     failing = TINY + ["validate.min_width=10000", "validate.severity={too_small: error}"]
     with pytest.raises(Exception, match="data gate failed") as err:  # the gate error, not a notify error
@@ -135,7 +135,7 @@ def test_dataset_input_and_system_metrics_on_train_and_evaluate(ux_run):
 
 
 def test_evaluate_run_has_curves_and_confusion_matrix(ux_run):
-    from tasks.evaluation.plots import CM_FILES
+    from damage.tasks.evaluation.plots import CM_FILES
 
     s = ux_run["summary"]
     c = _client(s)
@@ -189,7 +189,7 @@ def test_flow_run_has_summary_progress_link_and_project_logs(ux_run):
     assert f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning" in str(link.data)
     assert f"mlflow-run:{s['mlflow_run_id']}" in fr.tags
     project = [lg for lg in logs if lg.name.startswith(("tasks.", "model_registry."))]
-    assert any(lg.name == "tasks.validation.data_check" and "data gate:" in lg.message for lg in project), \
+    assert any(lg.name == "damage.tasks.validation.data_check" and "data gate:" in lg.message for lg in project), \
         [(lg.name, lg.message[:80]) for lg in logs][:20]
     # and the MLflow run links back to the flow run, clickable (markdown description)
     run = _client(s).get_run(s["mlflow_run_id"])
@@ -245,7 +245,7 @@ def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, 
     import mlflow
     import yaml
 
-    from tasks.serving.pyfunc import input_example, save_pyfunc
+    from damage.tasks.serving.pyfunc import input_example, save_pyfunc
 
     s = ux_run["summary"]
     c = _client(s)
@@ -265,7 +265,7 @@ def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, 
     assert added and all((p / "damage_serving").is_dir() and not (p / "tasks").exists() for p in added), added
     assert sys.modules["tasks"] is tasks_before
     assert type(model.unwrap_python_model()).__module__ == "damage_serving.serving.pyfunc"
-    child = mp.get_context("spawn").Process(target=importlib.import_module, args=("tasks.core.secrets",))
+    child = mp.get_context("spawn").Process(target=importlib.import_module, args=("damage.tasks.core.secrets",))
     child.start()
     child.join(120)
     assert child.exitcode == 0  # a module the pyfunc does not ship (the shadowing failed exactly here)
@@ -295,7 +295,7 @@ def test_damage_serve_answers_the_printed_example(ux_run, tmp_path):
     from tests.integration.conftest import free_port
 
     s = ux_run["summary"]
-    import model_registry as mr
+    import damage.model_registry as mr
 
     # only an approved version is served (issue 31): approve the staged one (local store, no accounts)
     mr.approve(s["tracking_uri"], MODEL, s["registered_version"], by="test", reason="serve test")
@@ -304,7 +304,7 @@ def test_damage_serve_answers_the_printed_example(ux_run, tmp_path):
                PATH="/usr/bin:/bin")  # the venv is NOT on PATH: `damage serve` must still find uvicorn
     out = tmp_path / "serve.out"
     with open(out, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", f"models:/{MODEL}/{s['registered_version']}",
+        proc = subprocess.Popen([sys.executable, "-m", "damage.flows.cli", "serve", f"models:/{MODEL}/{s['registered_version']}",
                                  "--port", str(port)], env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300

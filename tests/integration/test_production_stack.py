@@ -49,8 +49,8 @@ def _s3(endpoint: str):
 @pytest.fixture(scope="module")
 def s3_dataset(moto_s3, state_paths, tmp_path_factory) -> str:
     """16 synthetic images at 64 px uploaded to the bucket (data.yaml without ``path:``)."""
-    from tasks.data.storage import upload_dir
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.storage import upload_dir
+    from damage.tasks.data.synth import generate_dataset
 
     data_yaml = generate_dataset(tmp_path_factory.mktemp("s3-ds") / "ds", images=16, seed=1, imgsz=64,
                                  val_fraction=0.25)
@@ -150,8 +150,8 @@ def _approved_means_frozen(c, moto_s3):
     detected (damage-seg's own alias); a file swapped after approval is refused where serving reads it."""
     from mlflow.exceptions import MlflowException
 
-    import model_registry as mr
-    from model_registry.frozen import approved_name, fetch_approved_uri
+    import damage.model_registry as mr
+    from damage.model_registry.frozen import approved_name, fetch_approved_uri
 
     with mlflow_user("approver"):
         prod = mr.alias_version(c, PRODUCTION_MODEL, mr.PRODUCTION)
@@ -177,8 +177,8 @@ def _approved_means_frozen(c, moto_s3):
 def _production_needs_the_approver(c):
     """basic-auth on: the pipeline registered and staged; it gets a clear error moving `production`,
     the approver moves it."""
-    import model_registry as mr
-    from tasks.core.config import RegistryConfig
+    import damage.model_registry as mr
+    from damage.tasks.core.config import RegistryConfig
 
     approvers = ["approver"]
     with mlflow_user("pipeline"):
@@ -245,7 +245,7 @@ def test_work_pool_registration(prefect_server, tmp_path):
     assert "registered" in out
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
         dep = c.read_deployment_by_name("nightly/nightly")
-        assert dep.work_pool_name == "damage-process" and dep.entrypoint == "flows.nightly.scheduled_nightly"
+        assert dep.work_pool_name == "damage-process" and dep.entrypoint == "damage.flows.nightly.scheduled_nightly"
         assert dep.schedules[0].schedule.cron == "15 3 * * *"
     sh(str(bindir / "prefect"), "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all")
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as c:
@@ -288,8 +288,8 @@ def _vars(obj) -> set[str]:
 
 def test_deployments_built_from_config(tmp_path, state_paths):
     """Deployment objects (no server): cron/timezone/limit from the config, --set overrides carried."""
-    from flows.deploy import build_deployments
-    from tasks.core.config import load_config
+    from damage.flows.deploy import build_deployments
+    from damage.tasks.core.config import load_config
 
     cfg = load_config(overrides=["schedule.cron=30 1 * * 1-5", "schedule.timezone=Europe/Paris"])
     deps = {d.name: d for d in build_deployments(cfg, overrides=["train.epochs=3"], dataset="s3://b/ds",

@@ -9,8 +9,8 @@ import flask_wtf  # noqa: F401  the basic-auth app needs it (declared via mlflow
 import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py
 
-import model_registry as mr
-from tasks.core.config import RegistryConfig
+import damage.model_registry as mr
+from damage.tasks.core.config import RegistryConfig
 from tests.helpers import mlflow_credentials as as_user
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def auth_server(mlflow_server, tmp_path_factory) -> str:
                         env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
                              "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})
     with as_user(ADMIN):
-        from model_registry.auth import provision
+        from damage.model_registry.auth import provision
 
         provision(uri, NAME, pipeline=PIPELINE, approvers=[APPROVER], readers=[VIEWER])
     return uri
@@ -75,7 +75,7 @@ def test_cli_reports_denial_as_one_line(auth_server, make_candidate, tmp_path):
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     c = MlflowClient(tracking_uri=auth_server, registry_uri=auth_server)
     with as_user(PIPELINE):
@@ -103,7 +103,7 @@ def test_server_side_limit_is_per_model_not_per_alias(auth_server, make_candidat
 
     name = NAME + "-alias-limit"
     with as_user(ADMIN):
-        from model_registry.auth import provision
+        from damage.model_registry.auth import provision
 
         provision(auth_server, name, pipeline=PIPELINE, approvers=[APPROVER], readers=[VIEWER])
     c = MlflowClient(tracking_uri=auth_server, registry_uri=auth_server)

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-import model_registry as mr
+import damage.model_registry as mr
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def _promote_worker(uri: str, name: str, versions: list[str], by: str, out) -> N
     # This server has no accounts (the race is what is tested here); against such a server approvals are refused
     # (issue 31: the identity is confirmed with the server, tests/integration/test_issue31_more.py), so this
     # spawned worker stands in for the server's confirmation.
-    import model_registry.registry as reg
+    import damage.model_registry.registry as reg
 
     reg.confirmed_identity = lambda _uri: by
     c = _client(uri)

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py
 
-import model_registry as mr
+import damage.model_registry as mr
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registr
 
     from prefect.flow_runs import resume_flow_run
 
-    from flows.promote import promote
+    from damage.flows.promote import promote
     from tests.helpers import worker_config
 
     c = local_registry

@@ -7,8 +7,8 @@ import uuid
 import pytest
 from conftest import fake_evaluate  # tests/integration/conftest.py (first on sys.path here)
 
-import model_registry as mr
-from tasks.core.config import RegistryConfig
+import damage.model_registry as mr
+from damage.tasks.core.config import RegistryConfig
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def _act(fn, *args, by: str, **kw):
     ``test_issue31_more.py``), so the server's confirmation of the account is stood in for here."""
     import os
 
-    import model_registry.registry as reg
+    import damage.model_registry.registry as reg
 
     old, confirm = os.environ.get("MLFLOW_TRACKING_USERNAME"), reg.confirmed_identity
     os.environ["MLFLOW_TRACKING_USERNAME"] = by

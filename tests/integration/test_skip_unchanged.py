@@ -1,4 +1,4 @@
-"""Skip-when-unchanged: tasks/core/skip.py against a real MLflow store, and the nightly flow twice."""
+"""Skip-when-unchanged: tasks/nightly/skip.py against a real MLflow store, and the nightly flow twice."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import load_config
-from tasks.core.skip import (
+from damage.tasks.core.config import load_config
+from damage.tasks.nightly.skip import (
     check_unchanged,
     pipeline_key,
     record_skip,
@@ -36,7 +36,7 @@ def store(tmp_path_factory):
 
 
 def _finish(uri: str, experiment: str, decision, ok: bool = True) -> str:
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     c = tracking.client(uri)
     exp = tracking.ensure_experiment(c, experiment, (Path(uri[10:]).parent / "art").as_uri())
     run_id = tracking.start_run(c, exp, "nightly-test", tags={"damage.flow": "nightly"})
@@ -77,7 +77,7 @@ def test_second_run_on_unchanged_data_skips_and_says_why(tmp_path, store):
 
 
 def test_record_skip_tags_the_run(tmp_path, store):
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     data = _fake_dataset(tmp_path / "ds")
     cfg = load_config(overrides=["mlflow.experiment=skip-tags"])
     d = check_unchanged(data, cfg, store, code_version="abc")
@@ -116,7 +116,7 @@ WORKER_REGISTRY = '{"floor_mask_map": 0.0}'
 @pytest.mark.integration
 def test_nightly_twice_second_skips(prefect_harness, state_paths, monkeypatch):
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", WORKER_REGISTRY)
-    from flows.nightly import nightly
+    from damage.flows.nightly import nightly
     from tests.helpers import worker_config
 
     with worker_config(TINY):  # the worker's own --set (issue 31: a run parameter may not carry these)

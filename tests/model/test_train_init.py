@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import model_registry as mr
-from model_registry.init import resolve_init
-from tasks.core.config import CLASSES, TrainConfig
-from tasks.training.init import InitError, apply, checkpoint_mismatch
+import damage.model_registry as mr
+from damage.model_registry.init import resolve_init
+from damage.tasks.core.config import CLASSES, TrainConfig
+from damage.tasks.training.init import InitError, apply, checkpoint_mismatch
 from tests.helpers import sqlite_client
 
 LINEAGE = {"dataset_fingerprint": "d", "config_hash": "h", "code_version": "c"}
@@ -56,7 +56,7 @@ def _production(client, pt: Path, tmp_path: Path) -> tuple[str, str]:
     v = mr.register_candidate(client, name, run_id, onnx, pt, {}, {}, LINEAGE)
     client.set_registered_model_alias(name, mr.PRODUCTION, v.version)
     # ... and its approval record (issue 31: train.init reads production's approved, hash-verified copy)
-    from model_registry.frozen import approved_name, freeze_version
+    from damage.model_registry.frozen import approved_name, freeze_version
 
     client.set_registered_model_alias(approved_name(name), mr.PRODUCTION,
                                       freeze_version(client, name, v.version, "test", "fixture"))
@@ -118,7 +118,7 @@ def test_scratch_path_and_explicit_weights(client, ckpts, tmp_path):
 
 
 def test_config_rejects_unknown_init():
-    from tasks.core.config import ConfigError, load_config
+    from damage.tasks.core.config import ConfigError, load_config
 
     assert load_config().train.init == "auto"
     with pytest.raises(ConfigError, match="train.init.*auto, scratch, production or a path to a .pt"):
@@ -128,9 +128,9 @@ def test_config_rejects_unknown_init():
 def test_init_step_logs_and_tags_the_reason(client, ckpts, tmp_path, caplog):
     """The nightly step: a log line with the reason, ``train.init_reason`` on the pipeline run,
     and ``lineage.parent_version`` on the version registered afterwards."""
-    from model_registry.steps import init_step
-    from tasks.core.config import load_config
-    from tasks.core.pipeline import PipelineRun
+    from damage.model_registry.steps import init_step
+    from damage.tasks.core.config import load_config
+    from damage.tasks.nightly.pipeline import PipelineRun
 
     data_yaml = tmp_path / "data.yaml"
     data_yaml.write_text("path: .\ntrain: images/train\nval: images/val\nnames: [vehicle, dent, scratch]\n")
@@ -138,7 +138,7 @@ def test_init_step_logs_and_tags_the_reason(client, ckpts, tmp_path, caplog):
     run_id = client.create_run(client.get_experiment_by_name("init").experiment_id).info.run_id
     run = PipelineRun(run_id, "0", client.tracking_uri, tmp_path / "root", "h", "c")
     cfg = load_config(overrides=[f"registry.model_name={name}"])
-    with caplog.at_level(logging.INFO, logger="model_registry.steps"):
+    with caplog.at_level(logging.INFO, logger="damage.model_registry.steps"):
         train_cfg, d = init_step(cfg, run, data_yaml)
     assert d.source == "scratch" and train_cfg.weights is None
     assert any("train.init=auto: production version" in r.getMessage() and "differ from the dataset's" in
@@ -149,9 +149,9 @@ def test_init_step_logs_and_tags_the_reason(client, ckpts, tmp_path, caplog):
 
 
 def test_version_lineage_records_the_parent_version(tmp_path):
-    from model_registry.steps import version_lineage
-    from tasks.core.pipeline import PipelineRun
-    from tasks.training.init import InitDecision
+    from damage.model_registry.steps import version_lineage
+    from damage.tasks.nightly.pipeline import PipelineRun
+    from damage.tasks.training.init import InitDecision
 
     run = PipelineRun("r1", "0", "sqlite://", tmp_path, "h", "c")
     d = InitDecision("auto", "production", tmp_path / "model.pt", "fine-tuning from production version 4", "4")
@@ -162,7 +162,7 @@ def test_version_lineage_records_the_parent_version(tmp_path):
 
 
 def test_offline_decision_for_damage_train(ckpts):
-    from tasks.training.init import offline_decision
+    from damage.tasks.training.init import offline_decision
 
     d = offline_decision(TrainConfig(init="auto"), list(CLASSES))
     assert d.source == "scratch" and "without the registry" in d.reason

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import model_registry as mr
-from model_registry import registry as reg
-from tasks.core.config import CLASSES, ConfigError, RegistryConfig
+import damage.model_registry as mr
+from damage.model_registry import registry as reg
+from damage.tasks.core.config import CLASSES, ConfigError, RegistryConfig
 from tests.helpers import LINEAGE, sqlite_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +91,7 @@ def test_13_01_compose_has_auth_accounts_and_loopback_ports():
             assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name} publishes {port} on every interface"
     assert svc["worker"]["environment"]["MLFLOW_TRACKING_USERNAME"]
     assert "MLFLOW_TRACKING_PASSWORD" in svc["worker"]["environment"]
-    assert any("model_registry.auth" in " ".join(map(str, s.get("command", []))) for s in svc.values())
+    assert any("damage.model_registry.auth" in " ".join(map(str, s.get("command", []))) for s in svc.values())
 
 
 # ---- item 2 ------------------------------------------------------------------------------------------
@@ -106,15 +106,15 @@ def test_13_02_failed_version_is_never_regated(client, tmp_path):
 
 
 def test_13_02_gate_config_is_not_a_run_parameter(monkeypatch, tmp_path):
-    from flows.deploy import build_deployments
-    from flows.promote import promote
-    from tasks.core.config import (
+    from damage.flows.deploy import build_deployments
+    from damage.flows.promote import promote
+    from damage.tasks.core.config import (
         apply_worker_registry,
         load_config,
         pin_worker_registry,
         worker_registry_config,
     )
-    from tasks.core.pipeline import prepare_state
+    from damage.tasks.nightly.pipeline import prepare_state
 
     assert "registry" not in inspect.signature(promote.fn).parameters
     cfg = load_config(overrides=["registry.approvers=[alice]", "registry.tolerance=0.02"])
