@@ -105,9 +105,21 @@ class DamageGroup(TyperGroup):
         except click_exc.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except click_exc.Abort:
+        except typer.Abort:  # typer 0.29 vendors click without `Abort` in its exceptions module (issue 31)
             err_console.print("aborted")
             sys.exit(1)
+        except Exception as e:  # noqa: BLE001  anything unexpected: one line (the traceback with DAMAGE_DEBUG=1)
+            import os
+
+            from damage.tasks.core.errors import DamageError
+            from damage.tasks.core.secrets import redact_text
+
+            if os.environ.get("DAMAGE_DEBUG"):
+                raise
+            msg = redact_text(e) if isinstance(e, DamageError) else f"{type(e).__name__}: {redact_text(e)}"
+            err_console.print(f"[bold red]error:[/] {msg} (DAMAGE_DEBUG=1 shows the traceback)", highlight=False,
+                              soft_wrap=True)
+            sys.exit(2 if isinstance(e, DamageError) else 1)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -153,6 +165,9 @@ def setup(ctx: typer.Context, extra_sets: list[str] | None = None,
     except ConfigError as e:
         fail(str(e))
     pin_worker_registry(cfg)  # this process is the worker: flows it starts gate with its registry section
+    from damage.tasks.core.run_params import pin_worker_config
+
+    pin_worker_config(opts.config or config, overrides)  # ... and build their whole config from its own
     if opts.state_dir is not None:
         import os
 

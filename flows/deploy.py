@@ -26,7 +26,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from damage.tasks.core.config import Config
+from damage.tasks.core.config import Config, ConfigError
 
 NIGHTLY_TAGS = ["damage", "nightly"]
 WORK_POOL = "damage-process"  # the pool infra/prefect.yaml and the compose worker use
@@ -54,6 +54,22 @@ def nightly_parameters(flow_fn: Any, config_path: str | None, dataset: str | Non
             overrides.append(f"{key}={value}")
     params["overrides"] = overrides
     return params
+
+
+def _run_defaults(cfg: Config, dataset: str | None, model_size: str | None) -> tuple[str | None, str | None]:
+    """Default dataset / model size shown as run parameters: only values a run may set (``RUN_OVERRIDES``);
+    a worker-only value (a ``.pt`` model, a URI with credentials) stays in the worker's config."""
+    from damage.tasks.core.run_params import check_run_overrides
+    from damage.tasks.core.secrets import redact_uri
+
+    out = []
+    for key, value in (("data.source", dataset or cfg.data.source), ("train.model", model_size or cfg.train.model)):
+        try:
+            check_run_overrides([f"{key}={value}"])
+            out.append(value if redact_uri(str(value)) == str(value) else None)
+        except ConfigError:
+            out.append(None)
+    return out[0], out[1]
 
 
 def build_deployments(cfg: Config, config_path: str | Path | None = None, *, overrides: list[str] | None = None,
@@ -87,8 +103,7 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
         "nightly",
         schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)] if schedule else None,
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        parameters=nightly_parameters(nightly, cp, dataset or cfg.data.source, model_size or cfg.train.model,
-                                      overrides),
+        parameters=nightly_parameters(nightly, cp, *_run_defaults(cfg, dataset, model_size), overrides),
         description="Nightly retraining: data gate, train, evaluate, sweep, export, register, promotion gate. "
                     "Skips when data, config and code are unchanged (force=true to run anyway).",
         tags=NIGHTLY_TAGS,
@@ -96,11 +111,10 @@ def build_deployments(cfg: Config, config_path: str | Path | None = None, *, ove
     )]
     deployments.append(promote.to_deployment(
         "promote",
-        # no `registry` parameter: gate thresholds and approvers are the worker's own config
-        parameters={"model_name": cfg.registry.model_name, "tracking_uri": cfg.mlflow.tracking_uri or "",
-                    "wait_for_approval": cfg.registry.wait_for_approval},
-        description="Gate a registered version against production, then pause for approval. "
-                    "Run with parameters version=<N> and evaluator='module:function'.",
+        # no tracking URI, evaluator or registry parameter: those are the worker's own config (damage.tasks.core.run_params)
+        parameters={"model_name": cfg.registry.model_name, "wait_for_approval": cfg.registry.wait_for_approval},
+        description="Gate a registered version against production with the worker's evaluator, then wait for "
+                    "an approver's own `damage registry approve`. Run with parameter version=<N>.",
         tags=["damage", "registry"],
         enforce_parameter_schema=False,  # `version` is supplied per run
         **common,

@@ -38,10 +38,15 @@ Alias moves run under ``registry_lock`` (a ``<name>.lock`` registered model whos
 atomic on the server) and re-check their preconditions inside it; see ``damage.model_registry.lock``.
 
 Modules: ``registry`` (versions, aliases, approvals), ``gate`` (automatic gate), ``lock``,
-``auth`` (basic-auth setup helpers), ``tasks`` (Prefect task wrappers; imports prefect).
+``auth`` (basic-auth setup helpers), ``tasks`` (Prefect task wrappers; imports prefect),
+``frozen`` (approval records: ``approve``/``rollback`` here are its frozen versions, and
+``fetch_approved`` is how production is read).
 """
 
 from damage.model_registry.errors import AccessDenied, PromotionRefused, RegistryError, RegistryLockTimeout
+from damage.model_registry.frozen import ApprovalMismatch, check_production, fetch_approved
+from damage.model_registry.frozen import approve_frozen as approve
+from damage.model_registry.frozen import rollback_frozen as rollback
 from damage.model_registry.gate import GateDecision, compare, gate_candidate
 from damage.model_registry.lock import registry_lock
 from damage.model_registry.registry import (
@@ -50,7 +55,6 @@ from damage.model_registry.registry import (
     AliasMove,
     VersionInfo,
     alias_version,
-    approve,
     current_identity,
     download_onnx,
     get_client,
@@ -58,12 +62,11 @@ from damage.model_registry.registry import (
     list_versions,
     register_candidate,
     reject,
-    rollback,
     set_staging,
 )
 
 __all__ = [
-    "PRODUCTION", "STAGING", "AccessDenied", "AliasMove", "GateDecision", "PromotionRefused", "RegistryError",
+    "PRODUCTION", "STAGING", "AccessDenied", "AliasMove", "ApprovalMismatch", "check_production", "fetch_approved", "GateDecision", "PromotionRefused", "RegistryError",
     "RegistryLockTimeout", "VersionInfo", "alias_version", "approve", "compare", "current_identity",
     "download_onnx", "gate_candidate", "get_client", "history", "list_versions", "register_candidate",
     "registry_lock", "reject", "rollback", "set_staging",

@@ -6,10 +6,12 @@ admin account in the environment; MLflow's auth client reads them per request)::
     python -m damage.model_registry.auth http://mlflow:5000 damage-seg \\
         --pipeline pipeline:$PIPELINE_PW --approver approver:$APPROVER_PW
 
-What MLflow enforces server-side is per registered model, not per alias (see
-infra/mlflow-auth/README.md): the pipeline gets EDIT (create versions, tags, set aliases),
-approvers get MANAGE. Only ``model_registry`` (``registry.approvers``) restricts who may move
-``production``.
+What MLflow enforces server-side is per registered model and per experiment, not per alias (see
+infra/mlflow-auth/README.md): on ``damage-seg`` the pipeline gets EDIT (create versions, tags, set
+aliases), approvers get MANAGE. The approval records live in the model and the experiment
+``damage-seg-approved`` (``damage.model_registry.frozen``): approvers MANAGE, the pipeline READ. So the
+server itself refuses the pipeline an approval record or a move of its ``production`` alias, and
+every reader of ``production`` checks ``damage-seg@production`` against that record.
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ def provision(tracking_uri: str, model_name: str, pipeline: tuple[str, str],
     grant_model_permission(tracking_uri, pipeline[0], model_name, PIPELINE_PERMISSION)
     for user, _ in approvers:
         grant_model_permission(tracking_uri, user, model_name, APPROVER_PERMISSION)
+    provision_approved(tracking_uri, model_name, pipeline[0], [u for u, _ in approvers])
+
+
+def provision_approved(tracking_uri: str, model_name: str, pipeline: str, approvers: Sequence[str]) -> None:
+    """Create ``<model>-approved`` (model and experiment) as admin: approvers MANAGE, the pipeline READ."""
+    from mlflow.tracking import MlflowClient
+
+    from damage.model_registry.frozen import approved_name
+
+    name = approved_name(model_name)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.create_registered_model(name, description=f"approval records of '{model_name}' (approvers only)")
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    auth = _client(tracking_uri)
+    for user, perm in ((pipeline, "READ"), *((u, APPROVER_PERMISSION) for u in approvers)):
+        auth.grant_user_permission(user, "registered_model", name, perm)
+        auth.grant_user_permission(user, "experiment", exp_id, perm)
 
 
 def _pair(text: str) -> tuple[str, str]:

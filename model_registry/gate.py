@@ -18,15 +18,16 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from damage.model_registry.errors import PromotionRefused, RegistryError
+from damage.model_registry.frozen import approved_file, fetch_approved
 from damage.model_registry.registry import (
     PRODUCTION,
     T_VALIDATION,
-    _now,
     _set_tags,
     _version,
     alias_version,
     download_onnx,
     get_client,
+    now_iso,
     set_staging,
 )
 from damage.tasks.core.config import RegistryConfig
@@ -58,7 +59,7 @@ class GateDecision:
     latency_budget_ms: float | None = None
     floor_mask_map: float = 0.0
     failed_classes: list[str] = field(default_factory=list)
-    at: str = field(default_factory=_now)
+    at: str = field(default_factory=now_iso)
 
     def figures(self) -> dict[str, float]:
         """Flat numbers for ``log_metrics``: ``gate.candidate.*``, ``gate.production.*``, ``gate.passed``."""
@@ -260,8 +261,8 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
         cand_onnx = download_onnx(c, model_name, version, Path(d, "candidate"))
         cand = _checked(evaluate_fn(cand_onnx), "candidate", cand_onnx)
         prod = None
-        if prod_version is not None:
-            prod_onnx = download_onnx(c, model_name, prod_version, Path(d, "production"))
+        if prod_version is not None:  # production's approved, hash-verified copy (alias checked against the record)
+            prod_onnx = approved_file(fetch_approved(c, model_name, PRODUCTION, Path(d, "production")), ".onnx")
             prod = _checked(evaluate_fn(prod_onnx), "production", prod_onnx)
     classes = list(class_values(cand))
     floors = class_floors(cfg.min_class_ap50, classes) if classes else {}

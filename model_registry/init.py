@@ -15,7 +15,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from damage.model_registry.errors import RegistryError
-from damage.model_registry.registry import PRODUCTION, alias_version, download_pt, get_client
+from damage.model_registry.frozen import approved_file, fetch_approved
+from damage.model_registry.registry import PRODUCTION, alias_version, get_client
 from damage.tasks.core.config import TrainConfig
 from damage.tasks.training.init import PRODUCTION as FROM_PRODUCTION
 from damage.tasks.training.init import SCRATCH, InitDecision, InitError, checkpoint_mismatch, decide_local
@@ -56,8 +57,11 @@ def resolve_init(client: MlflowClient | str, model_name: str, cfg: TrainConfig, 
     version = alias_version(c, model_name, PRODUCTION)
     if version is None:
         return scratch(f"no '{PRODUCTION}' version of '{model_name}' yet")
+    # the approved, hash-verified copy, never the version's own artifact.pt (the pipeline can replace that);
+    # a production alias that moved outside approval, or a changed file, stops the run (ApprovalMismatch)
+    local = fetch_approved(c, model_name, PRODUCTION, Path(work_dir) / f"v{version}")
     try:
-        pt = download_pt(c, model_name, version, Path(work_dir) / f"v{version}")
+        pt = approved_file(local, ".pt")
     except RegistryError as e:
         return scratch(f"production version {version} has no usable checkpoint ({e})")
     try:

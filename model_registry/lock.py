@@ -130,12 +130,14 @@ def _lease(rm) -> tuple[str, float] | None:
     return owner, ttl
 
 
-def _is_stale(client: MlflowClient, rm, now_ms: int) -> bool:
+def _is_stale(client: MlflowClient, rm, now_ms: int, max_ttl_s: float) -> bool:
+    """Stale after its own TTL, but never later than ``max_ttl_s`` (the waiter's lease length): the TTL tag
+    is written by whoever created the lock model, and any account may create one (issue 31)."""
     lease = _lease(rm)
     if lease is None:
         log.warning("registry lock '%s' is malformed (tags %s); treating it as stale", rm.name, dict(rm.tags or {}))
         return True
-    return now_ms - int(rm.last_updated_timestamp or 0) > lease[1] * 1000
+    return now_ms - int(rm.last_updated_timestamp or 0) > min(lease[1], max_ttl_s) * 1000
 
 
 def _try_break(client: MlflowClient, name: str, judged) -> bool:
@@ -244,7 +246,7 @@ def registry_lock(client: MlflowClient, model_name: str, holder: str = "", *, ti
             if "RESOURCE_ALREADY_EXISTS" not in _code(e):
                 raise
         current = _get(client, name)
-        if current is not None and _is_stale(client, current, server_now_ms(client, name)):
+        if current is not None and _is_stale(client, current, server_now_ms(client, name), ttl_s):
             if _try_break(client, name, current):
                 continue
         elif current is None:

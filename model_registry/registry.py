@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from damage.model_registry.errors import AccessDenied, PromotionRefused, RegistryError
+from damage.model_registry.identity import confirmed_identity
 from damage.model_registry.lock import LOCK_SUFFIX, registry_lock
 from damage.tasks.core.secrets import redact_uri
 
@@ -137,7 +138,7 @@ def current_identity() -> str | None:
     return read_mlflow_creds().username or None
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
@@ -151,7 +152,7 @@ def _denied(e: MlflowException) -> bool:
 
 
 @contextmanager
-def _mlflow_errors(client: MlflowClient, what: str) -> Iterator[None]:
+def mlflow_errors(client: MlflowClient, what: str) -> Iterator[None]:
     """Turn the server's 401/403 into an ``AccessDenied`` that names the user and the action."""
     try:
         yield
@@ -177,8 +178,7 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
     * against a tracking server (``http(s)://``) an empty approver list refuses every move
       (nobody was named, so nobody may approve);
     * with a list, the authenticated MLflow user must be on it;
-    * when the process is authenticated, ``by`` must be that identity (a free-text name
-      would let one account record another person's approval).
+    * ``by`` must be the identity (against a server: the account the server confirms, ``confirmed_identity``).
 
     Args:
         model_name: the model whose production alias would move.
@@ -188,11 +188,9 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
         tracking_uri: where the move would happen (decides whether an empty list is allowed).
         by: the name the caller gave for the record (``--by``); None = not checked.
 
-    Returns:
-        The MLflow identity in use (None when anonymous).
+    Returns: the MLflow identity in use (None when anonymous).
     """
-    who = current_identity()
-    remote = str(tracking_uri or "").lower().startswith(("http://", "https://"))
+    who, remote = current_identity(), str(tracking_uri or "").lower().startswith(("http://", "https://"))
     if remote and not approvers:
         raise AccessDenied(
             f"refusing to {action} '{model_name}' at {redact_uri(str(tracking_uri))}: no approvers are configured "
@@ -205,6 +203,8 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
             f"{', '.join(approvers)} may move the '{PRODUCTION}' alias (registry.approvers); "
             f"set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD to an approver account"
         )
+    if remote and confirmed_identity(str(tracking_uri)) != who:  # the server's word, not the variable's
+        raise AccessDenied(f"the MLflow server does not confirm '{who}' as this process's account")
     if who and by is not None and by.strip() != who:
         raise AccessDenied(
             f"--by '{by.strip()}' does not match the authenticated MLflow user '{who}'; a decision on "
@@ -219,7 +219,7 @@ def _version(client: MlflowClient, name: str, version: str | int) -> VersionInfo
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in _code(e):
             raise RegistryError(f"registered model '{name}' has no version {version}") from None
-        with _mlflow_errors(client, f"read '{name}' version {version}"):
+        with mlflow_errors(client, f"read '{name}' version {version}"):
             raise
     return _info(mv)
 
@@ -280,7 +280,7 @@ def _append_history(client: MlflowClient, name: str, moves: Sequence[dict], limi
     written = []
     for m in moves:
         seq += 1
-        move = AliasMove(seq=seq, at=_now(), identity=current_identity(),
+        move = AliasMove(seq=seq, at=now_iso(), identity=current_identity(),
                          reason=(m.get("reason") or "")[:REASON_MAX],
                          **{k: v for k, v in m.items() if k != "reason"})
         client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{seq:06d}", move.to_json())
@@ -294,7 +294,7 @@ def _append_history(client: MlflowClient, name: str, moves: Sequence[dict], limi
 def _move_alias(client: MlflowClient, name: str, alias: str, to: str | None, what: str) -> str | None:
     """Point ``alias`` at ``to`` (None = delete it); returns where it pointed before."""
     before = alias_version(client, name, alias)
-    with _mlflow_errors(client, what):
+    with mlflow_errors(client, what):
         if to is None:
             if before is not None:
                 client.delete_registered_model_alias(name, alias)
@@ -321,7 +321,7 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
         if "RESOURCE_DOES_NOT_EXIST" not in _code(e):
             raise
     try:
-        with _mlflow_errors(client, f"create registered model '{name}'"):
+        with mlflow_errors(client, f"create registered model '{name}'"):
             client.create_registered_model(name, description="vehicle-damage segmentation (damage pipeline)")
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in _code(e):
@@ -381,7 +381,7 @@ def register_candidate(client_or_uri: MlflowClient | str, model_name: str, run_i
     if existing is not None:  # a retried task or flow: the run already has its version, never a second one
         return existing
 
-    with _mlflow_errors(c, f"log model files to run {run_id}"):
+    with mlflow_errors(c, f"log model files to run {run_id}"):
         if log_model_fn is not None:
             source, onnx_rel = log_model_fn(run_id, onnx_path, pt)
             pt_rel = None
@@ -402,7 +402,7 @@ def register_candidate(client_or_uri: MlflowClient | str, model_name: str, run_i
         tags[T_ARTIFACT_PT] = f"{source}/{pt_rel}"
 
     ensure_registered_model(c, model_name)
-    with _mlflow_errors(c, f"create a version of '{model_name}'"):
+    with mlflow_errors(c, f"create a version of '{model_name}'"):
         mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=description)
     return _info(mv)
 
@@ -416,7 +416,7 @@ def version_from_run(client: MlflowClient, model_name: str, run_id: str) -> Vers
     """
     safe_name, safe_run = model_name.replace("'", "\\'"), run_id.replace("'", "")
     try:
-        with _mlflow_errors(client, f"search versions of '{model_name}'"):
+        with mlflow_errors(client, f"search versions of '{model_name}'"):
             found = client.search_model_versions(f"name='{safe_name}' and run_id='{safe_run}'")
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in _code(e):
@@ -430,7 +430,7 @@ def _download(client: MlflowClient, name: str, version: str | int, uri: str, dst
     """Download one artifact of a version; access denials propagate, other failures are RegistryError."""
     import mlflow.artifacts
 
-    with _mlflow_errors(client, f"download {uri}"):
+    with mlflow_errors(client, f"download {uri}"):
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir),
                                                         tracking_uri=client.tracking_uri)
@@ -467,7 +467,7 @@ def list_versions(client_or_uri: MlflowClient | str, name: str) -> list[VersionI
     """All versions of ``name`` (newest first) with aliases and tags."""
     c = get_client(client_or_uri)
     safe = name.replace("'", "\\'")
-    with _mlflow_errors(c, f"list versions of '{name}'"):
+    with mlflow_errors(c, f"list versions of '{name}'"):
         versions = c.search_model_versions(f"name='{safe}'", max_results=10000)
     aliases: dict[str, list[str]] = {}
     try:
@@ -489,7 +489,7 @@ def history(client_or_uri: MlflowClient | str, name: str) -> list[AliasMove]:
     """Every recorded alias move of ``name``, oldest first (bounded to the last ``HISTORY_LIMIT``)."""
     c = get_client(client_or_uri)
     try:
-        with _mlflow_errors(c, f"read '{name}'"):
+        with mlflow_errors(c, f"read '{name}'"):
             tags = _history_tags(c, name)
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in _code(e):
@@ -562,8 +562,8 @@ def approve(client: MlflowClient | str, name: str, version: str | int, by: str, 
         # staging (approve again to finish), never an unapproved version in production. The
         # history sequence number is reserved under the lock so the tag can carry it.
         seq = max(_history_tags(c, name), default=0) + 1
-        with _mlflow_errors(c, f"tag '{name}' version {version} as approved"):
-            _set_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: _now(),
+        with mlflow_errors(c, f"tag '{name}' version {version} as approved"):
+            _set_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: now_iso(),
                                          T_APPROVED_VIA: identity or "(local store, no account)",
                                          T_APPROVAL_SEQ: seq, T_REASON: reason[:REASON_MAX]})
         what = f"move alias '{PRODUCTION}' of '{name}'"
@@ -592,8 +592,8 @@ def reject(client: MlflowClient | str, name: str, version: str | int, by: str, r
             raise PromotionRefused(f"'{name}' version {version} is in production; use rollback instead of reject")
         if info.approval == "approved":
             raise PromotionRefused(f"'{name}' version {version} was already approved; it cannot be rejected")
-        with _mlflow_errors(c, f"tag '{name}' version {version}"):
-            _set_tags(c, name, version, {T_APPROVAL: "rejected", T_REJECTED_BY: by, T_REJECTED_AT: _now(),
+        with mlflow_errors(c, f"tag '{name}' version {version}"):
+            _set_tags(c, name, version, {T_APPROVAL: "rejected", T_REJECTED_BY: by, T_REJECTED_AT: now_iso(),
                                          T_REASON: reason[:REASON_MAX]})
         if alias_version(c, name, STAGING) == version:
             _move_alias(c, name, STAGING, None, f"clear alias '{STAGING}' of '{name}'")

@@ -152,13 +152,11 @@ def _earlier_decision(tracking_uri: str, name: str, version: str) -> GateDecisio
                         at=info.tags.get("gate.at", ""))
 
 
-def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
-    """Compare the candidate with production on the same data now; stage it on a pass.
+def gate_evaluate_fn(cfg, data_yaml: Path):
+    """The gate's evaluator: ``Evaluator.from_config(cfg)`` on ``data_yaml``, every class's mask AP50 included.
 
-    A failed gate does not fail the nightly run: the version stays registered with
-    ``validation_status=failed`` and the reasons, and nothing moves.
+    ``cfg`` is the worker's (``damage.tasks.core.run_params``): a run parameter never picks the evaluator or its settings.
     """
-    from damage.tasks.core import tracking
     from damage.tasks.evaluation.evaluate import Evaluator, class_metrics
 
     evaluator = Evaluator.from_config(cfg)
@@ -168,6 +166,18 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
         # every class of the model, NaN where the data has no instance: the gate fails such a class closed
         return {**res.metrics, **class_metrics(res.per_class, missing=float("nan"))}
 
+    return evaluate_fn
+
+
+def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
+    """Compare the candidate with production on the same data now; stage it on a pass.
+
+    A failed gate does not fail the nightly run: the version stays registered with
+    ``validation_status=failed`` and the reasons, and nothing moves.
+    """
+    from damage.tasks.core import tracking
+
+    evaluate_fn = gate_evaluate_fn(cfg, data_yaml)
     done = _earlier_decision(run.tracking_uri, cfg.registry.model_name, version.version)
     if done is not None:  # a retried flow run: the gate already judged this version, never twice
         return done

@@ -58,3 +58,22 @@ def sqlite_client(folder):
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def worker_config(sets: list[str], config: str | None = None) -> Iterator[None]:
+    """Run as a worker started with ``--config config --set sets...`` (``damage.tasks.core.run_params``): the
+    nightly and promote flows build their config from this, not from run parameters (issue 31)."""
+    import json
+
+    from damage.tasks.core.run_params import WORKER_ENV
+
+    old = os.environ.get(WORKER_ENV)
+    os.environ[WORKER_ENV] = json.dumps({"config": config, "sets": list(sets)})
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(WORKER_ENV, None)
+        else:
+            os.environ[WORKER_ENV] = old

@@ -13,9 +13,9 @@ from damage.flows.common import console, err_console, fail, run_guarded, setup
 def _checkpoint_imgsz(weights: Path) -> int | None:
     """The image size the checkpoint was trained at (its saved train args), if any."""
     try:
-        from ultralytics import YOLO
+        from damage.tasks.training.checkpoint import load_checkpoint_dict
 
-        sz = (YOLO(str(weights)).ckpt or {}).get("train_args", {}).get("imgsz")
+        sz = (load_checkpoint_dict(weights).get("train_args") or {}).get("imgsz")
         return int(sz if isinstance(sz, int) else max(sz)) if sz else None
     except Exception:
         return None
@@ -104,10 +104,26 @@ def _out_names(images: list[Path], out: Path | None = None) -> dict[Path, str]:
     return names
 
 
+def _model_file(model: str, state_root: Path, notify=None) -> Path:
+    """A local ``.onnx``, or the hash-verified approved copy of a ``models:/`` URI (``fetch_approved_uri``)."""
+    if model.startswith("models:/"):
+        from damage.model_registry.frozen import approved_file, fetch_approved_uri
+        from damage.tasks.core import tracking
+
+        local = run_guarded(fetch_approved_uri, tracking.client(), model, Path(state_root) / "approved" / "predict",
+                            notify)
+        return run_guarded(approved_file, local, ".onnx")
+    p = Path(model)
+    if not p.is_file():
+        fail(f"{p}: model file not found")
+    return p
+
+
 def predict_cmd(
     ctx: typer.Context,
     source: Annotated[Path, typer.Argument(exists=True, help="An image or a folder of images.")],
-    model: Annotated[Path, typer.Option("--model", "-m", exists=True, dir_okay=False, help="Exported model (.onnx).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Exported model (.onnx), or models:/NAME@production | "
+                                       "models:/NAME/VERSION (the approved copy, hash-verified).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for NAME.json and NAME.png.")],
     conf: Annotated[float | None, typer.Option("--conf", help="Confidence threshold (default: the model's metadata).")] = None,
     iou: Annotated[float | None, typer.Option("--iou", help="NMS IoU threshold (default: the model's metadata).")] = None,
@@ -117,6 +133,9 @@ def predict_cmd(
 ) -> None:
     """Segment damage with ONNX Runtime or OpenVINO; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
     cfg, paths = setup(ctx)
+    from damage.tasks.core.notify import send
+
+    model = _model_file(model, paths.root, lambda msg: send(cfg.notify, "failure", f"refused {model}", msg))
     images = _list_images(source)
     if not images:
         fail(f"{source}: no images (extensions: jpg, jpeg, png, bmp, tif, tiff, webp)")

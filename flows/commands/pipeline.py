@@ -106,11 +106,9 @@ def run(
     from damage.flows.nightly import nightly
 
     t0 = time.time()
-    from damage.tasks.core.config import without_registry_overrides
-
-    # registry.* travel pinned in this process's environment (setup), not as run parameters
-    summary = run_guarded(nightly, config_path=str(config) if config else None,
-                          overrides=without_registry_overrides(opts.sets), force=force)
+    # the whole config (--config, --set) travels pinned in this process's environment (setup): this process is
+    # the worker; a run parameter could only carry the allowlisted keys of damage.tasks.core.run_params
+    summary = run_guarded(nightly, config_path=None, overrides=[], force=force)
     seconds = time.time() - t0
     summary = {**summary, "wall_time_s": round(seconds, 1)}
     from damage.tasks.core.atomic import atomic_write_text

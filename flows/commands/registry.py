@@ -74,10 +74,23 @@ ModelArg = Annotated[str, typer.Argument(help="Registered model name.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded).")]
 
 
+def _approvers(ctx) -> list[str]:
+    """``registry.approvers`` of the config file, never of the caller's ``--set`` (refused, naming the key)."""
+    from damage.flows.common import fail, shared
+    from damage.tasks.core.config import CONFIG_ENV, load_config, parse_override
+
+    for item in shared(ctx).sets:
+        if parse_override(item)[0] in ("registry", "registry.approvers"):
+            fail("--set registry.approvers is not allowed: the approver list comes from the config file of the "
+                 "worker/server (and the MLflow server's permissions on the approval records), not the caller")
+    return load_config(shared(ctx).config or os.environ.get(CONFIG_ENV) or None).registry.approvers
+
+
 def _decide(ctx, decision, name: str, version: str, by: str, reason: str, tracking_uri: str | None):
-    """Run ``model_registry.approve`` or ``reject`` with the config's approvers and lock timeout."""
+    """Run ``approve_frozen`` or ``reject`` with the config file's approvers and lock timeout."""
+    approvers = _approvers(ctx)
     cfg, name, uri = _ctx(ctx, name, tracking_uri)
-    v = run_guarded(decision, uri, name, version, by, reason, approvers=cfg.registry.approvers,
+    v = run_guarded(decision, uri, name, version, by, reason, approvers=approvers,
                     lock_timeout_s=cfg.registry.lock_timeout_s)
     return cfg, name, uri, v
 
@@ -91,10 +104,11 @@ def approve_(
     reason: ReasonOpt,
     tracking_uri: UriOpt = None,
 ) -> None:
-    """Move 'production' to the staged version (only a staged, gate-passed version)."""
-    from damage.model_registry import approve
+    """Move 'production' to the staged version (only a staged, gate-passed version); its files are frozen
+    and hashed into the approval record ('<name>-approved'), which serving verifies."""
+    from damage.model_registry.frozen import approve_frozen
 
-    cfg, name, uri, v = _decide(ctx, approve, name, version, by, reason, tracking_uri)
+    cfg, name, uri, v = _decide(ctx, approve_frozen, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
     from damage.tasks.nightly.reporting import notify_promotion
@@ -129,11 +143,13 @@ def rollback_(
     tracking_uri: UriOpt = None,
 ) -> None:
     """Move 'production' back to the previously approved version."""
+    approvers = _approvers(ctx)
     cfg, name, uri = _ctx(ctx, name, tracking_uri)
-    from damage.model_registry import current_identity, rollback
+    from damage.model_registry import current_identity
+    from damage.model_registry.frozen import rollback_frozen
 
     who = by or current_identity() or getpass.getuser()
-    move = run_guarded(rollback, uri, name, who, reason, to=to, approvers=cfg.registry.approvers,
+    move = run_guarded(rollback_frozen, uri, name, who, reason, to=to, approvers=approvers,
                        lock_timeout_s=cfg.registry.lock_timeout_s)
     console.print(f"rolled back '{name}': production {move.version_from} -> {move.version_to} "
                   f"(by {who}: {reason}) at {uri}", highlight=False, soft_wrap=True)

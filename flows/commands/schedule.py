@@ -28,13 +28,18 @@ def schedule(
         console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
                       "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
     from damage.flows.deploy import build_deployments, register_with_pool, serve_all
-    from damage.tasks.core.config import CONFIG_ENV, is_registry_override, without_registry_overrides
+    from damage.tasks.core.config import CONFIG_ENV
+    from damage.tasks.core.run_params import split_worker_sets
 
     opts = shared(ctx)
-    if work_pool and any(is_registry_override(s) for s in opts.sets or []):
-        console.print(f"[yellow]--set registry.* applies to runs served by this process only; pool workers read "
-                      f"the registry section from ${CONFIG_ENV} (default configs/default.yaml).[/]")
-    deployments = run_guarded(build_deployments, cfg, opts.config, overrides=without_registry_overrides(opts.sets),
+    # --set stays in this process (pinned by setup; served runs inherit it), never in the deployment's
+    # stored parameters (they are readable by anyone with the Prefect API: a URI password, Apprise tokens)
+    run_sets, worker_only = split_worker_sets(opts.sets) if work_pool else ([], [])
+    if worker_only:
+        console.print(f"[yellow]--set {', '.join(s.split('=', 1)[0] for s in worker_only)} applies to runs served "
+                      f"by this process only; pool workers read their config from ${CONFIG_ENV} "
+                      f"(default configs/default.yaml).[/]")
+    deployments = run_guarded(build_deployments, cfg, opts.config, overrides=run_sets,
                               dataset=dataset,
                               model_size=model_size, work_pool=work_pool)
     for d in deployments:

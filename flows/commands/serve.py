@@ -83,6 +83,29 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> int:
         signal.signal(signal.SIGINT, old_int)
 
 
+def _approved_pyfunc(uri: str, work: Path, notify=None) -> Path:
+    """A pyfunc folder for ``uri`` built from the installed package's code around the approved, verified ONNX
+    (``models:/NAME@production`` or ``models:/NAME/VERSION``) or a local ``.onnx`` file."""
+    import shutil
+
+    from damage.flows.common import run_guarded
+    from damage.tasks.serving.pyfunc import save_pyfunc
+
+    if uri.startswith("models:/"):
+        from damage.model_registry.frozen import approved_file, fetch_approved_uri
+        from damage.tasks.core import tracking
+
+        shutil.rmtree(work, ignore_errors=True)
+        local = run_guarded(fetch_approved_uri, tracking.client(), uri, work / "files", notify)
+        onnx = run_guarded(approved_file, local, ".onnx")
+    else:
+        onnx = Path(uri)
+        if onnx.suffix != ".onnx" or not onnx.is_file():
+            fail(f"{uri}: serve models:/NAME@production, models:/NAME/VERSION or a local .onnx file")
+        shutil.rmtree(work, ignore_errors=True)
+    return run_guarded(save_pyfunc, onnx, work / "pyfunc")
+
+
 def serve(
     ctx: typer.Context,
     model_uri: Annotated[str | None, typer.Argument(
@@ -91,7 +114,11 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Port of the scoring server.")] = 5001,
     workers: Annotated[int, typer.Option("--workers", help="Server worker processes.")] = 1,
 ) -> None:
-    """Serve a registered model version over HTTP (POST /invocations), from this virtualenv."""
+    """Serve the approved model over HTTP (POST /invocations), from this virtualenv.
+
+    The files are the approved copy, hash-verified (``damage.model_registry.frozen.fetch_approved``); the code
+    is this installed package's, never the artifact store's: the pyfunc folder is written here.
+    """
     cfg, paths = setup(ctx)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
     from damage.model_registry.uri import alias_hint
@@ -100,8 +127,12 @@ def serve(
     hint = alias_hint(tracking.client(), uri)  # an unset alias: say what to do, not MLflow's traceback
     if hint:
         fail(hint)
+    from damage.tasks.core.notify import send
+
+    model_dir = _approved_pyfunc(uri, paths.root / "approved" / f"serve-{port}",
+                                 lambda msg: send(cfg.notify, "failure", f"refused to serve {uri}", msg))
     log = paths.root / "logs" / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
     proc = _start(cmd, venv_env(), log)
     from damage.tasks.serving.pyfunc import input_example

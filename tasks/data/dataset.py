@@ -32,6 +32,7 @@ from damage.tasks.core.atomic import atomic_output_dir
 from damage.tasks.core.config import CLASSES
 from damage.tasks.core.errors import DamageError, DatasetError
 from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_file
+from damage.tasks.data.root_check import check_dataset_paths
 
 # The image suffixes every reader of the project accepts (Ultralytics' common ones).
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -129,12 +130,10 @@ def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val"
     * Classes: ``names`` as a list or an ``{id: name}`` mapping with ids 0..N-1; ``nc`` alone
       names the classes by id.
 
-    Args:
-        path: the data.yaml or its folder.
-        required: splits that must be declared.
+    Args: path: the data.yaml or its folder. required: splits that must be declared.
 
     Raises:
-        DatasetError: missing file, invalid YAML, missing ``names`` or a required split.
+        DatasetError: missing file, invalid YAML, missing ``names`` or a required split, a path outside the root.
     """
     yaml_path = find_data_yaml(Path(path)).resolve()
     try:
@@ -165,6 +164,7 @@ def load_data_yaml(path: str | Path, required: tuple[str, ...] = ("train", "val"
             continue
         entries = entry if isinstance(entry, list) else [entry]
         splits[split] = [p if p.is_absolute() else root / p for p in (Path(str(e)) for e in entries)]
+    check_dataset_paths(yaml_path, root, splits)  # root not above the yaml's folder, every split inside the root
     return DatasetInfo(yaml_path, root, names, splits, raw=raw)
 
 
@@ -334,7 +334,7 @@ class ImportReport:
         ignored: source class name -> instances dropped on purpose (class_map target "-").
         rle_converted: RLE masks converted to polygons. merged_segments: instances whose
         several polygons were joined into one. dropped_empty: annotations with no usable shape.
-        mapping: source class name -> target class name (or "-").
+        mapping: source class name -> target class name (or "-"). images_dir: the COCO images folder used.
     """
 
     out: Path
@@ -347,6 +347,7 @@ class ImportReport:
     rle_converted: int = 0
     merged_segments: int = 0
     dropped_empty: int = 0
+    images_dir: Path | None = None
     mapping: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # referenced path -> why it was not imported
 
@@ -640,7 +641,7 @@ def _import_coco(js: Path, images_dir: Path | None, tmp: Path | None, classes: l
     report.mapping = {n: (classes[t] if isinstance(t, int) else (IGNORE if t == IGNORE else "?")) for n, t in mapping.items()}
     imgs = sorted(data["images"], key=lambda im: (str(im["file_name"]), int(im["id"])))
     first = next((str(im["file_name"]) for im in imgs if _safe_name(str(im["file_name"]))), None)
-    img_dir = _find_images_dir(js, first, images_dir)
+    img_dir = report.images_dir = _find_images_dir(js, first, images_dir)
     refused: set[int] = set()
     for im in imgs:
         why = _refuse_reference(str(im["file_name"]), img_dir / str(im["file_name"]), img_dir, max_pixels)
@@ -723,20 +724,16 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
     folder keeps its splits.
 
     Args:
-        src: YOLO dataset folder or data.yaml, or a COCO ``instances*.json``.
-        out: output folder (must not exist or be empty unless ``overwrite``).
+        src: YOLO dataset folder or data.yaml, or a COCO ``instances*.json``. out: output folder (new or empty).
         class_map: source name -> target name (or "-").
         classes: target class names in id order; None = ``damage.tasks.core.config.CLASSES``.
-        val_fraction: val share when the import makes the split.
-        seed: split seed.
-        images_dir: COCO image folder; None = search beside the JSON (``images/``, CarDD's
-            ``train2017/`` next to ``annotations/`` ...).
+        val_fraction: val share when the import makes the split. seed: split seed.
+        images_dir: COCO image folder; None = search beside the JSON (``images/``, CarDD's ``train2017/``).
         allow_unknown: skip (and report) unknown source classes instead of refusing.
         overwrite: replace a non-empty ``out`` (never one that holds the source or its images).
         max_pixels: largest image (width x height, from its header) that is imported.
 
-    Returns:
-        ImportReport (counts per split and class, unknown/ignored classes, conversions).
+    Returns: ImportReport (counts per split and class, unknown/ignored classes, conversions).
 
     Raises:
         UnknownClassesError: unknown classes and not ``allow_unknown`` (nothing written).
@@ -749,12 +746,13 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
         raise DatasetError(f"{src}: source not found")
     if out == src or src in out.parents:
         raise DatasetError(f"{out}: output must not be inside the source {src} (the source is never modified)")
-    # the other way round: replacing `out` must never delete the source, its images or their folder
-    guarded = [("source", src)] + ([("images folder", Path(images_dir).expanduser().resolve())] if images_dir else [])
-    for what, p in guarded:
-        if out in p.parents:
-            raise DatasetError(f"{out}: output folder contains the {what} {p}; choose an output outside it "
+    def guard(what: str, p: Path) -> None:  # replacing `out` must never delete the source, its images or their folder
+        if out == p or out in p.parents:
+            raise DatasetError(f"{out}: output folder is or contains the {what} {p}; choose an output outside it "
                                f"(--overwrite would delete it)")
+    guard("source", src)
+    if images_dir:
+        guard("images folder", Path(images_dir).expanduser().resolve())
     if out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: output folder exists and is not empty (choose a new folder or --overwrite)")
     is_coco = src.is_file() and src.suffix.lower() == ".json"
@@ -772,6 +770,8 @@ def import_dataset(src: Path, out: Path, class_map: dict[str, str] | None = None
             _import_yolo(find_data_yaml(src), tmp, classes, class_map, val_fraction, seed, report, max_pixels)
 
     run(None)  # dry pass: every check and the unknown-class count before anything is written
+    if report.images_dir is not None:  # the images folder found beside a COCO JSON is guarded too (issue 31)
+        guard("images folder", Path(report.images_dir).resolve())
     if report.unknown and not allow_unknown:
         raise UnknownClassesError(src, report)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -453,20 +453,18 @@ def _default_imgsz(backend: Any, fmt: str) -> int:
 
 
 def open_model(model: str | Path, data_yaml: str | Path, imgsz: int | None = None) -> _Model:
-    """Load ``.pt`` or ``.onnx`` (ONNX Runtime, CPU) through Ultralytics' ``AutoBackend``.
-
-    Raises:
-        DamageError: missing file, unsupported format, unloadable model, or an ``imgsz`` that a
-            fixed-shape ONNX cannot take.
-    """
+    """``.pt`` (vetted, restricted unpickler) or ``.onnx`` (ONNX Runtime, CPU) via ``AutoBackend``; else DamageError."""
     import torch
     from ultralytics.nn.autobackend import AutoBackend
 
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
+
     p = _check_model_path(model)
     try:
-        backend = AutoBackend(model=str(p), device=torch.device("cpu"), data=str(data_yaml), fp16=False,
-                              verbose=False)
-    except Exception as e:  # corrupt file, wrong opset, not a YOLO checkpoint
+        with ultralytics_safe_load():
+            backend = AutoBackend(model=vetted_model_path(p), device=torch.device("cpu"), data=str(data_yaml),
+                                  fp16=False, verbose=False)
+    except Exception as e:  # corrupt file, wrong opset, not a YOLO checkpoint, refused pickle
         raise DamageError(f"{p}: cannot load model: {e}") from e
     backend.eval()
     fmt = backend.format

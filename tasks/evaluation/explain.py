@@ -115,10 +115,10 @@ def load_model(model: str | Path | Any) -> Any:
             raise DamageError(f"{p}: model file not found")
         if p.suffix != ".pt":
             raise DamageError(f"{p}: explanations need a PyTorch .pt checkpoint (gradients), got '{p.suffix}'")
-        from ultralytics.nn.tasks import load_checkpoint
+        from damage.tasks.training.checkpoint import load_ultralytics_checkpoint
 
-        try:
-            net, _ = load_checkpoint(str(p), device="cpu")
+        try:  # vetted first, then Ultralytics' restricted loader: no code from the file runs
+            net, _ = load_ultralytics_checkpoint(p)
         except Exception as e:  # corrupt file, foreign pickle...
             raise DamageError(f"{p}: not a readable Ultralytics checkpoint ({e})") from e
     elif isinstance(model, torch.nn.Module):

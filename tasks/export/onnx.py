@@ -72,7 +72,10 @@ class ExportResult:
 def _load_yolo(weights: Path):
     from ultralytics import YOLO
 
-    model = load_file(Path(weights), lambda p: YOLO(str(p)), "weights")
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vet_checkpoint
+
+    with ultralytics_safe_load():
+        model = load_file(Path(weights), lambda p: YOLO(str(vet_checkpoint(p))), "weights")
     if model.task != "segment":
         raise DamageError(f"{weights}: task is '{model.task}', expected a segmentation model")
     return model
@@ -138,11 +141,14 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int = 13, dynamic: 
         del model
         from ultralytics import YOLO
 
+        from damage.tasks.training.checkpoint import ultralytics_safe_load, vet_checkpoint
+
         try:
             # nms=False selects the one-to-one head; None (Ultralytics' default) the one-to-many head
-            produced = YOLO(str(src)).export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic,
-                                             simplify=simplify, device="cpu", half=False, batch=1, verbose=False,
-                                             nms=False if end2end else None)
+            with ultralytics_safe_load():  # the private copy of the file _load_yolo vetted
+                produced = YOLO(str(vet_checkpoint(src))).export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic,
+                                                 simplify=simplify, device="cpu", half=False, batch=1,
+                                                 verbose=False, nms=False if end2end else None)
         except Exception as e:
             raise DamageError(f"{weights}: ONNX export failed (opset {opset}): {e}") from e
         proto = onnx.load(str(produced))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from damage.tasks.core.config import Config, apply_worker_registry, load_config
+from damage.tasks.core.config import Config
 from damage.tasks.core.runtime import StatePaths
 from damage.tasks.core.secrets import redact_uri
 
@@ -46,10 +46,16 @@ class PipelineRun:
 
 
 def prepare_state(config_path: str | None = None, overrides: list[str] | None = None) -> tuple[Config, StatePaths]:
-    """Load the config and activate its state directory (env vars, Ultralytics settings)."""
+    """The run's config (the worker's, plus allowlisted run overrides: ``damage.tasks.core.run_params``); activate its
+    state directory (env vars, Ultralytics settings).
+
+    Raises:
+        ConfigError: a run parameter outside ``RUN_OVERRIDES`` (named), or a config file not the worker's.
+    """
+    from damage.tasks.core.run_params import run_config
     from damage.tasks.core.runtime import activate, configure_ultralytics
 
-    cfg = apply_worker_registry(load_config(config_path, overrides), overrides)
+    cfg = run_config(config_path, overrides)
     paths = activate(cfg.state_dir, cfg.mlflow.tracking_uri)
     if cfg.mlflow.tracking_uri:  # activate moved any URI credentials into MLflow's env variables
         cfg.mlflow.tracking_uri = redact_uri(cfg.mlflow.tracking_uri)

@@ -7,9 +7,9 @@ without torch, ultralytics or prefect. Either runtime reads the same ``.onnx`` f
 picks one (``auto``: the one the export measured fastest, see ``damage.tasks.serving.backends``).
 
 Hostile input is bounded: every image's pixel count is checked from its header before it is
-decoded (``max_pixels``: argument, else ``damage.max_pixels`` in the ONNX metadata, else
-``DEFAULT_MAX_PIXELS``); instance masks stay cropped to their box (``BoxMask``); at most
-``max_det`` instances per image; the metadata's types and ranges are validated.
+decoded (``max_pixels``: argument, else ``damage.max_pixels`` in the ONNX metadata, which may only lower
+``DEFAULT_MAX_PIXELS``); masks stay cropped to their box; at most ``max_det`` instances per image; the
+metadata's types and ranges and a fixed graph input's sides (``MAX_IMGSZ``) are validated.
 
 The maths follow Ultralytics' predictor exactly, so results match ``YOLO(model.onnx).predict(...,
 retina_masks=True)``:
@@ -21,8 +21,7 @@ retina_masks=True)``:
 * end-to-end exports (YOLO26's NMS-free one-to-one head, ``end2end`` in Ultralytics' metadata):
   the graph already returns top-k rows ``x1, y1, x2, y2, score, class, coefficients...``; rows with
   ``score > conf`` are kept in their order, at most ``max_det``, and no NMS runs (``iou`` is unused).
-  Their TopK size is fixed at export, so they are always fed the full square ``imgsz`` (a smaller
-  rectangular input could hold fewer anchors than the graph's k);
+  Their TopK size is fixed at export, so they are always fed the full square ``imgsz`` (fewer anchors otherwise);
 * masks: logits = coefficients x prototypes, mapped to the original image with Ultralytics'
   "native" path (optional x1/x2/x4 bilinear upsample, remove the letterbox padding, bilinear
   resize to the original size), ``> 0`` (sigmoid > 0.5), cropped to the box. Both bilinear
@@ -61,11 +60,10 @@ DEFAULT_IOU = 0.7
 MAX_WH = 7680  # per-class box offset for class-aware NMS (Ultralytics' value)
 MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
 NMS_MATRIX_MAX = 2048  # NMS over at most this many boxes computes all pair IoUs at once (16 MB per float32 matrix)
-MAX_IMGSZ = 4096  # an input side above this in the metadata is refused (60000 would allocate 10.8 GB)
+MAX_IMGSZ = 4096  # an input side above this (metadata or a fixed graph input) is refused: 60000 would cost 10.8 GB
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
-# A matrix product runs on one thread up to this many multiply-adds (m*n*k) in OpenBLAS (numpy's wheels):
-# the post-processing keeps every product below it. OpenBLAS's idle threads spin after a threaded call, and
-# on two cores they took a core from ONNX Runtime's next run (e2e 151-169 vs 96-105 ms with one BLAS thread).
+# A matrix product runs on one thread up to this many multiply-adds (m*n*k) in OpenBLAS (numpy's wheels): the
+# post-processing keeps every product below it (idle OpenBLAS threads spin and took a core from ORT: 151-169 vs 96-105 ms).
 BLAS_SINGLE_MNK = 1 << 18
 AXES_CACHE = 16  # image sizes whose resampling matrices are kept
 LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
@@ -554,6 +552,8 @@ class Predictor:
         # an end-to-end graph's TopK k is fixed at export: never feed it fewer anchors (smaller rect inputs)
         self.rect = bool(rect) and len(fixed_hw) < 2 and not self.end2end
         if len(fixed_hw) == 2:
+            if not all(isinstance(v, int) and 32 <= v <= MAX_IMGSZ for v in fixed_hw):  # before any allocation
+                raise DamageError(f"{self.path}: fixed ONNX input {fixed_hw} is outside [32, {MAX_IMGSZ}] per side")
             self.imgsz = (int(fixed_hw[0]), int(fixed_hw[1]))
         elif self.metadata.get("imgsz"):
             self.imgsz = tuple(int(v) for v in self.metadata["imgsz"])
@@ -573,8 +573,8 @@ class Predictor:
         if not 1 <= int(max_det) <= MAX_DET:
             raise DamageError(f"max_det must be in [1, {MAX_DET}], got {max_det}")
         self.max_det = int(max_det)
-        meta_px = self.metadata.get("damage.max_pixels")
-        self.max_pixels = int(max_pixels if max_pixels is not None else meta_px or DEFAULT_MAX_PIXELS)
+        meta_px = min(int(self.metadata.get("damage.max_pixels") or DEFAULT_MAX_PIXELS), DEFAULT_MAX_PIXELS)
+        self.max_pixels = int(max_pixels if max_pixels is not None else meta_px)  # a file may lower it, never raise
         self.vehicle_class = vehicle_class
         self._axes: dict[tuple[int, int, int, int], tuple] = {}
         self.timings: dict[str, float] = {}

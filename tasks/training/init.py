@@ -59,12 +59,14 @@ class InitDecision:
 
 
 def _load_model(pt: Path):
-    import torch
+    from damage.tasks.training.checkpoint import UnreadableCheckpoint, load_checkpoint_dict
 
+    # Vetted + weights_only (the registry's artifact.pt and S3-synced files are not trusted code). A file that
+    # names code outside the allowlist raises UnsafeCheckpoint, not an InitError: the run stops, no fallback.
     try:
-        ckpt = torch.load(pt, map_location="cpu", weights_only=False)  # our own registry's checkpoint
-    except Exception as e:
-        raise InitError(f"{pt}: cannot read the checkpoint: {e}") from e
+        ckpt = load_checkpoint_dict(pt)
+    except UnreadableCheckpoint as e:  # garbage, not a pickle that was refused: a reason to fall back
+        raise InitError(f"{pt}: cannot read the checkpoint: {e}") from None
     model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
     if model is None or not hasattr(model, "state_dict"):
         raise InitError(f"{pt}: not an Ultralytics checkpoint (no model inside)")

@@ -200,9 +200,9 @@ def load_model(weights: str | Path) -> nn.Module:
     Raises:
         DamageError: missing file or not an Ultralytics checkpoint.
     """
-    from ultralytics.nn.tasks import load_checkpoint
+    from damage.tasks.training.checkpoint import load_ultralytics_checkpoint
 
-    model, _ = load_file(Path(weights), lambda p: load_checkpoint(str(p)), "weights file")
+    model, _ = load_file(Path(weights), load_ultralytics_checkpoint, "weights file")
     return model.float().eval()
 
 
@@ -217,7 +217,9 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path | None
 
     train_args: dict[str, Any] = {}
     if source is not None and Path(source).is_file():
-        ck = torch.load(str(source), map_location="cpu", weights_only=False)
+        from damage.tasks.training.checkpoint import load_checkpoint_dict
+
+        ck = load_checkpoint_dict(source)
         train_args = dict(ck.get("train_args") or {})
     m = copy.deepcopy(model).float().eval()
     for p in m.parameters():

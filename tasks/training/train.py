@@ -216,12 +216,12 @@ def _trim_results(ckpt: Path) -> None:
 
     A run killed between writing results.csv and last.pt would otherwise repeat a row on resume.
     """
-    import torch
+    from damage.tasks.training.checkpoint import load_checkpoint_dict
 
     csv_path = ckpt.parent.parent / "results.csv"
     if not csv_path.is_file():
         return
-    epoch = int(torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", -1))
+    epoch = int(load_checkpoint_dict(ckpt).get("epoch", -1))
     lines = csv_path.read_text().splitlines(keepends=True)
     keep = lines[: 1 + epoch + 1]  # header + epochs 0..epoch
     if len(keep) < len(lines):
@@ -232,10 +232,10 @@ def _trim_results(ckpt: Path) -> None:
 
 def _resumable(ckpt: Path) -> bool:
     """A last.pt of an unfinished run still holds its optimizer state (epoch >= 0)."""
-    import torch
+    from damage.tasks.training.checkpoint import load_checkpoint_dict
 
     try:
-        d = torch.load(ckpt, map_location="cpu", weights_only=False)
+        d = load_checkpoint_dict(ckpt)
     except Exception:
         return False
     return d.get("epoch", -1) >= 0 and d.get("optimizer") is not None
@@ -289,10 +289,13 @@ def train_model(
     project.mkdir(parents=True, exist_ok=True)
     configure_ultralytics(activate())
 
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
+
     resume_from = _resume_checkpoint(cfg, project, name)
     if resume_from is not None:
         _trim_results(resume_from)
-        model = YOLO(str(resume_from))
+        with ultralytics_safe_load():
+            model = YOLO(vetted_model_path(resume_from))
         train_kwargs: dict[str, Any] = {"resume": True, "data": str(data_yaml)}
     else:
         src = model_source(cfg.model)
@@ -300,11 +303,14 @@ def train_model(
             w = Path(cfg.weights).expanduser()
             if not w.is_file():
                 raise DamageError(f"train.weights '{cfg.weights}': file not found")
-            model = YOLO(_sized_for_dataset(src, data_yaml, project), task="segment").load(str(w))
+            with ultralytics_safe_load():  # train.init / train.weights: a file from the registry or S3
+                model = YOLO(_sized_for_dataset(src, data_yaml, project), task="segment").load(vetted_model_path(w))
         elif cfg.finetune and not src.endswith(".pt"):
             raise DamageError("train.finetune needs train.weights or a .pt train.model to start from")
         else:
-            model = YOLO(src, task="segment")
+            with ultralytics_safe_load():
+                model = YOLO(vetted_model_path(src) if src.endswith(".pt") and Path(src).is_file() else src,
+                             task="segment")
         train_kwargs = build_train_args(cfg, data_yaml, project, name, seed)
     train_kwargs.update(extra_args or {})
 

@@ -103,10 +103,18 @@ def test_drift_resample_quiet_shift_loud(synth_pair, tmp_path):
     c.create_registered_model(model)
     mv = c.create_model_version(model, "file:///nowhere", run_id=night0, tags={"source_run_id": night0})
     c.set_registered_model_alias(model, "production", mv.version)
-    from damage.model_registry.registry import PRODUCTION, alias_source_run
+    from damage.model_registry.frozen import T_SOURCE_VERSION, ApprovalMismatch, approved_name
+    from damage.model_registry.reference import production_source
 
-    prof, source = find_reference(ValidateConfig(), c.tracking_uri, exp, model,
-                                  production_run=lambda: alias_source_run(c, model, PRODUCTION))
+    def production_run():
+        return production_source(c, model)
+
+    with pytest.raises(ApprovalMismatch):  # production without an approval record: refused (issue 31)
+        find_reference(ValidateConfig(), c.tracking_uri, exp, model, production_run=production_run)
+    c.create_registered_model(approved_name(model))  # the approval record (what approve writes)
+    rec = c.create_model_version(approved_name(model), "file:///nowhere", tags={T_SOURCE_VERSION: mv.version})
+    c.set_registered_model_alias(approved_name(model), "production", rec.version)
+    prof, source = find_reference(ValidateConfig(), c.tracking_uri, exp, model, production_run=production_run)
     assert prof["fingerprint"] == ref["fingerprint"] and "production" in source and night0 in source
     assert find_reference(ValidateConfig(drift_reference="none"), c.tracking_uri, exp, model)[0] is None
 

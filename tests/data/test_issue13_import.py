@@ -73,11 +73,11 @@ def test_13_08_import_traversal_yolo_list(tmp_path):
 def test_13_09_import_overwrite_never_deletes_the_source(project, tmp_path):
     js = _coco(project / "coco", ["a.png", "b.png"])
     before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
-    with pytest.raises(DatasetError, match=r"output folder contains the source .*ann.json"):
+    with pytest.raises(DatasetError, match=r"output folder is or contains the source .*ann.json"):
         import_dataset(js, project, overwrite=True)
     (tmp_path / "ann").mkdir()
     js2 = _coco(tmp_path / "ann", ["a.png", "b.png"])  # JSON elsewhere, images inside the output
-    with pytest.raises(DatasetError, match=r"output folder contains the images folder"):
+    with pytest.raises(DatasetError, match=r"output folder is or contains the images folder"):
         import_dataset(js2, project, images_dir=project / "coco" / "images", overwrite=True)
     assert {p: p.read_bytes() for p in project.rglob("*") if p.is_file()} == before
 

@@ -60,7 +60,10 @@ def nightly_summary(prefect_harness, state_paths):
     os.environ["DAMAGE_REGISTRY_CONFIG"] = json.dumps({"floor_mask_map": 0.0, "min_class_ap50": 0.0,
                                                        "model_name": MODEL})
     try:
-        summary = nightly(overrides=TINY, force=True)
+        from tests.helpers import worker_config
+
+        with worker_config(TINY):  # the worker's own --set (issue 31: a run parameter may not carry these)
+            summary = nightly(force=True)
     finally:
         _AUDIT["on"] = False
         if old is None:

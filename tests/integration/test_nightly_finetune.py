@@ -39,13 +39,17 @@ def test_second_nightly_starts_from_approved_v1_and_keeps_every_class(prefect_ha
     name = f"finetune-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", json.dumps({**WORKER_REGISTRY, "model_name": name}))
     cfg = list(SMALL)
-    first = nightly(overrides=cfg, force=True)
+    from tests.helpers import worker_config
+
+    with worker_config(cfg):  # the worker's own --set (issue 31: a run parameter may not carry these)
+        first = nightly(force=True)
     assert first["init"]["source"] == "scratch" and "no 'production' version" in first["init"]["reason"]
     v1 = first["registered_version"]
     assert first["promotion"]["passed"], first["promotion"]["reasons"]
     mr.approve(first["tracking_uri"], name, v1, by="test", reason="first model")
 
-    second = nightly(overrides=[*cfg, "train.epochs=8"], force=True)
+    with worker_config(cfg):
+        second = nightly(overrides=["train.epochs=8"], force=True)  # an allowlisted run parameter
     assert second["init"]["source"] == "production" and second["init"]["parent_version"] == v1
     c = MlflowClient(second["tracking_uri"])
     v2 = c.get_model_version(name, second["registered_version"])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import worker_config
 from tests.recording_http import Recorder
 
 MODEL = "ux-seg"  # own registered model: the first candidate passes the gate (approval message)
@@ -72,7 +73,8 @@ def ux_run(prefect_harness, state_paths, notify_config, recorder):
     """One forced nightly run (each of the three runs is its own fixture: each gets its own test timeout)."""
     from damage.flows.nightly import nightly
 
-    summary = nightly(config_path=notify_config, overrides=TINY, force=True)
+    with worker_config(TINY, notify_config):  # the worker's --config/--set (issue 31: not run parameters)
+        summary = nightly(force=True)
     _flush_logs()
     return {"summary": summary, "posts": recorder.posts}
 
@@ -82,7 +84,8 @@ def ux_skipped(ux_run, notify_config):
     """The same run again, unforced: nothing changed, so it is skipped (its final Prefect state)."""
     from damage.flows.nightly import nightly
 
-    return nightly(config_path=notify_config, overrides=TINY, force=False, return_state=True)
+    with worker_config(TINY, notify_config):
+        return nightly(force=False, return_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +95,8 @@ def ux_failed(prefect_harness, state_paths, notify_config, recorder):
 
     failing = TINY + ["validate.min_width=10000", "validate.severity={too_small: error}"]
     with pytest.raises(Exception, match="data gate failed") as err:  # the gate error, not a notify error
-        nightly(config_path=notify_config, overrides=failing, force=True)
+        with worker_config(failing, notify_config):
+            nightly(force=True)
     return {"error": str(err.value), "posts": recorder.posts}
 
 
@@ -291,6 +295,10 @@ def test_damage_serve_answers_the_printed_example(ux_run, tmp_path):
     from tests.integration.conftest import free_port
 
     s = ux_run["summary"]
+    import damage.model_registry as mr
+
+    # only an approved version is served (issue 31): approve the staged one (local store, no accounts)
+    mr.approve(s["tracking_uri"], MODEL, s["registered_version"], by="test", reason="serve test")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]),
                PATH="/usr/bin:/bin")  # the venv is NOT on PATH: `damage serve` must still find uvicorn

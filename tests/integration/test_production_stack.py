@@ -131,6 +131,47 @@ def test_nightly_deployment_end_to_end(prefect_server, mlflow_s3_server, moto_s3
     with mlflow_user("approver"):  # READ on the pipeline's runs (default_permission)
         _check_run_and_artifacts(c, run, moto_s3)
     _production_needs_the_approver(c)
+    _approved_means_frozen(c, moto_s3)
+    # issue 31: a run started with a tracking URI of its choosing is refused before it talks to any server
+    # (the nightly deployment retries a failed run later: the refusal is read from the worker's log)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        bad = run_deployment("nightly/nightly", parameters={"overrides": ["mlflow.tracking_uri=http://127.0.0.1:9"]},
+                             timeout=0)
+    refusal = "'mlflow.tracking_uri' is not allowed"
+    deadline = time.monotonic() + 300
+    while refusal not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(2)
+    assert refusal in log.read_text(errors="replace"), log.read_text()[-4000:]
+    assert bad.state is None or not bad.state.is_completed()
+
+
+def _approved_means_frozen(c, moto_s3):
+    """Issue 31 on the stack: the pipeline's direct move of production is refused (the approval record) or
+    detected (damage-seg's own alias); a file swapped after approval is refused where serving reads it."""
+    from mlflow.exceptions import MlflowException
+
+    import damage.model_registry as mr
+    from damage.model_registry.frozen import approved_name, fetch_approved_uri
+
+    with mlflow_user("approver"):
+        prod = mr.alias_version(c, PRODUCTION_MODEL, mr.PRODUCTION)
+        rec = c.get_model_version(approved_name(PRODUCTION_MODEL),
+                                  mr.alias_version(c, approved_name(PRODUCTION_MODEL), mr.PRODUCTION))
+        assert rec.tags["approval.source_version"] == prod
+    with mlflow_user("pipeline"):
+        with pytest.raises(MlflowException, match="403|PERMISSION_DENIED"):
+            c.set_registered_model_alias(approved_name(PRODUCTION_MODEL), mr.PRODUCTION, rec.version)
+    # a swapped ONNX in the approved copy (raw storage access): serving refuses it, naming the file
+    key = f"mlartifacts/{rec.source.split('mlflow-artifacts:/', 1)[1]}"
+    onnx_key = next(o["Key"] for o in _s3(moto_s3).list_objects_v2(Bucket=S3_BUCKET, Prefix=key)["Contents"]
+                    if o["Key"].endswith(".onnx"))
+    original = _s3(moto_s3).get_object(Bucket=S3_BUCKET, Key=onnx_key)["Body"].read()
+    _s3(moto_s3).put_object(Bucket=S3_BUCKET, Key=onnx_key, Body=b"swapped")
+    try:
+        with mlflow_user("approver"), pytest.raises(mr.ApprovalMismatch, match=r"\.onnx: differs from what was"):
+            fetch_approved_uri(c, f"models:/{PRODUCTION_MODEL}@production")
+    finally:
+        _s3(moto_s3).put_object(Bucket=S3_BUCKET, Key=onnx_key, Body=original)
 
 
 def _production_needs_the_approver(c):

@@ -56,8 +56,8 @@ def test_only_approver_moves_production(auth_server, make_candidate):
         with pytest.raises(mr.AccessDenied, match="no approvers are configured"):
             mr.approve(c, NAME, v, by="viewer", reason="try", approvers=None)
         # a client that lists the viewer: the server itself refuses (403) the first write, the
-        # approval tags (they precede the alias move), so nothing moves
-        with pytest.raises(mr.AccessDenied, match=r"refused to let user 'viewer' tag .* as approved"):
+        # approval record (it precedes the tags and the alias move), so nothing moves
+        with pytest.raises(mr.AccessDenied, match=r"refused to let user 'viewer' .*approval record"):
             mr.approve(c, NAME, v, by="viewer", reason="try", approvers=["viewer"])
     with as_user(APPROVER):
         assert mr.alias_version(c, NAME, mr.PRODUCTION) is None
@@ -71,7 +71,7 @@ def test_only_approver_moves_production(auth_server, make_candidate):
         assert mr.history(c, NAME)[-2].identity == "approver"
 
 
-def test_cli_reports_denial_as_one_line(auth_server, make_candidate):
+def test_cli_reports_denial_as_one_line(auth_server, make_candidate, tmp_path):
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
@@ -81,8 +81,11 @@ def test_cli_reports_denial_as_one_line(auth_server, make_candidate):
     with as_user(PIPELINE):
         v = make_candidate(c, NAME, mask=0.35, box=0.35)
         mr.gate_candidate(c, NAME, v, fake_evaluate, RegistryConfig())
-        res = CliRunner().invoke(app, ["registry", "approve", NAME, v, "--by", "pipeline", "--reason", "x",
-                                       "--tracking-uri", auth_server, "--set", "registry.approvers=[approver]"])
+        # the approver list comes from the config file, never --set (issue 31)
+        conf = tmp_path / "approvers.yaml"
+        conf.write_text("registry:\n  approvers: [approver]\n")
+        res = CliRunner().invoke(app, ["--config", str(conf), "registry", "approve", NAME, v, "--by", "pipeline",
+                                       "--reason", "x", "--tracking-uri", auth_server])
     text = res.output + (getattr(res, "stderr", "") or "")
     assert res.exit_code == 2, text
     assert "error:" in text and "may not approve" in text and "Traceback" not in text

@@ -1,4 +1,4 @@
-"""The promotion flow pauses after the gate and completes when the approval input arrives."""
+"""The promotion flow pauses after the gate and completes once an approver decided with their own login."""
 
 from __future__ import annotations
 
@@ -39,23 +39,26 @@ def local_registry(tmp_path_factory):
 @pytest.mark.parametrize("approve", [True, False])
 def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registry, make_candidate, approve,
                                                   monkeypatch):
+    import json
+
     from prefect.flow_runs import resume_flow_run
 
-    # the worker's own registry section (not a run parameter): poll every second
-    monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", '{"approval_poll_s": 1, "approval_timeout_s": 300}')
-
     from damage.flows.promote import promote
+    from tests.helpers import worker_config
 
     c = local_registry
     name = f"promote-{uuid.uuid4().hex[:8]}"
+    # the worker's own config (not run parameters): its model, tracking URI, poll every second
+    monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", json.dumps({"approval_poll_s": 1, "approval_timeout_s": 300,
+                                                             "model_name": name}))
     version = make_candidate(c, name, mask=0.3, box=0.3)
     run_name = f"promote-{name}"
     results, errors = [], []
 
     def run():
         try:
-            results.append(promote.with_options(flow_run_name=run_name)(
-                name, version, c.tracking_uri, evaluate_fn=fake_evaluate))
+            with worker_config([f"mlflow.tracking_uri={c.tracking_uri}"]):
+                results.append(promote.with_options(flow_run_name=run_name)(name, version, evaluate_fn=fake_evaluate))
         except BaseException as e:  # surfaced in the main thread below
             errors.append(e)
 
@@ -65,7 +68,12 @@ def test_paused_flow_applies_the_approvers_answer(prefect_harness, local_registr
     # while paused: gated and staged, nothing in production yet
     assert mr.alias_version(c, name, mr.STAGING) == version
     assert mr.alias_version(c, name, mr.PRODUCTION) is None
-    resume_flow_run(flow_run_id, run_input={"approve": approve, "approver": "erin", "reason": "checked samples"})
+    # the approver decides with their own login (here: a local store, no accounts), then resumes the run
+    if approve:
+        mr.approve(c, name, version, by="erin", reason="checked samples")
+    else:
+        mr.reject(c, name, version, by="erin", reason="checked samples")
+    resume_flow_run(flow_run_id, run_input={"checked": True})
     t.join(timeout=120)
     assert not errors, errors
     out = results[0]

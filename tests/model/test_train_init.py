@@ -55,6 +55,11 @@ def _production(client, pt: Path, tmp_path: Path) -> tuple[str, str]:
     onnx.write_bytes(b"onnx")
     v = mr.register_candidate(client, name, run_id, onnx, pt, {}, {}, LINEAGE)
     client.set_registered_model_alias(name, mr.PRODUCTION, v.version)
+    # ... and its approval record (issue 31: train.init reads production's approved, hash-verified copy)
+    from damage.model_registry.frozen import approved_name, freeze_version
+
+    client.set_registered_model_alias(approved_name(name), mr.PRODUCTION,
+                                      freeze_version(client, name, v.version, "test", "fixture"))
     return name, v.version
 
 

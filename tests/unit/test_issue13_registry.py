@@ -122,7 +122,7 @@ def test_13_02_gate_config_is_not_a_run_parameter(monkeypatch, tmp_path):
     assert "registry" not in deps["promote"].parameters
     pin_worker_registry(cfg)
     assert worker_registry_config() == cfg.registry
-    with pytest.raises(ConfigError, match=r"'registry.tolerance' cannot be set by a run parameter"):
+    with pytest.raises(ConfigError, match=r"'registry.tolerance' is not allowed"):
         prepare_state(None, ["registry.tolerance=1e9"])
     # a config file given as a run parameter does not bring its own registry section either
     other = tmp_path / "other.yaml"
