@@ -172,6 +172,16 @@ class ExportConfig(_Section):
     end2end: bool = False
 
 
+class SliceSetting(_Section):
+    size: int = Field(ge=32, le=4096)
+    overlap: float = Field(0.2, gt=0, le=0.5)
+
+
+def _slices_value(v: Any) -> Any:
+    """YAML 1.1 reads a bare ``off`` as False (and ``on`` as True): both mean the words."""
+    return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+
 class PredictorConfig(_Section):
     backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
     threads: int = Field(0, ge=0)
@@ -179,6 +189,17 @@ class PredictorConfig(_Section):
     cache_optimized: bool = True
     openvino_precision: Literal["f32", "bf16"] = "f32"
     latency_runs: int = Field(10, ge=0)
+    slices: Literal["off", "auto"] | SliceSetting = "auto"
+
+    @field_validator("slices", mode="before")
+    @classmethod
+    def _slices_words(cls, v: Any) -> Any:
+        return _slices_value(v)
+
+    @property
+    def slices_value(self) -> str | dict[str, Any]:
+        """``slices`` as plain data (``"off"``, ``"auto"`` or ``{"size", "overlap"}``): metadata, tags, cards."""
+        return self.slices if isinstance(self.slices, str) else self.slices.model_dump()
 
 
 class DistillConfig(_Section):

@@ -55,6 +55,7 @@ from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixel
 from tasks.evaluation.damage_percent import BoxMask, DamageReport, damage_report
 from tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
 from tasks.serving.mask_decode import mask_from_logits, native_axes, single_thread_matmul, taps
+from tasks.serving.slicing import parse_slices, predict_images
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -439,6 +440,9 @@ class Predictor:
         spinning: ONNX Runtime worker threads spin between ops (``predictor.spinning``).
         cache_optimized: cache ONNX Runtime's optimised graph next to the model (``predictor.cache_optimized``).
         openvino_precision: ``f32`` | ``bf16`` inference precision of OpenVINO (``predictor.openvino_precision``).
+        slices: ``off`` | ``auto`` | ``{size, overlap}`` sliced inference of large images
+            (``tasks.serving.slicing``); None = ``damage.slices`` of the metadata (the slicing the
+            thresholds were chosen with), else off. ``off`` gives exactly the unsliced results.
 
     Raises:
         DamageError: the file is missing or not a segmentation model with two outputs; an unknown
@@ -449,11 +453,13 @@ class Predictor:
         end2end: the model is an end-to-end export (rows after top-k, no NMS; see the module doc).
     """
 
+    instance_type = Instance  # what ``tasks.serving.slicing`` builds merged instances as
+
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
                  max_det: int = 300, providers: Sequence[str] | None = None, threads: int | None = None,
                  vehicle_class: str = "vehicle", rect: bool = True, max_pixels: int | None = None,
                  backend: str = "auto", spinning: bool = True, cache_optimized: bool = True,
-                 openvino_precision: str = "f32"):
+                 openvino_precision: str = "f32", slices: Any = None):
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise DamageError(f"{self.path}: model not found")
@@ -493,6 +499,8 @@ class Predictor:
         meta_px = self.metadata.get("damage.max_pixels")
         self.max_pixels = int(max_pixels if max_pixels is not None else meta_px or DEFAULT_MAX_PIXELS)
         self.vehicle_class = vehicle_class
+        self.slices = (parse_slices(slices) if slices is not None else
+                       parse_slices(self.metadata.get("damage.slices"), f"{self.path}: ONNX metadata 'damage.slices'"))
         self._axes: dict[tuple[int, int, int, int], tuple] = {}
         self.timings: dict[str, float] = {}
 
@@ -609,6 +617,16 @@ class Predictor:
         t0 = time.perf_counter()
         ims = [read_image(s, self.max_pixels) for s in images]
         t_read = time.perf_counter() - t0
+        if self.slices.mode == "off":
+            results = self.predict_arrays(ims, batch_size, conf, iou)
+        else:
+            results = predict_images(self, ims, self.slices, batch_size, conf, iou)
+        self.timings = {"read": t_read, **self.timings}
+        return results
+
+    def predict_arrays(self, ims: Sequence[np.ndarray], batch_size: int | None = None, conf: float | None = None,
+                       iou: float | None = None) -> list[Prediction]:
+        """``predict`` of decoded BGR images without slicing: letterbox each batch, one run, post-process."""
         bs = batch_size or (len(ims) if self.dynamic_batch else 1)
         results: list[Prediction] = []
         t_pre = t_inf = t_post = 0.0
@@ -623,7 +641,7 @@ class Predictor:
             results += [self.postprocess(det[k], proto[k], im.shape[:2], hw, conf, iou) for k, im in enumerate(chunk)]
             t3 = time.perf_counter()
             t_pre, t_inf, t_post = t_pre + t1 - t0, t_inf + t2 - t1, t_post + t3 - t2
-        self.timings = {"read": t_read, "preprocess": t_pre, "inference": t_inf, "postprocess": t_post}
+        self.timings = {"preprocess": t_pre, "inference": t_inf, "postprocess": t_post}
         return results
 
     __call__ = predict
