@@ -49,7 +49,7 @@ from tasks.evaluation.evaluate import (
     score_image,
 )
 
-__all__ = ["UNSLICED_SUFFIX", "extra_set_data", "extra_sets_metrics", "extra_sets_step", "score_set"]
+__all__ = ["UNSLICED_SUFFIX", "extra_set_data", "extra_sets_metrics", "extra_sets_step", "gate_sets", "score_set"]
 
 UNSLICED_SUFFIX = "_unsliced"  # metric prefix of the letterboxed comparison: "<name>_unsliced/..."
 VEHICLE_CLASS = "vehicle"
@@ -162,6 +162,12 @@ def extra_sets_metrics(onnx: str | Path, sets: Sequence[Any], datasets_root: Pat
                           threads=threads)
             out.update({f"{prefix}/{k}": v for k, v in m.items()})
     return out
+
+
+def gate_sets(sets: Sequence[Any], floors: dict[str, Any]) -> list[Any]:
+    """The extra sets ``registry.extra_min_class_ap50`` floors on, scored sliced only (the gate needs no
+    letterboxed comparison). A floored set missing from ``sets`` gets no figures: the gate fails it closed."""
+    return [s.model_copy(update={"compare_unsliced": False}) for s in sets if s.name in floors]
 
 
 def extra_sets_step(candidate: dict[str, Any], sets: Sequence[Any], datasets_root: Path, parent_run_id: str,

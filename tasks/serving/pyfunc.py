@@ -42,7 +42,7 @@ import mlflow.pyfunc
 SHIPPED_PACKAGE = "damage_serving"
 CODE_FILES = ("__init__.py", "core/__init__.py", "core/atomic.py", "core/errors.py", "core/images.py", "core/quiet.py",
               "evaluation/__init__.py", "evaluation/damage_percent.py", "serving/__init__.py", "serving/backends.py",
-              "serving/predictor.py", "serving/pyfunc.py")
+              "serving/mask_decode.py", "serving/predictor.py", "serving/pyfunc.py", "serving/slicing.py")
 _TASKS = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")  # models-from-code: no pickled Python object
 

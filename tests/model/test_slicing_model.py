@@ -93,3 +93,22 @@ def test_sliced_inference_on_a_whole_scene_keeps_the_merge_invariants(tiny_onnx,
     assert rep.damage_percent == res.damage.damage_percent
     assert [i.vehicle_id for i in res.instances] == [rep.assignment.get(i.id) for i in res.instances]
     assert res.to_dict()["instances"]  # the JSON document still builds (lazy polygons of merged masks)
+
+
+def test_extra_set_scores_sliced_and_letterboxed(tiny_onnx, tmp_path):
+    """``evaluate.extra_sets``: a generated whole-scene set scored through the predictor, both ways."""
+    from tasks.core.config import ExtraSetConfig
+    from tasks.evaluation.extra_sets import UNSLICED_SUFFIX, extra_set_data, extra_sets_metrics
+    from tasks.serving.slicing import tile_windows
+
+    spec = ExtraSetConfig(name="whole", imgsz=320, images=4, seed=7)
+    data_yaml = extra_set_data(spec, tmp_path)
+    assert extra_set_data(spec, tmp_path) == data_yaml  # generated once per settings
+    m = extra_sets_metrics(tiny_onnx, [spec], tmp_path)
+    for prefix in ("whole", "whole" + UNSLICED_SUFFIX):
+        assert m[f"{prefix}/images"] == 3  # all but one image are in the val split
+        assert 0 <= m[f"{prefix}/mask/mAP50"] <= 1 and 0 <= m[f"{prefix}/box/mAP50"] <= 1
+        assert any(k.startswith(f"{prefix}/mask_ap50/") for k in m)  # per-class AP under the set's prefix
+        assert f"{prefix}/damage_pct_mae" in m and m[f"{prefix}/damage_pct_vehicles"] >= 1
+    assert m["whole/tiles_per_image"] == len(tile_windows(320, 320, (IMGSZ, IMGSZ), 0.2))
+    assert m["whole" + UNSLICED_SUFFIX + "/tiles_per_image"] == 0
