@@ -63,11 +63,16 @@ class SynthConfig(_Section):
     closeup_fraction: float = Field(0.0, ge=0, le=1)
     zoom: tuple[float, float] = (1.8, 2.8)
     balance: bool = True
+    tile_fraction: float = Field(0.0, ge=0, le=1)
+    tile_scale: float = Field(4.0, ge=1, le=16)
 
     @model_validator(mode="after")
     def _zoom_range(self) -> SynthConfig:
         if not 1 <= self.zoom[0] <= self.zoom[1]:
             raise ValueError(f"zoom must be [min, max] with 1 <= min <= max, got {list(self.zoom)}")
+        if self.closeup_fraction + self.tile_fraction > 1:
+            raise ValueError(f"closeup_fraction + tile_fraction must be <= 1, got {self.closeup_fraction} + "
+                             f"{self.tile_fraction}")
         return self
 
 
