@@ -25,8 +25,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["crop_sample", "fill", "frame_window", "outer", "render_closeup", "render_tile", "single_region",
-           "solid"]
+__all__ = ["crop_sample", "fill", "frame_window", "labelable", "outer", "render_closeup", "render_tile",
+           "single_region", "solid"]
 
 SceneFn = Callable[[np.random.Generator, int, "str | None", "int | None"], Any]  # (rng, side, target, vehicles)
 
@@ -124,15 +124,18 @@ def frame_window(rng, scene: Any, anchor: Any, s: int) -> tuple[int, int] | None
                 o = rng.uniform(a, b)
             corner.append(int(np.clip(round(o), 0, big - s)))
         x0, y0 = corner
-        ok = anchor.mask[y0:y0 + s, x0:x0 + s].any()
-        for inst in scene.instances:
-            v = inst.mask[y0:y0 + s, x0:x0 + s]
-            if v.any() and (v.sum() < min_area or not single_region(v)):
-                ok = False
-                break
-        if ok:
+        if anchor.mask[y0:y0 + s, x0:x0 + s].any() and labelable(scene, x0, y0, s, min_area):
             return x0, y0
     return None
+
+
+def labelable(scene: Any, x0: int, y0: int, s: int, min_area: int) -> bool:
+    """Every instance the ``s`` px window at (x0, y0) shows is one piece of at least ``min_area`` px."""
+    for inst in scene.instances:
+        v = inst.mask[y0:y0 + s, x0:x0 + s]
+        if v.any() and (v.sum() < min_area or not single_region(v)):
+            return False
+    return True
 
 
 def crop_sample(scene: Any, win: tuple[int, int], s: int) -> Any:
@@ -174,12 +177,6 @@ def render_tile(rng: np.random.Generator, s: int, scale: float, render_scene: Sc
             continue
         for _ in range(20):
             x0, y0 = (int(v) for v in rng.integers(0, big - s + 1, 2))
-            ok = any(v.mask[y0:y0 + s, x0:x0 + s].any() for v in vehicles)
-            for inst in scene.instances:
-                v = inst.mask[y0:y0 + s, x0:x0 + s]
-                if v.any() and (v.sum() < min_area or not single_region(v)):
-                    ok = False
-                    break
-            if ok:
+            if any(v.mask[y0:y0 + s, x0:x0 + s].any() for v in vehicles) and labelable(scene, x0, y0, s, min_area):
                 return crop_sample(scene, (x0, y0), s)
     return render_scene(rng, s, target, None)
