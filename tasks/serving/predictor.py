@@ -29,6 +29,10 @@ retina_masks=True)``:
   steps are linear and separable, so they are folded into two small matrices per image size and
   evaluated only on each box's rows and columns: exact, and cheap for small instances.
 
+Large photos can be sliced (``slices``: ``off`` | ``auto`` | ``{size, overlap}``, default the ``damage.slices``
+metadata): overlapping tiles at the model's scale plus one downscaled whole-image pass, batched and merged
+into full-resolution masks by ``tasks.serving.slicing``; ``off`` is exactly the unsliced predictor.
+
 Example:
     >>> p = Predictor("model.onnx")
     >>> [r] = p.predict(["car.jpg"])
