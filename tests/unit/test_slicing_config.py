@@ -64,3 +64,30 @@ def test_operating_point_records_the_slicing_on_the_card():
     assert res.thresholds["slices"] == "auto"
     md = model_card("damage-seg", 1, {"mask/mAP50": 0.5}, [], res.thresholds)
     assert 'Sliced inference: `"auto"`' in md
+
+
+def test_extra_sets_step_logs_under_the_prefix_and_extends_the_candidate(state_paths, monkeypatch):
+    from tasks.core import tracking
+    from tasks.evaluation import extra_sets
+
+    cfg = load_config(overrides=["evaluate.extra_sets=[{name: whole}]"])
+    seen = []
+
+    def fake(onnx, sets, root, conf, iou, threads):
+        seen.append((onnx, [s.name for s in sets], root))
+        return {"whole/mask/mAP50": 0.5, "whole/mask_ap50/dent": 0.4, "whole_unsliced/mask/mAP50": 0.3,
+                "whole/damage_pct_mae": float("nan")}
+
+    monkeypatch.setattr(extra_sets, "extra_sets_metrics", fake)
+    c = tracking.client()
+    parent = tracking.start_run(c, tracking.ensure_experiment(c, "extra-sets-test"), "parent")
+    cand = {"onnx": "m.onnx", "metrics": {"mask/mAP50": 0.6}}
+    out = extra_sets.extra_sets_step(cand, cfg.evaluate.extra_sets, state_paths.datasets, parent)
+    tracking.end_run(c, parent)
+    assert seen == [("m.onnx", ["whole"], state_paths.datasets)]
+    assert out["metrics"]["mask/mAP50"] == 0.6 and out["metrics"]["whole/mask_ap50/dent"] == 0.4
+    assert cand["metrics"] == {"mask/mAP50": 0.6}  # the input is not changed
+    logged = c.get_run(parent).data.metrics
+    assert logged["whole/mask_ap50/dent"] == 0.4 and logged["whole_unsliced/mask/mAP50"] == 0.3
+    assert "whole/damage_pct_mae" not in logged  # NaN is not logged
+    assert extra_sets.extra_sets_step(cand, [], state_paths.datasets, parent) is cand  # no sets: unchanged
