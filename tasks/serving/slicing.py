@@ -37,7 +37,11 @@ Merge rules (class-aware; the reason for each is in ``merge_pieces``):
 * a whole-pass detection larger than a tile on either side is "large": no tile saw it whole. When
   the tiles' joined mask of its class lies inside it and reaches its extent on all four sides (within
   the whole pass's resolution), the tiles rebuilt it and their full-resolution mask is kept; otherwise its mask is the whole pass's, and tile groups of
-  its class lying inside it (intersection over the group's area >= ``ABSORB_IOS``) are absorbed;
+  its class lying inside it, or inside the union of its class's large detections (intersection over
+  the group's area >= ``ABSORB_IOS``), are absorbed;
+* a tile group larger than a tile (joined from pieces no tile saw whole) is kept only where the whole
+  pass found its class there too (mask IoU >= ``CONFIRM_IOU``): chains of junk pieces do not grow into
+  one big instance;
 * a smaller whole-pass detection is kept only where no tile group of its class covers it (IOS >=
   ``ABSORB_IOS``): tiles see small objects at full resolution, the downscaled pass only backs them up.
 
@@ -67,13 +71,14 @@ import numpy as np
 from tasks.core.errors import DamageError
 from tasks.evaluation.damage_percent import BoxMask, damage_report
 
-__all__ = ["ABSORB_IOS", "AUTO_FACTOR", "DEFAULT_OVERLAP", "JOIN_IOU", "Piece", "SliceSpec", "merge_pieces",
+__all__ = ["ABSORB_IOS", "AUTO_FACTOR", "CONFIRM_IOU", "DEFAULT_OVERLAP", "JOIN_IOU", "Piece", "SliceSpec", "merge_pieces",
            "parse_slices", "predict_images", "predict_sliced", "tile_starts", "tile_windows"]
 
 AUTO_FACTOR = 1.5  # auto slices an image whose side exceeds this many model input sides
 DEFAULT_OVERLAP = 0.2  # share of a tile its neighbour also sees (auto, and a mapping without overlap)
 JOIN_IOU = 0.5  # tile pieces join when their masks agree this well where both tiles looked
 ABSORB_IOS = 0.5  # a piece lies inside another when this share of its pixels does
+CONFIRM_IOU = 0.5  # a joined group larger than a tile needs a whole-pass detection of its class this close
 MAX_BATCH = 8  # inputs per runtime call at most (a 12 MP photo at 640 px: 48 tiles; 8 bound the memory)
 MAX_TILES = 1024  # tiles per image at most (a 4096-px tile grid over a 178 MP image stays far below)
 Box = tuple[int, int, int, int]
@@ -228,6 +233,17 @@ def _ios(small: BoxMask, big: BoxMask) -> float:
     return int(np.count_nonzero(_sub(small, r) & _sub(big, r))) / n if r and n else 0.0
 
 
+def _bigger(p: Piece, th: int, tw: int) -> bool:
+    return p.box[2] - p.box[0] > tw or p.box[3] - p.box[1] > th
+
+
+def _iou(a: BoxMask, b: BoxMask) -> float:
+    r = _meet(a.extent, b.extent)
+    inter = int(np.count_nonzero(_sub(a, r) & _sub(b, r))) if r else 0
+    union = a.count() + b.count() - inter
+    return inter / union if union else 0.0
+
+
 def _rebuilt(group: Piece, big: Piece, tol: float) -> bool:
     """The tiles' joined ``group`` is the whole pass's ``big`` object: inside it, and the same extent."""
     ea, eb = group.mask.extent, big.mask.extent
@@ -299,7 +315,7 @@ def merge_pieces(pieces: Sequence[Piece], tile_hw: tuple[int, int], edge_tol: fl
     th, tw = tile_hw
     groups = _join_tiles([p for p in pieces if not p.whole])
     whole = [p for p in pieces if p.whole]
-    is_large = [p.box[2] - p.box[0] > tw or p.box[3] - p.box[1] > th for p in whole]
+    is_large = [_bigger(p, th, tw) for p in whole]
     large = [p for p, b in zip(whole, is_large, strict=True) if b]
     small = [p for p, b in zip(whole, is_large, strict=True) if not b]
     # A large object the tiles reconstructed across their borders (their joined mask lies in the whole
@@ -308,7 +324,14 @@ def merge_pieces(pieces: Sequence[Piece], tile_hw: tuple[int, int], edge_tol: fl
     # fragments of what the whole pass outlines, and counting them again would duplicate it (or split a
     # vehicle into tile-sized parts): they are absorbed.
     large = [b for b in large if not any(g.cls == b.cls and _rebuilt(g, b, edge_tol) for g in groups)]
-    kept = [g for g in groups if not any(g.cls == b.cls and _ios(g.mask, b.mask) >= ABSORB_IOS for b in large)]
+    # (inside the union of the class's large detections: a tile group may join pieces of two adjacent cars)
+    covers = {c: _union([b for b in large if b.cls == c]).mask for c in {b.cls for b in large}}
+    kept = [g for g in groups if g.cls not in covers or _ios(g.mask, covers[g.cls]) < ABSORB_IOS]
+    # A group larger than a tile was seen by no tile whole and joined from pieces: it stands only where the
+    # whole pass (which saw it whole) found the same class there. A model trained on close-ups sees "vehicle"
+    # in every tile of a car park; joined, such pieces grew into one vehicle over most of a 640-px photo.
+    kept = [g for g in kept if not _bigger(g, th, tw)
+            or any(w.cls == g.cls and _iou(g.mask, w.mask) >= CONFIRM_IOU for w in whole)]
     # Tiles see small objects at full resolution; the downscaled pass only adds what no tile found.
     extra = [p for p in small if not any(p.cls == g.cls and max(_ios(p.mask, g.mask), _ios(g.mask, p.mask))
                                          >= ABSORB_IOS for g in kept)]
