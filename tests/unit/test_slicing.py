@@ -192,3 +192,22 @@ def test_unbatched_graph_gets_one_input_per_run():
     pred = predict_sliced(seg, lab, SliceSpec("fixed", 320, 0.2))
     assert set(seg.runs) == {1} and len(seg.runs) == len(tile_windows(640, 640, (320, 320), 0.2)) + 1
     assert len(pred.instances) == 3
+
+
+def test_tile_pieces_do_not_chain_into_an_instance_the_whole_pass_did_not_see():
+    """A close-up model sees "vehicle" over most of every tile of a whole scene: joined, the pieces would
+    make one vehicle over the whole photo. Larger than a tile, a group needs the whole pass's word for it."""
+    h = w = 480
+    wins = tile_windows(h, w, (160, 160), 0.2)
+    pieces = []
+    for win in wins:
+        m = np.zeros((h, w), bool)
+        x0, y0, x1, y1 = win
+        m[y0 + 2:y1 - 2, x0 + 2:x1 - 2] = True  # most of the tile; neighbours agree where they overlap
+        pieces.append(_piece(m, 0, win, score=0.8))
+    car = np.zeros((h, w), bool)
+    car[300:400, 40:260] = True  # the one vehicle the whole pass found
+    pieces.append(_piece(car, 0, (0, 0, w, h), 0.7, whole=True))
+    merged = merge_pieces(pieces, (160, 160))
+    assert not any(p.mask.count() > 2 * car.sum() for p in merged)  # no photo-sized "vehicle"
+    assert any((np.asarray(p.mask) == car).all() for p in merged)
