@@ -44,7 +44,7 @@ def synth(
 
     Every setting of the demo's data is an option (defaults from data.synth): the demo's set is
     `damage --config configs/demo.yaml data synth OUT`, or `damage data synth OUT -n 400 --closeup-fraction 0.65`;
-    the whole-scene evaluation set of the demo is `damage data synth OUT -n 40 --imgsz 640 --seed 1034`.
+    the whole-scene evaluation set of the demo is `damage data synth OUT -n 25 --imgsz 640 --seed 1034 --val-fraction 0.96`.
     """
     cfg, _ = setup(ctx)
     s = cfg.data.synth
