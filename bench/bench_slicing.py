@@ -5,7 +5,7 @@ Prints the machine line, then per image size one row: tiles per image, ms per im
 
 * ``whole``: ``Predictor(slices="off").predict(image)``: one letterboxed pass (today's predictor);
 * ``sliced``: ``Predictor(slices="auto"|{size, overlap}).predict(image)``: every tile and the downscaled whole
-  image batched into as few ``session.run`` calls as the graph allows (``tasks.serving.slicing``), each pass
+  image batched into as few ``session.run`` calls as the graph allows (``damage.tasks.serving.slicing``), each pass
   post-processed, merged across tiles at full resolution, damage computed once;
 * ``one by one``: the same passes, each through ``Predictor.predict_arrays`` on its own (letterbox, one
   ``session.run`` of batch 1, post-processing), summed: what slicing costs without batching or merging.
@@ -56,8 +56,8 @@ def main() -> int:
 
     import cv2
 
-    from tasks.serving.predictor import Predictor
-    from tasks.serving.slicing import parse_slices, tile_windows
+    from damage.tasks.serving.predictor import Predictor
+    from damage.tasks.serving.slicing import parse_slices, tile_windows
 
     machine = announce_machine({"ort_intra_op": args.threads})
     args.work.mkdir(parents=True, exist_ok=True)

@@ -63,11 +63,11 @@ def main() -> int:
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops
 
-    from tasks.core.config import load_config
-    from tasks.core.families import model_source
-    from tasks.core.runtime import activate, configure_ultralytics
-    from tasks.data.synth import generate_dataset
-    from tasks.training.train import build_train_args
+    from damage.tasks.core.config import load_config
+    from damage.tasks.core.families import model_source
+    from damage.tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.data.synth import generate_dataset
+    from damage.tasks.training.train import build_train_args
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     s = cfg.data.synth

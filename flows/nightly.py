@@ -10,15 +10,15 @@ from typing import Any
 from prefect import flow
 from prefect.states import Completed
 
-from tasks.core.pipeline import (
+from damage.tasks.core.prefect_tasks import as_task as _t
+from damage.tasks.nightly.pipeline import (
     close_pipeline_run,
     open_pipeline_run,
     prepare_dataset,
     prepare_state,
     summarise,
 )
-from tasks.core.prefect_tasks import as_task as _t
-from tasks.core.skip import (
+from damage.tasks.nightly.skip import (
     check_unchanged,
     record_skip,
     record_success,
@@ -30,18 +30,18 @@ from tasks.core.skip import (
 @flow(name="nightly", log_prints=True)
 def nightly(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Nightly retraining. ``overrides`` are ``key=value`` config overrides; ``force`` ignores skip-unchanged."""
-    from model_registry.card import card_step
-    from model_registry.steps import gate_step, init_step, register_step
-    from tasks.core import reporting
-    from tasks.evaluation.evaluate import Evaluator, evaluate_step
-    from tasks.evaluation.explain import explain_step, pick_explain_samples
-    from tasks.evaluation.extra_sets import extra_sets_step
-    from tasks.evaluation.label_issues import label_issues_step
-    from tasks.evaluation.sweep import sweep_step
-    from tasks.export.onnx import export_step
-    from tasks.training.train import train_step
-    from tasks.validation.data_check import check_data_step
-    from tasks.validation.drift import reference_step
+    from damage.model_registry.card import card_step
+    from damage.model_registry.steps import gate_step, init_step, register_step
+    from damage.tasks.evaluation.evaluate import Evaluator, evaluate_step
+    from damage.tasks.evaluation.explain import explain_step, pick_explain_samples
+    from damage.tasks.evaluation.extra_sets import extra_sets_step
+    from damage.tasks.evaluation.label_issues import label_issues_step
+    from damage.tasks.evaluation.sweep import sweep_step
+    from damage.tasks.export.onnx import export_step
+    from damage.tasks.nightly import reporting
+    from damage.tasks.training.train import train_step
+    from damage.tasks.validation.data_check import check_data_step
+    from damage.tasks.validation.drift import reference_step
 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
@@ -92,7 +92,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                      "kind": "trained", "parent": None}
         compression = None
         if cfg.compress.enabled:
-            from flows.compress import compress_flow
+            from damage.flows.compress import compress_flow
 
             chosen = compress_flow(str(trained.best), str(exported.onnx_path), str(data.data_yaml),
                                    cfg.to_dict(), run.run_id)
@@ -108,7 +108,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         _t(card_step, "model-card", retries=2)(cfg, run, version, metrics, sweep, data, candidate, decision, links)
         _t(reporting.notify_approval, "notify-approval")(cfg, run, version, candidate["metrics"], decision)
         if cfg.registry.wait_for_approval and decision.passed:
-            from flows.promote import await_approval
+            from damage.flows.promote import await_approval
 
             answer = await_approval(cfg.registry.model_name, version.version, run.tracking_uri, cfg.registry,
                                     decision.reasons)

@@ -2,7 +2,7 @@
 
 ``model_card`` is a pure function of what the pipeline measured (tested on its own);
 ``describe_version`` writes it as the version's description. Numbers are rounded for reading
-(``tasks.core.display``: 3 decimals, 1 for milliseconds).
+(``damage.tasks.core.display``: 3 decimals, 1 for milliseconds).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tasks.core.display import fmt_metric
+from damage.tasks.core.display import fmt_metric
 
 _OVERALL = ("box/precision", "box/recall", "box/mAP50", "box/mAP50-95",
             "mask/precision", "mask/recall", "mask/mAP50", "mask/mAP50-95", "fitness")
@@ -97,18 +97,18 @@ def card_step(cfg, run, version, evaluation, sweep, data, candidate: Mapping[str
     Metrics are the candidate's (the compressed variant's when compression chose one), per-class
     AP from the evaluator, the sweep's operating point, the data fingerprint and split sizes.
     """
-    from tasks.core import tracking
-    from tasks.core.links import mlflow_base, mlflow_run_url
+    from damage.tasks.core import tracking
+    from damage.tasks.core.links import mlflow_base, mlflow_run_url
 
     links = links or {}
     metrics = dict(candidate.get("metrics") or evaluation.metrics)
     objective_help, flat = "", False
     if sweep is not None:
-        from tasks.evaluation.sweep import OBJECTIVES
+        from damage.tasks.evaluation.sweep import OBJECTIVES
 
         objective_help = OBJECTIVES[sweep.objective].help
         flat = bool(sweep.best.get("flat", False))
-    from tasks.data.mlflow_input import dataset_profile
+    from damage.tasks.data.mlflow_input import dataset_profile
 
     prof = dataset_profile(data.data_yaml, data.fingerprint)  # cached: counted once per pipeline run
     sizes = {f"images/{k}": v for k, v in prof["splits"].items()}

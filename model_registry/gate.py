@@ -17,8 +17,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from model_registry.errors import PromotionRefused, RegistryError
-from model_registry.registry import (
+from damage.model_registry.errors import PromotionRefused, RegistryError
+from damage.model_registry.registry import (
     PRODUCTION,
     T_VALIDATION,
     _now,
@@ -29,9 +29,9 @@ from model_registry.registry import (
     get_client,
     set_staging,
 )
-from tasks.core.config import RegistryConfig
-from tasks.core.display import fmt_metric
-from tasks.core.errors import GateFailed
+from damage.tasks.core.config import RegistryConfig
+from damage.tasks.core.display import fmt_metric
+from damage.tasks.core.errors import GateFailed
 
 MASK = "mask/mAP50-95"
 BOX = "box/mAP50-95"

@@ -1,7 +1,7 @@
 """The nightly flow's registry steps: where training starts (``train.init``), register the
 candidate, then run the automatic gate.
 
-Thin wrappers that pass pipeline objects to ``model_registry.registry`` / ``model_registry.gate``
+Thin wrappers that pass pipeline objects to ``damage.model_registry.registry`` / ``damage.model_registry.gate``
 and log what they decided to the pipeline's MLflow run.
 """
 
@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model_registry.gate import GateDecision, gate_candidate
-from model_registry.registry import T_ARTIFACT_PT, T_PARENT, VersionInfo, register_candidate
+from damage.model_registry.gate import GateDecision, gate_candidate
+from damage.model_registry.registry import T_ARTIFACT_PT, T_PARENT, VersionInfo, register_candidate
 
 if TYPE_CHECKING:
-    from tasks.core.config import TrainConfig
-    from tasks.training.init import InitDecision
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.init import InitDecision
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def _log_pyfunc_model(c, run_id: str, onnx: Path, pt: Path | None) -> tuple[str,
     import shutil
     import tempfile
 
-    from tasks.serving.pyfunc import save_pyfunc
+    from damage.tasks.serving.pyfunc import save_pyfunc
 
     with tempfile.TemporaryDirectory(prefix="pyfunc-") as d:
         folder = save_pyfunc(Path(onnx), Path(d) / "model")
@@ -45,10 +45,10 @@ def init_step(cfg, run, data_yaml: Path) -> tuple[TrainConfig, InitDecision]:
     Logs the decision (one line, with the reason) and tags the pipeline run ``train.init``
     (scratch|production|path), ``train.init_reason`` and ``lineage.parent_version``.
     """
-    from model_registry.init import resolve_init
-    from tasks.core import tracking
-    from tasks.data.dataset import load_data_yaml
-    from tasks.training.init import apply
+    from damage.model_registry.init import resolve_init
+    from damage.tasks.core import tracking
+    from damage.tasks.data.dataset import load_data_yaml
+    from damage.tasks.training.init import apply
 
     decision = resolve_init(run.tracking_uri, cfg.registry.model_name, cfg.train, load_data_yaml(data_yaml).names,
                             run.root / "init")
@@ -70,7 +70,7 @@ def version_lineage(run, dataset_fingerprint: str, candidate: dict[str, Any],
         lineage["parent_version"] = str(candidate["parent"])
     lineage["variant"] = str(candidate.get("kind", "trained"))
     if candidate.get("onnx"):  # the exported file names its family (damage.family, written by export_onnx)
-        from tasks.export.onnx import read_onnx_metadata
+        from damage.tasks.export.onnx import read_onnx_metadata
 
         lineage["model.family"] = str(read_onnx_metadata(Path(candidate["onnx"])).get("family", "unknown"))
     if init is not None:
@@ -86,7 +86,7 @@ def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any
     With ``init`` the version also records where its training started: ``lineage.parent_version``
     (the production version it was fine-tuned from, ``none`` from scratch) and ``lineage.init``.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     lineage = version_lineage(run, dataset_fingerprint, candidate, init)
     c = tracking.client(run.tracking_uri)
     version = register_candidate(c, cfg.registry.model_name, run.run_id, candidate["onnx"],
@@ -101,7 +101,7 @@ def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any
 
 def _earlier_decision(tracking_uri: str, name: str, version: str) -> GateDecision | None:
     """The gate decision already recorded on ``version`` (tags ``gate.*``), or None if not gated yet."""
-    from model_registry.registry import _version, get_client
+    from damage.model_registry.registry import _version, get_client
 
     info = _version(get_client(tracking_uri), name, version)
     if info.validation_status not in ("passed", "failed") or info.approval != "pending":
@@ -124,10 +124,10 @@ def gate_step(cfg, run, version: VersionInfo, data_yaml: Path) -> GateDecision:
     A failed gate does not fail the nightly run: the version stays registered with
     ``validation_status=failed`` and the reasons, and nothing moves.
     """
-    from tasks.core import tracking
-    from tasks.core.runtime import StatePaths, resolve_state_dir
-    from tasks.evaluation.evaluate import Evaluator, class_metrics
-    from tasks.evaluation.extra_sets import extra_sets_metrics, gate_sets
+    from damage.tasks.core import tracking
+    from damage.tasks.core.runtime import StatePaths, resolve_state_dir
+    from damage.tasks.evaluation.evaluate import Evaluator, class_metrics
+    from damage.tasks.evaluation.extra_sets import extra_sets_metrics, gate_sets
 
     evaluator = Evaluator.from_config(cfg)
     # extra sets the gate floors on: candidate and production scored on them the same way, sliced only

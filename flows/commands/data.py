@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, setup
+from damage.flows.common import console, fail, setup
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic set or import YOLO-seg / COCO data.",
                        no_args_is_help=True)
@@ -62,8 +62,8 @@ def synth(
 
     import time
 
-    from tasks.core.errors import DamageError
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.synth import generate_dataset
 
     t0 = time.perf_counter()
     try:
@@ -106,8 +106,8 @@ def import_(
     class_map = _parse_maps(maps)
     cfg, _ = setup(ctx)
 
-    from tasks.core.errors import DamageError
-    from tasks.data.dataset import UnknownClassesError, import_dataset
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.dataset import UnknownClassesError, import_dataset
 
     try:
         report = import_dataset(src, out, class_map=class_map, classes=cfg.data.classes, val_fraction=val_fraction,
@@ -141,9 +141,9 @@ def issues(
         fail(f"{data}: dataset not found")
     if not model.is_file():
         fail(f"{model}: model file not found")
-    from tasks.core.errors import DamageError
-    from tasks.data.dataset import find_data_yaml
-    from tasks.evaluation.label_issues import kfold_label_issues, mine_label_issues
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.data.dataset import find_data_yaml
+    from damage.tasks.evaluation.label_issues import kfold_label_issues, mine_label_issues
 
     li = cfg.label_issues.model_copy(update={"splits": splits}) if splits else cfg.label_issues
     if folds is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.common import console, err_console, fail, run_guarded, setup
+from damage.flows.common import console, err_console, fail, run_guarded, setup
 
 
 def _checkpoint_imgsz(weights: Path) -> int | None:
@@ -36,10 +36,10 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint to ONNX with metadata, then run the PyTorch-vs-ONNX-Runtime parity gate."""
     cfg, paths = setup(ctx)
-    from tasks.core.runtime import configure_ultralytics
+    from damage.tasks.core.runtime import configure_ultralytics
 
     configure_ultralytics(paths)
-    from tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata, record_backend_latency
+    from damage.tasks.export.onnx import export_onnx, parity_check, read_onnx_metadata, record_backend_latency
 
     e = cfg.export
     size = imgsz or e.imgsz or _checkpoint_imgsz(weights) or cfg.train.imgsz
@@ -72,7 +72,7 @@ def export_cmd(
 
 
 def _list_images(src: Path) -> list[Path]:
-    from tasks.data.dataset import IMAGE_EXTS
+    from damage.tasks.data.dataset import IMAGE_EXTS
 
     if src.is_dir():
         return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
@@ -135,11 +135,11 @@ def predict_cmd(
     import cv2
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tasks.core.atomic import atomic_write_bytes, atomic_write_json
-    from tasks.core.errors import DamageError
-    from tasks.serving.draw import draw_prediction
-    from tasks.serving.predictor import Predictor, read_image
-    from tasks.serving.slicing import parse_slices
+    from damage.tasks.core.atomic import atomic_write_bytes, atomic_write_json
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.serving.draw import draw_prediction
+    from damage.tasks.serving.predictor import Predictor, read_image
+    from damage.tasks.serving.slicing import parse_slices
 
     pc = cfg.predictor
     pred = run_guarded(Predictor, model, conf=conf, iou=iou, backend=backend or pc.backend, threads=pc.threads or None,

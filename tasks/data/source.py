@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.config import DataConfig
-from tasks.core.errors import DatasetError
-from tasks.data.fingerprint import file_sha256
+from damage.tasks.core.config import DataConfig
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.fingerprint import file_sha256
 
 
 def synth_dir(datasets_root: Path, cfg: DataConfig) -> Path:
@@ -19,7 +19,7 @@ def synth_dir(datasets_root: Path, cfg: DataConfig) -> Path:
     import hashlib
     import json
 
-    from tasks.data.synth import GENERATOR_VERSION
+    from damage.tasks.data.synth import GENERATOR_VERSION
 
     s = cfg.synth
     # every generator argument is in the key (the composition ones through a short hash)
@@ -43,7 +43,7 @@ def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
 
     import yaml
 
-    from tasks.data.dataset import load_data_yaml
+    from damage.tasks.data.dataset import load_data_yaml
 
     info = load_data_yaml(data_yaml, required=())
     raw = dict(info.raw)
@@ -54,7 +54,7 @@ def absolute_data_yaml(data_yaml: Path, datasets_root: Path) -> Path:
     text = yaml.safe_dump(raw, sort_keys=False)
     out = datasets_root / "resolved" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     if not out.is_file():
-        from tasks.core.atomic import atomic_write_text
+        from damage.tasks.core.atomic import atomic_write_text
 
         atomic_write_text(out, text)
     return out
@@ -68,7 +68,7 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
     """
     src = cfg.source
     if src == "synth":
-        from tasks.data.synth import generate_dataset
+        from damage.tasks.data.synth import generate_dataset
 
         out = synth_dir(datasets_root, cfg)
         if (out / "data.yaml").is_file():
@@ -78,7 +78,7 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
                                 closeup_fraction=s.closeup_fraction, zoom=s.zoom, balance=s.balance,
                                 tile_fraction=s.tile_fraction, tile_scale=s.tile_scale)
     if src.startswith("s3://"):
-        from tasks.data.storage import sync_s3_dataset
+        from damage.tasks.data.storage import sync_s3_dataset
 
         local = sync_s3_dataset(src, cache_root / "s3")
         return resolve_source(cfg.model_copy(update={"source": str(local)}), datasets_root, cache_root)
@@ -86,7 +86,7 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
     if not p.exists():
         raise DatasetError(f"{p}: dataset path does not exist")
     if p.is_file() and p.suffix == ".json":  # COCO instance JSON: import once per content hash
-        from tasks.data.dataset import import_dataset
+        from damage.tasks.data.dataset import import_dataset
 
         out = datasets_root / f"coco-{p.stem}-{file_sha256(p)[:12]}"
         if not (out / "data.yaml").is_file():

@@ -33,13 +33,13 @@ import cv2
 import numpy as np
 import yaml
 
-from tasks.core.atomic import atomic_output_dir
-from tasks.core.config import CLASSES
-from tasks.data.synth_views import fill as _fill
-from tasks.data.synth_views import outer as _outer
-from tasks.data.synth_views import render_closeup, render_tile
-from tasks.data.synth_views import single_region as _single_region
-from tasks.data.synth_views import solid as _solid
+from damage.tasks.core.atomic import atomic_output_dir
+from damage.tasks.core.config import CLASSES
+from damage.tasks.data.synth_views import fill as _fill
+from damage.tasks.data.synth_views import outer as _outer
+from damage.tasks.data.synth_views import render_closeup, render_tile
+from damage.tasks.data.synth_views import single_region as _single_region
+from damage.tasks.data.synth_views import solid as _solid
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
 GENERATOR_VERSION = 7  # 5: wider scratches, larger dents; 7: scratches are compact scuffs (aspect ~2-4)
@@ -94,7 +94,7 @@ class Instance:
     """One labelled object of a synthetic image.
 
     Attributes:
-        cls: class id (index into ``tasks.core.config.CLASSES``).
+        cls: class id (index into ``damage.tasks.core.config.CLASSES``).
         polygon: (N, 2) int32 pixel coordinates (x, y); ``cv2.fillPoly`` of it gives ``mask``.
         mask: (H, W) bool, exactly the pixels rendered for this instance.
         parent: for damage, the index in ``Sample.instances`` of the vehicle it lies on.
@@ -533,7 +533,7 @@ def render_sample(rng: np.random.Generator, imgsz: int, view: str = "scene", tar
         target: damage type the (first) vehicle carries, e.g. ``"dent"``; None = random damage.
             ``"tile"``: a training crop at the tile scale of sliced inference, a window of ``imgsz``
             px at a random place of a whole scene rendered ``tile_scale`` times larger
-            (``tasks.data.synth_views.render_tile``).
+            (``damage.tasks.data.synth_views.render_tile``).
         zoom: close-up magnification range (uniform); ignored for scenes.
         tile_scale: the tile view's scene size as a multiple of ``imgsz``.
 
@@ -812,7 +812,7 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
     Raises:
         DatasetError: bad arguments or ``out`` is a non-empty folder that is not synth output.
     """
-    from tasks.core.errors import DatasetError
+    from damage.tasks.core.errors import DatasetError
 
     if images < 2:
         raise DatasetError(f"{out}: need at least 2 images (one train, one val), got {images}")
@@ -860,7 +860,7 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         data = {"path": str(out), "train": "images/train", "val": "images/val",
                 "names": dict(enumerate(CLASSES))}
         (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        marker = {"generator": "tasks.data.synth", "version": GENERATOR_VERSION, "images": images, "seed": seed,
+        marker = {"generator": "damage.tasks.data.synth", "version": GENERATOR_VERSION, "images": images, "seed": seed,
                   "imgsz": imgsz, "val_fraction": val_fraction, "closeup_fraction": closeup_fraction,
                   "zoom": list(zoom), "balance": balance, "damage_counts": counts}
         if tile_fraction:  # only then: a dataset without tiles keeps its byte-identical marker

@@ -1,13 +1,13 @@
 """Views of the synthetic generator cut from larger scenes, and the mask/polygon helpers they share with it.
 
-Moved out of ``tasks.data.synth`` (over the 600-line limit), which imports them; this module never
+Moved out of ``damage.tasks.data.synth`` (over the 600-line limit), which imports them; this module never
 imports it back: the scene renderer is passed in (``SceneFn``), and instances and samples are copied
 with ``dataclasses.replace``, so the classes stay the generator's.
 
 * ``render_closeup``: an inspection photo, a window framed on one damage of a scene rendered ``zoom``
   times larger (the close-up views of the demo's data);
 * ``render_tile``: a training crop at the tile scale of sliced inference (issue 34): a window of ``s``
-  px at a random place of a whole scene rendered ``scale`` times larger, as ``tasks.serving.slicing``
+  px at a random place of a whole scene rendered ``scale`` times larger, as ``damage.tasks.serving.slicing``
   feeds a high-resolution photo to the model tile by tile. The demo's whole-scene set is 640 px and
   its model's input 160 px: ``scale`` 4 shows training the damage at the size the tiles show it.
 
@@ -44,7 +44,7 @@ def outer(mask: np.ndarray) -> np.ndarray | None:
     (rightly) calls such polygons degenerate. Closing the mask with a 3x3 kernel joins those
     pinches, so the label stays a simple polygon covering the painted region.
     """
-    from tasks.validation.scan import polygon_self_intersects
+    from damage.tasks.validation.scan import polygon_self_intersects
 
     m = mask.astype(np.uint8)
     for _ in range(4):

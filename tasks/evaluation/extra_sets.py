@@ -36,9 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.errors import DamageError
-from tasks.evaluation.damage_percent import mae_summary, vehicle_errors
-from tasks.evaluation.evaluate import (
+from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.evaluate import (
     CONF_FLOOR,
     ImageDets,
     ImageTruth,
@@ -48,6 +47,7 @@ from tasks.evaluation.evaluate import (
     per_class_table,
     score_image,
 )
+from damage.tasks.serving.damage_percent import mae_summary, vehicle_errors
 
 __all__ = ["UNSLICED_SUFFIX", "extra_set_data", "extra_sets_metrics", "extra_sets_step", "gate_sets", "score_set"]
 
@@ -93,7 +93,7 @@ def score_set(onnx: str | Path, data_yaml: str | Path, split: str, imgsz: int, s
     """
     import time
 
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     pred = Predictor(onnx, conf=conf_floor, iou=iou, max_det=max_det, threads=threads, slices=slices)
     op = float(op_conf if op_conf is not None else pred.metadata.get("damage.conf") or 0.25)
@@ -135,10 +135,10 @@ def extra_set_data(spec: Any, datasets_root: Path) -> Path:
     generator is deterministic by seed), all but one image in the val split.
     """
     if spec.source != "synth":
-        from tasks.data.dataset import find_data_yaml
+        from damage.tasks.data.dataset import find_data_yaml
 
         return find_data_yaml(Path(spec.source).expanduser())
-    from tasks.data.synth import GENERATOR_VERSION, generate_dataset
+    from damage.tasks.data.synth import GENERATOR_VERSION, generate_dataset
 
     settings = {"images": spec.images, "seed": spec.seed, "imgsz": spec.imgsz,
                 "closeup_fraction": spec.closeup_fraction, "version": GENERATOR_VERSION}
@@ -179,7 +179,7 @@ def extra_sets_step(candidate: dict[str, Any], sets: Sequence[Any], datasets_roo
     """
     if not sets:
         return candidate
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     with tracking.step_run(parent_run_id, "evaluate-extra") as (c, run_id):
         metrics = extra_sets_metrics(candidate["onnx"], sets, datasets_root, conf_floor, iou, threads)

@@ -1,13 +1,13 @@
 """Threshold sweep: choose the operating confidence and NMS IoU from one inference pass.
 
-The network runs once per image (``tasks.evaluation.evaluate.collect``). For each NMS IoU of the grid the
+The network runs once per image (``damage.tasks.evaluation.evaluate.collect``). For each NMS IoU of the grid the
 raw output is re-used: NMS at the 0.001 confidence floor gives the mAP at that IoU; NMS as the
 deployed predictor does it (one class per box) above the lowest grid confidence gives the
 operating-point figures, and each grid confidence filters those detections. Per grid point:
-box and mask precision, recall and F1 (micro-averaged, IoU >= 0.5, see ``tasks.evaluation.evaluate.prf_at``),
+box and mask precision, recall and F1 (micro-averaged, IoU >= 0.5, see ``damage.tasks.evaluation.evaluate.prf_at``),
 box and mask mAP50 / mAP50-95 at that NMS IoU (always at the 0.001 floor), Ultralytics fitness,
 detections per image, and the mean absolute error of the per-vehicle damage percentage
-(``tasks.evaluation.damage_percent``: labelled vs matched predicted vehicle) against the labels.
+(``damage.tasks.serving.damage_percent``: labelled vs matched predicted vehicle) against the labels.
 
 The operating point is chosen by an objective from ``OBJECTIVES`` (a table, not branches).
 
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write
-from tasks.core.display import fmt_metric, round_metric
-from tasks.core.errors import DamageError
-from tasks.core.jsonsafe import json_safe
-from tasks.evaluation.evaluate import (
+from damage.tasks.core.atomic import atomic_write
+from damage.tasks.core.display import fmt_metric, round_metric
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.jsonsafe import json_safe
+from damage.tasks.evaluation.evaluate import (
     CONF_FLOOR,
     Collected,
     collect,
@@ -44,8 +44,8 @@ from tasks.evaluation.evaluate import (
 )
 
 if TYPE_CHECKING:
-    from tasks.core.config import SweepConfig
-    from tasks.evaluation.damage_percent import DamageMAE
+    from damage.tasks.core.config import SweepConfig
+    from damage.tasks.serving.damage_percent import DamageMAE
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def publish_table_artifact(res: SweepResult) -> str | None:
 
 
 def _default_out_dir(run_id: str) -> Path:
-    from tasks.core.runtime import resolve_state_dir
+    from damage.tasks.core.runtime import resolve_state_dir
 
     return resolve_state_dir() / "reports" / f"sweep-{run_id[:8]}"
 
@@ -438,7 +438,7 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
         out_dir: where the files go; None = ``<state>/reports/sweep-<run id>``.
         slices: ``predictor.slices`` to record with the operating point (``SweepResult.slices``).
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     with tracking.step_run(parent_run_id, "sweep") as (c, run_id):
         res = sweep_thresholds(model, data_yaml, split=cfg.split, imgsz=imgsz, conf_grid=cfg.conf,
                                iou_grid=cfg.iou, objective=cfg.objective, min_precision=cfg.min_precision,

@@ -4,8 +4,8 @@ Ultralytics' "native" mask path (``process_mask_native``: optional x1/x2/x4 bili
 remove the letterbox padding, bilinear resize to the original size, ``> 0``, crop to the box) is
 linear and separable per axis, so it is folded into two small interpolation matrices per image
 size (``native_axes``), kept in sparse form (``taps``) and evaluated only on each box's rows and
-columns: exact, and cheap for small instances. Moved out of ``tasks.serving.predictor`` (over the
-600-line limit) unchanged; the predictor and ``tasks.serving.slicing`` both decode through it.
+columns: exact, and cheap for small instances. Moved out of ``damage.tasks.serving.predictor`` (over the
+600-line limit) unchanged; the predictor and ``damage.tasks.serving.slicing`` both decode through it.
 """
 
 from __future__ import annotations

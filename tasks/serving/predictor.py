@@ -1,10 +1,10 @@
 """Torch-free predictor for exported YOLO-seg models (YOLOv8, YOLO11, YOLO26), with damage percentages.
 
-Imports only numpy, OpenCV, ONNX Runtime (or OpenVINO, ``tasks.serving.backends``) and the
-standard library (plus the numpy-only ``tasks.evaluation.damage_percent`` and the stdlib-only
-``tasks.core.errors`` / ``tasks.core.images``), so a claim app or a serving container can run it
+Imports only numpy, OpenCV, ONNX Runtime (or OpenVINO, ``damage.tasks.serving.backends``) and the
+standard library (plus the numpy-only ``damage.tasks.serving.damage_percent`` and the stdlib-only
+``damage.tasks.core.errors`` / ``damage.tasks.core.images``), so a claim app or a serving container can run it
 without torch, ultralytics or prefect. Either runtime reads the same ``.onnx`` file; ``backend``
-picks one (``auto``: the one the export measured fastest, see ``tasks.serving.backends``).
+picks one (``auto``: the one the export measured fastest, see ``damage.tasks.serving.backends``).
 
 Hostile input is bounded: every image's pixel count is checked from its header before it is
 decoded (``max_pixels``: argument, else ``damage.max_pixels`` in the ONNX metadata, else
@@ -31,7 +31,7 @@ retina_masks=True)``:
 
 Large photos can be sliced (``slices``: ``off`` | ``auto`` | ``{size, overlap}``, default the ``damage.slices``
 metadata): overlapping tiles at the model's scale plus one downscaled whole-image pass, batched and merged
-into full-resolution masks by ``tasks.serving.slicing``; ``off`` is exactly the unsliced predictor.
+into full-resolution masks by ``damage.tasks.serving.slicing``; ``off`` is exactly the unsliced predictor.
 
 Example:
     >>> p = Predictor("model.onnx")
@@ -54,12 +54,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.core.errors import DamageError
-from tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
-from tasks.evaluation.damage_percent import BoxMask, DamageReport, damage_report
-from tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
-from tasks.serving.mask_decode import mask_from_logits, native_axes, single_thread_matmul, taps
-from tasks.serving.slicing import parse_slices, predict_images
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
+from damage.tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
+from damage.tasks.serving.damage_percent import BoxMask, DamageReport, damage_report
+from damage.tasks.serving.mask_decode import mask_from_logits, native_axes, single_thread_matmul, taps
+from damage.tasks.serving.slicing import parse_slices, predict_images
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -186,7 +186,7 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
     """Decoded metadata of an exported model: names (list), imgsz ([h, w]), stride, task, thresholds.
 
     Reads Ultralytics' keys (``names``, ``imgsz``, ``stride``, ``task``) and the pipeline's
-    ``damage.*`` keys (JSON values, see ``tasks.export.onnx``).
+    ``damage.*`` keys (JSON values, see ``damage.tasks.export.onnx``).
     """
     return _decode_metadata(raw_metadata(Path(onnx_path)))
 
@@ -427,7 +427,7 @@ class Predictor:
     """YOLO-seg predictor on ONNX Runtime or OpenVINO; thresholds, names and size default to the model's metadata.
 
     Args:
-        onnx_path: exported model (``tasks.export.onnx.export_onnx``).
+        onnx_path: exported model (``damage.tasks.export.onnx.export_onnx``).
         conf: confidence threshold; None = the sweep's choice in the metadata, else 0.25.
         iou: NMS IoU threshold; None = metadata, else 0.7.
         max_det: detections kept per image at most.
@@ -445,7 +445,7 @@ class Predictor:
         cache_optimized: cache ONNX Runtime's optimised graph next to the model (``predictor.cache_optimized``).
         openvino_precision: ``f32`` | ``bf16`` inference precision of OpenVINO (``predictor.openvino_precision``).
         slices: ``off`` | ``auto`` | ``{size, overlap}`` sliced inference of large images
-            (``tasks.serving.slicing``); None = ``damage.slices`` of the metadata (the slicing the
+            (``damage.tasks.serving.slicing``); None = ``damage.slices`` of the metadata (the slicing the
             thresholds were chosen with), else off. ``off`` gives exactly the unsliced results.
 
     Raises:
@@ -457,7 +457,7 @@ class Predictor:
         end2end: the model is an end-to-end export (rows after top-k, no NMS; see the module doc).
     """
 
-    instance_type = Instance  # what ``tasks.serving.slicing`` builds merged instances as
+    instance_type = Instance  # what ``damage.tasks.serving.slicing`` builds merged instances as
 
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
                  max_det: int = 300, providers: Sequence[str] | None = None, threads: int | None = None,

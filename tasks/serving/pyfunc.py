@@ -38,7 +38,7 @@ import mlflow.pyfunc
 # The predictor and what it imports: shipped with the model so serving needs only these files.
 # They ship as the package ``damage_serving``, not ``tasks``: loading the model prepends its code folder
 # to ``sys.path`` for good (and multiprocessing's spawn hands that path to children), so a shipped
-# ``tasks`` would shadow the caller's own package (``No module named 'tasks.core.secrets'``).
+# ``tasks`` would shadow the caller's own package (``No module named 'damage.tasks.core.secrets'``).
 SHIPPED_PACKAGE = "damage_serving"
 CODE_FILES = ("__init__.py", "core/__init__.py", "core/atomic.py", "core/errors.py", "core/images.py", "core/quiet.py",
               "evaluation/__init__.py", "evaluation/damage_percent.py", "serving/__init__.py", "serving/backends.py",
@@ -84,17 +84,17 @@ def _allowed_path(path: str) -> Path | None:
 
 
 class DamageSegModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc model around ``tasks.serving.predictor.Predictor`` (thresholds from the ONNX metadata)."""
+    """Pyfunc model around ``damage.tasks.serving.predictor.Predictor`` (thresholds from the ONNX metadata)."""
 
     def load_context(self, context) -> None:
-        from tasks.serving.predictor import Predictor
+        from damage.tasks.serving.predictor import Predictor
 
         self.onnx_name = Path(context.artifacts["onnx"]).name
         self.predictor = Predictor(context.artifacts["onnx"])
 
     def _decode(self, row: dict[str, Any]):
-        from tasks.core.errors import DamageError
-        from tasks.serving.predictor import decode_image
+        from damage.tasks.core.errors import DamageError
+        from damage.tasks.serving.predictor import decode_image
 
         b64 = row.get("image")
         if isinstance(b64, str) and b64:
@@ -117,7 +117,7 @@ class DamageSegModel(mlflow.pyfunc.PythonModel):
 
     @staticmethod
     def _threshold(params: dict, key: str, default: float) -> float:
-        from tasks.core.errors import DamageError
+        from damage.tasks.core.errors import DamageError
 
         v = params.get(key)
         if v is None or float(v) < 0:
@@ -128,7 +128,7 @@ class DamageSegModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
         """One JSON-ready dict per input row (see the module docstring)."""
-        from tasks.core.errors import DamageError
+        from damage.tasks.core.errors import DamageError
 
         rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
         if len(rows) > _max_rows():
@@ -149,7 +149,7 @@ class DamageSegModel(mlflow.pyfunc.PythonModel):
         return out
 
 
-_TASKS_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)tasks(?=[.\s])", re.MULTILINE)
+_TASKS_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)damage\.tasks(?=[.\s])", re.MULTILINE)
 
 
 def _shipped_imports(tree: ast.AST) -> set[str]:
@@ -165,15 +165,15 @@ def _shipped_imports(tree: ast.AST) -> set[str]:
 
 def _stage_code(dst: Path) -> Path:
     """Copy ``CODE_FILES`` into ``dst/damage_serving``, their ``tasks`` imports renamed to match."""
-    from tasks.core.errors import DamageError
+    from damage.tasks.core.errors import DamageError
 
     pkg = dst / SHIPPED_PACKAGE
     for name in CODE_FILES:
         src, out = _TASKS / name, pkg / name
         text = _TASKS_IMPORT.sub(rf"\1\2\3{SHIPPED_PACKAGE}", src.read_text(encoding="utf-8"))
-        if "tasks" in _shipped_imports(ast.parse(text, str(src))):
-            raise DamageError(f"{src}: imports 'tasks' in a form the pyfunc staging cannot rename "
-                              f"(use 'from tasks.x import y')")
+        if "damage" in _shipped_imports(ast.parse(text, str(src))):
+            raise DamageError(f"{src}: imports 'damage' in a form the pyfunc staging cannot rename "
+                              f"(use 'from damage.tasks.x import y')")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
     return pkg
@@ -186,7 +186,7 @@ def save_pyfunc(onnx_path: Path, path: Path) -> Path:
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        from tasks.core.errors import DamageError
+        from damage.tasks.core.errors import DamageError
 
         raise DamageError(f"{onnx_path}: ONNX model not found")
     sig = ModelSignature(inputs=Schema([ColSpec("string", "image", required=False),
@@ -211,7 +211,7 @@ def log_pyfunc(client_or_run_id, onnx_path: Path, artifact_path: str = "pyfunc",
     """Log the pyfunc model into an existing run without making it the active run.
 
     Args:
-        client_or_run_id: a run id (uses ``tasks.core.tracking.client()``), or an ``MlflowClient``
+        client_or_run_id: a run id (uses ``damage.tasks.core.tracking.client()``), or an ``MlflowClient``
             together with ``run_id``.
         onnx_path: the exported model.
         artifact_path: folder of the model inside the run's artifacts.
@@ -225,7 +225,7 @@ def log_pyfunc(client_or_run_id, onnx_path: Path, artifact_path: str = "pyfunc",
         >>> uri = log_pyfunc(run_id, Path("best.onnx"))
         >>> mlflow.register_model(uri, "damage-seg")
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     if isinstance(client_or_run_id, str):
         c, rid = tracking.client(), client_or_run_id
     else:

@@ -68,8 +68,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.errors import DamageError
-from tasks.evaluation.damage_percent import BoxMask, damage_report
+from damage.tasks.core.errors import DamageError
+from damage.tasks.serving.damage_percent import BoxMask, damage_report
 
 __all__ = ["ABSORB_IOS", "AUTO_FACTOR", "CONFIRM_IOU", "DEFAULT_OVERLAP", "JOIN_IOU", "Piece", "SliceSpec", "merge_pieces",
            "parse_slices", "predict_images", "predict_sliced", "tile_starts", "tile_windows"]
@@ -350,7 +350,7 @@ def predict_sliced(predictor: Any, im: np.ndarray, spec: SliceSpec, conf: float 
     """Predict one BGR image with tiles + a whole-image pass, merged at full resolution.
 
     Args:
-        predictor: a ``tasks.serving.predictor.Predictor`` (its ``preprocess``, ``infer`` and
+        predictor: a ``damage.tasks.serving.predictor.Predictor`` (its ``preprocess``, ``infer`` and
             ``postprocess`` do each pass, so the maths are the unsliced predictor's).
         im: HxWx3 BGR uint8 image.
         spec: the slicing (``parse_slices``); tiles of ``spec.tile_hw(predictor.imgsz)``.

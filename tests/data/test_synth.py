@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.config import CLASSES
-from tasks.core.errors import DatasetError
-from tasks.data.dataset import check_structure
-from tasks.data.synth import GENERATOR_VERSION, generate_dataset, label_lines, render_sample
+from damage.tasks.core.config import CLASSES
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.dataset import check_structure
+from damage.tasks.data.synth import GENERATOR_VERSION, generate_dataset, label_lines, render_sample
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -152,13 +152,13 @@ def test_images_are_bgr_uint8_and_varied(samples):
 
 @pytest.fixture(scope="module")
 def closeups() -> list:
-    from tasks.data.synth import DAMAGE_TYPES
+    from damage.tasks.data.synth import DAMAGE_TYPES
 
     return [render_sample(np.random.default_rng([4, i]), 160, "closeup", DAMAGE_TYPES[i % 6]) for i in range(36)]
 
 
 def test_closeup_labels_are_exact_and_show_the_requested_damage(closeups):
-    from tasks.data.synth import DAMAGE_TYPES
+    from damage.tasks.data.synth import DAMAGE_TYPES
 
     for k, s in enumerate(closeups):
         assert s.image.shape == (160, 160, 3) and s.image.dtype == np.uint8
@@ -189,8 +189,8 @@ def test_damage_cut_by_the_border_is_labelled_by_its_visible_part(closeups):
 
 
 def test_crop_keeps_every_visible_instance_clipped_to_the_window():
-    from tasks.data.synth import _render_scene
-    from tasks.data.synth_views import crop_sample
+    from damage.tasks.data.synth import _render_scene
+    from damage.tasks.data.synth_views import crop_sample
 
     scene = _render_scene(np.random.default_rng(11), 320, "dent", n_vehicles=1)
     dent = next(i for i in scene.instances if i.name == "dent")
@@ -235,7 +235,7 @@ def test_written_labels_never_cross_themselves(tmp_path):
     pixel-simple polygon whose rounded copy crossed itself, and the data gate refused the set."""
     import numpy as np
 
-    from tasks.validation.scan import polygon_self_intersects
+    from damage.tasks.validation.scan import polygon_self_intersects
 
     data = generate_dataset(tmp_path / "ds", images=100, seed=2, imgsz=96, val_fraction=0.25)
     bad = []
@@ -256,9 +256,9 @@ def test_closeup_datasets_are_deterministic(tmp_path):
 
 
 def test_cache_key_holds_generator_version_and_composition(tmp_path):
-    from tasks.core.config import DataConfig, SynthConfig
-    from tasks.data.source import synth_dir
-    from tasks.data.synth import GENERATOR_VERSION
+    from damage.tasks.core.config import DataConfig, SynthConfig
+    from damage.tasks.data.source import synth_dir
+    from damage.tasks.data.synth import GENERATOR_VERSION
 
     a = synth_dir(tmp_path, DataConfig(synth=SynthConfig(closeup_fraction=0.0)))
     b = synth_dir(tmp_path, DataConfig(synth=SynthConfig(closeup_fraction=0.6)))

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.core.errors import DatasetError
-from tasks.data.synth import generate_dataset, label_lines, render_sample
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.data.synth import generate_dataset, label_lines, render_sample
 
 
 def _files(root: Path) -> dict[str, bytes]:

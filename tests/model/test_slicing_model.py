@@ -22,7 +22,7 @@ SCENE = 640
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
-    from tasks.export.onnx import export_onnx
+    from damage.tasks.export.onnx import export_onnx
 
     return export_onnx(tiny_model, tmp_path_factory.mktemp("slice") / "tiny.onnx", IMGSZ)
 
@@ -30,7 +30,7 @@ def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> Path:
     """One 640-px whole scene of the generator (vehicles whole in view, exact labels)."""
-    from tasks.data.synth import render_sample
+    from damage.tasks.data.synth import render_sample
 
     s = render_sample(np.random.default_rng(34), SCENE, "scene", "scratch")
     p = tmp_path_factory.mktemp("scene") / "scene.png"
@@ -45,7 +45,7 @@ def _iou(a, b) -> float:
 
 
 def test_slices_off_is_todays_predictor(tiny_onnx, scene):
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     assert Predictor(tiny_onnx).slices.mode == "off"  # no damage.slices in the metadata: off
     assert assert_matches_ultralytics(tiny_onnx, [scene]) > 0  # off matches Ultralytics' predict exactly
@@ -58,9 +58,9 @@ def test_slices_off_is_todays_predictor(tiny_onnx, scene):
 
 
 def test_sliced_inference_on_a_whole_scene_keeps_the_merge_invariants(tiny_onnx, scene):
-    from tasks.evaluation.damage_percent import damage_report
-    from tasks.serving.predictor import Predictor
-    from tasks.serving.slicing import MAX_BATCH, tile_windows
+    from damage.tasks.serving.damage_percent import damage_report
+    from damage.tasks.serving.predictor import Predictor
+    from damage.tasks.serving.slicing import MAX_BATCH, tile_windows
 
     whole = Predictor(tiny_onnx, slices="off")
     sliced = Predictor(tiny_onnx, slices="auto")
@@ -97,9 +97,9 @@ def test_sliced_inference_on_a_whole_scene_keeps_the_merge_invariants(tiny_onnx,
 
 def test_extra_set_scores_sliced_and_letterboxed(tiny_onnx, tmp_path):
     """``evaluate.extra_sets``: a generated whole-scene set scored through the predictor, both ways."""
-    from tasks.core.config import ExtraSetConfig
-    from tasks.evaluation.extra_sets import UNSLICED_SUFFIX, extra_set_data, extra_sets_metrics
-    from tasks.serving.slicing import tile_windows
+    from damage.tasks.core.config import ExtraSetConfig
+    from damage.tasks.evaluation.extra_sets import UNSLICED_SUFFIX, extra_set_data, extra_sets_metrics
+    from damage.tasks.serving.slicing import tile_windows
 
     spec = ExtraSetConfig(name="whole", imgsz=320, images=4, seed=7)
     data_yaml = extra_set_data(spec, tmp_path)

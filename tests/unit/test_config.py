@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, load_config
+from damage.tasks.core.config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, load_config
 
 
 def test_default_yaml_matches_model_defaults():

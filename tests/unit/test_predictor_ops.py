@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.serving.mask_decode import mask_crop, native_axes, single_thread_matmul, taps
-from tasks.serving.predictor import (
+from damage.tasks.serving.mask_decode import mask_crop, native_axes, single_thread_matmul, taps
+from damage.tasks.serving.predictor import (
     _nms_rows,
     _scale_boxes,
     _select,
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_predictor_imports_no_torch_ultralytics_prefect():
-    code = ("import tasks.serving.predictor, sys; bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); "
+    code = ("import damage.tasks.serving.predictor, sys; bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); "
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -139,8 +139,8 @@ def test_instance_outline_is_traced_from_its_mask_on_first_read():
     once (cached), and a given outline is kept as given."""
     import numpy as np
 
-    from tasks.evaluation.damage_percent import BoxMask
-    from tasks.serving.predictor import Instance
+    from damage.tasks.serving.damage_percent import BoxMask
+    from damage.tasks.serving.predictor import Instance
 
     crop = np.zeros((20, 30), bool)
     crop[5:15, 10:25] = True

@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks.core.errors import DamageError
-from tasks.evaluation.damage_percent import BoxMask, damage_report
-from tasks.serving.predictor import Instance, Prediction
-from tasks.serving.slicing import (
+from damage.tasks.core.errors import DamageError
+from damage.tasks.serving.damage_percent import BoxMask, damage_report
+from damage.tasks.serving.predictor import Instance, Prediction
+from damage.tasks.serving.slicing import (
     Piece,
     SliceSpec,
     merge_pieces,

@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from model_registry.card import model_card
-from model_registry.gate import compare, extra_floors
-from tasks.core.config import ConfigError, load_config
-from tasks.evaluation.extra_sets import gate_sets
-from tasks.evaluation.sweep import SweepResult
-from tasks.serving.slicing import parse_slices
+from damage.model_registry.card import model_card
+from damage.model_registry.gate import compare, extra_floors
+from damage.tasks.core.config import ConfigError, load_config
+from damage.tasks.evaluation.extra_sets import gate_sets
+from damage.tasks.evaluation.sweep import SweepResult
+from damage.tasks.serving.slicing import parse_slices
 
 BASE = {"mask/mAP50-95": .3, "box/mAP50-95": .35, "latency_ms": 9.0, "mask_ap50/vehicle": .9, "mask_ap50/dent": .5}
 
@@ -67,8 +67,8 @@ def test_operating_point_records_the_slicing_on_the_card():
 
 
 def test_extra_sets_step_logs_under_the_prefix_and_extends_the_candidate(state_paths, monkeypatch):
-    from tasks.core import tracking
-    from tasks.evaluation import extra_sets
+    from damage.tasks.core import tracking
+    from damage.tasks.evaluation import extra_sets
 
     cfg = load_config(overrides=["evaluate.extra_sets=[{name: whole}]"])
     seen = []
