@@ -37,6 +37,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     from damage.tasks.data.union import union_step
     from damage.tasks.evaluation.evaluate import Evaluator, evaluate_step
     from damage.tasks.evaluation.explain import explain_step, pick_explain_samples
+    from damage.tasks.evaluation.extra_sets import extra_sets_step
     from damage.tasks.evaluation.headline import log_headline
     from damage.tasks.evaluation.label_issues import label_issues_step
     from damage.tasks.evaluation.sweep import damage_at_operating_point, sweep_step
@@ -82,8 +83,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                          cfg.imgsz, run.run_id, run.root / "label_issues",
                                                          train_cfg=train_cfg, seed=cfg.seed) \
             if cfg.label_issues.enabled else None
-        sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id) \
-            if cfg.sweep.enabled else None
+        sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id,
+                                        slices=cfg.predictor.slices_value) if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
                                                                               cfg.export.parity_images), cfg.seed)
         exported = _t(export_step, "export")(trained.best, cfg.export, cfg.imgsz,
@@ -110,6 +111,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         registered_damage = _t(damage_at_operating_point, "registered-damage")(
             candidate["onnx"], data.data_yaml, sweep.thresholds, cfg.imgsz, cfg.sweep.split, cfg.sweep.max_det) \
             if sweep is not None and compression and compression["compressed"] else None
+        # evaluate.extra_sets (e.g. 640-px whole scenes): the registered ONNX through the sliced predictor
+        candidate = _t(extra_sets_step, "evaluate-extra")(candidate, cfg.evaluate.extra_sets, paths.datasets,
+                                                          run.run_id, cfg.evaluate.conf, cfg.evaluate.iou)
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,7 +82,8 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
         op = operating_point
         out.append(f"conf **{op.get('conf')}**, NMS IoU **{op.get('iou')}**, chosen by objective "
                    f"`{op.get('objective')}` = {fmt_metric(op.get('value'))}" + (f" ({objective_help})" if objective_help else "")
-                   + ".")
+                   + "." + (f" Sliced inference: `{json.dumps(op['slices'])}` (predictor.slices, recorded in the "
+                            f"ONNX metadata as damage.slices)." if op.get("slices") is not None else ""))
         if flat_objective:
             out.append("")
             out.append("**Warning:** the objective was flat across the grid (ties within tolerance); "

@@ -142,10 +142,36 @@ def class_checks(candidate: Mapping[str, float], production: Mapping[str, float]
     return out
 
 
+def extra_floors(spec: Mapping[str, float | Mapping[str, float]], classes: list[str]) -> dict[str, float]:
+    """``registry.extra_min_class_ap50`` (set name -> floors, each like ``min_class_ap50``) as metric-key floors.
+
+    Example:
+        >>> extra_floors({"whole": {"dent": 0.4}}, ["vehicle", "dent"])
+        {'whole/mask_ap50/vehicle': 0.1, 'whole/mask_ap50/dent': 0.4}
+    """
+    return {f"{name}/{CLASS_PREFIX}{c}": f for name, floors in spec.items()
+            for c, f in class_floors(floors, classes).items()}
+
+
+def extra_checks(candidate: Mapping[str, float], floors: Mapping[str, float]) -> list[tuple[str, bool, str]]:
+    """Verdicts ``(metric, passed, reason)`` of the extra-set floors: under its floor, or no figure for a
+    floor > 0 (the set was not scored, or has no instance of the class: fail closed), fails."""
+    out = []
+    for key, floor in floors.items():
+        v = float(candidate.get(key, math.nan))
+        if not math.isfinite(v):
+            out.append((key, floor <= 0, f"{key}: no figure ({'floor off' if floor <= 0 else 'floor cannot be checked'})"))
+        else:
+            good = v >= floor
+            out.append((key, good, f"{key} {fmt_metric(v)} {'>=' if good else '<'} floor {fmt_metric(floor)}"))
+    return out
+
+
 def compare(candidate: Mapping[str, float], production: Mapping[str, float] | None, *, tolerance: float,
             latency_budget_ms: float | None, floor_mask_map: float,
             min_class_ap50: Mapping[str, float] | None = None,
-            class_tolerance: float | None = None) -> tuple[bool, list[str]]:
+            class_tolerance: float | None = None,
+            extra_min_class_ap50: Mapping[str, float] | None = None) -> tuple[bool, list[str]]:
     """The gate rule as a pure function: ``(passed, reasons)``; reasons explain every check.
 
     With a production version: candidate mask and box mAP50-95 may each be at most ``tolerance``
@@ -156,6 +182,8 @@ def compare(candidate: Mapping[str, float], production: Mapping[str, float] | No
     production's; each failing class gets its own reason, the passing ones share one line. With
     floors given but no per-class figure from the evaluator, the candidate fails: aggregate
     metrics alone never stage a model.
+    Extra evaluation sets (``extra_min_class_ap50``: metric key -> floor, ``extra_floors``): each
+    figure must reach its floor (``extra_checks``).
     Always: candidate latency must not exceed ``latency_budget_ms`` (when set).
 
     Example:
@@ -195,6 +223,12 @@ def compare(candidate: Mapping[str, float], production: Mapping[str, float] | No
             passing = [why for _, good, why in checks if good]
             if passing:
                 reasons.append("per-class mask AP50 ok: " + ", ".join(passing))
+    if extra_min_class_ap50:
+        checks = extra_checks(candidate, extra_min_class_ap50)
+        ok &= all(good for _, good, _ in checks)
+        reasons += [why for _, good, why in checks if not good]
+        if any(good for _, good, _ in checks):
+            reasons.append("extra-set floors ok: " + ", ".join(why for _, good, why in checks if good))
     if latency_budget_ms is not None:
         good = candidate[LATENCY] <= latency_budget_ms
         ok &= good
@@ -217,7 +251,8 @@ def _checked(metrics: Mapping[str, float], side: str, onnx: Path) -> dict[str, f
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:
         raise RegistryError(f"evaluator returned non-finite {', '.join(bad)} for the {side} model {onnx.name}")
-    out.update({k: float(v) for k, v in metrics.items() if k.startswith(CLASS_PREFIX)})  # NaN = no labels
+    # per-class AP, NaN = no labels; also an extra set's ("<set>/mask_ap50/<class>", evaluate.extra_sets)
+    out.update({k: float(v) for k, v in metrics.items() if k.startswith(CLASS_PREFIX) or f"/{CLASS_PREFIX}" in k})
     return out
 
 
@@ -267,8 +302,10 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
     classes = list(class_values(cand))
     floors = class_floors(cfg.min_class_ap50, classes) if classes else {}
     class_tol = cfg.tolerance if cfg.class_tolerance is None else cfg.class_tolerance
+    extra = extra_floors(cfg.extra_min_class_ap50, classes) if classes else {}
     passed, reasons = compare(cand, prod, tolerance=cfg.tolerance, latency_budget_ms=cfg.latency_budget_ms,
-                              floor_mask_map=cfg.floor_mask_map, min_class_ap50=floors, class_tolerance=class_tol)
+                              floor_mask_map=cfg.floor_mask_map, min_class_ap50=floors, class_tolerance=class_tol,
+                              extra_min_class_ap50=extra)
     failed = failed_classes(cand, prod, floors, class_tol)
     decision = GateDecision(model_name, version, passed, reasons, cand, prod, prod_version, cfg.tolerance,
                             cfg.latency_budget_ms, cfg.floor_mask_map, failed)

@@ -157,14 +157,20 @@ def gate_evaluate_fn(cfg, data_yaml: Path):
 
     ``cfg`` is the worker's (``damage.tasks.core.run_params``): a run parameter never picks the evaluator or its settings.
     """
+    from damage.tasks.core.runtime import StatePaths, resolve_state_dir
     from damage.tasks.evaluation.evaluate import Evaluator, class_metrics
+    from damage.tasks.evaluation.extra_sets import extra_sets_metrics, gate_sets
 
     evaluator = Evaluator.from_config(cfg)
+    # extra sets the gate floors on: candidate and production scored on them the same way, sliced only
+    extra = gate_sets(cfg.evaluate.extra_sets, cfg.registry.extra_min_class_ap50)
+    datasets = StatePaths(resolve_state_dir(cfg.state_dir)).datasets
 
     def evaluate_fn(onnx: Path) -> dict[str, float]:
         res = evaluator(onnx, data_yaml)
         # every class of the model, NaN where the data has no instance: the gate fails such a class closed
-        return {**res.metrics, **class_metrics(res.per_class, missing=float("nan"))}
+        return {**res.metrics, **class_metrics(res.per_class, missing=float("nan")),
+                **extra_sets_metrics(onnx, extra, datasets, cfg.evaluate.conf, cfg.evaluate.iou)}
 
     return evaluate_fn
 

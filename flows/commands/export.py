@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -117,6 +118,15 @@ def _model_file(model: str, state_root: Path, notify=None) -> Path:
     if not p.is_file():
         fail(f"{p}: model file not found")
     return p
+def _slices_option(value: str | None) -> str | dict | None:
+    """``--slices``: ``off``, ``auto`` or ``SIZE[:OVERLAP]`` as the predictor's setting (None: not given)."""
+    if value is None or value.strip().lower() in ("off", "auto"):
+        return value and value.strip().lower()
+    size, _, overlap = value.partition(":")
+    try:
+        return {"size": int(size), **({"overlap": float(overlap)} if overlap else {})}
+    except ValueError:
+        fail(f"--slices must be off, auto or SIZE[:OVERLAP] (e.g. 640:0.2), got {value!r}")
 
 
 def predict_cmd(
@@ -130,6 +140,7 @@ def predict_cmd(
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Write NAME.png overlays.")] = True,
     backend: Annotated[str | None, typer.Option("--backend", help="Runtime: auto|onnxruntime|openvino (default: predictor.backend; auto = the faster one measured at export).")] = None,
     collect: Annotated[bool, typer.Option("--collect", help="Keep the images the model is unsure about in the labelling inbox (serving.collect rules, inbox and cap).")] = False,
+    slices: Annotated[str | None, typer.Option("--slices", help="Sliced inference of large photos: off|auto|SIZE[:OVERLAP] tiles in pixels (default: the model's damage.slices metadata, else predictor.slices).")] = None,
 ) -> None:
     """Segment damage with ONNX Runtime or OpenVINO; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
     cfg, paths = setup(ctx)
@@ -146,11 +157,14 @@ def predict_cmd(
     from damage.tasks.core.errors import DamageError
     from damage.tasks.serving.draw import draw_prediction
     from damage.tasks.serving.predictor import Predictor, read_image
+    from damage.tasks.serving.slicing import parse_slices
 
     pc = cfg.predictor
     pred = run_guarded(Predictor, model, conf=conf, iou=iou, backend=backend or pc.backend, threads=pc.threads or None,
                        spinning=pc.spinning, cache_optimized=pc.cache_optimized,
-                       openvino_precision=pc.openvino_precision)
+                       openvino_precision=pc.openvino_precision, slices=_slices_option(slices))
+    if slices is None and "damage.slices" not in pred.metadata:  # no choice recorded with the model: the config's
+        pred.slices = run_guarded(parse_slices, pc.slices_value)
     out.mkdir(parents=True, exist_ok=True)
     names = _out_names(images, out)
     inbox, collected = None, 0
@@ -192,7 +206,8 @@ def predict_cmd(
         pct = "n/a" if d["damage_percent"] is None else f"{d['damage_percent']:.1f}%"
         console.print(f"{images[0]}: {d['instances']} instance(s), damage {pct}", highlight=False, soft_wrap=True)
     console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}, "
-                  f"{pred.backend}) -> {out}", highlight=False, soft_wrap=True)
+                  f"{pred.backend}, slices {json.dumps(pred.slices.to_value())}) -> {out}", highlight=False,
+                  soft_wrap=True)
     if inbox is not None:
         console.print(f"collected {collected} image(s) for labelling -> {inbox.store.uri} "
                       f"(next: damage data label-export)", highlight=False, soft_wrap=True)

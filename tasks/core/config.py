@@ -63,11 +63,16 @@ class SynthConfig(_Section):
     closeup_fraction: float = Field(0.0, ge=0, le=1)
     zoom: tuple[float, float] = (1.8, 2.8)
     balance: bool = True
+    tile_fraction: float = Field(0.0, ge=0, le=1)
+    tile_scale: float = Field(4.0, ge=1, le=16)
 
     @model_validator(mode="after")
     def _zoom_range(self) -> SynthConfig:
         if not 1 <= self.zoom[0] <= self.zoom[1]:
             raise ValueError(f"zoom must be [min, max] with 1 <= min <= max, got {list(self.zoom)}")
+        if self.closeup_fraction + self.tile_fraction > 1:
+            raise ValueError(f"closeup_fraction + tile_fraction must be <= 1, got {self.closeup_fraction} + "
+                             f"{self.tile_fraction}")
         return self
 
 
@@ -146,11 +151,52 @@ class TrainConfig(_Section):
         return _check_model(v, "train.model")
 
 
+class SliceSetting(_Section):
+    size: int = Field(ge=32, le=4096)
+    overlap: float = Field(0.2, gt=0, le=0.5)
+
+
+def _slices_value(v: Any) -> Any:
+    """YAML 1.1 reads a bare ``off`` as False (and ``on`` as True): both mean the words."""
+    return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+
+Slices = Literal["off", "auto"] | SliceSetting
+
+
+class ExtraSetConfig(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    source: str = "synth"
+    split: str = "val"
+    imgsz: int = Field(640, ge=32, le=4096)
+    images: int = Field(40, ge=2)
+    seed: int = Field(1034, ge=0)
+    closeup_fraction: float = Field(0.0, ge=0, le=1)
+    slices: Slices = "auto"
+    compare_unsliced: bool = True
+    max_det: int = Field(100, ge=1, le=1000)
+
+    @field_validator("slices", mode="before")
+    @classmethod
+    def _slices_words(cls, v: Any) -> Any:
+        return _slices_value(v)
+
+
 class EvaluateConfig(_Section):
     split: str = "val"
     conf: float = Field(0.001, ge=0, le=1)
     iou: float = Field(0.7, gt=0, le=1)
     max_det: int = Field(300, ge=1)
+    extra_sets: list[ExtraSetConfig] = []
+
+    @field_validator("extra_sets")
+    @classmethod
+    def _unique_names(cls, v: list[ExtraSetConfig]) -> list[ExtraSetConfig]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"extra set names must be unique, repeated: {dup}")
+        return v
 
 
 class SweepConfig(_Section):
@@ -180,6 +226,17 @@ class PredictorConfig(_Section):
     cache_optimized: bool = True
     openvino_precision: Literal["f32", "bf16"] = "f32"
     latency_runs: int = Field(10, ge=0)
+    slices: Slices = "auto"
+
+    @field_validator("slices", mode="before")
+    @classmethod
+    def _slices_words(cls, v: Any) -> Any:
+        return _slices_value(v)
+
+    @property
+    def slices_value(self) -> str | dict[str, Any]:
+        """``slices`` as plain data (``"off"``, ``"auto"`` or ``{"size", "overlap"}``): metadata, tags, cards."""
+        return self.slices if isinstance(self.slices, str) else self.slices.model_dump()
 
 
 class CollectConfig(_Section):
@@ -286,6 +343,7 @@ class RegistryConfig(_Section):
     floor_mask_map: float = Field(0.05, ge=0, le=1)
     min_class_ap50: float | dict[str, float] = 0.1
     class_tolerance: float | None = Field(None, ge=0)
+    extra_min_class_ap50: dict[str, float | dict[str, float]] = {}
 
     @field_validator("min_class_ap50")
     @classmethod
@@ -293,6 +351,13 @@ class RegistryConfig(_Section):
         bad = [x for x in (v.values() if isinstance(v, dict) else [v]) if not 0 <= x <= 1]
         if bad:
             raise ValueError(f"every per-class floor must be in [0, 1], got {bad}")
+        return v
+
+    @field_validator("extra_min_class_ap50")
+    @classmethod
+    def _extra_floors_in_range(cls, v: dict[str, float | dict[str, float]]) -> dict[str, float | dict[str, float]]:
+        for spec in v.values():
+            cls._floors_in_range(spec)
         return v
     wait_for_approval: bool = False
     approval_timeout_s: int = Field(86400, ge=1)

@@ -23,8 +23,10 @@ def synth_dir(datasets_root: Path, cfg: DataConfig) -> Path:
 
     s = cfg.synth
     # every generator argument is in the key (the composition ones through a short hash)
-    comp = json.dumps({"closeup_fraction": s.closeup_fraction, "zoom": list(s.zoom), "balance": s.balance},
-                      sort_keys=True)
+    comp = {"closeup_fraction": s.closeup_fraction, "zoom": list(s.zoom), "balance": s.balance}
+    if s.tile_fraction:  # only then: the folders of sets without tiles keep their names
+        comp.update({"tile_fraction": s.tile_fraction, "tile_scale": s.tile_scale})
+    comp = json.dumps(comp, sort_keys=True)
     return datasets_root / (f"synth-g{GENERATOR_VERSION}-n{s.images}-px{s.imgsz}"
                             f"-v{int(s.val_fraction * 100)}-s{s.seed}-{hashlib.sha256(comp.encode()).hexdigest()[:8]}")
 
@@ -73,7 +75,8 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
             return out / "data.yaml"
         s = cfg.synth
         return generate_dataset(out, images=s.images, seed=s.seed, imgsz=s.imgsz, val_fraction=s.val_fraction,
-                                closeup_fraction=s.closeup_fraction, zoom=s.zoom, balance=s.balance)
+                                closeup_fraction=s.closeup_fraction, zoom=s.zoom, balance=s.balance,
+                                tile_fraction=s.tile_fraction, tile_scale=s.tile_scale)
     if src.startswith("s3://"):
         from damage.tasks.data.storage import sync_s3_dataset
 

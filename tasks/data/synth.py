@@ -35,13 +35,18 @@ import yaml
 
 from damage.tasks.core.atomic import atomic_output_dir
 from damage.tasks.core.config import CLASSES
+from damage.tasks.data.synth_views import fill as _fill
+from damage.tasks.data.synth_views import outer as _outer
+from damage.tasks.data.synth_views import render_closeup, render_tile
+from damage.tasks.data.synth_views import single_region as _single_region
+from damage.tasks.data.synth_views import solid as _solid
 
 # Bump when the rendering changes: cached synthetic datasets are keyed by it.
 GENERATOR_VERSION = 7  # 5: wider scratches, larger dents; 7: scratches are compact scuffs (aspect ~2-4)
 SYNTH_MARKER = ".synth.json"  # marks a folder as synth output, so it may be replaced
 _CLS = {name: i for i, name in enumerate(CLASSES)}
 DAMAGE_TYPES = ["dent", "scratch", "crack", "glass_shatter", "lamp_broken", "tire_flat"]
-VIEWS = ("scene", "closeup")
+VIEWS = ("scene", "closeup", "tile")
 
 # Car paints (BGR): white, black, silver, grey, red, blue, navy, green, yellow, orange, beige, brown.
 _PAINTS = np.array([
@@ -119,47 +124,6 @@ class Sample:
 
 
 # ----------------------------------------------------------------------------- geometry helpers
-
-
-def _fill(shape: tuple[int, int], polys, value: int = 1) -> np.ndarray:
-    m = np.zeros(shape, np.uint8)
-    cv2.fillPoly(m, [np.round(np.asarray(p)).astype(np.int32) for p in polys], value)
-    return m
-
-
-def _outer(mask: np.ndarray) -> np.ndarray | None:
-    """Largest outer contour of a mask as a simple (N, 2) int32 polygon, or None if degenerate.
-
-    Pixel contours cross themselves where two pixels touch only diagonally; the data gate
-    (rightly) calls such polygons degenerate. Closing the mask with a 3x3 kernel joins those
-    pinches, so the label stays a simple polygon covering the painted region.
-    """
-    from damage.tasks.data.polygons import polygon_self_intersects
-
-    m = mask.astype(np.uint8)
-    for _ in range(4):
-        cnts, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        if not cnts:
-            return None
-        c = max(cnts, key=lambda c: (cv2.contourArea(c), len(c)))
-        if len(c) < 3:
-            return None
-        poly = c.reshape(-1, 2)
-        # checked as written too: normalised to 6 decimals, a vertex that touches an edge in
-        # pixels can land a hair across it, and the data gate reads the written numbers
-        written = np.round(poly.astype(np.float64) / m.shape[1], 6)
-        if not polygon_self_intersects(poly.astype(np.float64)) and not polygon_self_intersects(written):
-            return poly
-        m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
-    return None
-
-
-def _solid(mask: np.ndarray) -> np.ndarray | None:
-    """The region a label polygon can describe: fillPoly of the largest outer contour."""
-    poly = _outer(mask)
-    if poly is None:
-        return None
-    return _fill(mask.shape, [poly]).astype(bool)
 
 
 def _ellipse(c, axes, angle_deg, n: int = 40) -> np.ndarray:
@@ -557,7 +521,7 @@ def _choose_damage(rng, view: str, target: str | None = None) -> list[str]:
 
 
 def render_sample(rng: np.random.Generator, imgsz: int, view: str = "scene", target: str | None = None,
-                  zoom: tuple[float, float] = (1.8, 2.8)) -> Sample:
+                  zoom: tuple[float, float] = (1.8, 2.8), tile_scale: float = 4.0) -> Sample:
     """Render one synthetic image and its exact instances.
 
     Args:
@@ -567,7 +531,11 @@ def render_sample(rng: np.random.Generator, imgsz: int, view: str = "scene", tar
             inspection photo: a window of ``imgsz`` px cut from a scene rendered ``zoom`` times
             larger, framed on one damage, which may be cut by the window's border).
         target: damage type the (first) vehicle carries, e.g. ``"dent"``; None = random damage.
+            ``"tile"``: a training crop at the tile scale of sliced inference, a window of ``imgsz``
+            px at a random place of a whole scene rendered ``tile_scale`` times larger
+            (``damage.tasks.data.synth_views.render_tile``).
         zoom: close-up magnification range (uniform); ignored for scenes.
+        tile_scale: the tile view's scene size as a multiple of ``imgsz``.
 
     Returns:
         Sample with the BGR uint8 image, instances (vehicles first, then their damage, each
@@ -581,7 +549,9 @@ def render_sample(rng: np.random.Generator, imgsz: int, view: str = "scene", tar
     if target is not None and target not in DAMAGE_TYPES:
         raise ValueError(f"target must be one of {DAMAGE_TYPES} or None, got {target!r}")
     if view == "closeup":
-        return _render_closeup(rng, int(imgsz), target, zoom)
+        return render_closeup(rng, int(imgsz), target, zoom, _render_scene)
+    if view == "tile":
+        return render_tile(rng, int(imgsz), tile_scale, _render_scene, target)
     return _render_scene(rng, int(imgsz), target)
 
 
@@ -763,90 +733,6 @@ def _render_scene(rng: np.random.Generator, imgsz: int, target: str | None = Non
     return Sample(image, instances, low)
 
 
-def _single_region(m: np.ndarray) -> bool:
-    """True when one label polygon describes the mask: one piece, its fill adds (almost) nothing."""
-    solid = _solid(m)
-    if solid is None or (m & ~solid).any():
-        return False
-    return int((solid & ~m).sum()) <= max(2, int(0.1 * m.sum()))
-
-
-def _render_closeup(rng: np.random.Generator, s: int, target: str | None,
-                    zoom: tuple[float, float]) -> Sample:
-    """An inspection photo: an ``s`` px window of a ``zoom`` times larger single-vehicle scene.
-
-    The window is framed on one ``target`` damage; in about a quarter of the views the window's
-    border cuts through it. Every instance in the window is labelled by its visible part; a
-    window that would cut an instance into pieces (or leave a sliver too small to label) is
-    rejected, and after 6 rejected scenes the view falls back to an ordinary scene.
-    """
-    lo, hi = zoom
-    for _attempt in range(6):
-        big = max(s, int(round(s * rng.uniform(lo, hi))))
-        scene = _render_scene(rng, big, target, n_vehicles=1)
-        damage = [i for i in scene.instances if i.parent is not None]
-        focus = [i for i in damage if target is None or i.name == target] or damage
-        if not focus:
-            continue
-        anchor = focus[int(rng.integers(len(focus)))]
-        win = _frame_window(rng, scene, anchor, s)
-        if win is None:
-            continue
-        return _crop_sample(scene, win, s)
-    return _render_scene(rng, s, target)
-
-
-def _frame_window(rng, scene: Sample, anchor: Instance, s: int) -> tuple[int, int] | None:
-    """Top-left corner of an ``s`` px window showing ``anchor``, every instance in one labelable piece."""
-    big = scene.image.shape[0]
-    min_area = max(12, int(20 * (s / 160.0) ** 2))
-    ys, xs = np.nonzero(anchor.mask)
-    for _ in range(20):
-        corner = []
-        # in a quarter of the views the frame cuts the damage on one axis: labelled by its visible part
-        cut_axis = int(rng.integers(2)) if rng.random() < 0.25 else -1
-        for axis, (lo_px, hi_px) in enumerate(((xs.min(), xs.max()), (ys.min(), ys.max()))):
-            span = hi_px - lo_px + 1
-            if axis == cut_axis and span >= 8:
-                keep = rng.uniform(0.35, 0.75) * span  # share of the damage left inside the window
-                o = lo_px + keep - s if rng.random() < 0.5 else hi_px + 1 - keep
-            else:
-                a, b = min(lo_px, hi_px + 1 - s), max(lo_px, hi_px + 1 - s)
-                o = rng.uniform(a, b)
-            corner.append(int(np.clip(round(o), 0, big - s)))
-        x0, y0 = corner
-        ok = anchor.mask[y0:y0 + s, x0:x0 + s].any()
-        for inst in scene.instances:
-            v = inst.mask[y0:y0 + s, x0:x0 + s]
-            if v.any() and (v.sum() < min_area or not _single_region(v)):
-                ok = False
-                break
-        if ok:
-            return x0, y0
-    return None
-
-
-def _crop_sample(scene: Sample, win: tuple[int, int], s: int) -> Sample:
-    """Cut the window out of a rendered scene; instances keep their visible part, exact."""
-    x0, y0 = win
-    img = scene.image[y0:y0 + s, x0:x0 + s].astype(np.float32)
-    if scene.low_light and img.mean() < 32:  # dim, but above the data gate's "too_dark" floor
-        img += 32 - float(img.mean())
-    instances: list[Instance] = []
-    index: dict[int, int] = {}
-    for k, inst in enumerate(scene.instances):
-        m = inst.mask[y0:y0 + s, x0:x0 + s]
-        if not m.any() or (inst.parent is not None and inst.parent not in index):
-            continue
-        poly = _outer(m)
-        if poly is None:
-            continue
-        index[k] = len(instances)
-        instances.append(Instance(inst.cls, poly.astype(np.int32), m.copy(),
-                                  None if inst.parent is None else index[inst.parent]))
-    return Sample(np.clip(img, 0, 255).astype(np.uint8), instances, scene.low_light)
-
-
 def _crop_parts(parts: _Parts, box: tuple[slice, slice]) -> _Parts:
     """The same parts cut to a bounding box (wheel centres shifted into its coordinates)."""
     dy, dx = box[0].start, box[1].start
@@ -901,7 +787,7 @@ def next_target(counts: dict[str, int]) -> str:
 
 def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, val_fraction: float = 0.2,
                      closeup_fraction: float = 0.0, zoom: tuple[float, float] = (1.8, 2.8),
-                     balance: bool = True) -> Path:
+                     balance: bool = True, tile_fraction: float = 0.0, tile_scale: float = 4.0) -> Path:
     """Write the synthetic YOLO-seg dataset into ``out`` (atomically) and return its data.yaml.
 
     Layout: ``images/{train,val}/*.png``, ``labels/{train,val}/*.txt``, ``data.yaml`` (absolute
@@ -919,6 +805,9 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         zoom: close-up magnification range.
         balance: each image carries the damage type least represented so far in its split
             (class-balanced counts); False = random damage.
+        tile_fraction: share of tile-scale training crops of high-resolution scenes (``render_sample``'s
+            ``"tile"`` view: what sliced inference feeds the model); close-ups + tiles <= 1.
+        tile_scale: the tiles' scene size as a multiple of ``imgsz`` (4: 640-px scenes for 160-px tiles).
 
     Raises:
         DatasetError: bad arguments or ``out`` is a non-empty folder that is not synth output.
@@ -937,13 +826,19 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         raise DatasetError(f"{out}: closeup_fraction must be in [0, 1], got {closeup_fraction}")
     if not 1 <= zoom[0] <= zoom[1]:
         raise DatasetError(f"{out}: zoom must be [min, max] with 1 <= min <= max, got {list(zoom)}")
+    if not 0 <= tile_fraction <= 1 - closeup_fraction or tile_scale < 1:
+        raise DatasetError(f"{out}: tile_fraction must be in [0, 1 - closeup_fraction] and tile_scale >= 1, "
+                           f"got {tile_fraction} and {tile_scale}")
     out = Path(out).expanduser().resolve()
     n_val = min(images - 1, max(1, round(images * val_fraction)))
     val_idx = set(np.random.default_rng([seed, 7919]).permutation(images)[:n_val].tolist())
     png = [cv2.IMWRITE_PNG_COMPRESSION, 6]
     counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     # the view of image i depends on (seed, i) only, so a larger dataset keeps the first images' views
-    views = np.random.default_rng([seed, 104729]).random(images) < closeup_fraction
+    # (tile crops take the draws just above the close-ups' share: tile_fraction 0 leaves every view as it was)
+    draws = np.random.default_rng([seed, 104729]).random(images)
+    views = np.where(draws < closeup_fraction, "closeup",
+                     np.where(draws < closeup_fraction + tile_fraction, "tile", "scene"))
     with atomic_output_dir(out, replace_if=_is_synth_output) as tmp:
         for split in ("train", "val"):
             (tmp / "images" / split).mkdir(parents=True)
@@ -951,8 +846,7 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         for i in range(images):
             split = "val" if i in val_idx else "train"
             target = next_target(counts[split]) if balance else None
-            sample = render_sample(np.random.default_rng([seed, i]), imgsz,
-                                   "closeup" if views[i] else "scene", target, zoom)
+            sample = render_sample(np.random.default_rng([seed, i]), imgsz, str(views[i]), target, zoom, tile_scale)
             for inst in sample.instances:
                 if inst.parent is not None:
                     counts[split][inst.name] = counts[split].get(inst.name, 0) + 1
@@ -969,5 +863,7 @@ def generate_dataset(out: Path, images: int, seed: int = 0, imgsz: int = 160, va
         marker = {"generator": "damage.tasks.data.synth", "version": GENERATOR_VERSION, "images": images, "seed": seed,
                   "imgsz": imgsz, "val_fraction": val_fraction, "closeup_fraction": closeup_fraction,
                   "zoom": list(zoom), "balance": balance, "damage_counts": counts}
+        if tile_fraction:  # only then: a dataset without tiles keeps its byte-identical marker
+            marker.update({"tile_fraction": tile_fraction, "tile_scale": tile_scale})
         (tmp / SYNTH_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out / "data.yaml"

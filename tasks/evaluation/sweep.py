@@ -106,6 +106,11 @@ class SweepResult:
         seconds: wall time of the sweep.
         damage: per-vehicle damage-percentage error at the chosen point, with its per-class
             breakdown (``damage_metrics`` flattens it into ``damage_pct_mae``...).
+        slices: the predictor's slicing the point is chosen for (``predictor.slices``; recorded in the
+            ONNX metadata as ``damage.slices`` and on the model card); None = not recorded. The grid is
+            measured on the split's images as the evaluator letterboxes them: ``auto`` slicing leaves
+            images up to 1.5x the model's input unsliced, so on a split at the training size the point
+            is the one the sliced predictor runs at.
     """
 
     rows: list[dict[str, float]]
@@ -118,13 +123,16 @@ class SweepResult:
     images: int = 0
     seconds: float = 0.0
     damage: DamageMAE | None = None
+    slices: Any = None
 
     @property
     def thresholds(self) -> dict[str, Any]:
-        """The operating point: ``{"conf", "iou", "objective", "value"}`` (export metadata, tags)."""
+        """The operating point: ``{"conf", "iou", "objective", "value"}`` (export metadata, tags), plus
+        ``slices`` (``predictor.slices``) when the point was chosen for a slicing predictor."""
         value = self.best.get(OBJECTIVES[self.objective].key)
-        return {"conf": float(self.best["conf"]), "iou": float(self.best["iou"]), "objective": self.objective,
-                "value": None if value is None or not math.isfinite(value) else float(value)}
+        out = {"conf": float(self.best["conf"]), "iou": float(self.best["iou"]), "objective": self.objective,
+               "value": None if value is None or not math.isfinite(value) else float(value)}
+        return out if self.slices is None else {**out, "slices": self.slices}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -410,7 +418,7 @@ def _default_out_dir(run_id: str) -> Path:
 
 
 def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz: int, parent_run_id: str,
-               out_dir: Path | None = None) -> SweepResult:
+               out_dir: Path | None = None, slices: Any = None) -> SweepResult:
     """``sweep_thresholds`` in a nested MLflow run ``sweep`` under ``parent_run_id`` (for the flows).
 
     Logs one nested run per grid point (params conf/iou, the row as metrics), the CSV, the
@@ -421,12 +429,14 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
 
     Args:
         out_dir: where the files go; None = ``<state>/reports/sweep-<run id>``.
+        slices: ``predictor.slices`` to record with the operating point (``SweepResult.slices``).
     """
     from damage.tasks.core import tracking
     with tracking.step_run(parent_run_id, "sweep") as (c, run_id):
         res = sweep_thresholds(model, data_yaml, split=cfg.split, imgsz=imgsz, conf_grid=cfg.conf,
                                iou_grid=cfg.iou, objective=cfg.objective, min_precision=cfg.min_precision,
                                out_dir=out_dir or _default_out_dir(run_id), max_det=cfg.max_det)
+        res.slices = slices
         tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml), "split": cfg.split,
                                         "imgsz": imgsz, "conf_grid": list(cfg.conf), "iou_grid": list(cfg.iou),
                                         "objective": cfg.objective, "min_precision": cfg.min_precision,

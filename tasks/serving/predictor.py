@@ -28,6 +28,10 @@ retina_masks=True)``:
   steps are linear and separable, so they are folded into two small matrices per image size and
   evaluated only on each box's rows and columns: exact, and cheap for small instances.
 
+Large photos can be sliced (``slices``: ``off`` | ``auto`` | ``{size, overlap}``, default the ``damage.slices``
+metadata): overlapping tiles at the model's scale plus one downscaled whole-image pass, batched and merged
+into full-resolution masks by ``damage.tasks.serving.slicing``; ``off`` is exactly the unsliced predictor.
+
 Example:
     >>> p = Predictor("model.onnx")
     >>> [r] = p.predict(["car.jpg"])
@@ -51,7 +55,9 @@ from damage.tasks.core.errors import DamageError
 from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, check_pixels
 from damage.tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
 from damage.tasks.serving.damage_percent import BoxMask, DamageReport, damage_report
+from damage.tasks.serving.mask_decode import mask_from_logits, native_axes, single_thread_matmul, taps
 from damage.tasks.serving.metadata import decode as decode_metadata
+from damage.tasks.serving.slicing import parse_slices, predict_images
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
 
@@ -62,9 +68,6 @@ MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
 NMS_MATRIX_MAX = 2048  # NMS over at most this many boxes computes all pair IoUs at once (16 MB per float32 matrix)
 MAX_IMGSZ = 4096  # an input side above this (metadata or a fixed graph input) is refused: 60000 would cost 10.8 GB
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
-# A matrix product runs on one thread up to this many multiply-adds (m*n*k) in OpenBLAS (numpy's wheels): the
-# post-processing keeps every product below it (idle OpenBLAS threads spin and took a core from ORT: 151-169 vs 96-105 ms).
-BLAS_SINGLE_MNK = 1 << 18
 AXES_CACHE = 16  # image sizes whose resampling matrices are kept
 LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
 PAD_VALUE = 114
@@ -359,122 +362,6 @@ def _select(pred: np.ndarray, nc: int, conf: float, iou: float, max_det: int) ->
                            x[keep, 4 + nc:]], 1).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- mask decoding
-
-
-def _interp_matrix(n_out: int, n_in: int, scale: float | None = None) -> np.ndarray:
-    """(n_out, n_in) matrix of torch ``F.interpolate(mode="bilinear", align_corners=False)`` along one axis."""
-    if n_out == n_in and scale is None:
-        return np.eye(n_in, dtype=np.float32)
-    s = np.float32(n_in / n_out if scale is None else scale)
-    src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * s - 0.5, 0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, n_in - 1)
-    lam = src - i0
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    m = np.zeros((n_out, n_in), np.float32)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1 - lam)
-    np.add.at(m, (rows, i1), lam)
-    return m
-
-
-def _native_axes(mh: int, mw: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column matrices (h, mh) and (w, mw) of Ultralytics' ``process_mask_native``.
-
-    That function upsamples the prototype-resolution logits by f in {1, 2, 4} (the smallest factor
-    that puts the letterbox padding on whole pixels), crops the padding and resizes bilinearly to
-    the original image; both steps are linear per axis, so their product is exact.
-    """
-    gain = min(4 * mh / h, 4 * mw / w)
-    pad = (4 * mh - max(round(h * gain), 1)) | (4 * mw - max(round(w * gain), 1))
-    f = 4 // math.gcd(4, pad | pad // 2)
-    up_y = _interp_matrix(f * mh, mh, 1 / f) if f > 1 else np.eye(mh, dtype=np.float32)
-    up_x = _interp_matrix(f * mw, mw, 1 / f) if f > 1 else np.eye(mw, dtype=np.float32)
-    im1_h, im1_w = f * mh, f * mw
-    if (im1_h, im1_w) == (h, w):  # scale_masks returns the input unchanged
-        return up_y, up_x
-    g = min(im1_h / h, im1_w / w)
-    pad_w, pad_h = (im1_w - max(round(w * g), 1)) / 2, (im1_h - max(round(h * g), 1)) / 2
-    top, left = round(pad_h - 0.1), round(pad_w - 0.1)
-    bottom, right = top + max(round(h * g), 1), left + max(round(w * g), 1)
-    ay = _interp_matrix(h, bottom - top) @ up_y[top:bottom]
-    ax = _interp_matrix(w, right - left) @ up_x[left:right]
-    return ay, ax
-
-
-def _taps(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sparse form of an interpolation matrix: per output row, source indices and weights (n_out, T).
-
-    Rows with fewer than T taps are padded with their first tap and weight 0, so every index
-    stays inside the row's own source span.
-    """
-    nz = m != 0
-    t = max(int(nz.sum(1).max()), 1)
-    order = np.argsort(~nz, axis=1, kind="stable")[:, :t]
-    w = np.take_along_axis(m, order, 1).astype(np.float32)
-    pad = w == 0
-    order[pad] = np.broadcast_to(order[:, :1], order.shape)[pad]
-    return order.astype(np.intp), w
-
-
-def mask_crop(coef: np.ndarray, protos: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray],
-              taps_x: tuple[np.ndarray, np.ndarray], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """Bool mask of one instance over original-image rows y0:y1 and columns x0:x1.
-
-    Args:
-        coef: (nm,) mask coefficients; protos: (nm, mh, mw) prototypes.
-        taps_y, taps_x: ``_taps`` of the ``_native_axes`` matrices of this image size.
-        x0, y0, x1, y1: the box region in original pixels (end-exclusive), non-empty.
-
-    Only the prototype rows and columns the region's interpolation taps touch are multiplied
-    by the coefficients (``mask_from_logits`` when the logits of many instances are computed at
-    once), and the two bilinear passes are gathers of 2-4 taps per pixel: no full-size logits
-    and no dense matmuls.
-    """
-    (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
-    nm = protos.shape[0]
-    sub = (coef @ protos[:, py0:py1, px0:px1].reshape(nm, -1)).reshape(py1 - py0, px1 - px0)
-    return _resample(sub, py0, px0, taps_y, taps_x, x0, y0, x1, y1)
-
-
-def mask_from_logits(logits: np.ndarray, taps_y: tuple[np.ndarray, np.ndarray], taps_x: tuple[np.ndarray, np.ndarray],
-                     x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """``mask_crop`` given the instance's (mh, mw) prototype-resolution logits (``coef @ protos``)."""
-    (py0, py1), (px0, px1) = _span(taps_y, y0, y1), _span(taps_x, x0, x1)
-    return _resample(logits[py0:py1, px0:px1], py0, px0, taps_y, taps_x, x0, y0, x1, y1)
-
-
-def _single_thread_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` (2-D, float32) as products of column blocks small enough for OpenBLAS to run each on one
-    thread (``BLAS_SINGLE_MNK``): the same dot products as one call, up to float rounding (OpenBLAS may
-    pick another kernel for a block: last-bit differences)."""
-    m, k = a.shape
-    n = b.shape[1]
-    step = max(BLAS_SINGLE_MNK // max(m * k, 1), 1)
-    if step >= n:
-        return a @ b
-    out = np.empty((m, n), np.result_type(a, b))
-    for c in range(0, n, step):
-        np.matmul(a, b[:, c:c + step], out=out[:, c:c + step])
-    return out
-
-
-def _span(taps: tuple[np.ndarray, np.ndarray], a: int, b: int) -> tuple[int, int]:
-    """The prototype rows (or columns) that output rows a:b read: [lo, hi)."""
-    idx = taps[0][a:b]
-    return int(idx.min()), int(idx.max()) + 1
-
-
-def _resample(sub: np.ndarray, py0: int, px0: int, taps_y: tuple[np.ndarray, np.ndarray],
-              taps_x: tuple[np.ndarray, np.ndarray], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """The two bilinear passes over ``sub`` (logits from prototype row py0, column px0), then ``> 0``."""
-    iy, wy = taps_y[0][y0:y1], taps_y[1][y0:y1]
-    ix, wx = taps_x[0][x0:x1], taps_x[1][x0:x1]
-    rows = np.einsum("kt,ktq->kq", wy, sub[iy - py0])  # (y1-y0, q)
-    return np.einsum("jt,kjt->kj", wx, rows[:, ix - px0]) > 0
-
-
 def _polygon(crop: np.ndarray, x0: int, y0: int) -> list[list[int]]:
     cnts, _ = cv2.findContours(crop.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not cnts:
@@ -520,6 +407,9 @@ class Predictor:
         spinning: ONNX Runtime worker threads spin between ops (``predictor.spinning``).
         cache_optimized: cache ONNX Runtime's optimised graph next to the model (``predictor.cache_optimized``).
         openvino_precision: ``f32`` | ``bf16`` inference precision of OpenVINO (``predictor.openvino_precision``).
+        slices: ``off`` | ``auto`` | ``{size, overlap}`` sliced inference of large images
+            (``damage.tasks.serving.slicing``); None = ``damage.slices`` of the metadata (the slicing the
+            thresholds were chosen with), else off. ``off`` gives exactly the unsliced results.
 
     Raises:
         DamageError: the file is missing or not a segmentation model with two outputs; an unknown
@@ -530,11 +420,13 @@ class Predictor:
         end2end: the model is an end-to-end export (rows after top-k, no NMS; see the module doc).
     """
 
+    instance_type = Instance  # what ``damage.tasks.serving.slicing`` builds merged instances as
+
     def __init__(self, onnx_path: str | os.PathLike, conf: float | None = None, iou: float | None = None,
                  max_det: int = 300, providers: Sequence[str] | None = None, threads: int | None = None,
                  vehicle_class: str = "vehicle", rect: bool = True, max_pixels: int | None = None,
                  backend: str = "auto", spinning: bool = True, cache_optimized: bool = True,
-                 openvino_precision: str = "f32"):
+                 openvino_precision: str = "f32", slices: Any = None):
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise DamageError(f"{self.path}: model not found")
@@ -576,6 +468,8 @@ class Predictor:
         meta_px = min(int(self.metadata.get("damage.max_pixels") or DEFAULT_MAX_PIXELS), DEFAULT_MAX_PIXELS)
         self.max_pixels = int(max_pixels if max_pixels is not None else meta_px)  # a file may lower it, never raise
         self.vehicle_class = vehicle_class
+        self.slices = (parse_slices(slices) if slices is not None else
+                       parse_slices(self.metadata.get("damage.slices"), f"{self.path}: ONNX metadata 'damage.slices'"))
         self._axes: dict[tuple[int, int, int, int], tuple] = {}
         self.timings: dict[str, float] = {}
 
@@ -634,8 +528,8 @@ class Predictor:
         if key not in self._axes:
             if len(self._axes) >= AXES_CACHE:  # a service sees many image sizes: keep the latest few
                 self._axes.pop(next(iter(self._axes)))
-            ay, ax = _native_axes(mh, mw, h, w)
-            self._axes[key] = (_taps(ay), _taps(ax))
+            ay, ax = native_axes(mh, mw, h, w)
+            self._axes[key] = (taps(ay), taps(ax))
         taps_y, taps_x = self._axes[key]
         # cols/rows kept by Ultralytics' crop_mask: r >= x1 and r < x2 (float box edges)
         lo = np.ceil(boxes[:, :2]).astype(np.int64)
@@ -650,7 +544,7 @@ class Predictor:
             if k % LOGIT_CHUNK == 0:
                 # one GEMM per chunk of instances instead of a strided proto copy per instance (BLAS is
                 # ~5x faster); chunks bound the memory at LOGIT_CHUNK x mh x mw floats
-                logits = _single_thread_matmul(coefs[k:k + LOGIT_CHUNK], protos).reshape(-1, mh, mw)
+                logits = single_thread_matmul(coefs[k:k + LOGIT_CHUNK], protos).reshape(-1, mh, mw)
             if x1 <= x0 or y1 <= y0:
                 continue  # empty mask: Ultralytics drops such predictions too
             crop = mask_from_logits(logits[k % LOGIT_CHUNK], taps_y, taps_x, x0, y0, x1, y1)
@@ -692,6 +586,16 @@ class Predictor:
         t0 = time.perf_counter()
         ims = [read_image(s, self.max_pixels) for s in images]
         t_read = time.perf_counter() - t0
+        if self.slices.mode == "off":
+            results = self.predict_arrays(ims, batch_size, conf, iou)
+        else:
+            results = predict_images(self, ims, self.slices, batch_size, conf, iou)
+        self.timings = {"read": t_read, **self.timings}
+        return results
+
+    def predict_arrays(self, ims: Sequence[np.ndarray], batch_size: int | None = None, conf: float | None = None,
+                       iou: float | None = None) -> list[Prediction]:
+        """``predict`` of decoded BGR images without slicing: letterbox each batch, one run, post-process."""
         bs = batch_size or (len(ims) if self.dynamic_batch else 1)
         results: list[Prediction] = []
         t_pre = t_inf = t_post = 0.0
@@ -706,7 +610,7 @@ class Predictor:
             results += [self.postprocess(det[k], proto[k], im.shape[:2], hw, conf, iou) for k, im in enumerate(chunk)]
             t3 = time.perf_counter()
             t_pre, t_inf, t_post = t_pre + t1 - t0, t_inf + t2 - t1, t_post + t3 - t2
-        self.timings = {"read": t_read, "preprocess": t_pre, "inference": t_inf, "postprocess": t_post}
+        self.timings = {"preprocess": t_pre, "inference": t_inf, "postprocess": t_post}
         return results
 
     __call__ = predict

@@ -41,8 +41,8 @@ import mlflow.pyfunc
 # ``tasks`` would shadow the caller's own package (``No module named 'damage.tasks.core.secrets'``).
 SHIPPED_PACKAGE = "damage_serving"
 CODE_FILES = ("__init__.py", "core/__init__.py", "core/atomic.py", "core/errors.py", "core/images.py", "core/quiet.py",
-              "serving/__init__.py", "serving/backends.py", "serving/damage_percent.py", "serving/metadata.py",
-              "serving/predictor.py", "serving/pyfunc.py")
+              "serving/__init__.py", "serving/backends.py", "serving/damage_percent.py", "serving/mask_decode.py",
+              "serving/metadata.py", "serving/predictor.py", "serving/pyfunc.py", "serving/slicing.py")
 _TASKS = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")  # models-from-code: no pickled Python object
 

@@ -189,7 +189,8 @@ def test_damage_cut_by_the_border_is_labelled_by_its_visible_part(closeups):
 
 
 def test_crop_keeps_every_visible_instance_clipped_to_the_window():
-    from damage.tasks.data.synth import _crop_sample, _render_scene
+    from damage.tasks.data.synth import _render_scene
+    from damage.tasks.data.synth_views import crop_sample
 
     scene = _render_scene(np.random.default_rng(11), 320, "dent", n_vehicles=1)
     dent = next(i for i in scene.instances if i.name == "dent")
@@ -197,7 +198,7 @@ def test_crop_keeps_every_visible_instance_clipped_to_the_window():
     mid = (xs.min() + xs.max()) // 2
     x0 = int(mid if mid <= 160 else mid - 160)  # one vertical edge of the window through the dent's middle
     y0 = int(np.clip(ys.min() - 40, 0, 160))
-    crop = _crop_sample(scene, (x0, y0), 160)
+    crop = crop_sample(scene, (x0, y0), 160)
     visible = [i for i in scene.instances if i.mask[y0:y0 + 160, x0:x0 + 160].any()]
     assert [i.name for i in crop.instances] == [i.name for i in visible]
     for got, src in zip(crop.instances, visible, strict=True):

@@ -65,7 +65,8 @@ def test_demo_config_only_changes_what_it_lists():
     demo = load_config(DEFAULT_CONFIG.parent / "demo.yaml").to_dict()
     base = load_config().to_dict()
     changed = {k for k in base if base[k] != demo[k]}
-    assert changed == {"data", "train", "compress", "sweep"}  # data.source is synth in both
+    assert changed == {"data", "train", "compress", "sweep", "evaluate"}  # data.source is synth in both
+    assert {k for k in base["evaluate"] if base["evaluate"][k] != demo["evaluate"][k]} == {"extra_sets"}
     assert {k for k in base["data"] if base["data"][k] != demo["data"][k]} == {"synth"}
     assert {k for k in base["data"]["synth"] if base["data"]["synth"][k] != demo["data"]["synth"][k]} == {
         "images", "closeup_fraction"}

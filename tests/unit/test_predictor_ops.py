@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from damage.tasks.serving.mask_decode import mask_crop, native_axes, single_thread_matmul, taps
 from damage.tasks.serving.predictor import (
-    _native_axes,
     _nms_rows,
     _scale_boxes,
     _select,
-    _single_thread_matmul,
-    _taps,
     letterbox,
-    mask_crop,
     nms,
 )
 
@@ -62,8 +59,8 @@ def test_mask_decode_matches_process_mask_native(orig, inp):
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
     ref = ops.process_mask_native(torch.from_numpy(protos), torch.from_numpy(coefs), torch.from_numpy(boxes),
                                   (h, w)).numpy().astype(bool)
-    ay, ax = _native_axes(mh, mw, h, w)
-    ty, tx = _taps(ay), _taps(ax)
+    ay, ax = native_axes(mh, mw, h, w)
+    ty, tx = taps(ay), taps(ax)
     ours = np.zeros((len(boxes), h, w), bool)
     for k, b in enumerate(boxes):  # the predictor's path: box region only, crop_mask's edge rule
         x0, y0 = (int(np.ceil(v)) for v in b[:2])
@@ -124,7 +121,7 @@ def test_single_thread_matmul_equals_one_product():
         a = rng.normal(0, 1, (m, 32)).astype(np.float32)
         b = rng.normal(0, 1, (32, n)).astype(np.float32)
         # OpenBLAS may pick another kernel for the blocks: last-bit differences only
-        np.testing.assert_allclose(_single_thread_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(single_thread_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)
 
 
 def test_nms_empty_and_scale_boxes_roundtrip():
