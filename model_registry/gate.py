@@ -22,13 +22,13 @@ from damage.model_registry.frozen import approved_file, fetch_approved
 from damage.model_registry.registry import (
     PRODUCTION,
     T_VALIDATION,
-    _set_tags,
-    _version,
     alias_version,
     download_onnx,
     get_client,
     now_iso,
     set_staging,
+    set_version_tags,
+    version_info,
 )
 from damage.tasks.core.config import RegistryConfig
 from damage.tasks.core.display import fmt_metric
@@ -281,7 +281,7 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
     """
     c = get_client(client)
     version = str(version)
-    info = _version(c, model_name, version)
+    info = version_info(c, model_name, version)
     if info.approval != "pending":
         raise PromotionRefused(f"'{model_name}' version {version} is already {info.approval}; the gate only "
                                f"judges pending versions")
@@ -318,7 +318,7 @@ def gate_candidate(client: MlflowClient | str, model_name: str, version: str | i
                  "gate.latency_budget_ms": "none" if cfg.latency_budget_ms is None else cfg.latency_budget_ms,
                  "gate.floor_mask_map": cfg.floor_mask_map,
                  "gate.at": decision.at, T_VALIDATION: "passed" if passed else "failed"})
-    _set_tags(c, model_name, version, tags)
+    set_version_tags(c, model_name, version, tags)
     if passed:
         set_staging(c, model_name, version, by=by, reason="; ".join(reasons), lock_timeout_s=cfg.lock_timeout_s)
     return decision

@@ -213,7 +213,7 @@ def check_approver(model_name: str, approvers: Sequence[str] | None, action: str
     return who
 
 
-def _version(client: MlflowClient, name: str, version: str | int) -> VersionInfo:
+def version_info(client: MlflowClient, name: str, version: str | int) -> VersionInfo:
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as e:
@@ -252,11 +252,11 @@ def alias_source_run(client: MlflowClient, name: str, alias: str) -> tuple[str, 
     version = alias_version(client, name, alias)
     if version is None:
         return None
-    info = _version(client, name, version)
+    info = version_info(client, name, version)
     return version, info.tags.get("source_run_id") or info.run_id
 
 
-def _set_tags(client: MlflowClient, name: str, version: str, tags: Mapping[str, object]) -> None:
+def set_version_tags(client: MlflowClient, name: str, version: str, tags: Mapping[str, object]) -> None:
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
 
@@ -443,7 +443,7 @@ def _download(client: MlflowClient, name: str, version: str | int, uri: str, dst
 
 def download_onnx(client: MlflowClient, name: str, version: str | int, dst_dir: str | Path) -> Path:
     """Download the version's ONNX file into ``dst_dir``; returns its local path."""
-    info = _version(client, name, version)
+    info = version_info(client, name, version)
     uri = info.tags.get(T_ARTIFACT_ONNX) or f"{info.source.rstrip('/')}/model.onnx"
     return _download(client, name, version, uri, dst_dir)
 
@@ -455,7 +455,7 @@ def download_pt(client: MlflowClient, name: str, version: str | int, dst_dir: st
         RegistryError: the version has no ``.pt`` (e.g. an INT8 variant that only exists as ONNX)
             or it cannot be downloaded.
     """
-    info = _version(client, name, version)
+    info = version_info(client, name, version)
     uri = info.tags.get(T_ARTIFACT_PT)
     if not uri:
         raise RegistryError(f"'{name}' version {version} has no PyTorch checkpoint ({T_ARTIFACT_PT} tag missing)")
@@ -509,7 +509,7 @@ def set_staging(client: MlflowClient, name: str, version: str | int, by: str, re
     """Move ``staging`` to a version that passed the gate (used by ``gate_candidate``)."""
     version = str(version)
     with registry_lock(client, name, holder=by, timeout_s=lock_timeout_s):
-        info = _version(client, name, version)
+        info = version_info(client, name, version)
         if info.validation_status != "passed":
             raise PromotionRefused(f"'{name}' version {version} did not pass the gate "
                                    f"(validation_status={info.validation_status}); it cannot go to {STAGING}")
@@ -546,7 +546,7 @@ def approve(client: MlflowClient | str, name: str, version: str | int, by: str, 
     by, reason, version = _need(by, "approver name (--by)"), _need(reason, "reason (--reason)"), str(version)
     identity = check_approver(name, approvers, f"approve version {version} of", c.tracking_uri, by)
     with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
-        info = _version(c, name, version)
+        info = version_info(c, name, version)
         if info.approval == "rejected":
             raise PromotionRefused(f"'{name}' version {version} was rejected by {info.tags.get(T_REJECTED_BY)} "
                                    f"and cannot be approved")
@@ -563,7 +563,7 @@ def approve(client: MlflowClient | str, name: str, version: str | int, by: str, 
         # history sequence number is reserved under the lock so the tag can carry it.
         seq = max(_history_tags(c, name), default=0) + 1
         with mlflow_errors(c, f"tag '{name}' version {version} as approved"):
-            _set_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: now_iso(),
+            set_version_tags(c, name, version, {T_APPROVAL: "approved", T_APPROVED_BY: by, T_APPROVED_AT: now_iso(),
                                          T_APPROVED_VIA: identity or "(local store, no account)",
                                          T_APPROVAL_SEQ: seq, T_REASON: reason[:REASON_MAX]})
         what = f"move alias '{PRODUCTION}' of '{name}'"
@@ -573,7 +573,7 @@ def approve(client: MlflowClient | str, name: str, version: str | int, by: str, 
             dict(alias=PRODUCTION, version_from=before, version_to=version, action="approve", by=by, reason=reason),
             dict(alias=STAGING, version_from=version, version_to=None, action="approve", by=by, reason=reason),
         ])
-        return _version(c, name, version)
+        return version_info(c, name, version)
 
 
 def reject(client: MlflowClient | str, name: str, version: str | int, by: str, reason: str, *,
@@ -587,19 +587,19 @@ def reject(client: MlflowClient | str, name: str, version: str | int, by: str, r
     by, reason, version = _need(by, "name (--by)"), _need(reason, "reason (--reason)"), str(version)
     check_approver(name, approvers, f"reject version {version} of", c.tracking_uri, by)
     with registry_lock(c, name, holder=by, timeout_s=lock_timeout_s):
-        info = _version(c, name, version)
+        info = version_info(c, name, version)
         if alias_version(c, name, PRODUCTION) == version:
             raise PromotionRefused(f"'{name}' version {version} is in production; use rollback instead of reject")
         if info.approval == "approved":
             raise PromotionRefused(f"'{name}' version {version} was already approved; it cannot be rejected")
         with mlflow_errors(c, f"tag '{name}' version {version}"):
-            _set_tags(c, name, version, {T_APPROVAL: "rejected", T_REJECTED_BY: by, T_REJECTED_AT: now_iso(),
+            set_version_tags(c, name, version, {T_APPROVAL: "rejected", T_REJECTED_BY: by, T_REJECTED_AT: now_iso(),
                                          T_REASON: reason[:REASON_MAX]})
         if alias_version(c, name, STAGING) == version:
             _move_alias(c, name, STAGING, None, f"clear alias '{STAGING}' of '{name}'")
             _append_history(c, name, [dict(alias=STAGING, version_from=version, version_to=None,
                                            action="reject", by=by, reason=reason)])
-        return _version(c, name, version)
+        return version_info(c, name, version)
 
 
 def rollback(client: MlflowClient | str, name: str, by: str, reason: str = "rollback", *,
@@ -625,7 +625,7 @@ def rollback(client: MlflowClient | str, name: str, by: str, reason: str = "roll
         if current is None:
             raise RegistryError(f"'{name}' has no '{PRODUCTION}' version to roll back")
         if to is not None:
-            target = _version(c, name, to)
+            target = version_info(c, name, to)
             if target.approval != "approved" or T_APPROVAL_SEQ not in target.tags:
                 raise PromotionRefused(f"'{name}' version {to} was never approved; cannot roll back to it")
         else:
@@ -640,7 +640,7 @@ def rollback(client: MlflowClient | str, name: str, by: str, reason: str = "roll
         _move_alias(c, name, PRODUCTION, target.version, f"move alias '{PRODUCTION}' of '{name}'")
         move = _append_history(c, name, [dict(alias=PRODUCTION, version_from=current, version_to=target.version,
                                               action="rollback", by=by, reason=reason)])[0]
-        _set_tags(c, name, current, {T_ROLLED_BACK_AT: move.at, T_ROLLED_BACK_BY: by})
+        set_version_tags(c, name, current, {T_ROLLED_BACK_AT: move.at, T_ROLLED_BACK_BY: by})
         for key in (T_ROLLED_BACK_AT, T_ROLLED_BACK_BY):  # back in production: a rollback target again
             if key in target.tags:
                 c.delete_model_version_tag(name, target.version, key)

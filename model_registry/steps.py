@@ -135,9 +135,9 @@ def register_step(cfg, run, candidate: dict[str, Any], thresholds: dict[str, Any
 
 def _earlier_decision(tracking_uri: str, name: str, version: str) -> GateDecision | None:
     """The gate decision already recorded on ``version`` (tags ``gate.*``), or None if not gated yet."""
-    from damage.model_registry.registry import _version, get_client
+    from damage.model_registry.registry import get_client, version_info
 
-    info = _version(get_client(tracking_uri), name, version)
+    info = version_info(get_client(tracking_uri), name, version)
     if info.validation_status not in ("passed", "failed") or info.approval != "pending":
         return None
 

@@ -70,7 +70,7 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
             "logical_cpus": logical, "physical_cores": len(cores) or None}
 
 
-def _version(dist: str) -> str | None:
+def version_info(dist: str) -> str | None:
     """Installed version of ``dist`` when its module is importable (found, not imported), else None."""
     try:
         if importlib.util.find_spec(dist) is None:
@@ -107,7 +107,7 @@ def machine_info(threads: dict[str, int] | None = None, cpuinfo: str | Path = "/
     return {"cpu": cpu["model"], "arch": platform.machine(), "isa": cpu["isa"],
             "logical_cpus": cpu["logical_cpus"] or os.cpu_count(), "physical_cores": cpu["physical_cores"],
             "python": platform.python_version(),
-            "runtimes": {name: v for name in RUNTIMES if (v := _version(name)) is not None},
+            "runtimes": {name: v for name in RUNTIMES if (v := version_info(name)) is not None},
             "threads": thread_counts(threads)}
 
 

@@ -301,10 +301,7 @@ def find_reference(cfg: ValidateConfig, tracking_uri: str, experiment_id: str, m
 
     c = tracking.client(tracking_uri)
     prod = production_run() if production_run is not None else None
-    if prod is not None:
-        from damage.model_registry.frozen import check_production
-
-        check_production(c, model_name)  # an alias moved outside approval stops the run (the failure is notified)
+    if prod is not None:  # production_run has checked the alias against the approval record
         profile = _download_profile(c, prod[1])
         if profile is not None:
             return profile, f"{model_name}@production (version {prod[0]}, run {prod[1]})"
