@@ -116,7 +116,7 @@ def import_(
     cfg, _ = setup(ctx)
 
     from damage.tasks.core.errors import DamageError
-    from damage.tasks.data.dataset import UnknownClassesError, import_dataset
+    from damage.tasks.data.importer import UnknownClassesError, import_dataset
 
     try:
         report = import_dataset(src, out, class_map=class_map, classes=cfg.data.classes, val_fraction=val_fraction,

@@ -86,7 +86,7 @@ def resolve_source(cfg: DataConfig, datasets_root: Path, cache_root: Path) -> Pa
     if not p.exists():
         raise DatasetError(f"{p}: dataset path does not exist")
     if p.is_file() and p.suffix == ".json":  # COCO instance JSON: import once per content hash
-        from damage.tasks.data.dataset import import_dataset
+        from damage.tasks.data.importer import import_dataset
 
         out = datasets_root / f"coco-{p.stem}-{file_sha256(p)[:12]}"
         if not (out / "data.yaml").is_file():

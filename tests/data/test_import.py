@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from damage.flows.commands import data as data_cmd
 from damage.tasks.core.config import CLASSES
 from damage.tasks.core.errors import DatasetError
-from damage.tasks.data.dataset import UnknownClassesError, check_structure, import_dataset
+from damage.tasks.data.dataset import check_structure
+from damage.tasks.data.importer import UnknownClassesError, import_dataset
 
 W, H = 100, 80
 

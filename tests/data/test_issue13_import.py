@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from damage.tasks.core.errors import DatasetError
-from damage.tasks.data.dataset import import_dataset
+from damage.tasks.data.importer import import_dataset
 
 
 def _img(path: Path, size: int = 64) -> Path:

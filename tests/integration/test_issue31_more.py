@@ -161,7 +161,8 @@ def _coco(root, file_name: str, segmentation=None):
 
 
 def test_item9_overwrite_never_replaces_the_discovered_images_folder(tmp_path):
-    from damage.tasks.data.dataset import DatasetError, import_dataset
+    from damage.tasks.data.dataset import DatasetError
+    from damage.tasks.data.importer import import_dataset
 
     js = _coco(tmp_path / "cardd", "a.png")
     images = tmp_path / "cardd" / "train2017"
@@ -247,7 +248,8 @@ def test_item11_predictor_bounds_come_from_the_project_not_the_file(tmp_path):
 def test_item8_data_yaml_paths_stay_inside_the_dataset(tmp_path):
     import yaml
 
-    from damage.tasks.data.dataset import DatasetError, import_dataset, load_data_yaml
+    from damage.tasks.data.dataset import DatasetError, load_data_yaml
+    from damage.tasks.data.importer import import_dataset
     from damage.tasks.data.synth import generate_dataset
 
     secret = tmp_path / "elsewhere" / "images"
