@@ -49,6 +49,7 @@ from damage.model_registry.frozen import approve_frozen as approve
 from damage.model_registry.frozen import rollback_frozen as rollback
 from damage.model_registry.gate import GateDecision, compare, gate_candidate
 from damage.model_registry.lock import registry_lock
+from damage.model_registry.moves import reject, set_staging
 from damage.model_registry.registry import (
     PRODUCTION,
     STAGING,
@@ -61,8 +62,6 @@ from damage.model_registry.registry import (
     history,
     list_versions,
     register_candidate,
-    reject,
-    set_staging,
 )
 
 __all__ = [

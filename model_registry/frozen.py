@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from damage.model_registry.errors import AccessDenied, RegistryError
+from damage.model_registry.moves import approve, rollback
 from damage.model_registry.registry import (
     PRODUCTION,
     STAGING,
@@ -44,13 +45,11 @@ from damage.model_registry.registry import (
     T_APPROVED_VIA,
     T_REASON,
     alias_version,
-    approve,
     current_identity,
     ensure_registered_model,
     get_client,
     mlflow_errors,
     now_iso,
-    rollback,
 )
 
 APPROVED_SUFFIX = "-approved"

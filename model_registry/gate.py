@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from damage.model_registry.errors import PromotionRefused, RegistryError
 from damage.model_registry.frozen import approved_file, fetch_approved
+from damage.model_registry.moves import set_staging
 from damage.model_registry.registry import (
     PRODUCTION,
     T_VALIDATION,
@@ -26,7 +27,6 @@ from damage.model_registry.registry import (
     download_onnx,
     get_client,
     now_iso,
-    set_staging,
     set_version_tags,
     version_info,
 )

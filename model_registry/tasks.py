@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from damage.model_registry.frozen import approve_frozen as approve
 from damage.model_registry.gate import gate_candidate
-from damage.model_registry.registry import VersionInfo, reject
+from damage.model_registry.moves import reject
+from damage.model_registry.registry import VersionInfo
 from damage.tasks.core.prefect_tasks import as_task
 
 

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 import damage.model_registry as mr
-from damage.model_registry import registry as reg
 from damage.tasks.core.config import CLASSES, ConfigError, RegistryConfig
 from tests.helpers import LINEAGE, sqlite_client
 
@@ -183,8 +182,10 @@ def test_13_05_approval_tags_before_alias(client, tmp_path, monkeypatch):
     assert mr.alias_version(client, "m5", mr.PRODUCTION) is None
     monkeypatch.undo()
     # crash right after the tags: the version is approved but still staged; approving again finishes it
-    real_move = reg._move_alias
-    monkeypatch.setattr(reg, "_move_alias", lambda c, n, alias, *a: crash() if alias == mr.PRODUCTION
+    import damage.model_registry.moves as moves
+
+    real_move = moves.move_alias
+    monkeypatch.setattr(moves, "move_alias", lambda c, n, alias, *a: crash() if alias == mr.PRODUCTION
                         else real_move(c, n, alias, *a))
     with pytest.raises(RuntimeError):
         mr.approve(client, "m5", v, by="a", reason="r")
