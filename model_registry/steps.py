@@ -158,8 +158,9 @@ def gate_evaluate_fn(cfg, data_yaml: Path):
     ``cfg`` is the worker's (``damage.tasks.core.run_params``): a run parameter never picks the evaluator or its settings.
     """
     from damage.tasks.core.runtime import StatePaths, resolve_state_dir
-    from damage.tasks.evaluation.evaluate import Evaluator, class_metrics
+    from damage.tasks.evaluation.evaluate import Evaluator
     from damage.tasks.evaluation.extra_sets import extra_sets_metrics, gate_sets
+    from damage.tasks.evaluation.metrics import class_metrics
 
     evaluator = Evaluator.from_config(cfg)
     # extra sets the gate floors on: candidate and production scored on them the same way, sliced only

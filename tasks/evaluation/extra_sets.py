@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 from damage.tasks.core.errors import DamageError
-from damage.tasks.evaluation.evaluate import (
+from damage.tasks.evaluation.evaluate import load_split
+from damage.tasks.evaluation.metrics import (
     CONF_FLOOR,
     ImageDets,
     ImageTruth,
     class_metrics,
-    load_split,
     map_metrics,
     per_class_table,
     score_image,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from damage.tasks.evaluation.evaluate import class_metrics
+from damage.tasks.evaluation.metrics import class_metrics
 from damage.tasks.evaluation.sweep import damage_metrics
 
 

@@ -53,7 +53,7 @@ import numpy as np
 
 from damage.tasks.core.atomic import atomic_write, atomic_write_text
 from damage.tasks.core.errors import DamageError
-from damage.tasks.evaluation.evaluate import mask_iou_np
+from damage.tasks.evaluation.metrics import mask_iou_np
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import LabelIssuesConfig, TrainConfig

@@ -33,15 +33,8 @@ from damage.tasks.core.atomic import atomic_write
 from damage.tasks.core.display import fmt_metric, round_metric
 from damage.tasks.core.errors import DamageError
 from damage.tasks.core.jsonsafe import json_safe
-from damage.tasks.evaluation.evaluate import (
-    CONF_FLOOR,
-    Collected,
-    collect,
-    damage_mae,
-    damage_summary,
-    map_metrics,
-    prf_at,
-)
+from damage.tasks.evaluation.evaluate import Collected, collect
+from damage.tasks.evaluation.metrics import CONF_FLOOR, damage_mae, damage_summary, map_metrics, prf_at
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import SweepConfig

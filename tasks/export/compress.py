@@ -155,7 +155,7 @@ def gate_and_choose(variants: list[Variant], root: Variant, tolerance: float,
     for v in variants:
         accurate = v.metrics.get("mask/mAP50", float("-inf")) >= base - tolerance - 1e-12
         if class_tolerance is not None:
-            from damage.tasks.evaluation.evaluate import worst_class_drop
+            from damage.tasks.evaluation.metrics import worst_class_drop
 
             accurate &= worst_class_drop(root.metrics, v.metrics)[1] <= class_tolerance + 1e-12
         faster = min_speedup <= 0 or v.metrics.get(FORWARD_MS, float("nan")) * min_speedup <= root_ms

@@ -33,7 +33,7 @@ import numpy as np
 
 from damage.tasks.core.atomic import atomic_write
 from damage.tasks.core.errors import DamageError, DatasetError
-from damage.tasks.evaluation.evaluate import worst_class_drop
+from damage.tasks.evaluation.metrics import worst_class_drop
 from damage.tasks.export.onnx_graph import (
     REWRITES,
     copy_metadata,

@@ -76,7 +76,7 @@ class GuardState:
         Order: qualified before not; among qualified the higher fitness, among the others the
         smaller worst drop (ties: the later epoch).
         """
-        from damage.tasks.evaluation.evaluate import worst_class_drop
+        from damage.tasks.evaluation.metrics import worst_class_drop
 
         worst_class, worst = worst_class_drop(self.parent, aps, CLASS_PREFIX)
         v = EpochVerdict(epoch, float(fitness), float(worst), worst_class, worst <= self.tol + 1e-12)

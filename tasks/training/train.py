@@ -118,10 +118,10 @@ def class_ap50(validator: Any) -> dict[str, float]:
     """Per-class mask AP50 of an Ultralytics segmentation validation: ``{"mask_ap50/<class>": ap}``.
 
     Only classes with labels in the validation split have an AP (Ultralytics' ``ap_class_index``);
-    names as ``damage.tasks.evaluation.evaluate.class_metrics`` writes them, so the per-epoch curve and the
+    names as ``damage.tasks.evaluation.metrics.class_metrics`` writes them, so the per-epoch curve and the
     evaluator's figure share one MLflow key.
     """
-    from damage.tasks.evaluation.evaluate import class_metrics
+    from damage.tasks.evaluation.metrics import class_metrics
 
     m = getattr(validator, "metrics", None)
     seg = getattr(m, "seg", None)

@@ -38,7 +38,7 @@ def test_second_night_fine_tunes_from_the_approved_version(prefect_harness, stat
 
     import damage.model_registry as mr
     from damage.flows.nightly import nightly
-    from damage.tasks.evaluation.evaluate import worst_class_drop
+    from damage.tasks.evaluation.metrics import worst_class_drop
     from damage.tasks.training.guard import GUARD_FILE, GuardState
 
     name = f"two-nights-{uuid.uuid4().hex[:8]}"

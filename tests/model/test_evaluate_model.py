@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from damage.tasks.core.errors import DamageError
-from damage.tasks.evaluation.evaluate import METRIC_KEYS, collect, evaluate_model
+from damage.tasks.evaluation.evaluate import collect, evaluate_model
+from damage.tasks.evaluation.metrics import METRIC_KEYS
 
 IMGSZ = 96
 

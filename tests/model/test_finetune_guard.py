@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from damage.tasks.evaluation.evaluate import class_drops
+from damage.tasks.evaluation.metrics import class_drops
 from damage.tasks.training.guard import GUARD_FILE, GuardState
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from damage.tasks.evaluation.evaluate import (
+from damage.tasks.evaluation.metrics import (
     IOU_THRESHOLDS,
     ImageDets,
     ImageTruth,

@@ -9,7 +9,8 @@ import pytest
 
 from damage.tasks.core.config import Config, config_from_dict
 from damage.tasks.evaluation import evaluate as E
-from damage.tasks.evaluation.evaluate import EvalResult, Evaluator
+from damage.tasks.evaluation.evaluate import Evaluator
+from damage.tasks.evaluation.metrics import EvalResult
 
 ROOT = Path(__file__).resolve().parents[2]
 

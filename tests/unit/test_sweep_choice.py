@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from damage.tasks.core.errors import DamageError
-from damage.tasks.evaluation.evaluate import Collected, ImageDets, ImageTruth, score_image
+from damage.tasks.evaluation.evaluate import Collected
+from damage.tasks.evaluation.metrics import ImageDets, ImageTruth, score_image
 from damage.tasks.evaluation.sweep import (
     OBJECTIVES,
     choose_operating_point,
