@@ -315,8 +315,39 @@ class MlflowConfig(_Section):
 class NotifyConfig(_Section):
     # Apprise URLs carry tokens: SecretStr keeps them out of to_dict() (params, hashes, logs).
     urls: list[SecretStr] = []
-    events: list[Literal["failure", "approval", "promotion"]] = ["failure", "approval", "promotion"]
+    events: list[Literal["failure", "approval", "promotion", "serving"]] = ["failure", "approval", "promotion",
+                                                                            "serving"]
     timeout_s: float = Field(10.0, gt=0)
+
+
+class CanaryConfig(_Section):
+    model: str = "models:/damage-seg@staging"
+    weight: float = Field(0.1, ge=0, le=1)
+
+
+class ServingConfig(_Section):
+    replicas: int = Field(1, ge=1, le=64)
+    min_replicas: int | None = Field(None, ge=0, le=64)
+    max_replicas: int | None = Field(None, ge=1, le=64)
+    replica_cpus: float = Field(1.0, gt=0)
+    threads: int = Field(1, ge=1)
+    port: int = Field(8000, ge=1, le=65535)
+    poll_s: float = Field(10.0, gt=0)
+    window: int = Field(200, ge=1)
+    window_min: float = Field(5.0, gt=0)
+    monitor: bool = True
+    canary: CanaryConfig | None = None
+    shadow: str | None = None
+    shadow_max_inflight: int = Field(2, ge=1)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServingConfig:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("serving.min_replicas and serving.max_replicas go together (autoscaling), or neither")
+        if self.min_replicas is not None and self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"serving.max_replicas ({self.max_replicas}) < serving.min_replicas ({self.min_replicas})")
+        return self
 
 
 class Config(_Section):
@@ -338,6 +369,7 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     notify: NotifyConfig = NotifyConfig()
+    serving: ServingConfig = ServingConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
