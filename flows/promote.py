@@ -79,9 +79,14 @@ def await_approval(model_name: str, version: str, tracking_uri: str, cfg: Regist
 
     Used by ``promote`` and by ``nightly`` when ``registry.wait_for_approval`` is on.
     """
+    from model_registry.serving import evidence_lines
+
+    evidence = evidence_lines(model_name, version, tracking_uri)
     form = ApprovalInput.with_initial_data(
         description=f"**{model_name} version {version}** passed the gate and is at `staging`.\n\n"
                     + "\n".join(f"- {r}" for r in reasons)
+                    + "\n\n**Evidence** (offline metrics, then the shadow report on production traffic):\n\n"
+                    + "\n".join(f"- {line}" for line in evidence)
                     + "\n\nApprove to move `production` to it, or reject it.",
         approve=False, approver="", reason="")
     answer = pause_flow_run(wait_for_input=form, timeout=cfg.approval_timeout_s, poll_interval=cfg.approval_poll_s,

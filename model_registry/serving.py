@@ -173,3 +173,24 @@ def shadow_report(model_name: str, version: str, tracking_uri: str | None = None
         return json.loads(raw)
     except json.JSONDecodeError:
         return None
+
+
+EVIDENCE_METRICS = ("mask/mAP50", "mask/mAP50-95", "box/mAP50", "box/mAP50-95", "damage_pct_mae", "latency_ms")
+
+
+def evidence_lines(model_name: str, version: str, tracking_uri: str | None = None) -> list[str]:
+    """What an approver reads before moving ``production``: offline metrics beside the shadow report.
+
+    Offline: the version's evaluation metrics on the validation split (its ``metric.*`` tags).
+    Production evidence: its shadow report so far (``shadow_report``), or a line saying it has none.
+    """
+    from tasks.serving.shadow import report_lines
+
+    c = get_client(tracking_uri)
+    try:
+        tags = c.get_model_version(model_name, str(version)).tags or {}
+    except Exception as e:
+        return [f"no evidence for {model_name} v{version}: {e}"]
+    shown = [f"{k} {float(tags['metric.' + k]):.4g}" for k in EVIDENCE_METRICS if f"metric.{k}" in tags]
+    lines = [f"offline (validation split): {', '.join(shown) or 'no metrics recorded'}"]
+    return lines + report_lines(shadow_report(model_name, str(version), tracking_uri) or {})

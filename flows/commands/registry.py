@@ -93,7 +93,11 @@ def approve_(
 ) -> None:
     """Move 'production' to the staged version (only a staged, gate-passed version)."""
     from model_registry import approve
+    from model_registry.serving import evidence_lines
 
+    cfg, name, uri = _ctx(ctx, name, tracking_uri)
+    console.print(f"evidence for '{name}' version {version}:\n  " + "\n  ".join(evidence_lines(name, version, uri)),
+                  highlight=False, soft_wrap=True)
     cfg, name, uri, v = _decide(ctx, approve, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
