@@ -212,3 +212,57 @@ def _without_trace(text: str) -> object:
         d["message"] = re.sub(r"\{('[^{}]*')\}", lambda m: "{" + ", ".join(sorted(m[1].split(", "))) + "}",
                               d["message"])
     return d
+
+
+def test_canary_and_shadow_through_the_server(served):
+    """@staging as a 50 % canary and as the shadow: the split follows the request-id hash, the shadow
+    report reaches the candidate version in MLflow, and a shadow that cannot load leaves production alone."""
+    from ray import serve
+
+    from model_registry.serving import SHADOW_TAG, log_window, shadow_report
+    from tasks.serving.scoring import canary_share
+
+    uri, vs, c, base, tmp = served
+    c.set_registered_model_alias(NAME, "production", vs["one"])
+    c.set_registered_model_alias(NAME, "staging", vs["two"])
+    sink = functools.partial(log_window, NAME, "serving-tests", uri)
+    app = _app(uri, tmp, {"window": 10, "window_min": 60, "sink": sink}, replicas=1, poll_s=5,
+               canary={"model": f"models:/{NAME}@staging", "weight": 0.5}, shadow=f"models:/{NAME}@staging")
+    serve.run(app, name="canary", route_prefix="/")
+    body = request_body(png_b64())
+    seen = {}
+    for i in range(40):
+        rid = f"claim-{i}"
+        status, headers, text = _post(f"{base}/invocations", body, rid=rid)
+        assert status == 200, text[:300]
+        seen[rid] = json.loads(text)["model_version"]
+    expected = {rid: vs["two"] if canary_share(rid) < 0.5 else vs["one"] for rid in seen}
+    assert seen == expected
+    assert set(seen.values()) == {vs["one"], vs["two"]}
+    # the shadow mirrors the primary's requests (about 20), in windows of 10 comparisons
+    t0 = time.monotonic()
+    report = None
+    while time.monotonic() - t0 < 60:
+        report = shadow_report(NAME, vs["two"], uri)
+        if report and report["images"] + report["dropped"] >= 10:
+            break
+        time.sleep(0.5)
+    assert report is not None, f"no {SHADOW_TAG} tag on the candidate"
+    assert report["candidate"] == vs["two"] and report["primary"] == vs["one"] and report["errors"] == 0
+    assert report["images"] > 0  # sequential requests: the shadow is never busy enough to drop all
+    # v2 = v1's dent plus a second one: one matched pair per image, IoU 1
+    assert report["counts_primary"]["dent"] * 2 == report["counts_candidate"]["dent"]
+    assert report["mask_iou_mean"] == 1.0 and report["unmatched_candidate"] == report["images"]
+    run = c.get_run(report["run_id"])
+    assert run.data.metrics["shadow/images"] >= 0 and run.data.tags["damage.model_version"] == vs["two"]
+    serve.delete("canary")
+
+    c.set_registered_model_alias(NAME, "staging", vs["broken"])
+    serve.run(_app(uri, tmp, {"window": 1000}, replicas=1, poll_s=5, shadow=f"models:/{NAME}@staging"),
+              name="broken-shadow", route_prefix="/")
+    for i in range(5):
+        status, headers, text = _post(f"{base}/invocations", body, rid=f"b-{i}")
+        assert status == 200 and json.loads(text)["model_version"] == vs["one"]
+    with urllib.request.urlopen(f"{base}/version", timeout=30) as r:
+        assert json.loads(r.read())["shadow"]["version"] is None
+    serve.delete("broken-shadow")

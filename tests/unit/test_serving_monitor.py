@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.unit.test_issue13_serving import fake_onnx
-
 
 def test_canary_split_is_deterministic_and_near_weight():
     from tasks.serving.scoring import canary_share
