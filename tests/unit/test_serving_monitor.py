@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.unit.test_issue13_serving import fake_onnx
+
 
 def test_canary_split_is_deterministic_and_near_weight():
     from tasks.serving.scoring import canary_share
@@ -21,41 +23,14 @@ def test_canary_split_is_deterministic_and_near_weight():
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """Production: a vehicle (90..330) and a dent (100..200); candidate: the same vehicle and a
-    dent (100..150) half as tall; thresholds from the constant scores (0.9)."""
+    """Production: a vehicle over the whole 640 input and a dent over its left half; candidate: the
+    same vehicle and a dent over its left quarter (half of production's dent)."""
     from tasks.serving.predictor import Predictor
 
     tmp = tmp_path_factory.mktemp("pair")
-    # two classes per model: fake_onnx puts every box in one class, so build one model per class set
-    prod = _two_class_onnx(tmp / "prod.onnx", vehicle=(0, 0, 640, 640), dent=(0, 0, 320, 640))
-    cand = _two_class_onnx(tmp / "cand.onnx", vehicle=(0, 0, 640, 640), dent=(0, 0, 160, 640))
+    prod = fake_onnx(tmp / "prod.onnx", [(0, 0, 640, 640), (0, 0, 320, 640)], cls=[0, 1])
+    cand = fake_onnx(tmp / "cand.onnx", [(0, 0, 640, 640), (0, 0, 160, 640)], cls=[0, 1])
     return Predictor(prod, threads=1), Predictor(cand, threads=1)
-
-
-def _two_class_onnx(path, vehicle, dent):
-    """A constant model with one vehicle box (class 0) and one dent box (class 1), masks = boxes."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nc, nm, side = 2, 32, 640
-    det = np.zeros((1, 4 + nc + nm, 2), np.float32)
-    for k, (cls, (x1, y1, x2, y2)) in enumerate(((0, vehicle), (1, dent))):
-        det[0, :4, k] = [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
-        det[0, 4 + cls, k] = 0.9
-        det[0, 4 + nc:, k] = 1.0
-    proto = np.ones((1, nm, side // 4, side // 4), np.float32)
-    nodes = [helper.make_node("Constant", [], ["output0"], value=numpy_helper.from_array(det)),
-             helper.make_node("Constant", [], ["output1"], value=numpy_helper.from_array(proto))]
-    graph = helper.make_graph(
-        nodes, "pair", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, side, side])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(det.shape)),
-         helper.make_tensor_value_info("output1", TensorProto.FLOAT, list(proto.shape))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    for k, v in {"names": "{0: 'vehicle', 1: 'dent'}", "imgsz": "[640, 640]", "stride": "32"}.items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(path))
-    return path
 
 
 def test_shadow_report_on_known_models(pair):
