@@ -142,7 +142,7 @@ def _serve_ray(cfg, paths, uri: str, host: str, port: int) -> int:
     import importlib.util
 
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
-        fail("Ray Serve is not installed: install the [ray] extra (pip install 'damage[ray]'), "
+        fail("Ray Serve is not installed: install the \\[ray] extra (pip install 'damage\\[ray]'), "
              "or serve without --replicas/--canary/--shadow (mlflow models serve)")
     from model_registry.serving import log_window, parse_model_uri, resolve, training_profile
     from tasks.core.errors import DamageError
