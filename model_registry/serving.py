@@ -59,7 +59,10 @@ def resolve(model_uri: str, cache_dir: str | os.PathLike, tracking_uri: str | No
         version = alias_version(c, name, alias)
         if version is None:
             raise RegistryError(f"{model_uri}: the alias '{alias}' names no version of '{name}'")
-    dst = Path(cache_dir) / name / str(version)
+    root = Path(cache_dir).resolve()
+    dst = (root / name / str(version)).resolve()
+    if not dst.is_relative_to(root) or name in (".", ".."):
+        raise RegistryError(f"model URI '{model_uri}': the name '{name}' would leave the model cache {root}")
     if (dst / "MLmodel").is_file():
         return str(version), dst
     import mlflow.artifacts

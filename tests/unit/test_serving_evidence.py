@@ -37,3 +37,18 @@ def test_shadow_report_reaches_the_version_and_the_evidence(tmp_path):
                                                                "total": {**window, "images": 24, "windows": 2}})
     assert shadow_report("m", v, uri)["images"] == 24
     assert shadow_report("m", v, uri)["run_id"] == rep["run_id"]  # one run per version
+
+
+def test_resolve_refuses_bad_uris(tmp_path):
+    import pytest
+
+    from model_registry.errors import RegistryError
+    from model_registry.serving import parse_model_uri, resolve
+
+    assert parse_model_uri("models:/damage-seg@production") == ("damage-seg", "production", None)
+    assert parse_model_uri("models:/damage-seg/7") == ("damage-seg", None, "7")
+    for bad in ("runs:/abc/pyfunc", "models:/x", "models:/x@", "/tmp/model"):
+        with pytest.raises(RegistryError, match="expected models:/<name>@<alias>"):
+            parse_model_uri(bad)
+    with pytest.raises(RegistryError, match="would leave the model cache"):
+        resolve("models:/../7", tmp_path / "cache", f"sqlite:///{tmp_path / 'x.db'}")
