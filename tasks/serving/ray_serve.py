@@ -188,7 +188,8 @@ class Server:
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import Response
 
-        path = request.url.path.rstrip("/") or "/"
+        # routes are one segment under the application's route prefix (``/`` or e.g. ``/canary``)
+        path = "/" + request.url.path.rstrip("/").rsplit("/", 1)[-1]
         if path in ("/ping", "/health"):
             return Response("\n", status_code=200, media_type="application/json")
         if path == "/version":
