@@ -135,8 +135,8 @@ class Server:
 
     def __init__(self, primary: str, resolve: Resolver, monitor: Any, threads: int = 1, poll_s: float = 10.0,
                  canary: str | None = None, canary_weight: float = 0.0, shadow: str | None = None,
-                 shadow_max_inflight: int = 2):
-        self.monitor = monitor
+                 shadow_max_inflight: int = 2, windows: bool = True):
+        self.monitor, self.windows = monitor, bool(windows)
         self.canary_weight, self.max_inflight, self.poll_s = float(canary_weight), int(shadow_max_inflight), poll_s
         self.shadow_inflight = 0
         self._pending: set = set()  # shadow tasks, referenced until done
@@ -218,7 +218,11 @@ class Server:
             else:
                 self._send(self.monitor.record_shadow.remote(shadow.slot.version, slot.version, _dropped(
                     shadow.slot.version, slot.version)))
-        summary = await asyncio.to_thread(request_summary, res, slot.version)
+        if self.windows:  # the image measures cost a little: only when windows are kept
+            summary = await asyncio.to_thread(request_summary, res, slot.version)
+        else:
+            summary = {"version": slot.version, "status": res.status, "error_kind": res.error_kind,
+                       "row_errors": res.row_errors, "latency_s": res.latency_s}
         self._send(self.monitor.record.remote(summary))
         return Response(res.body, status_code=res.status, headers=res.headers, media_type=res.mimetype)
 
@@ -280,7 +284,8 @@ def build_app(primary: str, resolve: Resolver, cfg: Any, monitor_kwargs: dict[st
     canary = cfg.canary.model if cfg.canary else None
     return server.bind(primary, resolve, mon, threads=cfg.threads, poll_s=cfg.poll_s, canary=canary,
                        canary_weight=cfg.canary.weight if cfg.canary else 0.0, shadow=cfg.shadow,
-                       shadow_max_inflight=cfg.shadow_max_inflight)
+                       shadow_max_inflight=cfg.shadow_max_inflight,
+                       windows=monitor_kwargs.get("monitor", cfg.monitor))
 
 
 def run(app: Any, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> None:
