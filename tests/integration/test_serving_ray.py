@@ -126,6 +126,8 @@ def test_alias_moves_under_load_zero_failures(served):
         for t in threads:
             t.join(timeout=60)
     failed = [r for r in results if r[0] != 200]
+    print(f"alias test: {len(results)} requests, {len(failed)} failed, versions answered "
+          f"{sorted({r[1] for r in results})}, after the broken version {sorted(after_broken)}")
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:3]}"
     assert all(r[1] == r[2] for r in results), "a header and a body named different versions"
     assert {r[1] for r in results} == {vs["one"], vs["two"], vs["vehicle"]}
