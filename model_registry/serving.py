@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,7 @@ def _report_run(c: Any, model_name: str, version: str, kind: str, experiment: st
     if run_id:
         return run_id
     exp = tracking.ensure_experiment(c, experiment)
-    run_id = tracking.start_run(c, exp, f"{kind}-{model_name}-v{version}",
+    run_id = tracking.start_run(c, exp, f"{'shadow' if kind == 'shadow' else 'serving'}-{model_name}-v{version}",
                                 tags={"damage.kind": f"serving-{kind}", "damage.model": model_name,
                                       "damage.model_version": str(version)})
     c.set_model_version_tag(model_name, version, tag, run_id)
@@ -155,7 +156,8 @@ def log_window(model_name: str, experiment: str, tracking_uri: str | None, kind:
     c = get_client(tracking_uri)
     run_id = _report_run(c, model_name, str(version), kind, experiment)
     tracking.log_metrics(c, run_id, _metrics(report, kind), step=int(index))
-    tracking.log_dict(c, run_id, report, f"{kind}/{int(index):05d}.json")
+    # a restarted server counts its windows from 1 again: the time keeps their files apart
+    tracking.log_dict(c, run_id, report, f"{kind}/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{int(index):05d}.json")
     if kind == "shadow":
         # the report sums every window of this service so far ("total"); the tag is what the approver reads
         summary = {**(report.get("total") or report), "run_id": run_id}

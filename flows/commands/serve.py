@@ -191,6 +191,10 @@ def _serve_ray(cfg, paths, uri: str, host: str, port: int) -> int:
     finally:
         from ray import serve
 
+        try:  # the open windows and shadow reports go to MLflow before the replicas stop
+            serve.get_deployment_handle("monitor", app_name=ray_serve.APP_NAME).flush.remote().result(timeout_s=60)
+        except Exception as e:
+            console.print(f"[yellow]open monitoring windows not logged: {e}[/]", highlight=False)
         serve.shutdown()
         signal.signal(signal.SIGTERM, old)
     return 0
