@@ -133,9 +133,9 @@ def main() -> int:
         import ray
         from ray import serve
 
-        from model_registry.serving import resolve
-        from tasks.core.config import ServingConfig
-        from tasks.serving.ray_serve import build_app
+        from damage.model_registry.serving import resolve
+        from damage.tasks.core.config import ServingConfig
+        from damage.tasks.serving.ray_serve import build_app
 
         ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
         rport = _port()

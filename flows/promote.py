@@ -22,8 +22,8 @@ from prefect import flow
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from model_registry.tasks import decide_task, gate_task
-from tasks.core.config import RegistryConfig, worker_registry_config
+from damage.model_registry.tasks import decide_task, gate_task
+from damage.tasks.core.config import RegistryConfig, worker_registry_config
 
 
 class ApprovalInput(RunInput):
@@ -79,7 +79,7 @@ def await_approval(model_name: str, version: str, tracking_uri: str, cfg: Regist
 
     Used by ``promote`` and by ``nightly`` when ``registry.wait_for_approval`` is on.
     """
-    from model_registry.serving import evidence_lines
+    from damage.model_registry.serving import evidence_lines
 
     evidence = evidence_lines(model_name, version, tracking_uri)
     form = ApprovalInput.with_initial_data(

@@ -1,8 +1,8 @@
 """What the scoring server needs of the registry: which version an alias names, its files, its
 training-data profile, and where its serving reports go.
 
-``tasks.serving`` never imports this package: ``flows/commands/serve.py`` hands these functions
-to the Ray Serve application (``tasks.serving.ray_serve.build_app``) as plain callables.
+``damage.tasks.serving`` never imports this package: ``flows/commands/serve.py`` hands these functions
+to the Ray Serve application (``damage.tasks.serving.ray_serve.build_app``) as plain callables.
 
 Example:
     >>> version, local_dir = resolve("models:/damage-seg@production", cache_dir=Path(".state/serving"))
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model_registry.errors import RegistryError
-from model_registry.registry import alias_version, get_client
+from damage.model_registry.errors import RegistryError
+from damage.model_registry.registry import alias_version, get_client
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def training_profile(model_name: str, version: str, tracking_uri: str | None = N
     It is ``data_profile/profile.json`` of the pipeline run behind the version (its
     ``source_run_id`` tag), as the nightly drift check uses.
     """
-    from tasks.validation.drift import PROFILE_ARTIFACT, load_profile
+    from damage.tasks.validation.drift import PROFILE_ARTIFACT, load_profile
 
     c = get_client(tracking_uri)
     mv = c.get_model_version(model_name, str(version))
@@ -113,7 +113,7 @@ def training_profile(model_name: str, version: str, tracking_uri: str | None = N
 
 def _report_run(c: Any, model_name: str, version: str, kind: str, experiment: str) -> str:
     """The run holding ``kind`` reports of a version (created on first use, named on the version)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     tag = SHADOW_RUN_TAG if kind == "shadow" else SERVING_RUN_TAG
     mv = c.get_model_version(model_name, version)
@@ -151,7 +151,7 @@ def log_window(model_name: str, experiment: str, tracking_uri: str | None, kind:
     ``<kind>/<index>.json``; a shadow report is also summed into the version tag ``shadow.report``
     that ``damage registry approve`` and the Prefect approval form show.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     c = get_client(tracking_uri)
     run_id = _report_run(c, model_name, str(version), kind, experiment)
@@ -189,7 +189,7 @@ def evidence_lines(model_name: str, version: str, tracking_uri: str | None = Non
     Offline: the version's evaluation metrics on the validation split (its ``metric.*`` tags).
     Production evidence: its shadow report so far (``shadow_report``), or a line saying it has none.
     """
-    from tasks.serving.shadow import report_lines
+    from damage.tasks.serving.shadow import report_lines
 
     c = get_client(tracking_uri)
     try:

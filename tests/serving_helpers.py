@@ -27,8 +27,8 @@ def request_body(b64: str) -> bytes:
 
 def register(client, name: str, onnx: Path, tmp: Path) -> str:
     """Log ``onnx`` as the pyfunc in a new run and register it; returns the version."""
-    from tasks.core import tracking
-    from tasks.serving.pyfunc import log_pyfunc
+    from damage.tasks.core import tracking
+    from damage.tasks.serving.pyfunc import log_pyfunc
 
     exp = tracking.ensure_experiment(client, "serving-tests")
     run_id = tracking.start_run(client, exp, f"reg-{onnx.stem}")

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, run_guarded, setup
-from flows.tables import JsonOpt_help
-from tasks.core.display import fmt_metric
+from damage.flows.common import console, run_guarded, setup
+from damage.flows.tables import JsonOpt_help
+from damage.tasks.core.display import fmt_metric
 
 JsonOpt = Annotated[bool, typer.Option("--json", help=JsonOpt_help)]
 
@@ -39,11 +39,11 @@ def _fmt_metric(v: float | None) -> str:
 @registry_app.command("list")
 def list_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = None, as_json: JsonOpt = False) -> None:
     """Show every version with its aliases, gate result, approval state and key metrics."""
-    from flows.tables import Col, json_output, print_table
+    from damage.flows.tables import Col, json_output, print_table
 
     with json_output(as_json) as out:
         _, name, uri = _ctx(ctx, name, tracking_uri)
-        from model_registry import list_versions
+        from damage.model_registry import list_versions
 
         versions = run_guarded(list_versions, uri, name)
         out.append([{"name": name, "version": v.version, "aliases": list(v.aliases), "gate": v.validation_status,
@@ -92,8 +92,8 @@ def approve_(
     tracking_uri: UriOpt = None,
 ) -> None:
     """Move 'production' to the staged version (only a staged, gate-passed version)."""
-    from model_registry import approve
-    from model_registry.serving import evidence_lines
+    from damage.model_registry import approve
+    from damage.model_registry.serving import evidence_lines
 
     cfg, name, uri = _ctx(ctx, name, tracking_uri)
     console.print(f"evidence for '{name}' version {version}:\n  " + "\n  ".join(evidence_lines(name, version, uri)),
@@ -101,7 +101,7 @@ def approve_(
     cfg, name, uri, v = _decide(ctx, approve, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)
-    from tasks.core.reporting import notify_promotion
+    from damage.tasks.nightly.reporting import notify_promotion
 
     notify_promotion(cfg, name, v.version, by, reason, uri)  # best effort: never fails the approval
 
@@ -116,7 +116,7 @@ def reject_(
     tracking_uri: UriOpt = None,
 ) -> None:
     """Mark a version rejected and take it off 'staging'."""
-    from model_registry import reject
+    from damage.model_registry import reject
 
     _, name, uri, v = _decide(ctx, reject, name, version, by, reason, tracking_uri)
     console.print(f"rejected '{name}' version {v.version} (by {by}: {reason}) at {uri}", highlight=False,
@@ -134,7 +134,7 @@ def rollback_(
 ) -> None:
     """Move 'production' back to the previously approved version."""
     cfg, name, uri = _ctx(ctx, name, tracking_uri)
-    from model_registry import current_identity, rollback
+    from damage.model_registry import current_identity, rollback
 
     who = by or current_identity() or getpass.getuser()
     move = run_guarded(rollback, uri, name, who, reason, to=to, approvers=cfg.registry.approvers,
@@ -148,11 +148,11 @@ def history_(ctx: typer.Context, name: NameArg = None, tracking_uri: UriOpt = No
     """Print every alias move: when, which alias, from -> to, who and why."""
     from dataclasses import asdict
 
-    from flows.tables import Col, json_output, print_table
+    from damage.flows.tables import Col, json_output, print_table
 
     with json_output(as_json) as out:
         _, name, uri = _ctx(ctx, name, tracking_uri)
-        from model_registry import history
+        from damage.model_registry import history
 
         moves = run_guarded(history, uri, name)
         out.append([asdict(m) for m in moves])

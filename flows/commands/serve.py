@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import console, fail, setup
+from damage.flows.common import console, fail, setup
 
 HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (loopback by default).")]
 
@@ -124,7 +124,7 @@ def serve(
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", str(workers)]
     proc = _start(cmd, venv_env(), log)
-    from tasks.serving.pyfunc import input_example
+    from damage.tasks.serving.pyfunc import input_example
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
@@ -144,9 +144,9 @@ def _serve_ray(cfg, paths, uri: str, host: str, port: int) -> int:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         fail("Ray Serve is not installed: install the \\[ray] extra (pip install 'damage\\[ray]'), "
              "or serve without --replicas/--canary/--shadow (mlflow models serve)")
-    from model_registry.serving import log_window, parse_model_uri, resolve, training_profile
-    from tasks.core.errors import DamageError
-    from tasks.serving import ray_serve
+    from damage.model_registry.serving import log_window, parse_model_uri, resolve, training_profile
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.serving import ray_serve
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     try:
@@ -165,7 +165,7 @@ def _serve_ray(cfg, paths, uri: str, host: str, port: int) -> int:
     resolver = functools.partial(resolve, cache_dir=paths.root / "serving" / "models", tracking_uri=tracking_uri)
     app = ray_serve.build_app(uri, resolver, cfg.serving, monitor_kwargs)
     ray_serve.run(app, host, port)
-    from tasks.serving.pyfunc import input_example
+    from damage.tasks.serving.pyfunc import input_example
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
@@ -208,7 +208,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI and the Prefect UI on this state directory; Ctrl-C stops both."""
     cfg, paths = setup(ctx)
-    from tasks.core import links, tracking
+    from damage.tasks.core import links, tracking
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
     if tracking_uri.startswith(("http://", "https://")):

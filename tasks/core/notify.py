@@ -16,8 +16,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from tasks.core.config import NotifyConfig
-from tasks.core.display import fmt_metric
+from damage.tasks.core.config import NotifyConfig
+from damage.tasks.core.display import fmt_metric
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def promotion_message(model: str, version: str | int, by: str, reason: str, link
 def failed_step(tracking_uri: str | None, parent_run_id: str) -> str | None:
     """The step whose nested MLflow run FAILED under ``parent_run_id`` (None if none did)."""
     try:
-        from tasks.core import tracking
+        from damage.tasks.core import tracking
 
         c = tracking.client(tracking_uri)
         exp = c.get_run(parent_run_id).info.experiment_id

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.core.config import Config, TrainConfig
-from tasks.core.secrets import redact_uri
+from damage.tasks.core.config import Config, TrainConfig
+from damage.tasks.core.secrets import redact_uri
 
 KEY_TAG = "pipeline_key"
 OUTCOME_TAG = "damage.outcome"
@@ -84,7 +84,7 @@ def code_identity(repo: Path | None = None) -> str:
     ``code_version`` says ``<sha>+dirty`` for every dirty tree, so two different edits would
     share a key and the second would be skipped; the diff hash tells them apart.
     """
-    from tasks.data.fingerprint import code_version
+    from damage.tasks.data.fingerprint import code_version
 
     v = code_version()
     if not v.endswith("+dirty"):
@@ -106,15 +106,15 @@ def pipeline_key(dataset_fingerprint: str, config_hash: str, code_version: str) 
 
 def fingerprint_dataset(data_yaml: str | Path) -> str:
     """Content fingerprint of the dataset a data.yaml describes (its ``path:`` root)."""
-    from tasks.data.dataset import load_data_yaml
-    from tasks.data.fingerprint import dataset_fingerprint
+    from damage.tasks.data.dataset import load_data_yaml
+    from damage.tasks.data.fingerprint import dataset_fingerprint
 
     return dataset_fingerprint(load_data_yaml(data_yaml).root)
 
 
 def last_success(tracking_uri: str | None, experiment: str, key: str) -> str | None:
     """Run id of the newest FINISHED nightly run with this pipeline key that succeeded, or None."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     c = tracking.client(tracking_uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -163,7 +163,7 @@ def check_unchanged(data_yaml: str | Path, cfg: Config, tracking_uri: str | None
 
 def record_skip(tracking_uri: str | None, run_id: str, decision: SkipDecision) -> dict[str, Any]:
     """Tag this (parent) run as a skip and return the summary the flow should return."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     c = tracking.client(tracking_uri)
     tracking.set_tags(c, run_id, {KEY_TAG: decision.key, OUTCOME_TAG: "skipped",
                                   "damage.skip_reason": decision.reason,
@@ -175,7 +175,7 @@ def record_skip(tracking_uri: str | None, run_id: str, decision: SkipDecision) -
 
 def record_success(tracking_uri: str | None, run_id: str, decision: SkipDecision) -> None:
     """Mark the parent run as the successful run of its key (call right before closing it FINISHED)."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
     c = tracking.client(tracking_uri)
     tracking.set_tags(c, run_id, {KEY_TAG: decision.key, OUTCOME_TAG: "success",
                                   "dataset_fingerprint": decision.dataset_fingerprint,

@@ -1,6 +1,6 @@
 """Monitoring what production sees: windows of requests, drift against the training data, /metrics.
 
-Each answered request contributes a small summary (``tasks.serving.scoring.request_summary``: the
+Each answered request contributes a small summary (``damage.tasks.serving.scoring.request_summary``: the
 data gate's per-image measures, the predicted classes, confidences and damage percentages, its
 latency and error kind). ``ServingMonitor`` keeps
 
@@ -9,14 +9,14 @@ latency and error kind). ``ServingMonitor`` keeps
   by kind, ``damage_serving_version_info`` (1 for the version in service), shadow outcomes;
 * one **window** per served version, closed after ``serving.window`` requests or
   ``serving.window_min`` minutes. A closed window is a report: the input profile (a dataset
-  profile of the window's images, ``tasks.validation.drift.sketch`` of width, height,
+  profile of the window's images, ``damage.tasks.validation.drift.sketch`` of width, height,
   brightness, blur, contrast), prediction statistics (per-class counts, a confidence histogram,
   the damage-% distribution), latency and errors, and the **drift** of its input profile against
   the profile of the version's training data, checked by the data gate's own drift suite (the
   same table, limits and codes: ``distribution_drift``). It goes to the injected ``sink``
-  (MLflow: ``model_registry.serving.log_window``); drift findings or an error share over
+  (MLflow: ``damage.model_registry.serving.log_window``); drift findings or an error share over
   ``serving.max_error_rate`` send a ``serving`` notification (``notify.urls``);
-* the **shadow report** of the window (``tasks.serving.shadow.ShadowReport``), to the same sink,
+* the **shadow report** of the window (``damage.tasks.serving.shadow.ShadowReport``), to the same sink,
   on the candidate's version.
 
 Nothing here talks to the registry: the training profile (``reference``) and the sink are injected.
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.serving.shadow import ShadowReport
+from damage.tasks.serving.shadow import ShadowReport
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class _Window:
 
 
 def window_profile(columns: dict[str, list[float]], label: str) -> dict[str, Any]:
-    """A dataset profile (``tasks.validation.drift``) of a window's images: input columns only."""
-    from tasks.validation.drift import PROFILE_KIND, PROFILE_VERSION, sketch
+    """A dataset profile (``damage.tasks.validation.drift``) of a window's images: input columns only."""
+    from damage.tasks.validation.drift import PROFILE_KIND, PROFILE_VERSION, sketch
 
     n = len(next(iter(columns.values()), []))
     return {"kind": PROFILE_KIND, "version": PROFILE_VERSION, "dataset": label, "fingerprint": "", "images": n,
@@ -100,13 +100,13 @@ class DriftChecker:
 
     def check(self, reference: dict[str, Any], current: dict[str, Any], file: str) -> tuple[list[dict], list[dict]]:
         """(findings ``{"code", "file", "detail"}``, the drift table's rows)."""
-        from tasks.validation.drift import drift_parameters, drift_table
+        from damage.tasks.validation.drift import drift_parameters, drift_table
 
         table = drift_table(input_view(reference), current, self.cfg, file)
         if table.empty:
             return [], []
-        from expectations import DRIFT_SUITE
-        from expectations.gx import GxRunner, findings_from_results
+        from damage.expectations import DRIFT_SUITE
+        from damage.expectations.gx import GxRunner, findings_from_results
 
         with self._lock:  # one GE context, not thread-safe
             if self._runner is None:
@@ -336,6 +336,6 @@ class ServingMonitor:
     def _notify(self, title: str, body: str) -> None:
         if self.notify is None:
             return
-        from tasks.core.notify import send
+        from damage.tasks.core.notify import send
 
         send(self.notify, "serving", title, body)

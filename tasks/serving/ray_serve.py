@@ -3,11 +3,11 @@
 ``damage serve --replicas N`` builds this application (``build_app``) and runs it on loopback:
 
 * **Same protocol as ``mlflow models serve``.** ``POST /invocations`` goes through
-  ``tasks.serving.scoring.score`` (MLflow's own scoring code on the version's pyfunc), so existing
+  ``damage.tasks.serving.scoring.score`` (MLflow's own scoring code on the version's pyfunc), so existing
   clients keep working and bad requests are refused the same way. ``/ping``, ``/health``,
   ``/version`` (the versions in service, JSON) and ``/metrics`` (Prometheus) answer too.
 * **Follows the alias.** Each replica looks at its URIs every ``poll_s`` seconds (``resolve`` is
-  injected: ``model_registry.serving.resolve``). A moved alias loads in a background thread while
+  injected: ``damage.model_registry.serving.resolve``). A moved alias loads in a background thread while
   the old version keeps answering; then one attribute assignment switches: a request runs whole
   on the slot it picked up, so none fails and none mixes versions. A version that fails to load
   leaves the old one in service; the monitor logs it and notifies once.
@@ -16,7 +16,7 @@
   ``shadow_max_inflight`` per replica, more are dropped and counted; its answer is never returned
   and its failures never touch the primary's answer).
 * **Monitoring**: each answered request's summary goes, without waiting, to one ``Monitor``
-  replica (``tasks.serving.monitor.ServingMonitor``): windows, drift, shadow reports, /metrics.
+  replica (``damage.tasks.serving.monitor.ServingMonitor``): windows, drift, shadow reports, /metrics.
 
 Every answer names its version (``X-Model-Version``; ``model_version`` in a 200's JSON).
 
@@ -38,9 +38,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.serving.monitor import ServingMonitor
-from tasks.serving.scoring import REQUEST_ID_HEADER, Slot, canary_share, load_slot, request_summary, score
-from tasks.serving.shadow import ShadowReport, compare
+from damage.tasks.serving.monitor import ServingMonitor
+from damage.tasks.serving.scoring import (
+    REQUEST_ID_HEADER,
+    Slot,
+    canary_share,
+    load_slot,
+    request_summary,
+    score,
+)
+from damage.tasks.serving.shadow import ShadowReport, compare
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +272,7 @@ def build_app(primary: str, resolve: Resolver, cfg: Any, monitor_kwargs: dict[st
 
     Args:
         primary: the model URI to follow (``models:/damage-seg@production``).
-        resolve: ``uri -> (version, local_dir)`` (``model_registry.serving.resolve`` bound to a cache).
+        resolve: ``uri -> (version, local_dir)`` (``damage.model_registry.serving.resolve`` bound to a cache).
         cfg: replicas or min/max autoscaling, CPUs and threads per replica, poll, canary, shadow.
         monitor_kwargs: ``ServingMonitor`` arguments (window, drift config, notify, sink, reference).
     """

@@ -1,9 +1,9 @@
 """One scoring path for every server: MLflow's own ``/invocations`` logic on the version's pyfunc.
 
-``damage serve`` (``mlflow models serve``) and the Ray Serve server (``tasks.serving.ray_serve``)
+``damage serve`` (``mlflow models serve``) and the Ray Serve server (``damage.tasks.serving.ray_serve``)
 answer a request with the same code: ``mlflow.pyfunc.scoring_server.invocations`` (content types,
 the ``dataframe_split`` / ``dataframe_records`` / ``instances`` / ``inputs`` formats, the
-signature's schema) around the registered pyfunc (``tasks.serving.pyfunc.DamageSegModel``: row
+signature's schema) around the registered pyfunc (``damage.tasks.serving.pyfunc.DamageSegModel``: row
 limits, base64 and path rows, the header check of every image before it is decoded). So a
 decompression bomb, a wrong schema or garbage is refused with the same status and body by both;
 there is no second copy of a rule to drift.
@@ -69,7 +69,7 @@ class Slot:
     version: str
     model: Any  # mlflow.pyfunc.PyFuncModel
     schema: Any  # its input schema (what MLflow's server validates requests against)
-    predictor: Any  # the version's tasks.serving.predictor.Predictor (unwrapped)
+    predictor: Any  # the version's damage.tasks.serving.predictor.Predictor (unwrapped)
     uri: str = ""
     loaded_at: float = field(default_factory=time.time)
 
@@ -85,7 +85,7 @@ def load_slot(version: str, local_dir: str | Path, threads: int = 1, uri: str = 
     """
     import mlflow.pyfunc
 
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     model = mlflow.pyfunc.load_model(str(local_dir))
     inner = model.unwrap_python_model()
@@ -164,7 +164,7 @@ def image_measures(image: np.ndarray) -> dict[str, float]:
     """The data gate's per-image profile columns of one decoded (BGR or grey) image."""
     import cv2
 
-    from tasks.validation.measures import grey_measures
+    from damage.tasks.validation.measures import grey_measures
 
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 and image.shape[2] == 3 else image
     if grey.ndim == 3:

@@ -5,7 +5,7 @@ IoU of each matched pair (same class, greedy by IoU, pairs under ``match_iou`` s
 and the damage-% difference of each matched vehicle. ``ShadowReport`` sums a window of those,
 with the candidate's latency and errors, into the report the approver reads
 (``damage registry approve``, the Prefect approval form): it is logged to MLflow on the
-candidate's version (``model_registry.serving.log_window``).
+candidate's version (``damage.model_registry.serving.log_window``).
 
 Example:
     >>> rep = ShadowReport("4", "3")
@@ -51,7 +51,7 @@ def _match(a: list, b: list, match_iou: float) -> list[tuple[int, int, float]]:
 
 
 def compare(primary: Any, candidate: Any, match_iou: float = MATCH_IOU) -> dict[str, Any]:
-    """One image's predictions (``tasks.serving.predictor.Prediction``) of production and the candidate."""
+    """One image's predictions (``damage.tasks.serving.predictor.Prediction``) of production and the candidate."""
     counts_p: dict[str, int] = {}
     counts_c: dict[str, int] = {}
     for inst in primary.instances:

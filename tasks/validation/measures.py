@@ -1,7 +1,7 @@
 """Per-image measures of the data gate's profile: brightness, contrast and blur of a greyscale image.
 
-One rule for the data gate (``tasks.validation.scan.measure_image``, over files) and the scoring
-server's monitoring (``tasks.serving.monitor``, over the images it is sent), so the profile of what
+One rule for the data gate (``damage.tasks.validation.scan.measure_image``, over files) and the scoring
+server's monitoring (``damage.tasks.serving.monitor``, over the images it is sent), so the profile of what
 production sees compares with the profile of the training data.
 """
 

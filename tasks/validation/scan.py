@@ -3,7 +3,7 @@
 Layout discovery (``resolve_layout``) reads ``data.yaml`` and maps every split to its image and
 label directories, for both Ultralytics layouts (``images/{split}`` + ``labels/{split}`` and
 ``{split}/images`` + ``{split}/labels``), and ``.txt`` image lists (read by the project's one
-reader, ``tasks.data.dataset.list_images``: every listed path must resolve inside the dataset
+reader, ``damage.tasks.data.dataset.list_images``: every listed path must resolve inside the dataset
 root). ``enumerate_samples`` walks those directories without following symlinks out of the dataset. ``scan_samples`` measures every image (and parses its
 label file) in a pool of worker processes and yields compact rows: no pixel data leaves a worker,
 so 100k images cost a few tens of MB in the parent.
@@ -30,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.core.errors import DatasetError
-from tasks.core.images import image_header  # noqa: F401  (re-exported: one header reader)
-from tasks.data.dataset import IMAGE_EXTS, is_image_list, label_path, list_images, load_data_yaml
-from tasks.validation.measures import GREY_SIDE, grey_measures  # GREY_SIDE: side of the measured grey copy
+from damage.tasks.core.errors import DatasetError
+from damage.tasks.core.images import image_header  # noqa: F401  (re-exported: one header reader)
+from damage.tasks.data.dataset import IMAGE_EXTS, is_image_list, label_path, list_images, load_data_yaml
+from damage.tasks.validation.measures import (  # GREY_SIDE: side of the measured grey copy
+    GREY_SIDE,
+    grey_measures,
+)
 
 # Polygons with more vertices than this skip the O(k^2) self-intersection test (mask contours
 # from real tools rarely exceed a few hundred points; the cap bounds the worst case).
@@ -543,7 +546,7 @@ class Scanner:
             method = _start_method()
             ctx = mp.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["tasks.validation.scan", "cv2", "numpy"])
+                ctx.set_forkserver_preload(["damage.tasks.validation.scan", "cv2", "numpy"])
             self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
             self._futures = {self._pool.submit(scan_chunk, c): n for n, c in enumerate(self.chunks)}
         return self

@@ -65,9 +65,9 @@ def served(ray_local, mlflow_server, tmp_path_factory):
 
 
 def _app(uri: str, tmp: Path, monitor_kwargs: dict, **cfg):
-    from model_registry.serving import resolve
-    from tasks.core.config import ServingConfig
-    from tasks.serving.ray_serve import build_app
+    from damage.model_registry.serving import resolve
+    from damage.tasks.core.config import ServingConfig
+    from damage.tasks.serving.ray_serve import build_app
 
     resolver = functools.partial(resolve, cache_dir=tmp / "cache", tracking_uri=uri)
     scfg = ServingConfig(replica_cpus=0.5, threads=1, **cfg)
@@ -171,7 +171,7 @@ def test_refusals_match_mlflow_scoring_server(served, tmp_path):
     uri, vs, c, base, tmp = served
     c.set_registered_model_alias(NAME, "production", vs["one"])
     serve.run(_app(uri, tmp, {"window": 1000}, replicas=1, poll_s=5), name="refuse", route_prefix="/")
-    from model_registry.serving import resolve
+    from damage.model_registry.serving import resolve
 
     _, local = resolve(f"models:/{NAME}/{vs['one']}", tmp / "cache", uri)
     reference = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(local))))
@@ -221,8 +221,8 @@ def test_canary_and_shadow_through_the_server(served):
     report reaches the candidate version in MLflow, and a shadow that cannot load leaves production alone."""
     from ray import serve
 
-    from model_registry.serving import SHADOW_TAG, log_window, shadow_report
-    from tasks.serving.scoring import canary_share
+    from damage.model_registry.serving import SHADOW_TAG, log_window, shadow_report
+    from damage.tasks.serving.scoring import canary_share
 
     uri, vs, c, base, tmp = served
     c.set_registered_model_alias(NAME, "production", vs["one"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 REPO = Path(__file__).resolve().parents[2]
 NM, IMGSZ = 32, 640
@@ -76,10 +76,10 @@ def bomb(tmp_path_factory) -> Path:
 BOMB_SCRIPT = r"""
 import base64, sys
 from pathlib import Path
-from tasks.core.errors import DamageError
-from tasks.serving.predictor import Predictor
-from tasks.serving.pyfunc import DamageSegModel
-from tasks.validation.html import _thumb
+from damage.tasks.core.errors import DamageError
+from damage.tasks.serving.predictor import Predictor
+from damage.tasks.serving.pyfunc import DamageSegModel
+from damage.tasks.validation.html import _thumb
 
 onnx, bomb = sys.argv[1], sys.argv[2]
 p = Predictor(onnx)
@@ -119,8 +119,8 @@ def test_13_10_decompression_bomb_refused_before_decoding(tmp_path, bomb):
 def test_13_10_predictor_limit_from_onnx_metadata(tmp_path):
     import cv2
 
-    from tasks.core.images import ImageTooLarge
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.core.images import ImageTooLarge
+    from damage.tasks.serving.predictor import Predictor
 
     onnx = fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)], {"damage.max_pixels": "4096"})
     img = tmp_path / "x.png"
@@ -133,7 +133,7 @@ def test_13_10_predictor_limit_from_onnx_metadata(tmp_path):
 # ---- item 11 -----------------------------------------------------------------------------------------
 
 def test_13_11_masks_stay_cropped_memory_bounded(tmp_path):
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     # 63 small instances on a 12 MP photo: full-frame masks would cost 63 x 12 MB = 756 MB
     # inside the letterboxed photo (rows 80-560 of the 640 input), 9 x 7 boxes of 50x50 input px
@@ -160,8 +160,8 @@ def test_13_11_masks_stay_cropped_memory_bounded(tmp_path):
 
 
 def test_13_11_rows_per_request_capped(tmp_path, monkeypatch):
-    from tasks.serving.predictor import Predictor
-    from tasks.serving.pyfunc import DamageSegModel
+    from damage.tasks.serving.predictor import Predictor
+    from damage.tasks.serving.pyfunc import DamageSegModel
 
     m = DamageSegModel()
     m.predictor, m.onnx_name = Predictor(fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)])), "m.onnx"
@@ -175,8 +175,8 @@ def test_13_11_rows_per_request_capped(tmp_path, monkeypatch):
 def test_13_12_pyfunc_path_column_off_by_default_and_rooted(tmp_path, monkeypatch):
     import cv2
 
-    from tasks.serving.predictor import Predictor
-    from tasks.serving.pyfunc import PATH_ERROR, DamageSegModel
+    from damage.tasks.serving.predictor import Predictor
+    from damage.tasks.serving.pyfunc import PATH_ERROR, DamageSegModel
 
     m = DamageSegModel()
     m.predictor, m.onnx_name = Predictor(fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)])), "m.onnx"
@@ -209,7 +209,7 @@ def test_13_12_pyfunc_path_column_off_by_default_and_rooted(tmp_path, monkeypatc
     ("damage.max_pixels", "-1", r"'damage.max_pixels' must be an integer"),
 ])
 def test_13_13_onnx_metadata_validated(tmp_path, key, value, match):
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     onnx = fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)], {key: value})
     tracemalloc.start()
@@ -223,7 +223,7 @@ def test_13_13_onnx_metadata_validated(tmp_path, key, value, match):
 
 
 def test_13_13_zero_thresholds_are_kept(tmp_path):
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     p = Predictor(fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)], {"damage.conf": "0", "damage.iou": "0.0"}))
     assert (p.conf, p.iou) == (0.0, 0.0)
@@ -237,7 +237,7 @@ def test_13_14_predict_output_names_never_clash(tmp_path):
     import cv2
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     onnx = fake_onnx(tmp_path / "m.onnx", [(10, 90, 60, 140)])
     src = tmp_path / "photos"

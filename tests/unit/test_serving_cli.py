@@ -15,7 +15,7 @@ NO_RAY = """
 import importlib.util, sys
 _find = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a: None if name == "ray" or name.startswith("ray.") else _find(name, *a)
-from flows.cli import main
+from damage.flows.cli import main
 sys.argv = ["damage", *sys.argv[1:]]
 main()
 """
@@ -34,7 +34,7 @@ def test_ray_without_extra_names_the_extra(tmp_path):
 
 
 def test_bad_uri_and_replica_range(tmp_path):
-    p = _run(["-m", "flows.cli", "serve", "runs:/abc/pyfunc", "--replicas", "1"], tmp_path / "s")
+    p = _run(["-m", "damage.flows.cli", "serve", "runs:/abc/pyfunc", "--replicas", "1"], tmp_path / "s")
     assert p.returncode == 2 and "models:/<name>@<alias>" in p.stderr, p.stderr[-2000:]
-    p = _run(["-m", "flows.cli", "serve", "--min-replicas", "3", "--max-replicas", "2"], tmp_path / "s")
+    p = _run(["-m", "damage.flows.cli", "serve", "--min-replicas", "3", "--max-replicas", "2"], tmp_path / "s")
     assert p.returncode == 2 and "serving.max_replicas (2) < serving.min_replicas (3)" in p.stderr, p.stderr[-2000:]

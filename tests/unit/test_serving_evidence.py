@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def test_shadow_report_reaches_the_version_and_the_evidence(tmp_path):
-    from model_registry.serving import SHADOW_TAG, evidence_lines, log_window, shadow_report
+    from damage.model_registry.serving import SHADOW_TAG, evidence_lines, log_window, shadow_report
     from tests.helpers import sqlite_client
 
     c = sqlite_client(tmp_path)
@@ -42,8 +42,8 @@ def test_shadow_report_reaches_the_version_and_the_evidence(tmp_path):
 def test_resolve_refuses_bad_uris(tmp_path):
     import pytest
 
-    from model_registry.errors import RegistryError
-    from model_registry.serving import parse_model_uri, resolve
+    from damage.model_registry.errors import RegistryError
+    from damage.model_registry.serving import parse_model_uri, resolve
 
     assert parse_model_uri("models:/damage-seg@production") == ("damage-seg", "production", None)
     assert parse_model_uri("models:/damage-seg/7") == ("damage-seg", None, "7")

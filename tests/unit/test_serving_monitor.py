@@ -10,7 +10,7 @@ from tests.unit.test_issue13_serving import fake_onnx
 
 
 def test_canary_split_is_deterministic_and_near_weight():
-    from tasks.serving.scoring import canary_share
+    from damage.tasks.serving.scoring import canary_share
 
     ids = [f"req-{i}" for i in range(20000)]
     picked = [canary_share(i) < 0.1 for i in ids]
@@ -25,7 +25,7 @@ def test_canary_split_is_deterministic_and_near_weight():
 def pair(tmp_path_factory):
     """Production: a vehicle over the whole 640 input and a dent over its left half; candidate: the
     same vehicle and a dent over its left quarter (half of production's dent)."""
-    from tasks.serving.predictor import Predictor
+    from damage.tasks.serving.predictor import Predictor
 
     tmp = tmp_path_factory.mktemp("pair")
     prod = fake_onnx(tmp / "prod.onnx", [(0, 0, 640, 640), (0, 0, 320, 640)], cls=[0, 1])
@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
 
 
 def test_shadow_report_on_known_models(pair):
-    from tasks.serving.shadow import ShadowReport, compare, report_lines
+    from damage.tasks.serving.shadow import ShadowReport, compare, report_lines
 
     prod, cand = pair
     image = np.full((64, 64, 3), 100, np.uint8)  # square: the 640 input maps to 64 px at scale 0.1
@@ -65,7 +65,7 @@ def test_shadow_report_on_known_models(pair):
 
 
 def test_shadow_mismatch_counts_unmatched(pair):
-    from tasks.serving.shadow import compare
+    from damage.tasks.serving.shadow import compare
 
     prod, _ = pair
     p = prod.predict(np.full((64, 64, 3), 100, np.uint8))[0]
@@ -83,7 +83,7 @@ def _stream(n: int, brightness: float, seed: int) -> list[np.ndarray]:
 
 def _summary(image: np.ndarray, version: str = "3", latency: float = 0.01, status: int = 200,
              kind: str | None = None) -> dict:
-    from tasks.serving.scoring import image_measures
+    from damage.tasks.serving.scoring import image_measures
 
     return {"version": version, "status": status, "error_kind": kind, "row_errors": 0, "latency_s": latency,
             "images": [image_measures(image)] if status == 200 else [], "classes": {"dent": 1},
@@ -92,10 +92,10 @@ def _summary(image: np.ndarray, version: str = "3", latency: float = 0.01, statu
 
 def test_window_profile_and_drift_codes_on_brightness_shift():
     """The first window looks like the training data; the second is 60 grey levels brighter."""
-    from tasks.core.config import NotifyConfig, ValidateConfig
-    from tasks.serving.monitor import PROFILE_COLUMNS, ServingMonitor
-    from tasks.serving.scoring import image_measures
-    from tasks.validation.drift import PROFILE_KIND, PROFILE_VERSION, sketch
+    from damage.tasks.core.config import NotifyConfig, ValidateConfig
+    from damage.tasks.serving.monitor import PROFILE_COLUMNS, ServingMonitor
+    from damage.tasks.serving.scoring import image_measures
+    from damage.tasks.validation.drift import PROFILE_KIND, PROFILE_VERSION, sketch
 
     train = [image_measures(im) for im in _stream(200, 100, seed=1)]
     reference = {"kind": PROFILE_KIND, "version": PROFILE_VERSION, "dataset": "train", "fingerprint": "fp",
@@ -129,7 +129,7 @@ def test_window_profile_and_drift_codes_on_brightness_shift():
 def test_error_rate_notifies_and_metrics_parse():
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tasks.serving.monitor import ServingMonitor
+    from damage.tasks.serving.monitor import ServingMonitor
 
     sent = []
     mon = ServingMonitor(window=10, window_min=60, max_error_rate=0.2)
