@@ -34,7 +34,7 @@ TARGET_MEDIAN, TARGET_LIFT5 = 0.5, 0.8  # issue 32: median heat in the damage bo
 
 def train_demo_model(work: Path, imgsz: int, epochs: int, device: str) -> tuple[Path, Path]:
     """The demo's data and recipe (configs/demo.yaml), ``epochs`` fixed instead of the time budget."""
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
     from damage.tasks.data.synth import generate_dataset
     from damage.tasks.training.train import train_model
 

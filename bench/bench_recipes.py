@@ -178,7 +178,8 @@ def dataset(root: Path, synth: dict[str, Any]) -> Path:
 
 def _demo_sweep() -> dict[str, Any]:
     """The demo's sweep grid and objective, read from configs/demo.yaml: the MAE a recipe's model gets there."""
-    from damage.tasks.core.config import DEFAULT_CONFIG, load_config
+    from damage.tasks.core.config import DEFAULT_CONFIG
+    from damage.tasks.core.config_load import load_config
 
     sw = load_config(DEFAULT_CONFIG.parent / "demo.yaml").sweep
     return {"conf_grid": sw.conf, "iou_grid": sw.iou, "objective": sw.objective, "min_precision": sw.min_precision}

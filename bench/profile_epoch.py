@@ -63,7 +63,7 @@ def main() -> int:
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import get_flops
 
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
     from damage.tasks.core.families import model_source
     from damage.tasks.core.runtime import activate, configure_ultralytics
     from damage.tasks.data.synth import generate_dataset

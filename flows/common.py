@@ -21,7 +21,8 @@ from rich.console import Console
 from typer._click import exceptions as click_exc  # Typer vendors click: its usage errors are these
 from typer.core import TyperGroup
 
-from damage.tasks.core.config import Config, ConfigError, load_config, pin_worker_registry
+from damage.tasks.core.config import Config, ConfigError
+from damage.tasks.core.config_load import load_config, pin_worker_registry
 from damage.tasks.core.runtime import StatePaths, activate
 
 console = Console()

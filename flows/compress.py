@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from damage.tasks.core.config import config_from_dict
+from damage.tasks.core.config_load import config_from_dict
 from damage.tasks.core.prefect_tasks import as_task
 from damage.tasks.evaluation.evaluate import Evaluator
 from damage.tasks.export import compress as C

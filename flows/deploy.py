@@ -172,7 +172,7 @@ def prefect_yaml(cfg: Config, work_pool: str = WORK_POOL) -> str:
 if __name__ == "__main__":  # python -m damage.flows.deploy [OUT]: write (or print) infra/prefect.yaml's text
     import sys
 
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
 
     text = prefect_yaml(load_config())
     if len(sys.argv) > 1:

@@ -79,6 +79,9 @@ def await_approval(model_name: str, version: str, tracking_uri: str, cfg: Regist
     Used by ``promote`` and by ``nightly`` when ``registry.wait_for_approval`` is on. Each resume
     re-reads the registry; a version still pending pauses again until ``approval_timeout_s``.
     """
+    from damage.model_registry.serving import evidence_lines
+
+    evidence = evidence_lines(model_name, version, tracking_uri)
     deadline = time.monotonic() + cfg.approval_timeout_s
     for attempt in range(10**6):
         found = decision_task(tracking_uri, model_name, version, cfg.approvers)
@@ -90,6 +93,8 @@ def await_approval(model_name: str, version: str, tracking_uri: str, cfg: Regist
         form = ApprovalCheck.with_initial_data(
             description=f"**{model_name} version {version}** passed the gate and is at `staging`.\n\n"
                         + "\n".join(f"- {r}" for r in reasons)
+                        + "\n\n**Evidence** (offline metrics, then the shadow report on production traffic):\n\n"
+                        + "\n".join(f"- {line}" for line in evidence)
                         + "\n\nDecide with **your own** MLflow account (this form approves nothing):\n\n"
                         + f"```\n{approval_command(model_name, version)}\n```\n\nThen resume this run.",
             checked=True)

@@ -77,7 +77,7 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (recorded).")]
 def _approvers(ctx) -> list[str]:
     """``registry.approvers`` of the config file, never of the caller's ``--set`` (refused, naming the key)."""
     from damage.flows.common import fail, shared
-    from damage.tasks.core.config import CONFIG_ENV, load_config, parse_override
+    from damage.tasks.core.config_load import CONFIG_ENV, load_config, parse_override
 
     for item in shared(ctx).sets:
         if parse_override(item)[0] in ("registry", "registry.approvers"):
@@ -105,9 +105,14 @@ def approve_(
     tracking_uri: UriOpt = None,
 ) -> None:
     """Move 'production' to the staged version (only a staged, gate-passed version); its files are frozen
-    and hashed into the approval record ('<name>-approved'), which serving verifies."""
+    and hashed into the approval record ('<name>-approved'), which serving verifies. The evidence (offline
+    metrics, then the shadow report on production traffic) is printed first."""
     from damage.model_registry.frozen import approve_frozen
+    from damage.model_registry.serving import evidence_lines
 
+    cfg, name, uri = _ctx(ctx, name, tracking_uri)
+    console.print(f"evidence for '{name}' version {version}:\n  " + "\n  ".join(evidence_lines(name, version, uri)),
+                  highlight=False, soft_wrap=True)
     cfg, name, uri, v = _decide(ctx, approve_frozen, name, version, by, reason, tracking_uri)
     console.print(f"approved '{name}' version {v.version}: now 'production' (by {by}: {reason}) at {uri}",
                   highlight=False, soft_wrap=True)

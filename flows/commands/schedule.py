@@ -28,7 +28,7 @@ def schedule(
         console.print("[yellow]PREFECT_API_URL is not set: using the local Prefect server of the state dir "
                       "(start `prefect server start` for the UI; runs stop when this process stops).[/]")
     from damage.flows.deploy import build_deployments, register_with_pool, serve_all
-    from damage.tasks.core.config import CONFIG_ENV
+    from damage.tasks.core.config_load import CONFIG_ENV
     from damage.tasks.core.run_params import split_worker_sets
 
     opts = shared(ctx)

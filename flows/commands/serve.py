@@ -113,14 +113,38 @@ def serve(
     host: HostOpt = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port of the scoring server.")] = 5001,
     workers: Annotated[int, typer.Option("--workers", help="Server worker processes.")] = 1,
+    replicas: Annotated[int | None, typer.Option(
+        "--replicas", min=1, help="Serve on Ray Serve with N replicas, following the alias (the [ray] extra).")] = None,
+    min_replicas: Annotated[int | None, typer.Option(
+        "--min-replicas", min=0, help="Ray Serve autoscaling: fewest replicas (with --max-replicas).")] = None,
+    max_replicas: Annotated[int | None, typer.Option(
+        "--max-replicas", min=1, help="Ray Serve autoscaling: most replicas (with --min-replicas).")] = None,
+    canary: Annotated[str | None, typer.Option(
+        "--canary", help="Ray Serve: canary model URI (e.g. models:/damage-seg@staging); see --canary-weight.")] = None,
+    canary_weight: Annotated[float, typer.Option(
+        "--canary-weight", min=0, max=1, help="Share of requests (hashed by request id) the canary answers.")] = 0.1,
+    shadow: Annotated[str | None, typer.Option(
+        "--shadow", help="Ray Serve: shadow model URI; mirrored requests, answers never returned.")] = None,
 ) -> None:
     """Serve the approved model over HTTP (POST /invocations), from this virtualenv.
 
-    The files are the approved copy, hash-verified (``damage.model_registry.frozen.fetch_approved``); the code
-    is this installed package's, never the artifact store's: the pyfunc folder is written here.
+    Without --replicas (or --min/--max-replicas, --canary, --shadow, serving.canary/shadow in the
+    config): ``mlflow models serve`` on the URI resolved once. With them: Ray Serve replicas that
+    follow the alias, with canary, shadow, monitoring windows and /metrics (README "Serving in production").
     """
-    cfg, paths = setup(ctx)
+    sets = [f"serving.replicas={replicas}"] if replicas else []
+    if min_replicas is not None or max_replicas is not None:
+        sets += [f"serving.min_replicas={min_replicas}", f"serving.max_replicas={max_replicas}"]
+    if canary:
+        sets.append(f"serving.canary={{model: '{canary}', weight: {canary_weight}}}")
+    if shadow:
+        sets.append(f"serving.shadow='{shadow}'")
+    cfg, paths = setup(ctx, sets)
     uri = model_uri or f"models:/{cfg.registry.model_name}@production"
+    if sets or cfg.serving.canary or cfg.serving.shadow:
+        raise typer.Exit(_serve_ray(cfg, paths, uri, host, port if port != 5001 else cfg.serving.port))
+    # mlflow models serve: the files are the approved copy, hash-verified (model_registry.frozen.fetch_approved);
+    # the code is this installed package's, never the artifact store's (the pyfunc folder is written here)
     from damage.model_registry.uri import alias_hint
     from damage.tasks.core import tracking
 
@@ -163,6 +187,70 @@ def ui_banner(mlflow_url: str, experiment_url: str, prefect_url: str, state_root
     lines += [f"MLflow UI : {mlflow_url}", f"Prefect UI: {prefect_url}",
               f"state dir : {state_root}   (logs: {log_dir}; Ctrl-C stops both)"]
     return "\n".join(lines)
+def _serve_ray(cfg, paths, uri: str, host: str, port: int) -> int:
+    """Ray Serve: build the application from the config, run it on ``host:port``, wait for Ctrl-C."""
+    import functools
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        fail("Ray Serve is not installed: install the \\[ray] extra (pip install 'damage\\[ray]'), "
+             "or serve without --replicas/--canary/--shadow (mlflow models serve)")
+    from damage.model_registry.serving import log_window, parse_model_uri, resolve, training_profile
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.core.notify import send
+    from damage.tasks.serving import ray_serve
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        for u in (uri, cfg.serving.canary.model if cfg.serving.canary else None, cfg.serving.shadow):
+            if u:
+                parse_model_uri(u)
+    except DamageError as e:
+        fail(str(e))
+    name = parse_model_uri(uri)[0]
+    monitor_kwargs = {
+        "window": cfg.serving.window, "window_min": cfg.serving.window_min, "validate": cfg.validation,
+        "notify": cfg.notify, "max_error_rate": cfg.serving.max_error_rate, "monitor": cfg.serving.monitor,
+        "sink": functools.partial(log_window, name, cfg.mlflow.experiment, tracking_uri),
+        "reference": functools.partial(training_profile, name, tracking_uri=tracking_uri),
+    }
+    resolver = functools.partial(resolve, cache_dir=paths.root / "serving" / "models", tracking_uri=tracking_uri,
+                                 notify=lambda msg: send(cfg.notify, "failure", f"refused to serve {uri}", msg))
+    app = ray_serve.build_app(uri, resolver, cfg.serving, monitor_kwargs, inbox_root=paths.root / "inbox")
+    ray_serve.run(app, host, port)
+    from damage.tasks.serving.pyfunc import input_example
+
+    body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
+    url = f"http://{host}:{port}"
+    scale = (f"{cfg.serving.min_replicas}-{cfg.serving.max_replicas} replicas (autoscaling)"
+             if cfg.serving.min_replicas is not None else f"{cfg.serving.replicas} replica(s)")
+    extra = "".join([f"; canary {cfg.serving.canary.model} ({cfg.serving.canary.weight:.0%})" if cfg.serving.canary
+                     else "", f"; shadow {cfg.serving.shadow}" if cfg.serving.shadow else ""])
+    console.print(f"Ray Serve: {uri} on {scale}{extra}, following the alias every {cfg.serving.poll_s:g} s\n"
+                  f"  predict: curl -s {url}/invocations -H 'Content-Type: application/json' -d '{body}'\n"
+                  f"  version: curl {url}/version     metrics: curl {url}/metrics\n"
+                  f"  monitoring windows and shadow reports: MLflow experiment '{cfg.mlflow.experiment}' "
+                  f"(runs serving-*/shadow-*); Ctrl-C stops it", highlight=False, soft_wrap=True)
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping ...")
+    finally:
+        from ray import serve
+
+        try:  # the open windows and shadow reports go to MLflow before the replicas stop
+            serve.get_deployment_handle("monitor", app_name=ray_serve.APP_NAME).flush.remote().result(timeout_s=60)
+        except Exception as e:
+            console.print(f"[yellow]open monitoring windows not logged: {e}[/]", highlight=False)
+        serve.shutdown()
+        signal.signal(signal.SIGTERM, old)
+    return 0
 
 
 def ui(

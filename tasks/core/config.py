@@ -11,20 +11,16 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -256,10 +252,6 @@ class CollectConfig(_Section):
         return self
 
 
-class ServingConfig(_Section):
-    collect: CollectConfig = CollectConfig()
-
-
 class DistillConfig(_Section):
     student: str = "n"
     teacher: str | None = None
@@ -416,8 +408,40 @@ class MlflowConfig(_Section):
 class NotifyConfig(_Section):
     # Apprise URLs carry tokens: SecretStr keeps them out of to_dict() (params, hashes, logs).
     urls: list[SecretStr] = []
-    events: list[Literal["failure", "approval", "promotion"]] = ["failure", "approval", "promotion"]
+    events: list[Literal["failure", "approval", "promotion", "serving"]] = ["failure", "approval", "promotion",
+                                                                            "serving"]
     timeout_s: float = Field(10.0, gt=0)
+
+
+class CanaryConfig(_Section):
+    model: str = "models:/damage-seg@staging"
+    weight: float = Field(0.1, ge=0, le=1)
+
+
+class ServingConfig(_Section):
+    replicas: int = Field(1, ge=1, le=64)
+    min_replicas: int | None = Field(None, ge=0, le=64)
+    max_replicas: int | None = Field(None, ge=1, le=64)
+    replica_cpus: float = Field(1.0, gt=0)
+    threads: int = Field(1, ge=1)
+    port: int = Field(8000, ge=1, le=65535)
+    poll_s: float = Field(10.0, gt=0)
+    window: int = Field(200, ge=1)
+    window_min: float = Field(5.0, gt=0)
+    monitor: bool = True
+    canary: CanaryConfig | None = None
+    shadow: str | None = None
+    shadow_max_inflight: int = Field(2, ge=1)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    collect: CollectConfig = CollectConfig()
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServingConfig:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("serving.min_replicas and serving.max_replicas go together (autoscaling), or neither")
+        if self.min_replicas is not None and self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"serving.max_replicas ({self.max_replicas}) < serving.min_replicas ({self.min_replicas})")
+        return self
 
 
 class Config(_Section):
@@ -440,6 +464,7 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     notify: NotifyConfig = NotifyConfig()
+    serving: ServingConfig = ServingConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -471,159 +496,3 @@ class Config(_Section):
         """Stable short hash of the resolved config (lineage, cache keys)."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        key = prefix + (field.alias or name)
-        keys.append(key)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, key + ".")
-    return keys
-
-
-def _suggest(key: str) -> str:
-    valid = _valid_keys(Config)
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # try the last component alone: "trian.epochs" -> "train.epochs"
-        leaf = key.split(".")[-1]
-        close = [k for k in valid if k.split(".")[-1] == leaf][:1]
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
-        cur = nxt
-    cur[parts[-1]] = value
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """Parse ``a.b=value`` (value is YAML: ``5``, ``true``, ``[0.3, 0.4]``, ``null``)."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=5)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _flatten_keys(d: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out += _flatten_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
-    return out
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    msgs = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
-        if e["type"] == "extra_forbidden":
-            inp = e.get("input")
-            leaves = [f"{key}.{k}" for k in _flatten_keys(inp)] if isinstance(inp, dict) and inp else [key]
-            msgs += [f"unknown config key '{k}'{_suggest(k)}" for k in leaves]
-        else:
-            msgs.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
-    return f"{source}: " + "; ".join(msgs)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load the YAML config, apply ``key=value`` overrides and validate.
-
-    Args:
-        path: YAML file; None = ``configs/default.yaml`` of this checkout.
-        overrides: ``dotted.key=value`` strings applied on top of the file.
-
-    Raises:
-        ConfigError: unreadable file, unknown key (with the closest valid key), or bad value.
-    """
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, str(path))) from None
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``Config.to_dict()`` output (flow parameters, checkpoints)."""
-    try:
-        return Config.model_validate(d)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, "config")) from None
-
-
-# --- the registry section belongs to the worker, not to a run's parameters ------------------
-# Flow runs started through the Prefect API carry parameters chosen by whoever starts them;
-# the gate's thresholds and the approver list must not be among them. The worker process (the
-# CLI, ``damage schedule``) pins its own ``registry:`` section in its environment; flows read it
-# from there (or from the worker's config file) and refuse ``registry.*`` run overrides.
-REGISTRY_ENV = "DAMAGE_REGISTRY_CONFIG"
-CONFIG_ENV = "DAMAGE_CONFIG"
-
-
-def is_registry_override(item: str) -> bool:
-    """True for a ``registry.<key>=...`` (or ``registry=...``) override."""
-    key = item.split("=", 1)[0].strip()
-    return key == "registry" or key.startswith("registry.")
-
-
-def without_registry_overrides(overrides: list[str] | None) -> list[str]:
-    """``overrides`` minus the ``registry.*`` ones (the worker pins those with ``pin_worker_registry``)."""
-    return [o for o in overrides or [] if not is_registry_override(o)]
-
-
-def pin_worker_registry(cfg: Config) -> None:
-    """Record this worker's ``registry:`` section in the environment (inherited by flow-run subprocesses)."""
-    os.environ[REGISTRY_ENV] = json.dumps(cfg.registry.model_dump(mode="json"), sort_keys=True)
-
-
-def worker_registry_config() -> RegistryConfig:
-    """The worker's ``registry:`` section: pinned by ``pin_worker_registry``, else from the config
-    file named by ``$DAMAGE_CONFIG``, else ``configs/default.yaml``. Never from run parameters.
-
-    Raises:
-        ConfigError: the pinned JSON or the config file is invalid.
-    """
-    raw = os.environ.get(REGISTRY_ENV)
-    if raw:
-        try:
-            return RegistryConfig.model_validate(json.loads(raw))
-        except (json.JSONDecodeError, ValidationError) as e:
-            raise ConfigError(f"${REGISTRY_ENV}: not a valid registry section: {e}") from None
-    return load_config(os.environ.get(CONFIG_ENV) or None).registry
-
-
-def apply_worker_registry(cfg: Config, overrides: list[str] | None) -> Config:
-    """Replace ``cfg.registry`` by the worker's; refuse run overrides of ``registry.*``.
-
-    Raises:
-        ConfigError: an override names a ``registry.*`` key.
-    """
-    bad = [o.split("=", 1)[0] for o in overrides or [] if is_registry_override(o)]
-    if bad:
-        raise ConfigError(f"config key '{bad[0]}' cannot be set by a run parameter: the gate thresholds and "
-                          f"approvers come only from the worker's own config (its YAML or `--set` when the "
-                          f"worker starts)")
-    cfg.registry = worker_registry_config()
-    return cfg

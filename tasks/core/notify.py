@@ -21,7 +21,7 @@ from damage.tasks.core.display import fmt_metric
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES = {"failure": "failure", "approval": "info", "promotion": "success"}  # Apprise NotifyType values
+EVENT_TYPES = {"failure": "failure", "approval": "info", "promotion": "success", "serving": "warning"}  # Apprise NotifyType values
 _SHOWN_METRICS = ("box/mAP50", "box/mAP50-95", "mask/mAP50", "mask/mAP50-95", "latency_ms")
 
 

@@ -22,15 +22,8 @@ import json
 import os
 from pathlib import Path
 
-from damage.tasks.core.config import (
-    CONFIG_ENV,
-    DEFAULT_CONFIG,
-    Config,
-    ConfigError,
-    load_config,
-    parse_override,
-    worker_registry_config,
-)
+from damage.tasks.core.config import DEFAULT_CONFIG, Config, ConfigError
+from damage.tasks.core.config_load import CONFIG_ENV, load_config, parse_override, worker_registry_config
 
 # The one table of config keys a flow run may override (value: what it is for). The dataset,
 # the model size and training knobs that change how long and how hard the run trains; none of

@@ -41,6 +41,7 @@ VOLATILE_KEYS = (
     "mlflow.system_metrics_interval_s",
     "mlflow.ui_url",
     "notify",
+    "serving",
 )
 
 

@@ -34,9 +34,10 @@ from damage.tasks.core.errors import DatasetError
 from damage.tasks.core.images import image_header, pixel_problem
 from damage.tasks.data.dataset import IMAGE_EXTS, is_image_list, label_path, list_images, load_data_yaml
 from damage.tasks.data.polygons import polygon_self_intersects
-
-# Long side of the grey copy that blur / brightness / contrast / perceptual hash are measured on.
-GREY_SIDE = 256
+from damage.tasks.validation.measures import (  # GREY_SIDE: side of the measured grey copy
+    GREY_SIDE,
+    grey_measures,
+)
 
 # Fields of one image row as returned by a worker (the parent adds path, split, label info).
 IMAGE_FIELDS = ("decodes", "error", "format", "width", "height", "channels", "bytes", "sha256",
@@ -381,15 +382,8 @@ def measure_image(path: str, max_pixels: int) -> tuple:
         return bad(f"decoder error: {str(e).strip().splitlines()[-1][:200]}")
     if grey is None or grey.size == 0:
         return bad(f"{fmt.upper()} data does not decode")
-    side = max(grey.shape[:2])
-    if side > GREY_SIDE:
-        s = GREY_SIDE / side
-        grey = cv2.resize(grey, (max(1, round(grey.shape[1] * s)), max(1, round(grey.shape[0] * s))),
-                          interpolation=cv2.INTER_AREA)
-    mean, std = cv2.meanStdDev(grey)
-    _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
-    return (True, "", fmt, w, h, c, nbytes, sha, f"{dhash(grey):016x}",
-            round(float(lap_std[0, 0]) ** 2, 3), round(float(mean[0, 0]), 3), round(float(std[0, 0]), 3),
+    grey, blur, brightness, contrast = grey_measures(grey)
+    return (True, "", fmt, w, h, c, nbytes, sha, f"{dhash(grey):016x}", blur, brightness, contrast,
             st.st_mtime_ns, thumbnail(grey))
 
 

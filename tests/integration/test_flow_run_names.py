@@ -12,7 +12,7 @@ def test_flow_run_is_named_after_the_mlflow_run(prefect_harness, state_paths):
     from prefect.runtime import flow_run
 
     from damage.tasks.core import tracking
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
     from damage.tasks.nightly.pipeline import open_pipeline_run
     from damage.tasks.nightly.reporting import link_runs
 

@@ -116,7 +116,7 @@ def test_item1_run_parameter_cannot_redirect_tracking_uri(listener, monkeypatch)
 def test_item1_production_stack_refuses_run_with_tracking_uri(listener):
     """The deployment's parameter schema has no tracking URI; an override naming it is refused."""
     from damage.flows.deploy import build_deployments
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
 
     deps = {d.name: d for d in build_deployments(load_config(), schedule=False)}
     assert "tracking_uri" not in deps["promote"].parameters

@@ -30,7 +30,7 @@ def worker_registry():
     import json
     import os
 
-    from damage.tasks.core.config import REGISTRY_ENV
+    from damage.tasks.core.config_load import REGISTRY_ENV
 
     old = os.environ.get(REGISTRY_ENV)
     os.environ[REGISTRY_ENV] = json.dumps(WORKER_REGISTRY)

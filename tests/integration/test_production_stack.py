@@ -289,7 +289,7 @@ def _vars(obj) -> set[str]:
 def test_deployments_built_from_config(tmp_path, state_paths):
     """Deployment objects (no server): cron/timezone/limit from the config, --set overrides carried."""
     from damage.flows.deploy import build_deployments
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
 
     cfg = load_config(overrides=["schedule.cron=30 1 * * 1-5", "schedule.timezone=Europe/Paris"])
     deps = {d.name: d for d in build_deployments(cfg, overrides=["train.epochs=3"], dataset="s3://b/ds",

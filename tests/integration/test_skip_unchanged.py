@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from damage.tasks.core.config import load_config
+from damage.tasks.core.config_load import load_config
 from damage.tasks.nightly.skip import (
     check_unchanged,
     pipeline_key,

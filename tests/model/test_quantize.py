@@ -342,7 +342,7 @@ def test_variant_table_has_a_row_per_calibration_setting(float_onnx, tiny_datase
 
     import onnx
 
-    from damage.tasks.core.config import config_from_dict
+    from damage.tasks.core.config_load import config_from_dict
     from damage.tasks.export.chain_steps import apply_step
     from damage.tasks.export.compress import write_table
     from damage.tasks.export.variant import Variant

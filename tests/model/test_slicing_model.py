@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.helpers import assert_matches_ultralytics, conf_with_instances
+from tests.helpers import conf_with_instances
+from tests.parity import assert_same_decoding
 
 IMGSZ = 96
 SCENE = 640
@@ -48,7 +49,8 @@ def test_slices_off_is_todays_predictor(tiny_onnx, scene):
     from damage.tasks.serving.predictor import Predictor
 
     assert Predictor(tiny_onnx).slices.mode == "off"  # no damage.slices in the metadata: off
-    assert assert_matches_ultralytics(tiny_onnx, [scene]) > 0  # off matches Ultralytics' predict exactly
+    # off decodes exactly as Ultralytics does (one raw output through both post-processings; tests/parity.py)
+    assert assert_same_decoding(tiny_onnx, [scene], conf_with_instances(Predictor(tiny_onnx), [scene], k=10)) > 0
     off = Predictor(tiny_onnx, slices="off")
     off.conf = 0.01
     plain = off.predict_arrays([cv2.imread(str(scene))])[0]

@@ -118,7 +118,8 @@ def test_scratch_path_and_explicit_weights(client, ckpts, tmp_path):
 
 
 def test_config_rejects_unknown_init():
-    from damage.tasks.core.config import ConfigError, load_config
+    from damage.tasks.core.config import ConfigError
+    from damage.tasks.core.config_load import load_config
 
     assert load_config().train.init == "auto"
     with pytest.raises(ConfigError, match="train.init.*auto, scratch, production or a path to a .pt"):
@@ -129,7 +130,7 @@ def test_init_step_logs_and_tags_the_reason(client, ckpts, tmp_path, caplog):
     """The nightly step: a log line with the reason, ``train.init_reason`` on the pipeline run,
     and ``lineage.parent_version`` on the version registered afterwards."""
     from damage.model_registry.steps import init_step
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
     from damage.tasks.nightly.pipeline import PipelineRun
 
     data_yaml = tmp_path / "data.yaml"

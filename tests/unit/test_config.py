@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from damage.tasks.core.config import DEFAULT_CONFIG, Config, ConfigError, config_from_dict, load_config
+from damage.tasks.core.config import DEFAULT_CONFIG, Config, ConfigError
+from damage.tasks.core.config_load import config_from_dict, load_config
 
 
 def test_default_yaml_matches_model_defaults():

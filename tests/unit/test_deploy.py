@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from damage.flows.deploy import PREFECT_YAML, build_deployments, prefect_yaml
-from damage.tasks.core.config import load_config
+from damage.tasks.core.config_load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from damage.tasks.core.config import Config, config_from_dict
+from damage.tasks.core.config import Config
+from damage.tasks.core.config_load import config_from_dict
 from damage.tasks.evaluation import evaluate as E
 from damage.tasks.evaluation.evaluate import Evaluator
 from damage.tasks.evaluation.metrics import EvalResult

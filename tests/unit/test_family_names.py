@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from damage.tasks.core.config import ConfigError, load_config
+from damage.tasks.core.config import ConfigError
+from damage.tasks.core.config_load import load_config
 from damage.tasks.core.errors import DamageError
 from damage.tasks.core.families import FAMILIES, family_of, model_source, valid_names
 

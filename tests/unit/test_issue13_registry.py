@@ -107,7 +107,7 @@ def test_13_02_failed_version_is_never_regated(client, tmp_path):
 def test_13_02_gate_config_is_not_a_run_parameter(monkeypatch, tmp_path):
     from damage.flows.deploy import build_deployments
     from damage.flows.promote import promote
-    from damage.tasks.core.config import (
+    from damage.tasks.core.config_load import (
         apply_worker_registry,
         load_config,
         pin_worker_registry,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from damage.tasks.core.config import load_config
+from damage.tasks.core.config_load import load_config
 
 # ---- item 15 -----------------------------------------------------------------------------------------
 

@@ -21,9 +21,9 @@ NM, IMGSZ = 32, 640
 
 
 def fake_onnx(path: Path, boxes: list[tuple[float, float, float, float]], metadata: dict[str, str] | None = None,
-              nc: int = 2, cls: int = 1) -> Path:
-    """An ONNX "YOLOv8-seg" whose outputs are constants: one detection per box (class ``cls``,
-    score 0.9) with masks covering each box, prototypes 160x160."""
+              nc: int = 2, cls: int | list[int] = 1) -> Path:
+    """An ONNX "YOLOv8-seg" whose outputs are constants: one detection per box (class ``cls``, or
+    ``cls[k]`` for box k; score 0.9) with masks covering each box, prototypes 160x160."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -31,7 +31,7 @@ def fake_onnx(path: Path, boxes: list[tuple[float, float, float, float]], metada
     det = np.zeros((1, 4 + nc + NM, a), np.float32)
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         det[0, :4, k] = [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
-        det[0, 4 + cls, k] = 0.9
+        det[0, 4 + (cls[k] if isinstance(cls, list) else cls), k] = 0.9
         det[0, 4 + nc:, k] = 1.0
     proto = np.ones((1, NM, IMGSZ // 4, IMGSZ // 4), np.float32)
     nodes = [helper.make_node("Constant", [], ["output0"], value=numpy_helper.from_array(det)),

@@ -119,7 +119,8 @@ def test_class_floors_spec():
 
 
 def test_config_min_class_ap50():
-    from damage.tasks.core.config import ConfigError, load_config
+    from damage.tasks.core.config import ConfigError
+    from damage.tasks.core.config_load import load_config
 
     assert load_config().registry.min_class_ap50 == 0.1
     cfg = load_config(overrides=["registry.min_class_ap50={dent: 0.3, scratch: 0.2}"])

@@ -9,7 +9,8 @@ import pytest
 
 from damage.model_registry.card import model_card
 from damage.model_registry.gate import compare, extra_floors
-from damage.tasks.core.config import ConfigError, load_config
+from damage.tasks.core.config import ConfigError
+from damage.tasks.core.config_load import load_config
 from damage.tasks.evaluation.extra_sets import gate_sets
 from damage.tasks.evaluation.sweep import SweepResult
 from damage.tasks.serving.slicing import parse_slices

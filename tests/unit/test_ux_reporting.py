@@ -54,7 +54,7 @@ def test_notify_failure_to_send_never_raises(caplog):
 
 
 def test_notify_urls_are_secret_in_config_dump_and_hash():
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
 
     a = load_config(overrides=['notify.urls=["json://h/x?token=SECRET123"]'])
     b = load_config()
@@ -121,7 +121,7 @@ def test_summary_markdown_has_figures_gate_and_links():
 
 
 def test_reporting_keys_do_not_change_the_pipeline_key():
-    from damage.tasks.core.config import load_config
+    from damage.tasks.core.config_load import load_config
     from damage.tasks.nightly.skip import skip_config_hash
 
     base = skip_config_hash(load_config())
