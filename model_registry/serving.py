@@ -61,7 +61,7 @@ def resolve(model_uri: str, cache_dir: str | os.PathLike, tracking_uri: str | No
         ApprovalMismatch: production (or an approved version) whose files differ from what was approved.
     """
     from damage.model_registry.frozen import approved_file, check_production, fetch_approved, record_for
-    from damage.model_registry.registry import PRODUCTION, download_onnx
+    from damage.model_registry.registry import PRODUCTION
     from damage.tasks.serving.pyfunc import save_pyfunc
 
     name, alias, version = parse_model_uri(model_uri)
@@ -88,8 +88,13 @@ def resolve(model_uri: str, cache_dir: str | os.PathLike, tracking_uri: str | No
         if approved:  # verified when fetched: a swapped file in the store is refused, naming it
             onnx = approved_file(fetch_approved(c, name, PRODUCTION if alias == PRODUCTION else str(version),
                                                 tmp / "files", notify), ".onnx")
-        else:
-            onnx = download_onnx(c, name, str(version), tmp / "files")
+        else:  # the candidate's registered files, of which only its one ONNX file is used
+            import mlflow.artifacts
+
+            source = c.get_model_version_download_uri(name, str(version))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp / "files"),
+                                                             tracking_uri=c.tracking_uri))
+            onnx = approved_file(local, ".onnx")
         built = save_pyfunc(onnx, tmp / "pyfunc")
         shutil.rmtree(dst, ignore_errors=True)
         try:
