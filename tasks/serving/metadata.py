@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from damage.tasks.core.errors import DamageError
 
 META_PREFIX = "damage."
 # Ultralytics keys written as Python literals, and those written as plain integers.
@@ -86,3 +90,40 @@ def set_props(proto: Any, props: Mapping[str, str]) -> None:
             prop = proto.metadata_props.add()
             prop.key, prop.value = k, v
             have[k] = prop
+
+
+# An input side above this (metadata or a fixed graph input) is refused: 60000 would cost 10.8 GB.
+MAX_IMGSZ = 4096
+
+
+def _number(meta: dict[str, Any], key: str, lo: float, hi: float, path: Path, integer: bool = False):
+    """``meta[key]`` checked for type and range (None when absent); DamageError naming the key."""
+    if key not in meta or meta[key] is None:
+        return None
+    v = meta[key]
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
+        kind = "an integer" if integer else "a number"
+        raise DamageError(f"{path}: ONNX metadata '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
+    return v
+
+
+def validate(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Check the types and ranges of the metadata keys the predictor uses; returns ``meta``.
+
+    Raises:
+        DamageError: a key has the wrong type or is out of range (the message names it).
+    """
+    _number(meta, "damage.conf", 0.0, 1.0, path)
+    _number(meta, "damage.iou", 0.0, 1.0, path)
+    _number(meta, "damage.max_pixels", 1, 2**40, path, integer=True)
+    _number(meta, "stride", 1, 256, path, integer=True)
+    imgsz = meta.get("imgsz")
+    if imgsz is not None:
+        if not (isinstance(imgsz, list) and len(imgsz) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_IMGSZ for v in imgsz)):
+            raise DamageError(f"{path}: ONNX metadata 'imgsz' must be two integers in [32, {MAX_IMGSZ}], got {imgsz!r}")
+    names = meta.get("names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise DamageError(f"{path}: ONNX metadata 'names' must be a list of class names, got {type(names).__name__}")
+    return meta

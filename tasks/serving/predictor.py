@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -56,7 +55,9 @@ from damage.tasks.core.images import DEFAULT_MAX_PIXELS, check_image_bytes, chec
 from damage.tasks.serving.backends import open_runtime, raw_metadata, resolve_backend
 from damage.tasks.serving.damage_percent import BoxMask, DamageReport, damage_report
 from damage.tasks.serving.mask_decode import mask_from_logits, native_axes, single_thread_matmul, taps
+from damage.tasks.serving.metadata import MAX_IMGSZ
 from damage.tasks.serving.metadata import decode as decode_metadata
+from damage.tasks.serving.metadata import validate as validate_metadata
 from damage.tasks.serving.slicing import parse_slices, predict_images
 
 __all__ = ["Instance", "Prediction", "Predictor", "letterbox", "nms", "read_image", "read_metadata"]
@@ -66,7 +67,6 @@ DEFAULT_IOU = 0.7
 MAX_WH = 7680  # per-class box offset for class-aware NMS (Ultralytics' value)
 MAX_NMS = 30000  # boxes entering NMS at most, highest scores first
 NMS_MATRIX_MAX = 2048  # NMS over at most this many boxes computes all pair IoUs at once (16 MB per float32 matrix)
-MAX_IMGSZ = 4096  # an input side above this (metadata or a fixed graph input) is refused: 60000 would cost 10.8 GB
 MAX_DET = 1000  # instances per image at most, whatever the caller asks
 AXES_CACHE = 16  # image sizes whose resampling matrices are kept
 LOGIT_CHUNK = 64  # instances whose prototype-resolution mask logits are computed in one GEMM
@@ -187,39 +187,6 @@ def read_metadata(onnx_path: str | os.PathLike) -> dict[str, Any]:
     ``damage.*`` keys (JSON values, see ``damage.tasks.export.onnx``).
     """
     return decode_metadata(raw_metadata(Path(onnx_path)))
-
-
-def _number(meta: dict[str, Any], key: str, lo: float, hi: float, path: Path, integer: bool = False):
-    """``meta[key]`` checked for type and range (None when absent); DamageError naming the key."""
-    if key not in meta or meta[key] is None:
-        return None
-    v = meta[key]
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
-        kind = "an integer" if integer else "a number"
-        raise DamageError(f"{path}: ONNX metadata '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
-    return v
-
-
-def validate_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Check the types and ranges of the metadata keys the predictor uses; returns ``meta``.
-
-    Raises:
-        DamageError: a key has the wrong type or is out of range (the message names it).
-    """
-    _number(meta, "damage.conf", 0.0, 1.0, path)
-    _number(meta, "damage.iou", 0.0, 1.0, path)
-    _number(meta, "damage.max_pixels", 1, 2**40, path, integer=True)
-    _number(meta, "stride", 1, 256, path, integer=True)
-    imgsz = meta.get("imgsz")
-    if imgsz is not None:
-        if not (isinstance(imgsz, list) and len(imgsz) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= MAX_IMGSZ for v in imgsz)):
-            raise DamageError(f"{path}: ONNX metadata 'imgsz' must be two integers in [32, {MAX_IMGSZ}], got {imgsz!r}")
-    names = meta.get("names")
-    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise DamageError(f"{path}: ONNX metadata 'names' must be a list of class names, got {type(names).__name__}")
-    return meta
 
 
 def read_image(src: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
