@@ -15,4 +15,5 @@ COMMAND_MODULES = [
     "flows.commands.explain",  # explain
     "flows.commands.schedule",  # schedule (serve / register the Prefect deployments)
     "flows.commands.serve",  # serve (MLflow scoring server), ui (MLflow + Prefect UIs)
+    "flows.commands.scale",  # tune (recipe search on Ray Tune)
 ]

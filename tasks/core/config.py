@@ -319,6 +319,30 @@ class NotifyConfig(_Section):
     timeout_s: float = Field(10.0, gt=0)
 
 
+class RayConfig(_Section):
+    enabled: bool = False
+    address: str | None = None
+    num_cpus: int = Field(0, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    worker_threads: int = Field(1, ge=1)
+    workers: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    connect_timeout_s: float = Field(30.0, gt=0)
+
+
+class TuneConfig(_Section):
+    space: str = "configs/tune.yaml"
+    trials: int = Field(8, ge=1)
+    objective: str | None = None
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent: int = Field(0, ge=0)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    search_seed: int = 0
+    max_failures: int = Field(0, ge=0)
+
+
 class Config(_Section):
     """The whole pipeline configuration (see ``configs/default.yaml`` for meanings)."""
 
@@ -338,6 +362,8 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     notify: NotifyConfig = NotifyConfig()
+    ray: RayConfig = RayConfig()
+    tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -461,6 +487,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(e, str(path))) from None
+
+
+def config_with(d: dict[str, Any], changes: dict[str, Any], source: str = "config") -> Config:
+    """``d`` (``Config.to_dict()`` output) with dotted ``changes`` (``{"train.lr0": 0.002}``) applied, validated.
+
+    Raises:
+        ConfigError: an unknown key (with the closest valid one) or a bad value.
+    """
+    raw = json.loads(json.dumps(d))  # a deep copy; the input stays untouched
+    for key, value in changes.items():
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
