@@ -1,4 +1,4 @@
-"""``damage tune``: the recipe search on Ray Tune (``tasks.scale.tune``), on this machine or a Ray cluster."""
+"""``damage tune``: the recipe search on Ray Tune (``damage.tasks.scale.tune``), on this machine or a Ray cluster."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flows.common import ENTRY_TAG, console, run_guarded, setup
+from damage.flows.common import ENTRY_TAG, console, run_guarded, setup
 
 
 def tune_cmd(
@@ -24,10 +24,10 @@ def tune_cmd(
     if space is not None:
         extra.append(f"tune.space={space.resolve()}")
     cfg, paths = setup(ctx, extra)
-    from tasks.core import tracking
-    from tasks.data.dataset import find_data_yaml
-    from tasks.scale.ray_runtime import connect
-    from tasks.scale.tune import (
+    from damage.tasks.core import tracking
+    from damage.tasks.data.dataset import find_data_yaml
+    from damage.tasks.scale.ray_runtime import connect
+    from damage.tasks.scale.tune import (
         load_search,
         load_space,
         objective_mode,

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.core.errors import DamageError
+from damage.tasks.core.errors import DamageError
 
 if TYPE_CHECKING:
-    from tasks.core.config import RayConfig
+    from damage.tasks.core.config import RayConfig
 
 EXTRA_HINT = "pip install 'damage[ray]'"
 # Variables every numeric library reads for its pool size; set in each worker before the library starts.

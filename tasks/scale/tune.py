@@ -1,6 +1,6 @@
 """``damage tune``: recipe and hyperparameter search on Ray Tune, with the pipeline's own steps.
 
-Each trial is the project's training (``tasks.training.train.train_model``), scored after every epoch
+Each trial is the project's training (``damage.tasks.training.train.train_model``), scored after every epoch
 by the project's evaluator (``Evaluator.from_config``) or sweep (``sweep_thresholds``), and after the
 last epoch by both on ``best.pt``. It reports the objective per epoch, so an ASHA scheduler stops
 the bad trials early. The objective is the worst damage class's mask AP50 (maximised) by default, or
@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from tasks.core.config import CLASSES, Config, ConfigError, config_with
-from tasks.core.errors import DamageError
+from damage.tasks.core.config import CLASSES, Config, ConfigError, config_with
+from damage.tasks.core.errors import DamageError
 
 WORST_DAMAGE_AP50 = "worst_damage_mask_ap50"  # the default objective's name (tags, reports)
 METRIC = "objective"  # the key every trial reports and ASHA reads
@@ -122,7 +122,7 @@ def objective_mode(objective: str | None) -> tuple[str, bool]:
     """
     if objective is None:
         return WORST_DAMAGE_AP50, True
-    from tasks.evaluation.sweep import get_objective
+    from damage.tasks.evaluation.sweep import get_objective
 
     return objective, get_objective(objective).maximize
 
@@ -151,8 +151,8 @@ def score(model: Path, data_yaml: Path, cfg: Config, objective: str | None, fina
     Per epoch only what the objective needs runs (the evaluator, or the sweep); ``final`` runs
     both: the per-class metrics and the operating point of the trial's best weights.
     """
-    from tasks.evaluation.evaluate import Evaluator
-    from tasks.evaluation.sweep import damage_metrics, sweep_thresholds
+    from damage.tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.evaluation.sweep import damage_metrics, sweep_thresholds
 
     name, maximize = objective_mode(objective)
     figures: dict[str, float] = {}
@@ -196,7 +196,7 @@ class TrialSettings:
 
 def _trial_run(c: Any, s: TrialSettings, trial_id: str, name: str) -> str:
     """The trial's nested MLflow run: the one it had before a resume, else a new one."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     exp = c.get_run(s.parent_run_id).info.experiment_id
     found = c.search_runs([exp], f"tags.`{TRIAL_TAG}` = '{trial_id}' AND tags.`mlflow.parentRunId` = "
@@ -215,13 +215,13 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
     """
     from ray import tune
 
-    from tasks.core import tracking
-    from tasks.core.atomic import atomic_write_json
-    from tasks.core.runtime import activate, configure_ultralytics
-    from tasks.data.dataset import load_data_yaml
-    from tasks.scale.ray_runtime import apply_worker_threads
-    from tasks.training.init import apply, offline_decision
-    from tasks.training.train import train_model
+    from damage.tasks.core import tracking
+    from damage.tasks.core.atomic import atomic_write_json
+    from damage.tasks.core.runtime import activate, configure_ultralytics
+    from damage.tasks.data.dataset import load_data_yaml
+    from damage.tasks.scale.ray_runtime import apply_worker_threads
+    from damage.tasks.training.init import apply, offline_decision
+    from damage.tasks.training.train import train_model
 
     apply_worker_threads(settings.threads)
     configure_ultralytics(activate())  # the worker's Ultralytics: state dir, its MLflow callback off
@@ -321,7 +321,7 @@ def settle_runs(c: Any, parent_run_id: str, rows: list[dict[str, Any]]) -> dict[
     A trial ASHA stopped was killed mid-report and a crashed worker may never have closed its run:
     the driver, which saw the outcome, writes it. Returns the count per state.
     """
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     exp = c.get_run(parent_run_id).info.experiment_id
     runs = {r.data.tags.get(TRIAL_TAG): r for r in c.search_runs(
@@ -348,7 +348,7 @@ def write_winner(base: dict[str, Any], params: dict[str, Any], path: Path, note:
     Secrets never reach the file: ``notify.urls`` is emptied (``Config.to_dict`` masks them) and is
     set again by the file the team deploys with.
     """
-    from tasks.core.atomic import atomic_write_text
+    from damage.tasks.core.atomic import atomic_write_text
 
     cfg = config_with(base, params, "winner")
     d = cfg.to_dict()
@@ -360,7 +360,7 @@ def write_winner(base: dict[str, Any], params: dict[str, Any], path: Path, note:
 
 def resolve_space(path: str) -> Path:
     """``tune.space``: as given (absolute, or relative to the working directory), else in this checkout."""
-    from tasks.core.config import DEFAULT_CONFIG
+    from damage.tasks.core.config import DEFAULT_CONFIG
 
     p = Path(path).expanduser()
     if p.is_file() or p.is_absolute():
@@ -370,7 +370,7 @@ def resolve_space(path: str) -> Path:
 
 def save_search(out_dir: Path, parent_run_id: str, data_yaml: Path) -> None:
     """Record which MLflow run and dataset a search in ``out_dir`` belongs to (read by ``--resume``)."""
-    from tasks.core.atomic import atomic_write_json
+    from damage.tasks.core.atomic import atomic_write_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / SEARCH_FILE, {"parent_run_id": parent_run_id, "data_yaml": str(data_yaml)})
@@ -447,7 +447,7 @@ def run_search(cfg: Config, data_yaml: Path, out_dir: Path, parent_run_id: str, 
                                       failure_config=tune.FailureConfig(max_failures=t.max_failures,
                                                                         fail_fast=False)))
     grid = tuner.fit()
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     rows = _trial_rows(grid, out_dir)
     c = tracking.client(tracking_uri)

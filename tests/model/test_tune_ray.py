@@ -20,9 +20,9 @@ import pytest
 
 pytest.importorskip("ray", reason="the [ray] extra is not installed")
 
-from tasks.core import tracking  # noqa: E402
-from tasks.core.config import load_config  # noqa: E402
-from tasks.scale.tune import METRIC, STATE_TAG, STATES, TRIAL_TAG, Dimension, run_search  # noqa: E402
+from damage.tasks.core import tracking  # noqa: E402
+from damage.tasks.core.config import load_config  # noqa: E402
+from damage.tasks.scale.tune import METRIC, STATE_TAG, STATES, TRIAL_TAG, Dimension, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,9 +95,9 @@ def test_crashing_trial_is_failed_and_search_goes_on(ray_local, trained_model, e
 
 _DRIVER = """
 import sys, ray
-from tasks.core import tracking
-from tasks.core.config import load_config
-from tasks.scale.tune import Dimension, run_search
+from damage.tasks.core import tracking
+from damage.tasks.core.config import load_config
+from damage.tasks.scale.tune import Dimension, run_search
 cfg = load_config(overrides=sys.argv[4:])
 ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
 c = tracking.client()

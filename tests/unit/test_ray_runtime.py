@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tasks.core.config import load_config
-from tasks.scale.ray_runtime import RayUnavailable, check_reachable, connect, parse_address
+from damage.tasks.core.config import load_config
+from damage.tasks.scale.ray_runtime import RayUnavailable, check_reachable, connect, parse_address
 
 
 def test_parse_address():
