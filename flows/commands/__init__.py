@@ -15,4 +15,5 @@ COMMAND_MODULES = [
     "damage.flows.commands.explain",  # explain
     "damage.flows.commands.schedule",  # schedule (serve / register the Prefect deployments)
     "damage.flows.commands.serve",  # serve (MLflow scoring server), ui (MLflow + Prefect UIs)
+    "damage.flows.commands.scale",  # tune (recipe search on Ray Tune)
 ]

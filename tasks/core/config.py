@@ -442,6 +442,28 @@ class ServingConfig(_Section):
         if self.min_replicas is not None and self.max_replicas < max(1, self.min_replicas):
             raise ValueError(f"serving.max_replicas ({self.max_replicas}) < serving.min_replicas ({self.min_replicas})")
         return self
+class RayConfig(_Section):
+    enabled: bool = False
+    address: str | None = None
+    num_cpus: int = Field(0, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    worker_threads: int = Field(1, ge=1)
+    workers: int = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    connect_timeout_s: float = Field(30.0, gt=0)
+
+
+class TuneConfig(_Section):
+    space: str = "configs/tune.yaml"
+    trials: int = Field(8, ge=1)
+    objective: str | None = None
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_concurrent: int = Field(0, ge=0)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    search_seed: int = 0
+    max_failures: int = Field(0, ge=0)
 
 
 class Config(_Section):
@@ -465,6 +487,8 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     notify: NotifyConfig = NotifyConfig()
     serving: ServingConfig = ServingConfig()
+    ray: RayConfig = RayConfig()
+    tune: TuneConfig = TuneConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

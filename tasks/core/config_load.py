@@ -108,6 +108,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_error(e, str(path))) from None
 
 
+def config_with(d: dict[str, Any], changes: dict[str, Any], source: str = "config") -> Config:
+    """``d`` (``Config.to_dict()`` output) with dotted ``changes`` (``{"train.lr0": 0.002}``) applied, validated.
+
+    Raises:
+        ConfigError: an unknown key (with the closest valid one) or a bad value.
+    """
+    raw = json.loads(json.dumps(d))  # a deep copy; the input stays untouched
+    for key, value in changes.items():
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (flow parameters, checkpoints)."""
     try:
