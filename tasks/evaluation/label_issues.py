@@ -56,6 +56,7 @@ from tasks.evaluation.label_rows import (
     box_of,
     poly_list,
     pred_geometry,
+    rel_path,
     write_issues_csv,
     write_overlay_grid,
 )
@@ -203,20 +204,29 @@ def _dense(labels: np.ndarray, preds: ImagePreds) -> np.ndarray | None:
     return out
 
 
-def _decoys(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Each annotation mask moved (whole, inside the image) to a random place: the decoys of
-    ``label_scores`` (seeded by the image, so a rerun gives the same scores)."""
+def _decoys(labels: np.ndarray, cls: np.ndarray, seed: int, tries: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Each annotation mask moved (whole, inside the image) to a random place that no annotation of its
+    class touches: the decoys of ``label_scores`` (what a label of that class and shape gets where
+    there is none). Seeded by the image, so a rerun gives the same scores. Returns (masks, classes);
+    an annotation with no free place has no decoy."""
     rng = np.random.default_rng(seed)
-    out = np.zeros_like(labels)
     h, w = labels.shape[1:]
+    out, out_cls = [], []
     for i, m in enumerate(labels):
         ys, xs = np.nonzero(m)
         if not len(xs):
             continue
-        dx = int(rng.integers(-xs.min(), w - xs.max()))
-        dy = int(rng.integers(-ys.min(), h - ys.max()))
-        out[i, ys + dy, xs + dx] = True
-    return out
+        taken = labels[cls == cls[i]].any(0)
+        for _ in range(tries):
+            dx = int(rng.integers(-xs.min(), w - xs.max()))
+            dy = int(rng.integers(-ys.min(), h - ys.max()))
+            if not taken[ys + dy, xs + dx].any():
+                d = np.zeros((h, w), bool)
+                d[ys + dy, xs + dx] = True
+                out.append(d)
+                out_cls.append(int(cls[i]))
+                break
+    return (np.stack(out) if out else np.zeros((0, h, w), bool)), np.array(out_cls, int)
 
 
 def _downsample(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -229,13 +239,6 @@ def _downsample(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- mining
-
-
-def _rel(path: str, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
 
 
 @dataclass
@@ -310,10 +313,10 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
         cls = item["cls"].view(-1).long().numpy()
         masks = np.asarray(preds.masks, np.float32)
         hw = masks.shape[1:] if len(masks) else full.shape[1:]
-        decoys = _decoys(full, idx)
+        decoys, decoy_cls = _decoys(full, cls, idx)
         ev = image_evidence(cls, _downsample(full, hw), preds.cls, preds.conf, masks, nc,
                             _dense(full, preds), cfg.min_conf, cfg.overlap_iou, cfg.match_iou,
-                            labels_full=full, decoys=_downsample(decoys, hw), decoy_cls=cls,
+                            labels_full=full, decoys=_downsample(decoys, hw), decoy_cls=decoy_cls,
                             decoy_dense=_dense(decoys, preds))
         frame = Frame(item)
         segs = ds.labels[idx].get("segments") or []
@@ -330,7 +333,7 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
         cited |= {int(ev.support_pred[i, b]) for i in range(len(cls)) if (b := other_class(ev, i)) >= 0}
         geom = {j: pred_geometry(masks[j], None if preds.boxes is None else preds.boxes[j], frame, full.shape[1:])
                 for j in cited}
-        meta = {"image": _rel(item["im_file"], root), "split": as_split or split, "in_sample": in_sample,
+        meta = {"image": rel_path(item["im_file"], root), "split": as_split or split, "in_sample": in_sample,
                 **(extra or {})}
         records.append(_Record(meta, ev, ann, geom))
     return len(ds)

@@ -49,6 +49,14 @@ class Frame:
         return np.clip(out, 0, (self.hw[1], self.hw[0]))
 
 
+def rel_path(path: str | Path, root: Path) -> str:
+    """An image path as rows name it: relative to the dataset root (as given when outside it)."""
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def box_of(poly: np.ndarray) -> list[float]:
     """[x1, y1, x2, y2] around a polygon, rounded to 0.1 px."""
     p = np.asarray(poly, float).reshape(-1, 2)
@@ -177,4 +185,4 @@ def write_overlay_grid(rows: Sequence[dict[str, Any]], root: Path, path: Path,
 
 
 __all__ = ["CSV_COLUMNS", "GEOMETRY_COLUMNS", "Frame", "box_of", "mask_polygon", "poly_list", "pred_geometry",
-           "read_geometry", "write_issues_csv", "write_overlay_grid"]
+           "read_geometry", "rel_path", "write_issues_csv", "write_overlay_grid"]

@@ -27,8 +27,9 @@ are computed from mask probabilities, so a thin object keeps its overlap at prot
 kind                likelihood ratio (densities estimated per class on held-out annotations)
 ==================  ==========================================================================
 ``spurious_label``  ``f_null_a(presence[a]) / f_self_a(presence[a])``: how often a region of an
-                    ``a`` label's shape moved to a random place of its image (a decoy; without
-                    decoys, annotations of other classes) gets this little ``a``, against how often a
+                    ``a`` label's shape moved to a random place of its image where no ``a`` is
+                    labelled (a decoy; without decoys, annotations of other classes) gets this
+                    little ``a``, against how often a
                     correct ``a`` label does. For a class the model always misses, both are near
                     zero and the ratio stays near 1: "unsupported" is weak evidence there, strong
                     for a class the model reliably finds.
@@ -164,7 +165,8 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
             bad-outline IoU is then measured there (a small object's IoU on the coarse grid says more
             about the grid than about the outline).
         decoys: (m, h, w) coverage of decoy regions: annotations moved to a random place of the same
-            image (``decoy_cls``: their source classes; ``decoy_dense``: their anchors' raw scores).
+            image that no annotation of their class touches (``decoy_cls``: their source classes;
+            ``decoy_dense``: their anchors' raw scores).
             Their presence is what an annotation of that class and shape gets where nothing was
             labelled: the null of ``spurious_label``.
     """

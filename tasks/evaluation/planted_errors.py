@@ -16,9 +16,10 @@ kind                what is planted (default rate, of the annotation count)
 
 Per kind, the top K rows *of that kind* are counted; overall, the top sum(K) rows of any kind.
 A row hits when it names a planted error of its own kind: the same image and annotation index
-(in the label file as planted), or, for a missing label, a predicted polygon whose mask IoU with
-the deleted annotation's polygon is at least ``MISSING_HIT_IOU`` (each deleted annotation counts
-once, whatever the predicted class: the row shows the reviewer where the object is). A shuffled
+(in the label file as planted), or, for a missing label, a predicted box (``pred_box``) whose IoU
+with the deleted annotation's box is at least ``MISSING_HIT_IOU`` (each deleted annotation counts
+once, whatever the predicted class: the row shows the reviewer where the object is; boxes, so a
+box-only method is judged by the same rule). A shuffled
 ranking of the same rows is the control: it must stay far below the real one.
 
 The vehicle-damage set comes from the project's generator (``tasks.data.synth``), close-ups and
@@ -160,16 +161,18 @@ def plant_errors(data_yaml: str | Path, seed: int, rates: dict[str, float] | Non
     return planted
 
 
-def _poly(value: Any) -> np.ndarray | None:
+def _box(value: Any) -> np.ndarray | None:
     if isinstance(value, str):
         value = json.loads(value) if value else None
-    return np.asarray(value, float).reshape(-1, 2) if value is not None and len(value) >= 3 else None
+    return np.asarray(value, float).reshape(4) if value is not None and len(value) == 4 else None
 
 
-def _fill(poly: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    m = np.zeros(hw, np.uint8)
-    cv2.fillPoly(m, [np.round(poly).astype(np.int32)], 1)
-    return m.astype(bool)
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def hits(rows: list[dict[str, Any]], planted: Planted) -> list[bool]:
@@ -186,12 +189,10 @@ def hits(rows: list[dict[str, Any]], planted: Planted) -> list[bool]:
             out.append((r["image"], int(r["annotation"])) in planted.keys[kind])
             continue
         hit = False
-        pred = _poly(r.get("pred_polygon"))
+        pred = _box(r.get("pred_box"))
         for i in deleted.get(r["image"], []) if pred is not None else []:
-            _, _, poly, hw = planted.deleted[i]
-            a, b = _fill(poly, hw), _fill(pred, hw)
-            union = (a | b).sum()
-            if i not in found and union and (a & b).sum() / union >= MISSING_HIT_IOU:
+            poly = planted.deleted[i][2]
+            if i not in found and _box_iou(pred, np.r_[poly.min(0), poly.max(0)]) >= MISSING_HIT_IOU:
                 found.add(i)
                 hit = True
                 break
