@@ -3,7 +3,7 @@
 Two measurements in one process:
 
 1. **Precision at K on planted errors** (``--planted``, the default when ``--model`` is given without
-   ``--data``): a fresh synthetic vehicle-damage set (``tasks.evaluation.planted_errors``: close-ups and
+   ``--data``): a fresh synthetic vehicle-damage set (``damage.tasks.evaluation.planted_errors``: close-ups and
    scenes as in the demo, its own seed) gets 5 % deleted / 5 % class-swapped / 5 % shifted+shrunk
    outlines / 2 % random square boxes, and is scored (a) by the project's miner and (b) by cleanlab's
    ``object_detection`` module (ObjectLab) on boxes derived from the same model's masks and the labels'
@@ -56,9 +56,9 @@ def objectlab_inputs(model: Path, data_yaml: Path, imgsz: int, splits: list[str]
                      iou: float = 0.7, max_det: int = 300) -> tuple[list[dict], list[list[np.ndarray]], list[str], int]:
     """ObjectLab's labels and predictions (MMDetection layout: one (M, 5) array per class) in image
     pixels: label boxes around the label polygons, predicted boxes of the same model and NMS as mining."""
-    from tasks.evaluation.evaluate import load_split
-    from tasks.evaluation.label_issues import model_predictor
-    from tasks.evaluation.label_rows import Frame, rel_path
+    from damage.tasks.evaluation.evaluate import load_split
+    from damage.tasks.evaluation.label_issues import model_predictor
+    from damage.tasks.evaluation.label_rows import Frame, rel_path
 
     predict, size, stride, names = model_predictor(model, data_yaml, imgsz, conf_floor, iou, max_det)
     labels, preds, images = [], [], []
@@ -115,10 +115,10 @@ def objectlab_rows(labels: list[dict], preds: list[list[np.ndarray]], images: li
 
 
 def planted(args: argparse.Namespace, model: Path, paths: Any, machine: dict) -> int:
-    from tasks.core.config import LabelIssuesConfig
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.evaluation.label_issues import mine_label_issues
-    from tasks.evaluation.planted_errors import (
+    from damage.tasks.core.config import LabelIssuesConfig
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.evaluation.label_issues import mine_label_issues
+    from damage.tasks.evaluation.planted_errors import (
         format_table,
         make_damage_set,
         plant_errors,
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import announce_machine
 
     if args.model and not args.data and not args.demo:
-        from tasks.core.runtime import activate, configure_ultralytics
+        from damage.tasks.core.runtime import activate, configure_ultralytics
 
         paths = activate(args.state_dir)
         configure_ultralytics(paths)
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     model, data, paths = model_and_data(ap, args)
     machine = announce_machine()
     from bench.common import write_json
-    from tasks.core.config import LabelIssuesConfig
-    from tasks.evaluation.evaluate import evaluate_model
-    from tasks.evaluation.label_issues import mine_label_issues
+    from damage.tasks.core.config import LabelIssuesConfig
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.evaluation.label_issues import mine_label_issues
 
     cfg = LabelIssuesConfig(splits=args.splits)
     out = paths.root / "bench" / "label_issues"

@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.core.errors import DamageError
-from tasks.core.images import DEFAULT_MAX_PIXELS
+from damage.tasks.core.errors import DamageError
+from damage.tasks.core.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 INIT_MODES = ("auto", "scratch", "production")  # train.init, besides a path to a .pt
@@ -42,8 +42,8 @@ class ConfigError(DamageError, ValueError):
 
 
 def _check_model(value: str, key: str) -> str:
-    """Model names are checked where the config is read (``tasks.core.families`` lists the valid ones)."""
-    from tasks.core.families import check_model_name
+    """Model names are checked where the config is read (``damage.tasks.core.families`` lists the valid ones)."""
+    from damage.tasks.core.families import check_model_name
 
     try:
         return check_model_name(value, key)
@@ -359,10 +359,10 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with YAML key names, suitable for logging and hashing.
 
-        URI values lose any ``user:password@`` part (``tasks.core.secrets``): credentials never
+        URI values lose any ``user:password@`` part (``damage.tasks.core.secrets``): credentials never
         reach MLflow params, ``config/resolved.yaml`` or the config hash.
         """
-        from tasks.core.secrets import redact_config
+        from damage.tasks.core.secrets import redact_config
 
         return redact_config(self.model_dump(by_alias=True, mode="json"))
 

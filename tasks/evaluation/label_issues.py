@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write_text
-from tasks.core.errors import DamageError
-from tasks.evaluation.label_rows import (
+from damage.tasks.core.atomic import atomic_write_text
+from damage.tasks.core.errors import DamageError
+from damage.tasks.evaluation.label_rows import (
     CSV_COLUMNS,
     Frame,
     box_of,
@@ -60,7 +60,7 @@ from tasks.evaluation.label_rows import (
     write_issues_csv,
     write_overlay_grid,
 )
-from tasks.evaluation.label_scores import (
+from damage.tasks.evaluation.label_scores import (
     KINDS,
     Calibration,
     ImageEvidence,
@@ -72,7 +72,7 @@ from tasks.evaluation.label_scores import (
 )
 
 if TYPE_CHECKING:
-    from tasks.core.config import LabelIssuesConfig, TrainConfig
+    from damage.tasks.core.config import LabelIssuesConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None,
     import torch
     from ultralytics.utils import nms, ops
 
-    from tasks.evaluation.evaluate import _split_outputs, open_model
+    from damage.tasks.evaluation.evaluate import _split_outputs, open_model
 
     m = open_model(model, data_yaml, imgsz)
     nc = len(m.names)
@@ -289,7 +289,7 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
 
 
 def _root(data_yaml: str | Path) -> Path:
-    from tasks.data.dataset import load_data_yaml
+    from damage.tasks.data.dataset import load_data_yaml
 
     return Path(load_data_yaml(data_yaml).root).resolve()
 
@@ -299,7 +299,7 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
                  as_split: str | None = None, extra: dict[str, Any] | None = None) -> int:
     """Collect the evidence of every image of one split into ``records``; returns the image count.
     ``as_split`` names the split in the rows (a K-fold held-out list is the dataset's train split)."""
-    from tasks.evaluation.evaluate import load_split
+    from damage.tasks.evaluation.evaluate import load_split
 
     ds, data = load_split(data_yaml, split, imgsz, stride)
     if len(data["names"]) != len(names):
@@ -325,7 +325,7 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
             if len(segs) == len(cls):
                 poly = np.asarray(segs[i], float).reshape(-1, 2) * (frame.hw[1], frame.hw[0])
             else:  # polygons not kept by the loader: the mask's outline
-                from tasks.evaluation.label_rows import mask_polygon
+                from damage.tasks.evaluation.label_rows import mask_polygon
 
                 poly = frame.to_image(mask_polygon(full[i], full.shape[1:]) if full[i].any() else np.zeros((1, 2)))
             ann.append({"ann_box": box_of(poly), "ann_polygon": poly_list(poly)})
@@ -425,8 +425,8 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
     """
     import yaml
 
-    from tasks.data.dataset import load_data_yaml, split_images
-    from tasks.training.train import train_model
+    from damage.tasks.data.dataset import load_data_yaml, split_images
+    from damage.tasks.training.train import train_model
 
     t0 = time.perf_counter()
     k_folds = int(cfg.folds)
@@ -475,7 +475,7 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
 
 def publish_markdown(res: LabelIssues, k: int = 10) -> str | None:
     """Prefect markdown artifact with the counts and the top rows (only inside a flow/task run)."""
-    from tasks.evaluation.sweep import _in_prefect_run
+    from damage.tasks.evaluation.sweep import _in_prefect_run
 
     if not _in_prefect_run():
         return None
@@ -498,7 +498,7 @@ def label_issues_step(model: str | Path, data_yaml: str | Path, cfg: LabelIssues
     """``mine_label_issues`` (or ``kfold_label_issues`` with ``cfg.folds`` >= 2 and ``train_cfg``) in a
     nested MLflow run ``label-issues``: CSV and overlay grid as artifacts, flagged counts per kind as
     metrics, a Prefect markdown summary."""
-    from tasks.core import tracking
+    from damage.tasks.core import tracking
 
     with tracking.step_run(parent_run_id, "label-issues") as (c, run_id):
         if cfg.folds >= 2:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core.atomic import atomic_write, atomic_write_text
+from damage.tasks.core.atomic import atomic_write, atomic_write_text
 
 CSV_COLUMNS = ("rank", "image", "split", "annotation", "kind", "score", "label_class", "pred_class", "conf",
                "iou", "in_sample", "fold", "evidence", "ann_box", "ann_polygon", "pred_box", "pred_polygon")
@@ -154,7 +154,7 @@ def write_overlay_grid(rows: Sequence[dict[str, Any]], root: Path, path: Path,
     Images are read from ``root`` (the dataset root), each size-checked before decoding."""
     import cv2
 
-    from tasks.core.images import check_image_file
+    from damage.tasks.core.images import check_image_file
 
     tiles = []
     for row in rows:

@@ -22,7 +22,7 @@ once, whatever the predicted class: the row shows the reviewer where the object 
 box-only method is judged by the same rule). A shuffled
 ranking of the same rows is the control: it must stay far below the real one.
 
-The vehicle-damage set comes from the project's generator (``tasks.data.synth``), close-ups and
+The vehicle-damage set comes from the project's generator (``damage.tasks.data.synth``), close-ups and
 scenes mixed as in the demo. ``bench/bench_label_issues.py`` and the label-issue tests share this
 module, so the figures in the bench and the test are the same measurement.
 
@@ -43,8 +43,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.core.atomic import atomic_write_text
-from tasks.core.errors import DatasetError
+from damage.tasks.core.atomic import atomic_write_text
+from damage.tasks.core.errors import DatasetError
 
 KINDS = ("missing_label", "wrong_class", "bad_outline", "spurious_label")
 RATES = {"missing_label": 0.05, "wrong_class": 0.05, "bad_outline": 0.05, "spurious_label": 0.02}
@@ -74,7 +74,7 @@ class Planted:
 def make_damage_set(out: Path, images: int = 160, seed: int = 2929, imgsz: int = 160,
                     closeup_fraction: float = 0.65) -> Path:
     """A fresh synthetic vehicle-damage set (the demo's mix of close-ups and scenes); its data.yaml."""
-    from tasks.data.synth import generate_dataset
+    from damage.tasks.data.synth import generate_dataset
 
     return generate_dataset(Path(out), images=images, seed=seed, imgsz=imgsz, val_fraction=0.5,
                             closeup_fraction=closeup_fraction)
@@ -108,8 +108,8 @@ def plant_errors(data_yaml: str | Path, seed: int, rates: dict[str, float] | Non
     Raises:
         DatasetError: unreadable labels or fewer annotations than the rates need.
     """
-    from tasks.core.config import CLASSES
-    from tasks.data.dataset import label_path, load_data_yaml, split_images
+    from damage.tasks.core.config import CLASSES
+    from damage.tasks.data.dataset import label_path, load_data_yaml, split_images
 
     rates = {**RATES, **(rates or {})}
     info = load_data_yaml(data_yaml)

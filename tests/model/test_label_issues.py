@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.core.config import LabelIssuesConfig
-from tasks.evaluation.label_issues import KINDS, ImagePreds, mine_label_issues
+from damage.tasks.core.config import LabelIssuesConfig
+from damage.tasks.evaluation.label_issues import KINDS, ImagePreds, mine_label_issues
 
 NAMES = ["circle", "square", "triangle"]
 COLOURS = {0: (40, 40, 220), 1: (40, 200, 40), 2: (220, 60, 40)}
@@ -219,7 +219,7 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     """The real inference path (a random-weight YOLOv8n-seg .pt) and `damage data issues`."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from damage.flows.cli import app
 
     root = tmp_path / "easy"
     easy_dataset(root, n=8, seed=6)
@@ -240,8 +240,8 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     assert bad.exit_code == 2 and "nope.pt" in bad.output
 
     # The nightly step: a nested MLflow run with the CSV, the grid and the flagged counts.
-    from tasks.core import tracking
-    from tasks.evaluation.label_issues import label_issues_step
+    from damage.tasks.core import tracking
+    from damage.tasks.evaluation.label_issues import label_issues_step
 
     c = tracking.client()
     parent = tracking.start_run(c, tracking.ensure_experiment(c, "label-issues-test"), "night")
@@ -260,8 +260,8 @@ def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path
     """The same planted errors, scored by a REAL model: a yolov8n-seg trained from scratch on one easy
     set (seed 10), mining a second set it never saw (seed 11): out-of-sample scores, no simulation.
     Precision at K >= 0.6 overall and per kind (the issue's bar)."""
-    from tasks.core.config import TrainConfig
-    from tasks.training.train import train_model
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.training.train import train_model
 
     easy_dataset(tmp_path / "train_set", n=160, seed=10)
     # 40 epochs: at 30 the model was still moving and its precision at K depended on what ran before it in the
@@ -286,9 +286,9 @@ def test_kfold_scores_every_train_image_once_out_of_sample(state_paths, tmp_path
     """K-fold: each train image is scored by the fold model that did not train on it, exactly once;
     the fold lists partition the train split; val is scored by the given model; the data is untouched."""
 
-    from tasks.core.config import TrainConfig
-    from tasks.data.dataset import list_images, split_images
-    from tasks.evaluation.label_issues import kfold_label_issues
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.data.dataset import list_images, split_images
+    from damage.tasks.evaluation.label_issues import kfold_label_issues
 
     root = tmp_path / "easy"
     easy_dataset(root, n=24, seed=7)

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from tasks.evaluation.label_rows import CSV_COLUMNS, write_issues_csv
-from tasks.evaluation.label_scores import Calibration, image_evidence, rank_key, score_annotations
+from damage.tasks.evaluation.label_rows import CSV_COLUMNS, write_issues_csv
+from damage.tasks.evaluation.label_scores import Calibration, image_evidence, rank_key, score_annotations
 
 S = 32
 
