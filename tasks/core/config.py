@@ -371,12 +371,13 @@ class ExplainConfig(_Section):
 class LabelIssuesConfig(_Section):
     enabled: bool = True
     splits: list[str] = ["train", "val"]
-    conf_floor: float = Field(0.05, ge=0, le=1)
-    min_conf: float = Field(0.5, ge=0, le=1)
+    conf_floor: float = Field(0.001, ge=0, le=1)
+    min_conf: float = Field(0.25, ge=0, le=1)
+    prior: float = Field(0.05, gt=0, lt=1)
     overlap_iou: float = Field(0.1, gt=0, le=1)
     match_iou: float = Field(0.5, gt=0, le=1)
     iou: float = Field(0.7, gt=0, le=1)
-    max_det: int = Field(100, ge=1)
+    max_det: int = Field(300, ge=1)
     flag_score: float = Field(0.5, ge=0, le=1)
     top_k: int = Field(24, ge=0)
     folds: int = Field(0, ge=0)

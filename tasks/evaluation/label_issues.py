@@ -1,32 +1,32 @@
 """Label-issue mining: rank the annotations a trained model most disagrees with.
 
-One inference pass over the chosen splits (default train and val), then, per image, every
-annotation and every confident prediction is scored against the other side by mask IoU:
+One inference pass over the chosen splits (default train and val) collects the model's evidence
+about every annotation and every unexplained prediction, down to the evaluator's 0.001 confidence
+floor; the evidence of held-out images (splits the model did not train on) then calibrates, per
+class, what the model's behaviour on a *correct* label looks like, and every row is scored as a
+posterior probability of being wrong (``tasks/evaluation/label_scores.py`` explains the scores
+and why). Four kinds:
 
 ==================  ==========================================================================
-kind                score (0-1, higher = more likely wrong)
+kind                meaning
 ==================  ==========================================================================
-``missing_label``   a prediction with conf >= ``min_conf`` that no annotation explains (no
-                    same-class annotation overlaps it by ``overlap_iou``, no other-class one
-                    covers it by ``match_iou``): ``conf * (1 - best same-class IoU)``
-``wrong_class``     another class's prediction covers the annotation (IoU >= ``match_iou``):
-                    ``its conf * (1 - conf of the best same-class prediction that covers it)``
-``bad_outline``     the best-overlapping same-class prediction (IoU >= ``overlap_iou``):
-                    ``conf * (1 - IoU)``
-``spurious_label``  no prediction of any class above ``conf_floor`` supports the annotation:
-                    ``1 - max conf of the predictions that overlap it``
+``missing_label``   an object the model finds that no annotation explains (row annotation -1)
+``wrong_class``     the label's class is absent and another class of the same extent is present
+``bad_outline``     a confident same-class prediction overlaps the label with an unusually low IoU
+``spurious_label``  nothing of the label's class is in the region, where a correct label of that
+                    class would usually show some
 ==================  ==========================================================================
 
-An annotation gets one row, of its highest-scoring kind; a missing label is a row with
-annotation index -1. The scores are computed here (no cleanlab): cleanlab's ObjectLab scores
-boxes only (overlooked / swapped / badly located boxes) and has no notion of mask IoU, so it
-could not tell a bad polygon inside a well-placed box.
+An annotation gets one row, of its most probable kind. Every row carries its geometry in image
+pixels (``tasks/evaluation/label_rows.py``): the annotation's box and polygon and, where a
+prediction is the evidence, the prediction's.
 
 **Out of sample.** Scores on images the model trained on are biased towards their labels
 (the model has partly memorised them). Every row says whether its image lies in a split the model
 trained on (``in_sample``); ``label_issues.splits: [val]`` restricts mining to held-out data, and
 :func:`kfold_label_issues` (``label_issues.folds`` >= 2) scores the train split with K fold models,
-each trained without the fold it scores (K trainings: the cost is stated in its docstring).
+each trained without the fold it scores (K trainings: the cost is stated in its docstring). The
+calibration uses held-out rows only; with none, all rows (said in the summary).
 
 Nothing in the dataset is changed: this ranks, a person decides. (Ultralytics' dataset
 loader may write its usual ``labels/*.cache`` beside the labels, as evaluation does.)
@@ -38,9 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import heapq
-import io
 import logging
 import time
 from collections import Counter
@@ -51,29 +48,54 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from damage.tasks.core.atomic import atomic_write, atomic_write_text
+from damage.tasks.core.atomic import atomic_write_text
 from damage.tasks.core.errors import DamageError
-from damage.tasks.evaluation.metrics import mask_iou_np
+from damage.tasks.evaluation.label_rows import (
+    CSV_COLUMNS,
+    Frame,
+    box_of,
+    poly_list,
+    pred_geometry,
+    rel_path,
+    write_issues_csv,
+    write_overlay_grid,
+)
+from damage.tasks.evaluation.label_scores import (
+    KINDS,
+    Calibration,
+    ImageEvidence,
+    image_evidence,
+    other_class,
+    rank_key,
+    score_annotations,
+    score_candidates,
+)
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import LabelIssuesConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("missing_label", "wrong_class", "bad_outline", "spurious_label")
-CSV_COLUMNS = ("rank", "image", "split", "annotation", "kind", "score", "label_class", "pred_class", "conf",
-               "iou", "in_sample", "fold", "evidence")
-GRID_COLUMNS = 6
-TILE = 192
-
 
 @dataclass
 class ImagePreds:
-    """Predictions of one image: classes, confidences and masks in the labels' pixel frame."""
+    """Predictions of one image, in the labels' (letterboxed) frame.
+
+    Attributes:
+        cls, conf: (k,) class and confidence (multi-label rows allowed, down to any floor).
+        masks: (k, h, w) mask probabilities (or bool masks), at the label resolution or a
+            coarser one (the model's prototype grid): labels are area-averaged down to it.
+        boxes: (k, 4) xyxy in letterbox pixels (optional; else taken from the masks).
+        anchors: (A, 2) anchor centres in letterbox pixels and ``anchor_scores`` (A, nc) their raw
+            class scores, before any floor (optional: they only break ties between rows).
+    """
 
     cls: np.ndarray
     conf: np.ndarray
     masks: np.ndarray
+    boxes: np.ndarray | None = None
+    anchors: np.ndarray | None = None
+    anchor_scores: np.ndarray | None = None
 
 
 Predictor = Callable[[dict], ImagePreds]  # one Ultralytics dataset item -> its predictions
@@ -90,6 +112,8 @@ class LabelIssues:
         images: images scored per split.
         csv_path / grid_path: ``label_issues.csv`` and the overlay grid of the top K.
         seconds: wall time.
+        calibration: what the scores were calibrated on (held-out annotations and images, or
+            ``in_sample`` when no held-out image was scored).
     """
 
     rows: list[dict[str, Any]]
@@ -100,11 +124,13 @@ class LabelIssues:
     seconds: float = 0.0
     in_sample_splits: tuple[str, ...] = ()
     top: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able figures for the run summary."""
         return {"images": self.images, "rows": len(self.rows), "flagged": self.flagged,
-                "in_sample_splits": list(self.in_sample_splits), "csv": str(self.csv_path) if self.csv_path else None,
+                "in_sample_splits": list(self.in_sample_splits), "calibration": self.calibration,
+                "csv": str(self.csv_path) if self.csv_path else None,
                 "grid": str(self.grid_path) if self.grid_path else None, "seconds": round(self.seconds, 2)}
 
     def summary_line(self) -> str:
@@ -114,95 +140,14 @@ class LabelIssues:
                 f"{flagged}" + where)
 
 
-# ----------------------------------------------------------------------------- scoring (numpy)
-
-
-def score_image(label_cls: np.ndarray, label_masks: np.ndarray, preds: ImagePreds, names: Sequence[str],
-                conf_floor: float = 0.05, min_conf: float = 0.5, overlap_iou: float = 0.1,
-                match_iou: float = 0.5) -> list[dict[str, Any]]:
-    """Score one image's annotations and predictions (see the module docstring).
-
-    Args:
-        label_cls: (n,) annotation classes, in label-file order.
-        label_masks: (n, h, w) bool.
-        preds: predictions with masks of the same (h, w).
-        names: class names by id.
-
-    Returns:
-        Rows with ``annotation``, ``kind``, ``score``, ``label_class``, ``pred_class``, ``conf``,
-        ``iou``, ``evidence``; the caller adds the image and split.
-    """
-    keep = np.asarray(preds.conf) >= conf_floor
-    p_cls, p_conf = np.asarray(preds.cls, int)[keep], np.asarray(preds.conf, float)[keep]
-    p_masks = np.asarray(preds.masks)[keep]
-    label_cls = np.asarray(label_cls, int)
-    n, k = len(label_cls), len(p_cls)
-    if n and k:
-        if p_masks.shape[1:] != label_masks.shape[1:]:
-            raise DamageError(f"mask sizes differ: predictions {p_masks.shape[1:]}, labels {label_masks.shape[1:]}")
-        iou = mask_iou_np(label_masks, p_masks)
-    else:
-        iou = np.zeros((n, k))
-    same = label_cls[:, None] == p_cls[None, :]
-    rows: list[dict[str, Any]] = []
-
-    def name(c: int) -> str:
-        return names[c] if 0 <= c < len(names) else str(c)
-
-    for i in range(n):
-        lc = name(label_cls[i])
-        ov = iou[i] >= overlap_iou
-        support = float(p_conf[ov].max()) if ov.any() else 0.0
-        cand = {"spurious_label": (1.0 - support, -1,
-                                   f"no prediction supports it (best overlapping conf {support:.2f}, "
-                                   f"floor {conf_floor})")}
-        so = ov & same[i]
-        if so.any():
-            j = int(np.argmax(np.where(so, iou[i], -1.0)))
-            cand["bad_outline"] = (p_conf[j] * (1 - iou[i, j]), j,
-                                   f"'{lc}' predicted at conf {p_conf[j]:.2f} with mask IoU {iou[i, j]:.2f}")
-        cover = iou[i] >= match_iou
-        other = cover & ~same[i]
-        if other.any():
-            j = int(np.argmax(np.where(other, p_conf, -1.0)))
-            same_conf = float(p_conf[cover & same[i]].max()) if (cover & same[i]).any() else 0.0
-            cand["wrong_class"] = (p_conf[j] * (1 - same_conf), j,
-                                   f"predicted '{name(p_cls[j])}' at conf {p_conf[j]:.2f} (mask IoU "
-                                   f"{iou[i, j]:.2f}); best '{lc}' prediction covering it: conf {same_conf:.2f}")
-        kind = max(cand, key=lambda kd: (cand[kd][0], -KINDS.index(kd)))
-        score, j, evidence = cand[kind]
-        rows.append({"annotation": i, "kind": kind, "score": float(score), "label_class": lc,
-                     "pred_class": name(p_cls[j]) if j >= 0 else "", "conf": float(p_conf[j]) if j >= 0 else support,
-                     "iou": float(iou[i, j]) if j >= 0 else (float(iou[i].max()) if k else 0.0),
-                     "evidence": evidence, "_pred": j})
-    for j in range(k):
-        if p_conf[j] < min_conf:
-            continue
-        explained = (iou[:, j] >= overlap_iou) & same[:, j] | (iou[:, j] >= match_iou) & ~same[:, j]
-        if explained.any():
-            continue
-        best_same = float(iou[same[:, j], j].max()) if same[:, j].any() else 0.0
-        best_any = float(iou[:, j].max()) if n else 0.0
-        rows.append({"annotation": -1, "kind": "missing_label", "score": float(p_conf[j] * (1 - best_same)),
-                     "label_class": "", "pred_class": name(p_cls[j]), "conf": float(p_conf[j]), "iou": best_any,
-                     "evidence": f"'{name(p_cls[j])}' predicted at conf {p_conf[j]:.2f}, no annotation explains it "
-                                 f"(best mask IoU with any annotation {best_any:.2f})",
-                     "_pred": j})
-    return rows
-
-
-def rank_key(row: dict[str, Any]) -> tuple:
-    """Best first: score, then kind order, image, annotation (deterministic ties)."""
-    return (-row["score"], KINDS.index(row["kind"]), row["image"], row["annotation"])
-
-
 # ----------------------------------------------------------------------------- the model side
 
 
 def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None, conf_floor: float,
                     iou: float, max_det: int) -> tuple[Predictor, int, int, list[str]]:
-    """A predictor running ``model`` (``.pt``/``.onnx``) once per image: Ultralytics NMS (one
-    class per box), masks upsampled to the letterboxed image, as the labels are.
+    """A predictor running ``model`` (``.pt``/``.onnx``) once per image, post-processed as evaluation
+    does: multi-label NMS down to ``conf_floor``, masks at the prototype resolution, here kept as
+    probabilities; plus every anchor's raw class scores (ties only).
 
     Returns:
         (predictor, imgsz, stride, class names).
@@ -213,6 +158,8 @@ def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None,
     from damage.tasks.evaluation.evaluate import open_model, split_outputs
 
     m = open_model(model, data_yaml, imgsz)
+    nc = len(m.names)
+    end2end = bool(getattr(m.backend, "end2end", False))
     with torch.inference_mode():
         m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up, as evaluation does
 
@@ -220,54 +167,88 @@ def model_predictor(model: str | Path, data_yaml: str | Path, imgsz: int | None,
         with torch.inference_mode():
             im = item["img"][None].float() / 255
             preds, protos = split_outputs(m.backend(im))
-            det = nms.non_max_suppression(preds.float(), conf_floor, iou, nc=len(m.names), multi_label=False,
-                                          max_det=max_det)[0]
-            masks = ops.process_mask(protos.float()[0], det[:, 6:], det[:, :4], shape=tuple(im.shape[2:]),
-                                     upsample=True)
-        return ImagePreds(det[:, 5].long().numpy(), det[:, 4].numpy(), masks.bool().numpy())
+            p, proto = preds[0].float(), protos[0].float()
+            det = nms.non_max_suppression(p[None], conf_floor, iou, nc=nc, multi_label=True, max_det=max_det,
+                                          end2end=end2end)[0]
+            nm, mh, mw = proto.shape
+            h, w = im.shape[2:]
+            prob = (det[:, 6:] @ proto.view(nm, -1)).sigmoid().view(-1, mh, mw)
+            prob = ops.crop_mask(prob, det[:, :4] * torch.tensor([mw / w, mh / h, mw / w, mh / h]))
+            anchors = scores = None
+            if not end2end:
+                anchors, scores = p[:2].T.numpy(), p[4:4 + nc].T.numpy()
+        return ImagePreds(det[:, 5].long().numpy(), det[:, 4].numpy(), prob.numpy(), det[:, :4].numpy(),
+                          anchors, scores)
 
     return predict, m.imgsz, m.stride, [m.names[i] for i in sorted(m.names)]
+
+
+def _dense(labels: np.ndarray, preds: ImagePreds) -> np.ndarray | None:
+    """(n, nc): per annotation and class, the highest raw class score of an anchor centred inside the
+    annotation (else of the anchor nearest its centre)."""
+    if preds.anchors is None or preds.anchor_scores is None:
+        return None
+    h, w = labels.shape[1:]
+    xy = np.round(preds.anchors).astype(int)
+    ok = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
+    out = np.zeros((len(labels), preds.anchor_scores.shape[1]))
+    for i in range(len(labels)):
+        inside = np.zeros(len(xy), bool)
+        inside[ok] = labels[i][xy[ok, 1], xy[ok, 0]]
+        if inside.any():
+            out[i] = preds.anchor_scores[inside].max(0)
+        else:
+            ys, xs = np.nonzero(labels[i])
+            centre = (xs.mean(), ys.mean()) if len(xs) else (w / 2, h / 2)
+            out[i] = preds.anchor_scores[np.argmin(((preds.anchors - centre) ** 2).sum(1))]
+    return out
+
+
+def _decoys(labels: np.ndarray, cls: np.ndarray, seed: int, tries: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Each annotation mask moved (whole, inside the image) to a random place that no annotation of its
+    class touches: the decoys of ``label_scores`` (what a label of that class and shape gets where
+    there is none). Seeded by the image, so a rerun gives the same scores. Returns (masks, classes);
+    an annotation with no free place has no decoy."""
+    rng = np.random.default_rng(seed)
+    h, w = labels.shape[1:]
+    out, out_cls = [], []
+    for i, m in enumerate(labels):
+        ys, xs = np.nonzero(m)
+        if not len(xs):
+            continue
+        taken = labels[cls == cls[i]].any(0)
+        for _ in range(tries):
+            dx = int(rng.integers(-xs.min(), w - xs.max()))
+            dy = int(rng.integers(-ys.min(), h - ys.max()))
+            if not taken[ys + dy, xs + dx].any():
+                d = np.zeros((h, w), bool)
+                d[ys + dy, xs + dx] = True
+                out.append(d)
+                out_cls.append(int(cls[i]))
+                break
+    return (np.stack(out) if out else np.zeros((0, h, w), bool)), np.array(out_cls, int)
+
+
+def _downsample(labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Annotation masks as coverage fractions on a coarser grid (area average)."""
+    import cv2
+
+    if labels.shape[1:] == tuple(hw) or not len(labels):
+        return labels.astype(np.float32).reshape(len(labels), *hw)
+    return np.stack([cv2.resize(m.astype(np.float32), (hw[1], hw[0]), interpolation=cv2.INTER_AREA) for m in labels])
 
 
 # ----------------------------------------------------------------------------- mining
 
 
-class _TopK:
-    """The K best rows with what the overlay needs (image, the two masks), bounded memory."""
+@dataclass
+class _Record:
+    """One scored image: its evidence and what its rows need (geometry in image pixels)."""
 
-    def __init__(self, k: int):
-        self.k, self.heap, self.n = k, [], 0
-
-    def offer(self, row: dict[str, Any], payload: Callable[[], tuple]) -> None:
-        if self.k <= 0:
-            return
-        key = rank_key(row)
-        neg = tuple(-x if isinstance(x, (int, float)) else _Rev(x) for x in key)  # heap keeps the worst on top
-        self.n += 1
-        if len(self.heap) < self.k:
-            heapq.heappush(self.heap, (neg, self.n, row, payload()))
-        elif neg > self.heap[0][0]:
-            heapq.heapreplace(self.heap, (neg, self.n, row, payload()))
-
-    def best(self) -> list[tuple[dict, tuple]]:
-        return [(r, p) for _, _, r, p in sorted(self.heap, key=lambda t: rank_key(t[2]))]
-
-
-class _Rev(str):
-    """A string that sorts in reverse (for the min-heap of the best rows)."""
-
-    def __lt__(self, other: str) -> bool:
-        return str.__gt__(self, other)
-
-    def __gt__(self, other: str) -> bool:
-        return str.__lt__(self, other)
-
-
-def _rel(path: str, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+    meta: dict[str, Any]
+    ev: ImageEvidence
+    ann: list[dict[str, Any]]
+    pred: dict[int, dict[str, Any]]
 
 
 def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str | Path | None = None,
@@ -283,7 +264,8 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
             score with predictions made elsewhere.
         imgsz: letterbox size (default: the model's own).
         out_dir: where ``label_issues.csv`` and ``label_issues_top.png`` go; None = not written.
-        trained_splits: splits the model was trained on (their rows are ``in_sample``).
+        trained_splits: splits the model was trained on (their rows are ``in_sample`` and do not
+            calibrate the scores).
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments.
@@ -297,19 +279,25 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
                                                         cfg.max_det)
     elif names is None or imgsz is None:
         raise DamageError("mine_label_issues: predict= needs names= and imgsz=")
-    rows: list[dict[str, Any]] = []
+    records: list[_Record] = []
     images: dict[str, int] = {}
-    top = _TopK(cfg.top_k)
     for split in cfg.splits:
-        images[split] = _score_split(data_yaml, split, predict, names, int(imgsz), stride, cfg, top, rows,
+        images[split] = _score_split(data_yaml, split, predict, names, int(imgsz), stride, cfg, records,
                                      in_sample=split in trained_splits, label=str(model or "predictions"))
-    return _finish(rows, images, top, cfg, tuple(s for s in cfg.splits if s in trained_splits), out_dir, t0)
+    return _finish(records, images, names, cfg, tuple(s for s in cfg.splits if s in trained_splits), out_dir,
+                   _root(data_yaml), t0)
+
+
+def _root(data_yaml: str | Path) -> Path:
+    from damage.tasks.data.dataset import load_data_yaml
+
+    return Path(load_data_yaml(data_yaml).root).resolve()
 
 
 def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: Sequence[str], imgsz: int,
-                 stride: int, cfg: LabelIssuesConfig, top: _TopK, rows: list[dict[str, Any]], in_sample: bool,
-                 label: str, as_split: str | None = None, extra: dict[str, Any] | None = None) -> int:
-    """Score every image of one split into ``rows`` (and the top-K collector); returns the image count.
+                 stride: int, cfg: LabelIssuesConfig, records: list[_Record], in_sample: bool, label: str,
+                 as_split: str | None = None, extra: dict[str, Any] | None = None) -> int:
+    """Collect the evidence of every image of one split into ``records``; returns the image count.
     ``as_split`` names the split in the rows (a K-fold held-out list is the dataset's train split)."""
     from damage.tasks.evaluation.evaluate import load_split
 
@@ -317,39 +305,101 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
     if len(data["names"]) != len(names):
         raise DamageError(f"{label}: {len(names)} classes, {data_yaml} has {len(data['names'])}")
     root = Path(data.get("path") or Path(data_yaml).resolve().parent).resolve()
+    nc = len(names)
     for idx in range(len(ds)):
         item = ds[idx]
         preds = predict(item)
-        masks = item["masks"].bool().numpy()
+        full = item["masks"].bool().numpy()
         cls = item["cls"].view(-1).long().numpy()
-        for row in score_image(cls, masks, preds, names, cfg.conf_floor, cfg.min_conf, cfg.overlap_iou,
-                               cfg.match_iou):
-            row.update(image=_rel(item["im_file"], root), split=as_split or split, in_sample=in_sample,
-                       **(extra or {}))
-            j = row.pop("_pred", None)
-            a = row["annotation"]
-            top.offer(row, lambda item=item, a=a, j=j, preds=preds, masks=masks: (
-                item["img"].numpy().transpose(1, 2, 0)[..., ::-1].copy(),
-                masks[a] if a >= 0 else None, _pred_mask(preds, j, cfg.conf_floor)))
-            rows.append(row)
+        masks = np.asarray(preds.masks, np.float32)
+        hw = masks.shape[1:] if len(masks) else full.shape[1:]
+        decoys, decoy_cls = _decoys(full, cls, idx)
+        ev = image_evidence(cls, _downsample(full, hw), preds.cls, preds.conf, masks, nc,
+                            _dense(full, preds), cfg.min_conf, cfg.overlap_iou, cfg.match_iou,
+                            labels_full=full, decoys=_downsample(decoys, hw), decoy_cls=decoy_cls,
+                            decoy_dense=_dense(decoys, preds))
+        frame = Frame(item)
+        segs = ds.labels[idx].get("segments") or []
+        ann = []
+        for i in range(len(cls)):
+            if len(segs) == len(cls):
+                poly = np.asarray(segs[i], float).reshape(-1, 2) * (frame.hw[1], frame.hw[0])
+            else:  # polygons not kept by the loader: the mask's outline
+                from damage.tasks.evaluation.label_rows import mask_polygon
+
+                poly = frame.to_image(mask_polygon(full[i], full.shape[1:]) if full[i].any() else np.zeros((1, 2)))
+            ann.append({"ann_box": box_of(poly), "ann_polygon": poly_list(poly)})
+        cited = {int(j) for j in ev.candidates} | {int(j) for j in ev.best_pred if j >= 0}
+        cited |= {int(ev.support_pred[i, b]) for i in range(len(cls)) if (b := other_class(ev, i)) >= 0}
+        geom = {j: pred_geometry(masks[j], None if preds.boxes is None else preds.boxes[j], frame, full.shape[1:])
+                for j in cited}
+        meta = {"image": rel_path(item["im_file"], root), "split": as_split or split, "in_sample": in_sample,
+                **(extra or {})}
+        records.append(_Record(meta, ev, ann, geom))
     return len(ds)
 
 
-def _finish(rows: list[dict[str, Any]], images: dict[str, int], top: _TopK, cfg: LabelIssuesConfig,
-            in_sample_splits: tuple[str, ...], out_dir: Path | None, t0: float) -> LabelIssues:
-    """Rank, count, write the CSV and the overlay grid."""
+def _evidence_text(kind: str, why: dict[str, Any], lc: str, pc: str, floor: float) -> str:
+    if kind == "spurious_label":
+        return (f"no '{lc}' found in the region: best '{lc}' evidence {why['presence']:.3f} (conf x coverage, "
+                f"floor {floor}); {why['lr']:.1f}x likelier for a region without '{lc}' than for a correct "
+                f"'{lc}' label (held-out calibration)")
+    if kind == "wrong_class":
+        return (f"'{pc}' predicted over it (conf x IoU {why['support']:.2f}) while '{lc}' evidence is "
+                f"{why['presence']:.3f}; likelihood ratio {why['lr']:.1f}")
+    if kind == "bad_outline":
+        return (f"'{lc}' predicted at conf {why['conf']:.2f} (model precision there {why['precision']:.2f}) with "
+                f"mask IoU only {why['iou']:.2f}; likelihood ratio {why['lr']:.1f}")
+    return (f"'{pc}' predicted at conf {why['conf']:.2f} (model precision there {why['precision']:.2f}), no "
+            f"annotation explains it (best mask IoU with any annotation {why['iou']:.2f})")
+
+
+def _rows(rec: _Record, cal: Calibration, names: Sequence[str], cfg: LabelIssuesConfig) -> list[dict[str, Any]]:
+    ev = rec.ev
+
+    def name(c: int) -> str:
+        return names[c] if 0 <= c < len(names) else str(c)
+
+    out = []
+    for row in score_annotations(ev, cal, cfg.prior) + score_candidates(ev, cal):
+        i, j, why = row["annotation"], row.pop("_pred"), row.pop("_why")
+        lc = name(int(ev.label_cls[i])) if i >= 0 else ""
+        pc = name(int(ev.pred_cls[j])) if j >= 0 else ""
+        conf = float(ev.pred_conf[j]) if j >= 0 else float(why.get("presence", 0.0))
+        if row["kind"] == "wrong_class":
+            iou = float(why["support"]) / max(conf, 1e-12)
+        else:
+            iou = float(why.get("iou", ev.best_u[i] if i >= 0 else 0.0))
+        geom = {"ann_box": "", "ann_polygon": "", **(rec.ann[i] if i >= 0 else {}),
+                **(rec.pred.get(j, {}) if j >= 0 else {"pred_box": "", "pred_polygon": ""})}
+        row.update(rec.meta, label_class=lc, pred_class=pc, conf=conf, iou=iou, **geom,
+                   evidence=_evidence_text(row["kind"], why, lc, pc, cfg.conf_floor))
+        out.append(row)
+    return out
+
+
+def _finish(records: list[_Record], images: dict[str, int], names: Sequence[str], cfg: LabelIssuesConfig,
+            in_sample_splits: tuple[str, ...], out_dir: Path | None, root: Path, t0: float) -> LabelIssues:
+    """Calibrate on the held-out records, score, rank, count, write the CSV and the overlay grid."""
+    held = [r.ev for r in records if not r.meta["in_sample"]]
+    where = "held-out"
+    if not held:
+        log.warning("label issues: no held-out images were scored: calibrating on in-sample rows (biased)")
+        held, where = [r.ev for r in records], "in_sample"
+    cal = Calibration.fit(held, len(names), cfg.prior)
+    rows = [row for rec in records for row in _rows(rec, cal, names, cfg)]
     rows.sort(key=rank_key)
     for r, row in enumerate(rows, 1):
         row["rank"] = r
     flagged = dict(Counter(r["kind"] for r in rows if r["score"] >= cfg.flag_score))
-    res = LabelIssues(rows, {k: flagged.get(k, 0) for k in KINDS}, images, in_sample_splits=in_sample_splits)
-    best = top.best()
-    res.top = [dict(r) for r, _ in best]
+    res = LabelIssues(rows, {k: flagged.get(k, 0) for k in KINDS}, images, in_sample_splits=in_sample_splits,
+                      calibration={"on": where, "images": cal.images, "annotations": cal.annotations})
+    res.top = [dict(r) for r in rows[:cfg.top_k]]
     if out_dir is not None:
         out_dir = Path(out_dir)
         res.csv_path = write_issues_csv(rows, out_dir / "label_issues.csv")
-        if best:
-            res.grid_path = write_overlay_grid(best, out_dir / "label_issues_top.png")
+        if res.top:
+            res.grid_path = write_overlay_grid(res.top, root, out_dir / "label_issues_top.png")
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -388,9 +438,8 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
         raise DamageError(f"{info.yaml_path}: {len(train)} train images cannot fill {k_folds} folds")
     order = np.random.default_rng(seed).permutation(len(train))
     fold_of = {train[i]: n % k_folds for n, i in enumerate(order)}
-    rows: list[dict[str, Any]] = []
+    records: list[_Record] = []
     images: dict[str, int] = {"train": 0}
-    top = _TopK(cfg.top_k)
     size = int(imgsz or train_cfg.imgsz)
     if cfg.fold_start == "trained":
         fold_train = train_cfg.model_copy(update={"weights": str(weights), "epochs": cfg.fold_epochs,
@@ -412,60 +461,14 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
         fold_model = train_model(fold_dir / "data.yaml", fold_train, fold_dir / "runs", seed=seed + k).last
         predict, fsize, stride, names = model_predictor(fold_model, data_yaml, size, cfg.conf_floor, cfg.iou,
                                                         cfg.max_det)
-        images["train"] += _score_split(fold_dir / "data.yaml", "val", predict, names, fsize, stride, cfg, top, rows,
+        images["train"] += _score_split(fold_dir / "data.yaml", "val", predict, names, fsize, stride, cfg, records,
                                         in_sample=False, label=str(fold_model), as_split="train", extra={"fold": k})
     if "val" in cfg.splits:
         predict, fsize, stride, names = model_predictor(weights, data_yaml, size, cfg.conf_floor, cfg.iou,
                                                         cfg.max_det)
-        images["val"] = _score_split(data_yaml, "val", predict, names, fsize, stride, cfg, top, rows,
+        images["val"] = _score_split(data_yaml, "val", predict, names, fsize, stride, cfg, records,
                                      in_sample=False, label=str(weights), extra={"fold": -1})
-    return _finish(rows, images, top, cfg, (), out_dir, t0)
-
-
-def _pred_mask(preds: ImagePreds, j: int | None, conf_floor: float) -> np.ndarray | None:
-    """The prediction a row's evidence names (``j`` indexes the predictions above the floor)."""
-    if j is None or j < 0:
-        return None
-    return np.asarray(preds.masks)[np.asarray(preds.conf) >= conf_floor][j]
-
-
-def write_issues_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Ranked rows as CSV (``CSV_COLUMNS``), atomically."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({**r, "score": f"{r['score']:.4f}", "conf": f"{r['conf']:.4f}", "iou": f"{r['iou']:.4f}"})
-    return atomic_write_text(path, buf.getvalue())
-
-
-def write_overlay_grid(best: Sequence[tuple[dict, tuple]], path: Path) -> Path:
-    """The top rows as tiles: the annotation's outline in red, the rank / kind / score on top."""
-    import cv2
-
-    tiles = []
-    for row, (img, label_mask, pred_mask) in best:
-        tile = np.ascontiguousarray(img)
-        for mask, colour in ((label_mask, (0, 0, 255)), (pred_mask, (0, 200, 0))):
-            if mask is not None and mask.any():
-                contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-                cv2.drawContours(tile, contours, -1, colour, 1)
-        tile = cv2.resize(tile, (TILE, TILE), interpolation=cv2.INTER_NEAREST)
-        band = np.full((34, TILE, 3), 255, np.uint8)
-        cv2.putText(band, f"#{row['rank']} {row['kind']} {row['score']:.2f}", (3, 13), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.38, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(band, f"{Path(row['image']).name[:28]} a{row['annotation']}", (3, 28),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, (80, 80, 80), 1, cv2.LINE_AA)
-        tiles.append(np.vstack([band, tile]))
-    while len(tiles) % GRID_COLUMNS:
-        tiles.append(np.full_like(tiles[0], 255))
-    grid = np.vstack([np.hstack(tiles[i:i + GRID_COLUMNS]) for i in range(0, len(tiles), GRID_COLUMNS)])
-
-    def write(tmp: str) -> None:
-        if not cv2.imwrite(tmp, grid):
-            raise OSError(f"{path}: cannot write the PNG")
-
-    return atomic_write(path, write, suffix=".png")
+    return _finish(records, images, names, cfg, (), out_dir, Path(info.root).resolve(), t0)
 
 
 # ----------------------------------------------------------------------------- the flow step
@@ -518,5 +521,5 @@ def label_issues_step(model: str | Path, data_yaml: str | Path, cfg: LabelIssues
     return res
 
 
-__all__ = ["KINDS", "ImagePreds", "LabelIssues", "kfold_label_issues", "label_issues_step", "mine_label_issues",
-           "score_image"]
+__all__ = ["CSV_COLUMNS", "KINDS", "ImagePreds", "LabelIssues", "kfold_label_issues", "label_issues_step", "mine_label_issues",
+           "write_issues_csv"]

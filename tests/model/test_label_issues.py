@@ -256,28 +256,6 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     assert res.summary()["images"] == {"train": 6, "val": 2}
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_score_image_each_kind(kind):
-    """One planted error of each kind on a clean image is the top row, of that kind."""
-    from damage.tasks.evaluation.label_issues import score_image
-
-    a = _mask(_shape(0, 20, 20, 10))
-    b = _mask(_shape(1, 45, 45, 9))
-    labels_cls, labels = np.array([0, 1]), np.stack([a, b])
-    preds = ImagePreds(np.array([0, 1]), np.array([0.9, 0.92]), np.stack([a, b]))
-    if kind == "missing_label":
-        labels_cls, labels = labels_cls[:1], labels[:1]
-    elif kind == "wrong_class":
-        labels_cls = np.array([2, 1])
-    elif kind == "bad_outline":
-        labels[0] = _mask(_shape(0, 26, 26, 10))
-    else:
-        labels_cls, labels = np.array([0, 1, 2]), np.stack([a, b, _mask(_shape(1, 50, 12, 6))])
-    rows = sorted(score_image(labels_cls, labels, preds, NAMES), key=lambda r: -r["score"])
-    assert rows[0]["kind"] == kind and rows[0]["score"] >= 0.5, rows[0]
-    assert all(r["score"] < 0.3 for r in rows[1:]), rows
-
-
 def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path):
     """The same planted errors, scored by a REAL model: a yolov8n-seg trained from scratch on one easy
     set (seed 10), mining a second set it never saw (seed 11): out-of-sample scores, no simulation.

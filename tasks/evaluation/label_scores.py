@@ -1,0 +1,478 @@
+"""Label-issue scores: the model's evidence about each annotation, calibrated per class on held-out data.
+
+Why calibrated. A mediocre model (mask mAP50 0.5-0.75, what a real damage dataset gives) misses
+many correct labels: a scratch it cannot see looks, to a raw "no confident prediction here" score,
+exactly like a box someone drew on bare paint, and every such label would score 1.0. What tells
+them apart is how the model usually behaves on *correct* labels of that class. So every score here
+is a posterior probability computed from densities the model's own output defines on held-out
+annotations (images the model did not train on; their labels are mostly right):
+
+    P(kind | evidence) = prior * LR / (prior * LR + 1 - prior),   LR = p(evidence | error) / p(evidence | correct)
+
+Evidence, per annotation of class ``a`` (one inference pass, predictions kept down to the
+evaluator's 0.001 confidence floor, multi-label NMS as in evaluation, soft masks: IoU and coverage
+are computed from mask probabilities, so a thin object keeps its overlap at prototype resolution):
+
+* ``presence[c]`` = max over class-``c`` predictions of ``conf * coverage`` (share of the annotated
+  region inside the predicted mask): "is there any ``c`` inside this region?"; at least the raw
+  class-``c`` score of the anchors centred inside it, so a region no kept prediction touches still
+  has evidence;
+* ``support[c]`` = max over class-``c`` predictions of ``conf * IoU``: "is this region a ``c``?";
+* the most confident same-class prediction overlapping it (IoU >= ``overlap_iou``): conf ``q``, IoU ``u``;
+* ``dense``: the highest raw class-``a`` score of any anchor centred inside the region, before any
+  floor or NMS (a correct label the model misses usually keeps 1e-3 or more, a region with nothing
+  of ``a`` far less); it also orders rows whose calibrated evidence is otherwise equal.
+
+==================  ==========================================================================
+kind                likelihood ratio (densities estimated per class on held-out annotations)
+==================  ==========================================================================
+``spurious_label``  ``f_null_a(presence[a]) / f_self_a(presence[a])``: how often a region of an
+                    ``a`` label's shape moved to a random place of its image where no ``a`` is
+                    labelled (a decoy; without decoys, annotations of other classes) gets this
+                    little ``a``, against how often a
+                    correct ``a`` label does. For a class the model always misses, both are near
+                    zero and the ratio stays near 1: "unsupported" is weak evidence there, strong
+                    for a class the model reliably finds.
+``wrong_class``     the spurious ratio (the label's class is absent) times, for the other class
+                    ``b`` with the most support, ``g_self_b(support[b]) / g_other_b(support[b])``:
+                    a ``b`` of this extent is as present as on correct ``b`` labels, and more than
+                    on labels of other classes (the model's confusions are in the denominator).
+``bad_outline``     ``prec_a(q) * 2(1 - u) / h_a(u) + 1 - prec_a(q)``: a confident same-class
+                    prediction (``prec_a``: the model's precision for class ``a`` at conf ``q``)
+                    overlaps the label with an IoU ``u`` that is rare for correct ``a`` labels
+                    (``h_a``: the IoU density of the model's most confident overlapping prediction
+                    on them, per confidence stratum, measured at full resolution); a bad outline's
+                    IoU is taken as triangular, low more often than high. A class the model
+                    outlines poorly has a flat ``h_a`` and gets little from a low IoU.
+``missing_label``   a prediction of class ``c`` at conf ``q`` that no annotation explains:
+                    ``r_c(q) / n_c(q)``, the conf density of the model on correct ``c`` labels
+                    against that of unexplained predictions, with prior odds ``prior * labels /
+                    unexplained predictions`` (both counted on held-out images).
+==================  ==========================================================================
+
+Densities are histograms (logit axis over [1e-6, 1 - 1e-6] for confidences, linear for IoU), shrunk
+towards the all-class histogram by ``SHRINK`` pseudo-annotations (rare classes borrow from the
+rest), mixed with 2 % of a uniform density (where neither side has data the ratio is 1, whatever
+the sample sizes) and read by linear interpolation, so a score moves continuously with its
+evidence. Every ratio is made monotone in its evidence (an isotonic fit over the bins): less
+of the label's class never makes a label less suspicious, a more confident unexplained prediction
+never a less likely missing label. An annotation gets one row, of its most probable kind.
+
+No ties unless the same case: rows are ordered by log-odds (which do not saturate at 1.0 as the
+printed probability does, and which plateau where a histogram ratio is flat), then by a continuous
+strength of the kind's own evidence (``1 - dense`` for spurious labels: the raw anchor score is
+never exactly equal for two different regions), then by the whole evidence vector, then kind
+order; image and annotation index only order rows whose evidence is identical.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+KINDS = ("missing_label", "wrong_class", "bad_outline", "spurious_label")
+LOG_FLOOR = 1e-6  # confidences below this (and above 1 - this) share the end bins
+CONF_BINS = 28  # logit axis over [1e-6, 1 - 1e-6]: about one logit unit each, fine at both ends
+CONF_STRATA = (0.25, 0.6)  # the IoU a prediction reaches depends on its confidence: densities per stratum
+IOU_BINS = 10
+SMOOTH = 0.5  # add-half per bin of the all-class histogram
+FLOOR_MIX = 0.02  # share of a uniform density mixed into every histogram
+SHRINK = 8.0  # pseudo-annotations drawn from the all-class histogram
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+@dataclass
+class ImageEvidence:
+    """One image's evidence (see the module docstring); arrays over annotations (n) and predictions (k)."""
+
+    label_cls: np.ndarray  # (n,)
+    presence: np.ndarray  # (n, nc)
+    support: np.ndarray  # (n, nc)
+    support_pred: np.ndarray  # (n, nc) prediction index giving support[c], -1 none
+    best_q: np.ndarray  # (n,) conf of the most confident overlapping same-class prediction (0 none)
+    best_u: np.ndarray  # (n,) its IoU
+    best_pred: np.ndarray  # (n,) its index, -1 none
+    matched_q: np.ndarray  # (n,) max conf of same-class predictions with IoU >= match_iou (0 none)
+    dense: np.ndarray  # (n,) highest raw label-class score of an anchor inside the region
+    pred_cls: np.ndarray  # (k,)
+    pred_conf: np.ndarray  # (k,)
+    pred_tp: np.ndarray  # (k,) bool: on a same-class annotation with IoU >= match_iou
+    unexplained: np.ndarray  # (k,) bool
+    candidates: np.ndarray  # indices of unexplained predictions >= min_conf, one per object
+    cand_iou: np.ndarray  # best IoU of each candidate with any annotation
+    decoy_cls: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # (m,) class of the source label
+    decoy_presence: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (m, nc)
+
+
+def soft_overlap(labels: np.ndarray, preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU, coverage of each label by each prediction) from soft masks of one resolution.
+
+    ``labels`` (n, h, w) and ``preds`` (k, h, w) hold values in [0, 1] (coverage fractions, mask
+    probabilities); intersection is the product, so binary masks give the usual IoU.
+    """
+    n, k = len(labels), len(preds)
+    if not n or not k:
+        return np.zeros((n, k)), np.zeros((n, k))
+    a = labels.reshape(n, -1).astype(np.float32)
+    b = preds.reshape(k, -1).astype(np.float32)
+    inter = (a @ b.T).astype(np.float64)
+    sa, sb = a.sum(1).astype(np.float64), b.sum(1).astype(np.float64)
+    union = sa[:, None] + sb[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    cov = np.divide(inter, sa[:, None], out=np.zeros_like(inter), where=sa[:, None] > 0)
+    return iou, cov
+
+
+def presence_in(regions: np.ndarray, pred_cls: np.ndarray, pred_conf: np.ndarray, preds: np.ndarray, nc: int,
+                dense: np.ndarray | None = None) -> np.ndarray:
+    """(m, nc) ``presence`` of every class in each region (coverage maps of the predictions' resolution)."""
+    _, cov = soft_overlap(regions, preds)
+    out = np.zeros((len(regions), nc))
+    for c in range(nc):
+        cols = np.flatnonzero(pred_cls == c)
+        if len(cols) and len(regions):
+            out[:, c] = (pred_conf[cols] * cov[:, cols]).max(1)
+    return out if dense is None else np.maximum(out, np.asarray(dense, float).reshape(len(regions), nc))
+
+
+def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarray, pred_conf: np.ndarray,
+                   preds: np.ndarray, nc: int, dense: np.ndarray | None = None, min_conf: float = 0.25,
+                   overlap_iou: float = 0.1, match_iou: float = 0.5, dedupe_iou: float = 0.5,
+                   labels_full: np.ndarray | None = None, decoys: np.ndarray | None = None,
+                   decoy_cls: np.ndarray | None = None, decoy_dense: np.ndarray | None = None) -> ImageEvidence:
+    """Evidence of one image from soft masks of one resolution (labels: coverage; predictions: probability).
+
+    Args:
+        label_cls: (n,) annotation classes, label-file order.
+        labels: (n, h, w) annotation coverage in [0, 1].
+        pred_cls, pred_conf: (k,) predictions (any confidence; multi-label rows allowed).
+        preds: (k, h, w) mask probabilities.
+        nc: number of classes.
+        dense: (n, nc) highest raw score of each class over the anchors inside each annotation (a
+            floor under ``presence``); None = no anchor scores (presence from the predictions only).
+        min_conf: unexplained predictions at least this confident are missing-label candidates.
+        overlap_iou: IoU at which a same-class prediction overlaps (explains) an annotation.
+        match_iou: IoU at which another class's prediction explains an annotation (it covers it),
+            and at which a prediction counts as correct for the model's precision.
+        dedupe_iou: candidates overlapping a more confident candidate by this IoU are one object.
+        labels_full: (n, H, W) the annotation masks at full resolution when ``labels`` is coarser: the
+            bad-outline IoU is then measured there (a small object's IoU on the coarse grid says more
+            about the grid than about the outline).
+        decoys: (m, h, w) coverage of decoy regions: annotations moved to a random place of the same
+            image that no annotation of their class touches (``decoy_cls``: their source classes;
+            ``decoy_dense``: their anchors' raw scores).
+            Their presence is what an annotation of that class and shape gets where nothing was
+            labelled: the null of ``spurious_label``.
+    """
+    label_cls = np.asarray(label_cls, int)
+    pred_cls, pred_conf = np.asarray(pred_cls, int), np.asarray(pred_conf, float)
+    n, k = len(label_cls), len(pred_cls)
+    iou, cov = soft_overlap(labels, preds)
+    same = label_cls[:, None] == pred_cls[None, :]
+    presence, support = np.zeros((n, nc)), np.zeros((n, nc))
+    support_pred = np.full((n, nc), -1)
+    for c in range(nc):
+        cols = np.flatnonzero(pred_cls == c)
+        if len(cols) and n:
+            presence[:, c] = (pred_conf[cols] * cov[:, cols]).max(1)
+            s = pred_conf[cols] * iou[:, cols]
+            support[:, c] = s.max(1)
+            support_pred[:, c] = np.where(support[:, c] > 0, cols[s.argmax(1)], -1)
+    over = same & (iou >= overlap_iou)
+    ranked = np.where(over, pred_conf[None, :], -1.0)
+    best_pred = np.where(over.any(1), ranked.argmax(1) if k else -1, -1) if n else np.zeros(0, int)
+    best_q = np.where(best_pred >= 0, pred_conf[np.maximum(best_pred, 0)] if k else 0.0, 0.0)
+    best_u = np.where(best_pred >= 0, iou[np.arange(n), np.maximum(best_pred, 0)] if k else 0.0, 0.0)
+    if labels_full is not None and labels_full.shape[1:] != labels.shape[1:]:
+        best_u = np.array([_full_iou(labels_full[i], preds[j]) if j >= 0 else 0.0 for i, j in enumerate(best_pred)])
+    matched = same & (iou >= match_iou)
+    matched_q = np.where(matched, pred_conf[None, :], 0.0).max(1) if k else np.zeros(n)
+    pred_tp = matched.any(0) if n else np.zeros(k, bool)
+    explained = (over | (~same & (iou >= match_iou))).any(0) if n else np.zeros(k, bool)
+    unexplained = ~explained
+    cands: list[int] = []
+    order = [j for j in np.argsort(-pred_conf, kind="stable") if unexplained[j] and pred_conf[j] >= min_conf]
+    if order:
+        pp, _ = soft_overlap(preds[order], preds[order])
+        for a, j in enumerate(order):
+            if all(pp[a, order.index(b)] < dedupe_iou for b in cands):
+                cands.append(int(j))
+    cand = np.array(cands, int)
+    cand_iou = iou[:, cand].max(0) if n and len(cand) else np.zeros(len(cand))
+    if dense is None:
+        dense = presence[np.arange(n), label_cls] if n else np.zeros(0)
+    else:  # below the floor no prediction is kept: the anchors' raw class scores are the evidence left
+        dense = np.asarray(dense, float).reshape(n, nc)
+        presence = np.maximum(presence, dense)
+        dense = dense[np.arange(n), label_cls] if n else np.zeros(0)
+    ev = ImageEvidence(label_cls, presence, support, support_pred, best_q, best_u, best_pred, matched_q,
+                       np.asarray(dense, float), pred_cls, pred_conf, pred_tp, unexplained, cand, cand_iou)
+    if decoys is not None and len(decoys):
+        ev.decoy_cls = np.asarray(decoy_cls, int)
+        ev.decoy_presence = presence_in(decoys, pred_cls, pred_conf, preds, nc, decoy_dense)
+    return ev
+
+
+def _full_iou(label: np.ndarray, prob: np.ndarray) -> float:
+    """Soft IoU of a full-resolution annotation mask with a coarse mask probability map, upsampled."""
+    import cv2
+
+    p = cv2.resize(np.asarray(prob, np.float32), (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
+    a = np.asarray(label, np.float32)
+    inter = float((a * p).sum())
+    union = float(a.sum() + p.sum()) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _logit_axis(x: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(x, float), LOG_FLOOR, 1 - LOG_FLOOR)
+    return np.log(p / (1 - p))
+
+
+def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Non-decreasing least-squares fit of ``y`` with weights ``w`` (pool adjacent violators); bins
+    without weight take the fit of their nearest weighted neighbour."""
+    idx = np.flatnonzero(w > 0)
+    blocks: list[list[float]] = []  # [value, weight, count]
+    for i in idx:
+        blocks.append([float(y[i]), float(w[i]), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    fit = np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
+    return np.interp(np.arange(len(y)), idx, fit)
+
+
+@dataclass
+class Density:
+    """Per-class smoothed histogram densities of one quantity on a fixed axis (see the module docstring)."""
+
+    lo: float
+    hi: float
+    bins: int
+    log: bool
+    pdf_table: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (nc, bins)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (nc, bins) samples per bin
+
+    @classmethod
+    def fit(cls, values: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None, log: bool = True,
+            bins: int | None = None) -> Density:
+        """``values[c]``: the samples of class ``c`` (``weights[c]`` their weights; default 1)."""
+        edge = math.log((1 - LOG_FLOOR) / LOG_FLOOR)
+        lo, hi = (-edge, edge) if log else (0.0, 1.0)
+        bins = bins or (CONF_BINS if log else IOU_BINS)
+        d = cls(lo, hi, bins, log)
+        counts = np.zeros((len(values), bins))
+        for c, v in enumerate(values):
+            w = None if weights is None else np.asarray(weights[c], float)
+            counts[c] = np.histogram(d._axis(v), bins=bins, range=(lo, hi), weights=w)[0]
+        pooled = counts.sum(0) + SMOOTH
+        pooled /= pooled.sum()
+        shrunk = (counts + SHRINK * pooled[None, :]) / (counts.sum(1, keepdims=True) + SHRINK)
+        # a floor that is the same density for every class and sample size: where neither side has
+        # seen a value, the ratio of two densities is 1 (no evidence), not the ratio of sample sizes
+        d.pdf_table = ((1 - FLOOR_MIX) * shrunk + FLOOR_MIX / bins) / ((hi - lo) / bins)
+        d.counts = counts
+        return d
+
+    def _axis(self, x: Any) -> np.ndarray:
+        return _logit_axis(x) if self.log else np.clip(np.asarray(x, float), 0.0, 1.0)
+
+    def _interp(self, table_row: np.ndarray, x: Any) -> float:
+        t = self._axis(x)
+        pos = float(np.clip((t - self.lo) / ((self.hi - self.lo) / self.bins) - 0.5, 0, self.bins - 1))
+        i0 = int(pos)
+        i1 = min(i0 + 1, self.bins - 1)
+        return float((1 - (pos - i0)) * table_row[i0] + (pos - i0) * table_row[i1])
+
+    def ratio(self, other: Density, c: int, x: float, increasing: bool, weight: np.ndarray | None = None) -> float:
+        """``self.pdf / other.pdf`` for class ``c`` at ``x``, made monotone in ``x`` (``increasing`` or
+        not; isotonic fit of the log ratio over the bins, weighted by their samples): more evidence
+        for an error never lowers its likelihood ratio. ``weight`` (per bin)
+        multiplies the numerator first (a shape assumed for the error, e.g. the bad-outline IoU)."""
+        r = self.pdf_table[c] / other.pdf_table[c]
+        if weight is not None:
+            r = r * weight
+        w = self.counts[c] + other.counts[c] if len(self.counts) and len(other.counts) else np.ones_like(r)
+        if not (w > 0).any():
+            return self._interp(r, x)
+        if not increasing:
+            r, w = r[::-1], w[::-1]
+        env = np.exp(_isotonic(np.log(r), w))
+        if not increasing:
+            env = env[::-1]
+        return self._interp(env, x)
+
+    def centres(self) -> np.ndarray:
+        """Bin centres on the value axis (IoU or confidence)."""
+        t = self.lo + (np.arange(self.bins) + 0.5) * (self.hi - self.lo) / self.bins
+        return 1 / (1 + np.exp(-t)) if self.log else t
+
+    def pdf(self, c: int | np.ndarray, x: Any) -> np.ndarray:
+        """Density of class ``c`` at ``x`` (linear between bin centres: continuous in ``x``)."""
+        t = self._axis(x)
+        width = (self.hi - self.lo) / self.bins
+        pos = np.clip((t - self.lo) / width - 0.5, 0, self.bins - 1)
+        i0 = np.floor(pos).astype(int)
+        i1 = np.minimum(i0 + 1, self.bins - 1)
+        f = pos - i0
+        row = self.pdf_table[c]
+        if row.ndim == 1:
+            return (1 - f) * row[i0] + f * row[i1]
+        idx = np.arange(len(row))
+        return (1 - f) * row[idx, i0] + f * row[idx, i1]
+
+
+@dataclass
+class Calibration:
+    """The model's reliability per class, measured on held-out annotations (``fit``)."""
+
+    nc: int
+    presence_self: Density
+    presence_other: Density
+    presence_null: Density | None  # decoys: annotations moved to random places (None: no decoys)
+    support_self: Density
+    support_other: Density
+    iou_self: list[Density]  # one per confidence stratum (CONF_STRATA)
+    conf_tp: Density
+    conf_fp: Density
+    tp_share: np.ndarray  # (nc,) share of held-out predictions >= the floor that are correct
+    conf_real: Density
+    conf_unexplained: Density
+    missing_prior_odds: np.ndarray  # (nc,)
+    annotations: int
+    images: int
+
+    @classmethod
+    def fit(cls, evidence: Sequence[ImageEvidence], nc: int, prior: float) -> Calibration:
+        """Densities from the evidence of held-out images (mostly correct labels)."""
+        lab = np.concatenate([e.label_cls for e in evidence]) if evidence else np.zeros(0, int)
+        pres = np.concatenate([e.presence for e in evidence]) if evidence else np.zeros((0, nc))
+        sup = np.concatenate([e.support for e in evidence]) if evidence else np.zeros((0, nc))
+        bq = np.concatenate([e.best_q for e in evidence]) if evidence else np.zeros(0)
+        bu = np.concatenate([e.best_u for e in evidence]) if evidence else np.zeros(0)
+        mq = np.concatenate([e.matched_q for e in evidence]) if evidence else np.zeros(0)
+        pc = np.concatenate([e.pred_cls for e in evidence]) if evidence else np.zeros(0, int)
+        pf = np.concatenate([e.pred_conf for e in evidence]) if evidence else np.zeros(0)
+        tp = np.concatenate([e.pred_tp for e in evidence]) if evidence else np.zeros(0, bool)
+        un = np.concatenate([e.unexplained for e in evidence]) if evidence else np.zeros(0, bool)
+        dc = np.concatenate([e.decoy_cls for e in evidence]) if evidence else np.zeros(0, int)
+        dp = np.concatenate([e.decoy_presence.reshape(-1, nc) for e in evidence]) if len(dc) else np.zeros((0, nc))
+        own = [lab == c for c in range(nc)]
+        has = bq > 0
+        st = np.searchsorted(CONF_STRATA, bq)
+        n_un = np.array([(un & (pc == c)).sum() for c in range(nc)], float)
+        n_lab = np.array([o.sum() for o in own], float)
+        tp_n = np.array([(tp & (pc == c)).sum() for c in range(nc)], float)
+        all_n = np.array([(pc == c).sum() for c in range(nc)], float)
+        return cls(
+            nc,
+            presence_self=Density.fit([pres[o, c] for c, o in enumerate(own)]),
+            presence_other=Density.fit([pres[~o, c] for c, o in enumerate(own)]),
+            presence_null=Density.fit([dp[dc == c, c] for c in range(nc)]) if len(dc) else None,
+            support_self=Density.fit([sup[o, c] for c, o in enumerate(own)]),
+            support_other=Density.fit([sup[~o, c] for c, o in enumerate(own)]),
+            iou_self=[Density.fit([bu[o & has & (st == k)] for o in own], log=False) for k in range(len(CONF_STRATA) + 1)],
+            conf_tp=Density.fit([pf[tp & (pc == c)] for c in range(nc)]),
+            conf_fp=Density.fit([pf[~tp & (pc == c)] for c in range(nc)]),
+            tp_share=(tp_n + 1) / (all_n + 2),
+            conf_real=Density.fit([mq[o] for o in own]),
+            conf_unexplained=Density.fit([pf[un & (pc == c)] for c in range(nc)]),
+            missing_prior_odds=prior * (n_lab + 1) / (n_un + 1),
+            annotations=int(len(lab)), images=len(evidence))
+
+    def precision(self, c: int, q: float) -> float:
+        """The model's precision for class ``c`` at confidence ``q`` (held-out, Bayes from the two
+        densities, non-decreasing in ``q``)."""
+        odds = self.tp_share[c] / (1 - self.tp_share[c]) * self.conf_tp.ratio(self.conf_fp, c, q, increasing=True)
+        return float(odds / (1 + odds))
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def _log_odds(prior: float, lr: float) -> float:
+    return math.log(prior / (1 - prior)) + math.log(max(lr, 1e-300))
+
+
+def posterior(log_odds: float) -> float:
+    """Probability from log-odds (the printed ``score``)."""
+    return 1.0 / (1.0 + math.exp(-log_odds)) if log_odds > -700 else 0.0
+
+
+def other_class(ev: ImageEvidence, i: int) -> int:
+    """The class other than annotation ``i``'s with the most support there (-1: none)."""
+    a = int(ev.label_cls[i])
+    others = [b for b in range(ev.support.shape[1]) if b != a and ev.support[i, b] > 0]
+    return max(others, key=lambda c: (ev.support[i, c], -c)) if others else -1
+
+
+def score_annotations(ev: ImageEvidence, cal: Calibration, prior: float) -> list[dict[str, Any]]:
+    """One row per annotation: its most probable kind, ``log_odds``, ``score`` (posterior),
+    ``strength`` (continuous tie-break), the prediction index it cites (``_pred``) and the numbers
+    behind it (``_why``)."""
+    rows = []
+    for i, a in enumerate(ev.label_cls):
+        a = int(a)
+        p_a = ev.presence[i, a]
+        null = cal.presence_null or cal.presence_other
+        lr_sp = null.ratio(cal.presence_self, a, p_a, increasing=False)
+        cand = {"spurious_label": (_log_odds(prior, lr_sp), 1.0 - float(ev.dense[i]), -1,
+                                   {"presence": p_a, "lr": lr_sp})}
+        b = other_class(ev, i)
+        if b >= 0:
+            s_b = ev.support[i, b]
+            lr_b = cal.support_self.ratio(cal.support_other, b, s_b, increasing=True)
+            cand["wrong_class"] = (_log_odds(prior, lr_sp * lr_b), s_b - p_a, int(ev.support_pred[i, b]),
+                                   {"presence": p_a, "cls": b, "support": s_b, "lr": lr_sp * lr_b})
+        if ev.best_pred[i] >= 0:
+            q, u = ev.best_q[i], ev.best_u[i]
+            prec = cal.precision(a, q)
+            h = cal.iou_self[int(np.searchsorted(CONF_STRATA, q))]
+            # a bad outline's IoU with the object: anywhere, more often low than high (2(1 - u))
+            uniform = Density(h.lo, h.hi, h.bins, h.log, np.ones_like(h.pdf_table), h.counts)
+            lr_bo = prec * uniform.ratio(h, a, u, increasing=False, weight=2 * (1 - h.centres())) + 1 - prec
+            cand["bad_outline"] = (_log_odds(prior, lr_bo), q * (1 - u), int(ev.best_pred[i]),
+                                   {"conf": q, "iou": u, "precision": prec, "lr": lr_bo})
+        kind = max(cand, key=lambda kd: (cand[kd][0], cand[kd][1], -KINDS.index(kd)))
+        lo, strength, j, why = cand[kind]
+        # the whole evidence, least supported first: rows tie only when all of it is equal (the same case)
+        tiebreak = (float(p_a), float(ev.dense[i]), float(ev.best_u[i]), -float(ev.best_q[i]),
+                    -float(ev.support[i].max()))
+        rows.append({"annotation": i, "kind": kind, "log_odds": lo, "score": posterior(lo), "strength": strength,
+                     "tiebreak": tiebreak, "_pred": j, "_why": why})
+    return rows
+
+
+def score_candidates(ev: ImageEvidence, cal: Calibration) -> list[dict[str, Any]]:
+    """One ``missing_label`` row per candidate prediction (see ``score_annotations`` for the fields)."""
+    rows = []
+    for j, best_iou in zip(ev.candidates, ev.cand_iou, strict=True):
+        c, q = int(ev.pred_cls[j]), float(ev.pred_conf[j])
+        lr = cal.conf_real.ratio(cal.conf_unexplained, c, q, increasing=True)
+        lo = math.log(cal.missing_prior_odds[c]) + math.log(lr)
+        rows.append({"annotation": -1, "kind": "missing_label", "log_odds": lo, "score": posterior(lo), "strength": q,
+                     "tiebreak": (float(best_iou),), "_pred": int(j), "_why": {"conf": q, "iou": float(best_iou), "lr": lr,
+                                               "precision": cal.precision(c, q)}})
+    return rows
+
+
+def rank_key(row: dict[str, Any]) -> tuple:
+    """Best first: log-odds, the kind's own evidence strength, kind order; image and annotation
+    order only rows with identical evidence (the same case)."""
+    return (-row["log_odds"], -row["strength"], row.get("tiebreak", ()), KINDS.index(row["kind"]),
+            row.get("image", ""), row["annotation"], row.get("_pred", -1))
+
+
+__all__ = ["KINDS", "Calibration", "Density", "ImageEvidence", "image_evidence", "other_class", "posterior", "rank_key",
+           "score_annotations", "score_candidates", "soft_overlap"]
