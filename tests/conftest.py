@@ -20,6 +20,22 @@ from tests.helpers import S3_BUCKET  # noqa: E402
 PATHS = activate(_STATE)
 
 
+# What a test, or a CLI command it runs in-process, may pin in os.environ: the MLflow identity (a tracking URI with
+# user:password@ is moved into these) and the worker's config. Restored after every test, so no test runs as
+# another test's account or with its worker settings.
+_PINNED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DAMAGE_WORKER_CONFIG",
+               "DAMAGE_REGISTRY_CONFIG", "DAMAGE_CONFIG")
+
+
+@pytest.fixture(autouse=True)
+def _restore_pinned_env(monkeypatch):
+    for k in _PINNED_ENV:
+        if k in os.environ:
+            monkeypatch.setenv(k, os.environ[k])
+        else:
+            monkeypatch.delenv(k, raising=False)
+
+
 @pytest.fixture(scope="session")
 def state_paths():
     """The activated test state directory (Ultralytics configured to use it)."""

@@ -32,6 +32,12 @@ def check_dataset_paths(yaml_path: Path, root: Path, splits: dict[str, list[Path
                            f"own ({yaml_path.parent}); a dataset cannot claim its parent folders")
     for split, sources in splits.items():
         for src in sources:
-            if not Path(os.path.realpath(src)).is_relative_to(real_root):
+            real = Path(os.path.realpath(src))
+            # a .txt list beside the data.yaml itself (a fold or a view written by the pipeline) may sit outside
+            # the root: only its text is read there, and every line it names must still resolve inside the
+            # root (``dataset.list_images``), so no image or label outside the dataset is ever opened
+            if real.suffix.lower() == ".txt" and real.parent == own and real.is_file():
+                continue
+            if not real.is_relative_to(real_root):
                 kind = "list" if src.suffix.lower() == ".txt" else "source"
                 raise DatasetError(f"{yaml_path}: split '{split}' {kind} {src} lies outside the dataset root {root}")

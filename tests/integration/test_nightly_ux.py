@@ -188,7 +188,7 @@ def test_flow_run_has_summary_progress_link_and_project_logs(ux_run):
     assert link.type == "markdown" or link.type == "link"
     assert f"/runs/{s['mlflow_run_id']}?workflowType=machine_learning" in str(link.data)
     assert f"mlflow-run:{s['mlflow_run_id']}" in fr.tags
-    project = [lg for lg in logs if lg.name.startswith(("tasks.", "model_registry."))]
+    project = [lg for lg in logs if lg.name.startswith(("damage.tasks.", "damage.model_registry."))]
     assert any(lg.name == "damage.tasks.validation.data_check" and "data gate:" in lg.message for lg in project), \
         [(lg.name, lg.message[:80]) for lg in logs][:20]
     # and the MLflow run links back to the flow run, clickable (markdown description)

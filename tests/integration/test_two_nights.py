@@ -46,13 +46,17 @@ def test_second_night_fine_tunes_from_the_approved_version(prefect_harness, stat
     # a store of its own: nothing an earlier session recorded (skip-unchanged, production) can interfere
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
-    first = nightly(overrides=TINY, force=True)
+    from tests.helpers import worker_config
+
+    with worker_config(TINY):  # the worker's own --set (issue 31: a run parameter may not carry these)
+        first = nightly(force=True)
     assert first["init"]["source"] == "scratch"
     v1 = first["registered_version"]
     assert first["promotion"]["passed"], first["promotion"]["reasons"]
     mr.approve(first["tracking_uri"], name, v1, by="test", reason="first model")
 
-    second = nightly(overrides=[*TINY, f"train.epochs={NIGHT2_EPOCHS}"], force=True)
+    with worker_config([*TINY, f"train.epochs={NIGHT2_EPOCHS}"]):
+        second = nightly(force=True)
     # it started from production, and says so on the version and on the run
     assert second["init"]["source"] == "production" and second["init"]["parent_version"] == v1
     c = MlflowClient(second["tracking_uri"])

@@ -120,14 +120,19 @@ def test_guard_keeps_the_qualifying_epoch_over_a_fitter_one_that_loses_a_class(t
     assert seen[0]["guard/mask_ap50/dent"] == 0.6
 
 
-def test_guard_scores_with_the_pipeline_evaluator_by_default(trained_model, easy_dataset, easy_imgsz, tmp_path):
-    """Without a stand-in the guard scores with ``Evaluator`` (the gate's measure): the parent's per-class figures
-    are exactly what the evaluator reports for the starting weights, and best.pt is the chosen epoch."""
+def test_guard_scores_with_the_pipeline_evaluator(trained_model, easy_dataset, easy_imgsz, tmp_path):
+    """The guard scores with the gate's ``Evaluator``, which the caller must pass (no default evaluator that
+    ignores the evaluate: settings): the parent's per-class figures are exactly what the evaluator reports for
+    the starting weights, and best.pt is the chosen epoch."""
+    from damage.tasks.core.errors import DamageError
     from damage.tasks.evaluation.evaluate import Evaluator
     from damage.tasks.training.train import train_model
 
-    res = train_model(easy_dataset, _finetune_cfg(trained_model, easy_imgsz), tmp_path, seed=0,
-                      extra_args={"plots": False})
+    cfg = _finetune_cfg(trained_model, easy_imgsz)
+    with pytest.raises(DamageError, match="guard_eval"):
+        train_model(easy_dataset, cfg, tmp_path / "no-evaluator", seed=0, extra_args={"plots": False})
+    res = train_model(easy_dataset, cfg, tmp_path, seed=0, extra_args={"plots": False},
+                      guard_eval=Evaluator(imgsz=easy_imgsz).metrics_fn(easy_dataset))
     state = json.loads((res.run_dir / GUARD_FILE).read_text())
     direct = Evaluator(imgsz=easy_imgsz)(trained_model, easy_dataset).metrics
     want = {k: v for k, v in direct.items() if k.startswith("mask_ap50/")}
