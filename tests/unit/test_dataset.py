@@ -11,14 +11,8 @@ import yaml
 
 from damage.tasks.core.atomic import atomic_output_dir
 from damage.tasks.core.errors import DatasetError
-from damage.tasks.data.dataset import (
-    check_structure,
-    label_path,
-    load_data_yaml,
-    merge_segments,
-    normalize_name,
-    split_images,
-)
+from damage.tasks.data.dataset import check_structure, label_path, load_data_yaml, split_images
+from damage.tasks.data.importer import merge_segments, normalize_name
 
 POLY = "0.1 0.1 0.5 0.1 0.5 0.5"
 
