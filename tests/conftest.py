@@ -206,7 +206,11 @@ def ray_local(state_paths):
     tmp = Path(state_paths.root) / "ray"
     tmp.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
+        # workers import what the tests hand them (tests.* helpers included) from this checkout, also where
+        # the package is an installed one and the checkout is not on their path
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp),
-                 configure_logging=False)
+                 configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
