@@ -96,8 +96,7 @@ def resolve(model_uri: str, cache_dir: str | os.PathLike, tracking_uri: str | No
                                                              tracking_uri=c.tracking_uri))
             onnx = approved_file(local, ".onnx")
         built = save_pyfunc(onnx, tmp / "pyfunc")
-        shutil.rmtree(dst, ignore_errors=True)
-        try:
+        try:  # never over an existing folder: another replica may be loading it
             os.replace(built, dst)
         except OSError:
             if not (dst / "MLmodel").is_file():  # another replica renamed its copy first: keep that one
