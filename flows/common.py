@@ -194,6 +194,22 @@ def run_guarded(fn, *args, **kwargs):
         sys.exit(130)
 
 
+def open_top_level_run(cfg: Config, name: str, kind: str | None = None, params: dict | None = None):
+    """Start a top-level MLflow run tagged ``ENTRY_TAG = kind`` (default ``name``); returns ``(run_id, client)``.
+
+    The one place a command opens its own run (``top_level_run`` wraps it; ``damage tune`` keeps its run open
+    across a resumed search).
+    """
+    from damage.tasks.core import tracking
+
+    c = tracking.client(cfg.mlflow.tracking_uri)
+    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
+    run_id = tracking.start_run(c, exp, name, tags={ENTRY_TAG: kind or name})
+    if params:
+        tracking.log_params(c, run_id, params)
+    return run_id, c
+
+
 @contextmanager
 def top_level_run(cfg: Config, name: str, kind: str | None = None) -> Iterator[tuple[str, str]]:
     """A top-level MLflow run for a stand-alone command; the step runs nest under it.
@@ -203,9 +219,7 @@ def top_level_run(cfg: Config, name: str, kind: str | None = None) -> Iterator[t
     """
     from damage.tasks.core import tracking
 
-    c = tracking.client(cfg.mlflow.tracking_uri)
-    exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
-    run_id = tracking.start_run(c, exp, name, tags={ENTRY_TAG: kind or name})
+    run_id, c = open_top_level_run(cfg, name, kind)
     ok = False
     try:
         yield run_id, c.tracking_uri

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from damage.flows.common import ENTRY_TAG, console, run_guarded, setup
+from damage.flows.common import console, open_top_level_run, run_guarded, setup
 
 
 def tune_cmd(
@@ -46,10 +46,9 @@ def tune_cmd(
     else:
         data_yaml = run_guarded(find_data_yaml, data).resolve()
         dims = run_guarded(load_space, resolve_space(cfg.tune.space), cfg)
-        exp = tracking.ensure_experiment(c, cfg.mlflow.experiment, cfg.mlflow.artifact_location)
-        parent = tracking.start_run(c, exp, "tune", tags={ENTRY_TAG: "tune"})
-        tracking.log_params(c, parent, {"tune": cfg.tune.model_dump(), "data": str(data_yaml),
-                                        "space": {d.key: {d.sampler: d.values} for d in dims}})
+        parent, _ = open_top_level_run(cfg, "tune", params={
+            "tune": cfg.tune.model_dump(), "data": str(data_yaml),
+            "space": {d.key: {d.sampler: d.values} for d in dims}})
         save_search(out_dir, parent, data_yaml)
     name, _ = run_guarded(objective_mode, cfg.tune.objective)
     where = run_guarded(connect, cfg.ray, paths.root)
