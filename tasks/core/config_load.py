@@ -80,6 +80,19 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(msgs)
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); ConfigError naming ``path`` otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load the YAML config, apply ``key=value`` overrides and validate.
 
@@ -91,14 +104,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         ConfigError: unreadable file, unknown key (with the closest valid key), or bad value.
     """
     path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path, "config file")
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)

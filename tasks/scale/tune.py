@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from damage.tasks.core.config import CLASSES, Config, ConfigError
-from damage.tasks.core.config_load import config_with
+from damage.tasks.core.config_load import config_with, read_yaml_mapping
 from damage.tasks.core.errors import DamageError
 
 WORST_DAMAGE_AP50 = "worst_damage_mask_ap50"  # the default objective's name (tags, reports)
@@ -74,13 +74,7 @@ def load_space(path: str | os.PathLike, base: Config) -> list[Dimension]:
         ConfigError: missing/invalid file, unknown key (with the closest valid one), bad sampler or value.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: search space not found (tune.space)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    space = raw.get("space") if isinstance(raw, dict) else None
+    space = read_yaml_mapping(p, "search space (tune.space)").get("space")
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{p}: expected a non-empty mapping 'space:' of config key -> {{sampler: values}}")
     dims = []
