@@ -27,13 +27,37 @@ _PINNED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DAMAGE_W
                "DAMAGE_REGISTRY_CONFIG", "DAMAGE_CONFIG")
 
 
+_BASELINE_ENV = {k: os.environ.get(k) for k in _PINNED_ENV}  # as the session started
+_last_test: list[str] = ["(session setup)"]
+
+
+def _reset_pinned_env() -> list[str]:
+    """Put the pinned variables back to the session's start; returns the names that had drifted."""
+    drifted = []
+    for k, v in _BASELINE_ENV.items():
+        if os.environ.get(k) != v:
+            drifted.append(k)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return drifted
+
+
 @pytest.fixture(autouse=True)
-def _restore_pinned_env(monkeypatch):
-    for k in _PINNED_ENV:
-        if k in os.environ:
-            monkeypatch.setenv(k, os.environ[k])
-        else:
-            monkeypatch.delenv(k, raising=False)
+def _restore_pinned_env(request):
+    """Every test starts from the session's pinned environment, whatever ran before it (a session fixture, a
+    thread outliving its test): a drift is reset, and named in a warning with the test that ran before, so the
+    leak can be found. Assigned directly (not through monkeypatch), so a test's own ``monkeypatch.undo()``
+    comes back to the baseline too."""
+    drifted = _reset_pinned_env()
+    if drifted:
+        import warnings
+
+        warnings.warn(f"{', '.join(drifted)} changed outside a test, after {_last_test[0]}; reset", stacklevel=1)
+    yield
+    _reset_pinned_env()
+    _last_test[0] = request.node.nodeid
 
 
 @pytest.fixture(scope="session")
