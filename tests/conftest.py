@@ -21,42 +21,44 @@ PATHS = activate(_STATE)
 
 
 # What a test, or a CLI command it runs in-process, may pin in os.environ: the MLflow identity (a tracking URI with
-# user:password@ is moved into these) and the worker's config. Restored after every test, so no test runs as
-# another test's account or with its worker settings.
-_PINNED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DAMAGE_WORKER_CONFIG",
-               "DAMAGE_REGISTRY_CONFIG", "DAMAGE_CONFIG")
-
-
-_BASELINE_ENV = {k: os.environ.get(k) for k in _PINNED_ENV}  # as the session started
+# user:password@ is moved into these), the worker's config, and what `activate()` of a CLI's --state-dir writes.
+_IDENTITY_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+_PINNED_ENV = (*_IDENTITY_ENV, "DAMAGE_WORKER_CONFIG", "DAMAGE_REGISTRY_CONFIG", "DAMAGE_CONFIG", "DAMAGE_STATE_DIR",
+               "MLFLOW_TRACKING_URI", "YOLO_CONFIG_DIR")
+_SESSION_IDENTITY = {k: os.environ.get(k) for k in _IDENTITY_ENV}  # as the session started
 _last_test: list[str] = ["(session setup)"]
 
 
-def _reset_pinned_env() -> list[str]:
-    """Put the pinned variables back to the session's start; returns the names that had drifted."""
-    drifted = []
-    for k, v in _BASELINE_ENV.items():
+def _put_env(values: dict[str, str | None]) -> list[str]:
+    """Set ``values`` in os.environ (None = unset); returns the names that differed."""
+    changed = []
+    for k, v in values.items():
         if os.environ.get(k) != v:
-            drifted.append(k)
+            changed.append(k)
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return drifted
+    return changed
 
 
 @pytest.fixture(autouse=True)
 def _restore_pinned_env(request):
-    """Every test starts from the session's pinned environment, whatever ran before it (a session fixture, a
-    thread outliving its test): a drift is reset, and named in a warning with the test that ran before, so the
-    leak can be found. Assigned directly (not through monkeypatch), so a test's own ``monkeypatch.undo()``
-    comes back to the baseline too."""
-    drifted = _reset_pinned_env()
+    """After every test the pinned variables are back to what they were when it started (a module fixture's
+    settings stay for its module). Assigned directly, not through monkeypatch, so a test's own
+    ``monkeypatch.undo()`` cannot bring back an earlier value.
+
+    The MLflow identity is more: no fixture above a test's own sets it for longer than a ``with`` block, so every
+    test starts as the session started. An account that outlived its test (a thread, an interleaved
+    ``mlflow_user`` block) is reset and named in a warning with the test that ran before."""
+    drifted = _put_env(_SESSION_IDENTITY)
     if drifted:
         import warnings
 
-        warnings.warn(f"{', '.join(drifted)} changed outside a test, after {_last_test[0]}; reset", stacklevel=1)
+        warnings.warn(f"{', '.join(drifted)} outlived a test, after {_last_test[0]}; reset", stacklevel=1)
+    start = {k: os.environ.get(k) for k in _PINNED_ENV}
     yield
-    _reset_pinned_env()
+    _put_env(start)
     _last_test[0] = request.node.nodeid
 
 

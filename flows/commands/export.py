@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,29 +72,26 @@ def export_cmd(
                   f"conf={md.get('conf')} iou={md.get('iou')}", highlight=False, soft_wrap=True)
 
 
-def _list_images(src: Path) -> list[Path]:
-    from damage.tasks.data.dataset import IMAGE_EXTS
-
-    if src.is_dir():
-        return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    return [src]
-
-
 RESERVED_NAMES = {"index"}  # index.json is the run's own listing
 
 
-def _out_names(images: list[Path], out: Path | None = None) -> dict[Path, str]:
+def _out_names(images: list[str], out: Path | None = None) -> dict[str, str]:
     """NAME for each image: its stem, or stem_ext where two images share a stem; then ``_1``,
     ``_2``... until it is unique ignoring case (case-insensitive file systems), is not a reserved
     name (``index``) and its ``NAME.json``/``NAME.png`` in ``out`` is not one of the inputs. So no
     output ever overwrites another output or an input image."""
+    from pathlib import PurePosixPath
+
+    from damage.tasks.serving.one_image import is_s3
+
     stems: dict[str, int] = {}
-    for p in images:
+    paths = {s: PurePosixPath(s[5:]) if is_s3(s) else Path(s) for s in images}
+    for p in paths.values():
         stems[p.stem.lower()] = stems.get(p.stem.lower(), 0) + 1
-    inputs = {p.resolve() for p in images}
+    inputs = {p.resolve() for p in paths.values() if isinstance(p, Path)}
     taken = set(RESERVED_NAMES)
-    names: dict[Path, str] = {}
-    for p in images:
+    names: dict[str, str] = {}
+    for s, p in paths.items():
         base = p.stem if stems[p.stem.lower()] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}"
         name, k = base, 0
         while name.lower() in taken or (out is not None and any(
@@ -101,7 +99,7 @@ def _out_names(images: list[Path], out: Path | None = None) -> dict[Path, str]:
             k += 1
             name = f"{base}_{k}"
         taken.add(name.lower())
-        names[p] = name
+        names[s] = name
     return names
 
 
@@ -131,7 +129,8 @@ def _slices_option(value: str | None) -> str | dict | None:
 
 def predict_cmd(
     ctx: typer.Context,
-    source: Annotated[Path, typer.Argument(exists=True, help="An image or a folder of images.")],
+    source: Annotated[str, typer.Argument(help="An image, a folder of images, or s3://bucket/prefix (read in place, "
+                                          "never copied first).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Exported model (.onnx), or models:/NAME@production | "
                                        "models:/NAME/VERSION (the approved copy, hash-verified).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for NAME.json and NAME.png.")],
@@ -141,79 +140,121 @@ def predict_cmd(
     backend: Annotated[str | None, typer.Option("--backend", help="Runtime: auto|onnxruntime|openvino (default: predictor.backend; auto = the faster one measured at export).")] = None,
     collect: Annotated[bool, typer.Option("--collect", help="Keep the images the model is unsure about in the labelling inbox (serving.collect rules, inbox and cap).")] = False,
     slices: Annotated[str | None, typer.Option("--slices", help="Sliced inference of large photos: off|auto|SIZE[:OVERLAP] tiles in pixels (default: the model's damage.slices metadata, else predictor.slices).")] = None,
+    ray: Annotated[bool | None, typer.Option("--ray/--no-ray", help="Shard the images over Ray workers (Ray Data; each worker loads the model once, ray.worker_threads threads; default: ray.enabled). Needs the [ray] extra.")] = None,
 ) -> None:
     """Segment damage with ONNX Runtime or OpenVINO; per image write NAME.json (instances, per-vehicle damage %) and NAME.png."""
     cfg, paths = setup(ctx)
     from damage.tasks.core.notify import send
+    from damage.tasks.data.dataset import IMAGE_EXTS
+    from damage.tasks.scale.batch import PredictorSettings, build_predictor
+    from damage.tasks.serving.one_image import list_sources
 
+    use_ray = cfg.ray.enabled if ray is None else ray
+    if use_ray and collect:
+        fail("--collect needs the image bytes in this process: run it without --ray")
     model = _model_file(model, paths.root, lambda msg: send(cfg.notify, "failure", f"refused {model}", msg))
-    images = _list_images(source)
+    images = run_guarded(list_sources, source, IMAGE_EXTS)
     if not images:
         fail(f"{source}: no images (extensions: jpg, jpeg, png, bmp, tif, tiff, webp)")
-    import cv2
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from damage.tasks.core.atomic import atomic_write_bytes, atomic_write_json
-    from damage.tasks.core.errors import DamageError
-    from damage.tasks.serving.draw import draw_prediction
-    from damage.tasks.serving.predictor import Predictor, read_image
-    from damage.tasks.serving.slicing import parse_slices
-
     pc = cfg.predictor
-    pred = run_guarded(Predictor, model, conf=conf, iou=iou, backend=backend or pc.backend, threads=pc.threads or None,
-                       spinning=pc.spinning, cache_optimized=pc.cache_optimized,
-                       openvino_precision=pc.openvino_precision, slices=_slices_option(slices))
-    if slices is None and "damage.slices" not in pred.metadata:  # no choice recorded with the model: the config's
-        pred.slices = run_guarded(parse_slices, pc.slices_value)
+    settings = PredictorSettings(
+        conf=conf, iou=iou, backend=backend or pc.backend, slices=_slices_option(slices),
+        config_slices=pc.slices_value if slices is None else None,
+        kwargs={"spinning": pc.spinning, "cache_optimized": pc.cache_optimized,
+                "openvino_precision": pc.openvino_precision})
+    # the predictor of this process: the run's summary line, and the work itself without --ray
+    pred = run_guarded(build_predictor, model, settings, pc.threads or None)
     out.mkdir(parents=True, exist_ok=True)
     names = _out_names(images, out)
-    inbox, collected = None, 0
+    inbox = None
     if collect:  # --collect is the opt-in: the rules, inbox and cap of serving.collect apply
         from damage.tasks.data.blobstore import open_store
         from damage.tasks.serving.inbox import Inbox
 
         cc = cfg.serving.collect.model_copy(update={"enabled": True})
         inbox = Inbox(cc, open_store(cc.inbox, paths.root / "inbox"), max_pixels=pred.max_pixels)
-    index, failed = [], 0
-    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, disable=len(images) == 1, transient=True) as bar:
-        task = bar.add_task("predict", total=len(images))
-        for p in images:
-            name = names[p]
-            try:
-                im = read_image(p, pred.max_pixels)
-                res = pred.predict(im)[0]
-                doc = res.to_dict(str(p), str(model), pred.conf, pred.iou)
-                if inbox is not None and inbox.maybe_collect(p.read_bytes(), doc):
-                    collected += 1
-                if overlay:
-                    ok, buf = cv2.imencode(".png", draw_prediction(im, res))
-                    if not ok:
-                        raise DamageError(f"{p}: could not encode the overlay")
-                    atomic_write_bytes(out / f"{name}.png", buf.tobytes())
-                index.append({"image": str(p), "json": f"{name}.json", "instances": len(res.instances),
-                              "damage_percent": doc["damage_percent"]})
-            except (DamageError, cv2.error) as e:
-                failed += 1
-                doc = {"image": str(p), "model": str(model), "error": str(e)}
-                index.append({"image": str(p), "json": f"{name}.json", "error": str(e)})
-                err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-            atomic_write_json(out / f"{name}.json", doc, indent=1)
-            bar.advance(task)
-    atomic_write_json(out / "index.json", index, indent=1)
+    results = (_ray_results(cfg, paths, model, images, settings, overlay) if use_ray
+               else _local_results(pred, model, images, overlay, inbox))
+    index, failed, collected = _write_results(results, names, out, len(images))
     if len(images) == 1 and not failed:
         d = index[0]
         pct = "n/a" if d["damage_percent"] is None else f"{d['damage_percent']:.1f}%"
         console.print(f"{images[0]}: {d['instances']} instance(s), damage {pct}", highlight=False, soft_wrap=True)
+    where = f", Ray: {_ray_where(cfg)}" if use_ray else ""
     console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}, "
-                  f"{pred.backend}, slices {json.dumps(pred.slices.to_value())}) -> {out}", highlight=False,
+                  f"{pred.backend}, slices {json.dumps(pred.slices.to_value())}{where}) -> {out}", highlight=False,
                   soft_wrap=True)
     if inbox is not None:
-        console.print(f"collected {collected} image(s) for labelling -> {inbox.store.uri} "
+        console.print(f"collected {sum(collected)} image(s) for labelling -> {inbox.store.uri} "
                       f"(next: damage data label-export)", highlight=False, soft_wrap=True)
     if failed:
         err_console.print(f"{failed} image(s) failed; see their JSON files", highlight=False)
         raise typer.Exit(1)
+
+
+def _local_results(pred, model: Path, images: list[str], overlay: bool, inbox) -> Iterator[tuple[str, dict, bytes | None, bool]]:
+    """(source, document, overlay PNG, collected) per image, in this process, in order."""
+    from damage.tasks.core.errors import DamageError
+    from damage.tasks.serving.one_image import error_doc, predict_source, read_source
+
+    for src in images:
+        try:
+            data = read_source(src)
+            doc, png = predict_source(pred, src, str(model), overlay, data=data)
+            yield src, doc, png, bool(inbox is not None and inbox.maybe_collect(data, doc))
+        except DamageError as e:
+            yield src, error_doc(src, str(model), str(e)), None, False
+
+
+def _ray_results(cfg, paths, model: Path, images: list[str], settings, overlay: bool) -> Iterator[tuple[str, dict, bytes | None, bool]]:
+    """The same tuples from Ray Data workers (``damage.tasks.scale.batch``), as batches finish."""
+    from damage.tasks.scale.batch import predict_on_ray
+    from damage.tasks.scale.ray_runtime import connect, resolve_address
+
+    run_guarded(connect, cfg.ray, paths.root)
+    # AWS keys go to the workers of an embedded Ray only (this machine); a cluster's workers use their own
+    for r in run_guarded(predict_on_ray, model, images, settings, cfg.ray, str(model), overlay,
+                         forward_credentials=resolve_address(cfg.ray) is None):
+        yield r.source, r.doc, r.png, False
+
+
+def _ray_where(cfg) -> str:
+    from damage.tasks.scale.batch import plan_workers
+
+    return f"{plan_workers(cfg.ray, 1 << 30)} worker(s) x {cfg.ray.worker_threads} thread(s)"
+
+
+def _write_results(results, names: dict[str, str], out: Path, total: int) -> tuple[list[dict], int, list[bool]]:
+    """NAME.json (and NAME.png) per result, written as each arrives; then index.json in the input order."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from damage.tasks.core.atomic import atomic_write_bytes, atomic_write_json
+    from damage.tasks.core.errors import DamageError
+
+    rows: dict[str, dict] = {}
+    collected: list[bool] = []
+    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, disable=total == 1, transient=True) as bar:
+        task = bar.add_task("predict", total=total)
+        try:
+            for src, doc, png, kept in results:
+                name = names[src]
+                if "error" in doc:
+                    rows[src] = {"image": src, "json": f"{name}.json", "error": doc["error"]}
+                    err_console.print(f"[red]error:[/] {doc['error']}", highlight=False, soft_wrap=True)
+                else:
+                    if png is not None:
+                        atomic_write_bytes(out / f"{name}.png", png)
+                    rows[src] = {"image": src, "json": f"{name}.json", "instances": len(doc["instances"]),
+                                 "damage_percent": doc["damage_percent"]}
+                atomic_write_json(out / f"{name}.json", doc, indent=1)
+                collected.append(kept)
+                bar.advance(task)
+        except DamageError as e:
+            fail(str(e))
+    index = [rows[s] for s in names if s in rows]
+    atomic_write_json(out / "index.json", index, indent=1)
+    return index, sum("error" in r for r in index), collected
 
 
 def register(app: typer.Typer) -> None:

@@ -134,6 +134,16 @@ class TrainConfig(_Section):
     cache: bool | Literal["ram", "disk"] = False
     init: str = Field("auto", min_length=1)
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> Any:
+        """``[0, 1]`` (YAML list) and ``0`` mean Ultralytics' ``"0,1"`` and ``"0"``."""
+        if isinstance(v, (list, tuple)):
+            if not v or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v):
+                raise ValueError(f"train.device list must hold GPU indices (e.g. [0, 1]), got {list(v)}")
+            return ",".join(str(d) for d in v)
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
     @field_validator("init")
     @classmethod
     def _init_mode(cls, v: str) -> str:

@@ -148,6 +148,33 @@ def _read_history(results_csv: Path) -> list[dict[str, float]]:
         return rows
 
 
+def is_multi_gpu(device: str) -> bool:
+    """``train.device`` names two or more GPUs (``"0,1"``): Ultralytics trains with DDP in a subprocess."""
+    return len([d for d in str(device).split(",") if d.strip()]) > 1
+
+
+def replay_epochs(history: list[dict[str, float]], planned: int, validated_every_epoch: bool,
+                  ) -> list[tuple[int, dict[str, float]]]:
+    """``(epoch, metrics)`` per row of ``results.csv``, as ``train_model``'s ``on_epoch`` reports them.
+
+    Ultralytics' DDP subprocess drops callbacks added with ``add_callback`` (ultralytics#6168), so a
+    multi-GPU training reports its epochs after the fact from the file rank 0 wrote: losses, learning
+    rates, the epoch plan, and the validation figures of the epochs that validated (every epoch, or the last
+    one with per-epoch validation off). The per-class mask AP50 of each epoch is not in the file: a DDP
+    run has it for the final validation only. Values carry the file's 6 significant digits.
+    """
+    out = []
+    for i, row in enumerate(history):
+        raw = {k: v for k, v in row.items() if k not in ("epoch", "time")}
+        validated = validated_every_epoch or i == len(history) - 1
+        if not validated:
+            raw = {k: v for k, v in raw.items() if not k.startswith(("metrics/", "val/"))}
+        metrics = normalise_metrics(raw)
+        metrics["epochs_planned"] = float(planned)
+        out.append((int(row.get("epoch", i + 1)) - 1, metrics))
+    return out
+
+
 def normalise_metrics(raw: dict[str, Any]) -> dict[str, float]:
     """Ultralytics metric names -> ours: ``metrics/mAP50-95(M)`` -> ``mask/mAP50-95``."""
     out: dict[str, float] = {}
@@ -282,6 +309,12 @@ def train_model(
 
     from damage.tasks.core.runtime import activate, configure_ultralytics
 
+    device = str((extra_args or {}).get("device", cfg.device))
+    ddp = is_multi_gpu(device)
+    if ddp and (trainer_cls is not None or (cfg.finetune and cfg.finetune_guard and cfg.weights)):
+        raise DamageError(f"train.device '{device}' trains with DDP in a subprocess, which drops this process's "
+                          f"callbacks and trainer class: the fine-tune guard and custom trainers (pruning, "
+                          f"distillation) need one device")
     data_yaml = Path(data_yaml).resolve()
     if not data_yaml.is_file():
         raise DatasetError(f"{data_yaml}: data.yaml not found")
@@ -373,6 +406,10 @@ def train_model(
     if not best.is_file():  # training without validation improvements still leaves last.pt
         best = last
     history = _read_history(run_dir / "results.csv")
+    if ddp and on_epoch is not None:  # the callbacks never ran: report the epochs from rank 0's results.csv
+        for epoch, metrics in replay_epochs(history, int(train_kwargs.get("epochs") or cfg.epochs),
+                                            bool(train_kwargs.get("val", True))):
+            on_epoch(epoch, metrics)
     final = normalise_metrics(history[-1]) if history else {}
     # Ultralytics validates best.pt after training; its figures are the run's result.
     final.update(normalise_metrics(getattr(trainer, "metrics", {}) or {}))

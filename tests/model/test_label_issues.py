@@ -256,6 +256,7 @@ def test_real_model_pass_and_cli(state_paths, tmp_path):
     assert res.summary()["images"] == {"train": 6, "val": 2}
 
 
+@pytest.mark.slow  # 40 epochs on 160 images: about 3.5 min on 2 cores, over the default run's budget
 def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path):
     """The same planted errors, scored by a REAL model: a yolov8n-seg trained from scratch on one easy
     set (seed 10), mining a second set it never saw (seed 11): out-of-sample scores, no simulation.
