@@ -5,6 +5,7 @@ step is a task in ``tasks/`` or ``model_registry/``; this file passes results on
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
 from prefect import flow
@@ -26,6 +27,7 @@ from damage.tasks.nightly.skip import (
     resumable_train_config,
     train_dir_for,
 )
+from damage.tasks.scale.fanout import FanOut
 
 
 @flow(name="nightly", log_prints=True)
@@ -49,6 +51,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
     cfg, paths = _t(prepare_state, "prepare-state")(config_path, overrides)
     run = _t(open_pipeline_run, "open-mlflow-run", retries=3)(cfg)
     links = _t(reporting.link_runs, "link-runs")(cfg, run)
+    stack = ExitStack()  # the Ray task runner of runner: ray, closed when the night ends either way
     try:
         data_yaml = _t(prepare_dataset, "prepare-dataset", retries=3)(cfg, paths)
         # data.batches (labelled inbox batches): train on their union with data.source, each logged as an input
@@ -79,21 +82,24 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
                                                 dataset_fingerprint=data.fingerprint,
                                                 system_metrics_s=cfg.mlflow.system_metrics_interval_s,
                                                 dataset_source=cfg.data.source)
-        issues = _t(label_issues_step, "label-issues")(trained.best, data.data_yaml, cfg.label_issues,
-                                                         cfg.imgsz, run.run_id, run.root / "label_issues",
-                                                         train_cfg=train_cfg, seed=cfg.seed) \
-            if cfg.label_issues.enabled else None
-        sweep = _t(sweep_step, "sweep")(trained.best, data.data_yaml, cfg.sweep, cfg.imgsz, run.run_id,
-                                        slices=cfg.predictor.slices_value) if cfg.sweep.enabled else None
+        # runner: ray starts label issues, the sweep and explain as Ray tasks that run side by side (FanOut);
+        # runner: local (the default) runs each here, at once, in this order
+        fan = stack.enter_context(FanOut(cfg.runner == "ray", cfg.ray, paths.root))
+        issues_run = fan.start(_t(label_issues_step, "label-issues"), trained.best, data.data_yaml,
+                               cfg.label_issues, cfg.imgsz, run.run_id, run.root / "label_issues",
+                               train_cfg=train_cfg, seed=cfg.seed) if cfg.label_issues.enabled else None
+        sweep_run = fan.start(_t(sweep_step, "sweep"), trained.best, data.data_yaml, cfg.sweep, cfg.imgsz,
+                              run.run_id, slices=cfg.predictor.slices_value) if cfg.sweep.enabled else None
         samples = _t(pick_explain_samples, "pick-samples")(data.data_yaml, max(cfg.explain.samples,
                                                                               cfg.export.parity_images), cfg.seed)
+        sweep = sweep_run.result() if sweep_run is not None else None
         exported = _t(export_step, "export")(trained.best, cfg.export, cfg.imgsz,
                                              sweep.thresholds if sweep else {},
                                              {**run.lineage(data.fingerprint), "max_pixels": cfg.validation.max_pixels},
                                              samples[: cfg.export.parity_images], run.run_id, cfg.predictor)
-        if cfg.explain.enabled and cfg.explain.samples:
-            _t(explain_step, "explain")(trained.best, samples[: cfg.explain.samples], cfg.explain,
-                                        cfg.imgsz, run.run_id)
+        explain_run = fan.start(_t(explain_step, "explain"), trained.best, samples[: cfg.explain.samples],
+                                cfg.explain, cfg.imgsz, run.run_id) \
+            if cfg.explain.enabled and cfg.explain.samples else None
         candidate = {"weights": trained.best, "onnx": exported.onnx_path, "metrics": metrics.metrics,
                      "kind": "trained", "parent": None}
         compression = None
@@ -114,6 +120,9 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         # evaluate.extra_sets (e.g. 640-px whole scenes): the registered ONNX through the sliced predictor
         candidate = _t(extra_sets_step, "evaluate-extra")(candidate, cfg.evaluate.extra_sets, paths.datasets,
                                                           run.run_id, cfg.evaluate.conf, cfg.evaluate.iou)
+        issues = issues_run.result() if issues_run is not None else None
+        if explain_run is not None:
+            explain_run.result()  # its error fails the night, as in process
         version = _t(register_step, "register", retries=2)(cfg, run, candidate, sweep.thresholds if sweep else {},
                                                             data.fingerprint, init=init)
         decision = _t(gate_step, "promotion-gate")(cfg, run, version, data.data_yaml)
@@ -141,9 +150,11 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         _t(reporting.publish_summary, "publish-summary")(summary, links)
         _t(record_success, "record-success", retries=3)(run.tracking_uri, run.run_id, unchanged)
     except BaseException as e:
+        stack.close()
         _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=False, error=repr(e))
         _t(reporting.notify_failure, "notify-failure")(cfg, run, repr(e))
         raise
+    stack.close()
     _t(close_pipeline_run, "close-mlflow-run", retries=3)(run, ok=True, summary=summary)
     return summary
 

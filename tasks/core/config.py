@@ -497,7 +497,7 @@ class Config(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     mlflow: MlflowConfig = MlflowConfig()
     notify: NotifyConfig = NotifyConfig()
-    serving: ServingConfig = ServingConfig()
+    runner: Literal["local", "ray"] = "local"
     ray: RayConfig = RayConfig()
     tune: TuneConfig = TuneConfig()
 

@@ -64,6 +64,17 @@ def served(ray_local, mlflow_server, tmp_path_factory):
     serve.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _no_app_left(served):
+    """A test that fails before its own ``serve.delete`` must not leave its route to the next test (whose deploy
+    would then fail with "Prefix / is being used")."""
+    yield
+    from ray import serve
+
+    for name in list(serve.status().applications):
+        serve.delete(name)
+
+
 def _app(uri: str, tmp: Path, monitor_kwargs: dict, **cfg):
     from damage.model_registry.serving import resolve
     from damage.tasks.core.config import ServingConfig
