@@ -192,16 +192,51 @@ def trained_model(easy_dataset, tmp_path_factory) -> Path:
 EASY_EPOCHS_BY_FAMILY = {"yolo26n-seg": 40}
 
 
+# What "detects" means for the models of train_easy: every val image of the easy set has a candidate at least
+# this confident (the parity tests then find a clear score gap below every image's top score)
+EASY_DETECTS = 0.3
+EASY_ROUNDS = 3  # at most this many rounds of `epochs` before the set is declared unlearnable
+
+
+def weakest_top_score(weights: Path, data: Path) -> float:
+    """The lowest, over the easy set's val images, of the model's best candidate score (Ultralytics predict)."""
+    from ultralytics import YOLO
+
+    from damage.tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
+
+    with ultralytics_safe_load():
+        model = YOLO(vetted_model_path(weights), task="segment")
+    val = sorted((Path(data).parent / "images" / "val").glob("*.png"))
+    tops = [float(r.boxes.conf.max()) if len(r.boxes) else 0.0
+            for r in model.predict([str(p) for p in val], conf=0.001, imgsz=EASY_IMGSZ, verbose=False)]
+    return min(tops)
+
+
 def train_easy(model: str, data: Path, out: Path, epochs: int = EASY_EPOCHS) -> Path:
-    """``model`` trained from scratch on the easy set with the cheapest recipe that makes it detect; last.pt."""
+    """``model`` trained from scratch on the easy set with the cheapest recipe that makes it detect; last.pt.
+
+    Trained in rounds of ``epochs`` until it detects (``EASY_DETECTS`` on every val image): the same seeded
+    recipe gives different weights in processes that ran different tests before (issue 30; what differs was not
+    found), and a fixed epoch count left some of those models below the parity tests' bar. A later round starts
+    from the previous round's weights. A model that still does not detect after ``EASY_ROUNDS`` is an error."""
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.training.train import train_model
 
-    cfg = TrainConfig(model=model, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH, patience=0,
-                      augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0, cos_lr=False, lrf=1.0)
-    # nbs = batch: one optimizer step per batch. Ultralytics' default nominal batch of 64 accumulates
-    # 64/batch batches per step, which on 24 images is one step every few epochs.
-    return train_model(data, cfg, out, seed=0, extra_args={"val": False, "plots": False, "nbs": EASY_BATCH}).last
+    weights, top = None, 0.0
+    for k in range(EASY_ROUNDS):
+        cfg = TrainConfig(model=model, weights=weights, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH,
+                          patience=0, augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0,
+                          cos_lr=False, lrf=1.0)
+        # nbs = batch: one optimizer step per batch. Ultralytics' default nominal batch of 64 accumulates
+        # 64/batch batches per step, which on 24 images is one step every few epochs.
+        last = train_model(data, cfg, out, seed=0, name=f"train{k}",
+                           extra_args={"val": False, "plots": False, "nbs": EASY_BATCH}).last
+        top = weakest_top_score(last, data)
+        if top >= EASY_DETECTS:
+            return last
+        weights = str(last)
+    raise AssertionError(f"{model} does not detect on the easy set after {EASY_ROUNDS} x {epochs} epochs "
+                         f"(weakest val image's top score {top:.3f} < {EASY_DETECTS})")
 
 
 @pytest.fixture(scope="session")
