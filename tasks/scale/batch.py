@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from damage.tasks.core.errors import DamageError
-from damage.tasks.scale.ray_runtime import apply_worker_threads, cluster_cpus, require_ray
+from damage.tasks.scale.ray_runtime import (
+    S3_ENV,
+    apply_worker_threads,
+    cluster_cpus,
+    forwarded_env,
+    require_ray,
+)
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import RayConfig
@@ -124,20 +130,6 @@ def plan_workers(cfg: RayConfig, n_images: int) -> int:
     return max(1, min(n, n_images))
 
 
-def worker_env(forward_credentials: bool) -> dict[str, str]:
-    """Variables the workers need to read S3 like this process: the endpoint and region always; the AWS keys
-    only when ``forward_credentials`` (an embedded Ray on this machine, same user). A cluster's workers use
-    their own identity (IRSA, instance role): keys of the submitting machine never travel there."""
-    import os
-
-    from damage.tasks.data.storage import ENDPOINT_ENV
-
-    names = [*ENDPOINT_ENV, "AWS_DEFAULT_REGION", "AWS_REGION"]
-    if forward_credentials:
-        names += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
-    return {k: os.environ[k] for k in names if os.environ.get(k)}
-
-
 def predict_on_ray(model: Path, sources: Sequence[str], settings: PredictorSettings, cfg: RayConfig,
                    model_label: str, overlay: bool, forward_credentials: bool = False,
                    make_predictor: Callable[..., Any] | None = None) -> Iterator[BatchResult]:
@@ -151,7 +143,7 @@ def predict_on_ray(model: Path, sources: Sequence[str], settings: PredictorSetti
         cfg: the ``ray:`` section (``workers``, ``worker_threads``, ``batch_size``).
         model_label: the documents' ``model``.
         overlay: also return PNG overlays.
-        forward_credentials: hand this process's AWS keys to the workers (``worker_env``).
+        forward_credentials: hand this process's keys to the workers (``ray_runtime.forwarded_env``).
         make_predictor: builds a worker's predictor (tests inject faults here); default ``build_predictor``.
 
     Raises:
@@ -169,7 +161,7 @@ def predict_on_ray(model: Path, sources: Sequence[str], settings: PredictorSetti
     ds = ds.map_batches(
         PredictActor, batch_size=cfg.batch_size, batch_format="numpy", concurrency=workers,
         num_cpus=cfg.worker_threads, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
-        runtime_env={"env_vars": worker_env(forward_credentials)},
+        runtime_env={"env_vars": forwarded_env(S3_ENV, forward_credentials)},
         fn_constructor_kwargs={"model_ref": model_ref, "sha256": hashlib.sha256(data).hexdigest(),
                                "suffix": Path(model).suffix, "settings": settings,
                                "threads": cfg.worker_threads, "model_label": model_label, "overlay": overlay,

@@ -20,19 +20,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from damage.tasks.scale.ray_runtime import THREAD_ENV, connect, resolve_address
+from damage.tasks.scale.ray_runtime import S3_ENV, THREAD_ENV, connect, forwarded_env, resolve_address
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import RayConfig
 
 # What a step on a Ray worker must see as this process does (paths and settings, no secrets)
 SHARED_ENV = ("MLFLOW_TRACKING_URI", "DAMAGE_STATE_DIR", "YOLO_CONFIG_DIR", "DAMAGE_WORKER_CONFIG",
-              "DAMAGE_REGISTRY_CONFIG", "DAMAGE_CONFIG", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-              "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY",
-              "YOLO_OFFLINE", "YOLO_AUTOINSTALL")
-# Only to an embedded Ray (same machine, same user)
-SECRET_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN")
+              "DAMAGE_REGISTRY_CONFIG", "DAMAGE_CONFIG", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "YOLO_OFFLINE",
+              "YOLO_AUTOINSTALL", *S3_ENV)
 
 
 class _Done:
@@ -47,8 +43,7 @@ class _Done:
 
 def step_env(threads: int, forward_secrets: bool) -> dict[str, str]:
     """The environment of a step on a Ray worker (see the module docstring)."""
-    names = SHARED_ENV + (SECRET_ENV if forward_secrets else ())
-    env = {k: os.environ[k] for k in names if os.environ.get(k)}
+    env = forwarded_env(SHARED_ENV, forward_secrets)
     env.update({k: str(threads) for k in THREAD_ENV})
     return env
 

@@ -30,6 +30,21 @@ EXTRA_HINT = "pip install 'damage[ray]'"
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DAMAGE_TORCH_THREADS")
 
 
+# The S3 endpoint and region a worker needs to read where this process reads (no secrets)
+S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Credentials: handed to the workers of an embedded Ray only (this machine, this user); a cluster's workers hold
+# their own (IRSA, instance role, their own MLflow account), so keys of the submitting machine never travel there
+SECRET_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN")
+
+
+def forwarded_env(names: tuple[str, ...], forward_secrets: bool) -> dict[str, str]:
+    """This process's values of ``names`` (and of ``SECRET_ENV`` when ``forward_secrets``) that are set: the
+    ``env_vars`` of a Ray task or actor. The one rule of what travels to Ray workers."""
+    keep = names + (SECRET_ENV if forward_secrets else ())
+    return {k: os.environ[k] for k in keep if os.environ.get(k)}
+
+
 class RayUnavailable(DamageError):
     """Ray is not installed, or the cluster cannot be reached (the message says which and what to do)."""
 
