@@ -194,6 +194,31 @@ def run_guarded(fn, *args, **kwargs):
         sys.exit(130)
 
 
+RayOpt = Annotated[bool | None, typer.Option(
+    "--ray/--no-ray", help="Score the images on Ray workers (Ray Data; each worker loads the model once, "
+    "ray.worker_threads threads; same results; default: ray.enabled). Needs the [ray] extra.")]
+
+
+def ray_for(cfg: Config, paths: StatePaths, flag: bool | None):
+    """The ``ray:`` section with Ray connected when ``--ray`` (or, unset, ``ray.enabled``) asks for it; else None.
+
+    The one rule of the commands that take ``--ray``: an unreachable cluster or a missing extra is a
+    one-line error (exit 2)."""
+    if not (cfg.ray.enabled if flag is None else flag):
+        return None
+    from damage.tasks.scale.ray_runtime import connect
+
+    run_guarded(connect, cfg.ray, paths.root)
+    return cfg.ray
+
+
+def ray_where(cfg: Config) -> str:
+    """Where the work runs, for a command's summary line: ``N worker(s) x T thread(s)``."""
+    from damage.tasks.scale.shards import plan_workers
+
+    return f"{plan_workers(cfg.ray, 1 << 30)} worker(s) x {cfg.ray.worker_threads} thread(s)"
+
+
 def open_top_level_run(cfg: Config, name: str, kind: str | None = None, params: dict | None = None):
     """Start a top-level MLflow run tagged ``ENTRY_TAG = kind`` (default ``name``); returns ``(run_id, client)``.
 

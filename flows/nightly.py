@@ -67,7 +67,8 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         # the skip check hashed the dataset: the gate reuses that fingerprint instead of reading it again
         reference = _t(reference_step, "drift-reference", retries=2)(cfg, run)
         data = _t(check_data_step, "data-gate")(data_yaml, cfg.validation, run.report_dir, run.run_id, reference,
-                                                 fingerprint=unchanged.dataset_fingerprint)
+                                                 fingerprint=unchanged.dataset_fingerprint,
+                                                 ray=cfg.ray if cfg.ray.enabled else None, state_dir=paths.root)
         # train.init: fine-tune from production's weights when they fit, else scratch (reason logged + tagged)
         train_cfg, init = _t(init_step, "train-init", retries=2)(cfg, run, data.data_yaml)
         # Train dir keyed by the pipeline key + resume="auto": a retried flow run continues from last.pt.

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from damage.flows.common import console, fail, setup
+from damage.flows.common import RayOpt, console, fail, ray_for, ray_where, setup
 
 data_app = typer.Typer(help="Datasets: generate the built-in synthetic set or import YOLO-seg / COCO data.",
                        no_args_is_help=True)
@@ -144,6 +144,7 @@ def issues(
     folds: Annotated[int | None, typer.Option("--folds", min=0, help="K-fold out-of-sample scores for the train split (K >= 2 trainings, train: config section; default: label_issues.folds).")] = None,
     export: Annotated[str | None, typer.Option("--export", help="Also write the flagged rows as tasks for: label-studio (OUT/label-studio/tasks.json).")] = None,
     url_prefix: Annotated[str | None, typer.Option("--url-prefix", help="--export: image URL = PREFIX + the row's image path (default: Label Studio local-files URLs).")] = None,
+    ray: RayOpt = None,
 ) -> None:
     """Rank likely label errors (missing label, wrong class, bad outline, spurious label) with one
     inference pass of a trained model. Nothing in the dataset is changed: a person decides."""
@@ -164,22 +165,24 @@ def issues(
             fail("--folds: 0 (off) or at least 2")
         li = li.model_copy(update={"folds": folds})
     out = out or paths.reports / "label_issues"
+    rcfg = ray_for(cfg, paths, ray)
     try:
         data_yaml = find_data_yaml(data) if data.is_dir() else data
         if li.folds >= 2:
             console.print(f"K-fold: {li.folds} fold models ({li.fold_start}) score the train split out of sample",
                           highlight=False, soft_wrap=True, markup=False)
             res = kfold_label_issues(data_yaml, li, model, cfg.train, out / "folds", imgsz=imgsz, out_dir=out,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, ray=rcfg)
         else:
             res = mine_label_issues(data_yaml, li, model=model, imgsz=imgsz, out_dir=out,
-                                    trained_splits=tuple(trained_on or ("train",)))
+                                    trained_splits=tuple(trained_on or ("train",)), ray=rcfg)
     except DamageError as e:
         fail(str(e))
     for r in res.rows[:top]:
         console.print(f"#{r['rank']:<4} {r['score']:.2f} {r['kind']:<15} {r['image']} [{r['annotation']}]: "
                       f"{r['evidence']}", highlight=False, soft_wrap=True, markup=False)
-    console.print(res.summary_line(), highlight=False, soft_wrap=True, markup=False)
+    console.print(res.summary_line() + (f" (Ray: {ray_where(cfg)})" if rcfg else ""), highlight=False,
+                  soft_wrap=True, markup=False)
     if res.in_sample_splits:
         console.print(f"note: the model trained on {', '.join(res.in_sample_splits)}; those rows (in_sample=true) "
                       "are biased towards their labels", highlight=False, soft_wrap=True, markup=False)

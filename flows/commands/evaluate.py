@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from damage.flows.common import console, fail, run_guarded, setup, top_level_run
+from damage.flows.common import RayOpt, console, fail, ray_for, ray_where, run_guarded, setup, top_level_run
 from damage.flows.tables import JsonOpt_help, json_output
 from damage.tasks.core.display import fmt_metric
 
@@ -60,6 +60,7 @@ def evaluate(
     imgsz: ImgszOpt = None,
     mlflow: RunOpt = True,
     as_json: JsonOpt = False,
+    ray: RayOpt = None,
 ) -> None:
     """Evaluate a model: box and mask P, R, mAP50, mAP50-95 (conf floor 0.001), per-class AP, speed."""
     with json_output(as_json) as out:
@@ -71,7 +72,8 @@ def evaluate(
         configure_ultralytics(paths)
         data_yaml = run_guarded(find_data_yaml, data)
         # --imgsz unset: the model's own size (any model file can be evaluated, not only this config's)
-        ecfg = Evaluator.from_config(cfg, imgsz=imgsz, **({"split": split} if split else {}))
+        ecfg = Evaluator.from_config(cfg, imgsz=imgsz, ray=ray_for(cfg, paths, ray),
+                                     **({"split": split} if split else {}))
         t0 = time.time()
         res, run_id, uri = _run_logged(
             cfg, "evaluate", model, mlflow,
@@ -104,7 +106,7 @@ def evaluate(
     console.print(f"fitness {_fmt(m['fitness'])} | ms/image: pre {ms['speed/preprocess_ms']}, "
                   f"inference {ms['speed/inference_ms']}, post {ms['speed/postprocess_ms']}, "
                   f"total {ms['latency_ms']} | mAP at conf floor {ecfg.conf}, NMS IoU {ecfg.iou} "
-                  f"| {time.time() - t0:.1f} s")
+                  f"| {time.time() - t0:.1f} s" + (f" | Ray: {ray_where(cfg)}" if ecfg.ray else ""))
     _where(run_id, uri)
 
 
@@ -126,6 +128,7 @@ def sweep(
         help="Folder for sweep.csv and the plots (default: <state>/reports/sweep-<run>).")] = None,
     mlflow: RunOpt = True,
     as_json: JsonOpt = False,
+    ray: RayOpt = None,
 ) -> None:
     """Sweep confidence x NMS IoU with one inference pass and choose the operating point."""
     with json_output(as_json) as doc:
@@ -144,11 +147,12 @@ def sweep(
             fail(f"sweep options: {e}".replace("\n", " "))
         configure_ultralytics(paths)
         data_yaml = run_guarded(find_data_yaml, data)
+        rcfg = ray_for(cfg, paths, ray)
         res, run_id, uri = _run_logged(
             cfg, "sweep", model, mlflow,
-            lambda parent: sweep_step(model, data_yaml, scfg, imgsz, parent, out_dir=out),
+            lambda parent: sweep_step(model, data_yaml, scfg, imgsz, parent, out_dir=out, ray=rcfg),
             lambda: sweep_thresholds(model, data_yaml, scfg.split, imgsz, scfg.conf, scfg.iou, scfg.objective,
-                                     scfg.min_precision, out or paths.reports / "sweep", scfg.max_det))
+                                     scfg.min_precision, out or paths.reports / "sweep", scfg.max_det, ray=rcfg))
         doc.append({**res.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri,
                     "mlflow_run_url": _run_url(run_id, uri)})
     if as_json:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from damage.flows.common import console, err_console, fail, run_guarded, setup
+from damage.flows.common import console, err_console, fail, ray_for, ray_where, run_guarded, setup
 
 
 def _checkpoint_imgsz(weights: Path) -> int | None:
@@ -180,7 +180,7 @@ def predict_cmd(
         d = index[0]
         pct = "n/a" if d["damage_percent"] is None else f"{d['damage_percent']:.1f}%"
         console.print(f"{images[0]}: {d['instances']} instance(s), damage {pct}", highlight=False, soft_wrap=True)
-    where = f", Ray: {_ray_where(cfg)}" if use_ray else ""
+    where = f", Ray: {ray_where(cfg)}" if use_ray else ""
     console.print(f"predicted {len(images) - failed}/{len(images)} image(s) (conf {pred.conf:g}, iou {pred.iou:g}, "
                   f"{pred.backend}, slices {json.dumps(pred.slices.to_value())}{where}) -> {out}", highlight=False,
                   soft_wrap=True)
@@ -209,19 +209,13 @@ def _local_results(pred, model: Path, images: list[str], overlay: bool, inbox) -
 def _ray_results(cfg, paths, model: Path, images: list[str], settings, overlay: bool) -> Iterator[tuple[str, dict, bytes | None, bool]]:
     """The same tuples from Ray Data workers (``damage.tasks.scale.batch``), as batches finish."""
     from damage.tasks.scale.batch import predict_on_ray
-    from damage.tasks.scale.ray_runtime import connect, resolve_address
+    from damage.tasks.scale.ray_runtime import resolve_address
 
-    run_guarded(connect, cfg.ray, paths.root)
+    ray_for(cfg, paths, True)
     # AWS keys go to the workers of an embedded Ray only (this machine); a cluster's workers use their own
     for r in run_guarded(predict_on_ray, model, images, settings, cfg.ray, str(model), overlay,
                          forward_credentials=resolve_address(cfg.ray) is None):
         yield r.source, r.doc, r.png, False
-
-
-def _ray_where(cfg) -> str:
-    from damage.tasks.scale.batch import plan_workers
-
-    return f"{plan_workers(cfg.ray, 1 << 30)} worker(s) x {cfg.ray.worker_threads} thread(s)"
 
 
 def _write_results(results, names: dict[str, str], out: Path, total: int) -> tuple[list[dict], int, list[bool]]:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from damage.flows.common import console, run_guarded, setup
+from damage.flows.common import RayOpt, console, ray_for, run_guarded, setup
 from damage.flows.tables import JsonOpt_help, json_output
 
 
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
             "--against", help="Check drift against this reference: a dataset (folder or data.yaml) or a "
             "profile.json written by an earlier gate.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help=JsonOpt_help)] = False,
+        ray: RayOpt = None,
     ) -> None:
         """Check a dataset (images, labels, duplicates, leakage) before training. Exit 1 on errors.
 
@@ -44,13 +45,15 @@ def register(app: typer.Typer) -> None:
             from damage.tasks.validation.validate import validate_dataset
 
             report = report or paths.reports / "validate" / "report.json"
+            rcfg = ray_for(cfg, paths, ray)  # the images are read and measured on Ray workers
             reference = None
             if against is not None:
                 from damage.tasks.validation.drift import reference_profile
 
-                reference = run_guarded(reference_profile, against, cfg.validation)
+                reference = run_guarded(reference_profile, against, cfg.validation, rcfg)
             result = run_guarded(validate_dataset, data, cfg.validation, report_path=report, html_dir=html,
-                                 clean_out=clean, reference=reference, reference_source=str(against or ""))
+                                 clean_out=clean, reference=reference, reference_source=str(against or ""),
+                                 ray=rcfg)
             doc.append({"passed": result.passed, "fingerprint": result.fingerprint,
                         "report_path": result.report_path, "html_path": result.html_path,
                         "clean_data_yaml": result.clean_data_yaml, **result.report})

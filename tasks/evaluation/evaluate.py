@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,7 @@ from damage.tasks.evaluation.metrics import (
 )
 
 if TYPE_CHECKING:
-    from damage.tasks.core.config import Config
+    from damage.tasks.core.config import Config, RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +268,90 @@ def _op_scores(pred, proto, truth: ImageTruth, truth_full: np.ndarray, iou: floa
     return s
 
 
+@dataclass
+class ImageResult:
+    """What one image of a pass produced (``ImageScorer``): its truth, its scores per NMS IoU, its share of the
+    confusion matrix and of the time spent (pre-process, inference, post-process, in seconds)."""
+
+    truth: ImageTruth
+    map_scores: dict[float, ImageScore]
+    op_scores: dict[float, ImageScore]
+    confusion: np.ndarray | None
+    seconds: tuple[float, float, float]
+
+
+class ImageScorer:
+    """The per-image work of ``collect``: the model opened and the split loaded once, then images scored by
+    index. ``collect`` calls it over the whole split in this process, or ``damage.tasks.scale.shards`` on Ray
+    workers (one per worker); either way each image's result comes from this code.
+
+    Raises:
+        DamageError, DatasetError: bad model, data or arguments.
+    """
+
+    def __init__(self, model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
+                 ious: Sequence[float] = (0.7,), op_confs: Sequence[float] = (), max_det: int = 300,
+                 batch: int = 1, conf_floor: float = CONF_FLOOR, confusion: bool = False) -> None:
+        import torch
+
+        self.m = open_model(model, data_yaml, imgsz)
+        self.ds, _ = load_split(data_yaml, split, self.m.imgsz, self.m.stride)
+        data_nc = len(self.ds.data["names"])
+        if data_nc != len(self.m.names):
+            raise DamageError(f"{model}: model has {len(self.m.names)} classes, {data_yaml} has {data_nc}")
+        self.ious, self.op_confs = [float(v) for v in ious], [float(v) for v in op_confs]
+        self.max_det, self.batch, self.conf_floor, self.confusion = max_det, max(1, int(batch)), conf_floor, confusion
+        self.end2end = bool(getattr(self.m.backend, "end2end", False))  # YOLO26 exported with its NMS-free head
+        with torch.inference_mode():
+            self.m.backend(torch.zeros(1, 3, self.m.imgsz, self.m.imgsz))  # warm-up (lazy init of kernels), not timed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __call__(self, indices: Sequence[int]) -> list[ImageResult]:
+        """Score the images ``indices`` of the split, ``batch`` per forward pass."""
+        import torch
+
+        out: list[ImageResult] = []
+        m, nc = self.m, len(self.m.names)
+        with torch.inference_mode():
+            for start in range(0, len(indices), self.batch):
+                t0 = time.perf_counter()
+                items = [self.ds[int(i)] for i in indices[start:start + self.batch]]
+                im = torch.stack([it["img"] for it in items]).float() / 255
+                t1 = time.perf_counter()
+                preds, protos = split_outputs(m.backend(im))
+                preds, protos = preds.float(), protos.float()
+                t2 = time.perf_counter()
+                hw = tuple(im.shape[2:])
+                for i, item in enumerate(items):
+                    truth, truth_full = _truth_tensors(item, m.names, tuple(protos.shape[2:]))
+                    map_s: dict[float, ImageScore] = {}
+                    t_post = 0.0
+                    for k, v in enumerate(self.ious):
+                        tp = time.perf_counter()
+                        map_s[v] = _map_scores(preds[i], protos[i], truth, v, nc, self.max_det, self.conf_floor,
+                                               hw, self.end2end)
+                        if k == 0:
+                            t_post = time.perf_counter() - tp
+                    cm = None
+                    if self.confusion:
+                        from damage.tasks.evaluation.plots import confusion_update, new_confusion
+
+                        one = new_confusion(m.names)
+                        confusion_update(one, preds[i], truth, self.ious[0], nc, self.max_det)
+                        cm = one.matrix
+                    op_s = {v: _op_scores(preds[i], protos[i], truth, truth_full, v, self.op_confs, m.names,
+                                          self.max_det, hw, self.end2end) for v in self.ious} if self.op_confs else {}
+                    out.append(ImageResult(truth, map_s, op_s, cm,
+                                           ((t1 - t0) / len(items), (t2 - t1) / len(items), t_post)))
+        return out
+
+
 def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
             ious: Sequence[float] = (0.7,), op_confs: Sequence[float] = (), max_det: int = 300,
             batch: int = 1, conf_floor: float = CONF_FLOOR, confusion: Any = None,
-            progress: str | None = None) -> Collected:
+            progress: str | None = None, ray: RayConfig | None = None) -> Collected:
     """Run the network once per image and score its output at every NMS IoU of ``ious``.
 
     Args:
@@ -289,71 +369,54 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
             ``ious``, returned as ``Collected.confusion``; None = none.
         progress: a label (e.g. ``"sweep"``): show a progress bar / Prefect progress artifact
             over the images; None = silent.
+        ray: the ``ray:`` section to score the images on Ray workers (Ray connected by the caller,
+            ``damage.tasks.scale.ray_runtime.connect``); None = in this process. The figures are the same:
+            every image is scored by the same ``ImageScorer`` code and the results are used in index order.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments.
     """
-    import torch
-
     if not ious:
         raise DamageError("collect: at least one NMS IoU is needed")
     for v in (*ious, *op_confs, conf_floor):
         if not 0 <= v <= 1:
             raise DamageError(f"thresholds must be in [0, 1], got {v}")
     t_start = time.perf_counter()
-    m = open_model(model, data_yaml, imgsz)
-    if confusion is True:
-        from damage.tasks.evaluation.plots import new_confusion
-
-        confusion = new_confusion(m.names)
-    ds, _ = load_split(data_yaml, split, m.imgsz, m.stride)
-    data_nc = len(ds.data["names"])
-    if data_nc != len(m.names):
-        raise DamageError(f"{model}: model has {len(m.names)} classes, {data_yaml} has {data_nc}")
-    truths: list[ImageTruth] = []
-    map_scores: dict[float, list[ImageScore]] = {float(v): [] for v in ious}
-    op_scores: dict[float, list[ImageScore]] = {float(v): [] for v in ious} if op_confs else {}
-    t_pre = t_inf = t_post = 0.0
-    first_iou = float(ious[0])
+    kwargs = {"model": model, "data_yaml": data_yaml, "split": split, "imgsz": imgsz, "ious": tuple(ious),
+              "op_confs": tuple(op_confs), "max_det": max_det, "batch": batch, "conf_floor": conf_floor,
+              "confusion": confusion is not None}
+    scorer = ImageScorer(**kwargs)  # on the driver too: checks model and data, names the classes
+    m, n = scorer.m, len(scorer)
     from contextlib import nullcontext
 
     from damage.tasks.core.progress import track
 
-    end2end = bool(getattr(m.backend, "end2end", False))  # YOLO26 exported with its NMS-free head
-    bar_cm = track(progress, f"{progress}: images", len(ds), artifact_every=16) if progress else nullcontext()
-    with torch.inference_mode(), bar_cm as bar:
-        m.backend(torch.zeros(1, 3, m.imgsz, m.imgsz))  # warm-up (lazy init of kernels), not timed
-        for start in range(0, len(ds), batch):
-            t0 = time.perf_counter()
-            items = [ds[i] for i in range(start, min(start + batch, len(ds)))]
-            im = torch.stack([it["img"] for it in items]).float() / 255
-            t1 = time.perf_counter()
-            preds, protos = split_outputs(m.backend(im))
-            preds, protos = preds.float(), protos.float()
-            t2 = time.perf_counter()
-            t_pre += t1 - t0
-            t_inf += t2 - t1
-            hw = tuple(im.shape[2:])
-            for i, item in enumerate(items):
-                truth, truth_full = _truth_tensors(item, m.names, tuple(protos.shape[2:]))
-                truths.append(truth)
-                for v in map_scores:
-                    tp = time.perf_counter()
-                    map_scores[v].append(_map_scores(preds[i], protos[i], truth, v, len(m.names), max_det,
-                                                     conf_floor, hw, end2end))
-                    if v == first_iou:
-                        t_post += time.perf_counter() - tp
-                if confusion is not None:
-                    from damage.tasks.evaluation.plots import confusion_update
+    bar_cm = track(progress, f"{progress}: images", n, artifact_every=16) if progress else nullcontext()
+    with bar_cm as bar:
+        if ray is None:
+            results: list[ImageResult] = []
+            for start in range(0, n, scorer.batch):
+                results += scorer(list(range(start, min(start + scorer.batch, n))))
+                if bar is not None:
+                    bar.advance(len(results) - start)
+        else:
+            from damage.tasks.scale.shards import map_indices
 
-                    confusion_update(confusion, preds[i], truth, first_iou, len(m.names), max_det)
-                for v in op_scores:
-                    op_scores[v].append(_op_scores(preds[i], protos[i], truth, truth_full, v, op_confs,
-                                                   m.names, max_det, hw, end2end))
-            if bar is not None:
-                bar.advance(len(items))
-    n = len(truths)
-    speed = {"preprocess": 1e3 * t_pre / n, "inference": 1e3 * t_inf / n, "postprocess": 1e3 * t_post / n}
+            kwargs["imgsz"] = m.imgsz  # the driver's resolved size: every worker letterboxes alike
+            results = map_indices(n, ImageScorer, kwargs, ray, ship=("model",),
+                                  on_result=(lambda i, r: bar.advance(1)) if bar is not None else None)
+    if confusion is True:
+        from damage.tasks.evaluation.plots import new_confusion
+
+        confusion = new_confusion(m.names)
+    if confusion is not None:
+        for r in results:
+            confusion.matrix += r.confusion
+    truths = [r.truth for r in results]
+    map_scores = {v: [r.map_scores[v] for r in results] for v in scorer.ious}
+    op_scores = {v: [r.op_scores[v] for r in results] for v in scorer.ious} if op_confs else {}
+    speed = {k: 1e3 * sum(r.seconds[j] for r in results) / n
+             for j, k in enumerate(("preprocess", "inference", "postprocess"))}
     return Collected(m.names, m.imgsz, m.fmt, truths, map_scores, op_scores, speed,
                      time.perf_counter() - t_start, confusion)
 
@@ -363,7 +426,7 @@ def collect(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz:
 
 def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
                    conf: float = CONF_FLOOR, iou: float = 0.7, max_det: int = 300, batch: int = 1,
-                   plots_dir: str | Path | None = None) -> EvalResult:
+                   plots_dir: str | Path | None = None, ray: RayConfig | None = None) -> EvalResult:
     """Box and mask precision, recall, mAP50, mAP50-95, per-class AP, fitness and speed.
 
     mAP is computed from detections down to ``conf`` = 0.001, the standard floor, whatever the
@@ -385,12 +448,13 @@ def evaluate_model(model: str | Path, data_yaml: str | Path, split: str = "val",
         batch: images per forward pass.
         plots_dir: when given, box/mask PR and F1 curves per class and the confusion matrix are
             drawn there (``damage.tasks.evaluation.plots``) and listed in ``EvalResult.plots``.
+        ray: score the images on Ray workers (``collect``); None = in this process. Same figures.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments (message names the file).
     """
     col = collect(model, data_yaml, split, imgsz, ious=(iou,), max_det=max_det, batch=batch, conf_floor=conf,
-                  confusion=True if plots_dir is not None else None)
+                  confusion=True if plots_dir is not None else None, ray=ray)
     metrics, summaries = map_metrics(col.map_scores[float(iou)], col.truths)
     metrics["speed/preprocess_ms"] = col.speed["preprocess"]
     metrics["speed/inference_ms"] = col.speed["inference"]
@@ -430,6 +494,7 @@ class Evaluator:
     conf: float = CONF_FLOOR
     iou: float = 0.7
     max_det: int = 300
+    ray: RayConfig | None = field(default=None, compare=False)  # score on Ray workers (same figures); not a param
 
     @classmethod
     def from_config(cls, cfg: Config, **changes: Any) -> Evaluator:
@@ -441,15 +506,15 @@ class Evaluator:
     def __call__(self, model: str | Path, data_yaml: str | Path, plots_dir: str | Path | None = None) -> EvalResult:
         """``evaluate_model`` with these settings (curves and confusion matrix into ``plots_dir`` if given)."""
         return evaluate_model(model, data_yaml, self.split, self.imgsz, self.conf, self.iou, self.max_det,
-                              plots_dir=plots_dir)
+                              plots_dir=plots_dir, ray=self.ray)
 
     def metrics_fn(self, data_yaml: str | Path) -> Callable[[Path], dict[str, float]]:
         """``model -> metrics`` on ``data_yaml`` (the ``evaluate_fn`` of the gate and of quantization)."""
         return lambda model: self(model, data_yaml).metrics
 
     def params(self) -> dict[str, Any]:
-        """The settings as MLflow parameters."""
-        return asdict(self)
+        """The settings as MLflow parameters (where the images were scored is not one: it changes no figure)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ray"}
 
 
 def evaluate_step(model: str | Path, data_yaml: str | Path, evaluator: Evaluator, parent_run_id: str,

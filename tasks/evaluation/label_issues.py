@@ -72,7 +72,7 @@ from damage.tasks.evaluation.label_scores import (
 )
 
 if TYPE_CHECKING:
-    from damage.tasks.core.config import LabelIssuesConfig, TrainConfig
+    from damage.tasks.core.config import LabelIssuesConfig, RayConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class _Record:
 def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str | Path | None = None,
                       predict: Predictor | None = None, names: Sequence[str] | None = None,
                       imgsz: int | None = None, out_dir: Path | None = None,
-                      trained_splits: Sequence[str] = ("train",)) -> LabelIssues:
+                      trained_splits: Sequence[str] = ("train",), ray: RayConfig | None = None) -> LabelIssues:
     """Score every annotation of ``cfg.splits`` against one pass of the model and rank them.
 
     Args:
@@ -266,6 +266,7 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
         out_dir: where ``label_issues.csv`` and ``label_issues_top.png`` go; None = not written.
         trained_splits: splits the model was trained on (their rows are ``in_sample`` and do not
             calibrate the scores).
+        ray: score the images on Ray workers (``model`` only); None = in this process. The same rows.
 
     Raises:
         DamageError, DatasetError: bad model, data or arguments.
@@ -283,7 +284,8 @@ def mine_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, model: str 
     images: dict[str, int] = {}
     for split in cfg.splits:
         images[split] = _score_split(data_yaml, split, predict, names, int(imgsz), stride, cfg, records,
-                                     in_sample=split in trained_splits, label=str(model or "predictions"))
+                                     in_sample=split in trained_splits, label=str(model or "predictions"),
+                                     model=model, ray=ray)
     return _finish(records, images, names, cfg, tuple(s for s in cfg.splits if s in trained_splits), out_dir,
                    _root(data_yaml), t0)
 
@@ -294,27 +296,42 @@ def _root(data_yaml: str | Path) -> Path:
     return Path(load_data_yaml(data_yaml).root).resolve()
 
 
-def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: Sequence[str], imgsz: int,
-                 stride: int, cfg: LabelIssuesConfig, records: list[_Record], in_sample: bool, label: str,
-                 as_split: str | None = None, extra: dict[str, Any] | None = None) -> int:
-    """Collect the evidence of every image of one split into ``records``; returns the image count.
-    ``as_split`` names the split in the rows (a K-fold held-out list is the dataset's train split)."""
-    from damage.tasks.evaluation.evaluate import load_split
+class SplitScorer:
+    """The evidence of images of one split, by index: what ``_score_split`` does per image, in this process or
+    on a Ray worker (``split_scorer``); ``as_split`` names the split in the rows (a K-fold held-out list is the
+    dataset's train split)."""
 
-    ds, data = load_split(data_yaml, split, imgsz, stride)
-    if len(data["names"]) != len(names):
-        raise DamageError(f"{label}: {len(names)} classes, {data_yaml} has {len(data['names'])}")
-    root = Path(data.get("path") or Path(data_yaml).resolve().parent).resolve()
-    nc = len(names)
-    for idx in range(len(ds)):
+    def __init__(self, data_yaml: str | Path, split: str, predict: Predictor | None, names: Sequence[str],
+                 imgsz: int, stride: int, cfg: LabelIssuesConfig, in_sample: bool, label: str,
+                 as_split: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        from damage.tasks.evaluation.evaluate import load_split
+
+        self.ds, data = load_split(data_yaml, split, imgsz, stride)
+        if len(data["names"]) != len(names):
+            raise DamageError(f"{label}: {len(names)} classes, {data_yaml} has {len(data['names'])}")
+        self.root = Path(data.get("path") or Path(data_yaml).resolve().parent).resolve()
+        self.predict, self.nc, self.cfg = predict, len(names), cfg
+        self.meta = {"split": as_split or split, "in_sample": in_sample, **(extra or {})}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __call__(self, indices: Sequence[int]) -> list[_Record]:
+        return [self.one(int(i)) for i in indices]
+
+    def one(self, idx: int) -> _Record:
+        """The record of image ``idx``: its annotations' evidence, outlines and the predictions they cite."""
+        if self.predict is None:
+            raise DamageError("SplitScorer: no predictor (built to count the split only)")
+        cfg, ds = self.cfg, self.ds
         item = ds[idx]
-        preds = predict(item)
+        preds = self.predict(item)
         full = item["masks"].bool().numpy()
         cls = item["cls"].view(-1).long().numpy()
         masks = np.asarray(preds.masks, np.float32)
         hw = masks.shape[1:] if len(masks) else full.shape[1:]
         decoys, decoy_cls = _decoys(full, cls, idx)
-        ev = image_evidence(cls, _downsample(full, hw), preds.cls, preds.conf, masks, nc,
+        ev = image_evidence(cls, _downsample(full, hw), preds.cls, preds.conf, masks, self.nc,
                             _dense(full, preds), cfg.min_conf, cfg.overlap_iou, cfg.match_iou,
                             labels_full=full, decoys=_downsample(decoys, hw), decoy_cls=decoy_cls,
                             decoy_dense=_dense(decoys, preds))
@@ -333,10 +350,35 @@ def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: S
         cited |= {int(ev.support_pred[i, b]) for i in range(len(cls)) if (b := other_class(ev, i)) >= 0}
         geom = {j: pred_geometry(masks[j], None if preds.boxes is None else preds.boxes[j], frame, full.shape[1:])
                 for j in cited}
-        meta = {"image": rel_path(item["im_file"], root), "split": as_split or split, "in_sample": in_sample,
-                **(extra or {})}
-        records.append(_Record(meta, ev, ann, geom))
-    return len(ds)
+        return _Record({"image": rel_path(item["im_file"], self.root), **self.meta}, ev, ann, geom)
+
+
+def split_scorer(model: str | Path, data_yaml: str | Path, split: str, imgsz: int, cfg: LabelIssuesConfig,
+                 in_sample: bool, label: str, as_split: str | None = None,
+                 extra: dict[str, Any] | None = None) -> SplitScorer:
+    """A ``SplitScorer`` with its own predictor of ``model``: what each Ray worker builds once."""
+    predict, imgsz, stride, names = model_predictor(model, data_yaml, imgsz, cfg.conf_floor, cfg.iou, cfg.max_det)
+    return SplitScorer(data_yaml, split, predict, names, imgsz, stride, cfg, in_sample, label, as_split, extra)
+
+
+def _score_split(data_yaml: str | Path, split: str, predict: Predictor, names: Sequence[str], imgsz: int,
+                 stride: int, cfg: LabelIssuesConfig, records: list[_Record], in_sample: bool, label: str,
+                 as_split: str | None = None, extra: dict[str, Any] | None = None,
+                 model: str | Path | None = None, ray: RayConfig | None = None) -> int:
+    """Collect the evidence of every image of one split into ``records``; returns the image count.
+
+    With ``ray`` (and the ``model`` behind ``predict``) the images are scored on Ray workers, each with its own
+    predictor of ``model``; the records come back in index order, the same as in this process."""
+    scorer = SplitScorer(data_yaml, split, predict, names, imgsz, stride, cfg, in_sample, label, as_split, extra)
+    if ray is None or model is None:
+        records.extend(scorer(range(len(scorer))))
+    else:
+        from damage.tasks.scale.shards import map_indices
+
+        records.extend(map_indices(len(scorer), split_scorer, {
+            "model": model, "data_yaml": data_yaml, "split": split, "imgsz": imgsz, "cfg": cfg,
+            "in_sample": in_sample, "label": label, "as_split": as_split, "extra": extra}, ray, ship=("model",)))
+    return len(scorer)
 
 
 def _evidence_text(kind: str, why: dict[str, Any], lc: str, pc: str, floor: float) -> str:
@@ -406,7 +448,7 @@ def _finish(records: list[_Record], images: dict[str, int], names: Sequence[str]
 
 def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: str | Path, train_cfg: TrainConfig,
                        work_dir: Path, imgsz: int | None = None, out_dir: Path | None = None,
-                       seed: int = 0) -> LabelIssues:
+                       seed: int = 0, ray: RayConfig | None = None) -> LabelIssues:
     """Out-of-sample scores for the train split by K-fold, plus the val split scored by ``weights``.
 
     The train images are dealt into ``cfg.folds`` folds (seeded). For each fold a model is trained on
@@ -419,6 +461,8 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
 
     Lists and data.yaml of each fold are written under ``work_dir/fold<k>`` (absolute image paths
     inside the dataset root); the dataset itself is never changed.
+
+    ``ray``: the scoring passes run on Ray workers (the fold trainings stay in this process).
 
     Raises:
         DamageError: fewer than 2 folds, or fewer train images than folds.
@@ -462,12 +506,14 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
         predict, fsize, stride, names = model_predictor(fold_model, data_yaml, size, cfg.conf_floor, cfg.iou,
                                                         cfg.max_det)
         images["train"] += _score_split(fold_dir / "data.yaml", "val", predict, names, fsize, stride, cfg, records,
-                                        in_sample=False, label=str(fold_model), as_split="train", extra={"fold": k})
+                                        in_sample=False, label=str(fold_model), as_split="train", extra={"fold": k},
+                                        model=fold_model, ray=ray)
     if "val" in cfg.splits:
         predict, fsize, stride, names = model_predictor(weights, data_yaml, size, cfg.conf_floor, cfg.iou,
                                                         cfg.max_det)
         images["val"] = _score_split(data_yaml, "val", predict, names, fsize, stride, cfg, records,
-                                     in_sample=False, label=str(weights), extra={"fold": -1})
+                                     in_sample=False, label=str(weights), extra={"fold": -1}, model=weights,
+                                     ray=ray)
     return _finish(records, images, names, cfg, (), out_dir, Path(info.root).resolve(), t0)
 
 

@@ -37,7 +37,7 @@ from damage.tasks.evaluation.evaluate import Collected, collect
 from damage.tasks.evaluation.metrics import CONF_FLOOR, damage_mae, damage_summary, map_metrics, prf_at
 
 if TYPE_CHECKING:
-    from damage.tasks.core.config import SweepConfig
+    from damage.tasks.core.config import RayConfig, SweepConfig
     from damage.tasks.serving.damage_percent import DamageMAE
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def plot_pr(rows: Sequence[dict[str, Any]], best: dict[str, Any], path: Path) ->
 def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val", imgsz: int | None = None,
                      conf_grid: Sequence[float] = DEFAULT_CONF_GRID, iou_grid: Sequence[float] = DEFAULT_IOU_GRID,
                      objective: str = "mask_f1", min_precision: float = 0.8, out_dir: Path | None = None,
-                     max_det: int = 300, batch: int = 1) -> SweepResult:
+                     max_det: int = 300, batch: int = 1, ray: RayConfig | None = None) -> SweepResult:
     """Sweep confidence x NMS IoU with one inference pass and choose the operating point.
 
     mAP in every row is computed at the 0.001 confidence floor (at that row's NMS IoU), never at
@@ -363,6 +363,7 @@ def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val
         out_dir: where ``sweep.csv``, ``sweep_heatmap.png`` and ``sweep_pr.png`` go; None = no files.
         max_det: max detections per image.
         batch: images per forward pass.
+        ray: score the images on Ray workers (``collect``); None = in this process. Same rows.
 
     Raises:
         DamageError: unknown objective, bad grid, bad model or data.
@@ -370,7 +371,7 @@ def sweep_thresholds(model: str | Path, data_yaml: str | Path, split: str = "val
     get_objective(objective)  # fail before the inference pass
     confs, ious = _check_grid("conf", conf_grid), _check_grid("iou", iou_grid)
     col = collect(model, data_yaml, split, imgsz, ious=ious, op_confs=confs, max_det=max_det, batch=batch,
-                  conf_floor=CONF_FLOOR, progress="sweep")
+                  conf_floor=CONF_FLOOR, progress="sweep", ray=ray)
     rows = grid_rows(col, confs, ious)
     best = choose_operating_point(rows, objective, min_precision)
     res = SweepResult(rows, best, objective, min_precision, images=len(col.truths), seconds=col.seconds,
@@ -411,7 +412,7 @@ def _default_out_dir(run_id: str) -> Path:
 
 
 def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz: int, parent_run_id: str,
-               out_dir: Path | None = None, slices: Any = None) -> SweepResult:
+               out_dir: Path | None = None, slices: Any = None, ray: RayConfig | None = None) -> SweepResult:
     """``sweep_thresholds`` in a nested MLflow run ``sweep`` under ``parent_run_id`` (for the flows).
 
     Logs one nested run per grid point (params conf/iou, the row as metrics), the CSV, the
@@ -423,12 +424,13 @@ def sweep_step(model: str | Path, data_yaml: str | Path, cfg: SweepConfig, imgsz
     Args:
         out_dir: where the files go; None = ``<state>/reports/sweep-<run id>``.
         slices: ``predictor.slices`` to record with the operating point (``SweepResult.slices``).
+        ray: score the images on Ray workers (``collect``); None = in this process.
     """
     from damage.tasks.core import tracking
     with tracking.step_run(parent_run_id, "sweep") as (c, run_id):
         res = sweep_thresholds(model, data_yaml, split=cfg.split, imgsz=imgsz, conf_grid=cfg.conf,
                                iou_grid=cfg.iou, objective=cfg.objective, min_precision=cfg.min_precision,
-                               out_dir=out_dir or _default_out_dir(run_id), max_det=cfg.max_det)
+                               out_dir=out_dir or _default_out_dir(run_id), max_det=cfg.max_det, ray=ray)
         res.slices = slices
         tracking.log_params(c, run_id, {"model": str(model), "data": str(data_yaml), "split": cfg.split,
                                         "imgsz": imgsz, "conf_grid": list(cfg.conf), "iou_grid": list(cfg.iou),

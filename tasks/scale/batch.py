@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -29,20 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from damage.tasks.core.errors import DamageError
-from damage.tasks.scale.ray_runtime import (
-    S3_ENV,
-    apply_worker_threads,
-    cluster_cpus,
-    forwarded_env,
-    require_ray,
-)
+from damage.tasks.scale.ray_runtime import S3_ENV, apply_worker_threads, forwarded_env, require_ray
+from damage.tasks.scale.shards import MAX_RETRIES, ShippedFile, plan_workers
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import RayConfig
-
-# A batch whose worker died is retried this many times (then the run fails, naming the images): an image
-# that kills its worker every time must not restart actors forever.
-MAX_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -85,17 +75,11 @@ def build_predictor(model: Path, settings: PredictorSettings, threads: int) -> A
 class PredictActor:
     """One Ray Data worker: the model written to a local temp file (hash-checked), one predictor, reused."""
 
-    def __init__(self, model_ref: Any, sha256: str, suffix: str, settings: PredictorSettings, threads: int,
-                 model_label: str, overlay: bool, make_predictor: Callable[..., Any] | None = None) -> None:
+    def __init__(self, model: ShippedFile, settings: PredictorSettings, threads: int, model_label: str,
+                 overlay: bool, make_predictor: Callable[..., Any] | None = None) -> None:
         apply_worker_threads(threads)  # before ONNX Runtime/OpenCV start their pools
-        import ray
-
-        data = ray.get(model_ref[0]) if isinstance(model_ref, list) else model_ref
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise DamageError("the model received by a Ray worker does not match its SHA-256")
         self._dir = tempfile.TemporaryDirectory(prefix="damage-predict-")
-        path = Path(self._dir.name) / f"model{suffix}"
-        path.write_bytes(data)
+        path = model.materialize(Path(self._dir.name))
         self.pred = (make_predictor or build_predictor)(path, settings, threads)
         self.model_label, self.overlay, self._s3 = model_label, overlay, None
 
@@ -123,13 +107,6 @@ class PredictActor:
         return out
 
 
-def plan_workers(cfg: RayConfig, n_images: int) -> int:
-    """Workers to start: ``ray.workers``, else the cluster's CPUs over ``ray.worker_threads``; never more
-    than the images."""
-    n = cfg.workers or max(1, cluster_cpus() // cfg.worker_threads)
-    return max(1, min(n, n_images))
-
-
 def predict_on_ray(model: Path, sources: Sequence[str], settings: PredictorSettings, cfg: RayConfig,
                    model_label: str, overlay: bool, forward_credentials: bool = False,
                    make_predictor: Callable[..., Any] | None = None) -> Iterator[BatchResult]:
@@ -153,8 +130,7 @@ def predict_on_ray(model: Path, sources: Sequence[str], settings: PredictorSetti
     ray = require_ray()
     if not sources:
         return
-    data = Path(model).read_bytes()
-    model_ref = [ray.put(data)]  # in a list: Ray passes it to the actors as a reference, not the bytes
+    shipped = ShippedFile(model)
     workers = plan_workers(cfg, len(sources))
     ds = ray.data.from_items([{"source": str(s)} for s in sources],
                              override_num_blocks=min(len(sources), max(workers * 4, 1)))
@@ -162,8 +138,7 @@ def predict_on_ray(model: Path, sources: Sequence[str], settings: PredictorSetti
         PredictActor, batch_size=cfg.batch_size, batch_format="numpy", concurrency=workers,
         num_cpus=cfg.worker_threads, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
         runtime_env={"env_vars": forwarded_env(S3_ENV, forward_credentials)},
-        fn_constructor_kwargs={"model_ref": model_ref, "sha256": hashlib.sha256(data).hexdigest(),
-                               "suffix": Path(model).suffix, "settings": settings,
+        fn_constructor_kwargs={"model": shipped, "settings": settings,
                                "threads": cfg.worker_threads, "model_label": model_label, "overlay": overlay,
                                "make_predictor": make_predictor})
     want, seen = {str(s) for s in sources}, set()

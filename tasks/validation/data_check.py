@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from damage.tasks.core.config import ValidateConfig
+from damage.tasks.core.config import RayConfig, ValidateConfig
 from damage.tasks.core.errors import GateFailed
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class DataCheck:
 
 def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, parent_run_id: str,
                     reference: tuple[dict[str, Any] | None, str] | None = None,
-                    fingerprint: str | None = None) -> DataCheck:
+                    fingerprint: str | None = None, ray: RayConfig | None = None,
+                    state_dir: Path | None = None) -> DataCheck:
     """Structure check + GE validation inside a nested MLflow run "validate".
 
     ``reference`` is ``(profile, where it came from)`` (``damage.tasks.validation.drift.find_reference``):
@@ -45,6 +46,9 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
 
     ``fingerprint`` is the dataset's content fingerprint when the flow already computed it (the
     skip check does, so a nightly run hashes the dataset once); None = computed here.
+
+    ``ray`` (``ray.enabled``): the images are read and measured on Ray workers (joined or started here,
+    embedded Ray's files under ``state_dir``); the report and profile are the same.
 
     Raises:
         DatasetError: the dataset is structurally broken (missing split, bad data.yaml...).
@@ -73,9 +77,13 @@ def check_data_step(data_yaml: Path, cfg: ValidateConfig, report_dir: Path, pare
         report_dir.mkdir(parents=True, exist_ok=True)
         clean_out = report_dir / "cleaned" if cfg.on_error == "clean" else None
         profile, source = reference if reference is not None else (None, "")
+        if ray is not None:
+            from damage.tasks.scale.ray_runtime import connect
+
+            connect(ray, state_dir)
         res = validate_dataset(Path(data_yaml), cfg, report_path=report_dir / "report.json",
                                html_dir=report_dir / "html", clean_out=clean_out, reference=profile,
-                               reference_source=source, fingerprint=fingerprint)
+                               reference_source=source, fingerprint=fingerprint, ray=ray)
         summary = res.report["summary"]
         log.info("data gate: %s", res.summary_line())  # reaches the flow run's logs (prefect_ui)
         tracking.log_metrics(c, run_id, {"errors": summary["errors"], "warnings": summary["warnings"],

@@ -40,7 +40,7 @@ import pandas as pd
 from damage.tasks.core.errors import DatasetError
 
 if TYPE_CHECKING:
-    from damage.tasks.core.config import ValidateConfig
+    from damage.tasks.core.config import RayConfig, ValidateConfig
     from damage.tasks.validation.scan import Inventory, Layout
 
 PROFILE_KIND = "damage.dataset_profile"
@@ -101,8 +101,9 @@ def build_profile(layout: Layout, inv: Inventory, images: pd.DataFrame, annotati
     }
 
 
-def profile_dataset(data: Path, cfg: ValidateConfig) -> dict[str, Any]:
-    """Scan a dataset (no expectation suites) and return its profile (``--against DATASET``).
+def profile_dataset(data: Path, cfg: ValidateConfig, ray: RayConfig | None = None) -> dict[str, Any]:
+    """Scan a dataset (no expectation suites) and return its profile (``--against DATASET``); ``ray``: scan
+    on Ray workers (``scan.Scanner``), the same profile.
 
     Raises:
         DatasetError: not a dataset.
@@ -114,7 +115,7 @@ def profile_dataset(data: Path, cfg: ValidateConfig) -> dict[str, Any]:
     layout = resolve_layout(data)
     inv = enumerate_samples(layout)
     builder = TableBuilder(inv.samples)
-    with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size) as scanner:
+    with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size, ray=ray) as scanner:
         for idx, row, anns in scanner.results():
             builder.add(idx, row, anns)
     return build_profile(layout, inv, builder.images_frame(), builder.annotations_frame(),
@@ -153,14 +154,14 @@ def load_profile(path: Path) -> dict[str, Any]:
     return check_profile(obj, str(path))
 
 
-def reference_profile(ref: Path, cfg: ValidateConfig) -> dict[str, Any]:
-    """A profile JSON file as is, or the profile of a dataset folder / data.yaml."""
+def reference_profile(ref: Path, cfg: ValidateConfig, ray: RayConfig | None = None) -> dict[str, Any]:
+    """A profile JSON file as is, or the profile of a dataset folder / data.yaml (scanned on Ray with ``ray``)."""
     ref = Path(ref)
     if ref.is_file() and ref.suffix.lower() == ".json":
         return load_profile(ref)
     if not ref.exists():
         raise ProfileError(f"{ref}: reference not found (a dataset folder, data.yaml or profile JSON)")
-    return profile_dataset(ref, cfg)
+    return profile_dataset(ref, cfg, ray)
 
 
 # --------------------------------------------------------------------------------------------

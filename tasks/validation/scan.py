@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from damage.tasks.validation.measures import (  # GREY_SIDE: side of the measure
     GREY_SIDE,
     grey_measures,
 )
+
+if TYPE_CHECKING:
+    from damage.tasks.core.config import RayConfig
 
 # Fields of one image row as returned by a worker (the parent adds path, split, label info).
 IMAGE_FIELDS = ("decodes", "error", "format", "width", "height", "channels", "bytes", "sha256",
@@ -453,6 +457,15 @@ def scan_chunk(args: tuple[list[tuple[int, str, str | None]], int]) -> list[tupl
     return out
 
 
+def _scan_chunk_on_worker(chunk: tuple[list[tuple[int, str, str | None]], int], threads: int
+                          ) -> list[tuple[int, tuple, list[tuple]]]:
+    """``scan_chunk`` as a Ray task: this worker's thread count pinned first."""
+    from damage.tasks.scale.ray_runtime import apply_worker_threads
+
+    apply_worker_threads(threads)
+    return scan_chunk(chunk)
+
+
 # --------------------------------------------------------------------------------------------
 # Pool
 # --------------------------------------------------------------------------------------------
@@ -497,16 +510,21 @@ class Scanner:
     """
 
     def __init__(self, samples: list[Sample], max_pixels: int, workers: int, chunk_size: int = 32,
-                 stall_timeout_s: float = 300.0):
+                 stall_timeout_s: float = 300.0, ray: RayConfig | None = None):
         items = [(i, s.image, s.label) for i, s in enumerate(samples)]
         self.chunks = [(items[i:i + chunk_size], max_pixels) for i in range(0, len(items), chunk_size)]
         self.workers = min(worker_count(workers), max(1, len(self.chunks)))
         self.broken: str | None = None
         self.stall_timeout_s = stall_timeout_s
+        self.ray = ray
         self._pool: ProcessPoolExecutor | None = None
         self._futures: dict = {}
+        self._ray_refs: dict = {}
 
     def start(self) -> Scanner:
+        if self.ray is not None and self.chunks:
+            self._start_ray()
+            return self
         # Pool start-up costs ~0.1-0.5 s; below a few chunks per worker it does not pay off.
         if self.workers > 1 and len(self.chunks) >= 2 * self.workers:
             method = _start_method()
@@ -517,8 +535,46 @@ class Scanner:
             self._futures = {self._pool.submit(scan_chunk, c): n for n, c in enumerate(self.chunks)}
         return self
 
+    def _start_ray(self) -> None:
+        """One Ray task per chunk (Ray connected by the caller), ``ray.worker_threads`` CPUs each, retried
+        when its worker dies; the dataset is read where it lies (every worker must see the path)."""
+        from damage.tasks.scale.fanout import step_env
+        from damage.tasks.scale.ray_runtime import require_ray, resolve_address
+        from damage.tasks.scale.shards import MAX_RETRIES
+
+        ray = require_ray()
+        threads = self.ray.worker_threads
+        remote = ray.remote(_scan_chunk_on_worker).options(
+            num_cpus=threads, max_retries=MAX_RETRIES,
+            runtime_env={"env_vars": step_env(threads, forward_secrets=resolve_address(self.ray) is None)})
+        self._ray_refs = {remote.remote(c, threads): n for n, c in enumerate(self.chunks)}
+
+    def _ray_results(self, done: set[int]) -> Iterator[tuple[int, tuple, list[tuple]]]:
+        from damage.tasks.scale.ray_runtime import require_ray
+
+        ray = require_ray()
+        pending = list(self._ray_refs)
+        try:
+            while pending:
+                finished, pending = ray.wait(pending, num_returns=1, timeout=self.stall_timeout_s)
+                if not finished:
+                    raise TimeoutError(f"no scan progress on Ray for {self.stall_timeout_s:.0f} s")
+                for ref in finished:
+                    rows = ray.get(ref)
+                    done.add(self._ray_refs[ref])
+                    yield from rows
+        except Exception as e:  # a chunk failing after its retries, a lost cluster, a stall
+            self.broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            logging.getLogger(__name__).warning(
+                "validation scan: Ray workers failed (%s); scanning the rest in this process", self.broken)
+            for ref in pending:
+                ray.cancel(ref, force=True)
+        self._ray_refs = {}
+
     def results(self) -> Iterator[tuple[int, tuple, list[tuple]]]:
         done: set[int] = set()
+        if self._ray_refs:
+            yield from self._ray_results(done)
         if self._pool is not None:
             pending = set(self._futures)
             try:

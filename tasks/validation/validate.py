@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from damage.tasks.core.atomic import atomic_write_json
-from damage.tasks.core.config import ConfigError, ValidateConfig
+from damage.tasks.core.config import ConfigError, RayConfig, ValidateConfig
 from damage.tasks.core.errors import DatasetError
 
 # Finding codes and their default severity. "error" blocks training (validate.severity overrides).
@@ -201,7 +201,7 @@ def _check_outputs(root: Path, outs: list[Path | None], clean_out: Path | None) 
 def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None = None,
                      html_dir: Path | None = None, clean_out: Path | None = None,
                      reference: dict[str, Any] | None = None, reference_source: str = "",
-                     fingerprint: str | None = None) -> ValidationResult:
+                     fingerprint: str | None = None, ray: RayConfig | None = None) -> ValidationResult:
     """Run the data gate on a YOLO-seg dataset.
 
     Args:
@@ -218,6 +218,9 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
         reference: a dataset profile (``damage.tasks.validation.drift``) to check drift against; the
             report then has a ``drift`` section (``reference`` + the compared ``table``).
         reference_source: where the reference came from (shown in the report).
+        ray: read and measure the images (the profile's figures) on Ray workers, one task per
+            ``chunk_size`` images (Ray connected by the caller); None = ``cfg.workers`` local processes.
+            The same report and profile either way.
 
     Returns:
         ValidationResult with ``passed``, the report dict and the paths written.
@@ -238,7 +241,7 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     _check_outputs(layout.root, [Path(report_path).parent if report_path else None, html_dir], clean_out)
     inv = enumerate_samples(layout)
     builder = TableBuilder(inv.samples)
-    with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size) as scanner:
+    with Scanner(inv.samples, cfg.max_pixels, cfg.workers, cfg.chunk_size, ray=ray) as scanner:
         # Import Great Expectations (seconds) while the workers read and decode.
         from damage.expectations import DRIFT_SUITE, SUITE_NAMES
         from damage.expectations.gx import GxRunner, findings_from_results

@@ -33,7 +33,8 @@ def test_image_size_rule_and_settings_from_config():
 def recorded(monkeypatch):
     calls = []
 
-    def fake(model, data_yaml, split="val", imgsz=None, conf=0.001, iou=0.7, max_det=300, batch=1, plots_dir=None):
+    def fake(model, data_yaml, split="val", imgsz=None, conf=0.001, iou=0.7, max_det=300, batch=1, plots_dir=None,
+             ray=None):
         calls.append((str(model), str(data_yaml), split, imgsz, conf, iou, max_det))
         return EvalResult({"mask/mAP50": 0.5, "mask/mAP50-95": 0.3, "latency_ms": 1.0}, [], str(model),
                           str(data_yaml), split, imgsz or 64, conf, iou, "onnx")
