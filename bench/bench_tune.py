@@ -53,7 +53,8 @@ def run_search(mode: str, data_yaml: Path, work: Path, args: argparse.Namespace,
             "tune.cpus_per_trial": cores if mode == "sequential" else 1}
     if args.gpus_per_trial:
         sets["ray.num_gpus"] = 1
-    state = work / f"state-{mode}-{time.monotonic_ns()}"
+    # short: Ray's socket paths under <state>/ray must stay within AF_UNIX's 107 bytes
+    state = Path(tempfile.mkdtemp(prefix=mode[:3], dir=work))
     cmd = [sys.executable, "-m", "damage.flows.cli", "--config", str(REPO / "configs" / "demo.yaml"),
            "--state-dir", str(state)]
     for k, v in sets.items():
@@ -65,9 +66,21 @@ def run_search(mode: str, data_yaml: Path, work: Path, args: argparse.Namespace,
     if r.returncode != 0:
         sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:])
         raise SystemExit(f"{mode} search failed (exit {r.returncode})")
-    trials = json.loads((state / "tune" / "trials.json").read_text()) if (state / "tune" / "trials.json").exists() \
-        else None
+    trials = _trials(state)
     return {"wall_s": wall, "cpu_busy": busy, "trials": trials}
+
+
+def _trials(state: Path) -> list[dict]:
+    """The search's trial runs from its MLflow store: state, the sampled params, the objective."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{next(state.rglob('mlflow.db'))}")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()],
+                         filter_string="tags.`damage.tune.state` != ''")
+    return sorted(({"state": r.data.tags["damage.tune.state"],
+                    "params": {k: v for k, v in r.data.params.items() if k.startswith(("train.", "sweep."))},
+                    "objective": r.data.metrics.get("objective")} for r in runs),
+                  key=lambda t: json.dumps(t["params"], sort_keys=True))
 
 
 def main() -> int:
@@ -87,7 +100,7 @@ def main() -> int:
     from damage.tasks.data.synth import generate_dataset
 
     demo: Config = load_config(REPO / "configs" / "demo.yaml")
-    work = Path(tempfile.mkdtemp(prefix="bench-tune-"))
+    work = Path(tempfile.mkdtemp(prefix="bt"))
     s = demo.data.synth
     data_yaml = generate_dataset(work / "data", images=s.images, seed=demo.seed, imgsz=demo.train.imgsz,
                                  closeup_fraction=s.closeup_fraction)
@@ -95,11 +108,13 @@ def main() -> int:
     for r in range(args.rounds):
         seq = run_search("sequential", data_yaml, work, args, cores)
         con = run_search("concurrent", data_yaml, work, args, cores)
+        if [t["params"] for t in seq["trials"]] != [t["params"] for t in con["trials"]]:
+            raise SystemExit("the two searches sampled different trials: the comparison would be unfair")
         ratio = seq["wall_s"] / con["wall_s"]
         rounds.append({"sequential": seq, "concurrent": con, "ratio": ratio})
         print(f"round {r + 1}: sequential {seq['wall_s']:.0f} s (CPU busy {seq['cpu_busy']:.0%}), "
               f"concurrent {con['wall_s']:.0f} s (CPU busy {con['cpu_busy']:.0%}), "
-              f"sequential/concurrent {ratio:.2f}x", flush=True)
+              f"sequential/concurrent {ratio:.2f}x; trial states {[t['state'] for t in con['trials']]}", flush=True)
     med = statistics.median(x["ratio"] for x in rounds)
     print(f"\n{args.trials} trials x {args.epochs} epochs of the demo recipe on {cores} cores: concurrent "
           f"(1 CPU per trial) is {med:.2f}x the speed of sequential ({cores} CPUs per trial)")
