@@ -108,7 +108,7 @@ def main() -> None:
     paths = activate(args.state_dir)
     from bench.common import announce_machine, write_json
     from damage.tasks.core.config import ValidateConfig
-    from damage.tasks.validation.scan import worker_count
+    from damage.tasks.validation.scanner import worker_count
 
     machine, results = announce_machine({"gate_workers": worker_count(args.workers)}), {}
     print(f"cpus used by the gate: {worker_count(args.workers)}")

@@ -209,12 +209,10 @@ def _local_results(pred, model: Path, images: list[str], overlay: bool, inbox) -
 def _ray_results(cfg, paths, model: Path, images: list[str], settings, overlay: bool) -> Iterator[tuple[str, dict, bytes | None, bool]]:
     """The same tuples from Ray Data workers (``damage.tasks.scale.batch``), as batches finish."""
     from damage.tasks.scale.batch import predict_on_ray
-    from damage.tasks.scale.ray_runtime import resolve_address
 
     ray_for(cfg, paths, True)
     # AWS keys go to the workers of an embedded Ray only (this machine); a cluster's workers use their own
-    for r in run_guarded(predict_on_ray, model, images, settings, cfg.ray, str(model), overlay,
-                         forward_credentials=resolve_address(cfg.ray) is None):
+    for r in run_guarded(predict_on_ray, model, images, settings, cfg.ray, str(model), overlay):
         yield r.source, r.doc, r.png, False
 
 

@@ -1,7 +1,7 @@
-"""Per-image work of a dataset split over a Ray Data actor pool: ``damage evaluate --ray``, ``damage sweep
---ray`` and ``damage data issues --ray``.
+"""Per-image work over a Ray Data actor pool: ``damage predict --ray`` (``batch.py``), ``damage evaluate
+--ray``, ``damage sweep --ray`` and ``damage data issues --ray``.
 
-The items are the indices ``0..n-1`` of a split. Each worker builds the per-image function once
+The items are the indices ``0..n-1`` of a split (or of a list of images). Each worker builds the per-image function once
 (``factory(**kwargs)``: opens the model, loads the split, warms up) with an explicit thread count, and returns
 for each index what the single-process loop computes for it, by calling the same object; the driver puts the
 results back in index order, so what follows (metrics, ranking) is computed from the same inputs in the same
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,11 +104,10 @@ def plan_workers(cfg: RayConfig, n_items: int) -> int:
     return max(1, min(n, n_items))
 
 
-def map_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], cfg: RayConfig,
-                ship: Iterable[str] = (), on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """``factory(**kwargs)(indices)`` over ``0..n-1`` on a pool of Ray actors; the results in index order.
-
-    Ray must be connected (``ray_runtime.connect``).
+def iter_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], cfg: RayConfig,
+                 ship: Iterable[str] = ()) -> Iterator[tuple[int, Any]]:
+    """``factory(**kwargs)(indices)`` over ``0..n-1`` on a pool of Ray actors; yields ``(index, result)`` as
+    batches finish (in no set order), each index exactly once. Ray must be connected (``ray_runtime.connect``).
 
     Args:
         n: the number of items.
@@ -117,15 +116,14 @@ def map_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], 
         kwargs: the factory's arguments (paths, settings); those named in ``ship`` are files sent to the workers.
         cfg: the ``ray:`` section (``workers``, ``worker_threads``, ``batch_size``).
         ship: keys of ``kwargs`` whose files travel through the object store (the model).
-        on_result: called on the driver as each item's result arrives (a progress bar), in no set order.
 
     Raises:
-        DamageError: a worker's own ``DamageError`` (a bad model, an unreadable image: its message as is), a
+        DamageError: a worker's own ``DamageError`` (a bad model, an unreadable dataset: its message as is), a
             batch still failing after ``MAX_RETRIES`` worker restarts, or an index returned other than once.
     """
     ray = require_ray()
     if n <= 0:
-        return []
+        return
     kwargs = dict(kwargs)
     shipped = {k: ShippedFile(kwargs.pop(k)) for k in ship}
     workers = plan_workers(cfg, n)
@@ -138,7 +136,6 @@ def map_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], 
         max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
         runtime_env={"env_vars": step_env(threads, forward_secrets=resolve_address(cfg) is None)},
         fn_constructor_kwargs={"factory": factory, "kwargs": kwargs, "shipped": shipped, "threads": threads})
-    out: list[Any] = [None] * n
     seen = [False] * n
     try:
         for row in ds.iter_rows():
@@ -147,9 +144,8 @@ def map_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], 
             i = int(row["id"])
             if not 0 <= i < n or seen[i]:
                 raise DamageError(f"Ray returned item {i} {'twice' if 0 <= i < n else 'out of range'}")
-            seen[i], out[i] = True, row["out"]
-            if on_result is not None:
-                on_result(i, out[i])
+            seen[i] = True
+            yield i, row["out"]
     except DamageError:
         raise
     except Exception as e:  # ray.exceptions.RayTaskError/ActorDiedError after the retries are spent
@@ -158,5 +154,19 @@ def map_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], 
     missing = [i for i, s in enumerate(seen) if not s]
     if missing:
         raise DamageError(f"Ray lost {len(missing)} of {n} item(s), e.g. item {missing[0]}")
-    return out
 
+
+def map_indices(n: int, factory: Callable[..., Any], kwargs: Mapping[str, Any], cfg: RayConfig,
+                ship: Iterable[str] = (), on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """``iter_indices``'s results in index order; ``on_result(index, result)`` is called on the driver as each
+    arrives (a progress bar).
+
+    Raises:
+        DamageError: as ``iter_indices``.
+    """
+    out: list[Any] = [None] * max(n, 0)
+    for i, r in iter_indices(n, factory, kwargs, cfg, ship):
+        out[i] = r
+        if on_result is not None:
+            on_result(i, r)
+    return out

@@ -103,13 +103,14 @@ def build_profile(layout: Layout, inv: Inventory, images: pd.DataFrame, annotati
 
 def profile_dataset(data: Path, cfg: ValidateConfig, ray: RayConfig | None = None) -> dict[str, Any]:
     """Scan a dataset (no expectation suites) and return its profile (``--against DATASET``); ``ray``: scan
-    on Ray workers (``scan.Scanner``), the same profile.
+    on Ray workers (``scanner.Scanner``), the same profile.
 
     Raises:
         DatasetError: not a dataset.
     """
     from damage.tasks.data.fingerprint import dataset_fingerprint
-    from damage.tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.validation.scan import enumerate_samples, resolve_layout
+    from damage.tasks.validation.scanner import Scanner
     from damage.tasks.validation.tables import TableBuilder
 
     layout = resolve_layout(data)

@@ -232,7 +232,8 @@ def validate_dataset(data: Path, cfg: ValidateConfig, report_path: Path | None =
     """
     from damage.tasks.data.fingerprint import dataset_fingerprint
     from damage.tasks.validation.drift import build_profile, drift_parameters, drift_table, reference_summary
-    from damage.tasks.validation.scan import Scanner, enumerate_samples, resolve_layout
+    from damage.tasks.validation.scan import enumerate_samples, resolve_layout
+    from damage.tasks.validation.scanner import Scanner
     from damage.tasks.validation.tables import TableBuilder, dataset_frame
 
     t0 = time.perf_counter()
