@@ -34,7 +34,7 @@ demo: install
 
 test: install
 	mkdir -p $(DAMAGE_STATE_DIR)
-	DAMAGE_TEST_STATE=$(DAMAGE_STATE_DIR)/test-$$$$ $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	DAMAGE_TEST_STATE=$(DAMAGE_STATE_DIR)/test-$$$$ $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
