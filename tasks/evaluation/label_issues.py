@@ -301,7 +301,7 @@ class SplitScorer:
     on a Ray worker (``split_scorer``); ``as_split`` names the split in the rows (a K-fold held-out list is the
     dataset's train split)."""
 
-    def __init__(self, data_yaml: str | Path, split: str, predict: Predictor | None, names: Sequence[str],
+    def __init__(self, data_yaml: str | Path, split: str, predict: Predictor, names: Sequence[str],
                  imgsz: int, stride: int, cfg: LabelIssuesConfig, in_sample: bool, label: str,
                  as_split: str | None = None, extra: dict[str, Any] | None = None) -> None:
         from damage.tasks.evaluation.evaluate import load_split
@@ -321,8 +321,6 @@ class SplitScorer:
 
     def one(self, idx: int) -> _Record:
         """The record of image ``idx``: its annotations' evidence, outlines and the predictions they cite."""
-        if self.predict is None:
-            raise DamageError("SplitScorer: no predictor (built to count the split only)")
         cfg, ds = self.cfg, self.ds
         item = ds[idx]
         preds = self.predict(item)

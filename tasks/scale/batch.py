@@ -2,8 +2,8 @@
 
 The image list (paths, or ``s3://`` keys listed on the driver) is handed, by index, to the project's Ray Data
 actor pool (``shards.iter_indices``): each actor holds one ONNX predictor built once with an explicit thread
-count (``PredictShard``) and reads its images itself (a worker on a cluster reads S3 directly; nothing is copied to the driver
-first), and returns per image exactly what the single-process path writes: ``one_image.predict_source`` is
+count (``PredictShard``) and reads its images itself (a worker on a cluster reads S3 directly; nothing is
+copied to the driver first), and returns per image exactly what the single-process path writes: ``one_image.predict_source`` is
 the one function both call. The model travels through Ray's object store and is checked against its SHA-256
 on every worker, so a cluster node needs no shared filesystem.
 

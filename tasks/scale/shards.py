@@ -1,9 +1,9 @@
 """Per-image work over a Ray Data actor pool: ``damage predict --ray`` (``batch.py``), ``damage evaluate
 --ray``, ``damage sweep --ray`` and ``damage data issues --ray``.
 
-The items are the indices ``0..n-1`` of a split (or of a list of images). Each worker builds the per-image function once
-(``factory(**kwargs)``: opens the model, loads the split, warms up) with an explicit thread count, and returns
-for each index what the single-process loop computes for it, by calling the same object; the driver puts the
+The items are the indices ``0..n-1`` of a split (or of a list of images). Each worker builds the per-image
+function once (``factory(**kwargs)``: opens the model, loads the split, warms up) with an explicit thread
+count, and returns for each index what the single-process loop computes for it, by calling the same object; the driver puts the
 results back in index order, so what follows (metrics, ranking) is computed from the same inputs in the same
 order as without Ray.
 
@@ -84,17 +84,17 @@ class IndexActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         ids = [int(i) for i in batch["id"]]
-        error = self.error
-        out: list[Any] = [None] * len(ids)
-        if not error and self.fn is not None:
+        out, error = [], self.error
+        if self.fn is not None:
             try:
                 out = list(self.fn(ids))
             except DamageError as e:  # Ray would wrap it past recognition: it travels as a value instead
                 error = str(e)
-            else:
-                if len(out) != len(ids):
-                    error = f"a Ray worker returned {len(out)} results for {len(ids)} items"
-        return {"id": ids, "out": out if not error else [None] * len(ids), "error": [error] * len(ids)}
+            if not error and len(out) != len(ids):
+                error = f"a Ray worker returned {len(out)} results for {len(ids)} items"
+        if error:
+            out = [None] * len(ids)
+        return {"id": ids, "out": out, "error": [error] * len(ids)}
 
 
 def plan_workers(cfg: RayConfig, n_items: int) -> int:
