@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# Ultralytics writes its settings file when it is first imported, before a bench can call
+# configure_ultralytics: point it at the state dir (StatePaths.yolo_config), never the home dir.
+os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(os.environ.get("DAMAGE_STATE_DIR") or ".state").resolve() / "ultralytics"))
 
 
 def build_random_model(size: str, work: Path, imgsz: int, family: str = "yolov8",

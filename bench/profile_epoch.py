@@ -53,6 +53,10 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=400, help="synthetic images (the demo: 400, 320 train)")
     ap.add_argument("--workers", type=int, default=None, help="dataloader workers (default: the demo's)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "damage-profile-epoch")
+    ap.add_argument("--bf16", action="store_true",
+                    help="CPU bfloat16 autocast around the training forward + loss (AVX512_BF16 / AMX)")
+    ap.add_argument("--channels-last", action="store_true", help="model and input batch in channels-last")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the demo's)")
     args = ap.parse_args()
 
     import torch
@@ -78,7 +82,8 @@ def main() -> int:
         data, images=args.images, seed=s.seed, imgsz=s.imgsz, val_fraction=s.val_fraction,
         closeup_fraction=s.closeup_fraction, zoom=s.zoom, balance=s.balance)
     tcfg = cfg.train.model_copy(update={"epochs": args.epochs, "time_min": None, "val": False,
-                                        **({"workers": args.workers} if args.workers is not None else {})})
+                                        **({"workers": args.workers} if args.workers is not None else {}),
+                                        **({"batch": args.batch, "nbs": args.batch} if args.batch else {})})
     kw = build_train_args(tcfg, data_yaml, args.work / "runs", "profile", cfg.seed)
     kw.update({"plots": False, "exist_ok": True})
     model = YOLO(model_source(tcfg.model), task="segment")
@@ -106,6 +111,22 @@ def main() -> int:
         epochs.append({"seconds": total, "load": load, "step": step, "images": n_img, "batches": len(st),
                        "gflop_per_image_train": 3 * gflop_fwd})
 
+    def train_start(trainer):
+        """--bf16 / --channels-last: the training model's forward (images -> loss) runs under them."""
+        m = trainer.model
+        if args.channels_last:
+            m.to(memory_format=torch.channels_last)
+        forward = m.forward
+
+        def wrapped(x, *a, **kw):
+            if args.channels_last and isinstance(x, dict) and isinstance(x.get("img"), torch.Tensor):
+                x = {**x, "img": x["img"].contiguous(memory_format=torch.channels_last)}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                return forward(x, *a, **kw)
+
+        m.forward = wrapped
+
+    model.add_callback("on_train_start", train_start)
     for name, fn in (("on_train_batch_start", batch_start), ("on_train_batch_end", batch_end),
                      ("on_train_epoch_start", epoch_start), ("on_train_epoch_end", epoch_end)):
         model.add_callback(name, fn)
@@ -114,7 +135,7 @@ def main() -> int:
     peak, how = fp32_peak_gflops(os.cpu_count() if threads <= 0 else threads)
     print(f"recipe: configs/demo.yaml train (batch {tcfg.batch}, nbs {tcfg.nbs}, {tcfg.optimizer}, "
           f"augment {tcfg.augment}, cache {tcfg.cache}, workers {tcfg.workers}), {tcfg.imgsz} px, "
-          f"torch threads {threads}; peak {peak:.0f} GFLOP/s ({how})")
+          f"torch threads {threads}, bf16 autocast {args.bf16}, channels-last {args.channels_last}; peak {peak:.0f} GFLOP/s ({how})")
     print(f"{'epoch':>5} {'s':>7} {'img/s':>7} {'loader %':>9} {'step %':>7} {'ms/batch load':>14} "
           f"{'ms/batch step':>14} {'GFLOP/s':>8} {'% of peak':>10}")
     for k, e in enumerate(epochs):

@@ -118,9 +118,11 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None, 
         registered_damage = _t(damage_at_operating_point, "registered-damage")(
             candidate["onnx"], data.data_yaml, sweep.thresholds, cfg.imgsz, cfg.sweep.split, cfg.sweep.max_det) \
             if sweep is not None and compression and compression["compressed"] else None
-        # evaluate.extra_sets (e.g. 640-px whole scenes): the registered ONNX through the sliced predictor
+        # evaluate.extra_sets (e.g. 640-px whole scenes): the registered ONNX through the sliced predictor; a set
+        # with tuning images chooses the confidence of sliced photos over the sweep's grid (damage.sliced_conf)
         candidate = _t(extra_sets_step, "evaluate-extra")(candidate, cfg.evaluate.extra_sets, paths.datasets,
-                                                          run.run_id, cfg.evaluate.conf, cfg.evaluate.iou)
+                                                          run.run_id, cfg.evaluate.conf, cfg.evaluate.iou,
+                                                          conf_grid=cfg.sweep.conf if sweep is not None else ())
         issues = issues_run.result() if issues_run is not None else None
         if explain_run is not None:
             explain_run.result()  # its error fails the night, as in process

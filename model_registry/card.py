@@ -84,6 +84,13 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
                    f"`{op.get('objective')}` = {fmt_metric(op.get('value'))}" + (f" ({objective_help})" if objective_help else "")
                    + "." + (f" Sliced inference: `{json.dumps(op['slices'])}` (predictor.slices, recorded in the "
                             f"ONNX metadata as damage.slices)." if op.get("slices") is not None else ""))
+        sliced = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/sliced_conf") and k.count("/") == 1}
+        for set_name, c in sliced.items():
+            mae = metrics.get(f"{set_name}/tune/damage_pct_mae")
+            out.append("")
+            out.append(f"Sliced photos: conf **{c:g}** (ONNX metadata damage.sliced_conf), chosen on the tuning images of "
+                       f"extra set `{set_name}` by the lowest per-vehicle damage-% MAE"
+                       + (f" ({fmt_metric(mae)} pp there)." if mae is not None else "."))
         if flat_objective:
             out.append("")
             out.append("**Warning:** the objective was flat across the grid (ties within tolerance); "

@@ -9,6 +9,24 @@ from collections.abc import Iterator
 S3_BUCKET = "datasets"  # the bucket the `s3` fixture (tests/conftest.py) creates
 
 
+def die_once(marker: str, on_call: int = 2):
+    """A function to call once per batch in a worker: on its ``on_call``-th call it kills its process
+    (``os._exit``, no cleanup, as a lost node would), once in the whole run (``O_EXCL`` on ``marker``:
+    the retried worker's calls pass). A nested function, so Ray pickles it by value."""
+    calls = []
+
+    def maybe_die() -> None:
+        calls.append(1)
+        if len(calls) == on_call:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+            os._exit(1)
+
+    return maybe_die
+
+
 def conf_with_instances(pred, paths, k: int = 20) -> float:
     """A confidence leaving about ``k`` candidates per image even for a barely trained model.
 

@@ -163,7 +163,7 @@ def serve(
 
     body = json.dumps({"dataframe_split": input_example().to_dict(orient="split", index=False)})
     url = f"http://{host}:{port}"
-    from damage.tasks.serving.pyfunc import PATH_ROOT_ENV
+    from damage.tasks.serving.pyfunc_model import PATH_ROOT_ENV
 
     root = os.environ.get(PATH_ROOT_ENV)
     path_note = (f"a 'path' column reads image files under {root}" if root else

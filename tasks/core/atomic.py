@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from damage.tasks.core.errors import DatasetError
+from .errors import DatasetError
 
 
 @functools.cache

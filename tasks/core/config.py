@@ -181,11 +181,21 @@ class ExtraSetConfig(_Section):
     slices: Slices = "auto"
     compare_unsliced: bool = True
     max_det: int = Field(100, ge=1, le=1000)
+    tune_split: str | None = None
+    tune_images: int = Field(0, ge=0)
 
     @field_validator("slices", mode="before")
     @classmethod
     def _slices_words(cls, v: Any) -> Any:
         return _slices_value(v)
+
+    @property
+    def tuning_split(self) -> str | None:
+        """The split the sliced confidence is chosen on: ``tune_split``, or a synth set's generated ``train``
+        split when ``tune_images`` > 0; None: this set does not choose it."""
+        if self.tune_split:
+            return self.tune_split
+        return "train" if self.source == "synth" and self.tune_images > 0 else None
 
 
 class EvaluateConfig(_Section):
@@ -202,6 +212,10 @@ class EvaluateConfig(_Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"extra set names must be unique, repeated: {dup}")
+        tuning = [s.name for s in v if s.tuning_split]
+        if len(tuning) > 1:
+            raise ValueError(f"at most one extra set may choose the sliced confidence (the ONNX holds one "
+                             f"damage.sliced_conf), these do: {tuning}")
         return v
 
 

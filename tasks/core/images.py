@@ -17,7 +17,7 @@ import os
 import struct
 import warnings
 
-from damage.tasks.core.errors import DamageError
+from .errors import DamageError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's MAX_IMAGE_PIXELS: ~13400x13400
 HEADER_BYTES = 1 << 20  # JPEG headers may sit behind large EXIF/ICC segments

@@ -38,9 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from damage.tasks.core.atomic import atomic_write
-from damage.tasks.core.errors import DamageError
-from damage.tasks.core.quiet import quiet_openvino
+from ..core.atomic import atomic_write
+from ..core.errors import DamageError
+from ..core.quiet import quiet_openvino
 
 __all__ = ["BACKENDS", "RUNTIMES", "OnnxRuntime", "OpenVinoRuntime", "Runtime", "cpu_isa", "open_runtime",
            "openvino_available", "physical_cores", "raw_metadata", "resolve_backend", "warn_openvino_missing"]

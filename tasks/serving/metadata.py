@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from damage.tasks.core.errors import DamageError
+from ..core.errors import DamageError
 
 META_PREFIX = "damage."
 # Ultralytics keys written as Python literals, and those written as plain integers.
@@ -115,6 +115,7 @@ def validate(meta: dict[str, Any], path: Path) -> dict[str, Any]:
         DamageError: a key has the wrong type or is out of range (the message names it).
     """
     _number(meta, "damage.conf", 0.0, 1.0, path)
+    _number(meta, "damage.sliced_conf", 0.0, 1.0, path)
     _number(meta, "damage.iou", 0.0, 1.0, path)
     _number(meta, "damage.max_pixels", 1, 2**40, path, integer=True)
     _number(meta, "stride", 1, 256, path, integer=True)

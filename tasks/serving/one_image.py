@@ -85,7 +85,7 @@ def predict_source(pred: Any, source: str, model_label: str, overlay: bool, data
     data = read_source(source, client) if data is None else data
     im = decode_image(data, pred.max_pixels, str(source))
     res = pred.predict(im)[0]
-    doc = res.to_dict(str(source), str(model_label), pred.conf, pred.iou)
+    doc = res.to_dict(str(source), str(model_label), pred.conf_for(*im.shape[:2]), pred.iou)
     png = None
     if overlay:
         from damage.tasks.serving.draw import draw_prediction

@@ -1,49 +1,32 @@
-"""MLflow pyfunc wrapper: the ONNX file as an artifact, the torch-free predictor as code.
+"""Saving the MLflow pyfunc: the ONNX file as an artifact, the torch-free predictor as code.
 
-``mlflow models serve -m models:/damage-seg@production --env-manager local`` then answers
-``POST /invocations`` with a DataFrame of images, one column of:
-
-* ``image``: the encoded image file (JPEG/PNG...) as base64, or
-* ``path``: a file under ``$DAMAGE_SERVING_PATH_ROOT`` on the server. Off unless that variable
-  names a folder: then only files inside it are read, and a missing, unreadable or outside
-  path all get the same error text (the response must not map the server's disk).
-
-Limits (hostile requests): at most ``$DAMAGE_SERVING_MAX_ROWS`` rows per request (default
-16), each image's pixel count checked from its header before decoding (the predictor's
-``max_pixels``: ``damage.max_pixels`` of the ONNX metadata), at most ``max_det`` instances per
-image, masks kept cropped to their box.
-
-optionally with ``"params": {"conf": C, "iou": I}`` (negative or absent = the thresholds in the
-ONNX metadata), and returns one JSON document per row, the schema of ``damage predict``
-(``Prediction.to_dict`` in ``tasks/serving/predictor.py``); a row that cannot be decoded gets
-``{"image": ..., "error": "..."}`` instead.
-
-Example request::
-
-    {"dataframe_split": {"columns": ["image"], "data": [["iVBORw0KGgo..."]]}}
+The served model itself is ``damage.tasks.serving.pyfunc_model`` (the request format is in its
+docstring). It ships with every saved model as the package ``damage_serving``: the import closure of
+``pyfunc_model.py`` inside ``tasks`` (``shipped_files``), copied unchanged into the model's code
+folder. The modules of that closure import each other relatively, so nothing is renamed and nothing is
+listed by hand; an absolute ``damage`` import there is refused when saving (the served model must run
+without this project installed).
 """
 
 from __future__ import annotations
 
 import ast
 import base64
-import os
-import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow.pyfunc
 
-# The predictor and what it imports: shipped with the model so serving needs only these files.
-# They ship as the package ``damage_serving``, not ``tasks``: loading the model prepends its code folder
-# to ``sys.path`` for good (and multiprocessing's spawn hands that path to children), so a shipped
-# ``tasks`` would shadow the caller's own package (``No module named 'damage.tasks.core.secrets'``).
+from damage.tasks.core.errors import DamageError
+from damage.tasks.serving.pyfunc_model import INPUT_COLUMNS
+
+# The shipped package's name, not ``tasks``: loading the model prepends its code folder to ``sys.path``
+# for good (and multiprocessing's spawn hands that path to children), so a shipped ``tasks`` would shadow
+# the caller's own package (``No module named 'damage.tasks.core.secrets'``).
 SHIPPED_PACKAGE = "damage_serving"
-CODE_FILES = ("__init__.py", "core/__init__.py", "core/atomic.py", "core/errors.py", "core/images.py", "core/quiet.py",
-              "serving/__init__.py", "serving/backends.py", "serving/damage_percent.py", "serving/mask_decode.py",
-              "serving/metadata.py", "serving/predictor.py", "serving/pyfunc.py", "serving/slicing.py")
 _TASKS = Path(__file__).resolve().parents[1]
+SERVED_MODULE = "serving/pyfunc_model.py"  # relative to _TASKS: the closure starts here
 MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")  # models-from-code: no pickled Python object
 
 
@@ -57,137 +40,70 @@ def input_example():
     return pd.DataFrame({"image": [base64.b64encode(png.tobytes()).decode()]})
 
 
-PATH_ROOT_ENV = "DAMAGE_SERVING_PATH_ROOT"
-MAX_ROWS_ENV = "DAMAGE_SERVING_MAX_ROWS"
-DEFAULT_MAX_ROWS = 16
-# One text for every refused path (off, missing, outside, unreadable): the response must not map the disk.
-PATH_ERROR = (f"row path: not readable here (the 'path' column is off unless ${PATH_ROOT_ENV} names a folder "
-              f"on the server, and then reads only image files under it)")
-INPUT_COLUMNS = ("image", "path")
+def _module_file(root: Path, parts: list[str]) -> Path | None:
+    """``root/a/b.py`` or ``root/a/b/__init__.py`` for module parts ``[a, b]``, else None."""
+    f = root.joinpath(*parts).with_suffix(".py") if parts else None
+    if f is not None and f.is_file():
+        return f
+    init = root.joinpath(*parts, "__init__.py")
+    return init if init.is_file() else None
 
 
-def _max_rows() -> int:
-    try:
-        return max(1, int(os.environ.get(MAX_ROWS_ENV, DEFAULT_MAX_ROWS)))
-    except ValueError:
-        return DEFAULT_MAX_ROWS
+def shipped_files(root: Path | None = None, entry: str = SERVED_MODULE) -> list[str]:
+    """The files (relative to ``root``, default ``tasks/``) the served model needs: ``entry`` and every
+    module it imports relatively, transitively (function-level imports too), with each package's
+    ``__init__.py`` on the way.
 
-
-def _allowed_path(path: str) -> Path | None:
-    """``path`` resolved inside ``$DAMAGE_SERVING_PATH_ROOT`` and a regular file, else None."""
-    root = os.environ.get(PATH_ROOT_ENV)
-    if not root:
-        return None
-    try:
-        base = Path(root).resolve(strict=True)
-        p = (base / path).resolve(strict=True)
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return p if p.is_relative_to(base) and p.is_file() and os.access(p, os.R_OK) else None
-
-
-class DamageSegModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc model around ``damage.tasks.serving.predictor.Predictor`` (thresholds from the ONNX metadata)."""
-
-    def load_context(self, context) -> None:
-        from damage.tasks.serving.predictor import Predictor
-
-        self.onnx_name = Path(context.artifacts["onnx"]).name
-        self.predictor = Predictor(context.artifacts["onnx"])
-
-    def _decode(self, row: dict[str, Any]):
-        from damage.tasks.core.errors import DamageError
-        from damage.tasks.serving.predictor import decode_image
-
-        b64 = row.get("image")
-        if isinstance(b64, str) and b64:
-            try:
-                data = base64.b64decode(b64, validate=False)
-            except (ValueError, TypeError) as e:
-                raise DamageError(f"row image: not base64: {e}") from e
-            return "<base64>", decode_image(data, self.predictor.max_pixels, "row image")
-        path = row.get("path")
-        if isinstance(path, str) and path:
-            p = _allowed_path(path)
-            if p is None:
-                raise DamageError(PATH_ERROR)
-            try:
-                data = p.read_bytes()
-            except OSError:
-                raise DamageError(PATH_ERROR) from None
-            return path, decode_image(data, self.predictor.max_pixels, f"row path '{path}'")
-        raise DamageError("row has neither an 'image' (base64) nor a 'path' value")
-
-    @staticmethod
-    def _threshold(params: dict, key: str, default: float) -> float:
-        from damage.tasks.core.errors import DamageError
-
-        v = params.get(key)
-        if v is None or float(v) < 0:
-            return default
-        if not 0 <= float(v) <= 1:
-            raise DamageError(f"param '{key}' must be in [0, 1] (negative = the model's), got {v}")
-        return float(v)
-
-    def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
-        """One JSON-ready dict per input row (see the module docstring)."""
-        from damage.tasks.core.errors import DamageError
-
-        columns = getattr(model_input, "columns", None)
-        if columns is not None and not set(INPUT_COLUMNS) & set(columns):
-            # MLflow drops columns the signature does not name, so a misspelt column arrives as none at all:
-            # answer 400 naming the expected ones instead of 200 with an empty list
-            from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
-
-            raise MlflowException("the request has no 'image' column (base64 of an encoded image) and no 'path' "
-                                  "column; send e.g. {\"dataframe_split\": {\"columns\": [\"image\"], "
-                                  "\"data\": [[\"<base64>\"]]}}", error_code=INVALID_PARAMETER_VALUE)
-        rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
-        if len(rows) > _max_rows():
-            raise DamageError(f"request has {len(rows)} rows; at most {_max_rows()} per request "
-                              f"(${MAX_ROWS_ENV})")
-        p = self.predictor
-        params = params or {}
-        conf, iou = self._threshold(params, "conf", p.conf), self._threshold(params, "iou", p.iou)
-        out = []
-        for row in rows:
-            name = row["path"] if isinstance(row.get("path"), str) else "<base64>"
-            try:
-                name, im = self._decode(row)
-                res = p.predict(im, conf=conf, iou=iou)[0]
-                out.append(res.to_dict(name, self.onnx_name, conf, iou))
-            except DamageError as e:
-                out.append({"image": str(name), "error": str(e)})
-        return out
-
-
-_TASKS_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)damage\.tasks(?=[.\s])", re.MULTILINE)
-
-
-def _shipped_imports(tree: ast.AST) -> set[str]:
-    """Top-level package names imported (absolute imports) in a parsed module."""
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+    Raises:
+        DamageError: a file of the closure imports ``damage`` (or ``tasks``) absolutely, or a relative
+            import leaves ``root`` or names no file: the shipped package would not run on its own.
+    """
+    root = Path(root or _TASKS)
+    todo, seen = [entry], set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.add(rel)
+        src = root / rel
+        pkg = list(Path(rel).parent.parts)
+        for i in range(len(pkg) + 1):  # the package __init__ files from the root down
+            init = "/".join([*pkg[:i], "__init__.py"])
+            if (root / init).is_file() and init not in seen:
+                todo.append(init)
+        for node in ast.walk(ast.parse(src.read_text(encoding="utf-8"), str(src))):
+            if isinstance(node, ast.Import):
+                tops = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                tops = {(node.module or "").split(".")[0]}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level - 1 > len(pkg):
+                    raise DamageError(f"{src}:{node.lineno}: relative import leaves the shipped package")
+                base = pkg[:len(pkg) - node.level + 1] + (node.module.split(".") if node.module else [])
+                targets = [_module_file(root, base)] if node.module else []
+                # `from . import x` / `from .m import x`: x may itself be a module
+                targets += [_module_file(root, base + [a.name]) for a in node.names]
+                found = [t for t in targets if t is not None]
+                if not found:
+                    raise DamageError(f"{src}:{node.lineno}: relative import of a module not in {root}")
+                todo += [t.relative_to(root).as_posix() for t in found]
+                continue
+            else:
+                continue
+            if tops & {"damage", "tasks"}:
+                raise DamageError(f"{src}:{node.lineno}: imports the project absolutely; the served model's "
+                                  f"modules import each other relatively (from .x / ..core.x import y), so they "
+                                  f"run as the shipped '{SHIPPED_PACKAGE}' package too")
+    return sorted(seen)
 
 
 def _stage_code(dst: Path) -> Path:
-    """Copy ``CODE_FILES`` into ``dst/damage_serving``, their ``tasks`` imports renamed to match."""
-    from damage.tasks.core.errors import DamageError
-
+    """Copy ``shipped_files()`` unchanged into ``dst/damage_serving``."""
     pkg = dst / SHIPPED_PACKAGE
-    for name in CODE_FILES:
-        src, out = _TASKS / name, pkg / name
-        text = _TASKS_IMPORT.sub(rf"\1\2\3{SHIPPED_PACKAGE}", src.read_text(encoding="utf-8"))
-        if "damage" in _shipped_imports(ast.parse(text, str(src))):
-            raise DamageError(f"{src}: imports 'damage' in a form the pyfunc staging cannot rename "
-                              f"(use 'from damage.tasks.x import y')")
+    for name in shipped_files():
+        out = pkg / name
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        shutil.copyfile(_TASKS / name, out)
     return pkg
 
 
@@ -212,8 +128,6 @@ def save_pyfunc(onnx_path: Path, path: Path) -> Path:
     """Write the pyfunc model directory (MLmodel, the ONNX artifact, the predictor code) to ``path``."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        from damage.tasks.core.errors import DamageError
-
         raise DamageError(f"{onnx_path}: ONNX model not found")
     sig = signature()
     with tempfile.TemporaryDirectory() as tmp:

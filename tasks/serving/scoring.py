@@ -3,7 +3,7 @@
 ``damage serve`` (``mlflow models serve``) and the Ray Serve server (``damage.tasks.serving.ray_serve``)
 answer a request with the same code: ``mlflow.pyfunc.scoring_server.invocations`` (content types,
 the ``dataframe_split`` / ``dataframe_records`` / ``instances`` / ``inputs`` formats, the
-signature's schema) around the registered pyfunc (``damage.tasks.serving.pyfunc.DamageSegModel``: row
+signature's schema) around the registered pyfunc (``damage.tasks.serving.pyfunc_model.DamageSegModel``: row
 limits, base64 and path rows, the header check of every image before it is decoded). So a
 decompression bomb, a wrong schema or garbage is refused with the same status and body by both;
 there is no second copy of a rule to drift.

@@ -68,8 +68,8 @@ from typing import Any
 
 import numpy as np
 
-from damage.tasks.core.errors import DamageError
-from damage.tasks.serving.damage_percent import BoxMask, damage_report
+from ..core.errors import DamageError
+from .damage_percent import BoxMask, damage_report
 
 __all__ = ["ABSORB_IOS", "AUTO_FACTOR", "CONFIRM_IOU", "DEFAULT_OVERLAP", "JOIN_IOU", "Piece", "SliceSpec", "merge_pieces",
            "parse_slices", "predict_images", "predict_sliced", "tile_starts", "tile_windows"]
@@ -416,7 +416,8 @@ def predict_images(predictor: Any, images: Sequence[np.ndarray], spec: SliceSpec
     timings = dict(predictor.timings) if plain else {}
     for i, im in enumerate(images):
         if out[i] is None:
-            out[i] = predict_sliced(predictor, im, spec, conf, iou, batch_size or MAX_BATCH)
+            c = conf if conf is not None else predictor.sliced_conf
+            out[i] = predict_sliced(predictor, im, spec, c, iou, batch_size or MAX_BATCH)
             for k, v in predictor.timings.items():
                 timings[k] = timings.get(k, 0.0) + v
     predictor.timings = timings

@@ -4,11 +4,12 @@ the single-process path writes, byte for byte; a worker killed mid-batch loses n
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from conftest import S3_BUCKET
+
+from tests.helpers import die_once
 
 pytestmark = pytest.mark.integration
 
@@ -78,17 +79,10 @@ def _crash_once_predictor(marker: str):
 
     def make(path, settings, threads):
         pred = build_predictor(path, settings, threads)
-        real, calls = pred.predict, []
+        real, maybe_die = pred.predict, die_once(marker)
 
         def predict(*a, **kw):
-            calls.append(1)
-            if len(calls) == 2:
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    pass
-                else:
-                    os._exit(1)  # the worker process dies mid-batch, after one image of it was done
+            maybe_die()  # the worker process dies mid-batch, after one image of it was done
             return real(*a, **kw)
 
         pred.predict = predict

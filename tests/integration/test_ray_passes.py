@@ -5,11 +5,12 @@ own error reaches the user as it is."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import die_once
 
 pytestmark = pytest.mark.integration
 
@@ -110,17 +111,10 @@ def _crash_once(marker: str):
     (``O_EXCL`` on ``marker``); otherwise item i -> i*i."""
 
     def build():
-        calls = []
+        maybe_die = die_once(marker)
 
         def fn(ids):
-            calls.append(1)
-            if len(calls) == 2:
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    pass
-                else:
-                    os._exit(1)
+            maybe_die()
             return [i * i for i in ids]
 
         return fn

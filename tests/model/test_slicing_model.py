@@ -114,3 +114,27 @@ def test_extra_set_scores_sliced_and_letterboxed(tiny_onnx, tmp_path):
         assert f"{prefix}/damage_pct_mae" in m and m[f"{prefix}/damage_pct_vehicles"] >= 1
     assert m["whole/tiles_per_image"] == len(tile_windows(320, 320, (IMGSZ, IMGSZ), 0.2))
     assert m["whole" + UNSLICED_SUFFIX + "/tiles_per_image"] == 0
+
+
+def test_extra_set_chooses_the_sliced_conf_on_its_tuning_images(tiny_onnx, tmp_path):
+    """``tune_images``: the tuning scenes (train split) choose the sliced confidence from the grid; the scored
+    scenes (val) count the sliced MAE at it, the letterboxed pass at the sweep's; every key is a valid MLflow
+    metric name (the register step logs them on the version)."""
+    import re
+
+    from damage.tasks.core.config import ExtraSetConfig
+    from damage.tasks.evaluation.extra_sets import extra_set_data, extra_sets_metrics
+
+    spec = ExtraSetConfig(name="whole", imgsz=320, images=3, seed=7, tune_images=3)
+    data_yaml = extra_set_data(spec, tmp_path)
+    assert {p.parent.name for p in (data_yaml.parent / "images").rglob("*.png")} == {"train", "val"}
+    grid = [0.05, 0.2, 0.5]
+    m = extra_sets_metrics(tiny_onnx, [spec], tmp_path, conf_grid=grid)
+    assert m["whole/images"] == 3 and m["whole/sliced_conf"] in grid
+    assert m["whole/damage_pct_conf"] == m["whole/sliced_conf"]
+    from damage.tasks.serving.predictor import Predictor
+
+    assert m["whole_unsliced/damage_pct_conf"] == Predictor(tiny_onnx).conf  # letterboxed: the sweep's (metadata)
+    tune = {k: v for k, v in m.items() if k.startswith("whole/tune/damage_pct_mae_at_conf_")}
+    assert len(tune) == len(grid) and m["whole/tune/damage_pct_mae"] == min(tune.values())
+    assert all(re.fullmatch(r"[\w./\- :]+", k) for k in m), [k for k in m if not re.fullmatch(r"[\w./\- :]+", k)]

@@ -77,7 +77,7 @@ import base64, sys
 from pathlib import Path
 from damage.tasks.core.errors import DamageError
 from damage.tasks.serving.predictor import Predictor
-from damage.tasks.serving.pyfunc import DamageSegModel
+from damage.tasks.serving.pyfunc_model import DamageSegModel
 from damage.tasks.validation.html import _thumb
 
 onnx, bomb = sys.argv[1], sys.argv[2]
@@ -160,7 +160,7 @@ def test_13_11_masks_stay_cropped_memory_bounded(tmp_path):
 
 def test_13_11_rows_per_request_capped(tmp_path, monkeypatch):
     from damage.tasks.serving.predictor import Predictor
-    from damage.tasks.serving.pyfunc import DamageSegModel
+    from damage.tasks.serving.pyfunc_model import DamageSegModel
 
     m = DamageSegModel()
     m.predictor, m.onnx_name = Predictor(fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)])), "m.onnx"
@@ -175,7 +175,7 @@ def test_13_12_pyfunc_path_column_off_by_default_and_rooted(tmp_path, monkeypatc
     import cv2
 
     from damage.tasks.serving.predictor import Predictor
-    from damage.tasks.serving.pyfunc import PATH_ERROR, DamageSegModel
+    from damage.tasks.serving.pyfunc_model import PATH_ERROR, DamageSegModel
 
     m = DamageSegModel()
     m.predictor, m.onnx_name = Predictor(fake_onnx(tmp_path / "m.onnx", [(10, 10, 50, 50)])), "m.onnx"

@@ -59,7 +59,7 @@ def test_alias_hint_without_staging_or_model(tmp_path):
 # 5. serve: a wrong column name is a 400 naming the expected column; the path error names its setting
 def _served_model(tmp_path):
     from damage.tasks.serving.predictor import Predictor
-    from damage.tasks.serving.pyfunc import DamageSegModel
+    from damage.tasks.serving.pyfunc_model import DamageSegModel
     from tests.unit.test_issue13_serving import fake_onnx
 
     m = DamageSegModel()
@@ -85,7 +85,7 @@ def test_serve_wrong_column_is_a_400_naming_the_expected_column(tmp_path):
 
 
 def test_serve_path_error_names_the_setting_and_the_printed_hint_says_it_is_off(tmp_path, monkeypatch):
-    from damage.tasks.serving.pyfunc import PATH_ERROR, PATH_ROOT_ENV
+    from damage.tasks.serving.pyfunc_model import PATH_ERROR, PATH_ROOT_ENV
 
     monkeypatch.delenv(PATH_ROOT_ENV, raising=False)
     m = _served_model(tmp_path)

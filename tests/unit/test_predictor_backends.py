@@ -118,20 +118,3 @@ def test_predictor_with_either_runtime_imports_no_torch(tmp_path):
             "bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-
-
-def test_pyfunc_ships_every_module_the_predictor_imports():
-    """The pyfunc folder carries ``CODE_FILES`` only: each ``damage.*`` import of those files must be among them."""
-    import ast
-
-    from damage.tasks.serving.pyfunc import _TASKS, CODE_FILES
-
-    shipped = {f.removesuffix(".py").replace("/", ".").removesuffix(".__init__") for f in CODE_FILES}
-    shipped = {"damage.tasks" if s == "__init__" else f"damage.tasks.{s}" for s in shipped}
-    for f in CODE_FILES:
-        tree = ast.parse((_TASKS / f).read_text())
-        for node in ast.walk(tree):
-            mods = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            missing = [m for m in mods if m.startswith("damage.") and m not in shipped]
-            assert not missing, f"tasks/{f} imports {missing}, which the pyfunc does not ship"

@@ -74,7 +74,7 @@ def test_extra_sets_step_logs_under_the_prefix_and_extends_the_candidate(state_p
     cfg = load_config(overrides=["evaluate.extra_sets=[{name: whole}]"])
     seen = []
 
-    def fake(onnx, sets, root, conf, iou, threads):
+    def fake(onnx, sets, root, conf, iou, threads, conf_grid=()):
         seen.append((onnx, [s.name for s in sets], root))
         return {"whole/mask/mAP50": 0.5, "whole/mask_ap50/dent": 0.4, "whole_unsliced/mask/mAP50": 0.3,
                 "whole/damage_pct_mae": float("nan")}
