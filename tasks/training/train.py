@@ -385,6 +385,8 @@ def train_model(
     def _train_start(trainer) -> None:
         # the trainer's nominal accumulation (warmup ramps up to it from 1)
         accumulate.append(int(trainer.accumulate))
+        if cfg.channels_last:
+            use_channels_last(trainer.model)
 
     model.add_callback("on_train_start", _train_start)
     model.add_callback("on_fit_epoch_end", _epoch_end)
@@ -452,6 +454,23 @@ def _mark_finished(out_dir: Path, name: str, result: TrainResult) -> None:
     atomic_write_text(Path(out_dir) / DONE_MARKER.format(name=name), json.dumps({
         "best": str(result.best), "last": str(result.last), "run_dir": str(result.run_dir),
         "metrics": result.metrics, "epochs_run": result.epochs_run, "history": result.history}, default=float))
+
+
+def use_channels_last(model: Any) -> None:
+    """Put a training model's weights, and every image batch its forward gets, in channels-last memory order
+    (``train.channels_last``): the same FP32 maths, faster oneDNN convolutions on CPU. The training forward takes
+    the batch dict (images under ``img``); inference calls with a tensor pass through unchanged."""
+    import torch
+
+    model.to(memory_format=torch.channels_last)
+    forward = model.forward
+
+    def forward_channels_last(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(x, dict) and isinstance(x.get("img"), torch.Tensor):
+            x = {**x, "img": x["img"].contiguous(memory_format=torch.channels_last)}
+        return forward(x, *args, **kwargs)
+
+    model.forward = forward_channels_last
 
 
 def epoch_line(epoch: int, total: int, previous_total: int | None, time_min: float | None,
