@@ -84,8 +84,9 @@ def model_card(name: str, version: str | int, metrics: Mapping[str, Any], per_cl
                    f"`{op.get('objective')}` = {fmt_metric(op.get('value'))}" + (f" ({objective_help})" if objective_help else "")
                    + "." + (f" Sliced inference: `{json.dumps(op['slices'])}` (predictor.slices, recorded in the "
                             f"ONNX metadata as damage.slices)." if op.get("slices") is not None else ""))
-        sliced = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/sliced_conf") and k.count("/") == 1}
-        for set_name, c in sliced.items():
+        from damage.tasks.evaluation.extra_sets import sliced_confs
+
+        for set_name, c in sliced_confs(metrics).items():
             mae = metrics.get(f"{set_name}/tune/damage_pct_mae")
             out.append("")
             out.append(f"Sliced photos: conf **{c:g}** (ONNX metadata damage.sliced_conf), chosen on the tuning images of "

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from damage.tasks.evaluation.metrics import (
 from damage.tasks.serving.damage_percent import mae_summary, vehicle_errors
 
 __all__ = ["UNSLICED_SUFFIX", "choose_sliced_conf", "extra_set_data", "extra_sets_metrics", "extra_sets_step",
-           "gate_sets", "score_set"]
+           "gate_sets", "score_set", "sliced_confs"]
 
 UNSLICED_SUFFIX = "_unsliced"  # metric prefix of the letterboxed comparison: "<name>_unsliced/..."
 VEHICLE_CLASS = "vehicle"
@@ -235,9 +235,9 @@ def extra_sets_metrics(onnx: str | Path, sets: Sequence[Any], datasets_root: Pat
     return out
 
 
-def sliced_conf_of(metrics: dict[str, float]) -> float | None:
-    """The sliced confidence an extra set chose (``<name>/sliced_conf``), or None."""
-    return next((v for k, v in metrics.items() if k.endswith("/sliced_conf") and k.count("/") == 1), None)
+def sliced_confs(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Extra set name -> the sliced confidence it chose (``<name>/sliced_conf``); at most one set chooses."""
+    return {k.split("/")[0]: float(v) for k, v in metrics.items() if k.endswith("/sliced_conf") and k.count("/") == 1}
 
 
 def gate_sets(sets: Sequence[Any], floors: dict[str, Any]) -> list[Any]:
@@ -262,7 +262,7 @@ def extra_sets_step(candidate: dict[str, Any], sets: Sequence[Any], datasets_roo
 
     with tracking.step_run(parent_run_id, "evaluate-extra") as (c, run_id):
         metrics = extra_sets_metrics(candidate["onnx"], sets, datasets_root, conf_floor, iou, threads, conf_grid)
-        chosen = sliced_conf_of(metrics)
+        chosen = next(iter(sliced_confs(metrics).values()), None)
         if chosen is not None:
             from damage.tasks.export.onnx import update_onnx_metadata
 
