@@ -132,7 +132,7 @@ class TrainConfig(_Section):
     workers: int = Field(0, ge=0)
     device: str = "cpu"
     cache: bool | Literal["ram", "disk"] = False
-    channels_last: bool = True
+    channels_last: bool = False
     init: str = Field("auto", min_length=1)
 
     @field_validator("device", mode="before")

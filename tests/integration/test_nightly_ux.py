@@ -264,7 +264,7 @@ def test_registered_pyfunc_is_from_code_with_an_input_example(ux_run, tmp_path, 
     added = [Path(p) for p in sys.path if p not in path_before]
     assert added and all((p / "damage_serving").is_dir() and not (p / "tasks").exists() for p in added), added
     assert sys.modules["damage"] is tasks_before
-    assert type(model.unwrap_python_model()).__module__ == "damage_serving.serving.pyfunc"
+    assert type(model.unwrap_python_model()).__module__ == "damage_serving.serving.pyfunc_model"
     child = mp.get_context("spawn").Process(target=importlib.import_module, args=("damage.tasks.core.secrets",))
     child.start()
     child.join(120)

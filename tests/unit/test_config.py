@@ -66,13 +66,15 @@ def test_demo_config_only_changes_what_it_lists():
     demo = load_config(DEFAULT_CONFIG.parent / "demo.yaml").to_dict()
     base = load_config().to_dict()
     changed = {k for k in base if base[k] != demo[k]}
-    assert changed == {"data", "train", "compress", "sweep", "evaluate"}  # data.source is synth in both
+    assert changed == {"data", "train", "compress", "sweep", "evaluate", "explain"}  # data.source is synth in both
+    assert {k for k in base["explain"] if base["explain"][k] != demo["explain"][k]} == {"samples"}
     assert {k for k in base["evaluate"] if base["evaluate"][k] != demo["evaluate"][k]} == {"extra_sets"}
     assert {k for k in base["data"] if base["data"][k] != demo["data"][k]} == {"synth"}
     assert {k for k in base["data"]["synth"] if base["data"]["synth"][k] != demo["data"]["synth"][k]} == {
         "images", "closeup_fraction"}
     assert {k for k in base["train"] if base["train"][k] != demo["train"][k]} == {
-        "batch", "nbs", "optimizer", "lr0", "lrf", "cls", "val", "cache", "augment", "epochs", "time_min"}
+        "batch", "nbs", "optimizer", "lr0", "lrf", "cls", "val", "cache", "augment", "epochs", "time_min",
+        "channels_last"}
     assert demo["train"]["time_min"] > 0  # the demo trains for a wall-time budget (its 15-minute target)
     assert {k for k in base["compress"] if base["compress"][k] != demo["compress"][k]} == {"enabled", "steps"}
     assert demo["compress"]["steps"] == ["int8-static"]
