@@ -71,7 +71,7 @@ def main() -> int:
     from damage.tasks.core.families import model_source
     from damage.tasks.core.runtime import activate, configure_ultralytics
     from damage.tasks.data.synth import generate_dataset
-    from damage.tasks.training.train import build_train_args
+    from damage.tasks.training.train import build_train_args, use_channels_last
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     s = cfg.data.synth
@@ -112,19 +112,18 @@ def main() -> int:
                        "gflop_per_image_train": 3 * gflop_fwd})
 
     def train_start(trainer):
-        """--bf16 / --channels-last: the training model's forward (images -> loss) runs under them."""
+        """--channels-last: the project's own ``train.use_channels_last``; --bf16: autocast around the forward."""
         m = trainer.model
         if args.channels_last:
-            m.to(memory_format=torch.channels_last)
-        forward = m.forward
+            use_channels_last(m)
+        if args.bf16:
+            forward = m.forward
 
-        def wrapped(x, *a, **kw):
-            if args.channels_last and isinstance(x, dict) and isinstance(x.get("img"), torch.Tensor):
-                x = {**x, "img": x["img"].contiguous(memory_format=torch.channels_last)}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                return forward(x, *a, **kw)
+            def bf16_forward(x, *a, **kw):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return forward(x, *a, **kw)
 
-        m.forward = wrapped
+            m.forward = bf16_forward
 
     model.add_callback("on_train_start", train_start)
     for name, fn in (("on_train_batch_start", batch_start), ("on_train_batch_end", batch_end),
