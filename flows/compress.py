@@ -1,4 +1,4 @@
-"""The ``compress`` flow: measure the parent, run the configured chain, gate, choose.
+"""The ``compress`` flow: measure the parent, run the configured chain, time every variant, gate, choose.
 
 Wiring only: every step is a function of ``tasks/export/compress.py`` wrapped as a Prefect task.
 The nightly flow calls :func:`compress_flow` as a subflow when ``compress.enabled``.
@@ -13,12 +13,15 @@ from prefect import flow
 
 from damage.tasks.core.config_load import config_from_dict
 from damage.tasks.core.prefect_tasks import as_task
+from damage.tasks.core.runtime import state_paths
 from damage.tasks.evaluation.evaluate import Evaluator
 from damage.tasks.export import compress as C
 from damage.tasks.export.chain_steps import apply_step
+from damage.tasks.scale.fanout import FanOut
 
 root_task = as_task(C.root_variant, "compress-parent")
 measure_task = as_task(C.measure_variant, "compress-measure")
+time_task = as_task(C.time_variants, "compress-latency")
 step_task = as_task(apply_step, "compress-step")
 finalize_task = as_task(C.finalize, "compress-gate-and-choose")
 plan_task = as_task(C.plan_steps, "compress-plan")
@@ -46,7 +49,11 @@ def compress_flow(parent_weights: str, parent_onnx: str, data_yaml: str, config:
     out = Path(out_dir) if out_dir else C.default_out_dir(cfg, parent_weights)
     steps = plan_task(cfg.compress.steps)
     root = measure_task(root_task(parent_weights, parent_onnx, cfg.imgsz), data_yaml, evaluator)
-    variants = C.chain(steps, root,
-                       lambda step, head: step_task(step, head, root, data_yaml, cfg, out / step, evaluator),
-                       lambda v: measure_task(v, data_yaml, evaluator, root_metrics=root.metrics))
-    return finalize_task(variants, root, cfg, out, parent_run_id)
+    # runner: ray measures each variant as a Ray task while the chain goes on (FanOut); runner: local, here at once
+    with FanOut(cfg.runner == "ray", cfg.ray, state_paths(cfg.state_dir).root) as fan:
+        variants = C.chain(steps, root,
+                           lambda step, head: step_task(step, head, root, data_yaml, cfg, out / step, evaluator),
+                           lambda v: fan.start(measure_task, v, data_yaml, evaluator, root_metrics=root.metrics))
+    # latency: every variant in one interleaved pass here, after the chain, whichever runner measured accuracy
+    variants = time_task(variants)
+    return finalize_task(variants, variants[0], cfg, out, parent_run_id)

@@ -9,8 +9,10 @@ the optional ``nncf`` extra: ``damage.tasks.export.nncf_quant``) quantize the he
 ``compress.quantize.also_parent``, the parent's, so the table shows what quantization alone
 costs). Every variant, the parent included, is measured by the same evaluator
 (``damage.tasks.evaluation.evaluate.Evaluator.from_config``: ``evaluate:`` settings at ``Config.imgsz``)
-and the same ONNX Runtime latency probe. ``chain`` is the one loop; the plain ``run_chain`` and
-the Prefect flow inject their step and measure callables.
+and, after the chain, timed in one interleaved ONNX Runtime pass with all the others (``time_variants``: the
+speed-up ratios compare runs made under the same load). ``chain`` is the one loop; the plain ``run_chain`` and
+the Prefect flow inject their step and measure callables (the flow's measurements run as Ray tasks with
+``runner: ray``).
 
 Gate: a variant is a candidate only if its mask mAP50 is at most ``compress.tolerance`` below
 the *original* parent's (the model it would replace; chaining relative to an intermediate
@@ -29,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,11 +75,13 @@ def plan_steps(steps: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- measurement
-def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: int = 3,
-                   threads: int | None = None) -> float:
-    """Median ONNX Runtime CPU latency (ms) of one 1x3ximgszximgsz inference, ``threads`` intra-op threads.
+def ort_latency_ms(onnx_paths: Sequence[str | Path], imgsz: Sequence[int], runs: int = 20, warmup: int = 3,
+                   threads: int | None = None) -> list[float]:
+    """Median ONNX Runtime CPU latency (ms) of one 1x3xSxS inference of each model, timed interleaved.
 
-    ``threads=None`` uses every core (``os.cpu_count()``).
+    Every model gets its session and warm-up first; then each of ``runs`` rounds times one inference of every
+    model, in alternating order, so a machine that slows down (another job, thermal limits) slows them all
+    alike and the ratios the gate reads stay fair. ``threads=None`` uses every core (``os.cpu_count()``).
     """
     import numpy as np
     import onnxruntime as ort
@@ -86,44 +90,37 @@ def ort_latency_ms(onnx_path: str | Path, imgsz: int, runs: int = 20, warmup: in
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     # as the predictor runs (damage.tasks.serving.backends): threads stop spinning when a run returns
     so.add_session_config_entry("session.force_spinning_stop", "1")
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+    probes = []
+    for path, size in zip(onnx_paths, imgsz, strict=True):
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)}
+        for _ in range(warmup):
+            sess.run(None, feed)
+        probes.append((sess, feed))
+    times: list[list[float]] = [[] for _ in probes]
+    for r in range(runs):
+        for i in (range(len(probes)) if r % 2 == 0 else reversed(range(len(probes)))):
+            sess, feed = probes[i]
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append(time.perf_counter() - t)
+    return [float(np.median(t) * 1e3) if t else float("nan") for t in times]
 
 
-def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, latency_runs: int = 20,
+def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator,
                     root_metrics: dict[str, float] | None = None) -> Variant:
-    """Fill ``v.metrics``: ``evaluator`` metrics, ORT latency at its size, file size, delta to the root.
-
-    Also times every installed predictor runtime (``latency/<runtime>_ms``) and records the faster
-    in the variant's ONNX metadata (``damage.tasks.export.onnx.record_backend_latency``).
+    """Fill ``v.metrics`` with what does not depend on the machine's load: the ``evaluator``'s metrics, the
+    parameters and FLOPs, the delta to the root. Latency and file size come later, for every variant in one pass
+    (``time_variants``), so that this may run on any worker, side by side with other steps.
 
     The evaluator's curves and confusion matrix go to ``<onnx stem>_plots/`` beside the variant
     (``v.info["plots_dir"]``); ``log_variants`` logs them, and the dataset, on the variant's run.
     """
-    from damage.tasks.export.onnx import record_backend_latency
-
     plots_dir = Path(v.onnx).parent / f"{Path(v.onnx).stem}_plots"
     res = evaluator(v.onnx, data_yaml, plots_dir=plots_dir)
-    v.info["plots_dir"] = str(plots_dir)
-    v.info["data_yaml"] = str(data_yaml)
-    m = dict(res.metrics)
-    m[FORWARD_MS] = ort_latency_ms(v.onnx, res.imgsz, runs=latency_runs)  # latency_ms: the evaluator's
+    v.info.update(plots_dir=str(plots_dir), data_yaml=str(data_yaml), imgsz=int(res.imgsz))
+    m = dict(res.metrics)  # latency_ms: the evaluator's (pre-processing + inference + post-processing)
     v.per_class = res.per_class
-    # each installed predictor runtime, with the faster one written into the file for predictor.backend auto
-    # (OpenVINO runs QDQ INT8 faster than ONNX Runtime on some CPUs, so the choice differs per variant)
-    choice = record_backend_latency(Path(v.onnx), res.imgsz, runs=latency_runs)
-    m.update({f"latency/{k}_ms": ms for k, ms in choice.get("backend_latency_ms", {}).items()})
-    v.info["preferred_backend"] = choice.get("preferred_backend")
-    m["size_mb"] = Path(v.onnx).stat().st_size / 1e6
     if v.params is not None:
         m["params"] = float(v.params)
     if v.gflops is not None:
@@ -133,6 +130,26 @@ def measure_variant(v: Variant, data_yaml: str | Path, evaluator: Evaluator, lat
         m["delta_mask_mAP50-95"] = m["mask/mAP50-95"] - root_metrics["mask/mAP50-95"]
     v.metrics = m
     return v
+
+
+def time_variants(variants: list[Variant], runs: int = 20) -> list[Variant]:
+    """Time every measured variant in one pass, in this process, after the chain: the ONNX Runtime forward pass
+    (``latency/forward_ms``, interleaved: ``ort_latency_ms``), then each installed predictor runtime
+    (``latency/<runtime>_ms``), the faster written into the variant's ONNX metadata for ``predictor.backend: auto``
+    (``damage.tasks.export.onnx.record_backend_latency``; OpenVINO runs QDQ INT8 faster than ONNX Runtime on some
+    CPUs, so the choice differs per variant), then the file's size as it ships. Returns the same variants.
+    """
+    from damage.tasks.export.onnx import record_backend_latency
+
+    sizes = [int(v.info["imgsz"]) for v in variants]
+    for v, ms in zip(variants, ort_latency_ms([v.onnx for v in variants], sizes, runs=runs), strict=True):
+        v.metrics[FORWARD_MS] = ms
+    for v, size in zip(variants, sizes, strict=True):
+        choice = record_backend_latency(Path(v.onnx), size, runs=runs)
+        v.metrics.update({f"latency/{k}_ms": ms for k, ms in choice.get("backend_latency_ms", {}).items()})
+        v.info["preferred_backend"] = choice.get("preferred_backend")
+        v.metrics["size_mb"] = Path(v.onnx).stat().st_size / 1e6
+    return variants
 
 
 # ----------------------------------------------------------------------------- gate + choice
@@ -347,24 +364,31 @@ def default_out_dir(cfg, parent_weights: str | Path) -> Path:
 
 
 def chain(steps: list[str], root: Variant, apply: Callable[[str, Variant], StepOutput],
-          measure: Callable[[Variant], Variant]) -> list[Variant]:
+          measure: Callable[[Variant], Any]) -> list[Variant]:
     """The chain loop: each step works on the current head, its variants are measured, and the
-    step's head (measured) becomes the next head. Returns the root and every measured variant.
+    step's head (measured) becomes the next head. Returns the root and every measured variant, in order.
 
     ``apply(step, head)`` and ``measure(variant)`` are injected so that the plain function
-    (``run_chain``) and the Prefect flow (each call a task) share this one loop.
+    (``run_chain``) and the Prefect flow (each call a task) share this one loop. ``measure`` returns the
+    measured variant, or a future of it (``.result()``): with ``runner: ray`` each measurement is a Ray task that
+    runs while the chain goes on, and a step waits only for its own head's (INT8 static reads the float
+    model's metrics); the rest are collected at the end.
     """
     from damage.tasks.core.progress import track
 
-    variants, head = [root], root
+    def done(x: Any) -> Variant:
+        return x if isinstance(x, Variant) else x.result()
+
+    pending: list[Any] = [root]
+    head: Any = root
     with track("compress", f"compress: {len(steps)} steps", len(steps)) as bar:
         for step in steps:
-            res = apply(step, head)
-            measured = [measure(v) for v in res.variants]
-            variants += measured
-            head = next((v for v in measured if v.name == res.head.name), head)
+            res = apply(step, done(head))
+            started = [measure(v) for v in res.variants]
+            pending += started
+            head = next((m for v, m in zip(res.variants, started, strict=True) if v.name == res.head.name), head)
             bar.advance()
-    return variants
+    return [done(x) for x in pending]
 
 
 def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: str | Path, cfg,
@@ -378,4 +402,4 @@ def run_chain(parent_weights: str | Path, parent_onnx: str | Path, data_yaml: st
                      lambda step, head: apply_step(step, head, root, data_yaml, cfg, Path(out_dir) / step,
                                                    evaluator, on_epoch),
                      lambda v: measure_variant(v, data_yaml, evaluator, root_metrics=root.metrics))
-    return finalize(variants, root, cfg, out_dir, parent_run_id)
+    return finalize(time_variants(variants), root, cfg, out_dir, parent_run_id)

@@ -66,6 +66,17 @@ def _cpuinfo() -> str:
         return ""
 
 
+# A worker's own thread count (set by damage.tasks.scale.ray_runtime in each Ray task), which the runtimes take
+# instead of every core: two ORT pools of 2 threads on 2 vCPUs wait on each other
+THREADS_ENV = "DAMAGE_INFER_THREADS"
+
+
+def default_threads() -> int:
+    """Inference threads when the caller names none: ``DAMAGE_INFER_THREADS`` when set, else ``physical_cores()``."""
+    raw = os.environ.get(THREADS_ENV, "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else physical_cores()
+
+
 @functools.cache
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-thread siblings counted once), at least 1.
@@ -192,7 +203,7 @@ class OnnxRuntime:
 
     Args:
         path: the ``.onnx`` file.
-        threads: intra-op threads (None: ``physical_cores()``).
+        threads: intra-op threads (None: ``default_threads()``).
         providers: execution providers (default CPU).
         spinning: let idle worker threads spin between ops (lower latency, busier cores).
         spin_stop: with ``spinning``, the workers stop spinning when ``run`` returns
@@ -210,7 +221,7 @@ class OnnxRuntime:
                  spinning: bool = True, cache: bool = True, spin_stop: bool = True):
         self.path = Path(path)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads or physical_cores())
+        so.intra_op_num_threads = int(threads or default_threads())
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -278,7 +289,7 @@ class OpenVinoRuntime:
 
     Args:
         path: the ``.onnx`` file.
-        threads: inference threads (None: ``physical_cores()``).
+        threads: inference threads (None: ``default_threads()``).
         precision: ``f32`` (exact, the parity rule's reference) or ``bf16`` (OpenVINO's own default
             on CPUs with AMX/AVX512-BF16: faster, about 3 significant digits).
 
@@ -299,7 +310,7 @@ class OpenVinoRuntime:
             model = core.read_model(str(self.path))
             self.compiled = core.compile_model(model, "CPU", {
                 "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_NUM_THREADS": int(threads or physical_cores()),
+                "INFERENCE_NUM_THREADS": int(threads or default_threads()),
                 "INFERENCE_PRECISION_HINT": precision,
             })
         except Exception as e:  # OpenVINO raises RuntimeError for unreadable or unsupported graphs

@@ -47,8 +47,8 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
     from damage.tasks.export import compress as C
     from damage.tasks.export.variant import Variant
 
-    lat = []
-    monkeypatch.setattr(C, "ort_latency_ms", lambda path, imgsz, runs=20: lat.append(imgsz) or 2.0)
+    lat = []  # one interleaved pass over every variant, each at the evaluator's size
+    monkeypatch.setattr(C, "ort_latency_ms", lambda paths, sizes, runs=20: lat.append(list(sizes)) or [2.0, 4.0])
     import damage.tasks.export.onnx as O
 
     timed = []  # every runtime is timed at the evaluator's size too (the file here is a stand-in)
@@ -60,8 +60,11 @@ def test_compression_measures_with_the_evaluator_it_is_given(recorded, monkeypat
     root = C.measure_variant(Variant("parent", "parent", str(onnx)), "d.yaml", ev)
     child = C.measure_variant(Variant("int8", "int8-static", str(onnx)), "d.yaml", ev, root_metrics=root.metrics)
     assert recorded == [(str(onnx), "d.yaml", "test", 96, 0.01, 0.6, 50)] * 2
-    assert lat == [96, 96] and child.metrics["delta_mask_mAP50"] == 0.0
-    assert timed == [96, 96] and child.metrics["latency/openvino_ms"] == 3.0
+    assert child.metrics["delta_mask_mAP50"] == 0.0
+    assert lat == [] and timed == [] and "latency/forward_ms" not in child.metrics  # accuracy only, so far
+    assert C.time_variants([root, child]) == [root, child]
+    assert lat == [[96, 96]] and [root.metrics["latency/forward_ms"], child.metrics["latency/forward_ms"]] == [2, 4]
+    assert timed == [96, 96] and child.metrics["latency/openvino_ms"] == 3.0 and child.metrics["size_mb"] == 0.001
     assert ev.metrics_fn("d.yaml")(onnx)["mask/mAP50"] == 0.5 and recorded[-1][2:] == ("test", 96, 0.01, 0.6, 50)
 
 
@@ -87,6 +90,24 @@ def test_the_chain_loop_measures_every_variant_and_follows_the_head():
     assert all(v.metrics.get("measured") for v in variants[1:])
     # each step sees the previous step's *measured* head
     assert seen == [("distill", "parent", None), ("prune", "distilled", True), ("int8-static", "pruned-ft", True)]
+
+    # measurements as futures (runner: ray): a step waits for its head's only; the others are collected at the end
+    waited, seen[:] = [], []
+
+    class Later:
+        def __init__(self, v):
+            self.v = v
+
+        def result(self):
+            waited.append(self.v.name)
+            return measure(self.v)
+
+    variants = chain(["distill", "prune", "int8-static"], root, apply, Later)
+    assert [v.name for v in variants] == ["parent", "distilled", "pruned", "pruned-ft", "int8"]
+    assert all(v.metrics.get("measured") for v in variants[1:])
+    assert seen == [("distill", "parent", None), ("prune", "distilled", True), ("int8-static", "pruned-ft", True)]
+    assert waited[:2] == ["distilled", "pruned-ft"]  # the heads, each before the next step
+    assert sorted(waited[2:]) == ["distilled", "int8", "pruned", "pruned-ft"]  # then all, once the chain is done
 
 
 def test_only_the_evaluator_calls_evaluate_model():

@@ -118,3 +118,30 @@ def test_predictor_with_either_runtime_imports_no_torch(tmp_path):
             "bad = {'torch', 'ultralytics', 'prefect'} & set(sys.modules); assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_ray_worker_thread_count_reaches_the_runtimes(monkeypatch, tmp_path):
+    """A Ray task's environment (``step_env``) names its CPU count, and a session opened without an explicit
+    count takes it instead of every core; a bad value falls back to the cores."""
+    from damage.tasks.scale.fanout import step_env
+
+    assert step_env(1, forward_secrets=False)[backends.THREADS_ENV] == "1"
+    monkeypatch.setattr(backends, "physical_cores", lambda: 8)
+    monkeypatch.setenv(backends.THREADS_ENV, "1")
+    assert backends.default_threads() == 1
+    for bad in ("0", "two", ""):
+        monkeypatch.setenv(backends.THREADS_ENV, bad)
+        assert backends.default_threads() == 8
+    monkeypatch.setenv(backends.THREADS_ENV, "1")
+    seen = {}
+    real = backends.ort.SessionOptions
+
+    class Options(real):  # what the session is opened with
+        def __setattr__(self, k, v):
+            seen[k] = v
+            super().__setattr__(k, v)
+
+    monkeypatch.setattr(backends.ort, "SessionOptions", Options)
+    with pytest.raises(DamageError):  # not a model: the options were set before the file was read
+        backends.OnnxRuntime(tmp_path / "missing.onnx")
+    assert seen["intra_op_num_threads"] == 1
