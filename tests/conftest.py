@@ -94,7 +94,7 @@ def tiny_model(state_paths, tiny_dataset, tmp_path_factory) -> Path:
     from damage.tasks.training.train import train_model
 
     out = tmp_path_factory.mktemp("tiny_train")
-    cfg = TrainConfig(model="n", epochs=1, imgsz=96, batch=8, patience=0)
+    cfg = TrainConfig(plots=False, model="n", epochs=1, imgsz=96, batch=8, patience=0)
     return train_model(tiny_dataset, cfg, out, seed=0, extra_args={"plots": False}).best  # no test reads its plots
 
 
@@ -224,7 +224,7 @@ def train_easy(model: str, data: Path, out: Path, epochs: int = EASY_EPOCHS) -> 
 
     weights, top = None, 0.0
     for k in range(EASY_ROUNDS):
-        cfg = TrainConfig(model=model, weights=weights, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH,
+        cfg = TrainConfig(plots=False, model=model, weights=weights, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH,
                           patience=0, augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0,
                           cos_lr=False, lrf=1.0)
         # nbs = batch: one optimizer step per batch. Ultralytics' default nominal batch of 64 accumulates

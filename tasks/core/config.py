@@ -133,6 +133,7 @@ class TrainConfig(_Section):
     device: str = "cpu"
     cache: bool | Literal["ram", "disk"] = False
     channels_last: bool = False
+    plots: bool = True
     init: str = Field("auto", min_length=1)
 
     @field_validator("device", mode="before")

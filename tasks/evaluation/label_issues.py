@@ -486,9 +486,10 @@ def kfold_label_issues(data_yaml: str | Path, cfg: LabelIssuesConfig, weights: s
     if cfg.fold_start == "trained":
         fold_train = train_cfg.model_copy(update={"weights": str(weights), "epochs": cfg.fold_epochs,
                                                   "warmup_epochs": 0.0, "val": False, "time_min": None,
-                                                  "finetune_guard": False})  # a fold is no candidate
+                                                  "finetune_guard": False, "plots": False})  # no candidate
     else:
-        fold_train = train_cfg.model_copy(update={"val": False, "weights": None})
+        fold_train = train_cfg.model_copy(update={"val": False, "weights": None, "plots": False})
+    # a fold model only scores its held-out images: nobody reads its figures (about 6 s each to draw)
     for k in range(k_folds):
         fold_dir = Path(work_dir) / f"fold{k}"
         fold_dir.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,7 @@ def build_train_args(cfg: TrainConfig, data_yaml: Path, project: Path, name: str
         "project": str(project),
         "name": name,
         "exist_ok": True,
-        "plots": True,
+        "plots": cfg.plots,
         "val": cfg.val,
         "verbose": False,
         "amp": cfg.device != "cpu",

@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.training.train import train_model
     data, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=8, patience=0, resume="auto", workers=0,
+    cfg = TrainConfig(plots=False, model="n", epochs=epochs, imgsz=64, batch=8, patience=0, resume="auto", workers=0,
                       warmup_epochs=0, augment="light")
     train_model(data, cfg, out, seed=0, name="train", extra_args={"val": False, "plots": False})
 """)
@@ -102,7 +102,7 @@ def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_pat
 
     # The retried attempt: same folder, resume="auto" (what the retried flow run does).
     seen: list[int] = []
-    cfg = resumable_train_config(TrainConfig(model="n", epochs=EPOCHS, imgsz=64, batch=8, patience=0, workers=0,
+    cfg = resumable_train_config(TrainConfig(plots=False, model="n", epochs=EPOCHS, imgsz=64, batch=8, patience=0, workers=0,
                                              warmup_epochs=0, augment="light"))
     res = train_model(small_dataset, cfg, out, seed=0, name="train", on_epoch=lambda e, m: seen.append(e),
                       extra_args=FAST)

@@ -1,5 +1,5 @@
-"""``runner: ray``: the nightly's independent steps (label issues, the sweep, explain) run as Ray tasks through
-prefect-ray's RayTaskRunner. The MLflow runs, the registered version and the summary are those of the in-process
+"""``runner: ray``: the nightly's independent steps (label issues, the sweep, explain, the measurement of each
+compression variant) run as Ray tasks through prefect-ray's RayTaskRunner. The MLflow runs, the registered version and the summary are those of the in-process
 runner, timestamps, durations and ids aside."""
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ from tests.helpers import worker_config
 pytestmark = pytest.mark.integration
 
 TINY = ["data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
-        "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]", "explain.samples=1",
-        "export.parity_images=1", "compress.enabled=false", "ray.worker_threads=1"]
+        "train.imgsz=64", "train.plots=false", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]", "explain.samples=1",
+        "export.parity_images=1", "ray.worker_threads=1",
+        # two variants from two steps, each measured on a Ray worker; min_speedup 1000: no variant is that much
+        # faster, so the choice (the parent) cannot hang on two timings of a model that finds nothing after 1 epoch
+        "compress.enabled=true", "compress.steps=[int8-dynamic,fp16]", "compress.min_speedup=1000"]
 # Measurements of time, not of the model, and the export's parity figures (the float noise, about 1e-8, between
 # PyTorch and ONNX Runtime, whose thread pools split sums differently when other work runs beside them): they
 # differ between any two runs
 TIMING = ("latency", "time", "seconds", "duration", "_s", "_ms", "speed/", "throughput", "per_s", "system/", "fps",
-          "wall", "parity/")
+          "wall", "parity/",
+          "size_mb")  # a variant's file size: its ONNX metadata holds its measured latencies
 
 
 def _night(runner: str, model: str) -> dict:
@@ -47,6 +51,14 @@ def _steps(c, summary) -> dict[str, dict]:
         out[step] = {"metrics": {k: v for k, v in r.data.metrics.items() if not any(t in k for t in TIMING)},
                      "params": {k: v for k, v in r.data.params.items() if "/" not in v and "\\" not in v}}
     return out
+
+
+def _variants(c, summary) -> dict[str, dict]:
+    """The compression variants' runs (nested under the night's ``compress`` run), timing aside."""
+    run_id = summary["compression"]["run_id"]
+    runs = c.search_runs([c.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    return {r.info.run_name: {k: v for k, v in r.data.metrics.items() if not any(t in k for t in TIMING)}
+            for r in runs}
 
 
 def _same_numbers(a: dict, b: dict, what: str) -> None:
@@ -91,15 +103,37 @@ def test_ray_runner_nightly_matches_the_in_process_nightly(prefect_harness, stat
 
     spy.__module__, spy.__qualname__ = __name__, "sweep_spy"  # not importable by name: cloudpickle sends it whole
     monkeypatch.setattr(sweep_mod, "sweep_step", spy)
+    import damage.flows.compress as compress_mod
+    from damage.tasks.core.prefect_tasks import as_task
+
+    measured = tmp_path / "measure-pids"
+    real_measure = compress_mod.measure_task.fn
+
+    @functools.wraps(real_measure)
+    def measure_spy(v, *a, **kw):  # the same for each compression variant's measurement
+        with open(measured, "a") as f:
+            f.write(f"{v.name} {os.getpid()}\n")
+        return real_measure(v, *a, **kw)
+
+    measure_spy.__module__, measure_spy.__qualname__ = __name__, "measure_spy"
+    monkeypatch.setattr(compress_mod, "measure_task", as_task(measure_spy, "compress-measure"))
     tag = uuid.uuid4().hex[:8]
     local = _night("local", f"runner-local-{tag}")
     ray = _night("ray", f"runner-ray-{tag}")
     ran_in = pids.read_text().split()
     assert ran_in[0] == str(os.getpid()) and ran_in[1] != str(os.getpid()), ran_in  # here, then on a Ray worker
+    me, measures = str(os.getpid()), [line.split() for line in measured.read_text().splitlines()]
+    assert measures[:4] == [["parent", me], ["int8-dynamic", me], ["fp16", me], ["parent", me]], measures
+    assert sorted(n for n, _ in measures[4:]) == ["fp16", "int8-dynamic"], measures  # the Ray night's variants
+    assert all(pid != me for _, pid in measures[4:]), measures  # ... each measured on a Ray worker
     c = MlflowClient(local["tracking_uri"])
     a, b = _steps(c, local), _steps(c, ray)
     assert {"label-issues", "sweep", "explain"} <= a.keys()  # the steps that fan out ran in both
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and "compress" in a
+    variants_a, variants_b = _variants(c, local), _variants(c, ray)
+    assert variants_a.keys() == variants_b.keys() == {"variant/parent", "variant/int8-dynamic", "variant/fp16"}
+    for name in variants_a:
+        _same_numbers(variants_a[name], variants_b[name], f"{name} metrics")
     for step in a:
         _same_numbers(a[step]["metrics"], b[step]["metrics"], f"{step} metrics")
         assert a[step]["params"] == b[step]["params"], step
@@ -114,3 +148,5 @@ def test_ray_runner_nightly_matches_the_in_process_nightly(prefect_harness, stat
     assert local["promotion"]["passed"] == ray["promotion"]["passed"]
     for k in keep:
         assert _doc(local[k]) == _doc(ray[k]), k
+    same = ("name", "kind", "compressed", "mask/mAP50")
+    assert {k: local["compression"][k] for k in same} == {k: ray["compression"][k] for k in same}

@@ -48,7 +48,7 @@ def _trained(name: str, fam_models: dict[str, Path], data: Path, tmp_path_factor
     from damage.tasks.training.train import train_model
 
     if name not in fam_models:
-        cfg = TrainConfig(model=name, epochs=1, imgsz=IMGSZ, batch=8, patience=0, augment="light")
+        cfg = TrainConfig(plots=False, model=name, epochs=1, imgsz=IMGSZ, batch=8, patience=0, augment="light")
         out = tmp_path_factory.mktemp(f"train_{name}")
         fam_models[name] = train_model(data, cfg, out, seed=0, extra_args={"plots": False}).best
     return fam_models[name]
@@ -359,7 +359,7 @@ def test_structured_pruning_per_family_trains_and_exports(family, fam_dataset, t
     if name.startswith("yolo26"):
         # Only YOLO26 trains through layers its inference path never reaches (one-to-one head,
         # Proto26.semseg); YOLOv8's fine-tune is tests/model/test_prune.py's, YOLO11 has no such layer.
-        ft = finetune_pruned(path, fam_dataset, TrainConfig(epochs=1, imgsz=IMGSZ, batch=8, patience=0,
+        ft = finetune_pruned(path, fam_dataset, TrainConfig(plots=False, epochs=1, imgsz=IMGSZ, batch=8, patience=0,
                                                             augment="light"), tmp_path / "ft")
         assert count_params(load_model(ft.best)) == rep.params_after  # fine-tuned, not rebuilt from the YAML
     onnx = export_onnx(path, tmp_path / "pruned.onnx", IMGSZ)
@@ -381,7 +381,7 @@ def test_distillation_across_families(fam_models, fam_dataset, tmp_path_factory,
 
     teacher = _trained("yolo26n-seg", fam_models, fam_dataset, tmp_path_factory)
     seen: list[dict] = []
-    res = distill(teacher, fam_dataset, TrainConfig(imgsz=IMGSZ, batch=8, patience=0, augment="light"),
+    res = distill(teacher, fam_dataset, TrainConfig(plots=False, imgsz=IMGSZ, batch=8, patience=0, augment="light"),
                   DistillConfig(student="yolo11n-seg", epochs=1), tmp_path, on_epoch=lambda e, m: seen.append(m))
     assert family_name(YOLO(str(res.best)).model) == "yolo11"
     assert seen and "train/dis_loss" in seen[0] and seen[0]["train/dis_loss"] > 0 and "train/kd_loss" in seen[0]

@@ -82,7 +82,7 @@ def _finetune_cfg(trained_model, imgsz):
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.training.init import finetune_config
 
-    return finetune_config(TrainConfig(model="n", epochs=2, imgsz=imgsz, batch=8, nbs=8, patience=0,
+    return finetune_config(TrainConfig(plots=False, model="n", epochs=2, imgsz=imgsz, batch=8, nbs=8, patience=0,
                                        optimizer="AdamW", lr0=0.002, augment="light", val=False), trained_model)
 
 
@@ -156,7 +156,7 @@ def test_a_finetune_starts_from_the_whole_checkpoint_class_head_included(trained
     from damage.tasks.training.init import finetune_config
     from damage.tasks.training.train import train_model
 
-    cfg = finetune_config(TrainConfig(model="n", epochs=1, imgsz=easy_imgsz, batch=8, nbs=8, patience=0, lr0=1e-9,
+    cfg = finetune_config(TrainConfig(plots=False, model="n", epochs=1, imgsz=easy_imgsz, batch=8, nbs=8, patience=0, lr0=1e-9,
                                       optimizer="AdamW", augment="light", val=False, finetune_guard=False),
                           trained_model)
     res = train_model(easy_dataset, cfg, tmp_path, seed=0, extra_args={"plots": False})

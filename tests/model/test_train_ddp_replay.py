@@ -13,7 +13,7 @@ def test_replayed_epochs_match_the_callbacks_of_a_single_process_run(state_paths
     from damage.tasks.training.train import replay_epochs, train_model
 
     seen: list[tuple[int, dict[str, float]]] = []
-    cfg = TrainConfig(model="n", epochs=2, imgsz=96, batch=8, patience=0)
+    cfg = TrainConfig(plots=False, model="n", epochs=2, imgsz=96, batch=8, patience=0)
     res = train_model(tiny_dataset, cfg, tmp_path / "run", seed=0, on_epoch=lambda e, m: seen.append((e, dict(m))),
                       extra_args={"plots": False})
     # rank 0 of a DDP run writes this same file; the replay reads nothing else
@@ -53,6 +53,6 @@ def test_device_list_means_ddp_and_the_guard_refuses_it(state_paths, tiny_datase
     # a guarded fine-tune needs this process's callbacks: refused with DDP, before any training
     weights = tmp_path / "parent.pt"
     weights.write_bytes(b"")
-    cfg = TrainConfig(model="n", epochs=1, imgsz=96, device="0,1", finetune=True, weights=str(weights))
+    cfg = TrainConfig(plots=False, model="n", epochs=1, imgsz=96, device="0,1", finetune=True, weights=str(weights))
     with pytest.raises(DamageError, match="DDP"):
         train_model(tiny_dataset, cfg, tmp_path / "run", guard_eval=lambda p: {})

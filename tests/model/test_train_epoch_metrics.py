@@ -27,7 +27,7 @@ def test_per_epoch_class_ap50_only_for_validated_epochs(tiny_dataset, tmp_path):
     from damage.tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
-    cfg = TrainConfig(model="n", epochs=2, imgsz=64, batch=8, patience=0, warmup_epochs=0)
+    cfg = TrainConfig(plots=False, model="n", epochs=2, imgsz=64, batch=8, patience=0, warmup_epochs=0)
     train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m),
                 extra_args={"val": False, "plots": False})
     assert sorted(seen) == [0, 1]

@@ -31,7 +31,7 @@ def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path,
     from damage.tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
-    cfg = TrainConfig(model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
+    cfg = TrainConfig(plots=False, model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
     res = train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m),
                       extra_args={"plots": False})  # plots cost more than the two tiny epochs
     assert res.accumulate == expected
@@ -69,7 +69,7 @@ def test_time_budget_overrides_epochs(state_paths, tiny_dataset, tmp_path, monke
     from damage.tasks.training.train import train_model
 
     assert build_train_args(TrainConfig(), tmp_path / "d.yaml", tmp_path, "r", 0)["time"] is None
-    cfg = TrainConfig(model="n", epochs=40, time_min=0.9, imgsz=64, batch=8, val=False, patience=0)
+    cfg = TrainConfig(plots=False, model="n", epochs=40, time_min=0.9, imgsz=64, batch=8, val=False, patience=0)
     assert build_train_args(cfg, tmp_path / "d.yaml", tmp_path, "r", 0)["time"] == pytest.approx(0.9 / 60)
     clock = _EpochClock(30.0)
     real = trainer_mod.BaseTrainer.run_callbacks
