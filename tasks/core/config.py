@@ -205,6 +205,7 @@ class EvaluateConfig(_Section):
     conf: float = Field(0.001, ge=0, le=1)
     iou: float = Field(0.7, gt=0, le=1)
     max_det: int = Field(300, ge=1)
+    plots: bool = True
     extra_sets: list[ExtraSetConfig] = []
 
     @field_validator("extra_sets")

@@ -495,26 +495,29 @@ class Evaluator:
     iou: float = 0.7
     max_det: int = 300
     ray: RayConfig | None = field(default=None, compare=False)  # score on Ray workers (same figures); not a param
+    plots: bool = field(default=True, compare=False)  # draw the curves where a caller asks (evaluate.plots)
 
     @classmethod
     def from_config(cls, cfg: Config, **changes: Any) -> Evaluator:
         """``cfg.evaluate`` at ``cfg.imgsz`` (``export.imgsz``, else ``train.imgsz``); ``changes`` override."""
         e = cfg.evaluate
         return cls(**{"split": e.split, "imgsz": cfg.imgsz, "conf": e.conf, "iou": e.iou, "max_det": e.max_det,
-                      **changes})
+                      "plots": e.plots, **changes})
 
     def __call__(self, model: str | Path, data_yaml: str | Path, plots_dir: str | Path | None = None) -> EvalResult:
-        """``evaluate_model`` with these settings (curves and confusion matrix into ``plots_dir`` if given)."""
+        """``evaluate_model`` with these settings (curves and confusion matrix into ``plots_dir`` if given and
+        ``plots`` is on)."""
         return evaluate_model(model, data_yaml, self.split, self.imgsz, self.conf, self.iou, self.max_det,
-                              plots_dir=plots_dir, ray=self.ray)
+                              plots_dir=plots_dir if self.plots else None, ray=self.ray)
 
     def metrics_fn(self, data_yaml: str | Path) -> Callable[[Path], dict[str, float]]:
         """``model -> metrics`` on ``data_yaml`` (the ``evaluate_fn`` of the gate and of quantization)."""
         return lambda model: self(model, data_yaml).metrics
 
     def params(self) -> dict[str, Any]:
-        """The settings as MLflow parameters (where the images were scored is not one: it changes no figure)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ray"}
+        """The settings as MLflow parameters (where the images were scored, and whether curves were drawn, are not:
+        they change no figure)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ray", "plots")}
 
 
 def evaluate_step(model: str | Path, data_yaml: str | Path, evaluator: Evaluator, parent_run_id: str,

@@ -42,7 +42,7 @@ TINY = [
     "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
     "train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
     "explain.samples=1", "export.parity_images=1", "compress.enabled=false",
-]
+]  # train.plots stays on (the default): the one nightly of the suite that draws Ultralytics' figures
 # A model name of its own: no production version exists for it, so with floor 0 the gate must pass.
 MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"
 
@@ -101,6 +101,9 @@ def test_nightly_logs_runs_metrics_and_version(nightly_summary):
     assert "mask/mAP50-95" in train.data.metrics or "final/mask/mAP50-95" in train.data.metrics
     arts = {a.path for a in c.list_artifacts(train.info.run_id)}
     assert {"results", "weights"} <= arts
+    # train.plots is on here (the default; the rest of the suite turns it off): Ultralytics' figures are logged
+    figures = {Path(a.path).name for a in c.list_artifacts(train.info.run_id, "results")}
+    assert {"results.png", "BoxPR_curve.png", "MaskPR_curve.png"} <= figures, sorted(figures)
     # registered candidate carries the ONNX
     name, version = nightly_summary["registered_model"], nightly_summary["registered_version"]
     assert name == MODEL

@@ -18,7 +18,7 @@ from tests.helpers import worker_config
 pytestmark = pytest.mark.integration
 
 TINY = ["data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
-        "train.imgsz=64", "train.plots=false", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]", "explain.samples=1",
+        "train.imgsz=64", "train.plots=false", "evaluate.plots=false", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]", "explain.samples=1",
         "export.parity_images=1", "ray.worker_threads=1",
         # two variants from two steps, each measured on a Ray worker; min_speedup 1000: no variant is that much
         # faster, so the choice (the parent) cannot hang on two timings of a model that finds nothing after 1 epoch

@@ -103,6 +103,7 @@ def test_compress_flow_gates_from_measurements(prefect_harness, state_paths, tra
     cfg = Config()
     cfg.train.imgsz = easy_imgsz
     cfg.compress.steps = ["int8-dynamic", "fp16"]
+    cfg.evaluate.plots = False  # no test reads the variants' curves (3 s each to draw)
     cfg.compress.latency_budget_ms = None
     cfg.compress.class_tolerance = None  # the table has no per-class columns to recompute that rule from (own test)
     tol = cfg.compress.tolerance  # the shipped tolerance, on a model that detects

@@ -355,21 +355,22 @@ def test_variant_table_has_a_row_per_calibration_setting(float_onnx, tiny_datase
 
     cfg = config_from_dict({"compress": {"quantize": {
         "calib_images": 2, "max_retries": 0, "calibrate_method": "percentile", "per_channel": True,
-        "also_try": [{"calibrate_method": "entropy", "per_channel": False},
+        # no entropy here: ORT's entropy threshold search took 20 s of this test's 21 (the calibration test runs it)
+        "also_try": [{"calibrate_method": "percentile", "per_channel": False},
                      {"calibrate_method": "minmax", "per_channel": False}]}}})
     root = Variant("parent", "parent", str(float_onnx))
     out = apply_step("int8-static", root, root, tiny_dataset, cfg, tmp_path / "q", FakeEvaluator())
     assert out.head is root
     got = [(v.name, v.info["setting"]) for v in out.variants]
     assert got == [("int8-static", "percentile/per-channel"),
-                   ("int8-static[entropy/per-tensor]", "entropy/per-tensor"),
+                   ("int8-static[percentile/per-tensor]", "percentile/per-tensor"),
                    ("int8-static[minmax/per-tensor]", "minmax/per-tensor")]
     for v in out.variants:  # each file was made with its own setting
         meta = json.loads({p.key: p.value for p in onnx.load(v.onnx).metadata_props}["damage.quantization"])
         method, gran = v.info["setting"].split("/")
         assert (meta["calibrate_method"], meta["per_channel"]) == (method, gran == "per-channel"), v.name
     rows = list(csv.DictReader(open(write_table([root, *out.variants], tmp_path / "t.csv"))))
-    assert [r["setting"] for r in rows] == ["", "percentile/per-channel", "entropy/per-tensor", "minmax/per-tensor"]
+    assert [r["setting"] for r in rows] == ["", "percentile/per-channel", "percentile/per-tensor", "minmax/per-tensor"]
 
 
 

@@ -134,3 +134,20 @@ def test_every_configured_compression_step_has_a_runner_and_no_other():
 
     assert set(STEP_RUNNERS) == set(COMPRESS_STEPS)
     assert set(PT_STEPS) | set(QUANT_STEPS) == set(COMPRESS_STEPS) and not set(PT_STEPS) & set(QUANT_STEPS)
+
+
+def test_evaluate_plots_off_draws_nothing_and_changes_no_figure(monkeypatch, tmp_path):
+    """``evaluate.plots: false``: the evaluator passes no plots folder (no curves drawn), and its MLflow
+    parameters are those of a run that drew them."""
+    from damage.tasks.core.config import Config
+
+    dirs = []
+    monkeypatch.setattr(E, "evaluate_model", lambda *a, plots_dir=None, ray=None: dirs.append(plots_dir))
+    cfg = Config()
+    on = Evaluator.from_config(cfg)
+    cfg.evaluate.plots = False
+    off = Evaluator.from_config(cfg)
+    on("m.onnx", "d.yaml", plots_dir=tmp_path)
+    off("m.onnx", "d.yaml", plots_dir=tmp_path)
+    assert dirs == [tmp_path, None]
+    assert on.params() == off.params() and "plots" not in on.params() and on == off
