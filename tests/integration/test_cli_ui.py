@@ -43,7 +43,7 @@ def test_damage_ui_starts_both_and_ctrl_c_stops_both(tmp_path):
         while time.monotonic() < deadline and not (_up(f"http://127.0.0.1:{mp}/health")
                                                    and _up(f"http://127.0.0.1:{pp}/api/health")):
             assert proc.poll() is None, out.read_text()[-3000:]
-            time.sleep(2)
+            time.sleep(0.5)
         assert _up(f"http://127.0.0.1:{mp}/health") and _up(f"http://127.0.0.1:{pp}/api/health"), out.read_text()
         text = out.read_text()
         assert f"MLflow UI : http://127.0.0.1:{mp}" in text and f"Prefect UI: http://127.0.0.1:{pp}" in text

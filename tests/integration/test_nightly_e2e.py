@@ -42,6 +42,7 @@ TINY = [
     "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
     "train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
     "explain.samples=1", "export.parity_images=1", "compress.enabled=false",
+    "evaluate.plots=false",  # the evaluate step's curves in a nightly: test_nightly_ux reads them
 ]  # train.plots stays on (the default): the one nightly of the suite that draws Ultralytics' figures
 # A model name of its own: no production version exists for it, so with floor 0 the gate must pass.
 MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"
