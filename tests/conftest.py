@@ -224,7 +224,8 @@ def train_easy(model: str, data: Path, out: Path, epochs: int = EASY_EPOCHS) -> 
 
     weights, top = None, 0.0
     for k in range(EASY_ROUNDS):
-        cfg = TrainConfig(plots=False, model=model, weights=weights, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH,
+        cfg = TrainConfig(plots=False,
+                          model=model, weights=weights, epochs=epochs, imgsz=EASY_IMGSZ, batch=EASY_BATCH,
                           patience=0, augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0,
                           cos_lr=False, lrf=1.0)
         # nbs = batch: one optimizer step per batch. Ultralytics' default nominal batch of 64 accumulates

@@ -6,6 +6,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+# The suite's nightlies draw no figures that no test reads: Ultralytics' after training (about 6 s each) and the
+# evaluator's curves (about 3 s each). test_nightly_e2e keeps the first, test_nightly_ux the second.
+NO_FIGURES = ["train.plots=false", "evaluate.plots=false"]
+
 S3_BUCKET = "datasets"  # the bucket the `s3` fixture (tests/conftest.py) creates
 
 

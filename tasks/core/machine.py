@@ -29,7 +29,13 @@ ISA_FLAGS: dict[str, str] = {
     "AMX_BF16": "amx_bf16",
 }
 RUNTIMES = ("torch", "onnxruntime", "openvino", "ultralytics", "onnx")
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DAMAGE_TORCH_THREADS")
+# The inference runtimes' thread count when the caller names none (tasks/serving/backends.py: default_threads);
+# each Ray task sets it to its CPUs: two ORT pools of 2 threads on 2 vCPUs wait on each other
+INFER_THREADS_ENV = "DAMAGE_INFER_THREADS"
+# Variables every numeric library (and this project's torch and inference set-up) reads for its pool size: set
+# in each Ray worker before the library starts (tasks/scale/ray_runtime.py), reported by machine_info
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DAMAGE_TORCH_THREADS",
+              INFER_THREADS_ENV)
 
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:

@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from damage.tasks.core.errors import DamageError
-from damage.tasks.serving.backends import THREADS_ENV as INFER_THREADS_ENV
+from damage.tasks.core.machine import THREAD_ENV
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import RayConfig
 
 EXTRA_HINT = "pip install 'damage[ray]'"
-# Variables every numeric library reads for its pool size; set in each worker before the library starts.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "DAMAGE_TORCH_THREADS", INFER_THREADS_ENV)
 
 
 # The S3 endpoint and region a worker needs to read where this process reads (no secrets)

@@ -40,6 +40,7 @@ import onnxruntime as ort
 
 from ..core.atomic import atomic_write
 from ..core.errors import DamageError
+from ..core.machine import INFER_THREADS_ENV
 from ..core.quiet import quiet_openvino
 
 __all__ = ["BACKENDS", "RUNTIMES", "OnnxRuntime", "OpenVinoRuntime", "Runtime", "cpu_isa", "open_runtime",
@@ -66,14 +67,10 @@ def _cpuinfo() -> str:
         return ""
 
 
-# A worker's own thread count (set by damage.tasks.scale.ray_runtime in each Ray task), which the runtimes take
-# instead of every core: two ORT pools of 2 threads on 2 vCPUs wait on each other
-THREADS_ENV = "DAMAGE_INFER_THREADS"
-
-
 def default_threads() -> int:
-    """Inference threads when the caller names none: ``DAMAGE_INFER_THREADS`` when set, else ``physical_cores()``."""
-    raw = os.environ.get(THREADS_ENV, "")
+    """Inference threads when the caller names none: ``DAMAGE_INFER_THREADS`` when set (a Ray task's CPUs), else
+    ``physical_cores()``."""
+    raw = os.environ.get(INFER_THREADS_ENV, "")
     return int(raw) if raw.isdigit() and int(raw) > 0 else physical_cores()
 
 

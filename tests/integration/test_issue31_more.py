@@ -68,7 +68,7 @@ def test_item10_schedule_keeps_secrets_out_of_deployment_parameters(monkeypatch,
 # --- item 12: the gate scores on settings the run chose ----------------------------------------------
 
 @pytest.mark.parametrize("override", ["evaluate.split=train", "evaluate.max_det=1", "export.imgsz=64",
-                                      "train.imgsz=64", "train.plots=false", "evaluate.plots=false", "sweep.enabled=false", "registry.floor_mask_map=0"])
+                                      "train.imgsz=64", "sweep.enabled=false", "registry.floor_mask_map=0"])
 def test_item12_run_overrides_cannot_change_gate_evaluation(override):
     from damage.tasks.core.run_params import run_config
     from tests.helpers import worker_config

@@ -14,11 +14,13 @@ import uuid
 
 import pytest
 
+from tests.helpers import NO_FIGURES
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SMALL = [
     "data.synth.images=64", "data.synth.imgsz=96", "data.synth.val_fraction=0.25",
-    "train.epochs=12", "train.imgsz=96", "train.plots=false", "evaluate.plots=false", "train.batch=8", "train.augment=light",
+    "train.epochs=12", "train.imgsz=96", *NO_FIGURES, "train.batch=8", "train.augment=light",
     "explain.enabled=false", "explain.samples=0", "export.parity_images=1", "compress.enabled=false",
     "sweep.conf=[0.3, 0.4]", "sweep.iou=[0.5]",
     "mlflow.experiment=finetune-slow",

@@ -16,7 +16,8 @@ from tests.recording_http import Recorder
 MODEL = "ux-seg"  # own registered model: the first candidate passes the gate (approval message)
 TINY = [
     "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
-    "train.epochs=1", "train.imgsz=64", "train.plots=false", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
+    "train.epochs=1", "train.imgsz=64", "train.plots=false",
+    "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
     "explain.enabled=false", "export.parity_images=1", "compress.enabled=false",
     "mlflow.system_metrics_interval_s=1",
 ]

@@ -29,11 +29,13 @@ from conftest import (  # tests/integration/conftest.py
     run_process,
 )
 
+from tests.helpers import NO_FIGURES
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "infra" / "docker-compose.yml"
 DATASET_URI = f"s3://{S3_BUCKET}/datasets/tiny"
 EXPERIMENT = "production-test"
-TINY = ["train.epochs=1", "train.imgsz=64", "train.plots=false", "evaluate.plots=false", "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]",
+TINY = ["train.epochs=1", "train.imgsz=64", *NO_FIGURES, "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]",
         "explain.enabled=false", "explain.samples=0", "export.parity_images=1", "compress.enabled=false",
         "registry.floor_mask_map=0.0", "registry.min_class_ap50=0.0", "registry.approvers=[approver]", "validate.workers=1",
         f"mlflow.experiment={EXPERIMENT}"]

@@ -102,7 +102,8 @@ def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_pat
 
     # The retried attempt: same folder, resume="auto" (what the retried flow run does).
     seen: list[int] = []
-    cfg = resumable_train_config(TrainConfig(plots=False, model="n", epochs=EPOCHS, imgsz=64, batch=8, patience=0, workers=0,
+    cfg = resumable_train_config(TrainConfig(plots=False,
+                                             model="n", epochs=EPOCHS, imgsz=64, batch=8, patience=0, workers=0,
                                              warmup_epochs=0, augment="light"))
     res = train_model(small_dataset, cfg, out, seed=0, name="train", on_epoch=lambda e, m: seen.append(e),
                       extra_args=FAST)

@@ -1,6 +1,6 @@
 """``runner: ray``: the nightly's independent steps (label issues, the sweep, explain, the measurement of each
-compression variant) run as Ray tasks through prefect-ray's RayTaskRunner. The MLflow runs, the registered version and the summary are those of the in-process
-runner, timestamps, durations and ids aside."""
+compression variant) run as Ray tasks through prefect-ray's RayTaskRunner. The MLflow runs, the registered
+version and the summary are those of the in-process runner, timestamps, durations and ids aside."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import uuid
 
 import pytest
 
-from tests.helpers import worker_config
+from tests.helpers import NO_FIGURES, worker_config
 
 pytestmark = pytest.mark.integration
 
 TINY = ["data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
-        "train.imgsz=64", "train.plots=false", "evaluate.plots=false", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]", "explain.samples=1",
+        "train.imgsz=64", *NO_FIGURES,
+        "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]", "explain.samples=1",
         "export.parity_images=1", "ray.worker_threads=1",
         # two variants from two steps, each measured on a Ray worker; min_speedup 1000: no variant is that much
         # faster, so the choice (the parent) cannot hang on two timings of a model that finds nothing after 1 epoch
@@ -82,6 +83,20 @@ def _doc(v) -> str:
                                                                                default=str))
 
 
+def _pid_spy(real, path, qualname: str, label=lambda *a, **kw: ""):
+    """``real`` that first appends ``"<label> <pid>"`` to ``path``: which process ran each call. Named so that it
+    is not importable by name, cloudpickle sends it to a Ray worker whole."""
+
+    @functools.wraps(real)
+    def spy(*a, **kw):
+        with open(path, "a") as f:
+            f.write(f"{label(*a, **kw)} {os.getpid()}".strip() + "\n")
+        return real(*a, **kw)
+
+    spy.__module__, spy.__qualname__ = __name__, qualname
+    return spy
+
+
 def test_ray_runner_nightly_matches_the_in_process_nightly(prefect_harness, state_paths, ray_local, monkeypatch,
                                                              tmp_path):
     from mlflow.tracking import MlflowClient
@@ -90,33 +105,14 @@ def test_ray_runner_nightly_matches_the_in_process_nightly(prefect_harness, stat
 
     assert Config().runner == "local"  # the default stays in process
     monkeypatch.setenv("DAMAGE_TORCH_THREADS", "1")  # this process as the Ray workers (ray.worker_threads=1)
-    pids = tmp_path / "sweep-pids"
-    import damage.tasks.evaluation.sweep as sweep_mod
-
-    real = sweep_mod.sweep_step
-
-    @functools.wraps(real)
-    def spy(*a, **kw):  # pickled by value to a Ray worker: records which process ran the sweep
-        with open(pids, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return real(*a, **kw)
-
-    spy.__module__, spy.__qualname__ = __name__, "sweep_spy"  # not importable by name: cloudpickle sends it whole
-    monkeypatch.setattr(sweep_mod, "sweep_step", spy)
     import damage.flows.compress as compress_mod
+    import damage.tasks.evaluation.sweep as sweep_mod
     from damage.tasks.core.prefect_tasks import as_task
 
-    measured = tmp_path / "measure-pids"
-    real_measure = compress_mod.measure_task.fn
-
-    @functools.wraps(real_measure)
-    def measure_spy(v, *a, **kw):  # the same for each compression variant's measurement
-        with open(measured, "a") as f:
-            f.write(f"{v.name} {os.getpid()}\n")
-        return real_measure(v, *a, **kw)
-
-    measure_spy.__module__, measure_spy.__qualname__ = __name__, "measure_spy"
-    monkeypatch.setattr(compress_mod, "measure_task", as_task(measure_spy, "compress-measure"))
+    pids, measured = tmp_path / "sweep-pids", tmp_path / "measure-pids"
+    monkeypatch.setattr(sweep_mod, "sweep_step", _pid_spy(sweep_mod.sweep_step, pids, "sweep_spy"))
+    spy = _pid_spy(compress_mod.measure_task.fn, measured, "measure_spy", lambda v, *a, **kw: v.name)
+    monkeypatch.setattr(compress_mod, "measure_task", as_task(spy, "compress-measure"))
     tag = uuid.uuid4().hex[:8]
     local = _night("local", f"runner-local-{tag}")
     ray = _night("ray", f"runner-ray-{tag}")

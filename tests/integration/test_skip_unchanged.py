@@ -16,6 +16,7 @@ from damage.tasks.nightly.skip import (
     skip_config_hash,
     train_dir_for,
 )
+from tests.helpers import NO_FIGURES
 
 
 def _fake_dataset(root: Path) -> Path:
@@ -107,7 +108,8 @@ def test_key_and_resume_helpers(tmp_path):
 # --- flow level: the nightly flow twice on the same data ------------------------------------
 
 TINY = ["data.synth.images=16", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
-        "train.imgsz=64", "train.plots=false", "evaluate.plots=false", "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]", "explain.enabled=false",
+        "train.imgsz=64", *NO_FIGURES,
+        "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]", "explain.enabled=false",
         "explain.samples=0", "export.parity_images=1", "compress.enabled=false", "mlflow.experiment=skip-flow"]
 # the registry section is the worker's (issue 13): pinned in the environment, not a run override
 WORKER_REGISTRY = '{"floor_mask_map": 0.0}'

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import NO_FIGURES
+
 pytestmark = pytest.mark.integration
 
 TINY = ["data.synth.images=16", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
-        "train.imgsz=64", "train.plots=false", "evaluate.plots=false", "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]", "explain.enabled=false",
+        "train.imgsz=64", *NO_FIGURES,
+        "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]", "explain.enabled=false",
         "explain.samples=0", "export.parity_images=1", "compress.enabled=false", "label_issues.enabled=false",
         "mlflow.experiment=two-nights"]
 # The registry section is the worker's (issue 13), pinned in the environment: no absolute floors (v1 must

@@ -69,7 +69,8 @@ def test_kd_run_logs_loss_terms_and_scratch_comparison(state_paths, tiny_model, 
     dcfg = DistillConfig(student="n", epochs=1, hinton=True, temperature=4.0, hinton_weight=1.0)
     from damage.tasks.evaluation.evaluate import Evaluator
 
-    res = distill_vs_scratch(tiny_model, tiny_dataset, TrainConfig(plots=False, imgsz=96, batch=8, patience=0), dcfg, tmp_path,
+    res = distill_vs_scratch(tiny_model, tiny_dataset, TrainConfig(plots=False,
+                                                                   imgsz=96, batch=8, patience=0), dcfg, tmp_path,
                              parent_run_id=parent, evaluator=Evaluator(imgsz=96))
     tracking.end_run(c, parent)
     assert {"train/dis_loss", "train/kd_loss"} <= set(res["kd_loss_terms"])

@@ -156,7 +156,8 @@ def test_a_finetune_starts_from_the_whole_checkpoint_class_head_included(trained
     from damage.tasks.training.init import finetune_config
     from damage.tasks.training.train import train_model
 
-    cfg = finetune_config(TrainConfig(plots=False, model="n", epochs=1, imgsz=easy_imgsz, batch=8, nbs=8, patience=0, lr0=1e-9,
+    cfg = finetune_config(TrainConfig(plots=False,
+                                      model="n", epochs=1, imgsz=easy_imgsz, batch=8, nbs=8, patience=0, lr0=1e-9,
                                       optimizer="AdamW", augment="light", val=False, finetune_guard=False),
                           trained_model)
     res = train_model(easy_dataset, cfg, tmp_path, seed=0, extra_args={"plots": False})

@@ -267,7 +267,8 @@ def test_planted_errors_with_a_trained_model_out_of_sample(state_paths, tmp_path
     easy_dataset(tmp_path / "train_set", n=160, seed=10)
     # 40 epochs: at 30 the model was still moving and its precision at K depended on what ran before it in the
     # process (overall 0.54 in a CI run, 0.73 after the guard tests; session 7); at 40 it was 0.96 in both orders tried
-    cfg = TrainConfig(plots=False, model="n", epochs=int(os.environ.get("LI_EPOCHS", 40)), imgsz=S, batch=8, patience=0,
+    cfg = TrainConfig(plots=False,
+                      model="n", epochs=int(os.environ.get("LI_EPOCHS", 40)), imgsz=S, batch=8, patience=0,
                       augment="light", optimizer="AdamW", lr0=0.002, warmup_epochs=0, cos_lr=False, lrf=1.0)
     model = train_model(tmp_path / "train_set" / "data.yaml", cfg, tmp_path / "run", seed=0,
                         extra_args={"val": False, "plots": False, "nbs": 8}).last

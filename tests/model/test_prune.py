@@ -147,7 +147,8 @@ def test_finetuned_pruned_checkpoint_keeps_pruned_param_count(pruned, tiny_datas
     from damage.tasks.training.prune import C2f_v2, count_params, finetune_pruned, load_model
 
     path, rep = pruned
-    res = finetune_pruned(path, tiny_dataset, TrainConfig(plots=False, epochs=1, imgsz=96, batch=8, patience=0), tmp_path)
+    res = finetune_pruned(path, tiny_dataset, TrainConfig(plots=False,
+                                                          epochs=1, imgsz=96, batch=8, patience=0), tmp_path)
     for ckpt in {res.best, res.last}:
         m = load_model(ckpt)
         assert count_params(m) == rep.params_after  # not rebuilt from the YAML

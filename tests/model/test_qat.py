@@ -60,7 +60,8 @@ def test_qat_finetune_gives_plain_weights_that_quantize_within_tolerance(trained
     from damage.tasks.export.quantize import calibration_images, quantize_onnx
     from damage.tasks.training.qat import qat_finetune
 
-    cfg = TrainConfig(plots=False, model="n", imgsz=easy_imgsz, batch=8, nbs=8, optimizer="AdamW", lr0=0.002, augment="light")
+    cfg = TrainConfig(plots=False,
+                      model="n", imgsz=easy_imgsz, batch=8, nbs=8, optimizer="AdamW", lr0=0.002, augment="light")
     plain, res = qat_finetune(trained_model, easy_dataset, cfg, tmp_path / "runs", epochs=1, lr_scale=0.01)
     assert torch.load(res.best, map_location="cpu", weights_only=False).get("modelopt") is not None  # was QAT
     ck = torch.load(plain, map_location="cpu", weights_only=False)

@@ -31,7 +31,8 @@ def test_trainer_accumulates_nbs_over_batch(state_paths, tiny_dataset, tmp_path,
     from damage.tasks.training.train import train_model
 
     seen: dict[int, dict[str, float]] = {}
-    cfg = TrainConfig(plots=False, model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
+    cfg = TrainConfig(plots=False,
+                      model="n", epochs=epochs, imgsz=64, batch=batch, nbs=nbs, val=False, patience=0, cls=1.0)
     res = train_model(tiny_dataset, cfg, tmp_path, seed=0, on_epoch=lambda e, m: seen.setdefault(e, m),
                       extra_args={"plots": False})  # plots cost more than the two tiny epochs
     assert res.accumulate == expected

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cfg(trained_model: Path, epochs: int, **tune):
     sets = [f"train.weights={trained_model}", "train.finetune=true", "train.finetune_guard=false",
-            f"train.epochs={epochs}", "train.imgsz=64", "train.plots=false", "train.batch=4", "train.nbs=4", "train.val=false",
+            f"train.epochs={epochs}", "train.imgsz=64", "train.plots=false",
+            "train.batch=4", "train.nbs=4", "train.val=false",
             "train.augment=light", "train.optimizer=AdamW", "train.warmup_epochs=0", "train.patience=0",
             "sweep.objective=fitness", "sweep.conf=[0.1, 0.3]", "sweep.iou=[0.6]", "tune.objective=fitness",
             "tune.cpus_per_trial=1", "tune.grace_period=1", "mlflow.system_metrics_interval_s=0"]
@@ -113,7 +114,8 @@ def test_killed_search_resumes(ray_local, trained_model, easy_dataset, tmp_path)
     """A driver on the same cluster is killed after its first trial finished; the restored search runs the
     other trials and keeps the finished one (it is not trained again)."""
     sets = [f"train.weights={trained_model}", "train.finetune=true", "train.finetune_guard=false",
-            "train.epochs=1", "train.imgsz=64", "train.plots=false", "train.batch=4", "train.val=false", "train.augment=light",
+            "train.epochs=1", "train.imgsz=64", "train.plots=false",
+            "train.batch=4", "train.val=false", "train.augment=light",
             "sweep.objective=fitness", "sweep.conf=[0.1]", "sweep.iou=[0.6]", "tune.objective=fitness",
             "tune.trials=1", "tune.max_concurrent=1", "mlflow.system_metrics_interval_s=0"]
     cfg = load_config(overrides=sets)

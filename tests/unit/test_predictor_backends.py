@@ -125,14 +125,14 @@ def test_a_ray_worker_thread_count_reaches_the_runtimes(monkeypatch, tmp_path):
     count takes it instead of every core; a bad value falls back to the cores."""
     from damage.tasks.scale.fanout import step_env
 
-    assert step_env(1, forward_secrets=False)[backends.THREADS_ENV] == "1"
+    assert step_env(1, forward_secrets=False)[backends.INFER_THREADS_ENV] == "1"
     monkeypatch.setattr(backends, "physical_cores", lambda: 8)
-    monkeypatch.setenv(backends.THREADS_ENV, "1")
+    monkeypatch.setenv(backends.INFER_THREADS_ENV, "1")
     assert backends.default_threads() == 1
     for bad in ("0", "two", ""):
-        monkeypatch.setenv(backends.THREADS_ENV, bad)
+        monkeypatch.setenv(backends.INFER_THREADS_ENV, bad)
         assert backends.default_threads() == 8
-    monkeypatch.setenv(backends.THREADS_ENV, "1")
+    monkeypatch.setenv(backends.INFER_THREADS_ENV, "1")
     seen = {}
     real = backends.ort.SessionOptions
 
