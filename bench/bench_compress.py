@@ -93,7 +93,7 @@ def _interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, float
 
 def _setting(label: str) -> tuple[str, bool]:
     """``entropy/per-tensor`` -> (``entropy``, False)."""
-    from damage.tasks.export.quantize import CALIBRATION_METHODS
+    from damage.tasks.export.calibration import CALIBRATION_METHODS
 
     method, _, gran = label.partition("/")
     if method not in CALIBRATION_METHODS or gran not in ("per-channel", "per-tensor"):
@@ -149,8 +149,9 @@ def _print_rows(title: str, r: dict[str, float], size: str) -> None:
 
 def demo_accuracy(weights: Path, data: Path, work: Path, calib_n: int = 32) -> dict[str, float]:
     from damage.tasks.evaluation.evaluate import evaluate_model, open_model
+    from damage.tasks.export.calibration import calibration_images
     from damage.tasks.export.onnx import export_onnx
-    from damage.tasks.export.quantize import calibration_images, quantize_accuracy_aware
+    from damage.tasks.export.quantize import quantize_accuracy_aware
 
     imgsz = int(open_model(weights, data).imgsz)
     onnx = export_onnx(weights, work / "demo.onnx", imgsz)

@@ -194,6 +194,16 @@ def run_guarded(fn, *args, **kwargs):
         sys.exit(130)
 
 
+def refuse_unsafe_model(model: Path) -> None:
+    """Vet a ``.pt`` model file before anything is opened for it (an MLflow run, a Ray pass): an
+    unsafe or unreadable checkpoint is a one-line error (exit 2) and leaves no run behind. The
+    loaders vet it again where they read it."""
+    if Path(model).suffix.lower() == ".pt":
+        from damage.tasks.training.checkpoint import vet_checkpoint
+
+        run_guarded(vet_checkpoint, model)
+
+
 RayOpt = Annotated[bool | None, typer.Option(
     "--ray/--no-ray", help="Score the images on Ray workers (Ray Data; each worker loads the model once, "
     "ray.worker_threads threads; same results; default: ray.enabled). Needs the [ray] extra.")]

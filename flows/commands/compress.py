@@ -10,7 +10,8 @@ import typer
 
 from damage.flows.common import console, fail, run_guarded, setup, top_level_run
 from damage.tasks.core.display import fmt_metric
-from damage.tasks.export.quantize import CALIBRATION_METHODS, QUANT_MODES
+from damage.tasks.export.calibration import CALIBRATION_METHODS
+from damage.tasks.export.quantize import QUANT_MODES
 
 DataReq = Annotated[Path, typer.Option("--data", "-d", exists=True, dir_okay=False, help="Dataset data.yaml (YOLO-seg).")]
 DataOpt = Annotated[Path | None, typer.Option("--data", "-d", exists=True, dir_okay=False,
@@ -156,6 +157,7 @@ def quantize_cmd(
     from damage.tasks.core.runtime import configure_ultralytics
     from damage.tasks.evaluation.evaluate import Evaluator
     from damage.tasks.export import quantize as Q
+    from damage.tasks.export.calibration import calibration_images
 
     # --imgsz unset: the ONNX's own size (its metadata), for calibration and evaluation alike
     evaluator = Evaluator.from_config(cfg, imgsz=imgsz)
@@ -165,7 +167,7 @@ def quantize_cmd(
     if mode == "int8-static":
         if data is None:
             fail("--data data.yaml is required for int8-static (calibration images come from its train split)")
-        calib = run_guarded(Q.calibration_images, data, qc.calib_images, cfg.seed)
+        calib = run_guarded(calibration_images, data, qc.calib_images, cfg.seed)
         if accuracy_aware:
             res = run_guarded(Q.quantize_accuracy_aware, model, target, data, calib, cfg.compress.tolerance,
                               qc.max_retries, qc.nodes_per_retry, evaluate_fn=evaluator.metrics_fn(data),

@@ -12,7 +12,17 @@ from typing import Annotated
 
 import typer
 
-from damage.flows.common import RayOpt, console, fail, ray_for, ray_where, run_guarded, setup, top_level_run
+from damage.flows.common import (
+    RayOpt,
+    console,
+    fail,
+    ray_for,
+    ray_where,
+    refuse_unsafe_model,
+    run_guarded,
+    setup,
+    top_level_run,
+)
 from damage.flows.tables import JsonOpt_help, json_output
 from damage.tasks.core.display import fmt_metric
 
@@ -71,6 +81,7 @@ def evaluate(
 
         configure_ultralytics(paths)
         data_yaml = run_guarded(find_data_yaml, data)
+        refuse_unsafe_model(model)
         # --imgsz unset: the model's own size (any model file can be evaluated, not only this config's)
         ecfg = Evaluator.from_config(cfg, imgsz=imgsz, ray=ray_for(cfg, paths, ray),
                                      **({"split": split} if split else {}))
@@ -147,6 +158,7 @@ def sweep(
             fail(f"sweep options: {e}".replace("\n", " "))
         configure_ultralytics(paths)
         data_yaml = run_guarded(find_data_yaml, data)
+        refuse_unsafe_model(model)
         rcfg = ray_for(cfg, paths, ray)
         res, run_id, uri = _run_logged(
             cfg, "sweep", model, mlflow,

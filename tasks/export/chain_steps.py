@@ -262,6 +262,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
     (``int8-static[entropy/per-tensor]``), the default one keeps the plain mode name.
     """
     from damage.tasks.export import quantize as Q
+    from damage.tasks.export.calibration import calibration_images
     qc = cfg.compress.quantize
     method = setting.calibrate_method if setting is not None else qc.calibrate_method
     per_channel = setting.per_channel if setting is not None else qc.per_channel
@@ -273,7 +274,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
     info: dict[str, Any] = {"mode": mode, "source": src.onnx, "source_weights": src.weights}
     if mode == "int8-static":
         info["setting"] = label
-        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
+        calib = calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
         float_metrics = src.metrics or None
         res = Q.quantize_accuracy_aware(src.onnx, out, data_yaml, calib, tolerance=cfg.compress.tolerance,
                                         max_retries=qc.max_retries, nodes_per_retry=qc.nodes_per_retry,
@@ -286,7 +287,7 @@ def quantize_variant(mode: str, src: Variant, data_yaml: str | Path, cfg, work: 
     elif mode == "int8-nncf":
         from damage.tasks.export.nncf_quant import quantize_nncf
 
-        calib = Q.calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
+        calib = calibration_images(data_yaml, qc.calib_images, seed=cfg.seed)
         quantize_nncf(src.onnx, out, calib, int(evaluator.imgsz or cfg.imgsz), preset=qc.nncf_preset)
         info.update({"preset": qc.nncf_preset, "calib_images": len(calib)})
     else:

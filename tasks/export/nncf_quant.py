@@ -69,13 +69,13 @@ def quantize_nncf(onnx_in: str | Path, onnx_out: str | Path, calib_images: Seque
     import nncf
     import onnx
 
+    from damage.tasks.export.calibration import preprocess_image
     from damage.tasks.export.onnx_graph import (
         copy_metadata,
         ensure_node_names,
         graph_input_name,
         head_postprocess_nodes,
     )
-    from damage.tasks.export.quantize import preprocess_image
 
     onnx_in, onnx_out = Path(onnx_in), Path(onnx_out)
     model = onnx.load(str(onnx_in))

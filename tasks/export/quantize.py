@@ -32,8 +32,14 @@ from typing import Any
 import numpy as np
 
 from damage.tasks.core.atomic import atomic_write
-from damage.tasks.core.errors import DamageError, DatasetError
+from damage.tasks.core.errors import DamageError
 from damage.tasks.evaluation.metrics import worst_class_drop
+from damage.tasks.export.calibration import (
+    CALIBRATION_METHODS,
+    CALIBRATOR_OPTIONS,
+    ImageReader,
+    calibrate,
+)
 from damage.tasks.export.onnx_graph import (
     REWRITES,
     copy_metadata,
@@ -86,18 +92,6 @@ INT8_OP_TYPES = ("Conv", "Sigmoid", "Mul", "Add", "Concat", "Split", "MaxPool", 
 # + a uint8 DepthToSpace (11.3 ms: ORT moves the bytes slowly, CRD and DCR alike). A QDQ Softmax is not
 # fused into QLinearSoftmax by ORT 1.32's CPU provider: it stays float between a DQ and a Q.
 INT8_REWRITES = ("convtranspose", "dfl_softmax")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-# Calibrator settings per method. ``quantize_static`` builds its calibrator with ORT's defaults, and the
-# Entropy default (128 histogram bins searched for a 128-bin window) has exactly one candidate, the full
-# range: entropy would silently be min/max. So the ranges are computed here with a histogram wide enough
-# to search (512 bins: 193 candidate thresholds per tensor) and handed to ``quantize_static`` through its
-# calibration cache. Percentile keeps the asymmetric range (SiLU outputs are almost all positive).
-CALIB_CHUNK = 4  # calibration images per calibrator pass (ranges and histograms accumulate across passes)
-CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
-    "minmax": {"symmetric": False},
-    "entropy": {"symmetric": False, "num_bins": 512, "num_quantized_bins": 128},
-    "percentile": {"symmetric": False, "num_bins": 2048, "percentile": 99.99},
-}
 
 
 def check_mode_args(mode: str, **kwargs: Any) -> None:
@@ -112,61 +106,6 @@ def check_mode_args(mode: str, **kwargs: Any) -> None:
     if bad:
         raise DamageError(f"quantization mode '{mode}' does not accept {sorted(bad)} "
                           f"(it accepts {sorted(QUANT_MODES[mode]['args'])})")
-
-
-# ----------------------------------------------------------------------------- calibration data
-def calibration_images(data_yaml: str | Path, n: int, seed: int = 0, split: str = "train") -> list[Path]:
-    """``n`` images (seeded sample) of ``split`` of a YOLO data.yaml.
-
-    Raises:
-        DatasetError: unreadable data.yaml, missing split, or no images.
-    """
-    from damage.tasks.data.dataset import split_images
-
-    data_yaml = Path(data_yaml)
-    if not data_yaml.is_file():
-        raise DatasetError(f"{data_yaml}: data.yaml not found")
-    files = split_images(data_yaml, split)
-    if not files:
-        raise DatasetError(f"{data_yaml}: split '{split}' has no images")
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(files))[: max(1, n)]
-    return [files[i] for i in sorted(idx)]
-
-
-def preprocess_image(path: Path, imgsz: int) -> np.ndarray:
-    """Ultralytics val pre-processing: letterbox to ``imgsz`` (pad 114), RGB, CHW, 0..1, batch of 1."""
-    import cv2
-    from ultralytics.data.augment import LetterBox
-
-    im = cv2.imread(str(path))
-    if im is None:
-        raise DatasetError(f"{path}: cannot read image")
-    im = LetterBox((imgsz, imgsz), auto=False, stride=32)(image=im)
-    im = im[..., ::-1].transpose(2, 0, 1)
-    return np.ascontiguousarray(im, dtype=np.float32)[None] / 255.0
-
-
-class ImageReader:
-    """ORT ``CalibrationDataReader`` over letterboxed images (re-iterable via ``rewind``)."""
-
-    def __init__(self, images: Sequence[Path], imgsz: int, input_name: str):
-        self.images, self.imgsz, self.input_name = list(images), imgsz, input_name
-        self._it: Iterable | None = None
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._it is None:
-            self._it = iter(self.images)
-        p = next(self._it, None)
-        return None if p is None else {self.input_name: preprocess_image(p, self.imgsz)}
-
-    def rewind(self) -> None:
-        self._it = None
-
-    def __iter__(self):
-        self.rewind()
-        while (item := self.get_next()) is not None:
-            yield item
 
 
 def _imgsz_from_meta(model, default: int | None) -> int:
@@ -290,7 +229,7 @@ def _static(named: Path, work: Path, src, *, exclude, calib_images, imgsz, per_c
     size = _imgsz_from_meta(src, imgsz)
     reader = ImageReader(calib_images, size, graph_input_name(pre_model))
     out = work / "int8.onnx"
-    cache = _calibrate(pre, reader, methods[calibrate_method], CALIBRATOR_OPTIONS[calibrate_method], op_types, work)
+    cache = calibrate(pre, reader, methods[calibrate_method], CALIBRATOR_OPTIONS[calibrate_method], op_types, work)
     extra = {"CalibTensorRangeSymmetric": False, "ActivationSymmetric": activation_symmetric,
              # MaxPool, Resize and Split take the uint8 tensor even where their input's producer was
              # excluded (ORT's default skips them then, leaving a float island behind an excluded node)
@@ -309,24 +248,6 @@ def _static(named: Path, work: Path, src, *, exclude, calib_images, imgsz, per_c
             "extra_float_nodes": sorted(set(exclude) & present), "qdq_pairs_removed": unpaired,
             "rewrites": {r: n for r, n in rewritten.items() if n}}
     return qmodel, info
-
-
-def _calibrate(model_path: Path, reader: ImageReader, method, options: dict[str, Any],
-               op_types: Sequence[str] | None, work: Path) -> Path:
-    """Activation ranges of ``model_path`` over ``reader`` with ``method``/``options``, saved as an ORT
-    calibration cache (JSON) for ``quantize_static``; returns its path."""
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    ops = list(op_types) if op_types is not None else sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    cal = create_calibrator(model_path, ops, augmented_model_path=str(work / "augmented.onnx"),
-                            calibrate_method=method, extra_options=dict(options))
-    # a few images per pass: the calibrator holds every activation of the images it is given (GBs at 640 px)
-    for i in range(0, len(reader.images), CALIB_CHUNK):
-        cal.collect_data(ImageReader(reader.images[i:i + CALIB_CHUNK], reader.imgsz, reader.input_name))
-    cache = work / "calibration.json"
-    save_tensors_data(cal.compute_data(), cache)
-    return cache
 
 
 def keep_outputs_float(model, nodes: Iterable[str]) -> int:

@@ -394,3 +394,50 @@ def prefect_server(fresh_postgres, tmp_path_factory) -> Iterator[str]:
            str(port), "--no-ui", "--analytics-off"]
     with run_process(cmd, home / "server.log", f"{api}/health", "prefect server", env=env, timeout_s=300):
         yield api
+
+
+@pytest.fixture(scope="session")
+def night_recorder():
+    """A loopback endpoint recording the notifications of the shared tiny nightly."""
+    from tests.recording_http import Recorder
+
+    with Recorder() as rec:
+        yield rec
+
+
+@pytest.fixture(scope="session")
+def night_notify_config(night_recorder, tmp_path_factory) -> str:
+    """Config file with two notify URLs: one recording, one dead. URLs live in a file, not in
+    overrides: overrides are flow parameters, shown in the Prefect UI."""
+    from tests.integration.tiny_night import dead_port
+
+    cfg = tmp_path_factory.mktemp("night") / "notify.yaml"
+    cfg.write_text(f"notify:\n  urls: ['{night_recorder.json_url('hook')}', 'json://127.0.0.1:{dead_port()}/x']\n")
+    return str(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_night(prefect_harness, state_paths, night_notify_config, night_recorder) -> dict:
+    """The shared forced tiny nightly (tests/integration/tiny_night.py): its summary, the recorded
+    notifications, the non-loopback connection attempts made while it ran, and the registered
+    model's aliases right after it (later tests may approve the version)."""
+    from prefect.logging.handlers import APILogWorker
+
+    import damage.model_registry as mr
+    from damage.flows.nightly import nightly
+    from damage.tasks.core import tracking
+    from tests.helpers import worker_config
+    from tests.integration.tiny_night import AUDIT, TINY, worker_registry
+
+    AUDIT["attempts"].clear()
+    AUDIT["on"] = True
+    try:
+        with worker_registry(), worker_config(TINY, night_notify_config):  # the worker's --config/--set
+            summary = nightly(force=True)
+    finally:
+        AUDIT["on"] = False
+    APILogWorker.drain_all(timeout=10)  # what APILogHandler.flush does outside an event loop
+    c = tracking.client(summary["tracking_uri"])
+    aliases = {a: mr.alias_version(c, summary["registered_model"], a) for a in (mr.STAGING, mr.PRODUCTION)}
+    return {"summary": summary, "posts": night_recorder.posts, "outbound": list(AUDIT["attempts"]),
+            "aliases": aliases}

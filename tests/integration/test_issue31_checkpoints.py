@@ -106,3 +106,5 @@ def test_item4_cli_refuses_payload(cmd, evil, tmp_path):
     assert p.returncode != 0, p.stdout + p.stderr
     assert not marker.exists(), f"the payload ran under `damage {cmd}`"
     assert str(pt) in p.stderr and "refused" in p.stderr, p.stderr[-2000:]
+    if cmd in ("evaluate", "sweep"):  # refused before a run is opened for it: no store, no empty run
+        assert not (tmp_path / "m.db").exists()

@@ -1,81 +1,22 @@
-"""End to end: the nightly flow on a tiny synthetic set, offline, under the Prefect harness."""
+"""End to end: the nightly flow on a tiny synthetic set, offline, under the Prefect harness (the suite's
+shared tiny nightly: tests/integration/tiny_night.py)."""
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import os
-import socket
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
-_AUDIT = {"on": False, "attempts": []}
-
-
-def _is_loopback(host) -> bool:
-    if host in (None, "", "localhost") or (isinstance(host, str) and host.startswith("/")):
-        return True
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return str(host) == socket.gethostname()
-
-
-def _audit(event: str, args) -> None:
-    if not _AUDIT["on"]:
-        return
-    if event == "socket.connect":
-        addr = args[1]
-        if isinstance(addr, tuple) and not _is_loopback(addr[0]):
-            _AUDIT["attempts"].append((event, addr))
-    elif event == "socket.getaddrinfo":
-        if not _is_loopback(args[0]):
-            _AUDIT["attempts"].append((event, args[0]))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; the flag scopes it to the test
-
-TINY = [
-    "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
-    "train.epochs=1", "train.imgsz=64", "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
-    "explain.samples=1", "export.parity_images=1", "compress.enabled=false",
-    "evaluate.plots=false",  # the evaluate step's curves in a nightly: test_nightly_ux reads them
-]  # train.plots stays on (the default): the one nightly of the suite that draws Ultralytics' figures
-# A model name of its own: no production version exists for it, so with floor 0 the gate must pass.
-MODEL = f"damage-seg-e2e-{uuid.uuid4().hex[:8]}"
+from tests.integration.tiny_night import MODEL
 
 
 @pytest.fixture(scope="module")
-def nightly_summary(prefect_harness, state_paths):
-
-    from damage.flows.nightly import nightly
-
-    _AUDIT["attempts"].clear()
-    _AUDIT["on"] = True
-    # the registry section is the worker's (issue 13): pinned in the environment, not a run override
-    old = os.environ.get("DAMAGE_REGISTRY_CONFIG")
-    # floors off (a 1-epoch model) and a model name of its own (no production version): the gate passes
-    os.environ["DAMAGE_REGISTRY_CONFIG"] = json.dumps({"floor_mask_map": 0.0, "min_class_ap50": 0.0,
-                                                       "model_name": MODEL})
-    try:
-        from tests.helpers import worker_config
-
-        with worker_config(TINY):  # the worker's own --set (issue 31: a run parameter may not carry these)
-            summary = nightly(force=True)
-    finally:
-        _AUDIT["on"] = False
-        if old is None:
-            os.environ.pop("DAMAGE_REGISTRY_CONFIG", None)
-        else:
-            os.environ["DAMAGE_REGISTRY_CONFIG"] = old
-    return summary
+def nightly_summary(tiny_night):
+    return tiny_night["summary"]
 
 
-def test_nightly_runs_offline(nightly_summary):
-    assert _AUDIT["attempts"] == [], f"outbound network attempts: {_AUDIT['attempts'][:5]}"
+def test_nightly_runs_offline(tiny_night):
+    assert tiny_night["outbound"] == [], f"outbound network attempts: {tiny_night['outbound'][:5]}"
 
 
 def test_nightly_logs_runs_metrics_and_version(nightly_summary):
@@ -146,7 +87,7 @@ def test_nightly_per_class_metrics_start_and_damage_error(nightly_summary):
     assert parent.data.metrics["damage_pct_mae"] == pytest.approx(dmg["mae"])
 
 
-def test_gate_passes_and_stages_the_new_version(nightly_summary):
+def test_gate_passes_and_stages_the_new_version(nightly_summary, tiny_night):
     """The setup implies the outcome: a model name with no production version and floor 0.0, so the gate
     passes on the floor rule and ``staging`` points at tonight's version (production stays unset)."""
     from mlflow.tracking import MlflowClient
@@ -159,7 +100,7 @@ def test_gate_passes_and_stages_the_new_version(nightly_summary):
     assert mv.tags["validation_status"] == "passed", mv.tags.get("gate.reasons")
     assert mv.tags["gate.decision"] == "passed" and mv.tags["gate.production_version"] == "none"
     assert "floor" in mv.tags["gate.reasons"] and "no production version" in mv.tags["gate.reasons"]
-    assert mr.alias_version(c, name, mr.STAGING) == version
-    assert mr.alias_version(c, name, mr.PRODUCTION) is None
+    # the aliases as the night left them (test_nightly_ux approves this version later)
+    assert tiny_night["aliases"] == {mr.STAGING: version, mr.PRODUCTION: None}
     parent = c.get_run(nightly_summary["mlflow_run_id"])
     assert parent.data.tags["gate.decision"] == "passed"

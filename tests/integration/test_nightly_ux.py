@@ -5,100 +5,46 @@ HTTP endpoint records the POSTs; a dead endpoint never fails the run)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import worker_config
-from tests.recording_http import Recorder
-
-MODEL = "ux-seg"  # own registered model: the first candidate passes the gate (approval message)
-TINY = [
-    "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
-    "train.epochs=1", "train.imgsz=64", "train.plots=false",
-    "train.batch=8", "sweep.conf=[0.3,0.5]", "sweep.iou=[0.5]",
-    "explain.enabled=false", "export.parity_images=1", "compress.enabled=false",
-    "mlflow.system_metrics_interval_s=1",
-]
-# The registry section is the worker's own config, never a run parameter: pinned in the environment.
-# Floors off (a 1-epoch model) so the first candidate passes the gate and the approval message goes out.
-WORKER_REGISTRY = {"model_name": MODEL, "floor_mask_map": 0.0, "min_class_ap50": 0.0}
+from tests.integration.tiny_night import MODEL, TINY, worker_registry
 
 
 @pytest.fixture(scope="module", autouse=True)
-def worker_registry():
-    import json
-    import os
-
-    from damage.tasks.core.config_load import REGISTRY_ENV
-
-    old = os.environ.get(REGISTRY_ENV)
-    os.environ[REGISTRY_ENV] = json.dumps(WORKER_REGISTRY)
-    yield
-    if old is None:
-        os.environ.pop(REGISTRY_ENV, None)
-    else:
-        os.environ[REGISTRY_ENV] = old
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def registry_env():
+    """The worker's registry section of the shared night, for the runs this module adds."""
+    with worker_registry():
+        yield
 
 
 @pytest.fixture(scope="module")
-def recorder():
-    with Recorder() as rec:
-        yield rec
+def ux_run(tiny_night):
+    """The suite's shared forced tiny nightly (tests/integration/tiny_night.py)."""
+    return tiny_night
 
 
 @pytest.fixture(scope="module")
-def notify_config(recorder, tmp_path_factory) -> str:
-    """Config file with two notify URLs: one recording, one dead. URLs live in a file, not in
-    overrides: overrides are flow parameters, shown in the Prefect UI."""
-    cfg = tmp_path_factory.mktemp("ux") / "notify.yaml"
-    cfg.write_text(f"notify:\n  urls: ['{recorder.json_url('hook')}', 'json://127.0.0.1:{_dead_port()}/x']\n")
-    return str(cfg)
-
-
-def _flush_logs() -> None:
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=10)  # what APILogHandler.flush does outside an event loop
-
-
-@pytest.fixture(scope="module")
-def ux_run(prefect_harness, state_paths, notify_config, recorder):
-    """One forced nightly run (each of the three runs is its own fixture: each gets its own test timeout)."""
-    from damage.flows.nightly import nightly
-
-    with worker_config(TINY, notify_config):  # the worker's --config/--set (issue 31: not run parameters)
-        summary = nightly(force=True)
-    _flush_logs()
-    return {"summary": summary, "posts": recorder.posts}
-
-
-@pytest.fixture(scope="module")
-def ux_skipped(ux_run, notify_config):
+def ux_skipped(ux_run, night_notify_config):
     """The same run again, unforced: nothing changed, so it is skipped (its final Prefect state)."""
     from damage.flows.nightly import nightly
 
-    with worker_config(TINY, notify_config):
+    with worker_config(TINY, night_notify_config):
         return nightly(force=False, return_state=True)
 
 
 @pytest.fixture(scope="module")
-def ux_failed(prefect_harness, state_paths, notify_config, recorder):
+def ux_failed(prefect_harness, state_paths, night_notify_config, night_recorder):
     """A run that fails in the data gate: the gate's error propagates, a failure message goes out."""
     from damage.flows.nightly import nightly
 
     failing = TINY + ["validate.min_width=10000", "validate.severity={too_small: error}"]
     with pytest.raises(Exception, match="data gate failed") as err:  # the gate error, not a notify error
-        with worker_config(failing, notify_config):
+        with worker_config(failing, night_notify_config):
             nightly(force=True)
-    return {"error": str(err.value), "posts": recorder.posts}
+    return {"error": str(err.value), "posts": night_recorder.posts}
 
 
 def _client(summary):
@@ -217,6 +163,9 @@ def test_skipped_run_shows_as_skipped(ux_run, ux_skipped):
     assert data["skipped"] is True
     run = _client(ux_run["summary"]).get_run(data["mlflow_run_id"])
     assert run.info.run_name.endswith("-skipped") and run.data.tags["damage.status"] == "skipped"
+    first = ux_run["summary"]["mlflow_run_id"]  # the forced run before it is the run it refers to
+    assert data["previous_run_id"] == first and f"unchanged since run {first}" in data["reason"]
+    assert "epochs_run" not in data and "registered_version" not in data  # nothing trained, nothing registered
 
 
 def test_approval_notification(ux_run):

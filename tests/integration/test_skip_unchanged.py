@@ -1,4 +1,5 @@
-"""Skip-when-unchanged: tasks/nightly/skip.py against a real MLflow store, and the nightly flow twice."""
+"""Skip-when-unchanged: tasks/nightly/skip.py against a real MLflow store. The nightly flow run twice (the
+second skips) is tests/integration/test_nightly_ux.py::test_skipped_run_shows_as_skipped."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from damage.tasks.nightly.skip import (
     skip_config_hash,
     train_dir_for,
 )
-from tests.helpers import NO_FIGURES
 
 
 def _fake_dataset(root: Path) -> Path:
@@ -103,34 +103,3 @@ def test_key_and_resume_helpers(tmp_path):
     explicit = load_config(overrides=["train.resume=/x/last.pt"]).train
     assert resumable_train_config(explicit).resume == "/x/last.pt"
     assert train_dir_for(tmp_path, "k1") == tmp_path / "train-k1"
-
-
-# --- flow level: the nightly flow twice on the same data ------------------------------------
-
-TINY = ["data.synth.images=16", "data.synth.imgsz=64", "data.synth.val_fraction=0.25", "train.epochs=1",
-        "train.imgsz=64", *NO_FIGURES,
-        "train.batch=8", "sweep.conf=[0.3]", "sweep.iou=[0.5]", "explain.enabled=false",
-        "explain.samples=0", "export.parity_images=1", "compress.enabled=false", "mlflow.experiment=skip-flow"]
-# the registry section is the worker's (issue 13): pinned in the environment, not a run override
-WORKER_REGISTRY = '{"floor_mask_map": 0.0}'
-
-
-@pytest.mark.integration
-def test_nightly_twice_second_skips(prefect_harness, state_paths, monkeypatch, tmp_path):
-    monkeypatch.setenv("DAMAGE_REGISTRY_CONFIG", WORKER_REGISTRY)
-    # A store of its own: the session's store persists in .state/test, where an earlier `pytest` already
-    # recorded a successful run of this very key, and the "first" nightly would skip. monkeypatch puts the
-    # session's URI back afterwards (activate() writes the variable it reads).
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    from damage.flows.nightly import nightly
-    from tests.helpers import worker_config
-
-    with worker_config(TINY):  # the worker's own --set (issue 31: a run parameter may not carry these)
-        first = nightly()
-    assert not first.get("skipped") and first.get("registered_version")
-    with worker_config(TINY):
-        second = nightly()
-    assert second["skipped"] is True
-    assert second["previous_run_id"] == first["mlflow_run_id"]
-    assert f"unchanged since run {first['mlflow_run_id']}" in second["reason"]
-    assert "epochs_run" not in second  # no training happened

@@ -309,7 +309,8 @@ def test_openvino_fp32_gives_the_same_detections_as_onnxruntime(trained_onnx, ea
 @pytest.fixture(scope="module")
 def trained_int8(trained_onnx, easy_dataset, easy_imgsz, tmp_path_factory) -> Path:
     """A QDQ INT8 (static, per-channel) copy of the trained model, calibrated on its train split."""
-    from damage.tasks.export.quantize import calibration_images, quantize_onnx
+    from damage.tasks.export.calibration import calibration_images
+    from damage.tasks.export.quantize import quantize_onnx
 
     return quantize_onnx(trained_onnx, tmp_path_factory.mktemp("int8") / "int8.onnx", "int8-static",
                          calib_images=calibration_images(easy_dataset, 8, seed=0), imgsz=easy_imgsz)

@@ -277,8 +277,9 @@ def test_int8_static_keeps_head_decode_float_per_family(family, exported, fam_da
     import onnx as onnx_lib
     import onnxruntime as ort
 
+    from damage.tasks.export.calibration import calibration_images
     from damage.tasks.export.onnx_graph import head_postprocess_nodes
-    from damage.tasks.export.quantize import calibration_images, quantize_onnx
+    from damage.tasks.export.quantize import quantize_onnx
     from damage.tasks.serving.predictor import Predictor
 
     res, _ = _export(family, exported)

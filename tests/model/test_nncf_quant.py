@@ -10,9 +10,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def float_and_nncf(trained_model, easy_dataset, easy_imgsz, tmp_path_factory) -> tuple[Path, Path]:
+    from damage.tasks.export.calibration import calibration_images
     from damage.tasks.export.nncf_quant import quantize_nncf
     from damage.tasks.export.onnx import export_onnx
-    from damage.tasks.export.quantize import calibration_images
 
     d = tmp_path_factory.mktemp("nncf")
     f = export_onnx(trained_model, d / "float.onnx", easy_imgsz, metadata={"conf": 0.3})
@@ -69,8 +69,8 @@ def test_nncf_mask_map_within_its_budget_and_runs_on_both_runtimes(float_and_nnc
 
 def test_nncf_missing_is_a_clear_error(float_and_nncf, easy_dataset, monkeypatch, tmp_path):
     from damage.tasks.core.errors import DamageError
+    from damage.tasks.export.calibration import calibration_images
     from damage.tasks.export.nncf_quant import quantize_nncf
-    from damage.tasks.export.quantize import calibration_images
 
     f, _ = float_and_nncf
     calib = calibration_images(easy_dataset, 2, seed=0)

@@ -56,8 +56,9 @@ def test_qat_finetune_gives_plain_weights_that_quantize_within_tolerance(trained
 
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.evaluation.evaluate import Evaluator
+    from damage.tasks.export.calibration import calibration_images
     from damage.tasks.export.onnx import export_onnx
-    from damage.tasks.export.quantize import calibration_images, quantize_onnx
+    from damage.tasks.export.quantize import quantize_onnx
     from damage.tasks.training.qat import qat_finetune
 
     cfg = TrainConfig(plots=False,

@@ -19,7 +19,7 @@ def float_onnx(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tiny_dataset):
-    from damage.tasks.export.quantize import calibration_images
+    from damage.tasks.export.calibration import calibration_images
 
     return calibration_images(tiny_dataset, 4, seed=0)
 
@@ -27,7 +27,7 @@ def calib(tiny_dataset):
 @pytest.fixture(scope="module")
 def held_out(tiny_dataset, calib):
     """Val images of the tiny set: never in the calibration set (drawn from train)."""
-    from damage.tasks.export.quantize import calibration_images
+    from damage.tasks.export.calibration import calibration_images
 
     val = calibration_images(tiny_dataset, 100, split="val")
     assert not set(val) & set(calib)
@@ -72,7 +72,8 @@ def test_head_postprocess_nodes_found_by_traversal(float_onnx):
 def test_int8_static_keeps_scores_alive(float_onnx, calib, held_out, tmp_path):
     import onnx
 
-    from damage.tasks.export.quantize import preprocess_image, quantize_onnx
+    from damage.tasks.export.calibration import preprocess_image
+    from damage.tasks.export.quantize import quantize_onnx
 
     q = quantize_onnx(float_onnx, tmp_path / "int8.onnx", "int8-static", calib_images=calib, imgsz=96)
     qm = onnx.load(str(q))
@@ -301,7 +302,8 @@ def test_calibration_methods_and_granularity_reach_the_graph(float_onnx, calib, 
     from onnx import numpy_helper
 
     from damage.tasks.core.errors import DamageError
-    from damage.tasks.export.quantize import CALIBRATION_METHODS, quantize_onnx
+    from damage.tasks.export.calibration import CALIBRATION_METHODS
+    from damage.tasks.export.quantize import quantize_onnx
 
     def scales(path):
         m = onnx.load(str(path))
@@ -398,7 +400,7 @@ def trained_onnx(trained_model, easy_imgsz, tmp_path_factory):
 @pytest.fixture(scope="module")
 def easy_split(easy_dataset):
     """(calibration images from train, held-out val images): disjoint by construction, checked."""
-    from damage.tasks.export.quantize import calibration_images
+    from damage.tasks.export.calibration import calibration_images
 
     calib = calibration_images(easy_dataset, 8, seed=0)
     val = calibration_images(easy_dataset, 100, split="val")
@@ -437,7 +439,8 @@ def test_int8_mask_map_within_tolerance_of_float_on_held_out_images(trained_onnx
 
 @pytest.mark.parametrize("mode", sorted(TOLERANCE))
 def test_fp16_and_dynamic_int8_outputs_match_float(trained_onnx, easy_split, easy_imgsz, mode, tmp_path):
-    from damage.tasks.export.quantize import preprocess_image, quantize_onnx
+    from damage.tasks.export.calibration import preprocess_image
+    from damage.tasks.export.quantize import quantize_onnx
 
     _, val = easy_split
     q = quantize_onnx(trained_onnx, tmp_path / f"{mode}.onnx", mode)
@@ -459,3 +462,27 @@ def test_fp16_and_dynamic_int8_outputs_match_float(trained_onnx, easy_split, eas
     print(f"{mode}: score max abs {worst_score:.4f}, box max abs {worst_box:.3f} px over {detected} detected anchors")
     assert detected >= len(val)  # the comparison covers real detections
     assert worst_score <= max_score and worst_box <= max_box, (worst_score, worst_box)
+
+
+def test_entropy_threshold_is_onnxruntimes_search():
+    """The project's entropy search picks ORT's own threshold, dtype included, on histograms with
+    heavy tails, mostly-positive (SiLU-like) values and many empty bins."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from damage.tasks.export.calibration import CALIBRATOR_OPTIONS, entropy_threshold
+
+    opts = CALIBRATOR_OPTIONS["entropy"]
+    ort = HistogramCollector("entropy", symmetric=False, num_bins=opts["num_bins"],
+                             num_quantized_bins=opts["num_quantized_bins"], percentile=99.99, scenario="same")
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        x = np.concatenate([rng.normal(0, 1, 5000), rng.standard_t(2, 300) * (k % 5 + 1)])
+        if k % 3 == 0:
+            x = x * (x > -0.3)
+        if k % 4 == 0:
+            x = np.round(x * 3) / 3
+        h, e = np.histogram(x, opts["num_bins"], range=(x.min(), x.max()))
+        hist = (h, e.astype(np.float32), np.float32(x.min()), np.float32(x.max()))
+        want = ort.get_entropy_threshold(hist, opts["num_quantized_bins"])
+        got = entropy_threshold(hist, opts["num_quantized_bins"])
+        assert [(v.dtype, float(v)) for v in got] == [(v.dtype, float(v)) for v in want], k

@@ -145,7 +145,7 @@ def test_atomic_output_dir_leaves_nothing_on_error(tmp_path):
 def test_one_rule_for_txt_image_lists(tmp_path):
     """A list file's relative lines are relative to the list's folder, for every reader."""
     from damage.tasks.evaluation.explain import pick_explain_samples
-    from damage.tasks.export.quantize import calibration_images
+    from damage.tasks.export.calibration import calibration_images
 
     ds = tmp_path / "ds"
     for stem in ("a", "b", "c"):
