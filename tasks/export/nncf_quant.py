@@ -47,7 +47,7 @@ def quantize_nncf(onnx_in: str | Path, onnx_out: str | Path, calib_images: Seque
     Args:
         onnx_in: FP32 ONNX (``damage.tasks.export.onnx.export_onnx``).
         onnx_out: file to write (atomic).
-        calib_images: calibration images (the train split; ``quantize.calibration_images``).
+        calib_images: calibration images (the train split; ``calibration.calibration_images``).
         imgsz: letterbox size of the calibration inputs (the model's size).
         preset: ``performance`` (symmetric) or ``mixed`` (asymmetric activations).
         subset_size: calibration images used (default: all given).
