@@ -357,7 +357,10 @@ def test_openvino_int8_qdq_gives_the_same_confident_detections_as_onnxruntime(tr
             totals[side][0] += _found(strong, [d for d in y if d[1] >= INT8_RULE["weak"]])
             totals[side][1] += len(strong)
     for side, (hits, n) in totals.items():
-        assert n >= len(easy_images), (side, n)  # the model is confident on every image: not an empty check
+        # not an empty check: at least 10 strong detections, so the 0.9 rule allows at most one miss in ten.
+        # (Not one per image: the fixture guarantees a top score of 0.3 on every image, not 0.65; a CI run
+        # whose model needed three training rounds had 13 strong OpenVINO detections on 15 images.)
+        assert n >= 10, (side, n)
         assert hits / n >= INT8_RULE["found"], (side, hits, n)
 
 
