@@ -271,6 +271,9 @@ def ray_local(state_paths):
     tmp = Path(state_paths.root) / "ray"
     tmp.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
+        from damage.tasks.core.runtime import StatePaths, embedded_ray_token
+
+        embedded_ray_token(StatePaths(Path(state_paths.root)))  # Ray's token too: not in ~/.ray
         # workers import what the tests hand them (tests.* helpers included) from this checkout, also where
         # the package is an installed one and the checkout is not on their path
         root = str(Path(__file__).resolve().parents[1])

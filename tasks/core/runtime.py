@@ -199,3 +199,35 @@ def configure_ultralytics(paths: StatePaths) -> None:
         if hasattr(mod, "NUM_THREADS"):
             mod.NUM_THREADS = n
     torch.set_num_threads(n)
+
+
+def embedded_ray_token(paths: StatePaths) -> None:
+    """Keep the token of a Ray cluster this process starts in the state dir, not in ``~/.ray``.
+
+    Ray (2.5x) turns token authentication on for a cluster that ``ray.init`` starts and, when no token
+    is found, writes a new one to ``~/.ray/auth_token``. Unless the user named a token
+    (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``) or chose a mode (``$RAY_AUTH_MODE``), this points
+    ``$RAY_AUTH_TOKEN_PATH`` at ``<state>/ray/auth_token``, created once with 256 random bits, mode
+    0600, and never replaced (two processes racing to create it agree on the first). Ray's workers and
+    any driver started from this process inherit the variable. Call it only before starting an embedded
+    cluster: a process that joins someone else's cluster needs that cluster's token.
+    """
+    if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+        return
+    import secrets
+    import tempfile
+
+    token = paths.root / "ray" / "auth_token"
+    if not token.is_file():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=token.parent, prefix=".auth_token.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, token)  # create-if-absent, atomic: a token another process wrote first stays
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from damage.tasks.core.errors import DamageError
 from damage.tasks.core.machine import THREAD_ENV
+from damage.tasks.core.runtime import StatePaths, embedded_ray_token, state_paths
 
 if TYPE_CHECKING:
     from damage.tasks.core.config import RayConfig
@@ -144,6 +145,7 @@ def connect(cfg: RayConfig, state_dir: str | os.PathLike | None = None) -> str:
         tmp = Path(state_dir) / "ray"
         tmp.mkdir(parents=True, exist_ok=True)
         kwargs["_temp_dir"] = str(tmp.resolve())
+    embedded_ray_token(StatePaths(Path(state_dir).resolve()) if state_dir is not None else state_paths())
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False, **kwargs)
     return "local"
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -348,6 +349,10 @@ def run(app: Any, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAM
     from ray import serve
 
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):  # ray.init starts a cluster: its token in the state dir
+            from damage.tasks.core.runtime import embedded_ray_token, state_paths
+
+            embedded_ray_token(state_paths())
         ray.init(include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": int(port)})
     serve.run(app, name=name, route_prefix="/", blocking=False)

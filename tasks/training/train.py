@@ -323,6 +323,7 @@ def train_model(
     configure_ultralytics(activate())
 
     from damage.tasks.training.checkpoint import ultralytics_safe_load, vetted_model_path
+    from damage.tasks.training.rng import private_augmentation_rngs
 
     resume_from = _resume_checkpoint(cfg, project, name)
     if resume_from is not None:
@@ -400,7 +401,10 @@ def train_model(
         guard.attach(model)
     if trainer_cls is not None:
         train_kwargs["trainer"] = trainer_cls
-    model.train(**train_kwargs)
+    # augmentations draw from private generators: another thread's draws cannot shift them (rng.py)
+    workers = int(train_kwargs.get("workers", cfg.workers))
+    with private_augmentation_rngs(int(train_kwargs.get("seed", seed)), workers):
+        model.train(**train_kwargs)
 
     trainer = model.trainer
     run_dir = Path(trainer.save_dir).resolve()

@@ -38,3 +38,29 @@ def test_check_reachable_accepts_a_listening_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         check_reachable(f"127.0.0.1:{s.getsockname()[1]}", 2)
+
+
+def test_an_embedded_clusters_token_lives_in_the_state_dir(tmp_path, monkeypatch):
+    """Ray writes a new cluster's token to ~/.ray/auth_token unless one is found: the project names one
+    in the state dir (created once, 0600, kept), and leaves a token or mode the user chose alone."""
+    import os
+    import stat
+
+    from damage.tasks.core.runtime import StatePaths, embedded_ray_token
+
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    embedded_ray_token(StatePaths(tmp_path))
+    token = tmp_path / "ray" / "auth_token"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(token)
+    first = token.read_text()
+    assert len(first) == 64 and int(first, 16) > 0
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert [p.name for p in token.parent.iterdir()] == ["auth_token"]  # no temp file left
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    embedded_ray_token(StatePaths(tmp_path))
+    assert token.read_text() == first  # a second process joins with the same token
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "users-own")
+    embedded_ray_token(StatePaths(tmp_path / "other"))
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ and not (tmp_path / "other").exists()
