@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -52,7 +53,10 @@ class Browser:
         self._proc = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={self._profile}", "--remote-debugging-port=0",
              f"--window-size={self.width},{self.height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            # its crash reports and caches follow $XDG_CONFIG_HOME / $XDG_CACHE_HOME: in the profile, not in ~
+            env={**os.environ, "XDG_CONFIG_HOME": str(self._profile / "config"),
+                 "XDG_CACHE_HOME": str(self._profile / "cache")})
         port_file = self._profile / "DevToolsActivePort"
         deadline = time.monotonic() + self.start_timeout_s
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):

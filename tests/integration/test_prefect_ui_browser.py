@@ -71,7 +71,7 @@ def _run_flow(base: str, name: str, tmp_path) -> str:
     script = tmp_path / "shape.py"
     script.write_text(FLOW)
     root = str(Path(__file__).resolve().parents[2])
-    env = clean_env(PREFECT_API_URL=f"{base}/api", PYTHONPATH=root)
+    env = clean_env(PREFECT_API_URL=f"{base}/api", PYTHONPATH=root, PREFECT_HOME=str(tmp_path / "prefect-client"))
     subprocess.run([sys.executable, str(script), name], env=env, check=True, cwd=root, timeout=300,
                    capture_output=True)
     import json
