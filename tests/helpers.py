@@ -83,19 +83,24 @@ def sqlite_client(folder):
 
 
 @contextlib.contextmanager
-def worker_config(sets: list[str], config: str | None = None) -> Iterator[None]:
+def env_var(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block; the old value (or its absence) is back afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def worker_config(sets: list[str], config: str | None = None) -> contextlib.AbstractContextManager[None]:
     """Run as a worker started with ``--config config --set sets...`` (``damage.tasks.core.run_params``): the
     nightly and promote flows build their config from this, not from run parameters (issue 31)."""
     import json
 
     from damage.tasks.core.run_params import WORKER_ENV
 
-    old = os.environ.get(WORKER_ENV)
-    os.environ[WORKER_ENV] = json.dumps({"config": config, "sets": list(sets)})
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(WORKER_ENV, None)
-        else:
-            os.environ[WORKER_ENV] = old
+    return env_var(WORKER_ENV, json.dumps({"config": config, "sets": list(sets)}))

@@ -205,14 +205,17 @@ def embedded_ray_token(paths: StatePaths) -> None:
     """Keep the token of a Ray cluster this process starts in the state dir, not in ``~/.ray``.
 
     Ray (2.5x) turns token authentication on for a cluster that ``ray.init`` starts and, when no token
-    is found, writes a new one to ``~/.ray/auth_token``. Unless the user named a token
-    (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``) or chose a mode (``$RAY_AUTH_MODE``), this points
+    is found, writes a new one to ``~/.ray/auth_token``. Unless the user has a token (``$RAY_AUTH_TOKEN``,
+    ``$RAY_AUTH_TOKEN_PATH``, or one in ``~/.ray/auth_token`` already, which a cluster they started with
+    ``ray start`` uses) or chose a mode (``$RAY_AUTH_MODE``), this points
     ``$RAY_AUTH_TOKEN_PATH`` at ``<state>/ray/auth_token``, created once with 256 random bits, mode
     0600, and never replaced (two processes racing to create it agree on the first). Ray's workers and
     any driver started from this process inherit the variable. Call it only before starting an embedded
     cluster: a process that joins someone else's cluster needs that cluster's token.
     """
     if any(os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():  # the user's own (`ray start`, `ray get-auth-token`)
         return
     import secrets
     import tempfile

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
 import socket
 import sys
 import uuid
-from collections.abc import Iterator
 
 TINY = [
     "data.synth.images=24", "data.synth.imgsz=64", "data.synth.val_fraction=0.25",
@@ -55,20 +53,12 @@ def _audit(event: str, args) -> None:
 sys.addaudithook(_audit)  # audit hooks cannot be removed; the flag scopes it to the night
 
 
-@contextlib.contextmanager
-def worker_registry() -> Iterator[None]:
+def worker_registry() -> contextlib.AbstractContextManager[None]:
     """The worker's registry section (``WORKER_REGISTRY``) in the environment, restored afterwards."""
     from damage.tasks.core.config_load import REGISTRY_ENV
+    from tests.helpers import env_var
 
-    old = os.environ.get(REGISTRY_ENV)
-    os.environ[REGISTRY_ENV] = json.dumps(WORKER_REGISTRY)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(REGISTRY_ENV, None)
-        else:
-            os.environ[REGISTRY_ENV] = old
+    return env_var(REGISTRY_ENV, json.dumps(WORKER_REGISTRY))
 
 
 def dead_port() -> int:

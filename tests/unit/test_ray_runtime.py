@@ -50,6 +50,9 @@ def test_an_embedded_clusters_token_lives_in_the_state_dir(tmp_path, monkeypatch
 
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(k, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
     embedded_ray_token(StatePaths(tmp_path))
     token = tmp_path / "ray" / "auth_token"
     assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(token)
@@ -62,5 +65,10 @@ def test_an_embedded_clusters_token_lives_in_the_state_dir(tmp_path, monkeypatch
     assert token.read_text() == first  # a second process joins with the same token
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "users-own")
+    embedded_ray_token(StatePaths(tmp_path / "other"))
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ and not (tmp_path / "other").exists()
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("f" * 64)  # what `ray start` made: Ray reads it, so do we
     embedded_ray_token(StatePaths(tmp_path / "other"))
     assert "RAY_AUTH_TOKEN_PATH" not in os.environ and not (tmp_path / "other").exists()
