@@ -222,7 +222,7 @@ def train_easy(model: str, data: Path, out: Path, epochs: int = EASY_EPOCHS) -> 
     out of Ultralytics' augmentations), but another CPU's floating point gives other weights, and one
     20-epoch round of this recipe is not always enough: on one machine (Xeon, AVX-512) the weakest top
     score after one round was 0.04, 0.28, 0.90, 0.78, 0.74, 0.89, 0.77, 0.39, 0.34, 0.95, 0.14, 0.04 for
-    seeds 0-11. ``EASY_SEED`` is one that detects after one round there (0.78, then 0.84 and 0.84 after
+    seeds 0-11. ``EASY_SEED`` is one that detects after one round there (0.780, then 0.841 and 0.835 after
     more rounds)."""
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.training.train import train_model
@@ -273,9 +273,9 @@ def ray_local(state_paths):
     tmp = Path(state_paths.root) / "ray"
     tmp.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        from damage.tasks.core.runtime import StatePaths, embedded_ray_token
+        from damage.tasks.core.runtime import embedded_ray_token
 
-        embedded_ray_token(StatePaths(Path(state_paths.root)))  # Ray's token too: not in ~/.ray
+        embedded_ray_token(state_paths)  # Ray's token too: not in ~/.ray
         # workers import what the tests hand them (tests.* helpers included) from this checkout, also where
         # the package is an installed one and the checkout is not on their path
         root = str(Path(__file__).resolve().parents[1])
