@@ -14,6 +14,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := 0
 PYTEST_ARGS ?=
+# `make test` runs the suite in two pytest-xdist workers (tests/conftest.py: one thread each, a state dir each, and
+# the tests that share an expensive fixture on one worker); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-slow lint ui-mlflow ui-prefect clean-state prefect-yaml constraints
 
@@ -34,7 +37,7 @@ demo: install
 
 test: install
 	mkdir -p $(DAMAGE_STATE_DIR)
-	DAMAGE_TEST_STATE=$(DAMAGE_STATE_DIR)/test-$$$$ $(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
+	DAMAGE_TEST_STATE=$(DAMAGE_STATE_DIR)/test-$$$$ $(BIN)/python -m pytest -q --durations=30 -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -9,6 +9,15 @@ import pytest
 
 # Must happen before prefect/mlflow/ultralytics are imported by any test module.
 _STATE = Path(os.environ.get("DAMAGE_TEST_STATE") or (Path(__file__).parent.parent / ".state" / "test")).resolve()
+# pytest-xdist (`make test` runs two workers): each worker has a state dir of its own (MLflow DB, Prefect home, Ray,
+# runs), and torch, OpenMP and ONNX Runtime one thread each, so that two workers never run more busy threads than a
+# 2-core machine has cores (OpenMP threads that outnumber the cores wait on each other: 20x slower, not 2x). A
+# variable the caller set is kept.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER:
+    _STATE = _STATE / _WORKER
+    for _var in ("DAMAGE_TORCH_THREADS", "DAMAGE_INFER_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 os.environ["DAMAGE_STATE_DIR"] = str(_STATE)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_STATE / 'mlflow.db'}"
@@ -18,6 +27,33 @@ from damage.tasks.core.runtime import activate, configure_ultralytics  # noqa: E
 from tests.helpers import S3_BUCKET  # noqa: E402
 
 PATHS = activate(_STATE)
+
+# Imported here, once, with the session's own streams and environment, before any test can be the first to import
+# them inside typer's CliRunner (which swaps sys.stderr for a buffer it closes afterwards, and sets COLUMNS): Prefect
+# binds its console log handler to the sys.stderr of its import, and rich fixes a console's width when COLUMNS is set
+# at its creation. Imported first inside a CliRunner, every later Prefect log would go to a closed stream and every
+# table would keep that test's width, whichever tests ran after it.
+os.environ.pop("COLUMNS", None)
+import prefect  # noqa: E402, F401
+
+import damage.flows.common  # noqa: E402, F401
+
+# pytest-xdist, --dist loadgroup: the tests that share an expensive session fixture run on one worker, so that it is
+# built once (the first matching fixture names the group); the other tests are grouped by their file, so that a
+# module's own fixtures are built once too.
+_SHARED_GROUPS = (("ray_local", "ray"), ("tiny_night", "night"),
+                  ("prefect_server", "stack"), ("mlflow_s3_server", "stack"), ("moto_s3", "stack"),
+                  ("trained_model", "easy"), ("detecting_model", "easy"), ("tiny_model", "tiny"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):
+        return  # no xdist worker: nothing to group
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        group = next((g for fixture, g in _SHARED_GROUPS if fixture in names), item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 # What a test, or a CLI command it runs in-process, may pin in os.environ: the MLflow identity (a tracking URI with

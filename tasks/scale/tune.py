@@ -247,7 +247,10 @@ def run_trial(params: dict[str, Any], settings: TrialSettings) -> None:
         state, status = "finished", "FINISHED"
         tune.report({METRIC: value, "epoch": res.epochs_run, "final": 1})
     except SystemExit:  # Tune stops a trial by exiting its thread at a report (ASHA)
-        state, status = "stopped_early", "KILLED"
+        # a stop at the final report comes after the trial finished, and the driver counts it finished
+        # (_trial_rows): the same state here, since this write may land after the driver's (settle_runs)
+        if state != "finished":
+            state, status = "stopped_early", "KILLED"
         raise
     finally:
         tracking.set_tags(c, run_id, {STATE_TAG: state})

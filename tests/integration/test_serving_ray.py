@@ -117,6 +117,13 @@ def test_alias_moves_under_load_zero_failures(served):
             time.sleep(0.2)
         raise AssertionError(f"never switched to version {version}: last answers {last}")
 
+    def metrics() -> dict:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+            return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+    def errors(fams: dict) -> dict[str, float]:
+        return {s.labels["kind"]: s.value for s in fams["damage_serving_errors"].samples if s.name.endswith("_total")}
+
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
@@ -126,10 +133,14 @@ def test_alias_moves_under_load_zero_failures(served):
             move_production(c, NAME, vs[target])
             wait_for(vs[target])
         move_production(c, NAME, vs["broken"])
-        time.sleep(2.0)  # several polls: the broken version is tried and refused
+        deadline = time.monotonic() + 120
+        while errors(metrics()).get("load_failed", 0) < 1:  # a replica tried the broken version and refused it
+            assert time.monotonic() < deadline, "no replica reported a load failure of the broken version"
+            time.sleep(0.3)
         with lock:
             n_before = len(results)
-        time.sleep(1.0)
+        while len(results) - n_before < 16 and time.monotonic() < deadline:  # answers given since then
+            time.sleep(0.1)
         with lock:
             after_broken = {r[1] for r in results[n_before:]}
     finally:
@@ -144,10 +155,6 @@ def test_alias_moves_under_load_zero_failures(served):
     assert {r[1] for r in results} == {vs["one"], vs["two"], vs["vehicle"]}
     assert after_broken == {vs["two"]}, "a version that failed to load must leave the old one in service"
 
-    def metrics() -> dict:
-        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
-            return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
-
     t0 = time.monotonic()
     while True:  # the replicas report without waiting: give the last reports a moment
         fams = metrics()
@@ -156,14 +163,18 @@ def test_alias_moves_under_load_zero_failures(served):
             break
         time.sleep(0.5)
     assert answered == len(results)
-    errs = {s.labels["kind"]: s.value for s in fams["damage_serving_errors"].samples if s.name.endswith("_total")}
-    assert errs.get("load_failed", 0) >= 1
+    assert errors(fams).get("load_failed", 0) >= 1
     in_service = {s.labels["version"] for s in fams["damage_serving_version_info"].samples if s.value == 1}
     assert vs["two"] in in_service and vs["one"] not in in_service
     hist = fams["damage_serving_latency_seconds"]
     assert any(s.name.endswith("_count") and s.value > 0 for s in hist.samples)
-    with urllib.request.urlopen(f"{base}/version", timeout=30) as r:
-        info = json.loads(r.read())
+    deadline = time.monotonic() + 60
+    while True:  # each replica polls on its own: the one that answers may not have tried the broken version yet
+        with urllib.request.urlopen(f"{base}/version", timeout=30) as r:
+            info = json.loads(r.read())
+        if info["primary"]["failed_version"] == vs["broken"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert info["primary"]["version"] == vs["two"] and info["primary"]["failed_version"] == vs["broken"]
     serve.delete("alias")
 
