@@ -30,11 +30,12 @@ PATHS = activate(_STATE)
 
 # Imported here, once, with the session's own streams and environment, before any test can be the first to import
 # them inside typer's CliRunner (which swaps sys.stderr for a buffer it closes afterwards, and sets COLUMNS): Prefect
-# binds its console log handler to the sys.stderr of its import, and rich fixes a console's width when COLUMNS is set
-# at its creation. Imported first inside a CliRunner, every later Prefect log would go to a closed stream and every
-# table would keep that test's width, whichever tests ran after it.
+# binds its console log handlers to the sys.stderr of the import of `prefect.main` (a bare `import prefect` sets up
+# no logging), and rich fixes a console's width when COLUMNS is set at its creation. Imported first inside a
+# CliRunner, every later Prefect log would go to a closed stream (a RecursionError in the next flow run) and every
+# table would keep that test's width, whichever tests ran after it. tests/unit/test_test_harness.py checks both.
 os.environ.pop("COLUMNS", None)
-import prefect  # noqa: E402, F401
+import prefect.main  # noqa: E402, F401
 
 import damage.flows.common  # noqa: E402, F401
 
