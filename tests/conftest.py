@@ -10,13 +10,16 @@ import pytest
 # Must happen before prefect/mlflow/ultralytics are imported by any test module.
 _STATE = Path(os.environ.get("DAMAGE_TEST_STATE") or (Path(__file__).parent.parent / ".state" / "test")).resolve()
 # pytest-xdist (`make test` runs two workers): each worker has a state dir of its own (MLflow DB, Prefect home, Ray,
-# runs), and torch, OpenMP and ONNX Runtime one thread each, so that two workers never run more busy threads than a
-# 2-core machine has cores (OpenMP threads that outnumber the cores wait on each other: 20x slower, not 2x). A
-# variable the caller set is kept.
+# runs), and one thread for every library that the project pins (THREAD_ENV: OpenMP, BLAS, torch, ONNX Runtime, as
+# a Ray worker does), so that two workers never run more busy threads than a 2-core machine has cores (OpenMP threads
+# that outnumber the cores wait on each other: tasks/core/runtime.py measured 21 s against 0.8 s per training batch).
+# A variable the caller set is kept.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _WORKER:
+    from damage.tasks.core.machine import THREAD_ENV
+
     _STATE = _STATE / _WORKER
-    for _var in ("DAMAGE_TORCH_THREADS", "DAMAGE_INFER_THREADS", "OMP_NUM_THREADS"):
+    for _var in THREAD_ENV:
         os.environ.setdefault(_var, "1")
 os.environ["DAMAGE_STATE_DIR"] = str(_STATE)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
