@@ -64,6 +64,7 @@ from damage.tasks.evaluation.label_scores import (
     KINDS,
     Calibration,
     ImageEvidence,
+    fit_robust,
     image_evidence,
     other_class,
     rank_key,
@@ -426,7 +427,7 @@ def _finish(records: list[_Record], images: dict[str, int], names: Sequence[str]
     if not held:
         log.warning("label issues: no held-out images were scored: calibrating on in-sample rows (biased)")
         held, where = [r.ev for r in records], "in_sample"
-    cal = Calibration.fit(held, len(names), cfg.prior)
+    cal = fit_robust(held, len(names), cfg.prior)
     rows = [row for rec in records for row in _rows(rec, cal, names, cfg)]
     rows.sort(key=rank_key)
     for r, row in enumerate(rows, 1):

@@ -32,7 +32,10 @@ kind                likelihood ratio (densities estimated per class on held-out 
                     little ``a``, against how often a
                     correct ``a`` label does. For a class the model always misses, both are near
                     zero and the ratio stays near 1: "unsupported" is weak evidence there, strong
-                    for a class the model reliably finds.
+                    for a class the model reliably finds. Both densities are per size stratum
+                    (``SIZE_STRATA``: the label's relative side against per-class quantiles of
+                    the held-out labels'; a decoy keeps its source's size): the model misses
+                    small objects far more often, so "unsupported" says less about a small label.
 ``wrong_class``     the spurious ratio (the label's class is absent) times, for the other class
                     ``b`` with the most support, ``g_self_b(support[b]) / g_other_b(support[b])``:
                     a ``b`` of this extent is as present as on correct ``b`` labels, and more than
@@ -41,20 +44,31 @@ kind                likelihood ratio (densities estimated per class on held-out 
                     prediction (``prec_a``: the model's precision for class ``a`` at conf ``q``)
                     overlaps the label with an IoU ``u`` that is rare for correct ``a`` labels
                     (``h_a``: the IoU density of the model's most confident overlapping prediction
-                    on them, per confidence stratum, measured at full resolution); a bad outline's
+                    on them, per confidence stratum, measured at full resolution, fitted unimodal:
+                    the held-out labels hold bad outlines too, a bump at low IoU that would
+                    otherwise read as normal for the class); a bad outline's
                     IoU is taken as triangular, low more often than high. A class the model
                     outlines poorly has a flat ``h_a`` and gets little from a low IoU.
 ``missing_label``   a prediction of class ``c`` at conf ``q`` that no annotation explains:
                     ``r_c(q) / n_c(q)``, the conf density of the model on correct ``c`` labels
                     against that of unexplained predictions, with prior odds ``prior * labels /
-                    unexplained predictions`` (both counted on held-out images).
+                    unexplained predictions`` (both counted on held-out images); times
+                    ``o_c(v) / m_c(v)``, ``v`` the candidate's best IoU with any annotation of its
+                    image: ``o_c`` is that overlap for correct ``c`` labels (each one's best IoU
+                    with the other labels of its image: how real objects sit among labelled ones),
+                    ``m_c`` for the candidates. A prediction lying over another class's label (a
+                    confusion, a duplicate) is a less likely missing object than one on open
+                    ground; the ratio never rises with ``v``.
 ==================  ==========================================================================
 
 Densities are histograms (logit axis over [1e-6, 1 - 1e-6] for confidences, linear for IoU), shrunk
 towards the all-class histogram by ``SHRINK`` pseudo-annotations (rare classes borrow from the
 rest), mixed with 2 % of a uniform density (where neither side has data the ratio is 1, whatever
 the sample sizes) and read by linear interpolation, so a score moves continuously with its
-evidence. Every ratio is made monotone in its evidence (an isotonic fit over the bins): less
+evidence. The held-out labels are the ones being cleaned, errors included: ``fit_robust`` fits
+once, then refits (``ROBUST_ROUNDS``) with each annotation weighted by its probability of being
+correct and each missing-label candidate by its probability of not being one (one EM step of the
+mixture "correct or error"). Every ratio is made monotone in its evidence (an isotonic fit over the bins): less
 of the label's class never makes a label less suspicious, a more confident unexplained prediction
 never a less likely missing label. An annotation gets one row, of its most probable kind.
 
@@ -82,6 +96,8 @@ IOU_BINS = 10
 SMOOTH = 0.5  # add-half per bin of the all-class histogram
 FLOOR_MIX = 0.02  # share of a uniform density mixed into every histogram
 SHRINK = 8.0  # pseudo-annotations drawn from the all-class histogram
+SIZE_STRATA = 2  # presence densities per size stratum: per-class quantiles of the held-out labels' size
+ROBUST_ROUNDS = 1  # refits with each held-out annotation weighted by its probability of being correct
 
 
 # ----------------------------------------------------------------------------- evidence
@@ -108,6 +124,9 @@ class ImageEvidence:
     cand_iou: np.ndarray  # best IoU of each candidate with any annotation
     decoy_cls: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # (m,) class of the source label
     decoy_presence: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (m, nc)
+    label_iou: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) best IoU with another annotation
+    label_size: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) sqrt of the area share of the image
+    decoy_size: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (m,)
 
 
 def soft_overlap(labels: np.ndarray, preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,12 +230,21 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
         dense = np.asarray(dense, float).reshape(n, nc)
         presence = np.maximum(presence, dense)
         dense = dense[np.arange(n), label_cls] if n else np.zeros(0)
+    ll, _ = soft_overlap(labels, labels)
+    np.fill_diagonal(ll, 0.0)
     ev = ImageEvidence(label_cls, presence, support, support_pred, best_q, best_u, best_pred, matched_q,
-                       np.asarray(dense, float), pred_cls, pred_conf, pred_tp, unexplained, cand, cand_iou)
+                       np.asarray(dense, float), pred_cls, pred_conf, pred_tp, unexplained, cand, cand_iou,
+                       label_iou=ll.max(1) if n > 1 else np.zeros(n), label_size=_size(labels))
     if decoys is not None and len(decoys):
         ev.decoy_cls = np.asarray(decoy_cls, int)
+        ev.decoy_size = _size(decoys)
         ev.decoy_presence = presence_in(decoys, pred_cls, pred_conf, preds, nc, decoy_dense)
     return ev
+
+
+def _size(regions: np.ndarray) -> np.ndarray:
+    """(n,) square root of each region's share of the image (its side, relative)."""
+    return np.sqrt(regions.reshape(len(regions), -1).astype(np.float64).mean(1)) if len(regions) else np.zeros(0)
 
 
 def _full_iou(label: np.ndarray, prob: np.ndarray) -> float:
@@ -253,6 +281,21 @@ def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.interp(np.arange(len(y)), idx, fit)
 
 
+def _unimodal(p: np.ndarray) -> np.ndarray:
+    """The unimodal least-squares fit of a histogram (non-decreasing up to its best mode, non-increasing after),
+    renormalised."""
+    best, best_err = p, math.inf
+    ones = np.ones(len(p))
+    for m in range(len(p)):
+        up = _isotonic(p[:m + 1], ones[:m + 1])
+        down = _isotonic(p[m:][::-1], ones[m:])[::-1]
+        fit = np.r_[up[:m], max(up[m], down[0]), down[1:]]
+        err = float(((fit - p) ** 2).sum())
+        if err < best_err:
+            best, best_err = fit, err
+    return best / best.sum()
+
+
 @dataclass
 class Density:
     """Per-class smoothed histogram densities of one quantity on a fixed axis (see the module docstring)."""
@@ -266,8 +309,9 @@ class Density:
 
     @classmethod
     def fit(cls, values: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None, log: bool = True,
-            bins: int | None = None) -> Density:
-        """``values[c]``: the samples of class ``c`` (``weights[c]`` their weights; default 1)."""
+            bins: int | None = None, unimodal: bool = False) -> Density:
+        """``values[c]``: the samples of class ``c`` (``weights[c]`` their weights; default 1). ``unimodal``: each
+        class's density rises to its mode and falls after it (a least-squares fit to the histogram)."""
         edge = math.log((1 - LOG_FLOOR) / LOG_FLOOR)
         lo, hi = (-edge, edge) if log else (0.0, 1.0)
         bins = bins or (CONF_BINS if log else IOU_BINS)
@@ -279,6 +323,8 @@ class Density:
         pooled = counts.sum(0) + SMOOTH
         pooled /= pooled.sum()
         shrunk = (counts + SHRINK * pooled[None, :]) / (counts.sum(1, keepdims=True) + SHRINK)
+        if unimodal:
+            shrunk = np.array([_unimodal(row) for row in shrunk])
         # a floor that is the same density for every class and sample size: where neither side has
         # seen a value, the ratio of two densities is 1 (no evidence), not the ratio of sample sizes
         d.pdf_table = ((1 - FLOOR_MIX) * shrunk + FLOOR_MIX / bins) / ((hi - lo) / bins)
@@ -338,9 +384,10 @@ class Calibration:
     """The model's reliability per class, measured on held-out annotations (``fit``)."""
 
     nc: int
-    presence_self: Density
-    presence_other: Density
-    presence_null: Density | None  # decoys: annotations moved to random places (None: no decoys)
+    size_edges: np.ndarray  # (nc, SIZE_STRATA - 1) per-class quantiles of the held-out labels' size
+    presence_self: list[Density]  # one per size stratum
+    presence_other: list[Density]
+    presence_null: list[Density] | None  # decoys: annotations moved to random places (None: no decoys)
     support_self: Density
     support_other: Density
     iou_self: list[Density]  # one per confidence stratum (CONF_STRATA)
@@ -350,25 +397,50 @@ class Calibration:
     conf_real: Density
     conf_unexplained: Density
     missing_prior_odds: np.ndarray  # (nc,)
+    overlap_real: Density  # best IoU of a correct label with the other labels of its image
+    overlap_unexplained: Density  # best IoU of a missing-label candidate with the labels of its image
     annotations: int
     images: int
 
     @classmethod
-    def fit(cls, evidence: Sequence[ImageEvidence], nc: int, prior: float) -> Calibration:
-        """Densities from the evidence of held-out images (mostly correct labels)."""
+    def fit(cls, evidence: Sequence[ImageEvidence], nc: int, prior: float,
+            label_weight: Sequence[np.ndarray] | None = None, cand_weight: Sequence[np.ndarray] | None = None
+            ) -> Calibration:
+        """Densities from the evidence of held-out images (mostly correct labels). ``label_weight`` (per image,
+        per annotation) and ``cand_weight`` (per image, per candidate): the probability that each is correct / not
+        a missing label (default 1), weighting the densities of correct labels and of unexplained predictions."""
         lab = np.concatenate([e.label_cls for e in evidence]) if evidence else np.zeros(0, int)
         pres = np.concatenate([e.presence for e in evidence]) if evidence else np.zeros((0, nc))
         sup = np.concatenate([e.support for e in evidence]) if evidence else np.zeros((0, nc))
         bq = np.concatenate([e.best_q for e in evidence]) if evidence else np.zeros(0)
         bu = np.concatenate([e.best_u for e in evidence]) if evidence else np.zeros(0)
         mq = np.concatenate([e.matched_q for e in evidence]) if evidence else np.zeros(0)
+        li = np.concatenate([e.label_iou for e in evidence]) if evidence else np.zeros(0)
+        cc = np.concatenate([e.pred_cls[e.candidates] for e in evidence]) if evidence else np.zeros(0, int)
+        ci = np.concatenate([e.cand_iou for e in evidence]) if evidence else np.zeros(0)
         pc = np.concatenate([e.pred_cls for e in evidence]) if evidence else np.zeros(0, int)
         pf = np.concatenate([e.pred_conf for e in evidence]) if evidence else np.zeros(0)
         tp = np.concatenate([e.pred_tp for e in evidence]) if evidence else np.zeros(0, bool)
         un = np.concatenate([e.unexplained for e in evidence]) if evidence else np.zeros(0, bool)
         dc = np.concatenate([e.decoy_cls for e in evidence]) if evidence else np.zeros(0, int)
         dp = np.concatenate([e.decoy_presence.reshape(-1, nc) for e in evidence]) if len(dc) else np.zeros((0, nc))
+        ls = np.concatenate([_sized(e.label_size, len(e.label_cls)) for e in evidence]) if evidence else np.zeros(0)
+        ds = np.concatenate([_sized(e.decoy_size, len(e.decoy_cls)) for e in evidence]) if len(dc) else np.zeros(0)
+        lw = (np.concatenate([np.asarray(w, float) for w in label_weight]) if label_weight is not None and evidence
+              else np.ones(len(lab)))
+        pw = np.ones(len(pc))
+        if cand_weight is not None and evidence:
+            start = np.cumsum([0] + [len(e.pred_cls) for e in evidence])[:-1]
+            for s0, e, w in zip(start, evidence, cand_weight, strict=True):
+                pw[s0 + np.asarray(e.candidates, int)] = w
         own = [lab == c for c in range(nc)]
+        q = np.linspace(0, 1, SIZE_STRATA + 1)[1:-1]
+        pooled_edges = np.quantile(ls, q) if len(ls) else np.zeros(len(q))
+        edges = np.array([np.quantile(ls[o], q) if o.sum() >= 2 * SIZE_STRATA else pooled_edges for o in own])
+        edges = edges.reshape(nc, len(q))
+        lst = np.array([_stratum(edges, c, v) for c, v in zip(lab, ls, strict=True)], int)
+        dst = np.array([_stratum(edges, c, v) for c, v in zip(dc, ds, strict=True)], int)
+        strata = range(SIZE_STRATA)
         has = bq > 0
         st = np.searchsorted(CONF_STRATA, bq)
         n_un = np.array([(un & (pc == c)).sum() for c in range(nc)], float)
@@ -377,25 +449,44 @@ class Calibration:
         all_n = np.array([(pc == c).sum() for c in range(nc)], float)
         return cls(
             nc,
-            presence_self=Density.fit([pres[o, c] for c, o in enumerate(own)]),
-            presence_other=Density.fit([pres[~o, c] for c, o in enumerate(own)]),
-            presence_null=Density.fit([dp[dc == c, c] for c in range(nc)]) if len(dc) else None,
-            support_self=Density.fit([sup[o, c] for c, o in enumerate(own)]),
+            size_edges=edges,
+            presence_self=[Density.fit([pres[o & (lst == k), c] for c, o in enumerate(own)],
+                                        [lw[o & (lst == k)] for o in own]) for k in strata],
+            presence_other=[Density.fit([pres[~o & (lst == k), c] for c, o in enumerate(own)]) for k in strata],
+            presence_null=[Density.fit([dp[(dc == c) & (dst == k), c] for c in range(nc)]) for k in strata]
+            if len(dc) else None,
+            support_self=Density.fit([sup[o, c] for c, o in enumerate(own)], [lw[o] for o in own]),
             support_other=Density.fit([sup[~o, c] for c, o in enumerate(own)]),
-            iou_self=[Density.fit([bu[o & has & (st == k)] for o in own], log=False) for k in range(len(CONF_STRATA) + 1)],
+            iou_self=[Density.fit([bu[o & has & (st == k)] for o in own], [lw[o & has & (st == k)] for o in own], log=False,
+                                  unimodal=True)
+                      for k in range(len(CONF_STRATA) + 1)],
             conf_tp=Density.fit([pf[tp & (pc == c)] for c in range(nc)]),
             conf_fp=Density.fit([pf[~tp & (pc == c)] for c in range(nc)]),
             tp_share=(tp_n + 1) / (all_n + 2),
-            conf_real=Density.fit([mq[o] for o in own]),
-            conf_unexplained=Density.fit([pf[un & (pc == c)] for c in range(nc)]),
+            conf_real=Density.fit([mq[o] for o in own], [lw[o] for o in own]),
+            conf_unexplained=Density.fit([pf[un & (pc == c)] for c in range(nc)], [pw[un & (pc == c)] for c in range(nc)]),
             missing_prior_odds=prior * (n_lab + 1) / (n_un + 1),
+            overlap_real=Density.fit([li[o] for o in own], [lw[o] for o in own], log=False),
+            overlap_unexplained=Density.fit([ci[cc == c] for c in range(nc)], log=False),
             annotations=int(len(lab)), images=len(evidence))
+
+    def stratum(self, c: int, size: float) -> int:
+        """The size stratum of a class-``c`` region of relative side ``size``."""
+        return _stratum(self.size_edges, c, size)
 
     def precision(self, c: int, q: float) -> float:
         """The model's precision for class ``c`` at confidence ``q`` (held-out, Bayes from the two
         densities, non-decreasing in ``q``)."""
         odds = self.tp_share[c] / (1 - self.tp_share[c]) * self.conf_tp.ratio(self.conf_fp, c, q, increasing=True)
         return float(odds / (1 + odds))
+
+
+def _sized(size: np.ndarray, n: int) -> np.ndarray:
+    return size if len(size) == n else np.zeros(n)  # evidence without sizes: one stratum
+
+
+def _stratum(edges: np.ndarray, c: int, size: float) -> int:
+    return int(np.searchsorted(edges[int(c)], size, side="right")) if len(edges) else 0
 
 
 # ----------------------------------------------------------------------------- scores
@@ -425,8 +516,9 @@ def score_annotations(ev: ImageEvidence, cal: Calibration, prior: float) -> list
     for i, a in enumerate(ev.label_cls):
         a = int(a)
         p_a = ev.presence[i, a]
-        null = cal.presence_null or cal.presence_other
-        lr_sp = null.ratio(cal.presence_self, a, p_a, increasing=False)
+        k = cal.stratum(a, float(ev.label_size[i]) if len(ev.label_size) == len(ev.label_cls) else 0.0)
+        null = (cal.presence_null or cal.presence_other)[k]
+        lr_sp = null.ratio(cal.presence_self[k], a, p_a, increasing=False)
         cand = {"spurious_label": (_log_odds(prior, lr_sp), 1.0 - float(ev.dense[i]), -1,
                                    {"presence": p_a, "lr": lr_sp})}
         b = other_class(ev, i)
@@ -459,12 +551,27 @@ def score_candidates(ev: ImageEvidence, cal: Calibration) -> list[dict[str, Any]
     rows = []
     for j, best_iou in zip(ev.candidates, ev.cand_iou, strict=True):
         c, q = int(ev.pred_cls[j]), float(ev.pred_conf[j])
-        lr = cal.conf_real.ratio(cal.conf_unexplained, c, q, increasing=True)
+        lr_conf = cal.conf_real.ratio(cal.conf_unexplained, c, q, increasing=True)
+        lr_overlap = cal.overlap_real.ratio(cal.overlap_unexplained, c, float(best_iou), increasing=False)
+        lr = lr_conf * lr_overlap
         lo = math.log(cal.missing_prior_odds[c]) + math.log(lr)
         rows.append({"annotation": -1, "kind": "missing_label", "log_odds": lo, "score": posterior(lo), "strength": q,
                      "tiebreak": (float(best_iou),), "_pred": int(j), "_why": {"conf": q, "iou": float(best_iou), "lr": lr,
                                                "precision": cal.precision(c, q)}})
     return rows
+
+
+def fit_robust(evidence: Sequence[ImageEvidence], nc: int, prior: float, rounds: int = ROBUST_ROUNDS) -> Calibration:
+    """``Calibration.fit``, then ``rounds`` times again with each annotation weighted by the probability that it
+    is correct (1 - its row's score) and each candidate by the probability that it is not a missing label: the
+    held-out labels hold the very errors being looked for (a shifted outline's low IoU would otherwise read as
+    normal for its class)."""
+    cal = Calibration.fit(evidence, nc, prior)
+    for _ in range(rounds):
+        lw = [np.array([1 - r["score"] for r in score_annotations(e, cal, prior)]) for e in evidence]
+        cw = [np.array([1 - r["score"] for r in score_candidates(e, cal)]) for e in evidence]
+        cal = Calibration.fit(evidence, nc, prior, lw, cw)
+    return cal
 
 
 def rank_key(row: dict[str, Any]) -> tuple:
@@ -474,5 +581,5 @@ def rank_key(row: dict[str, Any]) -> tuple:
             row.get("image", ""), row["annotation"], row.get("_pred", -1))
 
 
-__all__ = ["KINDS", "Calibration", "Density", "ImageEvidence", "image_evidence", "other_class", "posterior", "rank_key",
-           "score_annotations", "score_candidates", "soft_overlap"]
+__all__ = ["KINDS", "Calibration", "Density", "ImageEvidence", "fit_robust", "image_evidence", "other_class", "posterior",
+           "rank_key", "score_annotations", "score_candidates", "soft_overlap"]

@@ -320,3 +320,59 @@ def test_kfold_scores_every_train_image_once_out_of_sample(state_paths, tmp_path
         assert {r["fold"] for r in csv.DictReader(f)} <= {"0", "1", "2", "-1"}
     with pytest.raises(Exception, match="folds"):
         LabelIssuesConfig(folds=1)
+
+
+# The vehicle-damage case (issue 29): the project's generator, a model of realistic quality, errors planted at
+# 5 / 5 / 5 / 2 % (damage.tasks.evaluation.planted_errors: the same rule as bench/bench_label_issues.py).
+DAMAGE_PX = 160
+# YOLOv8n-seg from scratch on 320 images of the demo's mix, configs/demo.yaml's recipe at a fixed epoch count: 30 epochs
+# (918 s on a 2-core AVX2 EPYC) gave mask mAP50 0.59 / 0.55 on the two halves of a fresh 160-image set (seed 2929) and
+# 0.54 on this test's set; 36 epochs (the whole test 433 s on a 2-core AVX-512 machine) gave 0.61: 36 keeps the model
+# inside the issue's 0.5-0.75 on a machine whose training runs differ
+DAMAGE_EPOCHS = 36
+
+
+@pytest.mark.slow  # 7-19 min on 2 cores (AVX-512 / AVX2), nearly all training: too long for the default run's 15
+@pytest.mark.timeout(3600)
+def test_planted_errors_on_vehicle_damage_with_a_realistic_model(state_paths, tmp_path):
+    """A YOLOv8n-seg trained from scratch on one synthetic vehicle-damage set (close-ups and scenes as in the demo)
+    mines a second set it never saw (160 images, a seed of its own) with errors planted at 5 / 5 / 5 / 2 %.
+
+    Checked: the model is of the issue's realistic quality (mask mAP50 0.5-0.75 on the clean set), the rows are out
+    of sample, the ranking beats the shuffled control, which stays below 0.3; then the issue's target, precision at
+    K >= 0.6 for every kind and overall. That target is not met yet (issue 29): the test reports the figures as an
+    expected failure instead of hiding them, and passes outright once the target is reached."""
+    from damage.tasks.core.config import TrainConfig
+    from damage.tasks.data.synth import generate_dataset
+    from damage.tasks.evaluation import planted_errors as pe
+    from damage.tasks.evaluation.evaluate import evaluate_model
+    from damage.tasks.training.train import train_model
+
+    train_yaml = generate_dataset(tmp_path / "train_set", images=356, seed=5, imgsz=DAMAGE_PX, val_fraction=0.1,
+                                  closeup_fraction=0.65)
+    cfg = TrainConfig(plots=False, model="n", epochs=int(os.environ.get("LI_DAMAGE_EPOCHS", DAMAGE_EPOCHS)),
+                      imgsz=DAMAGE_PX, batch=4, nbs=4, patience=0, augment="light", optimizer="AdamW", lr0=0.002,
+                      lrf=0.1, cls=1.0, val=False, cache="ram")
+    model = train_model(train_yaml, cfg, tmp_path / "run", seed=0).last
+
+    data = pe.make_damage_set(tmp_path / "mined", images=160, seed=4141, imgsz=DAMAGE_PX)
+    whole = tmp_path / "whole.yaml"  # both splits as one evaluation set: the model's quality on what it mines
+    spec = yaml.safe_load(data.read_text())
+    whole.write_text(yaml.safe_dump({**spec, "val": [spec["train"], spec["val"]]}))
+    quality = evaluate_model(model, whole, "val", DAMAGE_PX).metrics["mask/mAP50"]
+    print(f"\nmask mAP50 of the trained model on the clean mined set: {quality:.3f}")
+    assert 0.5 <= quality <= 0.75, f"the model is not of the issue's realistic quality: mask mAP50 {quality:.3f}"
+
+    planted = pe.plant_errors(data, seed=4142)
+    counts = planted.counts()
+    assert all(counts.values()), counts
+    res = mine_label_issues(data, LabelIssuesConfig(), model=model, imgsz=DAMAGE_PX, out_dir=tmp_path / "out",
+                            trained_splits=())
+    p = pe.precision_at_k(res.rows, planted)
+    control = pe.shuffled_control(res.rows, planted)
+    print(pe.format_table(p, counts, control))
+    assert not any(r["in_sample"] for r in res.rows)  # the model never saw these images
+    assert control["overall"] < 0.3 and p["overall"] > control["overall"], (p, control)
+    missed = {k: round(v, 2) for k, v in p.items() if v < 0.6}
+    if missed:
+        pytest.xfail(f"issue 29 target not met: precision at K below 0.6 for {missed} (mask mAP50 {quality:.3f})")

@@ -8,8 +8,16 @@ import json
 import numpy as np
 import pytest
 
+from damage.tasks.evaluation import label_scores
 from damage.tasks.evaluation.label_rows import CSV_COLUMNS, write_issues_csv
-from damage.tasks.evaluation.label_scores import Calibration, image_evidence, rank_key, score_annotations
+from damage.tasks.evaluation.label_scores import (
+    Calibration,
+    fit_robust,
+    image_evidence,
+    rank_key,
+    score_annotations,
+    score_candidates,
+)
 
 S = 32
 
@@ -93,6 +101,85 @@ def test_every_evidence_level_ranks_apart(cal):
         ev = _image([(0, _sq(3, 3))], [(0, float(q), _sq(3, 3))])
         keys.append(rank_key({**score_annotations(ev, cal, 0.05)[0], "image": "a.png"})[:4])
     assert len(set(keys)) == len(keys)
+
+
+def test_a_prediction_over_another_label_is_a_less_likely_missing_label_than_one_on_open_ground():
+    """Calibration: correct labels sit apart (best IoU with each other 0) while confident unexplained predictions
+    mostly lie half over another class's label (a confusion). At equal confidence, a candidate on open ground
+    outranks one lying over a label."""
+    rng = np.random.default_rng(1)
+    held = []
+    for k in range(40):
+        x0, x1 = (int(v) for v in rng.integers(0, S - 10, 2))
+        a, b = _sq(x0, 0), _sq(x1, 12)
+        preds = [(0, 0.9, a), (1, 0.9, b), (2, 0.6, _sq(x0 + 3, 0))]  # class 2 half over the class-0 label
+        if k % 4 == 0:  # now and then one on open ground
+            preds.append((2, 0.6, _sq(int(rng.integers(0, S - 7)), 24)))
+        held.append(_image([(0, a), (1, b)], preds))
+    cal = Calibration.fit(held, nc=3, prior=0.05)
+    a, b = _sq(2, 0), _sq(20, 12)
+    ev = _image([(0, a), (1, b)], [(0, 0.9, a), (1, 0.9, b), (2, 0.6, _sq(5, 0)), (2, 0.6, _sq(10, 24))])
+    over, apart = sorted(score_candidates(ev, cal), key=lambda r: -r["_why"]["iou"])
+    assert over["_why"]["iou"] > 0.3 and apart["_why"]["iou"] == 0
+    assert over["strength"] == apart["strength"]  # the same confidence: only the overlap differs
+    assert apart["log_odds"] > over["log_odds"] + 1, (apart["log_odds"], over["log_odds"])
+
+
+def test_an_unsupported_small_label_says_less_where_the_model_misses_small_ones(monkeypatch):
+    """Class 0: the model finds every large one (10 px) and misses every small one (3 px); class-1 labels (no class 0
+    near them) are the null. An unsupported large class-0 label is strong evidence of a spurious label, an
+    unsupported small one weak: the presence densities are per size stratum. With one stratum they would tie."""
+    rng = np.random.default_rng(2)
+    held = []
+    for _ in range(40):
+        xb, xs, x1 = (int(v) for v in rng.integers(0, S - 10, 3))
+        big, small, other = _sq(xb, 0, 10), _sq(xs, 13, 3), _sq(x1, 20, int(rng.choice([3, 10])))
+        held.append(_image([(0, big), (0, small), (1, other)], [(0, 0.9, big), (1, 0.9, other)]))
+    ev = _image([(0, _sq(2, 2, 10)), (0, _sq(20, 20, 3))], [])
+    big, small = score_annotations(ev, Calibration.fit(held, nc=3, prior=0.05), 0.05)
+    assert big["kind"] == small["kind"] == "spurious_label"
+    assert big["log_odds"] > small["log_odds"] + 2, (big["log_odds"], small["log_odds"])
+    monkeypatch.setattr(label_scores, "SIZE_STRATA", 1)
+    big1, small1 = score_annotations(ev, Calibration.fit(held, nc=3, prior=0.05), 0.05)
+    assert abs(big1["log_odds"] - small1["log_odds"]) < 0.1  # without strata the size is not evidence
+
+
+def _outlines(shifted_every: int, n: int = 40) -> tuple[list, list[np.ndarray]]:
+    """Class 0 found at conf 0.9; its labels match the mask exactly or within a pixel, except every
+    ``shifted_every``-th, moved by (3, 3) px (IoU 0.24). Returns the evidence and which labels are shifted."""
+    held, bad = [], []
+    for k in range(n):
+        x = 2 + k % 20
+        obj = _sq(x, 4, 8)
+        shifted = k % shifted_every == 0
+        lab = _sq(x + 3, 7, 8) if shifted else _sq(x + k % 2, 4, 8)
+        held.append(_image([(0, lab)], [(0, 0.9, obj)]))
+        bad.append(np.array([shifted]))
+    return held, bad
+
+
+def test_bad_outlines_among_the_held_out_labels_do_not_make_a_low_iou_look_normal():
+    """A tenth of class 0's held-out labels are shifted off the model's confident mask. A label shifted the same way
+    still scores as a likely bad outline (likelihood ratio above 3): the IoU density of correct labels is fitted
+    unimodal, so the errors' own bump at low IoU is not taken for the class's normal."""
+    held, _ = _outlines(shifted_every=10)
+    ev = _image([(0, _sq(8, 7, 8))], [(0, 0.9, _sq(5, 4, 8))])
+    row = score_annotations(ev, Calibration.fit(held, nc=3, prior=0.05), 0.05)[0]
+    assert row["kind"] == "bad_outline" and 0.2 < row["_why"]["iou"] < 0.3
+    assert row["_why"]["lr"] > 3, row["_why"]
+
+
+def test_weights_remove_annotations_from_the_densities_and_the_robust_fit_discounts_likely_errors():
+    held, bad = _outlines(shifted_every=5)
+    weighted = Calibration.fit(held, nc=3, prior=0.05, label_weight=[(~b).astype(float) for b in bad])
+    clean = Calibration.fit([e for e, b in zip(held, bad, strict=True) if not b[0]], nc=3, prior=0.05)
+    for w, c in zip(weighted.iou_self, clean.iou_self, strict=True):
+        assert np.allclose(w.pdf_table, c.pdf_table)  # weight 0 is the same as absent
+    ev = _image([(0, _sq(8, 7, 8))], [(0, 0.9, _sq(5, 4, 8))])
+    plain = score_annotations(ev, Calibration.fit(held, nc=3, prior=0.05), 0.05)[0]
+    robust = score_annotations(ev, fit_robust(held, nc=3, prior=0.05, rounds=1), 0.05)[0]
+    assert plain["kind"] == robust["kind"] == "bad_outline"
+    assert robust["log_odds"] > plain["log_odds"]  # the shifted held-out labels weigh less as "correct"
 
 
 def test_csv_columns_and_geometry_round_trip(tmp_path):
