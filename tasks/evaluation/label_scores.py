@@ -33,22 +33,28 @@ kind                likelihood ratio (densities estimated per class on held-out 
                     correct ``a`` label does. For a class the model always misses, both are near
                     zero and the ratio stays near 1: "unsupported" is weak evidence there, strong
                     for a class the model reliably finds. Both densities are per size stratum
-                    (``SIZE_STRATA``: the label's relative side against per-class quantiles of
-                    the held-out labels'; a decoy keeps its source's size): the model misses
-                    small objects far more often, so "unsupported" says less about a small label.
+                    (``SIZE_STRATA``: the label's width, area over longer extent, against
+                    per-class quantiles of the held-out labels'; a decoy keeps its source's
+                    shape): the model misses thin and small objects (a hairline scratch, a sliver
+                    cut by the image border) far more often, so "unsupported" says less there.
 ``wrong_class``     the spurious ratio (the label's class is absent) times, for the other class
                     ``b`` with the most support, ``g_self_b(support[b]) / g_other_b(support[b])``:
                     a ``b`` of this extent is as present as on correct ``b`` labels, and more than
                     on labels of other classes (the model's confusions are in the denominator).
-``bad_outline``     ``prec_a(q) * 2(1 - u) / h_a(u) + 1 - prec_a(q)``: a confident same-class
-                    prediction (``prec_a``: the model's precision for class ``a`` at conf ``q``)
-                    overlaps the label with an IoU ``u`` that is rare for correct ``a`` labels
-                    (``h_a``: the IoU density of the model's most confident overlapping prediction
-                    on them, per confidence stratum, measured at full resolution, fitted unimodal:
-                    the held-out labels hold bad outlines too, a bump at low IoU that would
-                    otherwise read as normal for the class); a bad outline's
-                    IoU is taken as triangular, low more often than high. A class the model
-                    outlines poorly has a flat ``h_a`` and gets little from a low IoU.
+``bad_outline``     ``prec_a(q) * sqrt(2(1 - u) / h_a(u) * 2(1 - s) / k_a(s)) + 1 - prec_a(q)``: a
+                    confident same-class prediction (``prec_a``: the model's precision for class
+                    ``a`` at conf ``q``) overlaps the label with an IoU ``u``, and lies inside it
+                    by a share ``s`` of its mask, that are rare for correct ``a`` labels (``h_a``,
+                    ``k_a``: their densities for the model's most confident overlapping
+                    prediction on them, per confidence stratum, measured at full resolution,
+                    fitted unimodal: the held-out labels hold bad outlines too, a bump at low
+                    values that would otherwise read as normal for the class). A bad outline's
+                    ``u`` and ``s`` are taken as triangular, low more often than high. ``s`` tells
+                    a model that under-segments (its mask inside a correct label: low IoU, ``s``
+                    near 1) from an outline that misses the object (much of the mask outside);
+                    ``u`` still sees an outline drawn far too large. The two ratios describe one
+                    overlap, so they enter as a geometric mean, not a product. A class the model
+                    outlines poorly has flat densities and gets little from a low overlap.
 ``missing_label``   a prediction of class ``c`` at conf ``q`` that no annotation explains:
                     ``r_c(q) / n_c(q)``, the conf density of the model on correct ``c`` labels
                     against that of unexplained predictions, with prior odds ``prior * labels /
@@ -125,8 +131,9 @@ class ImageEvidence:
     decoy_cls: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # (m,) class of the source label
     decoy_presence: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (m, nc)
     label_iou: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) best IoU with another annotation
-    label_size: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) sqrt of the area share of the image
+    label_size: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) width relative to the image (_size)
     decoy_size: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (m,)
+    best_share: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (n,) share of best_pred's mask inside
 
 
 def soft_overlap(labels: np.ndarray, preds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -208,8 +215,10 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
     best_pred = np.where(over.any(1), ranked.argmax(1) if k else -1, -1) if n else np.zeros(0, int)
     best_q = np.where(best_pred >= 0, pred_conf[np.maximum(best_pred, 0)] if k else 0.0, 0.0)
     best_u = np.where(best_pred >= 0, iou[np.arange(n), np.maximum(best_pred, 0)] if k else 0.0, 0.0)
-    if labels_full is not None and labels_full.shape[1:] != labels.shape[1:]:
-        best_u = np.array([_full_iou(labels_full[i], preds[j]) if j >= 0 else 0.0 for i, j in enumerate(best_pred)])
+    full = labels_full if labels_full is not None else labels
+    ov = np.array([_full_overlap(full[i], preds[j]) if j >= 0 else (0.0, 0.0) for i, j in enumerate(best_pred)])
+    ov = ov.reshape(n, 2)
+    best_u, best_share = ov[:, 0], ov[:, 1]
     matched = same & (iou >= match_iou)
     matched_q = np.where(matched, pred_conf[None, :], 0.0).max(1) if k else np.zeros(n)
     pred_tp = matched.any(0) if n else np.zeros(k, bool)
@@ -234,7 +243,7 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
     np.fill_diagonal(ll, 0.0)
     ev = ImageEvidence(label_cls, presence, support, support_pred, best_q, best_u, best_pred, matched_q,
                        np.asarray(dense, float), pred_cls, pred_conf, pred_tp, unexplained, cand, cand_iou,
-                       label_iou=ll.max(1) if n > 1 else np.zeros(n), label_size=_size(labels))
+                       label_iou=ll.max(1) if n > 1 else np.zeros(n), label_size=_size(labels), best_share=best_share)
     if decoys is not None and len(decoys):
         ev.decoy_cls = np.asarray(decoy_cls, int)
         ev.decoy_size = _size(decoys)
@@ -243,19 +252,31 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
 
 
 def _size(regions: np.ndarray) -> np.ndarray:
-    """(n,) square root of each region's share of the image (its side, relative)."""
-    return np.sqrt(regions.reshape(len(regions), -1).astype(np.float64).mean(1)) if len(regions) else np.zeros(0)
+    """(n,) each region's width relative to the image side: its area over its longer extent (a square's side, a
+    scratch's thickness; coverage maps, so below one cell too). What a strided detector resolves is the width."""
+    if not len(regions):
+        return np.zeros(0)
+    r = np.asarray(regions, np.float64).reshape(len(regions), *regions.shape[-2:])
+    out = np.zeros(len(r))
+    for i, m in enumerate(r):
+        ys, xs = np.nonzero(m > 0)
+        if len(xs):
+            out[i] = m.sum() / max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / max(m.shape)
+    return out
 
 
-def _full_iou(label: np.ndarray, prob: np.ndarray) -> float:
-    """Soft IoU of a full-resolution annotation mask with a coarse mask probability map, upsampled."""
+def _full_overlap(label: np.ndarray, prob: np.ndarray) -> tuple[float, float]:
+    """(soft IoU, share of the prediction inside the label) of an annotation mask with a mask probability map,
+    upsampled to the annotation's resolution."""
     import cv2
 
-    p = cv2.resize(np.asarray(prob, np.float32), (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
+    p = np.asarray(prob, np.float32)
+    if p.shape != label.shape:
+        p = cv2.resize(p, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
     a = np.asarray(label, np.float32)
     inter = float((a * p).sum())
     union = float(a.sum() + p.sum()) - inter
-    return inter / union if union > 0 else 0.0
+    return (inter / union if union > 0 else 0.0), (inter / float(p.sum()) if p.sum() > 0 else 0.0)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -391,6 +412,7 @@ class Calibration:
     support_self: Density
     support_other: Density
     iou_self: list[Density]  # one per confidence stratum (CONF_STRATA)
+    share_self: list[Density]  # the same for the share of the prediction inside the label
     conf_tp: Density
     conf_fp: Density
     tp_share: np.ndarray  # (nc,) share of held-out predictions >= the floor that are correct
@@ -414,6 +436,7 @@ class Calibration:
         sup = np.concatenate([e.support for e in evidence]) if evidence else np.zeros((0, nc))
         bq = np.concatenate([e.best_q for e in evidence]) if evidence else np.zeros(0)
         bu = np.concatenate([e.best_u for e in evidence]) if evidence else np.zeros(0)
+        bs = np.concatenate([e.best_share for e in evidence]) if evidence else np.zeros(0)
         mq = np.concatenate([e.matched_q for e in evidence]) if evidence else np.zeros(0)
         li = np.concatenate([e.label_iou for e in evidence]) if evidence else np.zeros(0)
         cc = np.concatenate([e.pred_cls[e.candidates] for e in evidence]) if evidence else np.zeros(0, int)
@@ -457,21 +480,23 @@ class Calibration:
             if len(dc) else None,
             support_self=Density.fit([sup[o, c] for c, o in enumerate(own)], [lw[o] for o in own]),
             support_other=Density.fit([sup[~o, c] for c, o in enumerate(own)]),
-            iou_self=[Density.fit([bu[o & has & (st == k)] for o in own], [lw[o & has & (st == k)] for o in own], log=False,
-                                  unimodal=True)
-                      for k in range(len(CONF_STRATA) + 1)],
+            iou_self=[Density.fit([bu[o & has & (st == k)] for o in own], [lw[o & has & (st == k)] for o in own],
+                                  log=False, unimodal=True) for k in range(len(CONF_STRATA) + 1)],
+            share_self=[Density.fit([bs[o & has & (st == k)] for o in own], [lw[o & has & (st == k)] for o in own],
+                                    log=False, unimodal=True) for k in range(len(CONF_STRATA) + 1)],
             conf_tp=Density.fit([pf[tp & (pc == c)] for c in range(nc)]),
             conf_fp=Density.fit([pf[~tp & (pc == c)] for c in range(nc)]),
             tp_share=(tp_n + 1) / (all_n + 2),
             conf_real=Density.fit([mq[o] for o in own], [lw[o] for o in own]),
-            conf_unexplained=Density.fit([pf[un & (pc == c)] for c in range(nc)], [pw[un & (pc == c)] for c in range(nc)]),
+            conf_unexplained=Density.fit([pf[un & (pc == c)] for c in range(nc)],
+                                         [pw[un & (pc == c)] for c in range(nc)]),
             missing_prior_odds=prior * (n_lab + 1) / (n_un + 1),
             overlap_real=Density.fit([li[o] for o in own], [lw[o] for o in own], log=False),
             overlap_unexplained=Density.fit([ci[cc == c] for c in range(nc)], log=False),
             annotations=int(len(lab)), images=len(evidence))
 
     def stratum(self, c: int, size: float) -> int:
-        """The size stratum of a class-``c`` region of relative side ``size``."""
+        """The size stratum of a class-``c`` region of relative width ``size`` (``_size``)."""
         return _stratum(self.size_edges, c, size)
 
     def precision(self, c: int, q: float) -> float:
@@ -530,10 +555,16 @@ def score_annotations(ev: ImageEvidence, cal: Calibration, prior: float) -> list
         if ev.best_pred[i] >= 0:
             q, u = ev.best_q[i], ev.best_u[i]
             prec = cal.precision(a, q)
-            h = cal.iou_self[int(np.searchsorted(CONF_STRATA, q))]
+            k = int(np.searchsorted(CONF_STRATA, q))
+            h = cal.iou_self[k]
             # a bad outline's IoU with the object: anywhere, more often low than high (2(1 - u))
             uniform = Density(h.lo, h.hi, h.bins, h.log, np.ones_like(h.pdf_table), h.counts)
-            lr_bo = prec * uniform.ratio(h, a, u, increasing=False, weight=2 * (1 - h.centres())) + 1 - prec
+            tri = 2 * (1 - h.centres())
+            share = float(ev.best_share[i]) if len(ev.best_share) == len(ev.label_cls) else u
+            # the two views of one overlap are correlated: their ratios are combined as a geometric mean
+            r = math.sqrt(uniform.ratio(h, a, u, increasing=False, weight=tri)
+                          * uniform.ratio(cal.share_self[k], a, share, increasing=False, weight=tri))
+            lr_bo = prec * r + 1 - prec
             cand["bad_outline"] = (_log_odds(prior, lr_bo), q * (1 - u), int(ev.best_pred[i]),
                                    {"conf": q, "iou": u, "precision": prec, "lr": lr_bo})
         kind = max(cand, key=lambda kd: (cand[kd][0], cand[kd][1], -KINDS.index(kd)))
@@ -581,5 +612,5 @@ def rank_key(row: dict[str, Any]) -> tuple:
             row.get("image", ""), row["annotation"], row.get("_pred", -1))
 
 
-__all__ = ["KINDS", "Calibration", "Density", "ImageEvidence", "fit_robust", "image_evidence", "other_class", "posterior",
-           "rank_key", "score_annotations", "score_candidates", "soft_overlap"]
+__all__ = ["KINDS", "Calibration", "Density", "ImageEvidence", "fit_robust", "image_evidence", "other_class",
+           "posterior", "rank_key", "score_annotations", "score_candidates", "soft_overlap"]
