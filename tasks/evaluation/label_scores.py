@@ -32,11 +32,12 @@ kind                likelihood ratio (densities estimated per class on held-out 
                     little ``a``, against how often a
                     correct ``a`` label does. For a class the model always misses, both are near
                     zero and the ratio stays near 1: "unsupported" is weak evidence there, strong
-                    for a class the model reliably finds. Both densities are per size stratum
-                    (``SIZE_STRATA``: the label's width, area over longer extent, against
-                    per-class quantiles of the held-out labels'; a decoy keeps its source's
-                    shape): the model misses thin and small objects (a hairline scratch, a sliver
-                    cut by the image border) far more often, so "unsupported" says less there.
+                    for a class the model reliably finds. Both densities are conditioned on the
+                    label's width (area over longer extent; a decoy keeps its source's shape):
+                    held-out samples weigh by a Gaussian kernel in log width (``WIDTH_KERNEL``)
+                    around it. The model misses thin and small objects (a hairline scratch, a
+                    sliver cut by the image border) far more often, so "unsupported" says less
+                    there.
 ``wrong_class``     the spurious ratio (the label's class is absent) times, for the other class
                     ``b`` with the most support, ``g_self_b(support[b]) / g_other_b(support[b])``:
                     a ``b`` of this extent is as present as on correct ``b`` labels, and more than
@@ -96,7 +97,9 @@ from damage.tasks.evaluation.densities import Density
 
 KINDS = ("missing_label", "wrong_class", "bad_outline", "spurious_label")
 CONF_STRATA = (0.25, 0.6)  # the IoU a prediction reaches depends on its confidence: densities per stratum
-SIZE_STRATA = 2  # presence densities per size stratum: per-class quantiles of the held-out labels' size
+WIDTH_KERNEL = 0.3  # presence densities conditioned on the label's width: kernel sd in log width (x1.35)
+WIDTH_GRID = 24  # log widths the conditioned densities are fitted at; read between them by interpolation
+WIDTH_FLOOR = 1e-4  # relative widths below this count as this
 ROBUST_ROUNDS = 1  # refits with each held-out annotation weighted by its probability of being correct
 
 
@@ -281,8 +284,8 @@ class Calibration:
     """The model's reliability per class, measured on held-out annotations (``fit``)."""
 
     nc: int
-    size_edges: np.ndarray  # (nc, SIZE_STRATA - 1) per-class quantiles of the held-out labels' size
-    presence_self: list[Density]  # one per size stratum
+    width_grid: np.ndarray  # (G,) log widths at which the presence densities are fitted
+    presence_self: list[Density]  # one per grid width
     presence_other: list[Density]
     presence_null: list[Density] | None  # decoys: annotations moved to random places (None: no decoys)
     support_self: Density
@@ -323,8 +326,8 @@ class Calibration:
         un = np.concatenate([e.unexplained for e in evidence]) if evidence else np.zeros(0, bool)
         dc = np.concatenate([e.decoy_cls for e in evidence]) if evidence else np.zeros(0, int)
         dp = np.concatenate([e.decoy_presence.reshape(-1, nc) for e in evidence]) if len(dc) else np.zeros((0, nc))
-        ls = np.concatenate([_sized(e.label_size, len(e.label_cls)) for e in evidence]) if evidence else np.zeros(0)
-        ds = np.concatenate([_sized(e.decoy_size, len(e.decoy_cls)) for e in evidence]) if len(dc) else np.zeros(0)
+        ls = np.concatenate([e.label_size for e in evidence]) if evidence else np.zeros(0)
+        ds = np.concatenate([e.decoy_size for e in evidence]) if len(dc) else np.zeros(0)
         lw = (np.concatenate([np.asarray(w, float) for w in label_weight]) if label_weight is not None and evidence
               else np.ones(len(lab)))
         pw = np.ones(len(pc))
@@ -333,13 +336,11 @@ class Calibration:
             for s0, e, w in zip(start, evidence, cand_weight, strict=True):
                 pw[s0 + np.asarray(e.candidates, int)] = w
         own = [lab == c for c in range(nc)]
-        q = np.linspace(0, 1, SIZE_STRATA + 1)[1:-1]
-        pooled_edges = np.quantile(ls, q) if len(ls) else np.zeros(len(q))
-        edges = np.array([np.quantile(ls[o], q) if o.sum() >= 2 * SIZE_STRATA else pooled_edges for o in own])
-        edges = edges.reshape(nc, len(q))
-        lst = np.array([_stratum(edges, c, v) for c, v in zip(lab, ls, strict=True)], int)
-        dst = np.array([_stratum(edges, c, v) for c, v in zip(dc, ds, strict=True)], int)
-        strata = range(SIZE_STRATA)
+        lx, dx = _log_width(ls), _log_width(ds)
+        grid = (np.linspace(lx.min(), lx.max(), WIDTH_GRID) if len(lx) and lx.max() > lx.min()
+                else lx[:1] if len(lx) else np.zeros(1))
+        kern = [(np.exp(-0.5 * ((lx - g) / WIDTH_KERNEL) ** 2), np.exp(-0.5 * ((dx - g) / WIDTH_KERNEL) ** 2))
+                for g in grid]
         has = bq > 0
         st = np.searchsorted(CONF_STRATA, bq)
         n_un = np.array([(un & (pc == c)).sum() for c in range(nc)], float)
@@ -348,12 +349,13 @@ class Calibration:
         all_n = np.array([(pc == c).sum() for c in range(nc)], float)
         return cls(
             nc,
-            size_edges=edges,
-            presence_self=[Density.fit([pres[o & (lst == k), c] for c, o in enumerate(own)],
-                                        [lw[o & (lst == k)] for o in own]) for k in strata],
-            presence_other=[Density.fit([pres[~o & (lst == k), c] for c, o in enumerate(own)]) for k in strata],
-            presence_null=[Density.fit([dp[(dc == c) & (dst == k), c] for c in range(nc)]) for k in strata]
-            if len(dc) else None,
+            width_grid=grid,
+            presence_self=[Density.fit([pres[o, c] for c, o in enumerate(own)], [kl[o] * lw[o] for o in own])
+                           for kl, _ in kern],
+            presence_other=[Density.fit([pres[~o, c] for c, o in enumerate(own)], [kl[~o] for o in own])
+                            for kl, _ in kern],
+            presence_null=[Density.fit([dp[dc == c, c] for c in range(nc)], [kd[dc == c] for c in range(nc)])
+                           for _, kd in kern] if len(dc) else None,
             support_self=Density.fit([sup[o, c] for c, o in enumerate(own)], [lw[o] for o in own]),
             support_other=Density.fit([sup[~o, c] for c, o in enumerate(own)]),
             iou_self=[Density.fit([bu[o & has & (st == k)] for o in own], [lw[o & has & (st == k)] for o in own],
@@ -371,9 +373,16 @@ class Calibration:
             overlap_unexplained=Density.fit([ci[cc == c] for c in range(nc)], log=False),
             annotations=int(len(lab)), images=len(evidence))
 
-    def stratum(self, c: int, size: float) -> int:
-        """The size stratum of a class-``c`` region of relative width ``size`` (``_size``)."""
-        return _stratum(self.size_edges, c, size)
+    def spurious_ratio(self, c: int, width: float, presence: float) -> float:
+        """``f_null_c / f_self_c`` at ``presence`` for a label of relative ``width`` (``_size``): the ratios at
+        the two nearest grid widths, interpolated in log."""
+        null = self.presence_null or self.presence_other
+        pos = float(np.interp(_log_width(np.array([width]))[0], self.width_grid, np.arange(len(self.width_grid))))
+        i0 = int(pos)
+        i1 = min(i0 + 1, len(self.width_grid) - 1)
+        r0 = null[i0].ratio(self.presence_self[i0], c, presence, increasing=False)
+        r1 = null[i1].ratio(self.presence_self[i1], c, presence, increasing=False)
+        return math.exp((1 - (pos - i0)) * math.log(r0) + (pos - i0) * math.log(r1))
 
     def precision(self, c: int, q: float) -> float:
         """The model's precision for class ``c`` at confidence ``q`` (held-out, Bayes from the two
@@ -382,15 +391,8 @@ class Calibration:
         return float(odds / (1 + odds))
 
 
-def _sized(size: np.ndarray, n: int) -> np.ndarray:
-    return size if len(size) == n else np.zeros(n)  # evidence without sizes: one stratum
-
-
-def _stratum(edges: np.ndarray, c: int, size: float) -> int:
-    return int(np.searchsorted(edges[int(c)], size, side="right")) if len(edges) else 0
-
-
-# ----------------------------------------------------------------------------- scores
+def _log_width(width: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(width, float), WIDTH_FLOOR))
 
 
 def _log_odds(prior: float, lr: float) -> float:
@@ -417,9 +419,7 @@ def score_annotations(ev: ImageEvidence, cal: Calibration, prior: float) -> list
     for i, a in enumerate(ev.label_cls):
         a = int(a)
         p_a = ev.presence[i, a]
-        k = cal.stratum(a, float(ev.label_size[i]) if len(ev.label_size) == len(ev.label_cls) else 0.0)
-        null = (cal.presence_null or cal.presence_other)[k]
-        lr_sp = null.ratio(cal.presence_self[k], a, p_a, increasing=False)
+        lr_sp = cal.spurious_ratio(a, float(ev.label_size[i]), p_a)
         cand = {"spurious_label": (_log_odds(prior, lr_sp), 1.0 - float(ev.dense[i]), -1,
                                    {"presence": p_a, "lr": lr_sp})}
         b = other_class(ev, i)

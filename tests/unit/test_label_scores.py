@@ -128,7 +128,8 @@ def test_a_prediction_over_another_label_is_a_less_likely_missing_label_than_one
 def test_an_unsupported_small_label_says_less_where_the_model_misses_small_ones(monkeypatch):
     """Class 0: the model finds every large one (10 px) and misses every small one (3 px); class-1 labels (no class 0
     near them) are the null. An unsupported large class-0 label is strong evidence of a spurious label, an
-    unsupported small one weak: the presence densities are per size stratum. With one stratum they would tie."""
+    unsupported small one weak: the presence densities are conditioned on the label's width. Without (an
+    unbounded kernel) they would tie."""
     rng = np.random.default_rng(2)
     held = []
     for _ in range(40):
@@ -139,9 +140,9 @@ def test_an_unsupported_small_label_says_less_where_the_model_misses_small_ones(
     big, small = score_annotations(ev, Calibration.fit(held, nc=3, prior=0.05), 0.05)
     assert big["kind"] == small["kind"] == "spurious_label"
     assert big["log_odds"] > small["log_odds"] + 2, (big["log_odds"], small["log_odds"])
-    monkeypatch.setattr(label_scores, "SIZE_STRATA", 1)
+    monkeypatch.setattr(label_scores, "WIDTH_KERNEL", 1e9)
     big1, small1 = score_annotations(ev, Calibration.fit(held, nc=3, prior=0.05), 0.05)
-    assert abs(big1["log_odds"] - small1["log_odds"]) < 0.1  # without strata the size is not evidence
+    assert abs(big1["log_odds"] - small1["log_odds"]) < 0.1  # not conditioned: the width is no evidence
 
 
 def _outlines(shifted_every: int, n: int = 40) -> tuple[list, list[np.ndarray]]:
