@@ -211,7 +211,6 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
     ranked = np.where(over, pred_conf[None, :], -1.0)
     best_pred = np.where(over.any(1), ranked.argmax(1) if k else -1, -1) if n else np.zeros(0, int)
     best_q = np.where(best_pred >= 0, pred_conf[np.maximum(best_pred, 0)] if k else 0.0, 0.0)
-    best_u = np.where(best_pred >= 0, iou[np.arange(n), np.maximum(best_pred, 0)] if k else 0.0, 0.0)
     full = labels_full if labels_full is not None else labels
     ov = np.array([_full_overlap(full[i], preds[j]) if j >= 0 else (0.0, 0.0) for i, j in enumerate(best_pred)])
     ov = ov.reshape(n, 2)
@@ -434,12 +433,12 @@ def score_annotations(ev: ImageEvidence, cal: Calibration, prior: float) -> list
             k = int(np.searchsorted(CONF_STRATA, q))
             h = cal.iou_self[k]
             # a bad outline's IoU with the object: anywhere, more often low than high (2(1 - u))
-            uniform = Density(h.lo, h.hi, h.bins, h.log, np.ones_like(h.pdf_table), h.counts)
+            # (no samples of its own: each ratio's monotone fit is weighted by the correct labels' samples alone)
+            uniform = Density(h.lo, h.hi, h.bins, h.log, np.ones_like(h.pdf_table), np.zeros_like(h.counts))
             tri = 2 * (1 - h.centres())
-            share = float(ev.best_share[i]) if len(ev.best_share) == len(ev.label_cls) else u
             # the two views of one overlap are correlated: their ratios are combined as a geometric mean
             r = math.sqrt(uniform.ratio(h, a, u, increasing=False, weight=tri)
-                          * uniform.ratio(cal.share_self[k], a, share, increasing=False, weight=tri))
+                          * uniform.ratio(cal.share_self[k], a, float(ev.best_share[i]), increasing=False, weight=tri))
             lr_bo = prec * r + 1 - prec
             cand["bad_outline"] = (_log_odds(prior, lr_bo), q * (1 - u), int(ev.best_pred[i]),
                                    {"conf": q, "iou": u, "precision": prec, "lr": lr_bo})
