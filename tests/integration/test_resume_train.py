@@ -6,14 +6,12 @@ pipeline key), so this is what happens when Prefect retries the flow after a cra
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +20,38 @@ EPOCHS = 3
 # Validation of an untrained model (conf 0.001, 300 dets, masks) dominates a tiny epoch: validate
 # only at the end, no plots. Both are among the arguments Ultralytics lets a resume change.
 FAST = {"val": False, "plots": False}
+# The worker crashes itself (SIGKILL: no handler, no clean shutdown) at a chosen point of a chosen epoch, so
+# where the crash falls does not depend on how fast this machine trains. Ultralytics ends an epoch with
+# results.csv's row, then last.pt, then the on_fit_epoch_end callback (train_model's on_epoch):
+#   "after_checkpoint":  in on_epoch, once last.pt holds the epoch;
+#   "before_checkpoint": in the trainer's save_model, after the csv row and before last.pt is written.
 WORKER = textwrap.dedent("""
-    import sys
+    import os, signal, sys
+    from ultralytics.engine.trainer import BaseTrainer
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.training.train import train_model
-    data, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    data, out, epochs, crash_at, where = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+
+    def crash():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "before_checkpoint":
+        save_model = BaseTrainer.save_model
+
+        def save_or_crash(self):
+            if self.epoch == crash_at:
+                crash()
+            return save_model(self)
+
+        BaseTrainer.save_model = save_or_crash
+
+    def on_epoch(epoch, metrics):
+        if where == "after_checkpoint" and epoch == crash_at:
+            crash()
+
     cfg = TrainConfig(plots=False, model="n", epochs=epochs, imgsz=64, batch=8, patience=0, resume="auto", workers=0,
                       warmup_epochs=0, augment="light")
-    train_model(data, cfg, out, seed=0, name="train", extra_args={"val": False, "plots": False})
+    train_model(data, cfg, out, seed=0, name="train", on_epoch=on_epoch, extra_args={"val": False, "plots": False})
 """)
 
 
@@ -50,12 +72,6 @@ def _ckpt_epoch(last: Path) -> int:
         return -1
 
 
-def _killpg(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # a crash, not a clean shutdown: no handler runs
-    proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def small_dataset(state_paths, tmp_path_factory) -> Path:
     from damage.tasks.data.synth import generate_dataset
@@ -65,7 +81,12 @@ def small_dataset(state_paths, tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_paths):
+@pytest.mark.parametrize(("where", "crash_at", "checkpointed", "csv_rows"), [
+    ("after_checkpoint", 0, 0, [1]),
+    ("before_checkpoint", 1, 0, [1, 2]),  # the resume trims the extra row (train._trim_results)
+])
+def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_paths, where, crash_at, checkpointed,
+                                              csv_rows):
     from damage.tasks.core.config import TrainConfig
     from damage.tasks.nightly.skip import resumable_train_config, train_dir_for
     from damage.tasks.training.train import train_model
@@ -74,31 +95,13 @@ def test_killed_training_resumes_from_last_pt(small_dataset, tmp_path, state_pat
     run_dir = out / "train"
     last = run_dir / "weights" / "last.pt"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(small_dataset), str(out), str(EPOCHS)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    killed_at = -1
-    try:
-        deadline, seen_mtime = time.monotonic() + 420, 0.0
-        while time.monotonic() < deadline and proc.poll() is None:
-            mtime = last.stat().st_mtime if last.is_file() else 0.0
-            if mtime != seen_mtime:
-                seen_mtime = mtime
-                killed_at = _ckpt_epoch(last)
-                if killed_at >= 0:  # the first epoch is checkpointed: crash now
-                    break
-            time.sleep(0.2)
-    finally:
-        _killpg(proc)
-    if killed_at < 0:
-        err = proc.stderr.read().decode(errors="replace")[-3000:] if proc.stderr else ""
-        pytest.fail(f"no checkpoint before the worker ended (rc={proc.returncode}):\n{err}")
-    # the worker kept training while the checkpoint was read: what counts is what the crash left on disk
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(small_dataset), str(out), str(EPOCHS), str(crash_at),
+                           where], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    err = proc.stderr.decode(errors="replace")[-3000:]
+    assert proc.returncode == -signal.SIGKILL, f"the worker did not crash where planted (rc={proc.returncode}):\n{err}"
     killed_at = _ckpt_epoch(last)
-    assert 0 <= killed_at < EPOCHS - 1, "training finished before it could be killed; raise EPOCHS"
-    done = _epochs_in_csv(run_dir / "results.csv")
-    # results.csv (1-based) holds the checkpointed epochs, and one more when the crash fell between the
-    # csv row and the checkpoint of the next epoch (the resume trims it: damage.tasks.training.train._trim_results)
-    assert done in (list(range(1, killed_at + 2)), list(range(1, killed_at + 3))), (killed_at, done)
+    assert killed_at == checkpointed, (killed_at, err)
+    assert _epochs_in_csv(run_dir / "results.csv") == csv_rows
 
     # The retried attempt: same folder, resume="auto" (what the retried flow run does).
     seen: list[int] = []
