@@ -19,6 +19,9 @@ are computed from mask probabilities, so a thin object keeps its overlap at prot
   has evidence;
 * ``support[c]`` = max over class-``c`` predictions of ``conf * IoU``: "is this region a ``c``?";
 * the most confident same-class prediction overlapping it (IoU >= ``overlap_iou``): conf ``q``, IoU ``u``;
+* in both, a prediction that another annotation matches better (IoU >= ``match_iou`` and above its IoU
+  with this one) is the model's view of that annotation and counts for no other: a box drawn over an
+  object that has its own label is a spurious label, not that object with a wrong class or a bad outline;
 * ``dense``: the highest raw class-``a`` score of any anchor centred inside the region, before any
   floor or NMS (a correct label the model misses usually keeps 1e-3 or more, a region with nothing
   of ``a`` far less); it also orders rows whose calibrated evidence is otherwise equal.
@@ -200,24 +203,31 @@ def image_evidence(label_cls: np.ndarray, labels: np.ndarray, pred_cls: np.ndarr
     same = label_cls[:, None] == pred_cls[None, :]
     presence, support = np.zeros((n, nc)), np.zeros((n, nc))
     support_pred = np.full((n, nc), -1)
+    # a prediction is the model's view of the annotation it matches best (any class): it counts for no other
+    claimed = np.zeros((n, k), bool)
+    if n > 1 and k:
+        top2 = np.sort(iou, 0)[-2:]
+        other = np.where(np.arange(n)[:, None] == iou.argmax(0)[None, :], top2[0], top2[1])  # best IoU elsewhere
+        claimed = (other >= match_iou) & (other > iou)
+    fits = same & (iou >= match_iou)
     for c in range(nc):
         cols = np.flatnonzero(pred_cls == c)
         if len(cols) and n:
             presence[:, c] = (pred_conf[cols] * cov[:, cols]).max(1)
-            s = pred_conf[cols] * iou[:, cols]
+            s = pred_conf[cols] * iou[:, cols] * ~claimed[:, cols]
             support[:, c] = s.max(1)
             support_pred[:, c] = np.where(support[:, c] > 0, cols[s.argmax(1)], -1)
     over = same & (iou >= overlap_iou)
-    ranked = np.where(over, pred_conf[None, :], -1.0)
-    best_pred = np.where(over.any(1), ranked.argmax(1) if k else -1, -1) if n else np.zeros(0, int)
+    own = over & ~claimed  # the outline's own prediction, not a neighbour's that its own label matches
+    ranked = np.where(own, pred_conf[None, :], -1.0)
+    best_pred = np.where(own.any(1), ranked.argmax(1) if k else -1, -1) if n else np.zeros(0, int)
     best_q = np.where(best_pred >= 0, pred_conf[np.maximum(best_pred, 0)] if k else 0.0, 0.0)
     full = labels_full if labels_full is not None else labels
     ov = np.array([_full_overlap(full[i], preds[j]) if j >= 0 else (0.0, 0.0) for i, j in enumerate(best_pred)])
     ov = ov.reshape(n, 2)
     best_u, best_share = ov[:, 0], ov[:, 1]
-    matched = same & (iou >= match_iou)
-    matched_q = np.where(matched, pred_conf[None, :], 0.0).max(1) if k else np.zeros(n)
-    pred_tp = matched.any(0) if n else np.zeros(k, bool)
+    matched_q = np.where(fits, pred_conf[None, :], 0.0).max(1) if k else np.zeros(n)
+    pred_tp = fits.any(0) if n else np.zeros(k, bool)
     explained = (over | (~same & (iou >= match_iou))).any(0) if n else np.zeros(k, bool)
     unexplained = ~explained
     cands: list[int] = []

@@ -74,6 +74,23 @@ def test_a_found_label_is_not_flagged_and_a_swapped_one_is_wrong_class(cal):
     assert swapped["kind"] == "wrong_class" and swapped["score"] > 0.5
 
 
+def test_a_box_over_an_object_labelled_already_is_spurious_not_a_relabel_or_an_outline_of_it(cal):
+    """A prediction that another annotation of its class matches is that annotation's: a box drawn over an object
+    that has its own label (another class, or half over one of the box's class) is a spurious label, not that
+    object with a wrong class or a bad outline. Without the object's own label, the same boxes are those (the
+    half box cites the prediction as its outline)."""
+    obj, over, half = _sq(5, 5, 8), _sq(7, 7, 6), _sq(9, 9, 6)  # IoU with obj: 0.56, 0.19
+    pred = [(0, 0.9, obj)]
+    dup = score_annotations(_image([(0, obj), (2, over)], pred), cal, 0.05)
+    assert dup[0]["score"] < 0.05 and dup[1]["kind"] == "spurious_label", dup
+    assert score_annotations(_image([(2, over)], pred), cal, 0.05)[0]["kind"] == "wrong_class"
+    beside = score_annotations(_image([(0, obj), (0, half)], pred), cal, 0.05)
+    assert beside[0]["score"] < 0.05 and beside[1]["kind"] == "spurious_label", beside
+    # alone, the half box is an outline of the predicted object (its bad-outline evidence cites the prediction)
+    assert _image([(0, half)], pred).best_pred.tolist() == [0]
+    assert _image([(0, obj), (0, half)], pred).best_pred.tolist() == [0, -1]
+
+
 def test_no_ties_unless_the_same_case(cal):
     """Unsupported labels of one class are ordered by the anchors' raw scores inside them (continuous
     evidence below any floor), not by the image names; identical evidence is the same case."""
