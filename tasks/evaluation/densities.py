@@ -72,6 +72,8 @@ class Density:
     log: bool
     pdf_table: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (nc, bins)
     counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (nc, bins) samples per bin
+    # monotone ratio tables already fitted, by (other, class, direction, weight): a ratio is read once per row
+    _envelopes: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def fit(cls, values: Sequence[np.ndarray], weights: Sequence[np.ndarray] | None = None, log: bool = True,
@@ -112,18 +114,24 @@ class Density:
         not; isotonic fit of the log ratio over the bins, weighted by their samples): more evidence
         for an error never lowers its likelihood ratio. ``weight`` (per bin)
         multiplies the numerator first (a shape assumed for the error, e.g. the bad-outline IoU)."""
+        key = (id(other), c, increasing, None if weight is None else np.asarray(weight, float).tobytes())
+        hit = self._envelopes.get(key)
+        if hit is None or hit[0] is not other:
+            hit = (other, self._envelope(other, c, increasing, weight))
+            self._envelopes[key] = hit
+        return self._interp(hit[1], x)
+
+    def _envelope(self, other: Density, c: int, increasing: bool, weight: np.ndarray | None) -> np.ndarray:
         r = self.pdf_table[c] / other.pdf_table[c]
         if weight is not None:
             r = r * weight
         w = self.counts[c] + other.counts[c] if len(self.counts) and len(other.counts) else np.ones_like(r)
         if not (w > 0).any():
-            return self._interp(r, x)
+            return r
         if not increasing:
             r, w = r[::-1], w[::-1]
         env = np.exp(_isotonic(np.log(r), w))
-        if not increasing:
-            env = env[::-1]
-        return self._interp(env, x)
+        return env[::-1] if not increasing else env
 
     def centres(self) -> np.ndarray:
         """Bin centres on the value axis (IoU or confidence)."""

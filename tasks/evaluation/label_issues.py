@@ -213,15 +213,17 @@ def _decoys(labels: np.ndarray, cls: np.ndarray, seed: int, tries: int = 20) -> 
     rng = np.random.default_rng(seed)
     h, w = labels.shape[1:]
     out, out_cls = [], []
+    taken_by = {int(c): labels[cls == c].any(0) for c in np.unique(cls)}
     for i, m in enumerate(labels):
         ys, xs = np.nonzero(m)
         if not len(xs):
             continue
-        taken = labels[cls == cls[i]].any(0)
+        taken = taken_by[int(cls[i])]
+        probe = np.linspace(0, len(xs) - 1, min(len(xs), 64)).astype(int)  # a few pixels reject most places fast
         for _ in range(tries):
             dx = int(rng.integers(-xs.min(), w - xs.max()))
             dy = int(rng.integers(-ys.min(), h - ys.max()))
-            if not taken[ys + dy, xs + dx].any():
+            if not taken[ys[probe] + dy, xs[probe] + dx].any() and not taken[ys + dy, xs + dx].any():
                 d = np.zeros((h, w), bool)
                 d[ys + dy, xs + dx] = True
                 out.append(d)

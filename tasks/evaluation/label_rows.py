@@ -64,7 +64,7 @@ def box_of(poly: np.ndarray) -> list[float]:
 
 
 def poly_list(poly: np.ndarray) -> list[list[float]]:
-    return [[round(float(x), 1), round(float(y), 1)] for x, y in np.asarray(poly, float).reshape(-1, 2)]
+    return np.round(np.asarray(poly, float).reshape(-1, 2), 1).tolist()
 
 
 def mask_polygon(prob: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray | None:

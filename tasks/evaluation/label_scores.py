@@ -311,6 +311,7 @@ class Calibration:
     overlap_unexplained: Density  # best IoU of a missing-label candidate with the labels of its image
     annotations: int
     images: int
+    _bad_outline: dict = field(default_factory=dict, repr=False, compare=False)  # stratum -> its uniform density
 
     @classmethod
     def fit(cls, evidence: Sequence[ImageEvidence], nc: int, prior: float,
@@ -393,6 +394,19 @@ class Calibration:
         r1 = null[i1].ratio(self.presence_self[i1], c, presence, increasing=False)
         return math.exp((1 - (pos - i0)) * math.log(r0) + (pos - i0) * math.log(r1))
 
+    def outline_ratio(self, k: int, c: int, iou: float, share: float) -> float:
+        """The bad-outline likelihood ratio of class ``c`` in confidence stratum ``k`` (see the module docstring)."""
+        h = self.iou_self[k]
+        # a bad outline's IoU with the object: anywhere, more often low than high (2(1 - u)); no samples of its
+        # own: each ratio's monotone fit is weighted by the correct labels' samples alone
+        if k not in self._bad_outline:
+            self._bad_outline[k] = Density(h.lo, h.hi, h.bins, h.log, np.ones_like(h.pdf_table),
+                                           np.zeros_like(h.counts))
+        uniform, tri = self._bad_outline[k], 2 * (1 - h.centres())
+        # the two views of one overlap are correlated: their ratios are combined as a geometric mean
+        return math.sqrt(uniform.ratio(h, c, iou, increasing=False, weight=tri)
+                         * uniform.ratio(self.share_self[k], c, share, increasing=False, weight=tri))
+
     def precision(self, c: int, q: float) -> float:
         """The model's precision for class ``c`` at confidence ``q`` (held-out, Bayes from the two
         densities, non-decreasing in ``q``)."""
@@ -441,15 +455,7 @@ def score_annotations(ev: ImageEvidence, cal: Calibration, prior: float) -> list
             q, u = ev.best_q[i], ev.best_u[i]
             prec = cal.precision(a, q)
             k = int(np.searchsorted(CONF_STRATA, q))
-            h = cal.iou_self[k]
-            # a bad outline's IoU with the object: anywhere, more often low than high (2(1 - u))
-            # (no samples of its own: each ratio's monotone fit is weighted by the correct labels' samples alone)
-            uniform = Density(h.lo, h.hi, h.bins, h.log, np.ones_like(h.pdf_table), np.zeros_like(h.counts))
-            tri = 2 * (1 - h.centres())
-            # the two views of one overlap are correlated: their ratios are combined as a geometric mean
-            r = math.sqrt(uniform.ratio(h, a, u, increasing=False, weight=tri)
-                          * uniform.ratio(cal.share_self[k], a, float(ev.best_share[i]), increasing=False, weight=tri))
-            lr_bo = prec * r + 1 - prec
+            lr_bo = prec * cal.outline_ratio(k, a, u, float(ev.best_share[i])) + 1 - prec
             cand["bad_outline"] = (_log_odds(prior, lr_bo), q * (1 - u), int(ev.best_pred[i]),
                                    {"conf": q, "iou": u, "precision": prec, "lr": lr_bo})
         kind = max(cand, key=lambda kd: (cand[kd][0], cand[kd][1], -KINDS.index(kd)))
