@@ -75,10 +75,10 @@ def test_a_found_label_is_not_flagged_and_a_swapped_one_is_wrong_class(cal):
 
 
 def test_a_box_over_an_object_labelled_already_is_spurious_not_a_relabel_or_an_outline_of_it(cal):
-    """A prediction that another annotation of its class matches is that annotation's: a box drawn over an object
-    that has its own label (another class, or half over one of the box's class) is a spurious label, not that
-    object with a wrong class or a bad outline. Without the object's own label, the same boxes are those (the
-    half box cites the prediction as its outline)."""
+    """A prediction that another annotation matches better (IoU >= match_iou) is that annotation's: a box drawn over
+    an object that has its own label (of another class, or half over one of the box's class) is a spurious label,
+    not that object with a wrong class or a bad outline. Without the object's own label, the same boxes are those
+    (the half box cites the prediction as its outline)."""
     obj, over, half = _sq(5, 5, 8), _sq(7, 7, 6), _sq(9, 9, 6)  # IoU with obj: 0.56, 0.19
     pred = [(0, 0.9, obj)]
     dup = score_annotations(_image([(0, obj), (2, over)], pred), cal, 0.05)
